@@ -1,0 +1,5 @@
+"""Entry point for ``python -m bridge``."""
+
+from bridge.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""The source side: a QIDO-RS/WADO-RS client and the typed records it yields."""

@@ -1,0 +1,208 @@
+"""Small typed records parsed from QIDO-RS DICOM JSON with pydicom."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from pydicom import Dataset
+from pydicom.dataelem import DataElement
+
+from bridge.errors import MappingError
+
+DicomJson = dict[str, Any]
+
+# Attributes asked for with includefield, as tags (every QIDO-RS server accepts tags).
+STUDY_FIELDS = (
+    "0020000D",  # StudyInstanceUID
+    "00080020",  # StudyDate
+    "00080030",  # StudyTime
+    "00080201",  # TimezoneOffsetFromUTC
+    "00080050",  # AccessionNumber
+    "00080051",  # IssuerOfAccessionNumberSequence
+    "00081030",  # StudyDescription
+    "00080061",  # ModalitiesInStudy
+    "00201206",  # NumberOfStudyRelatedSeries
+    "00201208",  # NumberOfStudyRelatedInstances
+    "00100010",  # PatientName
+    "00100020",  # PatientID
+    "00100021",  # IssuerOfPatientID
+    "00100030",  # PatientBirthDate
+    "00100040",  # PatientSex
+)
+SERIES_FIELDS = (
+    "0020000E",  # SeriesInstanceUID
+    "00200011",  # SeriesNumber
+    "00080060",  # Modality
+    "0008103E",  # SeriesDescription
+    "00201209",  # NumberOfSeriesRelatedInstances
+    "00180015",  # BodyPartExamined
+    "00200060",  # Laterality
+    "00080021",  # SeriesDate
+    "00080031",  # SeriesTime
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Issuer:
+    """An issuer of an identifier: a local namespace and/or a universal entity id with its type."""
+
+    local: str | None = None
+    universal: str | None = None
+    universal_type: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StudyRecord:
+    """One study as QIDO-RS describes it; strings are as the archive sent them."""
+
+    uid: str
+    date: str | None
+    time: str | None
+    tz_offset: str | None
+    accession: str | None
+    accession_issuer: Issuer | None
+    description: str | None
+    modalities: tuple[str, ...]
+    series_count: int | None
+    instance_count: int | None
+    patient_id: str | None
+    patient_issuer: str | None
+    patient_name: str | None
+    birth_date: str | None
+    sex: str | None
+
+    def fingerprint(self) -> str:
+        """A digest of everything the mapping reads from the study row."""
+        return digest(asdict(self))
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesRecord:
+    """One series of a study, from a series-level QIDO-RS query."""
+
+    uid: str
+    number: int | None
+    modality: str | None
+    description: str | None
+    instance_count: int | None
+    body_part: str | None
+    laterality: str | None
+    date: str | None
+    time: str | None
+
+
+def digest(value: Any) -> str:
+    """A stable SHA-256 of JSON-able data (keys sorted)."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def raw_uid(row: DicomJson, tag: str = "0020000D") -> str | None:
+    """The UID in a DICOM JSON row without parsing the rest, for parking a row that fails to parse."""
+    try:
+        value = row[tag]["Value"][0]
+    except (KeyError, IndexError, TypeError):
+        return None
+    return value[:64] if isinstance(value, str) else None
+
+
+def _dataset(row: DicomJson, level: str) -> Dataset:
+    if not isinstance(row, dict):
+        raise MappingError(f"{level} row is not a DICOM JSON object")
+    try:
+        return Dataset.from_json(row)
+    except Exception as exc:  # pydicom raises many types for malformed JSON
+        raise MappingError(f"{level} row is not valid DICOM JSON ({type(exc).__name__})") from exc
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    element: DataElement | None = ds.data_element(keyword) if keyword in ds else None
+    if element is None or element.value is None or element.value == "":
+        return None
+    value = element.value
+    if element.VM > 1 and not isinstance(value, str):
+        value = "\\".join(str(v) for v in value)
+    text = str(value).strip()
+    return text or None
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    if keyword not in ds or ds[keyword].value in (None, ""):
+        return None
+    try:
+        return int(ds[keyword].value)
+    except (TypeError, ValueError) as exc:
+        raise MappingError(f"{keyword} is not an integer", attribute=keyword) from exc
+
+
+def _multi(ds: Dataset, keyword: str) -> tuple[str, ...]:
+    if keyword not in ds or ds[keyword].value in (None, ""):
+        return ()
+    value = ds[keyword].value
+    values = [value] if isinstance(value, str) else list(value)
+    return tuple(sorted({str(v).strip() for v in values if str(v).strip()}))
+
+
+def _issuer(ds: Dataset, keyword: str) -> Issuer | None:
+    if keyword not in ds or not ds[keyword].value:
+        return None
+    item = ds[keyword].value[0]
+    issuer = Issuer(
+        local=_text(item, "LocalNamespaceEntityID"),
+        universal=_text(item, "UniversalEntityID"),
+        universal_type=_text(item, "UniversalEntityIDType"),
+    )
+    return issuer if issuer.local or issuer.universal else None
+
+
+def _person_name(ds: Dataset, keyword: str) -> str | None:
+    if keyword not in ds or not ds[keyword].value:
+        return None
+    return str(ds[keyword].value).strip() or None
+
+
+def parse_study(row: DicomJson) -> StudyRecord:
+    """Parse a study-level QIDO-RS row; raises MappingError naming the attribute at fault."""
+    ds = _dataset(row, "study")
+    uid = _text(ds, "StudyInstanceUID")
+    if uid is None:
+        raise MappingError("StudyInstanceUID is missing", attribute="StudyInstanceUID")
+    return StudyRecord(
+        uid=uid,
+        date=_text(ds, "StudyDate"),
+        time=_text(ds, "StudyTime"),
+        tz_offset=_text(ds, "TimezoneOffsetFromUTC"),
+        accession=_text(ds, "AccessionNumber"),
+        accession_issuer=_issuer(ds, "IssuerOfAccessionNumberSequence"),
+        description=_text(ds, "StudyDescription"),
+        modalities=_multi(ds, "ModalitiesInStudy"),
+        series_count=_int(ds, "NumberOfStudyRelatedSeries"),
+        instance_count=_int(ds, "NumberOfStudyRelatedInstances"),
+        patient_id=_text(ds, "PatientID"),
+        patient_issuer=_text(ds, "IssuerOfPatientID"),
+        patient_name=_person_name(ds, "PatientName"),
+        birth_date=_text(ds, "PatientBirthDate"),
+        sex=_text(ds, "PatientSex"),
+    )
+
+
+def parse_series(row: DicomJson) -> SeriesRecord:
+    """Parse a series-level QIDO-RS row; raises MappingError naming the attribute at fault."""
+    ds = _dataset(row, "series")
+    uid = _text(ds, "SeriesInstanceUID")
+    if uid is None:
+        raise MappingError("SeriesInstanceUID is missing", attribute="SeriesInstanceUID")
+    return SeriesRecord(
+        uid=uid,
+        number=_int(ds, "SeriesNumber"),
+        modality=_text(ds, "Modality"),
+        description=_text(ds, "SeriesDescription"),
+        instance_count=_int(ds, "NumberOfSeriesRelatedInstances"),
+        body_part=_text(ds, "BodyPartExamined"),
+        laterality=_text(ds, "Laterality"),
+        date=_text(ds, "SeriesDate"),
+        time=_text(ds, "SeriesTime"),
+    )

@@ -1,0 +1,94 @@
+"""The bridge's exception tree; third-party errors are converted to these at the client boundary.
+
+::
+
+    BridgeError
+    ├── ConfigurationError            bad or missing setting: stop before any work (exit 2)
+    ├── MappingError                  bad DICOM data in one study: park it, go on
+    │   └── PatientLinkError          no (or no unique) Patient for the study's PatientID
+    ├── StoreError                    the state database failed
+    └── UpstreamError                 an archive or FHIR server answered badly or not at all
+        ├── RetriableUpstreamError    timeouts, connection errors, 429, 5xx: retry, then give up
+        │   └── UpstreamUnavailableError  still failing after the retries (exit 3)
+        └── FatalUpstreamError        other 4xx: retrying will not help; the study is parked
+            ├── RejectedResourceError the FHIR server rejected a resource (OperationOutcome text)
+            └── VersionConflictError  If-Match failed (412) or the write conflicted (409)
+
+Messages say what failed and where (method, path, attribute, UID) and never carry patient data.
+"""
+
+from __future__ import annotations
+
+
+class BridgeError(Exception):
+    """Base of every error the bridge raises on purpose."""
+
+
+class ConfigurationError(BridgeError):
+    """A setting is missing or malformed; the message names it."""
+
+
+class MappingError(BridgeError):
+    """A study's DICOM data cannot be mapped; ``attribute`` names the DICOM attribute at fault."""
+
+    def __init__(self, message: str, attribute: str | None = None) -> None:
+        super().__init__(message)
+        self.attribute = attribute
+
+
+class PatientLinkError(MappingError):
+    """The study's Patient cannot be linked (missing under ``match-only``, or ambiguous)."""
+
+
+class StoreError(BridgeError):
+    """The state store could not be opened, read or written."""
+
+
+class UpstreamError(BridgeError):
+    """An upstream server (DICOMweb archive or FHIR server) failed a request.
+
+    ``service`` is ``"dicomweb"`` or ``"fhir"``; ``status`` the HTTP status, if any answer came.
+    """
+
+    def __init__(self, message: str, *, service: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.service = service
+        self.status = status
+
+
+class RetriableUpstreamError(UpstreamError):
+    """A failure that may pass: timeout, connection error, 429 or 5xx.
+
+    ``retry_after`` carries the server's Retry-After, in seconds, when it sent one.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        service: str,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, service=service, status=status)
+        self.retry_after = retry_after
+
+
+class UpstreamUnavailableError(RetriableUpstreamError):
+    """An upstream kept failing after every retry: the run stops and exits 3."""
+
+
+class FatalUpstreamError(UpstreamError):
+    """A 4xx other than 429: the request itself is wrong, so retrying cannot help."""
+
+
+class RejectedResourceError(FatalUpstreamError):
+    """The FHIR server refused a resource; ``outcome`` is the OperationOutcome's text."""
+
+    def __init__(self, message: str, *, service: str, status: int | None, outcome: str) -> None:
+        super().__init__(message, service=service, status=status)
+        self.outcome = outcome
+
+
+class VersionConflictError(FatalUpstreamError):
+    """An ``If-Match`` precondition failed or the server reported a write conflict."""

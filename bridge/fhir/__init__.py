@@ -1,0 +1,1 @@
+"""The sink side: an async FHIR R4 REST client."""

@@ -1,0 +1,229 @@
+"""Async FHIR R4 REST client: read, search, update with If-Match, and transaction bundles."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from bridge.errors import (
+    FatalUpstreamError,
+    RejectedResourceError,
+    UpstreamError,
+    VersionConflictError,
+)
+from bridge.http import RETRIABLE_STATUS, RetryPolicy, json_body, send, where
+
+logger = logging.getLogger(__name__)
+
+SERVICE = "fhir"
+FHIR_JSON = "application/fhir+json"
+_OUTCOME_LIMIT = 1000
+
+
+def outcome_text(body: Any) -> str | None:
+    """The readable text of an OperationOutcome (diagnostics, details, expression), if any."""
+    if not isinstance(body, dict) or body.get("resourceType") != "OperationOutcome":
+        return None
+    parts = []
+    for issue in body.get("issue", []):
+        text = issue.get("diagnostics") or (issue.get("details") or {}).get("text") or issue.get("code")
+        where_ = ", ".join(issue.get("expression", []) or issue.get("location", []))
+        parts.append(f"{text} ({where_})" if where_ else str(text))
+    return "; ".join(parts)[:_OUTCOME_LIMIT] or None
+
+
+def error_for_answer(response: httpx.Response) -> UpstreamError:
+    """The error for a final (non-retriable) FHIR answer, carrying the OperationOutcome's text."""
+    try:
+        outcome = outcome_text(response.json()) or ""
+    except ValueError:
+        outcome = ""
+    message = f"{SERVICE} {where(response.request)} answered {response.status_code}"
+    if outcome:
+        message = f"{message}: {outcome}"
+    status = response.status_code
+    if status in (409, 412):
+        return VersionConflictError(message, service=SERVICE, status=status)
+    if status in (400, 422):
+        return RejectedResourceError(message, service=SERVICE, status=status, outcome=outcome)
+    return FatalUpstreamError(message, service=SERVICE, status=status)
+
+
+def _final(response: httpx.Response) -> bool:
+    """Answers that end the retries: successes and every 4xx that is not worth retrying."""
+    return response.is_success or (
+        400 <= response.status_code < 500 and response.status_code not in RETRIABLE_STATUS
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """Where a write landed: type, id, version, and whether it created the resource."""
+
+    resource_type: str
+    id: str
+    version: str | None
+    created: bool
+
+
+def parse_location(location: str) -> tuple[str, str, str | None]:
+    """Type, id and version from ``[base/]Type/id[/_history/vid]``."""
+    parts = location.rstrip("/").split("/")
+    if "_history" in parts:
+        at = parts.index("_history")
+        return parts[at - 2], parts[at - 1], parts[at + 1] if at + 1 < len(parts) else None
+    return parts[-2], parts[-1], None
+
+
+def etag_version(etag: str | None) -> str | None:
+    """The version id in an ETag such as ``W/"3"``."""
+    if not etag:
+        return None
+    return etag.removeprefix("W/").strip('"') or None
+
+
+class FhirClient:
+    """FHIR REST calls against one base URL through an ``httpx.AsyncClient`` given from outside."""
+
+    def __init__(
+        self, client: httpx.AsyncClient, base_url: str, *, policy: RetryPolicy | None = None
+    ) -> None:
+        self._client = client
+        self._base = base_url.rstrip("/")
+        self._policy = policy or RetryPolicy()
+
+    @property
+    def base_url(self) -> str:
+        """The FHIR base URL."""
+        return self._base
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        body: Any = None,
+        headers: Mapping[str, str] | None = None,
+        ok: tuple[int, ...] = (),
+    ) -> httpx.Response:
+        request = self._client.build_request(
+            method,
+            f"{self._base}/{path}" if path else self._base,
+            params=params,
+            json=body,
+            headers={
+                "Accept": FHIR_JSON,
+                **({"Content-Type": FHIR_JSON} if body else {}),
+                **(headers or {}),
+            },
+        )
+        response = await send(self._client, request, service=SERVICE, policy=self._policy, ok=_final)
+        if not response.is_success and response.status_code not in ok:
+            raise error_for_answer(response)
+        return response
+
+    async def capabilities(self) -> dict[str, Any]:
+        """The server's CapabilityStatement (also a cheap reachability check)."""
+        response = await self._send("GET", "metadata")
+        body = json_body(response, SERVICE)
+        return body if isinstance(body, dict) else {}
+
+    async def read(self, resource_type: str, resource_id: str) -> dict[str, Any] | None:
+        """The resource, or None if the server has none (404) or it was deleted (410)."""
+        response = await self._send("GET", f"{resource_type}/{quote(resource_id, safe='')}", ok=(404, 410))
+        if response.status_code in (404, 410):
+            return None
+        body = json_body(response, SERVICE)
+        return body if isinstance(body, dict) else None
+
+    async def search(self, resource_type: str, params: Mapping[str, str]) -> list[dict[str, Any]]:
+        """Resources matching a search (first page; callers search by identifier)."""
+        response = await self._send("GET", resource_type, params=params)
+        bundle = json_body(response, SERVICE)
+        return [
+            entry["resource"]
+            for entry in bundle.get("entry", [])
+            if isinstance(entry, dict)
+            and entry.get("resource", {}).get("resourceType") == resource_type
+            and entry.get("search", {}).get("mode", "match") == "match"
+        ]
+
+    async def update(self, resource: dict[str, Any], *, if_match: str | None = None) -> WriteResult:
+        """PUT a resource to its id (creating it if the server allows client ids)."""
+        kind, rid = resource["resourceType"], resource["id"]
+        headers = {"If-Match": f'W/"{if_match}"'} if if_match else {}
+        response = await self._send("PUT", f"{kind}/{quote(rid, safe='')}", body=resource, headers=headers)
+        return self._write_result(response, kind, rid)
+
+    async def conditional_update(self, resource: dict[str, Any], search: Mapping[str, str]) -> WriteResult:
+        """PUT ``Type?search``: create if nothing matches, update the one match, 412 if several."""
+        kind = resource["resourceType"]
+        body = {k: v for k, v in resource.items() if k != "id"}
+        response = await self._send("PUT", kind, params=search, body=body)
+        return self._write_result(response, kind, None)
+
+    async def conditional_create(self, resource: dict[str, Any], if_none_exist: str) -> WriteResult:
+        """POST with ``If-None-Exist``: the one existing match (unchanged) or a new resource.
+
+        Several matches answer 412, raised as VersionConflictError.
+        """
+        kind = resource["resourceType"]
+        response = await self._send("POST", kind, body=resource, headers={"If-None-Exist": if_none_exist})
+        return self._write_result(response, kind, None)
+
+    def _write_result(self, response: httpx.Response, kind: str, rid: str | None) -> WriteResult:
+        version = etag_version(response.headers.get("ETag"))
+        location = response.headers.get("Location") or response.headers.get("Content-Location")
+        if location:
+            _, rid_from_location, version_from_location = parse_location(location)
+            rid = rid or rid_from_location
+            version = version or version_from_location
+        if rid is None or version is None:
+            body = json_body(response, SERVICE) if response.content else {}
+            rid = rid or body.get("id")
+            version = version or (body.get("meta") or {}).get("versionId")
+        if rid is None:
+            raise FatalUpstreamError(
+                f"{SERVICE} {where(response.request)} did not say where it wrote", service=SERVICE
+            )
+        return WriteResult(kind, rid, version, response.status_code == 201)
+
+    async def transaction(self, entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """POST a transaction Bundle; returns the response entries, in request order."""
+        bundle = {"resourceType": "Bundle", "type": "transaction", "entry": list(entries)}
+        response = await self._send("POST", "", body=bundle)
+        body = json_body(response, SERVICE)
+        answers = body.get("entry", []) if isinstance(body, dict) else []
+        if len(answers) != len(entries):
+            raise FatalUpstreamError(
+                f"{SERVICE} {where(response.request)}: transaction answered {len(answers)} "
+                f"entries for {len(entries)}",
+                service=SERVICE,
+            )
+        return [a if isinstance(a, dict) else {} for a in answers]
+
+
+def entry_result(answer: dict[str, Any], resource_type: str) -> WriteResult:
+    """The WriteResult of one transaction-response entry."""
+    response = answer.get("response") or {}
+    status = str(response.get("status", ""))
+    location = response.get("location")
+    resource = answer.get("resource") or {}
+    rid: str | None = None
+    version = etag_version(response.get("etag"))
+    if location:
+        _, rid, location_version = parse_location(location)
+        version = version or location_version
+    rid = rid or resource.get("id")
+    version = version or (resource.get("meta") or {}).get("versionId")
+    if not rid:
+        raise FatalUpstreamError(
+            f"{SERVICE}: transaction entry for {resource_type} has no location", service=SERVICE
+        )
+    return WriteResult(resource_type, rid, version, status.startswith("201"))

@@ -1,0 +1,57 @@
+"""The plain data the mapping needs from the settings, so the mapping never reads settings itself."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from bridge.dicomweb.records import digest
+from bridge.mapping.tables import Tables
+
+# Bump when the mapping's output changes, so every study is republished once after an upgrade.
+MAPPING_VERSION = "1"
+
+DICOM_UID_SYSTEM = "urn:dicom:uid"
+DCM_SYSTEM = "http://dicom.nema.org/resources/ontology/DCM"
+SOP_CLASS_SYSTEM = "urn:ietf:rfc:3986"
+V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
+CONNECTION_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/endpoint-connection-type"
+# meta.tag marking resources this bridge wrote (code: the source name), so it can tell its own.
+BRIDGE_TAG_SYSTEM = "urn:fhir-dicomweb-bridge:source"
+
+_ID_NAMESPACE = uuid.UUID("6f1c1f4e-4f0b-5c5e-9d7a-2b8e6f3a9c10")
+
+
+@dataclass(frozen=True)
+class MappingContext:
+    """What a mapping call needs besides the DICOM records."""
+
+    source_name: str
+    public_base: str
+    tables: Tables
+    patient_system: str
+    patient_issuer_systems: dict[str, str] = field(default_factory=dict)
+    accession_system: str | None = None
+    accession_issuer_systems: dict[str, str] = field(default_factory=dict)
+    endpoint_system: str = "urn:fhir-dicomweb-bridge:source"
+    timezone: str | None = None
+
+    def fingerprint(self) -> str:
+        """A digest of every input besides the records that changes the mapping's output."""
+        data: dict[str, Any] = {
+            "version": MAPPING_VERSION,
+            "source": self.source_name,
+            "public": self.public_base,
+            "patient": [self.patient_system, self.patient_issuer_systems],
+            "accession": [self.accession_system, self.accession_issuer_systems],
+            "endpoint": self.endpoint_system,
+            "tz": self.timezone,
+            "tables": self.tables.model_dump(mode="json"),
+        }
+        return digest(data)
+
+
+def resource_id(kind: str, *key: str) -> str:
+    """A deterministic FHIR id (a UUID, valid on every server) for a business key."""
+    return str(uuid.uuid5(_ID_NAMESPACE, "|".join((kind, *key))))

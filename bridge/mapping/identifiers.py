@@ -1,0 +1,84 @@
+"""Business identifiers: Study Instance UID, accession number, PatientID, each with its system."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydicom.uid import UID
+
+from bridge.dicomweb.records import Issuer, StudyRecord
+from bridge.errors import MappingError
+from bridge.mapping.context import DICOM_UID_SYSTEM, V2_0203, MappingContext
+
+
+@dataclass(frozen=True, slots=True)
+class PatientKey:
+    """The identifier a Patient is linked by: (system, PatientID)."""
+
+    system: str
+    value: str
+
+    def search(self) -> str:
+        r"""The token search value, with FHIR search escaping of ``|`` ``,`` ``$`` and ``\\``."""
+        return f"{_escape(self.system)}|{_escape(self.value)}"
+
+    def as_identifier(self) -> dict[str, str]:
+        """The FHIR Identifier."""
+        return {"system": self.system, "value": self.value}
+
+
+def _escape(text: str) -> str:
+    for char in ("\\", "|", ",", "$"):
+        text = text.replace(char, "\\" + char)
+    return text
+
+
+def check_uid(value: str, attribute: str) -> str:
+    """The UID itself when it is a valid DICOM UID, else a MappingError naming the attribute."""
+    if not UID(value).is_valid:
+        raise MappingError(f"{attribute} is not a valid DICOM UID", attribute=attribute)
+    return value
+
+
+def study_identifier(study_uid: str) -> dict[str, str]:
+    """The ImagingStudy identifier for a Study Instance UID."""
+    return {"system": DICOM_UID_SYSTEM, "value": f"urn:oid:{study_uid}"}
+
+
+def study_search(study_uid: str) -> str:
+    """Token search for the ImagingStudy of a Study Instance UID."""
+    return f"{DICOM_UID_SYSTEM}|urn:oid:{study_uid}"
+
+
+def patient_key(study: StudyRecord, ctx: MappingContext) -> PatientKey:
+    """PatientID with the system mapped from Issuer of Patient ID, or the default system."""
+    if study.patient_id is None:
+        raise MappingError("PatientID is missing", attribute="PatientID")
+    system = ctx.patient_system
+    if study.patient_issuer is not None:
+        system = ctx.patient_issuer_systems.get(study.patient_issuer, system)
+    return PatientKey(system=system, value=study.patient_id)
+
+
+def _accession_system(issuer: Issuer | None, ctx: MappingContext) -> str | None:
+    if issuer is not None:
+        for key in (issuer.local, issuer.universal):
+            if key is not None and key in ctx.accession_issuer_systems:
+                return ctx.accession_issuer_systems[key]
+        if issuer.universal and issuer.universal_type == "ISO":
+            return f"urn:oid:{issuer.universal}"
+    return ctx.accession_system
+
+
+def accession_identifier(study: StudyRecord, ctx: MappingContext) -> dict[str, object] | None:
+    """The accession number as an Identifier of type ACSN, when the study has one."""
+    if study.accession is None:
+        return None
+    identifier: dict[str, object] = {
+        "type": {"coding": [{"system": V2_0203, "code": "ACSN"}]},
+        "value": study.accession,
+    }
+    system = _accession_system(study.accession_issuer, ctx)
+    if system is not None:
+        identifier["system"] = system
+    return identifier

@@ -1,0 +1,97 @@
+"""The code tables in the top-level ``mappings/`` folder, loaded once and validated into models."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from bridge.errors import ConfigurationError
+
+BUNDLED_MAPPINGS = Path(__file__).resolve().parents[2] / "mappings"
+
+
+class Code(BaseModel):
+    """A code and its display in one code system."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    code: str = Field(min_length=1)
+    display: str = Field(min_length=1)
+
+
+class CodeTable(BaseModel):
+    """A DICOM defined term -> code table, with where it came from."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    title: str
+    source: str = Field(min_length=1, description="DICOM part, table and edition it came from")
+    fhir: str = Field(min_length=1, description="FHIR version and element it feeds")
+    system: str = Field(pattern=r"^[a-z][a-z0-9+.-]*:\S+$")
+    codes: dict[str, Code]
+    notes: str | None = None
+
+    @field_validator("codes", mode="before")
+    @classmethod
+    def _short_form(cls, value: Any) -> Any:
+        # "CT: Computed Tomography" is shorthand for a code equal to the key.
+        if isinstance(value, dict):
+            return {k: {"code": k, "display": v} if isinstance(v, str) else v for k, v in value.items()}
+        return value
+
+    def coding(self, term: str | None) -> dict[str, str] | None:
+        """The FHIR Coding for a defined term, or None when the table does not know it."""
+        if term is None:
+            return None
+        entry = self.codes.get(term.strip().upper())
+        if entry is None:
+            return None
+        return {"system": self.system, "code": entry.code, "display": entry.display}
+
+
+class Tables(BaseModel):
+    """Every table the mapping uses."""
+
+    model_config = ConfigDict(frozen=True)
+    modality: CodeTable
+    body_part: CodeTable
+    laterality: CodeTable
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that refuses duplicate keys (PyYAML keeps the last one silently)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    keys = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in keys:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        keys.add(key)
+    return loader.construct_mapping(node)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_table(path: Path) -> CodeTable:
+    """Load and validate one table file; a broken file is a configuration error naming it."""
+    try:
+        with path.open(encoding="utf-8") as handle:
+            data = yaml.load(handle, Loader=_UniqueKeyLoader)  # noqa: S506 - safe loader subclass
+        return CodeTable.model_validate(data)
+    except (OSError, yaml.YAMLError, ValidationError) as exc:
+        raise ConfigurationError(f"mapping table {path}: {exc}") from exc
+
+
+@lru_cache(maxsize=4)
+def load_tables(folder: Path = BUNDLED_MAPPINGS) -> Tables:
+    """All tables from ``folder`` (default: the bundled ``mappings/``)."""
+    return Tables(
+        modality=load_table(folder / "modality.yaml"),
+        body_part=load_table(folder / "body-part.yaml"),
+        laterality=load_table(folder / "laterality.yaml"),
+    )

@@ -1,0 +1,30 @@
+"""Validation of outgoing resources with fhir.resources (R4B models share R4's shapes here)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fhir.resources.R4B import get_fhir_model_class
+from pydantic import ValidationError
+
+from bridge.errors import MappingError
+
+
+def validate(resource: dict[str, Any]) -> None:
+    """Raise MappingError if ``resource`` is not a valid FHIR resource.
+
+    The message names the elements at fault and never the values (which may be patient data).
+    """
+    kind = str(resource.get("resourceType", ""))
+    try:
+        model = get_fhir_model_class(kind)
+    except (KeyError, ValueError) as exc:
+        raise MappingError(f"unknown resource type {kind!r}") from exc
+    try:
+        model.model_validate(resource)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{kind}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+            for e in exc.errors(include_input=False, include_url=False)
+        )
+        raise MappingError(f"invalid {kind}: {problems}") from None

@@ -1,0 +1,1 @@
+"""The state store: what was published, what was parked, and every run."""

@@ -1,0 +1,1 @@
+"""The sync worker: discover studies, fetch series, map, publish, record."""
