@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Creates .venv with the bridge and its test dependencies (idempotent).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'

@@ -1,0 +1,43 @@
+"""Session-wide real servers for the integration tests (started once, by the project's scripts)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ARTIFACTS = Path(os.environ.get("BRIDGE_TEST_ARTIFACTS", Path(__file__).parent.parent / "test-artifacts"))
+
+
+@pytest.fixture(autouse=True)
+def _no_bridge_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test starts from no BRIDGE_ settings, whatever the shell had."""
+    for name in list(os.environ):
+        if name.upper().startswith("BRIDGE_") and name != "BRIDGE_TEST_ARTIFACTS":
+            monkeypatch.delenv(name)
+    from bridge.config import get_settings
+
+    get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def orthanc() -> Iterator[object]:
+    """A real Orthanc with the DICOMweb plugin on a free loopback port, temporary storage."""
+    from tests.stack.orthanc import OrthancServer, ensure_installed
+
+    ensure_installed()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with OrthancServer(log_path=ARTIFACTS / "orthanc.log") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def fhir_server() -> Iterator[object]:
+    """The Medplum-based FHIR R4 test server on a free loopback port."""
+    from tests.stack.fhir import FhirTestServer
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with FhirTestServer(log_path=ARTIFACTS / "fhir-server.log") as server:
+        yield server

@@ -1,0 +1,331 @@
+"""End-to-end sync against the real Orthanc (DICOMweb) and the Medplum-based FHIR server."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+from pydicom.uid import generate_uid
+
+from tests.integration.conftest import DEFAULT_PATIENT_SYSTEM, ISSUERS, Stack
+from tests.stack.samples import SeriesSpec, StudySpec, build_study, demo_studies, load_demo, stow
+
+pytestmark = pytest.mark.integration
+
+DCM = "http://dicom.nema.org/resources/ontology/DCM"
+
+
+def _by_uid(stack: Stack) -> dict[str, dict]:
+    studies = stack.fhir_search("ImagingStudy")
+    out = {}
+    for study in studies:
+        uids = [i["value"] for i in study["identifier"] if i.get("system") == "urn:dicom:uid"]
+        assert len(uids) == 1
+        assert uids[0].startswith("urn:oid:")
+        assert uids[0].removeprefix("urn:oid:") not in out, "two ImagingStudies for one study"
+        out[uids[0].removeprefix("urn:oid:")] = study
+    return out
+
+
+def test_every_study_becomes_exactly_one_correct_imaging_study(stack: Stack) -> None:
+    specs = load_demo(stack.orthanc.dicomweb_url)
+
+    report = stack.sync()
+
+    assert (report.counts.seen, report.counts.created, report.counts.parked) == (6, 6, 0)
+    published = _by_uid(stack)
+    assert set(published) == {s.uid for s in specs}
+
+    endpoints = stack.fhir_search("Endpoint")
+    assert len(endpoints) == 1
+    endpoint = endpoints[0]
+    assert endpoint["address"] == stack.orthanc.dicomweb_url
+    assert endpoint["connectionType"]["code"] == "dicom-wado-rs"
+    assert endpoint["payloadMimeType"] == ["application/dicom"]
+
+    patients = stack.fhir_search("Patient")
+    keys = [(p["identifier"][0]["system"], p["identifier"][0]["value"]) for p in patients]
+    assert sorted(keys) == sorted(
+        {(ISSUERS[s.issuer], s.patient_id) for s in specs if s.issuer and s.patient_id}
+    ), "one Patient per (system, PatientID); PAT001 under two issuers is two patients"
+    patient_by_ref = {f"Patient/{p['id']}": p for p in patients}
+
+    for spec in specs:
+        study = published[spec.uid]
+        assert study["status"] == "available"
+        assert study["endpoint"] == [{"reference": f"Endpoint/{endpoint['id']}"}]
+        subject = patient_by_ref[study["subject"]["reference"]]
+        assert subject["identifier"][0] == {"system": ISSUERS[spec.issuer], "value": spec.patient_id}
+        accession = [i for i in study["identifier"] if i.get("type")]
+        assert accession[0]["value"] == spec.accession
+        assert accession[0]["type"]["coding"][0]["code"] == "ACSN"
+        assert study["numberOfSeries"] == len(spec.series)
+        assert study["numberOfInstances"] == sum(s.instances for s in spec.series)
+        assert {c["code"] for c in study["modality"]} == {s.modality for s in spec.series}
+        assert all(c["system"] == DCM for c in study["modality"])
+        assert study["started"].startswith(
+            f"{spec.study_date[:4]}-{spec.study_date[4:6]}-{spec.study_date[6:]}T"
+        )
+        if spec.tz_offset:
+            assert study["started"].endswith(f"{spec.tz_offset[:3]}:{spec.tz_offset[3:]}")
+        assert study["description"] == spec.description
+        assert [s["uid"] for s in study["series"]] == [s.uid for s in spec.series]
+        for mapped, series in zip(study["series"], spec.series, strict=True):
+            assert mapped["modality"]["code"] == series.modality
+            assert mapped["numberOfInstances"] == series.instances
+            assert mapped["description"] == series.description
+            assert mapped["bodySite"]["system"] == "http://snomed.info/sct"
+            if series.laterality:
+                assert mapped["laterality"]["code"] in {"7771000", "24028007"}
+
+
+def test_non_latin_names_reach_the_created_patient_intact(stack: Stack) -> None:
+    load_demo(stack.orthanc.dicomweb_url)
+    stack.sync()
+
+    patients = stack.fhir_search("Patient", identifier=f"{ISSUERS['HOSP-B']}|12345")
+    assert len(patients) == 1
+    names = patients[0]["name"]
+    assert {"family": "Yamada", "given": ["Tarou"]} in names
+    assert {"family": "山田", "given": ["太郎"]} in names
+    muller = stack.fhir_search("Patient", identifier=f"{ISSUERS['HOSP-A']}|PAT002")[0]
+    assert muller["name"][0] == {"family": "Müller", "given": ["Jürgen"]}
+
+
+def test_a_second_run_with_no_change_writes_nothing(stack: Stack) -> None:
+    load_demo(stack.orthanc.dicomweb_url)
+    stack.sync()
+    stack.fhir.reset_stats()
+
+    again = stack.sync()
+
+    assert (again.counts.unchanged, again.counts.created, again.counts.updated) == (6, 0, 0)
+    assert again.counts.fhir_writes == 0
+    assert stack.fhir.stats()["writes"] == 0
+    assert len(stack.fhir_search("ImagingStudy")) == 6
+
+
+def test_a_new_study_and_a_new_series_in_an_old_study_are_picked_up(stack: Stack) -> None:
+    specs = load_demo(stack.orthanc.dicomweb_url)
+    stack.sync()
+    old = specs[2]
+    added = SeriesSpec("CR", "Nachaufnahme", "CHEST", instances=1, number=9, uid=generate_uid())
+    extra_series = StudySpec(**{**old.__dict__, "series": [added]})
+    stow(stack.orthanc.dicomweb_url, build_study(extra_series))
+    new = StudySpec(patient_id="NEW1", issuer="HOSP-A", accession="A9999", series=[SeriesSpec("DX", instances=1)])
+    stow(stack.orthanc.dicomweb_url, build_study(new))
+
+    report = stack.sync()
+
+    assert (report.counts.created, report.counts.updated, report.counts.unchanged) == (1, 1, 5)
+    published = _by_uid(stack)
+    assert len(published) == 7
+    assert published[old.uid]["numberOfSeries"] == 2
+    assert published[old.uid]["meta"]["versionId"] != "1"
+    assert new.uid in published
+
+
+def test_bad_studies_are_parked_with_the_attribute_while_the_rest_sync(stack: Stack) -> None:
+    good = demo_studies()[:2]
+    for spec in good:
+        stow(stack.orthanc.dicomweb_url, build_study(spec))
+    bad = {
+        "PatientID": StudySpec(patient_id=None, issuer="HOSP-A"),
+        "StudyInstanceUID": StudySpec(uid="1.2.abc", patient_id="BAD2", issuer="HOSP-A"),
+        "StudyDate": StudySpec(study_date="20241399", patient_id="BAD3", issuer="HOSP-A"),
+    }
+    for spec in bad.values():
+        stow(stack.orthanc.dicomweb_url, build_study(spec))
+
+    result = stack.cli("sync", "--json")
+
+    assert result.returncode == 1, result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["created"], summary["parked"]) == (2, 3)
+    parked = {p["study_uid"]: p for p in summary["parked_studies"]}
+    for attribute, spec in bad.items():
+        assert parked[spec.uid]["attribute"] == attribute
+        assert attribute in parked[spec.uid]["reason"]
+    assert set(_by_uid(stack)) == {s.uid for s in good}
+    status = json.loads(stack.cli("status", "--json").stdout)
+    assert status["parked"] == 3 and status["published"] == 2
+    assert {p["attribute"] for p in status["parked_studies"]} == set(bad)
+    # Parked studies are retried: still parked (the data did not change), attempts grow.
+    stack.cli("sync")
+    status = json.loads(stack.cli("status", "--json").stdout)
+    assert all(p["attempts"] == 2 for p in status["parked_studies"])
+
+
+def test_no_patient_data_in_the_output_or_the_logs(stack: Stack) -> None:
+    specs = load_demo(stack.orthanc.dicomweb_url)
+    stow(stack.orthanc.dicomweb_url, build_study(StudySpec(study_date="20241399", patient_id="SECRET-ID-77", patient_name="Hidden^Person")))
+
+    result = stack.cli("sync", log_level="DEBUG")
+
+    text = result.stdout + result.stderr
+    for spec in [*specs]:
+        assert spec.patient_name.split("^")[0] not in text
+        assert spec.birth_date not in text
+    assert "SECRET-ID-77" not in text and "Hidden" not in text
+    assert "PAT00" not in text
+
+
+def test_match_only_parks_until_the_patient_exists(stack: Stack) -> None:
+    spec = demo_studies()[0]
+    stow(stack.orthanc.dicomweb_url, build_study(spec))
+
+    first = stack.sync(patient_policy="match-only")
+    assert first.counts.parked == 1 and first.parked[0].kind == "patient"
+    assert stack.fhir_search("Patient") == []
+
+    import httpx
+
+    httpx.post(
+        f"{stack.fhir.base_url}/Patient",
+        json={"resourceType": "Patient", "identifier": [{"system": ISSUERS["HOSP-A"], "value": "PAT001"}],
+              "name": [{"family": "EHR-Owned"}], "birthDate": "1970-01-01"},
+        timeout=30,
+    ).raise_for_status()
+    second = stack.sync(patient_policy="match-only")
+
+    assert second.counts.created == 1
+    patient = stack.fhir_search("Patient")
+    assert len(patient) == 1 and patient[0]["name"] == [{"family": "EHR-Owned"}]
+    study = next(iter(_by_uid(stack).values()))
+    assert study["subject"]["reference"] == f"Patient/{patient[0]['id']}"
+
+
+def test_existing_patient_is_linked_and_never_modified(stack: Stack) -> None:
+    import httpx
+
+    created = httpx.post(
+        f"{stack.fhir.base_url}/Patient",
+        json={"resourceType": "Patient", "identifier": [{"system": ISSUERS["HOSP-A"], "value": "PAT001"}],
+              "name": [{"family": "Official", "given": ["Name"]}], "gender": "female", "birthDate": "1970-01-02"},
+        timeout=30,
+    ).json()
+    load_demo(stack.orthanc.dicomweb_url)
+
+    stack.sync()
+
+    after = stack.fhir_read(f"Patient/{created['id']}")
+    assert after["meta"]["versionId"] == created["meta"]["versionId"]
+    assert after["name"] == [{"family": "Official", "given": ["Name"]}]
+    assert after["birthDate"] == "1970-01-02"
+    linked = [s for s in _by_uid(stack).values() if s["subject"]["reference"] == f"Patient/{created['id']}"]
+    assert len(linked) == 2  # Doe^Jane's CT and mammography
+
+
+def test_logical_policy_never_touches_patients(stack: Stack) -> None:
+    load_demo(stack.orthanc.dicomweb_url)
+
+    stack.sync(patient_policy="logical")
+
+    stats = stack.fhir.stats()
+    assert stack.fhir_search("Patient") == []
+    assert stats["searches"] == 0
+    assert set(stats["by_interaction"]) == {"update"}  # the Endpoint and the six studies
+    assert stats["requests"] == 7
+    for study in _by_uid(stack).values():
+        assert study["subject"]["type"] == "Patient"
+        assert study["subject"]["identifier"]["system"] in ISSUERS.values()
+
+
+def test_conditional_write_strategy_is_just_as_idempotent(stack: Stack) -> None:
+    load_demo(stack.orthanc.dicomweb_url)
+
+    stack.sync(write_strategy="conditional")
+    stack.state_path.unlink()  # forget everything: a replay after losing the store
+    stack.sync(write_strategy="conditional")
+
+    assert len(_by_uid(stack)) == 6
+    assert len(stack.fhir_search("Endpoint")) == 1
+    assert len(stack.fhir_search("Patient")) == 4
+
+
+def test_replay_after_losing_the_store_duplicates_nothing(stack: Stack) -> None:
+    load_demo(stack.orthanc.dicomweb_url)
+    stack.sync()
+    stack.state_path.unlink()
+
+    report = stack.sync()
+
+    assert report.counts.parked == 0
+    assert len(_by_uid(stack)) == 6
+    assert len(stack.fhir_search("Endpoint")) == 1
+    assert len(stack.fhir_search("Patient")) == 4
+
+
+def test_request_counts_grow_with_changes_not_with_the_archive(stack: Stack) -> None:
+    n, page = 23, 10
+    for i in range(n):
+        stow(stack.orthanc.dicomweb_url, build_study(StudySpec(patient_id=f"P{i % 5}", issuer="HOSP-A", series=[SeriesSpec("CT", instances=1)])))
+
+    first = stack.sync(qido_page_size=str(page))
+    stats = stack.fhir.stats()
+
+    study_queries = [q for q in _run_queries(stack, first.run_id) if q.startswith("/studies?")]
+    series_queries = [q for q in _run_queries(stack, first.run_id) if "/series" in q]
+    assert len(study_queries) == -(-n // page)  # ceil: the last page is short
+    assert len(series_queries) == n
+    # One write per study, one Endpoint, and one conditional create per patient.
+    assert first.counts.fhir_writes == n + 1 + 5
+    assert stats["writes"] == n + 1 + 5
+
+    stack.fhir.reset_stats()
+    second = stack.sync(qido_page_size=str(page))
+    queries = _run_queries(stack, second.run_id)
+    assert len([q for q in queries if q.startswith("/studies?")]) == -(-n // page)
+    assert [q for q in queries if "/series" in q] == []
+    assert stack.fhir.stats()["requests"] == 0
+
+
+def _run_queries(stack: Stack, run_id: int) -> list[str]:
+    from bridge.state.store import SqlStore
+
+    store = SqlStore(f"sqlite:///{stack.state_path}")
+    try:
+        return next(r.qido_queries for r in store.runs(100) if r.id == run_id)
+    finally:
+        store.close()
+
+
+def test_a_resource_the_server_rejects_parks_that_study_with_its_outcome(stack: Stack) -> None:
+    good = demo_studies()[0]
+    stow(stack.orthanc.dicomweb_url, build_study(good))
+    # A description the FHIR server's validator refuses (control characters are not FHIR strings).
+    rejected = StudySpec(patient_id="R1", issuer="HOSP-A", description="bad\x01text")
+    stow(stack.orthanc.dicomweb_url, build_study(rejected))
+
+    report = stack.sync()
+
+    assert report.counts.created == 1
+    assert [p.study_uid for p in report.parked] == [rejected.uid]
+    assert report.parked[0].kind == "rejected"
+    assert "description" in report.parked[0].reason.lower() or "invalid" in report.parked[0].reason.lower()
+
+
+def test_unreachable_fhir_server_exits_3_with_a_clear_message(stack: Stack) -> None:
+    load_demo(stack.orthanc.dicomweb_url)
+
+    result = stack.cli("sync", fhir_url="http://127.0.0.1:9/fhir/R4", http_retries="0")
+
+    assert result.returncode == 3
+    assert "fhir" in result.stderr.lower() and "127.0.0.1:9" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unreachable_archive_exits_3(stack: Stack) -> None:
+    result = stack.cli("sync", dicomweb_url="http://127.0.0.1:9/dicom-web", http_retries="0")
+
+    assert result.returncode == 3
+    assert "DICOMweb archive" in result.stderr
+
+
+def test_a_bad_setting_exits_2_naming_it(stack: Stack) -> None:
+    result = stack.cli("sync", patient_policy="sometimes")
+
+    assert result.returncode == 2
+    assert "BRIDGE_PATIENT_POLICY" in result.stderr
+    assert Counter(result.stderr.split())["Traceback"] == 0
