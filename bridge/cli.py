@@ -1,21 +1,25 @@
-"""The ``bridge`` command: sync the archive once, and show what the store knows."""
+"""The ``bridge`` command: sync, schedule, backfill, and show what the store knows."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import sys
 import time
+from datetime import date, datetime, timedelta
 from enum import IntEnum
 from typing import Annotated, Any
 
 import typer
+from pydicom.uid import UID
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 
 from bridge import __version__
 from bridge.config import Settings, load_settings
-from bridge.errors import BridgeError, ConfigurationError, StoreError, UpstreamError
+from bridge.errors import BridgeError, ConfigurationError, StoreError, UpstreamAuthError, UpstreamError
 from bridge.runtime import open_runtime
 from bridge.state.store import SqlStore
 from bridge.sync.worker import RunReport
@@ -68,6 +72,10 @@ def _fail(exc: BridgeError) -> typer.Exit:
     if isinstance(exc, ConfigurationError):
         err.print(f"[red]configuration error:[/red] {exc}", highlight=False)
         return typer.Exit(ExitCode.CONFIGURATION)
+    if isinstance(exc, UpstreamAuthError):
+        upstream = "FHIR server" if exc.service == "fhir" else "DICOMweb archive"
+        err.print(f"[red]{upstream} refused the connection:[/red] {exc}", highlight=False)
+        return typer.Exit(ExitCode.UPSTREAM)
     if isinstance(exc, UpstreamError):
         err.print(
             f"[red]upstream error:[/red] {exc}\n"
@@ -93,46 +101,169 @@ def _report_dict(report: RunReport, seconds: float) -> dict[str, Any]:
         "updated": c.updated,
         "unchanged": c.unchanged,
         "parked": c.parked,
+        "deleted": c.deleted,
+        "claimed": c.claimed,
         "fhir_writes": c.fhir_writes,
         "seconds": round(seconds, 3),
         "parked_studies": [
             {"study_uid": p.study_uid, "kind": p.kind, "attribute": p.attribute, "reason": p.reason}
             for p in report.parked
         ],
+        "deletions": report.deletions,
+        "error": report.error,
     }
 
 
 @app.command()
 def sync(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    study: Annotated[
+        list[str] | None,
+        typer.Option("--study", help="Sync only this Study Instance UID now (repeatable)."),
+    ] = None,
+    reconcile: Annotated[
+        bool,
+        typer.Option(
+            "--reconcile",
+            help="Also apply BRIDGE_DELETE_POLICY to published studies gone from the archive.",
+        ),
+    ] = False,
 ) -> None:
-    """Sync every study in the archive once, then exit (1 if any study was parked)."""
+    """Sync every study in the archive once (or the --study ones), then exit (1 if any parked)."""
     settings = _settings()
+    if study and reconcile:
+        err.print("[red]error:[/red] --study and --reconcile cannot be combined", highlight=False)
+        raise typer.Exit(ExitCode.CONFIGURATION)
+    for uid in study or []:
+        if not UID(uid).is_valid:
+            err.print(f"[red]error:[/red] --study {uid!r} is not a valid DICOM UID", highlight=False)
+            raise typer.Exit(ExitCode.CONFIGURATION)
 
     async def run() -> RunReport:
         async with open_runtime(settings) as runtime:
+            if study:
+                return await runtime.worker.run_studies(study)
+            if reconcile:
+                return await runtime.worker.run(kind="reconcile", reconcile=True)
             return await runtime.worker.run()
 
     started = time.perf_counter()
     try:
-        report = asyncio.run(run())
+        report = _unwrap_run(asyncio.run, run())
     except BridgeError as exc:
         raise _fail(exc) from None
     summary = _report_dict(report, time.perf_counter() - started)
     if as_json:
         out.print_json(data=summary)
     else:
-        out.print(
-            f"source [bold]{settings.source_name}[/bold], run {report.run_id}: "
-            f"seen {summary['seen']}, created {summary['created']}, "
-            f"updated {summary['updated']}, unchanged {summary['unchanged']}, "
-            f"parked {summary['parked']} ({summary['fhir_writes']} FHIR writes, "
-            f"{summary['seconds']:.1f} s)",
-            highlight=False,
-        )
-        for parked in report.parked:
-            out.print(f"  parked {parked.study_uid}: {parked.reason}", highlight=False)
+        _print_summary(settings, report, summary)
     raise typer.Exit(ExitCode.PARKED if report.counts.parked else ExitCode.OK)
+
+
+def _print_summary(settings: Settings, report: RunReport, summary: dict[str, Any]) -> None:
+    out.print(
+        f"source [bold]{settings.source_name}[/bold], run {report.run_id}: "
+        f"seen {summary['seen']}, created {summary['created']}, "
+        f"updated {summary['updated']}, unchanged {summary['unchanged']}, "
+        f"parked {summary['parked']}, gone {summary['deleted']} "
+        f"({summary['fhir_writes']} FHIR writes, {summary['seconds']:.1f} s)",
+        highlight=False,
+    )
+    for parked in report.parked:
+        out.print(f"  parked {parked.study_uid}: {parked.reason}", highlight=False)
+    for gone in report.deletions:
+        out.print(f"  gone from the archive {gone['study_uid']}: {gone['action']}", highlight=False)
+    if report.error:
+        out.print(f"  [yellow]{report.error}[/yellow]", highlight=False)
+
+
+async def _until_signalled(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+
+
+@app.command()
+def worker() -> None:
+    """Run the scheduled sync worker until SIGTERM/SIGINT (the study in flight finishes first)."""
+    settings = _settings()
+
+    async def run() -> None:
+        async with open_runtime(settings) as runtime:
+            scheduler = runtime.scheduler()
+            await scheduler.start()
+            await _until_signalled(asyncio.Event())
+            logger.info("stopping: finishing the studies in flight")
+            await scheduler.shutdown()
+
+    try:
+        asyncio.run(run())
+    except BridgeError as exc:
+        raise _fail(exc) from None
+
+
+def _parse_day(value: str, option: str) -> date:
+    try:
+        return datetime.strptime(value.replace("-", ""), "%Y%m%d").date()
+    except ValueError:
+        err.print(f"[red]error:[/red] {option} {value!r} is not a date (YYYY-MM-DD)", highlight=False)
+        raise typer.Exit(ExitCode.CONFIGURATION) from None
+
+
+@app.command()
+def backfill(
+    from_: Annotated[str, typer.Option("--from", help="First StudyDate, YYYY-MM-DD.")],
+    to: Annotated[str, typer.Option("--to", help="Last StudyDate, YYYY-MM-DD.")],
+    slice_days: Annotated[int, typer.Option(min=1, max=366, help="Days per QIDO slice.")] = 1,
+) -> None:
+    """First load of a large archive, in StudyDate slices; resumes where an interrupted one stopped."""
+    settings = _settings()
+    first, last = _parse_day(from_, "--from"), _parse_day(to, "--to")
+    if first > last:
+        err.print("[red]error:[/red] --from is after --to", highlight=False)
+        raise typer.Exit(ExitCode.CONFIGURATION)
+    name = f"backfill:{first:%Y%m%d}-{last:%Y%m%d}"
+    totals = {"seen": 0, "created": 0, "updated": 0, "unchanged": 0, "parked": 0}
+
+    async def run() -> None:
+        async with open_runtime(settings) as runtime:
+            done = await asyncio.to_thread(runtime.store.checkpoint, settings.source_name, name)
+            start = first if done is None else _parse_day(done, "checkpoint") + timedelta(days=1)
+            slices = backfill_slices(start, last, slice_days)
+            if done is not None:
+                out.print(f"resuming after {done}", highlight=False)
+            with Progress(console=out, transient=False) as progress:
+                task = progress.add_task("backfill", total=len(slices))
+                for low, high in slices:
+                    progress.update(task, description=f"{low:%Y-%m-%d}..{high:%Y-%m-%d}")
+                    report = await runtime.worker.run(
+                        {"StudyDate": f"{low:%Y%m%d}-{high:%Y%m%d}"}, kind="backfill"
+                    )
+                    for key in totals:
+                        totals[key] += getattr(report.counts, key)
+                    await asyncio.to_thread(
+                        runtime.store.save_checkpoint, settings.source_name, name, f"{high:%Y%m%d}"
+                    )
+                    progress.advance(task)
+
+    try:
+        asyncio.run(run())
+    except BridgeError as exc:
+        raise _fail(exc) from None
+    out.print(", ".join(f"{k} {v}" for k, v in totals.items()), highlight=False)
+    raise typer.Exit(ExitCode.PARKED if totals["parked"] else ExitCode.OK)
+
+
+def backfill_slices(first: date, last: date, days: int) -> list[tuple[date, date]]:
+    """Closed date ranges of ``days`` days covering ``first``..``last``."""
+    slices = []
+    low = first
+    while low <= last:
+        high = min(last, low + timedelta(days=days - 1))
+        slices.append((low, high))
+        low = high + timedelta(days=1)
+    return slices
 
 
 def _iso(value: Any) -> str | None:
@@ -175,6 +306,8 @@ def status(
                 "updated": r.updated,
                 "unchanged": r.unchanged,
                 "parked": r.parked,
+                "claimed": r.claimed,
+                "worker": r.worker,
                 "fhir_writes": r.fhir_writes,
                 "qido_queries": len(r.qido_queries or []),
                 "error": r.error,
@@ -218,6 +351,82 @@ def status(
                 p["study_uid"], p["kind"], p["attribute"] or "", str(p["attempts"]), p["reason"]
             )
         out.print(parked_table)
+
+
+@app.command()
+def retry(
+    study: Annotated[
+        list[str] | None,
+        typer.Option("--study", help="Retry only this parked Study Instance UID (repeatable)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Sync the parked studies again (all, or the --study ones); those that pass leave the list."""
+    settings = _settings()
+    for uid in study or []:
+        if not UID(uid).is_valid:
+            err.print(f"[red]error:[/red] --study {uid!r} is not a valid DICOM UID", highlight=False)
+            raise typer.Exit(ExitCode.CONFIGURATION)
+
+    async def run() -> RunReport | None:
+        async with open_runtime(settings) as runtime:
+            parked = await asyncio.to_thread(runtime.store.parked, settings.source_name)
+            # A row parked before its UID could be read ("unknown:...") cannot be queried by UID.
+            uids = list(study or [p.study_uid for p in parked if UID(p.study_uid).is_valid])
+            if not uids:
+                return None
+            return await runtime.worker.run_studies(uids, kind="retry")
+
+    started = time.perf_counter()
+    try:
+        report = _unwrap_run(asyncio.run, run())
+    except BridgeError as exc:
+        raise _fail(exc) from None
+    if report is None:
+        if as_json:
+            out.print_json(data={"retried": 0})
+        else:
+            out.print(f"source {settings.source_name}: no parked study to retry", highlight=False)
+        raise typer.Exit(ExitCode.OK)
+    summary = _report_dict(report, time.perf_counter() - started)
+    if as_json:
+        out.print_json(data=summary)
+    else:
+        _print_summary(settings, report, summary)
+    raise typer.Exit(ExitCode.PARKED if report.counts.parked else ExitCode.OK)
+
+
+def _unwrap_run(runner: Any, coroutine: Any) -> Any:
+    """Run ``coroutine``; a BridgeError that ended a task group is raised as itself, not as a group."""
+    try:
+        return runner(coroutine)
+    except BaseExceptionGroup as group:
+        found = group.subgroup(lambda e: isinstance(e, BridgeError))
+        while found is not None:
+            first = found.exceptions[0]
+            if not isinstance(first, BaseExceptionGroup):
+                raise first from None
+            found = first
+        raise
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port to listen on.")] = 8000,
+) -> None:
+    """Serve the resolver API (links, viewer redirects, health, metrics) until stopped."""
+    import uvicorn
+
+    from bridge.api.app import create_app
+
+    settings = _settings()
+    try:
+        api = create_app(settings)
+    except BridgeError as exc:
+        raise _fail(exc) from None
+    # uvicorn's access log prints raw paths and query strings; the app logs route templates instead.
+    uvicorn.run(api, host=host, port=port, log_config=None, access_log=False, server_header=False)
 
 
 @app.command()

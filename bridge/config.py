@@ -10,11 +10,14 @@ from pathlib import Path
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import AnyHttpUrl, Field, ValidationError, field_validator, model_validator
+import yaml
+from pydantic import AnyHttpUrl, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     YamlConfigSettingsSource,
 )
 from sqlalchemy.engine import make_url
@@ -36,11 +39,66 @@ class PatientPolicy(StrEnum):
     LOGICAL = "logical"
 
 
+class DeletePolicy(StrEnum):
+    """What happens to the ImagingStudy of a study that is gone from the archive."""
+
+    MARK = "mark"  # status entered-in-error
+    DELETE = "delete"  # only resources the bridge wrote (meta.tag of this source)
+    IGNORE = "ignore"  # left as it is; still recorded in the run
+
+
+class ChangeSourceKind(StrEnum):
+    """How each scheduled cycle finds what changed."""
+
+    QIDO = "qido"  # a window of recent StudyDates, polled with QIDO-RS
+    ORTHANC = "orthanc"  # Orthanc's /changes feed
+
+
+class OrderPolicy(StrEnum):
+    """How ImagingStudy.basedOn links the order (ServiceRequest) by accession number."""
+
+    NONE = "none"  # no basedOn
+    MATCH = "match"  # a reference to the one ServiceRequest with the accession; else none
+    MATCH_OR_LOGICAL = "match-or-logical"  # else a logical reference by the accession identifier
+
+
 class WriteStrategy(StrEnum):
     """How ImagingStudy and Endpoint writes are keyed on the FHIR server."""
 
     CLIENT_ID = "client-id"  # PUT to an id derived from the business identifier
     CONDITIONAL = "conditional"  # PUT Type?identifier=..., for servers refusing client ids
+
+
+class AuthMode(StrEnum):
+    """How the bridge authenticates to one upstream (bridge/auth.py)."""
+
+    NONE = "none"
+    BASIC = "basic"
+    BEARER = "bearer"  # a static token
+    OAUTH2 = "oauth2"  # client credentials, client_secret_basic
+    SMART = "smart"  # SMART Backend Services: client credentials with private_key_jwt
+
+
+class SigningAlg(StrEnum):
+    """Signature algorithms of SMART Backend Services client assertions."""
+
+    RS384 = "RS384"
+    ES384 = "ES384"
+
+
+# Which settings each auth mode needs, per upstream: (setting suffix, secret-file suffix or None).
+_AUTH_NEEDS: dict[AuthMode, tuple[tuple[str, str | None], ...]] = {
+    AuthMode.NONE: (),
+    AuthMode.BASIC: (("username", None), ("password", "password_file")),
+    AuthMode.BEARER: (("token", "token_file"),),
+    AuthMode.OAUTH2: (("token_url", None), ("client_id", None), ("client_secret", "client_secret_file")),
+    AuthMode.SMART: (("token_url", None), ("client_id", None), ("private_key_file", None)),
+}
+_SECRET_FILES = (
+    ("password", "password_file"),
+    ("token", "token_file"),
+    ("client_secret", "client_secret_file"),
+)
 
 
 def _check_uri(value: str) -> str:
@@ -108,7 +166,25 @@ class Settings(BaseSettings):
         description="Issuer of Accession Number (0008,0051) entity id -> identifier system, as JSON",
     )
 
+    # Orders
+    order_policy: OrderPolicy = Field(
+        default=OrderPolicy.NONE, description="ImagingStudy.basedOn: none | match | match-or-logical"
+    )
+
     # Mapping
+    include_instances: bool = Field(
+        default=False, description="List each series' instances (uid, SOP class, number)"
+    )
+    max_instances: int = Field(
+        default=2000, ge=1, description="Studies with more instances are published without instance detail"
+    )
+    read_instance_header: bool = Field(
+        default=False,
+        description=(
+            "Read one instance's WADO-RS metadata per changed study, for what the archive's QIDO-RS "
+            "leaves out (issuer sequences, procedure and reason codes); Orthanc needs it"
+        ),
+    )
     dicom_timezone: str | None = Field(
         default=None,
         description="IANA zone for StudyTime without TimezoneOffsetFromUTC; default: the host's",
@@ -128,7 +204,163 @@ class Settings(BaseSettings):
     http_retry_max_wait: float = Field(
         default=30.0, ge=0, description="Longest single wait between retries, in seconds"
     )
+    # Connections to the upstreams (bridge/auth.py, bridge/tls.py, bridge/http.py)
+    http_retry_total: float = Field(
+        default=120.0, gt=0, description="Longest time one request may spend in retries, in seconds"
+    )
+    http_circuit_failures: int = Field(
+        default=5, ge=1, le=1000, description="Consecutive failures that open an upstream's circuit"
+    )
+    http_circuit_reset: float = Field(
+        default=30.0, gt=0, description="Seconds an open circuit waits before probing the upstream"
+    )
+    http2: bool = Field(default=True, description="Offer HTTP/2 to upstreams over TLS (ALPN)")
+    dicomweb_auth: AuthMode = Field(default=AuthMode.NONE, description="none|basic|bearer|oauth2|smart")
+    dicomweb_username: str | None = Field(default=None, description="User for auth=basic")
+    dicomweb_password: SecretStr | None = Field(default=None, description="Password for auth=basic")
+    dicomweb_password_file: Path | None = Field(default=None, description="File holding the password")
+    dicomweb_token: SecretStr | None = Field(default=None, description="Static token for auth=bearer")
+    dicomweb_token_file: Path | None = Field(default=None, description="File holding the static token")
+    dicomweb_token_url: AnyHttpUrl | None = Field(default=None, description="OAuth2 token endpoint")
+    dicomweb_client_id: str | None = Field(default=None, description="OAuth2 client id")
+    dicomweb_client_secret: SecretStr | None = Field(default=None, description="Secret for auth=oauth2")
+    dicomweb_client_secret_file: Path | None = Field(default=None, description="File holding it")
+    dicomweb_private_key_file: Path | None = Field(default=None, description="PEM key for auth=smart")
+    dicomweb_key_id: str | None = Field(default=None, description="kid of the key (auth=smart)")
+    dicomweb_signing_alg: SigningAlg = Field(default=SigningAlg.RS384, description="RS384 or ES384")
+    dicomweb_scopes: str | None = Field(default=None, description="Scopes to request, space-separated")
+    dicomweb_ca_bundle: Path | None = Field(default=None, description="PEM CAs trusted (replaces default)")
+    dicomweb_client_cert: Path | None = Field(default=None, description="PEM client certificate (mTLS)")
+    dicomweb_client_key: Path | None = Field(default=None, description="PEM key of the client certificate")
+    dicomweb_verify_tls: bool = Field(default=True, description="Verify the server's certificate")
+    fhir_auth: AuthMode = Field(default=AuthMode.NONE, description="none|basic|bearer|oauth2|smart")
+    fhir_username: str | None = Field(default=None, description="User for auth=basic")
+    fhir_password: SecretStr | None = Field(default=None, description="Password for auth=basic")
+    fhir_password_file: Path | None = Field(default=None, description="File holding the password")
+    fhir_token: SecretStr | None = Field(default=None, description="Static token for auth=bearer")
+    fhir_token_file: Path | None = Field(default=None, description="File holding the static token")
+    fhir_token_url: AnyHttpUrl | None = Field(default=None, description="OAuth2 token endpoint")
+    fhir_client_id: str | None = Field(default=None, description="OAuth2 client id")
+    fhir_client_secret: SecretStr | None = Field(default=None, description="Secret for auth=oauth2")
+    fhir_client_secret_file: Path | None = Field(default=None, description="File holding it")
+    fhir_private_key_file: Path | None = Field(default=None, description="PEM key for auth=smart")
+    fhir_key_id: str | None = Field(default=None, description="kid of the key (auth=smart)")
+    fhir_signing_alg: SigningAlg = Field(default=SigningAlg.RS384, description="RS384 or ES384")
+    fhir_scopes: str | None = Field(
+        default=None, description="Scopes to request, space-separated, e.g. system/ImagingStudy.write"
+    )
+    fhir_ca_bundle: Path | None = Field(default=None, description="PEM CAs trusted (replaces default)")
+    fhir_client_cert: Path | None = Field(default=None, description="PEM client certificate (mTLS)")
+    fhir_client_key: Path | None = Field(default=None, description="PEM key of the client certificate")
+    fhir_verify_tls: bool = Field(default=True, description="Verify the server's certificate")
     log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+
+    # Scheduled sync (bridge worker / bridge run)
+    sync_interval: float | None = Field(
+        default=300.0, gt=0, description="Seconds between incremental cycles (ignored if sync_cron is set)"
+    )
+    sync_cron: str | None = Field(
+        default=None, description="Crontab expression for incremental cycles, e.g. '*/5 * * * *'"
+    )
+    reconcile_interval: float | None = Field(
+        default=86400.0, gt=0, description="Seconds between full reconciliation sweeps"
+    )
+    reconcile_cron: str | None = Field(
+        default=None, description="Crontab expression for reconciliation sweeps, e.g. '0 2 * * *'"
+    )
+    poll_window_days: int = Field(
+        default=2, ge=0, le=3650, description="Incremental cycles poll studies dated this many days back"
+    )
+    change_source: ChangeSourceKind = Field(
+        default=ChangeSourceKind.QIDO, description="qido (StudyDate window) or orthanc (/changes feed)"
+    )
+    orthanc_url: AnyHttpUrl | None = Field(
+        default=None, description="Orthanc REST root for change_source=orthanc, e.g. http://pacs:8042"
+    )
+    delete_policy: DeletePolicy = Field(
+        default=DeletePolicy.MARK, description="Studies gone from the archive: mark | delete | ignore"
+    )
+    delete_max_fraction: float = Field(
+        default=0.2,
+        ge=0,
+        le=1,
+        description="A sweep that finds more than this share of published studies gone applies no deletes",
+    )
+
+    # Resolver API (bridge serve); lists take comma-separated values
+    viewers: Annotated[list[str] | None, NoDecode] = Field(
+        default=None, description="Viewers offered, by name in mappings/viewers.yaml; default: every one"
+    )
+    default_viewer: str = Field(default="ohif", description="Viewer of /viewer when no ?viewer= is given")
+    viewer_urls: dict[str, str] = Field(
+        default_factory=dict, description="Viewer name -> base URL (its template's {base_url}), as JSON"
+    )
+    viewer_templates: dict[str, str] = Field(
+        default_factory=dict, description="Viewer name -> URL template, adding or replacing one, as JSON"
+    )
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="API keys accepted in the X-API-Key header; none: no key auth"
+    )
+    jwt_jwks_url: AnyHttpUrl | None = Field(
+        default=None, description="JWKS URL whose keys sign the bearer JWTs callers send"
+    )
+    jwt_public_key: str | None = Field(default=None, description="PEM public key that signs bearer JWTs")
+    jwt_audience: str | None = Field(default=None, description="Required 'aud' of bearer JWTs")
+    jwt_issuer: str | None = Field(default=None, description="Required 'iss' of bearer JWTs, if set")
+    jwt_algorithms: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["RS256", "PS256", "ES256", "EdDSA"],
+        description="Accepted JWT signature algorithms (asymmetric only)",
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Browser origins allowed to call the API (CORS); none: no CORS"
+    )
+    resolver_cache_ttl: float = Field(
+        default=30.0, ge=0, le=3600, description="Seconds a resolved study is served from memory; 0: off"
+    )
+    resolver_cache_size: int = Field(default=10000, ge=1, description="Studies the resolver keeps cached")
+
+    @field_validator("viewers", "api_keys", "jwt_algorithms", "cors_origins", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("jwt_algorithms")
+    @classmethod
+    def _jwt_algorithms(cls, value: list[str]) -> list[str]:
+        allowed = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+        wrong = sorted(set(value) - allowed)
+        if wrong or not value:
+            raise ValueError(f"use asymmetric algorithms among {', '.join(sorted(allowed))}")
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s?#]+", origin):
+                raise ValueError(f"{origin!r} is not an origin (scheme://host[:port], no path) or *")
+        return value
+
+    @field_validator("viewer_urls")
+    @classmethod
+    def _viewer_urls(cls, value: dict[str, str]) -> dict[str, str]:
+        for url in value.values():
+            if not re.fullmatch(r"https?://[^\s?#]+", url):
+                raise ValueError(f"{url!r} is not an http(s) URL without query or fragment")
+        return value
+
+    @model_validator(mode="after")
+    def _api_auth(self) -> Settings:
+        if self.jwt_jwks_url is not None and self.jwt_public_key is not None:
+            raise ValueError("set BRIDGE_JWT_JWKS_URL or BRIDGE_JWT_PUBLIC_KEY, not both")
+        jwt_on = self.jwt_jwks_url is not None or self.jwt_public_key is not None
+        if jwt_on and not self.jwt_audience:
+            raise ValueError("BRIDGE_JWT_AUDIENCE is required when bearer JWTs are checked")
+        if not jwt_on and (self.jwt_audience or self.jwt_issuer):
+            raise ValueError("BRIDGE_JWT_AUDIENCE/ISSUER need BRIDGE_JWT_JWKS_URL or BRIDGE_JWT_PUBLIC_KEY")
+        return self
 
     @field_validator("patient_identifier_system", "endpoint_identifier_system", "accession_identifier_system")
     @classmethod
@@ -168,10 +400,71 @@ class Settings(BaseSettings):
             raise ValueError(f"{value} is not a folder")
         return value
 
+    @field_validator("sync_cron", "reconcile_cron")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        if value is not None:
+            from apscheduler.triggers.cron import CronTrigger
+
+            try:
+                CronTrigger.from_crontab(value)
+            except ValueError as exc:
+                raise ValueError(f"not a crontab expression ({exc})") from exc
+        return value
+
     @model_validator(mode="after")
     def _defaults(self) -> Settings:
         if self.dicomweb_public_url is None:
             self.dicomweb_public_url = self.dicomweb_url
+        if self.change_source is ChangeSourceKind.ORTHANC and self.orthanc_url is None:
+            raise ValueError("BRIDGE_ORTHANC_URL is required when BRIDGE_CHANGE_SOURCE is orthanc")
+        return self
+
+    @model_validator(mode="after")
+    def _connections(self) -> Settings:
+        """Secrets read from their files, and each upstream's auth and TLS settings checked together."""
+        for service in ("dicomweb", "fhir"):
+            prefix = f"{ENV_PREFIX}{service.upper()}_"
+            for secret, file_field in _SECRET_FILES:
+                path = getattr(self, f"{service}_{file_field}")
+                if path is None:
+                    continue
+                file_setting = f"{prefix}{file_field.upper()}"
+                if getattr(self, f"{service}_{secret}") is not None:
+                    raise ValueError(f"set {prefix}{secret.upper()} or {file_setting}, not both")
+                try:
+                    text = Path(path).read_text(encoding="utf-8").strip()
+                except (OSError, UnicodeError) as exc:
+                    raise ValueError(f"{file_setting}: cannot read {path} ({type(exc).__name__})") from None
+                if not text:
+                    raise ValueError(f"{file_setting}: {path} is empty")
+                setattr(self, f"{service}_{secret}", SecretStr(text))
+            mode: AuthMode = getattr(self, f"{service}_auth")
+            for needed, secret_file in _AUTH_NEEDS[mode]:
+                if getattr(self, f"{service}_{needed}") in (None, ""):
+                    alternative = f" (or {prefix}{secret_file.upper()})" if secret_file else ""
+                    raise ValueError(
+                        f"{prefix}{needed.upper()}{alternative} is required when {prefix}AUTH is {mode.value}"
+                    )
+            if mode is AuthMode.SMART:
+                from bridge.auth import load_private_key
+
+                algorithm: SigningAlg = getattr(self, f"{service}_signing_alg")
+                try:
+                    load_private_key(getattr(self, f"{service}_private_key_file"), algorithm.value)
+                except ValueError as exc:
+                    raise ValueError(
+                        f"{prefix}PRIVATE_KEY_FILE: {exc} ({prefix}SIGNING_ALG is {algorithm.value})"
+                    ) from None
+            from bridge.tls import check_files
+
+            problem = check_files(
+                ca_bundle=getattr(self, f"{service}_ca_bundle"),
+                client_cert=getattr(self, f"{service}_client_cert"),
+                client_key=getattr(self, f"{service}_client_key"),
+            )
+            if problem:
+                raise ValueError(prefix + problem)
         return self
 
     @property
@@ -207,9 +500,10 @@ class Settings(BaseSettings):
 
 
 def _describe(error: dict[str, Any]) -> str:
-    field = str(error["loc"][0]) if error["loc"] else "settings"
-    name = ENV_PREFIX + field.upper()
-    message = str(error["msg"])
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if not error["loc"]:  # a check across settings names them in its message
+        return message
+    name = ENV_PREFIX + str(error["loc"][0]).upper()
     if error["type"] == "missing":
         message = "is required but not set"
     elif error["type"] == "extra_forbidden":
@@ -231,6 +525,21 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         details = "; ".join(_describe(dict(e)) for e in exc.errors())
         raise ConfigurationError(f"invalid configuration: {details}") from None
+    except SettingsError as exc:  # a value that is not the JSON a map or list setting needs
+        match = re.search(r'field "([a-z0-9_]+)"', str(exc))
+        name = ENV_PREFIX + match[1].upper() if match else "a setting"
+        raise ConfigurationError(f"invalid configuration: {name}: is not valid JSON") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigurationError(
+            f"invalid configuration: {CONFIG_FILE_VARIABLE}: {config_file} is not valid YAML{where}"
+        ) from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(
+            f"invalid configuration: {CONFIG_FILE_VARIABLE}: {config_file} must hold a mapping of "
+            f"settings ({type(exc).__name__})"
+        ) from None
 
 
 @lru_cache(maxsize=1)

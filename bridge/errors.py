@@ -8,6 +8,8 @@
     │   └── PatientLinkError          no (or no unique) Patient for the study's PatientID
     ├── StoreError                    the state database failed
     └── UpstreamError                 an archive or FHIR server answered badly or not at all
+        ├── UpstreamAuthError         credentials or TLS refused (401/403, token endpoint, certificate):
+        │                             no study can pass, so the run stops (exit 3)
         ├── RetriableUpstreamError    timeouts, connection errors, 429, 5xx: retry, then give up
         │   └── UpstreamUnavailableError  still failing after the retries (exit 3)
         └── FatalUpstreamError        other 4xx: retrying will not help; the study is parked
@@ -54,6 +56,14 @@ class UpstreamError(BridgeError):
         super().__init__(message)
         self.service = service
         self.status = status
+
+
+class UpstreamAuthError(UpstreamError):
+    """The upstream (or its token endpoint) refused the bridge's credentials or TLS identity.
+
+    Not a study's fault and not worth retrying: the run stops and the message names the setting
+    to check (never the secret itself).
+    """
 
 
 class RetriableUpstreamError(UpstreamError):

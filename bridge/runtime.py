@@ -10,15 +10,19 @@ from dataclasses import dataclass
 import httpx
 
 from bridge import __version__
-from bridge.config import Settings
+from bridge.config import ChangeSourceKind, Settings
 from bridge.dicomweb.client import DicomwebClient
+from bridge.dicomweb.orthanc import OrthancChangeFeed
 from bridge.fhir.client import FhirClient
 from bridge.http import RetryPolicy
 from bridge.mapping.context import MappingContext
 from bridge.mapping.tables import BUNDLED_MAPPINGS, load_tables
 from bridge.state.store import SqlStore
+from bridge.sync.changes import ChangeSource, FeedChangeSource, QidoWindowSource
 from bridge.sync.publisher import Publisher
+from bridge.sync.scheduler import SyncScheduler, trigger
 from bridge.sync.worker import SyncWorker
+from bridge.upstream import Service, connection_options, retry_policy
 
 USER_AGENT = f"fhir-dicomweb-bridge/{__version__}"
 
@@ -35,17 +39,20 @@ def mapping_context(settings: Settings) -> MappingContext:
         accession_issuer_systems=dict(settings.accession_issuer_systems),
         endpoint_system=settings.endpoint_identifier_system,
         timezone=settings.dicom_timezone,
+        include_instances=settings.include_instances,
+        max_instances=settings.max_instances,
     )
 
 
-def http_client(settings: Settings) -> httpx.AsyncClient:
-    """An AsyncClient with the bridge's timeouts and pool limits."""
+def http_client(settings: Settings, service: Service | None = None) -> httpx.AsyncClient:
+    """An AsyncClient with the bridge's timeouts and pool limits; for an upstream, its TLS, HTTP/2, auth."""
     limits = httpx.Limits(max_connections=settings.sync_concurrency * 2 + 4)
     return httpx.AsyncClient(
         timeout=httpx.Timeout(settings.http_timeout),
         limits=limits,
         headers={"User-Agent": USER_AGENT},
         follow_redirects=False,
+        **(connection_options(settings, service, limits) if service else {}),  # type: ignore[arg-type]
     )
 
 
@@ -60,6 +67,29 @@ class Runtime:
     fhir: FhirClient
     publisher: Publisher
     worker: SyncWorker
+    changes: ChangeSource
+
+    def scheduler(self) -> SyncScheduler:
+        """The scheduler of incremental cycles and reconciliation sweeps, per the settings."""
+        s = self.settings
+        return SyncScheduler(
+            self.worker,
+            self.changes,
+            self.store,
+            s.source_name,
+            incremental=trigger(s.sync_interval, s.sync_cron),
+            reconcile=trigger(s.reconcile_interval, s.reconcile_cron),
+        )
+
+
+def change_source(
+    settings: Settings, client: httpx.AsyncClient, store: SqlStore, policy: RetryPolicy
+) -> ChangeSource:
+    """The incremental change source the settings choose."""
+    if settings.change_source is ChangeSourceKind.ORTHANC and settings.orthanc_url is not None:
+        feed = OrthancChangeFeed(client, str(settings.orthanc_url), policy=policy)
+        return FeedChangeSource(feed, store, settings.source_name)
+    return QidoWindowSource(settings.poll_window_days)
 
 
 @asynccontextmanager
@@ -68,22 +98,37 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     # httpx logs full URLs at INFO, and query strings can carry patient identifiers.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     ctx = mapping_context(settings)
-    policy = RetryPolicy(retries=settings.http_retries, max_wait=settings.http_retry_max_wait)
+    policy = retry_policy(settings, "dicomweb")  # each upstream has its own circuit breaker
+    fhir_policy = retry_policy(settings, "fhir")
     store = SqlStore(settings.state_url)
     try:
-        async with http_client(settings) as dicomweb_http, http_client(settings) as fhir_http:
+        async with (
+            http_client(settings, "dicomweb") as dicomweb_http,
+            http_client(settings, "fhir") as fhir_http,
+        ):
             dicomweb = DicomwebClient(
                 dicomweb_http, settings.dicomweb_base, policy=policy, page_size=settings.qido_page_size
             )
-            fhir = FhirClient(fhir_http, settings.fhir_base, policy=policy)
+            fhir = FhirClient(fhir_http, settings.fhir_base, policy=fhir_policy)
             publisher = Publisher(
                 fhir,
                 store,
                 ctx,
                 patient_policy=settings.patient_policy,
                 write_strategy=settings.write_strategy,
+                order_policy=settings.order_policy,
             )
-            worker = SyncWorker(dicomweb, publisher, store, ctx, concurrency=settings.sync_concurrency)
-            yield Runtime(settings, ctx, store, dicomweb, fhir, publisher, worker)
+            worker = SyncWorker(
+                dicomweb,
+                publisher,
+                store,
+                ctx,
+                concurrency=settings.sync_concurrency,
+                delete_policy=settings.delete_policy,
+                delete_max_fraction=settings.delete_max_fraction,
+                read_instance_header=settings.read_instance_header,
+            )
+            changes = change_source(settings, dicomweb_http, store, policy)
+            yield Runtime(settings, ctx, store, dicomweb, fhir, publisher, worker, changes)
     finally:
         store.close()

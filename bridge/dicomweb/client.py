@@ -9,10 +9,13 @@ from urllib.parse import quote, urlencode
 import httpx
 
 from bridge.dicomweb.records import (
+    INSTANCE_FIELDS,
     SERIES_FIELDS,
     STUDY_FIELDS,
     DicomJson,
+    InstanceRecord,
     SeriesRecord,
+    parse_instance,
     parse_series,
     raw_uid,
 )
@@ -94,6 +97,14 @@ class DicomwebClient:
                 fresh.append(row)
             if fresh:
                 yield fresh
+            if rows and not fresh:
+                logger.warning(
+                    "%s%s: the server repeated a page (it seems to ignore offset); studies past "
+                    "offset %d may be missing: raise BRIDGE_QIDO_PAGE_SIZE or check the archive",
+                    self._base,
+                    path,
+                    offset,
+                )
             if not rows or not fresh or len(rows) > self.page_size:
                 return
             if len(rows) < self.page_size and not truncated:
@@ -103,6 +114,33 @@ class DicomwebClient:
     def iter_studies(self, filters: Mapping[str, str] | None = None) -> AsyncIterator[list[DicomJson]]:
         """Pages of study-level rows (raw DICOM JSON), each study once."""
         return self._paged("/studies", STUDY_FIELDS, filters or {}, "0020000D")
+
+    async def search_instances(self, study_uid: str, limit: int | None = None) -> list[InstanceRecord]:
+        """The study's instances (at most ``limit``: a guard against very large studies)."""
+        path = f"/studies/{quote(study_uid, safe='')}/instances"
+        records: list[InstanceRecord] = []
+        async for page in self._paged(path, INSTANCE_FIELDS, {}, "00080018"):
+            records.extend(parse_instance(row) for row in page)
+            if limit is not None and len(records) > limit:
+                break
+        return records
+
+    async def instance_header(
+        self, study_uid: str, instance: InstanceRecord | None = None
+    ) -> DicomJson | None:
+        """The WADO-RS metadata of one instance of the study (the first QIDO-RS gives), or None."""
+        if instance is None:
+            path = f"/studies/{quote(study_uid, safe='')}/instances"
+            rows, _ = await self._get(path, [*(("includefield", f) for f in INSTANCE_FIELDS), ("limit", "1")])
+            if not rows:
+                return None
+            instance = parse_instance(rows[0])
+        path = (
+            f"/studies/{quote(study_uid, safe='')}/series/{quote(instance.series_uid, safe='')}"
+            f"/instances/{quote(instance.uid, safe='')}/metadata"
+        )
+        rows, _ = await self._get(path, [])
+        return rows[0] if rows and isinstance(rows[0], dict) else None
 
     async def search_series(self, study_uid: str) -> list[SeriesRecord]:
         """Every series of one study; raises MappingError if a row cannot be parsed."""

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from pydicom import Dataset
+from pydicom import Dataset, config
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataelem import DataElement
 
 from bridge.errors import MappingError
@@ -31,6 +34,12 @@ STUDY_FIELDS = (
     "00100021",  # IssuerOfPatientID
     "00100030",  # PatientBirthDate
     "00100040",  # PatientSex
+    "00080090",  # ReferringPhysicianName
+    # Sequences: many archives return them when asked; Orthanc does not (see instance headers).
+    "00100024",  # IssuerOfPatientIDQualifiersSequence
+    "00101002",  # OtherPatientIDsSequence
+    "00081032",  # ProcedureCodeSequence
+    "0040100A",  # ReasonForRequestedProcedureCodeSequence
 )
 SERIES_FIELDS = (
     "0020000E",  # SeriesInstanceUID
@@ -42,6 +51,14 @@ SERIES_FIELDS = (
     "00200060",  # Laterality
     "00080021",  # SeriesDate
     "00080031",  # SeriesTime
+    "00081050",  # PerformingPhysicianName
+    "00081070",  # OperatorsName
+)
+INSTANCE_FIELDS = (
+    "00080018",  # SOPInstanceUID
+    "00080016",  # SOPClassUID
+    "00200013",  # InstanceNumber
+    "0020000E",  # SeriesInstanceUID
 )
 
 
@@ -52,6 +69,24 @@ class Issuer:
     local: str | None = None
     universal: str | None = None
     universal_type: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Code:
+    """A coded entry of a DICOM code sequence item."""
+
+    value: str
+    scheme: str | None
+    meaning: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class OtherPatientId:
+    """An item of Other Patient IDs Sequence (0010,1002)."""
+
+    value: str
+    issuer: str | None
+    qualifier: Issuer | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +108,11 @@ class StudyRecord:
     patient_name: str | None
     birth_date: str | None
     sex: str | None
+    referring_physician: str | None = None
+    patient_issuer_qualifier: Issuer | None = None
+    other_patient_ids: tuple[OtherPatientId, ...] = ()
+    procedure_codes: tuple[Code, ...] = ()
+    reason_codes: tuple[Code, ...] = ()
 
     def fingerprint(self) -> str:
         """A digest of everything the mapping reads from the study row."""
@@ -92,6 +132,17 @@ class SeriesRecord:
     laterality: str | None
     date: str | None
     time: str | None
+    performers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRecord:
+    """One instance of a series, from an instance-level QIDO-RS query."""
+
+    uid: str
+    series_uid: str
+    sop_class: str | None
+    number: int | None
 
 
 def digest(value: Any) -> str:
@@ -109,13 +160,44 @@ def raw_uid(row: DicomJson, tag: str = "0020000D") -> str | None:
     return value[:64] if isinstance(value, str) else None
 
 
+@contextmanager
+def _no_value_validation() -> Iterator[None]:
+    """Read without value checks: pydicom would warn and log raw values (patient data)."""
+    saved = config.settings.reading_validation_mode
+    config.settings.reading_validation_mode = config.IGNORE
+    try:
+        yield
+    finally:
+        config.settings.reading_validation_mode = saved
+
+
 def _dataset(row: DicomJson, level: str) -> Dataset:
     if not isinstance(row, dict):
         raise MappingError(f"{level} row is not a DICOM JSON object")
     try:
-        return Dataset.from_json(row)
+        with _no_value_validation():
+            return Dataset.from_json(row)
     except Exception as exc:  # pydicom raises many types for malformed JSON
-        raise MappingError(f"{level} row is not valid DICOM JSON ({type(exc).__name__})") from exc
+        attribute = _failing_attribute(row)
+        raise MappingError(
+            f"{level} row is not valid DICOM JSON"
+            + (f": {attribute} is malformed" if attribute else f" ({type(exc).__name__})"),
+            attribute=attribute,
+        ) from exc
+
+
+def _failing_attribute(row: DicomJson) -> str | None:
+    """The keyword (or tag) of the first element pydicom cannot read on its own."""
+    for tag, element in row.items():
+        try:
+            with _no_value_validation():
+                Dataset.from_json({tag: element})
+        except Exception:  # noqa: BLE001 - any failure names this element
+            try:
+                return keyword_for_tag(int(tag, 16)) or tag
+            except ValueError:
+                return tag
+    return None
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:
@@ -158,6 +240,37 @@ def _issuer(ds: Dataset, keyword: str) -> Issuer | None:
     return issuer if issuer.local or issuer.universal else None
 
 
+def _codes(ds: Dataset, keyword: str) -> tuple[Code, ...]:
+    if keyword not in ds or not ds[keyword].value:
+        return ()
+    codes = []
+    for item in ds[keyword].value:
+        value = _text(item, "CodeValue") or _text(item, "LongCodeValue") or _text(item, "URNCodeValue")
+        if value:
+            codes.append(Code(value, _text(item, "CodingSchemeDesignator"), _text(item, "CodeMeaning")))
+    return tuple(codes)
+
+
+def _other_ids(ds: Dataset) -> tuple[OtherPatientId, ...]:
+    if "OtherPatientIDsSequence" not in ds or not ds.OtherPatientIDsSequence:
+        return ()
+    found = []
+    for item in ds.OtherPatientIDsSequence:
+        value = _text(item, "PatientID")
+        if value:
+            qualifier = _issuer(item, "IssuerOfPatientIDQualifiersSequence")
+            found.append(OtherPatientId(value, _text(item, "IssuerOfPatientID"), qualifier))
+    return tuple(found)
+
+
+def _person_names(ds: Dataset, keyword: str) -> tuple[str, ...]:
+    if keyword not in ds or not ds[keyword].value:
+        return ()
+    value = ds[keyword].value
+    values = value if isinstance(value, list | tuple) or getattr(ds[keyword], "VM", 1) > 1 else [value]
+    return tuple(str(v).strip() for v in values if str(v).strip())
+
+
 def _person_name(ds: Dataset, keyword: str) -> str | None:
     if keyword not in ds or not ds[keyword].value:
         return None
@@ -176,7 +289,6 @@ def parse_study(row: DicomJson) -> StudyRecord:
         time=_text(ds, "StudyTime"),
         tz_offset=_text(ds, "TimezoneOffsetFromUTC"),
         accession=_text(ds, "AccessionNumber"),
-        accession_issuer=_issuer(ds, "IssuerOfAccessionNumberSequence"),
         description=_text(ds, "StudyDescription"),
         modalities=_multi(ds, "ModalitiesInStudy"),
         series_count=_int(ds, "NumberOfStudyRelatedSeries"),
@@ -186,7 +298,28 @@ def parse_study(row: DicomJson) -> StudyRecord:
         patient_name=_person_name(ds, "PatientName"),
         birth_date=_text(ds, "PatientBirthDate"),
         sex=_text(ds, "PatientSex"),
+        **_header_fields(ds),
     )
+
+
+def _header_fields(ds: Dataset) -> dict[str, Any]:
+    """The study fields that archives often return only in instance headers (WADO-RS metadata)."""
+    return {
+        "referring_physician": _person_name(ds, "ReferringPhysicianName"),
+        "patient_issuer_qualifier": _issuer(ds, "IssuerOfPatientIDQualifiersSequence"),
+        "other_patient_ids": _other_ids(ds),
+        "procedure_codes": _codes(ds, "ProcedureCodeSequence"),
+        "reason_codes": _codes(ds, "ReasonForRequestedProcedureCodeSequence"),
+        "accession_issuer": _issuer(ds, "IssuerOfAccessionNumberSequence"),
+    }
+
+
+def with_header(study: StudyRecord, header: DicomJson) -> StudyRecord:
+    """The study completed from an instance header: what QIDO left out is taken from the header."""
+    ds = _dataset(header, "instance header")
+    found = _header_fields(ds)
+    updates = {k: v for k, v in found.items() if v and not getattr(study, k)}
+    return replace(study, **updates) if updates else study
 
 
 def parse_series(row: DicomJson) -> SeriesRecord:
@@ -205,4 +338,17 @@ def parse_series(row: DicomJson) -> SeriesRecord:
         laterality=_text(ds, "Laterality"),
         date=_text(ds, "SeriesDate"),
         time=_text(ds, "SeriesTime"),
+        performers=_person_names(ds, "PerformingPhysicianName") or _person_names(ds, "OperatorsName"),
     )
+
+
+def parse_instance(row: DicomJson) -> InstanceRecord:
+    """Parse an instance-level QIDO-RS row; raises MappingError naming the attribute at fault."""
+    ds = _dataset(row, "instance")
+    uid = _text(ds, "SOPInstanceUID")
+    if uid is None:
+        raise MappingError("SOPInstanceUID is missing", attribute="SOPInstanceUID")
+    series_uid = _text(ds, "SeriesInstanceUID")
+    if series_uid is None:
+        raise MappingError("an instance has no SeriesInstanceUID", attribute="SeriesInstanceUID")
+    return InstanceRecord(uid, series_uid, _text(ds, "SOPClassUID"), _int(ds, "InstanceNumber"))

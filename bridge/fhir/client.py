@@ -142,6 +142,10 @@ class FhirClient:
         body = json_body(response, SERVICE)
         return body if isinstance(body, dict) else None
 
+    async def delete(self, resource_type: str, resource_id: str) -> None:
+        """DELETE a resource (already gone counts as done)."""
+        await self._send("DELETE", f"{resource_type}/{quote(resource_id, safe='')}", ok=(404, 410))
+
     async def search(self, resource_type: str, params: Mapping[str, str]) -> list[dict[str, Any]]:
         """Resources matching a search (first page; callers search by identifier)."""
         response = await self._send("GET", resource_type, params=params)

@@ -10,7 +10,7 @@ from bridge.dicomweb.records import digest
 from bridge.mapping.tables import Tables
 
 # Bump when the mapping's output changes, so every study is republished once after an upgrade.
-MAPPING_VERSION = "1"
+MAPPING_VERSION = "2"
 
 DICOM_UID_SYSTEM = "urn:dicom:uid"
 DCM_SYSTEM = "http://dicom.nema.org/resources/ontology/DCM"
@@ -36,6 +36,8 @@ class MappingContext:
     accession_issuer_systems: dict[str, str] = field(default_factory=dict)
     endpoint_system: str = "urn:fhir-dicomweb-bridge:source"
     timezone: str | None = None
+    include_instances: bool = False
+    max_instances: int = 2000
 
     def fingerprint(self) -> str:
         """A digest of every input besides the records that changes the mapping's output."""
@@ -47,6 +49,7 @@ class MappingContext:
             "accession": [self.accession_system, self.accession_issuer_systems],
             "endpoint": self.endpoint_system,
             "tz": self.timezone,
+            "instances": [self.include_instances, self.max_instances],
             "tables": self.tables.model_dump(mode="json"),
         }
         return digest(data)

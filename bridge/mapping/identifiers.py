@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pydicom import config
 from pydicom.uid import UID
 
 from bridge.dicomweb.records import Issuer, StudyRecord
@@ -20,14 +21,15 @@ class PatientKey:
 
     def search(self) -> str:
         r"""The token search value, with FHIR search escaping of ``|`` ``,`` ``$`` and ``\\``."""
-        return f"{_escape(self.system)}|{_escape(self.value)}"
+        return f"{escape_token(self.system)}|{escape_token(self.value)}"
 
     def as_identifier(self) -> dict[str, str]:
         """The FHIR Identifier."""
         return {"system": self.system, "value": self.value}
 
 
-def _escape(text: str) -> str:
+def escape_token(text: str) -> str:
+    r"""A value escaped for a FHIR token search (``\``, ``|``, ``,`` and ``$``)."""
     for char in ("\\", "|", ",", "$"):
         text = text.replace(char, "\\" + char)
     return text
@@ -35,7 +37,7 @@ def _escape(text: str) -> str:
 
 def check_uid(value: str, attribute: str) -> str:
     """The UID itself when it is a valid DICOM UID, else a MappingError naming the attribute."""
-    if not UID(value).is_valid:
+    if not UID(value, validation_mode=config.IGNORE).is_valid:
         raise MappingError(f"{attribute} is not a valid DICOM UID", attribute=attribute)
     return value
 
@@ -50,14 +52,43 @@ def study_search(study_uid: str) -> str:
     return f"{DICOM_UID_SYSTEM}|urn:oid:{study_uid}"
 
 
+def issuer_system(
+    issuer: str | None, qualifier: Issuer | None, systems: dict[str, str], default: str | None
+) -> str | None:
+    """The identifier system for an issuer of patient ids.
+
+    Looked up in ``systems`` by Issuer of Patient ID, then by the qualifier's local and universal
+    entity ids; an ISO OID qualifier not in the map becomes ``urn:oid:<oid>``; else ``default``.
+    """
+    for key in (issuer, qualifier.local if qualifier else None, qualifier.universal if qualifier else None):
+        if key is not None and key in systems:
+            return systems[key]
+    if qualifier is not None and qualifier.universal and qualifier.universal_type == "ISO":
+        return f"urn:oid:{qualifier.universal}"
+    return default
+
+
 def patient_key(study: StudyRecord, ctx: MappingContext) -> PatientKey:
-    """PatientID with the system mapped from Issuer of Patient ID, or the default system."""
+    """PatientID with the system mapped from its issuer (see issuer_system)."""
     if study.patient_id is None:
         raise MappingError("PatientID is missing", attribute="PatientID")
-    system = ctx.patient_system
-    if study.patient_issuer is not None:
-        system = ctx.patient_issuer_systems.get(study.patient_issuer, system)
-    return PatientKey(system=system, value=study.patient_id)
+    system = issuer_system(
+        study.patient_issuer, study.patient_issuer_qualifier, ctx.patient_issuer_systems, ctx.patient_system
+    )
+    return PatientKey(system=system or ctx.patient_system, value=study.patient_id)
+
+
+def other_patient_identifiers(study: StudyRecord, ctx: MappingContext) -> list[dict[str, str]]:
+    """Identifiers from Other Patient IDs Sequence whose issuer maps to a system.
+
+    The others are left out: an identifier without a known system would link nothing.
+    """
+    identifiers = []
+    for other in study.other_patient_ids:
+        system = issuer_system(other.issuer, other.qualifier, ctx.patient_issuer_systems, None)
+        if system is not None:
+            identifiers.append({"system": system, "value": other.value})
+    return identifiers
 
 
 def _accession_system(issuer: Issuer | None, ctx: MappingContext) -> str | None:

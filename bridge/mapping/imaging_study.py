@@ -5,11 +5,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from bridge.dicomweb.records import SeriesRecord, StudyRecord
+from bridge.dicomweb.records import Code, InstanceRecord, SeriesRecord, StudyRecord
 from bridge.errors import MappingError
-from bridge.mapping.context import BRIDGE_TAG_SYSTEM, DCM_SYSTEM, MappingContext, resource_id
+from bridge.mapping.context import (
+    BRIDGE_TAG_SYSTEM,
+    DCM_SYSTEM,
+    SOP_CLASS_SYSTEM,
+    MappingContext,
+    resource_id,
+)
 from bridge.mapping.dates import fhir_datetime
 from bridge.mapping.identifiers import accession_identifier, check_uid, study_identifier
+from bridge.mapping.patient import display_name
 
 Resource = dict[str, Any]
 
@@ -24,7 +31,46 @@ def modality_coding(ctx: MappingContext, modality: str) -> dict[str, str]:
     return ctx.tables.modality.coding(modality) or {"system": DCM_SYSTEM, "code": modality}
 
 
-def _series(series: SeriesRecord, study: StudyRecord, ctx: MappingContext) -> Resource:
+def codeable_concepts(codes: Sequence[Code], ctx: MappingContext) -> list[Resource]:
+    """CodeableConcepts from DICOM code sequence items (system from the designator table)."""
+    concepts = []
+    for code in codes:
+        coding: Resource = {}
+        system = ctx.tables.coding_schemes.system(code.scheme)
+        if system is not None:
+            coding["system"] = system
+        coding["code"] = code.value
+        if code.meaning:
+            coding["display"] = code.meaning
+        concept: Resource = {"coding": [coding]}
+        if code.meaning:
+            concept["text"] = code.meaning
+        concepts.append(concept)
+    return concepts
+
+
+def _instances(instances: Sequence[InstanceRecord], series_uid: str) -> list[Resource]:
+    out = []
+    for instance in sorted(instances, key=lambda i: (i.number is None, i.number or 0, i.uid)):
+        if instance.series_uid != series_uid:
+            continue
+        check_uid(instance.uid, "SOPInstanceUID")
+        if instance.sop_class is None:
+            raise MappingError(f"instance {instance.uid} has no SOPClassUID", attribute="SOPClassUID")
+        check_uid(instance.sop_class, "SOPClassUID")
+        entry: Resource = {
+            "uid": instance.uid,
+            "sopClass": {"system": SOP_CLASS_SYSTEM, "code": f"urn:oid:{instance.sop_class}"},
+        }
+        if instance.number is not None and instance.number >= 0:
+            entry["number"] = instance.number
+        out.append(entry)
+    return out
+
+
+def _series(
+    series: SeriesRecord, study: StudyRecord, ctx: MappingContext, instances: Sequence[InstanceRecord]
+) -> Resource:
     check_uid(series.uid, "SeriesInstanceUID")
     if series.modality is None:
         raise MappingError(f"series {series.uid} has no Modality", attribute="Modality")
@@ -54,6 +100,11 @@ def _series(series: SeriesRecord, study: StudyRecord, ctx: MappingContext) -> Re
     )
     if started is not None:
         out["started"] = started
+    if series.performers:
+        out["performer"] = [{"actor": {"display": display_name(name)}} for name in series.performers]
+    mapped_instances = _instances(instances, series.uid)
+    if mapped_instances:
+        out["instance"] = mapped_instances
     return out
 
 
@@ -68,10 +119,14 @@ def map_imaging_study(
     *,
     subject: Resource,
     endpoint_reference: str,
+    instances: Sequence[InstanceRecord] = (),
+    based_on: Sequence[Resource] = (),
 ) -> Resource:
     """The ImagingStudy for ``study`` (raises MappingError naming the attribute at fault).
 
-    ``subject`` is the Reference to the Patient, resolved by the caller per the patient policy.
+    ``subject`` is the Reference to the Patient, resolved by the caller per the patient policy;
+    ``based_on`` the References to the order(s). ``instances`` are listed per series only when
+    the context asks for instance detail and the study has no more than ``max_instances``.
     """
     check_uid(study.uid, "StudyInstanceUID")
     identifiers: list[Any] = [study_identifier(study.uid)]
@@ -86,10 +141,16 @@ def map_imaging_study(
         "status": "available",
         "subject": subject,
     }
+    if based_on:
+        resource["basedOn"] = list(based_on)
+    if study.referring_physician:
+        resource["referrer"] = {"display": display_name(study.referring_physician)}
     started = fhir_datetime(study.date, study.time, study.tz_offset, zone=ctx.timezone)
     if started is not None:
         resource["started"] = started
-    mapped = [_series(s, study, ctx) for s in sorted(series, key=_series_key)]
+    if not ctx.include_instances or len(instances) > ctx.max_instances:
+        instances = ()
+    mapped = [_series(s, study, ctx, instances) for s in sorted(series, key=_series_key)]
     modalities = sorted({s.modality for s in series if s.modality} or set(study.modalities))
     if modalities:
         resource["modality"] = [modality_coding(ctx, m) for m in modalities]
@@ -98,6 +159,10 @@ def map_imaging_study(
         resource["numberOfSeries"] = study.series_count
     if study.instance_count is not None:
         resource["numberOfInstances"] = study.instance_count
+    if study.procedure_codes:
+        resource["procedureCode"] = codeable_concepts(study.procedure_codes, ctx)
+    if study.reason_codes:
+        resource["reasonCode"] = codeable_concepts(study.reason_codes, ctx)
     if study.description:
         resource["description"] = study.description
     if mapped:

@@ -8,7 +8,7 @@ from bridge.dicomweb.records import StudyRecord
 from bridge.errors import MappingError
 from bridge.mapping.context import BRIDGE_TAG_SYSTEM, MappingContext
 from bridge.mapping.dates import parse_date
-from bridge.mapping.identifiers import PatientKey
+from bridge.mapping.identifiers import PatientKey, other_patient_identifiers
 
 _GENDER = {"M": "male", "F": "female", "O": "other"}
 
@@ -33,6 +33,13 @@ def human_names(pn: str) -> list[dict[str, Any]]:
     return names
 
 
+def display_name(pn: str) -> str:
+    """A person's name as people write it ("Dr. Anna Smith"), from a DICOM PN's first group."""
+    parts = [p.strip() for p in pn.split("=")[0].split("^")] + [""] * 5
+    family, given, middle, prefix, suffix = parts[:5]
+    return " ".join(p for p in (prefix, given, middle, family, suffix) if p)
+
+
 def map_patient(study: StudyRecord, key: PatientKey, ctx: MappingContext) -> dict[str, Any]:
     """A minimal Patient from the study's demographics, for ``match-or-create``.
 
@@ -41,7 +48,8 @@ def map_patient(study: StudyRecord, key: PatientKey, ctx: MappingContext) -> dic
     patient: dict[str, Any] = {
         "resourceType": "Patient",
         "meta": {"tag": [{"system": BRIDGE_TAG_SYSTEM, "code": ctx.source_name}]},
-        "identifier": [key.as_identifier()],
+        "identifier": [key.as_identifier()]
+        + [i for i in other_patient_identifiers(study, ctx) if i != key.as_identifier()],
     }
     if study.patient_name:
         names = human_names(study.patient_name)

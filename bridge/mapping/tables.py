@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bridge.errors import ConfigurationError
+
+TableModel = TypeVar("TableModel", bound=BaseModel)
 
 BUNDLED_MAPPINGS = Path(__file__).resolve().parents[2] / "mappings"
 
@@ -41,6 +43,14 @@ class CodeTable(BaseModel):
             return {k: {"code": k, "display": v} if isinstance(v, str) else v for k, v in value.items()}
         return value
 
+    @model_validator(mode="after")
+    def _snomed_codes_are_digits(self) -> CodeTable:
+        if self.system == "http://snomed.info/sct":
+            bad = sorted(k for k, v in self.codes.items() if not v.code.isdigit())
+            if bad:
+                raise ValueError(f"SNOMED CT codes must be digits; not so for {', '.join(bad)}")
+        return self
+
     def coding(self, term: str | None) -> dict[str, str] | None:
         """The FHIR Coding for a defined term, or None when the table does not know it."""
         if term is None:
@@ -51,6 +61,30 @@ class CodeTable(BaseModel):
         return {"system": self.system, "code": entry.code, "display": entry.display}
 
 
+class SchemeTable(BaseModel):
+    """Coding Scheme Designator -> FHIR code system URI, with where it came from."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    title: str
+    source: str = Field(min_length=1)
+    fhir: str = Field(min_length=1)
+    schemes: dict[str, str]
+
+    @field_validator("schemes")
+    @classmethod
+    def _uris(cls, value: dict[str, str]) -> dict[str, str]:
+        for designator, uri in value.items():
+            if ":" not in uri:
+                raise ValueError(f"{designator}: {uri!r} is not a URI")
+        return value
+
+    def system(self, designator: str | None) -> str | None:
+        """The FHIR system of a designator (case as DICOM writes it), or None when unknown."""
+        if designator is None:
+            return None
+        return self.schemes.get(designator) or self.schemes.get(designator.upper())
+
+
 class Tables(BaseModel):
     """Every table the mapping uses."""
 
@@ -58,6 +92,7 @@ class Tables(BaseModel):
     modality: CodeTable
     body_part: CodeTable
     laterality: CodeTable
+    coding_schemes: SchemeTable
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -77,12 +112,12 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def load_table(path: Path) -> CodeTable:
+def load_table(path: Path, model: type[TableModel] = CodeTable) -> TableModel:  # type: ignore[assignment]
     """Load and validate one table file; a broken file is a configuration error naming it."""
     try:
         with path.open(encoding="utf-8") as handle:
             data = yaml.load(handle, Loader=_UniqueKeyLoader)  # noqa: S506 - safe loader subclass
-        return CodeTable.model_validate(data)
+        return model.model_validate(data)
     except (OSError, yaml.YAMLError, ValidationError) as exc:
         raise ConfigurationError(f"mapping table {path}: {exc}") from exc
 
@@ -94,4 +129,5 @@ def load_tables(folder: Path = BUNDLED_MAPPINGS) -> Tables:
         modality=load_table(folder / "modality.yaml"),
         body_part=load_table(folder / "body-part.yaml"),
         laterality=load_table(folder / "laterality.yaml"),
+        coding_schemes=load_table(folder / "coding-schemes.yaml", SchemeTable),
     )

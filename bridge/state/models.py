@@ -7,7 +7,8 @@ from datetime import datetime
 from sqlalchemy import JSON, DateTime, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 1
+# Bumped by every migration (bridge/state/migrations) so a bridge older than the store refuses it.
+SCHEMA_VERSION = 2
 
 
 class Base(DeclarativeBase):
@@ -34,6 +35,10 @@ class PublishedStudy(Base):
     fhir_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
     first_synced_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     last_synced_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # The last reconciliation run that saw the study in the archive (for finding deletes).
+    last_seen_run: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # The study's start as published (FHIR dateTime), for the sync-lag metric.
+    started: Mapped[str | None] = mapped_column(String(40), nullable=True)
 
 
 class ParkedStudy(Base):
@@ -71,11 +76,28 @@ class Run(Base):
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     status: Mapped[str] = mapped_column(String(16), default="running")
+    # Which process ran it (host:pid; the pod name on Kubernetes), to tell replicas apart.
+    worker: Mapped[str | None] = mapped_column(String(128), nullable=True)
     seen: Mapped[int] = mapped_column(Integer, default=0)
     created: Mapped[int] = mapped_column(Integer, default=0)
     updated: Mapped[int] = mapped_column(Integer, default=0)
     unchanged: Mapped[int] = mapped_column(Integer, default=0)
     parked: Mapped[int] = mapped_column(Integer, default=0)
+    deleted: Mapped[int] = mapped_column(Integer, default=0)
+    # Studies skipped because another replica held their claim.
+    claimed: Mapped[int] = mapped_column(Integer, default=0)
     fhir_writes: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     qido_queries: Mapped[list[str]] = mapped_column(JSON, default=list)
+    # What the run did to studies gone from the archive: [{"study_uid", "action"}].
+    deletions: Mapped[list[dict[str, str]]] = mapped_column(JSON, default=list)
+
+
+class Checkpoint(Base):
+    """A named position in a change source (e.g. Orthanc's /changes sequence, a backfill slice)."""
+
+    __tablename__ = "checkpoints"
+    source: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    value: Mapped[str] = mapped_column(String(256))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

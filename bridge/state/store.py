@@ -3,26 +3,28 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+import os
+import socket
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, delete, event, func, select
+from sqlalchemy import Engine, create_engine, delete, event, func, or_, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from bridge.errors import StoreError
+from bridge.state.claims import StudyClaims
+from bridge.state.migrate import upgrade_engine
 from bridge.state.models import (
-    SCHEMA_VERSION,
-    Base,
+    Checkpoint,
     ParkedStudy,
     PublishedEndpoint,
     PublishedStudy,
     Run,
-    SchemaInfo,
 )
 
 logger = logging.getLogger(__name__)
@@ -53,6 +55,8 @@ class RunCounts:
     updated: int = 0
     unchanged: int = 0
     parked: int = 0
+    deleted: int = 0
+    claimed: int = 0  # skipped: another replica was publishing them
     fhir_writes: int = 0
 
 
@@ -62,6 +66,18 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=10000")
     cursor.close()
+
+
+# Names this process in the runs it records (the pod name on Kubernetes).
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"[:128]
+
+GONE = "gone"  # fingerprint of a study that left the archive
+
+
+def _known(row: PublishedStudy) -> KnownStudy:
+    return KnownStudy(
+        row.study_uid, row.qido_fingerprint, row.resource_fingerprint, row.fhir_id, row.fhir_version
+    )
 
 
 class SqlStore:
@@ -74,12 +90,18 @@ class SqlStore:
             if make_url(url).get_backend_name() == "sqlite":
                 event.listen(self._engine, "connect", _sqlite_pragmas)
             self._sessions = sessionmaker(self._engine, expire_on_commit=False)
-            self._migrate()
+            self._claims = StudyClaims(self._engine)
+            try:
+                self._migrate()
+            except BaseException:
+                self._engine.dispose()  # a refused store leaves no connection behind
+                raise
         except SQLAlchemyError as exc:
             raise StoreError(f"cannot open the state store ({type(exc).__name__}): {exc}") from exc
 
     def close(self) -> None:
-        """Release the engine's connections."""
+        """Release the study claims and the engine's connections."""
+        self._claims.close()
         self._engine.dispose()
 
     @contextmanager
@@ -91,17 +113,19 @@ class SqlStore:
             raise StoreError(f"state store failed ({type(exc).__name__})") from exc
 
     def _migrate(self) -> None:
-        """Create the schema, or check that an existing one is one this version can use."""
-        Base.metadata.create_all(self._engine)
-        with self._sessions.begin() as session:
-            info = session.get(SchemaInfo, 1)
-            if info is None:
-                session.add(SchemaInfo(id=1, version=SCHEMA_VERSION))
-            elif info.version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"the state store is at schema {info.version}, newer than this bridge "
-                    f"({SCHEMA_VERSION}); upgrade the bridge"
-                )
+        """Bring the schema to this version with the Alembic migrations (adopting a pre-Alembic store)."""
+        before, after = upgrade_engine(self._engine)
+        if before != after:
+            logger.info("state store migrated from %s to %s", before or "empty", after)
+
+    # Claims: which replica works on which study (see bridge.state.claims)
+    def claim_study(self, source: str, study_uid: str) -> bool:
+        """Claim a study for this process; False if another replica holds it (always True on SQLite)."""
+        return self._claims.claim(source, study_uid)
+
+    def release_study(self, source: str, study_uid: str) -> None:
+        """Release a claim taken with claim_study."""
+        self._claims.release(source, study_uid)
 
     def ping(self) -> None:
         """Raise StoreError unless the store answers."""
@@ -120,16 +144,7 @@ class SqlStore:
                     PublishedStudy.source == source, PublishedStudy.study_uid.in_(wanted)
                 )
             ).all()
-            return {
-                r.study_uid: KnownStudy(
-                    r.study_uid,
-                    r.qido_fingerprint,
-                    r.resource_fingerprint,
-                    r.fhir_id,
-                    r.fhir_version,
-                )
-                for r in rows
-            }
+            return {r.study_uid: _known(r) for r in rows}
 
     def record_published(
         self,
@@ -140,6 +155,7 @@ class SqlStore:
         resource_fingerprint: str,
         fhir_id: str,
         fhir_version: str | None,
+        started: str | None = None,
     ) -> None:
         """Remember a published study and clear any parked failure of it."""
         now = utcnow()
@@ -153,9 +169,82 @@ class SqlStore:
             row.fhir_id = fhir_id
             row.fhir_version = fhir_version
             row.last_synced_at = now
+            row.started = started
             session.execute(
                 delete(ParkedStudy).where(ParkedStudy.source == source, ParkedStudy.study_uid == study_uid)
             )
+
+    def mark_seen(self, source: str, uids: Iterable[str], run_id: int) -> None:
+        """Note that a reconciliation run saw these studies in the archive."""
+        wanted = list(uids)
+        if not wanted:
+            return
+        with self._session() as session:
+            session.execute(
+                update(PublishedStudy)
+                .where(PublishedStudy.source == source, PublishedStudy.study_uid.in_(wanted))
+                .values(last_seen_run=run_id)
+            )
+
+    def unseen_studies(self, source: str, run_id: int) -> list[KnownStudy]:
+        """Published studies that reconciliation run ``run_id`` did not see (gone from the archive)."""
+        with self._session() as session:
+            rows = session.scalars(
+                select(PublishedStudy).where(
+                    PublishedStudy.source == source,
+                    PublishedStudy.qido_fingerprint != GONE,
+                    or_(PublishedStudy.last_seen_run.is_(None), PublishedStudy.last_seen_run != run_id),
+                )
+            ).all()
+            return [_known(r) for r in rows]
+
+    def record_gone(self, source: str, study_uid: str, *, fhir_version: str | None, removed: bool) -> None:
+        """Remember that a study left the archive.
+
+        Forget it if its resource was deleted; else mark it, so it is republished if it returns.
+        """
+        with self._session() as session:
+            row = session.get(PublishedStudy, (source, study_uid))
+            if row is None:
+                return
+            if removed:
+                session.delete(row)
+            else:
+                row.qido_fingerprint = GONE
+                row.resource_fingerprint = GONE
+                row.fhir_version = fhir_version
+                row.last_synced_at = utcnow()
+
+    def published_count(self, source: str) -> int:
+        """How many of the source's studies are published and still in the archive."""
+        with self._session() as session:
+            query = select(func.count()).select_from(PublishedStudy)
+            query = query.where(PublishedStudy.source == source, PublishedStudy.qido_fingerprint != GONE)
+            return int(session.scalar(query) or 0)
+
+    def newest_published(self, source: str) -> str | None:
+        """The latest ``started`` among published studies (FHIR dateTime), for the lag metric."""
+        with self._session() as session:
+            value = session.scalar(
+                select(func.max(PublishedStudy.started)).where(PublishedStudy.source == source)
+            )
+            return str(value) if value is not None else None
+
+    # Checkpoints
+    def checkpoint(self, source: str, name: str) -> str | None:
+        """A change source's saved position."""
+        with self._session() as session:
+            row = session.get(Checkpoint, (source, name))
+            return row.value if row else None
+
+    def save_checkpoint(self, source: str, name: str, value: str) -> None:
+        """Save a change source's position (only after what comes before it is published)."""
+        with self._session() as session:
+            row = session.get(Checkpoint, (source, name))
+            if row is None:
+                session.add(Checkpoint(source=source, name=name, value=value, updated_at=utcnow()))
+            else:
+                row.value, row.updated_at = value, utcnow()
 
     def park(self, source: str, study_uid: str, *, kind: str, reason: str, attribute: str | None) -> None:
         """Park a study with the reason it failed (and the DICOM attribute at fault, if any)."""
@@ -195,6 +284,12 @@ class SqlStore:
             row = session.get(PublishedEndpoint, source)
             return row.fingerprint if row else None
 
+    def published_endpoint(self, source: str) -> tuple[str, str] | None:
+        """Fingerprint and FHIR id of the source's Endpoint as last published."""
+        with self._session() as session:
+            row = session.get(PublishedEndpoint, source)
+            return (row.fingerprint, row.fhir_id) if row else None
+
     def record_endpoint(
         self, source: str, *, fingerprint: str, fhir_id: str, fhir_version: str | None
     ) -> None:
@@ -209,7 +304,7 @@ class SqlStore:
     def start_run(self, source: str, kind: str = "full") -> int:
         """Open a run record; returns its id."""
         with self._session() as session:
-            run = Run(source=source, kind=kind, started_at=utcnow(), status="running")
+            run = Run(source=source, kind=kind, started_at=utcnow(), status="running", worker=WORKER_ID)
             session.add(run)
             session.flush()
             return run.id
@@ -222,6 +317,7 @@ class SqlStore:
         counts: RunCounts,
         qido_queries: list[str],
         error: str | None = None,
+        deletions: list[dict[str, str]] | None = None,
     ) -> None:
         """Close a run record with its outcome."""
         with self._session() as session:
@@ -233,8 +329,20 @@ class SqlStore:
             run.seen, run.created, run.updated = counts.seen, counts.created, counts.updated
             run.unchanged, run.parked = counts.unchanged, counts.parked
             run.fhir_writes = counts.fhir_writes
+            run.deleted = counts.deleted
+            run.claimed = counts.claimed
+            run.deletions = list(deletions or [])
             run.qido_queries = list(qido_queries)
             run.error = error
+
+    def last_run(self, source: str, kind: str, statuses: Sequence[str] = ("ok", "parked")) -> datetime | None:
+        """When the last run of ``kind`` that ended in one of ``statuses`` finished."""
+        with self._session() as session:
+            return session.scalar(
+                select(func.max(Run.finished_at)).where(
+                    Run.source == source, Run.kind == kind, Run.status.in_(list(statuses))
+                )
+            )
 
     def runs(self, limit: int = 10) -> list[Run]:
         """The most recent runs, newest first."""

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from datetime import datetime
 from typing import Any, Protocol
 
-from bridge.dicomweb.records import DicomJson, SeriesRecord
+from bridge.dicomweb.records import DicomJson, InstanceRecord, SeriesRecord
 from bridge.fhir.client import WriteResult
 from bridge.state.store import KnownStudy, RunCounts
 
@@ -21,6 +22,16 @@ class StudySource(Protocol):
 
     async def search_series(self, study_uid: str) -> list[SeriesRecord]:
         """Every series of one study."""
+        ...
+
+    async def search_instances(self, study_uid: str, limit: int | None = None) -> list[InstanceRecord]:
+        """The study's instances (stopping past ``limit``)."""
+        ...
+
+    async def instance_header(
+        self, study_uid: str, instance: InstanceRecord | None = None
+    ) -> DicomJson | None:
+        """The full header of one instance of the study."""
         ...
 
 
@@ -43,6 +54,10 @@ class FhirSink(Protocol):
         """PUT Type?search."""
         ...
 
+    async def delete(self, resource_type: str, resource_id: str) -> None:
+        """DELETE by id."""
+        ...
+
     async def conditional_create(self, resource: dict[str, Any], if_none_exist: str) -> WriteResult:
         """POST with If-None-Exist."""
         ...
@@ -55,6 +70,14 @@ class StateStore(Protocol):
         """Remembered state of those of ``uids`` that were published."""
         ...
 
+    def claim_study(self, source: str, study_uid: str) -> bool:
+        """Claim a study for this worker; False while another replica holds it. Never waits."""
+        ...
+
+    def release_study(self, source: str, study_uid: str) -> None:
+        """Release a claim taken with claim_study."""
+        ...
+
     def record_published(
         self,
         source: str,
@@ -64,6 +87,7 @@ class StateStore(Protocol):
         resource_fingerprint: str,
         fhir_id: str,
         fhir_version: str | None,
+        started: str | None = None,
     ) -> None:
         """Remember a published study."""
         ...
@@ -72,8 +96,44 @@ class StateStore(Protocol):
         """Park a failed study with its reason."""
         ...
 
-    def endpoint_fingerprint(self, source: str) -> str | None:
-        """Fingerprint of the Endpoint as last published."""
+    def mark_seen(self, source: str, uids: Iterable[str], run_id: int) -> None:
+        """Note that a reconciliation run saw these studies."""
+        ...
+
+    def unseen_studies(self, source: str, run_id: int) -> list[KnownStudy]:
+        """Published studies a reconciliation run did not see."""
+        ...
+
+    def record_gone(self, source: str, study_uid: str, *, fhir_version: str | None, removed: bool) -> None:
+        """Remember that a study left the archive."""
+        ...
+
+    def published_count(self, source: str) -> int:
+        """How many of the source's studies are published and still in the archive."""
+        ...
+
+    def newest_published(self, source: str) -> str | None:
+        """The latest ``started`` among published studies."""
+        ...
+
+    def counts(self, source: str | None = None) -> dict[str, int]:
+        """How many studies are published and parked."""
+        ...
+
+    def checkpoint(self, source: str, name: str) -> str | None:
+        """A change source's saved position."""
+        ...
+
+    def save_checkpoint(self, source: str, name: str, value: str) -> None:
+        """Save a change source's position."""
+        ...
+
+    def last_run(self, source: str, kind: str, statuses: Sequence[str] = ("ok", "parked")) -> datetime | None:
+        """When the last run of ``kind`` that ended in one of ``statuses`` finished."""
+        ...
+
+    def published_endpoint(self, source: str) -> tuple[str, str] | None:
+        """Fingerprint and FHIR id of the Endpoint as last published."""
         ...
 
     def record_endpoint(
@@ -94,6 +154,7 @@ class StateStore(Protocol):
         counts: RunCounts,
         qido_queries: list[str],
         error: str | None = None,
+        deletions: list[dict[str, str]] | None = None,
     ) -> None:
         """Close a run record."""
         ...

@@ -7,13 +7,19 @@ import logging
 from typing import Any
 from urllib.parse import urlencode
 
-from bridge.config import PatientPolicy, WriteStrategy
+from bridge.config import DeletePolicy, OrderPolicy, PatientPolicy, WriteStrategy
 from bridge.dicomweb.records import StudyRecord, digest
-from bridge.errors import FatalUpstreamError, PatientLinkError, VersionConflictError
+from bridge.errors import FatalUpstreamError, MappingError, PatientLinkError, VersionConflictError
 from bridge.fhir.client import WriteResult
-from bridge.mapping.context import MappingContext
+from bridge.mapping.context import BRIDGE_TAG_SYSTEM, MappingContext
 from bridge.mapping.endpoint import endpoint_identifier, map_endpoint
-from bridge.mapping.identifiers import PatientKey, patient_key, study_search
+from bridge.mapping.identifiers import (
+    PatientKey,
+    accession_identifier,
+    escape_token,
+    patient_key,
+    study_search,
+)
 from bridge.mapping.patient import logical_subject, map_patient
 from bridge.mapping.validate import validate
 from bridge.sync.protocols import FhirSink, StateStore
@@ -39,15 +45,22 @@ class Publisher:
         *,
         patient_policy: PatientPolicy,
         write_strategy: WriteStrategy,
+        order_policy: OrderPolicy = OrderPolicy.NONE,
     ) -> None:
         self._fhir = fhir
         self._store = store
         self._ctx = ctx
         self._policy = patient_policy
         self._strategy = write_strategy
+        self._order_policy = order_policy
         self._patients: dict[PatientKey, str] = {}
         self._patient_locks: dict[PatientKey, asyncio.Lock] = {}
         self.writes = 0
+
+    def begin_run(self) -> None:
+        """Forget the Patient links of the previous run (the EHR may have merged patients since)."""
+        self._patients.clear()
+        self._patient_locks.clear()
 
     async def ensure_endpoint(self) -> str:
         """Publish the source's Endpoint if it changed; returns the reference to it."""
@@ -55,8 +68,9 @@ class Publisher:
         validate(resource)
         fingerprint = digest(resource)
         source = self._ctx.source_name
-        if await asyncio.to_thread(self._store.endpoint_fingerprint, source) == fingerprint:
-            return f"Endpoint/{resource['id']}"
+        published = await asyncio.to_thread(self._store.published_endpoint, source)
+        if published is not None and published[0] == fingerprint:
+            return f"Endpoint/{published[1]}"  # the server chose the id under conditional writes
         result = await self._write(resource, {"identifier": _token(endpoint_identifier(self._ctx))})
         await asyncio.to_thread(
             self._store.record_endpoint,
@@ -106,6 +120,32 @@ class Publisher:
             logger.info("created Patient/%s", result.id)
         return result.id
 
+    async def based_on(self, study: StudyRecord) -> list[dict[str, Any]]:
+        """ImagingStudy.basedOn per the order policy: the ServiceRequest with the accession number.
+
+        Several ServiceRequests with that accession park the study (MappingError): linking one
+        at random could attach the images to the wrong order.
+        """
+        if self._order_policy is OrderPolicy.NONE:
+            return []
+        identifier = accession_identifier(study, self._ctx)
+        if identifier is None:
+            return []
+        value = escape_token(str(identifier["value"]))
+        system = identifier.get("system")
+        token = f"{escape_token(str(system))}|{value}" if system else value
+        matches = await self._fhir.search("ServiceRequest", {"identifier": token})
+        if len(matches) > 1:
+            raise MappingError(
+                "several ServiceRequests carry the study's accession number; the order is ambiguous",
+                attribute="AccessionNumber",
+            )
+        if matches:
+            return [{"reference": f"ServiceRequest/{matches[0]['id']}"}]
+        if self._order_policy is OrderPolicy.MATCH_OR_LOGICAL:
+            return [{"type": "ServiceRequest", "identifier": identifier}]
+        return []
+
     async def put_study(self, resource: dict[str, Any], known_version: str | None) -> WriteResult:
         """Create or update the ImagingStudy; a stale ``If-Match`` is re-read and retried once."""
         uid = resource["identifier"][0]["value"].removeprefix("urn:oid:")
@@ -130,6 +170,35 @@ class Publisher:
             result = await self._fhir.conditional_update(resource, search)
         self.writes += 1
         return result
+
+    async def retire_study(self, fhir_id: str, policy: DeletePolicy) -> tuple[str, str | None]:
+        """Apply the delete policy to the ImagingStudy of a study gone from the archive.
+
+        Returns the action taken (``marked``, ``deleted``, ``left``, ``absent``,
+        ``not-owned``) and the resource's version after it.
+        """
+        current = await self._fhir.read("ImagingStudy", fhir_id)
+        if current is None:
+            return "absent", None
+        version = (current.get("meta") or {}).get("versionId")
+        if policy is DeletePolicy.IGNORE:
+            return "left", version
+        tags = (current.get("meta") or {}).get("tag") or []
+        owned = any(
+            t.get("system") == BRIDGE_TAG_SYSTEM and t.get("code") == self._ctx.source_name for t in tags
+        )
+        if not owned:
+            return "not-owned", version
+        if policy is DeletePolicy.DELETE:
+            await self._fhir.delete("ImagingStudy", fhir_id)
+            self.writes += 1
+            return "deleted", None
+        if current.get("status") == "entered-in-error":
+            return "marked", version
+        current["status"] = "entered-in-error"
+        result = await self._fhir.update(current, if_match=version)
+        self.writes += 1
+        return "marked", result.version
 
 
 def _token(identifier: dict[str, str]) -> str:

@@ -68,12 +68,16 @@ def _require_tool(name: str) -> str:
     return path
 
 
-def ensure_node_modules(server_dir: Path = SERVER_DIR) -> None:
+def ensure_node_modules(server_dir: Path = SERVER_DIR, marker: Path | None = None) -> None:
     """Install the server's npm dependencies when ``node_modules`` is missing.
 
     Uses ``npm ci`` (exact versions from the lockfile) and falls back to ``npm install``.
+    ``marker`` (relative to ``server_dir``) is a file that exists once they are installed.
     """
-    marker = server_dir / "node_modules" / "@medplum" / "fhir-router" / "package.json"
+    if marker is not None:
+        marker = server_dir / marker
+    else:
+        marker = server_dir / "node_modules" / "@medplum" / "fhir-router" / "package.json"
     if marker.is_file():
         return
     npm = _require_tool("npm")
@@ -104,12 +108,25 @@ def ensure_node_modules(server_dir: Path = SERVER_DIR) -> None:
 class FhirTestServer:
     """One Node process serving an in-memory FHIR R4 API on loopback."""
 
-    def __init__(self, port: int | None = None, log_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        log_path: Path | None = None,
+        *,
+        env: dict[str, str] | None = None,
+        admin_verify: Any = True,
+    ) -> None:
         """Describe the server; nothing runs until :meth:`start`.
 
         ``port`` defaults to a free loopback port.  The server's output goes to ``log_path``,
-        or to a temporary file that :meth:`stop` removes.
+        or to a temporary file that :meth:`stop` removes.  ``env`` adds variables for
+        ``server.mjs`` (see its header: bearer-token checks, TLS, HTTP/2, a data file that
+        survives restarts); with ``FHIR_TLS_CERT`` set the URLs are https and the admin client
+        verifies with ``admin_verify`` (an ``ssl.SSLContext``, e.g. one holding a client
+        certificate when the server asks for one).
         """
+        self.env: dict[str, str] = dict(env or {})
+        self.admin_verify = admin_verify
         self.port: int = port or 0
         self._requested_port = port
         self._requested_log_path = log_path
@@ -123,7 +140,8 @@ class FhirTestServer:
     @property
     def root_url(self) -> str:
         """``http://127.0.0.1:PORT``, where the admin endpoints live."""
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.env.get("FHIR_TLS_CERT") else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     @property
     def base_url(self) -> str:
@@ -156,7 +174,7 @@ class FhirTestServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         # The server exits by itself when this process dies without calling stop().
-        env = dict(os.environ, PORT=str(self.port), FHIR_PARENT_PID=str(os.getpid()))
+        env = dict(os.environ, PORT=str(self.port), FHIR_PARENT_PID=str(os.getpid()), **self.env)
         self._process = subprocess.Popen(
             [node, "server.mjs"],
             cwd=SERVER_DIR,
@@ -167,7 +185,7 @@ class FhirTestServer:
             start_new_session=True,
         )
         _RUNNING.add(self)
-        self._client = httpx.Client(base_url=self.root_url, timeout=30.0)
+        self._client = httpx.Client(base_url=self.root_url, timeout=30.0, verify=self.admin_verify)
         deadline = time.monotonic() + timeout
         while True:
             if self._process.poll() is not None:

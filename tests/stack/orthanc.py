@@ -127,6 +127,7 @@ class OrthancServer:
         overwrite_instances: bool = True,
         default_encoding: str = "Utf8",
         extra_config: dict[str, Any] | None = None,
+        basic_auth: tuple[str, str] | None = None,
     ) -> None:
         """Describe the server; nothing runs until :meth:`start`.
 
@@ -136,7 +137,11 @@ class OrthancServer:
         lets a test re-store a changed instance under the same SOP Instance UID.
         ``default_encoding`` is Orthanc's ``DefaultEncoding``; QIDO answers use it, so keep
         ``Utf8`` unless a test is about a Latin-1 archive.
+        ``basic_auth`` (user, password) makes Orthanc require HTTP basic credentials (the test's
+        own client sends them).  No TLS option: Debian's Orthanc 1.10.1 crashes (SIGSEGV) on the
+        first HTTPS connection, so TLS tests put a TLS-terminating proxy in front of it.
         """
+        self.basic_auth = basic_auth
         self.name = name
         self._requested_http_port = http_port
         self._requested_dicom_port = dicom_port
@@ -227,6 +232,9 @@ class OrthancServer:
                 "Servers": {},
             },
         }
+        if self.basic_auth is not None:
+            config["AuthenticationEnabled"] = True
+            config["RegisteredUsers"] = {self.basic_auth[0]: self.basic_auth[1]}
         for key, value in self.extra_config.items():
             if isinstance(value, dict) and isinstance(config.get(key), dict):
                 config[key] = {**config[key], **value}
@@ -286,7 +294,11 @@ class OrthancServer:
             start_new_session=True,
         )
         _RUNNING.add(self)
-        self._client = httpx.Client(base_url=self.base_url, timeout=30.0)
+        self._client = httpx.Client(
+            base_url=self.base_url,
+            timeout=30.0,
+            auth=self.basic_auth,
+        )
         deadline = time.monotonic() + timeout
         last_problem = "no answer yet"
         while time.monotonic() < deadline:

@@ -21,8 +21,24 @@
 // Env: FHIR_REFERENTIAL_INTEGRITY=1 rejects writes whose relative references point nowhere
 //      (HAPI's and Google's default); FHIR_LOG_REQUESTS=1 logs every request to stderr;
 //      FHIR_PARENT_PID makes the server exit when that process is gone.
+// Optional, for the connection tests (all off by default):
+//   FHIR_AUTH_STATIC_TOKENS=a,b           accept these bearer tokens (API keys), with every scope;
+//   FHIR_AUTH_INTROSPECTION_URL, FHIR_AUTH_INTROSPECTION_CLIENT_ID / _SECRET
+//                                         accept bearer tokens that the OAuth2 provider's RFC 7662
+//                                         introspection endpoint says are active;
+//   FHIR_AUTH_CHECK_SCOPES=1              also require SMART system scopes for each resource type
+//                                         touched (system/Type.read|write|*, v2 .cruds letters);
+//     with any of these, FHIR requests except GET /metadata need a token (401 / 403 otherwise);
+//   FHIR_TLS_CERT, FHIR_TLS_KEY           serve HTTPS (HTTP/2 and HTTP/1.1 by ALPN) with this PEM pair;
+//   FHIR_TLS_CLIENT_CA                    require client certificates signed by this CA (mTLS);
+//   FHIR_HTTP2=0                          offer HTTP/1.1 only over TLS;
+//   FHIR_DATA_FILE                        keep the resources in this JSON file, written after every
+//                                         write, so a stopped and restarted server still has them.
 
 import http from 'node:http';
+import http2 from 'node:http2';
+import https from 'node:https';
+import fs from 'node:fs';
 import { randomUUID } from 'node:crypto';
 import zlib from 'node:zlib';
 import {
@@ -51,6 +67,12 @@ const ID_PATTERN = /^[A-Za-z0-9\-.]{1,64}$/;
 const FHIR_JSON = 'application/fhir+json; charset=utf-8';
 const REFERENTIAL_INTEGRITY = process.env.FHIR_REFERENTIAL_INTEGRITY === '1';
 const LOG_REQUESTS = process.env.FHIR_LOG_REQUESTS === '1';
+const STATIC_TOKENS = new Set((process.env.FHIR_AUTH_STATIC_TOKENS ?? '').split(',').map((t) => t.trim()).filter(Boolean));
+const INTROSPECTION_URL = process.env.FHIR_AUTH_INTROSPECTION_URL ?? '';
+const AUTH_REQUIRED = STATIC_TOKENS.size > 0 || INTROSPECTION_URL !== '';
+const CHECK_SCOPES = process.env.FHIR_AUTH_CHECK_SCOPES === '1';
+const TLS = Boolean(process.env.FHIR_TLS_CERT);
+const DATA_FILE = process.env.FHIR_DATA_FILE ?? '';
 
 const REASONS = {
   200: 'OK', 201: 'Created', 204: 'No Content', 304: 'Not Modified', 400: 'Bad Request',
@@ -409,6 +431,8 @@ function newStats() {
     by_interaction: {},
     by_status: {},
     writes_by_kind: { create: 0, update: 0, delete: 0 },
+    by_http_version: {},
+    auth: { accepted: 0, unauthorized: 0, forbidden: 0 },
   };
 }
 
@@ -1073,7 +1097,10 @@ async function handleAdmin(req, res, path) {
     return send(req, res, 200, { status: 'ok' }, {}, 'application/json');
   }
   if (path === '/__admin/clear' && req.method === 'POST') {
-    await serialized(async () => state.repo.clear());
+    await serialized(async () => {
+      state.repo.clear();
+      if (DATA_FILE) saveData();
+    });
     return send(req, res, 200, { status: 'ok' }, {}, 'application/json');
   }
   return send(req, res, 404, { error: `no admin endpoint ${req.method} ${path}` }, {}, 'application/json');
@@ -1088,10 +1115,21 @@ async function handleHttp(req, res) {
   if (path !== BASE_PATH && !path.startsWith(BASE_PATH + '/')) {
     return send(req, res, 404, outcome(404, 'not-found', `Not a FHIR path; the base is ${BASE_PATH}`));
   }
-  const base = `http://${req.headers.host ?? '127.0.0.1'}${BASE_PATH}`;
+  const base = `${TLS ? 'https' : 'http'}://${req.headers.host ?? req.headers[':authority'] ?? '127.0.0.1'}${BASE_PATH}`;
   const stats = state.stats;
   stats.requests += 1;
   bump(stats.by_method, req.method);
+  bump(stats.by_http_version, req.httpVersion);
+  let grant = null;
+  if (AUTH_REQUIRED && !(req.method === 'GET' && path === `${BASE_PATH}/metadata`)) {
+    grant = await authenticate(req);
+    if (grant.status) {
+      stats.auth.unauthorized += 1;
+      bump(stats.by_status, String(grant.status));
+      const challenge = `Bearer error="${grant.error}", error_description="${grant.description}"`;
+      return send(req, res, grant.status, outcome(grant.status, 'login', grant.description), { 'WWW-Authenticate': challenge });
+    }
+  }
 
   const segments = path.slice(BASE_PATH.length).split('/').filter(Boolean);
   let interaction = interactionOf(req.method === 'HEAD' ? 'GET' : req.method, segments);
@@ -1115,7 +1153,18 @@ async function handleHttp(req, res) {
       if (!segments.length) interaction = interactionOf(req.method, segments, body);
       const headers = Object.fromEntries(Object.entries(req.headers).map(([k, v]) => [k.toLowerCase(), Array.isArray(v) ? v[0] : v]));
       const ctx = { method: req.method === 'HEAD' ? 'GET' : req.method, segments: segments.map(decodeURIComponent), query: url.searchParams, headers, body, formParams, base };
-      result = await serialized(() => handleFhir(ctx));
+      const denied = grant?.scopes ? missingScope(grant.scopes, ctx.method, ctx.segments, body) : null;
+      if (denied) {
+        stats.auth.forbidden += 1;
+        result = errorResult(403, 'forbidden', `Insufficient scope: ${denied} is needed`);
+      } else {
+        if (grant) stats.auth.accepted += 1;
+        result = await serialized(async () => {
+          const answer = await handleFhir(ctx);
+          if (DATA_FILE && ctx.method !== 'GET') saveData();
+          return answer;
+        });
+      }
     }
   } catch (err) {
     result = err?.status === 413 ? errorResult(413, 'too-costly', err.message) : errorToResult(err);
@@ -1135,12 +1184,14 @@ function main() {
     console.error(`invalid port: ${process.env.PORT ?? process.argv[2]}`);
     process.exit(2);
   }
-  const server = http.createServer((req, res) => {
+  const handler = (req, res) => {
     handleHttp(req, res).catch((err) => {
       console.error(err);
       if (!res.headersSent) send(req, res, 500, outcome(500, 'exception', String(err?.message ?? err)));
     });
-  });
+  };
+  if (DATA_FILE) loadData();
+  const server = TLS ? createTlsServer(handler) : http.createServer(handler);
   // Longer than the clients' idle keep-alive, so the server never closes a connection under them.
   server.keepAliveTimeout = 75_000;
   server.headersTimeout = 80_000;
@@ -1164,6 +1215,100 @@ function main() {
       }
     }, 1000).unref();
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Optional: bearer tokens, TLS, a data file (see the header)
+
+async function authenticate(req) {
+  const match = /^Bearer\s+(\S+)\s*$/i.exec(String(req.headers.authorization ?? ''));
+  if (!match) return { status: 401, error: 'invalid_request', description: 'A bearer token is required' };
+  const token = match[1];
+  if (STATIC_TOKENS.has(token)) return { scopes: null };
+  if (!INTROSPECTION_URL) return { status: 401, error: 'invalid_token', description: 'Unknown token' };
+  const id = encodeURIComponent(process.env.FHIR_AUTH_INTROSPECTION_CLIENT_ID ?? '');
+  const secret = encodeURIComponent(process.env.FHIR_AUTH_INTROSPECTION_CLIENT_SECRET ?? '');
+  let info;
+  try {
+    const answer = await fetch(INTROSPECTION_URL, {
+      method: 'POST',
+      headers: {
+        authorization: `Basic ${Buffer.from(`${id}:${secret}`).toString('base64')}`,
+        'content-type': 'application/x-www-form-urlencoded',
+        accept: 'application/json',
+      },
+      body: new URLSearchParams({ token }).toString(),
+    });
+    info = await answer.json();
+  } catch (err) {
+    console.error(`token introspection failed: ${err?.message ?? err}`);
+    return { status: 503, error: 'temporarily_unavailable', description: 'Token introspection failed' };
+  }
+  if (!info?.active) return { status: 401, error: 'invalid_token', description: 'The token is not active' };
+  return { scopes: CHECK_SCOPES ? new Set(String(info.scope ?? '').split(' ').filter(Boolean)) : null };
+}
+
+function scopeAllows(scopes, type, access) {
+  for (const scope of scopes) {
+    const m = /^system\/([A-Za-z]+|\*)\.([a-z*]+)$/.exec(scope);
+    if (!m || (m[1] !== '*' && m[1] !== type)) continue;
+    const perms = m[2];
+    if (perms === '*' || perms === access) return true;
+    if (/^c?r?u?d?s?$/.test(perms)) {
+      if (access === 'read' && /[rs]/.test(perms)) return true;
+      if (access === 'write' && /[cud]/.test(perms)) return true;
+    }
+  }
+  return false;
+}
+
+// The first scope a request lacks (`system/Type.access`), or null when its scopes cover it.
+function missingScope(scopes, method, segments, body) {
+  const needs = [];
+  const accessOf = (m) => (m === 'GET' || m === 'HEAD' ? 'read' : 'write');
+  if (segments.length && segments[0] !== 'metadata') {
+    needs.push([segments[0], accessOf(method)]);
+  } else if (!segments.length && body?.resourceType === 'Bundle') {
+    for (const entry of body.entry ?? []) {
+      const type = String(entry?.request?.url ?? '').split(/[/?]/)[0];
+      if (type) needs.push([type, accessOf(entry?.request?.method)]);
+    }
+  }
+  for (const [type, access] of needs) {
+    if (!scopeAllows(scopes, type, access)) return `system/${type}.${access}`;
+  }
+  return null;
+}
+
+function createTlsServer(handler) {
+  const options = {
+    cert: fs.readFileSync(process.env.FHIR_TLS_CERT),
+    key: fs.readFileSync(process.env.FHIR_TLS_KEY),
+  };
+  if (process.env.FHIR_TLS_CLIENT_CA) {
+    options.ca = fs.readFileSync(process.env.FHIR_TLS_CLIENT_CA);
+    options.requestCert = true;
+    options.rejectUnauthorized = true;
+  }
+  if (process.env.FHIR_HTTP2 === '0') return https.createServer(options, handler);
+  return http2.createSecureServer({ ...options, allowHTTP1: true }, handler);
+}
+
+function saveData() {
+  const dump = (byType) => [...byType].map(([type, byId]) => [type, [...byId]]);
+  const data = { resources: dump(state.repo.resources), history: dump(state.repo.history), deleted: [...state.repo.deleted] };
+  const temporary = `${DATA_FILE}.tmp`;
+  fs.writeFileSync(temporary, JSON.stringify(data));
+  fs.renameSync(temporary, DATA_FILE);
+}
+
+function loadData() {
+  if (!fs.existsSync(DATA_FILE)) return;
+  const data = JSON.parse(fs.readFileSync(DATA_FILE, 'utf8'));
+  const load = (pairs) => new Map(pairs.map(([type, byId]) => [type, new Map(byId)]));
+  state.repo.resources = load(data.resources);
+  state.repo.history = load(data.history);
+  state.repo.deleted = new Set(data.deleted);
 }
 
 main();

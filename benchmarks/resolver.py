@@ -1,0 +1,220 @@
+"""Resolver throughput and latency under load: `wrk` against `bridge serve`, cached and uncached.
+
+Starts the test stack (Orthanc + the Medplum-based FHIR server), stores and syncs the demo studies,
+then for each mode runs `bridge serve` on a free loopback port and drives it with wrk at 50
+connections, cycling through every demo study:
+
+- cached:   BRIDGE_RESOLVER_CACHE_TTL=30, so after the first lookup per study no FHIR request is made;
+- uncached: BRIDGE_RESOLVER_CACHE_TTL=0, so every lookup reads the ImagingStudy and its Endpoint.
+
+Run:  python -m benchmarks.resolver [--duration 10] [--connections 50]
+Needs Debian's wrk (apt-get install -y wrk). Prints throughput and p50/p99 latency per mode and
+lookup kind, the FHIR requests made, the settings, and the machine (nproc, CPU model).
+"""
+
+# ruff: noqa: T201 - a script: printing the figures is its job
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.stack.fhir import FhirTestServer
+from tests.stack.orthanc import OrthancServer, ensure_installed
+from tests.stack.samples import load_demo
+
+ISSUERS = {"HOSP-A": "urn:oid:1.2.826.0.1.3680043.10.1001", "HOSP-B": "urn:oid:1.2.826.0.1.3680043.10.1002"}
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _wrk_script(paths: list[str], folder: Path) -> Path:
+    script = folder / "paths.lua"
+    entries = ",\n".join(f'  "{p}"' for p in paths)
+    script.write_text(
+        "paths = {\n" + entries + "\n}\n"
+        "counter = 0\n"
+        "request = function()\n"
+        "  counter = counter + 1\n"
+        '  return wrk.format("GET", paths[(counter % #paths) + 1])\n'
+        "end\n"
+    )
+    return script
+
+
+def _parse_wrk(output: str) -> dict[str, float]:
+    def latency(label: str) -> float:
+        match = re.search(rf"^\s*{label}%\s+([\d.]+)(us|ms|s)\s*$", output, re.MULTILINE)
+        return float(match.group(1)) * _UNITS[match.group(2)] if match else float("nan")
+
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    total = re.search(r"(\d+) requests in", output)
+    errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+    return {
+        "rps": float(rps.group(1)) if rps else float("nan"),
+        "p50_ms": latency("50"),
+        "p99_ms": latency("99"),
+        "requests": float(total.group(1)) if total else 0.0,
+        "non_2xx": float(errors.group(1)) if errors else 0.0,
+    }
+
+
+class Serve:
+    """`bridge serve` in a subprocess."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bridge", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("bridge serve did not become ready")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        """Stop the server."""
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def main() -> int:
+    """Run the benchmark; 0 on success."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.resolver")
+    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        print("wrk is not installed: apt-get update && apt-get install -y wrk", file=sys.stderr)
+        return 2
+
+    workdir = Path(tempfile.mkdtemp(prefix="bridge-bench-"))
+    ensure_installed()
+    orthanc = OrthancServer(name="bridge-bench", log_path=workdir / "orthanc.log")
+    fhir = FhirTestServer(log_path=workdir / "fhir-server.log")
+    try:
+        orthanc.start()
+        fhir.start()
+        specs = load_demo(orthanc.dicomweb_url)
+        base_env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+        base_env.update(
+            BRIDGE_DICOMWEB_URL=orthanc.dicomweb_url,
+            BRIDGE_FHIR_URL=fhir.base_url,
+            BRIDGE_STATE_URL=f"sqlite:///{workdir / 'state.db'}",
+            BRIDGE_SOURCE_NAME="bench-orthanc",
+            BRIDGE_PATIENT_ISSUER_SYSTEMS=json.dumps(ISSUERS),
+            BRIDGE_LOG_LEVEL="WARNING",
+        )
+        sync = subprocess.run(
+            [sys.executable, "-m", "bridge", "sync", "--json"], env=base_env, capture_output=True
+        )
+        if sync.returncode not in (0, 1):
+            print(sync.stderr.decode(), file=sys.stderr)
+            return 1
+        studies = httpx.get(f"{fhir.base_url}/ImagingStudy", params={"_count": "100"}, timeout=30).json()
+        ids = [e["resource"]["id"] for e in studies.get("entry", [])]
+        kinds = {
+            "by-uid": [f"/studies/{s.uid}/links" for s in specs],
+            "by-id": [f"/imaging-studies/{i}/links" for i in ids],
+            "viewer": [f"/studies/{s.uid}/viewer" for s in specs],
+        }
+        print(f"machine: nproc={os.cpu_count()} cpu={_cpu_model()!r} python={platform.python_version()}")
+        print(
+            f"load: wrk -t{args.threads} -c{args.connections} -d{args.duration}s, "
+            f"{len(specs)} demo studies in rotation; bridge serve = 1 uvicorn worker"
+        )
+        header = ("mode", "lookup", "req/s", "p50 ms", "p99 ms", "requests", "non-2xx/3xx", "FHIR req")
+        print("{:9} {:7} {:>9} {:>8} {:>8} {:>9} {:>11} {:>9}".format(*header))
+        for mode, ttl in (("cached", "30"), ("uncached", "0")):
+            env = dict(base_env, BRIDGE_RESOLVER_CACHE_TTL=ttl)
+            server = Serve(env)
+            try:
+                for kind, paths in kinds.items():
+                    for path in paths:  # warm up: first lookups, connection pools
+                        httpx.get(server.url + path, timeout=30)
+                    fhir.reset_stats()
+                    script = _wrk_script(paths, workdir)
+                    run = subprocess.run(
+                        [
+                            wrk,
+                            f"-t{args.threads}",
+                            f"-c{args.connections}",
+                            f"-d{args.duration}s",
+                            "--latency",
+                            "-s",
+                            str(script),
+                            server.url,
+                        ],
+                        capture_output=True,
+                        text=True,
+                        check=True,
+                    )
+                    result = _parse_wrk(run.stdout)
+                    fhir_requests = fhir.stats().get("requests", "?")
+                    print(
+                        f"{mode:9} {kind:7} {result['rps']:9.0f} {result['p50_ms']:8.2f} "
+                        f"{result['p99_ms']:8.2f} {result['requests']:9.0f} {result['non_2xx']:11.0f} "
+                        f"{fhir_requests!s:>9}"
+                    )
+            finally:
+                server.stop()
+        print(
+            "settings: BRIDGE_RESOLVER_CACHE_TTL=30 (cached) / 0 (uncached), "
+            "BRIDGE_RESOLVER_CACHE_SIZE=10000; with TTL 0 concurrent identical lookups still share one "
+            "FHIR load; "
+            "BRIDGE_WRITE_STRATEGY=client-id (Study UID lookups read the derived id, no search), "
+            "auth off, FHIR: Medplum in-memory test server on loopback"
+        )
+        return 0
+    finally:
+        fhir.stop()
+        orthanc.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

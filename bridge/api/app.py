@@ -1,0 +1,172 @@
+"""The FastAPI app factory: settings in, app out; clients and store live only inside its lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import anyio.to_thread
+import httpx
+from fastapi import APIRouter, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from bridge import __version__
+from bridge.api import errors
+from bridge.api.deps import Services
+from bridge.api.middleware import ObservabilityMiddleware
+from bridge.api.readiness import ReadinessProbe
+from bridge.api.routes import health, links, metrics, viewer
+from bridge.api.security import Authenticator
+from bridge.config import Settings, WriteStrategy, get_settings
+from bridge.errors import StoreError
+from bridge.fhir.client import FhirClient
+from bridge.http import RetryPolicy
+from bridge.resolve.resolver import Resolver, ResolverConfig
+from bridge.resolve.viewers import configure_viewers, load_viewer_table
+from bridge.runtime import USER_AGENT
+from bridge.state.store import SqlStore
+from bridge.upstream import Service, connection_options
+
+logger = logging.getLogger(__name__)
+
+# Every router of the app. The on-demand sync route (POST /studies/{study_uid}/sync) joins here.
+ROUTERS: list[APIRouter] = [
+    health.router,
+    metrics.router,
+    links.router,
+    viewer.router,
+]
+
+# A clinician is waiting: retry a failing FHIR request once, briefly, then answer 503.
+API_RETRIES = 1
+API_RETRY_MAX_WAIT = 1.0
+API_MAX_CONNECTIONS = 64
+
+
+def _client(
+    settings: Settings, service: Service, transport: httpx.AsyncBaseTransport | None
+) -> httpx.AsyncClient:
+    """A client for one upstream with its TLS and auth settings (or the given test transport)."""
+    limits = httpx.Limits(max_connections=API_MAX_CONNECTIONS, max_keepalive_connections=API_MAX_CONNECTIONS)
+    options: dict[str, Any] = (
+        {"transport": transport} if transport is not None else connection_options(settings, service, limits)
+    )
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(settings.http_timeout),
+        limits=limits,
+        headers={"User-Agent": USER_AGENT},
+        follow_redirects=False,
+        **options,
+    )
+
+
+def resolver_config(settings: Settings) -> ResolverConfig:
+    """The resolver's inputs from the settings."""
+    return ResolverConfig(
+        fhir_base=settings.fhir_base,
+        dicomweb_bases=(settings.public_base, settings.dicomweb_base),
+        source_name=settings.source_name,
+        deterministic_ids=settings.write_strategy is WriteStrategy.CLIENT_ID,
+        accession_system=settings.accession_identifier_system,
+        accession_issuer_systems=dict(settings.accession_issuer_systems),
+        cache_ttl=settings.resolver_cache_ttl,
+        cache_size=settings.resolver_cache_size,
+    )
+
+
+def create_app(
+    settings: Settings,
+    *,
+    routers: Sequence[APIRouter] = ROUTERS,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> FastAPI:
+    """The API for ``settings``; configuration problems raise ConfigurationError here, at start-up.
+
+    ``transport`` replaces the network for the app's outgoing HTTP (tests pass a MockTransport).
+    """
+    viewers = configure_viewers(
+        load_viewer_table(settings.mappings_dir) if settings.mappings_dir else load_viewer_table(),
+        enabled=settings.viewers,
+        default=settings.default_viewer,
+        base_urls=settings.viewer_urls,
+        templates=settings.viewer_templates,
+    )
+    services = Services(settings=settings, authenticator=Authenticator(settings), viewers=viewers)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # httpx logs full URLs at INFO, and query strings can carry identifiers.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        async with AsyncExitStack() as stack:
+            fhir_http = await stack.enter_async_context(_client(settings, "fhir", transport))
+            dicomweb_http = await stack.enter_async_context(_client(settings, "dicomweb", transport))
+            policy = RetryPolicy(
+                retries=min(settings.http_retries, API_RETRIES),
+                max_wait=min(settings.http_retry_max_wait, API_RETRY_MAX_WAIT),
+            )
+            fhir = FhirClient(fhir_http, settings.fhir_base, policy=policy)
+            store: SqlStore | None
+            try:
+                store = await anyio.to_thread.run_sync(SqlStore, settings.state_url)
+            except StoreError as exc:
+                # Resolution does not need the store; /readyz reports it until a restart.
+                logger.warning("state store not open: %s", exc)
+                store = None
+            if store is not None:
+                stack.callback(store.close)
+            if services.authenticator.jwks is not None:
+                # its own plain client: the FHIR client carries the FHIR server's credentials
+                services.authenticator.jwks.client = await stack.enter_async_context(
+                    httpx.AsyncClient(
+                        transport=transport,
+                        timeout=httpx.Timeout(settings.http_timeout),
+                        headers={"User-Agent": USER_AGENT},
+                        follow_redirects=False,
+                    )
+                )
+            services.resolver = Resolver(fhir, resolver_config(settings))
+            services.readiness = ReadinessProbe(
+                FhirClient(fhir_http, settings.fhir_base, policy=RetryPolicy(retries=0)),
+                dicomweb_http,
+                settings.dicomweb_base,
+                store,
+            )
+            try:
+                yield
+            finally:
+                services.resolver = None
+                services.readiness = None
+
+    app = FastAPI(
+        title="FHIR–DICOMweb bridge resolver",
+        version=__version__,
+        description=(
+            "Turns a FHIR ImagingStudy (by id, reference, Study Instance UID or accession number) into "
+            "the WADO-RS URLs a program needs and the viewer URL a clinician clicks. Errors are FHIR "
+            "OperationOutcomes. Only Endpoints of type dicom-wado-rs under the configured DICOMweb "
+            "bases are used."
+        ),
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    errors.install(app)
+    for router in routers:
+        app.include_router(router)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET"],
+            allow_headers=["Authorization", "X-API-Key"],
+            allow_credentials=False,
+            max_age=600,
+        )
+    app.add_middleware(ObservabilityMiddleware)  # added last: outermost
+    return app
+
+
+def app_from_environment() -> FastAPI:
+    """Factory for ``uvicorn --factory bridge.api.app:app_from_environment`` (settings from BRIDGE_*)."""
+    return create_app(get_settings())

@@ -1,0 +1,128 @@
+"""FastAPI dependencies: the app's services, the caller, and "load the study or fail" per lookup kind."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Path, Query, Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+from bridge.api.readiness import ReadinessProbe
+from bridge.api.security import Authenticator, Caller
+from bridge.config import Settings
+from bridge.resolve.links import StudyLocation, ViewerTemplate
+from bridge.resolve.resolver import Resolver
+
+FHIR_ID_PATTERN = r"^[A-Za-z0-9\-.]{1,64}$"
+UID_PATTERN = r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$"
+# Accession Number is VR SH: up to 16 characters, no backslash, no control characters.
+ACCESSION_PATTERN = r"^[^\\\x00-\x1f\x7f]{1,16}$"
+
+
+@dataclass
+class Services:
+    """What the routes use, built by the app factory and opened by its lifespan."""
+
+    settings: Settings
+    authenticator: Authenticator
+    viewers: dict[str, ViewerTemplate]
+    resolver: Resolver | None = None
+    readiness: ReadinessProbe | None = None
+
+
+def services(request: Request) -> Services:
+    """The app's services (set up by create_app)."""
+    found: Services = request.app.state.services
+    return found
+
+
+ServicesDep = Annotated[Services, Depends(services)]
+
+
+def resolver(s: ServicesDep) -> Resolver:
+    """The resolver, open for the app's lifetime."""
+    if s.resolver is None:  # only outside the lifespan, i.e. a wiring mistake
+        raise RuntimeError("the app's lifespan has not run")
+    return s.resolver
+
+
+ResolverDep = Annotated[Resolver, Depends(resolver)]
+
+_api_key = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="ApiKey")
+_bearer = HTTPBearer(auto_error=False, scheme_name="BearerJWT", bearerFormat="JWT")
+
+
+async def caller(
+    s: ServicesDep,
+    api_key: Annotated[str | None, Security(_api_key)],
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+) -> Caller:
+    """The authenticated caller (anonymous when authentication is off), else 401."""
+    return await s.authenticator.check(api_key, bearer.credentials if bearer else None)
+
+
+FhirId = Annotated[
+    str,
+    Path(
+        description="FHIR id of the ImagingStudy",
+        pattern=FHIR_ID_PATTERN,
+        max_length=64,
+        examples=["abc-123"],
+    ),
+]
+StudyUid = Annotated[
+    str,
+    Path(
+        description="Study Instance UID", pattern=UID_PATTERN, max_length=64, examples=["1.2.840.113619.2.1"]
+    ),
+]
+
+
+async def study_by_id(id: FhirId, r: ResolverDep) -> StudyLocation:  # noqa: A002 - the route's name
+    """The study of ImagingStudy/{id}, or 404/409/503."""
+    return await r.by_id(id)
+
+
+async def study_by_uid(study_uid: StudyUid, r: ResolverDep) -> StudyLocation:
+    """The study with this Study Instance UID, or 404/409/503."""
+    return await r.by_study_uid(study_uid)
+
+
+async def study_by_accession(
+    accession: Annotated[str, Path(description="Accession Number (0008,0050)", pattern=ACCESSION_PATTERN)],
+    r: ResolverDep,
+    issuer: Annotated[
+        str | None,
+        Query(
+            description="Issuer: a BRIDGE_ACCESSION_ISSUER_SYSTEMS name, an OID or the identifier system",
+            min_length=1,
+            max_length=256,
+            pattern=r"^\S+$",
+        ),
+    ] = None,
+) -> StudyLocation:
+    """The one study with this accession number, or 404/409/503."""
+    return await r.by_accession(accession, issuer)
+
+
+async def study_by_reference(
+    reference: Annotated[
+        str,
+        Query(
+            description="ImagingStudy/{id}, or the ImagingStudy's absolute URL on the FHIR server",
+            min_length=1,
+            max_length=2048,
+            examples=["ImagingStudy/abc-123"],
+        ),
+    ],
+    r: ResolverDep,
+) -> StudyLocation:
+    """The study a FHIR reference or absolute URL names, or 404/409/422/503."""
+    return await r.by_reference(reference)
+
+
+StudyById = Annotated[StudyLocation, Depends(study_by_id)]
+StudyByUid = Annotated[StudyLocation, Depends(study_by_uid)]
+StudyByAccession = Annotated[StudyLocation, Depends(study_by_accession)]
+StudyByReference = Annotated[StudyLocation, Depends(study_by_reference)]

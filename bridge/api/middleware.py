@@ -1,0 +1,80 @@
+"""Outermost ASGI middleware: request metrics and access log by route template, and a last-resort 500."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from bridge.metrics import HTTP_REQUEST_DURATION, HTTP_REQUESTS
+
+logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("bridge.api.access")
+
+UNMATCHED = "unmatched"
+_INTERNAL = json.dumps(
+    {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": "exception", "diagnostics": "internal error"}],
+    }
+).encode()
+
+
+def route_template(scope: Scope) -> str:
+    """The matched route's path template (never the raw path, which carries ids and UIDs)."""
+    route: Any = scope.get("route")
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else UNMATCHED
+
+
+class ObservabilityMiddleware:
+    """Counts and times every request; turns an escaped exception into a bare 500, logged without trace."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one ASGI connection through the app."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+        answered = False
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status, answered
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                answered = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        except Exception as exc:  # noqa: BLE001 - the last resort: no trace leaves the process
+            status = 500
+            logger.error(
+                "unhandled %s answering %s %s", type(exc).__name__, scope["method"], route_template(scope)
+            )
+            if not answered:
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 500,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"content-length", str(len(_INTERNAL)).encode()),
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": _INTERNAL})
+        finally:
+            elapsed = time.perf_counter() - started
+            route = route_template(scope)
+            method = str(scope["method"])
+            HTTP_REQUESTS.labels(method, route, str(status)).inc()
+            HTTP_REQUEST_DURATION.labels(method, route, str(status)).observe(elapsed)
+            access_logger.info("%s %s %d %.1f ms", method, route, status, elapsed * 1000)

@@ -1,0 +1,70 @@
+"""Readiness: the FHIR server and the archive answer, and the state store is open."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+
+import anyio.to_thread
+import httpx
+
+from bridge.errors import BridgeError
+from bridge.fhir.client import FhirClient
+from bridge.http import RetryPolicy, send
+from bridge.state.store import SqlStore
+
+PROBE_TIMEOUT = 5.0
+
+
+class ReadinessProbe:
+    """Checks each dependency once, without retries, each within a few seconds."""
+
+    def __init__(
+        self,
+        fhir: FhirClient,
+        dicomweb_http: httpx.AsyncClient,
+        dicomweb_base: str,
+        store: SqlStore | None,
+        timeout: float = PROBE_TIMEOUT,
+    ) -> None:
+        self.fhir = fhir
+        self.dicomweb_http = dicomweb_http
+        self.dicomweb_base = dicomweb_base.rstrip("/")
+        self.store = store
+        self.timeout = timeout
+
+    async def _check(self, probe: Awaitable[object], what: str) -> str:
+        try:
+            await asyncio.wait_for(probe, self.timeout)
+        except TimeoutError:
+            return f"{what} did not answer within {self.timeout:g} s"
+        except BridgeError as exc:
+            return f"{what} failed ({type(exc).__name__})"
+        return "ok"
+
+    async def _archive(self) -> None:
+        request = self.dicomweb_http.build_request(
+            "GET",
+            f"{self.dicomweb_base}/studies",
+            params={"limit": "1", "includefield": "0020000D"},
+            headers={"Accept": "application/dicom+json"},
+        )
+        await send(self.dicomweb_http, request, service="dicomweb", policy=RetryPolicy(retries=0))
+
+    async def _store(self) -> None:
+        if self.store is None:
+            raise _StoreClosed
+        await anyio.to_thread.run_sync(self.store.ping)
+
+    async def check(self) -> dict[str, str]:
+        """Each dependency -> "ok" or why it is not ready."""
+        fhir, archive, store = await asyncio.gather(
+            self._check(self.fhir.capabilities(), "the FHIR server"),
+            self._check(self._archive(), "the DICOMweb archive"),
+            self._check(self._store(), "the state store"),
+        )
+        return {"fhir": fhir, "dicomweb": archive, "store": store}
+
+
+class _StoreClosed(BridgeError):
+    """The store could not be opened at start-up."""

@@ -1,0 +1,299 @@
+"""The resolver: reads ImagingStudy and Endpoint from the FHIR server, behind a short TTL cache.
+
+The FHIR server is the source of truth. The state store is not consulted: a stale row there
+could name an ImagingStudy that has since moved or changed its endpoint, and the cache's TTL
+already bounds how stale an answer can be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from bridge.fhir.client import FhirClient
+from bridge.mapping.context import DICOM_UID_SYSTEM, resource_id
+from bridge.metrics import RESOLVER_LOOKUPS
+from bridge.resolve.errors import InvalidLookupError, NoUsableEndpointError, StudyNotFoundError
+from bridge.resolve.links import (
+    FHIR_ID,
+    StudyLocation,
+    check_fhir_id,
+    endpoint_references,
+    has_accession,
+    is_tagged,
+    is_uid,
+    locate,
+    normalize_base,
+    study_uid_of,
+)
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:\S+$")
+_SEARCH_COUNT = "20"
+
+
+class TtlCache(Generic[T]):
+    """A small LRU cache whose entries expire; concurrent misses of one key share one load."""
+
+    def __init__(self, ttl: float, size: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl = ttl
+        self.size = size
+        self._clock = clock
+        self._entries: OrderedDict[Hashable, tuple[float, T]] = OrderedDict()
+        self._loading: dict[Hashable, asyncio.Future[T]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: Hashable) -> T | None:
+        """The live value under ``key``, if any."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        expires, value = entry
+        if expires <= self._clock():
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return value
+
+    def put(self, key: Hashable, value: T) -> None:
+        """Remember ``value`` for the TTL (no-op when the TTL is 0)."""
+        if self.ttl <= 0:
+            return
+        self._entries[key] = (self._clock() + self.ttl, value)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        """Forget everything."""
+        self._entries.clear()
+
+    async def get_or_load(self, key: Hashable, load: Callable[[], Awaitable[T]]) -> T:
+        """The cached value, or ``load()``'s (shared with concurrent callers, cached on success)."""
+        value = self.get(key)
+        if value is not None:
+            self.hits += 1
+            return value
+        pending = self._loading.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        self.misses += 1
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._loading[key] = future
+        try:
+            value = await load()
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters re-raise it; nobody else needs to
+            raise
+        else:
+            future.set_result(value)
+            self.put(key, value)
+            return value
+        finally:
+            del self._loading[key]
+
+
+@dataclass(frozen=True)
+class ResolverConfig:
+    """What the resolver needs from the settings, as plain data."""
+
+    fhir_base: str
+    dicomweb_bases: tuple[str, ...]
+    source_name: str
+    deterministic_ids: bool = True
+    accession_system: str | None = None
+    accession_issuer_systems: Mapping[str, str] | None = None
+    cache_ttl: float = 30.0
+    cache_size: int = 10000
+
+    def __post_init__(self) -> None:
+        bases = tuple(b for b in (normalize_base(u) for u in self.dicomweb_bases) if b)
+        object.__setattr__(self, "dicomweb_bases", tuple(dict.fromkeys(bases)))
+
+
+def _escape(value: str) -> str:
+    for char in ("\\", "|", ",", "$"):
+        value = value.replace(char, "\\" + char)
+    return value
+
+
+class Resolver:
+    """Turns FHIR ids, references, Study Instance UIDs and accession numbers into study locations."""
+
+    def __init__(
+        self, fhir: FhirClient, config: ResolverConfig, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.fhir = fhir
+        self.config = config
+        self.studies: TtlCache[StudyLocation] = TtlCache(config.cache_ttl, config.cache_size, clock)
+        self.endpoints: TtlCache[dict[str, Any]] = TtlCache(config.cache_ttl, 256, clock)
+        self._fhir_base = normalize_base(config.fhir_base) or config.fhir_base.rstrip("/")
+
+    # ---------------------------------------------------------- lookups
+    async def by_id(self, fhir_id: str) -> StudyLocation:
+        """The study of ImagingStudy/``fhir_id``."""
+        check_fhir_id(fhir_id)
+        return await self._lookup("id", ("id", fhir_id), lambda: self._load_by_id(fhir_id))
+
+    async def by_study_uid(self, study_uid: str) -> StudyLocation:
+        """The study whose ImagingStudy carries this Study Instance UID."""
+        if not is_uid(study_uid):
+            raise InvalidLookupError("a Study Instance UID is up to 64 digits and dots, e.g. 1.2.840.1234")
+        return await self._lookup("uid", ("uid", study_uid), lambda: self._load_by_uid(study_uid))
+
+    async def by_accession(self, accession: str, issuer: str | None = None) -> StudyLocation:
+        """The one study with this accession number (in the issuer's system, when given)."""
+        if not accession.strip():
+            raise InvalidLookupError("the accession number is empty")
+        system = self.accession_system(issuer) if issuer is not None else None
+        return await self._lookup(
+            "accession", ("acsn", system, accession), lambda: self._load_by_accession(accession, system)
+        )
+
+    async def by_reference(self, reference: str) -> StudyLocation:
+        """The study of a FHIR reference (``ImagingStudy/id``) or an absolute ImagingStudy URL."""
+        fhir_id = self.parse_reference(reference)
+        return await self._lookup("reference", ("id", fhir_id), lambda: self._load_by_id(fhir_id))
+
+    async def _lookup(
+        self, kind: str, key: Hashable, load: Callable[[], Awaitable[StudyLocation]]
+    ) -> StudyLocation:
+        cached = self.studies.get(key)
+        RESOLVER_LOOKUPS.labels(kind, "hit" if cached is not None else "miss").inc()
+        if cached is not None:
+            return cached
+        return await self.studies.get_or_load(key, load)
+
+    # ---------------------------------------------------------- parsing
+    def parse_reference(self, reference: str) -> str:
+        """The ImagingStudy id in a relative reference or an absolute URL on the FHIR server."""
+        text = reference.strip()
+        if "?" in text or "#" in text:
+            raise InvalidLookupError("a reference has no query or fragment: ImagingStudy/{id}")
+        if "://" in text:
+            prefix, found, rest = text.rpartition("/ImagingStudy/")
+            if not found or normalize_base(prefix) != self._fhir_base:
+                raise InvalidLookupError(
+                    "an absolute reference must be an ImagingStudy URL on the configured FHIR server"
+                )
+            text = "ImagingStudy/" + rest
+        parts = text.strip("/").split("/")
+        if len(parts) == 4 and parts[2] == "_history":
+            parts = parts[:2]  # the current version is the truth; an old one may point elsewhere
+        if len(parts) != 2 or parts[0] != "ImagingStudy":
+            raise InvalidLookupError("a reference must be ImagingStudy/{id} or its absolute URL")
+        if not FHIR_ID.fullmatch(parts[1]):
+            raise InvalidLookupError("the reference's id is not a valid FHIR id")
+        return parts[1]
+
+    def accession_system(self, issuer: str) -> str:
+        """The identifier system of an accession issuer: a configured issuer, an OID or a URI."""
+        issuer = issuer.strip()
+        mapped = (self.config.accession_issuer_systems or {}).get(issuer)
+        if mapped is not None:
+            return mapped
+        if is_uid(issuer):
+            return f"urn:oid:{issuer}"
+        if _URI.fullmatch(issuer):
+            return issuer
+        raise InvalidLookupError(
+            "issuer must be a configured issuer (BRIDGE_ACCESSION_ISSUER_SYSTEMS), an OID or a system URI"
+        )
+
+    # ---------------------------------------------------------- loading
+    async def _load_by_id(self, fhir_id: str) -> StudyLocation:
+        resource = await self.fhir.read("ImagingStudy", fhir_id)
+        if resource is None:
+            raise StudyNotFoundError(f"no ImagingStudy/{fhir_id}")
+        return await self._locate(resource)
+
+    async def _load_by_uid(self, study_uid: str) -> StudyLocation:
+        if self.config.deterministic_ids:
+            # Where the bridge writes with client ids, the id follows from the UID: one read
+            # instead of a search. The identifier is checked, so a mismatch only costs the search.
+            guess = resource_id("ImagingStudy", self.config.source_name, study_uid)
+            resource = await self.fhir.read("ImagingStudy", guess)
+            if resource is not None and study_uid_of(resource) == study_uid:
+                return await self._locate(resource)
+        found = await self.fhir.search(
+            "ImagingStudy", {"identifier": f"{DICOM_UID_SYSTEM}|urn:oid:{study_uid}", "_count": _SEARCH_COUNT}
+        )
+        matches = [r for r in found if study_uid_of(r) == study_uid]
+        if not matches:
+            raise StudyNotFoundError(f"no ImagingStudy for Study Instance UID {study_uid}")
+        return await self._first_located(matches, f"Study Instance UID {study_uid}")
+
+    async def _load_by_accession(self, accession: str, system: str | None) -> StudyLocation:
+        token = f"{_escape(system)}|{_escape(accession)}" if system else _escape(accession)
+        found = await self.fhir.search("ImagingStudy", {"identifier": token, "_count": _SEARCH_COUNT})
+        matches = [r for r in found if has_accession(r, accession, system)]
+        if not matches:
+            raise StudyNotFoundError("no ImagingStudy with this accession number")
+        studies = {study_uid_of(r) for r in matches}
+        if len(studies) > 1:
+            raise NoUsableEndpointError(
+                f"the accession number matches {len(studies)} different studies; "
+                "give the issuer, or resolve by Study Instance UID"
+            )
+        return await self._first_located(matches, "the accession number")
+
+    async def _first_located(self, matches: Sequence[dict[str, Any]], what: str) -> StudyLocation:
+        # Several ImagingStudies for one study (several sources or writers): prefer this
+        # bridge's own, then the lowest id, and take the first that has a usable endpoint.
+        ordered = sorted(matches, key=lambda r: (not is_tagged(r, self.config.source_name), str(r.get("id"))))
+        first_error: Exception | None = None
+        for resource in ordered:
+            try:
+                return await self._locate(resource)
+            except (NoUsableEndpointError, StudyNotFoundError) as exc:
+                first_error = first_error or exc
+        assert first_error is not None
+        raise first_error
+
+    async def _locate(self, resource: dict[str, Any]) -> StudyLocation:
+        refs = endpoint_references(resource)
+        endpoints = dict(
+            zip(refs, await asyncio.gather(*(self._endpoint(resource, r) for r in refs)), strict=True)
+        )
+        location = locate(resource, endpoints, self.config.dicomweb_bases)
+        # The same study answers its other keys too, for the rest of the TTL.
+        self.studies.put(("id", location.fhir_id), location)
+        return location
+
+    async def _endpoint(self, resource: Mapping[str, Any], reference: str) -> dict[str, Any] | None:
+        """The Endpoint a reference names, read only from the configured FHIR server."""
+        if reference.startswith("#"):
+            for contained in resource.get("contained") or []:
+                if isinstance(contained, dict) and contained.get("id") == reference[1:]:
+                    return contained
+            return None
+        text = reference
+        if "://" in text:
+            prefix = self.config.fhir_base.rstrip("/") + "/"
+            if not text.startswith(prefix):
+                return None  # never fetched: only the configured FHIR server is asked
+            text = text[len(prefix) :]
+        parts = text.split("/")
+        if len(parts) != 2 or parts[0] != "Endpoint" or not FHIR_ID.fullmatch(parts[1]):
+            return None
+        endpoint_id = parts[1]
+
+        async def load() -> dict[str, Any]:
+            found = await self.fhir.read("Endpoint", endpoint_id)
+            return found if found is not None else {}
+
+        endpoint = await self.endpoints.get_or_load(endpoint_id, load)
+        return endpoint or None

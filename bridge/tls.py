@@ -1,0 +1,61 @@
+"""TLS for the upstream connections: verification on by default, a custom CA bundle, client certificates."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from pathlib import Path
+
+import httpx
+
+logger = logging.getLogger(__name__)
+
+
+def ssl_context(
+    *,
+    verify: bool = True,
+    ca_bundle: Path | None = None,
+    client_cert: Path | None = None,
+    client_key: Path | None = None,
+    service: str = "upstream",
+) -> ssl.SSLContext:
+    """The SSLContext an upstream's client uses.
+
+    ``ca_bundle`` replaces the default trust store (certifi's, as httpx uses) rather than adding to
+    it, the usual meaning of a CA bundle setting. ``client_cert`` (PEM, optionally with the key in
+    the same file) and ``client_key`` are presented for mutual TLS. ``verify=False`` turns
+    verification off and says so in the log; it exists for test set-ups, never for production.
+    """
+    if ca_bundle is not None and verify:
+        context = ssl.create_default_context(cafile=str(ca_bundle))
+    else:
+        context = httpx.create_ssl_context(verify=verify)
+    if not verify:
+        logger.warning("%s: TLS certificate verification is OFF; the connection can be intercepted", service)
+    if client_cert is not None:
+        context.load_cert_chain(str(client_cert), str(client_key) if client_key is not None else None)
+    return context
+
+
+def check_files(
+    *, ca_bundle: Path | None, client_cert: Path | None, client_key: Path | None
+) -> str | None:
+    """What is wrong with the TLS files (a message without the setting's name), or None if usable."""
+    if ca_bundle is not None:
+        try:
+            ssl.create_default_context(cafile=str(ca_bundle))
+        except (OSError, ssl.SSLError) as exc:
+            return f"CA_BUNDLE: cannot load {ca_bundle} as PEM certificates ({type(exc).__name__})"
+    if client_key is not None and client_cert is None:
+        return "CLIENT_KEY is set without CLIENT_CERT"
+    if client_cert is not None:
+        try:
+            ssl.create_default_context().load_cert_chain(
+                str(client_cert), str(client_key) if client_key is not None else None
+            )
+        except (OSError, ssl.SSLError) as exc:
+            return (
+                f"CLIENT_CERT: cannot load {client_cert} with its key as a PEM certificate chain "
+                f"({type(exc).__name__})"
+            )
+    return None

@@ -1,0 +1,80 @@
+{{/* Chart name, truncated to the 63 characters Kubernetes allows in names. */}}
+{{- define "bridge.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "bridge.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "bridge.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/name: {{ include "bridge.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/* Selector labels of one component: pass (dict "root" $ "component" "api"). */}}
+{{- define "bridge.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "bridge.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "bridge.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "bridge.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "bridge.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "bridge.secretName" -}}
+{{- default (printf "%s-secrets" (include "bridge.fullname" .)) .Values.existingSecret }}
+{{- end }}
+
+{{/* A setting's value as the bridge reads it from the environment: maps as JSON, lists comma-separated. */}}
+{{- define "bridge.settingValue" -}}
+{{- if kindIs "map" . }}
+{{- toJson . }}
+{{- else if kindIs "slice" . }}
+{{- join "," . }}
+{{- else if kindIs "float64" . }}
+{{- /* YAML numbers arrive as float64; print integers without an exponent or a ".0" */}}
+{{- if eq . (floor .) }}{{ int64 . }}{{ else }}{{ . }}{{ end }}
+{{- else }}
+{{- toString . }}
+{{- end }}
+{{- end }}
+
+{{/* Fails the render on settings the chart can tell are wrong before any pod starts. */}}
+{{- define "bridge.checks" -}}
+{{- if not .Values.existingSecret }}
+{{- range $required := list "dicomweb_url" "fhir_url" }}
+{{- if not (or (index $.Values.config $required) (index $.Values.secretConfig $required)) }}
+{{- fail (printf "BRIDGE_%s is required: set config.%s (or provide it in existingSecret)" (upper $required) $required) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $stateUrl := toString (coalesce (index .Values.secretConfig "state_url") (index .Values.config "state_url") "sqlite:") }}
+{{- if and (eq .Values.mode "split") .Values.worker.enabled (gt (int .Values.worker.replicas) 1) (hasPrefix "sqlite" $stateUrl) }}
+{{- fail "worker.replicas > 1 needs a PostgreSQL state_url (postgresql+psycopg://...): SQLite cannot be shared between pods" }}
+{{- end }}
+{{- if and (eq .Values.mode "combined") (gt (int .Values.api.replicas) 1) (hasPrefix "sqlite" $stateUrl) }}
+{{- fail "mode combined with api.replicas > 1 needs a PostgreSQL state_url: each pod runs a worker" }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,189 @@
+"""A real OAuth2 / OpenID provider for the authentication tests (``oidc-provider`` from npm).
+
+The provider is the small Node project in ``tests/stack/oidc``; its dependency is pinned by the
+committed ``package-lock.json`` and installed with ``npm ci`` on first use. It listens on
+127.0.0.1 only and keeps its tokens in memory. Clients are registered at start-up::
+
+    with OidcProvider(clients=[secret_client("bridge", "s3cret", scope="system/*.*")]) as idp:
+        idp.token_url, idp.introspection_url, idp.stats()
+
+The FHIR test server checks tokens by introspection, as the registered client ``introspector``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from tests.stack.fhir import _log_tail, _require_tool, ensure_node_modules, free_loopback_port
+
+PROVIDER_DIR = Path(__file__).resolve().parent / "oidc"
+INTROSPECTOR_ID = "fhir-test-server"
+
+
+def secret_client(client_id: str, secret: str, *, scope: str = "") -> dict[str, Any]:
+    """A confidential client using client_secret_basic."""
+    return {
+        "client_id": client_id,
+        "client_secret": secret,
+        "grant_types": ["client_credentials"],
+        "response_types": [],
+        "redirect_uris": [],
+        "token_endpoint_auth_method": "client_secret_basic",
+        **({"scope": scope} if scope else {}),
+    }
+
+
+def jwt_client(client_id: str, public_jwk: dict[str, Any], alg: str, *, scope: str = "") -> dict[str, Any]:
+    """A client authenticating with private_key_jwt (SMART Backend Services), its public key registered."""
+    return {
+        "client_id": client_id,
+        "grant_types": ["client_credentials"],
+        "response_types": [],
+        "redirect_uris": [],
+        "token_endpoint_auth_method": "private_key_jwt",
+        "token_endpoint_auth_signing_alg": alg,
+        "jwks": {"keys": [public_jwk]},
+        **({"scope": scope} if scope else {}),
+    }
+
+
+class OidcProvider:
+    """One ``node provider.mjs`` process on a free loopback port."""
+
+    def __init__(
+        self,
+        clients: list[dict[str, Any]],
+        *,
+        scopes: list[str] | None = None,
+        ttl: dict[str, int] | None = None,
+        introspector_secret: str = "introspector-secret",
+        log_path: Path | None = None,
+    ) -> None:
+        self.introspector_secret = introspector_secret
+        self.clients = [*clients, secret_client(INTROSPECTOR_ID, introspector_secret)]
+        self.scopes = scopes or []
+        self.ttl = ttl or {}
+        self.port = 0
+        self.log_path = log_path
+        self._owns_log = log_path is None
+        self._config_path: Path | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log_file: Any = None
+
+    @property
+    def issuer(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def token_url(self) -> str:
+        return f"{self.issuer}/token"
+
+    @property
+    def introspection_url(self) -> str:
+        return f"{self.issuer}/token/introspection"
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self, timeout: float = 60.0) -> None:
+        node = _require_tool("node")
+        ensure_node_modules(PROVIDER_DIR, marker=Path("node_modules/oidc-provider/package.json"))
+        self.port = free_loopback_port()
+        fd, name = tempfile.mkstemp(prefix="oidc-config-", suffix=".json")
+        with os.fdopen(fd, "w") as handle:
+            json.dump(
+                {"clients": self.clients, "scopes": self.scopes, "ttl": self.ttl, "introspector": INTROSPECTOR_ID},
+                handle,
+            )
+        self._config_path = Path(name)
+        if self.log_path is None:
+            fd, log_name = tempfile.mkstemp(prefix="oidc-provider-", suffix=".log")
+            os.close(fd)
+            self.log_path = Path(log_name)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        env = dict(
+            os.environ, PORT=str(self.port), OIDC_CONFIG=name, OIDC_PARENT_PID=str(os.getpid())
+        )
+        self._process = subprocess.Popen(
+            [node, "provider.mjs"],
+            cwd=PROVIDER_DIR,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._process.poll() is not None:
+                tail = _log_tail(self.log_path)
+                self.stop()
+                raise RuntimeError(f"the OpenID provider exited while starting:\n{tail}")
+            try:
+                if httpx.get(f"{self.issuer}/.well-known/openid-configuration", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                tail = _log_tail(self.log_path)
+                self.stop()
+                raise RuntimeError(f"the OpenID provider did not answer within {timeout:.0f} s:\n{tail}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        if self._config_path is not None:
+            self._config_path.unlink(missing_ok=True)
+            self._config_path = None
+        if self._owns_log and self.log_path is not None:
+            self.log_path.unlink(missing_ok=True)
+            self.log_path = None
+
+    def stats(self) -> dict[str, Any]:
+        """Token requests, tokens issued, refusals and introspections since start or reset."""
+        response = httpx.get(f"{self.issuer}/__admin/stats", timeout=10)
+        response.raise_for_status()
+        result: dict[str, Any] = response.json()
+        return result
+
+    def reset_stats(self) -> None:
+        httpx.post(f"{self.issuer}/__admin/reset-stats", timeout=10).raise_for_status()
+
+    def fhir_server_env(self) -> dict[str, str]:
+        """Environment for the FHIR test server to check bearer tokens against this provider."""
+        return {
+            "FHIR_AUTH_INTROSPECTION_URL": self.introspection_url,
+            "FHIR_AUTH_INTROSPECTION_CLIENT_ID": INTROSPECTOR_ID,
+            "FHIR_AUTH_INTROSPECTION_CLIENT_SECRET": self.introspector_secret,
+        }
+
+    def __enter__(self) -> OidcProvider:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

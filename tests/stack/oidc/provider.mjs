@@ -1,0 +1,103 @@
+// A real OAuth2 / OpenID provider for the bridge's authentication tests: the certified
+// `oidc-provider` package, configured for the client credentials grant with client_secret_basic
+// and private_key_jwt client authentication (RS384 / ES384 assertions, as SMART Backend Services
+// use), token introspection (the FHIR test server checks tokens with it) and revocation.
+//
+// Env: PORT (the issuer is http://127.0.0.1:PORT), OIDC_CONFIG (a JSON file written by the
+// launcher, tests/stack/oidc.py): { "clients": [client metadata...], "scopes": [...],
+// "ttl": { "<client_id>": seconds } }. Tokens and replay records live in memory.
+// Admin endpoints (not OAuth): GET /__admin/health, GET /__admin/stats, POST /__admin/reset-stats.
+// OIDC_PARENT_PID makes the provider exit when that process is gone.
+
+import http from 'node:http';
+import { generateKeyPairSync, randomBytes } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import Provider from 'oidc-provider';
+
+const port = Number(process.env.PORT);
+if (!Number.isInteger(port) || port <= 0 || port > 65535) {
+  console.error(`set PORT to a free port (got ${process.env.PORT})`);
+  process.exit(2);
+}
+const config = JSON.parse(readFileSync(process.env.OIDC_CONFIG, 'utf8'));
+const issuer = `http://127.0.0.1:${port}`;
+
+// The provider's own signing key, made fresh for each run.
+const { privateKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
+const signingKey = { ...privateKey.export({ format: 'jwk' }), use: 'sig', alg: 'RS256', kid: 'test-provider' };
+
+const newStats = () => ({ token_requests: 0, tokens_issued: 0, token_errors: 0, introspections: 0, by_client: {} });
+let stats = newStats();
+
+const provider = new Provider(issuer, {
+  clients: config.clients,
+  jwks: { keys: [signingKey] },
+  scopes: config.scopes ?? [],
+  clientAuthMethods: ['client_secret_basic', 'client_secret_post', 'private_key_jwt'],
+  enabledJWA: { clientAuthSigningAlgValues: ['RS256', 'RS384', 'ES256', 'ES384'] },
+  features: {
+    clientCredentials: { enabled: true },
+    // Only the resource server (the FHIR test server's client) may introspect tokens.
+    introspection: { enabled: true, allowedPolicy: async (ctx, client) => client.clientId === config.introspector },
+    revocation: { enabled: true },
+    devInteractions: { enabled: false },
+  },
+  ttl: {
+    ClientCredentials: (ctx, token, client) => config.ttl?.[client.clientId] ?? 600,
+  },
+  cookies: { keys: [randomBytes(16).toString('hex')] },
+  async findAccount() {
+    return undefined;
+  },
+});
+
+provider.on('grant.success', (ctx) => {
+  stats.tokens_issued += 1;
+  const id = ctx.oidc.client?.clientId ?? '?';
+  stats.by_client[id] = (stats.by_client[id] ?? 0) + 1;
+});
+provider.on('grant.error', (ctx, err) => {
+  stats.token_errors += 1;
+  console.error(`token request refused: ${err.error}: ${err.error_description ?? ''} ${err.error_detail ?? ''}`);
+});
+
+provider.use(async (ctx, next) => {
+  if (ctx.path === '/__admin/health') {
+    ctx.body = { status: 'ok' };
+    return;
+  }
+  if (ctx.path === '/__admin/stats') {
+    ctx.body = stats;
+    return;
+  }
+  if (ctx.path === '/__admin/reset-stats' && ctx.method === 'POST') {
+    stats = newStats();
+    ctx.body = { status: 'ok' };
+    return;
+  }
+  if (ctx.path === '/token' && ctx.method === 'POST') stats.token_requests += 1;
+  if (ctx.path === '/token/introspection') stats.introspections += 1;
+  await next();
+});
+
+
+const server = http.createServer(provider.callback());
+server.listen(port, '127.0.0.1', () => {
+  console.log(`OpenID provider on ${issuer}`);
+});
+const stop = () => {
+  server.close();
+  process.exit(0);
+};
+process.on('SIGTERM', stop);
+process.on('SIGINT', stop);
+const parent = Number(process.env.OIDC_PARENT_PID);
+if (parent > 0) {
+  setInterval(() => {
+    try {
+      process.kill(parent, 0);
+    } catch {
+      stop();
+    }
+  }, 1000).unref();
+}

@@ -1,0 +1,130 @@
+"""The `bridge` command: exit codes and messages an operator sees."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from bridge import __version__
+from bridge.cli import app
+from bridge.state.store import RunCounts, SqlStore
+
+UNREACHABLE = "http://127.0.0.1:1"
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.fixture
+def configured(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    state = tmp_path / "state.db"
+    monkeypatch.setenv("BRIDGE_DICOMWEB_URL", f"{UNREACHABLE}/dicom-web")
+    monkeypatch.setenv("BRIDGE_FHIR_URL", f"{UNREACHABLE}/fhir")
+    monkeypatch.setenv("BRIDGE_STATE_URL", f"sqlite:///{state}")
+    monkeypatch.setenv("BRIDGE_HTTP_RETRIES", "0")
+    return state
+
+
+def flat(text: str) -> str:
+    """Console output with the terminal's line wrapping undone."""
+    return " ".join(text.split())
+
+
+def test_missing_settings_exit_2_naming_them(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["sync"])
+    assert result.exit_code == 2
+    message = flat(result.stderr)
+    assert "configuration error" in message
+    assert "BRIDGE_DICOMWEB_URL" in message
+    assert "BRIDGE_FHIR_URL" in message
+
+
+def test_a_bad_setting_exits_2_naming_it(
+    runner: CliRunner, configured: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BRIDGE_PATIENT_POLICY", "create-everyone")
+    result = runner.invoke(app, ["status"])
+    assert result.exit_code == 2
+    assert "BRIDGE_PATIENT_POLICY" in flat(result.stderr)
+
+
+def test_a_mistyped_variable_exits_2_naming_it(
+    runner: CliRunner, configured: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BRIDGE_FHIR_ULR", "http://ehr.test/fhir")
+    result = runner.invoke(app, ["status"])
+    assert result.exit_code == 2
+    assert "BRIDGE_FHIR_ULR" in flat(result.stderr)
+
+
+def test_sync_with_unreachable_servers_exits_3_with_a_clear_message(configured: Path, tmp_path: Path) -> None:
+    # A real process, so the exit code and stderr are exactly what an operator's shell sees.
+    result = subprocess.run(
+        [sys.executable, "-m", "bridge", "sync"],
+        cwd=tmp_path,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 3, result.stderr
+    message = flat(result.stderr)
+    assert "upstream error" in message
+    assert "127.0.0.1:1" in message
+    assert "is running" in message  # says what to check
+    assert "Traceback" not in result.stderr
+
+
+def test_status_json_on_an_empty_store_has_zero_counts(runner: CliRunner, configured: Path) -> None:
+    result = runner.invoke(app, ["status", "--json"])
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert (data["published"], data["parked"], data["runs"], data["parked_studies"]) == (0, 0, [], [])
+    assert data["source"] == "default"
+
+
+def test_status_json_shows_runs_and_parked_studies(runner: CliRunner, configured: Path) -> None:
+    store = SqlStore(f"sqlite:///{configured}")
+    run_id = store.start_run("default")
+    store.finish_run(
+        run_id, status="parked", counts=RunCounts(seen=2, created=1, parked=1), qido_queries=["/studies"]
+    )
+    store.record_published(
+        "default", "1.2.3", qido_fingerprint="q", resource_fingerprint="r", fhir_id="f", fhir_version="1"
+    )
+    store.park(
+        "default", "1.2.4", kind="mapping", reason="StudyDate is not a calendar date", attribute="StudyDate"
+    )
+    store.close()
+    data = json.loads(runner.invoke(app, ["status", "--json"]).stdout)
+    assert (data["published"], data["parked"]) == (1, 1)
+    [run] = data["runs"]
+    assert (run["id"], run["status"], run["seen"], run["created"], run["parked"]) == (
+        run_id,
+        "parked",
+        2,
+        1,
+        1,
+    )
+    [parked] = data["parked_studies"]
+    assert (parked["study_uid"], parked["attribute"], parked["attempts"]) == ("1.2.4", "StudyDate", 1)
+
+
+def test_status_as_a_table_names_the_source_and_counts(runner: CliRunner, configured: Path) -> None:
+    result = runner.invoke(app, ["status"])
+    assert result.exit_code == 0
+    assert "0 studies published, 0 parked" in flat(result.stdout)
+
+
+def test_version_prints_the_version(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["version"])
+    assert result.exit_code == 0
+    assert result.stdout.strip() == __version__

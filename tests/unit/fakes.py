@@ -1,0 +1,156 @@
+"""In-memory fakes of the worker's Protocols (StudySource, FhirSink), recording what they were asked."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+from urllib.parse import parse_qs, urlencode
+
+from bridge.dicomweb.records import DicomJson, SeriesRecord, parse_series
+from bridge.errors import VersionConflictError
+from bridge.fhir.client import WriteResult
+
+
+class FakeSource:
+    """A StudySource over study rows (by UID) and their series rows."""
+
+    def __init__(self, page_size: int = 2) -> None:
+        self.page_size = page_size
+        self.studies: dict[str, DicomJson] = {}
+        self.series: dict[str, list[DicomJson]] = {}
+        self.queries: list[str] = []
+        self.series_calls: list[str] = []
+        self.fail_listing: Exception | None = None
+
+    def add(self, study: DicomJson, series: list[DicomJson]) -> None:
+        uid = study["0020000D"]["Value"][0] if "0020000D" in study else f"row-{len(self.studies)}"
+        self.studies[uid] = study
+        self.series[uid] = series
+
+    async def iter_studies(self, filters: Mapping[str, str] | None = None) -> AsyncIterator[list[DicomJson]]:
+        rows = list(self.studies.values())
+        if filters and "StudyInstanceUID" in filters:
+            rows = (
+                [self.studies[filters["StudyInstanceUID"]]]
+                if filters["StudyInstanceUID"] in self.studies
+                else []
+            )
+        for offset in range(0, len(rows) + 1, self.page_size):
+            self.queries.append(f"/studies?{urlencode({**(filters or {}), 'offset': offset})}")
+            if self.fail_listing is not None:
+                raise self.fail_listing
+            page = rows[offset : offset + self.page_size]
+            if page:
+                yield page
+
+    async def search_series(self, study_uid: str) -> list[SeriesRecord]:
+        self.series_calls.append(study_uid)
+        self.queries.append(f"/studies/{study_uid}/series")
+        return [parse_series(row) for row in self.series.get(study_uid, [])]
+
+
+_UNESCAPED_BAR = re.compile(r"(?<!\\)\|")
+
+
+def _token(text: str) -> tuple[str, str]:
+    system, value = _UNESCAPED_BAR.split(text, maxsplit=1)
+    unescape = lambda s: re.sub(r"\\(.)", r"\1", s)  # noqa: E731
+    return unescape(system), unescape(value)
+
+
+def _matches(resource: dict[str, Any], token: str) -> bool:
+    system, value = _token(token)
+    return any(i.get("system") == system and i.get("value") == value for i in resource.get("identifier", []))
+
+
+class FakeFhir:
+    """A FhirSink keeping resources in memory with version ids, like a conformant R4 server.
+
+    ``calls`` records (method, resource type, detail) in order; ``fail`` queues exceptions per
+    method name, raised (first in, first out) instead of doing the call.
+    """
+
+    def __init__(self) -> None:
+        self.resources: dict[tuple[str, str], dict[str, Any]] = {}
+        self.calls: list[tuple[str, str, Any]] = []
+        self.fail: dict[str, list[Exception]] = {}
+        self._next_id = 0
+
+    # helpers for tests
+    def _raise_if_queued(self, method: str) -> None:
+        queued = self.fail.get(method)
+        if queued:
+            raise queued.pop(0)
+
+    def _new_id(self, prefix: str) -> str:
+        self._next_id += 1
+        return f"{prefix}-{self._next_id}"
+
+    def _store(self, resource: dict[str, Any], rid: str) -> WriteResult:
+        kind = resource["resourceType"]
+        current = self.resources.get((kind, rid))
+        version = str(int(current["meta"]["versionId"]) + 1) if current else "1"
+        stored = {**resource, "id": rid, "meta": {**resource.get("meta", {}), "versionId": version}}
+        self.resources[(kind, rid)] = stored
+        return WriteResult(kind, rid, version, current is None)
+
+    def of_type(self, kind: str) -> list[dict[str, Any]]:
+        return [r for (k, _), r in self.resources.items() if k == kind]
+
+    def writes(self) -> list[tuple[str, str, Any]]:
+        return [
+            c for c in self.calls if c[0] in ("update", "conditional_update", "conditional_create", "delete")
+        ]
+
+    def touch(self, kind: str, rid: str) -> None:
+        """Someone else writes the resource: its version moves on."""
+        self._store(self.resources[(kind, rid)], rid)
+
+    # FhirSink
+    async def read(self, resource_type: str, resource_id: str) -> dict[str, Any] | None:
+        self.calls.append(("read", resource_type, resource_id))
+        self._raise_if_queued("read")
+        found = self.resources.get((resource_type, resource_id))
+        return dict(found) if found else None
+
+    async def search(self, resource_type: str, params: Mapping[str, str]) -> list[dict[str, Any]]:
+        self.calls.append(("search", resource_type, dict(params)))
+        self._raise_if_queued("search")
+        return [r for r in self.of_type(resource_type) if _matches(r, params["identifier"])]
+
+    async def update(self, resource: dict[str, Any], *, if_match: str | None = None) -> WriteResult:
+        kind, rid = resource["resourceType"], resource["id"]
+        self.calls.append(("update", kind, {"id": rid, "if_match": if_match}))
+        self._raise_if_queued("update")
+        current = self.resources.get((kind, rid))
+        if if_match is not None and (current is None or current["meta"]["versionId"] != if_match):
+            raise VersionConflictError(f"fhir PUT /{kind}/{rid} answered 412", service="fhir", status=412)
+        return self._store(resource, rid)
+
+    async def conditional_update(self, resource: dict[str, Any], search: Mapping[str, str]) -> WriteResult:
+        kind = resource["resourceType"]
+        self.calls.append(("conditional_update", kind, dict(search)))
+        self._raise_if_queued("conditional_update")
+        found = [r for r in self.of_type(kind) if _matches(r, search["identifier"])]
+        if len(found) > 1:
+            raise VersionConflictError("several matches", service="fhir", status=412)
+        body = {k: v for k, v in resource.items() if k != "id"}
+        return self._store(body, found[0]["id"] if found else self._new_id(f"srv-{kind.lower()}"))
+
+    async def conditional_create(self, resource: dict[str, Any], if_none_exist: str) -> WriteResult:
+        kind = resource["resourceType"]
+        self.calls.append(("conditional_create", kind, if_none_exist))
+        self._raise_if_queued("conditional_create")
+        [token] = parse_qs(if_none_exist)["identifier"]
+        found = [r for r in self.of_type(kind) if _matches(r, token)]
+        if len(found) > 1:
+            raise VersionConflictError("several matches", service="fhir", status=412)
+        if found:
+            return WriteResult(kind, found[0]["id"], found[0]["meta"]["versionId"], False)
+        return self._store(resource, self._new_id(kind.lower()))
+
+    async def delete(self, resource_type: str, resource_id: str) -> None:
+        self.calls.append(("delete", resource_type, resource_id))
+        self._raise_if_queued("delete")
+        self.resources.pop((resource_type, resource_id), None)

@@ -1,0 +1,55 @@
+"""Deterministic ids and the mapping-context fingerprint that drives republishing."""
+
+from __future__ import annotations
+
+import pytest
+
+from bridge.mapping.imaging_study import imaging_study_id, map_imaging_study
+from tests.builders import context, series, study, uid
+
+
+def test_the_same_study_always_gets_the_same_id() -> None:
+    first = map_imaging_study(
+        study(), [series()], context(), subject={"reference": "Patient/a"}, endpoint_reference="Endpoint/e"
+    )
+    again = map_imaging_study(
+        study(), [series()], context(), subject={"reference": "Patient/a"}, endpoint_reference="Endpoint/e"
+    )
+    assert first["id"] == again["id"] == imaging_study_id(context(), uid(1))
+
+
+def test_different_studies_get_different_ids() -> None:
+    assert imaging_study_id(context(), uid(1)) != imaging_study_id(context(), uid(2))
+
+
+def test_the_same_study_from_another_source_gets_another_id() -> None:
+    assert imaging_study_id(context(source_name="a"), uid(1)) != imaging_study_id(
+        context(source_name="b"), uid(1)
+    )
+
+
+def test_ids_are_valid_fhir_ids() -> None:
+    rid = imaging_study_id(context(), uid(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13))
+    assert len(rid) <= 64
+    assert all(c.isalnum() or c in "-." for c in rid)
+
+
+def test_fingerprint_is_stable_for_the_same_settings() -> None:
+    assert context().fingerprint() == context().fingerprint()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"source_name": "other"},
+        {"public_base": "https://elsewhere.example.org/wado"},
+        {"patient_system": "urn:oid:9.9.9"},
+        {"patient_issuer_systems": {"HOSP": "urn:oid:1.2"}},
+        {"accession_system": "urn:example:acc"},
+        {"accession_issuer_systems": {"RIS": "urn:oid:1.3"}},
+        {"endpoint_system": "urn:example:endpoints"},
+        {"timezone": "Europe/Berlin"},
+    ],
+)
+def test_fingerprint_changes_when_a_setting_changes(change: dict[str, object]) -> None:
+    assert context(**change).fingerprint() != context().fingerprint()

@@ -1,0 +1,103 @@
+"""The minimal Patient the bridge may create, and how a study's PatientID is keyed."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from bridge.mapping.identifiers import patient_key
+from bridge.mapping.patient import logical_subject, map_patient
+from bridge.mapping.validate import validate
+from tests.builders import PATIENT_SYSTEM, context, study
+
+
+def patient(**study_kwargs: object) -> dict[str, object]:
+    ctx = context()
+    record = study(**study_kwargs)
+    resource = map_patient(record, patient_key(record, ctx), ctx)
+    validate(resource)
+    return resource
+
+
+def test_patient_identifier_uses_the_system_mapped_from_the_issuer() -> None:
+    ctx = context(patient_issuer_systems={"HOSP-A": "urn:oid:1.2.3.4.5"})
+    key = patient_key(study(patient_id="MRN-1", patient_issuer="HOSP-A"), ctx)
+    assert key.as_identifier() == {"system": "urn:oid:1.2.3.4.5", "value": "MRN-1"}
+
+
+def test_unmapped_issuer_uses_the_default_patient_system() -> None:
+    ctx = context(patient_issuer_systems={"HOSP-A": "urn:oid:1.2.3.4.5"})
+    key = patient_key(study(patient_id="MRN-1", patient_issuer="HOSP-B"), ctx)
+    assert key.as_identifier() == {"system": PATIENT_SYSTEM, "value": "MRN-1"}
+
+
+def test_no_issuer_uses_the_default_patient_system() -> None:
+    key = patient_key(study(patient_id="MRN-1"), context())
+    assert key.system == PATIENT_SYSTEM
+
+
+def test_patient_search_escapes_fhir_token_separators() -> None:
+    key = patient_key(study(patient_id="A|B,C$D"), context())
+    assert key.search() == f"{PATIENT_SYSTEM}|A\\|B\\,C\\$D"
+
+
+def test_patient_carries_the_identifier() -> None:
+    assert patient(patient_id="MRN-9")["identifier"] == [{"system": PATIENT_SYSTEM, "value": "MRN-9"}]
+
+
+def test_person_name_components() -> None:
+    assert patient(patient_name="Muster^Erika^Maria^Dr.^MD")["name"] == [
+        {"family": "Muster", "given": ["Erika", "Maria"], "prefix": ["Dr."], "suffix": ["MD"]}
+    ]
+
+
+def test_japanese_name_gives_one_human_name_per_component_group() -> None:
+    groups = {"Alphabetic": "Yamada^Tarou", "Ideographic": "山田^太郎", "Phonetic": "やまだ^たろう"}
+    assert patient(patient_name=groups)["name"] == [
+        {"family": "Yamada", "given": ["Tarou"]},
+        {"family": "山田", "given": ["太郎"]},
+        {"family": "やまだ", "given": ["たろう"]},
+    ]
+
+
+def test_ideographic_only_name_is_kept() -> None:
+    assert patient(patient_name={"Ideographic": "山田^太郎"})["name"] == [
+        {"family": "山田", "given": ["太郎"]}
+    ]
+
+
+def test_no_name_element_without_patient_name() -> None:
+    assert "name" not in patient(patient_name=None)
+
+
+@pytest.mark.parametrize(
+    ("sex", "gender"), [("M", "male"), ("F", "female"), ("O", "other"), ("X", "unknown")]
+)
+def test_gender_mapping(sex: str, gender: str) -> None:
+    assert patient(sex=sex)["gender"] == gender
+
+
+def test_no_gender_without_patient_sex() -> None:
+    assert "gender" not in patient(sex=None)
+
+
+def test_birth_date_is_a_fhir_date() -> None:
+    assert patient(birth_date="19640812")["birthDate"] == "1964-08-12"
+
+
+@pytest.mark.parametrize("bad", ["19641312", "1964", "unknown"])
+def test_malformed_birth_date_is_left_out(bad: str) -> None:
+    ctx = context()
+    record = replace(study(), birth_date=bad)  # built directly: pydicom would warn while parsing
+    resource = map_patient(record, patient_key(record, ctx), ctx)
+    validate(resource)
+    assert "birthDate" not in resource
+
+
+def test_logical_subject_references_the_patient_by_identifier_only() -> None:
+    key = patient_key(study(patient_id="MRN-3"), context())
+    assert logical_subject(key) == {
+        "type": "Patient",
+        "identifier": {"system": PATIENT_SYSTEM, "value": "MRN-3"},
+    }

