@@ -189,6 +189,13 @@ def worker() -> None:
     """Run the scheduled sync worker until SIGTERM/SIGINT (the study in flight finishes first)."""
     settings = _settings()
 
+    if settings.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        from bridge.metrics import REGISTRY
+
+        start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=REGISTRY)
+
     async def run() -> None:
         async with open_runtime(settings) as runtime:
             scheduler = runtime.scheduler()
@@ -426,6 +433,24 @@ def serve(
     except BridgeError as exc:
         raise _fail(exc) from None
     # uvicorn's access log prints raw paths and query strings; the app logs route templates instead.
+    uvicorn.run(api, host=host, port=port, log_config=None, access_log=False, server_header=False)
+
+
+@app.command()
+def run(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port to listen on.")] = 8000,
+) -> None:
+    """Run the resolver API and the scheduled sync worker in one process, until stopped."""
+    import uvicorn
+
+    from bridge.api.app import create_app
+
+    settings = _settings()
+    try:
+        api = create_app(settings, run_scheduler=True)
+    except BridgeError as exc:
+        raise _fail(exc) from None
     uvicorn.run(api, host=host, port=port, log_config=None, access_log=False, server_header=False)
 
 

@@ -268,6 +268,13 @@ class Settings(BaseSettings):
     reconcile_cron: str | None = Field(
         default=None, description="Crontab expression for reconciliation sweeps, e.g. '0 2 * * *'"
     )
+    metrics_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="bridge worker: serve Prometheus /metrics on this port (bridge run/serve use the API's)",
+    )
+    metrics_host: str = Field(default="127.0.0.1", description="Address of the worker's metrics server")
     poll_window_days: int = Field(
         default=2, ge=0, le=3650, description="Incremental cycles poll studies dated this many days back"
     )

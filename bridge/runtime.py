@@ -69,6 +69,32 @@ class Runtime:
     worker: SyncWorker
     changes: ChangeSource
 
+    def on_demand_worker(self) -> SyncWorker:
+        """A worker of its own for one on-demand sync, sharing clients and store with the others.
+
+        Its own Publisher keeps its counters and Patient links apart from a scheduled cycle that
+        may be running at the same time.
+        """
+        s = self.settings
+        publisher = Publisher(
+            self.fhir,
+            self.store,
+            self.ctx,
+            patient_policy=s.patient_policy,
+            write_strategy=s.write_strategy,
+            order_policy=s.order_policy,
+        )
+        return SyncWorker(
+            self.dicomweb,
+            publisher,
+            self.store,
+            self.ctx,
+            concurrency=1,
+            delete_policy=s.delete_policy,
+            delete_max_fraction=s.delete_max_fraction,
+            read_instance_header=s.read_instance_header,
+        )
+
     def scheduler(self) -> SyncScheduler:
         """The scheduler of incremental cycles and reconciliation sweeps, per the settings."""
         s = self.settings

@@ -17,15 +17,15 @@ from bridge.api import errors
 from bridge.api.deps import Services
 from bridge.api.middleware import ObservabilityMiddleware
 from bridge.api.readiness import ReadinessProbe
-from bridge.api.routes import health, links, metrics, viewer
+from bridge.api.routes import health, links, metrics, record, sync, viewer
 from bridge.api.security import Authenticator
 from bridge.config import Settings, WriteStrategy, get_settings
-from bridge.errors import StoreError
+from bridge.errors import BridgeError, StoreError
 from bridge.fhir.client import FhirClient
 from bridge.http import RetryPolicy
 from bridge.resolve.resolver import Resolver, ResolverConfig
 from bridge.resolve.viewers import configure_viewers, load_viewer_table
-from bridge.runtime import USER_AGENT
+from bridge.runtime import USER_AGENT, open_runtime
 from bridge.state.store import SqlStore
 from bridge.upstream import Service, connection_options
 
@@ -37,6 +37,8 @@ ROUTERS: list[APIRouter] = [
     metrics.router,
     links.router,
     viewer.router,
+    sync.router,
+    record.router,
 ]
 
 # A clinician is waiting: retry a failing FHIR request once, briefly, then answer 503.
@@ -81,10 +83,12 @@ def create_app(
     *,
     routers: Sequence[APIRouter] = ROUTERS,
     transport: httpx.AsyncBaseTransport | None = None,
+    run_scheduler: bool = False,
 ) -> FastAPI:
     """The API for ``settings``; configuration problems raise ConfigurationError here, at start-up.
 
     ``transport`` replaces the network for the app's outgoing HTTP (tests pass a MockTransport).
+    ``run_scheduler`` also runs the scheduled sync worker in the app's lifespan (``bridge run``).
     """
     viewers = configure_viewers(
         load_viewer_table(settings.mappings_dir) if settings.mappings_dir else load_viewer_table(),
@@ -127,6 +131,16 @@ def create_app(
                     )
                 )
             services.resolver = Resolver(fhir, resolver_config(settings))
+            try:  # the sync side: on-demand syncs, and the scheduler under `bridge run`
+                services.runtime = await stack.enter_async_context(open_runtime(settings))
+            except BridgeError as exc:
+                if run_scheduler:
+                    raise
+                logger.warning("on-demand sync unavailable: %s", exc)
+            if run_scheduler and services.runtime is not None:
+                scheduler = services.runtime.scheduler()
+                await scheduler.start()
+                stack.push_async_callback(scheduler.shutdown)
             services.readiness = ReadinessProbe(
                 FhirClient(fhir_http, settings.fhir_base, policy=RetryPolicy(retries=0)),
                 dicomweb_http,

@@ -13,6 +13,7 @@ from bridge.api.security import Authenticator, Caller
 from bridge.config import Settings
 from bridge.resolve.links import StudyLocation, ViewerTemplate
 from bridge.resolve.resolver import Resolver
+from bridge.runtime import Runtime
 
 FHIR_ID_PATTERN = r"^[A-Za-z0-9\-.]{1,64}$"
 UID_PATTERN = r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$"
@@ -29,6 +30,7 @@ class Services:
     viewers: dict[str, ViewerTemplate]
     resolver: Resolver | None = None
     readiness: ReadinessProbe | None = None
+    runtime: Runtime | None = None
 
 
 def services(request: Request) -> Services:

@@ -1,0 +1,71 @@
+"""On-demand sync: a PACS (or a person) asks for one study to be synced now."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel, Field
+
+from bridge.api.deps import ServicesDep, StudyUid, caller
+from bridge.api.errors import ERROR_RESPONSES
+from bridge.errors import UpstreamUnavailableError
+from bridge.resolve.errors import StudyNotFoundError
+
+router = APIRouter(tags=["sync"], dependencies=[Depends(caller)], responses=ERROR_RESPONSES)
+
+
+class ParkedStudyOut(BaseModel):
+    """A study the sync parked, and why."""
+
+    study_uid: str
+    kind: str
+    attribute: str | None
+    reason: str
+
+
+class SyncResult(BaseModel):
+    """What an on-demand sync did."""
+
+    run: int = Field(description="Id of the run record in the state store")
+    status: str = Field(description="ok, parked or failed")
+    created: int
+    updated: int
+    unchanged: int
+    parked: int
+    deleted: int = Field(description="1 when the study is gone from the archive and was retired")
+    parked_studies: list[ParkedStudyOut]
+    deletions: list[dict[str, str]]
+
+
+@router.post(
+    "/studies/{study_uid}/sync",
+    response_model=SyncResult,
+    summary="Sync one study now (for a PACS to call when a study becomes stable)",
+)
+async def sync_study(study_uid: StudyUid, s: ServicesDep) -> Any:
+    """Sync the study from the archive to the FHIR server now, with the scheduled sync's rules.
+
+    A study the archive no longer has, but the bridge published, is retired per
+    BRIDGE_DELETE_POLICY; one the bridge never saw answers 404.
+    """
+    if s.runtime is None:
+        raise UpstreamUnavailableError("the sync side could not be opened", service="fhir")
+    report = await s.runtime.on_demand_worker().run_studies([study_uid], kind="on-demand")
+    c = report.counts
+    if c.seen == 0 and not report.deletions:
+        raise StudyNotFoundError("the archive has no study with that Study Instance UID")
+    return SyncResult(
+        run=report.run_id,
+        status=report.status,
+        created=c.created,
+        updated=c.updated,
+        unchanged=c.unchanged,
+        parked=c.parked,
+        deleted=c.deleted,
+        parked_studies=[
+            ParkedStudyOut(study_uid=p.study_uid, kind=p.kind, attribute=p.attribute, reason=p.reason)
+            for p in report.parked
+        ],
+        deletions=report.deletions,
+    )
