@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 import time
+from contextlib import AsyncExitStack
 from datetime import date, datetime, timedelta
 from enum import IntEnum
 from typing import Annotated, Any
@@ -22,7 +23,7 @@ from bridge.config import Settings, load_settings
 from bridge.errors import BridgeError, ConfigurationError, StoreError, UpstreamAuthError, UpstreamError
 from bridge.runtime import open_runtime
 from bridge.state.store import SqlStore
-from bridge.sync.worker import RunReport
+from bridge.sync.worker import Preview, RunReport
 
 logger = logging.getLogger("bridge")
 
@@ -114,6 +115,11 @@ def _report_dict(report: RunReport, seconds: float) -> dict[str, Any]:
     }
 
 
+SourceOption = Annotated[
+    str | None, typer.Option("--source", help="Only this source (a name in BRIDGE_SOURCES).")
+]
+
+
 @app.command()
 def sync(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
@@ -128,9 +134,48 @@ def sync(
             help="Also apply BRIDGE_DELETE_POLICY to published studies gone from the archive.",
         ),
     ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Show per study what would be created or changed (element paths); write nothing.",
+        ),
+    ] = False,
+    source: SourceOption = None,
 ) -> None:
-    """Sync every study in the archive once (or the --study ones), then exit (1 if any parked)."""
-    settings = _settings()
+    """Sync every study in the archive once (or the --study ones), then exit (1 if any parked).
+
+    With several sources (BRIDGE_SOURCES), each is synced in turn (or only --source NAME); the
+    exit code is the worst of theirs.
+    """
+    sources = _sources(_settings(), source)
+    if dry_run:
+        for settings in sources:
+            _dry_run(settings, study or [], as_json)
+        return
+    codes = [_sync_source(settings, study or [], reconcile, as_json) for settings in sources]
+    raise typer.Exit(max(codes))
+
+
+def _sources(settings: Settings, name: str | None) -> list[Settings]:
+    try:
+        every = settings.for_each_source()
+    except ConfigurationError as exc:
+        raise _fail(exc) from None
+    if name is None:
+        return every
+    chosen = [s for s in every if s.source_name == name]
+    if not chosen:
+        err.print(
+            f"[red]error:[/red] --source {name!r} is not one of: {', '.join(s.source_name for s in every)}",
+            highlight=False,
+        )
+        raise typer.Exit(ExitCode.CONFIGURATION)
+    return chosen
+
+
+def _sync_source(settings: Settings, study: list[str], reconcile: bool, as_json: bool) -> int:
+    """One source's sync; returns its exit code (upstream failures are reported, not raised)."""
     if study and reconcile:
         err.print("[red]error:[/red] --study and --reconcile cannot be combined", highlight=False)
         raise typer.Exit(ExitCode.CONFIGURATION)
@@ -151,13 +196,40 @@ def sync(
     try:
         report = _unwrap_run(asyncio.run, run())
     except BridgeError as exc:
-        raise _fail(exc) from None
+        return int(_fail(exc).exit_code)
     summary = _report_dict(report, time.perf_counter() - started)
     if as_json:
-        out.print_json(data=summary)
+        out.print_json(data={"source": settings.source_name, **summary})
     else:
         _print_summary(settings, report, summary)
-    raise typer.Exit(ExitCode.PARKED if report.counts.parked else ExitCode.OK)
+    return ExitCode.PARKED if report.counts.parked else ExitCode.OK
+
+
+def _dry_run(settings: Settings, study_uids: list[str], as_json: bool) -> None:
+    async def run() -> list[Preview]:
+        async with open_runtime(settings) as runtime:
+            return await runtime.worker.preview(study_uids=study_uids)
+
+    try:
+        previews = asyncio.run(run())
+    except BridgeError as exc:
+        raise _fail(exc) from None
+    rows = [
+        {"study_uid": p.study_uid, "action": p.action, "changes": list(p.changes), "reason": p.reason}
+        for p in previews
+    ]
+    if as_json:
+        out.print_json(data={"dry_run": True, "studies": rows})
+        return
+    counts = {a: sum(1 for p in previews if p.action == a) for a in ("create", "update", "unchanged", "park")}
+    out.print(
+        "dry run, nothing written: " + ", ".join(f"{k} {v}" for k, v in counts.items()), highlight=False
+    )
+    for p in previews:
+        if p.action == "unchanged":
+            continue
+        detail = ", ".join(p.changes) if p.changes else (p.reason or "")
+        out.print(f"  {p.action:6} {p.study_uid}  {detail}", highlight=False)
 
 
 def _print_summary(settings: Settings, report: RunReport, summary: dict[str, Any]) -> None:
@@ -197,12 +269,16 @@ def worker() -> None:
         start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=REGISTRY)
 
     async def run() -> None:
-        async with open_runtime(settings) as runtime:
-            scheduler = runtime.scheduler()
-            await scheduler.start()
+        async with AsyncExitStack() as stack:
+            schedulers = []
+            for each in _sources(settings, None):
+                runtime = await stack.enter_async_context(open_runtime(each))
+                schedulers.append(runtime.scheduler())
+            for scheduler in schedulers:
+                await scheduler.start()
             await _until_signalled(asyncio.Event())
             logger.info("stopping: finishing the studies in flight")
-            await scheduler.shutdown()
+            await asyncio.gather(*(s.shutdown() for s in schedulers))
 
     try:
         asyncio.run(run())
@@ -223,9 +299,14 @@ def backfill(
     from_: Annotated[str, typer.Option("--from", help="First StudyDate, YYYY-MM-DD.")],
     to: Annotated[str, typer.Option("--to", help="Last StudyDate, YYYY-MM-DD.")],
     slice_days: Annotated[int, typer.Option(min=1, max=366, help="Days per QIDO slice.")] = 1,
+    source: SourceOption = None,
 ) -> None:
     """First load of a large archive, in StudyDate slices; resumes where an interrupted one stopped."""
-    settings = _settings()
+    codes = [_backfill(each, from_, to, slice_days) for each in _sources(_settings(), source)]
+    raise typer.Exit(max(codes))
+
+
+def _backfill(settings: Settings, from_: str, to: str, slice_days: int) -> int:
     first, last = _parse_day(from_, "--from"), _parse_day(to, "--to")
     if first > last:
         err.print("[red]error:[/red] --from is after --to", highlight=False)
@@ -255,11 +336,14 @@ def backfill(
                     progress.advance(task)
 
     try:
-        asyncio.run(run())
+        _unwrap_run(asyncio.run, run())
     except BridgeError as exc:
-        raise _fail(exc) from None
-    out.print(", ".join(f"{k} {v}" for k, v in totals.items()), highlight=False)
-    raise typer.Exit(ExitCode.PARKED if totals["parked"] else ExitCode.OK)
+        return int(_fail(exc).exit_code)
+    out.print(
+        f"source {settings.source_name}: " + ", ".join(f"{k} {v}" for k, v in totals.items()),
+        highlight=False,
+    )
+    return ExitCode.PARKED if totals["parked"] else ExitCode.OK
 
 
 def backfill_slices(first: date, last: date, days: int) -> list[tuple[date, date]]:
@@ -281,23 +365,26 @@ def _iso(value: Any) -> str | None:
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
     runs: Annotated[int, typer.Option(min=1, max=100, help="How many recent runs to show.")] = 5,
+    source: SourceOption = None,
 ) -> None:
     """Show what the state store knows: counts, recent runs, parked studies with reasons."""
     settings = _settings()
+    # With several sources, everything unless --source narrows it.
+    chosen = _sources(settings, source)[0].source_name if source or not settings.sources else None
     try:
         store = SqlStore(settings.state_url)
     except StoreError as exc:
         raise _fail(exc) from None
     try:
-        counts = store.counts(settings.source_name)
+        counts = store.counts(chosen)
         recent = store.runs(runs)
-        parked = store.parked(settings.source_name)
+        parked = store.parked(chosen)
     except StoreError as exc:
         raise _fail(exc) from None
     finally:
         store.close()
     data: dict[str, Any] = {
-        "source": settings.source_name,
+        "source": chosen or "all",
         "published": counts["published"],
         "parked": counts["parked"],
         "runs": [

@@ -117,6 +117,16 @@ class Settings(BaseSettings):
         validate_default=True,
     )
 
+    # Several sources (config file): each entry overrides the per-source settings below
+    sources: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description=(
+            "Several DICOMweb sources feeding this FHIR server (config file, or JSON): each entry "
+            "has a unique `name` and any per-source setting (dicomweb_*, patient_*, accession_*, "
+            "qido_page_size, change_source, orthanc_url, ...) overriding the top-level value"
+        ),
+    )
+
     # Source: the DICOMweb archive
     dicomweb_url: AnyHttpUrl = Field(
         description="DICOMweb base URL the worker polls (QIDO-RS/WADO-RS), e.g. http://pacs/dicom-web"
@@ -419,6 +429,54 @@ class Settings(BaseSettings):
                 raise ValueError(f"not a crontab expression ({exc})") from exc
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _first_source_is_the_default(cls, data: Any) -> Any:
+        # With several sources, the top level needs no DICOMweb URL of its own.
+        if isinstance(data, dict) and not data.get("dicomweb_url"):
+            sources = data.get("sources")
+            if isinstance(sources, list) and sources and isinstance(sources[0], dict):
+                if sources[0].get("dicomweb_url"):
+                    data = {**data, "dicomweb_url": sources[0]["dicomweb_url"]}
+        return data
+
+    @field_validator("sources")
+    @classmethod
+    def _sources(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        names: set[str] = set()
+        for index, entry in enumerate(value):
+            name = entry.get("name", entry.get("source_name"))
+            if not name:
+                raise ValueError(f"entry {index} has no name")
+            if name in names:
+                raise ValueError(f"two sources are named {name!r}; names must be unique")
+            names.add(str(name))
+            for key in entry:
+                if key not in ("name", "source_name") and not is_per_source(key):
+                    raise ValueError(f"entry {name!r}: {key!r} is not a per-source setting")
+        return value
+
+    def for_each_source(self) -> list[Settings]:
+        """One Settings per source: the top level alone, or each ``sources`` entry over it."""
+        if not self.sources:
+            return [self]
+        base = self.model_dump(exclude={"sources"})
+        result = []
+        for entry in self.sources:
+            data = {**base, "dicomweb_public_url": None, "sources": []}
+            data.update({("source_name" if k == "name" else k): v for k, v in entry.items()})
+            try:
+                result.append(type(self)(**data))
+            except ValidationError as exc:
+                details = "; ".join(
+                    f"{'.'.join(str(p) for p in e['loc']) or 'entry'}: {e['msg']}"
+                    for e in exc.errors(include_input=False)
+                )
+                raise ConfigurationError(
+                    f"invalid configuration: BRIDGE_SOURCES entry {data['source_name']!r}: {details}"
+                ) from None
+        return result
+
     @model_validator(mode="after")
     def _defaults(self) -> Settings:
         if self.dicomweb_public_url is None:
@@ -504,6 +562,32 @@ class Settings(BaseSettings):
         if config_file:
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
         return tuple(sources)
+
+
+PER_SOURCE_SETTINGS = frozenset(
+    {
+        "source_name",
+        "qido_page_size",
+        "patient_policy",
+        "patient_identifier_system",
+        "patient_issuer_systems",
+        "accession_identifier_system",
+        "accession_issuer_systems",
+        "dicom_timezone",
+        "include_instances",
+        "max_instances",
+        "read_instance_header",
+        "change_source",
+        "orthanc_url",
+        "poll_window_days",
+        "delete_policy",
+    }
+)
+
+
+def is_per_source(name: str) -> bool:
+    """Whether a setting may differ between sources (everything about the archive side)."""
+    return name in PER_SOURCE_SETTINGS or name.startswith("dicomweb_")
 
 
 def _describe(error: dict[str, Any]) -> str:

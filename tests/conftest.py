@@ -34,6 +34,17 @@ def orthanc() -> Iterator[object]:
 
 
 @pytest.fixture(scope="session")
+def orthanc_b() -> Iterator[object]:
+    """A second, independent Orthanc: another archive feeding the same FHIR server."""
+    from tests.stack.orthanc import OrthancServer, ensure_installed
+
+    ensure_installed()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with OrthancServer(name="bridge-test-b", log_path=ARTIFACTS / "orthanc-b.log") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
 def fhir_server() -> Iterator[object]:
     """The Medplum-based FHIR R4 test server on a free loopback port."""
     from tests.stack.fhir import FhirTestServer

@@ -17,7 +17,7 @@ from bridge.api import errors
 from bridge.api.deps import Services
 from bridge.api.middleware import ObservabilityMiddleware
 from bridge.api.readiness import ReadinessProbe
-from bridge.api.routes import health, links, metrics, record, sync, viewer
+from bridge.api.routes import failures, health, links, metrics, record, sync, viewer
 from bridge.api.security import Authenticator
 from bridge.config import Settings, WriteStrategy, get_settings
 from bridge.errors import BridgeError, StoreError
@@ -39,6 +39,7 @@ ROUTERS: list[APIRouter] = [
     viewer.router,
     sync.router,
     record.router,
+    failures.router,
 ]
 
 # A clinician is waiting: retry a failing FHIR request once, briefly, then answer 503.
@@ -68,7 +69,9 @@ def resolver_config(settings: Settings) -> ResolverConfig:
     """The resolver's inputs from the settings."""
     return ResolverConfig(
         fhir_base=settings.fhir_base,
-        dicomweb_bases=(settings.public_base, settings.dicomweb_base),
+        dicomweb_bases=tuple(
+            base for each in settings.for_each_source() for base in (each.public_base, each.dicomweb_base)
+        ),
         source_name=settings.source_name,
         deterministic_ids=settings.write_strategy is WriteStrategy.CLIENT_ID,
         accession_system=settings.accession_identifier_system,
@@ -131,16 +134,18 @@ def create_app(
                     )
                 )
             services.resolver = Resolver(fhir, resolver_config(settings))
-            try:  # the sync side: on-demand syncs, and the scheduler under `bridge run`
-                services.runtime = await stack.enter_async_context(open_runtime(settings))
+            try:  # the sync side, per source: on-demand syncs, and the scheduler under `bridge run`
+                for each in settings.for_each_source():
+                    services.runtimes.append(await stack.enter_async_context(open_runtime(each)))
             except BridgeError as exc:
                 if run_scheduler:
                     raise
                 logger.warning("on-demand sync unavailable: %s", exc)
-            if run_scheduler and services.runtime is not None:
-                scheduler = services.runtime.scheduler()
-                await scheduler.start()
-                stack.push_async_callback(scheduler.shutdown)
+            if run_scheduler:
+                for runtime in services.runtimes:
+                    scheduler = runtime.scheduler()
+                    await scheduler.start()
+                    stack.push_async_callback(scheduler.shutdown)
             services.readiness = ReadinessProbe(
                 FhirClient(fhir_http, settings.fhir_base, policy=RetryPolicy(retries=0)),
                 dicomweb_http,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Path, Query, Request, Security
@@ -30,7 +30,7 @@ class Services:
     viewers: dict[str, ViewerTemplate]
     resolver: Resolver | None = None
     readiness: ReadinessProbe | None = None
-    runtime: Runtime | None = None
+    runtimes: list[Runtime] = field(default_factory=list)  # one per source
 
 
 def services(request: Request) -> Services:

@@ -54,6 +54,14 @@ SERIES_FIELDS = (
     "00081050",  # PerformingPhysicianName
     "00081070",  # OperatorsName
 )
+HEADER_FIELDS = (
+    "00080090",  # ReferringPhysicianName
+    "00080051",  # IssuerOfAccessionNumberSequence
+    "00100024",  # IssuerOfPatientIDQualifiersSequence
+    "00101002",  # OtherPatientIDsSequence
+    "00081032",  # ProcedureCodeSequence
+    "0040100A",  # ReasonForRequestedProcedureCodeSequence
+)
 INSTANCE_FIELDS = (
     "00080018",  # SOPInstanceUID
     "00080016",  # SOPClassUID
@@ -316,7 +324,8 @@ def _header_fields(ds: Dataset) -> dict[str, Any]:
 
 def with_header(study: StudyRecord, header: DicomJson) -> StudyRecord:
     """The study completed from an instance header: what QIDO left out is taken from the header."""
-    ds = _dataset(header, "instance header")
+    # Only the attributes read here: a full header also holds bulk data (pixels) by reference.
+    ds = _dataset({tag: header[tag] for tag in HEADER_FIELDS if tag in header}, "instance header")
     found = _header_fields(ds)
     updates = {k: v for k, v in found.items() if v and not getattr(study, k)}
     return replace(study, **updates) if updates else study

@@ -12,7 +12,7 @@ from bridge.dicomweb.records import StudyRecord, digest
 from bridge.errors import FatalUpstreamError, MappingError, PatientLinkError, VersionConflictError
 from bridge.fhir.client import WriteResult
 from bridge.mapping.context import BRIDGE_TAG_SYSTEM, MappingContext
-from bridge.mapping.endpoint import endpoint_identifier, map_endpoint
+from bridge.mapping.endpoint import endpoint_id, endpoint_identifier, map_endpoint
 from bridge.mapping.identifiers import (
     PatientKey,
     accession_identifier,
@@ -25,6 +25,8 @@ from bridge.mapping.validate import validate
 from bridge.sync.protocols import FhirSink, StateStore
 
 logger = logging.getLogger(__name__)
+
+NEW_PATIENT = "(new)"  # a dry run's stand-in for a Patient the sync would create
 
 
 class Publisher:
@@ -53,6 +55,7 @@ class Publisher:
         self._policy = patient_policy
         self._strategy = write_strategy
         self._order_policy = order_policy
+        self.dry_run = False  # read, never write (bridge sync --dry-run)
         self._patients: dict[PatientKey, str] = {}
         self._patient_locks: dict[PatientKey, asyncio.Lock] = {}
         self.writes = 0
@@ -95,6 +98,8 @@ class Publisher:
         async with lock:  # one lookup per patient per run, even with studies in parallel
             if key not in self._patients:
                 self._patients[key] = await self._find_or_create_patient(study, key)
+        if self._patients[key] == NEW_PATIENT:
+            return {"display": "a new Patient, created by the sync"}
         return {"reference": f"Patient/{self._patients[key]}"}
 
     async def _find_or_create_patient(self, study: StudyRecord, key: PatientKey) -> str:
@@ -111,6 +116,11 @@ class Publisher:
             return str(matches[0]["id"])
         patient = map_patient(study, key, self._ctx)
         validate(patient)
+        if self.dry_run:
+            matches = await self._fhir.search("Patient", {"identifier": key.search()})
+            if len(matches) > 1:
+                raise _ambiguous(key)
+            return str(matches[0]["id"]) if matches else NEW_PATIENT
         try:
             result = await self._fhir.conditional_create(patient, urlencode({"identifier": key.search()}))
         except VersionConflictError as exc:
@@ -119,6 +129,24 @@ class Publisher:
             self.writes += 1
             logger.info("created Patient/%s", result.id)
         return result.id
+
+    async def endpoint_reference(self) -> str:
+        """The Endpoint reference without writing anything (for dry runs)."""
+        published = await asyncio.to_thread(self._store.published_endpoint, self._ctx.source_name)
+        if published is not None:
+            return f"Endpoint/{published[1]}"
+        if self._strategy is WriteStrategy.CLIENT_ID:
+            return f"Endpoint/{endpoint_id(self._ctx)}"
+        found = await self._fhir.search("Endpoint", {"identifier": _token(endpoint_identifier(self._ctx))})
+        return f"Endpoint/{found[0]['id']}" if found else "Endpoint/new"
+
+    async def current_study(self, resource: dict[str, Any]) -> dict[str, Any] | None:
+        """What the FHIR server holds now for this ImagingStudy, if anything."""
+        if self._strategy is WriteStrategy.CLIENT_ID:
+            return await self._fhir.read("ImagingStudy", resource["id"])
+        uid = resource["identifier"][0]["value"].removeprefix("urn:oid:")
+        found = await self._fhir.search("ImagingStudy", {"identifier": study_search(uid)})
+        return found[0] if found else None
 
     async def based_on(self, study: StudyRecord) -> list[dict[str, Any]]:
         """ImagingStudy.basedOn per the order policy: the ServiceRequest with the accession number.

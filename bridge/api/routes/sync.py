@@ -27,7 +27,7 @@ class ParkedStudyOut(BaseModel):
 class SyncResult(BaseModel):
     """What an on-demand sync did."""
 
-    run: int = Field(description="Id of the run record in the state store")
+    runs: list[int] = Field(description="Ids of the run records in the state store (one per source)")
     status: str = Field(description="ok, parked or failed")
     created: int
     updated: int
@@ -49,23 +49,31 @@ async def sync_study(study_uid: StudyUid, s: ServicesDep) -> Any:
     A study the archive no longer has, but the bridge published, is retired per
     BRIDGE_DELETE_POLICY; one the bridge never saw answers 404.
     """
-    if s.runtime is None:
+    if not s.runtimes:
         raise UpstreamUnavailableError("the sync side could not be opened", service="fhir")
-    report = await s.runtime.on_demand_worker().run_studies([study_uid], kind="on-demand")
-    c = report.counts
-    if c.seen == 0 and not report.deletions:
-        raise StudyNotFoundError("the archive has no study with that Study Instance UID")
+    # Every source is asked: each publishes (or retires) its own copy of the study.
+    reports = [await r.on_demand_worker().run_studies([study_uid], kind="on-demand") for r in s.runtimes]
+    acted = [r for r in reports if r.counts.seen or r.deletions]
+    if not acted:
+        raise StudyNotFoundError("no archive has a study with that Study Instance UID")
+
+    def total(name: str) -> int:
+        return sum(getattr(r.counts, name) for r in acted)
+
     return SyncResult(
-        run=report.run_id,
-        status=report.status,
-        created=c.created,
-        updated=c.updated,
-        unchanged=c.unchanged,
-        parked=c.parked,
-        deleted=c.deleted,
+        runs=[r.run_id for r in acted],
+        status="failed"
+        if any(r.status == "failed" for r in acted)
+        else ("parked" if total("parked") else "ok"),
+        created=total("created"),
+        updated=total("updated"),
+        unchanged=total("unchanged"),
+        parked=total("parked"),
+        deleted=total("deleted"),
         parked_studies=[
             ParkedStudyOut(study_uid=p.study_uid, kind=p.kind, attribute=p.attribute, reason=p.reason)
-            for p in report.parked
+            for r in acted
+            for p in r.parked
         ],
-        deletions=report.deletions,
+        deletions=[d for r in acted for d in r.deletions],
     )
