@@ -504,40 +504,33 @@ def _unwrap_run(runner: Any, coroutine: Any) -> Any:
         raise
 
 
+HostOption = Annotated[str, typer.Option(help="Address to listen on.")]
+PortOption = Annotated[int, typer.Option(min=1, max=65535, help="TCP port to listen on.")]
+
+
 @app.command()
-def serve(
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port to listen on.")] = 8000,
-) -> None:
-    """Serve the resolver API (links, viewer redirects, health, metrics) until stopped."""
+def serve(host: HostOption = "127.0.0.1", port: PortOption = 8000) -> None:
+    """Serve the resolver API (links, viewer redirects, on-demand sync, health, metrics) until stopped."""
+    _serve(host, port, run_scheduler=False)
+
+
+@app.command()
+def run(host: HostOption = "127.0.0.1", port: PortOption = 8000) -> None:
+    """Run the resolver API and the scheduled sync worker in one process, until stopped."""
+    _serve(host, port, run_scheduler=True)
+
+
+def _serve(host: str, port: int, *, run_scheduler: bool) -> None:
     import uvicorn
 
     from bridge.api.app import create_app
 
     settings = _settings()
     try:
-        api = create_app(settings)
+        api = create_app(settings, run_scheduler=run_scheduler)
     except BridgeError as exc:
         raise _fail(exc) from None
     # uvicorn's access log prints raw paths and query strings; the app logs route templates instead.
-    uvicorn.run(api, host=host, port=port, log_config=None, access_log=False, server_header=False)
-
-
-@app.command()
-def run(
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port to listen on.")] = 8000,
-) -> None:
-    """Run the resolver API and the scheduled sync worker in one process, until stopped."""
-    import uvicorn
-
-    from bridge.api.app import create_app
-
-    settings = _settings()
-    try:
-        api = create_app(settings, run_scheduler=True)
-    except BridgeError as exc:
-        raise _fail(exc) from None
     uvicorn.run(api, host=host, port=port, log_config=None, access_log=False, server_header=False)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -65,15 +65,14 @@ class Runtime:
     store: SqlStore
     dicomweb: DicomwebClient
     fhir: FhirClient
-    publisher: Publisher
-    worker: SyncWorker
     changes: ChangeSource
+    worker: SyncWorker = field(init=False)  # the scheduled one; see new_worker
 
-    def on_demand_worker(self) -> SyncWorker:
-        """A worker of its own for one on-demand sync, sharing clients and store with the others.
+    def new_worker(self, concurrency: int = 1) -> SyncWorker:
+        """A worker with a Publisher of its own, sharing the clients and the store.
 
-        Its own Publisher keeps its counters and Patient links apart from a scheduled cycle that
-        may be running at the same time.
+        The scheduled worker is one; an on-demand sync takes another, so its counters and
+        Patient links never mix with those of a cycle running at the same time.
         """
         s = self.settings
         publisher = Publisher(
@@ -89,7 +88,7 @@ class Runtime:
             publisher,
             self.store,
             self.ctx,
-            concurrency=1,
+            concurrency=concurrency,
             delete_policy=s.delete_policy,
             delete_max_fraction=s.delete_max_fraction,
             read_instance_header=s.read_instance_header,
@@ -136,25 +135,9 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
                 dicomweb_http, settings.dicomweb_base, policy=policy, page_size=settings.qido_page_size
             )
             fhir = FhirClient(fhir_http, settings.fhir_base, policy=fhir_policy)
-            publisher = Publisher(
-                fhir,
-                store,
-                ctx,
-                patient_policy=settings.patient_policy,
-                write_strategy=settings.write_strategy,
-                order_policy=settings.order_policy,
-            )
-            worker = SyncWorker(
-                dicomweb,
-                publisher,
-                store,
-                ctx,
-                concurrency=settings.sync_concurrency,
-                delete_policy=settings.delete_policy,
-                delete_max_fraction=settings.delete_max_fraction,
-                read_instance_header=settings.read_instance_header,
-            )
             changes = change_source(settings, dicomweb_http, store, policy)
-            yield Runtime(settings, ctx, store, dicomweb, fhir, publisher, worker, changes)
+            runtime = Runtime(settings, ctx, store, dicomweb, fhir, changes)
+            runtime.worker = runtime.new_worker(settings.sync_concurrency)
+            yield runtime
     finally:
         store.close()

@@ -285,12 +285,17 @@ def _person_name(ds: Dataset, keyword: str) -> str | None:
     return str(ds[keyword].value).strip() or None
 
 
+def _required(ds: Dataset, keyword: str) -> str:
+    value = _text(ds, keyword)
+    if value is None:
+        raise MappingError(f"{keyword} is missing", attribute=keyword)
+    return value
+
+
 def parse_study(row: DicomJson) -> StudyRecord:
     """Parse a study-level QIDO-RS row; raises MappingError naming the attribute at fault."""
     ds = _dataset(row, "study")
-    uid = _text(ds, "StudyInstanceUID")
-    if uid is None:
-        raise MappingError("StudyInstanceUID is missing", attribute="StudyInstanceUID")
+    uid = _required(ds, "StudyInstanceUID")
     return StudyRecord(
         uid=uid,
         date=_text(ds, "StudyDate"),
@@ -334,9 +339,7 @@ def with_header(study: StudyRecord, header: DicomJson) -> StudyRecord:
 def parse_series(row: DicomJson) -> SeriesRecord:
     """Parse a series-level QIDO-RS row; raises MappingError naming the attribute at fault."""
     ds = _dataset(row, "series")
-    uid = _text(ds, "SeriesInstanceUID")
-    if uid is None:
-        raise MappingError("SeriesInstanceUID is missing", attribute="SeriesInstanceUID")
+    uid = _required(ds, "SeriesInstanceUID")
     return SeriesRecord(
         uid=uid,
         number=_int(ds, "SeriesNumber"),
@@ -354,9 +357,7 @@ def parse_series(row: DicomJson) -> SeriesRecord:
 def parse_instance(row: DicomJson) -> InstanceRecord:
     """Parse an instance-level QIDO-RS row; raises MappingError naming the attribute at fault."""
     ds = _dataset(row, "instance")
-    uid = _text(ds, "SOPInstanceUID")
-    if uid is None:
-        raise MappingError("SOPInstanceUID is missing", attribute="SOPInstanceUID")
+    uid = _required(ds, "SOPInstanceUID")
     series_uid = _text(ds, "SeriesInstanceUID")
     if series_uid is None:
         raise MappingError("an instance has no SeriesInstanceUID", attribute="SeriesInstanceUID")

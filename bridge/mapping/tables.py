@@ -24,13 +24,18 @@ class Code(BaseModel):
     display: str = Field(min_length=1)
 
 
-class CodeTable(BaseModel):
-    """A DICOM defined term -> code table, with where it came from."""
+class TableFile(BaseModel):
+    """What every file in ``mappings/`` states: its title and where its content came from."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     title: str
-    source: str = Field(min_length=1, description="DICOM part, table and edition it came from")
-    fhir: str = Field(min_length=1, description="FHIR version and element it feeds")
+    source: str = Field(min_length=1, description="the standard (part, table, edition) it came from")
+    fhir: str = Field(min_length=1, description="FHIR version and the element it feeds")
+
+
+class CodeTable(TableFile):
+    """A DICOM defined term -> code table."""
+
     system: str = Field(pattern=r"^[a-z][a-z0-9+.-]*:\S+$")
     codes: dict[str, Code]
     notes: str | None = None
@@ -61,13 +66,9 @@ class CodeTable(BaseModel):
         return {"system": self.system, "code": entry.code, "display": entry.display}
 
 
-class SchemeTable(BaseModel):
-    """Coding Scheme Designator -> FHIR code system URI, with where it came from."""
+class SchemeTable(TableFile):
+    """Coding Scheme Designator -> FHIR code system URI."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    title: str
-    source: str = Field(min_length=1)
-    fhir: str = Field(min_length=1)
     schemes: dict[str, str]
 
     @field_validator("schemes")

@@ -7,11 +7,10 @@ from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from bridge.errors import ConfigurationError
-from bridge.mapping.tables import BUNDLED_MAPPINGS
+from bridge.mapping.tables import BUNDLED_MAPPINGS, TableFile, load_table
 from bridge.resolve.links import PLACEHOLDERS, ViewerTemplate, template_fields
 
 VIEWERS_FILE = "viewers.yaml"
@@ -41,13 +40,9 @@ class Viewer(BaseModel):
         return _check_template(value)
 
 
-class ViewerTable(BaseModel):
+class ViewerTable(TableFile):
     """The whole file: provenance, the documented placeholders, and the viewers."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    title: str
-    source: str = Field(min_length=1)
-    fhir: str = Field(min_length=1)
     placeholders: dict[str, str]
     viewers: dict[str, Viewer]
 
@@ -70,13 +65,8 @@ class ViewerTable(BaseModel):
 @lru_cache(maxsize=4)
 def load_viewer_table(folder: Path = BUNDLED_MAPPINGS) -> ViewerTable:
     """Load and validate ``viewers.yaml``; a broken file is a ConfigurationError naming it."""
-    path = folder / VIEWERS_FILE
-    try:
-        with path.open(encoding="utf-8") as handle:
-            data = yaml.safe_load(handle)
-        return ViewerTable.model_validate(data)
-    except (OSError, yaml.YAMLError, ValidationError) as exc:
-        raise ConfigurationError(f"viewer table {path}: {exc}") from exc
+    # The same strict loader as the code tables (duplicate keys refused, errors name the file).
+    return load_table(folder / VIEWERS_FILE, ViewerTable)
 
 
 def configure_viewers(

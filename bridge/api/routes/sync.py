@@ -52,7 +52,7 @@ async def sync_study(study_uid: StudyUid, s: ServicesDep) -> Any:
     if not s.runtimes:
         raise UpstreamUnavailableError("the sync side could not be opened", service="fhir")
     # Every source is asked: each publishes (or retires) its own copy of the study.
-    reports = [await r.on_demand_worker().run_studies([study_uid], kind="on-demand") for r in s.runtimes]
+    reports = [await r.new_worker().run_studies([study_uid], kind="on-demand") for r in s.runtimes]
     acted = [r for r in reports if r.counts.seen or r.deletions]
     if not acted:
         raise StudyNotFoundError("no archive has a study with that Study Instance UID")
