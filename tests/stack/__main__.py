@@ -2,7 +2,10 @@
 
 It starts Orthanc (DICOMweb) and the FHIR test server on loopback, stores the sample studies,
 runs ``bridge sync`` against them, prints the published ImagingStudy ids with a WADO-RS URL for
-each, and keeps the servers up until Ctrl-C (``--exit`` stops them at once).
+each, then starts the OHIF viewer (tests/stack/viewer.py) and the bridge's API (``bridge serve``)
+and ends by printing the address of the record page: a patient's studies, each with an "Open
+images" link through the resolver into the viewer. The servers stay up until Ctrl-C (``--exit``
+stops them at once).
 """
 
 from __future__ import annotations
@@ -15,13 +18,15 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import httpx
 
 from tests.stack.fhir import FhirTestServer
-from tests.stack.orthanc import OrthancServer, ensure_installed
+from tests.stack.orthanc import OrthancServer, ensure_installed, free_loopback_port
 from tests.stack.samples import load_demo
+from tests.stack.viewer import ViewerServer
 
 DEMO_ISSUERS = {
     "HOSP-A": "urn:oid:1.2.826.0.1.3680043.10.1001",
@@ -39,13 +44,45 @@ def _port(preferred: int) -> int | None:
     return preferred
 
 
+def _start_api(env: dict[str, str], port: int, log_path: Path) -> subprocess.Popen[bytes]:
+    """``bridge serve`` on loopback, once it answers /healthz."""
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bridge", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    process.terminate()
+    raise RuntimeError(f"bridge serve did not start; see {log_path}")
+
+
+def _record_patient(fhir_base: str) -> str | None:
+    """The FHIR id of a demo patient with several studies (Doe^Jane), for the printed link."""
+    bundle = httpx.get(f"{fhir_base}/Patient", params={"family": "Doe"}, timeout=30).json()
+    for entry in bundle.get("entry", []):
+        return str(entry["resource"]["id"])
+    return None
+
+
 def demo(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bridge-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    print(f"Installing Orthanc from Debian's packages if needed ...", flush=True)
+    print("Installing Orthanc from Debian's packages if needed ...", flush=True)
     ensure_installed()
     orthanc = OrthancServer(name="bridge-demo", http_port=_port(8042), log_path=workdir / "orthanc.log")
     fhir = FhirTestServer(port=_port(8103), log_path=workdir / "fhir-server.log")
+    viewer = ViewerServer(orthanc.dicomweb_url, port=_port(3000))
+    api: subprocess.Popen[bytes] | None = None
     try:
         print("Starting Orthanc and the FHIR test server ...", flush=True)
         orthanc.start()
@@ -79,15 +116,37 @@ def demo(args: argparse.Namespace) -> int:
             print(f"  {fhir.base_url}/ImagingStudy/{study['id']}  {study.get('description', '')}")
             print(f"    WADO-RS metadata: {address}/studies/{uid}/metadata")
         print(f"\nState store: {workdir / 'bridge-state.db'}  (try: BRIDGE_STATE_URL=... bridge status)")
-        if args.exit or not sys.stdin.isatty():
+
+        print("\nStarting the OHIF viewer (npm ci of tests/stack/ohif on first use) ...", flush=True)
+        viewer.start()
+        print(f"  OHIF viewer:      {viewer.base_url}/  (DICOMweb proxied to {orthanc.dicomweb_url})")
+        api_port = _port(8000) or free_loopback_port()
+        env.update(BRIDGE_VIEWER_URLS=json.dumps({"ohif": viewer.base_url}), BRIDGE_DEFAULT_VIEWER="ohif")
+        print(f"$ bridge serve --port {api_port}", flush=True)
+        api = _start_api(env, api_port, workdir / "bridge-api.log")
+        record = f"http://127.0.0.1:{api_port}/record"
+        patient = _record_patient(fhir.base_url)
+        keep = sys.stdin.isatty() and not args.exit
+        if keep:
+            print("\nThe servers keep running; press Ctrl-C to stop them.")
+        print('\nOpen the record in a browser and click "Open images":')
+        print(f"  {record}" + (f"/patients/{patient}" if patient else ""))
+        print(f"  (every patient: {record})", flush=True)
+        if not keep:
             return 0
-        print("\nThe servers keep running; press Ctrl-C to stop them.", flush=True)
         try:
             signal.pause()
         except KeyboardInterrupt:
             pass
         return 0
     finally:
+        if api is not None:
+            api.terminate()
+            try:
+                api.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                api.kill()
+        viewer.stop()
         fhir.stop()
         orthanc.stop()
 
@@ -95,7 +154,7 @@ def demo(args: argparse.Namespace) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.stack")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="start the stack, load samples, sync, print links")
+    p = sub.add_parser("demo", help="start the stack, load samples, sync, serve the record page and viewer")
     p.add_argument("--exit", action="store_true", help="stop the servers after printing")
     p.add_argument("--workdir", help="folder for logs and the state store (default: a temp dir)")
     p.set_defaults(func=demo)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -37,6 +38,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
+from typing import Self
+
 import httpx
 import uvicorn
 from starlette.applications import Starlette
@@ -136,7 +139,9 @@ class SinglePageFiles(StaticFiles):
             last = path.rsplit("/", 1)[-1]
             if exc.status_code != 404 or "." in last:
                 raise  # a missing script or image stays a 404 rather than HTML in disguise
-            return FileResponse(Path(str(self.directory)) / "index.html", headers={"Cache-Control": "no-cache"})
+            return FileResponse(
+                Path(str(self.directory)) / "index.html", headers={"Cache-Control": "no-cache"}
+            )
 
 
 class IsolationHeaders:
@@ -160,7 +165,9 @@ class IsolationHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
-def build_app(dist_dir: Path, dicomweb_url: str, *, transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
+def build_app(
+    dist_dir: Path, dicomweb_url: str, *, transport: httpx.AsyncBaseTransport | None = None
+) -> Starlette:
     """The viewer's ASGI app: config, DICOMweb proxy to ``dicomweb_url``, then OHIF's files."""
     upstream = dicomweb_url.rstrip("/")
     config_js = render_app_config(PROXY_PREFIX)
@@ -190,12 +197,17 @@ def build_app(dist_dir: Path, dicomweb_url: str, *, transport: httpx.AsyncBaseTr
         headers["X-Forwarded-Host"] = request.url.netloc
         headers["X-Forwarded-Proto"] = request.url.scheme
         try:
-            answer = await client.send(client.build_request(request.method, url, headers=headers), stream=True)
+            answer = await client.send(
+                client.build_request(request.method, url, headers=headers), stream=True
+            )
         except httpx.HTTPError as exc:
             return Response(f"archive unreachable ({type(exc).__name__})\n", status_code=502)
         kept = {k: v for k, v in answer.headers.items() if k.lower() not in HOP_BY_HOP}
         return StreamingResponse(
-            answer.aiter_raw(), status_code=answer.status_code, headers=kept, background=BackgroundTask(answer.aclose)
+            answer.aiter_raw(),
+            status_code=answer.status_code,
+            headers=kept,
+            background=BackgroundTask(answer.aclose),
         )
 
     return Starlette(
@@ -209,11 +221,12 @@ def build_app(dist_dir: Path, dicomweb_url: str, *, transport: httpx.AsyncBaseTr
     )
 
 
-class ViewerServer:
-    """OHIF on a free loopback port, its DICOMweb data source proxied to ``dicomweb_url``."""
+class ThreadedServer:
+    """An ASGI app under uvicorn in a background thread, on a loopback port (free unless given)."""
 
-    def __init__(self, dicomweb_url: str, port: int | None = None) -> None:
-        self.dicomweb_url = dicomweb_url
+    def __init__(self, app: ASGIApp, port: int | None = None, *, name: str = "asgi-server") -> None:
+        self.app = app
+        self.name = name
         self._requested_port = port
         self.port = port or 0
         self._server: uvicorn.Server | None = None
@@ -221,7 +234,7 @@ class ViewerServer:
 
     @property
     def base_url(self) -> str:
-        """Where the viewer is, e.g. ``http://127.0.0.1:3000`` (its study page is ``/viewer``)."""
+        """``http://127.0.0.1:PORT``."""
         return f"http://127.0.0.1:{self.port}"
 
     @property
@@ -229,31 +242,27 @@ class ViewerServer:
         return self._thread is not None and self._thread.is_alive()
 
     def start(self, timeout: float = 30.0) -> None:
-        """Install OHIF if needed and serve it; returns once the server accepts connections."""
+        """Serve; returns once the app's lifespan has started and the port accepts connections."""
         if self.running:
             return
-        dist = ensure_installed()
         self.port = self._requested_port or free_loopback_port()
         config = uvicorn.Config(
-            build_app(dist, self.dicomweb_url),
-            host="127.0.0.1",
-            port=self.port,
-            log_level="warning",
-            access_log=False,
-            lifespan="on",
+            self.app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False, lifespan="on"
         )
         server = uvicorn.Server(config)
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # not the main thread
         self._server = server
-        self._thread = threading.Thread(target=lambda: asyncio.run(server.serve()), name="ohif-viewer", daemon=True)
+        self._thread = threading.Thread(
+            target=lambda: asyncio.run(server.serve()), name=self.name, daemon=True
+        )
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not server.started:
             if not self._thread.is_alive():
-                raise RuntimeError(f"the viewer server on port {self.port} stopped while starting")
+                self.stop()
+                raise RuntimeError(f"{self.name} on port {self.port} stopped while starting")
             if time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"the viewer server did not start within {timeout:.0f} s")
+                raise RuntimeError(f"{self.name} did not start within {timeout:.0f} s")
             time.sleep(0.05)
 
     def stop(self) -> None:
@@ -265,7 +274,7 @@ class ViewerServer:
         if thread is not None:
             thread.join(timeout=10)
 
-    def __enter__(self) -> ViewerServer:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
@@ -276,6 +285,60 @@ class ViewerServer:
         traceback: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+class ViewerServer(ThreadedServer):
+    """OHIF on a loopback port, its DICOMweb data source proxied to ``dicomweb_url``."""
+
+    def __init__(self, dicomweb_url: str, port: int | None = None) -> None:
+        self.dicomweb_url = dicomweb_url
+        super().__init__(_unbuilt, port, name="OHIF viewer server")
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Install OHIF if needed (``npm ci``), then serve it; its study page is ``/viewer``."""
+        if self.running:
+            return
+        self.app = build_app(ensure_installed(), self.dicomweb_url)
+        super().start(timeout)
+
+
+async def _unbuilt(scope: Scope, receive: Receive, send: Send) -> None:
+    raise RuntimeError("the viewer app is built by ViewerServer.start()")
+
+
+# ------------------------------------------------------------------ chromium
+
+CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
+
+
+def find_chromium() -> str | None:
+    """Debian's chromium, if installed."""
+    for candidate in CHROMIUM_CANDIDATES:
+        if Path(candidate).is_file():
+            return candidate
+    return None
+
+
+def ensure_chromium() -> str:
+    """Debian's chromium, installed with apt-get when missing (the tests never download a browser)."""
+    found = find_chromium()
+    if found:
+        return found
+    if shutil.which("apt-get") is None or os.geteuid() != 0:
+        raise RuntimeError("chromium is missing; install Debian's package: sudo apt-get install -y chromium")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for command in (
+        ["apt-get", "update"],
+        ["apt-get", "install", "-y", "--no-install-recommends", "chromium"],
+    ):
+        result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            tail = "\n".join((result.stdout + result.stderr).splitlines()[-LOG_TAIL_LINES:])
+            raise RuntimeError(f"`{' '.join(command)}` failed with code {result.returncode}:\n{tail}")
+    found = find_chromium()
+    if found is None:
+        raise RuntimeError("apt-get installed chromium but no chromium executable was found")
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:

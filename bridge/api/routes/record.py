@@ -1,0 +1,277 @@
+"""The "record": plain HTML pages listing a patient's ImagingStudies, each with an "Open images" link.
+
+It stands in for the EHR screen a clinician clicks from: the studies come from the FHIR server
+(the bridge's published ImagingStudies), and every link goes through the resolver's viewer
+redirect, so the page shows exactly the path an EHR integration takes. Server-rendered, every
+value escaped, no script; the pages carry patient data, so nothing from them is logged and they
+sit behind the same authentication as the rest of the API. Not part of the JSON API's schema.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Annotated, Any
+from urllib.parse import quote
+
+import httpx
+from fastapi import APIRouter, Depends, FastAPI, Path, Request
+from fastapi.responses import HTMLResponse, Response
+
+from bridge.api.deps import FHIR_ID_PATTERN, ResolverDep, StudyById, caller
+from bridge.config import Settings
+from bridge.http import RetryPolicy, send
+from bridge.resolve.errors import NoUsableEndpointError, StudyNotFoundError
+from bridge.resolve.links import WITHDRAWN, normalize_base, wado_urls
+from bridge.runtime import USER_AGENT
+from bridge.upstream import connection_options
+
+
+@asynccontextmanager
+async def _archive_clients(app: FastAPI) -> AsyncIterator[None]:
+    """One client per configured DICOMweb source, by each of its bases (public and polled), for thumbnails."""
+    settings: Settings = app.state.services.settings
+    limits = httpx.Limits(max_connections=8, max_keepalive_connections=8)
+    archives: dict[str, tuple[httpx.AsyncClient, str]] = {}
+    async with AsyncExitStack() as stack:
+        for source in settings.for_each_source():
+            options: dict[str, Any] = connection_options(source, "dicomweb", limits)
+            client = await stack.enter_async_context(
+                httpx.AsyncClient(
+                    timeout=httpx.Timeout(settings.http_timeout),
+                    headers={"User-Agent": USER_AGENT},
+                    follow_redirects=False,
+                    **options,
+                )
+            )
+            for base in (source.public_base, source.dicomweb_base):
+                key = normalize_base(base)
+                if key is not None:
+                    archives.setdefault(key, (client, source.dicomweb_base))
+        app.state.record_archives = archives
+        try:
+            yield
+        finally:
+            app.state.record_archives = {}
+
+
+router = APIRouter(
+    prefix="/record",
+    tags=["record"],
+    dependencies=[Depends(caller)],
+    include_in_schema=False,
+    lifespan=_archive_clients,
+)
+
+PAGE_SIZE = 100
+THUMBNAIL_SIZE = 96
+SERVICE = "dicomweb"
+_IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif"})
+# Answers meaning "not this resource or not this way": try the next one.
+_NOT_OFFERED = frozenset({400, 404, 406, 415, 501})
+_THUMBNAIL_RETRIES = RetryPolicy(retries=0)  # a picture on a page: fail fast rather than hold it
+PatientId = Annotated[str, Path(description="FHIR id of the Patient", pattern=FHIR_ID_PATTERN, max_length=64)]
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2rem; color: #1b1f23; }
+h1 { font-size: 1.4rem; margin-bottom: 0.2rem; }
+p.sub { color: #57606a; margin-top: 0; }
+table { border-collapse: collapse; width: 100%; max-width: 70rem; }
+th, td { text-align: left; padding: 0.5rem 0.75rem; border-bottom: 1px solid #d0d7de; }
+td { vertical-align: middle; }
+th { background: #f6f8fa; }
+img.thumb { width: 96px; height: 96px; background: #000; display: block; }
+a.open-images { font-weight: 600; }
+.muted { color: #57606a; }
+"""
+
+
+def _page(title: str, body: str, status_code: int = 200) -> HTMLResponse:
+    document = (
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title>"
+        '<meta name="viewport" content="width=device-width,initial-scale=1">'
+        '<meta name="referrer" content="no-referrer">'
+        f"<style>{_STYLE}</style></head>\n<body>\n{body}\n</body></html>\n"
+    )
+    # Patient data: never cached by the browser or a proxy, never framed by another site.
+    headers = {
+        "Cache-Control": "no-store",
+        "X-Frame-Options": "DENY",
+        "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
+        "img-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    }
+    return HTMLResponse(document, status_code=status_code, headers=headers)
+
+
+def _base(request: Request) -> str:
+    """Where the app is mounted, so that links work behind a path prefix too."""
+    return str(request.scope.get("root_path", "")).rstrip("/")
+
+
+def _texts(values: Iterable[Any]) -> list[str]:
+    return [str(v) for v in values if isinstance(v, str | int) and str(v).strip()]
+
+
+def patient_name(patient: Mapping[str, Any]) -> str:
+    """The Patient's first name entry as people write it, or "(no name)"."""
+    for name in patient.get("name") or []:
+        if not isinstance(name, dict):
+            continue
+        if isinstance(name.get("text"), str) and name["text"].strip():
+            return str(name["text"]).strip()
+        parts = [*_texts(name.get("prefix") or []), *_texts(name.get("given") or [])]
+        if isinstance(name.get("family"), str):
+            parts.append(name["family"])
+        parts.extend(_texts(name.get("suffix") or []))
+        if parts:
+            return " ".join(parts)
+    return "(no name)"
+
+
+def study_date(started: Any) -> str:
+    """A FHIR dateTime shown as date and time of day (as recorded, no zone conversion)."""
+    if not isinstance(started, str) or not started:
+        return "unknown date"
+    date, _, time = started.partition("T")
+    return f"{date} {time[:5]}" if time else date
+
+
+def modalities(study: Mapping[str, Any]) -> list[str]:
+    """The study's modality codes, from ImagingStudy.modality, else from its series."""
+    codes = [c.get("code") for c in study.get("modality") or [] if isinstance(c, dict)]
+    if not codes:
+        codes = [
+            (s.get("modality") or {}).get("code") for s in study.get("series") or [] if isinstance(s, dict)
+        ]
+    return list(dict.fromkeys(str(c) for c in codes if c))
+
+
+def _newest_first(study: Mapping[str, Any]) -> tuple[bool, str]:
+    started = study.get("started")
+    return (isinstance(started, str), str(started or ""))  # reversed: undated studies last
+
+
+def study_rows(studies: Sequence[Mapping[str, Any]], base: str) -> str:
+    """The table rows of the studies, newest first."""
+    rows = []
+    for study in sorted(studies, key=_newest_first, reverse=True):
+        fhir_id = str(study.get("id") or "")
+        description = str(study.get("description") or "").strip() or "(no description)"
+        series = study.get("numberOfSeries")
+        instances = study.get("numberOfInstances")
+        counts = ", ".join(
+            f"{n} {label}" for n, label in ((series, "series"), (instances, "images")) if isinstance(n, int)
+        )
+        status = study.get("status")
+        quoted = quote(fhir_id, safe="")
+        if status in WITHDRAWN:
+            image_cell = '<span class="muted">withdrawn</span>'
+            thumb = ""
+        else:
+            label = html.escape(f"Open images: {description}", quote=True)
+            image_cell = (
+                f'<a class="open-images" href="{html.escape(base)}/imaging-studies/{quoted}/viewer" '
+                f'aria-label="{label}">Open images</a>'
+            )
+            thumb = (
+                f'<img class="thumb" alt="" width="{THUMBNAIL_SIZE}" height="{THUMBNAIL_SIZE}" '
+                f'src="{html.escape(base)}/record/imaging-studies/{quoted}/thumbnail">'
+            )
+        rows.append(
+            f'<tr class="study" data-imaging-study="{html.escape(fhir_id, quote=True)}">'
+            f"<td>{thumb}</td>"
+            f'<td class="date">{html.escape(study_date(study.get("started")))}</td>'
+            f'<td class="description">{html.escape(description)}</td>'
+            f'<td class="modalities">{html.escape(", ".join(modalities(study)) or "-")}</td>'
+            f'<td class="counts">{html.escape(counts)}</td>'
+            f"<td>{image_cell}</td></tr>"
+        )
+    return "\n".join(rows)
+
+
+@router.get("", response_class=HTMLResponse, summary="Patients, each linking to their imaging")
+async def record_index(request: Request, r: ResolverDep) -> HTMLResponse:
+    """Up to the first 100 Patients of the FHIR server, by name, each linking to their record page."""
+    patients = await r.fhir.search("Patient", {"_count": str(PAGE_SIZE)})
+    base = _base(request)
+    items = []
+    for patient in sorted(patients, key=patient_name):
+        fhir_id = str(patient.get("id") or "")
+        details = ", ".join(_texts([patient.get("birthDate"), patient.get("gender")]))
+        items.append(
+            f'<li><a class="patient" href="{html.escape(base)}/record/patients/{quote(fhir_id, safe="")}">'
+            f"{html.escape(patient_name(patient))}</a>"
+            + (f' <span class="muted">({html.escape(details)})</span>' if details else "")
+            + "</li>"
+        )
+    more = (
+        f'<p class="muted">Showing the first {PAGE_SIZE} patients.</p>' if len(patients) >= PAGE_SIZE else ""
+    )
+    listing = "<ul>\n" + "\n".join(items) + "\n</ul>" if items else '<p class="muted">No patients.</p>'
+    intro = '<p class="sub">From the FHIR server; choose one to see their imaging.</p>'
+    body = f"<h1>Patients</h1>{intro}\n{listing}{more}"
+    return _page("Patients", body)
+
+
+@router.get("/patients/{patient_id}", response_class=HTMLResponse, summary="A patient's imaging studies")
+async def record_patient(patient_id: PatientId, request: Request, r: ResolverDep) -> HTMLResponse:
+    """The patient's ImagingStudies (date, description, modalities), each with an "Open images" link."""
+    base = _base(request)
+    patient = await r.fhir.read("Patient", patient_id)
+    if patient is None:
+        back = f'<p><a href="{html.escape(base)}/record">All patients</a></p>'
+        return _page("Not found", f"<h1>No such patient</h1>{back}", 404)
+    studies = await r.fhir.search(
+        "ImagingStudy", {"subject": f"Patient/{patient_id}", "_count": str(PAGE_SIZE)}
+    )
+    name = patient_name(patient)
+    details = ", ".join(_texts([patient.get("birthDate"), patient.get("gender")]))
+    header = (
+        f'<p><a href="{html.escape(base)}/record">All patients</a></p>'
+        f'<h1 class="patient-name">{html.escape(name)}</h1>'
+        f'<p class="sub">{html.escape(details)}</p>'
+    )
+    if not studies:
+        return _page(f"{name}: imaging", header + '<p class="muted">No imaging studies.</p>')
+    table = (
+        '<table class="studies"><thead><tr><th></th><th>Date</th><th>Description</th><th>Modalities</th>'
+        "<th>Size</th><th></th></tr></thead>\n<tbody>\n" + study_rows(studies, base) + "\n</tbody></table>"
+    )
+    more = f'<p class="muted">Showing the first {PAGE_SIZE} studies.</p>' if len(studies) >= PAGE_SIZE else ""
+    return _page(f"{name}: imaging", f"{header}<h2>Imaging</h2>\n{table}{more}")
+
+
+@router.get("/imaging-studies/{id}/thumbnail", response_class=Response)
+async def record_thumbnail(study: StudyById, request: Request) -> Response:
+    """A small picture of the study, fetched by the bridge from its archive over WADO-RS.
+
+    The bridge asks, not the browser: it holds the archive's credentials, and it sends the one
+    plain ``Accept: image/jpeg`` that archives understand (Orthanc's DICOMweb plugin refuses a
+    browser's ``image/*`` and any list of types with a 400). The
+    study-level ``thumbnail`` resource comes first; where the archive has none, ``rendered``.
+    """
+    archives: dict[str, tuple[httpx.AsyncClient, str]] = request.app.state.record_archives
+    found = next((key for key in archives if study.base == key or study.base.startswith(key + "/")), None)
+    if found is None:  # the resolver only answers bases of configured sources
+        raise NoUsableEndpointError(f"ImagingStudy/{study.fhir_id}: its archive is not a configured source")
+    client, polled = archives[found]
+    base = polled.rstrip("/") + study.base[len(found) :]  # the same place, as the bridge reaches it
+    urls = wado_urls(base, study.study_uid)
+    size = f"{THUMBNAIL_SIZE},{THUMBNAIL_SIZE}"
+    for url in (urls["thumbnail"], urls["rendered"]):
+        answer = await send(
+            client,
+            # the comma stays literal: Orthanc does not decode %2C in viewport
+            client.build_request("GET", f"{url}?viewport={size}", headers={"Accept": "image/jpeg"}),
+            service=SERVICE,
+            policy=_THUMBNAIL_RETRIES,
+            ok=lambda r: r.is_success or r.status_code in _NOT_OFFERED,
+        )
+        media_type = answer.headers.get("content-type", "").split(";")[0].strip().lower()
+        if answer.is_success and media_type in _IMAGE_TYPES:
+            return Response(
+                answer.content, media_type=media_type, headers={"Cache-Control": "private, max-age=300"}
+            )
+    raise StudyNotFoundError(f"ImagingStudy/{study.fhir_id}: the archive renders no picture of the study")

@@ -1,0 +1,174 @@
+// A clinician's click-through in a real browser: record page -> "Open images" -> resolver 302 -> OHIF.
+//
+// Drives Debian's chromium (never a downloaded browser) with playwright-core from the npm project
+// in tests/stack/ohif. Run by tests/integration/test_clickthrough.py:
+//
+//   node tests/browser/clickthrough.mjs '<json options>'
+//
+// Options: recordUrl (the patient's record page), study (the description of the row to click),
+// series (series descriptions OHIF must list), screenshotDir, chromium (executable path),
+// timeoutMs. Prints one JSON line with what it saw; exits 1 with {"error": ...} when a step fails.
+// Screenshots (record.png, viewer.png) are written even when a later step fails.
+
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const { chromium } = await import(
+  path.join(here, '..', 'stack', 'ohif', 'node_modules', 'playwright-core', 'index.mjs')
+);
+
+// The machine has no network: without these chromium waits on services it cannot reach.
+const CHROMIUM_FLAGS = [
+  '--headless',
+  '--no-sandbox',
+  '--disable-gpu',
+  '--disable-quic',
+  '--no-first-run',
+  '--disable-background-networking',
+  '--disable-component-update',
+  '--disable-sync',
+  // WebGL without a GPU: SwiftShader, which cornerstone's rendering needs.
+  '--enable-unsafe-swiftshader',
+  '--use-angle=swiftshader',
+];
+
+const options = JSON.parse(process.argv[2] ?? '{}');
+const timeout = options.timeoutMs ?? 60000;
+const result = { steps: [], console_errors: [] };
+const started = Date.now();
+const step = name => result.steps.push({ name, ms: Date.now() - started });
+
+function fail(message) {
+  const error = new Error(message);
+  error.expected = true;
+  throw error;
+}
+
+const profile = fs.mkdtempSync(path.join(os.tmpdir(), 'bridge-chromium-'));
+let context;
+let page;
+try {
+  context = await chromium.launchPersistentContext(profile, {
+    executablePath: options.chromium ?? '/usr/bin/chromium',
+    headless: true,
+    args: CHROMIUM_FLAGS,
+    viewport: { width: 1280, height: 800 },
+    timeout,
+  });
+  step('browser started');
+  page = context.pages()[0] ?? (await context.newPage());
+  page.setDefaultTimeout(timeout);
+  page.on('console', message => {
+    if (message.type() === 'error') result.console_errors.push(message.text().slice(0, 300));
+  });
+  page.on('pageerror', error => result.console_errors.push(`page error: ${error.message.slice(0, 300)}`));
+
+  // 1. The record page, as the clinician sees it.
+  const record = await page.goto(options.recordUrl);
+  if (!record || record.status() !== 200) fail(`record page answered ${record && record.status()}`);
+  result.record_title = await page.title();
+  const row = page.locator('tr.study', { has: page.locator('td.description', { hasText: options.study }) });
+  if ((await row.count()) !== 1) fail(`expected one row for the study, found ${await row.count()}`);
+  result.record_rows = await page.locator('tr.study').count();
+  // Thumbnails are loaded through the bridge's redirect to WADO-RS rendered.
+  await page.waitForFunction(
+    () => [...document.querySelectorAll('img.thumb')].every(img => img.complete),
+    null,
+    { timeout },
+  );
+  result.thumbnails_loaded = await page.evaluate(
+    () => [...document.querySelectorAll('img.thumb')].filter(img => img.naturalWidth > 0).length,
+  );
+  await page.screenshot({ path: path.join(options.screenshotDir, 'record.png') });
+  step('record page shown');
+
+  // 2. One click: the resolver answers 302 to the viewer, and the browser follows it.
+  const link = row.locator('a.open-images');
+  result.link_href = await link.getAttribute('href');
+  const redirect = page.waitForResponse(
+    response => response.url().includes('/imaging-studies/') && response.url().endsWith('/viewer'),
+  );
+  await link.click();
+  const answer = await redirect;
+  result.redirect = { status: answer.status(), location: (await answer.allHeaders()).location ?? null };
+  await page.waitForURL(url => url.pathname === '/viewer', { timeout });
+  result.viewer_url = page.url();
+  step('followed the redirect into OHIF');
+
+  // 3. The study's series are listed in OHIF's study browser.
+  await page.waitForFunction(
+    wanted => {
+      const labels = [...document.querySelectorAll('[data-cy="series-description-label"]')].map(e =>
+        e.textContent.trim(),
+      );
+      return wanted.every(description => labels.includes(description));
+    },
+    options.series,
+    { timeout },
+  );
+  result.series_listed = await page.evaluate(() =>
+    [...document.querySelectorAll('[data-cy="study-browser-thumbnail"]')].map(thumb => ({
+      modality: thumb.querySelector('[data-cy="series-modality-label"]')?.textContent.trim() ?? null,
+      description: thumb.querySelector('[data-cy="series-description-label"]')?.textContent.trim() ?? null,
+    })),
+  );
+  step('series listed');
+
+  // 4. An image is drawn: the viewport's canvas holds a picture, not a blank field.
+  const measure = () => {
+    const canvas = document.querySelector('[data-cy="viewport-pane"] canvas.cornerstone-canvas');
+    if (!canvas || canvas.width === 0 || canvas.height === 0) return null;
+    const copy = document.createElement('canvas');
+    copy.width = canvas.width;
+    copy.height = canvas.height;
+    const ctx = copy.getContext('2d', { willReadFrequently: true });
+    ctx.drawImage(canvas, 0, 0);
+    const { data } = ctx.getImageData(0, 0, copy.width, copy.height);
+    let lit = 0;
+    const levels = new Set();
+    for (let i = 0; i < data.length; i += 4) {
+      const grey = Math.round((data[i] + data[i + 1] + data[i + 2]) / 3);
+      if (grey > 8) lit += 1;
+      levels.add(grey);
+    }
+    const pixels = data.length / 4;
+    return { width: copy.width, height: copy.height, lit_fraction: lit / pixels, grey_levels: levels.size };
+  };
+  await page.waitForFunction(
+    `(${measure})() !== null && (${measure})().lit_fraction > 0.05 && (${measure})().grey_levels > 16`,
+    null,
+    { timeout, polling: 250 },
+  );
+  result.canvas = await page.evaluate(measure);
+  result.overlay = await page.evaluate(
+    () => document.querySelector('[data-cy="viewport-overlay-top-left"]')?.innerText.split('\n') ?? [],
+  );
+  result.webgl = await page.evaluate(() => {
+    const gl = document.createElement('canvas').getContext('webgl2');
+    const info = gl && gl.getExtension('WEBGL_debug_renderer_info');
+    return gl ? (info ? gl.getParameter(info.UNMASKED_RENDERER_WEBGL) : gl.getParameter(gl.VERSION)) : null;
+  });
+  step('image drawn');
+  await page.screenshot({ path: path.join(options.screenshotDir, 'viewer.png') });
+  result.ok = true;
+} catch (error) {
+  result.ok = false;
+  result.error = error.expected ? error.message : String(error.stack ?? error).slice(0, 2000);
+  if (page) {
+    try {
+      result.page_url = page.url();
+      await page.screenshot({ path: path.join(options.screenshotDir, 'failure.png') });
+    } catch {
+      // the browser itself is gone; the error above says why
+    }
+  }
+} finally {
+  if (context) await context.close().catch(() => {});
+  fs.rmSync(profile, { recursive: true, force: true });
+}
+result.total_ms = Date.now() - started;
+process.stdout.write(JSON.stringify(result) + '\n');
+process.exit(result.ok ? 0 : 1);
