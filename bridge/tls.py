@@ -37,9 +37,7 @@ def ssl_context(
     return context
 
 
-def check_files(
-    *, ca_bundle: Path | None, client_cert: Path | None, client_key: Path | None
-) -> str | None:
+def check_files(*, ca_bundle: Path | None, client_cert: Path | None, client_key: Path | None) -> str | None:
     """What is wrong with the TLS files (a message without the setting's name), or None if usable."""
     if ca_bundle is not None:
         try:

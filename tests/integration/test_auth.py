@@ -35,12 +35,21 @@ WRITE_SCOPES = (
     "system/Endpoint.write system/Patient.read system/Patient.write "
     "system/ImagingStudy.read system/ImagingStudy.write"
 )
-SECRETS = (ORTHANC_PASSWORD, STATIC_TOKEN, CLIENT_SECRET, "wrong-password-1c9", "wrong-token-77aa", "wrong-secret-3e0")
+SECRETS = (
+    ORTHANC_PASSWORD,
+    STATIC_TOKEN,
+    CLIENT_SECRET,
+    "wrong-password-1c9",
+    "wrong-token-77aa",
+    "wrong-secret-3e0",
+)
 
 
 def _pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey, path: Path) -> Path:
     path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
     )
     return path
 
@@ -85,7 +94,12 @@ class AuthStack:
         env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
         env.update(self.env(**overrides))
         return subprocess.run(
-            [sys.executable, "-m", "bridge", *args], env=env, capture_output=True, text=True, timeout=120, check=False
+            [sys.executable, "-m", "bridge", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
         )
 
     def imaging_studies(self) -> list[dict[str, object]]:
@@ -100,7 +114,9 @@ class AuthStack:
 
 
 @pytest.fixture(scope="module")
-def auth_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[OidcProvider, FhirTestServer, OrthancServer, dict[str, Path]]]:
+def auth_servers(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[OidcProvider, FhirTestServer, OrthancServer, dict[str, Path]]]:
     folder = tmp_path_factory.mktemp("auth-keys")
     rs_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     es_key = ec.generate_private_key(ec.SECP384R1())
@@ -122,14 +138,20 @@ def auth_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Oid
     with OidcProvider(clients, scopes=scopes, log_path=ARTIFACTS / "oidc-provider.log") as idp:
         fhir = FhirTestServer(
             log_path=ARTIFACTS / "fhir-server-auth.log",
-            env={**idp.fhir_server_env(), "FHIR_AUTH_STATIC_TOKENS": STATIC_TOKEN, "FHIR_AUTH_CHECK_SCOPES": "1"},
+            env={
+                **idp.fhir_server_env(),
+                "FHIR_AUTH_STATIC_TOKENS": STATIC_TOKEN,
+                "FHIR_AUTH_CHECK_SCOPES": "1",
+            },
         )
         with fhir, OrthancServer(name="bridge-auth", basic_auth=(ORTHANC_USER, ORTHANC_PASSWORD)) as orthanc:
             yield idp, fhir, orthanc, keys
 
 
 @pytest.fixture
-def auth(auth_servers: tuple[OidcProvider, FhirTestServer, OrthancServer, dict[str, Path]], tmp_path: Path) -> AuthStack:
+def auth(
+    auth_servers: tuple[OidcProvider, FhirTestServer, OrthancServer, dict[str, Path]], tmp_path: Path
+) -> AuthStack:
     idp, fhir, orthanc, keys = auth_servers
     orthanc.clear()
     fhir.clear()
@@ -207,7 +229,10 @@ BAD = {
         {"dicomweb_auth": "none", "dicomweb_username": None, "dicomweb_password": None},
         ["DICOMweb archive refused", "401"],
     ),
-    "fhir-no-token": ({"fhir_auth": "none", "fhir_token": None}, ["FHIR server refused", "401", "BRIDGE_FHIR_AUTH"]),
+    "fhir-no-token": (
+        {"fhir_auth": "none", "fhir_token": None},
+        ["FHIR server refused", "401", "BRIDGE_FHIR_AUTH"],
+    ),
     "fhir-wrong-static-token": ({"fhir_token": "wrong-token-77aa"}, ["FHIR server refused", "401"]),
     "fhir-oauth2-wrong-secret": (
         {**MODES["fhir-oauth2"], "fhir_client_secret": "wrong-secret-3e0"},
@@ -218,7 +243,11 @@ BAD = {
         ["FHIR server refused", "invalid_client", "BRIDGE_FHIR_PRIVATE_KEY_FILE"],
     ),
     "fhir-oauth2-insufficient-scope": (
-        {**MODES["fhir-oauth2"], "fhir_client_id": "bridge-readonly", "fhir_scopes": "system/ImagingStudy.read"},
+        {
+            **MODES["fhir-oauth2"],
+            "fhir_client_id": "bridge-readonly",
+            "fhir_scopes": "system/ImagingStudy.read",
+        },
         ["FHIR server refused", "403", "BRIDGE_FHIR_SCOPES", "Insufficient scope"],
     ),
 }

@@ -1,7 +1,8 @@
-"""Fault tolerance against the real servers: a fault-injecting proxy, a FHIR server that dies, bad DICOM JSON."""
+"""Fault tolerance against the real servers: a fault-injecting proxy, a dying FHIR server, bad DICOM JSON."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -42,7 +43,8 @@ def _store_studies(dicomweb_url: str, count: int, prefix: str) -> list[StudySpec
                 issuer="HOSP-A",
                 accession=f"{prefix}-ACC-{i}",
                 description=f"fault study {i}",
-                series=[SeriesSpec(modality="CT", instances=1)] + ([SeriesSpec(modality="MR", instances=1)] if i % 2 else []),
+                series=[SeriesSpec(modality="CT", instances=1)]
+                + ([SeriesSpec(modality="MR", instances=1)] if i % 2 else []),
             )
             stow(dicomweb_url, build_study(spec), client=client)
             specs.append(spec)
@@ -72,9 +74,38 @@ def _assert_no_duplicates(stack: Stack, base_url: str | None = None) -> None:
         assert len(keys) == len(set(keys)), f"duplicate {kind}"
 
 
+def _api_failures(stack: Stack) -> dict[str, Any]:
+    """GET /failures from the API app (in-process, its lifespan running) on the test's store."""
+    from bridge.api.app import create_app
+    from bridge.config import load_settings
+
+    saved = dict(os.environ)
+    os.environ.update(stack.env)
+    try:
+        settings = load_settings()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+    async def get() -> dict[str, Any]:
+        app = create_app(settings)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://bridge.test") as client:
+                response = await client.get("/failures")
+                response.raise_for_status()
+                body: dict[str, Any] = response.json()
+                return body
+
+    return asyncio.run(get())
+
+
 @pytest.fixture
 def proxies(stack: Stack) -> Iterator[tuple[FaultProxy, FaultProxy]]:
-    with FaultProxy(stack.orthanc.base_url, seed=11) as archive, FaultProxy(stack.fhir.root_url, seed=12) as fhir:
+    with (
+        FaultProxy(stack.orthanc.base_url, seed=11) as archive,
+        FaultProxy(stack.fhir.root_url, seed=12) as fhir,
+    ):
         yield archive, fhir
 
 
@@ -130,7 +161,13 @@ def test_malformed_dicom_json_parks_only_that_study_and_retry_clears_it(
     archive, _ = proxies
     specs = _store_studies(stack.orthanc.dicomweb_url, 5, "BAD")
     broken_json, bad_dicom = specs[1].uid, specs[3].uid
-    archive.add(Fault(kind="corrupt", path=rf"/studies/{broken_json}/series", rewrite=lambda body: body[: len(body) // 2]))
+    archive.add(
+        Fault(
+            kind="corrupt",
+            path=rf"/studies/{broken_json}/series",
+            rewrite=lambda body: body[: len(body) // 2],
+        )
+    )
     archive.add(
         Fault(
             kind="corrupt",
@@ -148,6 +185,11 @@ def test_malformed_dicom_json_parks_only_that_study_and_retry_clears_it(
     assert "not JSON" in parked[broken_json]["reason"] and parked[broken_json]["kind"] == "upstream"
     assert parked[bad_dicom]["attribute"] == "SeriesInstanceUID" and parked[bad_dicom]["kind"] == "mapping"
     assert set(_published(stack)) == {s.uid for s in specs} - {broken_json, bad_dicom}
+    listed = _api_failures(stack)
+    assert {f["study_uid"]: f["kind"] for f in listed["failures"]} == {
+        broken_json: "upstream",
+        bad_dicom: "mapping",
+    }
 
     # The archive is mended; `bridge retry --study` re-syncs one, `bridge retry` the rest.
     archive.clear()
@@ -159,6 +201,7 @@ def test_malformed_dicom_json_parks_only_that_study_and_retry_clears_it(
     assert rest.returncode == 0, rest.stderr
     status = json.loads(stack.cli("status", "--json", **env).stdout)
     assert status["parked_studies"] == []
+    assert _api_failures(stack) == {"count": 0, "failures": []}
     assert _published(stack) == Counter({s.uid: 1 for s in specs if s.uid})
     nothing = stack.cli("retry", **env)
     assert nothing.returncode == 0 and "no parked study" in nothing.stdout
@@ -194,7 +237,9 @@ def _sync_process(stack: Stack, fhir_url: str, **overrides: str) -> subprocess.P
     )
 
 
-def _stop_after_writes(proxy: FaultProxy, server: FhirTestServer, writes: int, restart_after: float | None) -> threading.Event:
+def _stop_after_writes(
+    proxy: FaultProxy, server: FhirTestServer, writes: int, restart_after: float | None
+) -> threading.Event:
     """Stop ``server`` when the ``writes``-th ImagingStudy write passes the proxy (and maybe restart it)."""
     seen = 0
     done = threading.Event()
@@ -225,7 +270,9 @@ def test_fhir_server_down_mid_sync_exits_3_and_a_rerun_publishes_each_study_once
     with FaultProxy(own_fhir.root_url) as proxy:
         stopped = _stop_after_writes(proxy, own_fhir, writes=4, restart_after=None)
         started = time.monotonic()
-        process = _sync_process(stack, proxy.proxied(own_fhir.base_url), http_retry_total="3", http_retry_max_wait="1")
+        process = _sync_process(
+            stack, proxy.proxied(own_fhir.base_url), http_retry_total="3", http_retry_max_wait="1"
+        )
         out, err = process.communicate(timeout=120)
         took = time.monotonic() - started
     assert stopped.is_set()

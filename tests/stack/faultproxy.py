@@ -54,7 +54,12 @@ HOP_BY_HOP = frozenset(
         "accept-encoding",
     }
 )
-REASONS = {429: "Too Many Requests", 502: "Bad Gateway", 503: "Service Unavailable", 500: "Internal Server Error"}
+REASONS = {
+    429: "Too Many Requests",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    500: "Internal Server Error",
+}
 
 
 @dataclass
@@ -251,9 +256,13 @@ class FaultProxy:
 
     def _pick(self, request: _Request) -> list[Fault]:
         with self._lock:
-            return [f for f in self.faults if f.matches(request.method, request.target) and f.decide(self._rng)]
+            return [
+                f for f in self.faults if f.matches(request.method, request.target) and f.decide(self._rng)
+            ]
 
-    def _record(self, arrived: float, request: _Request, action: str, status: int | None, retry: float | None) -> None:
+    def _record(
+        self, arrived: float, request: _Request, action: str, status: int | None, retry: float | None
+    ) -> None:
         with self._lock:
             self.log.append(
                 Event(arrived, time.monotonic(), request.method, request.target, action, status, retry)
@@ -355,7 +364,9 @@ def _head(status: int, headers: list[tuple[str, str]], length: int) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-async def _respond(writer: asyncio.StreamWriter, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+async def _respond(
+    writer: asyncio.StreamWriter, status: int, headers: list[tuple[str, str]], body: bytes
+) -> None:
     writer.write(_head(status, headers, len(body)) + body)
     await writer.drain()
 

@@ -103,7 +103,12 @@ class OidcProvider:
         fd, name = tempfile.mkstemp(prefix="oidc-config-", suffix=".json")
         with os.fdopen(fd, "w") as handle:
             json.dump(
-                {"clients": self.clients, "scopes": self.scopes, "ttl": self.ttl, "introspector": INTROSPECTOR_ID},
+                {
+                    "clients": self.clients,
+                    "scopes": self.scopes,
+                    "ttl": self.ttl,
+                    "introspector": INTROSPECTOR_ID,
+                },
                 handle,
             )
         self._config_path = Path(name)
@@ -113,9 +118,7 @@ class OidcProvider:
             self.log_path = Path(log_name)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        env = dict(
-            os.environ, PORT=str(self.port), OIDC_CONFIG=name, OIDC_PARENT_PID=str(os.getpid())
-        )
+        env = dict(os.environ, PORT=str(self.port), OIDC_CONFIG=name, OIDC_PARENT_PID=str(os.getpid()))
         self._process = subprocess.Popen(
             [node, "provider.mjs"],
             cwd=PROVIDER_DIR,
