@@ -7,6 +7,10 @@
     ├── MappingError                  bad DICOM data in one study: park it, go on
     │   └── PatientLinkError          no (or no unique) Patient for the study's PatientID
     ├── StoreError                    the state database failed
+    ├── ResolveError                  a resolver lookup cannot give links (the API maps each)
+    │   ├── InvalidLookupError        the caller's id, UID, reference or option is malformed (422)
+    │   ├── StudyNotFoundError        no (live) ImagingStudy matches (404)
+    │   └── NoUsableEndpointError     no usable WADO-RS endpoint, or an ambiguous lookup (409)
     └── UpstreamError                 an archive or FHIR server answered badly or not at all
         ├── UpstreamAuthError         credentials or TLS refused (401/403, token endpoint, certificate):
         │                             no study can pass, so the run stops (exit 3)
@@ -102,3 +106,19 @@ class RejectedResourceError(FatalUpstreamError):
 
 class VersionConflictError(FatalUpstreamError):
     """An ``If-Match`` precondition failed or the server reported a write conflict."""
+
+
+class ResolveError(BridgeError):
+    """Base of the resolver's errors; messages never name an address outside the configured bases."""
+
+
+class InvalidLookupError(ResolveError):
+    """The lookup itself is malformed; the message says why."""
+
+
+class StudyNotFoundError(ResolveError):
+    """No ImagingStudy matches, or the one that did was withdrawn."""
+
+
+class NoUsableEndpointError(ResolveError):
+    """The ImagingStudy exists but cannot be turned into links (no usable endpoint, ambiguity)."""

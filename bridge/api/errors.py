@@ -13,8 +13,16 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bridge.api.models import OperationOutcome
-from bridge.errors import BridgeError, FatalUpstreamError, RetriableUpstreamError, StoreError, UpstreamError
-from bridge.resolve.errors import InvalidLookupError, NoUsableEndpointError, StudyNotFoundError
+from bridge.errors import (
+    BridgeError,
+    FatalUpstreamError,
+    InvalidLookupError,
+    NoUsableEndpointError,
+    RetriableUpstreamError,
+    StoreError,
+    StudyNotFoundError,
+    UpstreamError,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from bridge.errors import InvalidLookupError, NoUsableEndpointError, StudyNotFoundError
 from bridge.mapping.context import BRIDGE_TAG_SYSTEM, CONNECTION_TYPE_SYSTEM, DICOM_UID_SYSTEM, V2_0203
-from bridge.resolve.errors import InvalidLookupError, NoUsableEndpointError, StudyNotFoundError
 
 WADO_RS = "dicom-wado-rs"
 FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")

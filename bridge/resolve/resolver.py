@@ -16,10 +16,10 @@ from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from bridge.errors import InvalidLookupError, NoUsableEndpointError, StudyNotFoundError
 from bridge.fhir.client import FhirClient
 from bridge.mapping.context import DICOM_UID_SYSTEM, resource_id
 from bridge.metrics import RESOLVER_LOOKUPS
-from bridge.resolve.errors import InvalidLookupError, NoUsableEndpointError, StudyNotFoundError
 from bridge.resolve.links import (
     FHIR_ID,
     StudyLocation,

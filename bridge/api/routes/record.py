@@ -21,8 +21,8 @@ from fastapi.responses import HTMLResponse, Response
 
 from bridge.api.deps import FHIR_ID_PATTERN, ResolverDep, StudyById, caller
 from bridge.config import Settings
+from bridge.errors import NoUsableEndpointError, StudyNotFoundError
 from bridge.http import RetryPolicy, send
-from bridge.resolve.errors import NoUsableEndpointError, StudyNotFoundError
 from bridge.resolve.links import WITHDRAWN, normalize_base, wado_urls
 from bridge.runtime import USER_AGENT
 from bridge.upstream import connection_options

@@ -9,8 +9,7 @@ from pydantic import BaseModel, Field
 
 from bridge.api.deps import ServicesDep, StudyUid, caller
 from bridge.api.errors import ERROR_RESPONSES
-from bridge.errors import UpstreamUnavailableError
-from bridge.resolve.errors import StudyNotFoundError
+from bridge.errors import StudyNotFoundError, UpstreamUnavailableError
 
 router = APIRouter(tags=["sync"], dependencies=[Depends(caller)], responses=ERROR_RESPONSES)
 

@@ -10,7 +10,7 @@ from fastapi.responses import RedirectResponse
 from bridge.api.deps import ServicesDep, StudyById, StudyByUid, caller
 from bridge.api.errors import ERROR_RESPONSES
 from bridge.api.models import ViewerInfo
-from bridge.resolve.errors import InvalidLookupError, NoUsableEndpointError
+from bridge.errors import InvalidLookupError, NoUsableEndpointError
 from bridge.resolve.links import StudyLocation, viewer_url
 
 router = APIRouter(tags=["viewer"], dependencies=[Depends(caller)], responses=ERROR_RESPONSES)

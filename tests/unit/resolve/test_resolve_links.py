@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bridge.resolve.errors import NoUsableEndpointError, StudyNotFoundError
+from bridge.errors import NoUsableEndpointError, StudyNotFoundError
 from bridge.resolve.links import (
     ViewerTemplate,
     build_links,

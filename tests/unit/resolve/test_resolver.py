@@ -7,11 +7,15 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from bridge.errors import UpstreamUnavailableError
+from bridge.errors import (
+    InvalidLookupError,
+    NoUsableEndpointError,
+    StudyNotFoundError,
+    UpstreamUnavailableError,
+)
 from bridge.fhir.client import FhirClient
 from bridge.http import RetryPolicy
 from bridge.mapping.context import resource_id
-from bridge.resolve.errors import InvalidLookupError, NoUsableEndpointError, StudyNotFoundError
 from bridge.resolve.resolver import Resolver, ResolverConfig
 from tests.unit.resolve.fake_fhir import (
     DICOMWEB_BASE,
