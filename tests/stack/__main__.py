@@ -32,6 +32,10 @@ DEMO_ISSUERS = {
     "HOSP-A": "urn:oid:1.2.826.0.1.3680043.10.1001",
     "HOSP-B": "urn:oid:1.2.826.0.1.3680043.10.1002",
 }
+DEMO_ACCESSION_ISSUERS = {
+    "HOSP-A-RIS": "urn:oid:1.2.826.0.1.3680043.10.2001",
+    "HOSP-B-RIS": "urn:oid:1.2.826.0.1.3680043.10.2002",
+}
 
 
 def _port(preferred: int) -> int | None:
@@ -99,6 +103,9 @@ def demo(args: argparse.Namespace) -> int:
             BRIDGE_STATE_URL=f"sqlite:///{workdir / 'bridge-state.db'}",
             BRIDGE_SOURCE_NAME="demo-orthanc",
             BRIDGE_PATIENT_ISSUER_SYSTEMS=json.dumps(DEMO_ISSUERS),
+            BRIDGE_ACCESSION_ISSUER_SYSTEMS=json.dumps(DEMO_ACCESSION_ISSUERS),
+            # Orthanc's QIDO-RS leaves sequences out (issuers of accession numbers, codes).
+            BRIDGE_READ_INSTANCE_HEADER="true",
         )
         print("\n$ bridge sync", flush=True)
         code = subprocess.call([sys.executable, "-m", "bridge", "sync"], env=env)
@@ -109,12 +116,13 @@ def demo(args: argparse.Namespace) -> int:
         bundle = httpx.get(f"{fhir.base_url}/ImagingStudy", params={"_count": "100"}, timeout=30).json()
         endpoints = httpx.get(f"{fhir.base_url}/Endpoint", timeout=30).json()
         address = endpoints["entry"][0]["resource"]["address"]
-        print("\nPublished ImagingStudy resources (open the URLs in a browser):")
+        print("\nPublished ImagingStudy resources (FHIR JSON; open in a browser, or curl):")
         for entry in bundle.get("entry", []):
             study = entry["resource"]
             uid = study["identifier"][0]["value"].removeprefix("urn:oid:")
             print(f"  {fhir.base_url}/ImagingStudy/{study['id']}  {study.get('description', '')}")
-            print(f"    WADO-RS metadata: {address}/studies/{uid}/metadata")
+            # A browser's Accept header makes Orthanc refuse WADO-RS: ask for DICOM JSON.
+            print(f"    curl -H 'Accept: application/dicom+json' {address}/studies/{uid}/metadata")
         print(f"\nState store: {workdir / 'bridge-state.db'}  (try: BRIDGE_STATE_URL=... bridge status)")
 
         print("\nStarting the OHIF viewer (npm ci of tests/stack/ohif on first use) ...", flush=True)
