@@ -90,7 +90,9 @@ def study_uid(index: int) -> str:
     return generate_uid(entropy_srcs=[f"fhir-dicomweb-bridge/benchmarks/study/{index}"])
 
 
-def study_spec(index: int, studies_per_patient: int = STUDIES_PER_PATIENT, series: int = 3, instances: int = 1) -> StudySpec:
+def study_spec(
+    index: int, studies_per_patient: int = STUDIES_PER_PATIENT, series: int = 3, instances: int = 1
+) -> StudySpec:
     """Benchmark study ``index``: a CT study of ``series`` series of ``instances`` instances."""
     patient = index // studies_per_patient
     parts = ("CHEST", "ABDOMEN", "PELVIS", "HEAD")
@@ -198,7 +200,9 @@ def warm_qido(dicomweb_url: str, page_size: int = 100) -> int:
                 return seen
 
 
-def run_child(args: list[str], env: dict[str, str], log: Path) -> dict[str, Any]:
+def run_child(
+    args: list[str], env: dict[str, str], log: Path, prefix: list[str] | None = None
+) -> dict[str, Any]:
     """Run ``python -m <args>`` in a child process; its last stdout line is a JSON result.
 
     The result gains ``child_max_rss_mb`` read from the child's own rusage (os.wait4), which the
@@ -206,10 +210,13 @@ def run_child(args: list[str], env: dict[str, str], log: Path) -> dict[str, Any]
     """
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
     child_env.update(env)
-    child_env["PYTHONPATH"] = str(ROOT)
+    # PYTHONPATH_EXTRA comes first: an A/B run can put a variant of the bridge (or a package) there.
+    child_env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [child_env.pop("PYTHONPATH_EXTRA", None), str(ROOT)])
+    )
     with open(log, "ab") as err:
         process = subprocess.Popen(
-            [sys.executable, "-m", *args],
+            [*(prefix or []), sys.executable, "-m", *args],
             cwd=ROOT,
             env=child_env,
             stdout=subprocess.PIPE,
@@ -219,10 +226,11 @@ def run_child(args: list[str], env: dict[str, str], log: Path) -> dict[str, Any]
         output = process.stdout.read()
         _, status, usage = os.wait4(process.pid, 0)
         process.returncode = os.waitstatus_to_exitcode(status)
-    lines = [line for line in output.decode().splitlines() if line.strip()]
-    if not lines or not lines[-1].startswith("{"):
+    lines = [line for line in output.decode().splitlines() if line.startswith("{")]
+    if not lines:
         raise RuntimeError(f"`{' '.join(args)}` failed (exit {process.returncode}); see {log}")
     result: dict[str, Any] = json.loads(lines[-1])
     result["child_max_rss_mb"] = round(usage.ru_maxrss / 1024, 1)
+    result["cpu_s"] = round(usage.ru_utime + usage.ru_stime, 2)
     result["exit_code"] = process.returncode
     return result

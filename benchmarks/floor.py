@@ -88,7 +88,9 @@ def imaging_study(
     if accession:
         resource_["identifier"].append(
             {
-                "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}]},
+                "type": {
+                    "coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}]
+                },
                 "value": accession,
             }
         )
@@ -169,6 +171,7 @@ class Floor:
         self.studies = 0
 
     async def qido(self, path: str, fields: tuple[str, ...], offset: int) -> list[dict[str, Any]]:
+        """One QIDO page."""
         params = [("includefield", f) for f in fields] + [
             ("limit", str(self.page_size)),
             ("offset", str(offset)),
@@ -182,6 +185,7 @@ class Floor:
         return response.json() if response.content.strip() else []  # type: ignore[no-any-return]
 
     async def put(self, body: dict[str, Any]) -> None:
+        """PUT a resource to its client id."""
         response = await self.fhir.put(
             f"{self.fhir_base}/{body['resourceType']}/{body['id']}",
             content=json.dumps(body).encode(),
@@ -190,6 +194,7 @@ class Floor:
         response.raise_for_status()
 
     async def subject(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The subject Reference: one conditional create per patient per run."""
         pid = _value(row, "00100020")
         if self.policy == "logical":
             return {"type": "Patient", "identifier": {"system": self.system, "value": pid}}
@@ -211,6 +216,7 @@ class Floor:
         return {"reference": f"Patient/{self.patients[pid]}"}
 
     async def study(self, row: dict[str, Any], endpoint: str, limit: asyncio.Semaphore) -> None:
+        """Series query, subject, ImagingStudy PUT."""
         async with limit:
             uid = _value(row, "0020000D")
             series = await self.qido(f"/studies/{quote(uid, safe='')}/series", SERIES_FIELDS, 0)
@@ -219,6 +225,7 @@ class Floor:
             self.studies += 1
 
     async def run(self) -> None:
+        """The whole pass."""
         endpoint_id = str(uuid.uuid5(NAMESPACE, "endpoint"))
         await self.put(
             {
@@ -250,7 +257,9 @@ class Floor:
             offset += len(rows)
 
 
-async def sync(args: argparse.Namespace, hooks: dict[str, dict[str, list[Any]]] | None = None) -> dict[str, Any]:
+async def sync(
+    args: argparse.Namespace, hooks: dict[str, dict[str, list[Any]]] | None = None
+) -> dict[str, Any]:
     """One floor pass; ``hooks`` are httpx event hooks per side (``dicomweb``, ``fhir``)."""
     hooks = hooks or {}
     limits = httpx.Limits(max_connections=args.concurrency * 2 + 4)
@@ -275,11 +284,16 @@ async def sync(args: argparse.Namespace, hooks: dict[str, dict[str, list[Any]]] 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dicomweb", required=True, help="DICOMweb base URL")
     parser.add_argument("--fhir", required=True, help="FHIR base URL")
-    parser.add_argument("--concurrency", type=int, default=4, help="studies at once (as BRIDGE_SYNC_CONCURRENCY)")
-    parser.add_argument("--page-size", type=int, default=100, help="QIDO page size (as BRIDGE_QIDO_PAGE_SIZE)")
+    parser.add_argument(
+        "--concurrency", type=int, default=4, help="studies at once (as BRIDGE_SYNC_CONCURRENCY)"
+    )
+    parser.add_argument(
+        "--page-size", type=int, default=100, help="QIDO page size (as BRIDGE_QIDO_PAGE_SIZE)"
+    )
     parser.add_argument("--patient-policy", choices=("match-or-create", "logical"), default="match-or-create")
     parser.add_argument("--patient-system", default="urn:oid:1.2.826.0.1.3680043.10.1000")
     parser.add_argument("--json", action="store_true", help="print one JSON line with the figures")
@@ -287,6 +301,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one pass and print its figures."""
     args = parse_args(argv)
     meter = Meter()
     result = asyncio.run(sync(args, {side: meter.hooks(side) for side in ("dicomweb", "fhir")}))

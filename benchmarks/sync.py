@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import shutil
+import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,7 @@ def summarize(kind: str, n: int, result: dict[str, Any], fhir_stats: dict[str, A
         "n": n,
         "wall_s": round(result["wall"], 2),
         "studies_per_s": round(n / result["wall"], 1),
+        "cpu_s": result["cpu_s"],  # the child's user + system CPU time, start-up included
         "max_rss_mb": result["max_rss_mb"],
         "child_max_rss_mb": result["child_max_rss_mb"],
         "fhir_server_requests": fhir_stats.get("requests"),
@@ -120,16 +122,23 @@ def one_size(n: int, args: argparse.Namespace, work: Path) -> list[dict[str, Any
                 else:
                     state = work / f"state-{n}-{rep}.db"
                     env = bridge_env(orthanc.dicomweb_url, fhir.base_url, state, args)
-                    result = run_child(["benchmarks._bridge_run"], env, log)
+                    prefix = None
+                    if args.profile:
+                        prefix = [
+                            args.py_spy, "record", "--rate", "200", "--format", "raw",
+                            "-o", str(work / f"bridge-{n}-{rep}.pyspy.txt"), "--",
+                        ]  # fmt: skip
+                    result = run_child(["benchmarks._bridge_run"], env, log, prefix)
                     if result["counts"]["created"] != n:
                         raise RuntimeError(f"the bridge created {result['counts']} (expected {n}); see {log}")
                 row = summarize(kind, n, result, fhir.stats())
                 row["rep"] = rep
                 rows.append(row)
                 print(
-                    f"  N={n} rep {rep} {kind:<6} {row['wall_s']:7.2f} s  {row['studies_per_s']:7.1f} studies/s  "
+                    f"  N={n} rep {rep} {kind:<6} {row['wall_s']:7.2f} s  "
+                    f"{row['studies_per_s']:7.1f} studies/s  "
                     f"FHIR busy {row['fhir_busy_s']:6.2f} s  QIDO busy {row['dicomweb_busy_s']:6.2f} s  "
-                    f"peak RSS {row['max_rss_mb']:.0f} MiB",
+                    f"CPU {row['cpu_s']:5.1f} s  peak RSS {row['max_rss_mb']:.0f} MiB",
                     flush=True,
                 )
     return rows
@@ -141,7 +150,8 @@ def report(rows: list[dict[str, Any]], sizes: list[int]) -> dict[str, Any]:
     print("\n== results (median of the repetitions)")
     header = (
         f"{'N':>6} {'side':<7} {'wall s':>7} {'st/s':>7} {'QIDO req/st':>11} {'QIDO B/st':>9} "
-        f"{'FHIR req/st':>11} {'FHIR B/st':>9} {'FHIR busy s':>11} {'QIDO busy s':>11} {'RSS MiB':>8}"
+        f"{'FHIR req/st':>11} {'FHIR B/st':>9} {'FHIR busy s':>11} {'QIDO busy s':>11} "
+        f"{'CPU s':>6} {'RSS MiB':>8}"
     )
     print(header)
     for n in sizes:
@@ -159,7 +169,8 @@ def report(rows: list[dict[str, Any]], sizes: list[int]) -> dict[str, Any]:
                 f"{med['dicomweb_bytes_sent_per_study'] + med['dicomweb_bytes_received_per_study']:>9.0f} "
                 f"{med['fhir_requests_per_study']:>11.3f} "
                 f"{med['fhir_bytes_sent_per_study'] + med['fhir_bytes_received_per_study']:>9.0f} "
-                f"{med['fhir_busy_s']:>11.2f} {med['dicomweb_busy_s']:>11.2f} {med['max_rss_mb']:>8.0f}"
+                f"{med['fhir_busy_s']:>11.2f} {med['dicomweb_busy_s']:>11.2f} "
+                f"{med['cpu_s']:>6.1f} {med['max_rss_mb']:>8.0f}"
             )
     ratios: dict[str, Any] = {}
     for n in sizes:
@@ -176,16 +187,25 @@ def report(rows: list[dict[str, Any]], sizes: list[int]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run every size and print the table and the ratios."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000], help="archive sizes N")
     parser.add_argument("--repeat", type=int, default=2, help="runs of each side per size")
-    parser.add_argument("--concurrency", type=int, default=4, help="BRIDGE_SYNC_CONCURRENCY (and the floor's)")
-    parser.add_argument("--page-size", type=int, default=100, help="BRIDGE_QIDO_PAGE_SIZE (and the floor's)")
     parser.add_argument(
-        "--patient-policy", choices=("match-or-create", "logical"), default="match-or-create"
+        "--concurrency", type=int, default=4, help="BRIDGE_SYNC_CONCURRENCY (and the floor's)"
     )
+    parser.add_argument("--page-size", type=int, default=100, help="BRIDGE_QIDO_PAGE_SIZE (and the floor's)")
+    parser.add_argument("--patient-policy", choices=("match-or-create", "logical"), default="match-or-create")
     parser.add_argument("--log-level", default="INFO", help="BRIDGE_LOG_LEVEL of the bridge run")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where prepared archives are kept")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="run the bridge under py-spy (collapsed stacks in CACHE/sync-runs/); slows it down",
+    )
+    parser.add_argument(
+        "--py-spy", default=str(Path(sys.executable).with_name("py-spy")), help="py-spy binary"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write every figure to this file")
     args = parser.parse_args(argv)
 
