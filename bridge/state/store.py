@@ -47,6 +47,18 @@ class KnownStudy:
 
 
 @dataclass(frozen=True, slots=True)
+class Published:
+    """A study just published, to be remembered."""
+
+    study_uid: str
+    qido_fingerprint: str
+    resource_fingerprint: str
+    fhir_id: str
+    fhir_version: str | None
+    started: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class RunCounts:
     """The outcome counts of a run."""
 
@@ -158,21 +170,46 @@ class SqlStore:
         started: str | None = None,
     ) -> None:
         """Remember a published study and clear any parked failure of it."""
+        self.record_published_many(
+            source,
+            [Published(study_uid, qido_fingerprint, resource_fingerprint, fhir_id, fhir_version, started)],
+        )
+
+    def record_published_many(self, source: str, studies: Sequence[Published]) -> None:
+        """Remember several published studies in one transaction, clearing their parked failures."""
+        if not studies:
+            return
         now = utcnow()
+        uids = [s.study_uid for s in studies]
         with self._session() as session:
-            row = session.get(PublishedStudy, (source, study_uid))
-            if row is None:
-                row = PublishedStudy(source=source, study_uid=study_uid, first_synced_at=now)
-                session.add(row)
-            row.qido_fingerprint = qido_fingerprint
-            row.resource_fingerprint = resource_fingerprint
-            row.fhir_id = fhir_id
-            row.fhir_version = fhir_version
-            row.last_synced_at = now
-            row.started = started
+            rows = {
+                r.study_uid: r
+                for r in session.scalars(
+                    select(PublishedStudy).where(
+                        PublishedStudy.source == source, PublishedStudy.study_uid.in_(uids)
+                    )
+                )
+            }
+            for study in studies:
+                row = rows.get(study.study_uid)
+                if row is None:
+                    row = PublishedStudy(source=source, study_uid=study.study_uid, first_synced_at=now)
+                    session.add(row)
+                    rows[study.study_uid] = row
+                row.qido_fingerprint = study.qido_fingerprint
+                row.resource_fingerprint = study.resource_fingerprint
+                row.fhir_id = study.fhir_id
+                row.fhir_version = study.fhir_version
+                row.last_synced_at = now
+                row.started = study.started
             session.execute(
-                delete(ParkedStudy).where(ParkedStudy.source == source, ParkedStudy.study_uid == study_uid)
+                delete(ParkedStudy).where(ParkedStudy.source == source, ParkedStudy.study_uid.in_(uids))
             )
+
+    @property
+    def claims_enabled(self) -> bool:
+        """Whether claims coordinate several replicas (PostgreSQL); on SQLite every claim succeeds."""
+        return self._claims.enabled
 
     def mark_seen(self, source: str, uids: Iterable[str], run_id: int) -> None:
         """Note that a reconciliation run saw these studies in the archive."""

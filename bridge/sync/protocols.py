@@ -8,7 +8,7 @@ from typing import Any, Protocol
 
 from bridge.dicomweb.records import DicomJson, InstanceRecord, SeriesRecord
 from bridge.fhir.client import WriteResult
-from bridge.state.store import KnownStudy, RunCounts
+from bridge.state.store import KnownStudy, Published, RunCounts
 
 
 class StudySource(Protocol):
@@ -94,6 +94,15 @@ class StateStore(Protocol):
 
     def park(self, source: str, study_uid: str, *, kind: str, reason: str, attribute: str | None) -> None:
         """Park a failed study with its reason."""
+        ...
+
+    def record_published_many(self, source: str, studies: Sequence[Published]) -> None:
+        """Remember several published studies at once."""
+        ...
+
+    @property
+    def claims_enabled(self) -> bool:
+        """Whether claims coordinate several replicas (else every claim succeeds)."""
         ...
 
     def mark_seen(self, source: str, uids: Iterable[str], run_id: int) -> None:

@@ -32,7 +32,7 @@ from bridge.mapping.context import MappingContext
 from bridge.mapping.dates import fhir_datetime
 from bridge.mapping.imaging_study import map_imaging_study
 from bridge.mapping.validate import validate
-from bridge.state.store import KnownStudy, RunCounts
+from bridge.state.store import KnownStudy, Published, RunCounts
 from bridge.sync import metrics
 from bridge.sync.diff import changed_paths
 from bridge.sync.protocols import StateStore, StudySource
@@ -73,6 +73,14 @@ class RunReport:
     def add(self, **deltas: int) -> None:
         """Add to the counts."""
         self.counts = replace(self.counts, **{k: getattr(self.counts, k) + v for k, v in deltas.items()})
+
+
+@dataclass
+class _PageWork:
+    """What the studies of one page leave to do once they are all through."""
+
+    published: list[Published] = field(default_factory=list)
+    claimed: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,21 +340,35 @@ class SyncWorker:
             self._store.known_studies, self._ctx.source_name, [s.uid for s in studies]
         )
 
+        page = _PageWork()
+
         async def one(study: StudyRecord) -> None:
             async with limit:
-                await self._study(study, known.get(study.uid), endpoint, report)
+                await self._study(study, known.get(study.uid), endpoint, report, page)
 
         try:
-            async with asyncio.TaskGroup() as group:
-                for study in studies:
-                    group.create_task(one(study))
-        except* BridgeError as failures:
-            # The first failure ends the run; the group has cancelled the other studies.
-            raise failures.exceptions[0] from None
+            try:
+                async with asyncio.TaskGroup() as group:
+                    for study in studies:
+                        group.create_task(one(study))
+            except* BridgeError as failures:
+                # The first failure ends the run; the group has cancelled the other studies.
+                raise failures.exceptions[0] from None
+        finally:
+            # One transaction for the page's published studies (even when the run stops here:
+            # they are on the FHIR server); claims are released only once they are recorded.
+            await asyncio.to_thread(self._store.record_published_many, self._ctx.source_name, page.published)
+            for uid in page.claimed:
+                await asyncio.to_thread(self._store.release_study, self._ctx.source_name, uid)
         return [s.uid for s in studies]
 
     async def _study(
-        self, study: StudyRecord, known: KnownStudy | None, endpoint: str, report: RunReport
+        self,
+        study: StudyRecord,
+        known: KnownStudy | None,
+        endpoint: str,
+        report: RunReport,
+        page: _PageWork,
     ) -> None:
         if self._stop_requested:
             return  # left for the next cycle, untouched
@@ -354,17 +376,20 @@ class SyncWorker:
         if known is not None and known.qido_fingerprint == qido_fingerprint:
             report.add(unchanged=1)
             return
-        if not await asyncio.to_thread(self._store.claim_study, self._ctx.source_name, study.uid):
-            report.add(claimed=1)  # another replica is publishing it now: not parked, not lost
-            logger.info("study %s skipped: claimed by another worker", study.uid)
-            return
-        try:
+        source = self._ctx.source_name
+        if self._store.claims_enabled:
+            if not await asyncio.to_thread(self._store.claim_study, source, study.uid):
+                report.add(claimed=1)  # another replica is publishing it now: not parked, not lost
+                logger.info("study %s skipped: claimed by another worker", study.uid)
+                return
+            page.claimed.append(study.uid)
             # Read again under the claim: another replica may have published it since the page.
-            fresh = await asyncio.to_thread(self._store.known_studies, self._ctx.source_name, [study.uid])
+            fresh = await asyncio.to_thread(self._store.known_studies, source, [study.uid])
             known = fresh.get(study.uid)
             if known is not None and known.qido_fingerprint == qido_fingerprint:
                 report.add(unchanged=1)
                 return
+        try:
             resource = await self.build(study, endpoint)
             resource_fingerprint = digest(resource)
             if known is not None and known.resource_fingerprint == resource_fingerprint:
@@ -375,21 +400,19 @@ class SyncWorker:
                 fhir_id, version = result.id, result.version
                 outcome = "created" if known is None and result.created else "updated"
                 logger.info("study %s %s as ImagingStudy/%s", study.uid, outcome, fhir_id)
-            await asyncio.to_thread(
-                self._store.record_published,
-                self._ctx.source_name,
-                study.uid,
-                qido_fingerprint=qido_fingerprint,
-                resource_fingerprint=resource_fingerprint,
-                fhir_id=fhir_id,
-                fhir_version=version,
-                started=resource.get("started"),
+            page.published.append(
+                Published(
+                    study.uid,
+                    qido_fingerprint,
+                    resource_fingerprint,
+                    fhir_id,
+                    version,
+                    resource.get("started"),
+                )
             )
             report.add(**{outcome: 1})
         except (MappingError, FatalUpstreamError) as exc:
             await self._park(report, study.uid, exc)
-        finally:
-            await asyncio.to_thread(self._store.release_study, self._ctx.source_name, study.uid)
 
     async def build(self, study: StudyRecord, endpoint: str) -> dict[str, Any]:
         """The ImagingStudy for a study, ready to write.
