@@ -386,6 +386,7 @@ def status(
     data: dict[str, Any] = {
         "source": chosen or "all",
         "published": counts["published"],
+        "gone": counts["gone"],
         "parked": counts["parked"],
         "runs": [
             {
@@ -425,8 +426,8 @@ def status(
         out.print_json(data=data)
         return
     out.print(
-        f"source [bold]{settings.source_name}[/bold]: {data['published']} studies published, "
-        f"{data['parked']} parked",
+        f"source [bold]{data['source']}[/bold]: {data['published']} studies published, "
+        f"{data['gone']} gone from the archive, {data['parked']} parked",
         highlight=False,
     )
     table = Table("run", "status", "started", "seen", "created", "updated", "unchanged", "parked")

@@ -387,14 +387,17 @@ class SqlStore:
             return list(session.scalars(select(Run).order_by(Run.id.desc()).limit(limit)).all())
 
     def counts(self, source: str | None = None) -> dict[str, int]:
-        """How many studies are published and parked."""
+        """How many studies are published, gone from the archive (retired), and parked."""
         with self._session() as session:
             published = select(func.count()).select_from(PublishedStudy)
             parked = select(func.count()).select_from(ParkedStudy)
             if source is not None:
                 published = published.where(PublishedStudy.source == source)
                 parked = parked.where(ParkedStudy.source == source)
+            gone = published.where(PublishedStudy.qido_fingerprint == GONE)
+            published = published.where(PublishedStudy.qido_fingerprint != GONE)
             return {
                 "published": int(session.scalar(published) or 0),
+                "gone": int(session.scalar(gone) or 0),
                 "parked": int(session.scalar(parked) or 0),
             }

@@ -121,7 +121,7 @@ def test_status_json_shows_runs_and_parked_studies(runner: CliRunner, configured
 def test_status_as_a_table_names_the_source_and_counts(runner: CliRunner, configured: Path) -> None:
     result = runner.invoke(app, ["status"])
     assert result.exit_code == 0
-    assert "0 studies published, 0 parked" in flat(result.stdout)
+    assert "0 studies published, 0 gone from the archive, 0 parked" in flat(result.stdout)
 
 
 def test_version_prints_the_version(runner: CliRunner) -> None:
