@@ -59,6 +59,8 @@ class StudyClaims:
         self._held.clear()
         if self._connection is not None:
             try:
+                # Invalidate rather than return it to the pool: a pooled session would keep its
+                # advisory locks.
                 self._connection.invalidate()
                 self._connection.close()
             except SQLAlchemyError:
@@ -107,12 +109,4 @@ class StudyClaims:
         """Release every claim by ending the claims session."""
         with self._lock:
             self._held.clear()
-            if self._connection is not None:
-                try:
-                    # Invalidate rather than return it to the pool: a pooled session would keep
-                    # its advisory locks.
-                    self._connection.invalidate()
-                    self._connection.close()
-                except SQLAlchemyError:
-                    pass
-                self._connection = None
+            self._drop_connection()
