@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bridge.config import load_settings
+from bridge.config import Settings, load_settings
 from bridge.runtime import open_runtime
 from bridge.sync.worker import RunReport
 from tests.stack.fhir import FhirTestServer
@@ -40,19 +40,23 @@ class Stack:
         env.update({f"BRIDGE_{k.upper()}": v for k, v in overrides.items()})
         return env
 
-    def sync(self, **overrides: str) -> RunReport:
-        """One in-process sync pass with these settings."""
+    def settings(self, **overrides: str) -> Settings:
+        """The bridge's settings as it would read them from this environment (plus overrides)."""
         env = self.settings_env(**overrides)
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
-            settings = load_settings()
+            return load_settings()
         finally:
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
+
+    def sync(self, **overrides: str) -> RunReport:
+        """One in-process sync pass with these settings."""
+        settings = self.settings(**overrides)
 
         async def run() -> RunReport:
             async with open_runtime(settings) as runtime:

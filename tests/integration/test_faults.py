@@ -19,7 +19,8 @@ import pytest
 
 from tests.integration.conftest import Stack
 from tests.stack.faultproxy import Fault, FaultProxy, retry_gaps
-from tests.stack.fhir import FhirTestServer, free_loopback_port
+from tests.stack.fhir import FhirTestServer
+from tests.stack.process import free_loopback_port
 from tests.stack.samples import SeriesSpec, StudySpec, build_study, stow
 
 pytestmark = pytest.mark.integration

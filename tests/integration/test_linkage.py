@@ -63,7 +63,10 @@ def test_mapping_is_complete_and_valid_on_both_sides(stack: Stack) -> None:
         issuer="HOSP-A",
         accession="R1001",
         referring_physician="Smith^Anna^^Dr",
-        series=[SeriesSpec("CT", "Thorax", "CHEST", instances=3), SeriesSpec("MR", "Knee", "KNEE", "R", instances=2)],
+        series=[
+            SeriesSpec("CT", "Thorax", "CHEST", instances=3),
+            SeriesSpec("MR", "Knee", "KNEE", "R", instances=2),
+        ],
     )
     _store_rich(stack, spec)
 
@@ -72,12 +75,19 @@ def test_mapping_is_complete_and_valid_on_both_sides(stack: Stack) -> None:
     assert report.counts.created == 1, report.parked
     study = _one(stack)
     assert study["referrer"] == {"display": "Dr Anna Smith"}
-    assert study["procedureCode"][0]["coding"][0] == {"system": "http://loinc.org", "code": "24627-2", "display": "CT Chest"}
+    assert study["procedureCode"][0]["coding"][0] == {
+        "system": "http://loinc.org",
+        "code": "24627-2",
+        "display": "CT Chest",
+    }
     assert study["reasonCode"][0]["coding"][0]["system"] == "http://snomed.info/sct"
     ct, mr = study["series"]
     assert ct["performer"] == [{"actor": {"display": "Terry Tech"}}]
     assert [i["number"] for i in ct["instance"]] == [1, 2, 3]
-    assert ct["instance"][0]["sopClass"] == {"system": "urn:ietf:rfc:3986", "code": "urn:oid:1.2.840.10008.5.1.4.1.1.2"}
+    assert ct["instance"][0]["sopClass"] == {
+        "system": "urn:ietf:rfc:3986",
+        "code": "urn:oid:1.2.840.10008.5.1.4.1.1.2",
+    }
     assert mr["laterality"]["code"] == "24028007"
     assert mr["bodySite"]["display"]
     # Every produced resource: the FHIR server validated it on write; fhir.resources agrees.
@@ -87,7 +97,10 @@ def test_mapping_is_complete_and_valid_on_both_sides(stack: Stack) -> None:
 
 
 def test_instance_detail_is_left_out_past_the_guard(stack: Stack) -> None:
-    stow(stack.orthanc.dicomweb_url, build_study(StudySpec(patient_id="L2", issuer="HOSP-A", series=[SeriesSpec(instances=3)])))
+    stow(
+        stack.orthanc.dicomweb_url,
+        build_study(StudySpec(patient_id="L2", issuer="HOSP-A", series=[SeriesSpec(instances=3)])),
+    )
 
     stack.sync(include_instances="true", max_instances="2")
 
@@ -128,7 +141,12 @@ def test_patient_issuer_maps_qualifiers_and_other_ids(stack: Stack) -> None:
 
 
 def test_accession_system_from_the_issuer_sequence(stack: Stack) -> None:
-    stow(stack.orthanc.dicomweb_url, build_study(StudySpec(patient_id="A1", issuer="HOSP-A", accession="X-1", accession_issuer="HOSP-A-RIS")))
+    stow(
+        stack.orthanc.dicomweb_url,
+        build_study(
+            StudySpec(patient_id="A1", issuer="HOSP-A", accession="X-1", accession_issuer="HOSP-A-RIS")
+        ),
+    )
 
     stack.sync(**HEADER, accession_issuer_systems=json.dumps({"HOSP-A-RIS": RIS_SYSTEM}))
 
@@ -146,7 +164,11 @@ def _service_request(stack: Stack, accession: str) -> str:
             "subject": {"display": "order's patient"},
             "identifier": [
                 {
-                    "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}]},
+                    "type": {
+                        "coding": [
+                            {"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}
+                        ]
+                    },
                     "system": RIS_SYSTEM,
                     "value": accession,
                 }
@@ -171,12 +193,19 @@ def test_order_linkage_by_accession(stack: Stack) -> None:
 
     report = stack.sync(order_policy="match-or-logical", **settings)
 
-    by_accession = {
-        next(i["value"] for i in s["identifier"] if i.get("type")): s for s in _studies(stack)
-    }
+    by_accession = {next(i["value"] for i in s["identifier"] if i.get("type")): s for s in _studies(stack)}
     assert by_accession["ORD-1"]["basedOn"] == [{"reference": f"ServiceRequest/{order_id}"}]
     assert by_accession["ORD-2"]["basedOn"] == [
-        {"type": "ServiceRequest", "identifier": {"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}]}, "system": RIS_SYSTEM, "value": "ORD-2"}}
+        {
+            "type": "ServiceRequest",
+            "identifier": {
+                "type": {
+                    "coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}]
+                },
+                "system": RIS_SYSTEM,
+                "value": "ORD-2",
+            },
+        }
     ]
     assert [(p.study_uid, p.attribute) for p in report.parked] == [(doubled.uid, "AccessionNumber")]
 
@@ -212,7 +241,9 @@ def test_two_archives_one_fhir_server_never_merge_the_same_study(stack: Stack, s
     assert set(endpoints) == {"archive-a", "archive-b"}
     copies = [s for s in _studies(stack) if s["identifier"][0]["value"] == f"urn:oid:{shared.uid}"]
     assert sorted(s["description"] for s in copies) == ["Copy in A", "Copy in B"]
-    assert {s["endpoint"][0]["reference"] for s in copies} == {f"Endpoint/{e['id']}" for e in endpoints.values()}
+    assert {s["endpoint"][0]["reference"] for s in copies} == {
+        f"Endpoint/{e['id']}" for e in endpoints.values()
+    }
     # Each source's own patient map: B's copy links a Patient under B's system.
     b_copy = next(s for s in copies if s["description"] == "Copy in B")
     assert stack.fhir_read(b_copy["subject"]["reference"])["identifier"][0]["system"] == "urn:oid:7.7.7"

@@ -26,7 +26,9 @@ def anyio_backend() -> str:
 
 
 def _studies(stack: Stack) -> dict[str, dict[str, Any]]:
-    return {s["identifier"][0]["value"].removeprefix("urn:oid:"): s for s in stack.fhir_search("ImagingStudy")}
+    return {
+        s["identifier"][0]["value"].removeprefix("urn:oid:"): s for s in stack.fhir_search("ImagingStudy")
+    }
 
 
 @pytest.mark.anyio
@@ -131,7 +133,13 @@ def test_bridge_worker_serves_its_metrics_when_asked(stack: Stack) -> None:
     process = _spawn(stack, "worker", metrics_port=str(port), sync_interval="3600", reconcile_interval="3600")
     try:
         assert _wait(lambda: len(_studies(stack)) == 1, 60)
-        assert _wait(lambda: "bridge_sync_parked_studies 0.0" in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text, 30)
+        assert _wait(
+            lambda: (
+                "bridge_sync_parked_studies 0.0"
+                in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            ),
+            30,
+        )
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0

@@ -22,7 +22,7 @@ from dicomweb_client.api import DICOMwebClient
 from dicomweb_client.uri import URI, URISuffix
 
 from bridge.api.app import create_app
-from bridge.config import Settings, load_settings
+from bridge.config import Settings
 from tests.integration.conftest import Stack
 from tests.stack.samples import StudySpec, load_demo
 
@@ -49,21 +49,11 @@ def anyio_backend() -> str:
 
 def settings_for(stack: Stack, **overrides: str) -> Settings:
     """The bridge settings the stack's env describes (as `bridge serve` would read them)."""
-    env = stack.settings_env(
+    return stack.settings(
         accession_issuer_systems=json.dumps(ACCESSION_SYSTEMS),
         viewer_urls=json.dumps(VIEWERS),
         **overrides,
     )
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        return load_settings()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @asynccontextmanager

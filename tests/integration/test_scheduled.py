@@ -17,7 +17,6 @@ import httpx
 import pytest
 from pydicom.uid import generate_uid
 
-from bridge.config import load_settings
 from bridge.runtime import Runtime, open_runtime
 from bridge.state.store import SqlStore
 from tests.integration.conftest import Stack
@@ -29,17 +28,7 @@ TODAY = f"{date.today():%Y%m%d}"
 
 
 def _with_runtime(stack: Stack, action: Callable[[Runtime], Awaitable[Any]], **overrides: str) -> Any:
-    env = stack.settings_env(**overrides)
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        settings = load_settings()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    settings = stack.settings(**overrides)
 
     async def run() -> Any:
         async with open_runtime(settings) as runtime:
@@ -82,9 +71,13 @@ def _store(stack: Stack, spec: StudySpec) -> StudySpec:
 
 
 def test_changes_in_the_archive_are_reflected_after_the_next_cycle(stack: Stack) -> None:
-    old = _store(stack, StudySpec(patient_id="C1", issuer="HOSP-A", study_date="20200105", description="Old CT"))
+    old = _store(
+        stack, StudySpec(patient_id="C1", issuer="HOSP-A", study_date="20200105", description="Old CT")
+    )
     doomed = _store(stack, StudySpec(patient_id="C2", issuer="HOSP-A", study_date="20210105"))
-    renamed = _store(stack, StudySpec(patient_id="C3", issuer="HOSP-A", study_date="20220105", description="Before"))
+    renamed = _store(
+        stack, StudySpec(patient_id="C3", issuer="HOSP-A", study_date="20220105", description="Before")
+    )
     for i in range(3):  # enough untouched studies that one delete stays under the safety fraction
         _store(stack, StudySpec(patient_id=f"K{i}", issuer="HOSP-A", study_date="20190101"))
     first = _run(stack, _cycle(stack, "reconcile"))
@@ -97,7 +90,12 @@ def test_changes_in_the_archive_are_reflected_after_the_next_cycle(stack: Stack)
     assert new.uid in _studies(stack)
 
     # A series added to an old study, a deleted study, a changed description: the next sweep.
-    _store(stack, StudySpec(**{**old.__dict__, "series": [SeriesSpec("SR", instances=1, number=7, uid=generate_uid())]}))
+    _store(
+        stack,
+        StudySpec(
+            **{**old.__dict__, "series": [SeriesSpec("SR", instances=1, number=7, uid=generate_uid())]}
+        ),
+    )
     stack.orthanc.delete_study(doomed.uid)
     _store(stack, StudySpec(**{**renamed.__dict__, "description": "After"}))
     sweep = _run(stack, _cycle(stack, "reconcile"))
@@ -138,7 +136,12 @@ def test_a_sweep_that_finds_too_many_studies_gone_applies_no_delete(stack: Stack
 def test_a_cycle_with_no_change_writes_nothing_and_queries_only_pages(stack: Stack) -> None:
     n, page = 25, 10
     for i in range(n):
-        _store(stack, StudySpec(patient_id=f"N{i}", issuer="HOSP-A", study_date=TODAY, series=[SeriesSpec(instances=1)]))
+        _store(
+            stack,
+            StudySpec(
+                patient_id=f"N{i}", issuer="HOSP-A", study_date=TODAY, series=[SeriesSpec(instances=1)]
+            ),
+        )
     _cycle(stack, "incremental", qido_page_size=str(page))
     stack.fhir.reset_stats()
 
@@ -200,7 +203,10 @@ def test_on_demand_sync_of_one_study_and_of_a_deleted_one(stack: Stack) -> None:
 
 def test_backfill_slices_by_date_and_resumes(stack: Stack) -> None:
     days = ["20230101", "20230102", "20230103", "20230105"]
-    specs = [_store(stack, StudySpec(patient_id=f"B{i}", issuer="HOSP-A", study_date=d)) for i, d in enumerate(days)]
+    specs = [
+        _store(stack, StudySpec(patient_id=f"B{i}", issuer="HOSP-A", study_date=d))
+        for i, d in enumerate(days)
+    ]
     outside = _store(stack, StudySpec(patient_id="B-out", issuer="HOSP-A", study_date="20230201"))
     store = SqlStore(f"sqlite:///{stack.state_path}")
     try:  # as if an earlier backfill was interrupted after its slice ending 2023-01-02
@@ -229,7 +235,11 @@ def _worker(stack: Stack, **overrides: str) -> subprocess.Popen[str]:
     log = stack.state_path.with_suffix(f".worker-{time.monotonic_ns()}.log")
     with log.open("w") as handle:  # the child keeps its own copy of the descriptor
         process = subprocess.Popen(
-            [sys.executable, "-m", "bridge", "worker"], env=env, stdout=handle, stderr=subprocess.STDOUT, text=True
+            [sys.executable, "-m", "bridge", "worker"],
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
     process.log = log  # type: ignore[attr-defined]
     return process
@@ -251,7 +261,10 @@ def _count(stack: Stack) -> int:
 
 def test_worker_killed_mid_cycle_ends_exactly_right_after_a_restart(stack: Stack) -> None:
     n = 150
-    specs = [_store(stack, StudySpec(patient_id=f"K{i % 20}", issuer="HOSP-A", series=[SeriesSpec(instances=1)])) for i in range(n)]
+    specs = [
+        _store(stack, StudySpec(patient_id=f"K{i % 20}", issuer="HOSP-A", series=[SeriesSpec(instances=1)]))
+        for i in range(n)
+    ]
     settings = {"sync_concurrency": "2", "sync_interval": "3600", "reconcile_interval": "3600"}
 
     worker = _worker(stack, **settings)

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 from pydicom.uid import generate_uid
 
-from tests.integration.conftest import DEFAULT_PATIENT_SYSTEM, ISSUERS, Stack
+from tests.integration.conftest import ISSUERS, Stack
 from tests.stack.samples import SeriesSpec, StudySpec, build_study, demo_studies, load_demo, stow
 
 pytestmark = pytest.mark.integration
@@ -113,7 +113,9 @@ def test_a_new_study_and_a_new_series_in_an_old_study_are_picked_up(stack: Stack
     added = SeriesSpec("CR", "Nachaufnahme", "CHEST", instances=1, number=9, uid=generate_uid())
     extra_series = StudySpec(**{**old.__dict__, "series": [added]})
     stow(stack.orthanc.dicomweb_url, build_study(extra_series))
-    new = StudySpec(patient_id="NEW1", issuer="HOSP-A", accession="A9999", series=[SeriesSpec("DX", instances=1)])
+    new = StudySpec(
+        patient_id="NEW1", issuer="HOSP-A", accession="A9999", series=[SeriesSpec("DX", instances=1)]
+    )
     stow(stack.orthanc.dicomweb_url, build_study(new))
 
     report = stack.sync()
@@ -159,7 +161,12 @@ def test_bad_studies_are_parked_with_the_attribute_while_the_rest_sync(stack: St
 
 def test_no_patient_data_in_the_output_or_the_logs(stack: Stack) -> None:
     specs = load_demo(stack.orthanc.dicomweb_url)
-    stow(stack.orthanc.dicomweb_url, build_study(StudySpec(study_date="20241399", patient_id="SECRET-ID-77", patient_name="Hidden^Person")))
+    stow(
+        stack.orthanc.dicomweb_url,
+        build_study(
+            StudySpec(study_date="20241399", patient_id="SECRET-ID-77", patient_name="Hidden^Person")
+        ),
+    )
 
     result = stack.cli("sync", log_level="DEBUG")
 
@@ -183,8 +190,12 @@ def test_match_only_parks_until_the_patient_exists(stack: Stack) -> None:
 
     httpx.post(
         f"{stack.fhir.base_url}/Patient",
-        json={"resourceType": "Patient", "identifier": [{"system": ISSUERS["HOSP-A"], "value": "PAT001"}],
-              "name": [{"family": "EHR-Owned"}], "birthDate": "1970-01-01"},
+        json={
+            "resourceType": "Patient",
+            "identifier": [{"system": ISSUERS["HOSP-A"], "value": "PAT001"}],
+            "name": [{"family": "EHR-Owned"}],
+            "birthDate": "1970-01-01",
+        },
         timeout=30,
     ).raise_for_status()
     second = stack.sync(patient_policy="match-only")
@@ -201,8 +212,13 @@ def test_existing_patient_is_linked_and_never_modified(stack: Stack) -> None:
 
     created = httpx.post(
         f"{stack.fhir.base_url}/Patient",
-        json={"resourceType": "Patient", "identifier": [{"system": ISSUERS["HOSP-A"], "value": "PAT001"}],
-              "name": [{"family": "Official", "given": ["Name"]}], "gender": "female", "birthDate": "1970-01-02"},
+        json={
+            "resourceType": "Patient",
+            "identifier": [{"system": ISSUERS["HOSP-A"], "value": "PAT001"}],
+            "name": [{"family": "Official", "given": ["Name"]}],
+            "gender": "female",
+            "birthDate": "1970-01-02",
+        },
         timeout=30,
     ).json()
     load_demo(stack.orthanc.dicomweb_url)
@@ -260,7 +276,12 @@ def test_replay_after_losing_the_store_duplicates_nothing(stack: Stack) -> None:
 def test_request_counts_grow_with_changes_not_with_the_archive(stack: Stack) -> None:
     n, page = 23, 10
     for i in range(n):
-        stow(stack.orthanc.dicomweb_url, build_study(StudySpec(patient_id=f"P{i % 5}", issuer="HOSP-A", series=[SeriesSpec("CT", instances=1)])))
+        stow(
+            stack.orthanc.dicomweb_url,
+            build_study(
+                StudySpec(patient_id=f"P{i % 5}", issuer="HOSP-A", series=[SeriesSpec("CT", instances=1)])
+            ),
+        )
 
     first = stack.sync(qido_page_size=str(page))
     stats = stack.fhir.stats()

@@ -24,7 +24,8 @@ from pathlib import Path
 import httpx
 
 from tests.stack.fhir import FhirTestServer
-from tests.stack.orthanc import OrthancServer, ensure_installed, free_loopback_port
+from tests.stack.orthanc import OrthancServer, ensure_installed
+from tests.stack.process import free_loopback_port
 from tests.stack.samples import load_demo
 from tests.stack.viewer import ViewerServer
 

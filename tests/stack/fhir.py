@@ -27,7 +27,6 @@ import atexit
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -37,26 +36,13 @@ from typing import Any
 
 import httpx
 
+from tests.stack.process import LOG_TAIL_LINES, free_loopback_port, log_tail
+
 SERVER_DIR = Path(__file__).resolve().parent / "fhir-server"
 BASE_PATH = "/fhir/R4"
-LOG_TAIL_LINES = 40
 NPM_TIMEOUT_SECONDS = 600.0
 
 
-def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
-        return f"(could not read {path}: {exc})"
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def free_loopback_port() -> int:
-    """Ask the kernel for a free TCP port on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _require_tool(name: str) -> str:
@@ -190,7 +176,7 @@ class FhirTestServer:
         while True:
             if self._process.poll() is not None:
                 code = self._process.returncode
-                tail = _log_tail(self.log_path)
+                tail = log_tail(self.log_path)
                 self.stop()
                 raise RuntimeError(f"the FHIR test server exited with code {code} while starting:\n{tail}")
             try:
@@ -199,7 +185,7 @@ class FhirTestServer:
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                tail = _log_tail(self.log_path)
+                tail = log_tail(self.log_path)
                 self.stop()
                 raise RuntimeError(f"the FHIR test server did not answer within {timeout:.0f} s:\n{tail}")
             time.sleep(0.1)

@@ -24,7 +24,8 @@ from typing import Any
 
 import httpx
 
-from tests.stack.fhir import _log_tail, _require_tool, ensure_node_modules, free_loopback_port
+from tests.stack.fhir import _require_tool, ensure_node_modules
+from tests.stack.process import free_loopback_port, log_tail
 
 PROVIDER_DIR = Path(__file__).resolve().parent / "oidc"
 INTROSPECTOR_ID = "fhir-test-server"
@@ -131,7 +132,7 @@ class OidcProvider:
         deadline = time.monotonic() + timeout
         while True:
             if self._process.poll() is not None:
-                tail = _log_tail(self.log_path)
+                tail = log_tail(self.log_path)
                 self.stop()
                 raise RuntimeError(f"the OpenID provider exited while starting:\n{tail}")
             try:
@@ -140,7 +141,7 @@ class OidcProvider:
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                tail = _log_tail(self.log_path)
+                tail = log_tail(self.log_path)
                 self.stop()
                 raise RuntimeError(f"the OpenID provider did not answer within {timeout:.0f} s:\n{tail}")
             time.sleep(0.1)

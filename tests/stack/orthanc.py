@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -34,6 +33,8 @@ from typing import Any
 
 import httpx
 
+from tests.stack.process import LOG_TAIL_LINES, free_loopback_port, log_tail
+
 ORTHANC_BINARY_CANDIDATES = ("/usr/sbin/Orthanc", "/usr/bin/Orthanc")
 DICOMWEB_PLUGIN_GLOBS = (
     "/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
@@ -42,7 +43,6 @@ DICOMWEB_PLUGIN_GLOBS = (
     "/usr/local/share/orthanc/plugins/libOrthancDicomWeb.so",
 )
 APT_PACKAGES = ("orthanc", "orthanc-dicomweb")
-LOG_TAIL_LINES = 40
 
 
 def find_orthanc_binary() -> str | None:
@@ -96,20 +96,6 @@ def ensure_installed() -> None:
         )
 
 
-def free_loopback_port() -> int:
-    """Ask the kernel for a free TCP port on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
-        return f"(could not read {path}: {exc})"
-    return "\n".join(text.splitlines()[-lines:])
 
 
 class OrthancServer:
@@ -305,7 +291,7 @@ class OrthancServer:
             if self._process.poll() is not None:
                 raise RuntimeError(
                     f"Orthanc exited with code {self._process.returncode} during start-up; "
-                    f"log {self.log_path}:\n{_log_tail(self.log_path)}"
+                    f"log {self.log_path}:\n{log_tail(self.log_path)}"
                 )
             try:
                 system = self._client.get("/system", timeout=2.0)
@@ -326,7 +312,7 @@ class OrthancServer:
             time.sleep(0.1)
         raise RuntimeError(
             f"Orthanc did not become ready on {self.base_url} within {timeout:.0f} s "
-            f"({last_problem}); log {self.log_path}:\n{_log_tail(self.log_path)}"
+            f"({last_problem}); log {self.log_path}:\n{log_tail(self.log_path)}"
         )
 
     def _terminate(self) -> None:

@@ -30,7 +30,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -53,13 +52,14 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tests.stack.process import LOG_TAIL_LINES, free_loopback_port
+
 OHIF_DIR = Path(__file__).resolve().parent / "ohif"
 DIST_DIR = OHIF_DIR / "node_modules" / "@ohif" / "app" / "dist"
 CONFIG_TEMPLATE = OHIF_DIR / "app-config.template.js"
 CONFIG_PLACEHOLDER = "__BRIDGE_DICOMWEB_ROOT__"
 PROXY_PREFIX = "/dicom-web"
 NPM_TIMEOUT_SECONDS = 600.0
-LOG_TAIL_LINES = 40
 
 # Request headers a browser sends that the archive may use; everything else stays here.
 FORWARDED_REQUEST_HEADERS = ("accept", "accept-encoding", "range", "if-none-match", "if-modified-since")
@@ -85,13 +85,6 @@ ISOLATION_HEADERS = {
     "Cross-Origin-Resource-Policy": "same-origin",
 }
 
-
-def free_loopback_port() -> int:
-    """Ask the kernel for a free TCP port on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def ensure_installed(project_dir: Path = OHIF_DIR) -> Path:

@@ -61,19 +61,35 @@ def test_display_names_read_like_names() -> None:
 
 
 def _instances(series_uid: str, count: int) -> list[InstanceRecord]:
-    return [InstanceRecord(uid(9, i), series_uid, "1.2.840.10008.5.1.4.1.1.2", i) for i in range(count, 0, -1)]
+    return [
+        InstanceRecord(uid(9, i), series_uid, "1.2.840.10008.5.1.4.1.1.2", i) for i in range(count, 0, -1)
+    ]
 
 
 def test_instances_are_listed_in_order_only_when_asked_and_under_the_guard() -> None:
     one = series(series_uid=uid(2, 1))
     instances = _instances(one.uid, 3)
-    on = map_imaging_study(study(), [one], context(include_instances=True), subject=SUBJECT, endpoint_reference="Endpoint/e", instances=instances)
+    on = map_imaging_study(
+        study(),
+        [one],
+        context(include_instances=True),
+        subject=SUBJECT,
+        endpoint_reference="Endpoint/e",
+        instances=instances,
+    )
     assert [i["number"] for i in on["series"][0]["instance"]] == [1, 2, 3]
     validate(on)
-    off = map_imaging_study(study(), [one], context(), subject=SUBJECT, endpoint_reference="Endpoint/e", instances=instances)
+    off = map_imaging_study(
+        study(), [one], context(), subject=SUBJECT, endpoint_reference="Endpoint/e", instances=instances
+    )
     assert "instance" not in off["series"][0]
     guarded = map_imaging_study(
-        study(), [one], context(include_instances=True, max_instances=2), subject=SUBJECT, endpoint_reference="Endpoint/e", instances=instances
+        study(),
+        [one],
+        context(include_instances=True, max_instances=2),
+        subject=SUBJECT,
+        endpoint_reference="Endpoint/e",
+        instances=instances,
     )
     assert "instance" not in guarded["series"][0]
 
@@ -82,7 +98,14 @@ def test_an_instance_without_sop_class_parks_the_study_naming_it() -> None:
     one = series(series_uid=uid(2, 1))
     bad = [InstanceRecord(uid(9, 1), one.uid, None, 1)]
     with pytest.raises(MappingError) as caught:
-        map_imaging_study(study(), [one], context(include_instances=True), subject=SUBJECT, endpoint_reference="Endpoint/e", instances=bad)
+        map_imaging_study(
+            study(),
+            [one],
+            context(include_instances=True),
+            subject=SUBJECT,
+            endpoint_reference="Endpoint/e",
+            instances=bad,
+        )
     assert caught.value.attribute == "SOPClassUID"
 
 
@@ -97,7 +120,16 @@ def test_performers_fall_back_to_operators() -> None:
 def test_a_header_fills_what_qido_left_out_and_ignores_bulk_data() -> None:
     header = {
         "00080051": issuer_sequence(local="RIS-A"),
-        "00081032": {"vr": "SQ", "Value": [{"00080100": element("SH", "X1"), "00080102": element("SH", "DCM"), "00080104": element("LO", "Thing")}]},
+        "00081032": {
+            "vr": "SQ",
+            "Value": [
+                {
+                    "00080100": element("SH", "X1"),
+                    "00080102": element("SH", "DCM"),
+                    "00080104": element("LO", "Thing"),
+                }
+            ],
+        },
         "7FE00010": {"vr": "OW", "BulkDataURI": "http://archive/bulk/1"},
     }
     completed = with_header(study(), header)
@@ -106,8 +138,18 @@ def test_a_header_fills_what_qido_left_out_and_ignores_bulk_data() -> None:
 
 
 def test_changed_paths_name_elements_never_values() -> None:
-    old = {"resourceType": "ImagingStudy", "meta": {"versionId": "3"}, "description": "A", "series": [{"uid": "1"}]}
-    new = {"resourceType": "ImagingStudy", "description": "B", "series": [{"uid": "1"}, {"uid": "2"}], "basedOn": [{}]}
+    old = {
+        "resourceType": "ImagingStudy",
+        "meta": {"versionId": "3"},
+        "description": "A",
+        "series": [{"uid": "1"}],
+    }
+    new = {
+        "resourceType": "ImagingStudy",
+        "description": "B",
+        "series": [{"uid": "1"}, {"uid": "2"}],
+        "basedOn": [{}],
+    }
     assert changed_paths(old, new) == ["+basedOn", "~description", "+series[1]"]
     assert changed_paths(new, new) == []
 
@@ -118,13 +160,20 @@ def _env(monkeypatch: pytest.MonkeyPatch, sources: object) -> None:
 
 
 def test_several_sources_each_get_their_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    _env(monkeypatch, [
-        {"name": "a", "dicomweb_url": "http://a.example/dw"},
-        {"name": "b", "dicomweb_url": "http://b.example/dw", "patient_identifier_system": "urn:oid:2.2"},
-    ])
+    _env(
+        monkeypatch,
+        [
+            {"name": "a", "dicomweb_url": "http://a.example/dw"},
+            {"name": "b", "dicomweb_url": "http://b.example/dw", "patient_identifier_system": "urn:oid:2.2"},
+        ],
+    )
     settings = load_settings()
     a, b = settings.for_each_source()
-    assert (a.source_name, a.dicomweb_base, a.public_base) == ("a", "http://a.example/dw", "http://a.example/dw")
+    assert (a.source_name, a.dicomweb_base, a.public_base) == (
+        "a",
+        "http://a.example/dw",
+        "http://a.example/dw",
+    )
     assert (b.source_name, b.patient_identifier_system) == ("b", "urn:oid:2.2")
     assert b.fhir_base == a.fhir_base == "http://fhir.example/R4"
 
@@ -132,7 +181,10 @@ def test_several_sources_each_get_their_settings(monkeypatch: pytest.MonkeyPatch
 @pytest.mark.parametrize(
     ("sources", "message"),
     [
-        ([{"name": "a", "dicomweb_url": "http://a/dw"}, {"name": "a", "dicomweb_url": "http://b/dw"}], "unique"),
+        (
+            [{"name": "a", "dicomweb_url": "http://a/dw"}, {"name": "a", "dicomweb_url": "http://b/dw"}],
+            "unique",
+        ),
         ([{"dicomweb_url": "http://a/dw"}], "no name"),
         ([{"name": "a", "dicomweb_url": "http://a/dw", "fhir_url": "http://x"}], "not a per-source setting"),
     ],
@@ -147,7 +199,10 @@ def test_bad_source_lists_are_refused_naming_the_setting(
 
 
 def test_a_bad_value_inside_one_source_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    _env(monkeypatch, [{"name": "a", "dicomweb_url": "http://a/dw"}, {"name": "b", "dicomweb_url": "not a url"}])
+    _env(
+        monkeypatch,
+        [{"name": "a", "dicomweb_url": "http://a/dw"}, {"name": "b", "dicomweb_url": "not a url"}],
+    )
     with pytest.raises(ConfigurationError) as caught:
         load_settings().for_each_source()
     assert "'b'" in str(caught.value) and "dicomweb_url" in str(caught.value)
