@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar
@@ -13,7 +14,15 @@ from bridge.errors import ConfigurationError
 
 TableModel = TypeVar("TableModel", bound=BaseModel)
 
-BUNDLED_MAPPINGS = Path(__file__).resolve().parents[2] / "mappings"
+def _bundled_mappings() -> Path:
+    """The repository's mappings/ (source checkout, editable install), else the installed copy."""
+    source = Path(__file__).resolve().parents[2] / "mappings"
+    if source.is_dir():
+        return source
+    return Path(sys.prefix) / "share" / "fhir-dicomweb-bridge" / "mappings"
+
+
+BUNDLED_MAPPINGS = _bundled_mappings()
 
 
 class Code(BaseModel):
