@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,13 +26,22 @@ FHIR_JSON = "application/fhir+json"
 _OUTCOME_LIMIT = 1000
 
 
+# Servers quote the value they reject ("The value 'Doe^Jane' is not ..."): it may be patient data.
+_QUOTED = re.compile(r""""[^"]{1,200}"|(?<![A-Za-z])'[^']{1,200}'(?![A-Za-z])""")
+
+
 def outcome_text(body: Any) -> str | None:
-    """The readable text of an OperationOutcome (diagnostics, details, expression), if any."""
+    """The readable text of an OperationOutcome (diagnostics, details, expression), if any.
+
+    Quoted values are blanked out, since servers echo the value they reject, and the text goes
+    into parked reasons, logs and ``bridge status``.
+    """
     if not isinstance(body, dict) or body.get("resourceType") != "OperationOutcome":
         return None
     parts = []
     for issue in body.get("issue", []):
         text = issue.get("diagnostics") or (issue.get("details") or {}).get("text") or issue.get("code")
+        text = _QUOTED.sub("'…'", str(text))
         where_ = ", ".join(issue.get("expression", []) or issue.get("location", []))
         parts.append(f"{text} ({where_})" if where_ else str(text))
     return "; ".join(parts)[:_OUTCOME_LIMIT] or None

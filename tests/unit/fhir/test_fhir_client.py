@@ -267,3 +267,19 @@ def test_etag_version() -> None:
 def test_outcome_text_ignores_other_resources() -> None:
     assert outcome_text({"resourceType": "Patient"}) is None
     assert outcome_text(OUTCOME) is not None
+
+
+def test_outcome_text_blanks_quoted_values_a_server_echoes() -> None:
+    from bridge.fhir.client import outcome_text
+
+    body = {
+        "resourceType": "OperationOutcome",
+        "issue": [
+            {"diagnostics": 'The value "Doe^Jane" is not valid', "expression": ["Patient.name[0]"]},
+            {"diagnostics": "birth date 'x' can't be parsed"},
+        ],
+    }
+    text = outcome_text(body)
+    assert text is not None
+    assert "Doe" not in text and "'x'" not in text
+    assert "Patient.name[0]" in text and "can't be parsed" in text
