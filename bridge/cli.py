@@ -455,6 +455,7 @@ def retry(
         typer.Option("--study", help="Retry only this parked Study Instance UID (repeatable)."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    source: SourceOption = None,
 ) -> None:
     """Sync the parked studies again (all, or the --study ones); those that pass leave the list."""
     settings = _settings()
@@ -462,12 +463,19 @@ def retry(
         if not UID(uid).is_valid:
             err.print(f"[red]error:[/red] --study {uid!r} is not a valid DICOM UID", highlight=False)
             raise typer.Exit(ExitCode.CONFIGURATION)
+    codes = [_retry_source(each, study or [], as_json) for each in _sources(settings, source)]
+    raise typer.Exit(max(codes))
+
+
+def _retry_source(settings: Settings, study: list[str], as_json: bool) -> int:
+    """Retry one source's parked studies (or those of ``study`` parked there); its exit code."""
 
     async def run() -> RunReport | None:
         async with open_runtime(settings) as runtime:
             parked = await asyncio.to_thread(runtime.store.parked, settings.source_name)
             # A row parked before its UID could be read ("unknown:...") cannot be queried by UID.
-            uids = list(study or [p.study_uid for p in parked if UID(p.study_uid).is_valid])
+            here = [p.study_uid for p in parked if UID(p.study_uid).is_valid]
+            uids = [u for u in here if u in study] if study else here
             if not uids:
                 return None
             return await runtime.worker.run_studies(uids, kind="retry")
@@ -476,19 +484,19 @@ def retry(
     try:
         report = _unwrap_run(asyncio.run, run())
     except BridgeError as exc:
-        raise _fail(exc) from None
+        return int(_fail(exc).exit_code)
     if report is None:
         if as_json:
-            out.print_json(data={"retried": 0})
+            out.print_json(data={"source": settings.source_name, "retried": 0})
         else:
             out.print(f"source {settings.source_name}: no parked study to retry", highlight=False)
-        raise typer.Exit(ExitCode.OK)
+        return ExitCode.OK
     summary = _report_dict(report, time.perf_counter() - started)
     if as_json:
-        out.print_json(data=summary)
+        out.print_json(data={"source": settings.source_name, **summary})
     else:
         _print_summary(settings, report, summary)
-    raise typer.Exit(ExitCode.PARKED if report.counts.parked else ExitCode.OK)
+    return ExitCode.PARKED if report.counts.parked else ExitCode.OK
 
 
 def _unwrap_run(runner: Any, coroutine: Any) -> Any:
