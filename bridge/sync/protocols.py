@@ -38,6 +38,10 @@ class StudySource(Protocol):
 class FhirSink(Protocol):
     """The FHIR calls the publisher makes (a FhirClient, or a fake in tests)."""
 
+    async def capabilities(self) -> dict[str, Any]:
+        """The server's CapabilityStatement."""
+        ...
+
     async def read(self, resource_type: str, resource_id: str) -> dict[str, Any] | None:
         """Read by id; None when absent."""
         ...

@@ -9,7 +9,13 @@ from urllib.parse import urlencode
 
 from bridge.config import DeletePolicy, OrderPolicy, PatientPolicy, WriteStrategy
 from bridge.dicomweb.records import StudyRecord, digest
-from bridge.errors import FatalUpstreamError, MappingError, PatientLinkError, VersionConflictError
+from bridge.errors import (
+    ConfigurationError,
+    FatalUpstreamError,
+    MappingError,
+    PatientLinkError,
+    VersionConflictError,
+)
 from bridge.fhir.client import WriteResult
 from bridge.mapping.context import BRIDGE_TAG_SYSTEM, MappingContext
 from bridge.mapping.endpoint import endpoint_id, endpoint_identifier, map_endpoint
@@ -56,6 +62,9 @@ class Publisher:
         self._strategy = write_strategy
         self._order_policy = order_policy
         self.dry_run = False  # read, never write (bridge sync --dry-run)
+        self._server_check = asyncio.Lock()
+        self._server_checked = False
+        self._refusal: str | None = None
         self._patients: dict[PatientKey, str] = {}
         self._patient_locks: dict[PatientKey, asyncio.Lock] = {}
         self.writes = 0
@@ -189,10 +198,41 @@ class Publisher:
         logger.info("ImagingStudy/%s changed on the server; writing over version %s", resource["id"], version)
         return await self._write(resource, search, if_match=version)
 
+    async def _check_update_create(self) -> None:
+        """Before the first client-id write: refuse a server that says it cannot create by PUT.
+
+        Such a server (Google's FHIR stores by default) would refuse every new study one by one;
+        better to stop once, naming the setting that fixes it. Asked once per publisher, and only
+        when something is to be written, so a run with no change still makes no request.
+        """
+        async with self._server_check:
+            if self._server_checked:
+                return
+            try:
+                statement = await self._fhir.capabilities()
+            except FatalUpstreamError:
+                statement = {}  # no readable CapabilityStatement: try, and park what fails
+            refusing = sorted(
+                str(entry.get("type"))
+                for rest in statement.get("rest", []) or []
+                for entry in rest.get("resource", []) or []
+                if entry.get("type") in ("Endpoint", "ImagingStudy") and entry.get("updateCreate") is False
+            )
+            if refusing:
+                self._refusal = (
+                    f"BRIDGE_WRITE_STRATEGY: the FHIR server does not create {' or '.join(refusing)} "
+                    "by PUT to a new id (CapabilityStatement updateCreate=false); set it to 'conditional'"
+                )
+            self._server_checked = True
+
     async def _write(
         self, resource: dict[str, Any], search: dict[str, str], *, if_match: str | None = None
     ) -> WriteResult:
         if self._strategy is WriteStrategy.CLIENT_ID:
+            if not self._server_checked:
+                await self._check_update_create()
+            if self._refusal is not None:
+                raise ConfigurationError(self._refusal)
             result = await self._fhir.update(resource, if_match=if_match)
         else:
             result = await self._fhir.conditional_update(resource, search)

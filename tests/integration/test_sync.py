@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from pydicom.uid import generate_uid
@@ -350,3 +351,20 @@ def test_a_bad_setting_exits_2_naming_it(stack: Stack) -> None:
     assert result.returncode == 2
     assert "BRIDGE_PATIENT_POLICY" in result.stderr
     assert Counter(result.stderr.split())["Traceback"] == 0
+
+
+def test_a_server_without_update_as_create_stops_with_advice_and_conditional_writes_work(
+    stack: Stack, tmp_path: Path
+) -> None:
+    from tests.stack.fhir import FhirTestServer
+
+    load_demo(stack.orthanc.dicomweb_url)
+    with FhirTestServer(env={"FHIR_UPDATE_CREATE": "0"}, log_path=tmp_path / "fhir.log") as strict:
+        refused = stack.cli("sync", fhir_url=strict.base_url)
+        assert refused.returncode == 2, refused.stderr
+        assert "BRIDGE_WRITE_STRATEGY" in refused.stderr and "conditional" in refused.stderr
+        assert strict.stats()["writes"] == 0
+
+        accepted = stack.cli("sync", "--json", fhir_url=strict.base_url, write_strategy="conditional")
+        assert accepted.returncode == 0, accepted.stderr
+        assert json.loads(accepted.stdout)["created"] == 6

@@ -76,6 +76,7 @@ class FakeFhir:
         self.calls: list[tuple[str, str, Any]] = []
         self.fail: dict[str, list[Exception]] = {}
         self._next_id = 0
+        self.update_create = True  # what the CapabilityStatement says of PUT to a new id
 
     # helpers for tests
     def _raise_if_queued(self, method: str) -> None:
@@ -108,6 +109,14 @@ class FakeFhir:
         self._store(self.resources[(kind, rid)], rid)
 
     # FhirSink
+    async def capabilities(self) -> dict[str, Any]:
+        self.calls.append(("capabilities", "", None))
+        kinds = ("Patient", "Endpoint", "ImagingStudy")
+        return {
+            "resourceType": "CapabilityStatement",
+            "rest": [{"resource": [{"type": k, "updateCreate": self.update_create} for k in kinds]}],
+        }
+
     async def read(self, resource_type: str, resource_id: str) -> dict[str, Any] | None:
         self.calls.append(("read", resource_type, resource_id))
         self._raise_if_queued("read")

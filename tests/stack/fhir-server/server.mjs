@@ -792,6 +792,10 @@ async function update(ctx, type, id) {
     return errorResult(400, 'invalid', `Resource id ${ctx.body.id ?? '<missing>'} does not match the URL's id ${id}`);
   }
   const existed = state.repo.exists(type, id);
+  if (!existed && !UPDATE_CREATE) {
+    // As servers configured without update-as-create answer (e.g. Google's default FHIR stores).
+    return errorResult(405, 'not-supported', `${type}/${id} does not exist, and this server does not create resources by PUT`);
+  }
   const headers = {};
   if (ctx.headers['if-match']) headers['if-match'] = normalizeIfMatch(ctx.headers['if-match']);
   const { oo, resource } = await route('PUT', `${type}/${id}`, { headers, body: withoutServerMeta(ctx.body) });
@@ -1007,6 +1011,9 @@ async function processBundle(ctx) {
 // ---------------------------------------------------------------------------------------------
 // CapabilityStatement
 
+// FHIR_UPDATE_CREATE=0: behave like a server that refuses to create resources by PUT to a new id.
+const UPDATE_CREATE = process.env.FHIR_UPDATE_CREATE !== '0';
+
 let capabilityCache;
 function capabilityStatement(base) {
   capabilityCache ??= [...RESOURCE_SDS.keys()].sort().map((type) => ({
@@ -1015,7 +1022,7 @@ function capabilityStatement(base) {
     interaction: ['read', 'vread', 'update', 'patch', 'delete', 'history-instance', 'create', 'search-type'].map((code) => ({ code })),
     versioning: 'versioned',
     readHistory: true,
-    updateCreate: true,
+    updateCreate: UPDATE_CREATE,
     conditionalCreate: true,
     conditionalRead: 'not-supported',
     conditionalUpdate: true,

@@ -11,7 +11,12 @@ from typing import Any
 import pytest
 
 from bridge.config import PatientPolicy, WriteStrategy
-from bridge.errors import RejectedResourceError, UpstreamUnavailableError, VersionConflictError
+from bridge.errors import (
+    ConfigurationError,
+    RejectedResourceError,
+    UpstreamUnavailableError,
+    VersionConflictError,
+)
 from bridge.mapping.context import MappingContext
 from bridge.mapping.imaging_study import imaging_study_id
 from bridge.state.store import SqlStore
@@ -458,3 +463,32 @@ async def test_a_long_running_worker_looks_patients_up_again_in_each_run(world: 
     later = world.add(2, patient_id="MRN-1")
     await worker.run()
     assert world.study(later)["subject"] == {"reference": "Patient/new"}
+
+
+# A server that cannot create by PUT
+async def test_a_server_refusing_update_as_create_stops_the_run_naming_the_setting(world: World) -> None:
+    world.add(1)
+    world.fhir.update_create = False
+    with pytest.raises(ConfigurationError) as caught:
+        await world.run()
+    assert "BRIDGE_WRITE_STRATEGY" in str(caught.value) and "conditional" in str(caught.value)
+    assert world.fhir.writes() == []
+
+
+async def test_the_capability_check_costs_one_request_and_none_when_nothing_is_written(world: World) -> None:
+    world.add(1)
+    world.add(2)
+    await world.run()
+    assert [c for c in world.fhir.calls if c[0] == "capabilities"] == [("capabilities", "", None)]
+    world.fhir.calls.clear()
+    await world.run()
+    assert world.fhir.calls == []
+
+
+async def test_conditional_writes_need_no_capability_check(world: World) -> None:
+    world.strategy = WriteStrategy.CONDITIONAL
+    world.fhir.update_create = False
+    world.add(1)
+    report = await world.run()
+    assert report.counts.created == 1
+    assert not [c for c in world.fhir.calls if c[0] == "capabilities"]
