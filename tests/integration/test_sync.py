@@ -242,8 +242,9 @@ def test_logical_policy_never_touches_patients(stack: Stack) -> None:
     stats = stack.fhir.stats()
     assert stack.fhir_search("Patient") == []
     assert stats["searches"] == 0
-    assert set(stats["by_interaction"]) == {"update"}  # the Endpoint and the six studies
-    assert stats["requests"] == 7
+    # One CapabilityStatement read (can the server create by PUT?), the Endpoint and six studies.
+    assert stats["by_interaction"] == {"capabilities": 1, "update": 7}
+    assert stats["requests"] == 8
     for study in _by_uid(stack).values():
         assert study["subject"]["type"] == "Patient"
         assert study["subject"]["identifier"]["system"] in ISSUERS.values()
