@@ -148,6 +148,10 @@ def sync(
     With several sources (BRIDGE_SOURCES), each is synced in turn (or only --source NAME); the
     exit code is the worst of theirs.
     """
+    if study and reconcile:
+        err.print("[red]error:[/red] --study and --reconcile cannot be combined", highlight=False)
+        raise typer.Exit(ExitCode.CONFIGURATION)
+    _check_study_uids(study or [])
     sources = _sources(_settings(), source)
     if dry_run:
         for settings in sources:
@@ -155,6 +159,13 @@ def sync(
         return
     codes = [_sync_source(settings, study or [], reconcile, as_json) for settings in sources]
     raise typer.Exit(max(codes))
+
+
+def _check_study_uids(uids: list[str]) -> None:
+    for uid in uids:
+        if not UID(uid).is_valid:
+            err.print(f"[red]error:[/red] --study {uid!r} is not a valid DICOM UID", highlight=False)
+            raise typer.Exit(ExitCode.CONFIGURATION)
 
 
 def _sources(settings: Settings, name: str | None) -> list[Settings]:
@@ -176,13 +187,6 @@ def _sources(settings: Settings, name: str | None) -> list[Settings]:
 
 def _sync_source(settings: Settings, study: list[str], reconcile: bool, as_json: bool) -> int:
     """One source's sync; returns its exit code (upstream failures are reported, not raised)."""
-    if study and reconcile:
-        err.print("[red]error:[/red] --study and --reconcile cannot be combined", highlight=False)
-        raise typer.Exit(ExitCode.CONFIGURATION)
-    for uid in study or []:
-        if not UID(uid).is_valid:
-            err.print(f"[red]error:[/red] --study {uid!r} is not a valid DICOM UID", highlight=False)
-            raise typer.Exit(ExitCode.CONFIGURATION)
 
     async def run() -> RunReport:
         async with open_runtime(settings) as runtime:
@@ -194,10 +198,15 @@ def _sync_source(settings: Settings, study: list[str], reconcile: bool, as_json:
 
     started = time.perf_counter()
     try:
-        report = _unwrap_run(asyncio.run, run())
+        report = asyncio.run(run())
     except BridgeError as exc:
         return int(_fail(exc).exit_code)
-    summary = _report_dict(report, time.perf_counter() - started)
+    return _report_outcome(settings, report, time.perf_counter() - started, as_json)
+
+
+def _report_outcome(settings: Settings, report: RunReport, seconds: float, as_json: bool) -> int:
+    """Print a run's summary (text or JSON); its exit code: 1 when studies were parked."""
+    summary = _report_dict(report, seconds)
     if as_json:
         out.print_json(data={"source": settings.source_name, **summary})
     else:
@@ -336,7 +345,7 @@ def _backfill(settings: Settings, from_: str, to: str, slice_days: int) -> int:
                     progress.advance(task)
 
     try:
-        _unwrap_run(asyncio.run, run())
+        asyncio.run(run())
     except BridgeError as exc:
         return int(_fail(exc).exit_code)
     out.print(
@@ -459,10 +468,7 @@ def retry(
 ) -> None:
     """Sync the parked studies again (all, or the --study ones); those that pass leave the list."""
     settings = _settings()
-    for uid in study or []:
-        if not UID(uid).is_valid:
-            err.print(f"[red]error:[/red] --study {uid!r} is not a valid DICOM UID", highlight=False)
-            raise typer.Exit(ExitCode.CONFIGURATION)
+    _check_study_uids(study or [])
     codes = [_retry_source(each, study or [], as_json) for each in _sources(settings, source)]
     raise typer.Exit(max(codes))
 
@@ -482,7 +488,7 @@ def _retry_source(settings: Settings, study: list[str], as_json: bool) -> int:
 
     started = time.perf_counter()
     try:
-        report = _unwrap_run(asyncio.run, run())
+        report = asyncio.run(run())
     except BridgeError as exc:
         return int(_fail(exc).exit_code)
     if report is None:
@@ -491,26 +497,7 @@ def _retry_source(settings: Settings, study: list[str], as_json: bool) -> int:
         else:
             out.print(f"source {settings.source_name}: no parked study to retry", highlight=False)
         return ExitCode.OK
-    summary = _report_dict(report, time.perf_counter() - started)
-    if as_json:
-        out.print_json(data={"source": settings.source_name, **summary})
-    else:
-        _print_summary(settings, report, summary)
-    return ExitCode.PARKED if report.counts.parked else ExitCode.OK
-
-
-def _unwrap_run(runner: Any, coroutine: Any) -> Any:
-    """Run ``coroutine``; a BridgeError that ended a task group is raised as itself, not as a group."""
-    try:
-        return runner(coroutine)
-    except BaseExceptionGroup as group:
-        found = group.subgroup(lambda e: isinstance(e, BridgeError))
-        while found is not None:
-            first = found.exceptions[0]
-            if not isinstance(first, BaseExceptionGroup):
-                raise first from None
-            found = first
-        raise
+    return _report_outcome(settings, report, time.perf_counter() - started, as_json)
 
 
 HostOption = Annotated[str, typer.Option(help="Address to listen on.")]
