@@ -36,7 +36,7 @@ from typing import Any
 
 import httpx
 
-from tests.stack.process import LOG_TAIL_LINES, free_loopback_port, log_tail
+from tests.stack.process import LOG_TAIL_LINES, free_loopback_port, log_tail, terminate
 
 SERVER_DIR = Path(__file__).resolve().parent / "fhir-server"
 BASE_PATH = "/fhir/R4"
@@ -197,13 +197,7 @@ class FhirTestServer:
             self._client = None
         _RUNNING.discard(self)
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+        terminate(process)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import tempfile
 import time
@@ -25,7 +24,7 @@ from typing import Any
 import httpx
 
 from tests.stack.fhir import _require_tool, ensure_node_modules
-from tests.stack.process import free_loopback_port, log_tail
+from tests.stack.process import free_loopback_port, log_tail, terminate
 
 PROVIDER_DIR = Path(__file__).resolve().parent / "oidc"
 INTROSPECTOR_ID = "fhir-test-server"
@@ -148,13 +147,7 @@ class OidcProvider:
 
     def stop(self) -> None:
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+        terminate(process)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None

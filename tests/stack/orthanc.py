@@ -23,7 +23,6 @@ import glob
 import json
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -33,7 +32,7 @@ from typing import Any
 
 import httpx
 
-from tests.stack.process import LOG_TAIL_LINES, free_loopback_port, log_tail
+from tests.stack.process import LOG_TAIL_LINES, free_loopback_port, log_tail, terminate
 
 ORTHANC_BINARY_CANDIDATES = ("/usr/sbin/Orthanc", "/usr/bin/Orthanc")
 DICOMWEB_PLUGIN_GLOBS = (
@@ -319,15 +318,8 @@ class OrthancServer:
         if self._client is not None:
             self._client.close()
             self._client = None
-        process = self._process
-        self._process = None
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+        process, self._process = self._process, None
+        terminate(process, grace=15)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None

@@ -1,8 +1,10 @@
-"""What every server launcher of the test stack shares: free ports and log tails."""
+"""What every server launcher of the test stack shares: free ports, log tails, stopping."""
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
 from pathlib import Path
 
 LOG_TAIL_LINES = 40
@@ -23,3 +25,15 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     except OSError as exc:
         return f"(could not read {path}: {exc})"
     return "\n".join(text.splitlines()[-lines:])
+
+
+def terminate(process: subprocess.Popen[bytes] | None, grace: float = 10.0) -> None:
+    """Stop a server process: SIGTERM, then SIGKILL after ``grace`` seconds. None is a no-op."""
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
