@@ -52,3 +52,13 @@ def fhir_server() -> Iterator[object]:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with FhirTestServer(log_path=ARTIFACTS / "fhir-server.log") as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """Admin URL of a PostgreSQL server: ``BRIDGE_TEST_POSTGRES``, or one started for the session."""
+    from tests.stack.postgres import running_server
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with running_server(log_path=ARTIFACTS / "postgres.log") as url:
+        yield url
