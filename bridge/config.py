@@ -24,49 +24,12 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from bridge.errors import ConfigurationError
+from bridge.sync.policy import ChangeSourceKind, DeletePolicy, OrderPolicy, PatientPolicy, WriteStrategy
 
 ENV_PREFIX = "BRIDGE_"
 CONFIG_FILE_VARIABLE = "BRIDGE_CONFIG_FILE"
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:\S+$")
-
-
-class PatientPolicy(StrEnum):
-    """How a study's subject is found or made."""
-
-    MATCH_OR_CREATE = "match-or-create"
-    MATCH_ONLY = "match-only"
-    LOGICAL = "logical"
-
-
-class DeletePolicy(StrEnum):
-    """What happens to the ImagingStudy of a study that is gone from the archive."""
-
-    MARK = "mark"  # status entered-in-error
-    DELETE = "delete"  # only resources the bridge wrote (meta.tag of this source)
-    IGNORE = "ignore"  # left as it is; still recorded in the run
-
-
-class ChangeSourceKind(StrEnum):
-    """How each scheduled cycle finds what changed."""
-
-    QIDO = "qido"  # a window of recent StudyDates, polled with QIDO-RS
-    ORTHANC = "orthanc"  # Orthanc's /changes feed
-
-
-class OrderPolicy(StrEnum):
-    """How ImagingStudy.basedOn links the order (ServiceRequest) by accession number."""
-
-    NONE = "none"  # no basedOn
-    MATCH = "match"  # a reference to the one ServiceRequest with the accession; else none
-    MATCH_OR_LOGICAL = "match-or-logical"  # else a logical reference by the accession identifier
-
-
-class WriteStrategy(StrEnum):
-    """How ImagingStudy and Endpoint writes are keyed on the FHIR server."""
-
-    CLIENT_ID = "client-id"  # PUT to an id derived from the business identifier
-    CONDITIONAL = "conditional"  # PUT Type?identifier=..., for servers refusing client ids
 
 
 class AuthMode(StrEnum):

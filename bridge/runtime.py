@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from bridge import __version__
-from bridge.config import ChangeSourceKind, Settings
+from bridge.config import Settings
 from bridge.dicomweb.client import DicomwebClient
 from bridge.dicomweb.orthanc import OrthancChangeFeed
 from bridge.fhir.client import FhirClient
@@ -19,6 +19,7 @@ from bridge.mapping.context import MappingContext
 from bridge.mapping.tables import BUNDLED_MAPPINGS, load_tables
 from bridge.state.store import SqlStore
 from bridge.sync.changes import ChangeSource, FeedChangeSource, QidoWindowSource
+from bridge.sync.policy import ChangeSourceKind
 from bridge.sync.publisher import Publisher
 from bridge.sync.scheduler import SyncScheduler, trigger
 from bridge.sync.worker import SyncWorker

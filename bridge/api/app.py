@@ -19,7 +19,7 @@ from bridge.api.middleware import ObservabilityMiddleware
 from bridge.api.readiness import ReadinessProbe
 from bridge.api.routes import failures, health, links, metrics, record, sync, viewer
 from bridge.api.security import Authenticator
-from bridge.config import Settings, WriteStrategy, get_settings
+from bridge.config import Settings, get_settings
 from bridge.errors import BridgeError, StoreError
 from bridge.fhir.client import FhirClient
 from bridge.http import RetryPolicy
@@ -27,6 +27,7 @@ from bridge.resolve.resolver import Resolver, ResolverConfig
 from bridge.resolve.viewers import configure_viewers, load_viewer_table
 from bridge.runtime import USER_AGENT, open_runtime
 from bridge.state.store import SqlStore
+from bridge.sync.policy import WriteStrategy
 from bridge.upstream import Service, connection_options
 
 logger = logging.getLogger(__name__)

@@ -7,7 +7,6 @@ import logging
 from typing import Any
 from urllib.parse import urlencode
 
-from bridge.config import DeletePolicy, OrderPolicy, PatientPolicy, WriteStrategy
 from bridge.dicomweb.records import StudyRecord, digest
 from bridge.errors import (
     ConfigurationError,
@@ -28,6 +27,7 @@ from bridge.mapping.identifiers import (
 )
 from bridge.mapping.patient import logical_subject, map_patient
 from bridge.mapping.validate import validate
+from bridge.sync.policy import DeletePolicy, OrderPolicy, PatientPolicy, WriteStrategy
 from bridge.sync.protocols import FhirSink, StateStore
 
 logger = logging.getLogger(__name__)

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from bridge.config import DeletePolicy
 from bridge.dicomweb.records import (
     DicomJson,
     InstanceRecord,
@@ -35,6 +34,7 @@ from bridge.mapping.validate import validate
 from bridge.state.store import KnownStudy, Published, RunCounts
 from bridge.sync import metrics
 from bridge.sync.diff import changed_paths
+from bridge.sync.policy import DeletePolicy
 from bridge.sync.protocols import StateStore, StudySource
 from bridge.sync.publisher import Publisher
 

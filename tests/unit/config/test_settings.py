@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from bridge.config import PatientPolicy, WriteStrategy, get_settings, load_settings
+from bridge.config import get_settings, load_settings
 from bridge.errors import ConfigurationError
+from bridge.sync.policy import PatientPolicy, WriteStrategy
 
 DICOMWEB = "http://pacs.test/dicom-web"
 FHIR = "http://ehr.test/fhir/R4"

@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 
-from bridge.config import PatientPolicy, WriteStrategy
 from bridge.errors import (
     ConfigurationError,
     RejectedResourceError,
@@ -20,6 +19,7 @@ from bridge.errors import (
 from bridge.mapping.context import MappingContext
 from bridge.mapping.imaging_study import imaging_study_id
 from bridge.state.store import SqlStore
+from bridge.sync.policy import PatientPolicy, WriteStrategy
 from bridge.sync.publisher import Publisher
 from bridge.sync.worker import RunReport, SyncWorker
 from tests.builders import PATIENT_SYSTEM, context, series_row, study_row, uid
