@@ -15,7 +15,6 @@ from bridge.errors import (
     PatientLinkError,
     VersionConflictError,
 )
-from bridge.fhir.client import WriteResult
 from bridge.mapping.context import BRIDGE_TAG_SYSTEM, MappingContext
 from bridge.mapping.endpoint import endpoint_id, endpoint_identifier, map_endpoint
 from bridge.mapping.identifiers import (
@@ -28,7 +27,7 @@ from bridge.mapping.identifiers import (
 from bridge.mapping.patient import logical_subject, map_patient
 from bridge.mapping.validate import validate
 from bridge.sync.policy import DeletePolicy, OrderPolicy, PatientPolicy, WriteStrategy
-from bridge.sync.protocols import FhirSink, StateStore
+from bridge.sync.protocols import FhirSink, StateStore, WriteResult
 
 logger = logging.getLogger(__name__)
 

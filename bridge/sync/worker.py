@@ -31,11 +31,10 @@ from bridge.mapping.context import MappingContext
 from bridge.mapping.dates import fhir_datetime
 from bridge.mapping.imaging_study import map_imaging_study
 from bridge.mapping.validate import validate
-from bridge.state.store import KnownStudy, Published, RunCounts
 from bridge.sync import metrics
 from bridge.sync.diff import changed_paths
 from bridge.sync.policy import DeletePolicy
-from bridge.sync.protocols import StateStore, StudySource
+from bridge.sync.protocols import KnownStudy, Published, RunCounts, StateStore, StudySource
 from bridge.sync.publisher import Publisher
 
 logger = logging.getLogger(__name__)
