@@ -16,7 +16,8 @@ from datetime import date, timedelta
 from typing import Protocol
 
 from bridge.sync.protocols import StateStore
-from bridge.sync.worker import RunReport, SyncWorker
+from bridge.sync.report import RunReport
+from bridge.sync.worker import SyncWorker
 
 logger = logging.getLogger(__name__)
 

@@ -7,8 +7,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
 from typing import Any
 
 from bridge.dicomweb.records import (
@@ -34,44 +33,13 @@ from bridge.mapping.validate import validate
 from bridge.sync import metrics
 from bridge.sync.diff import changed_paths
 from bridge.sync.policy import DeletePolicy
-from bridge.sync.protocols import KnownStudy, Published, RunCounts, StateStore, StudySource
+from bridge.sync.protocols import KnownStudy, Published, StateStore, StudySource
 from bridge.sync.publisher import Publisher
+from bridge.sync.report import ParkedReport, RunReport
 
 logger = logging.getLogger(__name__)
 
 _PLACEHOLDER_SUBJECT = {"reference": "Patient/unresolved"}
-
-
-@dataclass(frozen=True, slots=True)
-class ParkedReport:
-    """A study parked in this run, and why."""
-
-    study_uid: str
-    kind: str
-    attribute: str | None
-    reason: str
-
-
-@dataclass
-class RunReport:
-    """What a run did."""
-
-    run_id: int
-    counts: RunCounts = field(default_factory=RunCounts)
-    parked: list[ParkedReport] = field(default_factory=list)
-    status: str = "running"
-    error: str | None = None
-    deletions: list[dict[str, str]] = field(default_factory=list)
-    newest_seen: str | None = None
-
-    def saw(self, started: str | None) -> None:
-        """Keep the latest study start seen in the archive (for the lag metric)."""
-        if started and (self.newest_seen is None or _later(started, self.newest_seen)):
-            self.newest_seen = started
-
-    def add(self, **deltas: int) -> None:
-        """Add to the counts."""
-        self.counts = replace(self.counts, **{k: getattr(self.counts, k) + v for k, v in deltas.items()})
 
 
 @dataclass
@@ -90,14 +58,6 @@ class Preview:
     action: str
     changes: tuple[str, ...] = ()
     reason: str | None = None
-
-
-def _later(a: str, b: str) -> bool:
-    def instant(text: str) -> datetime:
-        value = datetime.fromisoformat(text)
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-    return instant(a) > instant(b)
 
 
 class SyncWorker:

@@ -21,7 +21,8 @@ from bridge.mapping.imaging_study import imaging_study_id
 from bridge.state.store import SqlStore
 from bridge.sync.policy import PatientPolicy, WriteStrategy
 from bridge.sync.publisher import Publisher
-from bridge.sync.worker import RunReport, SyncWorker
+from bridge.sync.report import RunReport
+from bridge.sync.worker import SyncWorker
 from tests.builders import PATIENT_SYSTEM, context, series_row, study_row, uid
 from tests.unit.fakes import FakeFhir, FakeSource
 
