@@ -23,8 +23,8 @@ from bridge.config import Settings, SourceSettings, load_settings
 from bridge.errors import BridgeError, ConfigurationError, StoreError, UpstreamAuthError, UpstreamError
 from bridge.runtime import open_runtime
 from bridge.state.store import SqlStore
+from bridge.sync.preview import Preview
 from bridge.sync.report import RunReport
-from bridge.sync.worker import Preview
 
 logger = logging.getLogger("bridge")
 
