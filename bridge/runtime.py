@@ -19,6 +19,7 @@ from bridge.mapping.context import MappingContext
 from bridge.mapping.tables import BUNDLED_MAPPINGS, load_tables
 from bridge.state.store import SqlStore
 from bridge.sync.changes import ChangeSource, FeedChangeSource, QidoWindowSource
+from bridge.sync.link import Linker
 from bridge.sync.policy import ChangeSourceKind
 from bridge.sync.publisher import Publisher
 from bridge.sync.scheduler import SyncScheduler, trigger
@@ -80,16 +81,13 @@ class Runtime:
         Patient links never mix with those of a cycle running at the same time.
         """
         s, source = self.settings, self.source
-        publisher = Publisher(
-            self.fhir,
-            self.store,
-            self.ctx,
-            patient_policy=source.patient_policy,
-            write_strategy=s.write_strategy,
-            order_policy=s.order_policy,
+        linker = Linker(
+            self.fhir, self.ctx, patient_policy=source.patient_policy, order_policy=s.order_policy
         )
+        publisher = Publisher(self.fhir, self.store, self.ctx, write_strategy=s.write_strategy)
         return SyncWorker(
             self.dicomweb,
+            linker,
             publisher,
             self.store,
             self.ctx,

@@ -9,8 +9,8 @@ from bridge.dicomweb.records import InstanceRecord, StudyRecord, with_header
 from bridge.mapping.context import MappingContext
 from bridge.mapping.imaging_study import map_imaging_study
 from bridge.mapping.validate import validate
+from bridge.sync.link import Linker
 from bridge.sync.protocols import StudySource
-from bridge.sync.publisher import Publisher
 
 logger = logging.getLogger(__name__)
 
@@ -21,10 +21,10 @@ class StudyAssembler:
     """Builds the ImagingStudy of one study from the archive's answers and the FHIR server's links."""
 
     def __init__(
-        self, source: StudySource, publisher: Publisher, ctx: MappingContext, *, read_instance_header: bool
+        self, source: StudySource, linker: Linker, ctx: MappingContext, *, read_instance_header: bool
     ) -> None:
         self._source = source
-        self._publisher = publisher
+        self._linker = linker
         self._ctx = ctx
         self._read_header = read_instance_header
 
@@ -58,8 +58,8 @@ class StudyAssembler:
             instances=instances,
         )
         validate(resource)
-        based_on = await self._publisher.based_on(study)
+        based_on = await self._linker.based_on(study)
         if based_on:
             resource["basedOn"] = based_on
-        resource["subject"] = await self._publisher.subject(study)
+        resource["subject"] = await self._linker.subject(study)
         return resource

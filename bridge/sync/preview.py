@@ -11,6 +11,7 @@ from bridge.errors import FatalUpstreamError, MappingError
 from bridge.mapping.context import MappingContext
 from bridge.sync.assemble import StudyAssembler
 from bridge.sync.diff import changed_paths
+from bridge.sync.link import Linker
 from bridge.sync.protocols import StateStore, StudySource
 from bridge.sync.publisher import Publisher
 
@@ -32,6 +33,7 @@ class Previewer:
         self,
         source: StudySource,
         assembler: StudyAssembler,
+        linker: Linker,
         publisher: Publisher,
         store: StateStore,
         ctx: MappingContext,
@@ -39,6 +41,7 @@ class Previewer:
     ) -> None:
         self._source = source
         self._assembler = assembler
+        self._linker = linker
         self._publisher = publisher
         self._store = store
         self._ctx = ctx
@@ -52,8 +55,8 @@ class Previewer:
         Nothing is written: not to the FHIR server (Patients are searched, not created), not to
         the store.
         """
-        self._publisher.begin_run()
-        self._publisher.dry_run = True
+        self._linker.begin_run()
+        self._linker.dry_run = True
         try:
             endpoint = await self._publisher.endpoint_reference()
             if study_uids:
@@ -66,7 +69,7 @@ class Previewer:
                     previews.extend(await self._preview_page(page, endpoint))
             return previews
         finally:
-            self._publisher.dry_run = False
+            self._linker.dry_run = False
 
     async def _preview_page(self, rows: list[DicomJson], endpoint: str) -> list[Preview]:
         out: list[Preview] = []

@@ -27,6 +27,7 @@ from bridge.mapping.context import MappingContext
 from bridge.mapping.dates import fhir_datetime
 from bridge.sync import metrics
 from bridge.sync.assemble import StudyAssembler
+from bridge.sync.link import Linker
 from bridge.sync.policy import DeletePolicy
 from bridge.sync.preview import Preview, Previewer
 from bridge.sync.protocols import KnownStudy, Published, StateStore, StudySource
@@ -50,6 +51,7 @@ class SyncWorker:
     def __init__(
         self,
         source: StudySource,
+        linker: Linker,
         publisher: Publisher,
         store: StateStore,
         ctx: MappingContext,
@@ -60,16 +62,20 @@ class SyncWorker:
         read_instance_header: bool = False,
     ) -> None:
         self._source = source
+        self._linker = linker
         self._publisher = publisher
         self._store = store
         self._ctx = ctx
         self._concurrency = concurrency
         self._context_fingerprint = ctx.fingerprint()
         self._stop_requested = False
-        self._assembler = StudyAssembler(source, publisher, ctx, read_instance_header=read_instance_header)
+        self._assembler = StudyAssembler(source, linker, ctx, read_instance_header=read_instance_header)
         self._retirer = Retirer(
             publisher, store, ctx, policy=delete_policy, max_fraction=delete_max_fraction
         )
+
+    def _fhir_writes(self) -> int:
+        return self._linker.writes + self._publisher.writes
 
     def request_stop(self) -> None:
         """Finish the studies in flight, start no new one, and end the run as ``stopped``."""
@@ -110,7 +116,13 @@ class SyncWorker:
     ) -> list[Preview]:
         """What a run would do, study by study (bridge sync --dry-run); nothing is written."""
         previewer = Previewer(
-            self._source, self._assembler, self._publisher, self._store, self._ctx, self._context_fingerprint
+            self._source,
+            self._assembler,
+            self._linker,
+            self._publisher,
+            self._store,
+            self._ctx,
+            self._context_fingerprint,
         )
         return await previewer.preview(filters, study_uids)
 
@@ -130,11 +142,11 @@ class SyncWorker:
         source = self._ctx.source_name
         report = RunReport(await asyncio.to_thread(self._store.start_run, source, kind))
         queries_before = len(self._source.queries)
-        writes_before = self._publisher.writes
+        writes_before = self._fhir_writes()
         started = time.monotonic()
         logger.info("run %d (%s) started for source %s", report.run_id, kind, source)
         try:
-            self._publisher.begin_run()
+            self._linker.begin_run()
             endpoint = await self._publisher.ensure_endpoint()
             limit = asyncio.Semaphore(self._concurrency)
             async for page in pages:
@@ -157,7 +169,7 @@ class SyncWorker:
             report.status, report.error = "failed", f"{type(exc).__name__}: {exc}"
             raise
         finally:
-            report.add(fhir_writes=self._publisher.writes - writes_before)
+            report.add(fhir_writes=self._fhir_writes() - writes_before)
             await asyncio.to_thread(
                 self._store.finish_run,
                 report.run_id,

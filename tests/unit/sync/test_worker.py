@@ -19,6 +19,7 @@ from bridge.errors import (
 from bridge.mapping.context import MappingContext
 from bridge.mapping.imaging_study import imaging_study_id
 from bridge.state.store import SqlStore
+from bridge.sync.link import Linker
 from bridge.sync.policy import PatientPolicy, WriteStrategy
 from bridge.sync.publisher import Publisher
 from bridge.sync.report import RunReport
@@ -46,11 +47,13 @@ class World:
         self.source.add(row, [series_row(series_uid=uid(n, 1))] if series is None else series)
         return uid(n)
 
+    def worker(self, **options: Any) -> SyncWorker:
+        linker = Linker(self.fhir, self.ctx, patient_policy=self.policy)
+        publisher = Publisher(self.fhir, self.store, self.ctx, write_strategy=self.strategy)
+        return SyncWorker(self.source, linker, publisher, self.store, self.ctx, **options)
+
     async def run(self) -> RunReport:
-        publisher = Publisher(
-            self.fhir, self.store, self.ctx, patient_policy=self.policy, write_strategy=self.strategy
-        )
-        return await SyncWorker(self.source, publisher, self.store, self.ctx, concurrency=3).run()
+        return await self.worker(concurrency=3).run()
 
     def study(self, study_uid: str) -> dict[str, Any]:
         if self.strategy is WriteStrategy.CLIENT_ID:
@@ -451,10 +454,7 @@ async def test_a_long_running_worker_looks_patients_up_again_in_each_run(world: 
     world.fhir._store(
         {"resourceType": "Patient", "identifier": [{"system": PATIENT_SYSTEM, "value": "MRN-1"}]}, "old"
     )
-    publisher = Publisher(
-        world.fhir, world.store, world.ctx, patient_policy=world.policy, write_strategy=world.strategy
-    )
-    worker = SyncWorker(world.source, publisher, world.store, world.ctx)
+    worker = world.worker()
     world.add(1, patient_id="MRN-1")
     await worker.run()
     del world.fhir.resources[("Patient", "old")]  # merged away in the EHR
