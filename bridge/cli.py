@@ -19,11 +19,12 @@ from rich.progress import Progress
 from rich.table import Table
 
 from bridge import __version__
-from bridge.config import Settings, load_settings
+from bridge.config import Settings, SourceSettings, load_settings
 from bridge.errors import BridgeError, ConfigurationError, StoreError, UpstreamAuthError, UpstreamError
 from bridge.runtime import open_runtime
 from bridge.state.store import SqlStore
-from bridge.sync.worker import Preview, RunReport
+from bridge.sync.preview import Preview
+from bridge.sync.report import RunReport
 
 logger = logging.getLogger("bridge")
 
@@ -152,12 +153,13 @@ def sync(
         err.print("[red]error:[/red] --study and --reconcile cannot be combined", highlight=False)
         raise typer.Exit(ExitCode.CONFIGURATION)
     _check_study_uids(study or [])
-    sources = _sources(_settings(), source)
+    settings = _settings()
+    sources = _sources(settings, source)
     if dry_run:
-        for settings in sources:
-            _dry_run(settings, study or [], as_json)
+        for each in sources:
+            _dry_run(settings, each, study or [], as_json)
         return
-    codes = [_sync_source(settings, study or [], reconcile, as_json) for settings in sources]
+    codes = [_sync_source(settings, each, study or [], reconcile, as_json) for each in sources]
     raise typer.Exit(max(codes))
 
 
@@ -168,28 +170,27 @@ def _check_study_uids(uids: list[str]) -> None:
             raise typer.Exit(ExitCode.CONFIGURATION)
 
 
-def _sources(settings: Settings, name: str | None) -> list[Settings]:
-    try:
-        every = settings.for_each_source()
-    except ConfigurationError as exc:
-        raise _fail(exc) from None
+def _sources(settings: Settings, name: str | None) -> list[SourceSettings]:
+    every = settings.each_source()
     if name is None:
         return every
-    chosen = [s for s in every if s.source_name == name]
+    chosen = [s for s in every if s.name == name]
     if not chosen:
         err.print(
-            f"[red]error:[/red] --source {name!r} is not one of: {', '.join(s.source_name for s in every)}",
+            f"[red]error:[/red] --source {name!r} is not one of: {', '.join(s.name for s in every)}",
             highlight=False,
         )
         raise typer.Exit(ExitCode.CONFIGURATION)
     return chosen
 
 
-def _sync_source(settings: Settings, study: list[str], reconcile: bool, as_json: bool) -> int:
+def _sync_source(
+    settings: Settings, source: SourceSettings, study: list[str], reconcile: bool, as_json: bool
+) -> int:
     """One source's sync; returns its exit code (upstream failures are reported, not raised)."""
 
     async def run() -> RunReport:
-        async with open_runtime(settings) as runtime:
+        async with open_runtime(settings, source) as runtime:
             if study:
                 return await runtime.worker.run_studies(study)
             if reconcile:
@@ -201,22 +202,22 @@ def _sync_source(settings: Settings, study: list[str], reconcile: bool, as_json:
         report = asyncio.run(run())
     except BridgeError as exc:
         return int(_fail(exc).exit_code)
-    return _report_outcome(settings, report, time.perf_counter() - started, as_json)
+    return _report_outcome(source, report, time.perf_counter() - started, as_json)
 
 
-def _report_outcome(settings: Settings, report: RunReport, seconds: float, as_json: bool) -> int:
+def _report_outcome(source: SourceSettings, report: RunReport, seconds: float, as_json: bool) -> int:
     """Print a run's summary (text or JSON); its exit code: 1 when studies were parked."""
     summary = _report_dict(report, seconds)
     if as_json:
-        out.print_json(data={"source": settings.source_name, **summary})
+        out.print_json(data={"source": source.name, **summary})
     else:
-        _print_summary(settings, report, summary)
+        _print_summary(source, report, summary)
     return ExitCode.PARKED if report.counts.parked else ExitCode.OK
 
 
-def _dry_run(settings: Settings, study_uids: list[str], as_json: bool) -> None:
+def _dry_run(settings: Settings, source: SourceSettings, study_uids: list[str], as_json: bool) -> None:
     async def run() -> list[Preview]:
-        async with open_runtime(settings) as runtime:
+        async with open_runtime(settings, source) as runtime:
             return await runtime.worker.preview(study_uids=study_uids)
 
     try:
@@ -241,9 +242,9 @@ def _dry_run(settings: Settings, study_uids: list[str], as_json: bool) -> None:
         out.print(f"  {p.action:6} {p.study_uid}  {detail}", highlight=False)
 
 
-def _print_summary(settings: Settings, report: RunReport, summary: dict[str, Any]) -> None:
+def _print_summary(source: SourceSettings, report: RunReport, summary: dict[str, Any]) -> None:
     out.print(
-        f"source [bold]{settings.source_name}[/bold], run {report.run_id}: "
+        f"source [bold]{source.name}[/bold], run {report.run_id}: "
         f"seen {summary['seen']}, created {summary['created']}, "
         f"updated {summary['updated']}, unchanged {summary['unchanged']}, "
         f"parked {summary['parked']}, gone {summary['deleted']} "
@@ -281,7 +282,7 @@ def worker() -> None:
         async with AsyncExitStack() as stack:
             schedulers = []
             for each in _sources(settings, None):
-                runtime = await stack.enter_async_context(open_runtime(each))
+                runtime = await stack.enter_async_context(open_runtime(settings, each))
                 schedulers.append(runtime.scheduler())
             for scheduler in schedulers:
                 await scheduler.start()
@@ -311,11 +312,12 @@ def backfill(
     source: SourceOption = None,
 ) -> None:
     """First load of a large archive, in StudyDate slices; resumes where an interrupted one stopped."""
-    codes = [_backfill(each, from_, to, slice_days) for each in _sources(_settings(), source)]
+    settings = _settings()
+    codes = [_backfill(settings, each, from_, to, slice_days) for each in _sources(settings, source)]
     raise typer.Exit(max(codes))
 
 
-def _backfill(settings: Settings, from_: str, to: str, slice_days: int) -> int:
+def _backfill(settings: Settings, source: SourceSettings, from_: str, to: str, slice_days: int) -> int:
     first, last = _parse_day(from_, "--from"), _parse_day(to, "--to")
     if first > last:
         err.print("[red]error:[/red] --from is after --to", highlight=False)
@@ -324,8 +326,8 @@ def _backfill(settings: Settings, from_: str, to: str, slice_days: int) -> int:
     totals = {"seen": 0, "created": 0, "updated": 0, "unchanged": 0, "parked": 0}
 
     async def run() -> None:
-        async with open_runtime(settings) as runtime:
-            done = await asyncio.to_thread(runtime.store.checkpoint, settings.source_name, name)
+        async with open_runtime(settings, source) as runtime:
+            done = await asyncio.to_thread(runtime.store.checkpoint, source.name, name)
             start = first if done is None else _parse_day(done, "checkpoint") + timedelta(days=1)
             slices = backfill_slices(start, last, slice_days)
             if done is not None:
@@ -340,7 +342,7 @@ def _backfill(settings: Settings, from_: str, to: str, slice_days: int) -> int:
                     for key in totals:
                         totals[key] += getattr(report.counts, key)
                     await asyncio.to_thread(
-                        runtime.store.save_checkpoint, settings.source_name, name, f"{high:%Y%m%d}"
+                        runtime.store.save_checkpoint, source.name, name, f"{high:%Y%m%d}"
                     )
                     progress.advance(task)
 
@@ -349,7 +351,7 @@ def _backfill(settings: Settings, from_: str, to: str, slice_days: int) -> int:
     except BridgeError as exc:
         return int(_fail(exc).exit_code)
     out.print(
-        f"source {settings.source_name}: " + ", ".join(f"{k} {v}" for k, v in totals.items()),
+        f"source {source.name}: " + ", ".join(f"{k} {v}" for k, v in totals.items()),
         highlight=False,
     )
     return ExitCode.PARKED if totals["parked"] else ExitCode.OK
@@ -379,7 +381,7 @@ def status(
     """Show what the state store knows: counts, recent runs, parked studies with reasons."""
     settings = _settings()
     # With several sources, everything unless --source narrows it.
-    chosen = _sources(settings, source)[0].source_name if source or not settings.sources else None
+    chosen = _sources(settings, source)[0].name if source or not settings.sources else None
     try:
         store = SqlStore(settings.state_url)
     except StoreError as exc:
@@ -469,16 +471,16 @@ def retry(
     """Sync the parked studies again (all, or the --study ones); those that pass leave the list."""
     settings = _settings()
     _check_study_uids(study or [])
-    codes = [_retry_source(each, study or [], as_json) for each in _sources(settings, source)]
+    codes = [_retry_source(settings, each, study or [], as_json) for each in _sources(settings, source)]
     raise typer.Exit(max(codes))
 
 
-def _retry_source(settings: Settings, study: list[str], as_json: bool) -> int:
+def _retry_source(settings: Settings, source: SourceSettings, study: list[str], as_json: bool) -> int:
     """Retry one source's parked studies (or those of ``study`` parked there); its exit code."""
 
     async def run() -> RunReport | None:
-        async with open_runtime(settings) as runtime:
-            parked = await asyncio.to_thread(runtime.store.parked, settings.source_name)
+        async with open_runtime(settings, source) as runtime:
+            parked = await asyncio.to_thread(runtime.store.parked, source.name)
             # A row parked before its UID could be read ("unknown:...") cannot be queried by UID.
             here = [p.study_uid for p in parked if UID(p.study_uid).is_valid]
             uids = [u for u in here if u in study] if study else here
@@ -493,11 +495,11 @@ def _retry_source(settings: Settings, study: list[str], as_json: bool) -> int:
         return int(_fail(exc).exit_code)
     if report is None:
         if as_json:
-            out.print_json(data={"source": settings.source_name, "retried": 0})
+            out.print_json(data={"source": source.name, "retried": 0})
         else:
-            out.print(f"source {settings.source_name}: no parked study to retry", highlight=False)
+            out.print(f"source {source.name}: no parked study to retry", highlight=False)
         return ExitCode.OK
-    return _report_outcome(settings, report, time.perf_counter() - started, as_json)
+    return _report_outcome(source, report, time.perf_counter() - started, as_json)
 
 
 HostOption = Annotated[str, typer.Option(help="Address to listen on.")]

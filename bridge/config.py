@@ -1,17 +1,36 @@
-"""Settings: one validated ``Settings`` object from ``BRIDGE_*`` variables and an optional YAML file."""
+"""Settings: one validated ``Settings`` object from ``BRIDGE_*`` variables and an optional YAML file.
+
+Shape: the connection settings of an upstream are one model, ``UpstreamSettings``, used twice
+(``Settings.dicomweb`` for the archive, ``Settings.fhir`` for the FHIR server); everything about one
+archive is a ``SourceSettings``. The flat names keep working: ``BRIDGE_FHIR_CLIENT_ID`` (or the config
+key ``fhir_client_id``) is ``fhir.client_id``. With ``sources``, each entry takes the top level's
+per-source values it does not set itself.
+"""
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator, Mapping
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import AnyHttpUrl, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -20,53 +39,16 @@ from pydantic_settings import (
     SettingsError,
     YamlConfigSettingsSource,
 )
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
 
 from bridge.errors import ConfigurationError
+from bridge.sync.policy import ChangeSourceKind, DeletePolicy, OrderPolicy, PatientPolicy, WriteStrategy
 
 ENV_PREFIX = "BRIDGE_"
 CONFIG_FILE_VARIABLE = "BRIDGE_CONFIG_FILE"
+UPSTREAMS = ("dicomweb", "fhir")
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:\S+$")
-
-
-class PatientPolicy(StrEnum):
-    """How a study's subject is found or made."""
-
-    MATCH_OR_CREATE = "match-or-create"
-    MATCH_ONLY = "match-only"
-    LOGICAL = "logical"
-
-
-class DeletePolicy(StrEnum):
-    """What happens to the ImagingStudy of a study that is gone from the archive."""
-
-    MARK = "mark"  # status entered-in-error
-    DELETE = "delete"  # only resources the bridge wrote (meta.tag of this source)
-    IGNORE = "ignore"  # left as it is; still recorded in the run
-
-
-class ChangeSourceKind(StrEnum):
-    """How each scheduled cycle finds what changed."""
-
-    QIDO = "qido"  # a window of recent StudyDates, polled with QIDO-RS
-    ORTHANC = "orthanc"  # Orthanc's /changes feed
-
-
-class OrderPolicy(StrEnum):
-    """How ImagingStudy.basedOn links the order (ServiceRequest) by accession number."""
-
-    NONE = "none"  # no basedOn
-    MATCH = "match"  # a reference to the one ServiceRequest with the accession; else none
-    MATCH_OR_LOGICAL = "match-or-logical"  # else a logical reference by the accession identifier
-
-
-class WriteStrategy(StrEnum):
-    """How ImagingStudy and Endpoint writes are keyed on the FHIR server."""
-
-    CLIENT_ID = "client-id"  # PUT to an id derived from the business identifier
-    CONDITIONAL = "conditional"  # PUT Type?identifier=..., for servers refusing client ids
+_SOURCE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
 class AuthMode(StrEnum):
@@ -86,7 +68,9 @@ class SigningAlg(StrEnum):
     ES384 = "ES384"
 
 
-# Which settings each auth mode needs, per upstream: (setting suffix, secret-file suffix or None).
+Secret = Literal["password", "token", "client_secret"]
+
+# Which settings each auth mode needs: (setting, secret-file setting or None).
 _AUTH_NEEDS: dict[AuthMode, tuple[tuple[str, str | None], ...]] = {
     AuthMode.NONE: (),
     AuthMode.BASIC: (("username", None), ("password", "password_file")),
@@ -94,7 +78,7 @@ _AUTH_NEEDS: dict[AuthMode, tuple[tuple[str, str | None], ...]] = {
     AuthMode.OAUTH2: (("token_url", None), ("client_id", None), ("client_secret", "client_secret_file")),
     AuthMode.SMART: (("token_url", None), ("client_id", None), ("private_key_file", None)),
 }
-_SECRET_FILES = (
+_SECRET_FILES: tuple[tuple[Secret, str], ...] = (
     ("password", "password_file"),
     ("token", "token_file"),
     ("client_secret", "client_secret_file"),
@@ -107,50 +91,123 @@ def _check_uri(value: str) -> str:
     return value
 
 
-class Settings(BaseSettings):
-    """Every setting of the bridge; each is read from ``BRIDGE_<NAME>`` or the config file."""
+class UpstreamSettings(BaseModel):
+    """How the bridge reaches one upstream: its URL, authentication and TLS (``BRIDGE_<UPSTREAM>_*``)."""
 
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX,
-        extra="forbid",
-        case_sensitive=False,
-        validate_default=True,
-    )
+    model_config = ConfigDict(extra="forbid")
 
-    # Several sources (config file): each entry overrides the per-source settings below
-    sources: list[dict[str, Any]] = Field(
-        default_factory=list,
-        description=(
-            "Several DICOMweb sources feeding this FHIR server (config file, or JSON): each entry "
-            "has a unique `name` and any per-source setting (dicomweb_*, patient_*, accession_*, "
-            "qido_page_size, change_source, orthanc_url, ...) overriding the top-level value"
-        ),
-    )
+    url: AnyHttpUrl = Field(description="Base URL of the upstream")
+    auth: AuthMode = Field(default=AuthMode.NONE, description="none|basic|bearer|oauth2|smart")
+    username: str | None = Field(default=None, description="User for auth=basic")
+    password: SecretStr | None = Field(default=None, description="Password for auth=basic")
+    password_file: Path | None = Field(default=None, description="File holding the password")
+    token: SecretStr | None = Field(default=None, description="Static token for auth=bearer")
+    token_file: Path | None = Field(default=None, description="File holding the static token")
+    token_url: AnyHttpUrl | None = Field(default=None, description="OAuth2 token endpoint")
+    client_id: str | None = Field(default=None, description="OAuth2 client id")
+    client_secret: SecretStr | None = Field(default=None, description="Secret for auth=oauth2")
+    client_secret_file: Path | None = Field(default=None, description="File holding it")
+    private_key_file: Path | None = Field(default=None, description="PEM key for auth=smart")
+    key_id: str | None = Field(default=None, description="kid of the key (auth=smart)")
+    signing_alg: SigningAlg = Field(default=SigningAlg.RS384, description="RS384 or ES384")
+    scopes: str | None = Field(default=None, description="Scopes to request, space-separated")
+    ca_bundle: Path | None = Field(default=None, description="PEM CAs trusted (replaces default)")
+    client_cert: Path | None = Field(default=None, description="PEM client certificate (mTLS)")
+    client_key: Path | None = Field(default=None, description="PEM key of the client certificate")
+    verify_tls: bool = Field(default=True, description="Verify the server's certificate")
 
-    # Source: the DICOMweb archive
-    dicomweb_url: AnyHttpUrl = Field(
+    # Secrets read from their *_file settings; kept apart so the settings as given stay as given.
+    _from_files: dict[str, SecretStr] = PrivateAttr(default_factory=dict)
+
+    @property
+    def base(self) -> str:
+        """The base URL, without a trailing slash."""
+        return str(self.url).rstrip("/")
+
+    @property
+    def scope_list(self) -> tuple[str, ...]:
+        """The scopes to request."""
+        return tuple((self.scopes or "").split())
+
+    def secret(self, name: Secret) -> SecretStr | None:
+        """A secret as given, or as read from its file."""
+        value: SecretStr | None = getattr(self, name)
+        return value if value is not None else self._from_files.get(name)
+
+    def check(self, prefix: str) -> None:
+        """Read the secret files and check auth and TLS settings together; errors name ``prefix``+setting."""
+        for secret, file_field in _SECRET_FILES:
+            path: Path | None = getattr(self, file_field)
+            if path is None:
+                continue
+            file_setting = f"{prefix}{file_field.upper()}"
+            if getattr(self, secret) is not None:
+                raise ValueError(f"set {prefix}{secret.upper()} or {file_setting}, not both")
+            try:
+                text = path.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeError) as exc:
+                raise ValueError(f"{file_setting}: cannot read {path} ({type(exc).__name__})") from None
+            if not text:
+                raise ValueError(f"{file_setting}: {path} is empty")
+            self._from_files[secret] = SecretStr(text)
+        for needed, secret_file in _AUTH_NEEDS[self.auth]:
+            value = getattr(self, needed) if secret_file is None else self._from_files.get(needed)
+            if value in (None, "") and getattr(self, needed) in (None, ""):
+                alternative = f" (or {prefix}{secret_file.upper()})" if secret_file else ""
+                raise ValueError(
+                    f"{prefix}{needed.upper()}{alternative} is required when {prefix}AUTH is "
+                    f"{self.auth.value}"
+                )
+        if self.auth is AuthMode.SMART:
+            from bridge.auth import load_private_key
+
+            assert self.private_key_file is not None
+            try:
+                load_private_key(self.private_key_file, self.signing_alg.value)
+            except ValueError as exc:
+                raise ValueError(
+                    f"{prefix}PRIVATE_KEY_FILE: {exc} ({prefix}SIGNING_ALG is {self.signing_alg.value})"
+                ) from None
+        from bridge.tls import check_files
+
+        problem = check_files(
+            ca_bundle=self.ca_bundle, client_cert=self.client_cert, client_key=self.client_key
+        )
+        if problem:
+            raise ValueError(prefix + problem)
+
+
+class ArchiveSettings(UpstreamSettings):
+    """The DICOMweb archive: an upstream, plus the address viewers reach it at."""
+
+    url: AnyHttpUrl = Field(
         description="DICOMweb base URL the worker polls (QIDO-RS/WADO-RS), e.g. http://pacs/dicom-web"
     )
-    dicomweb_public_url: AnyHttpUrl | None = Field(
+    public_url: AnyHttpUrl | None = Field(
         default=None,
         description="WADO-RS base URL written into the Endpoint for viewers; defaults to dicomweb_url",
     )
-    source_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")] = Field(
-        default="default",
-        description="Stable name of this DICOMweb source; keys its Endpoint and its state",
-    )
-    qido_page_size: int = Field(default=100, ge=1, le=5000, description="QIDO-RS page size")
 
-    # Sink: the FHIR server
-    fhir_url: AnyHttpUrl = Field(description="FHIR R4 base URL, e.g. https://ehr/fhir/R4")
-    write_strategy: WriteStrategy = Field(
-        default=WriteStrategy.CLIENT_ID,
-        description="client-id: PUT to ids derived from identifiers; conditional: PUT ?identifier=",
+    @property
+    def public_base(self) -> str:
+        """The DICOMweb base viewers reach, without a trailing slash."""
+        return str(self.public_url or self.url).rstrip("/")
+
+
+class FhirServerSettings(UpstreamSettings):
+    """The FHIR server: an upstream."""
+
+    url: AnyHttpUrl = Field(description="FHIR R4 base URL, e.g. https://ehr/fhir/R4")
+    scopes: str | None = Field(
+        default=None, description="Scopes to request, space-separated, e.g. system/ImagingStudy.write"
     )
-    endpoint_identifier_system: str = Field(
-        default="urn:fhir-dicomweb-bridge:source",
-        description="Identifier system of the Endpoint resources (value: source_name)",
-    )
+
+
+class PerSourceSettings(BaseModel):
+    """The settings that may differ between DICOMweb sources (everything about the archive side)."""
+
+    dicomweb: ArchiveSettings
+    qido_page_size: int = Field(default=100, ge=1, le=5000, description="QIDO-RS page size")
 
     # Patients
     patient_policy: PatientPolicy = Field(
@@ -176,11 +233,6 @@ class Settings(BaseSettings):
         description="Issuer of Accession Number (0008,0051) entity id -> identifier system, as JSON",
     )
 
-    # Orders
-    order_policy: OrderPolicy = Field(
-        default=OrderPolicy.NONE, description="ImagingStudy.basedOn: none | match | match-or-logical"
-    )
-
     # Mapping
     include_instances: bool = Field(
         default=False, description="List each series' instances (uid, SOP class, number)"
@@ -199,6 +251,151 @@ class Settings(BaseSettings):
         default=None,
         description="IANA zone for StudyTime without TimezoneOffsetFromUTC; default: the host's",
     )
+
+    # Change detection and deletes
+    poll_window_days: int = Field(
+        default=2, ge=0, le=3650, description="Incremental cycles poll studies dated this many days back"
+    )
+    change_source: ChangeSourceKind = Field(
+        default=ChangeSourceKind.QIDO, description="qido (StudyDate window) or orthanc (/changes feed)"
+    )
+    orthanc_url: AnyHttpUrl | None = Field(
+        default=None, description="Orthanc REST root for change_source=orthanc, e.g. http://pacs:8042"
+    )
+    delete_policy: DeletePolicy = Field(
+        default=DeletePolicy.MARK, description="Studies gone from the archive: mark | delete | ignore"
+    )
+
+    @field_validator("patient_identifier_system", "accession_identifier_system")
+    @classmethod
+    def _uri(cls, value: str | None) -> str | None:
+        return None if value is None else _check_uri(value)
+
+    @field_validator("patient_issuer_systems", "accession_issuer_systems")
+    @classmethod
+    def _uri_map(cls, value: dict[str, str]) -> dict[str, str]:
+        for system in value.values():
+            _check_uri(system)
+        return value
+
+    @field_validator("dicom_timezone")
+    @classmethod
+    def _zone(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                ZoneInfo(value)
+            except (ZoneInfoNotFoundError, ValueError) as exc:
+                raise ValueError(f"unknown time zone {value!r} (use an IANA name)") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _source_checks(self) -> PerSourceSettings:
+        if self.change_source is ChangeSourceKind.ORTHANC and self.orthanc_url is None:
+            raise ValueError("BRIDGE_ORTHANC_URL is required when BRIDGE_CHANGE_SOURCE is orthanc")
+        self.dicomweb.check(f"{ENV_PREFIX}DICOMWEB_")
+        return self
+
+
+class SourceSettings(PerSourceSettings):
+    """One DICOMweb source: its name and its per-source settings (its own, or the top level's)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, Field(pattern=_SOURCE_NAME)] = Field(
+        description="Stable name of this DICOMweb source; keys its Endpoint and its state"
+    )
+
+
+PER_SOURCE_SETTINGS = frozenset(PerSourceSettings.model_fields) - {"dicomweb"}
+# Secrets and their files come as pairs: a source that sets either takes neither from the top level.
+_SECRET_PAIRS = {name: pair for pair in _SECRET_FILES for name in pair}
+_NOT_INHERITED = frozenset({"url", "public_url"})  # each archive has its own address
+
+
+def _nest(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Flat keys of an upstream (``fhir_client_id``) as the nested setting (``fhir.client_id``)."""
+    result: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in data.items():
+        upstream, _, rest = key.partition("_")
+        if upstream in UPSTREAMS and rest in _UPSTREAM_FIELDS[upstream]:
+            nested.setdefault(upstream, {})[rest] = value
+        else:
+            result[key] = value
+    for upstream, values in nested.items():
+        given = result.get(upstream)
+        result[upstream] = {**values, **given} if isinstance(given, Mapping) else values
+    return result
+
+
+def _inherit(top: Mapping[str, Any], entry: Mapping[str, Any]) -> dict[str, Any]:
+    """A ``sources`` entry with the top level's per-source values it does not set itself."""
+    merged = {key: top[key] for key in PER_SOURCE_SETTINGS if key in top}
+    merged.update((key, value) for key, value in entry.items() if key != "dicomweb")
+    own = dict(entry.get("dicomweb") or {})
+    given = top.get("dicomweb")
+    inherited = {
+        key: value
+        for key, value in (given.items() if isinstance(given, Mapping) else ())
+        if key not in _NOT_INHERITED and not any(other in own for other in _SECRET_PAIRS.get(key, (key,)))
+    }
+    merged["dicomweb"] = {**inherited, **own}
+    return merged
+
+
+def _entry_error(name: str, exc: ValidationError) -> str:
+    details = "; ".join(
+        f"{'_'.join(str(p) for p in e['loc']) or 'entry'}: {str(e['msg']).removeprefix('Value error, ')}"
+        for e in exc.errors(include_input=False)
+    )
+    return f"BRIDGE_SOURCES entry {name!r}: {details}"
+
+
+def _any_mapping_items(schema: dict[str, Any]) -> None:
+    schema["items"] = {"type": "object", "additionalProperties": True}
+
+
+class Settings(PerSourceSettings, BaseSettings):
+    """Every setting of the bridge; each is read from ``BRIDGE_<NAME>`` or the config file."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="_",
+        env_nested_max_split=1,  # BRIDGE_FHIR_CLIENT_ID is fhir.client_id
+        extra="forbid",
+        case_sensitive=False,
+        validate_default=True,
+    )
+
+    # Several sources (config file): each entry overrides the per-source settings
+    sources: list[SourceSettings] = Field(
+        default_factory=list,
+        description=(
+            "Several DICOMweb sources feeding this FHIR server (config file, or JSON): each entry "
+            "has a unique `name` and any per-source setting (dicomweb_*, patient_*, accession_*, "
+            "qido_page_size, change_source, orthanc_url, ...) overriding the top-level value"
+        ),
+        # Entries are given flat (dicomweb_url) or nested (dicomweb: {url}); the bridge checks them.
+        json_schema_extra=_any_mapping_items,
+    )
+    source_name: Annotated[str, Field(pattern=_SOURCE_NAME)] = Field(
+        default="default",
+        description="Stable name of this DICOMweb source; keys its Endpoint and its state",
+    )
+
+    # Sink: the FHIR server
+    fhir: FhirServerSettings
+    write_strategy: WriteStrategy = Field(
+        default=WriteStrategy.CLIENT_ID,
+        description="client-id: PUT to ids derived from identifiers; conditional: PUT ?identifier=",
+    )
+    endpoint_identifier_system: str = Field(
+        default="urn:fhir-dicomweb-bridge:source",
+        description="Identifier system of the Endpoint resources (value: source_name)",
+    )
+    order_policy: OrderPolicy = Field(
+        default=OrderPolicy.NONE, description="ImagingStudy.basedOn: none | match | match-or-logical"
+    )
     mappings_dir: Path | None = Field(
         default=None, description="Folder of mapping tables; default: the bundled mappings/"
     )
@@ -209,12 +406,12 @@ class Settings(BaseSettings):
         description="SQLAlchemy URL of the state store (SQLite file by default)",
     )
     sync_concurrency: int = Field(default=4, ge=1, le=64, description="Studies synced at once")
+    # Connections to the upstreams (bridge/auth.py, bridge/tls.py, bridge/http.py)
     http_timeout: float = Field(default=30.0, gt=0, description="Seconds per HTTP request")
     http_retries: int = Field(default=4, ge=0, le=20, description="Retries of a failed request")
     http_retry_max_wait: float = Field(
         default=30.0, ge=0, description="Longest single wait between retries, in seconds"
     )
-    # Connections to the upstreams (bridge/auth.py, bridge/tls.py, bridge/http.py)
     http_retry_total: float = Field(
         default=120.0, gt=0, description="Longest time one request may spend in retries, in seconds"
     )
@@ -225,44 +422,7 @@ class Settings(BaseSettings):
         default=30.0, gt=0, description="Seconds an open circuit waits before probing the upstream"
     )
     http2: bool = Field(default=True, description="Offer HTTP/2 to upstreams over TLS (ALPN)")
-    dicomweb_auth: AuthMode = Field(default=AuthMode.NONE, description="none|basic|bearer|oauth2|smart")
-    dicomweb_username: str | None = Field(default=None, description="User for auth=basic")
-    dicomweb_password: SecretStr | None = Field(default=None, description="Password for auth=basic")
-    dicomweb_password_file: Path | None = Field(default=None, description="File holding the password")
-    dicomweb_token: SecretStr | None = Field(default=None, description="Static token for auth=bearer")
-    dicomweb_token_file: Path | None = Field(default=None, description="File holding the static token")
-    dicomweb_token_url: AnyHttpUrl | None = Field(default=None, description="OAuth2 token endpoint")
-    dicomweb_client_id: str | None = Field(default=None, description="OAuth2 client id")
-    dicomweb_client_secret: SecretStr | None = Field(default=None, description="Secret for auth=oauth2")
-    dicomweb_client_secret_file: Path | None = Field(default=None, description="File holding it")
-    dicomweb_private_key_file: Path | None = Field(default=None, description="PEM key for auth=smart")
-    dicomweb_key_id: str | None = Field(default=None, description="kid of the key (auth=smart)")
-    dicomweb_signing_alg: SigningAlg = Field(default=SigningAlg.RS384, description="RS384 or ES384")
-    dicomweb_scopes: str | None = Field(default=None, description="Scopes to request, space-separated")
-    dicomweb_ca_bundle: Path | None = Field(default=None, description="PEM CAs trusted (replaces default)")
-    dicomweb_client_cert: Path | None = Field(default=None, description="PEM client certificate (mTLS)")
-    dicomweb_client_key: Path | None = Field(default=None, description="PEM key of the client certificate")
-    dicomweb_verify_tls: bool = Field(default=True, description="Verify the server's certificate")
-    fhir_auth: AuthMode = Field(default=AuthMode.NONE, description="none|basic|bearer|oauth2|smart")
-    fhir_username: str | None = Field(default=None, description="User for auth=basic")
-    fhir_password: SecretStr | None = Field(default=None, description="Password for auth=basic")
-    fhir_password_file: Path | None = Field(default=None, description="File holding the password")
-    fhir_token: SecretStr | None = Field(default=None, description="Static token for auth=bearer")
-    fhir_token_file: Path | None = Field(default=None, description="File holding the static token")
-    fhir_token_url: AnyHttpUrl | None = Field(default=None, description="OAuth2 token endpoint")
-    fhir_client_id: str | None = Field(default=None, description="OAuth2 client id")
-    fhir_client_secret: SecretStr | None = Field(default=None, description="Secret for auth=oauth2")
-    fhir_client_secret_file: Path | None = Field(default=None, description="File holding it")
-    fhir_private_key_file: Path | None = Field(default=None, description="PEM key for auth=smart")
-    fhir_key_id: str | None = Field(default=None, description="kid of the key (auth=smart)")
-    fhir_signing_alg: SigningAlg = Field(default=SigningAlg.RS384, description="RS384 or ES384")
-    fhir_scopes: str | None = Field(
-        default=None, description="Scopes to request, space-separated, e.g. system/ImagingStudy.write"
-    )
-    fhir_ca_bundle: Path | None = Field(default=None, description="PEM CAs trusted (replaces default)")
-    fhir_client_cert: Path | None = Field(default=None, description="PEM client certificate (mTLS)")
-    fhir_client_key: Path | None = Field(default=None, description="PEM key of the client certificate")
-    fhir_verify_tls: bool = Field(default=True, description="Verify the server's certificate")
+
     log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
 
     # Scheduled sync (bridge worker / bridge run)
@@ -285,18 +445,6 @@ class Settings(BaseSettings):
         description="bridge worker: serve Prometheus /metrics on this port (bridge run/serve use the API's)",
     )
     metrics_host: str = Field(default="127.0.0.1", description="Address of the worker's metrics server")
-    poll_window_days: int = Field(
-        default=2, ge=0, le=3650, description="Incremental cycles poll studies dated this many days back"
-    )
-    change_source: ChangeSourceKind = Field(
-        default=ChangeSourceKind.QIDO, description="qido (StudyDate window) or orthanc (/changes feed)"
-    )
-    orthanc_url: AnyHttpUrl | None = Field(
-        default=None, description="Orthanc REST root for change_source=orthanc, e.g. http://pacs:8042"
-    )
-    delete_policy: DeletePolicy = Field(
-        default=DeletePolicy.MARK, description="Studies gone from the archive: mark | delete | ignore"
-    )
     delete_max_fraction: float = Field(
         default=0.2,
         ge=0,
@@ -379,31 +527,17 @@ class Settings(BaseSettings):
             raise ValueError("BRIDGE_JWT_AUDIENCE/ISSUER need BRIDGE_JWT_JWKS_URL or BRIDGE_JWT_PUBLIC_KEY")
         return self
 
-    @field_validator("patient_identifier_system", "endpoint_identifier_system", "accession_identifier_system")
+    @field_validator("endpoint_identifier_system")
     @classmethod
-    def _uri(cls, value: str | None) -> str | None:
-        return None if value is None else _check_uri(value)
-
-    @field_validator("patient_issuer_systems", "accession_issuer_systems")
-    @classmethod
-    def _uri_map(cls, value: dict[str, str]) -> dict[str, str]:
-        for system in value.values():
-            _check_uri(system)
-        return value
-
-    @field_validator("dicom_timezone")
-    @classmethod
-    def _zone(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                ZoneInfo(value)
-            except (ZoneInfoNotFoundError, ValueError) as exc:
-                raise ValueError(f"unknown time zone {value!r} (use an IANA name)") from exc
-        return value
+    def _endpoint_system(cls, value: str) -> str:
+        return _check_uri(value)
 
     @field_validator("state_url")
     @classmethod
     def _state_url(cls, value: str) -> str:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
         try:
             make_url(value)
         except ArgumentError as exc:
@@ -431,121 +565,37 @@ class Settings(BaseSettings):
 
     @model_validator(mode="before")
     @classmethod
-    def _first_source_is_the_default(cls, data: Any) -> Any:
-        # With several sources, the top level needs no DICOMweb URL of its own.
-        if isinstance(data, dict) and not data.get("dicomweb_url"):
-            sources = data.get("sources")
-            if isinstance(sources, list) and sources and isinstance(sources[0], dict):
-                if sources[0].get("dicomweb_url"):
-                    data = {**data, "dicomweb_url": sources[0]["dicomweb_url"]}
+    def _shape(cls, data: Any) -> Any:
+        """Flat upstream keys nested; each ``sources`` entry checked and given the top level's values."""
+        if not isinstance(data, Mapping):
+            return data
+        data = _nest(data)
+        for upstream in UPSTREAMS:  # a missing URL is then named BRIDGE_<UPSTREAM>_URL
+            if not isinstance(data.get(upstream), Mapping | BaseModel):
+                data.setdefault(upstream, {})
+        sources = data.get("sources")
+        if not isinstance(sources, list):
+            return data
+        dicomweb = data["dicomweb"]
+        if isinstance(dicomweb, Mapping) and not dicomweb.get("url") and sources:
+            first = _nest(sources[0]).get("dicomweb") if isinstance(sources[0], Mapping) else None
+            if isinstance(first, Mapping) and first.get("url"):
+                # With several sources, the top level needs no DICOMweb URL of its own.
+                data["dicomweb"] = {**dicomweb, "url": first["url"]}
+        data["sources"] = [*_resolved_sources(data, sources)]
         return data
 
-    @field_validator("sources")
-    @classmethod
-    def _sources(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        names: set[str] = set()
-        for index, entry in enumerate(value):
-            name = entry.get("name", entry.get("source_name"))
-            if not name:
-                raise ValueError(f"entry {index} has no name")
-            if name in names:
-                raise ValueError(f"two sources are named {name!r}; names must be unique")
-            names.add(str(name))
-            for key in entry:
-                if key not in ("name", "source_name") and not is_per_source(key):
-                    raise ValueError(f"entry {name!r}: {key!r} is not a per-source setting")
-        return value
-
-    def for_each_source(self) -> list[Settings]:
-        """One Settings per source: the top level alone, or each ``sources`` entry over it."""
-        if not self.sources:
-            return [self]
-        base = self.model_dump(exclude={"sources"})
-        result = []
-        for entry in self.sources:
-            data = {**base, "dicomweb_public_url": None, "sources": []}
-            data.update({("source_name" if k == "name" else k): v for k, v in entry.items()})
-            try:
-                result.append(type(self)(**data))
-            except ValidationError as exc:
-                details = "; ".join(
-                    f"{'.'.join(str(p) for p in e['loc']) or 'entry'}: {e['msg']}"
-                    for e in exc.errors(include_input=False)
-                )
-                raise ConfigurationError(
-                    f"invalid configuration: BRIDGE_SOURCES entry {data['source_name']!r}: {details}"
-                ) from None
-        return result
-
     @model_validator(mode="after")
-    def _defaults(self) -> Settings:
-        if self.dicomweb_public_url is None:
-            self.dicomweb_public_url = self.dicomweb_url
-        if self.change_source is ChangeSourceKind.ORTHANC and self.orthanc_url is None:
-            raise ValueError("BRIDGE_ORTHANC_URL is required when BRIDGE_CHANGE_SOURCE is orthanc")
+    def _fhir_checks(self) -> Settings:
+        self.fhir.check(f"{ENV_PREFIX}FHIR_")
         return self
 
-    @model_validator(mode="after")
-    def _connections(self) -> Settings:
-        """Secrets read from their files, and each upstream's auth and TLS settings checked together."""
-        for service in ("dicomweb", "fhir"):
-            prefix = f"{ENV_PREFIX}{service.upper()}_"
-            for secret, file_field in _SECRET_FILES:
-                path = getattr(self, f"{service}_{file_field}")
-                if path is None:
-                    continue
-                file_setting = f"{prefix}{file_field.upper()}"
-                if getattr(self, f"{service}_{secret}") is not None:
-                    raise ValueError(f"set {prefix}{secret.upper()} or {file_setting}, not both")
-                try:
-                    text = Path(path).read_text(encoding="utf-8").strip()
-                except (OSError, UnicodeError) as exc:
-                    raise ValueError(f"{file_setting}: cannot read {path} ({type(exc).__name__})") from None
-                if not text:
-                    raise ValueError(f"{file_setting}: {path} is empty")
-                setattr(self, f"{service}_{secret}", SecretStr(text))
-            mode: AuthMode = getattr(self, f"{service}_auth")
-            for needed, secret_file in _AUTH_NEEDS[mode]:
-                if getattr(self, f"{service}_{needed}") in (None, ""):
-                    alternative = f" (or {prefix}{secret_file.upper()})" if secret_file else ""
-                    raise ValueError(
-                        f"{prefix}{needed.upper()}{alternative} is required when {prefix}AUTH is {mode.value}"
-                    )
-            if mode is AuthMode.SMART:
-                from bridge.auth import load_private_key
-
-                algorithm: SigningAlg = getattr(self, f"{service}_signing_alg")
-                try:
-                    load_private_key(getattr(self, f"{service}_private_key_file"), algorithm.value)
-                except ValueError as exc:
-                    raise ValueError(
-                        f"{prefix}PRIVATE_KEY_FILE: {exc} ({prefix}SIGNING_ALG is {algorithm.value})"
-                    ) from None
-            from bridge.tls import check_files
-
-            problem = check_files(
-                ca_bundle=getattr(self, f"{service}_ca_bundle"),
-                client_cert=getattr(self, f"{service}_client_cert"),
-                client_key=getattr(self, f"{service}_client_key"),
-            )
-            if problem:
-                raise ValueError(prefix + problem)
-        return self
-
-    @property
-    def dicomweb_base(self) -> str:
-        """The polled DICOMweb base, without a trailing slash."""
-        return str(self.dicomweb_url).rstrip("/")
-
-    @property
-    def public_base(self) -> str:
-        """The DICOMweb base viewers reach, without a trailing slash."""
-        return str(self.dicomweb_public_url or self.dicomweb_url).rstrip("/")
-
-    @property
-    def fhir_base(self) -> str:
-        """The FHIR base URL, without a trailing slash."""
-        return str(self.fhir_url).rstrip("/")
+    def each_source(self) -> list[SourceSettings]:
+        """The DICOMweb sources: the ``sources`` entries, or the top level as the only one."""
+        if self.sources:
+            return list(self.sources)
+        values = {name: getattr(self, name) for name in PerSourceSettings.model_fields}
+        return [SourceSettings.model_construct(name=self.source_name, **values)]
 
     @classmethod
     def settings_customise_sources(
@@ -557,32 +607,66 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         """Explicit values first, then the environment, then the YAML file named by BRIDGE_CONFIG_FILE."""
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        sources: list[PydanticBaseSettingsSource] = [_Nested(init_settings), env_settings]
         config_file = os.environ.get(CONFIG_FILE_VARIABLE)
         if config_file:
-            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+            sources.append(_Nested(YamlConfigSettingsSource(settings_cls, yaml_file=config_file)))
         return tuple(sources)
 
 
-PER_SOURCE_SETTINGS = frozenset(
-    {
-        "source_name",
-        "qido_page_size",
-        "patient_policy",
-        "patient_identifier_system",
-        "patient_issuer_systems",
-        "accession_identifier_system",
-        "accession_issuer_systems",
-        "dicom_timezone",
-        "include_instances",
-        "max_instances",
-        "read_instance_header",
-        "change_source",
-        "orthanc_url",
-        "poll_window_days",
-        "delete_policy",
-    }
-)
+_UPSTREAM_FIELDS = {
+    "dicomweb": frozenset(ArchiveSettings.model_fields),
+    "fhir": frozenset(FhirServerSettings.model_fields),
+}
+
+
+def _resolved_sources(top: Mapping[str, Any], entries: list[Any]) -> Iterator[SourceSettings]:
+    names: set[str] = set()
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"BRIDGE_SOURCES: entry {index} is not a mapping of settings")
+        entry = dict(entry)
+        name = entry.pop("name", None) or entry.get("source_name")
+        entry.pop("source_name", None)
+        if not name:
+            raise ValueError(f"BRIDGE_SOURCES: entry {index} has no name")
+        if name in names:
+            raise ValueError(f"BRIDGE_SOURCES: two sources are named {name!r}; names must be unique")
+        names.add(str(name))
+        for key in entry:
+            if key != "dicomweb" and not is_per_source(key):
+                raise ValueError(f"BRIDGE_SOURCES entry {name!r}: {key!r} is not a per-source setting")
+        try:
+            yield SourceSettings.model_validate({"name": name, **_inherit(top, _nest(entry))})
+        except ValidationError as exc:
+            raise ValueError(_entry_error(str(name), exc)) from None
+
+
+class _Nested(PydanticBaseSettingsSource):
+    """A settings source whose flat upstream keys (``fhir_client_id``) are given nested."""
+
+    def __init__(self, inner: PydanticBaseSettingsSource) -> None:
+        super().__init__(inner.settings_cls)
+        self._inner = inner
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        """Unused: values come from the inner source as a whole."""
+        return self._inner.get_field_value(field, field_name)
+
+    def __call__(self) -> dict[str, Any]:
+        return _nest(self._inner())
+
+
+def setting_names() -> dict[str, FieldInfo]:
+    """Every setting by its flat name (``fhir_client_id``), as operators spell it, in order."""
+    names: dict[str, FieldInfo] = {}
+    for name, field in Settings.model_fields.items():
+        if name in UPSTREAMS:
+            model = ArchiveSettings if name == "dicomweb" else FhirServerSettings
+            names.update((f"{name}_{sub}", info) for sub, info in model.model_fields.items())
+        else:
+            names[name] = field
+    return names
 
 
 def is_per_source(name: str) -> bool:
@@ -590,11 +674,11 @@ def is_per_source(name: str) -> bool:
     return name in PER_SOURCE_SETTINGS or name.startswith("dicomweb_")
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: Mapping[str, Any]) -> str:
     message = str(error["msg"]).removeprefix("Value error, ")
     if not error["loc"]:  # a check across settings names them in its message
         return message
-    name = ENV_PREFIX + str(error["loc"][0]).upper()
+    name = ENV_PREFIX + "_".join(str(part) for part in error["loc"]).upper()
     if error["type"] == "missing":
         message = "is required but not set"
     elif error["type"] == "extra_forbidden":
@@ -607,14 +691,14 @@ def load_settings(**overrides: Any) -> Settings:
     config_file = os.environ.get(CONFIG_FILE_VARIABLE)
     if config_file and not Path(config_file).is_file():
         raise ConfigurationError(f"{CONFIG_FILE_VARIABLE}: no such file: {config_file}")
-    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields} | {CONFIG_FILE_VARIABLE}
+    known = {ENV_PREFIX + name.upper() for name in setting_names()} | {CONFIG_FILE_VARIABLE}
     unknown = sorted(k for k in os.environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
     if unknown:
         raise ConfigurationError(f"invalid configuration: {unknown[0]}: is not a known setting")
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        details = "; ".join(_describe(dict(e)) for e in exc.errors())
+        details = "; ".join(_describe(e) for e in exc.errors())
         raise ConfigurationError(f"invalid configuration: {details}") from None
     except SettingsError as exc:  # a value that is not the JSON a map or list setting needs
         match = re.search(r'field "([a-z0-9_]+)"', str(exc))

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from bridge import __version__
-from bridge.config import ChangeSourceKind, Settings
+from bridge.config import Settings, SourceSettings, UpstreamSettings
 from bridge.dicomweb.client import DicomwebClient
 from bridge.dicomweb.orthanc import OrthancChangeFeed
 from bridge.fhir.client import FhirClient
@@ -19,6 +19,8 @@ from bridge.mapping.context import MappingContext
 from bridge.mapping.tables import BUNDLED_MAPPINGS, load_tables
 from bridge.state.store import SqlStore
 from bridge.sync.changes import ChangeSource, FeedChangeSource, QidoWindowSource
+from bridge.sync.link import Linker
+from bridge.sync.policy import ChangeSourceKind
 from bridge.sync.publisher import Publisher
 from bridge.sync.scheduler import SyncScheduler, trigger
 from bridge.sync.worker import SyncWorker
@@ -27,32 +29,35 @@ from bridge.upstream import Service, connection_options, retry_policy
 USER_AGENT = f"fhir-dicomweb-bridge/{__version__}"
 
 
-def mapping_context(settings: Settings) -> MappingContext:
-    """The mapping's inputs from the settings (tables loaded and validated here)."""
+def mapping_context(settings: Settings, source: SourceSettings) -> MappingContext:
+    """The mapping's inputs for one source (tables loaded and validated here)."""
     return MappingContext(
-        source_name=settings.source_name,
-        public_base=settings.public_base,
+        source_name=source.name,
+        public_base=source.dicomweb.public_base,
         tables=load_tables(settings.mappings_dir or BUNDLED_MAPPINGS),
-        patient_system=settings.patient_identifier_system,
-        patient_issuer_systems=dict(settings.patient_issuer_systems),
-        accession_system=settings.accession_identifier_system,
-        accession_issuer_systems=dict(settings.accession_issuer_systems),
+        patient_system=source.patient_identifier_system,
+        patient_issuer_systems=dict(source.patient_issuer_systems),
+        accession_system=source.accession_identifier_system,
+        accession_issuer_systems=dict(source.accession_issuer_systems),
         endpoint_system=settings.endpoint_identifier_system,
-        timezone=settings.dicom_timezone,
-        include_instances=settings.include_instances,
-        max_instances=settings.max_instances,
+        timezone=source.dicom_timezone,
+        include_instances=source.include_instances,
+        max_instances=source.max_instances,
     )
 
 
-def http_client(settings: Settings, service: Service | None = None) -> httpx.AsyncClient:
+def http_client(
+    settings: Settings, upstream: UpstreamSettings | None = None, service: Service | None = None
+) -> httpx.AsyncClient:
     """An AsyncClient with the bridge's timeouts and pool limits; for an upstream, its TLS, HTTP/2, auth."""
     limits = httpx.Limits(max_connections=settings.sync_concurrency * 2 + 4)
+    options = connection_options(settings, upstream, service, limits) if upstream and service else {}
     return httpx.AsyncClient(
         timeout=httpx.Timeout(settings.http_timeout),
         limits=limits,
         headers={"User-Agent": USER_AGENT},
         follow_redirects=False,
-        **(connection_options(settings, service, limits) if service else {}),  # type: ignore[arg-type]
+        **options,  # type: ignore[arg-type]
     )
 
 
@@ -61,6 +66,7 @@ class Runtime:
     """Everything a sync needs, open."""
 
     settings: Settings
+    source: SourceSettings
     ctx: MappingContext
     store: SqlStore
     dicomweb: DicomwebClient
@@ -74,24 +80,21 @@ class Runtime:
         The scheduled worker is one; an on-demand sync takes another, so its counters and
         Patient links never mix with those of a cycle running at the same time.
         """
-        s = self.settings
-        publisher = Publisher(
-            self.fhir,
-            self.store,
-            self.ctx,
-            patient_policy=s.patient_policy,
-            write_strategy=s.write_strategy,
-            order_policy=s.order_policy,
+        s, source = self.settings, self.source
+        linker = Linker(
+            self.fhir, self.ctx, patient_policy=source.patient_policy, order_policy=s.order_policy
         )
+        publisher = Publisher(self.fhir, self.store, self.ctx, write_strategy=s.write_strategy)
         return SyncWorker(
             self.dicomweb,
+            linker,
             publisher,
             self.store,
             self.ctx,
             concurrency=concurrency,
-            delete_policy=s.delete_policy,
+            delete_policy=source.delete_policy,
             delete_max_fraction=s.delete_max_fraction,
-            read_instance_header=s.read_instance_header,
+            read_instance_header=source.read_instance_header,
         )
 
     def scheduler(self) -> SyncScheduler:
@@ -101,42 +104,44 @@ class Runtime:
             self.worker,
             self.changes,
             self.store,
-            s.source_name,
+            self.source.name,
             incremental=trigger(s.sync_interval, s.sync_cron),
             reconcile=trigger(s.reconcile_interval, s.reconcile_cron),
         )
 
 
 def change_source(
-    settings: Settings, client: httpx.AsyncClient, store: SqlStore, policy: RetryPolicy
+    source: SourceSettings, client: httpx.AsyncClient, store: SqlStore, policy: RetryPolicy
 ) -> ChangeSource:
-    """The incremental change source the settings choose."""
-    if settings.change_source is ChangeSourceKind.ORTHANC and settings.orthanc_url is not None:
-        feed = OrthancChangeFeed(client, str(settings.orthanc_url), policy=policy)
-        return FeedChangeSource(feed, store, settings.source_name)
-    return QidoWindowSource(settings.poll_window_days)
+    """The incremental change source a source's settings choose."""
+    if source.change_source is ChangeSourceKind.ORTHANC and source.orthanc_url is not None:
+        feed = OrthancChangeFeed(client, str(source.orthanc_url), policy=policy)
+        return FeedChangeSource(feed, store, source.name)
+    return QidoWindowSource(source.poll_window_days)
 
 
 @asynccontextmanager
-async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
-    """Open clients and store for ``settings``; closes them on exit."""
+async def open_runtime(settings: Settings, source: SourceSettings | None = None) -> AsyncIterator[Runtime]:
+    """Open clients and store for one source (by default the first); closes them on exit."""
+    if source is None:
+        source = settings.each_source()[0]
     # httpx logs full URLs at INFO, and query strings can carry patient identifiers.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    ctx = mapping_context(settings)
+    ctx = mapping_context(settings, source)
     policy = retry_policy(settings, "dicomweb")  # each upstream has its own circuit breaker
     fhir_policy = retry_policy(settings, "fhir")
     store = SqlStore(settings.state_url)
     try:
         async with (
-            http_client(settings, "dicomweb") as dicomweb_http,
-            http_client(settings, "fhir") as fhir_http,
+            http_client(settings, source.dicomweb, "dicomweb") as dicomweb_http,
+            http_client(settings, settings.fhir, "fhir") as fhir_http,
         ):
             dicomweb = DicomwebClient(
-                dicomweb_http, settings.dicomweb_base, policy=policy, page_size=settings.qido_page_size
+                dicomweb_http, source.dicomweb.base, policy=policy, page_size=source.qido_page_size
             )
-            fhir = FhirClient(fhir_http, settings.fhir_base, policy=fhir_policy)
-            changes = change_source(settings, dicomweb_http, store, policy)
-            runtime = Runtime(settings, ctx, store, dicomweb, fhir, changes)
+            fhir = FhirClient(fhir_http, settings.fhir.base, policy=fhir_policy)
+            changes = change_source(source, dicomweb_http, store, policy)
+            runtime = Runtime(settings, source, ctx, store, dicomweb, fhir, changes)
             runtime.worker = runtime.new_worker(settings.sync_concurrency)
             yield runtime
     finally:

@@ -19,12 +19,12 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from pydantic import SecretStr
+from pydantic import BaseModel, SecretStr
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bridge.config import ENV_PREFIX, Settings  # noqa: E402
+from bridge.config import ENV_PREFIX, UPSTREAMS, Settings, setting_names  # noqa: E402
 
 SETTINGS_DOC = ROOT / "docs" / "settings.md"
 CHART_SCHEMA = ROOT / "helm" / "fhir-dicomweb-bridge" / "values.schema.json"
@@ -41,7 +41,7 @@ def _contains(annotation: Any, wanted: type) -> bool:
 
 def is_secret(name: str) -> bool:
     """Whether a setting holds a secret (so the chart takes it only in secretConfig)."""
-    return _contains(Settings.model_fields[name].annotation, SecretStr)
+    return _contains(setting_names()[name].annotation, SecretStr)
 
 
 def _type_name(annotation: Any) -> str:
@@ -53,7 +53,7 @@ def _type_name(annotation: Any) -> str:
         return _type_name(args[0])
     if origin is list:
         return f"list of {_type_name(args[0])} (comma-separated)"
-    if origin is dict:
+    if origin is dict or (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
         return "map (JSON object)"
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
         return "one of " + ", ".join(f"`{m.value}`" for m in annotation)
@@ -64,7 +64,7 @@ def _type_name(annotation: Any) -> str:
 
 
 def _default(name: str) -> str:
-    field = Settings.model_fields[name]
+    field = setting_names()[name]
     if field.is_required():
         return "**required**"
     value = field.get_default(call_default_factory=True)
@@ -102,7 +102,7 @@ def render_markdown() -> str:
         "| Variable | Type | Default | Description |",
         "|---|---|---|---|",
     ]
-    for name, field in Settings.model_fields.items():
+    for name, field in setting_names().items():
         variable = f"`{ENV_PREFIX}{name.upper()}`"
         if is_secret(name):
             variable += " *secret*"
@@ -127,8 +127,18 @@ def _resolve(node: Any, defs: dict[str, Any]) -> Any:
     return node
 
 
+def _field_schema(name: str, schema: dict[str, Any], defs: dict[str, Any]) -> Any:
+    """The JSON schema of a setting by its flat name; an upstream's (``fhir_client_id``) is nested."""
+    if name in schema["properties"]:
+        return schema["properties"][name]
+    upstream, _, sub = name.partition("_")
+    assert upstream in UPSTREAMS, name
+    model = _resolve(schema["properties"][upstream], defs)
+    return model["properties"][sub]
+
+
 def _property(name: str, schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
-    prop = _resolve(schema["properties"][name], defs)
+    prop = _resolve(_field_schema(name, schema, defs), defs)
     description = prop.pop("description", "")
     options = prop.pop("anyOf", None) or [prop]
     options = [o for o in options if o.get("type") != "null"]
@@ -147,7 +157,7 @@ def chart_properties() -> tuple[dict[str, Any], dict[str, Any]]:
     defs = schema.get("$defs", {})
     config: dict[str, Any] = {}
     secret: dict[str, Any] = {}
-    for name in Settings.model_fields:
+    for name in setting_names():
         prop = _property(name, schema, defs)
         secret[name] = prop
         if not is_secret(name) or name in SECRET_ALSO:

@@ -19,7 +19,7 @@ from bridge.api.middleware import ObservabilityMiddleware
 from bridge.api.readiness import ReadinessProbe
 from bridge.api.routes import failures, health, links, metrics, record, sync, viewer
 from bridge.api.security import Authenticator
-from bridge.config import Settings, WriteStrategy, get_settings
+from bridge.config import Settings, get_settings
 from bridge.errors import BridgeError, StoreError
 from bridge.fhir.client import FhirClient
 from bridge.http import RetryPolicy
@@ -27,6 +27,7 @@ from bridge.resolve.resolver import Resolver, ResolverConfig
 from bridge.resolve.viewers import configure_viewers, load_viewer_table
 from bridge.runtime import USER_AGENT, open_runtime
 from bridge.state.store import SqlStore
+from bridge.sync.policy import WriteStrategy
 from bridge.upstream import Service, connection_options
 
 logger = logging.getLogger(__name__)
@@ -53,8 +54,11 @@ def _client(
 ) -> httpx.AsyncClient:
     """A client for one upstream with its TLS and auth settings (or the given test transport)."""
     limits = httpx.Limits(max_connections=API_MAX_CONNECTIONS, max_keepalive_connections=API_MAX_CONNECTIONS)
+    upstream = settings.fhir if service == "fhir" else settings.each_source()[0].dicomweb
     options: dict[str, Any] = (
-        {"transport": transport} if transport is not None else connection_options(settings, service, limits)
+        {"transport": transport}
+        if transport is not None
+        else connection_options(settings, upstream, service, limits)
     )
     return httpx.AsyncClient(
         timeout=httpx.Timeout(settings.http_timeout),
@@ -68,9 +72,11 @@ def _client(
 def resolver_config(settings: Settings) -> ResolverConfig:
     """The resolver's inputs from the settings."""
     return ResolverConfig(
-        fhir_base=settings.fhir_base,
+        fhir_base=settings.fhir.base,
         dicomweb_bases=tuple(
-            base for each in settings.for_each_source() for base in (each.public_base, each.dicomweb_base)
+            base
+            for each in settings.each_source()
+            for base in (each.dicomweb.public_base, each.dicomweb.base)
         ),
         source_name=settings.source_name,
         deterministic_ids=settings.write_strategy is WriteStrategy.CLIENT_ID,
@@ -113,7 +119,7 @@ def create_app(
                 retries=min(settings.http_retries, API_RETRIES),
                 max_wait=min(settings.http_retry_max_wait, API_RETRY_MAX_WAIT),
             )
-            fhir = FhirClient(fhir_http, settings.fhir_base, policy=policy)
+            fhir = FhirClient(fhir_http, settings.fhir.base, policy=policy)
             store: SqlStore | None
             try:
                 store = await anyio.to_thread.run_sync(SqlStore, settings.state_url)
@@ -135,8 +141,8 @@ def create_app(
                 )
             services.resolver = Resolver(fhir, resolver_config(settings))
             try:  # the sync side, per source: on-demand syncs, and the scheduler under `bridge run`
-                for each in settings.for_each_source():
-                    services.runtimes.append(await stack.enter_async_context(open_runtime(each)))
+                for each in settings.each_source():
+                    services.runtimes.append(await stack.enter_async_context(open_runtime(settings, each)))
             except BridgeError as exc:
                 if run_scheduler:
                     raise
@@ -147,9 +153,9 @@ def create_app(
                     await scheduler.start()
                     stack.push_async_callback(scheduler.shutdown)
             services.readiness = ReadinessProbe(
-                FhirClient(fhir_http, settings.fhir_base, policy=RetryPolicy(retries=0)),
+                FhirClient(fhir_http, settings.fhir.base, policy=RetryPolicy(retries=0)),
                 dicomweb_http,
-                settings.dicomweb_base,
+                settings.each_source()[0].dicomweb.base,
                 store,
             )
             try:

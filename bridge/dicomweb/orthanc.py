@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import httpx
 
 from bridge.errors import FatalUpstreamError
 from bridge.http import RetryPolicy, json_body, send
+from bridge.sync.changes import ChangeBatch
 
 SERVICE = "dicomweb"
 # Orthanc emits StableStudy once a study received no new instance for StableAge seconds, and
 # again after any later arrival: the signal that a study is complete enough to publish.
 STUDY_CHANGES = frozenset({"StableStudy"})
-
-
-@dataclass(frozen=True, slots=True)
-class ChangeBatch:
-    """Study UIDs that changed, the position after them, and whether more changes wait."""
-
-    study_uids: list[str]
-    checkpoint: str
-    more: bool
 
 
 class OrthancChangeFeed:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -18,6 +17,7 @@ from bridge.errors import (
     VersionConflictError,
 )
 from bridge.http import RETRIABLE_STATUS, RetryPolicy, json_body, send, where
+from bridge.sync.protocols import WriteResult
 
 logger = logging.getLogger(__name__)
 
@@ -69,16 +69,6 @@ def _final(response: httpx.Response) -> bool:
     return response.is_success or (
         400 <= response.status_code < 500 and response.status_code not in RETRIABLE_STATUS
     )
-
-
-@dataclass(frozen=True, slots=True)
-class WriteResult:
-    """Where a write landed: type, id, version, and whether it created the resource."""
-
-    resource_type: str
-    id: str
-    version: str | None
-    created: bool
 
 
 def parse_location(location: str) -> tuple[str, str, str | None]:

@@ -7,7 +7,6 @@ import os
 import socket
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,6 +25,7 @@ from bridge.state.models import (
     PublishedStudy,
     Run,
 )
+from bridge.sync.protocols import KnownStudy, Published, RunCounts
 
 logger = logging.getLogger(__name__)
 
@@ -33,43 +33,6 @@ logger = logging.getLogger(__name__)
 def utcnow() -> datetime:
     """Now, in UTC."""
     return datetime.now(UTC)
-
-
-@dataclass(frozen=True, slots=True)
-class KnownStudy:
-    """What the store remembers of a published study."""
-
-    study_uid: str
-    qido_fingerprint: str
-    resource_fingerprint: str
-    fhir_id: str
-    fhir_version: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class Published:
-    """A study just published, to be remembered."""
-
-    study_uid: str
-    qido_fingerprint: str
-    resource_fingerprint: str
-    fhir_id: str
-    fhir_version: str | None
-    started: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class RunCounts:
-    """The outcome counts of a run."""
-
-    seen: int = 0
-    created: int = 0
-    updated: int = 0
-    unchanged: int = 0
-    parked: int = 0
-    deleted: int = 0
-    claimed: int = 0  # skipped: another replica was publishing them
-    fhir_writes: int = 0
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

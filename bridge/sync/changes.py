@@ -11,14 +11,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Protocol
 
-from bridge.dicomweb.orthanc import ChangeBatch
 from bridge.sync.protocols import StateStore
-from bridge.sync.worker import RunReport, SyncWorker
+from bridge.sync.report import RunReport
+from bridge.sync.worker import SyncWorker
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeBatch:
+    """Study UIDs that changed, the position after them, and whether more changes wait."""
+
+    study_uids: list[str]
+    checkpoint: str
+    more: bool
 
 
 class ChangeSource(Protocol):

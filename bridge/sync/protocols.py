@@ -1,14 +1,63 @@
-"""The small interfaces the worker depends on, so it never depends on HTTP or SQL directly."""
+"""The small interfaces the worker depends on, and the values they pass: sync never depends on HTTP or SQL.
+
+The FHIR client (bridge/fhir/client.py) and the store (bridge/state/store.py) implement them.
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
 from bridge.dicomweb.records import DicomJson, InstanceRecord, SeriesRecord
-from bridge.fhir.client import WriteResult
-from bridge.state.store import KnownStudy, Published, RunCounts
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """Where a write landed: type, id, version, and whether it created the resource."""
+
+    resource_type: str
+    id: str
+    version: str | None
+    created: bool
+
+
+@dataclass(frozen=True, slots=True)
+class KnownStudy:
+    """What the store remembers of a published study."""
+
+    study_uid: str
+    qido_fingerprint: str
+    resource_fingerprint: str
+    fhir_id: str
+    fhir_version: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """A study just published, to be remembered."""
+
+    study_uid: str
+    qido_fingerprint: str
+    resource_fingerprint: str
+    fhir_id: str
+    fhir_version: str | None
+    started: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RunCounts:
+    """The outcome counts of a run."""
+
+    seen: int = 0
+    created: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    parked: int = 0
+    deleted: int = 0
+    claimed: int = 0  # skipped: another replica was publishing them
+    fhir_writes: int = 0
 
 
 class StudySource(Protocol):

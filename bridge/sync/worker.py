@@ -7,19 +7,14 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
-from typing import Any
+from dataclasses import dataclass, field
 
-from bridge.config import DeletePolicy
 from bridge.dicomweb.records import (
     DicomJson,
-    InstanceRecord,
     StudyRecord,
     digest,
     parse_study,
     raw_uid,
-    with_header,
 )
 from bridge.errors import (
     BridgeError,
@@ -30,50 +25,17 @@ from bridge.errors import (
 )
 from bridge.mapping.context import MappingContext
 from bridge.mapping.dates import fhir_datetime
-from bridge.mapping.imaging_study import map_imaging_study
-from bridge.mapping.validate import validate
-from bridge.state.store import KnownStudy, Published, RunCounts
 from bridge.sync import metrics
-from bridge.sync.diff import changed_paths
-from bridge.sync.protocols import StateStore, StudySource
+from bridge.sync.assemble import StudyAssembler
+from bridge.sync.link import Linker
+from bridge.sync.policy import DeletePolicy
+from bridge.sync.preview import Preview, Previewer
+from bridge.sync.protocols import KnownStudy, Published, StateStore, StudySource
 from bridge.sync.publisher import Publisher
+from bridge.sync.report import ParkedReport, RunReport
+from bridge.sync.retire import Retirer
 
 logger = logging.getLogger(__name__)
-
-_PLACEHOLDER_SUBJECT = {"reference": "Patient/unresolved"}
-
-
-@dataclass(frozen=True, slots=True)
-class ParkedReport:
-    """A study parked in this run, and why."""
-
-    study_uid: str
-    kind: str
-    attribute: str | None
-    reason: str
-
-
-@dataclass
-class RunReport:
-    """What a run did."""
-
-    run_id: int
-    counts: RunCounts = field(default_factory=RunCounts)
-    parked: list[ParkedReport] = field(default_factory=list)
-    status: str = "running"
-    error: str | None = None
-    deletions: list[dict[str, str]] = field(default_factory=list)
-    newest_seen: str | None = None
-
-    def saw(self, started: str | None) -> None:
-        """Keep the latest study start seen in the archive (for the lag metric)."""
-        if started and (self.newest_seen is None or _later(started, self.newest_seen)):
-            self.newest_seen = started
-
-    def add(self, **deltas: int) -> None:
-        """Add to the counts."""
-        self.counts = replace(self.counts, **{k: getattr(self.counts, k) + v for k, v in deltas.items()})
-
 
 @dataclass
 class _PageWork:
@@ -83,30 +45,13 @@ class _PageWork:
     claimed: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True, slots=True)
-class Preview:
-    """What a sync would do to one study: create, update (with the paths), unchanged, or park."""
-
-    study_uid: str
-    action: str
-    changes: tuple[str, ...] = ()
-    reason: str | None = None
-
-
-def _later(a: str, b: str) -> bool:
-    def instant(text: str) -> datetime:
-        value = datetime.fromisoformat(text)
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-    return instant(a) > instant(b)
-
-
 class SyncWorker:
     """Runs sync passes over one source into one FHIR server."""
 
     def __init__(
         self,
         source: StudySource,
+        linker: Linker,
         publisher: Publisher,
         store: StateStore,
         ctx: MappingContext,
@@ -117,15 +62,20 @@ class SyncWorker:
         read_instance_header: bool = False,
     ) -> None:
         self._source = source
+        self._linker = linker
         self._publisher = publisher
         self._store = store
         self._ctx = ctx
         self._concurrency = concurrency
         self._context_fingerprint = ctx.fingerprint()
-        self._delete_policy = delete_policy
-        self._delete_max_fraction = delete_max_fraction
         self._stop_requested = False
-        self._read_header = read_instance_header
+        self._assembler = StudyAssembler(source, linker, ctx, read_instance_header=read_instance_header)
+        self._retirer = Retirer(
+            publisher, store, ctx, policy=delete_policy, max_fraction=delete_max_fraction
+        )
+
+    def _fhir_writes(self) -> int:
+        return self._linker.writes + self._publisher.writes
 
     def request_stop(self) -> None:
         """Finish the studies in flight, start no new one, and end the run as ``stopped``."""
@@ -164,56 +114,17 @@ class SyncWorker:
     async def preview(
         self, filters: Mapping[str, str] | None = None, study_uids: Sequence[str] = ()
     ) -> list[Preview]:
-        """What a run would do, study by study, compared with what the FHIR server holds.
-
-        Nothing is written: not to the FHIR server (Patients are searched, not created), not to
-        the store.
-        """
-        self._publisher.begin_run()
-        self._publisher.dry_run = True
-        try:
-            endpoint = await self._publisher.endpoint_reference()
-            if study_uids:
-                pages = [self._source.iter_studies({"StudyInstanceUID": uid}) for uid in study_uids]
-            else:
-                pages = [self._source.iter_studies(filters)]
-            previews: list[Preview] = []
-            for walk in pages:
-                async for page in walk:
-                    previews.extend(await self._preview_page(page, endpoint))
-            return previews
-        finally:
-            self._publisher.dry_run = False
-
-    async def _preview_page(self, rows: list[DicomJson], endpoint: str) -> list[Preview]:
-        out: list[Preview] = []
-        studies = []
-        for row in rows:
-            try:
-                studies.append(parse_study(row))
-            except MappingError as exc:
-                out.append(Preview(raw_uid(row) or "unknown", "park", reason=str(exc)))
-        known = await asyncio.to_thread(
-            self._store.known_studies, self._ctx.source_name, [s.uid for s in studies]
+        """What a run would do, study by study (bridge sync --dry-run); nothing is written."""
+        previewer = Previewer(
+            self._source,
+            self._assembler,
+            self._linker,
+            self._publisher,
+            self._store,
+            self._ctx,
+            self._context_fingerprint,
         )
-        for study in studies:
-            seen = known.get(study.uid)
-            fingerprint = digest([study.fingerprint(), self._context_fingerprint])
-            if seen is not None and seen.qido_fingerprint == fingerprint:
-                out.append(Preview(study.uid, "unchanged"))
-                continue
-            try:
-                resource = await self.build(study, endpoint)
-                current = await self._publisher.current_study(resource)
-            except (MappingError, FatalUpstreamError) as exc:
-                out.append(Preview(study.uid, "park", reason=str(exc)))
-                continue
-            if current is None:
-                out.append(Preview(study.uid, "create"))
-                continue
-            changes = tuple(changed_paths(current, resource))
-            out.append(Preview(study.uid, "update" if changes else "unchanged", changes))
-        return out
+        return await previewer.preview(filters, study_uids)
 
     async def _run(
         self,
@@ -231,11 +142,11 @@ class SyncWorker:
         source = self._ctx.source_name
         report = RunReport(await asyncio.to_thread(self._store.start_run, source, kind))
         queries_before = len(self._source.queries)
-        writes_before = self._publisher.writes
+        writes_before = self._fhir_writes()
         started = time.monotonic()
         logger.info("run %d (%s) started for source %s", report.run_id, kind, source)
         try:
-            self._publisher.begin_run()
+            self._linker.begin_run()
             endpoint = await self._publisher.ensure_endpoint()
             limit = asyncio.Semaphore(self._concurrency)
             async for page in pages:
@@ -249,16 +160,16 @@ class SyncWorker:
             else:
                 if reconcile:
                     gone = await asyncio.to_thread(self._store.unseen_studies, source, report.run_id)
-                    await self._retire(gone, report, guard=True)
+                    await self._retirer.retire(gone, report, guard=True)
                 elif missing:
                     known = await asyncio.to_thread(self._store.known_studies, source, missing)
-                    await self._retire(list(known.values()), report, guard=False)
+                    await self._retirer.retire(list(known.values()), report, guard=False)
                 report.status = "parked" if report.counts.parked else "ok"
         except BaseException as exc:
             report.status, report.error = "failed", f"{type(exc).__name__}: {exc}"
             raise
         finally:
-            report.add(fhir_writes=self._publisher.writes - writes_before)
+            report.add(fhir_writes=self._fhir_writes() - writes_before)
             await asyncio.to_thread(
                 self._store.finish_run,
                 report.run_id,
@@ -289,36 +200,6 @@ class SyncWorker:
                 c.fhir_writes,
             )
         return report
-
-    async def _retire(self, gone: list[KnownStudy], report: RunReport, *, guard: bool) -> None:
-        """Apply the delete policy to studies gone from the archive, recording each in the run."""
-        if not gone:
-            return
-        source = self._ctx.source_name
-        if guard:
-            published = await asyncio.to_thread(self._store.published_count, source)
-            if len(gone) > max(1, self._delete_max_fraction * published):
-                report.error = (
-                    f"{len(gone)} of {published} published studies are missing from the archive, "
-                    "more than BRIDGE_DELETE_MAX_FRACTION allows: no delete applied (check the "
-                    "archive; raise the setting if this is intended)"
-                )
-                logger.error("run %d: %s", report.run_id, report.error)
-                return
-        for known in gone:
-            action, version = await self._publisher.retire_study(known.fhir_id, self._delete_policy)
-            await asyncio.to_thread(
-                self._store.record_gone,
-                source,
-                known.study_uid,
-                fhir_version=version,
-                removed=action in ("deleted", "absent"),
-            )
-            report.deletions.append({"study_uid": known.study_uid, "action": action})
-            report.add(deleted=1)
-            logger.info(
-                "study %s gone from the archive: ImagingStudy/%s %s", known.study_uid, known.fhir_id, action
-            )
 
     async def _page(
         self, rows: list[DicomJson], endpoint: str, limit: asyncio.Semaphore, report: RunReport
@@ -390,7 +271,7 @@ class SyncWorker:
                 report.add(unchanged=1)
                 return
         try:
-            resource = await self.build(study, endpoint)
+            resource = await self._assembler.build(study, endpoint)
             resource_fingerprint = digest(resource)
             if known is not None and known.resource_fingerprint == resource_fingerprint:
                 # The archive's answer changed in a way the ImagingStudy does not show.
@@ -413,42 +294,6 @@ class SyncWorker:
             report.add(**{outcome: 1})
         except (MappingError, FatalUpstreamError) as exc:
             await self._park(report, study.uid, exc)
-
-    async def build(self, study: StudyRecord, endpoint: str) -> dict[str, Any]:
-        """The ImagingStudy for a study, ready to write.
-
-        Series (and, per the settings, instances and one instance header) are fetched, mapped and
-        validated; then the order and the Patient are linked, the Patient only once the mapping
-        has succeeded, so a bad study never creates a Patient.
-        """
-        series = await self._source.search_series(study.uid)
-        instances: list[InstanceRecord] = []
-        if self._ctx.include_instances:
-            instances = await self._source.search_instances(study.uid, limit=self._ctx.max_instances)
-            if len(instances) > self._ctx.max_instances:
-                logger.info(
-                    "study %s has over %d instances: instance detail left out",
-                    study.uid,
-                    self._ctx.max_instances,
-                )
-        if self._read_header:
-            header = await self._source.instance_header(study.uid, instances[0] if instances else None)
-            if header is not None:
-                study = with_header(study, header)
-        resource = map_imaging_study(
-            study,
-            series,
-            self._ctx,
-            subject=_PLACEHOLDER_SUBJECT,
-            endpoint_reference=endpoint,
-            instances=instances,
-        )
-        validate(resource)
-        based_on = await self._publisher.based_on(study)
-        if based_on:
-            resource["basedOn"] = based_on
-        resource["subject"] = await self._publisher.subject(study)
-        return resource
 
     async def _park(self, report: RunReport, uid: str, exc: Exception) -> None:
         if isinstance(exc, PatientLinkError):

@@ -16,7 +16,7 @@ import pytest
 
 from bridge.config import Settings, load_settings
 from bridge.runtime import open_runtime
-from bridge.sync.worker import RunReport
+from bridge.sync.report import RunReport
 from tests.stack.fhir import FhirTestServer
 from tests.stack.orthanc import OrthancServer
 

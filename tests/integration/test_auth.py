@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import jwt
@@ -298,3 +299,68 @@ def test_a_token_revoked_mid_run_is_replaced_once_and_the_run_completes(auth: Au
     assert max(sent.values()) <= 2, sent
     assert auth.idp.stats()["by_client"] == {"bridge-oauth": 2}
     assert len(auth.imaging_studies()) == 3
+
+
+def test_two_sources_with_secrets_from_files_for_both_upstreams_sync_both(auth: AuthStack) -> None:
+    # A config file with `sources:` and *_file secrets once stopped `bridge sync` with exit 2: the
+    # secret read from its file was written back beside the file setting before each source was built.
+    password_file = auth.tmp / "orthanc-password"
+    password_file.write_text(ORTHANC_PASSWORD + "\n")
+    token_file = auth.tmp / "fhir-token"
+    token_file.write_text(STATIC_TOKEN + "\n")
+    config = auth.tmp / "bridge.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "fhir_token_file": str(token_file),
+                "dicomweb_password_file": str(password_file),  # inherited by archive-a
+                "sources": [
+                    {"name": "archive-a", "dicomweb_url": auth.orthanc.dicomweb_url},
+                    {
+                        "name": "archive-b",
+                        "dicomweb_url": auth.orthanc.dicomweb_url,
+                        "dicomweb_username": ORTHANC_USER,
+                        "dicomweb_password_file": str(password_file),
+                    },
+                ],
+            }
+        )
+    )
+
+    result = auth.cli(
+        "sync",
+        "--json",
+        config_file=str(config),
+        dicomweb_password=None,  # type: ignore[arg-type]
+        fhir_token=None,  # type: ignore[arg-type]
+        source_name=None,  # type: ignore[arg-type]
+    )
+
+    assert result.returncode == 0, result.stderr
+    reports = _json_documents(result.stdout)
+    assert {(r["source"], r["created"]) for r in reports} == {("archive-a", 3), ("archive-b", 3)}
+    endpoints = {entry["resource"]["identifier"][0]["value"] for entry in _search(auth, "Endpoint")}
+    assert endpoints == {"archive-a", "archive-b"}
+    _assert_no_secret(result)
+
+
+def _search(auth: AuthStack, resource_type: str) -> list[dict[str, Any]]:
+    response = httpx.get(
+        f"{auth.fhir.base_url}/{resource_type}",
+        params={"_count": "1000"},
+        headers={"Authorization": f"Bearer {STATIC_TOKEN}"},
+        timeout=30,
+    )
+    response.raise_for_status()
+    entries: list[dict[str, Any]] = response.json().get("entry", [])
+    return entries
+
+
+def _json_documents(text: str) -> list[dict[str, Any]]:
+    """The JSON summaries printed one after another (one per source)."""
+    decoder, documents, at = json.JSONDecoder(), [], 0
+    while text[at:].strip():
+        at = len(text) - len(text[at:].lstrip())
+        document, at = decoder.raw_decode(text, at)
+        documents.append(document)
+    return documents

@@ -9,7 +9,7 @@ from urllib.parse import parse_qs, urlencode
 
 from bridge.dicomweb.records import DicomJson, SeriesRecord, parse_series
 from bridge.errors import VersionConflictError
-from bridge.fhir.client import WriteResult
+from bridge.sync.protocols import WriteResult
 
 
 class FakeSource:

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pydantic import SecretStr
 
 from bridge.auth import BearerToken, ClientCredentials, SmartBackendServices
-from bridge.config import load_settings
+from bridge.config import Settings, load_settings
 from bridge.errors import ConfigurationError, UpstreamAuthError
 from bridge.http import RetryPolicy, send
 from bridge.runtime import http_client
@@ -257,7 +257,7 @@ def test_a_key_that_cannot_sign_with_the_algorithm_is_refused() -> None:
 BASE = {"BRIDGE_DICOMWEB_URL": "http://pacs.test/dicom-web", "BRIDGE_FHIR_URL": FHIR}
 
 
-def _settings(monkeypatch: pytest.MonkeyPatch, **env: str) -> object:
+def _settings(monkeypatch: pytest.MonkeyPatch, **env: str) -> Settings:
     for name, value in {**BASE, **env}.items():
         monkeypatch.setenv(name, value)
     return load_settings()
@@ -296,7 +296,8 @@ def test_a_secret_is_read_from_its_file_and_never_shown(
         BRIDGE_FHIR_CLIENT_ID="bridge",
         BRIDGE_FHIR_CLIENT_SECRET_FILE=str(secret_file),
     )
-    assert settings.fhir_client_secret.get_secret_value() == SECRET  # type: ignore[attr-defined]
+    secret = settings.fhir.secret("client_secret")
+    assert secret is not None and secret.get_secret_value() == SECRET
     assert SECRET not in repr(settings) and SECRET not in str(settings)
 
 
@@ -347,7 +348,11 @@ async def test_the_runtime_client_carries_the_configured_auth(monkeypatch: pytes
         BRIDGE_FHIR_AUTH="bearer",
         BRIDGE_FHIR_TOKEN="t",
     )
-    async with http_client(settings, "dicomweb") as archive, http_client(settings, "fhir") as fhir:  # type: ignore[arg-type]
+    dicomweb = settings.each_source()[0].dicomweb
+    async with (
+        http_client(settings, dicomweb, "dicomweb") as archive,
+        http_client(settings, settings.fhir, "fhir") as fhir,
+    ):
         assert isinstance(archive.auth, httpx.BasicAuth)
         assert isinstance(fhir.auth, BearerToken)
         request = fhir.build_request("GET", FHIR)

@@ -21,7 +21,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from bridge.config import Settings, load_settings
+from bridge.config import load_settings, setting_names
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "fhir-dicomweb-bridge"
@@ -137,7 +137,7 @@ def test_settings_map_one_to_one_and_load_in_the_bridge(monkeypatch: pytest.Monk
     given = {**values["config"], **values["secretConfig"]}
     assert set(env) == {f"BRIDGE_{name.upper()}" for name, v in given.items() if v is not None}
     for name in env:
-        assert name.removeprefix("BRIDGE_").lower() in Settings.model_fields
+        assert name.removeprefix("BRIDGE_").lower() in setting_names()
     # The strings the chart writes are what the bridge parses back.
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -208,11 +208,11 @@ def test_values_schema_covers_every_setting_and_keeps_secrets_out_of_the_configm
     properties = _schema()["properties"]
     secret_keys = set(properties["secretConfig"]["properties"])
     config_keys = set(properties["config"]["properties"])
-    assert secret_keys == set(Settings.model_fields)
+    assert secret_keys == set(setting_names())
     assert "state_url" in config_keys
     for secret in ("fhir_password", "dicomweb_token", "api_keys", "fhir_client_secret"):
-        if secret in Settings.model_fields:
-            assert secret not in config_keys
+        assert secret in secret_keys
+        assert secret not in config_keys
 
 
 def test_the_dockerfile_passes_hadolint() -> None:

@@ -35,8 +35,8 @@ async def _archive_clients(app: FastAPI) -> AsyncIterator[None]:
     limits = httpx.Limits(max_connections=8, max_keepalive_connections=8)
     archives: dict[str, tuple[httpx.AsyncClient, str]] = {}
     async with AsyncExitStack() as stack:
-        for source in settings.for_each_source():
-            options: dict[str, Any] = connection_options(source, "dicomweb", limits)
+        for source in settings.each_source():
+            options: dict[str, Any] = connection_options(settings, source.dicomweb, "dicomweb", limits)
             client = await stack.enter_async_context(
                 httpx.AsyncClient(
                     timeout=httpx.Timeout(settings.http_timeout),
@@ -45,10 +45,10 @@ async def _archive_clients(app: FastAPI) -> AsyncIterator[None]:
                     **options,
                 )
             )
-            for base in (source.public_base, source.dicomweb_base):
+            for base in (source.dicomweb.public_base, source.dicomweb.base):
                 key = normalize_base(base)
                 if key is not None:
-                    archives.setdefault(key, (client, source.dicomweb_base))
+                    archives.setdefault(key, (client, source.dicomweb.base))
         app.state.record_archives = archives
         try:
             yield

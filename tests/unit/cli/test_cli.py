@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from bridge import __version__
 from bridge.cli import app
-from bridge.state.store import RunCounts, SqlStore
+from bridge.state.store import SqlStore
+from bridge.sync.protocols import RunCounts
 
 UNREACHABLE = "http://127.0.0.1:1"
 

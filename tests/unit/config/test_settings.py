@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from bridge.config import PatientPolicy, WriteStrategy, get_settings, load_settings
+from bridge.config import get_settings, load_settings
 from bridge.errors import ConfigurationError
+from bridge.sync.policy import PatientPolicy, WriteStrategy
 
 DICOMWEB = "http://pacs.test/dicom-web"
 FHIR = "http://ehr.test/fhir/R4"
@@ -35,21 +36,21 @@ def test_missing_required_settings_are_named() -> None:
 
 def test_the_minimum_configuration_loads_with_defaults(required: pytest.MonkeyPatch) -> None:
     settings = load_settings()
-    assert settings.dicomweb_base == DICOMWEB
-    assert settings.fhir_base == FHIR
+    assert settings.dicomweb.base == DICOMWEB
+    assert settings.fhir.base == FHIR
     assert settings.patient_policy is PatientPolicy.MATCH_OR_CREATE
     assert settings.write_strategy is WriteStrategy.CLIENT_ID
 
 
 def test_public_url_defaults_to_the_dicomweb_url(required: pytest.MonkeyPatch) -> None:
-    assert load_settings().public_base == DICOMWEB
+    assert load_settings().dicomweb.public_base == DICOMWEB
 
 
 def test_public_url_can_differ_from_the_polled_one(required: pytest.MonkeyPatch) -> None:
     required.setenv("BRIDGE_DICOMWEB_PUBLIC_URL", "https://pacs.example.org/wado/")
     settings = load_settings()
-    assert settings.public_base == "https://pacs.example.org/wado"
-    assert settings.dicomweb_base == DICOMWEB
+    assert settings.dicomweb.public_base == "https://pacs.example.org/wado"
+    assert settings.dicomweb.base == DICOMWEB
 
 
 @pytest.mark.parametrize("value", ["not a url", "ftp://pacs/dicom-web", "pacs.test/dicom-web"])
@@ -137,7 +138,7 @@ def test_a_yaml_config_file_is_read(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     settings = load_settings()
     assert settings.source_name == "ct-archive"
     assert settings.patient_issuer_systems == {"HOSP-A": "urn:oid:1.2.3"}
-    assert settings.fhir_base == FHIR
+    assert settings.fhir.base == FHIR
 
 
 def test_the_environment_wins_over_the_config_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -186,3 +187,125 @@ def test_get_settings_is_cached_until_cleared(required: pytest.MonkeyPatch) -> N
     assert get_settings() is first
     get_settings.cache_clear()
     assert get_settings().source_name == "changed"
+
+
+# Nested upstream settings: the flat names are the nested model's fields --------------------------
+
+
+def test_flat_upstream_variables_fill_the_nested_settings(required: pytest.MonkeyPatch) -> None:
+    required.setenv("BRIDGE_FHIR_CLIENT_ID", "bridge")
+    required.setenv("BRIDGE_DICOMWEB_VERIFY_TLS", "false")
+    settings = load_settings()
+    assert settings.fhir.client_id == "bridge"
+    assert settings.dicomweb.verify_tls is False
+    assert settings.fhir.verify_tls is True
+
+
+def test_flat_and_nested_config_file_keys_both_work(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    config = tmp_path / "bridge.yaml"
+    config.write_text(
+        f"dicomweb_url: {DICOMWEB}\nfhir_client_id: flat\nfhir:\n  url: {FHIR}\n  scopes: system/x.read\n",
+        encoding="utf-8",
+    )
+    monkeypatch.setenv("BRIDGE_CONFIG_FILE", str(config))
+    settings = load_settings()
+    assert (settings.fhir.base, settings.fhir.client_id, settings.fhir.scopes) == (
+        FHIR,
+        "flat",
+        "system/x.read",
+    )
+
+
+def test_the_environment_wins_over_a_flat_config_file_key(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    config = tmp_path / "bridge.yaml"
+    config.write_text(f"dicomweb_url: {DICOMWEB}\nfhir_url: http://from-file/fhir\n", encoding="utf-8")
+    monkeypatch.setenv("BRIDGE_CONFIG_FILE", str(config))
+    monkeypatch.setenv("BRIDGE_FHIR_URL", FHIR)
+    assert load_settings().fhir.base == FHIR
+
+
+def test_a_missing_upstream_url_is_named_by_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BRIDGE_DICOMWEB_URL", DICOMWEB)
+    monkeypatch.setenv("BRIDGE_FHIR_CLIENT_ID", "bridge")
+    assert "BRIDGE_FHIR_URL: is required but not set" in error()
+
+
+def test_a_bad_nested_value_is_named_by_its_variable(required: pytest.MonkeyPatch) -> None:
+    required.setenv("BRIDGE_FHIR_AUTH", "kerberos")
+    assert "BRIDGE_FHIR_AUTH" in error()
+
+
+# Several sources with secrets from files ---------------------------------------------------------
+
+
+def _sources_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str) -> None:
+    config = tmp_path / "bridge.yaml"
+    config.write_text(text, encoding="utf-8")
+    monkeypatch.setenv("BRIDGE_CONFIG_FILE", str(config))
+
+
+def test_sources_with_password_files_load_and_inherit(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # This configuration once failed with "set BRIDGE_FHIR_PASSWORD or BRIDGE_FHIR_PASSWORD_FILE, not both".
+    (tmp_path / "fhir").write_text("fhir-pass\n")
+    (tmp_path / "pacs").write_text("pacs-pass\n")
+    (tmp_path / "pacs-b").write_text("pacs-b-pass\n")
+    _sources_file(
+        tmp_path,
+        monkeypatch,
+        f"fhir_url: {FHIR}\nfhir_auth: basic\nfhir_username: bridge\n"
+        f"fhir_password_file: {tmp_path / 'fhir'}\n"
+        f"dicomweb_auth: basic\ndicomweb_username: pacs\ndicomweb_password_file: {tmp_path / 'pacs'}\n"
+        "sources:\n"
+        "  - name: a\n    dicomweb_url: http://a.test/dw\n"
+        "  - name: b\n    dicomweb_url: http://b.test/dw\n    dicomweb_public_url: https://b.example/dw\n"
+        f"    dicomweb_password_file: {tmp_path / 'pacs-b'}\n",
+    )
+    settings = load_settings()
+    a, b = settings.each_source()
+    secret = settings.fhir.secret("password")
+    assert secret is not None and secret.get_secret_value() == "fhir-pass"
+    assert [(s.name, s.dicomweb.username) for s in (a, b)] == [("a", "pacs"), ("b", "pacs")]
+    secrets = [s.dicomweb.secret("password") for s in (a, b)]
+    assert [s.get_secret_value() for s in secrets if s] == ["pacs-pass", "pacs-b-pass"]
+    assert a.dicomweb.public_base == "http://a.test/dw"  # a public URL is never inherited
+    assert b.dicomweb.public_base == "https://b.example/dw"
+
+
+def test_a_source_giving_a_password_does_not_also_inherit_the_password_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "pacs").write_text("pacs-pass\n")
+    _sources_file(
+        tmp_path,
+        monkeypatch,
+        f"fhir_url: {FHIR}\ndicomweb_auth: basic\ndicomweb_username: pacs\n"
+        f"dicomweb_password_file: {tmp_path / 'pacs'}\n"
+        "sources:\n  - name: a\n    dicomweb_url: http://a.test/dw\n    dicomweb_password: own\n",
+    )
+    (a,) = load_settings().each_source()
+    secret = a.dicomweb.secret("password")
+    assert secret is not None and secret.get_secret_value() == "own"
+
+
+def test_a_source_missing_what_its_auth_needs_names_the_source(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _sources_file(
+        tmp_path,
+        monkeypatch,
+        f"fhir_url: {FHIR}\nsources:\n  - name: a\n    dicomweb_url: http://a.test/dw\n"
+        "    dicomweb_auth: basic\n",
+    )
+    message = error()
+    assert "BRIDGE_SOURCES entry 'a'" in message and "BRIDGE_DICOMWEB_USERNAME" in message
+
+
+def test_without_sources_the_top_level_is_the_one_source(required: pytest.MonkeyPatch) -> None:
+    required.setenv("BRIDGE_SOURCE_NAME", "ct")
+    required.setenv("BRIDGE_QIDO_PAGE_SIZE", "7")
+    (only,) = load_settings().each_source()
+    assert (only.name, only.qido_page_size, only.dicomweb.base) == ("ct", 7, DICOMWEB)

@@ -168,14 +168,14 @@ def test_several_sources_each_get_their_settings(monkeypatch: pytest.MonkeyPatch
         ],
     )
     settings = load_settings()
-    a, b = settings.for_each_source()
-    assert (a.source_name, a.dicomweb_base, a.public_base) == (
+    a, b = settings.each_source()
+    assert (a.name, a.dicomweb.base, a.dicomweb.public_base) == (
         "a",
         "http://a.example/dw",
         "http://a.example/dw",
     )
-    assert (b.source_name, b.patient_identifier_system) == ("b", "urn:oid:2.2")
-    assert b.fhir_base == a.fhir_base == "http://fhir.example/R4"
+    assert (b.name, b.patient_identifier_system) == ("b", "urn:oid:2.2")
+    assert settings.fhir.base == "http://fhir.example/R4"
 
 
 @pytest.mark.parametrize(
@@ -204,5 +204,5 @@ def test_a_bad_value_inside_one_source_names_it(monkeypatch: pytest.MonkeyPatch)
         [{"name": "a", "dicomweb_url": "http://a/dw"}, {"name": "b", "dicomweb_url": "not a url"}],
     )
     with pytest.raises(ConfigurationError) as caught:
-        load_settings().for_each_source()
+        load_settings()
     assert "'b'" in str(caught.value) and "dicomweb_url" in str(caught.value)

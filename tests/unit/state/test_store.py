@@ -10,7 +10,8 @@ import pytest
 
 from bridge.errors import StoreError
 from bridge.state.models import SCHEMA_VERSION
-from bridge.state.store import RunCounts, SqlStore
+from bridge.state.store import SqlStore
+from bridge.sync.protocols import RunCounts
 
 SOURCE = "test-pacs"
 

@@ -3,79 +3,21 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import pytest
 
-from bridge.config import PatientPolicy, WriteStrategy
 from bridge.errors import (
     ConfigurationError,
     RejectedResourceError,
     UpstreamUnavailableError,
     VersionConflictError,
 )
-from bridge.mapping.context import MappingContext
 from bridge.mapping.imaging_study import imaging_study_id
-from bridge.state.store import SqlStore
-from bridge.sync.publisher import Publisher
-from bridge.sync.worker import RunReport, SyncWorker
+from bridge.sync.policy import PatientPolicy, WriteStrategy
 from tests.builders import PATIENT_SYSTEM, context, series_row, study_row, uid
-from tests.unit.fakes import FakeFhir, FakeSource
+from tests.unit.sync.world import World, parked
 
 pytestmark = pytest.mark.anyio
-
-
-@dataclass
-class World:
-    """One archive, one FHIR server, one store; ``run`` is one `bridge sync` (a fresh worker)."""
-
-    store: SqlStore
-    source: FakeSource = field(default_factory=FakeSource)
-    fhir: FakeFhir = field(default_factory=FakeFhir)
-    ctx: MappingContext = field(default_factory=context)
-    policy: PatientPolicy = PatientPolicy.MATCH_OR_CREATE
-    strategy: WriteStrategy = WriteStrategy.CLIENT_ID
-
-    def add(self, n: int, *, series: list[dict[str, Any]] | None = None, **study_kwargs: Any) -> str:
-        study_kwargs.setdefault("patient_id", f"PID{n}")
-        row = study_row(study_uid=uid(n), **study_kwargs)
-        self.source.add(row, [series_row(series_uid=uid(n, 1))] if series is None else series)
-        return uid(n)
-
-    async def run(self) -> RunReport:
-        publisher = Publisher(
-            self.fhir, self.store, self.ctx, patient_policy=self.policy, write_strategy=self.strategy
-        )
-        return await SyncWorker(self.source, publisher, self.store, self.ctx, concurrency=3).run()
-
-    def study(self, study_uid: str) -> dict[str, Any]:
-        if self.strategy is WriteStrategy.CLIENT_ID:
-            return self.fhir.resources[("ImagingStudy", imaging_study_id(self.ctx, study_uid))]
-        [found] = [
-            r
-            for r in self.fhir.of_type("ImagingStudy")
-            if r["identifier"][0]["value"] == f"urn:oid:{study_uid}"
-        ]
-        return found
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqlStore]:
-    opened = SqlStore(f"sqlite:///{tmp_path / 'state.db'}")
-    yield opened
-    opened.close()
-
-
-@pytest.fixture
-def world(store: SqlStore) -> World:
-    return World(store)
-
-
-def parked(world: World) -> dict[str, Any]:
-    return {p.study_uid: p for p in world.store.parked(world.ctx.source_name)}
 
 
 # New, unchanged and changed studies
@@ -450,10 +392,7 @@ async def test_a_long_running_worker_looks_patients_up_again_in_each_run(world: 
     world.fhir._store(
         {"resourceType": "Patient", "identifier": [{"system": PATIENT_SYSTEM, "value": "MRN-1"}]}, "old"
     )
-    publisher = Publisher(
-        world.fhir, world.store, world.ctx, patient_policy=world.policy, write_strategy=world.strategy
-    )
-    worker = SyncWorker(world.source, publisher, world.store, world.ctx)
+    worker = world.worker()
     world.add(1, patient_id="MRN-1")
     await worker.run()
     del world.fhir.resources[("Patient", "old")]  # merged away in the EHR

@@ -1,0 +1,129 @@
+"""Links a study to the FHIR server's records: its Patient and, per the order policy, its order."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+from urllib.parse import urlencode
+
+from bridge.dicomweb.records import StudyRecord
+from bridge.errors import MappingError, PatientLinkError, VersionConflictError
+from bridge.mapping.context import MappingContext
+from bridge.mapping.identifiers import PatientKey, accession_identifier, escape_token, patient_key
+from bridge.mapping.patient import logical_subject, map_patient
+from bridge.mapping.validate import validate
+from bridge.sync.policy import OrderPolicy, PatientPolicy
+from bridge.sync.protocols import FhirSink
+
+logger = logging.getLogger(__name__)
+
+NEW_PATIENT = "(new)"  # a dry run's stand-in for a Patient the sync would create
+
+
+class Linker:
+    """Finds (and, under ``match-or-create``, conditionally creates) a study's Patient and order.
+
+    A Patient is looked up once per patient per run; an existing Patient is never written.
+    """
+
+    def __init__(
+        self,
+        fhir: FhirSink,
+        ctx: MappingContext,
+        *,
+        patient_policy: PatientPolicy,
+        order_policy: OrderPolicy = OrderPolicy.NONE,
+    ) -> None:
+        self._fhir = fhir
+        self._ctx = ctx
+        self._policy = patient_policy
+        self._order_policy = order_policy
+        self.dry_run = False  # read, never write (bridge sync --dry-run)
+        self._patients: dict[PatientKey, str] = {}
+        self._patient_locks: dict[PatientKey, asyncio.Lock] = {}
+        self.writes = 0
+
+    def begin_run(self) -> None:
+        """Forget the Patient links of the previous run (the EHR may have merged patients since)."""
+        self._patients.clear()
+        self._patient_locks.clear()
+
+    async def subject(self, study: StudyRecord) -> dict[str, Any]:
+        """The ImagingStudy.subject Reference, per the patient policy.
+
+        Raises MappingError when PatientID is missing and PatientLinkError when no single Patient
+        can be linked under ``match-only`` (or several match under ``match-or-create``).
+        """
+        key = patient_key(study, self._ctx)
+        if self._policy is PatientPolicy.LOGICAL:
+            return logical_subject(key)
+        lock = self._patient_locks.setdefault(key, asyncio.Lock())
+        async with lock:  # one lookup per patient per run, even with studies in parallel
+            if key not in self._patients:
+                self._patients[key] = await self._find_or_create_patient(study, key)
+        if self._patients[key] == NEW_PATIENT:
+            return {"display": "a new Patient, created by the sync"}
+        return {"reference": f"Patient/{self._patients[key]}"}
+
+    async def _find_or_create_patient(self, study: StudyRecord, key: PatientKey) -> str:
+        if self._policy is PatientPolicy.MATCH_ONLY:
+            matches = await self._fhir.search("Patient", {"identifier": key.search()})
+            if not matches:
+                raise PatientLinkError(
+                    f"no Patient has the study's PatientID under system {key.system} "
+                    "(patient policy match-only); the study is retried on the next run",
+                    attribute="PatientID",
+                )
+            if len(matches) > 1:
+                raise _ambiguous(key)
+            return str(matches[0]["id"])
+        patient = map_patient(study, key, self._ctx)
+        validate(patient)
+        if self.dry_run:
+            matches = await self._fhir.search("Patient", {"identifier": key.search()})
+            if len(matches) > 1:
+                raise _ambiguous(key)
+            return str(matches[0]["id"]) if matches else NEW_PATIENT
+        try:
+            result = await self._fhir.conditional_create(patient, urlencode({"identifier": key.search()}))
+        except VersionConflictError as exc:
+            raise _ambiguous(key) from exc
+        if result.created:
+            self.writes += 1
+            logger.info("created Patient/%s", result.id)
+        return result.id
+
+    async def based_on(self, study: StudyRecord) -> list[dict[str, Any]]:
+        """ImagingStudy.basedOn per the order policy: the ServiceRequest with the accession number.
+
+        Several ServiceRequests with that accession park the study (MappingError): linking one
+        at random could attach the images to the wrong order.
+        """
+        if self._order_policy is OrderPolicy.NONE:
+            return []
+        identifier = accession_identifier(study, self._ctx)
+        if identifier is None:
+            return []
+        value = escape_token(str(identifier["value"]))
+        system = identifier.get("system")
+        token = f"{escape_token(str(system))}|{value}" if system else value
+        matches = await self._fhir.search("ServiceRequest", {"identifier": token})
+        if len(matches) > 1:
+            raise MappingError(
+                "several ServiceRequests carry the study's accession number; the order is ambiguous",
+                attribute="AccessionNumber",
+            )
+        if matches:
+            return [{"reference": f"ServiceRequest/{matches[0]['id']}"}]
+        if self._order_policy is OrderPolicy.MATCH_OR_LOGICAL:
+            return [{"type": "ServiceRequest", "identifier": identifier}]
+        return []
+
+
+def _ambiguous(key: PatientKey) -> PatientLinkError:
+    return PatientLinkError(
+        f"more than one Patient has the study's PatientID under system {key.system}; "
+        "merge them in the EHR and the study is retried on the next run",
+        attribute="PatientID",
+    )

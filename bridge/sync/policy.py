@@ -1,0 +1,43 @@
+"""The sync's policies: how subjects, orders, writes, deletes and change detection behave."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class PatientPolicy(StrEnum):
+    """How a study's subject is found or made."""
+
+    MATCH_OR_CREATE = "match-or-create"
+    MATCH_ONLY = "match-only"
+    LOGICAL = "logical"
+
+
+class DeletePolicy(StrEnum):
+    """What happens to the ImagingStudy of a study that is gone from the archive."""
+
+    MARK = "mark"  # status entered-in-error
+    DELETE = "delete"  # only resources the bridge wrote (meta.tag of this source)
+    IGNORE = "ignore"  # left as it is; still recorded in the run
+
+
+class ChangeSourceKind(StrEnum):
+    """How each scheduled cycle finds what changed."""
+
+    QIDO = "qido"  # a window of recent StudyDates, polled with QIDO-RS
+    ORTHANC = "orthanc"  # Orthanc's /changes feed
+
+
+class OrderPolicy(StrEnum):
+    """How ImagingStudy.basedOn links the order (ServiceRequest) by accession number."""
+
+    NONE = "none"  # no basedOn
+    MATCH = "match"  # a reference to the one ServiceRequest with the accession; else none
+    MATCH_OR_LOGICAL = "match-or-logical"  # else a logical reference by the accession identifier
+
+
+class WriteStrategy(StrEnum):
+    """How ImagingStudy and Endpoint writes are keyed on the FHIR server."""
+
+    CLIENT_ID = "client-id"  # PUT to an id derived from the business identifier
+    CONDITIONAL = "conditional"  # PUT Type?identifier=..., for servers refusing client ids

@@ -1,0 +1,48 @@
+"""What a run did: its counts, the studies it parked, and what it retired."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+
+from bridge.sync.protocols import RunCounts
+
+
+@dataclass(frozen=True, slots=True)
+class ParkedReport:
+    """A study parked in this run, and why."""
+
+    study_uid: str
+    kind: str
+    attribute: str | None
+    reason: str
+
+
+@dataclass
+class RunReport:
+    """What a run did."""
+
+    run_id: int
+    counts: RunCounts = field(default_factory=RunCounts)
+    parked: list[ParkedReport] = field(default_factory=list)
+    status: str = "running"
+    error: str | None = None
+    deletions: list[dict[str, str]] = field(default_factory=list)
+    newest_seen: str | None = None
+
+    def saw(self, started: str | None) -> None:
+        """Keep the latest study start seen in the archive (for the lag metric)."""
+        if started and (self.newest_seen is None or _later(started, self.newest_seen)):
+            self.newest_seen = started
+
+    def add(self, **deltas: int) -> None:
+        """Add to the counts."""
+        self.counts = replace(self.counts, **{k: getattr(self.counts, k) + v for k, v in deltas.items()})
+
+
+def _later(a: str, b: str) -> bool:
+    def instant(text: str) -> datetime:
+        value = datetime.fromisoformat(text)
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+    return instant(a) > instant(b)
