@@ -100,8 +100,9 @@ def _series(
     )
     if started is not None:
         out["started"] = started
-    if series.performers:
-        out["performer"] = [{"actor": {"display": display_name(name)}} for name in series.performers]
+    performers = [display_name(name) for name in series.performers]
+    if any(performers):
+        out["performer"] = [{"actor": {"display": name}} for name in performers if name]
     mapped_instances = _instances(instances, series.uid)
     if mapped_instances:
         out["instance"] = mapped_instances
@@ -143,8 +144,9 @@ def map_imaging_study(
     }
     if based_on:
         resource["basedOn"] = list(based_on)
-    if study.referring_physician:
-        resource["referrer"] = {"display": display_name(study.referring_physician)}
+    referrer = display_name(study.referring_physician or "")
+    if referrer:  # an empty Type 2 value (most real studies) is no referrer, not an empty one
+        resource["referrer"] = {"display": referrer}
     started = fhir_datetime(study.date, study.time, study.tz_offset, zone=ctx.timezone)
     if started is not None:
         resource["started"] = started

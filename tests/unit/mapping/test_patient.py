@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from bridge.mapping.identifiers import patient_key
-from bridge.mapping.patient import logical_subject, map_patient
+from bridge.mapping.patient import NAME_REPRESENTATION, logical_subject, map_patient
 from bridge.mapping.validate import validate
 from tests.builders import PATIENT_SYSTEM, context, study
 
@@ -46,25 +46,46 @@ def test_patient_carries_the_identifier() -> None:
     assert patient(patient_id="MRN-9")["identifier"] == [{"system": PATIENT_SYSTEM, "value": "MRN-9"}]
 
 
+def representation(code: str) -> list[dict[str, str]]:
+    return [{"url": NAME_REPRESENTATION, "valueCode": code}]
+
+
 def test_person_name_components() -> None:
     assert patient(patient_name="Muster^Erika^Maria^Dr.^MD")["name"] == [
-        {"family": "Muster", "given": ["Erika", "Maria"], "prefix": ["Dr."], "suffix": ["MD"]}
+        {
+            "family": "Muster",
+            "given": ["Erika", "Maria"],
+            "prefix": ["Dr."],
+            "suffix": ["MD"],
+            "extension": representation("ABC"),
+        }
     ]
 
 
 def test_japanese_name_gives_one_human_name_per_component_group() -> None:
     groups = {"Alphabetic": "Yamada^Tarou", "Ideographic": "山田^太郎", "Phonetic": "やまだ^たろう"}
     assert patient(patient_name=groups)["name"] == [
-        {"family": "Yamada", "given": ["Tarou"]},
-        {"family": "山田", "given": ["太郎"]},
-        {"family": "やまだ", "given": ["たろう"]},
+        {"family": "Yamada", "given": ["Tarou"], "extension": representation("ABC")},
+        {"family": "山田", "given": ["太郎"], "extension": representation("IDE")},
+        {"family": "やまだ", "given": ["たろう"], "extension": representation("SYL")},
     ]
 
 
 def test_ideographic_only_name_is_kept() -> None:
     assert patient(patient_name={"Ideographic": "山田^太郎"})["name"] == [
-        {"family": "山田", "given": ["太郎"]}
+        {"family": "山田", "given": ["太郎"], "extension": representation("IDE")}
     ]
+
+
+def test_phonetic_only_name_is_kept_as_syllabic() -> None:
+    assert patient(patient_name={"Phonetic": "やまだ^たろう"})["name"] == [
+        {"family": "やまだ", "given": ["たろう"], "extension": representation("SYL")}
+    ]
+
+
+@pytest.mark.parametrize("empty", ["", "   ", "^^^^", "==", "^="])
+def test_an_empty_patient_name_gives_no_name(empty: str) -> None:
+    assert "name" not in patient(patient_name=empty)
 
 
 def test_no_name_element_without_patient_name() -> None:
