@@ -24,6 +24,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from bridge.errors import ConfigurationError
+from bridge.mapping.identity import UnmappedIssuer
 
 ENV_PREFIX = "BRIDGE_"
 CONFIG_FILE_VARIABLE = "BRIDGE_CONFIG_FILE"
@@ -159,11 +160,19 @@ class Settings(BaseSettings):
     )
     patient_identifier_system: str = Field(
         default="urn:fhir-dicomweb-bridge:patient-id",
-        description="Identifier system for PatientID when Issuer of Patient ID is absent or unmapped",
+        description="Identifier system for PatientID without an Issuer of Patient ID (0010,0021)",
     )
     patient_issuer_systems: dict[str, str] = Field(
         default_factory=dict,
         description="Issuer of Patient ID (0010,0021) -> identifier system, as JSON",
+    )
+    unmapped_issuer: UnmappedIssuer = Field(
+        default=UnmappedIssuer.PARK,
+        description=(
+            "An Issuer of Patient ID not in BRIDGE_PATIENT_ISSUER_SYSTEMS: park (the study, naming "
+            "the setting) | derive (system urn:fhir-dicomweb-bridge:issuer:<issuer>) | default "
+            "(BRIDGE_PATIENT_IDENTIFIER_SYSTEM: only for archives with a single issuer)"
+        ),
     )
 
     # Accession numbers
@@ -571,6 +580,7 @@ PER_SOURCE_SETTINGS = frozenset(
         "patient_policy",
         "patient_identifier_system",
         "patient_issuer_systems",
+        "unmapped_issuer",
         "accession_identifier_system",
         "accession_issuer_systems",
         "dicom_timezone",

@@ -35,6 +35,7 @@ def mapping_context(settings: Settings) -> MappingContext:
         tables=load_tables(settings.mappings_dir or BUNDLED_MAPPINGS),
         patient_system=settings.patient_identifier_system,
         patient_issuer_systems=dict(settings.patient_issuer_systems),
+        unmapped_issuer=settings.unmapped_issuer,
         accession_system=settings.accession_identifier_system,
         accession_issuer_systems=dict(settings.accession_issuer_systems),
         endpoint_system=settings.endpoint_identifier_system,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bridge.dicomweb.records import digest
+from bridge.mapping.identity import UnmappedIssuer
 from bridge.mapping.tables import Tables
 
 # Bump when the mapping's output changes, so every study is republished once after an upgrade.
@@ -32,6 +33,7 @@ class MappingContext:
     tables: Tables
     patient_system: str
     patient_issuer_systems: dict[str, str] = field(default_factory=dict)
+    unmapped_issuer: UnmappedIssuer = UnmappedIssuer.PARK
     accession_system: str | None = None
     accession_issuer_systems: dict[str, str] = field(default_factory=dict)
     endpoint_system: str = "urn:fhir-dicomweb-bridge:source"
@@ -45,7 +47,7 @@ class MappingContext:
             "version": MAPPING_VERSION,
             "source": self.source_name,
             "public": self.public_base,
-            "patient": [self.patient_system, self.patient_issuer_systems],
+            "patient": [self.patient_system, self.patient_issuer_systems, str(self.unmapped_issuer)],
             "accession": [self.accession_system, self.accession_issuer_systems],
             "endpoint": self.endpoint_system,
             "tz": self.timezone,

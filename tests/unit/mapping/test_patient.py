@@ -6,7 +6,10 @@ from dataclasses import replace
 
 import pytest
 
+from bridge.dicomweb.records import Issuer, OtherPatientId
+from bridge.errors import PatientLinkError
 from bridge.mapping.identifiers import patient_key
+from bridge.mapping.identity import UnmappedIssuer
 from bridge.mapping.patient import NAME_REPRESENTATION, logical_subject, map_patient
 from bridge.mapping.validate import validate
 from tests.builders import PATIENT_SYSTEM, context, study
@@ -26,10 +29,55 @@ def test_patient_identifier_uses_the_system_mapped_from_the_issuer() -> None:
     assert key.as_identifier() == {"system": "urn:oid:1.2.3.4.5", "value": "MRN-1"}
 
 
-def test_unmapped_issuer_uses_the_default_patient_system() -> None:
+def test_an_unmapped_issuer_parks_by_default_naming_the_attribute_and_the_setting() -> None:
     ctx = context(patient_issuer_systems={"HOSP-A": "urn:oid:1.2.3.4.5"})
+    with pytest.raises(PatientLinkError) as caught:
+        patient_key(study(patient_id="MRN-1", patient_issuer="HOSP-B"), ctx)
+    assert caught.value.attribute == "IssuerOfPatientID"
+    assert "BRIDGE_PATIENT_ISSUER_SYSTEMS" in str(caught.value)
+    assert "MRN-1" not in str(caught.value)
+
+
+def test_an_unmapped_qualifier_parks_naming_the_sequence() -> None:
+    record = replace(study(patient_id="MRN-1"), patient_issuer_qualifier=Issuer(local="CLINIC-7"))
+    with pytest.raises(PatientLinkError) as caught:
+        patient_key(record, context())
+    assert caught.value.attribute == "IssuerOfPatientIDQualifiersSequence"
+
+
+def test_an_iso_qualifier_is_its_own_system_under_every_policy() -> None:
+    qualifier = Issuer(universal="1.2.3", universal_type="ISO")
+    record = replace(study(patient_id="MRN-1"), patient_issuer_qualifier=qualifier)
+    assert patient_key(record, context()).system == "urn:oid:1.2.3"
+
+
+def test_unmapped_issuer_default_uses_the_default_patient_system() -> None:
+    ctx = context(
+        patient_issuer_systems={"HOSP-A": "urn:oid:1.2.3.4.5"}, unmapped_issuer=UnmappedIssuer.DEFAULT
+    )
     key = patient_key(study(patient_id="MRN-1", patient_issuer="HOSP-B"), ctx)
     assert key.as_identifier() == {"system": PATIENT_SYSTEM, "value": "MRN-1"}
+
+
+def test_unmapped_issuer_derive_gives_each_issuer_its_own_system() -> None:
+    ctx = context(unmapped_issuer=UnmappedIssuer.DERIVE)
+    a = patient_key(study(patient_id="MRN-1", patient_issuer="Hosp B/East"), ctx)
+    b = patient_key(study(patient_id="MRN-1", patient_issuer="hosp b/east"), ctx)
+    none = patient_key(study(patient_id="MRN-1"), ctx)
+    assert a.system == "urn:fhir-dicomweb-bridge:issuer:Hosp%20B%2FEast"
+    assert len({a.system, b.system, none.system}) == 3  # case kept: two issuers never meet
+    assert none.system == PATIENT_SYSTEM
+
+
+def test_derive_also_names_other_patient_ids_of_unmapped_issuers() -> None:
+    ctx = context(unmapped_issuer=UnmappedIssuer.DERIVE)
+    record = replace(study(patient_id="MRN-1"), other_patient_ids=(OtherPatientId("X9", "LAB", None),))
+    identifiers = map_patient(record, patient_key(record, ctx), ctx)["identifier"]
+    assert identifiers[1] == {"system": "urn:fhir-dicomweb-bridge:issuer:LAB", "value": "X9"}
+
+
+def test_the_policy_changes_the_context_fingerprint() -> None:
+    assert context().fingerprint() != context(unmapped_issuer=UnmappedIssuer.DERIVE).fingerprint()
 
 
 def test_no_issuer_uses_the_default_patient_system() -> None:
