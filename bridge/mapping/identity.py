@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 # Systems derived from an issuer that has no configured system (BRIDGE_UNMAPPED_ISSUER=derive).
@@ -42,8 +42,9 @@ def has_identifier(resource: Mapping[str, Any], system: str | None, value: str) 
     return False
 
 
-def exact_matches(
-    resources: Iterable[Mapping[str, Any]], system: str | None, value: str
-) -> list[Mapping[str, Any]]:
+R = TypeVar("R", bound=Mapping[str, Any])
+
+
+def exact_matches(resources: Iterable[R], system: str | None, value: str) -> list[R]:
     """The resources of a search answer that carry (system, value) exactly; the rest are ignored."""
     return [r for r in resources if has_identifier(r, system, value)]
