@@ -14,6 +14,7 @@ from bridge.errors import (
     FatalUpstreamError,
     MappingError,
     PatientLinkError,
+    UpstreamError,
     VersionConflictError,
 )
 from bridge.fhir.client import WriteResult
@@ -166,6 +167,14 @@ class Publisher:
                 attribute="PatientID",
             )
         return matches[0]
+
+    async def reachable(self) -> bool:
+        """Whether the FHIR server answers at all (its CapabilityStatement), after a study failed."""
+        try:
+            await self._fhir.capabilities()
+        except UpstreamError:
+            return False
+        return True
 
     async def endpoint_reference(self) -> str:
         """The Endpoint reference without writing anything (for dry runs)."""

@@ -27,6 +27,7 @@ from bridge.errors import (
     MappingError,
     PatientLinkError,
     RejectedResourceError,
+    UpstreamUnavailableError,
 )
 from bridge.mapping.context import MappingContext
 from bridge.mapping.dates import fhir_datetime
@@ -412,6 +413,11 @@ class SyncWorker:
             )
             report.add(**{outcome: 1})
         except (MappingError, FatalUpstreamError) as exc:
+            await self._park(report, study.uid, exc)
+        except UpstreamUnavailableError as exc:
+            # This study's request kept failing: park it, unless the FHIR server as a whole is down.
+            if exc.service != "fhir" or not await self._publisher.reachable():
+                raise
             await self._park(report, study.uid, exc)
 
     async def build(self, study: StudyRecord, endpoint: str) -> dict[str, Any]:

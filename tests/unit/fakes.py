@@ -126,6 +126,7 @@ class FakeFhir:
     # FhirSink
     async def capabilities(self) -> dict[str, Any]:
         self.calls.append(("capabilities", "", None))
+        self._raise_if_queued("capabilities")
         kinds = ("Patient", "Endpoint", "ImagingStudy")
         return {
             "resourceType": "CapabilityStatement",

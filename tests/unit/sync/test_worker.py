@@ -374,9 +374,26 @@ async def test_a_fhir_server_lost_during_a_study_propagates_upstream_unavailable
     world.fhir.fail["conditional_create"] = [
         UpstreamUnavailableError("fhir POST /Patient failed", service="fhir")
     ]
+    world.fhir.fail["capabilities"] = [UpstreamUnavailableError("fhir GET /metadata failed", service="fhir")]
     with pytest.raises(UpstreamUnavailableError):
         await world.run()
     assert world.store.runs()[0].status == "failed"
+
+
+async def test_a_study_whose_request_keeps_failing_is_parked_and_the_run_goes_on(world: World) -> None:
+    world.add(1)
+    await world.run()
+    world.add(2)
+    world.add(3)
+    # One study's write breaks the connection on every retry; the server itself still answers.
+    world.fhir.fail["conditional_create"] = [
+        UpstreamUnavailableError("fhir POST /Patient: connection reset", service="fhir")
+    ]
+    report = await world.run()
+    assert report.status == "parked"
+    assert report.counts.parked == 1 and report.counts.created == 1
+    [parked] = report.parked
+    assert parked.kind == "upstream" and "connection reset" in parked.reason
 
 
 async def test_a_fhir_server_lost_during_a_study_still_records_a_failed_run(world: World) -> None:
@@ -386,6 +403,7 @@ async def test_a_fhir_server_lost_during_a_study_still_records_a_failed_run(worl
     world.fhir.fail["conditional_create"] = [
         UpstreamUnavailableError("fhir POST /Patient failed", service="fhir")
     ]
+    world.fhir.fail["capabilities"] = [UpstreamUnavailableError("fhir GET /metadata failed", service="fhir")]
     with pytest.raises(BaseException):  # noqa: B017 - the exact type is the xfail test above
         await world.run()
     [run, _] = world.store.runs()
