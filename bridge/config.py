@@ -40,6 +40,13 @@ class PatientPolicy(StrEnum):
     LOGICAL = "logical"
 
 
+class MissingModality(StrEnum):
+    """What a series without Modality (0008,0060), a Type 1 attribute, is published with."""
+
+    OT = "ot"  # DICOM's "Other", with a warning counted in the run
+    PARK = "park"  # the study is parked naming Modality
+
+
 class DeletePolicy(StrEnum):
     """What happens to the ImagingStudy of a study that is gone from the archive."""
 
@@ -196,6 +203,10 @@ class Settings(BaseSettings):
     )
     max_instances: int = Field(
         default=2000, ge=1, description="Studies with more instances are published without instance detail"
+    )
+    missing_modality: MissingModality = Field(
+        default=MissingModality.OT,
+        description="A series without Modality: ot (published as OT, counted as a fallback) | park",
     )
     read_instance_header: bool = Field(
         default=False,
@@ -586,6 +597,7 @@ PER_SOURCE_SETTINGS = frozenset(
         "dicom_timezone",
         "include_instances",
         "max_instances",
+        "missing_modality",
         "read_instance_header",
         "change_source",
         "orthanc_url",

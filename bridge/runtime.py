@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from bridge import __version__
-from bridge.config import ChangeSourceKind, Settings
+from bridge.config import ChangeSourceKind, MissingModality, Settings
 from bridge.dicomweb.client import DicomwebClient
 from bridge.dicomweb.orthanc import OrthancChangeFeed
 from bridge.fhir.client import FhirClient
@@ -36,6 +36,7 @@ def mapping_context(settings: Settings) -> MappingContext:
         patient_system=settings.patient_identifier_system,
         patient_issuer_systems=dict(settings.patient_issuer_systems),
         unmapped_issuer=settings.unmapped_issuer,
+        missing_modality=None if settings.missing_modality is MissingModality.PARK else "OT",
         accession_system=settings.accession_identifier_system,
         accession_issuer_systems=dict(settings.accession_issuer_systems),
         endpoint_system=settings.endpoint_identifier_system,

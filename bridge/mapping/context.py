@@ -38,6 +38,7 @@ class MappingContext:
     accession_issuer_systems: dict[str, str] = field(default_factory=dict)
     endpoint_system: str = "urn:fhir-dicomweb-bridge:source"
     timezone: str | None = None
+    missing_modality: str | None = "OT"  # the modality of a series without one; None parks it
     include_instances: bool = False
     max_instances: int = 2000
 
@@ -52,6 +53,7 @@ class MappingContext:
             "endpoint": self.endpoint_system,
             "tz": self.timezone,
             "instances": [self.include_instances, self.max_instances],
+            "missing_modality": self.missing_modality,
             "tables": self.tables.model_dump(mode="json"),
         }
         return digest(data)

@@ -70,6 +70,7 @@ class RunCounts:
     deleted: int = 0
     claimed: int = 0  # skipped: another replica was publishing them
     fhir_writes: int = 0
+    fallbacks: int = 0  # documented fallbacks used for missing Type 1 data (this run only, not stored)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

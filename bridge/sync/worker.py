@@ -31,7 +31,7 @@ from bridge.errors import (
 )
 from bridge.mapping.context import MappingContext
 from bridge.mapping.dates import fhir_datetime
-from bridge.mapping.imaging_study import map_imaging_study
+from bridge.mapping.imaging_study import fallbacks, map_imaging_study
 from bridge.mapping.validate import validate
 from bridge.state.store import KnownStudy, Published, RunCounts
 from bridge.sync import metrics
@@ -278,7 +278,7 @@ class SyncWorker:
             c = report.counts
             logger.info(
                 "run %d %s: seen %d, created %d, updated %d, unchanged %d, parked %d, deleted %d, "
-                "FHIR writes %d",
+                "FHIR writes %d, fallbacks %d",
                 report.run_id,
                 report.status,
                 c.seen,
@@ -288,6 +288,7 @@ class SyncWorker:
                 c.parked,
                 c.deleted,
                 c.fhir_writes,
+                c.fallbacks,
             )
         return report
 
@@ -391,7 +392,8 @@ class SyncWorker:
                 report.add(unchanged=1)
                 return
         try:
-            resource = await self.build(study, endpoint)
+            used: list[str] = []
+            resource = await self.build(study, endpoint, used)
             resource_fingerprint = digest(resource)
             if known is not None and known.resource_fingerprint == resource_fingerprint:
                 # The archive's answer changed in a way the ImagingStudy does not show.
@@ -411,7 +413,11 @@ class SyncWorker:
                     resource.get("started"),
                 )
             )
-            report.add(**{outcome: 1})
+            report.add(**{outcome: 1}, fallbacks=len(used))
+            if used:
+                logger.warning(
+                    "study %s published with fallbacks for: %s", study.uid, ", ".join(sorted(set(used)))
+                )
         except (MappingError, FatalUpstreamError) as exc:
             await self._park(report, study.uid, exc)
         except UpstreamUnavailableError as exc:
@@ -420,7 +426,7 @@ class SyncWorker:
                 raise
             await self._park(report, study.uid, exc)
 
-    async def build(self, study: StudyRecord, endpoint: str) -> dict[str, Any]:
+    async def build(self, study: StudyRecord, endpoint: str, used: list[str] | None = None) -> dict[str, Any]:
         """The ImagingStudy for a study, ready to write.
 
         Series (and, per the settings, instances and one instance header) are fetched, mapped and
@@ -428,6 +434,8 @@ class SyncWorker:
         has succeeded, so a bad study never creates a Patient.
         """
         series = await self._source.search_series(study.uid)
+        if used is not None:  # the fallbacks the mapping will take, to count and log them
+            used.extend(fallbacks(series, self._ctx))
         instances: list[InstanceRecord] = []
         if self._ctx.include_instances:
             instances = await self._source.search_instances(study.uid, limit=self._ctx.max_instances)

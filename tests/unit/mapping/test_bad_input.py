@@ -79,8 +79,14 @@ CASES: dict[str, tuple[Callable[[], object], str]] = {
         lambda: map_study(replace(patient_study(), tz_offset="+1500")),
         "TimezoneOffsetFromUTC",
     ),
-    "series without Modality": (
-        lambda: map_study(patient_study(), [series(modality=None)]),
+    "series without Modality, when the setting parks it": (
+        lambda: map_imaging_study(
+            patient_study(),
+            [series(modality=None)],
+            context(missing_modality=None),
+            subject={"reference": "Patient/p"},
+            endpoint_reference="Endpoint/e",
+        ),
         "Modality",
     ),
     "malformed SeriesInstanceUID": (
