@@ -41,7 +41,15 @@ from pydantic_settings import (
 )
 
 from bridge.errors import ConfigurationError
-from bridge.sync.policy import ChangeSourceKind, DeletePolicy, OrderPolicy, PatientPolicy, WriteStrategy
+from bridge.mapping.identity import UnmappedIssuer
+from bridge.sync.policy import (
+    ChangeSourceKind,
+    DeletePolicy,
+    MissingModality,
+    OrderPolicy,
+    PatientPolicy,
+    WriteStrategy,
+)
 
 ENV_PREFIX = "BRIDGE_"
 CONFIG_FILE_VARIABLE = "BRIDGE_CONFIG_FILE"
@@ -216,11 +224,19 @@ class PerSourceSettings(BaseModel):
     )
     patient_identifier_system: str = Field(
         default="urn:fhir-dicomweb-bridge:patient-id",
-        description="Identifier system for PatientID when Issuer of Patient ID is absent or unmapped",
+        description="Identifier system for PatientID without an Issuer of Patient ID (0010,0021)",
     )
     patient_issuer_systems: dict[str, str] = Field(
         default_factory=dict,
         description="Issuer of Patient ID (0010,0021) -> identifier system, as JSON",
+    )
+    unmapped_issuer: UnmappedIssuer = Field(
+        default=UnmappedIssuer.PARK,
+        description=(
+            "An Issuer of Patient ID not in BRIDGE_PATIENT_ISSUER_SYSTEMS: park (the study, naming "
+            "the setting) | derive (system urn:fhir-dicomweb-bridge:issuer:<issuer>) | default "
+            "(BRIDGE_PATIENT_IDENTIFIER_SYSTEM: only for archives with a single issuer)"
+        ),
     )
 
     # Accession numbers
@@ -239,6 +255,10 @@ class PerSourceSettings(BaseModel):
     )
     max_instances: int = Field(
         default=2000, ge=1, description="Studies with more instances are published without instance detail"
+    )
+    missing_modality: MissingModality = Field(
+        default=MissingModality.OT,
+        description="A series without Modality: ot (published as OT, counted as a fallback) | park",
     )
     read_instance_header: bool = Field(
         default=False,

@@ -20,7 +20,7 @@ from bridge.mapping.tables import BUNDLED_MAPPINGS, load_tables
 from bridge.state.store import SqlStore
 from bridge.sync.changes import ChangeSource, FeedChangeSource, QidoWindowSource
 from bridge.sync.link import Linker
-from bridge.sync.policy import ChangeSourceKind
+from bridge.sync.policy import ChangeSourceKind, MissingModality
 from bridge.sync.publisher import Publisher
 from bridge.sync.scheduler import SyncScheduler, trigger
 from bridge.sync.worker import SyncWorker
@@ -37,6 +37,8 @@ def mapping_context(settings: Settings, source: SourceSettings) -> MappingContex
         tables=load_tables(settings.mappings_dir or BUNDLED_MAPPINGS),
         patient_system=source.patient_identifier_system,
         patient_issuer_systems=dict(source.patient_issuer_systems),
+        unmapped_issuer=source.unmapped_issuer,
+        missing_modality=None if source.missing_modality is MissingModality.PARK else "OT",
         accession_system=source.accession_identifier_system,
         accession_issuer_systems=dict(source.accession_issuer_systems),
         endpoint_system=settings.endpoint_identifier_system,

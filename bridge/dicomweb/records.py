@@ -10,10 +10,20 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from pydicom import Dataset, config
-from pydicom.datadict import keyword_for_tag
+from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement
+from pydicom.uid import UID
 
 from bridge.errors import MappingError
+from bridge.mapping.values import (
+    LEFT_OUT_WHEN_INVALID,
+    check_value,
+    clean_text,
+    decode_inline_text,
+    decode_text,
+    safe_key,
+    vr_problem,
+)
 
 DicomJson = dict[str, Any]
 
@@ -166,7 +176,11 @@ def raw_uid(row: DicomJson, tag: str = "0020000D") -> str | None:
         value = row[tag]["Value"][0]
     except (KeyError, IndexError, TypeError):
         return None
-    return value[:64] if isinstance(value, str) else None
+    if not isinstance(value, str):
+        return None
+    value = value.strip(" \x00")
+    # An invalid UID is never logged or stored as such: it can be anything, a name included.
+    return value if UID(value, validation_mode=config.IGNORE).is_valid else safe_key(value)
 
 
 @contextmanager
@@ -190,9 +204,10 @@ def _dataset(row: DicomJson, level: str, fields: Sequence[str] | None = None) ->
         raise MappingError(f"{level} row is not a DICOM JSON object")
     if fields is not None:
         row = {tag: row[tag] for tag in (*fields, CHARSET) if tag in row}
+    row = decode_inline_text(row)
     try:
         with _no_value_validation():
-            return Dataset.from_json(row)
+            ds = Dataset.from_json(row, bulk_data_uri_handler=_no_bulk_data)
     except Exception as exc:  # pydicom raises many types for malformed JSON
         attribute = _failing_attribute(row)
         raise MappingError(
@@ -201,13 +216,30 @@ def _dataset(row: DicomJson, level: str, fields: Sequence[str] | None = None) ->
             attribute=attribute,
         ) from exc
 
+    _share_encoding(ds)
+    return ds
+
+
+def _no_bulk_data(_tag: str, _vr: str, _uri: str) -> bytes:
+    """Leave out values sent by BulkDataURI: fetching them would make parsing do I/O."""
+    return b""
+
+
+def _share_encoding(ds: Dataset) -> None:
+    """Let sequence items decode text with the character set of the dataset holding them."""
+    for element in ds:
+        if element.VR == "SQ":
+            for item in element.value or ():
+                item._parent_encoding = ds._character_set
+                _share_encoding(item)
+
 
 def _failing_attribute(row: DicomJson) -> str | None:
     """The keyword (or tag) of the first element pydicom cannot read on its own."""
     for tag, element in row.items():
         try:
             with _no_value_validation():
-                Dataset.from_json({tag: element})
+                Dataset.from_json({tag: element}, bulk_data_uri_handler=_no_bulk_data)
         except Exception:  # noqa: BLE001 - any failure names this element
             try:
                 return keyword_for_tag(int(tag, 16)) or tag
@@ -216,23 +248,50 @@ def _failing_attribute(row: DicomJson) -> str | None:
     return None
 
 
-def _text(ds: Dataset, keyword: str) -> str | None:
-    element: DataElement | None = ds.data_element(keyword) if keyword in ds else None
-    if element is None or element.value is None or element.value == "":
-        return None
+def _encodings(ds: Dataset) -> list[str]:
+    charset = ds._character_set  # the item's own, else its parent's (set in _dataset)
+    return [charset] if isinstance(charset, str) else list(charset)
+
+
+def _value_text(ds: Dataset, element: DataElement, keyword: str) -> str | None:
+    """The element's value as one string: bytes decoded per the character set, values joined."""
     value = element.value
+    if value is None:
+        return None
+    vr = dictionary_VR(element.tag) if element.VR in ("UN", "OB", "OW") else element.VR
+    if isinstance(value, bytes):  # InlineBinary: text sent as bytes, decoded or left out
+        return decode_text(value, vr, _encodings(ds))
     if element.VM > 1 and not isinstance(value, str):
         value = "\\".join(str(v) for v in value)
-    text = str(value).strip()
-    return text or None
+    return str(value)
+
+
+def _text(ds: Dataset, keyword: str, within: str = "") -> str | None:
+    """The cleaned value, checked against its VR; None when absent, empty or only spaces.
+
+    A value invalid for its VR raises MappingError naming the attribute (``within`` is the path
+    of the sequence holding it), never the value.
+    """
+    element: DataElement | None = ds.data_element(keyword) if keyword in ds else None
+    if element is None:
+        return None
+    raw = _value_text(ds, element, keyword)
+    text = clean_text(raw) if raw is not None else None
+    if text is None:
+        return None
+    vr = dictionary_VR(element.tag) if element.VR in ("UN", "OB", "OW") else str(element.VR)
+    if keyword in LEFT_OUT_WHEN_INVALID and vr_problem(text, vr) is not None:
+        return None
+    return check_value(text, vr, f"{within}{keyword}")
 
 
 def _int(ds: Dataset, keyword: str) -> int | None:
-    if keyword not in ds or ds[keyword].value in (None, ""):
+    text = _text(ds, keyword)
+    if text is None:
         return None
     try:
-        return int(ds[keyword].value)
-    except (TypeError, ValueError) as exc:
+        return int(text)
+    except ValueError as exc:
         raise MappingError(f"{keyword} is not an integer", attribute=keyword) from exc
 
 
@@ -241,17 +300,20 @@ def _multi(ds: Dataset, keyword: str) -> tuple[str, ...]:
         return ()
     value = ds[keyword].value
     values = [value] if isinstance(value, str) else list(value)
-    return tuple(sorted({str(v).strip() for v in values if str(v).strip()}))
+    vr = str(ds[keyword].VR)
+    cleaned = {clean_text(str(v)) for v in values}
+    return tuple(sorted(check_value(v, vr, keyword) for v in cleaned if v))
 
 
 def _issuer(ds: Dataset, keyword: str) -> Issuer | None:
     if keyword not in ds or not ds[keyword].value:
         return None
     item = ds[keyword].value[0]
+    within = f"{keyword}."
     issuer = Issuer(
-        local=_text(item, "LocalNamespaceEntityID"),
-        universal=_text(item, "UniversalEntityID"),
-        universal_type=_text(item, "UniversalEntityIDType"),
+        local=_text(item, "LocalNamespaceEntityID", within),
+        universal=_text(item, "UniversalEntityID", within),
+        universal_type=_text(item, "UniversalEntityIDType", within),
     )
     return issuer if issuer.local or issuer.universal else None
 
@@ -260,10 +322,16 @@ def _codes(ds: Dataset, keyword: str) -> tuple[Code, ...]:
     if keyword not in ds or not ds[keyword].value:
         return ()
     codes = []
+    within = f"{keyword}."
     for item in ds[keyword].value:
-        value = _text(item, "CodeValue") or _text(item, "LongCodeValue") or _text(item, "URNCodeValue")
+        value = (
+            _text(item, "CodeValue", within)
+            or _text(item, "LongCodeValue", within)
+            or _text(item, "URNCodeValue", within)
+        )
         if value:
-            codes.append(Code(value, _text(item, "CodingSchemeDesignator"), _text(item, "CodeMeaning")))
+            scheme = _text(item, "CodingSchemeDesignator", within)
+            codes.append(Code(value, scheme, _text(item, "CodeMeaning", within)))
     return tuple(codes)
 
 
@@ -271,26 +339,44 @@ def _other_ids(ds: Dataset) -> tuple[OtherPatientId, ...]:
     if "OtherPatientIDsSequence" not in ds or not ds.OtherPatientIDsSequence:
         return ()
     found = []
+    within = "OtherPatientIDsSequence."
     for item in ds.OtherPatientIDsSequence:
-        value = _text(item, "PatientID")
+        value = _text(item, "PatientID", within)
         if value:
             qualifier = _issuer(item, "IssuerOfPatientIDQualifiersSequence")
-            found.append(OtherPatientId(value, _text(item, "IssuerOfPatientID"), qualifier))
+            found.append(OtherPatientId(value, _text(item, "IssuerOfPatientID", within), qualifier))
     return tuple(found)
 
 
 def _person_names(ds: Dataset, keyword: str) -> tuple[str, ...]:
     if keyword not in ds or not ds[keyword].value:
         return ()
-    value = ds[keyword].value
-    values = value if isinstance(value, list | tuple) or getattr(ds[keyword], "VM", 1) > 1 else [value]
-    return tuple(str(v).strip() for v in values if str(v).strip())
+    element = ds[keyword]
+    values = element.value if isinstance(element.value, list | tuple) or element.VM > 1 else [element.value]
+    names = (_name_text(ds, v, keyword) for v in values)
+    return tuple(n for n in names if n)
+
+
+def _name_text(ds: Dataset, value: Any, keyword: str) -> str | None:
+    """One PN value with its three component groups, cleaned and checked; None when empty."""
+    if isinstance(value, bytes):
+        decoded = decode_text(value, "PN", _encodings(ds))
+        if decoded is None:
+            return None
+        value = decoded
+    text = clean_text(str(value))
+    if text is None or not text.replace("=", "").replace("^", "").strip():
+        return None
+    return check_value(text, "PN", keyword)
 
 
 def _person_name(ds: Dataset, keyword: str) -> str | None:
     if keyword not in ds or not ds[keyword].value:
         return None
-    return str(ds[keyword].value).strip() or None
+    element = ds[keyword]
+    if element.VM > 1:
+        raise MappingError(f"{keyword} holds several values where one is expected", attribute=keyword)
+    return _name_text(ds, element.value, keyword)
 
 
 def _required(ds: Dataset, keyword: str) -> str:
@@ -338,7 +424,7 @@ def _header_fields(ds: Dataset) -> dict[str, Any]:
 def with_header(study: StudyRecord, header: DicomJson) -> StudyRecord:
     """The study completed from an instance header: what QIDO left out is taken from the header."""
     # Only the attributes read here: a full header also holds bulk data (pixels) by reference.
-    ds = _dataset({tag: header[tag] for tag in HEADER_FIELDS if tag in header}, "instance header")
+    ds = _dataset({tag: header[tag] for tag in (*HEADER_FIELDS, CHARSET) if tag in header}, "instance header")
     found = _header_fields(ds)
     updates = {k: v for k, v in found.items() if v and not getattr(study, k)}
     return replace(study, **updates) if updates else study

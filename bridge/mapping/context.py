@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bridge.dicomweb.records import digest
+from bridge.mapping.identity import UnmappedIssuer
 from bridge.mapping.tables import Tables
 
 # Bump when the mapping's output changes, so every study is republished once after an upgrade.
@@ -32,10 +33,12 @@ class MappingContext:
     tables: Tables
     patient_system: str
     patient_issuer_systems: dict[str, str] = field(default_factory=dict)
+    unmapped_issuer: UnmappedIssuer = UnmappedIssuer.PARK
     accession_system: str | None = None
     accession_issuer_systems: dict[str, str] = field(default_factory=dict)
     endpoint_system: str = "urn:fhir-dicomweb-bridge:source"
     timezone: str | None = None
+    missing_modality: str | None = "OT"  # the modality of a series without one; None parks it
     include_instances: bool = False
     max_instances: int = 2000
 
@@ -45,11 +48,12 @@ class MappingContext:
             "version": MAPPING_VERSION,
             "source": self.source_name,
             "public": self.public_base,
-            "patient": [self.patient_system, self.patient_issuer_systems],
+            "patient": [self.patient_system, self.patient_issuer_systems, str(self.unmapped_issuer)],
             "accession": [self.accession_system, self.accession_issuer_systems],
             "endpoint": self.endpoint_system,
             "tz": self.timezone,
             "instances": [self.include_instances, self.max_instances],
+            "missing_modality": self.missing_modality,
             "tables": self.tables.model_dump(mode="json"),
         }
         return digest(data)

@@ -8,8 +8,9 @@ from pydicom import config
 from pydicom.uid import UID
 
 from bridge.dicomweb.records import Issuer, StudyRecord
-from bridge.errors import MappingError
+from bridge.errors import MappingError, PatientLinkError
 from bridge.mapping.context import DICOM_UID_SYSTEM, V2_0203, MappingContext
+from bridge.mapping.identity import UnmappedIssuer, derived_system
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,19 +54,37 @@ def study_search(study_uid: str) -> str:
 
 
 def issuer_system(
-    issuer: str | None, qualifier: Issuer | None, systems: dict[str, str], default: str | None
+    issuer: str | None,
+    qualifier: Issuer | None,
+    systems: dict[str, str],
+    default: str | None,
+    unmapped: UnmappedIssuer = UnmappedIssuer.DEFAULT,
 ) -> str | None:
     """The identifier system for an issuer of patient ids.
 
     Looked up in ``systems`` by Issuer of Patient ID, then by the qualifier's local and universal
-    entity ids; an ISO OID qualifier not in the map becomes ``urn:oid:<oid>``; else ``default``.
+    entity ids; an ISO OID qualifier not in the map becomes ``urn:oid:<oid>``. No issuer at all
+    gives ``default``. An issuer that is present but unmapped is handled per ``unmapped``: the
+    default system (``default``), a system derived from the issuer (``derive``), or PatientLinkError
+    (``park``), so that two issuers never share a system by accident.
     """
     for key in (issuer, qualifier.local if qualifier else None, qualifier.universal if qualifier else None):
         if key is not None and key in systems:
             return systems[key]
     if qualifier is not None and qualifier.universal and qualifier.universal_type == "ISO":
         return f"urn:oid:{qualifier.universal}"
-    return default
+    named = issuer or (qualifier.local or qualifier.universal if qualifier else None)
+    if named is None or unmapped is UnmappedIssuer.DEFAULT:
+        return default
+    if unmapped is UnmappedIssuer.DERIVE:
+        return derived_system(named)
+    attribute = "IssuerOfPatientID" if issuer else "IssuerOfPatientIDQualifiersSequence"
+    raise PatientLinkError(
+        f"{attribute} has no identifier system in BRIDGE_PATIENT_ISSUER_SYSTEMS "
+        "(BRIDGE_UNMAPPED_ISSUER=park): add the issuer and its system to BRIDGE_PATIENT_ISSUER_SYSTEMS, "
+        "or set BRIDGE_UNMAPPED_ISSUER=derive; the study is retried on the next run",
+        attribute=attribute,
+    )
 
 
 def patient_key(study: StudyRecord, ctx: MappingContext) -> PatientKey:
@@ -73,7 +92,11 @@ def patient_key(study: StudyRecord, ctx: MappingContext) -> PatientKey:
     if study.patient_id is None:
         raise MappingError("PatientID is missing", attribute="PatientID")
     system = issuer_system(
-        study.patient_issuer, study.patient_issuer_qualifier, ctx.patient_issuer_systems, ctx.patient_system
+        study.patient_issuer,
+        study.patient_issuer_qualifier,
+        ctx.patient_issuer_systems,
+        ctx.patient_system,
+        ctx.unmapped_issuer,
     )
     return PatientKey(system=system or ctx.patient_system, value=study.patient_id)
 
@@ -81,11 +104,13 @@ def patient_key(study: StudyRecord, ctx: MappingContext) -> PatientKey:
 def other_patient_identifiers(study: StudyRecord, ctx: MappingContext) -> list[dict[str, str]]:
     """Identifiers from Other Patient IDs Sequence whose issuer maps to a system.
 
-    The others are left out: an identifier without a known system would link nothing.
+    The others are left out (an identifier without a known system would link nothing), unless
+    the policy derives systems for unmapped issuers.
     """
+    derive = UnmappedIssuer.DERIVE if ctx.unmapped_issuer is UnmappedIssuer.DERIVE else UnmappedIssuer.DEFAULT
     identifiers = []
     for other in study.other_patient_ids:
-        system = issuer_system(other.issuer, other.qualifier, ctx.patient_issuer_systems, None)
+        system = issuer_system(other.issuer, other.qualifier, ctx.patient_issuer_systems, None, derive)
         if system is not None:
             identifiers.append({"system": system, "value": other.value})
     return identifiers

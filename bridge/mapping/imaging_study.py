@@ -72,14 +72,15 @@ def _series(
     series: SeriesRecord, study: StudyRecord, ctx: MappingContext, instances: Sequence[InstanceRecord]
 ) -> Resource:
     check_uid(series.uid, "SeriesInstanceUID")
-    if series.modality is None:
+    modality = series.modality or ctx.missing_modality
+    if modality is None:
         raise MappingError(f"series {series.uid} has no Modality", attribute="Modality")
     out: Resource = {"uid": series.uid}
     if series.number is not None:
         if series.number < 0:
             raise MappingError(f"series {series.uid}: SeriesNumber is negative", "SeriesNumber")
         out["number"] = series.number
-    out["modality"] = modality_coding(ctx, series.modality)
+    out["modality"] = modality_coding(ctx, modality)
     if series.description:
         out["description"] = series.description
     if series.instance_count is not None:
@@ -100,12 +101,18 @@ def _series(
     )
     if started is not None:
         out["started"] = started
-    if series.performers:
-        out["performer"] = [{"actor": {"display": display_name(name)}} for name in series.performers]
+    performers = [display_name(name) for name in series.performers]
+    if any(performers):
+        out["performer"] = [{"actor": {"display": name}} for name in performers if name]
     mapped_instances = _instances(instances, series.uid)
     if mapped_instances:
         out["instance"] = mapped_instances
     return out
+
+
+def fallbacks(series: Sequence[SeriesRecord], ctx: MappingContext) -> list[str]:
+    """The attributes a documented fallback stood in for when mapping these series (one per use)."""
+    return ["Modality" for s in series if s.modality is None and ctx.missing_modality is not None]
 
 
 def _series_key(series: SeriesRecord) -> tuple[int, int, str]:
@@ -143,15 +150,16 @@ def map_imaging_study(
     }
     if based_on:
         resource["basedOn"] = list(based_on)
-    if study.referring_physician:
-        resource["referrer"] = {"display": display_name(study.referring_physician)}
+    referrer = display_name(study.referring_physician or "")
+    if referrer:  # an empty Type 2 value (most real studies) is no referrer, not an empty one
+        resource["referrer"] = {"display": referrer}
     started = fhir_datetime(study.date, study.time, study.tz_offset, zone=ctx.timezone)
     if started is not None:
         resource["started"] = started
     if not ctx.include_instances or len(instances) > ctx.max_instances:
         instances = ()
     mapped = [_series(s, study, ctx, instances) for s in sorted(series, key=_series_key)]
-    modalities = sorted({s.modality for s in series if s.modality} or set(study.modalities))
+    modalities = sorted({s["modality"]["code"] for s in mapped} or set(study.modalities))
     if modalities:
         resource["modality"] = [modality_coding(ctx, m) for m in modalities]
     resource["endpoint"] = [{"reference": endpoint_reference}]

@@ -13,12 +13,27 @@ from bridge.mapping.identifiers import PatientKey, other_patient_identifiers
 _GENDER = {"M": "male", "F": "female", "O": "other"}
 
 
+# The ISO 21090 name representation extension (core FHIR R4): tells the three DICOM PN component
+# groups apart (PS3.5 6.2.1.1: alphabetic, ideographic, phonetic) on otherwise plain HumanNames.
+NAME_REPRESENTATION = "http://hl7.org/fhir/StructureDefinition/iso21090-EN-representation"
+_REPRESENTATIONS = ("ABC", "IDE", "SYL")
+
+
+def _components(group: str) -> tuple[str, str, str, str, str]:
+    parts = [p.strip() for p in group.split("^")] + [""] * 5
+    return parts[0], parts[1], parts[2], parts[3], parts[4]
+
+
 def human_names(pn: str) -> list[dict[str, Any]]:
-    """FHIR HumanNames from a DICOM PN: one per component group (alphabetic, ideographic, phonetic)."""
+    """FHIR HumanNames from a DICOM PN: one per non-empty component group.
+
+    The alphabetic group comes first (the name most systems show); each name carries the
+    ``iso21090-EN-representation`` extension: ABC (alphabetic), IDE (ideographic) or SYL
+    (phonetic), so a reader can tell the kanji from the kana form of the same name.
+    """
     names: list[dict[str, Any]] = []
-    for group in pn.split("="):
-        parts = [p.strip() for p in group.split("^")] + [""] * 5
-        family, given, middle, prefix, suffix = parts[:5]
+    for group, representation in zip(pn.split("=")[:3], _REPRESENTATIONS, strict=False):
+        family, given, middle, prefix, suffix = _components(group)
         name: dict[str, Any] = {}
         if family:
             name["family"] = family
@@ -28,16 +43,23 @@ def human_names(pn: str) -> list[dict[str, Any]]:
             name["prefix"] = [prefix]
         if suffix:
             name["suffix"] = [suffix]
-        if name and name not in names:
+        if name:
+            name["extension"] = [{"url": NAME_REPRESENTATION, "valueCode": representation}]
             names.append(name)
     return names
 
 
 def display_name(pn: str) -> str:
-    """A person's name as people write it ("Dr. Anna Smith"), from a DICOM PN's first group."""
-    parts = [p.strip() for p in pn.split("=")[0].split("^")] + [""] * 5
-    family, given, middle, prefix, suffix = parts[:5]
-    return " ".join(p for p in (prefix, given, middle, family, suffix) if p)
+    """A person's name as people write it ("Dr. Anna Smith"), from a DICOM PN's first non-empty group.
+
+    Empty when the PN has no name in any group (the caller leaves the element out).
+    """
+    for group in pn.split("=")[:3]:
+        family, given, middle, prefix, suffix = _components(group)
+        text = " ".join(p for p in (prefix, given, middle, family, suffix) if p)
+        if text:
+            return text
+    return ""
 
 
 def map_patient(study: StudyRecord, key: PatientKey, ctx: MappingContext) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from typing import Any
 
 from bridge.dicomweb.records import InstanceRecord, StudyRecord, with_header
 from bridge.mapping.context import MappingContext
-from bridge.mapping.imaging_study import map_imaging_study
+from bridge.mapping.imaging_study import fallbacks, map_imaging_study
 from bridge.mapping.validate import validate
 from bridge.sync.link import Linker
 from bridge.sync.protocols import StudySource
@@ -28,14 +28,17 @@ class StudyAssembler:
         self._ctx = ctx
         self._read_header = read_instance_header
 
-    async def build(self, study: StudyRecord, endpoint: str) -> dict[str, Any]:
+    async def build(self, study: StudyRecord, endpoint: str, used: list[str] | None = None) -> dict[str, Any]:
         """The ImagingStudy for a study, ready to write.
 
         Series (and, per the settings, instances and one instance header) are fetched, mapped and
         validated; then the order and the Patient are linked, the Patient only once the mapping
-        has succeeded, so a bad study never creates a Patient.
+        has succeeded, so a bad study never creates a Patient. The documented fallbacks the mapping
+        takes for missing Type 1 data are added to ``used``, to count and log them.
         """
         series = await self._source.search_series(study.uid)
+        if used is not None:
+            used.extend(fallbacks(series, self._ctx))
         instances: list[InstanceRecord] = []
         if self._ctx.include_instances:
             instances = await self._source.search_instances(study.uid, limit=self._ctx.max_instances)

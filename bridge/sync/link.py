@@ -11,6 +11,7 @@ from bridge.dicomweb.records import StudyRecord
 from bridge.errors import MappingError, PatientLinkError, VersionConflictError
 from bridge.mapping.context import MappingContext
 from bridge.mapping.identifiers import PatientKey, accession_identifier, escape_token, patient_key
+from bridge.mapping.identity import exact_matches, has_identifier
 from bridge.mapping.patient import logical_subject, map_patient
 from bridge.mapping.validate import validate
 from bridge.sync.policy import OrderPolicy, PatientPolicy
@@ -68,7 +69,7 @@ class Linker:
 
     async def _find_or_create_patient(self, study: StudyRecord, key: PatientKey) -> str:
         if self._policy is PatientPolicy.MATCH_ONLY:
-            matches = await self._fhir.search("Patient", {"identifier": key.search()})
+            matches = await self._exact_patients(key)
             if not matches:
                 raise PatientLinkError(
                     f"no Patient has the study's PatientID under system {key.system} "
@@ -77,22 +78,49 @@ class Linker:
                 )
             if len(matches) > 1:
                 raise _ambiguous(key)
-            return str(matches[0]["id"])
+            return matches[0]
         patient = map_patient(study, key, self._ctx)
         validate(patient)
         if self.dry_run:
-            matches = await self._fhir.search("Patient", {"identifier": key.search()})
+            matches = await self._exact_patients(key)
             if len(matches) > 1:
                 raise _ambiguous(key)
-            return str(matches[0]["id"]) if matches else NEW_PATIENT
+            return matches[0] if matches else NEW_PATIENT
         try:
             result = await self._fhir.conditional_create(patient, urlencode({"identifier": key.search()}))
-        except VersionConflictError as exc:
-            raise _ambiguous(key) from exc
+        except VersionConflictError:
+            # Several Patients matched the server's search: at most one may match exactly.
+            return await self._one_exact_patient(key)
         if result.created:
             self.writes += 1
             logger.info("created Patient/%s", result.id)
-        return result.id
+            return result.id
+        # The server says one Patient matched: its token search is trusted only once checked.
+        found = await self._fhir.read("Patient", result.id)
+        if found is not None and has_identifier(found, key.system, key.value):
+            return result.id
+        return await self._one_exact_patient(key)
+
+    async def _exact_patients(self, key: PatientKey) -> list[str]:
+        """Ids of the Patients the server finds whose identifier equals the key exactly."""
+        found = await self._fhir.search("Patient", {"identifier": key.search()})
+        return [str(p["id"]) for p in exact_matches(found, key.system, key.value)]
+
+    async def _one_exact_patient(self, key: PatientKey) -> str:
+        """The one exactly matching Patient, when the server's own matching was looser."""
+        matches = await self._exact_patients(key)
+        if len(matches) > 1:
+            raise _ambiguous(key)
+        if not matches:
+            raise PatientLinkError(
+                f"the FHIR server matched the study's PatientID under system {key.system} to a Patient "
+                "whose identifier differs (case, escaped characters, spaces or leading zeros); the "
+                "bridge links exact matches only and cannot create the Patient through this server's "
+                "conditional create: create the Patient in the EHR or fix the server's token search; "
+                "the study is retried on the next run",
+                attribute="PatientID",
+            )
+        return matches[0]
 
     async def based_on(self, study: StudyRecord) -> list[dict[str, Any]]:
         """ImagingStudy.basedOn per the order policy: the ServiceRequest with the accession number.
@@ -108,7 +136,9 @@ class Linker:
         value = escape_token(str(identifier["value"]))
         system = identifier.get("system")
         token = f"{escape_token(str(system))}|{value}" if system else value
-        matches = await self._fhir.search("ServiceRequest", {"identifier": token})
+        found = await self._fhir.search("ServiceRequest", {"identifier": token})
+        # Only orders whose accession equals the study's exactly (a loose token search may differ).
+        matches = exact_matches(found, str(system) if system else None, str(identifier["value"]))
         if len(matches) > 1:
             raise MappingError(
                 "several ServiceRequests carry the study's accession number; the order is ambiguous",

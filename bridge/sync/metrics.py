@@ -25,6 +25,11 @@ CYCLE_SECONDS = Histogram(
 PARKED = Gauge(
     "bridge_sync_parked_studies", "Studies parked in the store, waiting for a retry", registry=REGISTRY
 )
+FALLBACKS = Counter(
+    "bridge_sync_fallbacks",
+    "Documented fallbacks used for missing Type 1 data (a series without Modality published as OT)",
+    registry=REGISTRY,
+)
 LAG = Gauge(
     "bridge_sync_lag_seconds",
     "Start of the newest study seen in the archive minus that of the newest published one",
@@ -45,6 +50,8 @@ def observe_run(kind: str, status: str, counts: RunCounts, seconds: float) -> No
         value = getattr(counts, outcome)
         if value:
             STUDIES.labels(outcome).inc(value)
+    if counts.fallbacks:
+        FALLBACKS.inc(counts.fallbacks)
     if status in ("ok", "parked"):
         LAST_SUCCESS.set_to_current_time()
 

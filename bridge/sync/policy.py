@@ -13,6 +13,13 @@ class PatientPolicy(StrEnum):
     LOGICAL = "logical"
 
 
+class MissingModality(StrEnum):
+    """What a series without Modality (0008,0060), a Type 1 attribute, is published with."""
+
+    OT = "ot"  # DICOM's "Other", with a warning counted in the run
+    PARK = "park"  # the study is parked naming Modality
+
+
 class DeletePolicy(StrEnum):
     """What happens to the ImagingStudy of a study that is gone from the archive."""
 

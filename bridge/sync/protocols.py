@@ -58,6 +58,7 @@ class RunCounts:
     deleted: int = 0
     claimed: int = 0  # skipped: another replica was publishing them
     fhir_writes: int = 0
+    fallbacks: int = 0  # documented fallbacks used for missing Type 1 data (this run only, not stored)
 
 
 class StudySource(Protocol):

@@ -10,6 +10,7 @@ from bridge.dicomweb.records import digest
 from bridge.errors import (
     ConfigurationError,
     FatalUpstreamError,
+    UpstreamError,
     VersionConflictError,
 )
 from bridge.mapping.context import BRIDGE_TAG_SYSTEM, MappingContext
@@ -17,6 +18,7 @@ from bridge.mapping.endpoint import endpoint_id, endpoint_identifier, map_endpoi
 from bridge.mapping.identifiers import (
     study_search,
 )
+from bridge.mapping.identity import exact_matches
 from bridge.mapping.validate import validate
 from bridge.sync.policy import DeletePolicy, WriteStrategy
 from bridge.sync.protocols import FhirSink, StateStore, WriteResult
@@ -68,6 +70,14 @@ class Publisher:
         logger.info("endpoint Endpoint/%s published for source %s", result.id, source)
         return f"Endpoint/{result.id}"
 
+    async def reachable(self) -> bool:
+        """Whether the FHIR server answers at all (its CapabilityStatement), after a study failed."""
+        try:
+            await self._fhir.capabilities()
+        except UpstreamError:
+            return False
+        return True
+
     async def endpoint_reference(self) -> str:
         """The Endpoint reference without writing anything (for dry runs)."""
         published = await asyncio.to_thread(self._store.published_endpoint, self._ctx.source_name)
@@ -75,7 +85,9 @@ class Publisher:
             return f"Endpoint/{published[1]}"
         if self._strategy is WriteStrategy.CLIENT_ID:
             return f"Endpoint/{endpoint_id(self._ctx)}"
-        found = await self._fhir.search("Endpoint", {"identifier": _token(endpoint_identifier(self._ctx))})
+        identifier = endpoint_identifier(self._ctx)
+        found = await self._fhir.search("Endpoint", {"identifier": _token(identifier)})
+        found = exact_matches(found, identifier["system"], identifier["value"])
         return f"Endpoint/{found[0]['id']}" if found else "Endpoint/new"
 
     async def current_study(self, resource: dict[str, Any]) -> dict[str, Any] | None:
@@ -84,7 +96,9 @@ class Publisher:
             return await self._fhir.read("ImagingStudy", resource["id"])
         uid = resource["identifier"][0]["value"].removeprefix("urn:oid:")
         found = await self._fhir.search("ImagingStudy", {"identifier": study_search(uid)})
-        return found[0] if found else None
+        identifier = resource["identifier"][0]
+        exact = exact_matches(found, identifier["system"], identifier["value"])
+        return exact[0] if exact else None
 
     async def put_study(self, resource: dict[str, Any], known_version: str | None) -> WriteResult:
         """Create or update the ImagingStudy; a stale ``If-Match`` is re-read and retried once."""

@@ -22,6 +22,7 @@ from bridge.errors import (
     MappingError,
     PatientLinkError,
     RejectedResourceError,
+    UpstreamUnavailableError,
 )
 from bridge.mapping.context import MappingContext
 from bridge.mapping.dates import fhir_datetime
@@ -188,7 +189,7 @@ class SyncWorker:
             c = report.counts
             logger.info(
                 "run %d %s: seen %d, created %d, updated %d, unchanged %d, parked %d, deleted %d, "
-                "FHIR writes %d",
+                "FHIR writes %d, fallbacks %d",
                 report.run_id,
                 report.status,
                 c.seen,
@@ -198,6 +199,7 @@ class SyncWorker:
                 c.parked,
                 c.deleted,
                 c.fhir_writes,
+                c.fallbacks,
             )
         return report
 
@@ -271,7 +273,8 @@ class SyncWorker:
                 report.add(unchanged=1)
                 return
         try:
-            resource = await self._assembler.build(study, endpoint)
+            used: list[str] = []
+            resource = await self._assembler.build(study, endpoint, used)
             resource_fingerprint = digest(resource)
             if known is not None and known.resource_fingerprint == resource_fingerprint:
                 # The archive's answer changed in a way the ImagingStudy does not show.
@@ -291,8 +294,17 @@ class SyncWorker:
                     resource.get("started"),
                 )
             )
-            report.add(**{outcome: 1})
+            report.add(**{outcome: 1}, fallbacks=len(used))
+            if used:
+                logger.warning(
+                    "study %s published with fallbacks for: %s", study.uid, ", ".join(sorted(set(used)))
+                )
         except (MappingError, FatalUpstreamError) as exc:
+            await self._park(report, study.uid, exc)
+        except UpstreamUnavailableError as exc:
+            # This study's request kept failing: park it, unless the FHIR server as a whole is down.
+            if exc.service != "fhir" or not await self._publisher.reachable():
+                raise
             await self._park(report, study.uid, exc)
 
     async def _park(self, report: RunReport, uid: str, exc: Exception) -> None:

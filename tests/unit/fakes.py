@@ -53,15 +53,29 @@ class FakeSource:
 _UNESCAPED_BAR = re.compile(r"(?<!\\)\|")
 
 
-def _token(text: str) -> tuple[str, str]:
-    system, value = _UNESCAPED_BAR.split(text, maxsplit=1)
+def _token(text: str) -> tuple[str | None, str]:
     unescape = lambda s: re.sub(r"\\(.)", r"\1", s)  # noqa: E731
-    return unescape(system), unescape(value)
+    parts = _UNESCAPED_BAR.split(text, maxsplit=1)
+    if len(parts) == 1:  # a value alone: any system
+        return None, unescape(parts[0])
+    return unescape(parts[0]), unescape(parts[1])
 
 
-def _matches(resource: dict[str, Any], token: str) -> bool:
+def _loosely(text: str) -> str:
+    """How a careless token search compares: case folded, escapes and separators lost, trimmed."""
+    return re.sub(r"[\\|,]", "", text).strip().lstrip("0").casefold()
+
+
+def _matches(resource: dict[str, Any], token: str, loose: bool = False) -> bool:
     system, value = _token(token)
-    return any(i.get("system") == system and i.get("value") == value for i in resource.get("identifier", []))
+    if loose:
+        return any(
+            system in (None, i.get("system")) and _loosely(str(i.get("value"))) == _loosely(value)
+            for i in resource.get("identifier", [])
+        )
+    return any(
+        system in (None, i.get("system")) and i.get("value") == value for i in resource.get("identifier", [])
+    )
 
 
 class FakeFhir:
@@ -77,6 +91,7 @@ class FakeFhir:
         self.fail: dict[str, list[Exception]] = {}
         self._next_id = 0
         self.update_create = True  # what the CapabilityStatement says of PUT to a new id
+        self.loose_tokens = False  # match identifier tokens as a careless server does
 
     # helpers for tests
     def _raise_if_queued(self, method: str) -> None:
@@ -111,6 +126,7 @@ class FakeFhir:
     # FhirSink
     async def capabilities(self) -> dict[str, Any]:
         self.calls.append(("capabilities", "", None))
+        self._raise_if_queued("capabilities")
         kinds = ("Patient", "Endpoint", "ImagingStudy")
         return {
             "resourceType": "CapabilityStatement",
@@ -126,7 +142,9 @@ class FakeFhir:
     async def search(self, resource_type: str, params: Mapping[str, str]) -> list[dict[str, Any]]:
         self.calls.append(("search", resource_type, dict(params)))
         self._raise_if_queued("search")
-        return [r for r in self.of_type(resource_type) if _matches(r, params["identifier"])]
+        return [
+            r for r in self.of_type(resource_type) if _matches(r, params["identifier"], self.loose_tokens)
+        ]
 
     async def update(self, resource: dict[str, Any], *, if_match: str | None = None) -> WriteResult:
         kind, rid = resource["resourceType"], resource["id"]
@@ -152,7 +170,7 @@ class FakeFhir:
         self.calls.append(("conditional_create", kind, if_none_exist))
         self._raise_if_queued("conditional_create")
         [token] = parse_qs(if_none_exist)["identifier"]
-        found = [r for r in self.of_type(kind) if _matches(r, token)]
+        found = [r for r in self.of_type(kind) if _matches(r, token, self.loose_tokens)]
         if len(found) > 1:
             raise VersionConflictError("several matches", service="fhir", status=412)
         if found:

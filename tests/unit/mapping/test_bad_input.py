@@ -79,8 +79,14 @@ CASES: dict[str, tuple[Callable[[], object], str]] = {
         lambda: map_study(replace(patient_study(), tz_offset="+1500")),
         "TimezoneOffsetFromUTC",
     ),
-    "series without Modality": (
-        lambda: map_study(patient_study(), [series(modality=None)]),
+    "series without Modality, when the setting parks it": (
+        lambda: map_imaging_study(
+            patient_study(),
+            [series(modality=None)],
+            context(missing_modality=None),
+            subject={"reference": "Patient/p"},
+            endpoint_reference="Endpoint/e",
+        ),
         "Modality",
     ),
     "malformed SeriesInstanceUID": (
@@ -167,9 +173,12 @@ def test_parsing_odd_values_neither_warns_nor_logs_patient_data(caplog: pytest.L
     row = study_row(patient_id="X" * 70 + "SECRETPID", birth_date="1961-02-03", patient_name=NAME)
     with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.DEBUG):
         warnings.simplefilter("always")
-        record = parse_study(row)
-    assert record.birth_date == "1961-02-03"
-    texts = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+        with pytest.raises(MappingError) as parked:
+            parse_study(row)
+        record = parse_study(study_row(birth_date="1961-02-03", patient_name=NAME))
+    assert parked.value.attribute == "PatientID"  # too long for LO: parked, named, not quoted
+    assert record.birth_date is None  # not a DICOM date: left out, the study still maps
+    texts = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records] + [str(parked.value)]
     assert not [t for t in texts if "1961-02-03" in t or "SECRETPID" in t or "XXXX" in t]
 
 

@@ -104,10 +104,29 @@ async def test_one_bad_study_is_parked_with_the_attribute_while_the_others_publi
 
 
 async def test_a_bad_study_creates_no_patient(world: World) -> None:
-    world.add(1, series=[series_row(series_uid=uid(1, 1), modality=None)])
+    world.add(1, series=[series_row(series_uid="1.2.03")])
     await world.run()
     assert world.fhir.of_type("Patient") == []
+    assert parked(world)[uid(1)].attribute == "SeriesInstanceUID"
+
+
+async def test_a_series_without_modality_is_published_as_ot_and_counted(world: World) -> None:
+    series = [series_row(series_uid=uid(1, 1), modality=None), series_row(series_uid=uid(1, 2), number=2)]
+    world.add(1, series=series)
+    report = await world.run()
+    assert (report.counts.created, report.counts.parked, report.counts.fallbacks) == (1, 0, 1)
+    codes = [s["modality"]["code"] for s in world.study(uid(1))["series"]]
+    assert codes == ["OT", "CT"]
+    assert sorted(c["code"] for c in world.study(uid(1))["modality"]) == ["CT", "OT"]
+
+
+async def test_a_series_without_modality_parks_when_the_setting_says_so(world: World) -> None:
+    world.ctx = context(missing_modality=None)
+    world.add(1, series=[series_row(series_uid=uid(1, 1), modality=None)])
+    report = await world.run()
+    assert report.counts.fallbacks == 0
     assert parked(world)[uid(1)].attribute == "Modality"
+    assert world.fhir.of_type("Patient") == []
 
 
 async def test_a_study_without_patient_id_is_parked_naming_it(world: World) -> None:
@@ -316,9 +335,26 @@ async def test_a_fhir_server_lost_during_a_study_propagates_upstream_unavailable
     world.fhir.fail["conditional_create"] = [
         UpstreamUnavailableError("fhir POST /Patient failed", service="fhir")
     ]
+    world.fhir.fail["capabilities"] = [UpstreamUnavailableError("fhir GET /metadata failed", service="fhir")]
     with pytest.raises(UpstreamUnavailableError):
         await world.run()
     assert world.store.runs()[0].status == "failed"
+
+
+async def test_a_study_whose_request_keeps_failing_is_parked_and_the_run_goes_on(world: World) -> None:
+    world.add(1)
+    await world.run()
+    world.add(2)
+    world.add(3)
+    # One study's write breaks the connection on every retry; the server itself still answers.
+    world.fhir.fail["conditional_create"] = [
+        UpstreamUnavailableError("fhir POST /Patient: connection reset", service="fhir")
+    ]
+    report = await world.run()
+    assert report.status == "parked"
+    assert report.counts.parked == 1 and report.counts.created == 1
+    [parked] = report.parked
+    assert parked.kind == "upstream" and "connection reset" in parked.reason
 
 
 async def test_a_fhir_server_lost_during_a_study_still_records_a_failed_run(world: World) -> None:
@@ -328,6 +364,7 @@ async def test_a_fhir_server_lost_during_a_study_still_records_a_failed_run(worl
     world.fhir.fail["conditional_create"] = [
         UpstreamUnavailableError("fhir POST /Patient failed", service="fhir")
     ]
+    world.fhir.fail["capabilities"] = [UpstreamUnavailableError("fhir GET /metadata failed", service="fhir")]
     with pytest.raises(BaseException):  # noqa: B017 - the exact type is the xfail test above
         await world.run()
     [run, _] = world.store.runs()

@@ -1,0 +1,50 @@
+"""Patient identity rules: the unmapped-issuer policy and the exact-match check of search answers.
+
+Pure and light (standard library only), so the settings module can import the policy enum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from enum import StrEnum
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+# Systems derived from an issuer that has no configured system (BRIDGE_UNMAPPED_ISSUER=derive).
+DERIVED_ISSUER_PREFIX = "urn:fhir-dicomweb-bridge:issuer:"
+
+
+class UnmappedIssuer(StrEnum):
+    """What a study whose Issuer of Patient ID has no system in the issuer map gets."""
+
+    PARK = "park"  # parked, naming the attribute and the setting to add it to
+    DERIVE = "derive"  # a system of its own, derived from the issuer: issuers never meet
+    DEFAULT = "default"  # the default patient system: only for archives with one issuer
+
+
+def derived_system(issuer: str) -> str:
+    """A URI of the issuer's own: the prefix and the issuer, percent-encoded (case kept)."""
+    return DERIVED_ISSUER_PREFIX + quote(issuer, safe="")
+
+
+def has_identifier(resource: Mapping[str, Any], system: str | None, value: str) -> bool:
+    r"""Whether ``resource`` carries the identifier (system, value) exactly, case-sensitive.
+
+    With ``system`` None any system matches, but the value must still be equal character for
+    character: FHIR servers differ in how their token search folds case, escapes ``|``, ``,``
+    and ``\``, and trims, so their answer is a candidate list, never a verdict.
+    """
+    for identifier in resource.get("identifier") or ():
+        if not isinstance(identifier, Mapping) or identifier.get("value") != value:
+            continue
+        if system is None or identifier.get("system") == system:
+            return True
+    return False
+
+
+R = TypeVar("R", bound=Mapping[str, Any])
+
+
+def exact_matches(resources: Iterable[R], system: str | None, value: str) -> list[R]:
+    """The resources of a search answer that carry (system, value) exactly; the rest are ignored."""
+    return [r for r in resources if has_identifier(r, system, value)]

@@ -1,0 +1,224 @@
+"""DICOM values cleaned and checked against their VR before the mapping reads them.
+
+Pure functions, no I/O. Problems are described by attribute and VR, never by the value itself:
+a malformed UID or PatientID can carry a name.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from pydicom import config
+from pydicom.charset import convert_encodings, decode_bytes
+from pydicom.datadict import dictionary_VR
+from pydicom.uid import UID
+from pydicom.valuerep import PersonName
+
+from bridge.errors import MappingError
+
+# C0 controls, DEL and C1 controls: not text in any DICOM VR the mapping reads, and FHIR's
+# string type refuses most of them. ESC is among them: pydicom has already applied the ISO 2022
+# escape sequences when it decoded the value.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+# Maximum length in characters per VR (PS3.5 Table 6.2-1); PN's limit is per component group.
+MAX_LENGTH: dict[str, int] = {
+    "AE": 16,
+    "AS": 4,
+    "CS": 16,
+    "DA": 10,  # 8, or 10 for the ACR-NEMA form YYYY.MM.DD that older files still carry
+    "DS": 16,
+    "DT": 26,
+    "IS": 12,
+    "LO": 64,
+    "LT": 10240,
+    "PN": 64,
+    "SH": 16,
+    "ST": 1024,
+    "TM": 16,
+    "UI": 64,
+}
+# VRs whose single value may not hold a backslash (it separates values in DICOM).
+_NO_BACKSLASH = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "PN", "SH", "TM", "UI"})
+TEXT_VRS = frozenset({*MAX_LENGTH, "UC", "UR", "UT"})
+
+_PATTERN: dict[str, re.Pattern[str]] = {
+    "CS": re.compile(r"^[A-Z0-9_ ]+$"),
+    "DA": re.compile(r"^\d{8}$|^\d{4}\.\d{2}\.\d{2}$"),
+    "TM": re.compile(r"^\d{2}(?::?\d{2}(?::?\d{2}(?:\.\d{1,6})?)?)?$"),
+    "DT": re.compile(r"^\d{4}(?:\d{2}){0,5}(?:\.\d{1,6})?(?:[+-]\d{4})?$"),
+    "IS": re.compile(r"^[+-]?\d+$"),
+    "DS": re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$"),
+}
+
+# Attributes whose invalid value parks the study: they decide which study, series, instance,
+# patient or order a resource is about, so guessing is never safe. Any other attribute with an
+# invalid value is left out of the resource (a documented fallback, counted in the run).
+IDENTITY_ATTRIBUTES = frozenset(
+    {
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "SOPInstanceUID",
+        "SOPClassUID",
+        "PatientID",
+        "IssuerOfPatientID",
+        "AccessionNumber",
+        "LocalNamespaceEntityID",
+        "UniversalEntityID",
+        "UniversalEntityIDType",
+    }
+)
+
+
+# Demographics the EHR owns: an invalid value is left out of the Patient the bridge may create,
+# rather than parking a study a radiologist can open.
+LEFT_OUT_WHEN_INVALID = frozenset({"PatientBirthDate", "PatientSex"})
+
+
+def clean_text(value: str) -> str | None:
+    """The value without control characters and surrounding spaces; None when nothing is left.
+
+    DICOM pads values with spaces and allows empty (Type 2) values: absent and empty are the same.
+    """
+    text = _CONTROL.sub("", value).strip(" ")
+    return text or None
+
+
+def vr_problem(value: str, vr: str) -> str | None:
+    """What is wrong with a (cleaned, single) value for its VR, or None; never quotes the value."""
+    limit = MAX_LENGTH.get(vr)
+    if vr == "PN":
+        groups = value.split("=")
+        if len(groups) > 3:
+            return "has more than three component groups"
+        if any(len(group) > MAX_LENGTH["PN"] for group in groups):
+            return f"has a component group longer than {MAX_LENGTH['PN']} characters"
+    elif limit is not None and len(value) > limit:
+        return f"is longer than {limit} characters"
+    if vr in _NO_BACKSLASH and "\\" in value:
+        return "holds a backslash (several values where one is expected)"
+    if vr == "UI":
+        if not UID(value, validation_mode=config.IGNORE).is_valid:
+            return "is not a valid DICOM UID (digits and dots, no leading zeros)"
+        return None
+    pattern = _PATTERN.get(vr)
+    if pattern is not None and not pattern.match(value):
+        return f"is not a valid {vr} value"
+    return None
+
+
+def check_value(value: str, vr: str, attribute: str) -> str:
+    """``value`` if valid for ``vr``; else a MappingError naming the attribute (not the value)."""
+    problem = vr_problem(value, vr)
+    if problem is not None:
+        raise MappingError(f"{attribute} {problem} (VR {vr})", attribute=attribute)
+    return value
+
+
+def decode_text(raw: bytes, vr: str, encodings: Sequence[str]) -> str | None:
+    """Text sent as bytes (InlineBinary) decoded per the character set, or None.
+
+    ``encodings`` are Python codec names, as ``pydicom.charset.convert_encodings`` gives for the
+    Specific Character Set. None when the bytes are not text in that character set (the value is
+    then left out): a Python bytes repr must never reach a resource.
+    """
+    charsets = list(encodings) or ["ISO_IR 6"]
+    raw = raw.rstrip(b"\x00 ")
+    if not raw:
+        return None
+    try:
+        with _strict_charsets():
+            if vr == "PN":
+                return str(PersonName(raw, encodings=charsets).decode())
+            if vr in ("SH", "LO", "ST", "LT", "UC", "UT"):
+                return decode_bytes(raw, charsets, {0x5C} if vr != "UT" else set())
+            return raw.decode("ascii")  # the other text VRs use the default repertoire only
+    except (UnicodeError, LookupError, ValueError):
+        return None
+
+
+def decode_inline_text(row: dict[str, Any], charset: Sequence[str] | None = None) -> dict[str, Any]:
+    """A DICOM JSON object with its text values sent as bytes made plain ``Value`` text.
+
+    Archives send a value as InlineBinary (base64 of the encoded bytes) when they cannot or will
+    not transcode it, and as BulkDataURI when it is long. Text VRs (and UN elements whose tag is a
+    text VR in the dictionary) are decoded with the object's Specific Character Set (``charset``
+    for sequence items, which inherit it); what cannot be decoded, and bulk data, is left out.
+    Other elements are kept as they are.
+    """
+    if charset is None:
+        terms = (row.get(SPECIFIC_CHARACTER_SET) or {}).get("Value") or []
+        charset = [str(t) for t in terms] if isinstance(terms, list) else []
+    out: dict[str, Any] = {}
+    for tag, element in row.items():
+        if not isinstance(element, dict):
+            out[tag] = element
+            continue
+        vr = _text_vr(tag, str(element.get("vr", "")))
+        if vr == "SQ" and isinstance(element.get("Value"), list):
+            items = [decode_inline_text(i, charset) if isinstance(i, dict) else i for i in element["Value"]]
+            out[tag] = {**element, "Value": items}
+        elif vr is None or ("InlineBinary" not in element and "BulkDataURI" not in element):
+            out[tag] = element
+        elif "InlineBinary" in element:
+            text = _inline(element["InlineBinary"], vr, charset)
+            if text is not None:
+                out[tag] = {"vr": vr, "Value": [_json_value(text, vr)]}
+    return out
+
+
+SPECIFIC_CHARACTER_SET = "00080005"
+
+
+def _text_vr(tag: str, vr: str) -> str | None:
+    """The element's text VR (from the dictionary for UN), None when it is not text; SQ for SQ."""
+    if vr == "SQ":
+        return vr
+    if vr == "UN":
+        try:
+            vr = str(dictionary_VR(int(tag, 16)))
+        except (KeyError, ValueError):
+            return None
+    return vr if vr in TEXT_VRS else None
+
+
+def _inline(data: Any, vr: str, charset: Sequence[str]) -> str | None:
+    try:
+        raw = base64.b64decode(str(data), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    with _strict_charsets():
+        try:
+            encodings = convert_encodings(list(charset) or ["ISO_IR 6"])
+        except LookupError:
+            return None
+    return decode_text(raw, vr, encodings)
+
+
+def _json_value(text: str, vr: str) -> Any:
+    if vr != "PN":
+        return text
+    groups = dict(zip(("Alphabetic", "Ideographic", "Phonetic"), text.split("=")[:3], strict=False))
+    return {k: v for k, v in groups.items() if v}
+
+
+@contextmanager
+def _strict_charsets() -> Iterator[None]:
+    """Make pydicom raise on undecodable bytes; it else replaces them, with a warning."""
+    saved = config.settings.reading_validation_mode
+    config.settings.reading_validation_mode = config.RAISE
+    try:
+        yield
+    finally:
+        config.settings.reading_validation_mode = saved
+
+
+def safe_key(value: str) -> str:
+    """A stand-in for an invalid UID in logs and the store: a digest, never the value itself."""
+    return "invalid-uid:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:16]
