@@ -225,6 +225,36 @@ class Settings(BaseSettings):
         default=30.0, gt=0, description="Seconds an open circuit waits before probing the upstream"
     )
     http2: bool = Field(default=True, description="Offer HTTP/2 to upstreams over TLS (ALPN)")
+    # Bounds on what an upstream may make the bridge spend (operator guide, "Limits")
+    http_deadline: float = Field(
+        default=300.0,
+        gt=0,
+        le=86400,
+        description="Longest one upstream request may take, connect to last byte, s",
+    )
+    dicomweb_max_page_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=1024,
+        description="Largest QIDO-RS page of studies or instances, in bytes",
+    )
+    dicomweb_max_series_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=1024, description="Largest answer to one series query, in bytes"
+    )
+    dicomweb_max_metadata_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=1024, description="Largest WADO-RS metadata answer, in bytes"
+    )
+    dicomweb_max_thumbnail_bytes: int = Field(
+        default=8 * 1024 * 1024, ge=1024, description="Largest rendered thumbnail, in bytes"
+    )
+    dicomweb_max_pages: int = Field(
+        default=100_000, ge=1, description="Most pages one QIDO-RS walk may take; more ends it with an error"
+    )
+    dicomweb_max_series: int = Field(
+        default=10_000, ge=1, description="Studies with more series are parked, naming this setting"
+    )
+    fhir_max_response_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024, description="Largest answer from the FHIR server, in bytes"
+    )
     dicomweb_auth: AuthMode = Field(default=AuthMode.NONE, description="none|basic|bearer|oauth2|smart")
     dicomweb_username: str | None = Field(default=None, description="User for auth=basic")
     dicomweb_password: SecretStr | None = Field(default=None, description="Password for auth=basic")

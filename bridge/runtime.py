@@ -15,6 +15,7 @@ from bridge.dicomweb.client import DicomwebClient
 from bridge.dicomweb.orthanc import OrthancChangeFeed
 from bridge.fhir.client import FhirClient
 from bridge.http import RetryPolicy
+from bridge.limits import DicomwebLimits, fhir_limit
 from bridge.mapping.context import MappingContext
 from bridge.mapping.tables import BUNDLED_MAPPINGS, load_tables
 from bridge.state.store import SqlStore
@@ -132,9 +133,13 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             http_client(settings, "fhir") as fhir_http,
         ):
             dicomweb = DicomwebClient(
-                dicomweb_http, settings.dicomweb_base, policy=policy, page_size=settings.qido_page_size
+                dicomweb_http,
+                settings.dicomweb_base,
+                policy=policy,
+                page_size=settings.qido_page_size,
+                limits=DicomwebLimits.from_settings(settings),
             )
-            fhir = FhirClient(fhir_http, settings.fhir_base, policy=fhir_policy)
+            fhir = FhirClient(fhir_http, settings.fhir_base, policy=fhir_policy, limit=fhir_limit(settings))
             changes = change_source(settings, dicomweb_http, store, policy)
             runtime = Runtime(settings, ctx, store, dicomweb, fhir, changes)
             runtime.worker = runtime.new_worker(settings.sync_concurrency)

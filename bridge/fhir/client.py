@@ -18,6 +18,7 @@ from bridge.errors import (
     VersionConflictError,
 )
 from bridge.http import RETRIABLE_STATUS, RetryPolicy, json_body, send, where
+from bridge.limits import CallLimit
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +102,14 @@ class FhirClient:
     """FHIR REST calls against one base URL through an ``httpx.AsyncClient`` given from outside."""
 
     def __init__(
-        self, client: httpx.AsyncClient, base_url: str, *, policy: RetryPolicy | None = None
+        self,
+        client: httpx.AsyncClient,
+        base_url: str,
+        *,
+        policy: RetryPolicy | None = None,
+        limit: CallLimit | None = None,
     ) -> None:
+        self._limit = limit
         self._client = client
         self._base = base_url.rstrip("/")
         self._policy = policy or RetryPolicy()
@@ -133,7 +140,9 @@ class FhirClient:
                 **(headers or {}),
             },
         )
-        response = await send(self._client, request, service=SERVICE, policy=self._policy, ok=_final)
+        response = await send(
+            self._client, request, service=SERVICE, policy=self._policy, ok=_final, limit=self._limit
+        )
         if not response.is_success and response.status_code not in ok:
             raise error_for_answer(response)
         return response
