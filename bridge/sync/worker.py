@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from bridge.config import DeletePolicy
+from bridge.dicomweb.guard import check_value_sizes
 from bridge.dicomweb.records import (
     DicomJson,
     InstanceRecord,
@@ -328,7 +329,7 @@ class SyncWorker:
         for row in rows:
             report.add(seen=1)
             try:
-                study = parse_study(row)
+                study = parse_study(check_value_sizes(row))
             except MappingError as exc:
                 uid = raw_uid(row) or f"unknown:{digest(row)[:16]}"
                 await self._park(report, uid, exc)
