@@ -365,6 +365,23 @@ class Settings(BaseSettings):
         default=30.0, ge=0, le=3600, description="Seconds a resolved study is served from memory; 0: off"
     )
     resolver_cache_size: int = Field(default=10000, ge=1, description="Studies the resolver keeps cached")
+    # Resolver API bounds and secure defaults (operator guide, "Limits" and "Security defaults")
+    api_allow_anonymous: bool = Field(
+        default=False,
+        description="Let bridge serve/run listen on a non-loopback address with no API authentication",
+    )
+    api_metrics_auth: bool = Field(
+        default=False, description="/metrics requires the API's authentication too (when it is configured)"
+    )
+    api_links_max_series: int = Field(
+        default=1000,
+        ge=1,
+        le=100_000,
+        description="Most series in one links answer (page with series_offset)",
+    )
+    api_sync_rate: int = Field(
+        default=30, ge=1, le=100_000, description="On-demand syncs one client may start per minute; then 429"
+    )
 
     @field_validator("viewers", "api_keys", "jwt_algorithms", "cors_origins", mode="before")
     @classmethod

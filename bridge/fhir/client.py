@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -25,6 +26,7 @@ logger = logging.getLogger(__name__)
 SERVICE = "fhir"
 FHIR_JSON = "application/fhir+json"
 _OUTCOME_LIMIT = 1000
+_PARSE_IN_THREAD = 256 * 1024  # bytes
 
 
 # Servers quote the value they reject ("The value 'Doe^Jane' is not ..."): it may be patient data.
@@ -158,7 +160,10 @@ class FhirClient:
         response = await self._send("GET", f"{resource_type}/{quote(resource_id, safe='')}", ok=(404, 410))
         if response.status_code in (404, 410):
             return None
-        body = json_body(response, SERVICE)
+        if len(response.content) > _PARSE_IN_THREAD:  # a large resource is decoded off the event loop
+            body = await asyncio.to_thread(json_body, response, SERVICE)
+        else:
+            body = json_body(response, SERVICE)
         return body if isinstance(body, dict) else None
 
     async def delete(self, resource_type: str, resource_id: str) -> None:
