@@ -135,13 +135,15 @@ class HostileArchive:
         limit = int(query.get("limit", "100"))
         offset = int(query.get("offset", "0"))
         if rest == ["studies"]:
-            await self._studies(scenario, writer, limit, offset)
+            await self._studies(scenario, writer, limit, offset, query)
         elif len(rest) == 3 and rest[0] == "studies" and rest[2] == "series":
             await self._series_of(scenario, rest[1], writer, limit, offset)
         else:
             await _answer(writer, 404, b"", "text/plain")
 
-    async def _studies(self, scenario: str, writer: asyncio.StreamWriter, limit: int, offset: int) -> None:
+    async def _studies(
+        self, scenario: str, writer: asyncio.StreamWriter, limit: int, offset: int, query: dict[str, str]
+    ) -> None:
         if scenario == "endless-page":
             await _stream(writer, _endless_rows())
             return
@@ -171,6 +173,9 @@ class HostileArchive:
             ]
         else:
             rows.append(_study(BAD, 99))
+        wanted = query.get("StudyInstanceUID")
+        if wanted is not None:
+            rows = [r for r in rows if isinstance(r, dict) and r.get("0020000D", {}).get("Value") == [wanted]]
         await _answer(writer, 200, json.dumps(rows[offset : offset + limit]).encode())
 
     async def _series_of(
