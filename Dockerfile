@@ -35,4 +35,7 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "/opt/bridge/bin/healthcheck.py"]
 ENTRYPOINT ["bridge"]
+# Listening on every address, `bridge serve` refuses to start (exit 2) until API authentication is
+# configured (BRIDGE_API_KEYS, BRIDGE_JWT_JWKS_URL or BRIDGE_JWT_PUBLIC_KEY), or
+# BRIDGE_API_ALLOW_ANONYMOUS=true says a proxy in front authenticates callers. Not set here on purpose.
 CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -522,9 +522,11 @@ def _serve(host: str, port: int, *, run_scheduler: bool) -> None:
     import uvicorn
 
     from bridge.api.app import create_app
+    from bridge.api.exposure import check_listen_address
 
     settings = _settings()
     try:
+        check_listen_address(host, settings)
         api = create_app(settings, run_scheduler=run_scheduler)
     except BridgeError as exc:
         raise _fail(exc) from None

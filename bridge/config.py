@@ -196,6 +196,27 @@ class ArchiveSettings(UpstreamSettings):
         description="WADO-RS base URL written into the Endpoint for viewers; defaults to dicomweb_url",
     )
 
+    max_page_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=1024,
+        description="Largest QIDO-RS page of studies or instances, in bytes",
+    )
+    max_series_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=1024, description="Largest answer to one series query, in bytes"
+    )
+    max_metadata_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=1024, description="Largest WADO-RS metadata answer, in bytes"
+    )
+    max_thumbnail_bytes: int = Field(
+        default=8 * 1024 * 1024, ge=1024, description="Largest rendered thumbnail, in bytes"
+    )
+    max_pages: int = Field(
+        default=100_000, ge=1, description="Most pages one QIDO-RS walk may take; more ends it with an error"
+    )
+    max_series: int = Field(
+        default=10_000, ge=1, description="Studies with more series are parked, naming this setting"
+    )
+
     @property
     def public_base(self) -> str:
         """The DICOMweb base viewers reach, without a trailing slash."""
@@ -208,6 +229,9 @@ class FhirServerSettings(UpstreamSettings):
     url: AnyHttpUrl = Field(description="FHIR R4 base URL, e.g. https://ehr/fhir/R4")
     scopes: str | None = Field(
         default=None, description="Scopes to request, space-separated, e.g. system/ImagingStudy.write"
+    )
+    max_response_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024, description="Largest answer from the FHIR server, in bytes"
     )
 
 
@@ -442,6 +466,13 @@ class Settings(PerSourceSettings, BaseSettings):
         default=30.0, gt=0, description="Seconds an open circuit waits before probing the upstream"
     )
     http2: bool = Field(default=True, description="Offer HTTP/2 to upstreams over TLS (ALPN)")
+    # Bounds on what an upstream may make the bridge spend (operator guide, "Limits")
+    http_deadline: float = Field(
+        default=300.0,
+        gt=0,
+        le=86400,
+        description="Longest one upstream request may take, connect to last byte, s",
+    )
 
     log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
 
@@ -503,6 +534,23 @@ class Settings(PerSourceSettings, BaseSettings):
         default=30.0, ge=0, le=3600, description="Seconds a resolved study is served from memory; 0: off"
     )
     resolver_cache_size: int = Field(default=10000, ge=1, description="Studies the resolver keeps cached")
+    # Resolver API bounds and secure defaults (operator guide, "Limits" and "Security defaults")
+    api_allow_anonymous: bool = Field(
+        default=False,
+        description="Let bridge serve/run listen on a non-loopback address with no API authentication",
+    )
+    api_metrics_auth: bool = Field(
+        default=False, description="/metrics requires the API's authentication too (when it is configured)"
+    )
+    api_links_max_series: int = Field(
+        default=1000,
+        ge=1,
+        le=100_000,
+        description="Most series in one links answer (page with series_offset)",
+    )
+    api_sync_rate: int = Field(
+        default=30, ge=1, le=100_000, description="On-demand syncs one client may start per minute; then 429"
+    )
 
     @field_validator("viewers", "api_keys", "jwt_algorithms", "cors_origins", mode="before")
     @classmethod

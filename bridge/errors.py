@@ -17,6 +17,7 @@
         ├── RetriableUpstreamError    timeouts, connection errors, 429, 5xx: retry, then give up
         │   └── UpstreamUnavailableError  still failing after the retries (exit 3)
         └── FatalUpstreamError        other 4xx: retrying will not help; the study is parked
+            ├── UpstreamLimitError    an answer broke a bound (deadline, size, pages, series per study)
             ├── RejectedResourceError the FHIR server rejected a resource (OperationOutcome text)
             └── VersionConflictError  If-Match failed (412) or the write conflicted (409)
 
@@ -94,6 +95,18 @@ class UpstreamUnavailableError(RetriableUpstreamError):
 
 class FatalUpstreamError(UpstreamError):
     """A 4xx other than 429: the request itself is wrong, so retrying cannot help."""
+
+
+class UpstreamLimitError(FatalUpstreamError):
+    """An answer broke one of the bridge's bounds; ``setting`` names the setting that sets it.
+
+    Not retried (the same request would break it again): the study is parked, or, for a study
+    page, the run ends (exit 3).
+    """
+
+    def __init__(self, message: str, *, service: str, status: int | None = None, setting: str) -> None:
+        super().__init__(message, service=service, status=status)
+        self.setting = setting
 
 
 class RejectedResourceError(FatalUpstreamError):

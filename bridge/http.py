@@ -23,6 +23,7 @@ from bridge.errors import (
     UpstreamError,
     UpstreamUnavailableError,
 )
+from bridge.limits import CallLimit, send_bounded
 
 logger = logging.getLogger(__name__)
 
@@ -378,17 +379,22 @@ async def send(
     policy: RetryPolicy,
     ok: Callable[[httpx.Response], bool] = lambda r: r.is_success,
     detail: Callable[[httpx.Response], str | None] = lambda r: None,
+    limit: CallLimit | None = None,
 ) -> httpx.Response:
     """Send ``request`` with retries; return the answer if ``ok``, else raise the mapped error.
 
-    The body is read before returning so a truncated body is retried like any transport error.
+    The body is read before returning so a truncated body is retried like any transport error;
+    with a ``limit``, within its deadline and size cap (bridge/limits.py).
     A 401 or 403 always raises UpstreamAuthError, whatever ``ok`` says.
     """
 
     async def attempt() -> httpx.Response:
         try:
-            response = await client.send(request)
-            await response.aread()
+            if limit is not None:
+                response = await send_bounded(client, request, limit, service)
+            else:
+                response = await client.send(request)
+                await response.aread()
         except TRANSPORT_ERRORS as exc:
             raise error_for_exception(exc, request, service) from exc
         if response.status_code in AUTH_STATUS:

@@ -15,6 +15,7 @@ from bridge.dicomweb.client import DicomwebClient
 from bridge.dicomweb.orthanc import OrthancChangeFeed
 from bridge.fhir.client import FhirClient
 from bridge.http import RetryPolicy
+from bridge.limits import DicomwebLimits, fhir_limit
 from bridge.mapping.context import MappingContext
 from bridge.mapping.tables import BUNDLED_MAPPINGS, load_tables
 from bridge.state.store import SqlStore
@@ -139,9 +140,13 @@ async def open_runtime(settings: Settings, source: SourceSettings | None = None)
             http_client(settings, settings.fhir, "fhir") as fhir_http,
         ):
             dicomweb = DicomwebClient(
-                dicomweb_http, source.dicomweb.base, policy=policy, page_size=source.qido_page_size
+                dicomweb_http,
+                source.dicomweb.base,
+                policy=policy,
+                page_size=source.qido_page_size,
+                limits=DicomwebLimits.from_settings(source.dicomweb, settings.http_deadline),
             )
-            fhir = FhirClient(fhir_http, settings.fhir.base, policy=fhir_policy)
+            fhir = FhirClient(fhir_http, settings.fhir.base, policy=fhir_policy, limit=fhir_limit(settings))
             changes = change_source(source, dicomweb_http, store, policy)
             runtime = Runtime(settings, source, ctx, store, dicomweb, fhir, changes)
             runtime.worker = runtime.new_worker(settings.sync_concurrency)

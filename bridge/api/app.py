@@ -16,6 +16,7 @@ from bridge import __version__
 from bridge.api import errors
 from bridge.api.deps import Services
 from bridge.api.middleware import ObservabilityMiddleware
+from bridge.api.ondemand import OnDemandGate
 from bridge.api.readiness import ReadinessProbe
 from bridge.api.routes import failures, health, links, metrics, record, sync, viewer
 from bridge.api.security import Authenticator
@@ -23,6 +24,7 @@ from bridge.config import Settings, get_settings
 from bridge.errors import BridgeError, StoreError
 from bridge.fhir.client import FhirClient
 from bridge.http import RetryPolicy
+from bridge.limits import fhir_limit
 from bridge.resolve.resolver import Resolver, ResolverConfig
 from bridge.resolve.viewers import configure_viewers, load_viewer_table
 from bridge.runtime import USER_AGENT, open_runtime
@@ -119,7 +121,7 @@ def create_app(
                 retries=min(settings.http_retries, API_RETRIES),
                 max_wait=min(settings.http_retry_max_wait, API_RETRY_MAX_WAIT),
             )
-            fhir = FhirClient(fhir_http, settings.fhir.base, policy=policy)
+            fhir = FhirClient(fhir_http, settings.fhir.base, policy=policy, limit=fhir_limit(settings))
             store: SqlStore | None
             try:
                 store = await anyio.to_thread.run_sync(SqlStore, settings.state_url)
@@ -176,6 +178,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.services = services
+    app.state.sync_gate = OnDemandGate[Any](settings.api_sync_rate)
     errors.install(app)
     for router in routers:
         app.include_router(router)

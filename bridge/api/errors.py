@@ -46,6 +46,14 @@ class AuthenticationError(BridgeError):
         self.bearer_error = bearer_error
 
 
+class RateLimitedError(BridgeError):
+    """The caller asked for more work than its rate allows (429, with Retry-After)."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 def outcome(
     status: int, code: str, diagnostics: str, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
@@ -81,6 +89,8 @@ def response_for(exc: BridgeError) -> JSONResponse:
         if exc.bearer_error:
             challenge += f', error="{exc.bearer_error}"'
         return outcome(401, "login", str(exc), {"WWW-Authenticate": challenge})
+    if isinstance(exc, RateLimitedError):
+        return outcome(429, "throttled", str(exc), {"Retry-After": str(max(1, math.ceil(exc.retry_after)))})
     if isinstance(exc, UpstreamError):
         # The upstream's message names its URL; the log keeps it, the caller gets the gist.
         logger.warning("upstream failure while answering: %s", exc)

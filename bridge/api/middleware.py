@@ -15,6 +15,10 @@ logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("bridge.api.access")
 
 UNMATCHED = "unmatched"
+OTHER = "other"
+# Metric labels come from closed sets: a method outside these (any token is a valid method) is "other".
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+NOSNIFF = (b"x-content-type-options", b"nosniff")
 _INTERNAL = json.dumps(
     {
         "resourceType": "OperationOutcome",
@@ -28,6 +32,12 @@ def route_template(scope: Scope) -> str:
     route: Any = scope.get("route")
     path = getattr(route, "path", None)
     return path if isinstance(path, str) else UNMATCHED
+
+
+def method_label(scope: Scope) -> str:
+    """The request's method if it is a known one, else ``other``."""
+    method = str(scope.get("method", ""))
+    return method if method in KNOWN_METHODS else OTHER
 
 
 class ObservabilityMiddleware:
@@ -50,6 +60,8 @@ class ObservabilityMiddleware:
             if message["type"] == "http.response.start":
                 status = int(message["status"])
                 answered = True
+                # no response is to be sniffed into something else (an HTML error page into a script)
+                message = {**message, "headers": [*message.get("headers", []), NOSNIFF]}
             await send(message)
 
         try:
@@ -57,7 +69,7 @@ class ObservabilityMiddleware:
         except Exception as exc:  # noqa: BLE001 - the last resort: no trace leaves the process
             status = 500
             logger.error(
-                "unhandled %s answering %s %s", type(exc).__name__, scope["method"], route_template(scope)
+                "unhandled %s answering %s %s", type(exc).__name__, method_label(scope), route_template(scope)
             )
             if not answered:
                 await send(
@@ -67,6 +79,7 @@ class ObservabilityMiddleware:
                         "headers": [
                             (b"content-type", b"application/json"),
                             (b"content-length", str(len(_INTERNAL)).encode()),
+                            NOSNIFF,
                         ],
                     }
                 )
@@ -74,7 +87,7 @@ class ObservabilityMiddleware:
         finally:
             elapsed = time.perf_counter() - started
             route = route_template(scope)
-            method = str(scope["method"])
+            method = method_label(scope)
             HTTP_REQUESTS.labels(method, route, str(status)).inc()
             HTTP_REQUEST_DURATION.labels(method, route, str(status)).observe(elapsed)
             access_logger.info("%s %s %d %.1f ms", method, route, status, elapsed * 1000)

@@ -55,7 +55,11 @@ class StudyLinks(BaseModel):
     accession: str | None = None
     dicomweb_base: str = Field(description="WADO-RS base URL (the Endpoint address)")
     study: WadoLinks
-    series: list[SeriesLinks]
+    series: list[SeriesLinks] = Field(
+        description="One page of the series: see series_offset and series_total"
+    )
+    series_total: int | None = Field(default=None, description="How many series the study has")
+    series_offset: int = Field(default=0, description="Index of the first series in this answer")
     viewers: dict[str, str] = Field(description="Viewer name -> URL opening the study")
     default_viewer: str | None = None
 

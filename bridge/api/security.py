@@ -6,11 +6,13 @@ import asyncio
 import hmac
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from bridge.api.errors import AuthenticationError
@@ -21,6 +23,24 @@ logger = logging.getLogger(__name__)
 
 JWKS_MAX_AGE = 300.0  # seconds a fetched key set is trusted
 JWKS_MIN_REFRESH = 30.0  # an unknown kid refetches the set at most this often
+JWKS_BACKOFF = 5.0  # seconds before the first retry after a failed fetch; doubles per failure
+JWKS_MAX_BACKOFF = 300.0
+_RSA_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
+_EC_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
+
+
+def key_algorithms(key: Any) -> frozenset[str]:
+    """The JWT algorithms a public key can verify: a token is checked only with its key's own kind."""
+    if isinstance(key, rsa.RSAPublicKey):
+        return _RSA_ALGORITHMS
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        alg = _EC_ALGORITHMS.get(key.curve.name)
+        return frozenset({alg}) if alg else frozenset()
+    if isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+        return frozenset({"EdDSA"})
+    return frozenset()
+
+
 LEEWAY = 30  # seconds of clock skew accepted on exp/nbf/iat
 
 
@@ -35,20 +55,32 @@ class Caller:
 class JwksKeys:
     """The signing keys at a JWKS URL, fetched with the app's HTTP client and cached."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.url = url
         self.client: httpx.AsyncClient | None = None
         self._keys: dict[str, jwt.PyJWK] = {}
-        self._fetched = -1e18
+        self._clock = clock
+        self._fetched = -1e18  # last successful fetch
+        self._attempted = -1e18  # last fetch, successful or not
+        self._retry_at = -1e18  # no fetch before this, after failures
+        self._failures = 0
         self._lock = asyncio.Lock()
+        self.fetches = 0  # for tests and logs
 
     async def key(self, kid: str | None) -> jwt.PyJWK:
-        """The key for ``kid`` (or the only key when the token names none)."""
-        now = time.monotonic()
-        if now - self._fetched > JWKS_MAX_AGE or (
-            kid not in self._keys and now - self._fetched > JWKS_MIN_REFRESH
-        ):
-            await self._refresh()
+        """The key for ``kid`` (or the only key when the token names none).
+
+        The set is fetched once for any number of callers waiting at the same time, an unknown
+        ``kid`` refetches it at most every JWKS_MIN_REFRESH seconds, and after a failed fetch the
+        next one waits a back-off (doubling up to JWKS_MAX_BACKOFF).
+        """
+        now = self._clock()
+        unknown = (kid not in self._keys) if kid is not None else not self._keys
+        due = now - self._fetched > JWKS_MAX_AGE or (unknown and now - self._attempted > JWKS_MIN_REFRESH)
+        if due and now >= self._retry_at:
+            await self._refresh(now)
+        if not self._keys:
+            raise AuthenticationError("the token cannot be checked now (JWKS unavailable)")
         if kid is None and len(self._keys) == 1:
             return next(iter(self._keys.values()))
         found = self._keys.get(kid or "")
@@ -58,21 +90,28 @@ class JwksKeys:
             )
         return found
 
-    async def _refresh(self) -> None:
+    async def _refresh(self, asked_at: float) -> None:
         async with self._lock:
+            if self._attempted >= asked_at:
+                return  # another caller fetched while this one waited: single flight
             if self.client is None:
                 raise AuthenticationError("the JWKS is not available yet")
+            self._attempted = self._clock()
+            self.fetches += 1
             try:
                 response = await self.client.get(self.url, headers={"Accept": "application/json"})
                 response.raise_for_status()
                 key_set = jwt.PyJWKSet.from_dict(response.json())
-            except (httpx.HTTPError, ValueError, jwt.PyJWKSetError) as exc:
-                logger.warning("cannot fetch the JWKS (%s)", type(exc).__name__)
-                if not self._keys:
-                    raise AuthenticationError("the token cannot be checked now (JWKS unavailable)") from None
+            except (httpx.HTTPError, ValueError, TypeError, jwt.PyJWKSetError, jwt.PyJWKError) as exc:
+                self._failures += 1
+                wait = min(JWKS_MAX_BACKOFF, JWKS_BACKOFF * 2 ** (self._failures - 1))
+                self._retry_at = self._attempted + wait
+                logger.warning("cannot fetch the JWKS (%s); next try in %.0f s", type(exc).__name__, wait)
                 return
+            self._failures = 0
+            self._retry_at = -1e18
             self._keys = {k.key_id or "": k for k in key_set.keys}
-            self._fetched = time.monotonic()
+            self._fetched = self._attempted
 
 
 class Authenticator:
@@ -91,6 +130,11 @@ class Authenticator:
                 self._static_key = load_pem_public_key(pem)
             except (ValueError, TypeError) as exc:
                 raise ConfigurationError(f"BRIDGE_JWT_PUBLIC_KEY: not a PEM public key ({exc})") from None
+            if not key_algorithms(self._static_key) & set(self._algorithms):
+                raise ConfigurationError(
+                    "BRIDGE_JWT_PUBLIC_KEY: the key (RSA, EC P-256/384/521 or Ed25519/Ed448) verifies none "
+                    "of BRIDGE_JWT_ALGORITHMS"
+                )
         elif settings.jwt_jwks_url is not None:
             self.jwks = JwksKeys(str(settings.jwt_jwks_url))
 
@@ -129,17 +173,23 @@ class Authenticator:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError:
             raise AuthenticationError("the bearer token is not a JWT", bearer_error="invalid_token") from None
-        if header.get("alg") not in self._algorithms:
+        algorithm = header.get("alg")
+        if algorithm not in self._algorithms:
             raise AuthenticationError("the token's algorithm is not accepted", bearer_error="invalid_token")
         key: Any = self._static_key
         if self.jwks is not None:
-            key = (await self.jwks.key(header.get("kid"))).key
+            kid = header.get("kid")
+            key = (await self.jwks.key(kid if isinstance(kid, str) else None)).key
+        if algorithm not in key_algorithms(key):
+            raise AuthenticationError(
+                "the token's algorithm does not match its signing key", bearer_error="invalid_token"
+            )
         required = ["exp", "aud"] + (["iss"] if self._issuer else [])
         try:
             claims = jwt.decode(
                 token,
                 key=key,
-                algorithms=self._algorithms,
+                algorithms=[algorithm],
                 audience=self._audience,
                 issuer=self._issuer,
                 leeway=LEEWAY,
@@ -159,7 +209,8 @@ class Authenticator:
             raise AuthenticationError(
                 f"the token lacks the {exc.claim!r} claim", bearer_error="invalid_token"
             ) from None
-        except jwt.InvalidTokenError:
+        except (jwt.PyJWTError, TypeError, ValueError):
+            # every other failure of verification (a key that does not fit, a malformed signature)
             raise AuthenticationError(
                 "the token's signature or claims are invalid", bearer_error="invalid_token"
             ) from None

@@ -19,8 +19,9 @@ from bridge.dicomweb.records import (
     parse_series,
     raw_uid,
 )
-from bridge.errors import FatalUpstreamError
+from bridge.errors import FatalUpstreamError, UpstreamLimitError
 from bridge.http import RetryPolicy, json_body, send, where
+from bridge.limits import CallLimit, DicomwebLimits
 
 logger = logging.getLogger(__name__)
 
@@ -42,15 +43,22 @@ class DicomwebClient:
         *,
         policy: RetryPolicy | None = None,
         page_size: int = 100,
+        limits: DicomwebLimits | None = None,
     ) -> None:
         self._client = client
         self._base = base_url.rstrip("/")
         self._policy = policy or RetryPolicy()
         self.page_size = page_size
+        self.limits = limits or DicomwebLimits()
         self.queries: list[str] = []
 
-    async def _get(self, path: str, params: Sequence[tuple[str, str]]) -> tuple[list[DicomJson], bool]:
-        """One QIDO request: the rows, and whether the server says the answer was truncated."""
+    async def _get(
+        self, path: str, params: Sequence[tuple[str, str]], limit: CallLimit | None = None
+    ) -> tuple[list[DicomJson], bool]:
+        """One QIDO request: the rows, and whether the server says the answer was truncated.
+
+        The answer is bounded by ``limit`` (a study page's bounds by default).
+        """
         query = urlencode(params)
         self.queries.append(f"{path}?{query}" if query else path)
         request = self._client.build_request(
@@ -59,7 +67,9 @@ class DicomwebClient:
             params=list(params),
             headers={"Accept": ACCEPT, "Accept-Encoding": "gzip, deflate"},
         )
-        response = await send(self._client, request, service=SERVICE, policy=self._policy)
+        response = await send(
+            self._client, request, service=SERVICE, policy=self._policy, limit=limit or self.limits.page()
+        )
         # A Warning header (RFC 7234 code 299) is how QIDO-RS servers report truncated results.
         truncated = "warning" in response.headers
         if response.status_code == 204 or not response.content.strip():
@@ -73,20 +83,35 @@ class DicomwebClient:
         return body, truncated
 
     async def _paged(
-        self, path: str, fields: Sequence[str], filters: Mapping[str, str], uid_tag: str
+        self,
+        path: str,
+        fields: Sequence[str],
+        filters: Mapping[str, str],
+        uid_tag: str,
+        limit: CallLimit | None = None,
     ) -> AsyncIterator[list[DicomJson]]:
         """Pages of rows, following limit/offset until the server has no more.
 
         Copes with servers that ignore ``limit`` (a page longer than asked ends the walk), that
         ignore ``offset`` (a page of nothing new ends it), and that cap results silently but say
-        so in a Warning header (paging goes on while the header is there).
+        so in a Warning header (paging goes on while the header is there, at most
+        ``BRIDGE_DICOMWEB_MAX_PAGES`` pages: past that the walk fails rather than run forever).
         """
         base_params = [("includefield", f) for f in fields] + sorted(filters.items())
         offset = 0
         seen: set[str] = set()
+        pages = 0
         while True:
+            pages += 1
+            if pages > self.limits.max_pages:
+                raise UpstreamLimitError(
+                    f"{SERVICE} {self._base}{path}: still more rows after {self.limits.max_pages} pages "
+                    "(BRIDGE_DICOMWEB_MAX_PAGES); the archive's paging does not end",
+                    service=SERVICE,
+                    setting="BRIDGE_DICOMWEB_MAX_PAGES",
+                )
             params = [*base_params, ("limit", str(self.page_size)), ("offset", str(offset))]
-            rows, truncated = await self._get(path, params)
+            rows, truncated = await self._get(path, params, limit)
             fresh = []
             for row in rows:
                 uid = raw_uid(row, uid_tag)
@@ -139,13 +164,25 @@ class DicomwebClient:
             f"/studies/{quote(study_uid, safe='')}/series/{quote(instance.series_uid, safe='')}"
             f"/instances/{quote(instance.uid, safe='')}/metadata"
         )
-        rows, _ = await self._get(path, [])
+        rows, _ = await self._get(path, [], self.limits.metadata())
         return rows[0] if rows and isinstance(rows[0], dict) else None
 
     async def search_series(self, study_uid: str) -> list[SeriesRecord]:
-        """Every series of one study; raises MappingError if a row cannot be parsed."""
+        """Every series of one study; raises MappingError if a row cannot be parsed.
+
+        A study with more than ``BRIDGE_DICOMWEB_MAX_SERIES`` series raises UpstreamLimitError,
+        which parks it.
+        """
         path = f"/studies/{quote(study_uid, safe='')}/series"
         records: list[SeriesRecord] = []
-        async for page in self._paged(path, SERIES_FIELDS, {}, "0020000E"):
+        cap = self.limits.max_series
+        async for page in self._paged(path, SERIES_FIELDS, {}, "0020000E", self.limits.series()):
+            if len(records) + len(page) > cap:
+                raise UpstreamLimitError(
+                    f"study {study_uid} has more than {cap} series (BRIDGE_DICOMWEB_MAX_SERIES): "
+                    "not published; raise the setting if the study is real",
+                    service=SERVICE,
+                    setting="BRIDGE_DICOMWEB_MAX_SERIES",
+                )
             records.extend(parse_series(row) for row in page)
         return records

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -17,6 +18,7 @@ from bridge.errors import (
     VersionConflictError,
 )
 from bridge.http import RETRIABLE_STATUS, RetryPolicy, json_body, send, where
+from bridge.limits import CallLimit
 from bridge.sync.protocols import WriteResult
 
 logger = logging.getLogger(__name__)
@@ -24,6 +26,7 @@ logger = logging.getLogger(__name__)
 SERVICE = "fhir"
 FHIR_JSON = "application/fhir+json"
 _OUTCOME_LIMIT = 1000
+_PARSE_IN_THREAD = 256 * 1024  # bytes
 
 
 # Servers quote the value they reject ("The value 'Doe^Jane' is not ..."): it may be patient data.
@@ -91,8 +94,14 @@ class FhirClient:
     """FHIR REST calls against one base URL through an ``httpx.AsyncClient`` given from outside."""
 
     def __init__(
-        self, client: httpx.AsyncClient, base_url: str, *, policy: RetryPolicy | None = None
+        self,
+        client: httpx.AsyncClient,
+        base_url: str,
+        *,
+        policy: RetryPolicy | None = None,
+        limit: CallLimit | None = None,
     ) -> None:
+        self._limit = limit
         self._client = client
         self._base = base_url.rstrip("/")
         self._policy = policy or RetryPolicy()
@@ -123,7 +132,9 @@ class FhirClient:
                 **(headers or {}),
             },
         )
-        response = await send(self._client, request, service=SERVICE, policy=self._policy, ok=_final)
+        response = await send(
+            self._client, request, service=SERVICE, policy=self._policy, ok=_final, limit=self._limit
+        )
         if not response.is_success and response.status_code not in ok:
             raise error_for_answer(response)
         return response
@@ -139,7 +150,10 @@ class FhirClient:
         response = await self._send("GET", f"{resource_type}/{quote(resource_id, safe='')}", ok=(404, 410))
         if response.status_code in (404, 410):
             return None
-        body = json_body(response, SERVICE)
+        if len(response.content) > _PARSE_IN_THREAD:  # a large resource is decoded off the event loop
+            body = await asyncio.to_thread(json_body, response, SERVICE)
+        else:
+            body = json_body(response, SERVICE)
         return body if isinstance(body, dict) else None
 
     async def delete(self, resource_type: str, resource_id: str) -> None:

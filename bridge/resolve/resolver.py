@@ -268,7 +268,8 @@ class Resolver:
         endpoints = dict(
             zip(refs, await asyncio.gather(*(self._endpoint(resource, r) for r in refs)), strict=True)
         )
-        location = locate(resource, endpoints, self.config.dicomweb_bases)
+        # in a worker thread: a study with very many series takes a while, and the loop serves /healthz
+        location = await asyncio.to_thread(locate, resource, endpoints, self.config.dicomweb_bases)
         # The same study answers its other keys too, for the rest of the TTL.
         self.studies.put(("id", location.fhir_id), location)
         return location

@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from bridge.dicomweb.guard import check_value_sizes
 from bridge.dicomweb.records import (
     DicomJson,
     StudyRecord,
@@ -211,7 +212,7 @@ class SyncWorker:
         for row in rows:
             report.add(seen=1)
             try:
-                study = parse_study(row)
+                study = parse_study(check_value_sizes(row))
             except MappingError as exc:
                 uid = raw_uid(row) or f"unknown:{digest(row)[:16]}"
                 await self._park(report, uid, exc)

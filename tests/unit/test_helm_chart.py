@@ -27,7 +27,15 @@ ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "fhir-dicomweb-bridge"
 CI_VALUES = CHART / "ci" / "split-postgres-values.yaml"
 KUBERNETES = "1.31.0"
-MINIMAL = ["--set", "config.dicomweb_url=http://pacs/dicom-web", "--set", "config.fhir_url=http://ehr/fhir"]
+MINIMAL = [
+    "--set",
+    "config.dicomweb_url=http://pacs/dicom-web",
+    "--set",
+    "config.fhir_url=http://ehr/fhir",
+    "--set",
+    "secretConfig.api_keys={key-one}",
+]
+NO_AUTH = MINIMAL[:4]
 
 
 def _helm() -> str:
@@ -111,6 +119,12 @@ def test_split_mode_renders_valid_kubernetes_objects() -> None:
     assert monitor["metadata"]["labels"]["release"] == "prometheus"
 
 
+def test_anonymous_api_renders_only_when_asked_for_explicitly() -> None:
+    docs = objects(*NO_AUTH, "--set", "config.api_allow_anonymous=true")
+    assert _environment(docs)["BRIDGE_API_ALLOW_ANONYMOUS"] == "true"
+    assert objects(*NO_AUTH, "--set", "api.enabled=false")  # a worker alone serves no patient data
+
+
 def test_combined_mode_renders_one_deployment_running_both() -> None:
     docs = objects(*MINIMAL, "--set", "mode=combined", "--set", "api.replicas=1")
     validate_all(docs)
@@ -171,6 +185,8 @@ def test_an_existing_secret_replaces_the_charts_secret() -> None:
         ([*MINIMAL, "--set", "config.fhir_password=x"], "Additional property fhir_password is not allowed"),
         ([*MINIMAL, "--set", "config.qido_page_size=0"], "qido_page_size"),
         ([*MINIMAL, "--set", "mode=both"], "mode"),
+        (NO_AUTH, "without authentication: set secretConfig.api_keys"),
+        ([*NO_AUTH, "--set", "mode=combined", "--set", "api.replicas=1"], "BRIDGE_API_ALLOW_ANONYMOUS"),
     ],
 )
 def test_the_chart_refuses_bad_values(args: list[str], message: str) -> None:

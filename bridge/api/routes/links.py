@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import replace
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+import anyio.to_thread
+from fastapi import APIRouter, Depends, Query
 
 from bridge.api.deps import (
     ServicesDep,
@@ -21,34 +23,57 @@ from bridge.resolve.links import StudyLocation, build_links
 router = APIRouter(tags=["links"], dependencies=[Depends(caller)], responses=ERROR_RESPONSES)
 
 
-def _links(study: StudyLocation, s: ServicesDep) -> dict[str, Any]:
+SeriesOffset = Annotated[int, Query(ge=0, le=10_000_000, description="Index of the first series to list")]
+SeriesCount = Annotated[
+    int | None, Query(ge=1, description="Series to list, at most BRIDGE_API_LINKS_MAX_SERIES (the default)")
+]
+
+
+async def _links(
+    study: StudyLocation, s: ServicesDep, offset: int = 0, count: int | None = None
+) -> dict[str, Any]:
+    """One page of the study's links, built in a worker thread.
+
+    A study with very many series must not hold up the event loop (and with it /healthz).
+    """
     assert s.resolver is not None
     config = s.resolver.config
-    return build_links(
-        study,
-        fhir_base=config.fhir_base.rstrip("/"),
-        viewers=s.viewers,
-        default_viewer=s.settings.default_viewer,
-        bases=config.dicomweb_bases,
-    )
+    count = min(count or s.settings.api_links_max_series, s.settings.api_links_max_series)
+    page = replace(study, series=study.series[offset : offset + count])
+
+    def build() -> dict[str, Any]:
+        links = build_links(
+            page,
+            fhir_base=config.fhir_base.rstrip("/"),
+            viewers=s.viewers,
+            default_viewer=s.settings.default_viewer,
+            bases=config.dicomweb_bases,
+        )
+        return {**links, "series_total": len(study.series), "series_offset": offset}
+
+    return await anyio.to_thread.run_sync(build)
 
 
 @router.get("/imaging-studies/{id}/links", response_model=StudyLinks, summary="Links by FHIR ImagingStudy id")
-async def links_by_id(study: StudyById, s: ServicesDep) -> dict[str, Any]:
+async def links_by_id(
+    study: StudyById, s: ServicesDep, series_offset: SeriesOffset = 0, series_count: SeriesCount = None
+) -> dict[str, Any]:
     """WADO-RS URLs (study, metadata, series, rendered, thumbnail) and viewer URLs of ImagingStudy/{id}."""
-    return _links(study, s)
+    return await _links(study, s, series_offset, series_count)
 
 
 @router.get("/studies/{study_uid}/links", response_model=StudyLinks, summary="Links by Study Instance UID")
-async def links_by_study_uid(study: StudyByUid, s: ServicesDep) -> dict[str, Any]:
+async def links_by_study_uid(
+    study: StudyByUid, s: ServicesDep, series_offset: SeriesOffset = 0, series_count: SeriesCount = None
+) -> dict[str, Any]:
     """The links of the study whose ImagingStudy carries this Study Instance UID."""
-    return _links(study, s)
+    return await _links(study, s, series_offset, series_count)
 
 
 @router.get("/accessions/{accession}/links", response_model=StudyLinks, summary="Links by accession number")
 async def links_by_accession(study: StudyByAccession, s: ServicesDep) -> dict[str, Any]:
     """The links of the one study with this accession number; 409 if it matches several studies."""
-    return _links(study, s)
+    return await _links(study, s)
 
 
 @router.get(
@@ -56,4 +81,4 @@ async def links_by_accession(study: StudyByAccession, s: ServicesDep) -> dict[st
 )
 async def links_by_reference(study: StudyByReference, s: ServicesDep) -> dict[str, Any]:
     """The links of ``?reference=ImagingStudy/{id}`` or of the ImagingStudy's absolute URL."""
-    return _links(study, s)
+    return await _links(study, s)

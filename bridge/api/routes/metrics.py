@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
-from fastapi.responses import Response
+from typing import Annotated
 
+from fastapi import APIRouter, Depends, Security
+from fastapi.responses import Response
+from fastapi.security import HTTPAuthorizationCredentials
+
+from bridge.api.deps import ServicesDep, caller
+from bridge.api.deps import _api_key as api_key_header
+from bridge.api.deps import _bearer as bearer_header
 from bridge.metrics import exposition
 
-router = APIRouter(tags=["health"])
+
+async def metrics_caller(
+    s: ServicesDep,
+    api_key: Annotated[str | None, Security(api_key_header)],
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_header)],
+) -> None:
+    """The API's authentication, when BRIDGE_API_METRICS_AUTH puts /metrics behind it."""
+    if s.settings.api_metrics_auth:
+        await caller(s, api_key, bearer)
+
+
+router = APIRouter(tags=["health"], dependencies=[Depends(metrics_caller)])
 
 
 @router.get(

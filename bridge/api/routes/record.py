@@ -23,6 +23,7 @@ from bridge.api.deps import FHIR_ID_PATTERN, ResolverDep, StudyById, caller
 from bridge.config import Settings
 from bridge.errors import NoUsableEndpointError, StudyNotFoundError
 from bridge.http import RetryPolicy, send
+from bridge.limits import CallLimit, DicomwebLimits
 from bridge.resolve.links import WITHDRAWN, normalize_base, wado_urls
 from bridge.runtime import USER_AGENT
 from bridge.upstream import connection_options
@@ -34,8 +35,12 @@ async def _archive_clients(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.services.settings
     limits = httpx.Limits(max_connections=8, max_keepalive_connections=8)
     archives: dict[str, tuple[httpx.AsyncClient, str]] = {}
+    bounds: dict[str, CallLimit] = {}  # a picture is awaited by a person: the read timeout bounds it all
     async with AsyncExitStack() as stack:
         for source in settings.each_source():
+            thumbnail = DicomwebLimits.from_settings(source.dicomweb, settings.http_deadline).thumbnail(
+                settings.http_timeout
+            )
             options: dict[str, Any] = connection_options(settings, source.dicomweb, "dicomweb", limits)
             client = await stack.enter_async_context(
                 httpx.AsyncClient(
@@ -49,7 +54,9 @@ async def _archive_clients(app: FastAPI) -> AsyncIterator[None]:
                 key = normalize_base(base)
                 if key is not None:
                     archives.setdefault(key, (client, source.dicomweb.base))
+                    bounds.setdefault(key, thumbnail)
         app.state.record_archives = archives
+        app.state.record_thumbnail_limits = bounds
         try:
             yield
         finally:
@@ -268,6 +275,7 @@ async def record_thumbnail(study: StudyById, request: Request) -> Response:
             service=SERVICE,
             policy=_THUMBNAIL_RETRIES,
             ok=lambda r: r.is_success or r.status_code in _NOT_OFFERED,
+            limit=request.app.state.record_thumbnail_limits[found],
         )
         media_type = answer.headers.get("content-type", "").split(";")[0].strip().lower()
         if answer.is_success and media_type in _IMAGE_TYPES:

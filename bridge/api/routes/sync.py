@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
 from bridge.api.deps import ServicesDep, StudyUid, caller
 from bridge.api.errors import ERROR_RESPONSES
+from bridge.api.ondemand import OnDemandGate
+from bridge.api.security import Caller
 from bridge.errors import StudyNotFoundError, UpstreamUnavailableError
+from bridge.sync.report import RunReport
 
 router = APIRouter(tags=["sync"], dependencies=[Depends(caller)], responses=ERROR_RESPONSES)
 
@@ -42,16 +45,25 @@ class SyncResult(BaseModel):
     response_model=SyncResult,
     summary="Sync one study now (for a PACS to call when a study becomes stable)",
 )
-async def sync_study(study_uid: StudyUid, s: ServicesDep) -> Any:
+async def sync_study(
+    study_uid: StudyUid, s: ServicesDep, request: Request, who: Annotated[Caller, Depends(caller)]
+) -> Any:
     """Sync the study from the archive to the FHIR server now, with the scheduled sync's rules.
 
     A study the archive no longer has, but the bridge published, is retired per
-    BRIDGE_DELETE_POLICY; one the bridge never saw answers 404.
+    BRIDGE_DELETE_POLICY; one the bridge never saw answers 404. Requests for a study already
+    being synced share that run; each client may start BRIDGE_API_SYNC_RATE runs a minute (429).
     """
     if not s.runtimes:
         raise UpstreamUnavailableError("the sync side could not be opened", service="fhir")
-    # Every source is asked: each publishes (or retires) its own copy of the study.
-    reports = [await r.new_worker().run_studies([study_uid], kind="on-demand") for r in s.runtimes]
+
+    async def start() -> list[RunReport]:
+        # Every source is asked: each publishes (or retires) its own copy of the study.
+        return [await r.new_worker().run_studies([study_uid], kind="on-demand") for r in s.runtimes]
+
+    gate: OnDemandGate[list[RunReport]] = request.app.state.sync_gate
+    client = f"{who.method}:{who.subject or ''}:{request.client.host if request.client else ''}"
+    reports = await gate.run(study_uid, client, start)
     acted = [r for r in reports if r.counts.seen or r.deletions]
     if not acted:
         raise StudyNotFoundError("no archive has a study with that Study Instance UID")

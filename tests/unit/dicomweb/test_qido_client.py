@@ -215,3 +215,51 @@ async def test_http_errors_become_upstream_errors() -> None:
     with pytest.raises(UpstreamError) as caught:
         await all_uids(client)
     assert (caught.value.service, caught.value.status) == ("dicomweb", 404)
+
+
+def bounded_client(handler: Callable[[httpx.Request], httpx.Response], **limits: Any) -> DicomwebClient:
+    from bridge.limits import DicomwebLimits
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    return DicomwebClient(http, BASE, policy=NO_RETRY, page_size=5, limits=DicomwebLimits(**limits))
+
+
+async def test_a_warning_header_on_every_page_of_new_rows_ends_at_the_page_cap() -> None:
+    from bridge.errors import UpstreamLimitError
+
+    served: list[int] = []
+
+    def endless(request: httpx.Request) -> httpx.Response:
+        offset = int(request.url.params["offset"])
+        served.append(offset)
+        rows = [study_row(study_uid=uid(10_000 + offset + i)) for i in range(5)]
+        return httpx.Response(200, json=rows, headers={"Warning": '299 x "truncated"'})
+
+    client = bounded_client(endless, max_pages=20)
+    with pytest.raises(UpstreamLimitError) as caught:
+        await all_uids(client)
+    assert caught.value.setting == "BRIDGE_DICOMWEB_MAX_PAGES"
+    assert len(served) == 20
+
+
+async def test_a_study_with_more_series_than_the_cap_fails_naming_the_setting_without_reading_on() -> None:
+    from bridge.errors import UpstreamLimitError
+
+    archive = FakeArchive([])
+    archive.series[uid(1)] = [series_row(series_uid=uid(5000 + i)) for i in range(100)]
+    client = bounded_client(archive, max_series=12)
+    with pytest.raises(UpstreamLimitError) as caught:
+        await client.search_series(uid(1))
+    assert caught.value.setting == "BRIDGE_DICOMWEB_MAX_SERIES"
+    assert len(archive.requests) == 3  # pages of 5: the third crosses 12
+    assert len(await bounded_client(archive, max_series=100).search_series(uid(1))) == 100
+
+
+async def test_a_series_answer_over_its_size_cap_fails_naming_the_setting() -> None:
+    from bridge.errors import UpstreamLimitError
+
+    archive = FakeArchive([])
+    archive.series[uid(1)] = [series_row(series_uid=uid(5000 + i)) for i in range(5)]
+    with pytest.raises(UpstreamLimitError) as caught:
+        await bounded_client(archive, series_bytes=1024).search_series(uid(1))
+    assert caught.value.setting == "BRIDGE_DICOMWEB_MAX_SERIES_BYTES"

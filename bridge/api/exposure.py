@@ -1,0 +1,48 @@
+"""Secure by default: the API serves patient data anonymously only on loopback, unless told otherwise."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+
+from bridge.config import Settings
+from bridge.errors import ConfigurationError
+
+logger = logging.getLogger(__name__)
+
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or name given to --host) reaches this machine only."""
+    name = host.strip().strip("[]").lower()
+    if name in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False  # another name: it may resolve to any interface
+
+
+def auth_configured(settings: Settings) -> bool:
+    """Whether callers of the API must authenticate (API keys or bearer JWTs)."""
+    return bool(settings.api_keys) or settings.jwt_jwks_url is not None or settings.jwt_public_key is not None
+
+
+def check_listen_address(host: str, settings: Settings) -> None:
+    """ConfigurationError if serving on ``host`` would expose patient data to anyone who reaches it."""
+    if is_loopback(host) or auth_configured(settings):
+        return
+    if settings.api_allow_anonymous:
+        logger.warning(
+            "serving the API on %s without authentication (BRIDGE_API_ALLOW_ANONYMOUS=true): whatever is "
+            "in front of the bridge must authenticate callers",
+            host,
+        )
+        return
+    raise ConfigurationError(
+        f"refusing to serve the API on {host} without authentication: anyone who reaches it could read "
+        "patient data. Configure BRIDGE_API_KEYS or BRIDGE_JWT_JWKS_URL / BRIDGE_JWT_PUBLIC_KEY, listen on "
+        "127.0.0.1, or set BRIDGE_API_ALLOW_ANONYMOUS=true if something in front of the bridge "
+        "authenticates callers"
+    )

@@ -1,0 +1,215 @@
+"""The real ``bridge serve`` under hostile callers: memory stays bounded and /healthz stays fast.
+
+The load: thousands of requests with invented methods and long paths, ten concurrent links of a
+study with 20,000 series, and a hundred concurrent on-demand syncs (fifty of one study whose
+archive drips, fifty of studies that do not exist). /healthz is timed meanwhile from a separate
+process, so the load generator's own work does not count against the API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bridge.state.store import SqlStore
+from tests.integration.conftest import DEFAULT_PATIENT_SYSTEM
+from tests.stack.fhir import FhirTestServer
+from tests.stack.hostile import BAD, HostileArchive
+from tests.stack.process import free_loopback_port
+
+pytestmark = pytest.mark.integration
+
+SERIES = 20_000
+MAX_RSS_MB = 300.0
+HEALTHZ_P95_MS = 100.0
+
+_POLLER = """
+import sys, time, httpx
+with httpx.Client(timeout=10) as c:
+    while True:
+        t = time.perf_counter()
+        assert c.get(sys.argv[1]).status_code == 200
+        print((time.perf_counter() - t) * 1000, flush=True)
+        time.sleep(0.02)
+"""
+
+
+def _peak_rss_kb(pid: int) -> int:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    return next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), 0)
+
+
+@pytest.fixture
+def served(
+    fhir_server: FhirTestServer, tmp_path: Path
+) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
+    fhir_server.clear()
+    with HostileArchive(drip=0.5) as archive:
+        base = archive.base_url("drip-series")
+        fhir = fhir_server.base_url
+        with httpx.Client(timeout=120) as c:
+            ep = {
+                "resourceType": "Endpoint",
+                "id": "hostile-ep",
+                "status": "active",
+                "connectionType": {
+                    "system": "http://terminology.hl7.org/CodeSystem/endpoint-connection-type",
+                    "code": "dicom-wado-rs",
+                },
+                "payloadType": [{"text": "DICOM"}],
+                "address": base,
+            }
+            c.put(f"{fhir}/Endpoint/hostile-ep", json=ep).raise_for_status()
+            study = {
+                "resourceType": "ImagingStudy",
+                "id": "huge",
+                "status": "available",
+                "identifier": [{"system": "urn:dicom:uid", "value": "urn:oid:1.2.3.4.5"}],
+                "subject": {"reference": "Patient/nobody"},
+                "endpoint": [{"reference": "Endpoint/hostile-ep"}],
+                "series": [
+                    {
+                        "uid": f"1.2.3.4.5.{i}",
+                        "number": i,
+                        "modality": {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "CT"},
+                    }
+                    for i in range(1, SERIES + 1)
+                ],
+            }
+            c.put(f"{fhir}/ImagingStudy/huge", json=study).raise_for_status()
+        port = free_loopback_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+        env.update(
+            {
+                "BRIDGE_DICOMWEB_URL": base,
+                "BRIDGE_FHIR_URL": fhir,
+                "BRIDGE_STATE_URL": f"sqlite:///{tmp_path / 'state.db'}",
+                "BRIDGE_PATIENT_IDENTIFIER_SYSTEM": DEFAULT_PATIENT_SYSTEM,
+                "BRIDGE_HTTP_DEADLINE": "3",
+                "BRIDGE_HTTP_RETRIES": "0",
+                "BRIDGE_LOG_LEVEL": "WARNING",
+            }
+        )
+        log = tmp_path / "serve.log"
+        with log.open("wb") as out:
+            child = subprocess.Popen(
+                [sys.executable, "-m", "bridge", "serve", "--host", "127.0.0.1", "--port", str(port)],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+            url = f"http://127.0.0.1:{port}"
+            try:
+                deadline = time.monotonic() + 60
+                while True:
+                    try:
+                        if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                            break
+                    except httpx.HTTPError:
+                        pass
+                    assert child.poll() is None, log.read_text()
+                    assert time.monotonic() < deadline, "bridge serve did not start"
+                    time.sleep(0.2)
+                yield url, child, tmp_path
+            finally:
+                child.terminate()
+                child.wait(20)
+
+
+async def _load(url: str) -> dict[str, object]:
+    limits = httpx.Limits(max_connections=60)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
+        gate = asyncio.Semaphore(40)
+
+        async def odd(i: int) -> int:
+            async with gate:
+                if i % 2:
+                    r = await c.request(f"X-INVENTED-{i}", "/healthz")
+                else:
+                    r = await c.get(f"/{i}/" + "p" * 4000)
+                return r.status_code
+
+        started = time.monotonic()
+        odd_codes = await asyncio.gather(*(odd(i) for i in range(2000)))
+        odd_seconds = time.monotonic() - started
+
+        started = time.monotonic()
+        links = await asyncio.gather(*(c.get("/imaging-studies/huge/links") for _ in range(10)))
+        links_seconds = time.monotonic() - started
+
+        started = time.monotonic()
+        syncs = await asyncio.gather(
+            *(c.post(f"/studies/{BAD}/sync") for _ in range(50)),
+            *(c.post(f"/studies/1.2.3.999.{i}/sync") for i in range(50)),
+        )
+        syncs_seconds = time.monotonic() - started
+        metrics = await c.get("/metrics")
+    return {
+        "odd": odd_codes,
+        "odd_seconds": odd_seconds,
+        "links": [(r.status_code, len(r.content), r.json().get("series_total")) for r in links],
+        "links_seconds": links_seconds,
+        "syncs": [r.status_code for r in syncs],
+        "syncs_seconds": syncs_seconds,
+        "metrics_bytes": len(metrics.content),
+    }
+
+
+def test_hostile_callers_leave_memory_bounded_and_healthz_fast(
+    served: tuple[str, subprocess.Popen[bytes], Path],
+) -> None:
+    url, child, tmp_path = served
+    poller = subprocess.Popen(
+        [sys.executable, "-c", _POLLER, f"{url}/healthz"], stdout=subprocess.PIPE, text=True
+    )
+    peak = 0
+    result: dict[str, object] = {}
+
+    async def main() -> None:
+        nonlocal peak
+        task = asyncio.create_task(_load(url))
+        while not task.done():
+            peak = max(peak, _peak_rss_kb(child.pid))
+            await asyncio.sleep(0.05)
+        result.update(task.result())
+
+    asyncio.run(main())
+    peak = max(peak, _peak_rss_kb(child.pid))
+    poller.terminate()
+    out, _ = poller.communicate(timeout=30)
+    times = sorted(float(line) for line in out.split())
+
+    store = SqlStore(f"sqlite:///{tmp_path / 'state.db'}")
+    try:
+        runs = [r for r in store.runs(limit=200) if r.kind == "on-demand"]
+    finally:
+        store.close()
+    syncs = result["syncs"]
+    assert isinstance(syncs, list)
+    p95 = times[int(len(times) * 0.95)] if times else float("inf")
+    print(
+        f"\nhostile client: peak RSS {peak / 1024:.0f} MB; /healthz {len(times)} probes, median "
+        f"{times[len(times) // 2]:.1f} ms, p95 {p95:.1f} ms, max {times[-1]:.1f} ms; odd requests "
+        f"{result['odd_seconds']:.1f} s; 10 links {result['links_seconds']:.1f} s; 100 syncs "
+        f"{result['syncs_seconds']:.1f} s ({syncs.count(429)} x 429, {len(runs)} runs); /metrics "
+        f"{result['metrics_bytes']} bytes"
+    )
+    assert peak / 1024 < MAX_RSS_MB
+    assert p95 < HEALTHZ_P95_MS
+    assert all(code in (200, 404, 405) for code in result["odd"])  # type: ignore[attr-defined]
+    assert all(code == 200 and total == SERIES for code, _, total in result["links"])  # type: ignore[attr-defined]
+    assert syncs[:50] == [200] * 50  # one run, shared: the study is parked, the answer says so
+    assert 429 in syncs[50:]
+    assert len(runs) <= 31  # one for BAD, at most BRIDGE_API_SYNC_RATE (30) for the others
+    assert result["metrics_bytes"] < 100_000  # type: ignore[operator]
