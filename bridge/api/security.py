@@ -48,8 +48,13 @@ LEEWAY = 30  # seconds of clock skew accepted on exp/nbf/iat
 class Caller:
     """Who called: how they authenticated (never the credential itself)."""
 
-    method: str  # "anonymous" | "api-key" | "jwt"
+    method: str  # "anonymous" | "api-key" | "jwt" | "session"
     subject: str | None = None
+    # SMART context: the one Patient (FHIR id) this caller may see, None when not limited to one;
+    # and the scopes granted (e.g. "patient/ImagingStudy.read", "user/*.read").
+    patient: str | None = None
+    scopes: frozenset[str] = frozenset()
+    client_id: str | None = None
 
 
 class JwksKeys:
@@ -215,4 +220,13 @@ class Authenticator:
                 "the token's signature or claims are invalid", bearer_error="invalid_token"
             ) from None
         subject = claims.get("sub")
-        return Caller("jwt", str(subject) if subject is not None else None)
+        patient = claims.get("patient")
+        scope = claims.get("scope")
+        client = claims.get("client_id", claims.get("azp"))
+        return Caller(
+            "jwt",
+            str(subject) if subject is not None else None,
+            patient=str(patient) if isinstance(patient, str) and patient else None,
+            scopes=frozenset(scope.split()) if isinstance(scope, str) else frozenset(),
+            client_id=str(client) if isinstance(client, str) else None,
+        )
