@@ -1,9 +1,10 @@
-"""Async QIDO-RS client: paged study enumeration and per-study series queries."""
+"""Async QIDO-RS client: paged study enumeration, series of many studies at once or one study's."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
+from enum import StrEnum
 from urllib.parse import quote, urlencode
 
 import httpx
@@ -19,7 +20,7 @@ from bridge.dicomweb.records import (
     parse_series,
     raw_uid,
 )
-from bridge.errors import FatalUpstreamError, UpstreamLimitError
+from bridge.errors import ConfigurationError, FatalUpstreamError, MappingError, UpstreamLimitError
 from bridge.http import RetryPolicy, json_body, send, where
 from bridge.limits import CallLimit, DicomwebLimits
 
@@ -27,6 +28,20 @@ logger = logging.getLogger(__name__)
 
 SERVICE = "dicomweb"
 ACCEPT = "application/dicom+json, application/json;q=0.9"
+STUDY_UID = "0020000D"
+SERIES_UID = "0020000E"
+
+
+class SeriesQuery(StrEnum):
+    """How the series of a page of studies are asked for (BRIDGE_DICOMWEB_SERIES_QUERY)."""
+
+    AUTO = "auto"  # UID-list matching if the archive answers it right the first time, else per study
+    LIST = "list"  # one query per page: StudyInstanceUID=uid1,uid2,... (PS3.18 UID list matching)
+    PER_STUDY = "per-study"  # one /studies/{uid}/series query per study
+
+
+# A study's answer within a list query: its series, or why they cannot be used (it is then parked).
+SeriesOutcome = list[SeriesRecord] | MappingError | UpstreamLimitError
 
 
 class DicomwebClient:
@@ -44,6 +59,9 @@ class DicomwebClient:
         policy: RetryPolicy | None = None,
         page_size: int = 100,
         limits: DicomwebLimits | None = None,
+        series_query: SeriesQuery = SeriesQuery.AUTO,
+        series_list_size: int = 100,
+        series_page_size: int = 1000,
     ) -> None:
         self._client = client
         self._base = base_url.rstrip("/")
@@ -51,6 +69,13 @@ class DicomwebClient:
         self.page_size = page_size
         self.limits = limits or DicomwebLimits()
         self.queries: list[str] = []
+        self.series_query = series_query
+        self.series_list_size = series_list_size
+        self.series_page_size = series_page_size
+        # Under ``auto``: None until the first list query tells; then whether list matching works.
+        self.list_matching: bool | None = {SeriesQuery.LIST: True, SeriesQuery.PER_STUDY: False}.get(
+            series_query
+        )
 
     async def _get(
         self, path: str, params: Sequence[tuple[str, str]], limit: CallLimit | None = None
@@ -89,6 +114,7 @@ class DicomwebClient:
         filters: Mapping[str, str],
         uid_tag: str,
         limit: CallLimit | None = None,
+        page_size: int | None = None,
     ) -> AsyncIterator[list[DicomJson]]:
         """Pages of rows, following limit/offset until the server has no more.
 
@@ -98,6 +124,7 @@ class DicomwebClient:
         ``BRIDGE_DICOMWEB_MAX_PAGES`` pages: past that the walk fails rather than run forever).
         """
         base_params = [("includefield", f) for f in fields] + sorted(filters.items())
+        page_size = page_size or self.page_size
         offset = 0
         seen: set[str] = set()
         pages = 0
@@ -110,7 +137,7 @@ class DicomwebClient:
                     service=SERVICE,
                     setting="BRIDGE_DICOMWEB_MAX_PAGES",
                 )
-            params = [*base_params, ("limit", str(self.page_size)), ("offset", str(offset))]
+            params = [*base_params, ("limit", str(page_size)), ("offset", str(offset))]
             rows, truncated = await self._get(path, params, limit)
             fresh = []
             for row in rows:
@@ -130,9 +157,9 @@ class DicomwebClient:
                     path,
                     offset,
                 )
-            if not rows or not fresh or len(rows) > self.page_size:
+            if not rows or not fresh or len(rows) > page_size:
                 return
-            if len(rows) < self.page_size and not truncated:
+            if len(rows) < page_size and not truncated:
                 return
             offset += len(rows)
 
@@ -186,3 +213,96 @@ class DicomwebClient:
                 )
             records.extend(parse_series(row) for row in page)
         return records
+
+    async def search_series_many(self, study_uids: Sequence[str]) -> dict[str, SeriesOutcome]:
+        """The series of several studies with as few queries as the archive allows, per study.
+
+        Uses UID-list matching on StudyInstanceUID (``/series?StudyInstanceUID=a,b,...``, paged),
+        ``series_list_size`` studies per query. The answer is checked, never trusted: under
+        ``auto`` the first list query decides whether the archive matches lists at all (a row of
+        a study not asked for, or no row for any asked study, means it does not, and from then
+        on nothing is answered here). A study left out of the result (no row, or a row whose
+        study cannot be told) is for the caller to fetch alone with :meth:`search_series`; a
+        study with an unreadable row, or too many series, gets the error that parks it.
+        """
+        wanted = list(dict.fromkeys(study_uids))
+        result: dict[str, SeriesOutcome] = {}
+        if self.list_matching is False or len(wanted) < 2:
+            return result
+        for start in range(0, len(wanted), self.series_list_size):
+            chunk = wanted[start : start + self.series_list_size]
+            if len(chunk) < 2:
+                break  # one study alone is asked the ordinary way
+            answer = await self._series_list(chunk)
+            if answer is None:
+                return result
+            result.update(answer)
+        return result
+
+    async def _series_list(self, uids: list[str]) -> dict[str, SeriesOutcome] | None:
+        """One paged list query; None when it shows the archive does not match UID lists."""
+        asked = set(uids)
+        rows_by_study: dict[str, list[DicomJson]] = {}
+        unattributed = 0
+        filters = {"StudyInstanceUID": ",".join(uids)}
+        fields = (STUDY_UID, *SERIES_FIELDS)
+        async for page in self._paged(
+            "/series", fields, filters, SERIES_UID, self.limits.series(), self.series_page_size
+        ):
+            for row in page:
+                study = raw_uid(row, STUDY_UID)
+                if study is None:
+                    unattributed += 1
+                elif study not in asked:
+                    # The archive ignored or misread the list: nothing it answered can be used.
+                    self._no_list_matching("it answered series of a study not asked for")
+                    return None
+                else:
+                    rows_by_study.setdefault(study, []).append(row)
+        if not rows_by_study and not unattributed:
+            if self.list_matching is None:
+                self._no_list_matching("it answered no series for any of the studies asked")
+                return None
+            return {}  # the studies are fetched alone, which tells what happened to them
+        if self.list_matching is None:
+            self.list_matching = True
+            logger.info("%s matches StudyInstanceUID lists: series are asked for per page", self._base)
+        if unattributed:
+            # A row without its study cannot be placed: every study of the query is fetched alone.
+            logger.warning(
+                "%s/series: %d series rows without StudyInstanceUID; fetching those studies one by one",
+                self._base,
+                unattributed,
+            )
+            return {}
+        return {uid: self._series_outcome(uid, rows) for uid, rows in rows_by_study.items()}
+
+    def _series_outcome(self, study_uid: str, rows: list[DicomJson]) -> SeriesOutcome:
+        cap = self.limits.max_series
+        if len(rows) > cap:
+            return UpstreamLimitError(
+                f"study {study_uid} has more than {cap} series (BRIDGE_DICOMWEB_MAX_SERIES): "
+                "not published; raise the setting if the study is real",
+                service=SERVICE,
+                setting="BRIDGE_DICOMWEB_MAX_SERIES",
+            )
+        try:
+            return [parse_series(row) for row in rows]
+        except MappingError as exc:
+            return exc
+
+    def _no_list_matching(self, why: str) -> None:
+        if self.series_query is SeriesQuery.LIST:
+            raise ConfigurationError(
+                f"BRIDGE_DICOMWEB_SERIES_QUERY=list: {self._base}/series does not match "
+                f"StudyInstanceUID lists ({why}); set it to auto or per-study"
+            )
+        self.list_matching = False
+        logger.info("%s does not match StudyInstanceUID lists (%s): series asked per study", self._base, why)
+
+    @property
+    def series_query_used(self) -> str:
+        """How series are being asked for: ``list``, ``per-study``, or ``undecided`` (auto, not yet tried)."""
+        if self.list_matching is None:
+            return "undecided"
+        return SeriesQuery.LIST.value if self.list_matching else SeriesQuery.PER_STUDY.value

@@ -1,4 +1,4 @@
-"""Async FHIR R4 REST client: read, search, update with If-Match, and transaction bundles."""
+"""Async FHIR R4 REST client: read, search, update with If-Match, batch and transaction bundles."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import httpx
 from bridge.errors import (
     FatalUpstreamError,
     RejectedResourceError,
+    RetriableUpstreamError,
     UpstreamError,
     VersionConflictError,
 )
@@ -212,6 +213,29 @@ class FhirClient:
             )
         return WriteResult(kind, rid, version, response.status_code == 201)
 
+    async def batch(self, entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """POST a ``batch`` Bundle; returns the response entries, in request order.
+
+        Each entry succeeds or fails on its own (read them with :func:`entry_outcome`). The
+        answers are asked to be minimal (``Prefer: return=minimal``): the bridge needs only each
+        entry's status, location and ETag. An answer with a different number of entries is a
+        broken batch (FatalUpstreamError); the caller falls back to single writes.
+        """
+        bundle = {"resourceType": "Bundle", "type": "batch", "entry": list(entries)}
+        response = await self._send("POST", "", body=bundle, headers={"Prefer": "return=minimal"})
+        if len(response.content) > _PARSE_IN_THREAD:
+            body = await asyncio.to_thread(json_body, response, SERVICE)
+        else:
+            body = json_body(response, SERVICE)
+        answers = body.get("entry", []) if isinstance(body, dict) else []
+        if not isinstance(answers, list) or len(answers) != len(entries):
+            raise FatalUpstreamError(
+                f"{SERVICE} {where(response.request)}: batch answered "
+                f"{len(answers) if isinstance(answers, list) else 0} entries for {len(entries)}",
+                service=SERVICE,
+            )
+        return [a if isinstance(a, dict) else {} for a in answers]
+
     async def transaction(self, entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         """POST a transaction Bundle; returns the response entries, in request order."""
         bundle = {"resourceType": "Bundle", "type": "transaction", "entry": list(entries)}
@@ -245,3 +269,45 @@ def entry_result(answer: dict[str, Any], resource_type: str) -> WriteResult:
             f"{SERVICE}: transaction entry for {resource_type} has no location", service=SERVICE
         )
     return WriteResult(resource_type, rid, version, status.startswith("201"))
+
+
+def supports_batch(statement: Mapping[str, Any]) -> bool:
+    """Whether a CapabilityStatement lists the ``batch`` system interaction."""
+    return any(
+        isinstance(interaction, dict) and interaction.get("code") == "batch"
+        for rest in statement.get("rest", []) or []
+        if isinstance(rest, dict)
+        for interaction in rest.get("interaction", []) or []
+    )
+
+
+def entry_status(answer: Mapping[str, Any]) -> int:
+    """The HTTP status of a batch-response entry (``"201 Created"`` -> 201; 0 when unreadable)."""
+    status = str((answer.get("response") or {}).get("status", "")).strip()
+    head = status.split(" ", 1)[0]
+    return int(head) if head.isdigit() else 0
+
+
+def entry_outcome(answer: dict[str, Any], resource_type: str, where_: str) -> WriteResult | UpstreamError:
+    """What one batch entry did: its WriteResult, or the error the same single write would raise.
+
+    ``where_`` names the entry's request (method and path) for the message; the outcome's text
+    is blanked of quoted values as for single writes.
+    """
+    status = entry_status(answer)
+    if 200 <= status < 300:
+        try:
+            return entry_result(answer, resource_type)
+        except FatalUpstreamError as exc:
+            return exc
+    outcome = outcome_text((answer.get("response") or {}).get("outcome") or answer.get("resource")) or ""
+    message = f"{SERVICE} batch entry {where_} answered {status or 'no status'}"
+    if outcome:
+        message = f"{message}: {outcome}"
+    if status in (409, 412):
+        return VersionConflictError(message, service=SERVICE, status=status)
+    if status in (400, 422):
+        return RejectedResourceError(message, service=SERVICE, status=status, outcome=outcome)
+    if 400 <= status < 500 and status not in RETRIABLE_STATUS:
+        return FatalUpstreamError(message, service=SERVICE, status=status)
+    return RetriableUpstreamError(message, service=SERVICE, status=status or None)
