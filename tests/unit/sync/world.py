@@ -9,7 +9,7 @@ from bridge.mapping.context import MappingContext
 from bridge.mapping.imaging_study import imaging_study_id
 from bridge.state.store import SqlStore
 from bridge.sync.link import Linker
-from bridge.sync.policy import PatientPolicy, WriteStrategy
+from bridge.sync.policy import OrderPolicy, PatientPolicy, WriteStrategy
 from bridge.sync.publisher import Publisher
 from bridge.sync.report import RunReport
 from bridge.sync.worker import SyncWorker
@@ -26,6 +26,7 @@ class World:
     fhir: FakeFhir = field(default_factory=FakeFhir)
     ctx: MappingContext = field(default_factory=context)
     policy: PatientPolicy = PatientPolicy.MATCH_OR_CREATE
+    order_policy: OrderPolicy = OrderPolicy.NONE
     strategy: WriteStrategy = WriteStrategy.CLIENT_ID
 
     def add(self, n: int, *, series: list[dict[str, Any]] | None = None, **study_kwargs: Any) -> str:
@@ -35,7 +36,7 @@ class World:
         return uid(n)
 
     def worker(self, **options: Any) -> SyncWorker:
-        linker = Linker(self.fhir, self.ctx, patient_policy=self.policy)
+        linker = Linker(self.fhir, self.ctx, patient_policy=self.policy, order_policy=self.order_policy)
         publisher = Publisher(self.fhir, self.store, self.ctx, write_strategy=self.strategy)
         return SyncWorker(self.source, linker, publisher, self.store, self.ctx, **options)
 
