@@ -9,7 +9,6 @@ import time
 from collections.abc import Awaitable, Callable
 
 import httpx
-from tenacity import RetryCallState
 
 from bridge.errors import RetriableUpstreamError, UpstreamError, UpstreamUnavailableError
 from bridge.http.breaker import CircuitBreaker, Clock, Sleep
@@ -59,11 +58,6 @@ class RetryPolicy:
             return exc.retry_after + jitter
         ceiling = min(self.max_wait, self.base * 2 ** (attempt_number - 1))
         return random.uniform(0, ceiling)  # noqa: S311 - jitter, not security
-
-    def wait(self, state: RetryCallState) -> float:
-        """Seconds before the next attempt, for callers driving tenacity themselves."""
-        exc = state.outcome.exception() if state.outcome else None
-        return min(self.delay(state.attempt_number, exc), max(self.max_wait, 0.0))
 
     def _give_up(self, exc: RetriableUpstreamError, attempts: int, why: str) -> UpstreamUnavailableError:
         return UpstreamUnavailableError(
