@@ -121,23 +121,6 @@ class SqlStore:
             ).all()
             return {r.study_uid: _known(r) for r in rows}
 
-    def record_published(
-        self,
-        source: str,
-        study_uid: str,
-        *,
-        qido_fingerprint: str,
-        resource_fingerprint: str,
-        fhir_id: str,
-        fhir_version: str | None,
-        started: str | None = None,
-    ) -> None:
-        """Remember a published study and clear any parked failure of it."""
-        self.record_published_many(
-            source,
-            [Published(study_uid, qido_fingerprint, resource_fingerprint, fhir_id, fhir_version, started)],
-        )
-
     def record_published_many(self, source: str, studies: Sequence[Published]) -> None:
         """Remember several published studies in one transaction, clearing their parked failures."""
         if not studies:
@@ -278,12 +261,6 @@ class SqlStore:
             return list(session.scalars(query).all())
 
     # Endpoints
-    def endpoint_fingerprint(self, source: str) -> str | None:
-        """Fingerprint of the source's Endpoint as last published."""
-        with self._session() as session:
-            row = session.get(PublishedEndpoint, source)
-            return row.fingerprint if row else None
-
     def published_endpoint(self, source: str) -> tuple[str, str] | None:
         """Fingerprint and FHIR id of the source's Endpoint as last published."""
         with self._session() as session:
