@@ -165,6 +165,6 @@ def test_a_study_gone_from_the_archive_counts_apart_and_comes_back(store: SqlSto
     assert store.counts(SOURCE) == {"published": 0, "gone": 1, "parked": 0}
     assert store.published_count(SOURCE) == 0
     # Its fingerprints no longer match anything, so a return to the archive republishes it.
-    assert store.known_studies(SOURCE, ["1.2.3"])["1.2.3"].qido_fingerprint == "gone"
+    assert store.known_studies(SOURCE, ["1.2.3"])["1.2.3"].qido_fingerprint != "q"
     store.record_published_many(SOURCE, [Published("1.2.3", "q", "r", "i", "3")])
     assert store.counts(SOURCE) == {"published": 1, "gone": 0, "parked": 0}

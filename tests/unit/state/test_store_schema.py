@@ -146,6 +146,28 @@ def test_downgrade_to_the_baseline_and_back_keeps_published_studies(db_url: str)
         store.close()
 
 
+def test_a_gone_marker_survives_the_move_to_its_own_column_and_back(db_url: str) -> None:
+    store = SqlStore(db_url)
+    store.record_published_many(
+        "pacs", [Published("1.2.3", "q", "r", "s1", "1"), Published("1.2.4", "q", "r", "s2", "1")]
+    )
+    store.record_gone("pacs", "1.2.3", fhir_version="2", removed=False)
+    store.close()
+    engine = create_engine(db_url)
+    with engine.begin() as connection:
+        command.downgrade(alembic_config(connection), "0002")
+        # Schema version 2 kept the marker in the fingerprint columns.
+        marked = connection.execute(text("SELECT study_uid FROM studies WHERE qido_fingerprint = 'gone'"))
+        assert [row[0] for row in marked] == ["1.2.3"]
+    engine.dispose()
+    store = SqlStore(db_url)  # upgrades to head again
+    try:
+        assert store.counts("pacs") == {"published": 1, "gone": 1, "parked": 0}
+        assert store.published_count("pacs") == 1
+    finally:
+        store.close()
+
+
 def test_claim_keys_are_stable_64_bit_and_distinct_per_source() -> None:
     key = claim_key("pacs", "1.2.3")
     assert key == claim_key("pacs", "1.2.3")
