@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
-from enum import StrEnum
 from urllib.parse import quote, urlencode
 
 import httpx
 
+from bridge.dicomweb.query import SeriesQuery
 from bridge.dicomweb.records import (
     INSTANCE_FIELDS,
     SERIES_FIELDS,
@@ -23,6 +23,7 @@ from bridge.dicomweb.records import (
 from bridge.errors import ConfigurationError, FatalUpstreamError, MappingError, UpstreamLimitError
 from bridge.http import RetryPolicy, json_body, send, where
 from bridge.limits import CallLimit, DicomwebLimits
+from bridge.sync.protocols import SeriesOutcome
 
 logger = logging.getLogger(__name__)
 
@@ -30,18 +31,6 @@ SERVICE = "dicomweb"
 ACCEPT = "application/dicom+json, application/json;q=0.9"
 STUDY_UID = "0020000D"
 SERIES_UID = "0020000E"
-
-
-class SeriesQuery(StrEnum):
-    """How the series of a page of studies are asked for (BRIDGE_DICOMWEB_SERIES_QUERY)."""
-
-    AUTO = "auto"  # UID-list matching if the archive answers it right the first time, else per study
-    LIST = "list"  # one query per page: StudyInstanceUID=uid1,uid2,... (PS3.18 UID list matching)
-    PER_STUDY = "per-study"  # one /studies/{uid}/series query per study
-
-
-# A study's answer within a list query: its series, or why they cannot be used (it is then parked).
-SeriesOutcome = list[SeriesRecord] | MappingError | UpstreamLimitError
 
 
 class DicomwebClient:
@@ -233,7 +222,15 @@ class DicomwebClient:
             chunk = wanted[start : start + self.series_list_size]
             if len(chunk) < 2:
                 break  # one study alone is asked the ordinary way
-            answer = await self._series_list(chunk)
+            try:
+                answer = await self._series_list(chunk)
+            except UpstreamLimitError:
+                raise
+            except FatalUpstreamError as exc:
+                # Refused (say, a URL too long or an unknown parameter): those studies go alone.
+                if self.list_matching is None:
+                    self._no_list_matching(f"it answered the list query {exc.status or 'badly'}")
+                return result
             if answer is None:
                 return result
             result.update(answer)

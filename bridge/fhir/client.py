@@ -20,7 +20,7 @@ from bridge.errors import (
 )
 from bridge.http import RETRIABLE_STATUS, RetryPolicy, json_body, send, where
 from bridge.limits import CallLimit
-from bridge.sync.protocols import WriteResult
+from bridge.sync.protocols import BatchAnswer, WriteResult
 
 logger = logging.getLogger(__name__)
 
@@ -213,13 +213,13 @@ class FhirClient:
             )
         return WriteResult(kind, rid, version, response.status_code == 201)
 
-    async def batch(self, entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-        """POST a ``batch`` Bundle; returns the response entries, in request order.
+    async def batch(self, entries: Sequence[dict[str, Any]]) -> list[BatchAnswer]:
+        """POST a ``batch`` Bundle; each entry's answer, in request order.
 
-        Each entry succeeds or fails on its own (read them with :func:`entry_outcome`). The
+        Each entry succeeds or fails on its own, read as the same single request would be. Write
         answers are asked to be minimal (``Prefer: return=minimal``): the bridge needs only each
         entry's status, location and ETag. An answer with a different number of entries is a
-        broken batch (FatalUpstreamError); the caller falls back to single writes.
+        broken batch (FatalUpstreamError); the caller falls back to single requests.
         """
         bundle = {"resourceType": "Bundle", "type": "batch", "entry": list(entries)}
         response = await self._send("POST", "", body=bundle, headers={"Prefer": "return=minimal"})
@@ -234,7 +234,10 @@ class FhirClient:
                 f"{len(answers) if isinstance(answers, list) else 0} entries for {len(entries)}",
                 service=SERVICE,
             )
-        return [a if isinstance(a, dict) else {} for a in answers]
+        return [
+            batch_answer(answer if isinstance(answer, dict) else {}, entry)
+            for answer, entry in zip(answers, entries, strict=True)
+        ]
 
     async def transaction(self, entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         """POST a transaction Bundle; returns the response entries, in request order."""
@@ -271,21 +274,28 @@ def entry_result(answer: dict[str, Any], resource_type: str) -> WriteResult:
     return WriteResult(resource_type, rid, version, status.startswith("201"))
 
 
-def supports_batch(statement: Mapping[str, Any]) -> bool:
-    """Whether a CapabilityStatement lists the ``batch`` system interaction."""
-    return any(
-        isinstance(interaction, dict) and interaction.get("code") == "batch"
-        for rest in statement.get("rest", []) or []
-        if isinstance(rest, dict)
-        for interaction in rest.get("interaction", []) or []
-    )
-
-
 def entry_status(answer: Mapping[str, Any]) -> int:
     """The HTTP status of a batch-response entry (``"201 Created"`` -> 201; 0 when unreadable)."""
     status = str((answer.get("response") or {}).get("status", "")).strip()
     head = status.split(" ", 1)[0]
     return int(head) if head.isdigit() else 0
+
+
+def batch_answer(answer: dict[str, Any], entry: Mapping[str, Any]) -> BatchAnswer:
+    """One batch-response entry, read against the request entry it answers."""
+    request = entry.get("request") or {}
+    method = str(request.get("method", "")).upper()
+    url = str(request.get("url", ""))
+    kind = url.split("?", 1)[0].split("/", 1)[0]
+    status = entry_status(answer)
+    resource = answer.get("resource") if isinstance(answer.get("resource"), dict) else None
+    if method == "GET" and 200 <= status < 300:
+        return BatchAnswer(status, resource=resource)
+    # The path only: a conditional URL's query can carry a patient identifier.
+    outcome = entry_outcome(answer, kind, f"{method} {url.split('?', 1)[0]}")
+    if isinstance(outcome, WriteResult):
+        return BatchAnswer(status, result=outcome, resource=resource)
+    return BatchAnswer(status, error=outcome)
 
 
 def entry_outcome(answer: dict[str, Any], resource_type: str, where_: str) -> WriteResult | UpstreamError:

@@ -7,10 +7,11 @@ from typing import Any
 import httpx
 import pytest
 
-from bridge.dicomweb.client import DicomwebClient, SeriesQuery
+from bridge.dicomweb.client import DicomwebClient
 from bridge.errors import ConfigurationError, MappingError, UpstreamLimitError
 from bridge.http import RetryPolicy
 from bridge.limits import DicomwebLimits
+from bridge.dicomweb.query import SeriesQuery
 from tests.builders import element, series_row, uid
 
 pytestmark = pytest.mark.anyio
@@ -162,3 +163,19 @@ async def test_a_single_study_is_not_asked_by_list() -> None:
     archive = ListArchive(rows)
     assert await client(archive).search_series_many(studies) == {}
     assert archive.requests == []
+
+
+async def test_an_archive_that_refuses_the_list_query_is_asked_per_study() -> None:
+    studies, _ = archive_of(3)
+    calls: list[httpx.Request] = []
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return httpx.Response(400, json={"error": "unknown"})
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(refuse))
+    qido = DicomwebClient(http, BASE, policy=NO_RETRY)
+    assert await qido.search_series_many(studies) == {}
+    assert qido.series_query_used == "per-study"
+    assert await qido.search_series_many(studies) == {}
+    assert len(calls) == 1

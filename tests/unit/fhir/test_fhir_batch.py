@@ -14,7 +14,7 @@ from bridge.errors import (
     RetriableUpstreamError,
     VersionConflictError,
 )
-from bridge.fhir.client import FhirClient, entry_outcome, entry_status, supports_batch
+from bridge.fhir.client import FhirClient, entry_outcome, entry_status
 from bridge.http import RetryPolicy
 from bridge.sync.protocols import WriteResult
 
@@ -57,10 +57,34 @@ async def test_batch_posts_one_bundle_and_returns_the_answers_in_order() -> None
         "ImagingStudy/s1",
         "ImagingStudy/s2",
     ]
-    assert [entry_outcome(a, "ImagingStudy", "PUT") for a in answers] == [
+    assert [a.result for a in answers] == [
         WriteResult("ImagingStudy", "s1", "1", True),
         WriteResult("ImagingStudy", "s2", "1", True),
     ]
+    assert [a.status for a in answers] == [201, 201]
+
+
+async def test_each_entry_is_read_as_its_own_request_reads_writes_and_failures() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        entries = [
+            answer("200 OK", location="ImagingStudy/s1/_history/3"),
+            {"resource": {"resourceType": "Patient", "id": "p1"}, "response": {"status": "200 OK"}},
+            answer("412 Precondition Failed"),
+            answer("201 Created", location="Patient/p2/_history/1"),
+        ]
+        return httpx.Response(200, json={"resourceType": "Bundle", "type": "batch-response", "entry": entries})
+
+    fhir = FhirClient(httpx.AsyncClient(transport=httpx.MockTransport(handler)), BASE, policy=NO_RETRY)
+    create = {
+        "resource": {"resourceType": "Patient"},
+        "request": {"method": "POST", "url": "Patient", "ifNoneExist": "identifier=s|PID"},
+    }
+    read = {"request": {"method": "GET", "url": "Patient/p1"}}
+    s1, p1, s2, p2 = await fhir.batch([put(1), read, put(2), create])
+    assert s1.result == WriteResult("ImagingStudy", "s1", "3", False)
+    assert p1.resource == {"resourceType": "Patient", "id": "p1"} and p1.result is None
+    assert isinstance(s2.error, VersionConflictError) and s2.status == 412
+    assert p2.result == WriteResult("Patient", "p2", "1", True)
 
 
 async def test_an_answer_with_the_wrong_number_of_entries_is_a_broken_batch() -> None:
@@ -110,9 +134,3 @@ async def test_a_2xx_entry_reads_id_and_version_from_the_etag_or_location() -> N
     ) == WriteResult("Patient", "p9", "7", False)
     assert entry_status(answer("201 Created")) == 201
     assert isinstance(entry_outcome(answer("200 OK"), "ImagingStudy", "PUT"), FatalUpstreamError)
-
-
-def test_supports_batch_reads_the_system_interactions() -> None:
-    assert supports_batch({"rest": [{"interaction": [{"code": "transaction"}, {"code": "batch"}]}]})
-    assert not supports_batch({"rest": [{"interaction": [{"code": "transaction"}]}]})
-    assert not supports_batch({})
