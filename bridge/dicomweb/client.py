@@ -228,8 +228,9 @@ class DicomwebClient:
                 raise
             except FatalUpstreamError as exc:
                 # Refused (say, a URL too long or an unknown parameter): those studies go alone.
-                if self.list_matching is None:
-                    self._no_list_matching(f"it answered the list query {exc.status or 'badly'}")
+                # Only a refusal decides; a broken answer (cut short, not JSON) may be the network's.
+                if self.list_matching is None and exc.status is not None and 400 <= exc.status < 500:
+                    self._no_list_matching(f"it answered the list query {exc.status}")
                 return result
             if answer is None:
                 return result
