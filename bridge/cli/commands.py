@@ -10,15 +10,14 @@ import time
 from contextlib import AsyncExitStack
 from datetime import date, datetime, timedelta
 from enum import IntEnum
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from pydicom.uid import UID
-from rich.console import Console
 from rich.progress import Progress
-from rich.table import Table
 
 from bridge import __version__
+from bridge.cli import render
 from bridge.config import Settings, SourceSettings, load_settings
 from bridge.errors import BridgeError, ConfigurationError, StoreError, UpstreamAuthError, UpstreamError
 from bridge.runtime import open_runtime
@@ -46,8 +45,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
-err = Console(stderr=True)
+out, err = render.out, render.err
 
 
 def _configure_logging(level: str) -> None:
@@ -91,29 +89,6 @@ def _fail(exc: BridgeError) -> typer.Exit:
         return typer.Exit(ExitCode.STORE)
     err.print(f"[red]error:[/red] {exc}", highlight=False)
     return typer.Exit(ExitCode.UPSTREAM)
-
-
-def _report_dict(report: RunReport, seconds: float) -> dict[str, Any]:
-    c = report.counts
-    return {
-        "run": report.run_id,
-        "status": report.status,
-        "seen": c.seen,
-        "created": c.created,
-        "updated": c.updated,
-        "unchanged": c.unchanged,
-        "parked": c.parked,
-        "deleted": c.deleted,
-        "claimed": c.claimed,
-        "fhir_writes": c.fhir_writes,
-        "seconds": round(seconds, 3),
-        "parked_studies": [
-            {"study_uid": p.study_uid, "kind": p.kind, "attribute": p.attribute, "reason": p.reason}
-            for p in report.parked
-        ],
-        "deletions": report.deletions,
-        "error": report.error,
-    }
 
 
 SourceOption = Annotated[
@@ -207,11 +182,11 @@ def _sync_source(
 
 def _report_outcome(source: SourceSettings, report: RunReport, seconds: float, as_json: bool) -> int:
     """Print a run's summary (text or JSON); its exit code: 1 when studies were parked."""
-    summary = _report_dict(report, seconds)
+    summary = render.report_dict(report, seconds)
     if as_json:
         out.print_json(data={"source": source.name, **summary})
     else:
-        _print_summary(source, report, summary)
+        render.print_summary(source, report, summary)
     return ExitCode.PARKED if report.counts.parked else ExitCode.OK
 
 
@@ -224,39 +199,7 @@ def _dry_run(settings: Settings, source: SourceSettings, study_uids: list[str], 
         previews = asyncio.run(run())
     except BridgeError as exc:
         raise _fail(exc) from None
-    rows = [
-        {"study_uid": p.study_uid, "action": p.action, "changes": list(p.changes), "reason": p.reason}
-        for p in previews
-    ]
-    if as_json:
-        out.print_json(data={"dry_run": True, "studies": rows})
-        return
-    counts = {a: sum(1 for p in previews if p.action == a) for a in ("create", "update", "unchanged", "park")}
-    out.print(
-        "dry run, nothing written: " + ", ".join(f"{k} {v}" for k, v in counts.items()), highlight=False
-    )
-    for p in previews:
-        if p.action == "unchanged":
-            continue
-        detail = ", ".join(p.changes) if p.changes else (p.reason or "")
-        out.print(f"  {p.action:6} {p.study_uid}  {detail}", highlight=False)
-
-
-def _print_summary(source: SourceSettings, report: RunReport, summary: dict[str, Any]) -> None:
-    out.print(
-        f"source [bold]{source.name}[/bold], run {report.run_id}: "
-        f"seen {summary['seen']}, created {summary['created']}, "
-        f"updated {summary['updated']}, unchanged {summary['unchanged']}, "
-        f"parked {summary['parked']}, gone {summary['deleted']} "
-        f"({summary['fhir_writes']} FHIR writes, {summary['seconds']:.1f} s)",
-        highlight=False,
-    )
-    for parked in report.parked:
-        out.print(f"  parked {parked.study_uid}: {parked.reason}", highlight=False)
-    for gone in report.deletions:
-        out.print(f"  gone from the archive {gone['study_uid']}: {gone['action']}", highlight=False)
-    if report.error:
-        out.print(f"  [yellow]{report.error}[/yellow]", highlight=False)
+    render.print_previews(previews, as_json)
 
 
 async def _until_signalled(stop: asyncio.Event) -> None:
@@ -368,10 +311,6 @@ def backfill_slices(first: date, last: date, days: int) -> list[tuple[date, date
     return slices
 
 
-def _iso(value: Any) -> str | None:
-    return value.isoformat() if value is not None else None
-
-
 @app.command()
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
@@ -394,69 +333,11 @@ def status(
         raise _fail(exc) from None
     finally:
         store.close()
-    data: dict[str, Any] = {
-        "source": chosen or "all",
-        "published": counts["published"],
-        "gone": counts["gone"],
-        "parked": counts["parked"],
-        "runs": [
-            {
-                "id": r.id,
-                "source": r.source,
-                "kind": r.kind,
-                "status": r.status,
-                "started_at": _iso(r.started_at),
-                "finished_at": _iso(r.finished_at),
-                "seen": r.seen,
-                "created": r.created,
-                "updated": r.updated,
-                "unchanged": r.unchanged,
-                "parked": r.parked,
-                "claimed": r.claimed,
-                "worker": r.worker,
-                "fhir_writes": r.fhir_writes,
-                "qido_queries": len(r.qido_queries or []),
-                "error": r.error,
-            }
-            for r in recent
-        ],
-        "parked_studies": [
-            {
-                "study_uid": p.study_uid,
-                "kind": p.kind,
-                "attribute": p.attribute,
-                "reason": p.reason,
-                "attempts": p.attempts,
-                "first_failed_at": _iso(p.first_failed_at),
-                "last_failed_at": _iso(p.last_failed_at),
-            }
-            for p in parked
-        ],
-    }
+    data = render.status_dict(chosen, counts, recent, parked)
     if as_json:
         out.print_json(data=data)
         return
-    out.print(
-        f"source [bold]{data['source']}[/bold]: {data['published']} studies published, "
-        f"{data['gone']} gone from the archive, {data['parked']} parked",
-        highlight=False,
-    )
-    table = Table("run", "status", "started", "seen", "created", "updated", "unchanged", "parked")
-    for r in data["runs"]:
-        table.add_row(
-            str(r["id"]),
-            r["status"],
-            str(r["started_at"]),
-            *(str(r[k]) for k in ("seen", "created", "updated", "unchanged", "parked")),
-        )
-    out.print(table)
-    if data["parked_studies"]:
-        parked_table = Table("study", "kind", "attribute", "attempts", "reason")
-        for p in data["parked_studies"]:
-            parked_table.add_row(
-                p["study_uid"], p["kind"], p["attribute"] or "", str(p["attempts"]), p["reason"]
-            )
-        out.print(parked_table)
+    render.print_status(data)
 
 
 @app.command()
