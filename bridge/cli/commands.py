@@ -8,7 +8,7 @@ import signal
 import sys
 import time
 from contextlib import AsyncExitStack
-from datetime import date, datetime, timedelta
+from datetime import date, datetime
 from enum import IntEnum
 from typing import Annotated
 
@@ -22,6 +22,7 @@ from bridge.config import Settings, SourceSettings, load_settings
 from bridge.errors import BridgeError, ConfigurationError, StoreError, UpstreamAuthError, UpstreamError
 from bridge.runtime import open_runtime
 from bridge.state.store import SqlStore
+from bridge.sync import backfill as plan
 from bridge.sync.preview import Preview
 from bridge.sync.report import RunReport
 
@@ -265,27 +266,24 @@ def _backfill(settings: Settings, source: SourceSettings, from_: str, to: str, s
     if first > last:
         err.print("[red]error:[/red] --from is after --to", highlight=False)
         raise typer.Exit(ExitCode.CONFIGURATION)
-    name = f"backfill:{first:%Y%m%d}-{last:%Y%m%d}"
+    name = plan.checkpoint_name(first, last)
     totals = {"seen": 0, "created": 0, "updated": 0, "unchanged": 0, "parked": 0}
 
     async def run() -> None:
         async with open_runtime(settings, source) as runtime:
             done = await asyncio.to_thread(runtime.store.checkpoint, source.name, name)
-            start = first if done is None else _parse_day(done, "checkpoint") + timedelta(days=1)
-            slices = backfill_slices(start, last, slice_days)
+            slices = plan.slices(plan.resume_from(first, done), last, slice_days)
             if done is not None:
                 out.print(f"resuming after {done}", highlight=False)
             with Progress(console=out, transient=False) as progress:
                 task = progress.add_task("backfill", total=len(slices))
                 for low, high in slices:
                     progress.update(task, description=f"{low:%Y-%m-%d}..{high:%Y-%m-%d}")
-                    report = await runtime.worker.run(
-                        {"StudyDate": f"{low:%Y%m%d}-{high:%Y%m%d}"}, kind="backfill"
-                    )
+                    report = await runtime.worker.run(plan.study_dates(low, high), kind="backfill")
                     for key in totals:
                         totals[key] += getattr(report.counts, key)
                     await asyncio.to_thread(
-                        runtime.store.save_checkpoint, source.name, name, f"{high:%Y%m%d}"
+                        runtime.store.save_checkpoint, source.name, name, plan.checkpoint_value(high)
                     )
                     progress.advance(task)
 
@@ -298,17 +296,6 @@ def _backfill(settings: Settings, source: SourceSettings, from_: str, to: str, s
         highlight=False,
     )
     return ExitCode.PARKED if totals["parked"] else ExitCode.OK
-
-
-def backfill_slices(first: date, last: date, days: int) -> list[tuple[date, date]]:
-    """Closed date ranges of ``days`` days covering ``first``..``last``."""
-    slices = []
-    low = first
-    while low <= last:
-        high = min(last, low + timedelta(days=days - 1))
-        slices.append((low, high))
-        low = high + timedelta(days=1)
-    return slices
 
 
 @app.command()
