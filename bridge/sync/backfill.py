@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import date, datetime, timedelta
 
+from bridge.errors import StoreError
+
 
 def checkpoint_name(first: date, last: date) -> str:
     """The checkpoint that remembers how far the backfill of ``first``..``last`` got."""
@@ -19,7 +21,10 @@ def resume_from(first: date, checkpoint: str | None) -> date:
     """The first day still to sync: ``first``, or the day after the checkpoint."""
     if checkpoint is None:
         return first
-    return datetime.strptime(checkpoint, "%Y%m%d").date() + timedelta(days=1)
+    try:
+        return datetime.strptime(checkpoint, "%Y%m%d").date() + timedelta(days=1)
+    except ValueError:
+        raise StoreError(f"the backfill checkpoint {checkpoint!r} is not a date (YYYYMMDD)") from None
 
 
 def study_dates(low: date, high: date) -> dict[str, str]:
