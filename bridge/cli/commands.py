@@ -2,29 +2,27 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 import sys
 import time
-from contextlib import AsyncExitStack
 from datetime import date, datetime
 from enum import IntEnum
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from pydicom.uid import UID
-from rich.progress import Progress
 
 from bridge import __version__
 from bridge.cli import render
-from bridge.config import Settings, SourceSettings, load_settings
 from bridge.errors import BridgeError, ConfigurationError, StoreError, UpstreamAuthError, UpstreamError
-from bridge.runtime import open_runtime
-from bridge.state.store import SqlStore
-from bridge.sync import backfill as plan
-from bridge.sync.preview import Preview
-from bridge.sync.report import RunReport
+
+# A command imports what it uses, when it runs: `bridge --help` loads neither the settings nor the
+# sync, the store or the web stack, and `bridge sync` never loads FastAPI.
+if TYPE_CHECKING:
+    import asyncio
+
+    from bridge.config import Settings, SourceSettings
+    from bridge.sync.preview import Preview
+    from bridge.sync.report import RunReport
 
 logger = logging.getLogger("bridge")
 
@@ -57,9 +55,13 @@ def _configure_logging(level: str) -> None:
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
+    # Alembic says at INFO what it inspects on every start; the store logs a migration it runs.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def _settings() -> Settings:
+    from bridge.config import load_settings
+
     try:
         settings = load_settings()
     except ConfigurationError as exc:
@@ -140,6 +142,8 @@ def sync(
 
 
 def _check_study_uids(uids: list[str]) -> None:
+    from pydicom.uid import UID
+
     for uid in uids:
         if not UID(uid).is_valid:
             err.print(f"[red]error:[/red] --study {uid!r} is not a valid DICOM UID", highlight=False)
@@ -164,6 +168,9 @@ def _sync_source(
     settings: Settings, source: SourceSettings, study: list[str], reconcile: bool, as_json: bool
 ) -> int:
     """One source's sync; returns its exit code (upstream failures are reported, not raised)."""
+    import asyncio
+
+    from bridge.runtime import open_runtime
 
     async def run() -> RunReport:
         async with open_runtime(settings, source) as runtime:
@@ -192,6 +199,10 @@ def _report_outcome(source: SourceSettings, report: RunReport, seconds: float, a
 
 
 def _dry_run(settings: Settings, source: SourceSettings, study_uids: list[str], as_json: bool) -> None:
+    import asyncio
+
+    from bridge.runtime import open_runtime
+
     async def run() -> list[Preview]:
         async with open_runtime(settings, source) as runtime:
             return await runtime.worker.preview(study_uids=study_uids)
@@ -204,6 +215,9 @@ def _dry_run(settings: Settings, source: SourceSettings, study_uids: list[str], 
 
 
 async def _until_signalled(stop: asyncio.Event) -> None:
+    import asyncio
+    import signal
+
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
@@ -213,6 +227,9 @@ async def _until_signalled(stop: asyncio.Event) -> None:
 @app.command()
 def worker() -> None:
     """Run the scheduled sync worker until SIGTERM/SIGINT (the study in flight finishes first)."""
+    import asyncio
+    from contextlib import AsyncExitStack
+
     settings = _settings()
 
     if settings.metrics_port is not None:
@@ -221,6 +238,8 @@ def worker() -> None:
         from bridge.metrics import REGISTRY
 
         start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=REGISTRY)
+
+    from bridge.runtime import open_runtime
 
     async def run() -> None:
         async with AsyncExitStack() as stack:
@@ -262,6 +281,13 @@ def backfill(
 
 
 def _backfill(settings: Settings, source: SourceSettings, from_: str, to: str, slice_days: int) -> int:
+    import asyncio
+
+    from rich.progress import Progress
+
+    from bridge.runtime import open_runtime
+    from bridge.sync import backfill as plan
+
     first, last = _parse_day(from_, "--from"), _parse_day(to, "--to")
     if first > last:
         err.print("[red]error:[/red] --from is after --to", highlight=False)
@@ -308,6 +334,8 @@ def status(
     settings = _settings()
     # With several sources, everything unless --source narrows it.
     chosen = _sources(settings, source)[0].name if source or not settings.sources else None
+    from bridge.state.store import SqlStore
+
     try:
         store = SqlStore(settings.state_url)
     except StoreError as exc:
@@ -345,6 +373,11 @@ def retry(
 
 def _retry_source(settings: Settings, source: SourceSettings, study: list[str], as_json: bool) -> int:
     """Retry one source's parked studies (or those of ``study`` parked there); its exit code."""
+    import asyncio
+
+    from pydicom.uid import UID
+
+    from bridge.runtime import open_runtime
 
     async def run() -> RunReport | None:
         async with open_runtime(settings, source) as runtime:

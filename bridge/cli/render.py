@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.table import Table
 
-from bridge.config import SourceSettings
-from bridge.sync.preview import Preview
-from bridge.sync.report import RunReport
+if TYPE_CHECKING:
+    from bridge.config import SourceSettings
+    from bridge.sync.preview import Preview
+    from bridge.sync.report import RunReport
 
 out = Console()
 err = Console(stderr=True)
@@ -129,6 +129,8 @@ def status_dict(
 
 def print_status(data: dict[str, Any]) -> None:
     """``bridge status`` as text."""
+    from rich.table import Table
+
     out.print(
         f"source [bold]{data['source']}[/bold]: {data['published']} studies published, "
         f"{data['gone']} gone from the archive, {data['parked']} parked",
