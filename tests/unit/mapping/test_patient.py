@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from bridge.mapping.identifiers import patient_key
-from bridge.mapping.patient import logical_subject, map_patient
+from bridge.mapping.patient import display_name, logical_subject, map_patient
 from bridge.mapping.validate import validate
 from tests.builders import PATIENT_SYSTEM, context, study
 
@@ -101,3 +101,8 @@ def test_logical_subject_references_the_patient_by_identifier_only() -> None:
         "type": "Patient",
         "identifier": {"system": PATIENT_SYSTEM, "value": "MRN-3"},
     }
+
+
+def test_display_names_read_like_names() -> None:
+    assert display_name("Smith^Anna^B^Dr^PhD") == "Dr Anna B Smith PhD"
+    assert display_name("Yamada^Tarou=山田^太郎") == "Tarou Yamada"
