@@ -290,8 +290,11 @@ def test_a_token_revoked_mid_run_is_replaced_once_and_the_run_completes(auth: Au
     assert revoked, "the token was revoked during the run"
     assert result.returncode == 0, result.stderr
     # The requests in flight with the revoked token were each refused once and resent once, and
-    # they shared one fresh token.
-    assert 1 <= len(refused) <= 4 and len(set(refused)) == len(refused)
+    # they shared one fresh token. Writes to one id are told apart by their path; the conditional
+    # creates of the three Patients share one (POST /Patient), so at most one refusal each.
+    puts = [r for r in refused if r[0] == "PUT"]
+    assert 1 <= len(refused) <= 4 and len(set(puts)) == len(puts)
+    assert sum(1 for r in refused if r[0] == "POST") <= 3
     assert auth.idp.stats()["by_client"] == {"bridge-oauth": 2}
     assert len(auth.imaging_studies()) == 3
 
