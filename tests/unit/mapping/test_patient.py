@@ -10,7 +10,7 @@ from bridge.dicomweb.records import Issuer, OtherPatientId
 from bridge.errors import PatientLinkError
 from bridge.mapping.identifiers import patient_key
 from bridge.mapping.identity import UnmappedIssuer
-from bridge.mapping.patient import NAME_REPRESENTATION, logical_subject, map_patient
+from bridge.mapping.patient import NAME_REPRESENTATION, display_name, logical_subject, map_patient
 from bridge.mapping.validate import validate
 from tests.builders import PATIENT_SYSTEM, context, study
 
@@ -170,3 +170,8 @@ def test_logical_subject_references_the_patient_by_identifier_only() -> None:
         "type": "Patient",
         "identifier": {"system": PATIENT_SYSTEM, "value": "MRN-3"},
     }
+
+
+def test_display_names_read_like_names() -> None:
+    assert display_name("Smith^Anna^B^Dr^PhD") == "Dr Anna B Smith PhD"
+    assert display_name("Yamada^Tarou=山田^太郎") == "Tarou Yamada"
