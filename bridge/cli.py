@@ -105,6 +105,7 @@ def _report_dict(report: RunReport, seconds: float) -> dict[str, Any]:
         "deleted": c.deleted,
         "claimed": c.claimed,
         "fhir_writes": c.fhir_writes,
+        "fallbacks": c.fallbacks,
         "seconds": round(seconds, 3),
         "parked_studies": [
             {"study_uid": p.study_uid, "kind": p.kind, "attribute": p.attribute, "reason": p.reason}
@@ -250,6 +251,8 @@ def _print_summary(settings: Settings, report: RunReport, summary: dict[str, Any
         f"({summary['fhir_writes']} FHIR writes, {summary['seconds']:.1f} s)",
         highlight=False,
     )
+    if report.counts.fallbacks:
+        out.print(f"  fallbacks used: {report.counts.fallbacks} (see the integrator guide)", highlight=False)
     for parked in report.parked:
         out.print(f"  parked {parked.study_uid}: {parked.reason}", highlight=False)
     for gone in report.deletions:
