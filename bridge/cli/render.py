@@ -30,6 +30,7 @@ def report_dict(report: RunReport, seconds: float) -> dict[str, Any]:
         "deleted": c.deleted,
         "claimed": c.claimed,
         "fhir_writes": c.fhir_writes,
+        "fallbacks": c.fallbacks,
         "seconds": round(seconds, 3),
         "parked_studies": [
             {"study_uid": p.study_uid, "kind": p.kind, "attribute": p.attribute, "reason": p.reason}
@@ -50,6 +51,8 @@ def print_summary(source: SourceSettings, report: RunReport, summary: dict[str, 
         f"({summary['fhir_writes']} FHIR writes, {summary['seconds']:.1f} s)",
         highlight=False,
     )
+    if report.counts.fallbacks:
+        out.print(f"  fallbacks used: {report.counts.fallbacks} (see the integrator guide)", highlight=False)
     for parked in report.parked:
         out.print(f"  parked {parked.study_uid}: {parked.reason}", highlight=False)
     for gone in report.deletions:
