@@ -25,6 +25,9 @@ SERVICE = "fhir"
 FHIR_JSON = "application/fhir+json"
 _OUTCOME_LIMIT = 1000
 _MAX_PAGES = 50  # a bound on next links followed for one search, whatever the server sends
+# HAPI answers a search repeated within a minute from its cache of results, so a Patient created
+# in the EHR since stays unfound and a study parked for it stays parked: ask for a fresh search.
+_FRESH = {"Cache-Control": "no-cache"}
 
 
 # Servers quote the value they reject ("The value 'Doe^Jane' is not ..."): it may be patient data.
@@ -168,7 +171,7 @@ class FhirClient:
         the rest, so with ``limit`` the ``next`` links are followed until that many were found.
         Only links under this client's base URL are followed, never another host.
         """
-        response = await self._send("GET", resource_type, params=params)
+        response = await self._send("GET", resource_type, params=params, headers=_FRESH)
         bundle = json_body(response, SERVICE)
         found = _matches(bundle, resource_type)
         for _ in range(_MAX_PAGES - 1):
@@ -180,7 +183,7 @@ class FhirClient:
             if not (url.startswith((self._base + "/", self._base + "?")) or url == self._base):
                 logger.warning("not following a search's next link off the FHIR base URL")
                 break
-            bundle = json_body(await self._send("GET", url), SERVICE)
+            bundle = json_body(await self._send("GET", url, headers=_FRESH), SERVICE)
             found.extend(_matches(bundle, resource_type))
         return found[:limit] if limit else found
 

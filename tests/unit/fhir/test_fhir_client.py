@@ -195,6 +195,14 @@ async def test_search_returns_only_matches_of_the_type() -> None:
     assert rec.last.url.params["identifier"] == "urn:x|1"
 
 
+async def test_searches_ask_for_fresh_results_not_a_cached_answer() -> None:
+    # HAPI reuses a search's results for 60 s unless told not to: a Patient created in between
+    # would stay invisible to a match-only re-run.
+    rec = Recorder(lambda request: httpx.Response(200, json=_page(["a"], f"{BASE}?_getpages=x")))
+    await fhir(rec).search("ImagingStudy", {"subject": "Patient/p"}, limit=2)
+    assert [r.headers.get("Cache-Control") for r in rec.requests] == ["no-cache", "no-cache"]
+
+
 async def test_a_400_on_search_does_not_echo_the_query_string() -> None:
     rec = Recorder(httpx.Response(400))
     with pytest.raises(FatalUpstreamError) as caught:
