@@ -191,7 +191,7 @@ def study_rows(studies: Sequence[Mapping[str, Any]], base: str) -> str:
 @router.get("", response_class=HTMLResponse, summary="Patients, each linking to their imaging")
 async def record_index(request: Request, r: ResolverDep) -> HTMLResponse:
     """Up to the first 100 Patients of the FHIR server, by name, each linking to their record page."""
-    patients = await r.fhir.search("Patient", {"_count": str(PAGE_SIZE)})
+    patients = await r.fhir.search("Patient", {"_count": str(PAGE_SIZE)}, limit=PAGE_SIZE)
     base = _base(request)
     items = []
     for patient in sorted(patients, key=patient_name):
@@ -221,7 +221,7 @@ async def record_patient(patient_id: PatientId, request: Request, r: ResolverDep
         back = f'<p><a href="{html.escape(base)}/record">All patients</a></p>'
         return _page("Not found", f"<h1>No such patient</h1>{back}", 404)
     studies = await r.fhir.search(
-        "ImagingStudy", {"subject": f"Patient/{patient_id}", "_count": str(PAGE_SIZE)}
+        "ImagingStudy", {"subject": f"Patient/{patient_id}", "_count": str(PAGE_SIZE)}, limit=PAGE_SIZE
     )
     name = patient_name(patient)
     details = ", ".join(_texts([patient.get("birthDate"), patient.get("gender")]))
