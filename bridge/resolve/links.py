@@ -110,6 +110,7 @@ class StudyLocation:
     base: str
     accession: str | None = None
     series: tuple[SeriesLocation, ...] = field(default_factory=tuple)
+    patient: str | None = None  # FHIR id of the ImagingStudy's subject Patient
 
 
 def study_uid_of(resource: Mapping[str, Any]) -> str | None:
@@ -120,6 +121,19 @@ def study_uid_of(resource: Mapping[str, Any]) -> str | None:
         value = str(identifier.get("value") or "").removeprefix("urn:oid:")
         if is_uid(value):
             return value
+    return None
+
+
+def subject_patient_id(resource: Mapping[str, Any]) -> str | None:
+    """The FHIR id of the Patient an ImagingStudy's subject references (relative or absolute), if any."""
+    reference = (resource.get("subject") or {}).get("reference")
+    if not isinstance(reference, str):
+        return None
+    parts = reference.rstrip("/").split("/")
+    if len(parts) >= 2 and parts[-2] == "Patient" and parts[-1]:
+        return parts[-1]
+    if len(parts) >= 4 and parts[-4] == "Patient" and parts[-2] == "_history":
+        return parts[-3]
     return None
 
 
@@ -263,6 +277,7 @@ def locate(
         base=study_base,
         accession=accession_of(resource),
         series=tuple(located),
+        patient=subject_patient_id(resource),
     )
 
 
