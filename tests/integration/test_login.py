@@ -11,8 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -20,13 +24,17 @@ import pytest
 
 from bridge.api.app import create_app
 from bridge.config import load_settings
+from tests.conftest import ARTIFACTS
 from tests.integration.conftest import Stack
 from tests.stack.oidc import LOGIN_SCOPES, OidcProvider, web_client
 from tests.stack.process import free_loopback_port
-from tests.stack.samples import load_demo
-from tests.stack.viewer import ThreadedServer
+from tests.stack.samples import StudySpec, load_demo
+from tests.stack.viewer import ThreadedServer, ViewerServer, ensure_chromium
 
 pytestmark = pytest.mark.integration
+
+SCRIPT = Path(__file__).resolve().parents[1] / "browser" / "clickthrough.mjs"
+BROWSER_TIMEOUT_S = 180
 
 CLIENT_ID, CLIENT_SECRET = "bridge-web", "web-secret-6a1f"
 USER, PASSWORD = "dr-who", "tardis-pass-91"
@@ -45,7 +53,10 @@ def _patient_id(stack: Stack, family: str, system: str) -> str:
 
 @contextmanager
 def login_stack(
-    stack: Stack, monkeypatch: pytest.MonkeyPatch, launches: dict[str, str] | None = None
+    stack: Stack,
+    monkeypatch: pytest.MonkeyPatch,
+    launches: dict[str, str] | None = None,
+    viewer_url: str = "http://viewer.invalid",
 ) -> Iterator[tuple[str, OidcProvider]]:
     """The bridge with login on (issuer and EHR both the provider); yields (bridge URL, provider)."""
     port = free_loopback_port()
@@ -57,7 +68,8 @@ def login_stack(
         launches=launches or {},
     ) as idp:
         env = stack.settings_env(
-            viewer_urls=json.dumps({"ohif": "http://viewer.invalid"}),
+            viewer_urls=json.dumps({"ohif": viewer_url}),
+            default_viewer="ohif",
             public_url=public,
             oidc_issuer=idp.issuer,
             oidc_client_id=CLIENT_ID,
@@ -160,3 +172,72 @@ def test_ehr_launch_limits_the_session_to_the_patient_in_context(
     assert johns_viewer.status_code == 403
     assert refused.status_code == 401 and "access_denied" in refused.text
     assert foreign_iss.status_code == 403
+
+
+def test_clickthrough_with_login_in_chromium(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Log in at the provider's form, open the record, click "Open images": OHIF draws the study.
+
+    OHIF reads the images through the test stack's proxy straight to the archive (tests/stack/viewer.py):
+    the bridge's authorizing image gateway is built apart and plugs in there.
+    """
+    caplog.set_level(logging.INFO)
+    chromium = ensure_chromium()
+    node = shutil.which("node")
+    assert node is not None, "the browser test needs Node.js (tests/browser/clickthrough.mjs)"
+    specs: list[StudySpec] = load_demo(stack.orthanc.dicomweb_url)
+    assert stack.sync().counts.parked == 0
+    ct = next(s for s in specs if s.description == "CT Chest Abdomen with contrast")
+    jane = _patient_id(stack, "Doe", HOSP_A)
+    john = _patient_id(stack, "Smith", HOSP_B)
+    john_study = next(
+        s["id"] for s in stack.fhir_search("ImagingStudy") if s["subject"]["reference"] == f"Patient/{john}"
+    )
+    shots = ARTIFACTS / "clickthrough-login"
+    shutil.rmtree(shots, ignore_errors=True)
+    shots.mkdir(parents=True)
+    start = len(caplog.records)
+    with (
+        ViewerServer(stack.orthanc.dicomweb_url) as viewer,
+        login_stack(stack, monkeypatch, launches={LAUNCH: jane}, viewer_url=viewer.base_url) as (api, idp),
+    ):
+        launch_url = httpx.URL(f"{api}/launch", params={"iss": idp.fhir_iss, "launch": LAUNCH})
+        options = {
+            # an EHR launch for Jane: the session is hers alone, and lands on her record
+            "startUrl": str(launch_url),
+            "recordUrl": f"{api}/record/patients/{jane}",
+            "login": {"username": USER, "password": PASSWORD},
+            "study": ct.description,
+            "series": [s.description for s in ct.series],
+            "forbiddenUrl": f"{api}/imaging-studies/{john_study}/viewer",
+            "screenshotDir": str(shots),
+            "chromium": chromium,
+            "timeoutMs": 60_000,
+        }
+        run = subprocess.run(
+            [node, str(SCRIPT), json.dumps(options)],
+            capture_output=True,
+            text=True,
+            timeout=BROWSER_TIMEOUT_S,
+            check=False,
+        )
+    (shots / "browser-output.txt").write_text(run.stdout + run.stderr, encoding="utf-8")
+    lines = run.stdout.strip().splitlines()
+    assert lines, f"the browser script printed nothing; stderr:\n{run.stderr[-3000:]}"
+    seen: dict[str, Any] = json.loads(lines[-1])
+    assert seen["ok"], f"click-through failed: {seen.get('error')} (at {seen.get('page_url')}); see {shots}"
+
+    assert seen["login_page"] == idp.issuer  # the browser was sent to the provider's form
+    session = next(c for c in seen["cookies"] if c["name"] == "bridge_session")
+    assert session["httpOnly"] and session["sameSite"] == "Lax"
+    assert seen["record_rows"] == 2 and seen["thumbnails_loaded"] == 2
+    expected = f"{viewer.base_url}/viewer?StudyInstanceUIDs={ct.uid}"
+    assert seen["redirect"] == {"status": 302, "location": expected}
+    assert sorted(s["description"] for s in seen["series_listed"]) == sorted(s.description for s in ct.series)
+    assert seen["canvas"]["lit_fraction"] > 0.05 and seen["canvas"]["grey_levels"] > 16
+    assert seen["forbidden_status"] == 403  # the same session, another patient's study
+    logged = "\n".join(r.getMessage() for r in caplog.records[start:])
+    assert "session opened (launch)" in logged
+    for secret in (PASSWORD, CLIENT_SECRET, jane, john, "Doe", "Smith", "eyJ"):
+        assert secret not in logged
