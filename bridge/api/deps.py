@@ -67,11 +67,13 @@ async def caller(
 
     A key or bearer token sent with the request wins; otherwise the browser's session cookie.
     """
-    if api_key is None and bearer is None:
-        if session is not None:
+    if s.settings.login_enabled and not s.authenticator.enabled:
+        if session is not None and api_key is None and bearer is None:
             return session
-        if s.settings.login_enabled:
-            raise AuthenticationError("authentication required: log in at /login, or send credentials")
+        # no key or token is configured: one sent is refused, never taken as anonymous
+        raise AuthenticationError("authentication required: log in at /login")
+    if api_key is None and bearer is None and session is not None:
+        return session
     return await s.authenticator.check(api_key, bearer.credentials if bearer else None)
 
 

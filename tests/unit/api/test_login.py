@@ -505,3 +505,14 @@ async def test_no_token_code_or_patient_in_the_logs(tmp_path: Path, caplog: pyte
 def test_the_study_location_knows_its_patient(reference: str | None, patient: str | None) -> None:
     resource = {"subject": {"reference": reference}} if reference else {}
     assert subject_patient_id(resource) == patient
+
+
+async def test_with_login_only_a_key_or_token_sent_is_refused_not_taken_as_anonymous(tmp_path: Path) -> None:
+    async with bridge(tmp_path, api_keys=[]) as b:
+        keyed = await b.http.get("/imaging-studies/is1/links", headers={"X-API-Key": "anything"})
+        bearer = await b.http.get("/imaging-studies/is1/links", headers={"Authorization": "Bearer x.y.z"})
+        nothing = await b.http.get("/imaging-studies/is1/links")
+        await b.login()
+        with_session = await b.http.get("/imaging-studies/is1/links")
+    assert keyed.status_code == bearer.status_code == nothing.status_code == 401
+    assert with_session.status_code == 200
