@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Path, Query, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from bridge.api.errors import AuthenticationError, ForbiddenError
+from bridge.api.errors import AccessDeniedError, AuthenticationError
 from bridge.api.readiness import ReadinessProbe
 from bridge.api.security import Authenticator, Caller
 from bridge.api.session import session_caller
@@ -81,9 +81,9 @@ CallerDep = Annotated[Caller, Depends(caller)]
 
 
 def allow_patient(who: Caller, patient: str | None) -> None:
-    """ForbiddenError unless ``who`` may see data of Patient ``patient`` (FHIR id; None: unknown)."""
+    """AccessDeniedError unless ``who`` may see data of Patient ``patient`` (FHIR id; None: unknown)."""
     if who.patient is not None and patient != who.patient:
-        raise ForbiddenError("this session or token is limited to another patient")
+        raise AccessDeniedError("this session or token is limited to another patient")
 
 
 FhirId = Annotated[

@@ -46,8 +46,8 @@ class AuthenticationError(BridgeError):
         self.bearer_error = bearer_error
 
 
-class ForbiddenError(BridgeError):
-    """The caller is known but may not see this: another patient than the one in context (403)."""
+class AccessDeniedError(BridgeError):
+    """The caller is who it says, but may not see this study (403)."""
 
 
 class RateLimitedError(BridgeError):
@@ -93,7 +93,7 @@ def response_for(exc: BridgeError) -> JSONResponse:
         if exc.bearer_error:
             challenge += f', error="{exc.bearer_error}"'
         return outcome(401, "login", str(exc), {"WWW-Authenticate": challenge})
-    if isinstance(exc, ForbiddenError):
+    if isinstance(exc, AccessDeniedError):
         return outcome(403, "forbidden", str(exc))
     if isinstance(exc, RateLimitedError):
         return outcome(429, "throttled", str(exc), {"Retry-After": str(max(1, math.ceil(exc.retry_after)))})

@@ -110,7 +110,9 @@ class StudyLocation:
     base: str
     accession: str | None = None
     series: tuple[SeriesLocation, ...] = field(default_factory=tuple)
-    patient: str | None = None  # FHIR id of the ImagingStudy's subject Patient
+    # Whose images these are: the Patient id of a relative ``Patient/{id}`` subject; None for any
+    # other subject, which then matches no patient in context.
+    patient: str | None = None
 
 
 def study_uid_of(resource: Mapping[str, Any]) -> str | None:
@@ -124,17 +126,17 @@ def study_uid_of(resource: Mapping[str, Any]) -> str | None:
     return None
 
 
-def subject_patient_id(resource: Mapping[str, Any]) -> str | None:
-    """The FHIR id of the Patient an ImagingStudy's subject references (relative or absolute), if any."""
+def subject_patient(resource: Mapping[str, Any]) -> str | None:
+    """The Patient id of an ImagingStudy's subject when it is ``Patient/{id}``, else None.
+
+    Only the relative form the bridge writes: an absolute URL may name another server's Patient with
+    the same id, so it matches no patient in context.
+    """
     reference = (resource.get("subject") or {}).get("reference")
     if not isinstance(reference, str):
         return None
-    parts = reference.rstrip("/").split("/")
-    if len(parts) >= 2 and parts[-2] == "Patient" and parts[-1]:
-        return parts[-1]
-    if len(parts) >= 4 and parts[-4] == "Patient" and parts[-2] == "_history":
-        return parts[-3]
-    return None
+    kind, _, rid = reference.partition("/")
+    return rid if kind == "Patient" and FHIR_ID.fullmatch(rid) else None
 
 
 def is_accession(identifier: Any) -> bool:
@@ -277,7 +279,7 @@ def locate(
         base=study_base,
         accession=accession_of(resource),
         series=tuple(located),
-        patient=subject_patient_id(resource),
+        patient=subject_patient(resource),
     )
 
 

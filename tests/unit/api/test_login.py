@@ -23,7 +23,7 @@ from bridge.api.app import create_app
 from bridge.api.session import COOKIE, SessionStore
 from bridge.config import Settings, load_settings
 from bridge.errors import ConfigurationError
-from bridge.resolve.links import subject_patient_id
+from bridge.resolve.links import subject_patient
 from tests.unit.resolve.fake_fhir import (
     DICOMWEB_BASE,
     FHIR_BASE,
@@ -496,15 +496,16 @@ async def test_no_token_code_or_patient_in_the_logs(tmp_path: Path, caplog: pyte
     ("reference", "patient"),
     [
         ("Patient/p1", "p1"),
-        ("https://fhir.example/R4/Patient/p-2", "p-2"),
-        ("Patient/p3/_history/4", "p3"),
+        ("https://fhir.example/R4/Patient/p-2", None),  # maybe another server's Patient p-2
+        ("Patient/p3/_history/4", None),
+        ("Patient/bad id", None),
         ("Group/g1", None),
         (None, None),
     ],
 )
 def test_the_study_location_knows_its_patient(reference: str | None, patient: str | None) -> None:
     resource = {"subject": {"reference": reference}} if reference else {}
-    assert subject_patient_id(resource) == patient
+    assert subject_patient(resource) == patient
 
 
 async def test_with_login_only_a_key_or_token_sent_is_refused_not_taken_as_anonymous(tmp_path: Path) -> None:
