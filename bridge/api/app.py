@@ -186,6 +186,8 @@ def create_app(
             "bases are used."
         ),
         lifespan=lifespan,
+        # No slash redirects: they are built from the request's Host header, which a caller chooses.
+        redirect_slashes=False,
     )
     app.state.services = services
     app.state.sync_gate = OnDemandGate[Any](settings.api_sync_rate)

@@ -69,6 +69,21 @@ try {
     if (message.type() === 'error') result.console_errors.push(message.text().slice(0, 300));
   });
   page.on('pageerror', error => result.console_errors.push(`page error: ${error.message.slice(0, 300)}`));
+  // Every study the viewer learns of through a study-level QIDO-RS search (its "other studies").
+  result.qido_study_searches = [];
+  page.on('response', async response => {
+    const url = new URL(response.url());
+    if (!/\/studies$/.test(url.pathname) || response.request().method() !== 'GET') return;
+    try {
+      const rows = await response.json();
+      result.qido_study_searches.push({
+        by_patient_id: url.searchParams.has('00100020') || url.searchParams.has('PatientID'),
+        study_uids: rows.map(row => row['0020000D']?.Value?.[0]).filter(Boolean),
+      });
+    } catch {
+      // not a DICOM JSON answer: nothing listed from it
+    }
+  });
 
   // 1. The record page, as the clinician sees it (after logging in, when authentication is on).
   let record = await page.goto(options.startUrl ?? options.recordUrl);
@@ -174,6 +189,11 @@ try {
     return gl ? (info ? gl.getParameter(info.UNMASKED_RENDERER_WEBGL) : gl.getParameter(gl.VERSION)) : null;
   });
   step('image drawn');
+  // The study browser's search for the patient's other studies has been answered.
+  const deadline = Date.now() + 15000;
+  while (!result.qido_study_searches.some(q => q.by_patient_id) && Date.now() < deadline) {
+    await page.waitForTimeout(250);
+  }
   await page.screenshot({ path: path.join(options.screenshotDir, 'viewer.png') });
   if (options.forbiddenUrl) {
     // 5. The same session asks for another patient's study.

@@ -57,6 +57,7 @@ def _one(stack: Stack) -> dict[str, Any]:
     return studies[0]
 
 
+@pytest.mark.interop
 def test_mapping_is_complete_and_valid_on_both_sides(stack: Stack) -> None:
     spec = StudySpec(
         patient_id="L1",
@@ -180,6 +181,7 @@ def _service_request(stack: Stack, accession: str) -> str:
     return str(response.json()["id"])
 
 
+@pytest.mark.interop
 def test_order_linkage_by_accession(stack: Stack) -> None:
     ordered = StudySpec(patient_id="O1", issuer="HOSP-A", accession="ORD-1")
     unordered = StudySpec(patient_id="O2", issuer="HOSP-A", accession="ORD-2")
@@ -255,6 +257,7 @@ def test_two_archives_one_fhir_server_never_merge_the_same_study(stack: Stack, s
     assert stack.cli("sync", "--source", "nope", sources=sources).returncode == 2
 
 
+@pytest.mark.interop
 def test_dry_run_shows_the_changes_and_writes_nothing(stack: Stack) -> None:
     first = StudySpec(patient_id="D1", issuer="HOSP-A", description="Before")
     stow(stack.orthanc.dicomweb_url, build_study(first))

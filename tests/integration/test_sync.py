@@ -29,6 +29,7 @@ def _by_uid(stack: Stack) -> dict[str, dict]:
     return out
 
 
+@pytest.mark.interop
 def test_every_study_becomes_exactly_one_correct_imaging_study(stack: Stack) -> None:
     specs = load_demo(stack.orthanc.dicomweb_url)
 
@@ -94,6 +95,7 @@ def test_non_latin_names_reach_the_created_patient_intact(stack: Stack) -> None:
     assert muller["name"][0] == {"family": "Müller", "given": ["Jürgen"]}
 
 
+@pytest.mark.interop
 def test_a_second_run_with_no_change_writes_nothing(stack: Stack) -> None:
     load_demo(stack.orthanc.dicomweb_url)
     stack.sync()
@@ -107,6 +109,7 @@ def test_a_second_run_with_no_change_writes_nothing(stack: Stack) -> None:
     assert len(stack.fhir_search("ImagingStudy")) == 6
 
 
+@pytest.mark.interop
 def test_a_new_study_and_a_new_series_in_an_old_study_are_picked_up(stack: Stack) -> None:
     specs = load_demo(stack.orthanc.dicomweb_url)
     stack.sync()
@@ -208,6 +211,7 @@ def test_match_only_parks_until_the_patient_exists(stack: Stack) -> None:
     assert study["subject"]["reference"] == f"Patient/{patient[0]['id']}"
 
 
+@pytest.mark.interop
 def test_existing_patient_is_linked_and_never_modified(stack: Stack) -> None:
     import httpx
 
@@ -250,6 +254,7 @@ def test_logical_policy_never_touches_patients(stack: Stack) -> None:
         assert study["subject"]["identifier"]["system"] in ISSUERS.values()
 
 
+@pytest.mark.interop
 def test_conditional_write_strategy_is_just_as_idempotent(stack: Stack) -> None:
     load_demo(stack.orthanc.dicomweb_url)
 
@@ -262,6 +267,7 @@ def test_conditional_write_strategy_is_just_as_idempotent(stack: Stack) -> None:
     assert len(stack.fhir_search("Patient")) == 4
 
 
+@pytest.mark.interop
 def test_replay_after_losing_the_store_duplicates_nothing(stack: Stack) -> None:
     load_demo(stack.orthanc.dicomweb_url)
     stack.sync()
@@ -275,6 +281,7 @@ def test_replay_after_losing_the_store_duplicates_nothing(stack: Stack) -> None:
     assert len(stack.fhir_search("Patient")) == 4
 
 
+@pytest.mark.interop
 def test_request_counts_grow_with_changes_not_with_the_archive(stack: Stack) -> None:
     n, page = 23, 10
     for i in range(n):

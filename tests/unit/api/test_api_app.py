@@ -168,7 +168,10 @@ async def test_an_unexpected_exception_is_a_bare_500(
 
 async def test_bad_viewer_setting_fails_at_start_up(tmp_path: Path, fake: FakeFhir) -> None:
     with pytest.raises(ConfigurationError, match="BRIDGE_DEFAULT_VIEWER"):
-        create_app(settings(tmp_path, viewers=["stone"]), transport=fake.transport())
+        create_app(
+            settings(tmp_path, viewers=["stone"], viewer_urls={"stone": "https://orthanc.example"}),
+            transport=fake.transport(),
+        )
 
 
 async def test_cors_allows_configured_origins_only(tmp_path: Path, fake: FakeFhir) -> None:
