@@ -18,7 +18,7 @@ from bridge.api.deps import Services
 from bridge.api.middleware import ObservabilityMiddleware
 from bridge.api.ondemand import OnDemandGate
 from bridge.api.readiness import ReadinessProbe
-from bridge.api.routes import failures, health, links, metrics, record, sync, viewer
+from bridge.api.routes import failures, health, iid, links, login, metrics, record, sync, viewer
 from bridge.api.security import Authenticator
 from bridge.config import Settings, UpstreamSettings, get_settings
 from bridge.dicomweb.client import DicomwebClient
@@ -44,6 +44,7 @@ ROUTERS: list[APIRouter] = [
     sync.router,
     record.router,
     failures.router,
+    iid.router,
 ]
 
 # A clinician is waiting: retry a failing FHIR request once, briefly, then answer 503.
@@ -131,6 +132,9 @@ def create_app(
                 services.authenticator.jwks.client = await stack.enter_async_context(
                     _client(settings, None, None, transport)
                 )
+            if getattr(app.state, "oidc", None) is not None:  # browser login: identity providers, EHRs
+                oidc_http = _client(settings, None, None, transport)
+                app.state.oidc.http = await stack.enter_async_context(oidc_http)
             services.resolver = Resolver(fhir, resolver_config(settings))
             try:  # the sync side, per source: on-demand syncs, and the scheduler under `bridge run`
                 for each in settings.each_source():
@@ -173,6 +177,7 @@ def create_app(
     errors.install(app)
     for router in routers:
         app.include_router(router)
+    login.install(app, services)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -17,9 +17,9 @@ from urllib.parse import quote
 
 import httpx
 from fastapi import APIRouter, Depends, FastAPI, Path, Request
-from fastapi.responses import HTMLResponse, Response
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from bridge.api.deps import FHIR_ID_PATTERN, ResolverDep, StudyById, caller
+from bridge.api.deps import FHIR_ID_PATTERN, CallerDep, ResolverDep, StudyById, allow_patient, caller
 from bridge.config import Settings
 from bridge.dicomweb.client import DicomwebClient
 from bridge.errors import NoUsableEndpointError, StudyNotFoundError
@@ -189,8 +189,14 @@ def study_rows(studies: Sequence[Mapping[str, Any]], base: str) -> str:
 
 
 @router.get("", response_class=HTMLResponse, summary="Patients, each linking to their imaging")
-async def record_index(request: Request, r: ResolverDep) -> HTMLResponse:
-    """Up to the first 100 Patients of the FHIR server, by name, each linking to their record page."""
+async def record_index(request: Request, r: ResolverDep, who: CallerDep) -> Response:
+    """Up to the first 100 Patients of the FHIR server, by name, each linking to their record page.
+
+    A session or token limited to one patient (EHR launch) is sent to that patient's page instead.
+    """
+    if who.patient is not None:
+        target = f"{_base(request)}/record/patients/{quote(who.patient, safe='')}"
+        return RedirectResponse(target, status_code=302, headers={"Cache-Control": "no-store"})
     patients = await r.fhir.search("Patient", {"_count": str(PAGE_SIZE)}, limit=PAGE_SIZE)
     base = _base(request)
     items = []
@@ -213,8 +219,11 @@ async def record_index(request: Request, r: ResolverDep) -> HTMLResponse:
 
 
 @router.get("/patients/{patient_id}", response_class=HTMLResponse, summary="A patient's imaging studies")
-async def record_patient(patient_id: PatientId, request: Request, r: ResolverDep) -> HTMLResponse:
+async def record_patient(
+    patient_id: PatientId, request: Request, r: ResolverDep, who: CallerDep
+) -> HTMLResponse:
     """The patient's ImagingStudies (date, description, modalities), each with an "Open images" link."""
+    allow_patient(who, patient_id)
     base = _base(request)
     patient = await r.fhir.read("Patient", patient_id)
     if patient is None:
