@@ -69,6 +69,14 @@ class AuthMode(StrEnum):
     SMART = "smart"  # SMART Backend Services: client credentials with private_key_jwt
 
 
+class AuditMode(StrEnum):
+    """Where the access audit goes (bridge/audit)."""
+
+    FHIR = "fhir"
+    LOG = "log"
+    OFF = "off"
+
+
 class SigningAlg(StrEnum):
     """Signature algorithms of SMART Backend Services client assertions."""
 
@@ -550,6 +558,36 @@ class Settings(PerSourceSettings, BaseSettings):
     )
     api_sync_rate: int = Field(
         default=30, ge=1, le=100_000, description="On-demand syncs one client may start per minute; then 429"
+    )
+
+    # Image gateway and access audit (integrator guide, "SMART apps, the gateway and the audit trail")
+    gateway: bool = Field(
+        default=True,
+        description="bridge serve answers DICOMweb at /dicom-web for the studies each caller may see",
+    )
+    gateway_max_response_bytes: int = Field(
+        default=4 * 1024 * 1024 * 1024,
+        ge=1024,
+        description="Largest archive answer the gateway streams to a caller, in bytes",
+    )
+    audit: AuditMode = Field(
+        default=AuditMode.LOG,
+        description=(
+            "Access audit: fhir (AuditEvents written to the FHIR server, kept in the state store "
+            "until written) | log (one log line per access) | off"
+        ),
+    )
+    audit_batch_size: int = Field(
+        default=100, ge=1, le=1000, description="AuditEvents written to the FHIR server per request"
+    )
+    audit_flush_interval: float = Field(
+        default=2.0, gt=0, le=3600, description="Seconds between writes of recorded AuditEvents"
+    )
+    audit_window: float = Field(
+        default=60.0,
+        ge=0,
+        le=86400,
+        description="Seconds within which one caller's accesses to one study are one AuditEvent",
     )
 
     @field_validator("viewers", "api_keys", "jwt_algorithms", "cors_origins", mode="before")
