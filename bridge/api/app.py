@@ -18,8 +18,9 @@ from bridge.api.deps import Services
 from bridge.api.middleware import ObservabilityMiddleware
 from bridge.api.ondemand import OnDemandGate
 from bridge.api.readiness import ReadinessProbe
-from bridge.api.routes import failures, health, links, metrics, record, sync, viewer
+from bridge.api.routes import failures, gateway, health, links, metrics, record, sync, viewer
 from bridge.api.security import Authenticator
+from bridge.audit.trail import AuditTrail, running
 from bridge.config import Settings, get_settings
 from bridge.errors import BridgeError, StoreError
 from bridge.fhir.client import FhirClient
@@ -43,6 +44,7 @@ ROUTERS: list[APIRouter] = [
     sync.router,
     record.router,
     failures.router,
+    gateway.router,  # /dicom-web, unless BRIDGE_GATEWAY is false
 ]
 
 # A clinician is waiting: retry a failing FHIR request once, briefly, then answer 503.
@@ -142,6 +144,18 @@ def create_app(
                     )
                 )
             services.resolver = Resolver(fhir, resolver_config(settings))
+            services.audit = await stack.enter_async_context(
+                running(
+                    AuditTrail(
+                        settings.audit,
+                        fhir=fhir,
+                        store=store,
+                        batch_size=settings.audit_batch_size,
+                        window=settings.audit_window,
+                    ),
+                    settings.audit_flush_interval,
+                )
+            )
             try:  # the sync side, per source: on-demand syncs, and the scheduler under `bridge run`
                 for each in settings.each_source():
                     services.runtimes.append(await stack.enter_async_context(open_runtime(settings, each)))
@@ -178,9 +192,12 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.services = services
+    app.state.transport = transport  # routers that open their own clients use it too
     app.state.sync_gate = OnDemandGate[Any](settings.api_sync_rate)
     errors.install(app)
     for router in routers:
+        if router is gateway.router and not settings.gateway:
+            continue
         app.include_router(router)
     if settings.cors_origins:
         app.add_middleware(

@@ -10,6 +10,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 
 from bridge.api.readiness import ReadinessProbe
 from bridge.api.security import Authenticator, Caller
+from bridge.audit.trail import AuditTrail
 from bridge.config import Settings
 from bridge.resolve.links import StudyLocation, ViewerTemplate
 from bridge.resolve.resolver import Resolver
@@ -31,6 +32,7 @@ class Services:
     resolver: Resolver | None = None
     readiness: ReadinessProbe | None = None
     runtimes: list[Runtime] = field(default_factory=list)  # one per source
+    audit: AuditTrail | None = None  # the access audit trail, open for the app's lifetime
 
 
 def services(request: Request) -> Services:
@@ -62,6 +64,9 @@ async def caller(
 ) -> Caller:
     """The authenticated caller (anonymous when authentication is off), else 401."""
     return await s.authenticator.check(api_key, bearer.credentials if bearer else None)
+
+
+CallerDep = Annotated[Caller, Depends(caller)]
 
 
 FhirId = Annotated[

@@ -46,6 +46,10 @@ class AuthenticationError(BridgeError):
         self.bearer_error = bearer_error
 
 
+class AccessDeniedError(BridgeError):
+    """The caller is who it says, but may not see this study (403)."""
+
+
 class RateLimitedError(BridgeError):
     """The caller asked for more work than its rate allows (429, with Retry-After)."""
 
@@ -89,6 +93,8 @@ def response_for(exc: BridgeError) -> JSONResponse:
         if exc.bearer_error:
             challenge += f', error="{exc.bearer_error}"'
         return outcome(401, "login", str(exc), {"WWW-Authenticate": challenge})
+    if isinstance(exc, AccessDeniedError):
+        return outcome(403, "forbidden", str(exc))
     if isinstance(exc, RateLimitedError):
         return outcome(429, "throttled", str(exc), {"Retry-After": str(max(1, math.ceil(exc.retry_after)))})
     if isinstance(exc, UpstreamError):

@@ -110,6 +110,10 @@ class StudyLocation:
     base: str
     accession: str | None = None
     series: tuple[SeriesLocation, ...] = field(default_factory=tuple)
+    # Whose images these are: the Patient id of a relative ``Patient/{id}`` subject; None for any
+    # other subject, which then matches no patient in context.
+    patient: str | None = None
+    sources: tuple[str, ...] = ()  # the bridge sources that wrote it (meta.tag)
 
 
 def study_uid_of(resource: Mapping[str, Any]) -> str | None:
@@ -155,6 +159,25 @@ def is_tagged(resource: Mapping[str, Any], source: str) -> bool:
     tags = (resource.get("meta") or {}).get("tag") or []
     return any(
         isinstance(t, dict) and t.get("system") == BRIDGE_TAG_SYSTEM and t.get("code") == source for t in tags
+    )
+
+
+def subject_patient(resource: Mapping[str, Any]) -> str | None:
+    """The Patient id of an ImagingStudy's subject when it is ``Patient/{id}``, else None."""
+    reference = _reference(resource.get("subject"))
+    if reference is None:
+        return None
+    kind, _, rid = reference.partition("/")
+    return rid if kind == "Patient" and FHIR_ID.fullmatch(rid) else None
+
+
+def source_tags(resource: Mapping[str, Any]) -> tuple[str, ...]:
+    """The bridge sources named in the resource's meta.tag."""
+    tags = (resource.get("meta") or {}).get("tag") or []
+    return tuple(
+        str(t["code"])
+        for t in tags
+        if isinstance(t, dict) and t.get("system") == BRIDGE_TAG_SYSTEM and isinstance(t.get("code"), str)
     )
 
 
@@ -263,6 +286,8 @@ def locate(
         base=study_base,
         accession=accession_of(resource),
         series=tuple(located),
+        patient=subject_patient(resource),
+        sources=source_tags(resource),
     )
 
 

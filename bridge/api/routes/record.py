@@ -19,7 +19,8 @@ import httpx
 from fastapi import APIRouter, Depends, FastAPI, Path, Request
 from fastapi.responses import HTMLResponse, Response
 
-from bridge.api.deps import FHIR_ID_PATTERN, ResolverDep, StudyById, caller
+from bridge.api.audit import note
+from bridge.api.deps import FHIR_ID_PATTERN, CallerDep, ResolverDep, StudyById, caller
 from bridge.config import Settings
 from bridge.errors import NoUsableEndpointError, StudyNotFoundError
 from bridge.http import RetryPolicy, send
@@ -223,7 +224,9 @@ async def record_index(request: Request, r: ResolverDep) -> HTMLResponse:
 
 
 @router.get("/patients/{patient_id}", response_class=HTMLResponse, summary="A patient's imaging studies")
-async def record_patient(patient_id: PatientId, request: Request, r: ResolverDep) -> HTMLResponse:
+async def record_patient(
+    patient_id: PatientId, request: Request, r: ResolverDep, who: CallerDep
+) -> HTMLResponse:
     """The patient's ImagingStudies (date, description, modalities), each with an "Open images" link."""
     base = _base(request)
     patient = await r.fhir.read("Patient", patient_id)
@@ -233,6 +236,7 @@ async def record_patient(patient_id: PatientId, request: Request, r: ResolverDep
     studies = await r.fhir.search(
         "ImagingStudy", {"subject": f"Patient/{patient_id}", "_count": str(PAGE_SIZE)}
     )
+    note(request, who, "record-view", patient=patient_id)
     name = patient_name(patient)
     details = ", ".join(_texts([patient.get("birthDate"), patient.get("gender")]))
     header = (
