@@ -68,11 +68,17 @@ class OidcProvider:
         ttl: dict[str, int] | None = None,
         introspector_secret: str = "introspector-secret",
         log_path: Path | None = None,
+        resource: dict[str, str] | None = None,
+        patients: dict[str, str] | None = None,
     ) -> None:
+        """``resource`` ({"audience", "scopes"}) makes access tokens JWTs for that audience;
+        ``patients`` (client id -> Patient id) gives a client's tokens a ``patient`` claim."""
         self.introspector_secret = introspector_secret
         self.clients = [*clients, secret_client(INTROSPECTOR_ID, introspector_secret)]
         self.scopes = scopes or []
         self.ttl = ttl or {}
+        self.resource = resource
+        self.patients = patients or {}
         self.port = 0
         self.log_path = log_path
         self._owns_log = log_path is None
@@ -83,6 +89,10 @@ class OidcProvider:
     @property
     def issuer(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def jwks_url(self) -> str:
+        return f"{self.issuer}/jwks"
 
     @property
     def token_url(self) -> str:
@@ -108,6 +118,8 @@ class OidcProvider:
                     "scopes": self.scopes,
                     "ttl": self.ttl,
                     "introspector": INTROSPECTOR_ID,
+                    "resource": self.resource,
+                    "patients": self.patients,
                 },
                 handle,
             )
