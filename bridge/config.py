@@ -69,6 +69,14 @@ class AuthMode(StrEnum):
     SMART = "smart"  # SMART Backend Services: client credentials with private_key_jwt
 
 
+class AuditMode(StrEnum):
+    """Where the access audit goes (bridge/audit)."""
+
+    FHIR = "fhir"
+    LOG = "log"
+    OFF = "off"
+
+
 class SigningAlg(StrEnum):
     """Signature algorithms of SMART Backend Services client assertions."""
 
@@ -575,6 +583,36 @@ class Settings(PerSourceSettings, BaseSettings):
     )
     session_max_age: float = Field(
         default=28800.0, ge=60, le=7 * 86400, description="Seconds a browser session lasts after login"
+    )
+
+    # Image gateway and access audit (integrator guide, "SMART apps, the gateway and the audit trail")
+    gateway: bool = Field(
+        default=True,
+        description="bridge serve answers DICOMweb at /dicom-web for the studies each caller may see",
+    )
+    gateway_max_response_bytes: int = Field(
+        default=4 * 1024 * 1024 * 1024,
+        ge=1024,
+        description="Largest archive answer the gateway streams to a caller, in bytes",
+    )
+    audit: AuditMode = Field(
+        default=AuditMode.LOG,
+        description=(
+            "Access audit: fhir (AuditEvents written to the FHIR server, kept in the state store "
+            "until written) | log (one log line per access) | off"
+        ),
+    )
+    audit_batch_size: int = Field(
+        default=100, ge=1, le=1000, description="AuditEvents written to the FHIR server per request"
+    )
+    audit_flush_interval: float = Field(
+        default=2.0, gt=0, le=3600, description="Seconds between writes of recorded AuditEvents"
+    )
+    audit_window: float = Field(
+        default=60.0,
+        ge=0,
+        le=86400,
+        description="Seconds within which one caller's accesses to one study are one AuditEvent",
     )
 
     # Read from oidc_client_secret_file; kept apart so the settings as given stay as given.

@@ -8,10 +8,12 @@ from typing import Annotated
 from fastapi import Depends, Path, Query, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from bridge.api.access import decide
 from bridge.api.errors import AccessDeniedError, AuthenticationError
 from bridge.api.readiness import ReadinessProbe
 from bridge.api.security import Authenticator, Caller
 from bridge.api.session import session_caller
+from bridge.audit.trail import AuditTrail
 from bridge.config import Settings
 from bridge.resolve.links import StudyLocation, ViewerTemplate
 from bridge.resolve.resolver import Resolver
@@ -33,6 +35,7 @@ class Services:
     resolver: Resolver | None = None
     readiness: ReadinessProbe | None = None
     runtimes: list[Runtime] = field(default_factory=list)  # one per source
+    audit: AuditTrail | None = None  # the access audit trail, open for the app's lifetime
 
 
 def services(request: Request) -> Services:
@@ -81,9 +84,13 @@ CallerDep = Annotated[Caller, Depends(caller)]
 
 
 def allow_patient(who: Caller, patient: str | None) -> None:
-    """AccessDeniedError unless ``who`` may see data of Patient ``patient`` (FHIR id; None: unknown)."""
-    if who.patient is not None and patient != who.patient:
-        raise AccessDeniedError("this session or token is limited to another patient")
+    """AccessDeniedError unless ``who`` may see data of Patient ``patient`` (FHIR id; None: unknown).
+
+    The one rule of bridge/api/access.py: the patient in context, then the SMART scopes.
+    """
+    decision = decide(who, patient)
+    if not decision.allowed:
+        raise AccessDeniedError(decision.reason)
 
 
 FhirId = Annotated[

@@ -137,6 +137,7 @@ class StudyLocation:
     # Whose images these are: the Patient id of a relative ``Patient/{id}`` subject; None for any
     # other subject, which then matches no patient in context.
     patient: str | None = None
+    sources: tuple[str, ...] = ()  # the bridge sources that wrote it (meta.tag)
 
 
 def study_uid_of(resource: Mapping[str, Any]) -> str | None:
@@ -195,6 +196,16 @@ def is_tagged(resource: Mapping[str, Any], source: str) -> bool:
     tags = (resource.get("meta") or {}).get("tag") or []
     return any(
         isinstance(t, dict) and t.get("system") == BRIDGE_TAG_SYSTEM and t.get("code") == source for t in tags
+    )
+
+
+def source_tags(resource: Mapping[str, Any]) -> tuple[str, ...]:
+    """The bridge sources named in the resource's meta.tag."""
+    tags = (resource.get("meta") or {}).get("tag") or []
+    return tuple(
+        str(t["code"])
+        for t in tags
+        if isinstance(t, dict) and t.get("system") == BRIDGE_TAG_SYSTEM and isinstance(t.get("code"), str)
     )
 
 
@@ -304,6 +315,7 @@ def locate(
         accession=accession_of(resource),
         series=tuple(located),
         patient=subject_patient(resource),
+        sources=source_tags(resource),
     )
 
 
