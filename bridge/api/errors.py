@@ -46,6 +46,10 @@ class AuthenticationError(BridgeError):
         self.bearer_error = bearer_error
 
 
+class AccessDeniedError(BridgeError):
+    """The caller is who it says, but may not see this study (403)."""
+
+
 class RateLimitedError(BridgeError):
     """The caller asked for more work than its rate allows (429, with Retry-After)."""
 
@@ -89,6 +93,8 @@ def response_for(exc: BridgeError) -> JSONResponse:
         if exc.bearer_error:
             challenge += f', error="{exc.bearer_error}"'
         return outcome(401, "login", str(exc), {"WWW-Authenticate": challenge})
+    if isinstance(exc, AccessDeniedError):
+        return outcome(403, "forbidden", str(exc))
     if isinstance(exc, RateLimitedError):
         return outcome(429, "throttled", str(exc), {"Retry-After": str(max(1, math.ceil(exc.retry_after)))})
     if isinstance(exc, UpstreamError):
@@ -146,6 +152,10 @@ def install(app: FastAPI) -> None:
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": OperationOutcome, "description": "Credentials missing or invalid (when auth is on)"},
+    403: {
+        "model": OperationOutcome,
+        "description": "The study belongs to another patient than the one in context",
+    },
     404: {"model": OperationOutcome, "description": "No such ImagingStudy"},
     409: {"model": OperationOutcome, "description": "No usable WADO-RS endpoint, or an ambiguous lookup"},
     422: {"model": OperationOutcome, "description": "A malformed id, UID, reference or parameter, and why"},

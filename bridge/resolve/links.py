@@ -134,6 +134,10 @@ class StudyLocation:
     base: str
     accession: str | None = None
     series: tuple[SeriesLocation, ...] = field(default_factory=tuple)
+    # Whose images these are: the Patient id of a relative ``Patient/{id}`` subject; None for any
+    # other subject, which then matches no patient in context.
+    patient: str | None = None
+    sources: tuple[str, ...] = ()  # the bridge sources that wrote it (meta.tag)
 
 
 def study_uid_of(resource: Mapping[str, Any]) -> str | None:
@@ -145,6 +149,19 @@ def study_uid_of(resource: Mapping[str, Any]) -> str | None:
         if is_uid(value):
             return value
     return None
+
+
+def subject_patient(resource: Mapping[str, Any]) -> str | None:
+    """The Patient id of an ImagingStudy's subject when it is ``Patient/{id}``, else None.
+
+    Only the relative form the bridge writes: an absolute URL may name another server's Patient with
+    the same id, so it matches no patient in context.
+    """
+    reference = (resource.get("subject") or {}).get("reference")
+    if not isinstance(reference, str):
+        return None
+    kind, _, rid = reference.partition("/")
+    return rid if kind == "Patient" and FHIR_ID.fullmatch(rid) else None
 
 
 def is_accession(identifier: Any) -> bool:
@@ -179,6 +196,16 @@ def is_tagged(resource: Mapping[str, Any], source: str) -> bool:
     tags = (resource.get("meta") or {}).get("tag") or []
     return any(
         isinstance(t, dict) and t.get("system") == BRIDGE_TAG_SYSTEM and t.get("code") == source for t in tags
+    )
+
+
+def source_tags(resource: Mapping[str, Any]) -> tuple[str, ...]:
+    """The bridge sources named in the resource's meta.tag."""
+    tags = (resource.get("meta") or {}).get("tag") or []
+    return tuple(
+        str(t["code"])
+        for t in tags
+        if isinstance(t, dict) and t.get("system") == BRIDGE_TAG_SYSTEM and isinstance(t.get("code"), str)
     )
 
 
@@ -287,6 +314,8 @@ def locate(
         base=study_base,
         accession=accession_of(resource),
         series=tuple(located),
+        patient=subject_patient(resource),
+        sources=source_tags(resource),
     )
 
 
