@@ -69,7 +69,9 @@ class Runtime:
         linker = Linker(
             self.fhir, self.ctx, patient_policy=source.patient_policy, order_policy=s.order_policy
         )
-        publisher = Publisher(self.fhir, self.store, self.ctx, write_strategy=s.write_strategy)
+        publisher = Publisher(
+            self.fhir, self.store, self.ctx, write_strategy=s.write_strategy, batch_size=s.fhir.batch_size
+        )
         return SyncWorker(
             self.dicomweb,
             linker,
@@ -128,6 +130,9 @@ async def open_runtime(settings: Settings, source: SourceSettings | None = None)
                 policy=policy,
                 page_size=source.qido_page_size,
                 limits=DicomwebLimits.from_settings(source.dicomweb, settings.http_deadline),
+                series_query=source.dicomweb.series_query,
+                series_list_size=source.dicomweb.series_list_size,
+                series_page_size=source.dicomweb.series_page_size,
             )
             fhir = FhirClient(fhir_http, settings.fhir.base, policy=fhir_policy, limit=fhir_limit(settings))
             changes = change_source(source, dicomweb_http, store, policy)

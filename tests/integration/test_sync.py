@@ -263,9 +263,10 @@ def test_logical_policy_never_touches_patients(stack: Stack) -> None:
     stats = stack.fhir.stats()
     assert stack.fhir_search("Patient") == []
     assert stats["searches"] == 0
-    # One CapabilityStatement read (can the server create by PUT?), the Endpoint and six studies.
-    assert stats["by_interaction"] == {"capabilities": 1, "update": 7}
-    assert stats["requests"] == 8
+    # One CapabilityStatement read (create by PUT? batch?), the Endpoint, six studies in one batch.
+    assert stats["by_interaction"] == {"capabilities": 1, "update": 1, "batch": 1}
+    assert stats["requests"] == 3
+    assert stats["writes_by_kind"]["create"] + stats["writes_by_kind"]["update"] == 7
     for study in _by_uid(stack).values():
         assert study["subject"]["type"] == "Patient"
         assert study["subject"]["identifier"]["system"] in ISSUERS.values()
@@ -309,13 +310,16 @@ def test_request_counts_grow_with_changes_not_with_the_archive(stack: Stack) -> 
             ),
         )
 
-    first = stack.sync(qido_page_size=str(page))
+    # Study by study (an archive without UID lists, a server without batch): the per-study floor.
+    per_study = {"qido_page_size": str(page), "dicomweb_series_query": "per-study", "fhir_batch_size": "0"}
+    first = stack.sync(**per_study)
     stats = stack.fhir.stats()
 
     study_queries = [q for q in _run_queries(stack, first.run_id) if q.startswith("/studies?")]
     series_queries = [q for q in _run_queries(stack, first.run_id) if "/series" in q]
     assert len(study_queries) == -(-n // page)  # ceil: the last page is short
     assert len(series_queries) == n
+    assert first.series_query == "per-study"
     # One write per study, one Endpoint, and one conditional create per patient.
     assert first.counts.fhir_writes == n + 1 + 5
     assert stats["writes"] == n + 1 + 5
