@@ -421,8 +421,9 @@ class SyncWorker:
         except (MappingError, FatalUpstreamError) as exc:
             await self._park(report, study.uid, exc)
         except UpstreamUnavailableError as exc:
-            # This study's request kept failing: park it, unless the FHIR server as a whole is down.
-            if exc.service != "fhir" or not await self._publisher.reachable():
+            # This study's request kept failing: park it, unless that upstream as a whole is down.
+            peer = self._publisher if exc.service == "fhir" else self._source
+            if not await peer.reachable():
                 raise
             await self._park(report, study.uid, exc)
 
