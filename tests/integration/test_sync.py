@@ -419,3 +419,21 @@ def test_a_server_without_update_as_create_stops_with_advice_and_conditional_wri
         accepted = stack.cli("sync", "--json", fhir_url=strict.base_url, write_strategy="conditional")
         assert accepted.returncode == 0, accepted.stderr
         assert json.loads(accepted.stdout)["created"] == 6
+
+
+def test_a_series_without_modality_is_published_as_ot_and_counted(stack: Stack) -> None:
+    spec = StudySpec(patient_id="M0", issuer="HOSP-A", uid=generate_uid(), series=[SeriesSpec("OT")])
+    datasets = build_study(spec)
+    for ds in datasets:
+        del ds.Modality  # Type 1, yet missing in several real files
+    stow(stack.orthanc.dicomweb_url, datasets)
+
+    result = stack.cli("sync", "--json")
+
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["created"], summary["parked"], summary["fallbacks"]) == (1, 0, 1)
+    [study] = stack.fhir_search("ImagingStudy")
+    assert [s["modality"]["code"] for s in study["series"]] == ["OT"]
+    parked = stack.cli("sync", "--json", missing_modality="park", state_url=f"sqlite:///{stack.state_path}.2")
+    assert json.loads(parked.stdout)["parked_studies"][0]["attribute"] == "Modality"

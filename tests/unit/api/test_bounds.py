@@ -12,7 +12,7 @@ import pytest
 
 from bridge.api.errors import RateLimitedError
 from bridge.api.ondemand import OnDemandGate
-from tests.unit.api.test_api_app import client
+from tests.unit.api.test_app import client
 from tests.unit.resolve.fake_fhir import STUDY_UID, FakeFhir, endpoint, imaging_study
 
 pytestmark = pytest.mark.anyio

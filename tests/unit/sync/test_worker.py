@@ -341,6 +341,30 @@ async def test_a_fhir_server_lost_during_a_study_propagates_upstream_unavailable
     assert world.store.runs()[0].status == "failed"
 
 
+async def test_a_study_whose_archive_query_keeps_failing_is_parked_and_the_run_goes_on(world: World) -> None:
+    world.add(1)
+    world.add(2)
+    world.source.fail_series[uid(1)] = UpstreamUnavailableError(
+        "dicomweb GET /studies/x/series: connection reset", service="dicomweb"
+    )
+    report = await world.run()
+    assert (report.counts.created, report.counts.parked) == (1, 1)
+    assert report.parked[0].study_uid == uid(1) and report.parked[0].kind == "upstream"
+
+
+async def test_an_archive_down_during_a_study_still_ends_the_run(world: World) -> None:
+    world.add(1)
+    world.source.fail_series[uid(1)] = UpstreamUnavailableError("dicomweb GET failed", service="dicomweb")
+    world.source.fail_listing = None
+
+    async def down() -> bool:
+        return False
+
+    world.source.reachable = down  # type: ignore[method-assign]
+    with pytest.raises(UpstreamUnavailableError):
+        await world.run()
+
+
 async def test_a_study_whose_request_keeps_failing_is_parked_and_the_run_goes_on(world: World) -> None:
     world.add(1)
     await world.run()
