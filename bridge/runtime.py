@@ -113,7 +113,8 @@ def change_source(
 ) -> ChangeSource:
     """The incremental change source the settings choose."""
     if settings.change_source is ChangeSourceKind.ORTHANC and settings.orthanc_url is not None:
-        feed = OrthancChangeFeed(client, str(settings.orthanc_url), policy=policy)
+        limit = DicomwebLimits.from_settings(settings).page()
+        feed = OrthancChangeFeed(client, str(settings.orthanc_url), policy=policy, limit=limit)
         return FeedChangeSource(feed, store, settings.source_name)
     return QidoWindowSource(settings.poll_window_days)
 

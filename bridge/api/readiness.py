@@ -11,6 +11,7 @@ import httpx
 from bridge.errors import BridgeError
 from bridge.fhir.client import FhirClient
 from bridge.http import RetryPolicy, send
+from bridge.limits import DicomwebLimits
 from bridge.state.store import SqlStore
 
 PROBE_TIMEOUT = 5.0
@@ -49,7 +50,13 @@ class ReadinessProbe:
             params={"limit": "1", "includefield": "0020000D"},
             headers={"Accept": "application/dicom+json"},
         )
-        await send(self.dicomweb_http, request, service="dicomweb", policy=RetryPolicy(retries=0))
+        await send(
+            self.dicomweb_http,
+            request,
+            service="dicomweb",
+            policy=RetryPolicy(retries=0),
+            limit=DicomwebLimits(deadline=self.timeout).page(),
+        )
 
     async def _store(self) -> None:
         if self.store is None:

@@ -8,6 +8,7 @@ import httpx
 
 from bridge.errors import FatalUpstreamError
 from bridge.http import RetryPolicy, json_body, send
+from bridge.limits import CallLimit, DicomwebLimits
 
 SERVICE = "dicomweb"
 # Orthanc emits StableStudy once a study received no new instance for StableAge seconds, and
@@ -36,7 +37,9 @@ class OrthancChangeFeed:
         *,
         policy: RetryPolicy | None = None,
         batch_size: int = 1000,
+        limit: CallLimit | None = None,
     ) -> None:
+        self._limit = limit or DicomwebLimits().page()
         self._client = client
         self._base = orthanc_url.rstrip("/")
         self._policy = policy or RetryPolicy()
@@ -50,6 +53,7 @@ class OrthancChangeFeed:
             service=SERVICE,
             policy=self._policy,
             ok=lambda r: r.is_success or r.status_code == 404,
+            limit=self._limit,
         )
 
     async def head(self) -> str:
