@@ -150,11 +150,11 @@ class HapiTestServer:
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
 
-    def start(self, timeout: float = 300.0) -> None:
+    def start(self, timeout: float = 600.0) -> None:
         """Build if needed, start the JVM and wait until the FHIR API answers.
 
         Raises RuntimeError, with the end of the server's log, when it exits or does not answer
-        within ``timeout`` seconds.
+        within ``timeout`` seconds (generous: on 2 busy cores HAPI took over 3 minutes to start).
         """
         if self.running:
             return
