@@ -92,3 +92,13 @@ def fhir_server(request: pytest.FixtureRequest) -> object:
     if engine not in FHIR_ENGINES:
         raise pytest.UsageError(f"FHIR_TEST_ENGINE must be one of {', '.join(FHIR_ENGINES)}")
     return request.getfixturevalue(f"{engine}_server")
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """Admin URL of a PostgreSQL server: ``BRIDGE_TEST_POSTGRES``, or one started for the session."""
+    from tests.stack.postgres import running_server
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with running_server(log_path=ARTIFACTS / "postgres.log") as url:
+        yield url

@@ -19,7 +19,7 @@ from tests.unit.state.test_store_schema import (  # noqa: F401 - collected here 
 
 
 @pytest.fixture
-def db_url() -> Iterator[str]:
+def db_url(postgres_server: str) -> Iterator[str]:
     """An empty PostgreSQL database, dropped after the test."""
-    with temporary_database() as url:
+    with temporary_database(postgres_server) as url:
         yield url

@@ -19,8 +19,8 @@ from tests.stack.postgres import temporary_database
 
 
 @pytest.fixture
-def pg_url() -> Iterator[str]:
-    with temporary_database() as url:
+def pg_url(postgres_server: str) -> Iterator[str]:
+    with temporary_database(postgres_server) as url:
         yield url
 
 

@@ -35,8 +35,8 @@ STOW_BATCH = 40
 
 
 @pytest.fixture
-def pg_url() -> Iterator[str]:
-    with temporary_database() as url:
+def pg_url(postgres_server: str) -> Iterator[str]:
+    with temporary_database(postgres_server) as url:
         yield url
 
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import httpx
 
-from tests.stack.process import LOG_TAIL_LINES, free_loopback_port, log_tail, terminate
+from tests.stack.process import apt_install, free_loopback_port, log_tail, terminate
 
 ORTHANC_BINARY_CANDIDATES = ("/usr/sbin/Orthanc", "/usr/bin/Orthanc")
 DICOMWEB_PLUGIN_GLOBS = (
@@ -68,33 +68,13 @@ def ensure_installed() -> None:
     """Install Orthanc and its DICOMweb plugin with apt when either is missing."""
     if find_orthanc_binary() and find_dicomweb_plugin():
         return
-    if os.geteuid() != 0:
-        raise RuntimeError(
-            "Orthanc or its DICOMweb plugin is missing and this process is not root; "
-            "install them with: sudo apt-get install -y " + " ".join(APT_PACKAGES)
-        )
-    if shutil.which("apt-get") is None:
-        raise RuntimeError(
-            "Orthanc or its DICOMweb plugin is missing and apt-get is not available; "
-            "install the packages " + ", ".join(APT_PACKAGES) + " by hand"
-        )
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for command in (
-        ["apt-get", "update"],
-        ["apt-get", "install", "-y", "--no-install-recommends", *APT_PACKAGES],
-    ):
-        result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            tail = "\n".join((result.stdout + result.stderr).splitlines()[-LOG_TAIL_LINES:])
-            raise RuntimeError(f"`{' '.join(command)}` failed with code {result.returncode}:\n{tail}")
+    apt_install(*APT_PACKAGES)
     if not (find_orthanc_binary() and find_dicomweb_plugin()):
         raise RuntimeError(
             "apt-get installed "
             + ", ".join(APT_PACKAGES)
             + " but the Orthanc binary or libOrthancDicomWeb.so was still not found"
         )
-
-
 
 
 class OrthancServer:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -37,3 +39,19 @@ def terminate(process: subprocess.Popen[bytes] | None, grace: float = 10.0) -> N
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(timeout=10)
+
+
+def apt_install(*packages: str) -> None:
+    """Install Debian packages with apt-get (as root), or say how to when that is not possible."""
+    if shutil.which("apt-get") is None or os.geteuid() != 0:
+        names = " ".join(packages)
+        raise RuntimeError(f"{names}: missing; install them with: sudo apt-get install -y {names}")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for command in (
+        ["apt-get", "update"],
+        ["apt-get", "install", "-y", "--no-install-recommends", *packages],
+    ):
+        result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            tail = "\n".join((result.stdout + result.stderr).splitlines()[-LOG_TAIL_LINES:])
+            raise RuntimeError(f"`{' '.join(command)}` failed with code {result.returncode}:\n{tail}")

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import subprocess
 import threading
@@ -52,7 +51,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tests.stack.process import LOG_TAIL_LINES, free_loopback_port
+from tests.stack.process import LOG_TAIL_LINES, apt_install, free_loopback_port
 
 OHIF_DIR = Path(__file__).resolve().parent / "ohif"
 DIST_DIR = OHIF_DIR / "node_modules" / "@ohif" / "app" / "dist"
@@ -317,17 +316,7 @@ def ensure_chromium() -> str:
     found = find_chromium()
     if found:
         return found
-    if shutil.which("apt-get") is None or os.geteuid() != 0:
-        raise RuntimeError("chromium is missing; install Debian's package: sudo apt-get install -y chromium")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for command in (
-        ["apt-get", "update"],
-        ["apt-get", "install", "-y", "--no-install-recommends", "chromium"],
-    ):
-        result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            tail = "\n".join((result.stdout + result.stderr).splitlines()[-LOG_TAIL_LINES:])
-            raise RuntimeError(f"`{' '.join(command)}` failed with code {result.returncode}:\n{tail}")
+    apt_install("chromium")
     found = find_chromium()
     if found is None:
         raise RuntimeError("apt-get installed chromium but no chromium executable was found")
