@@ -8,6 +8,7 @@ import pytest
 
 from bridge.errors import (
     ConfigurationError,
+    FatalUpstreamError,
     RejectedResourceError,
     UpstreamUnavailableError,
     VersionConflictError,
@@ -473,6 +474,20 @@ async def test_a_server_refusing_update_as_create_stops_the_run_naming_the_setti
         await world.run()
     assert "BRIDGE_WRITE_STRATEGY" in str(caught.value) and "conditional" in str(caught.value)
     assert world.fhir.writes() == []
+
+
+async def test_a_put_create_refused_with_404_stops_the_run_naming_the_setting(world: World) -> None:
+    # HAPI with client ids off: no updateCreate in its CapabilityStatement, 404 (HAPI-0959) on the PUT.
+    world.add(1)
+    world.add(2)
+    world.fhir.update_create = None
+    refusal = FatalUpstreamError("fhir PUT /Endpoint/x answered 404", service="fhir", status=404)
+    world.fhir.fail["update"] = [refusal]
+    with pytest.raises(ConfigurationError) as caught:
+        await world.run()
+    assert "BRIDGE_WRITE_STRATEGY" in str(caught.value) and "conditional" in str(caught.value)
+    # One refused attempt (the Endpoint), then the run stops: not one refusal per study.
+    assert [(c[0], c[1]) for c in world.fhir.writes()] == [("update", "Endpoint")]
 
 
 async def test_the_capability_check_costs_one_request_and_none_when_nothing_is_written(world: World) -> None:
