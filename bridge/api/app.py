@@ -20,6 +20,7 @@ from bridge.api.ondemand import OnDemandGate
 from bridge.api.readiness import ReadinessProbe
 from bridge.api.routes import failures, health, iid, links, login, metrics, record, sync, viewer
 from bridge.api.security import Authenticator
+from bridge.api.session import StoreBackend
 from bridge.config import Settings, get_settings
 from bridge.errors import BridgeError, StoreError
 from bridge.fhir.client import FhirClient
@@ -142,6 +143,11 @@ def create_app(
                         follow_redirects=False,
                     )
                 )
+            if getattr(app.state, "sessions", None) is not None:
+                if store is not None:  # shared by every replica
+                    app.state.sessions.backend = StoreBackend(store)
+                else:
+                    logger.warning("browser sessions kept in memory: this replica alone knows them")
             if getattr(app.state, "oidc", None) is not None:  # browser login: identity providers, EHRs
                 app.state.oidc.http = await stack.enter_async_context(
                     httpx.AsyncClient(
