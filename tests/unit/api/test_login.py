@@ -580,3 +580,13 @@ class _Full:
 
     def purge(self, now: float) -> None:
         pass
+
+
+async def test_a_launched_session_may_not_use_the_operators_routes(tmp_path: Path) -> None:
+    async with bridge(tmp_path) as b:
+        await b.launch()
+        failures = await b.http.get("/failures")
+        sync = await b.http.post(f"/studies/{OTHER_UID}/sync")
+        keyed = await b.http.get("/failures", headers={"X-API-Key": "machine-key", "Cookie": ""})
+    assert failures.status_code == 403 and sync.status_code == 403
+    assert keyed.status_code == 200
