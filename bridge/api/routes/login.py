@@ -97,7 +97,8 @@ def _page(title: str, body: str, status_code: int) -> HTMLResponse:
     headers = {
         **_NO_STORE,
         "X-Frame-Options": "DENY",
-        "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'; base-uri 'none'",
+        "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; "
+        "form-action 'self'",
     }
     return HTMLResponse(document, status_code=status_code, headers=headers)
 
@@ -251,9 +252,19 @@ async def callback(
     return response
 
 
-@router.api_route("/logout", methods=["GET", "POST"])
+@router.get("/logout")
+async def logout_page(request: Request) -> Response:
+    """A button that logs out: logging out takes a POST, so another site cannot do it with a link."""
+    form = (
+        f'<form method="post" action="{html.escape(_root(request))}/logout">'
+        '<button type="submit">Log out</button></form>'
+    )
+    return _page("Log out", form, 200)
+
+
+@router.post("/logout")
 async def logout(request: Request, s: ServicesDep) -> Response:
-    """End the session here (the identity provider's own session is left as it is)."""
+    """End the session here, on every replica (the identity provider's own session is left as it is)."""
     session_id = request.cookies.get(COOKIE)
     if session_id:
         await _store(request).end(session_id)

@@ -267,6 +267,8 @@ async def test_the_session_is_a_session_caller_of_the_api(tmp_path: Path) -> Non
         ({"aud": "someone-else"}, "another client"),
         ({"iss": "https://evil.example"}, "another issuer"),
         ({"exp": int(time.time()) - 3600, "iat": int(time.time()) - 7200}, "expired"),
+        ({"aud": [CLIENT, "another-client"]}, "another client"),  # several audiences and no azp
+        ({"aud": [CLIENT, "another-client"], "azp": "another-client"}, "another client"),
     ],
 )
 async def test_an_id_token_that_does_not_check_out_opens_no_session(
@@ -278,6 +280,13 @@ async def test_an_id_token_that_does_not_check_out_opens_no_session(
         after = await b.http.get("/imaging-studies/is1/links")
     assert answer.status_code == 502 and why in answer.text
     assert "set-cookie" not in answer.headers and after.status_code == 401
+
+
+async def test_an_id_token_for_several_audiences_with_this_client_as_azp_is_accepted(tmp_path: Path) -> None:
+    async with bridge(tmp_path) as b:
+        b.idp.claims = {"aud": [CLIENT, "another-client"], "azp": CLIENT}
+        answer = await b.login()
+    assert answer.status_code == 303
 
 
 async def test_an_id_token_signed_by_another_key_opens_no_session(tmp_path: Path) -> None:
@@ -333,6 +342,9 @@ async def test_logout_ends_the_session(tmp_path: Path) -> None:
     async with bridge(tmp_path) as b:
         await b.login()
         old = b.http.cookies[COOKIE]
+        page = await b.page("/logout")  # a link cannot log anyone out: the page asks for a POST
+        assert page.status_code == 200 and 'method="post"' in page.text
+        assert (await b.http.get("/imaging-studies/is1/links")).status_code == 200
         out = await b.http.post("/logout")
         assert out.status_code == 200 and f'{COOKIE}=""' in out.headers["set-cookie"]
         replayed = await b.http.get("/imaging-studies/is1/links", headers={"Cookie": f"{COOKIE}={old}"})
