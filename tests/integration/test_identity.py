@@ -159,3 +159,19 @@ def test_an_issuer_map_given_later_links_to_the_mapped_system(any_stack: Stack) 
     assert assert_never_the_wrong_patient(
         any_stack, {uid: ("urn:oid:1.2.826.0.1.3680043.10.1009", "Q7")}
     ) == {uid}
+
+
+def test_an_overlong_patient_id_parks_its_study_and_the_run_goes_on(stack: Stack) -> None:
+    secret = "SECRETPID"
+    # Longer than LO allows (64). Orthanc 1.10.1 refuses much longer ones (1,000 characters); the
+    # unit tests take 100,000, which no FHIR request or header may ever carry.
+    specs = [StudySpec(patient_id=secret + "P" * 70), StudySpec(patient_id="FINE-1")]
+    by_uid = store_studies(stack.orthanc, specs)
+    run = stack.cli("sync")
+    assert run.returncode == 1, run.stderr  # parked, not "upstream failed" (3)
+    [(uid, entry)] = parked(stack).items()
+    assert by_uid[uid].patient_id.startswith(secret)  # type: ignore[union-attr]
+    assert entry.attribute == "PatientID" and "64" in entry.reason
+    assert secret not in run.stdout + run.stderr + entry.reason
+    [published] = all_of(stack, "ImagingStudy")
+    assert published["identifier"][0]["value"] != f"urn:oid:{uid}"

@@ -131,6 +131,9 @@ def test_patient_issuer_maps_qualifiers_and_other_ids(stack: Stack) -> None:
         {"system": "urn:oid:1.2.3.4.5", "value": "Q1"},  # the ISO qualifier, not in the map
         {"system": ISSUERS["HOSP-B"], "value": "B-77"},  # another id whose issuer is mapped
     ]
+    assert "U1" not in by_value  # an issuer without a system parks its study (BRIDGE_UNMAPPED_ISSUER)
+    stack.sync(**HEADER, unmapped_issuer="default")  # the single-issuer archive's choice
+    by_value = {p["identifier"][0]["value"]: p for p in stack.fhir_search("Patient")}
     assert by_value["U1"]["identifier"] == [{"system": DEFAULT_PATIENT_SYSTEM, "value": "U1"}]
 
     mapped = stack.settings_env(patient_issuer_systems=json.dumps({**ISSUERS, "1.2.3.4.5": "urn:oid:9.9.9"}))
