@@ -35,7 +35,7 @@ class Services:
     audit: AuditTrail | None = None  # the access audit trail, open for the app's lifetime
 
 
-def services(request: Request) -> Services:
+async def services(request: Request) -> Services:
     """The app's services (set up by create_app)."""
     found: Services = request.app.state.services
     return found
@@ -44,7 +44,7 @@ def services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(services)]
 
 
-def resolver(s: ServicesDep) -> Resolver:
+async def resolver(s: ServicesDep) -> Resolver:
     """The resolver, open for the app's lifetime."""
     if s.resolver is None:  # only outside the lifespan, i.e. a wiring mistake
         raise RuntimeError("the app's lifespan has not run")

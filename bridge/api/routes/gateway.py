@@ -141,7 +141,7 @@ async def _archives(app: FastAPI) -> AsyncIterator[None]:
 router = APIRouter(prefix="/dicom-web", tags=["dicomweb"], include_in_schema=False, lifespan=_archives)
 
 
-def _gateway(request: Request) -> Gateway:
+async def _gateway(request: Request) -> Gateway:
     found: Gateway | None = getattr(request.app.state, "gateway", None)
     if found is None:  # only outside the lifespan, i.e. a wiring mistake
         raise RuntimeError("the gateway's lifespan has not run")
