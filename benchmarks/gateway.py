@@ -6,7 +6,8 @@ on (BRIDGE_AUDIT=fhir), then for each request kind drives first Orthanc's DICOMw
 then the gateway with the same requests, cycling through every demo study:
 
 - metadata: WADO-RS study metadata (application/dicom+json);
-- instance: WADO-RS one instance (multipart/related; type="application/dicom").
+- instance: WADO-RS one instance (multipart/related; type="application/dicom"), the demo's 64x64 ones;
+- ct-slice: one 512x512 16-bit CT instance (about 512 KiB), the size a viewer fetches per slice.
 
 Each pair runs at 1 connection (the latency a viewer's single request sees) and at --connections.
 Run:  python -m benchmarks.gateway [--duration 10] [--connections 8]
@@ -33,13 +34,15 @@ from benchmarks.resolver import ISSUERS, Serve, _cpu_model, _parse_wrk
 from tests.stack.fhir import FhirTestServer
 from tests.stack.orthanc import OrthancServer, ensure_installed
 from tests.stack.process import apt_install
-from tests.stack.samples import load_demo
+from tests.stack.samples import SeriesSpec, StudySpec, build_study, load_demo, stow
 
 API_KEY = "bench-key-5e0c2a"
 ACCEPT = {
     "metadata": "application/dicom+json",
     "instance": 'multipart/related; type="application/dicom"',
+    "ct-slice": 'multipart/related; type="application/dicom"',
 }
+CT_SIZE = 512
 
 
 def _ensure_wrk() -> str:
@@ -64,6 +67,18 @@ def _script(paths: list[str], headers: dict[str, str], folder: Path, name: str) 
         "end\n"
     )
     return script
+
+
+def _ct_slice(dicomweb: str) -> str:
+    """Store one study of one 512x512 CT slice; its Study Instance UID."""
+    spec = StudySpec(
+        patient_id="BENCH-CT", patient_name="Bench^Slice", series=[SeriesSpec("CT", instances=1)]
+    )
+    (ds,) = build_study(spec)
+    ds.Rows = ds.Columns = CT_SIZE
+    ds.PixelData = bytes(range(256)) * (CT_SIZE * CT_SIZE * 2 // 256)
+    stow(dicomweb, [ds])
+    return str(spec.uid)
 
 
 def _instances(dicomweb: str, study_uids: list[str]) -> dict[str, str]:
@@ -95,6 +110,7 @@ def main() -> int:
         orthanc.start()
         fhir.start()
         specs = load_demo(orthanc.dicomweb_url)
+        ct_uid = _ct_slice(orthanc.dicomweb_url)
         env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
         env.update(
             BRIDGE_DICOMWEB_URL=orthanc.dicomweb_url,
@@ -122,10 +138,11 @@ def main() -> int:
             if i.get("system") == "urn:dicom:uid"
         }
         uids = [u for u in uids if u in published]
-        instance_paths = _instances(orthanc.dicomweb_url, uids)
+        instance_paths = _instances(orthanc.dicomweb_url, [*uids, ct_uid])
         kinds = {
             "metadata": [f"/studies/{u}/metadata" for u in uids],
             "instance": [instance_paths[u] for u in uids],
+            "ct-slice": [instance_paths[ct_uid]],
         }
         direct_prefix = httpx.URL(orthanc.dicomweb_url).path.rstrip("/")
         direct_root = str(httpx.URL(orthanc.dicomweb_url).copy_with(path="/"))
