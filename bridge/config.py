@@ -559,6 +559,31 @@ class Settings(PerSourceSettings, BaseSettings):
     api_sync_rate: int = Field(
         default=30, ge=1, le=100_000, description="On-demand syncs one client may start per minute; then 429"
     )
+    # Browser login and SMART EHR launch (bridge/api/routes/login.py)
+    public_url: AnyHttpUrl | None = Field(
+        default=None,
+        description="The bridge's address as browsers reach it; login returns to {public_url}/login/callback",
+    )
+    oidc_issuer: AnyHttpUrl | None = Field(
+        default=None, description="OpenID Connect issuer clinicians log in at (authorization code + PKCE)"
+    )
+    oidc_client_id: str | None = Field(default=None, description="The bridge's client id at the issuer")
+    oidc_client_secret: SecretStr | None = Field(
+        default=None, description="The bridge's client secret; unset: a public client (PKCE only)"
+    )
+    oidc_client_secret_file: Path | None = Field(default=None, description="File holding the client secret")
+    oidc_scopes: str = Field(default="openid profile", description="Scopes asked at login, space-separated")
+    smart_launch_issuers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="FHIR base URLs (iss) of EHRs allowed to SMART-launch the bridge; none: no EHR launch",
+    )
+    smart_launch_scopes: str = Field(
+        default="launch openid fhirUser launch/patient patient/ImagingStudy.read",
+        description="Scopes asked at an EHR launch, space-separated",
+    )
+    session_max_age: float = Field(
+        default=28800.0, ge=60, le=7 * 86400, description="Seconds a browser session lasts after login"
+    )
 
     # Image gateway and access audit (integrator guide, "SMART apps, the gateway and the audit trail")
     gateway: bool = Field(
@@ -590,7 +615,12 @@ class Settings(PerSourceSettings, BaseSettings):
         description="Seconds within which one caller's accesses to one study are one AuditEvent",
     )
 
-    @field_validator("viewers", "api_keys", "jwt_algorithms", "cors_origins", mode="before")
+    # Read from oidc_client_secret_file; kept apart so the settings as given stay as given.
+    _oidc_secret_from_file: SecretStr | None = PrivateAttr(default=None)
+
+    @field_validator(
+        "viewers", "api_keys", "jwt_algorithms", "cors_origins", "smart_launch_issuers", mode="before"
+    )
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -695,6 +725,51 @@ class Settings(PerSourceSettings, BaseSettings):
     def _fhir_checks(self) -> Settings:
         self.fhir.check(f"{ENV_PREFIX}FHIR_")
         return self
+
+    @model_validator(mode="after")
+    def _login_checks(self) -> Settings:
+        from bridge.api.exposure import is_loopback
+
+        if self.oidc_client_secret_file is not None:
+            if self.oidc_client_secret is not None:
+                raise ValueError("set BRIDGE_OIDC_CLIENT_SECRET or BRIDGE_OIDC_CLIENT_SECRET_FILE, not both")
+            try:
+                text = self.oidc_client_secret_file.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeError) as exc:
+                raise ValueError(
+                    f"BRIDGE_OIDC_CLIENT_SECRET_FILE: cannot read it ({type(exc).__name__})"
+                ) from None
+            if not text:
+                raise ValueError("BRIDGE_OIDC_CLIENT_SECRET_FILE: the file is empty")
+            self._oidc_secret_from_file = SecretStr(text)
+        for issuer in self.smart_launch_issuers:
+            if not re.match(r"^https?://[^\s/]+", issuer):
+                raise ValueError(f"BRIDGE_SMART_LAUNCH_ISSUERS: {issuer!r} is not an http(s) URL")
+        if not self.login_enabled:
+            return self
+        if not self.oidc_client_id:
+            raise ValueError(
+                "BRIDGE_OIDC_CLIENT_ID is required with BRIDGE_OIDC_ISSUER or BRIDGE_SMART_LAUNCH_ISSUERS"
+            )
+        if self.public_url is None:
+            raise ValueError(
+                "BRIDGE_PUBLIC_URL is required for login: the identity provider sends browsers back to it"
+            )
+        if self.public_url.scheme != "https" and not is_loopback(self.public_url.host or ""):
+            raise ValueError(
+                "BRIDGE_PUBLIC_URL: must be https (the session cookie is Secure), except on loopback"
+            )
+        return self
+
+    @property
+    def login_enabled(self) -> bool:
+        """Whether browsers may log in (an OpenID issuer, or EHRs allowed to launch the bridge)."""
+        return self.oidc_issuer is not None or bool(self.smart_launch_issuers)
+
+    @property
+    def oidc_secret(self) -> SecretStr | None:
+        """The client secret, as given or read from its file."""
+        return self.oidc_client_secret if self.oidc_client_secret is not None else self._oidc_secret_from_file
 
     def each_source(self) -> list[SourceSettings]:
         """The DICOMweb sources: the ``sources`` entries, or the top level as the only one."""

@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from bridge import __version__
-from bridge.config import Settings, SourceSettings, UpstreamSettings
+from bridge.config import Settings, SourceSettings
 from bridge.dicomweb.client import DicomwebClient
 from bridge.dicomweb.orthanc import OrthancChangeFeed
 from bridge.fhir.client import FhirClient
@@ -25,9 +24,7 @@ from bridge.sync.policy import ChangeSourceKind, MissingModality
 from bridge.sync.publisher import Publisher
 from bridge.sync.scheduler import SyncScheduler, trigger
 from bridge.sync.worker import SyncWorker
-from bridge.upstream import Service, connection_options, retry_policy
-
-USER_AGENT = f"fhir-dicomweb-bridge/{__version__}"
+from bridge.upstream import http_client, retry_policy
 
 
 def mapping_context(settings: Settings, source: SourceSettings) -> MappingContext:
@@ -46,21 +43,6 @@ def mapping_context(settings: Settings, source: SourceSettings) -> MappingContex
         timezone=source.dicom_timezone,
         include_instances=source.include_instances,
         max_instances=source.max_instances,
-    )
-
-
-def http_client(
-    settings: Settings, upstream: UpstreamSettings | None = None, service: Service | None = None
-) -> httpx.AsyncClient:
-    """An AsyncClient with the bridge's timeouts and pool limits; for an upstream, its TLS, HTTP/2, auth."""
-    limits = httpx.Limits(max_connections=settings.sync_concurrency * 2 + 4)
-    options = connection_options(settings, upstream, service, limits) if upstream and service else {}
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(settings.http_timeout),
-        limits=limits,
-        headers={"User-Agent": USER_AGENT},
-        follow_redirects=False,
-        **options,  # type: ignore[arg-type]
     )
 
 
@@ -131,13 +113,14 @@ async def open_runtime(settings: Settings, source: SourceSettings | None = None)
     # httpx logs full URLs at INFO, and query strings can carry patient identifiers.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     ctx = mapping_context(settings, source)
+    limits = httpx.Limits(max_connections=settings.sync_concurrency * 2 + 4)
     policy = retry_policy(settings, "dicomweb")  # each upstream has its own circuit breaker
     fhir_policy = retry_policy(settings, "fhir")
     store = SqlStore(settings.state_url)
     try:
         async with (
-            http_client(settings, source.dicomweb, "dicomweb") as dicomweb_http,
-            http_client(settings, settings.fhir, "fhir") as fhir_http,
+            http_client(settings, source.dicomweb, "dicomweb", limits=limits) as dicomweb_http,
+            http_client(settings, settings.fhir, "fhir", limits=limits) as fhir_http,
         ):
             dicomweb = DicomwebClient(
                 dicomweb_http,

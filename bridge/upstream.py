@@ -1,19 +1,25 @@
-"""One upstream's connection settings (auth, TLS, retries) built into the objects httpx uses."""
+"""One upstream's connection settings (auth, TLS, retries) built into the objects httpx uses.
+
+``http_client`` is the one place an ``httpx.AsyncClient`` is made.
+"""
 
 from __future__ import annotations
 
 import ssl
 import time
-from typing import Literal
+from typing import Any, Literal
 
 import httpx
 
+from bridge import __version__
 from bridge.auth import BearerToken, ClientCredentials, SmartBackendServices, load_private_key
 from bridge.config import AuthMode, Settings, UpstreamSettings
 from bridge.http import CircuitBreaker, RetryPolicy
 from bridge.tls import ssl_context
 
 Service = Literal["dicomweb", "fhir"]
+
+USER_AGENT = f"fhir-dicomweb-bridge/{__version__}"
 
 
 def ssl_context_of(upstream: UpstreamSettings, service: Service) -> ssl.SSLContext:
@@ -120,3 +126,29 @@ def connection_options(
             follow_redirects=False,
         )
     return {"transport": transport, "auth": build_auth(upstream, service, token_client)}
+
+
+def http_client(
+    settings: Settings,
+    upstream: UpstreamSettings | None = None,
+    service: Service | None = None,
+    *,
+    limits: httpx.Limits,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> httpx.AsyncClient:
+    """An AsyncClient with the bridge's timeout, User-Agent and no redirects.
+
+    For an upstream, with its TLS, HTTP/2 and auth; ``transport`` replaces the network (tests).
+    """
+    options: dict[str, Any] = {}
+    if transport is not None:
+        options["transport"] = transport
+    elif upstream is not None and service is not None:
+        options = connection_options(settings, upstream, service, limits)
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(settings.http_timeout),
+        limits=limits,
+        headers={"User-Agent": USER_AGENT},
+        follow_redirects=False,
+        **options,
+    )

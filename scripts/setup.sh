@@ -6,3 +6,5 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+# The HAPI FHIR JPA test server (Java 17 + Maven): built once, rebuilt only when its sources change.
+.venv/bin/python -m tests.stack.hapi --build-only

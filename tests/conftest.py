@@ -44,14 +44,49 @@ def orthanc_b() -> Iterator[object]:
         yield server
 
 
+FHIR_ENGINES = ("medplum", "hapi")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked ``interop`` run once per FHIR engine; the HAPI runs carry the ``hapi`` mark."""
+    if "fhir_server" in metafunc.fixturenames and metafunc.definition.get_closest_marker("interop"):
+        metafunc.parametrize(
+            "fhir_server",
+            [pytest.param("medplum", id="medplum"), pytest.param("hapi", id="hapi", marks=pytest.mark.hapi)],
+            indirect=True,
+            scope="session",
+        )
+
+
 @pytest.fixture(scope="session")
-def fhir_server() -> Iterator[object]:
+def medplum_server() -> Iterator[object]:
     """The Medplum-based FHIR R4 test server on a free loopback port."""
     from tests.stack.fhir import FhirTestServer
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with FhirTestServer(log_path=ARTIFACTS / "fhir-server.log") as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def hapi_server() -> Iterator[object]:
+    """The HAPI FHIR JPA test server (H2 database) on a free loopback port, started once."""
+    from tests.stack.hapi import HapiTestServer
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with HapiTestServer(log_path=ARTIFACTS / "hapi-server.log") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def fhir_server(request: pytest.FixtureRequest) -> object:
+    """The FHIR server a test runs against: Medplum, or each engine for ``interop`` tests.
+
+    The engines themselves are session fixtures of their own, so each starts once however the
+    tests that use them are ordered.
+    """
+    engine = getattr(request, "param", "medplum")
+    return request.getfixturevalue(f"{engine}_server")
 
 
 @pytest.fixture(scope="session")

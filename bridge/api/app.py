@@ -18,20 +18,21 @@ from bridge.api.deps import Services
 from bridge.api.middleware import ObservabilityMiddleware
 from bridge.api.ondemand import OnDemandGate
 from bridge.api.readiness import ReadinessProbe
-from bridge.api.routes import failures, gateway, health, links, metrics, record, sync, viewer
+from bridge.api.routes import failures, gateway, health, iid, links, login, metrics, record, sync, viewer
 from bridge.api.security import Authenticator
 from bridge.audit.trail import AuditTrail, running
-from bridge.config import Settings, get_settings
+from bridge.config import Settings, UpstreamSettings, get_settings
+from bridge.dicomweb.client import DicomwebClient
 from bridge.errors import BridgeError, StoreError
 from bridge.fhir.client import FhirClient
 from bridge.http import RetryPolicy
 from bridge.limits import fhir_limit
 from bridge.resolve.resolver import Resolver, ResolverConfig
 from bridge.resolve.viewers import configure_viewers, load_viewer_table
-from bridge.runtime import USER_AGENT, open_runtime
+from bridge.runtime import open_runtime
 from bridge.state.store import SqlStore
 from bridge.sync.policy import WriteStrategy
-from bridge.upstream import Service, connection_options
+from bridge.upstream import Service, http_client
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ ROUTERS: list[APIRouter] = [
     sync.router,
     record.router,
     failures.router,
+    iid.router,
     gateway.router,  # /dicom-web, unless BRIDGE_GATEWAY is false
 ]
 
@@ -54,23 +56,14 @@ API_MAX_CONNECTIONS = 64
 
 
 def _client(
-    settings: Settings, service: Service, transport: httpx.AsyncBaseTransport | None
+    settings: Settings,
+    upstream: UpstreamSettings | None,
+    service: Service | None,
+    transport: httpx.AsyncBaseTransport | None,
 ) -> httpx.AsyncClient:
-    """A client for one upstream with its TLS and auth settings (or the given test transport)."""
+    """A client for one upstream (or a plain one), with the API's pool size (or the test transport)."""
     limits = httpx.Limits(max_connections=API_MAX_CONNECTIONS, max_keepalive_connections=API_MAX_CONNECTIONS)
-    upstream = settings.fhir if service == "fhir" else settings.each_source()[0].dicomweb
-    options: dict[str, Any] = (
-        {"transport": transport}
-        if transport is not None
-        else connection_options(settings, upstream, service, limits)
-    )
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(settings.http_timeout),
-        limits=limits,
-        headers={"User-Agent": USER_AGENT},
-        follow_redirects=False,
-        **options,
-    )
+    return http_client(settings, upstream, service, limits=limits, transport=transport)
 
 
 def resolver_config(settings: Settings) -> ResolverConfig:
@@ -117,8 +110,11 @@ def create_app(
         # httpx logs full URLs at INFO, and query strings can carry identifiers.
         logging.getLogger("httpx").setLevel(logging.WARNING)
         async with AsyncExitStack() as stack:
-            fhir_http = await stack.enter_async_context(_client(settings, "fhir", transport))
-            dicomweb_http = await stack.enter_async_context(_client(settings, "dicomweb", transport))
+            archive_settings = settings.each_source()[0].dicomweb
+            fhir_http = await stack.enter_async_context(_client(settings, settings.fhir, "fhir", transport))
+            dicomweb_http = await stack.enter_async_context(
+                _client(settings, archive_settings, "dicomweb", transport)
+            )
             policy = RetryPolicy(
                 retries=min(settings.http_retries, API_RETRIES),
                 max_wait=min(settings.http_retry_max_wait, API_RETRY_MAX_WAIT),
@@ -136,13 +132,11 @@ def create_app(
             if services.authenticator.jwks is not None:
                 # its own plain client: the FHIR client carries the FHIR server's credentials
                 services.authenticator.jwks.client = await stack.enter_async_context(
-                    httpx.AsyncClient(
-                        transport=transport,
-                        timeout=httpx.Timeout(settings.http_timeout),
-                        headers={"User-Agent": USER_AGENT},
-                        follow_redirects=False,
-                    )
+                    _client(settings, None, None, transport)
                 )
+            if getattr(app.state, "oidc", None) is not None:  # browser login: identity providers, EHRs
+                oidc_http = _client(settings, None, None, transport)
+                app.state.oidc.http = await stack.enter_async_context(oidc_http)
             services.resolver = Resolver(fhir, resolver_config(settings))
             services.audit = await stack.enter_async_context(
                 running(
@@ -170,8 +164,7 @@ def create_app(
                     stack.push_async_callback(scheduler.shutdown)
             services.readiness = ReadinessProbe(
                 FhirClient(fhir_http, settings.fhir.base, policy=RetryPolicy(retries=0)),
-                dicomweb_http,
-                settings.each_source()[0].dicomweb.base,
+                DicomwebClient(dicomweb_http, archive_settings.base, policy=RetryPolicy(retries=0)),
                 store,
             )
             try:
@@ -190,6 +183,8 @@ def create_app(
             "bases are used."
         ),
         lifespan=lifespan,
+        # No slash redirects: they are built from the request's Host header, which a caller chooses.
+        redirect_slashes=False,
     )
     app.state.services = services
     app.state.transport = transport  # routers that open their own clients use it too
@@ -199,6 +194,7 @@ def create_app(
         if router is gateway.router and not settings.gateway:
             continue
         app.include_router(router)
+    login.install(app, services)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -8,8 +8,10 @@ from typing import Annotated
 from fastapi import Depends, Path, Query, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from bridge.api.errors import AccessDeniedError, AuthenticationError
 from bridge.api.readiness import ReadinessProbe
 from bridge.api.security import Authenticator, Caller
+from bridge.api.session import session_caller
 from bridge.audit.trail import AuditTrail
 from bridge.config import Settings
 from bridge.resolve.links import StudyLocation, ViewerTemplate
@@ -61,12 +63,29 @@ async def caller(
     s: ServicesDep,
     api_key: Annotated[str | None, Security(_api_key)],
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+    session: Annotated[Caller | None, Depends(session_caller)] = None,
 ) -> Caller:
-    """The authenticated caller (anonymous when authentication is off), else 401."""
+    """The authenticated caller (anonymous when authentication is off), else 401.
+
+    A key or bearer token sent with the request wins; otherwise the browser's session cookie.
+    """
+    if s.settings.login_enabled and not s.authenticator.enabled:
+        if session is not None and api_key is None and bearer is None:
+            return session
+        # no key or token is configured: one sent is refused, never taken as anonymous
+        raise AuthenticationError("authentication required: log in at /login")
+    if api_key is None and bearer is None and session is not None:
+        return session
     return await s.authenticator.check(api_key, bearer.credentials if bearer else None)
 
 
 CallerDep = Annotated[Caller, Depends(caller)]
+
+
+def allow_patient(who: Caller, patient: str | None) -> None:
+    """AccessDeniedError unless ``who`` may see data of Patient ``patient`` (FHIR id; None: unknown)."""
+    if who.patient is not None and patient != who.patient:
+        raise AccessDeniedError("this session or token is limited to another patient")
 
 
 FhirId = Annotated[
@@ -86,19 +105,25 @@ StudyUid = Annotated[
 ]
 
 
-async def study_by_id(id: FhirId, r: ResolverDep) -> StudyLocation:  # noqa: A002 - the route's name
-    """The study of ImagingStudy/{id}, or 404/409/503."""
-    return await r.by_id(id)
+async def study_by_id(id: FhirId, r: ResolverDep, who: CallerDep) -> StudyLocation:  # noqa: A002
+    """The study of ImagingStudy/{id}, or 403/404/409/503."""
+    return _allowed(await r.by_id(id), who)
 
 
-async def study_by_uid(study_uid: StudyUid, r: ResolverDep) -> StudyLocation:
-    """The study with this Study Instance UID, or 404/409/503."""
-    return await r.by_study_uid(study_uid)
+async def study_by_uid(study_uid: StudyUid, r: ResolverDep, who: CallerDep) -> StudyLocation:
+    """The study with this Study Instance UID, or 403/404/409/503."""
+    return _allowed(await r.by_study_uid(study_uid), who)
+
+
+def _allowed(study: StudyLocation, who: Caller) -> StudyLocation:
+    allow_patient(who, study.patient)
+    return study
 
 
 async def study_by_accession(
     accession: Annotated[str, Path(description="Accession Number (0008,0050)", pattern=ACCESSION_PATTERN)],
     r: ResolverDep,
+    who: CallerDep,
     issuer: Annotated[
         str | None,
         Query(
@@ -109,8 +134,8 @@ async def study_by_accession(
         ),
     ] = None,
 ) -> StudyLocation:
-    """The one study with this accession number, or 404/409/503."""
-    return await r.by_accession(accession, issuer)
+    """The one study with this accession number, or 403/404/409/503."""
+    return _allowed(await r.by_accession(accession, issuer), who)
 
 
 async def study_by_reference(
@@ -124,9 +149,10 @@ async def study_by_reference(
         ),
     ],
     r: ResolverDep,
+    who: CallerDep,
 ) -> StudyLocation:
-    """The study a FHIR reference or absolute URL names, or 404/409/422/503."""
-    return await r.by_reference(reference)
+    """The study a FHIR reference or absolute URL names, or 403/404/409/422/503."""
+    return _allowed(await r.by_reference(reference), who)
 
 
 StudyById = Annotated[StudyLocation, Depends(study_by_id)]

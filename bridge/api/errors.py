@@ -152,6 +152,10 @@ def install(app: FastAPI) -> None:
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": OperationOutcome, "description": "Credentials missing or invalid (when auth is on)"},
+    403: {
+        "model": OperationOutcome,
+        "description": "The study belongs to another patient than the one in context",
+    },
     404: {"model": OperationOutcome, "description": "No such ImagingStudy"},
     409: {"model": OperationOutcome, "description": "No usable WADO-RS endpoint, or an ambiguous lookup"},
     422: {"model": OperationOutcome, "description": "A malformed id, UID, reference or parameter, and why"},

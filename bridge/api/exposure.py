@@ -25,8 +25,13 @@ def is_loopback(host: str) -> bool:
 
 
 def auth_configured(settings: Settings) -> bool:
-    """Whether callers of the API must authenticate (API keys or bearer JWTs)."""
-    return bool(settings.api_keys) or settings.jwt_jwks_url is not None or settings.jwt_public_key is not None
+    """Whether callers of the API must authenticate (API keys, bearer JWTs or a browser login)."""
+    return (
+        bool(settings.api_keys)
+        or settings.jwt_jwks_url is not None
+        or settings.jwt_public_key is not None
+        or settings.login_enabled
+    )
 
 
 def check_listen_address(host: str, settings: Settings) -> None:

@@ -6,11 +6,10 @@ import asyncio
 from collections.abc import Awaitable
 
 import anyio.to_thread
-import httpx
 
+from bridge.dicomweb.client import DicomwebClient
 from bridge.errors import BridgeError
 from bridge.fhir.client import FhirClient
-from bridge.http import RetryPolicy, send
 from bridge.state.store import SqlStore
 
 PROBE_TIMEOUT = 5.0
@@ -22,14 +21,12 @@ class ReadinessProbe:
     def __init__(
         self,
         fhir: FhirClient,
-        dicomweb_http: httpx.AsyncClient,
-        dicomweb_base: str,
+        archive: DicomwebClient,
         store: SqlStore | None,
         timeout: float = PROBE_TIMEOUT,
     ) -> None:
         self.fhir = fhir
-        self.dicomweb_http = dicomweb_http
-        self.dicomweb_base = dicomweb_base.rstrip("/")
+        self.archive = archive
         self.store = store
         self.timeout = timeout
 
@@ -42,15 +39,6 @@ class ReadinessProbe:
             return f"{what} failed ({type(exc).__name__})"
         return "ok"
 
-    async def _archive(self) -> None:
-        request = self.dicomweb_http.build_request(
-            "GET",
-            f"{self.dicomweb_base}/studies",
-            params={"limit": "1", "includefield": "0020000D"},
-            headers={"Accept": "application/dicom+json"},
-        )
-        await send(self.dicomweb_http, request, service="dicomweb", policy=RetryPolicy(retries=0))
-
     async def _store(self) -> None:
         if self.store is None:
             raise _StoreClosed
@@ -60,7 +48,7 @@ class ReadinessProbe:
         """Each dependency -> "ok" or why it is not ready."""
         fhir, archive, store = await asyncio.gather(
             self._check(self.fhir.capabilities(), "the FHIR server"),
-            self._check(self._archive(), "the DICOMweb archive"),
+            self._check(self.archive.ping(), "the DICOMweb archive"),
             self._check(self._store(), "the state store"),
         )
         return {"fhir": fhir, "dicomweb": archive, "store": store}

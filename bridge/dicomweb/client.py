@@ -1,4 +1,4 @@
-"""Async QIDO-RS client: paged study enumeration and per-study series queries."""
+"""The archive client: every call the bridge makes to a DICOMweb archive (QIDO-RS, WADO-RS)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,9 @@ logger = logging.getLogger(__name__)
 
 SERVICE = "dicomweb"
 ACCEPT = "application/dicom+json, application/json;q=0.9"
+_IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif"})
+# Answers meaning "not this resource or not this way": try the next one.
+_NOT_OFFERED = frozenset({400, 404, 406, 415, 501})
 
 
 class DicomwebClient:
@@ -51,6 +54,46 @@ class DicomwebClient:
         self.page_size = page_size
         self.limits = limits or DicomwebLimits()
         self.queries: list[str] = []
+
+    async def ping(self) -> None:
+        """One QIDO-RS request for one study, never retried: raises unless the archive answers."""
+        request = self._client.build_request(
+            "GET",
+            f"{self._base}/studies",
+            params={"limit": "1", "includefield": "0020000D"},
+            headers={"Accept": "application/dicom+json"},
+        )
+        await send(
+            self._client, request, service=SERVICE, policy=RetryPolicy(retries=0), limit=self.limits.page()
+        )
+
+    async def picture(
+        self, urls: Sequence[str], *, viewport: str, deadline: float | None = None
+    ) -> tuple[bytes, str] | None:
+        """The first of ``urls`` (WADO-RS thumbnail or rendered resources) that answers an image.
+
+        Each is asked once, with the one plain ``Accept: image/jpeg`` archives understand; an
+        answer meaning "not this resource" moves on to the next. Returns the bytes and the media
+        type, or None when none renders a picture. Each answer is bounded by the thumbnail limits
+        (``deadline``: a tighter one for a person waiting).
+        """
+        for url in urls:
+            # the comma stays literal: Orthanc does not decode %2C in viewport
+            request = self._client.build_request(
+                "GET", f"{url}?viewport={viewport}", headers={"Accept": "image/jpeg"}
+            )
+            answer = await send(
+                self._client,
+                request,
+                service=SERVICE,
+                policy=self._policy,
+                ok=lambda r: r.is_success or r.status_code in _NOT_OFFERED,
+                limit=self.limits.thumbnail(deadline),
+            )
+            media_type = answer.headers.get("content-type", "").split(";")[0].strip().lower()
+            if answer.is_success and media_type in _IMAGE_TYPES:
+                return answer.content, media_type
+        return None
 
     async def _get(
         self, path: str, params: Sequence[tuple[str, str]], limit: CallLimit | None = None

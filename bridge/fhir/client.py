@@ -27,6 +27,10 @@ SERVICE = "fhir"
 FHIR_JSON = "application/fhir+json"
 _OUTCOME_LIMIT = 1000
 _PARSE_IN_THREAD = 256 * 1024  # bytes
+_MAX_PAGES = 50  # a bound on next links followed for one search, whatever the server sends
+# HAPI answers a search repeated within a minute from its cache of results, so a Patient created
+# in the EHR since stays unfound and a study parked for it stays parked: ask for a fresh search.
+_FRESH = {"Cache-Control": "no-cache"}
 
 
 # Servers quote the value they reject ("The value 'Doe^Jane' is not ..."): it may be patient data.
@@ -121,9 +125,11 @@ class FhirClient:
         headers: Mapping[str, str] | None = None,
         ok: tuple[int, ...] = (),
     ) -> httpx.Response:
+        # ``path`` is relative to the base, or a full URL under it (a search's next link).
+        url = path if path.startswith(self._base) else f"{self._base}/{path}" if path else self._base
         request = self._client.build_request(
             method,
-            f"{self._base}/{path}" if path else self._base,
+            url,
             params=params,
             json=body,
             headers={
@@ -160,17 +166,30 @@ class FhirClient:
         """DELETE a resource (already gone counts as done)."""
         await self._send("DELETE", f"{resource_type}/{quote(resource_id, safe='')}", ok=(404, 410))
 
-    async def search(self, resource_type: str, params: Mapping[str, str]) -> list[dict[str, Any]]:
-        """Resources matching a search (first page; callers search by identifier)."""
-        response = await self._send("GET", resource_type, params=params)
+    async def search(
+        self, resource_type: str, params: Mapping[str, str], *, limit: int = 0
+    ) -> list[dict[str, Any]]:
+        """Resources matching a search: the first page, or up to ``limit`` of them.
+
+        Servers cap ``_count`` at a maximum of their own (HAPI: 50 unless configured) and page
+        the rest, so with ``limit`` the ``next`` links are followed until that many were found.
+        Only links under this client's base URL are followed, never another host.
+        """
+        response = await self._send("GET", resource_type, params=params, headers=_FRESH)
         bundle = json_body(response, SERVICE)
-        return [
-            entry["resource"]
-            for entry in bundle.get("entry", [])
-            if isinstance(entry, dict)
-            and entry.get("resource", {}).get("resourceType") == resource_type
-            and entry.get("search", {}).get("mode", "match") == "match"
-        ]
+        found = _matches(bundle, resource_type)
+        for _ in range(_MAX_PAGES - 1):
+            if not limit or len(found) >= limit:
+                break
+            url = _next_link(bundle)
+            if url is None:
+                break
+            if not (url.startswith((self._base + "/", self._base + "?")) or url == self._base):
+                logger.warning("not following a search's next link off the FHIR base URL")
+                break
+            bundle = json_body(await self._send("GET", url, headers=_FRESH), SERVICE)
+            found.extend(_matches(bundle, resource_type))
+        return found[:limit] if limit else found
 
     async def update(self, resource: dict[str, Any], *, if_match: str | None = None) -> WriteResult:
         """PUT a resource to its id (creating it if the server allows client ids)."""
@@ -225,6 +244,29 @@ class FhirClient:
                 service=SERVICE,
             )
         return [a if isinstance(a, dict) else {} for a in answers]
+
+
+def _matches(bundle: Any, resource_type: str) -> list[dict[str, Any]]:
+    """The ``match`` entries of a searchset Bundle that are of the type searched."""
+    if not isinstance(bundle, dict):
+        return []
+    return [
+        entry["resource"]
+        for entry in bundle.get("entry", []) or []
+        if isinstance(entry, dict)
+        and isinstance(entry.get("resource"), dict)
+        and entry["resource"].get("resourceType") == resource_type
+        and (entry.get("search") or {}).get("mode", "match") == "match"
+    ]
+
+
+def _next_link(bundle: Any) -> str | None:
+    """The Bundle's ``next`` link, if any."""
+    links = bundle.get("link", []) if isinstance(bundle, dict) else []
+    for link in links or []:
+        if isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str):
+            return str(link["url"])
+    return None
 
 
 def entry_result(answer: dict[str, Any], resource_type: str) -> WriteResult:

@@ -11,6 +11,7 @@ from bridge.dicomweb.records import Issuer, StudyRecord
 from bridge.errors import MappingError, PatientLinkError
 from bridge.mapping.context import DICOM_UID_SYSTEM, V2_0203, MappingContext
 from bridge.mapping.identity import UnmappedIssuer, derived_system
+from bridge.mapping.values import vr_problem
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,11 +73,17 @@ def issuer_system(
         if key is not None and key in systems:
             return systems[key]
     if qualifier is not None and qualifier.universal and qualifier.universal_type == "ISO":
-        return f"urn:oid:{qualifier.universal}"
+        return iso_system(qualifier.universal, "IssuerOfPatientIDQualifiersSequence.UniversalEntityID")
     named = issuer or (qualifier.local or qualifier.universal if qualifier else None)
     if named is None or unmapped is UnmappedIssuer.DEFAULT:
         return default
     if unmapped is UnmappedIssuer.DERIVE:
+        if len(named) > MAX_DERIVED_ISSUER:  # the entity ids are UT: unbounded in DICOM
+            raise PatientLinkError(
+                f"the issuer of the PatientID is longer than {MAX_DERIVED_ISSUER} characters: no "
+                "system is derived from it; map it in BRIDGE_PATIENT_ISSUER_SYSTEMS",
+                attribute="IssuerOfPatientIDQualifiersSequence",
+            )
         return derived_system(named)
     attribute = "IssuerOfPatientID" if issuer else "IssuerOfPatientIDQualifiersSequence"
     raise PatientLinkError(
@@ -85,6 +92,17 @@ def issuer_system(
         "or set BRIDGE_UNMAPPED_ISSUER=derive; the study is retried on the next run",
         attribute=attribute,
     )
+
+
+# Longest issuer a system is derived from (IssuerOfPatientID is LO, at most 64 characters).
+MAX_DERIVED_ISSUER = 64
+
+
+def iso_system(oid: str, attribute: str) -> str:
+    """``urn:oid:<oid>`` for an ISO universal entity id, which must then be a valid OID."""
+    if vr_problem(oid, "UI") is not None:
+        raise MappingError(f"{attribute} is of type ISO but not a valid OID", attribute=attribute)
+    return f"urn:oid:{oid}"
 
 
 def patient_key(study: StudyRecord, ctx: MappingContext) -> PatientKey:
@@ -122,7 +140,7 @@ def _accession_system(issuer: Issuer | None, ctx: MappingContext) -> str | None:
             if key is not None and key in ctx.accession_issuer_systems:
                 return ctx.accession_issuer_systems[key]
         if issuer.universal and issuer.universal_type == "ISO":
-            return f"urn:oid:{issuer.universal}"
+            return iso_system(issuer.universal, "IssuerOfAccessionNumberSequence.UniversalEntityID")
     return ctx.accession_system
 
 

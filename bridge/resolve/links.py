@@ -45,6 +45,28 @@ def check_fhir_id(value: str) -> str:
 # ---------------------------------------------------------------- bases
 
 
+# RFC 3986 unreserved characters and "/": all a WADO-RS base path needs. No ";" (path parameters
+# some servers strip before routing, so "..;/" climbs), no backslash, no "%" but the escapes below.
+_PATH = re.compile(r"^[A-Za-z0-9._~/-]*$")
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def clean_path(path: str) -> str | None:
+    """``path`` with escapes of unreserved characters decoded, or None if it holds anything else.
+
+    Decoding first means an escaped dot segment (``%2e%2e``) is seen as the ``..`` it is; any other
+    escape (``%2f``, ``%5c``, ``%00``, ``%25``), a ``;`` or a non-ASCII character refuses the path.
+    """
+
+    def decode(match: re.Match[str]) -> str:
+        char = chr(int(match.group(1), 16))
+        return char if char in _UNRESERVED else "\x00"
+
+    decoded = _ESCAPE.sub(decode, path)
+    return decoded if _PATH.fullmatch(decoded) else None
+
+
 def normalize_base(url: str) -> str | None:
     """``url`` as a comparable base (lower-case scheme and host, no trailing slash), or None.
 
@@ -62,7 +84,9 @@ def normalize_base(url: str) -> str | None:
         return None
     if "?" in url or "#" in url:
         return None
-    path = parts.path.rstrip("/")
+    path = clean_path(parts.path.rstrip("/"))
+    if path is None or not url.isascii():
+        return None
     segments = path.split("/")
     if any(s in (".", "..") for s in segments) or "%2f" in path.lower() or "%2e" in path.lower():
         return None
@@ -163,7 +187,11 @@ def is_tagged(resource: Mapping[str, Any], source: str) -> bool:
 
 
 def subject_patient(resource: Mapping[str, Any]) -> str | None:
-    """The Patient id of an ImagingStudy's subject when it is ``Patient/{id}``, else None."""
+    """The Patient id of an ImagingStudy's subject when it is ``Patient/{id}``, else None.
+
+    Only the relative form the bridge writes: an absolute URL may name another server's Patient with
+    the same id, so it matches no patient in context.
+    """
     reference = _reference(resource.get("subject"))
     if reference is None:
         return None

@@ -95,7 +95,10 @@ def configure_viewers(
             raise ConfigurationError(f"BRIDGE_VIEWER_URLS: no viewer named {name!r}")
         title, template, _ = merged[name]
         merged[name] = (title, template, url)
-    names = list(merged) if enabled is None else list(dict.fromkeys(enabled))
+    # Only viewers the operator configured: the table's base URLs are examples (localhost), and a
+    # link to one would send a clinician, and the study's UID, wherever that name resolves.
+    configured = set(base_urls) | set(templates)
+    names = [n for n in merged if n in configured] if enabled is None else list(dict.fromkeys(enabled))
     unknown = [n for n in names if n not in merged]
     if unknown:
         raise ConfigurationError(
@@ -104,8 +107,10 @@ def configure_viewers(
     viewers = {}
     for name in names:
         title, template, base = merged[name]
-        if "{base_url}" in template and not base:
-            raise ConfigurationError(f"BRIDGE_VIEWER_URLS: viewer {name!r} needs a base URL")
+        if "{base_url}" in template and (not base or name not in base_urls):
+            raise ConfigurationError(
+                f"BRIDGE_VIEWER_URLS: viewer {name!r} needs its base URL (the table's is only an example)"
+            )
         viewers[name] = ViewerTemplate(name=name, template=template, base_url=base, title=title)
     if viewers and default not in viewers:
         raise ConfigurationError(

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, DateTime, Integer, String, Text
+from sqlalchemy import JSON, Boolean, DateTime, Integer, String, Text, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # Bumped by every migration (bridge/state/migrations) so a bridge older than the store refuses it.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 class Base(DeclarativeBase):
@@ -39,6 +39,8 @@ class PublishedStudy(Base):
     last_seen_run: Mapped[int | None] = mapped_column(Integer, nullable=True)
     # The study's start as published (FHIR dateTime), for the sync-lag metric.
     started: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    # Gone from the archive, its ImagingStudy retired and kept (the delete policy marked or left it).
+    gone: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class ParkedStudy(Base):

@@ -47,10 +47,9 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 # Names this process in the runs it records (the pod name on Kubernetes).
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"[:128]
 
-GONE = "gone"  # fingerprint of a study that left the archive
-
-
 def _known(row: PublishedStudy) -> KnownStudy:
+    if row.gone:  # no fingerprint matches: a study that returns to the archive is republished
+        return KnownStudy(row.study_uid, "", "", row.fhir_id, row.fhir_version)
     return KnownStudy(
         row.study_uid, row.qido_fingerprint, row.resource_fingerprint, row.fhir_id, row.fhir_version
     )
@@ -122,23 +121,6 @@ class SqlStore:
             ).all()
             return {r.study_uid: _known(r) for r in rows}
 
-    def record_published(
-        self,
-        source: str,
-        study_uid: str,
-        *,
-        qido_fingerprint: str,
-        resource_fingerprint: str,
-        fhir_id: str,
-        fhir_version: str | None,
-        started: str | None = None,
-    ) -> None:
-        """Remember a published study and clear any parked failure of it."""
-        self.record_published_many(
-            source,
-            [Published(study_uid, qido_fingerprint, resource_fingerprint, fhir_id, fhir_version, started)],
-        )
-
     def record_published_many(self, source: str, studies: Sequence[Published]) -> None:
         """Remember several published studies in one transaction, clearing their parked failures."""
         if not studies:
@@ -166,6 +148,7 @@ class SqlStore:
                 row.fhir_version = study.fhir_version
                 row.last_synced_at = now
                 row.started = study.started
+                row.gone = False
             session.execute(
                 delete(ParkedStudy).where(ParkedStudy.source == source, ParkedStudy.study_uid.in_(uids))
             )
@@ -193,7 +176,7 @@ class SqlStore:
             rows = session.scalars(
                 select(PublishedStudy).where(
                     PublishedStudy.source == source,
-                    PublishedStudy.qido_fingerprint != GONE,
+                    PublishedStudy.gone.is_(False),
                     or_(PublishedStudy.last_seen_run.is_(None), PublishedStudy.last_seen_run != run_id),
                 )
             ).all()
@@ -211,8 +194,7 @@ class SqlStore:
             if removed:
                 session.delete(row)
             else:
-                row.qido_fingerprint = GONE
-                row.resource_fingerprint = GONE
+                row.gone = True
                 row.fhir_version = fhir_version
                 row.last_synced_at = utcnow()
 
@@ -220,7 +202,7 @@ class SqlStore:
         """How many of the source's studies are published and still in the archive."""
         with self._session() as session:
             query = select(func.count()).select_from(PublishedStudy)
-            query = query.where(PublishedStudy.source == source, PublishedStudy.qido_fingerprint != GONE)
+            query = query.where(PublishedStudy.source == source, PublishedStudy.gone.is_(False))
             return int(session.scalar(query) or 0)
 
     def newest_published(self, source: str) -> str | None:
@@ -279,12 +261,6 @@ class SqlStore:
             return list(session.scalars(query).all())
 
     # Endpoints
-    def endpoint_fingerprint(self, source: str) -> str | None:
-        """Fingerprint of the source's Endpoint as last published."""
-        with self._session() as session:
-            row = session.get(PublishedEndpoint, source)
-            return row.fingerprint if row else None
-
     def published_endpoint(self, source: str) -> tuple[str, str] | None:
         """Fingerprint and FHIR id of the source's Endpoint as last published."""
         with self._session() as session:
@@ -358,8 +334,8 @@ class SqlStore:
             if source is not None:
                 published = published.where(PublishedStudy.source == source)
                 parked = parked.where(ParkedStudy.source == source)
-            gone = published.where(PublishedStudy.qido_fingerprint == GONE)
-            published = published.where(PublishedStudy.qido_fingerprint != GONE)
+            gone = published.where(PublishedStudy.gone.is_(True))
+            published = published.where(PublishedStudy.gone.is_(False))
             return {
                 "published": int(session.scalar(published) or 0),
                 "gone": int(session.scalar(gone) or 0),

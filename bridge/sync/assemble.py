@@ -1,11 +1,17 @@
-"""A study's way to the ImagingStudy that is written: its records fetched, mapped, validated and linked."""
+"""A study's way to the ImagingStudy that is written, in one direction.
+
+fetch (the archive's records) -> link (Patient and order, looked up on the FHIR server) -> map (pure)
+-> validate, once, the very resource that is then written.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from bridge.dicomweb.records import InstanceRecord, StudyRecord, with_header
+from bridge.dicomweb.records import InstanceRecord, SeriesRecord, StudyRecord, with_header
 from bridge.mapping.context import MappingContext
 from bridge.mapping.imaging_study import fallbacks, map_imaging_study
 from bridge.mapping.validate import validate
@@ -14,7 +20,25 @@ from bridge.sync.protocols import StudySource
 
 logger = logging.getLogger(__name__)
 
+# Stands in for the Patient while a study is checked before its Patient may be created.
 _PLACEHOLDER_SUBJECT = {"reference": "Patient/unresolved"}
+
+
+@dataclass(frozen=True, slots=True)
+class StudyRecords:
+    """What the archive says about one study: the study (with its header, if read), series, instances."""
+
+    study: StudyRecord
+    series: Sequence[SeriesRecord]
+    instances: Sequence[InstanceRecord] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Links:
+    """The study's references into the FHIR server's records."""
+
+    subject: dict[str, Any]
+    based_on: Sequence[dict[str, Any]] = ()
 
 
 class StudyAssembler:
@@ -29,16 +53,23 @@ class StudyAssembler:
         self._read_header = read_instance_header
 
     async def build(self, study: StudyRecord, endpoint: str, used: list[str] | None = None) -> dict[str, Any]:
-        """The ImagingStudy for a study, ready to write.
+        """The ImagingStudy for a study, ready to write: fetch, link, map, validate.
 
-        Series (and, per the settings, instances and one instance header) are fetched, mapped and
-        validated; then the order and the Patient are linked, the Patient only once the mapping
-        has succeeded, so a bad study never creates a Patient. The documented fallbacks the mapping
-        takes for missing Type 1 data are added to ``used``, to count and log them.
+        Raises MappingError (bad data: park the study) or PatientLinkError (no single Patient).
+        The documented fallbacks the mapping takes for missing Type 1 data are added to ``used``,
+        to count and log them.
         """
-        series = await self._source.search_series(study.uid)
+        records = await self.fetch(study)
         if used is not None:
-            used.extend(fallbacks(series, self._ctx))
+            used.extend(fallbacks(records.series, self._ctx))
+        links = await self.link(records, endpoint)
+        resource = self.map(records, links, endpoint)
+        validate(resource)  # the resource exactly as it is written, subject and basedOn included
+        return resource
+
+    async def fetch(self, study: StudyRecord) -> StudyRecords:
+        """The study's series (and, per the settings, its instances and one instance header)."""
+        series = await self._source.search_series(study.uid)
         instances: list[InstanceRecord] = []
         if self._ctx.include_instances:
             instances = await self._source.search_instances(study.uid, limit=self._ctx.max_instances)
@@ -52,17 +83,28 @@ class StudyAssembler:
             header = await self._source.instance_header(study.uid, instances[0] if instances else None)
             if header is not None:
                 study = with_header(study, header)
-        resource = map_imaging_study(
-            study,
-            series,
+        return StudyRecords(study, series, instances)
+
+    async def link(self, records: StudyRecords, endpoint: str) -> Links:
+        """The order and the Patient; a missing Patient is created only for a study that would publish."""
+        based_on = await self._linker.based_on(records.study)
+
+        def check_before_creating_a_patient() -> None:
+            # A bad study never creates a Patient: the study, mapped and validated with a stand-in
+            # subject, must pass first. Runs only when a Patient is about to be created.
+            validate(self.map(records, Links(_PLACEHOLDER_SUBJECT, based_on), endpoint))
+
+        subject = await self._linker.subject(records.study, before_create=check_before_creating_a_patient)
+        return Links(subject, based_on)
+
+    def map(self, records: StudyRecords, links: Links, endpoint: str) -> dict[str, Any]:
+        """The ImagingStudy from the records and the links (pure)."""
+        return map_imaging_study(
+            records.study,
+            records.series,
             self._ctx,
-            subject=_PLACEHOLDER_SUBJECT,
+            subject=links.subject,
+            based_on=links.based_on,
             endpoint_reference=endpoint,
-            instances=instances,
+            instances=records.instances,
         )
-        validate(resource)
-        based_on = await self._linker.based_on(study)
-        if based_on:
-            resource["basedOn"] = based_on
-        resource["subject"] = await self._linker.subject(study)
-        return resource

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode
 
@@ -50,7 +51,9 @@ class Linker:
         self._patients.clear()
         self._patient_locks.clear()
 
-    async def subject(self, study: StudyRecord) -> dict[str, Any]:
+    async def subject(
+        self, study: StudyRecord, *, before_create: Callable[[], None] | None = None
+    ) -> dict[str, Any]:
         """The ImagingStudy.subject Reference, per the patient policy.
 
         Raises MappingError when PatientID is missing and PatientLinkError when no single Patient
@@ -62,12 +65,14 @@ class Linker:
         lock = self._patient_locks.setdefault(key, asyncio.Lock())
         async with lock:  # one lookup per patient per run, even with studies in parallel
             if key not in self._patients:
-                self._patients[key] = await self._find_or_create_patient(study, key)
+                self._patients[key] = await self._find_or_create_patient(study, key, before_create)
         if self._patients[key] == NEW_PATIENT:
             return {"display": "a new Patient, created by the sync"}
         return {"reference": f"Patient/{self._patients[key]}"}
 
-    async def _find_or_create_patient(self, study: StudyRecord, key: PatientKey) -> str:
+    async def _find_or_create_patient(
+        self, study: StudyRecord, key: PatientKey, before_create: Callable[[], None] | None
+    ) -> str:
         if self._policy is PatientPolicy.MATCH_ONLY:
             matches = await self._exact_patients(key)
             if not matches:
@@ -86,6 +91,8 @@ class Linker:
             if len(matches) > 1:
                 raise _ambiguous(key)
             return matches[0] if matches else NEW_PATIENT
+        if before_create is not None:
+            before_create()
         try:
             result = await self._fhir.conditional_create(patient, urlencode({"identifier": key.search()}))
         except VersionConflictError:

@@ -132,20 +132,6 @@ class StateStore(Protocol):
         """Release a claim taken with claim_study."""
         ...
 
-    def record_published(
-        self,
-        source: str,
-        study_uid: str,
-        *,
-        qido_fingerprint: str,
-        resource_fingerprint: str,
-        fhir_id: str,
-        fhir_version: str | None,
-        started: str | None = None,
-    ) -> None:
-        """Remember a published study."""
-        ...
-
     def park(self, source: str, study_uid: str, *, kind: str, reason: str, attribute: str | None) -> None:
         """Park a failed study with its reason."""
         ...

@@ -5,9 +5,13 @@
 //
 //   node tests/browser/clickthrough.mjs '<json options>'
 //
-// Options: recordUrl (the patient's record page), study (the description of the row to click),
+// Options: recordUrl (the patient's record page), startUrl (where to begin, e.g. an EHR launch; default
+// recordUrl), study (the description of the row to click),
 // series (series descriptions OHIF must list), screenshotDir, chromium (executable path),
-// timeoutMs. Prints one JSON line with what it saw; exits 1 with {"error": ...} when a step fails.
+// timeoutMs; with authentication on, login ({username, password}: the record page sends the browser
+// to the identity provider's form, which is filled in) and forbiddenUrl (a page of another patient,
+// opened last in the same session; its status is reported).
+// Prints one JSON line with what it saw; exits 1 with {"error": ...} when a step fails.
 // Screenshots (record.png, viewer.png) are written even when a later step fails.
 
 import fs from 'node:fs';
@@ -65,9 +69,42 @@ try {
     if (message.type() === 'error') result.console_errors.push(message.text().slice(0, 300));
   });
   page.on('pageerror', error => result.console_errors.push(`page error: ${error.message.slice(0, 300)}`));
+  // Every study the viewer learns of through a study-level QIDO-RS search (its "other studies").
+  result.qido_study_searches = [];
+  page.on('response', async response => {
+    const url = new URL(response.url());
+    if (!/\/studies$/.test(url.pathname) || response.request().method() !== 'GET') return;
+    try {
+      const rows = await response.json();
+      result.qido_study_searches.push({
+        by_patient_id: url.searchParams.has('00100020') || url.searchParams.has('PatientID'),
+        study_uids: rows.map(row => row['0020000D']?.Value?.[0]).filter(Boolean),
+      });
+    } catch {
+      // not a DICOM JSON answer: nothing listed from it
+    }
+  });
 
-  // 1. The record page, as the clinician sees it.
-  const record = await page.goto(options.recordUrl);
+  // 1. The record page, as the clinician sees it (after logging in, when authentication is on).
+  let record = await page.goto(options.startUrl ?? options.recordUrl);
+  if (options.login) {
+    result.login_page = new URL(page.url()).origin;
+    await page.locator('input[name="username"]').fill(options.login.username);
+    await page.locator('input[name="password"]').fill(options.login.password);
+    const back = page.waitForResponse(
+      response => response.url() === options.recordUrl && response.request().isNavigationRequest(),
+    );
+    await page.locator('button[type="submit"]').click();
+    record = await back;
+    result.cookies = (await context.cookies()).map(c => ({
+      name: c.name,
+      httpOnly: c.httpOnly,
+      sameSite: c.sameSite,
+      secure: c.secure,
+      path: c.path,
+    }));
+    step('logged in at the identity provider');
+  }
   if (!record || record.status() !== 200) fail(`record page answered ${record && record.status()}`);
   result.record_title = await page.title();
   const row = page.locator('tr.study', { has: page.locator('td.description', { hasText: options.study }) });
@@ -152,7 +189,18 @@ try {
     return gl ? (info ? gl.getParameter(info.UNMASKED_RENDERER_WEBGL) : gl.getParameter(gl.VERSION)) : null;
   });
   step('image drawn');
+  // The study browser's search for the patient's other studies has been answered.
+  const deadline = Date.now() + 15000;
+  while (!result.qido_study_searches.some(q => q.by_patient_id) && Date.now() < deadline) {
+    await page.waitForTimeout(250);
+  }
   await page.screenshot({ path: path.join(options.screenshotDir, 'viewer.png') });
+  if (options.forbiddenUrl) {
+    // 5. The same session asks for another patient's study.
+    const refused = await page.goto(options.forbiddenUrl);
+    result.forbidden_status = refused ? refused.status() : null;
+    step('another patient refused');
+  }
   result.ok = true;
 } catch (error) {
   result.ok = false;

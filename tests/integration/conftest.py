@@ -78,12 +78,18 @@ class Stack:
         )
 
     def fhir_search(self, resource_type: str, **params: str) -> list[dict[str, Any]]:
-        """Every resource of a type matching ``params`` (no paging: the test sets are small)."""
-        response = httpx.get(
-            f"{self.fhir.base_url}/{resource_type}", params={"_count": "1000", **params}, timeout=30
-        )
-        response.raise_for_status()
-        return [e["resource"] for e in response.json().get("entry", [])]
+        """Every resource of a type matching ``params``, across pages, never from a search cache."""
+        url: str | None = f"{self.fhir.base_url}/{resource_type}"
+        query: dict[str, str] | None = {"_count": "1000", **params}
+        found: list[dict[str, Any]] = []
+        while url is not None:
+            response = httpx.get(url, params=query, headers={"Cache-Control": "no-cache"}, timeout=30)
+            response.raise_for_status()
+            bundle = response.json()
+            found.extend(e["resource"] for e in bundle.get("entry", []))
+            url = next((link["url"] for link in bundle.get("link", []) if link["relation"] == "next"), None)
+            query = None
+        return found
 
     def fhir_read(self, reference: str) -> dict[str, Any]:
         response = httpx.get(f"{self.fhir.base_url}/{reference}", timeout=30)

@@ -176,5 +176,10 @@ def test_clickthrough_from_record_to_ohif_draws_the_study(
     canvas = seen["canvas"]
     assert canvas["width"] > 100 and canvas["height"] > 100
     assert canvas["lit_fraction"] > 0.05 and canvas["grey_levels"] > 16
+    # The viewer searched for the patient's other studies and got this study only: never the
+    # "CT Head" of Smith^John, who has the same Patient ID under another issuer.
+    searches = seen["qido_study_searches"]
+    assert any(q["by_patient_id"] for q in searches), searches
+    assert {uid for q in searches for uid in q["study_uids"]} == {ct.uid}
     for name in ("record.png", "viewer.png"):
         assert (shots / name).stat().st_size > 10_000

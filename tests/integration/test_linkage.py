@@ -57,6 +57,7 @@ def _one(stack: Stack) -> dict[str, Any]:
     return studies[0]
 
 
+@pytest.mark.interop
 def test_mapping_is_complete_and_valid_on_both_sides(stack: Stack) -> None:
     spec = StudySpec(
         patient_id="L1",
@@ -130,6 +131,9 @@ def test_patient_issuer_maps_qualifiers_and_other_ids(stack: Stack) -> None:
         {"system": "urn:oid:1.2.3.4.5", "value": "Q1"},  # the ISO qualifier, not in the map
         {"system": ISSUERS["HOSP-B"], "value": "B-77"},  # another id whose issuer is mapped
     ]
+    assert "U1" not in by_value  # an issuer without a system parks its study (BRIDGE_UNMAPPED_ISSUER)
+    stack.sync(**HEADER, unmapped_issuer="default")  # the single-issuer archive's choice
+    by_value = {p["identifier"][0]["value"]: p for p in stack.fhir_search("Patient")}
     assert by_value["U1"]["identifier"] == [{"system": DEFAULT_PATIENT_SYSTEM, "value": "U1"}]
 
     mapped = stack.settings_env(patient_issuer_systems=json.dumps({**ISSUERS, "1.2.3.4.5": "urn:oid:9.9.9"}))
@@ -180,6 +184,7 @@ def _service_request(stack: Stack, accession: str) -> str:
     return str(response.json()["id"])
 
 
+@pytest.mark.interop
 def test_order_linkage_by_accession(stack: Stack) -> None:
     ordered = StudySpec(patient_id="O1", issuer="HOSP-A", accession="ORD-1")
     unordered = StudySpec(patient_id="O2", issuer="HOSP-A", accession="ORD-2")
@@ -255,6 +260,7 @@ def test_two_archives_one_fhir_server_never_merge_the_same_study(stack: Stack, s
     assert stack.cli("sync", "--source", "nope", sources=sources).returncode == 2
 
 
+@pytest.mark.interop
 def test_dry_run_shows_the_changes_and_writes_nothing(stack: Stack) -> None:
     first = StudySpec(patient_id="D1", issuer="HOSP-A", description="Before")
     stow(stack.orthanc.dicomweb_url, build_study(first))

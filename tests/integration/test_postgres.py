@@ -15,6 +15,7 @@ from sqlalchemy import create_engine, text
 
 from bridge.state.migrate import current_revision, head_revision
 from bridge.state.store import SqlStore
+from bridge.sync.protocols import Published
 from tests.stack.postgres import temporary_database
 
 
@@ -132,9 +133,7 @@ def test_replicas_starting_together_migrate_once(pg_url: str) -> None:
 def test_the_store_round_trips_state_on_postgresql(pg_url: str) -> None:
     store = SqlStore(pg_url)
     try:
-        store.record_published(
-            "pacs", "1.2.3", qido_fingerprint="q", resource_fingerprint="r", fhir_id="s1", fhir_version="2"
-        )
+        store.record_published_many("pacs", [Published("1.2.3", "q", "r", "s1", "2")])
         store.park("pacs", "1.2.4", kind="mapping", reason="StudyDate is not a date", attribute="StudyDate")
         store.park("pacs", "1.2.4", kind="mapping", reason="StudyDate is not a date", attribute="StudyDate")
         assert store.known_studies("pacs", ["1.2.3", "9.9"])["1.2.3"].fhir_version == "2"

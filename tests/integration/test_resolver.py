@@ -113,6 +113,7 @@ def _check_in_orthanc(links: dict[str, Any], spec: StudySpec, allowed_base: str)
     assert {m[SERIES_UID_TAG]["Value"][0] for m in series_metadata} == {series["uid"]}
 
 
+@pytest.mark.interop
 async def test_every_study_resolves_every_way_to_urls_orthanc_serves(
     stack: Stack, demo: list[StudySpec]
 ) -> None:
@@ -163,6 +164,7 @@ async def test_every_study_resolves_every_way_to_urls_orthanc_serves(
         ),
     ],
 )
+@pytest.mark.interop
 async def test_viewer_redirect_is_a_302_to_the_templates_url(
     stack: Stack, demo: list[StudySpec], viewer: str | None, expected: str
 ) -> None:

@@ -70,6 +70,7 @@ def _store(stack: Stack, spec: StudySpec) -> StudySpec:
     return spec
 
 
+@pytest.mark.interop
 def test_changes_in_the_archive_are_reflected_after_the_next_cycle(stack: Stack) -> None:
     old = _store(
         stack, StudySpec(patient_id="C1", issuer="HOSP-A", study_date="20200105", description="Old CT")
@@ -110,6 +111,7 @@ def test_changes_in_the_archive_are_reflected_after_the_next_cycle(stack: Stack)
     assert studies[new.uid]["status"] == "available"
 
 
+@pytest.mark.interop
 def test_delete_policy_delete_removes_only_what_the_bridge_wrote(stack: Stack) -> None:
     specs = [_store(stack, StudySpec(patient_id=f"D{i}", issuer="HOSP-A")) for i in range(5)]
     _cycle(stack, "reconcile", delete_policy="delete")
@@ -133,6 +135,7 @@ def test_a_sweep_that_finds_too_many_studies_gone_applies_no_delete(stack: Stack
     assert all(s["status"] == "available" for s in _studies(stack).values())
 
 
+@pytest.mark.interop
 def test_a_cycle_with_no_change_writes_nothing_and_queries_only_pages(stack: Stack) -> None:
     n, page = 25, 10
     for i in range(n):

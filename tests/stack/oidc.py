@@ -8,6 +8,9 @@ committed ``package-lock.json`` and installed with ``npm ci`` on first use. It l
         idp.token_url, idp.introspection_url, idp.stats()
 
 The FHIR test server checks tokens by introspection, as the registered client ``introspector``.
+For browser logins, give ``users`` (login -> password) and a ``web_client``; as an EHR's SMART
+authorization server, ``launches`` maps a launch value to the Patient id put in the token answer,
+and ``idp.fhir_iss`` is the ``iss`` an EHR launch names.
 """
 
 from __future__ import annotations
@@ -43,6 +46,22 @@ def secret_client(client_id: str, secret: str, *, scope: str = "") -> dict[str, 
     }
 
 
+def web_client(client_id: str, secret: str, redirect_uri: str) -> dict[str, Any]:
+    """A confidential web client using the authorization code flow (with PKCE), client_secret_basic."""
+    return {
+        "client_id": client_id,
+        "client_secret": secret,
+        "grant_types": ["authorization_code"],
+        "response_types": ["code"],
+        "redirect_uris": [redirect_uri],
+        "token_endpoint_auth_method": "client_secret_basic",
+    }
+
+
+# Scopes of a browser login and of a SMART EHR launch, known to the provider.
+LOGIN_SCOPES = ["openid", "profile", "fhirUser", "launch", "launch/patient", "patient/ImagingStudy.read"]
+
+
 def jwt_client(client_id: str, public_jwk: dict[str, Any], alg: str, *, scope: str = "") -> dict[str, Any]:
     """A client authenticating with private_key_jwt (SMART Backend Services), its public key registered."""
     return {
@@ -70,6 +89,8 @@ class OidcProvider:
         log_path: Path | None = None,
         resource: dict[str, str] | None = None,
         patients: dict[str, str] | None = None,
+        users: dict[str, str] | None = None,
+        launches: dict[str, str] | None = None,
     ) -> None:
         """``resource`` ({"audience", "scopes"}) makes access tokens JWTs for that audience;
         ``patients`` (client id -> Patient id) gives a client's tokens a ``patient`` claim."""
@@ -79,6 +100,8 @@ class OidcProvider:
         self.ttl = ttl or {}
         self.resource = resource
         self.patients = patients or {}
+        self.users = users or {}
+        self.launches = launches or {}
         self.port = 0
         self.log_path = log_path
         self._owns_log = log_path is None
@@ -93,6 +116,9 @@ class OidcProvider:
     @property
     def jwks_url(self) -> str:
         return f"{self.issuer}/jwks"
+    def fhir_iss(self) -> str:
+        """The ``iss`` of an EHR launch: its smart-configuration is served below it."""
+        return f"{self.issuer}/fhir"
 
     @property
     def token_url(self) -> str:
@@ -120,6 +146,11 @@ class OidcProvider:
                     "introspector": INTROSPECTOR_ID,
                     "resource": self.resource,
                     "patients": self.patients,
+                    "users": {
+                        login: {"password": password, "fhirUser": f"Practitioner/{login}"}
+                        for login, password in self.users.items()
+                    },
+                    "launches": self.launches,
                 },
                 handle,
             )

@@ -18,7 +18,7 @@ from bridge.auth import BearerToken, ClientCredentials, SmartBackendServices
 from bridge.config import Settings, load_settings
 from bridge.errors import ConfigurationError, UpstreamAuthError
 from bridge.http import RetryPolicy, send
-from bridge.runtime import http_client
+from bridge.upstream import http_client
 
 pytestmark = pytest.mark.anyio
 
@@ -349,9 +349,10 @@ async def test_the_runtime_client_carries_the_configured_auth(monkeypatch: pytes
         BRIDGE_FHIR_TOKEN="t",
     )
     dicomweb = settings.each_source()[0].dicomweb
+    limits = httpx.Limits(max_connections=2)
     async with (
-        http_client(settings, dicomweb, "dicomweb") as archive,
-        http_client(settings, settings.fhir, "fhir") as fhir,
+        http_client(settings, dicomweb, "dicomweb", limits=limits) as archive,
+        http_client(settings, settings.fhir, "fhir", limits=limits) as fhir,
     ):
         assert isinstance(archive.auth, httpx.BasicAuth)
         assert isinstance(fhir.auth, BearerToken)

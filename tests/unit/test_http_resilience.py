@@ -55,23 +55,6 @@ async def _get(handler: Upstream | httpx.MockTransport, policy: RetryPolicy) -> 
         return await send(client, client.build_request("GET", URL), service="dicomweb", policy=policy)
 
 
-async def test_a_retry_after_longer_than_the_longest_wait_ends_the_retries_without_retrying_early() -> None:
-    clock = Clock()
-    calls = 0
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        nonlocal calls
-        calls += 1
-        return httpx.Response(429, headers={"Retry-After": "120"})
-
-    policy = RetryPolicy(retries=5, max_wait=10, clock=clock, sleep=clock.sleep)
-    with pytest.raises(UpstreamUnavailableError) as caught:
-        await _get(httpx.MockTransport(handler), policy)
-    assert calls == 1 and clock.sleeps == []
-    assert "120 s" in str(caught.value) and "BRIDGE_HTTP_RETRY_MAX_WAIT" in str(caught.value)
-    assert "SECRET-PID" not in str(caught.value)
-
-
 async def test_retries_stop_when_the_next_wait_would_pass_the_total_budget() -> None:
     clock = Clock()
     upstream = Upstream()

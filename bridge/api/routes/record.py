@@ -17,47 +17,42 @@ from urllib.parse import quote
 
 import httpx
 from fastapi import APIRouter, Depends, FastAPI, Path, Request
-from fastapi.responses import HTMLResponse, Response
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from bridge.api.audit import note
-from bridge.api.deps import FHIR_ID_PATTERN, CallerDep, ResolverDep, StudyById, caller
+from bridge.api.deps import FHIR_ID_PATTERN, CallerDep, ResolverDep, StudyById, allow_patient, caller
 from bridge.config import Settings
+from bridge.dicomweb.client import DicomwebClient
 from bridge.errors import NoUsableEndpointError, StudyNotFoundError
-from bridge.http import RetryPolicy, send
-from bridge.limits import CallLimit, DicomwebLimits
+from bridge.http import RetryPolicy
+from bridge.limits import DicomwebLimits
 from bridge.resolve.links import WITHDRAWN, normalize_base, wado_urls
-from bridge.runtime import USER_AGENT
-from bridge.upstream import connection_options
+from bridge.upstream import http_client
 
 
 @asynccontextmanager
 async def _archive_clients(app: FastAPI) -> AsyncIterator[None]:
-    """One client per configured DICOMweb source, by each of its bases (public and polled), for thumbnails."""
+    """One archive client per configured DICOMweb source, by each of its bases (public and polled)."""
     settings: Settings = app.state.services.settings
     limits = httpx.Limits(max_connections=8, max_keepalive_connections=8)
-    archives: dict[str, tuple[httpx.AsyncClient, str]] = {}
-    bounds: dict[str, CallLimit] = {}  # a picture is awaited by a person: the read timeout bounds it all
+    archives: dict[str, tuple[DicomwebClient, str]] = {}
     async with AsyncExitStack() as stack:
         for source in settings.each_source():
-            thumbnail = DicomwebLimits.from_settings(source.dicomweb, settings.http_deadline).thumbnail(
-                settings.http_timeout
+            http = await stack.enter_async_context(
+                http_client(settings, source.dicomweb, "dicomweb", limits=limits)
             )
-            options: dict[str, Any] = connection_options(settings, source.dicomweb, "dicomweb", limits)
-            client = await stack.enter_async_context(
-                httpx.AsyncClient(
-                    timeout=httpx.Timeout(settings.http_timeout),
-                    headers={"User-Agent": USER_AGENT},
-                    follow_redirects=False,
-                    **options,
-                )
+            # a picture on a page: fail fast rather than hold it
+            archive = DicomwebClient(
+                http,
+                source.dicomweb.base,
+                policy=RetryPolicy(retries=0),
+                limits=DicomwebLimits.from_settings(source.dicomweb, settings.http_deadline),
             )
             for base in (source.dicomweb.public_base, source.dicomweb.base):
                 key = normalize_base(base)
                 if key is not None:
-                    archives.setdefault(key, (client, source.dicomweb.base))
-                    bounds.setdefault(key, thumbnail)
+                    archives.setdefault(key, (archive, source.dicomweb.base))
         app.state.record_archives = archives
-        app.state.record_thumbnail_limits = bounds
         try:
             yield
         finally:
@@ -74,11 +69,6 @@ router = APIRouter(
 
 PAGE_SIZE = 100
 THUMBNAIL_SIZE = 96
-SERVICE = "dicomweb"
-_IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif"})
-# Answers meaning "not this resource or not this way": try the next one.
-_NOT_OFFERED = frozenset({400, 404, 406, 415, 501})
-_THUMBNAIL_RETRIES = RetryPolicy(retries=0)  # a picture on a page: fail fast rather than hold it
 PatientId = Annotated[str, Path(description="FHIR id of the Patient", pattern=FHIR_ID_PATTERN, max_length=64)]
 
 _STYLE = """
@@ -200,9 +190,15 @@ def study_rows(studies: Sequence[Mapping[str, Any]], base: str) -> str:
 
 
 @router.get("", response_class=HTMLResponse, summary="Patients, each linking to their imaging")
-async def record_index(request: Request, r: ResolverDep) -> HTMLResponse:
-    """Up to the first 100 Patients of the FHIR server, by name, each linking to their record page."""
-    patients = await r.fhir.search("Patient", {"_count": str(PAGE_SIZE)})
+async def record_index(request: Request, r: ResolverDep, who: CallerDep) -> Response:
+    """Up to the first 100 Patients of the FHIR server, by name, each linking to their record page.
+
+    A session or token limited to one patient (EHR launch) is sent to that patient's page instead.
+    """
+    if who.patient is not None:
+        target = f"{_base(request)}/record/patients/{quote(who.patient, safe='')}"
+        return RedirectResponse(target, status_code=302, headers={"Cache-Control": "no-store"})
+    patients = await r.fhir.search("Patient", {"_count": str(PAGE_SIZE)}, limit=PAGE_SIZE)
     base = _base(request)
     items = []
     for patient in sorted(patients, key=patient_name):
@@ -228,13 +224,14 @@ async def record_patient(
     patient_id: PatientId, request: Request, r: ResolverDep, who: CallerDep
 ) -> HTMLResponse:
     """The patient's ImagingStudies (date, description, modalities), each with an "Open images" link."""
+    allow_patient(who, patient_id)
     base = _base(request)
     patient = await r.fhir.read("Patient", patient_id)
     if patient is None:
         back = f'<p><a href="{html.escape(base)}/record">All patients</a></p>'
         return _page("Not found", f"<h1>No such patient</h1>{back}", 404)
     studies = await r.fhir.search(
-        "ImagingStudy", {"subject": f"Patient/{patient_id}", "_count": str(PAGE_SIZE)}
+        "ImagingStudy", {"subject": f"Patient/{patient_id}", "_count": str(PAGE_SIZE)}, limit=PAGE_SIZE
     )
     note(request, who, "record-view", patient=patient_id)
     name = patient_name(patient)
@@ -263,27 +260,20 @@ async def record_thumbnail(study: StudyById, request: Request) -> Response:
     browser's ``image/*`` and any list of types with a 400). The
     study-level ``thumbnail`` resource comes first; where the archive has none, ``rendered``.
     """
-    archives: dict[str, tuple[httpx.AsyncClient, str]] = request.app.state.record_archives
+    archives: dict[str, tuple[DicomwebClient, str]] = request.app.state.record_archives
     found = next((key for key in archives if study.base == key or study.base.startswith(key + "/")), None)
     if found is None:  # the resolver only answers bases of configured sources
         raise NoUsableEndpointError(f"ImagingStudy/{study.fhir_id}: its archive is not a configured source")
-    client, polled = archives[found]
+    archive, polled = archives[found]
     base = polled.rstrip("/") + study.base[len(found) :]  # the same place, as the bridge reaches it
     urls = wado_urls(base, study.study_uid)
-    size = f"{THUMBNAIL_SIZE},{THUMBNAIL_SIZE}"
-    for url in (urls["thumbnail"], urls["rendered"]):
-        answer = await send(
-            client,
-            # the comma stays literal: Orthanc does not decode %2C in viewport
-            client.build_request("GET", f"{url}?viewport={size}", headers={"Accept": "image/jpeg"}),
-            service=SERVICE,
-            policy=_THUMBNAIL_RETRIES,
-            ok=lambda r: r.is_success or r.status_code in _NOT_OFFERED,
-            limit=request.app.state.record_thumbnail_limits[found],
-        )
-        media_type = answer.headers.get("content-type", "").split(";")[0].strip().lower()
-        if answer.is_success and media_type in _IMAGE_TYPES:
-            return Response(
-                answer.content, media_type=media_type, headers={"Cache-Control": "private, max-age=300"}
-            )
-    raise StudyNotFoundError(f"ImagingStudy/{study.fhir_id}: the archive renders no picture of the study")
+    # a picture is awaited by a person: the read timeout bounds it all
+    picture = await archive.picture(
+        [urls["thumbnail"], urls["rendered"]],
+        viewport=f"{THUMBNAIL_SIZE},{THUMBNAIL_SIZE}",
+        deadline=request.app.state.services.settings.http_timeout,
+    )
+    if picture is None:
+        raise StudyNotFoundError(f"ImagingStudy/{study.fhir_id}: the archive renders no picture of the study")
+    content, media_type = picture
+    return Response(content, media_type=media_type, headers={"Cache-Control": "private, max-age=300"})

@@ -33,7 +33,11 @@
 //   FHIR_TLS_CLIENT_CA                    require client certificates signed by this CA (mTLS);
 //   FHIR_HTTP2=0                          offer HTTP/1.1 only over TLS;
 //   FHIR_DATA_FILE                        keep the resources in this JSON file, written after every
-//                                         write, so a stopped and restarted server still has them.
+//                                         write, so a stopped and restarted server still has them;
+//   FHIR_LOOSE_TOKENS=1                   match `identifier` tokens as careless servers do, in searches,
+//                                         If-None-Exist and conditional updates: case folded, escapes
+//                                         and the characters | , \ ignored, spaces trimmed, leading
+//                                         zeros stripped (so a client must check every answer itself).
 
 import http from 'node:http';
 import http2 from 'node:http2';
@@ -73,6 +77,7 @@ const AUTH_REQUIRED = STATIC_TOKENS.size > 0 || INTROSPECTION_URL !== '';
 const CHECK_SCOPES = process.env.FHIR_AUTH_CHECK_SCOPES === '1';
 const TLS = Boolean(process.env.FHIR_TLS_CERT);
 const DATA_FILE = process.env.FHIR_DATA_FILE ?? '';
+const LOOSE_TOKENS = process.env.FHIR_LOOSE_TOKENS === '1';
 
 const REASONS = {
   200: 'OK', 201: 'Created', 204: 'No Content', 304: 'Not Modified', 400: 'Bad Request',
@@ -544,8 +549,36 @@ function normalizeConditional(type, queryString, base) {
   return filters;
 }
 
+// FHIR_LOOSE_TOKENS: a token search that folds what it should compare exactly.
+function loosely(text) {
+  return String(text ?? '').replace(/[\\|,]/g, '').trim().replace(/^0+/, '').toLowerCase();
+}
+
+function splitToken(value) {
+  const at = value.search(/(?<!\\)\|/);
+  return at < 0 ? [undefined, value] : [value.slice(0, at), value.slice(at + 1)];
+}
+
+// Replaces each plain `identifier` filter by an `_id` filter listing the resources that match it
+// loosely (all resources of the type scanned, as the in-memory repository does anyway).
+async function loosen(type, filters) {
+  if (!LOOSE_TOKENS || !filters.some(([k]) => k === 'identifier')) return filters;
+  const { oo, resource: all } = await route('GET', type, { query: { _count: ['100000'] } });
+  if (!isOk(oo)) throw new OperationOutcomeError(oo);
+  const resources = (all.entry ?? []).map((e) => e.resource);
+  return filters.map(([key, value]) => {
+    if (key !== 'identifier') return [key, value];
+    const wanted = value.split(/(?<!\\),/).map(splitToken);
+    const ids = resources
+      .filter((r) => (r.identifier ?? []).some((i) => wanted.some(([system, v]) =>
+        (system === undefined || loosely(i.system) === loosely(system)) && loosely(i.value) === loosely(v))))
+      .map((r) => r.id);
+    return ['_id', ids.length ? ids.join(',') : 'no-loose-match'];
+  });
+}
+
 async function findMatches(type, queryString, base, limit = 2) {
-  const filters = normalizeConditional(type, queryString, base);
+  const filters = await loosen(type, normalizeConditional(type, queryString, base));
   const { oo, resource } = await route('GET', type, { query: { ...toQuery(filters), _count: [String(limit)] } });
   if (!isOk(oo)) throw new OperationOutcomeError(oo);
   return (resource.entry ?? []).map((e) => e.resource);
@@ -562,7 +595,9 @@ function referencesIn(resource, sp) {
 }
 
 async function search(ctx, type) {
-  const { filters, control } = parseSearch(type, ctx.query, ctx.base);
+  const parsed = parseSearch(type, ctx.query, ctx.base);
+  const { control } = parsed;
+  const filters = await loosen(type, parsed.filters);
   const count = control.summaryCount ? 0 : (control.count ?? DEFAULT_PAGE_SIZE);
   const query = toQuery(filters);
   query._count = [String(count)];
@@ -778,7 +813,8 @@ async function create(ctx, type) {
   const ifNoneExist = ctx.headers['if-none-exist'];
   if (ifNoneExist) {
     // Checked and normalized here; Medplum's conditionalCreate does the 0 / 1 / many logic.
-    headers['if-none-exist'] = new URLSearchParams(normalizeConditional(type, ifNoneExist, ctx.base)).toString();
+    const filters = await loosen(type, normalizeConditional(type, ifNoneExist, ctx.base));
+    headers['if-none-exist'] = new URLSearchParams(filters).toString();
   }
   const { oo, resource: result } = await route('POST', type, { headers, body: resource });
   if (!isOk(oo)) return outcomeResult(oo);
@@ -806,7 +842,7 @@ async function update(ctx, type, id) {
 async function conditionalUpdate(ctx, type) {
   const invalid = checkBody(ctx, type);
   if (invalid) return invalid;
-  const query = toQuery(normalizeConditional(type, ctx.query.toString(), ctx.base));
+  const query = toQuery(await loosen(type, normalizeConditional(type, ctx.query.toString(), ctx.base)));
   const { oo, resource: result } = await route('PUT', type, { query, body: withoutServerMeta(ctx.body) });
   if (!isOk(oo)) return outcomeResult(oo);
   return writeResult(getStatus(oo), result, ctx);

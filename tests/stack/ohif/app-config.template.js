@@ -13,6 +13,32 @@
   const configured = __BRIDGE_DICOMWEB_ROOT__;
   const root = new URL(configured, window.location.origin).href.replace(/\/+$/, '');
 
+  // Never another person's study. OHIF's study browser lists "other studies" of the patient by a
+  // QIDO-RS search on Patient ID (0010,0020) alone (extension-default getStudiesForPatientByMRN),
+  // but a Patient ID is unique only within its issuer: the same ID under another Issuer of Patient
+  // ID is another person. OHIF 3.x offers no setting for this, nor request hooks on its QIDO
+  // client, so every study-level QIDO-RS search by Patient ID is narrowed here to the studies the
+  // viewer was opened for (its StudyInstanceUIDs URL parameter). Deployed OHIF: copy this block
+  // into its app-config.js (see docs/integrator-guide.md, "The viewer shows one person's study").
+  const scopedStudies = () =>
+    new URLSearchParams(window.location.search).getAll('StudyInstanceUIDs').join(',').split(',').filter(Boolean);
+  const open = XMLHttpRequest.prototype.open;
+  XMLHttpRequest.prototype.open = function (method, url, ...rest) {
+    try {
+      const target = new URL(url, window.location.href);
+      const byPatient = target.searchParams.has('00100020') || target.searchParams.has('PatientID');
+      const studySearch = target.href.startsWith(root + '/studies?') || target.href === root + '/studies';
+      const studies = scopedStudies();
+      if (studySearch && byPatient && studies.length && !target.searchParams.has('StudyInstanceUID')) {
+        target.searchParams.set('StudyInstanceUID', studies.join(','));
+        url = target.href;
+      }
+    } catch (error) {
+      console.warn('study scoping skipped', error);
+    }
+    return open.call(this, method, url, ...rest);
+  };
+
   window.config = {
     name: 'fhir-dicomweb-bridge test stack',
     routerBasename: '/',

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from bridge.api.app import create_app
-from bridge.config import Settings
+from bridge.config import Settings, load_settings
 from bridge.errors import ConfigurationError
 from tests.unit.resolve.fake_fhir import (
     DICOMWEB_BASE,
@@ -168,7 +168,10 @@ async def test_an_unexpected_exception_is_a_bare_500(
 
 async def test_bad_viewer_setting_fails_at_start_up(tmp_path: Path, fake: FakeFhir) -> None:
     with pytest.raises(ConfigurationError, match="BRIDGE_DEFAULT_VIEWER"):
-        create_app(settings(tmp_path, viewers=["stone"]), transport=fake.transport())
+        create_app(
+            settings(tmp_path, viewers=["stone"], viewer_urls={"stone": "https://orthanc.example"}),
+            transport=fake.transport(),
+        )
 
 
 async def test_cors_allows_configured_origins_only(tmp_path: Path, fake: FakeFhir) -> None:
@@ -238,8 +241,32 @@ async def test_jwt_auth_checks_signature_audience_and_expiry(
 async def test_jwt_without_audience_is_a_configuration_error(
     tmp_path: Path, rsa_key: rsa.RSAPrivateKey
 ) -> None:
-    with pytest.raises(Exception, match="BRIDGE_JWT_AUDIENCE"):
-        settings(tmp_path, jwt_public_key=_pem(rsa_key))
+    with pytest.raises(ConfigurationError, match="BRIDGE_JWT_AUDIENCE"):
+        load_settings(
+            dicomweb_url=DICOMWEB_BASE,
+            fhir_url=FHIR_BASE,
+            state_url=f"sqlite:///{tmp_path / 'state.db'}",
+            jwt_public_key=_pem(rsa_key),
+        )
+
+
+def test_the_openapi_schema_documents_every_route(tmp_path: Path) -> None:
+    schema = create_app(settings(tmp_path)).openapi()
+    assert {
+        "/imaging-studies/{id}/links",
+        "/studies/{study_uid}/links",
+        "/accessions/{accession}/links",
+        "/links",
+        "/imaging-studies/{id}/viewer",
+        "/studies/{study_uid}/viewer",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    } <= set(schema["paths"])
+    # Every operation says what it answers, errors included.
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            assert operation.get("responses"), f"{method.upper()} {path} documents no response"
 
 
 async def test_jwt_keys_from_a_jwks_url(tmp_path: Path, fake: FakeFhir, rsa_key: rsa.RSAPrivateKey) -> None:

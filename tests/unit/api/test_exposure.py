@@ -74,3 +74,11 @@ def test_bridge_serve_refuses_all_addresses_without_auth(
         result = CliRunner().invoke(app, [command, "--host", "0.0.0.0"])
         assert result.exit_code == 2
         assert "BRIDGE_API_ALLOW_ANONYMOUS" in " ".join(result.stderr.split())
+
+
+async def test_a_trailing_slash_never_redirects_to_the_callers_host(tmp_path: Path, fake: FakeFhir) -> None:
+    async with client(tmp_path, fake) as c:
+        answer = await c.get("/viewers/", headers={"Host": "evil.example"})
+        assert answer.status_code == 404
+        assert "location" not in answer.headers
+        assert (await c.get("/viewers")).status_code == 200

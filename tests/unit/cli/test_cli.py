@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from bridge import __version__
 from bridge.cli import app
 from bridge.state.store import SqlStore
-from bridge.sync.protocols import RunCounts
+from bridge.sync.protocols import Published, RunCounts
 
 UNREACHABLE = "http://127.0.0.1:1"
 
@@ -98,9 +98,7 @@ def test_status_json_shows_runs_and_parked_studies(runner: CliRunner, configured
     store.finish_run(
         run_id, status="parked", counts=RunCounts(seen=2, created=1, parked=1), qido_queries=["/studies"]
     )
-    store.record_published(
-        "default", "1.2.3", qido_fingerprint="q", resource_fingerprint="r", fhir_id="f", fhir_version="1"
-    )
+    store.record_published_many("default", [Published("1.2.3", "q", "r", "f", "1")])
     store.park(
         "default", "1.2.4", kind="mapping", reason="StudyDate is not a calendar date", attribute="StudyDate"
     )

@@ -6,8 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from bridge.dicomweb.records import Issuer, parse_series, parse_study, raw_uid
-from tests.builders import load_json, series_row, study, study_row, uid
+from bridge.dicomweb.records import Code, Issuer, parse_series, parse_study, raw_uid, with_header
+from tests.builders import element, issuer_sequence, load_json, person_name, series_row, study, study_row, uid
 
 
 def test_parse_study_from_a_recorded_answer() -> None:
@@ -95,3 +95,31 @@ def test_fingerprint_is_stable_and_changes_with_any_field() -> None:
 )
 def test_raw_uid_reads_the_uid_without_parsing(row: dict, expected: str | None) -> None:
     assert raw_uid(row) == expected
+
+
+def test_performers_fall_back_to_operators() -> None:
+    row = series_row(series_uid=uid(2, 1))
+    row["00081070"] = person_name("Op^Olga")
+    assert parse_series(row).performers == ("Op^Olga",)
+    row["00081050"] = person_name("Doc^Dan")
+    assert parse_series(row).performers == ("Doc^Dan",)
+
+
+def test_a_header_fills_what_qido_left_out_and_ignores_bulk_data() -> None:
+    header = {
+        "00080051": issuer_sequence(local="RIS-A"),
+        "00081032": {
+            "vr": "SQ",
+            "Value": [
+                {
+                    "00080100": element("SH", "X1"),
+                    "00080102": element("SH", "DCM"),
+                    "00080104": element("LO", "Thing"),
+                }
+            ],
+        },
+        "7FE00010": {"vr": "OW", "BulkDataURI": "http://archive/bulk/1"},
+    }
+    completed = with_header(study(), header)
+    assert completed.accession_issuer == Issuer(local="RIS-A")
+    assert completed.procedure_codes == (Code("X1", "DCM", "Thing"),)

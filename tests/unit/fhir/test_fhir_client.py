@@ -195,6 +195,14 @@ async def test_search_returns_only_matches_of_the_type() -> None:
     assert rec.last.url.params["identifier"] == "urn:x|1"
 
 
+async def test_searches_ask_for_fresh_results_not_a_cached_answer() -> None:
+    # HAPI reuses a search's results for 60 s unless told not to: a Patient created in between
+    # would stay invisible to a match-only re-run.
+    rec = Recorder(lambda request: httpx.Response(200, json=_page(["a"], f"{BASE}?_getpages=x")))
+    await fhir(rec).search("ImagingStudy", {"subject": "Patient/p"}, limit=2)
+    assert [r.headers.get("Cache-Control") for r in rec.requests] == ["no-cache", "no-cache"]
+
+
 async def test_a_400_on_search_does_not_echo_the_query_string() -> None:
     rec = Recorder(httpx.Response(400))
     with pytest.raises(FatalUpstreamError) as caught:
@@ -283,3 +291,52 @@ def test_outcome_text_blanks_quoted_values_a_server_echoes() -> None:
     assert text is not None
     assert "Doe" not in text and "'x'" not in text
     assert "Patient.name[0]" in text and "can't be parsed" in text
+
+
+def _page(ids: list[str], next_url: str | None) -> dict[str, object]:
+    return {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "link": [{"relation": "self", "url": BASE}]
+        + ([{"relation": "next", "url": next_url}] if next_url else []),
+        "entry": [
+            {"resource": {"resourceType": "ImagingStudy", "id": i}, "search": {"mode": "match"}} for i in ids
+        ],
+    }
+
+
+async def test_search_with_a_limit_follows_next_links_when_the_server_caps_count() -> None:
+    # HAPI answers _count=100 with at most 50 a page (its default maximum) and a next link.
+    pages = {
+        "/fhir/ImagingStudy": _page(["a", "b"], f"{BASE}?_getpages=x&_getpagesoffset=2&_count=2"),
+        "/fhir?_getpages=x&_getpagesoffset=2&_count=2": _page(
+            ["c", "d"], f"{BASE}?_getpages=x&_getpagesoffset=4"
+        ),
+    }
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        key = request.url.path + (f"?{request.url.query.decode()}" if request.url.path == "/fhir" else "")
+        return httpx.Response(200, json=pages[key])
+
+    rec = Recorder(handler)
+    found = await fhir(rec).search("ImagingStudy", {"subject": "Patient/p", "_count": "3"}, limit=3)
+    assert [r["id"] for r in found] == ["a", "b", "c"]
+    assert len(rec.requests) == 2
+    # Without a limit, the first page only: callers searching by identifier need no more.
+    rec = Recorder(handler)
+    assert [r["id"] for r in await fhir(rec).search("ImagingStudy", {}, limit=0)] == ["a", "b"]
+    assert len(rec.requests) == 1
+
+
+async def test_search_never_follows_a_next_link_to_another_host() -> None:
+    rec = Recorder(httpx.Response(200, json=_page(["a"], "http://elsewhere.test/fhir?_getpages=x")))
+    found = await fhir(rec).search("ImagingStudy", {}, limit=10)
+    assert [r["id"] for r in found] == ["a"]
+    assert [str(r.url.host) for r in rec.requests] == ["ehr.test"]
+
+
+async def test_search_follows_at_most_a_bounded_number_of_pages() -> None:
+    rec = Recorder(lambda request: httpx.Response(200, json=_page(["a"], f"{BASE}?_getpages=loop")))
+    found = await fhir(rec).search("ImagingStudy", {}, limit=1000)
+    assert len(rec.requests) == 50
+    assert len(found) == 50

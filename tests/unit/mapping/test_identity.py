@@ -35,7 +35,11 @@ def test_ids_are_valid_fhir_ids() -> None:
 
 
 def test_fingerprint_is_stable_for_the_same_settings() -> None:
-    assert context().fingerprint() == context().fingerprint()
+    # Two contexts built apart, their maps filled in another order: the same settings, one fingerprint.
+    a = context(patient_issuer_systems={"HOSP-A": "urn:oid:1.1", "HOSP-B": "urn:oid:1.2"})
+    b = context(patient_issuer_systems={"HOSP-B": "urn:oid:1.2", "HOSP-A": "urn:oid:1.1"})
+    assert a is not b
+    assert a.fingerprint() == b.fingerprint()
 
 
 @pytest.mark.parametrize(

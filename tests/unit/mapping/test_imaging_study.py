@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 
-from bridge.dicomweb.records import SeriesRecord, StudyRecord
+from bridge.dicomweb.records import Code, InstanceRecord, SeriesRecord, StudyRecord
+from bridge.errors import MappingError
 from bridge.mapping.context import MappingContext
-from bridge.mapping.imaging_study import map_imaging_study
+from bridge.mapping.imaging_study import codeable_concepts, map_imaging_study
 from bridge.mapping.validate import validate
 from tests.builders import context, series, study, uid
 
@@ -263,3 +264,61 @@ def test_series_are_sorted_by_number_then_uid_with_unnumbered_last() -> None:
 
 def test_study_without_series_has_no_series_element() -> None:
     assert "series" not in mapped(series_records=[])
+
+
+def test_codes_get_systems_from_the_designator_table_or_none() -> None:
+    concepts = codeable_concepts([Code("24627-2", "LN", "CT Chest"), Code("L1", "99LOCAL", None)], context())
+    assert concepts[0] == {
+        "coding": [{"system": "http://loinc.org", "code": "24627-2", "display": "CT Chest"}],
+        "text": "CT Chest",
+    }
+    assert concepts[1] == {"coding": [{"code": "L1"}]}
+
+
+def _instances(series_uid: str, count: int) -> list[InstanceRecord]:
+    return [
+        InstanceRecord(uid(9, i), series_uid, "1.2.840.10008.5.1.4.1.1.2", i) for i in range(count, 0, -1)
+    ]
+
+
+def test_instances_are_listed_in_order_only_when_asked_and_under_the_guard() -> None:
+    one = series(series_uid=uid(2, 1))
+    instances = _instances(one.uid, 3)
+    on = map_imaging_study(
+        study(),
+        [one],
+        context(include_instances=True),
+        subject=SUBJECT,
+        endpoint_reference="Endpoint/e",
+        instances=instances,
+    )
+    assert [i["number"] for i in on["series"][0]["instance"]] == [1, 2, 3]
+    validate(on)
+    off = map_imaging_study(
+        study(), [one], context(), subject=SUBJECT, endpoint_reference="Endpoint/e", instances=instances
+    )
+    assert "instance" not in off["series"][0]
+    guarded = map_imaging_study(
+        study(),
+        [one],
+        context(include_instances=True, max_instances=2),
+        subject=SUBJECT,
+        endpoint_reference="Endpoint/e",
+        instances=instances,
+    )
+    assert "instance" not in guarded["series"][0]
+
+
+def test_an_instance_without_sop_class_parks_the_study_naming_it() -> None:
+    one = series(series_uid=uid(2, 1))
+    bad = [InstanceRecord(uid(9, 1), one.uid, None, 1)]
+    with pytest.raises(MappingError) as caught:
+        map_imaging_study(
+            study(),
+            [one],
+            context(include_instances=True),
+            subject=SUBJECT,
+            endpoint_reference="Endpoint/e",
+            instances=bad,
+        )
+    assert caught.value.attribute == "SOPClassUID"

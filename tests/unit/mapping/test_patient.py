@@ -7,10 +7,10 @@ from dataclasses import replace
 import pytest
 
 from bridge.dicomweb.records import Issuer, OtherPatientId
-from bridge.errors import PatientLinkError
+from bridge.errors import MappingError, PatientLinkError
 from bridge.mapping.identifiers import patient_key
 from bridge.mapping.identity import UnmappedIssuer
-from bridge.mapping.patient import NAME_REPRESENTATION, logical_subject, map_patient
+from bridge.mapping.patient import NAME_REPRESENTATION, display_name, logical_subject, map_patient
 from bridge.mapping.validate import validate
 from tests.builders import PATIENT_SYSTEM, context, study
 
@@ -170,3 +170,23 @@ def test_logical_subject_references_the_patient_by_identifier_only() -> None:
         "type": "Patient",
         "identifier": {"system": PATIENT_SYSTEM, "value": "MRN-3"},
     }
+
+
+def test_display_names_read_like_names() -> None:
+    assert display_name("Smith^Anna^B^Dr^PhD") == "Dr Anna B Smith PhD"
+    assert display_name("Yamada^Tarou=山田^太郎") == "Tarou Yamada"
+@pytest.mark.parametrize("universal", ["1.2.03", "not-an-oid", "1." + "2" * 100_000])
+def test_an_iso_qualifier_that_is_not_an_oid_parks_naming_it(universal: str) -> None:
+    qualifier = Issuer(universal=universal, universal_type="ISO")
+    record = replace(study(patient_id="MRN-1"), patient_issuer_qualifier=qualifier)
+    with pytest.raises(MappingError) as caught:
+        patient_key(record, context())
+    assert caught.value.attribute == "IssuerOfPatientIDQualifiersSequence.UniversalEntityID"
+    assert universal[:20] not in str(caught.value)
+
+
+def test_a_huge_unmapped_qualifier_derives_no_system() -> None:
+    record = replace(study(patient_id="MRN-1"), patient_issuer_qualifier=Issuer(local="L" * 10_000))
+    with pytest.raises(PatientLinkError) as caught:
+        patient_key(record, context(unmapped_issuer=UnmappedIssuer.DERIVE))
+    assert caught.value.attribute == "IssuerOfPatientIDQualifiersSequence"

@@ -215,3 +215,10 @@ def test_a_gb18030_name_sent_as_bytes_is_decoded() -> None:
     row["00080005"] = element("CS", "GB18030")
     row["00100010"] = {"vr": "PN", "InlineBinary": inline("Wang^XiaoDong=王^小东=".encode("gb18030"))}
     assert parse_study(row).patient_name == "Wang^XiaoDong=王^小东"
+
+
+def test_an_accession_issuer_of_type_iso_must_be_an_oid() -> None:
+    row = study_row(accession_issuer={"universal": "not-an-oid", "universal_type": "ISO"})
+    with pytest.raises(MappingError) as caught:
+        mapped(row)
+    assert caught.value.attribute == "IssuerOfAccessionNumberSequence.UniversalEntityID"

@@ -127,3 +127,28 @@ def test_viewer_values_are_percent_encoded_and_unknown_placeholders_refused() ->
     for bad in ("{patient_name}", "{study_uid.__class__}", "{study_uid!r}", "{study_uid:>10}", "{"):
         with pytest.raises(ValueError):
             template_fields(bad)
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "http://pacs.example.org/dicom-web/..;/..;/admin",
+        "http://pacs.example.org/dicom-web;x=1",
+        "http://pacs.example.org/dicom-web/%5c..%5cadmin",
+        "http://pacs.example.org/dicom-web/%252e%252e/admin",
+        "http://pacs.example.org/dicom-web/%00",
+        "http://pacs.example.org/dicom-web/%2E%2E/admin",
+        "http://pacs.example.org/dicom-web/%2fadmin",
+        "http://pacs.example.org/dicom-web/caf\u00e9",
+        "http://pacs.example.org/dicom-web/a b",
+        "http://pacs.example.org/dicom-web/a:b",
+        "http://pacs.example.org/dicom-web/@x",
+    ],
+)
+def test_addresses_outside_the_path_whitelist_are_refused(address: str) -> None:
+    assert normalize_base(address) is None
+    assert under_base(address, BASES) is None
+
+
+def test_escapes_of_unreserved_characters_are_decoded_and_kept() -> None:
+    assert normalize_base("http://pacs.example.org/dicom%2Dweb/%7Eall") == "http://pacs.example.org/dicom-web/~all"

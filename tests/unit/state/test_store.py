@@ -11,7 +11,7 @@ import pytest
 from bridge.errors import StoreError
 from bridge.state.models import SCHEMA_VERSION
 from bridge.state.store import SqlStore
-from bridge.sync.protocols import RunCounts
+from bridge.sync.protocols import Published, RunCounts
 
 SOURCE = "test-pacs"
 
@@ -29,9 +29,7 @@ def store(db: Path) -> Iterator[SqlStore]:
 
 
 def publish(store: SqlStore, uid: str, *, source: str = SOURCE, version: str = "1", fp: str = "q1") -> None:
-    store.record_published(
-        source, uid, qido_fingerprint=fp, resource_fingerprint="r1", fhir_id=f"id-{uid}", fhir_version=version
-    )
+    store.record_published_many(source, [Published(uid, fp, "r1", f"id-{uid}", version)])
 
 
 def test_an_empty_store_knows_nothing(store: SqlStore) -> None:
@@ -128,10 +126,10 @@ def test_finishing_an_unknown_run_is_a_store_error(store: SqlStore) -> None:
 
 
 def test_the_endpoint_fingerprint_is_remembered(store: SqlStore) -> None:
-    assert store.endpoint_fingerprint(SOURCE) is None
+    assert store.published_endpoint(SOURCE) is None
     store.record_endpoint(SOURCE, fingerprint="f1", fhir_id="e1", fhir_version="1")
     store.record_endpoint(SOURCE, fingerprint="f2", fhir_id="e1", fhir_version="2")
-    assert store.endpoint_fingerprint(SOURCE) == "f2"
+    assert store.published_endpoint(SOURCE) == ("f2", "e1")
 
 
 def test_the_state_survives_reopening(db: Path) -> None:
@@ -162,15 +160,11 @@ def test_a_store_that_cannot_be_opened_is_a_store_error(tmp_path: Path) -> None:
 
 
 def test_a_study_gone_from_the_archive_counts_apart_and_comes_back(store: SqlStore) -> None:
-    store.record_published(
-        SOURCE, "1.2.3", qido_fingerprint="q", resource_fingerprint="r", fhir_id="i", fhir_version="1"
-    )
+    store.record_published_many(SOURCE, [Published("1.2.3", "q", "r", "i", "1")])
     store.record_gone(SOURCE, "1.2.3", fhir_version="2", removed=False)
     assert store.counts(SOURCE) == {"published": 0, "gone": 1, "parked": 0}
     assert store.published_count(SOURCE) == 0
     # Its fingerprints no longer match anything, so a return to the archive republishes it.
-    assert store.known_studies(SOURCE, ["1.2.3"])["1.2.3"].qido_fingerprint == "gone"
-    store.record_published(
-        SOURCE, "1.2.3", qido_fingerprint="q", resource_fingerprint="r", fhir_id="i", fhir_version="3"
-    )
+    assert store.known_studies(SOURCE, ["1.2.3"])["1.2.3"].qido_fingerprint != "q"
+    store.record_published_many(SOURCE, [Published("1.2.3", "q", "r", "i", "3")])
     assert store.counts(SOURCE) == {"published": 1, "gone": 0, "parked": 0}

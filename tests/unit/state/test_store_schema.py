@@ -19,7 +19,7 @@ from bridge.state.claims import claim_key
 from bridge.state.migrate import BASELINE, alembic_config, current_revision, head_revision
 from bridge.state.models import SCHEMA_VERSION, Base
 from bridge.state.store import SqlStore
-from bridge.sync.protocols import RunCounts
+from bridge.sync.protocols import Published, RunCounts
 from tests.unit.state import legacy_schema as legacy
 
 
@@ -78,7 +78,7 @@ def test_a_store_created_without_migrations_is_adopted_with_its_state(db_url: st
         assert known[legacy.STUDY_UID].fhir_version == "3"
         (parked,) = store.parked(legacy.SOURCE)
         assert (parked.study_uid, parked.attribute, parked.attempts) == ("1.2.3.bad", "StudyDate", 2)
-        assert store.endpoint_fingerprint(legacy.SOURCE) == "e" * 64
+        assert (store.published_endpoint(legacy.SOURCE) or ("", ""))[0] == "e" * 64
         (run,) = store.runs()
         assert (run.status, run.created, run.parked, run.qido_queries) == (
             "parked",
@@ -132,9 +132,7 @@ def test_tables_of_an_unknown_schema_are_refused_not_stamped(db_url: str) -> Non
 
 def test_downgrade_to_the_baseline_and_back_keeps_published_studies(db_url: str) -> None:
     store = SqlStore(db_url)
-    store.record_published(
-        "pacs", "1.2.3", qido_fingerprint="q", resource_fingerprint="r", fhir_id="s1", fhir_version="1"
-    )
+    store.record_published_many("pacs", [Published("1.2.3", "q", "r", "s1", "1")])
     store.close()
     engine = create_engine(db_url)
     with engine.begin() as connection:
@@ -144,6 +142,28 @@ def test_downgrade_to_the_baseline_and_back_keeps_published_studies(db_url: str)
     store = SqlStore(db_url)
     try:
         assert store.known_studies("pacs", ["1.2.3"])["1.2.3"].fhir_id == "s1"
+    finally:
+        store.close()
+
+
+def test_a_gone_marker_survives_the_move_to_its_own_column_and_back(db_url: str) -> None:
+    store = SqlStore(db_url)
+    store.record_published_many(
+        "pacs", [Published("1.2.3", "q", "r", "s1", "1"), Published("1.2.4", "q", "r", "s2", "1")]
+    )
+    store.record_gone("pacs", "1.2.3", fhir_version="2", removed=False)
+    store.close()
+    engine = create_engine(db_url)
+    with engine.begin() as connection:
+        command.downgrade(alembic_config(connection), "0002")
+        # Schema version 2 kept the marker in the fingerprint columns.
+        marked = connection.execute(text("SELECT study_uid FROM studies WHERE qido_fingerprint = 'gone'"))
+        assert [row[0] for row in marked] == ["1.2.3"]
+    engine.dispose()
+    store = SqlStore(db_url)  # upgrades to head again
+    try:
+        assert store.counts("pacs") == {"published": 1, "gone": 1, "parked": 0}
+        assert store.published_count("pacs") == 1
     finally:
         store.close()
 

@@ -93,7 +93,7 @@ async def test_an_order_with_a_look_alike_accession_is_not_linked(world: World) 
         {"resourceType": "ServiceRequest", "identifier": [{"value": "acc0001"}], "status": "active"}, "sr-1"
     )
     world.add(1, accession="ACC0001")
-    world.order = OrderPolicy.MATCH
+    world.order_policy = OrderPolicy.MATCH
     await world.run()
     assert "basedOn" not in world.study(uid(1))
 
@@ -102,6 +102,6 @@ async def test_the_order_with_the_exact_accession_is_linked_among_look_alikes(wo
     for rid, value in (("sr-1", "acc0001"), ("sr-2", "ACC0001")):
         world.fhir._store({"resourceType": "ServiceRequest", "identifier": [{"value": value}]}, rid)
     world.add(1, accession="ACC0001")
-    world.order = OrderPolicy.MATCH
+    world.order_policy = OrderPolicy.MATCH
     await world.run()
     assert world.study(uid(1))["basedOn"] == [{"reference": "ServiceRequest/sr-2"}]

@@ -26,7 +26,7 @@ class World:
     fhir: FakeFhir = field(default_factory=FakeFhir)
     ctx: MappingContext = field(default_factory=context)
     policy: PatientPolicy = PatientPolicy.MATCH_OR_CREATE
-    order: OrderPolicy = OrderPolicy.NONE
+    order_policy: OrderPolicy = OrderPolicy.NONE
     strategy: WriteStrategy = WriteStrategy.CLIENT_ID
 
     def add(self, n: int, *, series: list[dict[str, Any]] | None = None, **study_kwargs: Any) -> str:
@@ -36,7 +36,7 @@ class World:
         return uid(n)
 
     def worker(self, **options: Any) -> SyncWorker:
-        linker = Linker(self.fhir, self.ctx, patient_policy=self.policy, order_policy=self.order)
+        linker = Linker(self.fhir, self.ctx, patient_policy=self.policy, order_policy=self.order_policy)
         publisher = Publisher(self.fhir, self.store, self.ctx, write_strategy=self.strategy)
         return SyncWorker(self.source, linker, publisher, self.store, self.ctx, **options)
 

@@ -263,3 +263,49 @@ async def test_a_series_answer_over_its_size_cap_fails_naming_the_setting() -> N
     with pytest.raises(UpstreamLimitError) as caught:
         await bounded_client(archive, series_bytes=1024).search_series(uid(1))
     assert caught.value.setting == "BRIDGE_DICOMWEB_MAX_SERIES_BYTES"
+# The other archive calls: readiness ping and study pictures ------------------------------------
+
+
+async def test_ping_asks_for_one_study_once_and_raises_when_the_archive_fails() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(503 if len(seen) > 1 else 200, json=[])
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+        archive = DicomwebClient(http, BASE, policy=RetryPolicy(retries=3, base=0.001))
+        await archive.ping()
+        with pytest.raises(UpstreamError):
+            await archive.ping()
+    assert len(seen) == 2  # never retried: readiness reports, it does not wait
+    assert seen[0].url.path == "/dicom-web/studies" and seen[0].url.params["limit"] == "1"
+
+
+async def test_picture_takes_the_first_resource_that_renders_an_image() -> None:
+    asked: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        asked.append(f"{request.url.path}?{request.url.query.decode()} {request.headers['accept']}")
+        if request.url.path.endswith("/thumbnail"):
+            return httpx.Response(404)
+        return httpx.Response(200, content=b"\xff\xd8jpeg", headers={"Content-Type": "image/jpeg"})
+
+    study = f"{BASE}/studies/{uid(1)}"
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+        archive = DicomwebClient(http, BASE, policy=NO_RETRY)
+        picture = await archive.picture([f"{study}/thumbnail", f"{study}/rendered"], viewport="96,96")
+    assert picture == (b"\xff\xd8jpeg", "image/jpeg")
+    assert asked == [
+        f"/dicom-web/studies/{uid(1)}/thumbnail?viewport=96,96 image/jpeg",
+        f"/dicom-web/studies/{uid(1)}/rendered?viewport=96,96 image/jpeg",
+    ]
+
+
+async def test_no_picture_when_no_resource_answers_an_image() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=b"<html>", headers={"Content-Type": "text/html"})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+        archive = DicomwebClient(http, BASE, policy=NO_RETRY)
+        assert await archive.picture([f"{BASE}/studies/{uid(1)}/rendered"], viewport="96,96") is None

@@ -2,29 +2,27 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 import sys
 import time
-from contextlib import AsyncExitStack
-from datetime import date, datetime, timedelta
+from datetime import date, datetime
 from enum import IntEnum
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from pydicom.uid import UID
-from rich.console import Console
-from rich.progress import Progress
-from rich.table import Table
 
 from bridge import __version__
-from bridge.config import Settings, SourceSettings, load_settings
+from bridge.cli import render
 from bridge.errors import BridgeError, ConfigurationError, StoreError, UpstreamAuthError, UpstreamError
-from bridge.runtime import open_runtime
-from bridge.state.store import SqlStore
-from bridge.sync.preview import Preview
-from bridge.sync.report import RunReport
+
+# A command imports what it uses, when it runs: `bridge --help` loads neither the settings nor the
+# sync, the store or the web stack, and `bridge sync` never loads FastAPI.
+if TYPE_CHECKING:
+    import asyncio
+
+    from bridge.config import Settings, SourceSettings
+    from bridge.sync.preview import Preview
+    from bridge.sync.report import RunReport
 
 logger = logging.getLogger("bridge")
 
@@ -46,8 +44,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
-err = Console(stderr=True)
+out, err = render.out, render.err
 
 
 def _configure_logging(level: str) -> None:
@@ -58,9 +55,13 @@ def _configure_logging(level: str) -> None:
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
+    # Alembic says at INFO what it inspects on every start; the store logs a migration it runs.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def _settings() -> Settings:
+    from bridge.config import load_settings
+
     try:
         settings = load_settings()
     except ConfigurationError as exc:
@@ -91,29 +92,6 @@ def _fail(exc: BridgeError) -> typer.Exit:
         return typer.Exit(ExitCode.STORE)
     err.print(f"[red]error:[/red] {exc}", highlight=False)
     return typer.Exit(ExitCode.UPSTREAM)
-
-
-def _report_dict(report: RunReport, seconds: float) -> dict[str, Any]:
-    c = report.counts
-    return {
-        "run": report.run_id,
-        "status": report.status,
-        "seen": c.seen,
-        "created": c.created,
-        "updated": c.updated,
-        "unchanged": c.unchanged,
-        "parked": c.parked,
-        "deleted": c.deleted,
-        "claimed": c.claimed,
-        "fhir_writes": c.fhir_writes,
-        "seconds": round(seconds, 3),
-        "parked_studies": [
-            {"study_uid": p.study_uid, "kind": p.kind, "attribute": p.attribute, "reason": p.reason}
-            for p in report.parked
-        ],
-        "deletions": report.deletions,
-        "error": report.error,
-    }
 
 
 SourceOption = Annotated[
@@ -164,6 +142,8 @@ def sync(
 
 
 def _check_study_uids(uids: list[str]) -> None:
+    from pydicom.uid import UID
+
     for uid in uids:
         if not UID(uid).is_valid:
             err.print(f"[red]error:[/red] --study {uid!r} is not a valid DICOM UID", highlight=False)
@@ -188,6 +168,9 @@ def _sync_source(
     settings: Settings, source: SourceSettings, study: list[str], reconcile: bool, as_json: bool
 ) -> int:
     """One source's sync; returns its exit code (upstream failures are reported, not raised)."""
+    import asyncio
+
+    from bridge.runtime import open_runtime
 
     async def run() -> RunReport:
         async with open_runtime(settings, source) as runtime:
@@ -207,15 +190,19 @@ def _sync_source(
 
 def _report_outcome(source: SourceSettings, report: RunReport, seconds: float, as_json: bool) -> int:
     """Print a run's summary (text or JSON); its exit code: 1 when studies were parked."""
-    summary = _report_dict(report, seconds)
+    summary = render.report_dict(report, seconds)
     if as_json:
         out.print_json(data={"source": source.name, **summary})
     else:
-        _print_summary(source, report, summary)
+        render.print_summary(source, report, summary)
     return ExitCode.PARKED if report.counts.parked else ExitCode.OK
 
 
 def _dry_run(settings: Settings, source: SourceSettings, study_uids: list[str], as_json: bool) -> None:
+    import asyncio
+
+    from bridge.runtime import open_runtime
+
     async def run() -> list[Preview]:
         async with open_runtime(settings, source) as runtime:
             return await runtime.worker.preview(study_uids=study_uids)
@@ -224,42 +211,13 @@ def _dry_run(settings: Settings, source: SourceSettings, study_uids: list[str], 
         previews = asyncio.run(run())
     except BridgeError as exc:
         raise _fail(exc) from None
-    rows = [
-        {"study_uid": p.study_uid, "action": p.action, "changes": list(p.changes), "reason": p.reason}
-        for p in previews
-    ]
-    if as_json:
-        out.print_json(data={"dry_run": True, "studies": rows})
-        return
-    counts = {a: sum(1 for p in previews if p.action == a) for a in ("create", "update", "unchanged", "park")}
-    out.print(
-        "dry run, nothing written: " + ", ".join(f"{k} {v}" for k, v in counts.items()), highlight=False
-    )
-    for p in previews:
-        if p.action == "unchanged":
-            continue
-        detail = ", ".join(p.changes) if p.changes else (p.reason or "")
-        out.print(f"  {p.action:6} {p.study_uid}  {detail}", highlight=False)
-
-
-def _print_summary(source: SourceSettings, report: RunReport, summary: dict[str, Any]) -> None:
-    out.print(
-        f"source [bold]{source.name}[/bold], run {report.run_id}: "
-        f"seen {summary['seen']}, created {summary['created']}, "
-        f"updated {summary['updated']}, unchanged {summary['unchanged']}, "
-        f"parked {summary['parked']}, gone {summary['deleted']} "
-        f"({summary['fhir_writes']} FHIR writes, {summary['seconds']:.1f} s)",
-        highlight=False,
-    )
-    for parked in report.parked:
-        out.print(f"  parked {parked.study_uid}: {parked.reason}", highlight=False)
-    for gone in report.deletions:
-        out.print(f"  gone from the archive {gone['study_uid']}: {gone['action']}", highlight=False)
-    if report.error:
-        out.print(f"  [yellow]{report.error}[/yellow]", highlight=False)
+    render.print_previews(previews, as_json)
 
 
 async def _until_signalled(stop: asyncio.Event) -> None:
+    import asyncio
+    import signal
+
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
@@ -269,6 +227,9 @@ async def _until_signalled(stop: asyncio.Event) -> None:
 @app.command()
 def worker() -> None:
     """Run the scheduled sync worker until SIGTERM/SIGINT (the study in flight finishes first)."""
+    import asyncio
+    from contextlib import AsyncExitStack
+
     settings = _settings()
 
     if settings.metrics_port is not None:
@@ -277,6 +238,8 @@ def worker() -> None:
         from bridge.metrics import REGISTRY
 
         start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=REGISTRY)
+
+    from bridge.runtime import open_runtime
 
     async def run() -> None:
         async with AsyncExitStack() as stack:
@@ -318,31 +281,35 @@ def backfill(
 
 
 def _backfill(settings: Settings, source: SourceSettings, from_: str, to: str, slice_days: int) -> int:
+    import asyncio
+
+    from rich.progress import Progress
+
+    from bridge.runtime import open_runtime
+    from bridge.sync import backfill as plan
+
     first, last = _parse_day(from_, "--from"), _parse_day(to, "--to")
     if first > last:
         err.print("[red]error:[/red] --from is after --to", highlight=False)
         raise typer.Exit(ExitCode.CONFIGURATION)
-    name = f"backfill:{first:%Y%m%d}-{last:%Y%m%d}"
+    name = plan.checkpoint_name(first, last)
     totals = {"seen": 0, "created": 0, "updated": 0, "unchanged": 0, "parked": 0}
 
     async def run() -> None:
         async with open_runtime(settings, source) as runtime:
             done = await asyncio.to_thread(runtime.store.checkpoint, source.name, name)
-            start = first if done is None else _parse_day(done, "checkpoint") + timedelta(days=1)
-            slices = backfill_slices(start, last, slice_days)
+            slices = plan.slices(plan.resume_from(first, done), last, slice_days)
             if done is not None:
                 out.print(f"resuming after {done}", highlight=False)
             with Progress(console=out, transient=False) as progress:
                 task = progress.add_task("backfill", total=len(slices))
                 for low, high in slices:
                     progress.update(task, description=f"{low:%Y-%m-%d}..{high:%Y-%m-%d}")
-                    report = await runtime.worker.run(
-                        {"StudyDate": f"{low:%Y%m%d}-{high:%Y%m%d}"}, kind="backfill"
-                    )
+                    report = await runtime.worker.run(plan.study_dates(low, high), kind="backfill")
                     for key in totals:
                         totals[key] += getattr(report.counts, key)
                     await asyncio.to_thread(
-                        runtime.store.save_checkpoint, source.name, name, f"{high:%Y%m%d}"
+                        runtime.store.save_checkpoint, source.name, name, plan.checkpoint_value(high)
                     )
                     progress.advance(task)
 
@@ -357,21 +324,6 @@ def _backfill(settings: Settings, source: SourceSettings, from_: str, to: str, s
     return ExitCode.PARKED if totals["parked"] else ExitCode.OK
 
 
-def backfill_slices(first: date, last: date, days: int) -> list[tuple[date, date]]:
-    """Closed date ranges of ``days`` days covering ``first``..``last``."""
-    slices = []
-    low = first
-    while low <= last:
-        high = min(last, low + timedelta(days=days - 1))
-        slices.append((low, high))
-        low = high + timedelta(days=1)
-    return slices
-
-
-def _iso(value: Any) -> str | None:
-    return value.isoformat() if value is not None else None
-
-
 @app.command()
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
@@ -382,6 +334,8 @@ def status(
     settings = _settings()
     # With several sources, everything unless --source narrows it.
     chosen = _sources(settings, source)[0].name if source or not settings.sources else None
+    from bridge.state.store import SqlStore
+
     try:
         store = SqlStore(settings.state_url)
     except StoreError as exc:
@@ -394,69 +348,11 @@ def status(
         raise _fail(exc) from None
     finally:
         store.close()
-    data: dict[str, Any] = {
-        "source": chosen or "all",
-        "published": counts["published"],
-        "gone": counts["gone"],
-        "parked": counts["parked"],
-        "runs": [
-            {
-                "id": r.id,
-                "source": r.source,
-                "kind": r.kind,
-                "status": r.status,
-                "started_at": _iso(r.started_at),
-                "finished_at": _iso(r.finished_at),
-                "seen": r.seen,
-                "created": r.created,
-                "updated": r.updated,
-                "unchanged": r.unchanged,
-                "parked": r.parked,
-                "claimed": r.claimed,
-                "worker": r.worker,
-                "fhir_writes": r.fhir_writes,
-                "qido_queries": len(r.qido_queries or []),
-                "error": r.error,
-            }
-            for r in recent
-        ],
-        "parked_studies": [
-            {
-                "study_uid": p.study_uid,
-                "kind": p.kind,
-                "attribute": p.attribute,
-                "reason": p.reason,
-                "attempts": p.attempts,
-                "first_failed_at": _iso(p.first_failed_at),
-                "last_failed_at": _iso(p.last_failed_at),
-            }
-            for p in parked
-        ],
-    }
+    data = render.status_dict(chosen, counts, recent, parked)
     if as_json:
         out.print_json(data=data)
         return
-    out.print(
-        f"source [bold]{data['source']}[/bold]: {data['published']} studies published, "
-        f"{data['gone']} gone from the archive, {data['parked']} parked",
-        highlight=False,
-    )
-    table = Table("run", "status", "started", "seen", "created", "updated", "unchanged", "parked")
-    for r in data["runs"]:
-        table.add_row(
-            str(r["id"]),
-            r["status"],
-            str(r["started_at"]),
-            *(str(r[k]) for k in ("seen", "created", "updated", "unchanged", "parked")),
-        )
-    out.print(table)
-    if data["parked_studies"]:
-        parked_table = Table("study", "kind", "attribute", "attempts", "reason")
-        for p in data["parked_studies"]:
-            parked_table.add_row(
-                p["study_uid"], p["kind"], p["attribute"] or "", str(p["attempts"]), p["reason"]
-            )
-        out.print(parked_table)
+    render.print_status(data)
 
 
 @app.command()
@@ -477,6 +373,11 @@ def retry(
 
 def _retry_source(settings: Settings, source: SourceSettings, study: list[str], as_json: bool) -> int:
     """Retry one source's parked studies (or those of ``study`` parked there); its exit code."""
+    import asyncio
+
+    from pydicom.uid import UID
+
+    from bridge.runtime import open_runtime
 
     async def run() -> RunReport | None:
         async with open_runtime(settings, source) as runtime:

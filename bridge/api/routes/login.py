@@ -1,0 +1,276 @@
+"""Browser ways in: OpenID Connect login, SMART EHR launch, logout; and the login redirect of pages.
+
+``/login`` sends the browser to the configured issuer; ``/launch?iss=&launch=`` is an EHR launch
+(SMART App Launch, EHR launch) from an allowed EHR; both come back to ``/login/callback``, which
+checks the answer, opens a server-side session and sets its cookie. A browser asking for a page
+without a session is sent straight to the issuer and back to the page it asked for (the page's
+address is kept server-side, never put in a URL). Not part of the JSON API's schema.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import secrets
+from dataclasses import dataclass
+from typing import Annotated, Literal
+from urllib.parse import quote
+
+from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+
+from bridge.api import errors
+from bridge.api.deps import Services, ServicesDep
+from bridge.api.errors import AuthenticationError
+from bridge.api.oidc import AuthServer, LoginError, OidcClient, Pkce
+from bridge.api.session import (
+    COOKIE,
+    SessionStore,
+    clear_session_cookie,
+    session_store,
+    set_session_cookie,
+)
+from bridge.config import Settings
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(tags=["login"], include_in_schema=False)
+
+CALLBACK_PATH = "/login/callback"
+DEFAULT_NEXT = "/record"
+# Pages a browser opens: without a session they go to login instead of getting a 401.
+PAGE_PREFIXES = ("/record", "/IHEInvokeImageDisplay")
+VIEWER_PREFIXES = ("/imaging-studies/", "/studies/")  # .../{id}/viewer
+_NO_STORE = {"Cache-Control": "no-store"}
+
+
+@dataclass(frozen=True, slots=True)
+class PendingLogin:
+    """A login under way, kept server-side under its ``state``."""
+
+    kind: Literal["login", "launch"]
+    server: AuthServer
+    verifier: str
+    nonce: str
+    next: str  # a path on the bridge
+
+
+def oidc_client(settings: Settings) -> OidcClient:
+    """The bridge's client registration at identity providers and EHRs."""
+    assert settings.oidc_client_id is not None and settings.public_url is not None
+    secret = settings.oidc_secret
+    return OidcClient(
+        settings.oidc_client_id,
+        secret.get_secret_value() if secret is not None else None,
+        str(settings.public_url).rstrip("/") + CALLBACK_PATH,
+    )
+
+
+def _page(title: str, body: str, status_code: int) -> HTMLResponse:
+    document = (
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title>"
+        '<meta name="referrer" content="no-referrer"></head>\n'
+        f"<body>\n<h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n"
+    )
+    headers = {
+        **_NO_STORE,
+        "X-Frame-Options": "DENY",
+        "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'; base-uri 'none'",
+    }
+    return HTMLResponse(document, status_code=status_code, headers=headers)
+
+
+def _root(request: Request) -> str:
+    return str(request.scope.get("root_path", "")).rstrip("/")
+
+
+def _local_path(value: str | None) -> str:
+    """``value`` if it is a path on this site, else the record: never a redirect to another site."""
+    if value and value.startswith("/") and not value.startswith(("//", "/\\")) and len(value) <= 2048:
+        if all(0x20 < ord(c) < 0x7F for c in value):
+            return value
+    return DEFAULT_NEXT
+
+
+def _client(request: Request) -> OidcClient:
+    found: OidcClient = request.app.state.oidc
+    return found
+
+
+def _store(request: Request) -> SessionStore[object]:
+    store = session_store(request)
+    assert store is not None  # the routes are installed only with login configured
+    return store
+
+
+async def start_login(request: Request, next_path: str) -> Response:
+    """Send the browser to the configured issuer to log in, then back to ``next_path``."""
+    settings: Settings = request.app.state.services.settings
+    if settings.oidc_issuer is None:
+        return _page(
+            "Open from your EHR",
+            "<p>This bridge is opened from the electronic health record (SMART EHR launch); "
+            "it has no login of its own.</p>",
+            401,
+        )
+    client = _client(request)
+    try:
+        server = await client.openid_server(str(settings.oidc_issuer).rstrip("/"))
+    except LoginError as exc:
+        return _failed(exc)
+    return _authorize(request, client, server, "login", settings.oidc_scopes, next_path, extra={})
+
+
+def _authorize(
+    request: Request,
+    client: OidcClient,
+    server: AuthServer,
+    kind: Literal["login", "launch"],
+    scope: str,
+    next_path: str,
+    extra: dict[str, str],
+) -> RedirectResponse:
+    pkce = Pkce.new()
+    nonce = secrets.token_urlsafe(24)
+    state = _store(request).begin_login(PendingLogin(kind, server, pkce.verifier, nonce, next_path))
+    url = client.authorization_url(server, scope=scope, state=state, nonce=nonce, pkce=pkce, extra=extra)
+    return RedirectResponse(url, status_code=302, headers=_NO_STORE)
+
+
+def _failed(exc: LoginError) -> HTMLResponse:
+    logger.warning("login failed: %s", exc)  # the message carries no token and no patient data
+    return _page("Login failed", f"<p>{html.escape(str(exc))}</p>", exc.status)
+
+
+@router.get("/login")
+async def login(
+    request: Request,
+    next: Annotated[str | None, Query(max_length=2048)] = None,  # noqa: A002
+) -> Response:
+    """Log in at the configured OpenID issuer, then go to ``next`` (a path here; default: the record)."""
+    return await start_login(request, _local_path(next))
+
+
+@router.get("/launch")
+async def launch(
+    request: Request,
+    s: ServicesDep,
+    iss: Annotated[str | None, Query(max_length=2048)] = None,
+    launch: Annotated[str | None, Query(max_length=4096)] = None,
+) -> Response:
+    """SMART EHR launch: an allowed EHR (``iss``) opens the record in the context of one patient."""
+    if not iss or not launch:
+        missing = " and ".join(n for n, v in (("iss", iss), ("launch", launch)) if not v)
+        return _page("Launch refused", f"<p>An EHR launch needs the {missing} parameter.</p>", 400)
+    allowed = {i.rstrip("/") for i in s.settings.smart_launch_issuers}
+    if iss.rstrip("/") not in allowed:
+        logger.warning("EHR launch refused: its iss is not in BRIDGE_SMART_LAUNCH_ISSUERS")
+        return _page(
+            "Launch refused",
+            "<p>This EHR is not allowed to launch the bridge (BRIDGE_SMART_LAUNCH_ISSUERS).</p>",
+            403,
+        )
+    client = _client(request)
+    try:
+        server = await client.smart_server(iss)
+    except LoginError as exc:
+        return _failed(exc)
+    extra = {"launch": launch, "aud": iss}
+    return _authorize(request, client, server, "launch", s.settings.smart_launch_scopes, DEFAULT_NEXT, extra)
+
+
+@router.get(CALLBACK_PATH)
+async def callback(
+    request: Request,
+    s: ServicesDep,
+    state: Annotated[str | None, Query(max_length=256)] = None,
+    code: Annotated[str | None, Query(max_length=4096)] = None,
+    error: Annotated[str | None, Query(max_length=256)] = None,
+) -> Response:
+    """Where the identity provider sends the browser back: check, open the session, go on."""
+    store = _store(request)
+    pending = store.finish_login(state) if state else None
+    if not isinstance(pending, PendingLogin):
+        return _page(
+            "Login expired",
+            "<p>This login was not started here, was already used, or took too long. "
+            f'<a href="{html.escape(_root(request))}/login">Log in again</a>.</p>',
+            400,
+        )
+    if error is not None or not code:
+        shown = error if error and error.replace("_", "").isalnum() else "no code"
+        return _page("Login refused", f"<p>The identity provider answered: {html.escape(shown)}.</p>", 401)
+    try:
+        done = await _client(request).exchange(
+            pending.server, code, verifier=pending.verifier, nonce=pending.nonce
+        )
+    except LoginError as exc:
+        return _failed(exc)
+    next_path = pending.next
+    if pending.kind == "launch":
+        if done.patient is None:
+            return _failed(LoginError("the EHR launch gave no patient in context", status=403))
+        next_path = f"/record/patients/{quote(done.patient, safe='')}"
+    old = request.cookies.get(COOKIE)
+    if old:
+        store.end(old)
+    session_id = store.create(
+        subject=done.subject,
+        patient=done.patient,
+        scopes=done.scopes,
+        client_id=_client(request).client_id,
+    )
+    logger.info("session opened (%s)", pending.kind)
+    response = RedirectResponse(_root(request) + next_path, status_code=303, headers=_NO_STORE)
+    set_session_cookie(response, s.settings, session_id)
+    return response
+
+
+@router.api_route("/logout", methods=["GET", "POST"])
+async def logout(request: Request, s: ServicesDep) -> Response:
+    """End the session here (the identity provider's own session is left as it is)."""
+    session_id = request.cookies.get(COOKIE)
+    if session_id:
+        _store(request).end(session_id)
+    again = (
+        f'<p><a href="{html.escape(_root(request))}/login">Log in again</a></p>'
+        if s.settings.oidc_issuer is not None
+        else ""
+    )
+    response = _page("Logged out", "<p>Your session here has ended.</p>" + again, 200)
+    clear_session_cookie(response, s.settings)
+    return response
+
+
+def _wants_page(request: Request) -> bool:
+    """A browser navigating to a page (GET, HTML accepted), not a program calling the API."""
+    if request.method != "GET" or "text/html" not in request.headers.get("accept", ""):
+        return False
+    path = request.url.path[len(_root(request)) :] if _root(request) else request.url.path
+    return path.startswith(PAGE_PREFIXES) or (path.startswith(VIEWER_PREFIXES) and path.endswith("/viewer"))
+
+
+async def _authentication_error(request: Request, exc: Exception) -> Response:
+    """401 for programs; a browser opening a page goes to login and comes back to it."""
+    assert isinstance(exc, AuthenticationError)
+    if not _wants_page(request) or request.headers.get("x-api-key") or request.headers.get("authorization"):
+        return errors.response_for(exc)
+    here = request.url.path[len(_root(request)) :] if _root(request) else request.url.path
+    if request.url.query:
+        here += "?" + request.url.query
+    response = await start_login(request, _local_path(here))
+    if request.cookies.get(COOKIE):
+        clear_session_cookie(response, request.app.state.services.settings)
+    return response
+
+
+def install(app: FastAPI, services: Services) -> None:
+    """Add login to ``app`` when the settings configure it; the lifespan sets the client's HTTP client."""
+    settings = services.settings
+    if not settings.login_enabled:
+        return
+    app.state.sessions = SessionStore[object](settings.session_max_age)
+    app.state.oidc = oidc_client(settings)
+    app.include_router(router)
+    app.add_exception_handler(AuthenticationError, _authentication_error)

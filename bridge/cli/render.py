@@ -1,0 +1,157 @@
+"""How the ``bridge`` command shows things: run summaries, dry runs and the store's status."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+
+if TYPE_CHECKING:
+    from bridge.config import SourceSettings
+    from bridge.sync.preview import Preview
+    from bridge.sync.report import RunReport
+
+out = Console()
+err = Console(stderr=True)
+
+
+def report_dict(report: RunReport, seconds: float) -> dict[str, Any]:
+    """A run's summary as JSON-able data."""
+    c = report.counts
+    return {
+        "run": report.run_id,
+        "status": report.status,
+        "seen": c.seen,
+        "created": c.created,
+        "updated": c.updated,
+        "unchanged": c.unchanged,
+        "parked": c.parked,
+        "deleted": c.deleted,
+        "claimed": c.claimed,
+        "fhir_writes": c.fhir_writes,
+        "fallbacks": c.fallbacks,
+        "seconds": round(seconds, 3),
+        "parked_studies": [
+            {"study_uid": p.study_uid, "kind": p.kind, "attribute": p.attribute, "reason": p.reason}
+            for p in report.parked
+        ],
+        "deletions": report.deletions,
+        "error": report.error,
+    }
+
+
+def print_summary(source: SourceSettings, report: RunReport, summary: dict[str, Any]) -> None:
+    """A run's summary as text."""
+    out.print(
+        f"source [bold]{source.name}[/bold], run {report.run_id}: "
+        f"seen {summary['seen']}, created {summary['created']}, "
+        f"updated {summary['updated']}, unchanged {summary['unchanged']}, "
+        f"parked {summary['parked']}, gone {summary['deleted']} "
+        f"({summary['fhir_writes']} FHIR writes, {summary['seconds']:.1f} s)",
+        highlight=False,
+    )
+    if report.counts.fallbacks:
+        out.print(f"  fallbacks used: {report.counts.fallbacks} (see the integrator guide)", highlight=False)
+    for parked in report.parked:
+        out.print(f"  parked {parked.study_uid}: {parked.reason}", highlight=False)
+    for gone in report.deletions:
+        out.print(f"  gone from the archive {gone['study_uid']}: {gone['action']}", highlight=False)
+    if report.error:
+        out.print(f"  [yellow]{report.error}[/yellow]", highlight=False)
+
+
+def print_previews(previews: Sequence[Preview], as_json: bool) -> None:
+    """A dry run's findings, study by study."""
+    rows = [
+        {"study_uid": p.study_uid, "action": p.action, "changes": list(p.changes), "reason": p.reason}
+        for p in previews
+    ]
+    if as_json:
+        out.print_json(data={"dry_run": True, "studies": rows})
+        return
+    counts = {a: sum(1 for p in previews if p.action == a) for a in ("create", "update", "unchanged", "park")}
+    out.print(
+        "dry run, nothing written: " + ", ".join(f"{k} {v}" for k, v in counts.items()), highlight=False
+    )
+    for p in previews:
+        if p.action == "unchanged":
+            continue
+        detail = ", ".join(p.changes) if p.changes else (p.reason or "")
+        out.print(f"  {p.action:6} {p.study_uid}  {detail}", highlight=False)
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def status_dict(
+    chosen: str | None, counts: dict[str, int], recent: Sequence[Any], parked: Sequence[Any]
+) -> dict[str, Any]:
+    """What ``bridge status`` shows, as JSON-able data."""
+    return {
+        "source": chosen or "all",
+        "published": counts["published"],
+        "gone": counts["gone"],
+        "parked": counts["parked"],
+        "runs": [
+            {
+                "id": r.id,
+                "source": r.source,
+                "kind": r.kind,
+                "status": r.status,
+                "started_at": _iso(r.started_at),
+                "finished_at": _iso(r.finished_at),
+                "seen": r.seen,
+                "created": r.created,
+                "updated": r.updated,
+                "unchanged": r.unchanged,
+                "parked": r.parked,
+                "claimed": r.claimed,
+                "worker": r.worker,
+                "fhir_writes": r.fhir_writes,
+                "qido_queries": len(r.qido_queries or []),
+                "error": r.error,
+            }
+            for r in recent
+        ],
+        "parked_studies": [
+            {
+                "study_uid": p.study_uid,
+                "kind": p.kind,
+                "attribute": p.attribute,
+                "reason": p.reason,
+                "attempts": p.attempts,
+                "first_failed_at": _iso(p.first_failed_at),
+                "last_failed_at": _iso(p.last_failed_at),
+            }
+            for p in parked
+        ],
+    }
+
+
+def print_status(data: dict[str, Any]) -> None:
+    """``bridge status`` as text."""
+    from rich.table import Table
+
+    out.print(
+        f"source [bold]{data['source']}[/bold]: {data['published']} studies published, "
+        f"{data['gone']} gone from the archive, {data['parked']} parked",
+        highlight=False,
+    )
+    table = Table("run", "status", "started", "seen", "created", "updated", "unchanged", "parked")
+    for r in data["runs"]:
+        table.add_row(
+            str(r["id"]),
+            r["status"],
+            str(r["started_at"]),
+            *(str(r[k]) for k in ("seen", "created", "updated", "unchanged", "parked")),
+        )
+    out.print(table)
+    if data["parked_studies"]:
+        parked_table = Table("study", "kind", "attribute", "attempts", "reason")
+        for p in data["parked_studies"]:
+            parked_table.add_row(
+                p["study_uid"], p["kind"], p["attribute"] or "", str(p["attempts"]), p["reason"]
+            )
+        out.print(parked_table)

@@ -1,0 +1,243 @@
+"""Browser ways in against a real OpenID provider (oidc-provider): login at its form, SMART EHR launch.
+
+The bridge's API runs under uvicorn on a loopback port with login on; the provider is both the
+hospital's identity provider and the EHR's SMART authorization server (its smart-configuration
+under ``/fhir``, the launch's patient in its token answer). A plain httpx client plays the browser:
+it follows redirects and keeps cookies, and fills in the provider's login form.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from bridge.api.app import create_app
+from bridge.config import load_settings
+from tests.conftest import ARTIFACTS
+from tests.integration.conftest import Stack
+from tests.stack.oidc import LOGIN_SCOPES, OidcProvider, web_client
+from tests.stack.process import free_loopback_port
+from tests.stack.samples import StudySpec, load_demo
+from tests.stack.viewer import ThreadedServer, ViewerServer, ensure_chromium
+
+pytestmark = pytest.mark.integration
+
+SCRIPT = Path(__file__).resolve().parents[1] / "browser" / "clickthrough.mjs"
+BROWSER_TIMEOUT_S = 180
+
+CLIENT_ID, CLIENT_SECRET = "bridge-web", "web-secret-6a1f"
+USER, PASSWORD = "dr-who", "tardis-pass-91"
+LAUNCH = "launch-abc123"
+HOSP_A = "urn:oid:1.2.826.0.1.3680043.10.1001"
+HOSP_B = "urn:oid:1.2.826.0.1.3680043.10.1002"
+
+
+def _patient_id(stack: Stack, family: str, system: str) -> str:
+    for patient in stack.fhir_search("Patient"):
+        names = [n.get("family") for n in patient.get("name", [])]
+        if family in names and system in [i.get("system") for i in patient.get("identifier", [])]:
+            return str(patient["id"])
+    raise AssertionError(f"no Patient {family} under {system}")
+
+
+@contextmanager
+def login_stack(
+    stack: Stack,
+    monkeypatch: pytest.MonkeyPatch,
+    launches: dict[str, str] | None = None,
+    viewer_url: str = "http://viewer.invalid",
+) -> Iterator[tuple[str, OidcProvider]]:
+    """The bridge with login on (issuer and EHR both the provider); yields (bridge URL, provider)."""
+    port = free_loopback_port()
+    public = f"http://127.0.0.1:{port}"
+    with OidcProvider(
+        [web_client(CLIENT_ID, CLIENT_SECRET, f"{public}/login/callback")],
+        scopes=LOGIN_SCOPES,
+        users={USER: PASSWORD},
+        launches=launches or {},
+    ) as idp:
+        env = stack.settings_env(
+            viewer_urls=json.dumps({"ohif": viewer_url}),
+            default_viewer="ohif",
+            public_url=public,
+            oidc_issuer=idp.issuer,
+            oidc_client_id=CLIENT_ID,
+            oidc_client_secret=CLIENT_SECRET,
+            smart_launch_issuers=idp.fhir_iss,
+        )
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        with ThreadedServer(create_app(load_settings()), port=port, name="bridge API") as server:
+            yield server.base_url, idp
+
+
+def _sign_in(browser: httpx.Client, form_page: httpx.Response, password: str = PASSWORD) -> httpx.Response:
+    """Fill in the provider's login form and follow where it sends the browser."""
+    assert form_page.status_code == 200 and "Sign in" in form_page.text, form_page.text[:500]
+    action = re.search(r'action="([^"]+)"', form_page.text)
+    assert action is not None
+    target = httpx.URL(str(form_page.url)).join(action[1])
+    return browser.post(target, data={"username": USER, "password": password})
+
+
+def test_login_at_the_provider_opens_the_record_and_logout_ends_it(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    load_demo(stack.orthanc.dicomweb_url)
+    assert stack.sync().counts.parked == 0
+    jane = _patient_id(stack, "Doe", HOSP_A)
+    start = len(caplog.records)  # the sync logs the FHIR ids it wrote; what follows is the API's log
+    with (
+        login_stack(stack, monkeypatch) as (api, idp),
+        httpx.Client(follow_redirects=True, timeout=30) as browser,
+    ):
+        html = {"Accept": "text/html"}
+        api_call = httpx.get(f"{api}/record/patients/{jane}", timeout=30)
+        form = browser.get(f"{api}/record/patients/{jane}", headers=html)
+        assert urlsplit(str(form.url)).netloc == urlsplit(idp.issuer).netloc  # at the provider's form
+        wrong = _sign_in(browser, form, password="wrong")
+        record = _sign_in(browser, wrong)
+        cookie = browser.cookies.get("bridge_session")
+        links = browser.get(f"{api}/imaging-studies/{_first_study(record.text)}/links")
+        logout = browser.post(f"{api}/logout")
+        after = browser.get(f"{api}/imaging-studies/{_first_study(record.text)}/links")
+
+    assert api_call.status_code == 401  # a program without credentials is never sent to a form
+    assert "Unknown user or wrong password" in wrong.text
+    assert record.status_code == 200 and str(record.url) == f"{api}/record/patients/{jane}"
+    assert "CT Chest Abdomen with contrast" in record.text
+    assert cookie and links.status_code == 200
+    assert logout.status_code == 200 and after.status_code == 401
+    # The bridge logs what happened, never a token, a code, the cookie or whose record it was.
+    logged = "\n".join(r.getMessage() for r in caplog.records[start:])
+    assert "session opened (login)" in logged
+    for secret in (cookie, CLIENT_SECRET, PASSWORD, jane, "Doe", "eyJ"):
+        assert secret not in logged
+
+
+def _first_study(page: str) -> str:
+    found = re.search(r'data-imaging-study="([^"]+)"', page)
+    assert found is not None, "no study on the record page"
+    return found[1]
+
+
+def test_ehr_launch_limits_the_session_to_the_patient_in_context(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    load_demo(stack.orthanc.dicomweb_url)
+    assert stack.sync().counts.parked == 0
+    jane = _patient_id(stack, "Doe", HOSP_A)
+    john = _patient_id(stack, "Smith", HOSP_B)
+    john_study = next(
+        s["id"] for s in stack.fhir_search("ImagingStudy") if s["subject"]["reference"] == f"Patient/{john}"
+    )
+    with (
+        login_stack(stack, monkeypatch, launches={LAUNCH: jane}) as (api, idp),
+        httpx.Client(follow_redirects=True, timeout=30) as browser,
+    ):
+        html = {"Accept": "text/html"}
+        form = browser.get(f"{api}/launch", params={"iss": idp.fhir_iss, "launch": LAUNCH}, headers=html)
+        record = _sign_in(browser, form)
+        index = browser.get(f"{api}/record", headers=html)
+        johns = browser.get(f"{api}/record/patients/{john}", headers=html)
+        johns_viewer = browser.get(f"{api}/imaging-studies/{john_study}/viewer", headers=html)
+        own_viewer = browser.get(
+            f"{api}/imaging-studies/{_first_study(record.text)}/viewer", headers=html, follow_redirects=False
+        )
+        unknown_launch = httpx.Client(follow_redirects=True, timeout=30)
+        with unknown_launch:
+            refused_form = unknown_launch.get(
+                f"{api}/launch", params={"iss": idp.fhir_iss, "launch": "forged"}, headers=html
+            )
+            refused = _sign_in(unknown_launch, refused_form)
+        foreign_iss = browser.get(
+            f"{api}/launch", params={"iss": "http://127.0.0.1:9/fhir", "launch": LAUNCH}, headers=html
+        )
+    assert record.status_code == 200 and str(record.url) == f"{api}/record/patients/{jane}"
+    assert str(index.url) == f"{api}/record/patients/{jane}"  # the record shows only this patient
+    assert johns.status_code == 403 and "Smith" not in johns.text
+    assert own_viewer.status_code == 302
+    assert johns_viewer.status_code == 403
+    assert refused.status_code == 401 and "access_denied" in refused.text
+    assert foreign_iss.status_code == 403
+
+
+def test_clickthrough_with_login_in_chromium(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Log in at the provider's form, open the record, click "Open images": OHIF draws the study.
+
+    OHIF reads the images through the test stack's proxy straight to the archive (tests/stack/viewer.py):
+    the bridge's authorizing image gateway is built apart and plugs in there.
+    """
+    caplog.set_level(logging.INFO)
+    chromium = ensure_chromium()
+    node = shutil.which("node")
+    assert node is not None, "the browser test needs Node.js (tests/browser/clickthrough.mjs)"
+    specs: list[StudySpec] = load_demo(stack.orthanc.dicomweb_url)
+    assert stack.sync().counts.parked == 0
+    ct = next(s for s in specs if s.description == "CT Chest Abdomen with contrast")
+    jane = _patient_id(stack, "Doe", HOSP_A)
+    john = _patient_id(stack, "Smith", HOSP_B)
+    john_study = next(
+        s["id"] for s in stack.fhir_search("ImagingStudy") if s["subject"]["reference"] == f"Patient/{john}"
+    )
+    shots = ARTIFACTS / "clickthrough-login"
+    shutil.rmtree(shots, ignore_errors=True)
+    shots.mkdir(parents=True)
+    start = len(caplog.records)
+    with (
+        ViewerServer(stack.orthanc.dicomweb_url) as viewer,
+        login_stack(stack, monkeypatch, launches={LAUNCH: jane}, viewer_url=viewer.base_url) as (api, idp),
+    ):
+        launch_url = httpx.URL(f"{api}/launch", params={"iss": idp.fhir_iss, "launch": LAUNCH})
+        options = {
+            # an EHR launch for Jane: the session is hers alone, and lands on her record
+            "startUrl": str(launch_url),
+            "recordUrl": f"{api}/record/patients/{jane}",
+            "login": {"username": USER, "password": PASSWORD},
+            "study": ct.description,
+            "series": [s.description for s in ct.series],
+            "forbiddenUrl": f"{api}/imaging-studies/{john_study}/viewer",
+            "screenshotDir": str(shots),
+            "chromium": chromium,
+            "timeoutMs": 60_000,
+        }
+        run = subprocess.run(
+            [node, str(SCRIPT), json.dumps(options)],
+            capture_output=True,
+            text=True,
+            timeout=BROWSER_TIMEOUT_S,
+            check=False,
+        )
+    (shots / "browser-output.txt").write_text(run.stdout + run.stderr, encoding="utf-8")
+    lines = run.stdout.strip().splitlines()
+    assert lines, f"the browser script printed nothing; stderr:\n{run.stderr[-3000:]}"
+    seen: dict[str, Any] = json.loads(lines[-1])
+    assert seen["ok"], f"click-through failed: {seen.get('error')} (at {seen.get('page_url')}); see {shots}"
+
+    assert seen["login_page"] == idp.issuer  # the browser was sent to the provider's form
+    session = next(c for c in seen["cookies"] if c["name"] == "bridge_session")
+    assert session["httpOnly"] and session["sameSite"] == "Lax"
+    assert seen["record_rows"] == 2 and seen["thumbnails_loaded"] == 2
+    expected = f"{viewer.base_url}/viewer?StudyInstanceUIDs={ct.uid}"
+    assert seen["redirect"] == {"status": 302, "location": expected}
+    assert sorted(s["description"] for s in seen["series_listed"]) == sorted(s.description for s in ct.series)
+    assert seen["canvas"]["lit_fraction"] > 0.05 and seen["canvas"]["grey_levels"] > 16
+    assert seen["forbidden_status"] == 403  # the same session, another patient's study
+    logged = "\n".join(r.getMessage() for r in caplog.records[start:])
+    assert "session opened (launch)" in logged
+    for secret in (PASSWORD, CLIENT_SECRET, jane, john, "Doe", "Smith", "eyJ"):
+        assert secret not in logged

@@ -1,0 +1,519 @@
+"""Browser login (OIDC code + PKCE), SMART EHR launch and sessions, in-process against a fake IdP and EHR."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+from fastapi import FastAPI
+
+from bridge.api.app import create_app
+from bridge.api.session import COOKIE, SessionStore
+from bridge.config import Settings, load_settings
+from bridge.errors import ConfigurationError
+from bridge.resolve.links import subject_patient
+from tests.unit.resolve.fake_fhir import (
+    DICOMWEB_BASE,
+    FHIR_BASE,
+    STUDY_UID,
+    FakeFhir,
+    endpoint,
+    imaging_study,
+)
+
+pytestmark = pytest.mark.anyio
+
+ISSUER = "https://idp.example"
+EHR = "https://ehr.example/fhir"
+EHR_AUTH = "https://ehr-auth.example"
+PUBLIC = "https://bridge.example"
+CLIENT = "bridge-web"
+SECRET = "s3cret"
+OTHER_UID = "1.2.826.0.1.3680043.8.498.2"
+
+
+def _new_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+@dataclass
+class FakeIdp:
+    """An OpenID provider and an EHR's SMART authorization server: discovery, JWKS, token endpoint."""
+
+    key: rsa.RSAPrivateKey = field(
+        default_factory=lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    )
+    codes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    token_requests: list[httpx.Request] = field(default_factory=list)
+    patient: str | None = "p1"  # the launch context the EHR gives
+    claims: dict[str, Any] = field(default_factory=dict)  # overrides of the ID token's claims
+    signing_key: rsa.RSAPrivateKey | None = None  # sign with another key than the published one
+
+    def jwks(self) -> dict[str, Any]:
+        jwk = jwt.algorithms.RSAAlgorithm.to_jwk(self.key.public_key(), as_dict=True)
+        return {"keys": [{**jwk, "kid": "k1", "use": "sig", "alg": "RS256"}]}
+
+    def authorize(self, location: str) -> dict[str, str]:
+        """The browser at the authorization endpoint: logs in; returns the callback's query."""
+        params = {k: v[0] for k, v in parse_qs(urlsplit(location).query).items()}
+        code = f"code-{len(self.codes)}"
+        self.codes[code] = params
+        return {"code": code, "state": params["state"]}
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        url = str(request.url)
+        for base, issuer in ((ISSUER, ISSUER), (EHR_AUTH, EHR_AUTH)):
+            if url == f"{base}/.well-known/openid-configuration":
+                return httpx.Response(200, json=self._config(issuer))
+            if url == f"{base}/jwks":
+                return httpx.Response(200, json=self.jwks())
+        if url == f"{EHR}/.well-known/smart-configuration":
+            return httpx.Response(200, json=self._config(EHR_AUTH))
+        if url in (f"{ISSUER}/token", f"{EHR_AUTH}/token"):
+            return self._token(request, url.removesuffix("/token"))
+        return httpx.Response(404)
+
+    def _config(self, issuer: str) -> dict[str, Any]:
+        return {
+            "issuer": issuer,
+            "authorization_endpoint": f"{issuer}/authorize",
+            "token_endpoint": f"{issuer}/token",
+            "jwks_uri": f"{issuer}/jwks",
+        }
+
+    def _token(self, request: httpx.Request, issuer: str) -> httpx.Response:
+        self.token_requests.append(request)
+        form = {k: v[0] for k, v in parse_qs(request.content.decode()).items()}
+        asked = self.codes.pop(form.get("code", ""), None)
+        expected_auth = "Basic " + base64.b64encode(f"{CLIENT}:{SECRET}".encode()).decode()
+        if asked is None or request.headers.get("authorization") != expected_auth:
+            return httpx.Response(400, json={"error": "invalid_grant"})
+        challenge = _b64(hashlib.sha256(form["code_verifier"].encode()).digest())
+        if challenge != asked["code_challenge"] or form["redirect_uri"] != asked["redirect_uri"]:
+            return httpx.Response(400, json={"error": "invalid_grant"})
+        now = int(time.time())
+        claims = {
+            "iss": issuer,
+            "aud": CLIENT,
+            "sub": "dr-who",
+            "iat": now,
+            "exp": now + 300,
+            "nonce": asked["nonce"],
+        }
+        claims.update(self.claims)
+        token = jwt.encode(claims, self.signing_key or self.key, algorithm="RS256", headers={"kid": "k1"})
+        body: dict[str, Any] = {
+            "access_token": "opaque-access-token",
+            "token_type": "Bearer",
+            "expires_in": 3600,
+            "id_token": token,
+            "scope": asked["scope"],
+        }
+        if "launch" in asked and self.patient is not None:
+            body["patient"] = self.patient
+        return httpx.Response(200, json=body)
+
+
+def _settings(tmp_path: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "dicomweb_url": DICOMWEB_BASE,
+        "fhir_url": FHIR_BASE,
+        "state_url": f"sqlite:///{tmp_path / 'state.db'}",
+        "http_retries": 0,
+        "viewer_urls": {"ohif": "https://ohif.example"},
+        "public_url": PUBLIC,
+        "oidc_issuer": ISSUER,
+        "oidc_client_id": CLIENT,
+        "oidc_client_secret": SECRET,
+        "smart_launch_issuers": [EHR],
+        "api_keys": ["machine-key"],
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@dataclass
+class Bridge:
+    http: httpx.AsyncClient
+    app: FastAPI
+    idp: FakeIdp
+    fhir: FakeFhir
+
+    async def page(self, path: str, headers: dict[str, str] | None = None, **kwargs: Any) -> httpx.Response:
+        """A browser's navigation to ``path``."""
+        return await self.http.get(path, headers={"Accept": "text/html,*/*", **(headers or {})}, **kwargs)
+
+    async def login(self, start: str = "/login") -> httpx.Response:
+        """Log in from ``start``; the callback's answer (the session cookie is then in the client)."""
+        to_idp = await self.page(start)
+        assert to_idp.status_code == 302, to_idp.text
+        return await self.http.get("/login/callback", params=self.idp.authorize(to_idp.headers["location"]))
+
+    async def launch(self) -> httpx.Response:
+        to_ehr = await self.page("/launch", params={"iss": EHR, "launch": "xyz"})
+        assert to_ehr.status_code == 302, to_ehr.text
+        return await self.http.get("/login/callback", params=self.idp.authorize(to_ehr.headers["location"]))
+
+
+@asynccontextmanager
+async def bridge(tmp_path: Path, **overrides: Any) -> AsyncIterator[Bridge]:
+    fhir = FakeFhir()
+    fhir.add(
+        imaging_study(),
+        imaging_study("is2", OTHER_UID, accession="A2002", subject={"reference": "Patient/p2"}),
+        endpoint(),
+        {"resourceType": "Patient", "id": "p1", "identifier": [{"system": "urn:oid:1.2.3", "value": "MRN1"}]},
+        {"resourceType": "Patient", "id": "p2", "identifier": [{"system": "urn:oid:1.2.3", "value": "MRN2"}]},
+    )
+    idp = FakeIdp()
+
+    def route(request: httpx.Request) -> httpx.Response:
+        if request.url.host in ("idp.example", "ehr.example", "ehr-auth.example"):
+            return idp.handler(request)
+        return fhir.handler(request)
+
+    app = create_app(_settings(tmp_path, **overrides), transport=httpx.MockTransport(route))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=PUBLIC) as http:
+            yield Bridge(http, app, idp, fhir)
+
+
+async def test_a_page_without_session_goes_to_login_and_comes_back(tmp_path: Path) -> None:
+    async with bridge(tmp_path) as b:
+        to_idp = await b.page("/record/patients/p1")
+        assert to_idp.status_code == 302
+        location = to_idp.headers["location"]
+        params = parse_qs(urlsplit(location).query)
+        assert location.startswith(f"{ISSUER}/authorize?")
+        assert params["response_type"] == ["code"] and params["client_id"] == [CLIENT]
+        assert params["code_challenge_method"] == ["S256"] and params["nonce"] and params["state"]
+        assert params["redirect_uri"] == [f"{PUBLIC}/login/callback"]
+        assert "p1" not in location  # where the browser was going stays server-side
+        back = await b.http.get("/login/callback", params=b.idp.authorize(location))
+        assert back.status_code == 303 and back.headers["location"] == "/record/patients/p1"
+        cookie = back.headers["set-cookie"]
+        assert f"{COOKIE}=" in cookie and "HttpOnly" in cookie and "Secure" in cookie
+        assert "samesite=lax" in cookie.lower()
+        assert "opaque-access-token" not in cookie and "code-0" not in back.text
+        page = await b.page("/record/patients/p1")
+        assert page.status_code == 200
+        # the code was exchanged with the client's secret and its PKCE verifier
+        assert b.idp.token_requests[0].headers["authorization"].startswith("Basic ")
+
+
+async def test_api_calls_without_credentials_get_401_and_keys_keep_working(tmp_path: Path) -> None:
+    async with bridge(tmp_path) as b:
+        api = await b.http.get("/imaging-studies/is1/links")
+        html_api = await b.http.get("/imaging-studies/is1/links", headers={"Accept": "text/html"})
+        keyed = await b.http.get("/imaging-studies/is1/links", headers={"X-API-Key": "machine-key"})
+        bad_key_page = await b.page("/record", headers={"X-API-Key": "wrong"})
+    assert api.status_code == 401 and api.json()["resourceType"] == "OperationOutcome"
+    assert html_api.status_code == 401  # not a page: programs are never sent to a login form
+    assert keyed.status_code == 200
+    assert bad_key_page.status_code == 401
+
+
+async def test_the_session_is_a_session_caller_of_the_api(tmp_path: Path) -> None:
+    async with bridge(tmp_path) as b:
+        await b.login()
+        links = await b.http.get("/imaging-studies/is1/links")
+        viewer = await b.page("/imaging-studies/is2/viewer")
+        store: SessionStore[object] = b.app.state.sessions
+        (session,) = [store.get(b.http.cookies[COOKIE])]
+    assert links.status_code == 200
+    assert viewer.status_code == 302 and viewer.headers["location"].startswith("https://ohif.example")
+    assert session is not None
+    caller = session.caller()
+    assert caller.method == "session" and caller.subject == "dr-who" and caller.patient is None
+    assert caller.client_id == CLIENT and "openid" in caller.scopes
+
+
+@pytest.mark.parametrize(
+    ("claims", "why"),
+    [
+        ({"nonce": "another"}, "nonce"),
+        ({"aud": "someone-else"}, "another client"),
+        ({"iss": "https://evil.example"}, "another issuer"),
+        ({"exp": int(time.time()) - 3600, "iat": int(time.time()) - 7200}, "expired"),
+    ],
+)
+async def test_an_id_token_that_does_not_check_out_opens_no_session(
+    tmp_path: Path, claims: dict[str, Any], why: str
+) -> None:
+    async with bridge(tmp_path) as b:
+        b.idp.claims = claims
+        answer = await b.login()
+        after = await b.http.get("/imaging-studies/is1/links")
+    assert answer.status_code == 502 and why in answer.text
+    assert "set-cookie" not in answer.headers and after.status_code == 401
+
+
+async def test_an_id_token_signed_by_another_key_opens_no_session(tmp_path: Path) -> None:
+    async with bridge(tmp_path) as b:
+        b.idp.signing_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        answer = await b.login()
+    assert answer.status_code == 502 and "signature" in answer.text
+    assert "set-cookie" not in answer.headers
+
+
+async def test_callback_refusals(tmp_path: Path) -> None:
+    async with bridge(tmp_path) as b:
+        unknown = await b.http.get("/login/callback", params={"state": "forged", "code": "x"})
+        no_state = await b.http.get("/login/callback", params={"code": "x"})
+        to_idp = await b.page("/login")
+        query = b.idp.authorize(to_idp.headers["location"])
+        denied = await b.http.get(
+            "/login/callback", params={"state": query["state"], "error": "access_denied"}
+        )
+        replay = await b.http.get("/login/callback", params=query)  # the state was spent by the refusal
+        to_idp = await b.page("/login")
+        query = b.idp.authorize(to_idp.headers["location"])
+        bad_code = await b.http.get("/login/callback", params={**query, "code": "not-issued"})
+    assert unknown.status_code == 400 and no_state.status_code == 400
+    assert denied.status_code == 401 and "access_denied" in denied.text
+    assert replay.status_code == 400
+    assert bad_code.status_code == 502 and "invalid_grant" in bad_code.text
+
+
+async def test_login_returns_only_to_paths_of_this_site(tmp_path: Path) -> None:
+    async with bridge(tmp_path) as b:
+        for target in ("https://evil.example/x", "//evil.example/x", "/\\evil.example"):
+            to_idp = await b.page("/login", params={"next": target})
+            back = await b.http.get("/login/callback", params=b.idp.authorize(to_idp.headers["location"]))
+            assert back.headers["location"] == "/record"
+
+
+async def test_an_expired_session_redirects_pages_and_refuses_api_calls(tmp_path: Path) -> None:
+    now = [1000.0]
+    async with bridge(tmp_path) as b:
+        b.app.state.sessions = SessionStore[object](60, clock=lambda: now[0])
+        await b.login()
+        assert (await b.http.get("/imaging-studies/is1/links")).status_code == 200
+        now[0] += 61
+        api = await b.http.get("/imaging-studies/is1/links")
+        page = await b.page("/record/patients/p1")
+    assert api.status_code == 401 and "expired" in api.json()["issue"][0]["diagnostics"]
+    assert page.status_code == 302 and page.headers["location"].startswith(f"{ISSUER}/authorize")
+
+
+async def test_logout_ends_the_session(tmp_path: Path) -> None:
+    async with bridge(tmp_path) as b:
+        await b.login()
+        old = b.http.cookies[COOKIE]
+        out = await b.http.post("/logout")
+        assert out.status_code == 200 and f'{COOKIE}=""' in out.headers["set-cookie"]
+        replayed = await b.http.get("/imaging-studies/is1/links", headers={"Cookie": f"{COOKIE}={old}"})
+    assert replayed.status_code == 401
+
+
+async def test_ehr_launch_limits_the_session_to_the_patient_in_context(tmp_path: Path) -> None:
+    async with bridge(tmp_path) as b:
+        to_ehr = await b.page("/launch", params={"iss": EHR, "launch": "xyz"})
+        params = parse_qs(urlsplit(to_ehr.headers["location"]).query)
+        assert to_ehr.headers["location"].startswith(f"{EHR_AUTH}/authorize?")
+        assert params["launch"] == ["xyz"] and params["aud"] == [EHR]
+        assert {"launch", "launch/patient", "openid", "fhirUser"} <= set(params["scope"][0].split())
+        back = await b.http.get("/login/callback", params=b.idp.authorize(to_ehr.headers["location"]))
+        assert back.status_code == 303 and back.headers["location"] == "/record/patients/p1"
+        index = await b.page("/record")
+        own = await b.page("/record/patients/p1")
+        other = await b.page("/record/patients/p2")
+        own_viewer = await b.page("/imaging-studies/is1/viewer")
+        other_viewer = await b.page("/imaging-studies/is2/viewer")
+        other_by_uid = await b.page(f"/studies/{OTHER_UID}/viewer")
+        other_links = await b.http.get("/imaging-studies/is2/links")
+        other_thumb = await b.http.get("/record/imaging-studies/is2/thumbnail")
+    assert index.status_code == 302 and index.headers["location"] == "/record/patients/p1"
+    assert own.status_code == 200 and own_viewer.status_code == 302
+    for refused in (other, other_viewer, other_by_uid, other_links, other_thumb):
+        assert refused.status_code == 403, refused.url
+        assert "p2" not in refused.text
+
+
+async def test_ehr_launch_refusals(tmp_path: Path) -> None:
+    async with bridge(tmp_path) as b:
+        unknown = await b.page("/launch", params={"iss": "https://other-ehr.example/fhir", "launch": "x"})
+        no_launch = await b.page("/launch", params={"iss": EHR})
+        no_iss = await b.page("/launch", params={"launch": "x"})
+        b.idp.patient = None
+        no_patient = await b.launch()
+    assert unknown.status_code == 403 and "not allowed" in unknown.text
+    assert no_launch.status_code == 400 and "launch" in no_launch.text
+    assert no_iss.status_code == 400 and "iss" in no_iss.text
+    assert no_patient.status_code == 403 and "no patient" in no_patient.text
+    assert "set-cookie" not in no_patient.headers
+
+
+async def test_launch_only_deployments_send_browsers_to_their_ehr(tmp_path: Path) -> None:
+    async with bridge(tmp_path, oidc_issuer=None) as b:
+        page = await b.page("/record")
+        launched = await b.launch()
+    assert page.status_code == 401 and "EHR" in page.text
+    assert launched.status_code == 303
+
+
+async def test_iid_study_and_patient_requests(tmp_path: Path) -> None:
+    async with bridge(tmp_path) as b:
+        anonymous = await b.page(
+            "/IHEInvokeImageDisplay", params={"requestType": "STUDY", "studyUID": STUDY_UID}
+        )
+        assert anonymous.status_code == 302 and anonymous.headers["location"].startswith(ISSUER)
+        await b.login()
+        by_uid = await b.page(
+            "/IHEInvokeImageDisplay", params={"requestType": "STUDY", "studyUID": STUDY_UID}
+        )
+        by_accession = await b.page(
+            "/IHEInvokeImageDisplay", params={"requestType": "STUDY", "accessionNumber": "A1001"}
+        )
+        patient = await b.page(
+            "/IHEInvokeImageDisplay", params={"requestType": "PATIENT", "patientID": "MRN2^^^&1.2.3&ISO"}
+        )
+    assert by_uid.status_code == 302 and by_uid.headers["location"] == "/imaging-studies/is1/viewer"
+    assert by_accession.headers["location"] == "/imaging-studies/is1/viewer"
+    assert patient.status_code == 302 and patient.headers["location"] == "/record/patients/p2"
+
+
+@pytest.mark.parametrize(
+    ("params", "why"),
+    [
+        ({}, "requestType"),
+        ({"requestType": "SERIES", "studyUID": STUDY_UID}, "requestType"),
+        ({"requestType": "STUDY"}, "studyUID or accessionNumber"),
+        ({"requestType": "STUDY", "studyUID": STUDY_UID, "accessionNumber": "A1"}, "one of them"),
+        ({"requestType": "STUDY", "studyUID": f"{STUDY_UID},{OTHER_UID}"}, "exactly one"),
+        ({"requestType": "STUDY", "studyUID": "not-a-uid"}, "not a Study Instance UID"),
+        ({"requestType": "PATIENT"}, "needs patientID"),
+        ({"requestType": "PATIENT", "patientID": "MRN1^^^&not an oid&ISO"}, "issuer"),
+        ({"requestType": "PATIENT", "patientID": "MRN1^x"}, "CX"),
+    ],
+)
+async def test_iid_bad_requests_are_400_with_a_reason(
+    tmp_path: Path, params: dict[str, str], why: str
+) -> None:
+    async with bridge(tmp_path) as b:
+        answer = await b.http.get(
+            "/IHEInvokeImageDisplay", params=params, headers={"X-API-Key": "machine-key"}
+        )
+    assert answer.status_code == 400
+    assert why in answer.json()["issue"][0]["diagnostics"]
+
+
+async def test_iid_in_a_launched_session_refuses_other_patients(tmp_path: Path) -> None:
+    async with bridge(tmp_path) as b:
+        await b.launch()
+        own = await b.page("/IHEInvokeImageDisplay", params={"requestType": "STUDY", "studyUID": STUDY_UID})
+        other = await b.page("/IHEInvokeImageDisplay", params={"requestType": "STUDY", "studyUID": OTHER_UID})
+        other_patient = await b.page(
+            "/IHEInvokeImageDisplay", params={"requestType": "PATIENT", "patientID": "MRN2^^^&1.2.3&ISO"}
+        )
+        unknown = await b.page(
+            "/IHEInvokeImageDisplay", params={"requestType": "PATIENT", "patientID": "MRN9^^^&1.2.3&ISO"}
+        )
+    assert own.status_code == 302
+    assert other.status_code == 403 and other_patient.status_code == 403
+    assert unknown.status_code == 404
+
+
+async def test_cookie_is_not_secure_only_for_a_loopback_http_address(tmp_path: Path) -> None:
+    async with bridge(tmp_path, public_url="http://127.0.0.1:8080") as b:
+        to_idp = await b.page("/login")
+        back = await b.http.get("/login/callback", params=b.idp.authorize(to_idp.headers["location"]))
+    assert "HttpOnly" in back.headers["set-cookie"] and "Secure" not in back.headers["set-cookie"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"oidc_client_id": None}, "BRIDGE_OIDC_CLIENT_ID"),
+        ({"public_url": None}, "BRIDGE_PUBLIC_URL"),
+        ({"public_url": "http://bridge.example"}, "BRIDGE_PUBLIC_URL"),
+        ({"smart_launch_issuers": "ftp://ehr"}, "BRIDGE_SMART_LAUNCH_ISSUERS"),
+        ({"oidc_client_secret_file": "/nonexistent/secret"}, "BRIDGE_OIDC_CLIENT_SECRET_FILE"),
+    ],
+)
+def test_bad_login_settings_fail_at_start_up(tmp_path: Path, overrides: dict[str, Any], named: str) -> None:
+    values: dict[str, Any] = {
+        "dicomweb_url": DICOMWEB_BASE,
+        "fhir_url": FHIR_BASE,
+        "public_url": PUBLIC,
+        "oidc_issuer": ISSUER,
+        "oidc_client_id": CLIENT,
+        **overrides,
+    }
+    with pytest.raises(ConfigurationError, match=named):
+        load_settings(**values)
+
+
+def test_the_client_secret_can_come_from_a_file(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("from-file\n")
+    settings = load_settings(
+        dicomweb_url=DICOMWEB_BASE,
+        fhir_url=FHIR_BASE,
+        public_url=PUBLIC,
+        oidc_issuer=ISSUER,
+        oidc_client_id=CLIENT,
+        oidc_client_secret_file=str(secret),
+    )
+    assert settings.oidc_secret is not None and settings.oidc_secret.get_secret_value() == "from-file"
+
+
+async def test_no_token_code_or_patient_in_the_logs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with bridge(tmp_path) as b:
+        await b.launch()
+        await b.page("/record/patients/p2")
+        await b.page(
+            "/IHEInvokeImageDisplay", params={"requestType": "PATIENT", "patientID": "MRN2^^^&1.2.3&ISO"}
+        )
+        b.idp.claims = {"nonce": "wrong"}
+        await b.login()
+        cookie = b.http.cookies[COOKIE]
+    logged = caplog.text
+    assert "session opened (launch)" in logged  # the log does say what happened
+    for secret in ("opaque-access-token", "code-0", cookie, "MRN2", "Patient/p2", "dr-who", "eyJ"):
+        assert secret not in logged
+
+
+@pytest.mark.parametrize(
+    ("reference", "patient"),
+    [
+        ("Patient/p1", "p1"),
+        ("https://fhir.example/R4/Patient/p-2", None),  # maybe another server's Patient p-2
+        ("Patient/p3/_history/4", None),
+        ("Patient/bad id", None),
+        ("Group/g1", None),
+        (None, None),
+    ],
+)
+def test_the_study_location_knows_its_patient(reference: str | None, patient: str | None) -> None:
+    resource = {"subject": {"reference": reference}} if reference else {}
+    assert subject_patient(resource) == patient
+
+
+async def test_with_login_only_a_key_or_token_sent_is_refused_not_taken_as_anonymous(tmp_path: Path) -> None:
+    async with bridge(tmp_path, api_keys=[]) as b:
+        keyed = await b.http.get("/imaging-studies/is1/links", headers={"X-API-Key": "anything"})
+        bearer = await b.http.get("/imaging-studies/is1/links", headers={"Authorization": "Bearer x.y.z"})
+        nothing = await b.http.get("/imaging-studies/is1/links")
+        await b.login()
+        with_session = await b.http.get("/imaging-studies/is1/links")
+    assert keyed.status_code == bearer.status_code == nothing.status_code == 401
+    assert with_session.status_code == 200
