@@ -37,9 +37,9 @@ def main() -> int:
     build = runtime.http_client
 
     def metered_client(
-        settings_: Any, upstream: Any = None, service: Service | None = None
+        settings_: Any, upstream: Any = None, service: Service | None = None, **options: Any
     ) -> httpx.AsyncClient:
-        client = build(settings_, upstream, service)
+        client = build(settings_, upstream, service, **options)
         client.event_hooks = meter.hooks(str(service or "other"))
         return client
 

@@ -183,11 +183,20 @@ class Floor:
             ("limit", str(self.page_size)),
             ("offset", str(offset)),
         ]
-        response = await self.dicomweb.get(
-            f"{self.base}{path}",
-            params=params,
-            headers={"Accept": ACCEPT, "Accept-Encoding": "gzip, deflate"},
-        )
+        try:
+            response = await self.dicomweb.get(
+                f"{self.base}{path}",
+                params=params,
+                headers={"Accept": ACCEPT, "Accept-Encoding": "gzip, deflate"},
+            )
+        except httpx.TransportError:
+            # Orthanc closes a keep-alive connection left idle during a long FHIR batch; the
+            # bridge retries that too, so the floor may.
+            response = await self.dicomweb.get(
+                f"{self.base}{path}",
+                params=params,
+                headers={"Accept": ACCEPT, "Accept-Encoding": "gzip, deflate"},
+            )
         response.raise_for_status()
         return response.json() if response.content.strip() else []  # type: ignore[no-any-return]
 

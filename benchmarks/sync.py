@@ -120,7 +120,8 @@ def one_size(n: int, args: argparse.Namespace, work: Path) -> list[dict[str, Any
         if seen != n:
             raise RuntimeError(f"the archive answers {seen} studies, expected {n}")
         for rep in range(args.repeat):
-            order = KINDS if rep % 2 == 0 else tuple(reversed(KINDS))
+            kinds = tuple(k for k in KINDS if k in args.kinds)
+            order = kinds if rep % 2 == 0 else tuple(reversed(kinds))
             for kind in order:
                 fhir.clear()
                 fhir.reset_stats()
@@ -168,6 +169,8 @@ def report(rows: list[dict[str, Any]], sizes: list[int]) -> dict[str, Any]:
     for n in sizes:
         for kind in KINDS:
             runs = [r for r in rows if r["n"] == n and r["kind"] == kind]
+            if not runs:
+                continue
             med = {
                 key: statistics.median(r[key] for r in runs)
                 for key in runs[0]
@@ -185,15 +188,18 @@ def report(rows: list[dict[str, Any]], sizes: list[int]) -> dict[str, Any]:
             )
     ratios: dict[str, Any] = {}
     for n in sizes:
+        if f"bridge-{n}" not in table or f"batched-{n}" not in table:
+            continue
         ratios[f"bridge/page-batched floor wall, N={n}"] = round(
             table[f"bridge-{n}"]["wall_s"] / table[f"batched-{n}"]["wall_s"], 3
         )
-        ratios[f"per-study floor/page-batched floor wall, N={n}"] = round(
-            table[f"floor-{n}"]["wall_s"] / table[f"batched-{n}"]["wall_s"], 3
-        )
+        if f"floor-{n}" in table:
+            ratios[f"per-study floor/page-batched floor wall, N={n}"] = round(
+                table[f"floor-{n}"]["wall_s"] / table[f"batched-{n}"]["wall_s"], 3
+            )
         ratios[f"bridge FHIR requests per study, N={n}"] = table[f"bridge-{n}"]["fhir_requests_per_study"]
         ratios[f"bridge QIDO requests per study, N={n}"] = table[f"bridge-{n}"]["dicomweb_requests_per_study"]
-    if len(sizes) > 1:
+    if len(sizes) > 1 and all(f"bridge-{n}" in table for n in sizes):
         small, large = min(sizes), max(sizes)
         ratios[f"bridge peak RSS N={large} / N={small}"] = round(
             table[f"bridge-{large}"]["max_rss_mb"] / table[f"bridge-{small}"]["max_rss_mb"], 3
@@ -228,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--py-spy", default=str(Path(sys.executable).with_name("py-spy")), help="py-spy binary"
+    )
+    parser.add_argument(
+        "--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="which sides to run (default: all)"
     )
     parser.add_argument("--json", type=Path, default=None, help="also write every figure to this file")
     args = parser.parse_args(argv)

@@ -54,7 +54,10 @@ class Publisher:
         self._server_check = asyncio.Lock()
         self._server_checked = False
         self._refusal: str | None = None
-        self._batches = False  # the server lists the batch interaction (asked with updateCreate)
+        # Whether the server takes batch Bundles: True when its CapabilityStatement lists batch; None
+        # (try, and learn from the first answer) when it lists only transaction, as HAPI's does
+        # although it processes batches; False otherwise.
+        self._batches: bool | None = False
         self.batch_size = batch_size
         self.writes = 0  # resources written
         self.write_requests = 0  # FHIR requests that wrote (a batch is one)
@@ -137,7 +140,7 @@ class Publisher:
             return False
         if not self._server_checked:
             await self._check_update_create()
-        return self._batches
+        return self._batches is not False
 
     async def _check_update_create(self) -> None:
         """Before the first write: read what the server can do, once.
@@ -160,7 +163,9 @@ class Publisher:
                 for entry in rest.get("resource", []) or []
                 if entry.get("type") in ("Endpoint", "ImagingStudy") and entry.get("updateCreate") is False
             )
-            self._batches = supports_batch(statement)
+            self._batches = (
+                True if supports_batch(statement) else (None if _lists(statement, "transaction") else False)
+            )
             if refusing:
                 self._refusal = (
                     f"BRIDGE_WRITE_STRATEGY: the FHIR server does not create {' or '.join(refusing)} "
@@ -223,6 +228,9 @@ class Publisher:
                         self.batch_size //= 2
                         logger.info("the FHIR server refused a batch as too large; now %d", self.batch_size)
                         continue
+                    if self._batches is None and exc.status is not None and 400 <= exc.status < 500:
+                        self._batches = False  # it does not take batches after all
+                        logger.info("the FHIR server refused a batch Bundle: writing study by study")
                     logger.warning(
                         "batch of %d ImagingStudies failed (%s); writing them one by one",
                         len(chunk),
@@ -237,6 +245,7 @@ class Publisher:
                     start += len(chunk)
                     continue
                 self.write_requests += 1
+                self._batches = True
                 for offset, answer in enumerate(answers):
                     if answer.result is not None:
                         self.writes += 1
@@ -302,8 +311,12 @@ class Publisher:
 
 def supports_batch(statement: Mapping[str, Any]) -> bool:
     """Whether a CapabilityStatement lists the ``batch`` system interaction."""
+    return _lists(statement, "batch")
+
+
+def _lists(statement: Mapping[str, Any], code: str) -> bool:
     return any(
-        isinstance(interaction, dict) and interaction.get("code") == "batch"
+        isinstance(interaction, dict) and interaction.get("code") == code
         for rest in statement.get("rest", []) or []
         if isinstance(rest, dict)
         for interaction in rest.get("interaction", []) or []

@@ -43,6 +43,31 @@ from bridge.sync.retire import Retirer
 logger = logging.getLogger(__name__)
 
 
+async def _read_ahead(pages: AsyncIterator[list[DicomJson]]) -> AsyncIterator[list[DicomJson]]:
+    """The pages, the next one asked of the archive while the current one is worked on.
+
+    A study page costs the archive more the further it is (Orthanc: 0.1 s at offset 0, 0.3 s at
+    offset 4,900 of 5,000); asked ahead, that wait overlaps the page's own series and FHIR work.
+    One page ahead at most, so memory stays flat; a run that ends early cancels it.
+    """
+    pending: asyncio.Future[list[DicomJson]] = asyncio.ensure_future(anext(pages))
+    try:
+        while True:
+            try:
+                page = await pending
+            except StopAsyncIteration:
+                return
+            pending = asyncio.ensure_future(anext(pages))
+            yield page
+    finally:
+        if not pending.done():
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await pending
+        elif not pending.cancelled():
+            pending.exception()  # retrieved: a failure after the run ended is not "never retrieved"
+
+
 @dataclass
 class _PageWork:
     """What the studies of one page leave to do once they are all through."""
@@ -170,7 +195,7 @@ class SyncWorker:
             self._linker.begin_run()
             endpoint = await self._publisher.ensure_endpoint()
             limit = asyncio.Semaphore(self._concurrency)
-            async for page in pages:
+            async for page in _read_ahead(pages):
                 uids = await self._page(page, endpoint, limit, report)
                 if reconcile:
                     await asyncio.to_thread(self._store.mark_seen, source, uids, report.run_id)

@@ -126,6 +126,7 @@ class FakeFhir:
         self.update_create = True  # what the CapabilityStatement says of PUT to a new id
         self.loose_tokens = False  # match identifier tokens as a careless server does
         self.batches = False  # whether the CapabilityStatement lists the batch interaction
+        self.transaction_only = False  # it lists transaction only (as HAPI's does), batches or not
         self.reject: set[str] = set()  # ImagingStudy ids whose batch entry answers 422
         self.batch_sizes: list[int] = []
 
@@ -165,7 +166,9 @@ class FakeFhir:
         self._raise_if_queued("capabilities")
         kinds = ("Patient", "Endpoint", "ImagingStudy")
         rest: dict[str, Any] = {"resource": [{"type": k, "updateCreate": self.update_create} for k in kinds]}
-        if self.batches:
+        if self.transaction_only:
+            rest["interaction"] = [{"code": "transaction"}]
+        elif self.batches:
             rest["interaction"] = [{"code": "transaction"}, {"code": "batch"}]
         return {"resourceType": "CapabilityStatement", "rest": [rest]}
 

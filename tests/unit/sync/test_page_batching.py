@@ -177,6 +177,30 @@ async def test_series_the_list_left_out_are_fetched_alone(batching: World) -> No
     assert batching.source.series_calls == [uid(7)]  # its count disagreed with the list answer
 
 
+async def test_a_server_listing_only_transaction_is_tried_once_with_a_batch(batching: World) -> None:
+    batching.fhir.transaction_only = True
+    for n in range(1, 6):
+        batching.add(n)
+    report = await batching.run()
+    assert report.counts.created == 5
+    assert batching.fhir.batch_sizes == [5, 5]  # it took them: Patients, then studies
+
+
+async def test_a_server_refusing_the_first_batch_is_written_study_by_study_from_then_on(
+    batching: World,
+) -> None:
+    batching.fhir.transaction_only = True
+    batching.source.page_size = 3
+    for n in range(1, 7):
+        batching.add(n)
+    refused = FatalUpstreamError("fhir POST / answered 400", service="fhir", status=400)
+    batching.fhir.fail["batch"] = [refused, refused]  # the Patients' batch, then the studies'
+    report = await batching.run()
+    assert (report.status, report.counts.created) == ("ok", 6)
+    assert sum(1 for c in batching.fhir.calls if c[0] == "batch") == 2  # never again after the refusal
+    assert sum(1 for c in batching.fhir.calls if c[0] == "update" and c[1] == "ImagingStudy") == 6
+
+
 def test_supports_batch_reads_the_system_interactions() -> None:
     assert supports_batch({"rest": [{"interaction": [{"code": "transaction"}, {"code": "batch"}]}]})
     assert not supports_batch({"rest": [{"interaction": [{"code": "transaction"}]}]})
