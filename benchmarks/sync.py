@@ -40,6 +40,7 @@ from typing import Any
 
 from benchmarks._common import (
     DEFAULT_CACHE,
+    FHIR_ENGINES,
     PATIENT_SYSTEM,
     STUDIES_PER_PATIENT,
     archive,
@@ -114,7 +115,7 @@ def summarize(kind: str, n: int, result: dict[str, Any], fhir_stats: dict[str, A
 def one_size(n: int, args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     """Floor and bridge runs for an archive of ``n`` studies."""
     rows: list[dict[str, Any]] = []
-    with archive(n, args.cache) as orthanc, fhir_server() as fhir:
+    with archive(n, args.cache) as orthanc, fhir_server(args.fhir_engine) as fhir:
         seen = warm_qido(orthanc.dicomweb_url)
         if seen != n:
             raise RuntimeError(f"the archive answers {seen} studies, expected {n}")
@@ -222,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--page-size", type=int, default=100, help="BRIDGE_QIDO_PAGE_SIZE (and the floor's)")
     parser.add_argument("--patient-policy", choices=("match-or-create", "logical"), default="match-or-create")
     parser.add_argument("--log-level", default="INFO", help="BRIDGE_LOG_LEVEL of the bridge run")
+    parser.add_argument(
+        "--fhir-engine", choices=FHIR_ENGINES, default="medplum", help="the FHIR server to sync into"
+    )
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where prepared archives are kept")
     parser.add_argument(
         "--profile",
@@ -247,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         "QIDO page size": args.page_size,
         "patient policy": args.patient_policy,
         "write strategy": "client-id",
+        "FHIR engine": args.fhir_engine,
         "state store": "SQLite file (fresh per run)",
         "bridge log level": args.log_level,
     }

@@ -98,11 +98,15 @@ class Runtime:
 
 
 def change_source(
-    source: SourceSettings, client: httpx.AsyncClient, store: SqlStore, policy: RetryPolicy
+    source: SourceSettings,
+    client: httpx.AsyncClient,
+    store: SqlStore,
+    policy: RetryPolicy,
+    limits: DicomwebLimits,
 ) -> ChangeSource:
-    """The incremental change source a source's settings choose."""
+    """The incremental change source a source's settings choose (``limits``: the archive's bounds)."""
     if source.change_source is ChangeSourceKind.ORTHANC and source.orthanc_url is not None:
-        feed = OrthancChangeFeed(client, str(source.orthanc_url), policy=policy)
+        feed = OrthancChangeFeed(client, str(source.orthanc_url), policy=policy, limit=limits.page())
         return FeedChangeSource(feed, store, source.name)
     return QidoWindowSource(source.poll_window_days)
 
@@ -135,7 +139,7 @@ async def open_runtime(settings: Settings, source: SourceSettings | None = None)
                 series_page_size=source.dicomweb.series_page_size,
             )
             fhir = FhirClient(fhir_http, settings.fhir.base, policy=fhir_policy, limit=fhir_limit(settings))
-            changes = change_source(source, dicomweb_http, store, policy)
+            changes = change_source(source, dicomweb_http, store, policy, dicomweb.limits)
             runtime = Runtime(settings, source, ctx, store, dicomweb, fhir, changes)
             runtime.worker = runtime.new_worker(settings.sync_concurrency)
             yield runtime

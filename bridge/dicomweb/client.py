@@ -20,7 +20,13 @@ from bridge.dicomweb.records import (
     parse_series,
     raw_uid,
 )
-from bridge.errors import ConfigurationError, FatalUpstreamError, MappingError, UpstreamLimitError
+from bridge.errors import (
+    ConfigurationError,
+    FatalUpstreamError,
+    MappingError,
+    UpstreamError,
+    UpstreamLimitError,
+)
 from bridge.http import RetryPolicy, json_body, send, where
 from bridge.limits import CallLimit, DicomwebLimits
 from bridge.sync.protocols import SeriesOutcome
@@ -29,11 +35,11 @@ logger = logging.getLogger(__name__)
 
 SERVICE = "dicomweb"
 ACCEPT = "application/dicom+json, application/json;q=0.9"
-STUDY_UID = "0020000D"
-SERIES_UID = "0020000E"
 _IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif"})
 # Answers meaning "not this resource or not this way": try the next one.
 _NOT_OFFERED = frozenset({400, 404, 406, 415, 501})
+STUDY_UID = "0020000D"
+SERIES_UID = "0020000E"
 
 
 class DicomwebClient:
@@ -74,7 +80,7 @@ class DicomwebClient:
         request = self._client.build_request(
             "GET",
             f"{self._base}/studies",
-            params={"limit": "1", "includefield": "0020000D"},
+            params={"limit": "1", "includefield": STUDY_UID},
             headers={"Accept": "application/dicom+json"},
         )
         await send(
@@ -194,6 +200,14 @@ class DicomwebClient:
             if len(rows) < page_size and not truncated:
                 return
             offset += len(rows)
+
+    async def reachable(self) -> bool:
+        """Whether the archive answers a one-row study query at all (after a study's call failed)."""
+        try:
+            await self._get("/studies", [("includefield", "0020000D"), ("limit", "1")])
+        except UpstreamError:
+            return False
+        return True
 
     def iter_studies(self, filters: Mapping[str, str] | None = None) -> AsyncIterator[list[DicomJson]]:
         """Pages of study-level rows (raw DICOM JSON), each study once."""

@@ -12,14 +12,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
 from bridge.errors import UpstreamLimitError
-from bridge.http import error_for_exception, error_for_response, where
-from bridge.limits import CallLimit
+from bridge.http import error_for_exception, error_for_response, json_body, where
+from bridge.limits import CallLimit, send_bounded
 
 logger = logging.getLogger(__name__)
 
@@ -145,3 +146,25 @@ async def _stream(
     # Ending quietly would tell a chunked caller the answer was complete.
     logger.warning("gateway: %s cut %s", where(answer.request), why)
     raise StreamCut(why)
+
+
+async def search_json(
+    client: httpx.AsyncClient, base: str, path: str, params: Sequence[tuple[str, str]], limit: CallLimit
+) -> list[Any]:
+    """One QIDO-RS answer of an archive as DICOM JSON rows, read whole within ``limit``."""
+    request = client.build_request(
+        "GET",
+        f"{base.rstrip('/')}/{path}",
+        params=httpx.QueryParams(tuple(params)),
+        headers={"Accept": "application/dicom+json"},
+    )
+    try:
+        answer = await send_bounded(client, request, limit, SERVICE)
+    except httpx.HTTPError as exc:
+        raise error_for_exception(exc, request, SERVICE) from exc
+    if answer.status_code == 204:
+        return []
+    if not answer.is_success:
+        raise error_for_response(answer, SERVICE)
+    body = json_body(answer, SERVICE)
+    return body if isinstance(body, list) else []

@@ -151,19 +151,6 @@ def study_uid_of(resource: Mapping[str, Any]) -> str | None:
     return None
 
 
-def subject_patient(resource: Mapping[str, Any]) -> str | None:
-    """The Patient id of an ImagingStudy's subject when it is ``Patient/{id}``, else None.
-
-    Only the relative form the bridge writes: an absolute URL may name another server's Patient with
-    the same id, so it matches no patient in context.
-    """
-    reference = (resource.get("subject") or {}).get("reference")
-    if not isinstance(reference, str):
-        return None
-    kind, _, rid = reference.partition("/")
-    return rid if kind == "Patient" and FHIR_ID.fullmatch(rid) else None
-
-
 def is_accession(identifier: Any) -> bool:
     """Whether an Identifier is typed as an accession number (v2-0203#ACSN)."""
     if not isinstance(identifier, dict):
@@ -197,6 +184,19 @@ def is_tagged(resource: Mapping[str, Any], source: str) -> bool:
     return any(
         isinstance(t, dict) and t.get("system") == BRIDGE_TAG_SYSTEM and t.get("code") == source for t in tags
     )
+
+
+def subject_patient(resource: Mapping[str, Any]) -> str | None:
+    """The Patient id of an ImagingStudy's subject when it is ``Patient/{id}``, else None.
+
+    Only the relative form the bridge writes: an absolute URL may name another server's Patient with
+    the same id, so it matches no patient in context.
+    """
+    reference = _reference(resource.get("subject"))
+    if reference is None:
+        return None
+    kind, _, rid = reference.partition("/")
+    return rid if kind == "Patient" and FHIR_ID.fullmatch(rid) else None
 
 
 def source_tags(resource: Mapping[str, Any]) -> tuple[str, ...]:

@@ -101,6 +101,10 @@ class StudySource(Protocol):
         """How series are being asked for (``list``, ``per-study``, ``undecided``), for the run record."""
         ...
 
+    async def reachable(self) -> bool:
+        """Whether the archive answers at all (asked after one study's call kept failing)."""
+        ...
+
     async def search_instances(self, study_uid: str, limit: int | None = None) -> list[InstanceRecord]:
         """The study's instances (stopping past ``limit``)."""
         ...

@@ -181,7 +181,20 @@ class Publisher:
                 await self._check_update_create()
             if self._refusal is not None:
                 raise ConfigurationError(self._refusal)
-            result = await self._fhir.update(resource, if_match=if_match)
+            try:
+                result = await self._fhir.update(resource, if_match=if_match)
+            except FatalUpstreamError as exc:
+                # A PUT with no If-Match to an id the server does not hold is a create; 404 or 405
+                # says the server will not create there (HAPI with client ids off answers 404,
+                # and its CapabilityStatement says nothing of updateCreate). Stop once, with advice.
+                if if_match is not None or exc.status not in (404, 405):
+                    raise
+                self._refusal = (
+                    f"BRIDGE_WRITE_STRATEGY: the FHIR server refused to create {resource['resourceType']} "
+                    f"by PUT to a new id ({exc.status}: it does not accept client-assigned ids); "
+                    "set it to 'conditional'"
+                )
+                raise ConfigurationError(self._refusal) from exc
         else:
             result = await self._fhir.conditional_update(resource, search)
         self.writes += 1

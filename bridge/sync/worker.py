@@ -442,8 +442,9 @@ class SyncWorker:
         if isinstance(exc, MappingError | FatalUpstreamError):
             await self._park(report, uid, exc)
         elif isinstance(exc, UpstreamUnavailableError):
-            # This study's request kept failing: park it, unless the FHIR server as a whole is down.
-            if exc.service != "fhir" or not await self._publisher.reachable():
+            # This study's request kept failing: park it, unless that upstream as a whole is down.
+            peer = self._publisher if exc.service == "fhir" else self._source
+            if not await peer.reachable():
                 raise exc
             await self._park(report, uid, exc)
         else:

@@ -1,4 +1,4 @@
-"""End-to-end sync against the real Orthanc (DICOMweb) and the Medplum-based FHIR server."""
+"""End-to-end sync against the real Orthanc (DICOMweb) and FHIR servers (Medplum; HAPI for interop tests)."""
 
 from __future__ import annotations
 
@@ -144,6 +144,32 @@ def test_a_new_study_and_a_new_series_in_an_old_study_are_picked_up(stack: Stack
     assert published[old.uid]["numberOfSeries"] == 2
     assert published[old.uid]["meta"]["versionId"] != "1"
     assert new.uid in published
+
+
+@pytest.mark.interop
+def test_a_study_changed_on_the_server_since_is_written_over_its_current_version(stack: Stack) -> None:
+    """If-Match with the remembered version fails (HAPI: 409, Medplum: 412); one re-read, one write."""
+    import httpx
+
+    specs = load_demo(stack.orthanc.dicomweb_url)
+    stack.sync()
+    old = specs[2]
+    study = _by_uid(stack)[old.uid]
+    study["note"] = [{"text": "checked by a radiographer"}]
+    edited = httpx.put(f"{stack.fhir.base_url}/ImagingStudy/{study['id']}", json=study, timeout=30)
+    assert edited.status_code == 200, edited.text
+    added = SeriesSpec("CR", "Nachaufnahme", "CHEST", instances=1, number=9, uid=generate_uid())
+    stow(stack.orthanc.dicomweb_url, build_study(StudySpec(**{**old.__dict__, "series": [added]})))
+    stack.fhir.reset_stats()
+
+    report = stack.sync()
+
+    assert (report.counts.updated, report.counts.unchanged, report.counts.parked) == (1, 5, 0)
+    stats = stack.fhir.stats()
+    assert stats["by_status"].get("409", 0) + stats["by_status"].get("412", 0) == 1
+    published = _by_uid(stack)[old.uid]
+    assert published["numberOfSeries"] == 2
+    assert published["meta"]["versionId"] == "3"
 
 
 def test_bad_studies_are_parked_with_the_attribute_while_the_rest_sync(stack: Stack) -> None:
@@ -419,3 +445,42 @@ def test_a_server_without_update_as_create_stops_with_advice_and_conditional_wri
         accepted = stack.cli("sync", "--json", fhir_url=strict.base_url, write_strategy="conditional")
         assert accepted.returncode == 0, accepted.stderr
         assert json.loads(accepted.stdout)["created"] == 6
+
+
+def test_a_series_without_modality_is_published_as_ot_and_counted(stack: Stack) -> None:
+    spec = StudySpec(patient_id="M0", issuer="HOSP-A", uid=generate_uid(), series=[SeriesSpec("OT")])
+    datasets = build_study(spec)
+    for ds in datasets:
+        del ds.Modality  # Type 1, yet missing in several real files
+    stow(stack.orthanc.dicomweb_url, datasets)
+
+    result = stack.cli("sync", "--json")
+
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["created"], summary["parked"], summary["fallbacks"]) == (1, 0, 1)
+    [study] = stack.fhir_search("ImagingStudy")
+    assert [s["modality"]["code"] for s in study["series"]] == ["OT"]
+    parked = stack.cli("sync", "--json", missing_modality="park", state_url=f"sqlite:///{stack.state_path}.2")
+    assert json.loads(parked.stdout)["parked_studies"][0]["attribute"] == "Modality"
+
+
+@pytest.mark.hapi
+@pytest.mark.parametrize("fhir_server", ["hapi"], indirect=True)
+def test_hapi_without_client_ids_stops_with_advice_and_conditional_writes_work(stack: Stack) -> None:
+    """HAPI with client ids off answers 404 to a PUT create and says nothing of updateCreate."""
+    load_demo(stack.orthanc.dicomweb_url)
+    stack.fhir.client_ids("NOT_ALLOWED")
+    try:
+        refused = stack.cli("sync")
+        assert refused.returncode == 2, refused.stderr
+        assert "BRIDGE_WRITE_STRATEGY" in refused.stderr and "conditional" in refused.stderr
+        assert stack.fhir_search("Endpoint") == [] and stack.fhir_search("ImagingStudy") == []
+
+        accepted = stack.cli("sync", "--json", write_strategy="conditional")
+        assert accepted.returncode == 0, accepted.stderr
+        assert json.loads(accepted.stdout)["created"] == 6
+        assert len(_by_uid(stack)) == 6
+        assert all(not s["id"].count("-") == 4 for s in stack.fhir_search("ImagingStudy"))  # server ids
+    finally:
+        stack.fhir.client_ids("ALPHANUMERIC")

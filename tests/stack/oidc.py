@@ -117,6 +117,8 @@ class OidcProvider:
     def fhir_iss(self) -> str:
         """The ``iss`` of an EHR launch: its smart-configuration is served below it."""
         return f"{self.issuer}/fhir"
+
+    @property
     def jwks_url(self) -> str:
         return f"{self.issuer}/jwks"
 

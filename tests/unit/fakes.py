@@ -29,6 +29,7 @@ class FakeSource:
         self.fail_listing: Exception | None = None
         self.list_matching = False  # answer search_series_many (one "query" per call), as Orthanc can
         self.list_calls: list[list[str]] = []
+        self.fail_series: dict[str, Exception] = {}  # by study UID
 
     def add(self, study: DicomJson, series: list[DicomJson]) -> None:
         uid = study["0020000D"]["Value"][0] if "0020000D" in study else f"row-{len(self.studies)}"
@@ -51,8 +52,14 @@ class FakeSource:
             if page:
                 yield page
 
+    async def reachable(self) -> bool:
+        self.queries.append("/studies?limit=1")
+        return self.fail_listing is None
+
     async def search_series(self, study_uid: str) -> list[SeriesRecord]:
         self.series_calls.append(study_uid)
+        if study_uid in self.fail_series:
+            raise self.fail_series[study_uid]
         self.queries.append(f"/studies/{study_uid}/series")
         return [parse_series(row) for row in self.series.get(study_uid, [])]
 

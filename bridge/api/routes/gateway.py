@@ -31,9 +31,8 @@ from bridge.config import Settings
 from bridge.errors import NoUsableEndpointError, StudyNotFoundError
 from bridge.gateway import qido
 from bridge.gateway.paths import DicomwebPath, parse
-from bridge.gateway.proxy import SERVICE, forward, request_headers
-from bridge.http import error_for_exception, error_for_response, json_body
-from bridge.limits import CallLimit, DicomwebLimits, send_bounded
+from bridge.gateway.proxy import forward, request_headers, search_json
+from bridge.limits import CallLimit, DicomwebLimits
 from bridge.resolve.links import WITHDRAWN, StudyLocation, normalize_base, study_uid_of, subject_patient
 from bridge.resolve.resolver import Resolver, TtlCache
 from bridge.upstream import http_client
@@ -129,7 +128,7 @@ async def _archives(app: FastAPI) -> AsyncIterator[None]:
 router = APIRouter(prefix="/dicom-web", tags=["dicomweb"], include_in_schema=False, lifespan=_archives)
 
 
-def _gateway(request: Request) -> Gateway:
+async def _gateway(request: Request) -> Gateway:
     found: Gateway | None = getattr(request.app.state, "gateway", None)
     if found is None:  # only outside the lifespan, i.e. a wiring mistake
         raise RuntimeError("the gateway's lifespan has not run")
@@ -181,7 +180,15 @@ async def _search_across(
             return await _stream(archive, f"{archive.base.rstrip('/')}/{route.path}", request, g.limit)
         rows = []
         for archive in g.archives:
-            rows.extend(await _rows(archive, route.path, list(request.query_params.multi_items())))
+            rows.extend(
+                await search_json(
+                    archive.client,
+                    archive.base,
+                    route.path,
+                    list(request.query_params.multi_items()),
+                    archive.limits.page(),
+                )
+            )
         return _json(rows)
     patient = patient_limit(who)
     decision = decide(who, patient)
@@ -200,7 +207,9 @@ async def _search_across(
             identifiers, default_system=archive.default_system, issuer_systems=archive.issuer_systems
         )
         for key in keys:
-            for row in await _rows(archive, route.path, qido.query_params(given, key)):
+            for row in await search_json(
+                archive.client, archive.base, route.path, qido.query_params(given, key), archive.limits.page()
+            ):
                 if qido.keep(row, key, studies):
                     kept.setdefault(qido.row_key(row), row)
     rows = list(kept.values())
@@ -214,27 +223,6 @@ def _json(rows: Sequence[Any]) -> Response:
         media_type=DICOM_JSON,
         headers={"Cache-Control": "no-store"},
     )
-
-
-async def _rows(archive: Archive, path: str, params: list[tuple[str, str]]) -> list[Any]:
-    """One QIDO-RS answer of an archive, read whole within its page bound."""
-    client = archive.client
-    request = client.build_request(
-        "GET",
-        f"{archive.base.rstrip('/')}/{path}",
-        params=httpx.QueryParams(tuple(params)),
-        headers={"Accept": DICOM_JSON},
-    )
-    try:
-        answer = await send_bounded(client, request, archive.limits.page(), SERVICE)
-    except httpx.HTTPError as exc:
-        raise error_for_exception(exc, request, SERVICE) from exc
-    if answer.status_code == 204:
-        return []
-    if not answer.is_success:
-        raise error_for_response(answer, SERVICE)
-    body = json_body(answer, SERVICE)
-    return body if isinstance(body, list) else []
 
 
 async def _patient(r: Resolver, patient: str) -> tuple[tuple[tuple[str, str], ...], frozenset[str]]:

@@ -402,3 +402,16 @@ async def test_the_gateway_can_be_turned_off(tmp_path: Path) -> None:
     async with gateway(tmp_path, world, gateway=False) as api:
         answer = await api.get(f"/dicom-web/studies/{UID_1}/metadata", headers={"X-API-Key": "machine-key-1"})
     assert answer.status_code == 404
+
+
+async def test_links_and_viewer_of_another_patients_study_are_403_and_audited(tmp_path: Path) -> None:
+    world = World()
+    async with gateway(tmp_path, world, audit="fhir", audit_flush_interval=3600) as api:
+        links = await api.get(f"/studies/{UID_2}/links", headers=bearer(**PATIENT_1))
+        viewer = await api.get("/imaging-studies/s2/viewer", headers=bearer(**PATIENT_1))
+        own = await api.get(f"/studies/{UID_1}/links", headers=bearer(**PATIENT_1))
+        await api.app.state.services.audit.flush()  # type: ignore[attr-defined]
+    assert (links.status_code, viewer.status_code, own.status_code) == (403, 403, 200)
+    events = [e["resource"] for b in world.audit_bundles for e in b["entry"]]
+    seen = sorted((e["subtype"][1]["code"], e["outcome"]) for e in events)
+    assert seen == [("links", "0"), ("links", "4"), ("viewer", "4")]

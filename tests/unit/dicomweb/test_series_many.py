@@ -8,10 +8,10 @@ import httpx
 import pytest
 
 from bridge.dicomweb.client import DicomwebClient
+from bridge.dicomweb.query import SeriesQuery
 from bridge.errors import ConfigurationError, MappingError, UpstreamLimitError
 from bridge.http import RetryPolicy
 from bridge.limits import DicomwebLimits
-from bridge.dicomweb.query import SeriesQuery
 from tests.builders import element, series_row, uid
 
 pytestmark = pytest.mark.anyio
