@@ -126,6 +126,14 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="record `bridge serve` with py-spy (collapsed stacks) during each cached run",
+    )
+    parser.add_argument(
+        "--profile-dir", type=Path, default=Path("/tmp/bridge-bench/resolver-profiles"), help="where they go"
+    )
     args = parser.parse_args()
     wrk = shutil.which("wrk")
     if wrk is None:
@@ -178,6 +186,29 @@ def main() -> int:
                         httpx.get(server.url + path, timeout=30)
                     fhir.reset_stats()
                     script = _wrk_script(paths, workdir)
+                    spy = None
+                    if args.profile and mode == "cached":
+                        args.profile_dir.mkdir(parents=True, exist_ok=True)
+                        out = args.profile_dir / f"serve-{mode}-{kind}.pyspy.txt"
+                        spy = subprocess.Popen(
+                            [
+                                str(Path(sys.executable).with_name("py-spy")),
+                                "record",
+                                "--rate",
+                                "250",
+                                "--format",
+                                "raw",
+                                "--duration",
+                                str(args.duration),
+                                "--pid",
+                                str(server.process.pid),
+                                "-o",
+                                str(out),
+                            ],  # fmt: skip
+                            stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL,
+                        )
+                        print(f"  profile: {out}")
                     run = subprocess.run(
                         [
                             wrk,
@@ -193,6 +224,8 @@ def main() -> int:
                         text=True,
                         check=True,
                     )
+                    if spy is not None:
+                        spy.wait(timeout=60)
                     result = _parse_wrk(run.stdout)
                     fhir_requests = fhir.stats().get("requests", "?")
                     print(
