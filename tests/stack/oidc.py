@@ -116,6 +116,8 @@ class OidcProvider:
     @property
     def jwks_url(self) -> str:
         return f"{self.issuer}/jwks"
+
+    @property
     def fhir_iss(self) -> str:
         """The ``iss`` of an EHR launch: its smart-configuration is served below it."""
         return f"{self.issuer}/fhir"

@@ -44,7 +44,10 @@ async def test_invented_methods_and_paths_share_one_label_each(api: httpx.AsyncC
     assert 'method="other"' in text
     assert "aaaa" not in text
     labels = set(re.findall(r"^bridge_http_requests_total\{([^}]*)\}", text, re.MULTILINE))
-    assert len(labels) < 10, labels
+    # The registry is the process's: other tests' routes are in it too. These 80 requests add at
+    # most one label per (method kind, route, status), never one per method or path.
+    ours = {label for label in labels if 'method="other"' in label or 'route="unmatched"' in label}
+    assert len(ours) <= 4, ours
 
 
 async def test_every_answer_says_nosniff(api: httpx.AsyncClient) -> None:
