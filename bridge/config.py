@@ -40,6 +40,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from bridge.dicomweb.query import SeriesQuery
 from bridge.errors import ConfigurationError
 from bridge.mapping.identity import UnmappedIssuer
 from bridge.sync.policy import (
@@ -224,6 +225,19 @@ class ArchiveSettings(UpstreamSettings):
     max_series: int = Field(
         default=10_000, ge=1, description="Studies with more series are parked, naming this setting"
     )
+    series_query: SeriesQuery = Field(
+        default=SeriesQuery.AUTO,
+        description=(
+            "Series of a page of studies: list (one StudyInstanceUID=a,b,... query per page), "
+            "per-study, or auto (list if the archive's first answer proves it matches UID lists)"
+        ),
+    )
+    series_list_size: int = Field(
+        default=100, ge=2, le=500, description="Most studies named in one UID-list series query"
+    )
+    series_page_size: int = Field(
+        default=1000, ge=1, le=10_000, description="QIDO-RS page size of UID-list series queries"
+    )
 
     @property
     def public_base(self) -> str:
@@ -240,6 +254,15 @@ class FhirServerSettings(UpstreamSettings):
     )
     max_response_bytes: int = Field(
         default=64 * 1024 * 1024, ge=1024, description="Largest answer from the FHIR server, in bytes"
+    )
+    batch_size: int = Field(
+        default=100,
+        ge=0,
+        le=1000,
+        description=(
+            "Writes per FHIR batch Bundle (one per page of changed studies); 0 writes study by "
+            "study. Used only if the CapabilityStatement lists batch; halved on 413"
+        ),
     )
 
 

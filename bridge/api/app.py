@@ -20,6 +20,7 @@ from bridge.api.ondemand import OnDemandGate
 from bridge.api.readiness import ReadinessProbe
 from bridge.api.routes import failures, gateway, health, iid, links, login, metrics, record, sync, viewer
 from bridge.api.security import Authenticator
+from bridge.api.session import StoreBackend
 from bridge.audit.trail import AuditTrail, running
 from bridge.config import Settings, UpstreamSettings, get_settings
 from bridge.dicomweb.client import DicomwebClient
@@ -134,6 +135,11 @@ def create_app(
                 services.authenticator.jwks.client = await stack.enter_async_context(
                     _client(settings, None, None, transport)
                 )
+            if getattr(app.state, "sessions", None) is not None:
+                if store is not None:  # shared by every replica
+                    app.state.sessions.backend = StoreBackend(store)
+                else:
+                    logger.warning("browser sessions kept in memory: this replica alone knows them")
             if getattr(app.state, "oidc", None) is not None:  # browser login: identity providers, EHRs
                 oidc_http = _client(settings, None, None, transport)
                 app.state.oidc.http = await stack.enter_async_context(oidc_http)

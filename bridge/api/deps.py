@@ -85,10 +85,21 @@ async def caller(
 CallerDep = Annotated[Caller, Depends(caller)]
 
 
+async def unlimited_caller(who: CallerDep) -> Caller:
+    """The caller, if not limited to one patient: operators' routes (failures, on-demand sync), else 403."""
+    if who.patient is not None:
+        raise AccessDeniedError("this needs a caller not limited to one patient")
+    return who
+
+
 def allow_patient(who: Caller, patient: str | None) -> None:
-    """AccessDeniedError unless ``who`` may see data of Patient ``patient`` (FHIR id; None: unknown)."""
-    if who.patient is not None and patient != who.patient:
-        raise AccessDeniedError("this session or token is limited to another patient")
+    """AccessDeniedError unless ``who`` may see data of Patient ``patient`` (FHIR id; None: unknown).
+
+    The one rule of bridge/api/access.py: the patient in context, then the SMART scopes.
+    """
+    decision = decide(who, patient)
+    if not decision.allowed:
+        raise AccessDeniedError(decision.reason)
 
 
 FhirId = Annotated[

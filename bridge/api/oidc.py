@@ -214,6 +214,10 @@ class OidcClient:
             raise LoginError("the ID token is from another issuer", status=502) from None
         except (jwt.PyJWTError, TypeError, ValueError):
             raise LoginError("the ID token's signature or claims are invalid", status=502) from None
+        audience = claims.get("aud")
+        if isinstance(audience, list) and len(audience) > 1 and claims.get("azp") != self.client_id:
+            # OpenID Connect Core 3.1.3.7: with several audiences, this client must be the authorized party
+            raise LoginError("the ID token is for another client", status=502)
         given = claims.get("nonce")
         if not isinstance(given, str) or not hmac.compare_digest(given.encode(), nonce.encode()):
             raise LoginError("the ID token's nonce does not match this login", status=502)

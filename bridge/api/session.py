@@ -1,8 +1,10 @@
 """Browser sessions: an opaque random id in a cookie; who logged in, and for which patient, kept server-side.
 
-Sessions live in this process's memory: one replica, or replicas behind sticky sessions (a session
-made on one replica is unknown to another, whose pages then send the browser to log in again).
-The store keys sessions by a hash of the cookie value, so what it holds cannot be replayed as a cookie.
+Sessions and logins under way are kept in the state store (``browser_sessions``), so every API
+replica knows every session and a login may come back to any replica; in memory only when the
+store cannot be opened (then one replica, or sticky sessions). Entries are keyed by the SHA-256
+of the cookie value or OAuth ``state``, so what the store holds cannot be replayed as a cookie,
+and they hold who logged in, never a token.
 """
 
 from __future__ import annotations
@@ -11,23 +13,26 @@ import hashlib
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Protocol
 
+import anyio.to_thread
 from fastapi import Request, Response
 
-from bridge.api.errors import AuthenticationError
+from bridge.api.errors import AuthenticationError, RateLimitedError
 from bridge.api.exposure import is_loopback
 from bridge.api.security import Caller
 from bridge.config import Settings
+from bridge.state.store import SqlStore
 
 COOKIE = "bridge_session"
-MAX_SESSIONS = 10_000  # the oldest is dropped beyond this: memory stays bounded whoever logs in
-MAX_PENDING = 10_000  # logins started and not finished
+SESSION = "session"
+LOGIN = "login"
+MAX_SESSIONS = 10_000  # in memory: the oldest is dropped beyond this
+MAX_PENDING = 10_000  # logins started and not finished; beyond this /login answers 429
 PENDING_TTL = 600.0  # seconds a browser may spend at the identity provider
-
-T = TypeVar("T")
+PURGE_EVERY = 60.0  # seconds between sweeps of expired sessions from the store
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +43,6 @@ class SessionData:
     patient: str | None  # FHIR Patient id the session is limited to (EHR launch), None: not limited
     scopes: frozenset[str]
     client_id: str | None
-    expires_at: float  # the store's clock
 
     def caller(self) -> Caller:
         """The session as the API's caller."""
@@ -46,93 +50,196 @@ class SessionData:
             "session", self.subject, patient=self.patient, scopes=self.scopes, client_id=self.client_id
         )
 
+    def to_json(self) -> dict[str, Any]:
+        """As stored."""
+        return {
+            "subject": self.subject,
+            "patient": self.patient,
+            "scopes": sorted(self.scopes),
+            "client_id": self.client_id,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> SessionData:
+        """As read back from the store."""
+
+        def text(name: str) -> str | None:
+            value = data.get(name)
+            return value if isinstance(value, str) else None
+
+        scopes = data.get("scopes")
+        return cls(
+            text("subject"),
+            text("patient"),
+            frozenset(s for s in scopes if isinstance(s, str)) if isinstance(scopes, list) else frozenset(),
+            text("client_id"),
+        )
+
+
+class SessionBackend(Protocol):
+    """Where entries live: blocking calls (the store), or in memory."""
+
+    threaded: bool  # whether calls block and so run in a worker thread
+
+    def put(
+        self, key: str, kind: str, data: dict[str, Any], expires_at: float, now: float, limit: int
+    ) -> bool:
+        """Store an entry; False when ``limit`` live entries of ``kind`` exist already."""
+        ...
+
+    def get(self, key: str, kind: str, now: float) -> dict[str, Any] | None:
+        """The live entry, or None."""
+        ...
+
+    def take(self, key: str, kind: str, now: float) -> dict[str, Any] | None:
+        """The live entry, removed (at most once)."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Forget an entry."""
+        ...
+
+    def purge(self, now: float) -> None:
+        """Drop expired entries."""
+        ...
+
+
+class MemoryBackend:
+    """Entries in this process only: bounded, the oldest dropped first."""
+
+    threaded = False
+
+    def __init__(self) -> None:
+        self._items: OrderedDict[str, tuple[str, float, dict[str, Any]]] = OrderedDict()
+
+    def put(
+        self, key: str, kind: str, data: dict[str, Any], expires_at: float, now: float, limit: int
+    ) -> bool:
+        """Store an entry, dropping the oldest of its kind beyond ``limit``."""
+        self.purge(now)
+        mine = [k for k, (kd, _, _) in self._items.items() if kd == kind]
+        for old in mine[: max(0, len(mine) - limit + 1)]:
+            del self._items[old]
+        self._items[key] = (kind, expires_at, data)
+        return True
+
+    def get(self, key: str, kind: str, now: float) -> dict[str, Any] | None:
+        """The live entry, or None."""
+        found = self._items.get(key)
+        if found is None or found[0] != kind or found[1] <= now:
+            return None
+        return found[2]
+
+    def take(self, key: str, kind: str, now: float) -> dict[str, Any] | None:
+        """The live entry, removed."""
+        found = self.get(key, kind, now)
+        self._items.pop(key, None)
+        return found
+
+    def delete(self, key: str) -> None:
+        """Forget an entry."""
+        self._items.pop(key, None)
+
+    def purge(self, now: float) -> None:
+        """Drop expired entries."""
+        for key in [k for k, (_, expires, _) in self._items.items() if expires <= now]:
+            del self._items[key]
+
+
+class StoreBackend:
+    """Entries in the state store's ``browser_sessions`` table, shared by every replica."""
+
+    threaded = True
+
+    def __init__(self, store: SqlStore) -> None:
+        self._store = store
+
+    def put(
+        self, key: str, kind: str, data: dict[str, Any], expires_at: float, now: float, limit: int
+    ) -> bool:
+        """Store an entry; False beyond ``limit`` live entries of its kind."""
+        return self._store.put_browser_session(key, kind, data, expires_at, now=now, limit=limit)
+
+    def get(self, key: str, kind: str, now: float) -> dict[str, Any] | None:
+        """The live entry, or None."""
+        return self._store.browser_session(key, kind, now)
+
+    def take(self, key: str, kind: str, now: float) -> dict[str, Any] | None:
+        """The live entry, removed."""
+        return self._store.take_browser_session(key, kind, now)
+
+    def delete(self, key: str) -> None:
+        """Forget an entry."""
+        self._store.end_browser_session(key)
+
+    def purge(self, now: float) -> None:
+        """Drop expired entries."""
+        self._store.purge_browser_sessions(now)
+
 
 def _digest(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
 
 
-class _Expiring(Generic[T]):
-    """A bounded map of entries that expire, keyed by the digest of a random handle."""
+class SessionStore:
+    """Sessions by cookie value, and logins under way by their OAuth ``state``."""
 
-    def __init__(self, limit: int, clock: Callable[[], float]) -> None:
-        self._items: OrderedDict[str, tuple[float, T]] = OrderedDict()
-        self._limit = limit
+    def __init__(
+        self,
+        max_age: float,
+        backend: SessionBackend | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.max_age = max_age
+        self.backend: SessionBackend = backend or MemoryBackend()
         self._clock = clock
+        self._purged = clock()
 
-    def put(self, item: T, expires_at: float) -> str:
+    async def _call(self, function: Callable[..., Any], *args: Any) -> Any:
+        if self.backend.threaded:
+            return await anyio.to_thread.run_sync(function, *args)
+        return function(*args)
+
+    async def create(self, data: SessionData) -> str:
+        """A new session; returns the cookie value (a fresh random id: no session fixation)."""
+        now = self._clock()
+        if now - self._purged > PURGE_EVERY:
+            self._purged = now
+            await self._call(self.backend.purge, now)
         handle = secrets.token_urlsafe(32)
-        self._purge()
-        while len(self._items) >= self._limit:
-            self._items.popitem(last=False)
-        self._items[_digest(handle)] = (expires_at, item)
+        await self._call(
+            self.backend.put, _digest(handle), SESSION, data.to_json(), now + self.max_age, now, MAX_SESSIONS
+        )
         return handle
 
-    def get(self, handle: str) -> T | None:
-        found = self._items.get(_digest(handle))
-        if found is None:
-            return None
-        if found[0] <= self._clock():
-            self._items.pop(_digest(handle), None)
-            return None
-        return found[1]
-
-    def pop(self, handle: str) -> T | None:
-        found = self.get(handle)
-        self._items.pop(_digest(handle), None)
-        return found
-
-    def _purge(self) -> None:
-        now = self._clock()
-        for key in [k for k, (expires, _) in self._items.items() if expires <= now]:
-            del self._items[key]
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
-class SessionStore(Generic[T]):
-    """Sessions by cookie value, and logins under way (``T``) by their OAuth ``state``."""
-
-    def __init__(self, max_age: float, clock: Callable[[], float] = time.time) -> None:
-        self.max_age = max_age
-        self._clock = clock
-        self._sessions: _Expiring[SessionData] = _Expiring(MAX_SESSIONS, clock)
-        self._pending: _Expiring[T] = _Expiring(MAX_PENDING, clock)
-
-    def create(
-        self,
-        *,
-        subject: str | None,
-        patient: str | None,
-        scopes: frozenset[str],
-        client_id: str | None,
-        lifetime: float | None = None,
-    ) -> str:
-        """A new session; returns the cookie value (a fresh random id: no session fixation)."""
-        age = self.max_age if lifetime is None else min(self.max_age, lifetime)
-        data = SessionData(subject, patient, scopes, client_id, self._clock() + age)
-        return self._sessions.put(data, data.expires_at)
-
-    def get(self, session_id: str) -> SessionData | None:
+    async def get(self, session_id: str) -> SessionData | None:
         """The live session with this id, or None (unknown, ended or expired)."""
-        return self._sessions.get(session_id)
+        found = await self._call(self.backend.get, _digest(session_id), SESSION, self._clock())
+        return SessionData.from_json(found) if found is not None else None
 
-    def end(self, session_id: str) -> None:
+    async def end(self, session_id: str) -> None:
         """Forget a session (logout)."""
-        self._sessions.pop(session_id)
+        await self._call(self.backend.delete, _digest(session_id))
 
-    def begin_login(self, pending: T) -> str:
-        """Remember a login under way; returns its ``state``."""
-        return self._pending.put(pending, self._clock() + PENDING_TTL)
+    async def begin_login(self, pending: dict[str, Any]) -> str:
+        """Remember a login under way; returns its ``state``, or 429 when too many are under way."""
+        state = secrets.token_urlsafe(32)
+        now = self._clock()
+        stored = await self._call(
+            self.backend.put, _digest(state), LOGIN, pending, now + PENDING_TTL, now, MAX_PENDING
+        )
+        if not stored:
+            raise RateLimitedError(
+                "too many logins under way; try again shortly", retry_after=PENDING_TTL / 10
+            )
+        return state
 
-    def finish_login(self, state: str) -> T | None:
+    async def finish_login(self, state: str) -> dict[str, Any] | None:
         """The login under way with this ``state``, at most once."""
-        return self._pending.pop(state)
-
-    @property
-    def count(self) -> int:
-        """Live sessions (for tests and metrics)."""
-        return len(self._sessions)
+        found: dict[str, Any] | None = await self._call(
+            self.backend.take, _digest(state), LOGIN, self._clock()
+        )
+        return found
 
 
 def cookie_secure(settings: Settings) -> bool:
@@ -167,23 +274,23 @@ def clear_session_cookie(response: Response, settings: Settings) -> None:
     )
 
 
-def session_store(request: Request) -> SessionStore[object] | None:
+def session_store(request: Request) -> SessionStore | None:
     """The app's session store, None when login is not configured."""
-    store: SessionStore[object] | None = getattr(request.app.state, "sessions", None)
+    store: SessionStore | None = getattr(request.app.state, "sessions", None)
     return store
 
 
 async def session_caller(request: Request) -> Caller | None:
     """The caller of the request's session cookie; None when there is no cookie or no login.
 
-    A cookie naming no live session (expired, ended, or made by another replica) is a 401, so a
-    viewer mid-way gets "log in again" rather than an archive error.
+    A cookie naming no live session (expired or ended) is a 401, so a viewer mid-way gets
+    "log in again" rather than an archive error.
     """
     store = session_store(request)
     session_id = request.cookies.get(COOKIE)
     if store is None or not session_id:
         return None
-    found = store.get(session_id)
+    found = await store.get(session_id)
     if found is None:
         raise AuthenticationError("the session has expired or ended; log in again")
     return found.caller()

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Integer, String, Text, false
+from sqlalchemy import JSON, Boolean, DateTime, Float, Integer, String, Text, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # Bumped by every migration (bridge/state/migrations) so a bridge older than the store refuses it.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 class Base(DeclarativeBase):
@@ -114,3 +115,16 @@ class AuditBacklog(Base):
     body: Mapped[str] = mapped_column(Text)  # the AuditEvent as R4 JSON
     recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class BrowserSession(Base):
+    """A browser session, or a login under way, by the SHA-256 of its cookie value or OAuth state.
+
+    Kept here so that every API replica knows every session; never a token, only who logged in.
+    """
+
+    __tablename__ = "browser_sessions"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), index=True)  # "session" | "login"
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    expires_at: Mapped[float] = mapped_column(Float, index=True)  # seconds since the epoch

@@ -241,3 +241,36 @@ def test_clickthrough_with_login_in_chromium(
     assert "session opened (launch)" in logged
     for secret in (PASSWORD, CLIENT_SECRET, jane, john, "Doe", "Smith", "eyJ"):
         assert secret not in logged
+
+
+def test_invoke_image_display_opens_the_viewer_or_the_record(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    specs: list[StudySpec] = load_demo(stack.orthanc.dicomweb_url)
+    assert stack.sync().counts.parked == 0
+    ct = next(s for s in specs if s.description == "CT Chest Abdomen with contrast")
+    jane = _patient_id(stack, "Doe", HOSP_A)
+    (mrn,) = [i["value"] for i in stack.fhir_read(f"Patient/{jane}")["identifier"] if i["system"] == HOSP_A]
+    oid = HOSP_A.removeprefix("urn:oid:")
+    with (
+        login_stack(stack, monkeypatch) as (api, _idp),
+        httpx.Client(follow_redirects=True, timeout=30) as browser,
+    ):
+        html = {"Accept": "text/html"}
+        iid = f"{api}/IHEInvokeImageDisplay"
+        form = browser.get(
+            iid, params={"requestType": "PATIENT", "patientID": f"{mrn}^^^&{oid}&ISO"}, headers=html
+        )
+        record = _sign_in(browser, form)  # logged in, the browser is back at its IID request, then the record
+        study = browser.get(
+            iid, params={"requestType": "STUDY", "studyUID": ct.uid}, headers=html, follow_redirects=False
+        )
+        unmapped = browser.get(iid, params={"requestType": "PATIENT", "patientID": f"{mrn}^^^&1.2.3.999&ISO"})
+        bad = browser.get(iid, params={"requestType": "SERIES", "studyUID": ct.uid})
+    # Smith^John has the same Patient ID under HOSP-B: the issuer picks Jane, exactly
+    assert str(record.url) == f"{api}/record/patients/{jane}" and "CT Chest" in record.text
+    assert study.status_code == 302 and re.fullmatch(
+        r"/imaging-studies/[A-Za-z0-9\-.]+/viewer", study.headers["location"]
+    )
+    assert unmapped.status_code == 404  # an OID no Patient of this ID is under: nobody, never a guess
+    assert bad.status_code == 400 and "requestType" in bad.json()["issue"][0]["diagnostics"]

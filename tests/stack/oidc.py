@@ -87,10 +87,10 @@ class OidcProvider:
         ttl: dict[str, int] | None = None,
         introspector_secret: str = "introspector-secret",
         log_path: Path | None = None,
-        resource: dict[str, str] | None = None,
-        patients: dict[str, str] | None = None,
         users: dict[str, str] | None = None,
         launches: dict[str, str] | None = None,
+        resource: dict[str, str] | None = None,
+        patients: dict[str, str] | None = None,
     ) -> None:
         """``resource`` ({"audience", "scopes"}) makes access tokens JWTs for that audience;
         ``patients`` (client id -> Patient id) gives a client's tokens a ``patient`` claim."""
@@ -98,10 +98,10 @@ class OidcProvider:
         self.clients = [*clients, secret_client(INTROSPECTOR_ID, introspector_secret)]
         self.scopes = scopes or []
         self.ttl = ttl or {}
-        self.resource = resource
-        self.patients = patients or {}
         self.users = users or {}
         self.launches = launches or {}
+        self.resource = resource
+        self.patients = patients or {}
         self.port = 0
         self.log_path = log_path
         self._owns_log = log_path is None
@@ -114,13 +114,13 @@ class OidcProvider:
         return f"http://127.0.0.1:{self.port}"
 
     @property
-    def jwks_url(self) -> str:
-        return f"{self.issuer}/jwks"
-
-    @property
     def fhir_iss(self) -> str:
         """The ``iss`` of an EHR launch: its smart-configuration is served below it."""
         return f"{self.issuer}/fhir"
+
+    @property
+    def jwks_url(self) -> str:
+        return f"{self.issuer}/jwks"
 
     @property
     def token_url(self) -> str:
@@ -146,13 +146,13 @@ class OidcProvider:
                     "scopes": self.scopes,
                     "ttl": self.ttl,
                     "introspector": INTROSPECTOR_ID,
-                    "resource": self.resource,
-                    "patients": self.patients,
                     "users": {
                         login: {"password": password, "fhirUser": f"Practitioner/{login}"}
                         for login, password in self.users.items()
                     },
                     "launches": self.launches,
+                    "resource": self.resource,
+                    "patients": self.patients,
                 },
                 handle,
             )

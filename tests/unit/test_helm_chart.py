@@ -125,6 +125,16 @@ def test_anonymous_api_renders_only_when_asked_for_explicitly() -> None:
     assert objects(*NO_AUTH, "--set", "api.enabled=false")  # a worker alone serves no patient data
 
 
+def test_browser_login_counts_as_authentication() -> None:
+    login = [
+        "--set", "config.oidc_issuer=https://idp.example", "--set", "config.oidc_client_id=bridge",
+        "--set", "config.public_url=https://bridge.example",
+    ]
+    env = _environment(objects(*NO_AUTH, *login))
+    assert env["BRIDGE_OIDC_ISSUER"] == "https://idp.example"
+    assert env["BRIDGE_PUBLIC_URL"] == "https://bridge.example"
+
+
 def test_combined_mode_renders_one_deployment_running_both() -> None:
     docs = objects(*MINIMAL, "--set", "mode=combined", "--set", "api.replicas=1")
     validate_all(docs)

@@ -27,7 +27,7 @@ from bridge.api.deps import CallerDep, ResolverDep
 from bridge.api.errors import AccessDeniedError
 from bridge.api.security import Caller
 from bridge.audit.events import Action
-from bridge.config import Settings, SourceSettings
+from bridge.config import Settings
 from bridge.errors import NoUsableEndpointError, StudyNotFoundError
 from bridge.gateway import qido
 from bridge.gateway.paths import DicomwebPath, parse
@@ -35,7 +35,7 @@ from bridge.gateway.proxy import forward, request_headers, search_json
 from bridge.limits import CallLimit, DicomwebLimits
 from bridge.resolve.links import WITHDRAWN, StudyLocation, normalize_base, study_uid_of, subject_patient
 from bridge.resolve.resolver import Resolver, TtlCache
-from bridge.upstream import USER_AGENT, build_auth, connection_options, needs_token_client
+from bridge.upstream import http_client
 
 DICOM_JSON = "application/dicom+json"
 _MAX_CONNECTIONS = 64
@@ -80,17 +80,6 @@ class Gateway:
         raise NoUsableEndpointError(f"ImagingStudy/{study.fhir_id}: its archive is not a configured source")
 
 
-def _options(
-    app: FastAPI, settings: Settings, source: SourceSettings, limits: httpx.Limits
-) -> dict[str, Any]:
-    """The archive client's transport and auth: the network's, or the app's test transport with real auth."""
-    transport: httpx.AsyncBaseTransport | None = getattr(app.state, "transport", None)
-    if transport is None:
-        return connection_options(settings, source.dicomweb, "dicomweb", limits)
-    token_client = httpx.AsyncClient(transport=transport) if needs_token_client(source.dicomweb) else None
-    return {"transport": transport, "auth": build_auth(source.dicomweb, "dicomweb", token_client)}
-
-
 @asynccontextmanager
 async def _archives(app: FastAPI) -> AsyncIterator[None]:
     """One client per source's archive, with that archive's credentials and TLS, for the app's lifetime."""
@@ -99,13 +88,13 @@ async def _archives(app: FastAPI) -> AsyncIterator[None]:
     archives = []
     async with AsyncExitStack() as stack:
         for source in settings.each_source():
-            options = _options(app, settings, source, limits)
             client = await stack.enter_async_context(
-                httpx.AsyncClient(
-                    timeout=httpx.Timeout(settings.http_timeout),
-                    headers={"User-Agent": USER_AGENT},
-                    follow_redirects=False,
-                    **options,
+                http_client(
+                    settings,
+                    source.dicomweb,
+                    "dicomweb",
+                    limits=limits,
+                    transport=getattr(app.state, "transport", None),  # tests: the app's transport
                 )
             )
             keys = (normalize_base(source.dicomweb.public_base), normalize_base(source.dicomweb.base))

@@ -12,8 +12,9 @@ from __future__ import annotations
 import html
 import logging
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
 from fastapi import APIRouter, FastAPI, Query, Request
@@ -25,6 +26,7 @@ from bridge.api.errors import AuthenticationError
 from bridge.api.oidc import AuthServer, LoginError, OidcClient, Pkce
 from bridge.api.session import (
     COOKIE,
+    SessionData,
     SessionStore,
     clear_session_cookie,
     session_store,
@@ -46,13 +48,32 @@ _NO_STORE = {"Cache-Control": "no-store"}
 
 @dataclass(frozen=True, slots=True)
 class PendingLogin:
-    """A login under way, kept server-side under its ``state``."""
+    """A login under way, kept server-side under its ``state`` (any replica may finish it)."""
 
     kind: Literal["login", "launch"]
-    server: AuthServer
+    base: str  # the OpenID issuer (login) or the EHR's FHIR base (launch), to find the server again
     verifier: str
     nonce: str
     next: str  # a path on the bridge
+
+    def to_json(self) -> dict[str, Any]:
+        """As stored."""
+        return {
+            "kind": self.kind,
+            "base": self.base,
+            "verifier": self.verifier,
+            "nonce": self.nonce,
+            "next": self.next,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> PendingLogin | None:
+        """As read back; None when it is not one of ours."""
+        values = [data.get(name) for name in ("kind", "base", "verifier", "nonce", "next")]
+        if not all(isinstance(v, str) for v in values) or values[0] not in ("login", "launch"):
+            return None
+        kind: Literal["login", "launch"] = "launch" if values[0] == "launch" else "login"
+        return cls(kind, str(values[1]), str(values[2]), str(values[3]), str(values[4]))
 
 
 def oidc_client(settings: Settings) -> OidcClient:
@@ -76,7 +97,8 @@ def _page(title: str, body: str, status_code: int) -> HTMLResponse:
     headers = {
         **_NO_STORE,
         "X-Frame-Options": "DENY",
-        "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'; base-uri 'none'",
+        "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; "
+        "form-action 'self'",
     }
     return HTMLResponse(document, status_code=status_code, headers=headers)
 
@@ -98,7 +120,7 @@ def _client(request: Request) -> OidcClient:
     return found
 
 
-def _store(request: Request) -> SessionStore[object]:
+def _store(request: Request) -> SessionStore:
     store = session_store(request)
     assert store is not None  # the routes are installed only with login configured
     return store
@@ -119,21 +141,24 @@ async def start_login(request: Request, next_path: str) -> Response:
         server = await client.openid_server(str(settings.oidc_issuer).rstrip("/"))
     except LoginError as exc:
         return _failed(exc)
-    return _authorize(request, client, server, "login", settings.oidc_scopes, next_path, extra={})
+    issuer = str(settings.oidc_issuer).rstrip("/")
+    return await _authorize(request, client, server, "login", issuer, settings.oidc_scopes, next_path, {})
 
 
-def _authorize(
+async def _authorize(
     request: Request,
     client: OidcClient,
     server: AuthServer,
     kind: Literal["login", "launch"],
+    base: str,
     scope: str,
     next_path: str,
     extra: dict[str, str],
 ) -> RedirectResponse:
     pkce = Pkce.new()
     nonce = secrets.token_urlsafe(24)
-    state = _store(request).begin_login(PendingLogin(kind, server, pkce.verifier, nonce, next_path))
+    pending = PendingLogin(kind, base, pkce.verifier, nonce, next_path)
+    state = await _store(request).begin_login(pending.to_json())
     url = client.authorization_url(server, scope=scope, state=state, nonce=nonce, pkce=pkce, extra=extra)
     return RedirectResponse(url, status_code=302, headers=_NO_STORE)
 
@@ -177,7 +202,8 @@ async def launch(
     except LoginError as exc:
         return _failed(exc)
     extra = {"launch": launch, "aud": iss}
-    return _authorize(request, client, server, "launch", s.settings.smart_launch_scopes, DEFAULT_NEXT, extra)
+    scope = s.settings.smart_launch_scopes
+    return await _authorize(request, client, server, "launch", iss, scope, DEFAULT_NEXT, extra)
 
 
 @router.get(CALLBACK_PATH)
@@ -190,8 +216,9 @@ async def callback(
 ) -> Response:
     """Where the identity provider sends the browser back: check, open the session, go on."""
     store = _store(request)
-    pending = store.finish_login(state) if state else None
-    if not isinstance(pending, PendingLogin):
+    stored = await store.finish_login(state) if state else None
+    pending = PendingLogin.from_json(stored) if stored is not None else None
+    if pending is None:
         return _page(
             "Login expired",
             "<p>This login was not started here, was already used, or took too long. "
@@ -201,10 +228,13 @@ async def callback(
     if error is not None or not code:
         shown = error if error and error.replace("_", "").isalnum() else "no code"
         return _page("Login refused", f"<p>The identity provider answered: {html.escape(shown)}.</p>", 401)
+    client = _client(request)
     try:
-        done = await _client(request).exchange(
-            pending.server, code, verifier=pending.verifier, nonce=pending.nonce
-        )
+        if pending.kind == "launch":
+            server = await client.smart_server(pending.base)
+        else:
+            server = await client.openid_server(pending.base)
+        done = await client.exchange(server, code, verifier=pending.verifier, nonce=pending.nonce)
     except LoginError as exc:
         return _failed(exc)
     next_path = pending.next
@@ -214,25 +244,30 @@ async def callback(
         next_path = f"/record/patients/{quote(done.patient, safe='')}"
     old = request.cookies.get(COOKIE)
     if old:
-        store.end(old)
-    session_id = store.create(
-        subject=done.subject,
-        patient=done.patient,
-        scopes=done.scopes,
-        client_id=_client(request).client_id,
-    )
+        await store.end(old)
+    session_id = await store.create(SessionData(done.subject, done.patient, done.scopes, client.client_id))
     logger.info("session opened (%s)", pending.kind)
     response = RedirectResponse(_root(request) + next_path, status_code=303, headers=_NO_STORE)
     set_session_cookie(response, s.settings, session_id)
     return response
 
 
-@router.api_route("/logout", methods=["GET", "POST"])
+@router.get("/logout")
+async def logout_page(request: Request) -> Response:
+    """A button that logs out: logging out takes a POST, so another site cannot do it with a link."""
+    form = (
+        f'<form method="post" action="{html.escape(_root(request))}/logout">'
+        '<button type="submit">Log out</button></form>'
+    )
+    return _page("Log out", form, 200)
+
+
+@router.post("/logout")
 async def logout(request: Request, s: ServicesDep) -> Response:
-    """End the session here (the identity provider's own session is left as it is)."""
+    """End the session here, on every replica (the identity provider's own session is left as it is)."""
     session_id = request.cookies.get(COOKIE)
     if session_id:
-        _store(request).end(session_id)
+        await _store(request).end(session_id)
     again = (
         f'<p><a href="{html.escape(_root(request))}/login">Log in again</a></p>'
         if s.settings.oidc_issuer is not None
@@ -270,7 +305,7 @@ def install(app: FastAPI, services: Services) -> None:
     settings = services.settings
     if not settings.login_enabled:
         return
-    app.state.sessions = SessionStore[object](settings.session_max_age)
+    app.state.sessions = SessionStore(settings.session_max_age)  # the lifespan moves it into the store
     app.state.oidc = oidc_client(settings)
     app.include_router(router)
     app.add_exception_handler(AuthenticationError, _authentication_error)

@@ -11,11 +11,10 @@
 // Env: PORT (the issuer is http://127.0.0.1:PORT), OIDC_CONFIG (a JSON file written by the
 // launcher, tests/stack/oidc.py): { "clients": [client metadata...], "scopes": [...],
 // "ttl": { "<client_id>": seconds }, "users": { "<login>": { "password": ..., "fhirUser": ... } },
-// "launches": { "<launch value>": "<Patient id>" }, "resource": {...}, "patients": {...} }.
-// Tokens and replay records live in memory.
-// With "resource": { "audience": "...", "scopes": "..." }, access tokens are JWTs for that audience
-// (as a SMART app's tokens for the bridge) carrying `scope`, `client_id` and, for the clients in
-// "patients": { "<client_id>": "<Patient id>" }, the `patient` in context.
+// "launches": { "<launch value>": "<Patient id>" }, "resource": {...} }. Tokens and replay records
+// live in memory. With "resource": { "audience": "...", "scopes": "..." }, access tokens are JWTs
+// for that audience (as a SMART app's tokens for the bridge) carrying `scope`, `client_id` and, for
+// the clients in "patients": { "<client_id>": "<Patient id>" }, the `patient` in context.
 // Admin endpoints (not OAuth): GET /__admin/health, GET /__admin/stats, POST /__admin/reset-stats.
 // OIDC_PARENT_PID makes the provider exit when that process is gone.
 

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi import FastAPI
 
 from bridge.api.app import create_app
-from bridge.api.session import COOKIE, SessionStore
+from bridge.api.session import COOKIE, SessionStore, StoreBackend
 from bridge.config import Settings, load_settings
 from bridge.errors import ConfigurationError
 from bridge.resolve.links import subject_patient
@@ -154,6 +154,18 @@ class Bridge:
     app: FastAPI
     idp: FakeIdp
     fhir: FakeFhir
+    transport: httpx.MockTransport
+    settings: Settings
+
+    @asynccontextmanager
+    async def replica(self) -> AsyncIterator[httpx.AsyncClient]:
+        """Another replica of the API (same settings, same state store), with this browser's cookies."""
+        app = create_app(self.settings, transport=self.transport)
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url=PUBLIC, cookies=self.http.cookies
+            ) as http:
+                yield http
 
     async def page(self, path: str, headers: dict[str, str] | None = None, **kwargs: Any) -> httpx.Response:
         """A browser's navigation to ``path``."""
@@ -188,11 +200,13 @@ async def bridge(tmp_path: Path, **overrides: Any) -> AsyncIterator[Bridge]:
             return idp.handler(request)
         return fhir.handler(request)
 
-    app = create_app(_settings(tmp_path, **overrides), transport=httpx.MockTransport(route))
+    settings = _settings(tmp_path, **overrides)
+    mock = httpx.MockTransport(route)
+    app = create_app(settings, transport=mock)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url=PUBLIC) as http:
-            yield Bridge(http, app, idp, fhir)
+            yield Bridge(http, app, idp, fhir, mock, settings)
 
 
 async def test_a_page_without_session_goes_to_login_and_comes_back(tmp_path: Path) -> None:
@@ -235,8 +249,9 @@ async def test_the_session_is_a_session_caller_of_the_api(tmp_path: Path) -> Non
         await b.login()
         links = await b.http.get("/imaging-studies/is1/links")
         viewer = await b.page("/imaging-studies/is2/viewer")
-        store: SessionStore[object] = b.app.state.sessions
-        (session,) = [store.get(b.http.cookies[COOKIE])]
+        store: SessionStore = b.app.state.sessions
+        assert isinstance(store.backend, StoreBackend)  # in the state store: every replica knows it
+        session = await store.get(b.http.cookies[COOKIE])
     assert links.status_code == 200
     assert viewer.status_code == 302 and viewer.headers["location"].startswith("https://ohif.example")
     assert session is not None
@@ -252,6 +267,8 @@ async def test_the_session_is_a_session_caller_of_the_api(tmp_path: Path) -> Non
         ({"aud": "someone-else"}, "another client"),
         ({"iss": "https://evil.example"}, "another issuer"),
         ({"exp": int(time.time()) - 3600, "iat": int(time.time()) - 7200}, "expired"),
+        ({"aud": [CLIENT, "another-client"]}, "another client"),  # several audiences and no azp
+        ({"aud": [CLIENT, "another-client"], "azp": "another-client"}, "another client"),
     ],
 )
 async def test_an_id_token_that_does_not_check_out_opens_no_session(
@@ -263,6 +280,13 @@ async def test_an_id_token_that_does_not_check_out_opens_no_session(
         after = await b.http.get("/imaging-studies/is1/links")
     assert answer.status_code == 502 and why in answer.text
     assert "set-cookie" not in answer.headers and after.status_code == 401
+
+
+async def test_an_id_token_for_several_audiences_with_this_client_as_azp_is_accepted(tmp_path: Path) -> None:
+    async with bridge(tmp_path) as b:
+        b.idp.claims = {"aud": [CLIENT, "another-client"], "azp": CLIENT}
+        answer = await b.login()
+    assert answer.status_code == 303
 
 
 async def test_an_id_token_signed_by_another_key_opens_no_session(tmp_path: Path) -> None:
@@ -303,7 +327,8 @@ async def test_login_returns_only_to_paths_of_this_site(tmp_path: Path) -> None:
 async def test_an_expired_session_redirects_pages_and_refuses_api_calls(tmp_path: Path) -> None:
     now = [1000.0]
     async with bridge(tmp_path) as b:
-        b.app.state.sessions = SessionStore[object](60, clock=lambda: now[0])
+        shared = b.app.state.sessions.backend
+        b.app.state.sessions = SessionStore(60, backend=shared, clock=lambda: now[0])
         await b.login()
         assert (await b.http.get("/imaging-studies/is1/links")).status_code == 200
         now[0] += 61
@@ -317,6 +342,9 @@ async def test_logout_ends_the_session(tmp_path: Path) -> None:
     async with bridge(tmp_path) as b:
         await b.login()
         old = b.http.cookies[COOKIE]
+        page = await b.page("/logout")  # a link cannot log anyone out: the page asks for a POST
+        assert page.status_code == 200 and 'method="post"' in page.text
+        assert (await b.http.get("/imaging-studies/is1/links")).status_code == 200
         out = await b.http.post("/logout")
         assert out.status_code == 200 and f'{COOKIE}=""' in out.headers["set-cookie"]
         replayed = await b.http.get("/imaging-studies/is1/links", headers={"Cookie": f"{COOKIE}={old}"})
@@ -517,3 +545,60 @@ async def test_with_login_only_a_key_or_token_sent_is_refused_not_taken_as_anony
         with_session = await b.http.get("/imaging-studies/is1/links")
     assert keyed.status_code == bearer.status_code == nothing.status_code == 401
     assert with_session.status_code == 200
+
+
+async def test_replicas_sharing_the_state_store_share_sessions_and_logins(tmp_path: Path) -> None:
+    async with bridge(tmp_path) as b:
+        to_idp = await b.page("/record/patients/p1")
+        query = b.idp.authorize(to_idp.headers["location"])
+        async with b.replica() as other:
+            back = await other.get("/login/callback", params=query)  # the login comes back elsewhere
+            cookie = back.cookies[COOKIE]
+            on_first = await b.http.get(
+                "/imaging-studies/is1/links", headers={"Cookie": f"{COOKIE}={cookie}"}
+            )
+            await other.post("/logout", headers={"Cookie": f"{COOKIE}={cookie}"})
+        after = await b.http.get("/imaging-studies/is1/links", headers={"Cookie": f"{COOKIE}={cookie}"})
+    assert back.status_code == 303 and back.headers["location"] == "/record/patients/p1"
+    assert on_first.status_code == 200
+    assert after.status_code == 401  # logged out on one replica: out on all
+
+
+async def test_too_many_logins_under_way_are_refused_with_429(tmp_path: Path) -> None:
+    async with bridge(tmp_path) as b:
+        b.app.state.sessions = SessionStore(60, backend=_Full())
+        answer = await b.page("/login")
+    assert answer.status_code == 429 and "Retry-After" in answer.headers
+
+
+class _Full:
+    """A store that holds no more entries."""
+
+    threaded = False
+
+    def put(
+        self, key: str, kind: str, data: dict[str, Any], expires_at: float, now: float, limit: int
+    ) -> bool:
+        return False
+
+    def get(self, key: str, kind: str, now: float) -> dict[str, Any] | None:
+        return None
+
+    def take(self, key: str, kind: str, now: float) -> dict[str, Any] | None:
+        return None
+
+    def delete(self, key: str) -> None:
+        pass
+
+    def purge(self, now: float) -> None:
+        pass
+
+
+async def test_a_launched_session_may_not_use_the_operators_routes(tmp_path: Path) -> None:
+    async with bridge(tmp_path) as b:
+        await b.launch()
+        failures = await b.http.get("/failures")
+        sync = await b.http.post(f"/studies/{OTHER_UID}/sync")
+        keyed = await b.http.get("/failures", headers={"X-API-Key": "machine-key", "Cookie": ""})
+    assert failures.status_code == 403 and sync.status_code == 403
+    assert keyed.status_code == 200
