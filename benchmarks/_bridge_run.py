@@ -36,8 +36,10 @@ def main() -> int:
     meter = Meter()
     build = runtime.http_client
 
-    def metered_client(settings_: Any, service: Service | None = None) -> httpx.AsyncClient:
-        client = build(settings_, service)
+    def metered_client(
+        settings_: Any, upstream: Any = None, service: Service | None = None, **options: Any
+    ) -> httpx.AsyncClient:
+        client = build(settings_, upstream, service, **options)
         client.event_hooks = meter.hooks(str(service or "other"))
         return client
 

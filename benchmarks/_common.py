@@ -27,6 +27,7 @@ from pydicom.uid import generate_uid
 
 from benchmarks._meter import Meter, max_rss_mb  # noqa: F401 - re-exported
 from tests.stack.fhir import FhirTestServer
+from tests.stack.hapi import BENCHMARK_JVM_OPTIONS, HapiTestServer
 from tests.stack.orthanc import OrthancServer, ensure_installed
 from tests.stack.samples import SeriesSpec, StudySpec, build_study, stow
 
@@ -173,11 +174,22 @@ def archive(n: int, cache: Path = DEFAULT_CACHE) -> Iterator[OrthancServer]:
         server.stop()
 
 
+FHIR_ENGINES = ("medplum", "hapi")
+
+
 @contextlib.contextmanager
-def fhir_server() -> Iterator[FhirTestServer]:
-    """A fresh in-memory FHIR test server."""
-    server = FhirTestServer()
+def fhir_server(engine: str = "medplum") -> Iterator[FhirTestServer | HapiTestServer]:
+    """A fresh FHIR test server: Medplum's in-memory engine, or HAPI FHIR JPA on H2 (``hapi``)."""
+    server: FhirTestServer | HapiTestServer
+    if engine == "hapi":
+        # The JIT at full strength (the tests' launcher trades it for a quicker start).
+        server = HapiTestServer(jvm_options=BENCHMARK_JVM_OPTIONS)
+    else:
+        server = FhirTestServer()
     server.start()
+    if isinstance(server, HapiTestServer):
+        rss = (server.rss_bytes() or 0) / 2**20
+        print(f"HAPI FHIR JPA started in {server.startup_seconds:.1f} s, RSS {rss:.0f} MiB", flush=True)
     try:
         yield server
     finally:

@@ -10,12 +10,17 @@ the same order and with the same concurrency, and nothing else:
   none with ``logical``); per study, one PUT of the ImagingStudy to a client id (a UUID derived
   from the Study Instance UID), its body assembled straight from the DICOM JSON.
 
+With ``--mode page-batched`` it makes the requests of the page-batched floor instead: per page of
+studies, one series-level QIDO naming all of the page's studies (UID-list matching, paged by 1,000
+series) grouped by study, one FHIR ``batch`` Bundle of conditional Patient creates for the page's
+new patients (de-duplicated), and one ``batch`` Bundle of the page's ImagingStudy PUTs.
+
 No pydicom, no fhir.resources, no database: the difference between the bridge and this script is
 what the bridge's own work costs. It is run by ``benchmarks/sync.py`` in a child process like the
 bridge; it can also be run alone against a running archive and FHIR server.
 
 Run:  python -m benchmarks.floor --dicomweb URL --fhir URL [--concurrency 4] [--page-size 100]
-          [--patient-policy match-or-create|logical] [--json]
+          [--patient-policy match-or-create|logical] [--mode per-study|page-batched] [--json]
 """
 
 # ruff: noqa: T201 - benchmark scripts print their figures
@@ -161,6 +166,7 @@ class Floor:
         page_size: int,
         patient_policy: str,
         patient_system: str,
+        mode: str = "per-study",
     ) -> None:
         self.dicomweb, self.base = dicomweb, dicomweb_url.rstrip("/")
         self.fhir, self.fhir_base = fhir, fhir_url.rstrip("/")
@@ -169,6 +175,7 @@ class Floor:
         self.patients: dict[str, str] = {}
         self.locks: dict[str, asyncio.Lock] = {}
         self.studies = 0
+        self.mode = mode
 
     async def qido(self, path: str, fields: tuple[str, ...], offset: int) -> list[dict[str, Any]]:
         """One QIDO page."""
@@ -176,11 +183,20 @@ class Floor:
             ("limit", str(self.page_size)),
             ("offset", str(offset)),
         ]
-        response = await self.dicomweb.get(
-            f"{self.base}{path}",
-            params=params,
-            headers={"Accept": ACCEPT, "Accept-Encoding": "gzip, deflate"},
-        )
+        try:
+            response = await self.dicomweb.get(
+                f"{self.base}{path}",
+                params=params,
+                headers={"Accept": ACCEPT, "Accept-Encoding": "gzip, deflate"},
+            )
+        except httpx.TransportError:
+            # Orthanc closes a keep-alive connection left idle during a long FHIR batch; the
+            # bridge retries that too, so the floor may.
+            response = await self.dicomweb.get(
+                f"{self.base}{path}",
+                params=params,
+                headers={"Accept": ACCEPT, "Accept-Encoding": "gzip, deflate"},
+            )
         response.raise_for_status()
         return response.json() if response.content.strip() else []  # type: ignore[no-any-return]
 
@@ -224,6 +240,83 @@ class Floor:
             await self.put(imaging_study(row, series, subject, endpoint))
             self.studies += 1
 
+    async def series_of_page(self, uids: list[str]) -> dict[str, list[dict[str, Any]]]:
+        """The page's series in one UID-list query (paged by 1,000 series), grouped by study."""
+        grouped: dict[str, list[dict[str, Any]]] = {uid: [] for uid in uids}
+        offset = 0
+        while True:
+            params = [("includefield", f) for f in ("0020000D", *SERIES_FIELDS)] + [
+                ("StudyInstanceUID", ",".join(uids)),
+                ("limit", "1000"),
+                ("offset", str(offset)),
+            ]
+            response = await self.dicomweb.get(
+                f"{self.base}/series",
+                params=params,
+                headers={"Accept": ACCEPT, "Accept-Encoding": "gzip, deflate"},
+            )
+            response.raise_for_status()
+            rows = response.json() if response.content.strip() else []
+            for row in rows:
+                grouped.setdefault(_value(row, "0020000D"), []).append(row)
+            if len(rows) < 1000:
+                return grouped
+            offset += len(rows)
+
+    async def batch(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """POST one batch Bundle; its answer entries."""
+        bundle = {"resourceType": "Bundle", "type": "batch", "entry": entries}
+        response = await self.fhir.post(
+            self.fhir_base,
+            content=json.dumps(bundle).encode(),
+            headers={"Accept": FHIR_JSON, "Content-Type": FHIR_JSON, "Prefer": "return=minimal"},
+        )
+        response.raise_for_status()
+        answer: list[dict[str, Any]] = response.json().get("entry", [])
+        return answer
+
+    async def page_batched(self, rows: list[dict[str, Any]], endpoint: str) -> None:
+        """One page: one series query, one batch of Patients, one batch of ImagingStudies."""
+        series = await self.series_of_page([_value(r, "0020000D") for r in rows])
+        if self.policy != "logical":
+            new: dict[str, dict[str, Any]] = {}
+            for row in rows:
+                pid = _value(row, "00100020")
+                if pid not in self.patients and pid not in new:
+                    new[pid] = row
+            if new:
+                answers = await self.batch(
+                    [
+                        {
+                            "resource": patient(row, self.system),
+                            "request": {
+                                "method": "POST",
+                                "url": "Patient",
+                                "ifNoneExist": urlencode({"identifier": f"{self.system}|{pid}"}),
+                            },
+                        }
+                        for pid, row in new.items()
+                    ]
+                )
+                for pid, answer in zip(new, answers, strict=True):
+                    parts = answer["response"]["location"].split("/")
+                    self.patients[pid] = (
+                        parts[parts.index("_history") - 1] if "_history" in parts else parts[-1]
+                    )
+        entries = []
+        for row in rows:
+            resource_ = imaging_study(
+                row, series.get(_value(row, "0020000D"), []), await self.subject(row), endpoint
+            )
+            entries.append(
+                {
+                    "resource": resource_,
+                    "request": {"method": "PUT", "url": f"ImagingStudy/{resource_['id']}"},
+                }
+            )
+        await self.batch(entries)
+        self.studies += len(rows)
+
     async def run(self) -> None:
         """The whole pass."""
         endpoint_id = str(uuid.uuid5(NAMESPACE, "endpoint"))
@@ -249,6 +342,13 @@ class Floor:
         offset = 0
         while True:
             rows = await self.qido("/studies", STUDY_FIELDS, offset)
+            if self.mode == "page-batched":
+                if rows:
+                    await self.page_batched(rows, endpoint)
+                if len(rows) < self.page_size:
+                    return
+                offset += len(rows)
+                continue
             async with asyncio.TaskGroup() as group:
                 for row in rows:
                     group.create_task(self.study(row, endpoint, limit))
@@ -276,6 +376,7 @@ async def sync(
             page_size=args.page_size,
             patient_policy=args.patient_policy,
             patient_system=args.patient_system,
+            mode=args.mode,
         )
         started = time.perf_counter()
         await floor.run()
@@ -296,6 +397,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--patient-policy", choices=("match-or-create", "logical"), default="match-or-create")
     parser.add_argument("--patient-system", default="urn:oid:1.2.826.0.1.3680043.10.1000")
+    parser.add_argument(
+        "--mode",
+        choices=("per-study", "page-batched"),
+        default="per-study",
+        help="one series query and one FHIR PUT per study, or one series query and FHIR batch per page",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON line with the figures")
     return parser.parse_args(argv)
 

@@ -19,7 +19,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import DEFAULT_CACHE, archive, fhir_server, machine, print_block, run_child, warm_qido
+from benchmarks._common import (
+    DEFAULT_CACHE,
+    FHIR_ENGINES,
+    archive,
+    fhir_server,
+    machine,
+    print_block,
+    run_child,
+    warm_qido,
+)
 from benchmarks.sync import bridge_env
 
 
@@ -30,7 +39,7 @@ def paging_needs(n: int, page_size: int) -> int:
 
 def one_size(n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """A first pass, then the measured no-change pass, over ``n`` studies."""
-    with archive(n, args.cache) as orthanc, fhir_server() as fhir:
+    with archive(n, args.cache) as orthanc, fhir_server(args.fhir_engine) as fhir:
         warm_qido(orthanc.dicomweb_url)
         state = work / f"state-{n}.db"
         env = bridge_env(orthanc.dicomweb_url, fhir.base_url, state, args)
@@ -76,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--page-size", type=int, default=100, help="BRIDGE_QIDO_PAGE_SIZE")
     parser.add_argument("--patient-policy", choices=("match-or-create", "logical"), default="match-or-create")
     parser.add_argument("--log-level", default="INFO", help="BRIDGE_LOG_LEVEL of the bridge runs")
+    parser.add_argument(
+        "--fhir-engine", choices=FHIR_ENGINES, default="medplum", help="the FHIR server to sync into"
+    )
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where prepared archives are kept")
     args = parser.parse_args(argv)
     print_block("machine", machine())

@@ -6,8 +6,10 @@ studies per patient) the archive is prepared once (``benchmarks/_common.py``: bu
 later runs). Then, against an emptied FHIR test server each time and after one warm-up walk of
 the study-level QIDO, it runs in child processes, alternating the order per repetition:
 
-- the floor (``benchmarks/floor.py``): the same QIDO and FHIR requests, no mapping, validation
-  or state;
+- the per-study floor (``benchmarks/floor.py``): one series query and one ImagingStudy PUT per
+  study, no mapping, validation or state;
+- the page-batched floor (``benchmarks/floor.py --mode page-batched``): per page, one UID-list
+  series query, one FHIR batch of Patients and one of ImagingStudies, nothing else;
 - the bridge: one ``bridge sync`` pass (``benchmarks/_bridge_run.py``) with a fresh SQLite store.
 
 Reported per run: wall time, studies/s, HTTP requests and bytes (sent + received, wire framing
@@ -16,7 +18,8 @@ request in flight ("busy": the FHIR server's time is reported apart because the 
 Medplum server scans every stored resource of a type on each search), the FHIR server's own
 counters (/__admin/stats), and the child's peak RSS. Then the ratios the issue sets targets for:
 bridge wall / floor wall (target <= 1.25) and bridge peak RSS at the largest N / the smallest
-(target <= 1.2).
+(target <= 1.2). The bridge runs with its defaults (UID-list series queries, FHIR batches of 100)
+and is compared with the page-batched floor (target <= 1.25); the per-study floor is shown beside.
 
 Run:  python -m benchmarks.sync [--sizes 1000 5000] [--repeat 2] [--concurrency 4]
           [--patient-policy match-or-create] [--json results.json]
@@ -37,6 +40,7 @@ from typing import Any
 
 from benchmarks._common import (
     DEFAULT_CACHE,
+    FHIR_ENGINES,
     PATIENT_SYSTEM,
     STUDIES_PER_PATIENT,
     archive,
@@ -46,6 +50,9 @@ from benchmarks._common import (
     run_child,
     warm_qido,
 )
+
+# floor: the per-study floor; batched: the page-batched floor; bridge: `bridge sync`.
+KINDS = ("floor", "batched", "bridge")
 
 
 def bridge_env(dicomweb: str, fhir: str, state: Path, args: argparse.Namespace) -> dict[str, str]:
@@ -63,10 +70,11 @@ def bridge_env(dicomweb: str, fhir: str, state: Path, args: argparse.Namespace) 
     }
 
 
-def floor_args(dicomweb: str, fhir: str, args: argparse.Namespace) -> list[str]:
+def floor_args(dicomweb: str, fhir: str, args: argparse.Namespace, mode: str = "per-study") -> list[str]:
     """The floor script's command line for the same settings."""
     return [
         "benchmarks.floor",
+        "--mode", mode,
         "--json",
         "--dicomweb", dicomweb,
         "--fhir", fhir,
@@ -107,18 +115,22 @@ def summarize(kind: str, n: int, result: dict[str, Any], fhir_stats: dict[str, A
 def one_size(n: int, args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     """Floor and bridge runs for an archive of ``n`` studies."""
     rows: list[dict[str, Any]] = []
-    with archive(n, args.cache) as orthanc, fhir_server() as fhir:
+    with archive(n, args.cache) as orthanc, fhir_server(args.fhir_engine) as fhir:
         seen = warm_qido(orthanc.dicomweb_url)
         if seen != n:
             raise RuntimeError(f"the archive answers {seen} studies, expected {n}")
         for rep in range(args.repeat):
-            order = ("floor", "bridge") if rep % 2 == 0 else ("bridge", "floor")
+            kinds = tuple(k for k in KINDS if k in args.kinds)
+            order = kinds if rep % 2 == 0 else tuple(reversed(kinds))
             for kind in order:
                 fhir.clear()
                 fhir.reset_stats()
                 log = work / f"{kind}-{n}-{rep}.log"
                 if kind == "floor":
                     result = run_child(floor_args(orthanc.dicomweb_url, fhir.base_url, args), {}, log)
+                elif kind == "batched":
+                    command = floor_args(orthanc.dicomweb_url, fhir.base_url, args, "page-batched")
+                    result = run_child(command, {}, log)
                 else:
                     state = work / f"state-{n}-{rep}.db"
                     env = bridge_env(orthanc.dicomweb_url, fhir.base_url, state, args)
@@ -135,7 +147,7 @@ def one_size(n: int, args: argparse.Namespace, work: Path) -> list[dict[str, Any
                 row["rep"] = rep
                 rows.append(row)
                 print(
-                    f"  N={n} rep {rep} {kind:<6} {row['wall_s']:7.2f} s  "
+                    f"  N={n} rep {rep} {kind:<7} {row['wall_s']:7.2f} s  "
                     f"{row['studies_per_s']:7.1f} studies/s  "
                     f"FHIR busy {row['fhir_busy_s']:6.2f} s  QIDO busy {row['dicomweb_busy_s']:6.2f} s  "
                     f"CPU {row['cpu_s']:5.1f} s  peak RSS {row['max_rss_mb']:.0f} MiB",
@@ -155,8 +167,10 @@ def report(rows: list[dict[str, Any]], sizes: list[int]) -> dict[str, Any]:
     )
     print(header)
     for n in sizes:
-        for kind in ("floor", "bridge"):
+        for kind in KINDS:
             runs = [r for r in rows if r["n"] == n and r["kind"] == kind]
+            if not runs:
+                continue
             med = {
                 key: statistics.median(r[key] for r in runs)
                 for key in runs[0]
@@ -174,15 +188,27 @@ def report(rows: list[dict[str, Any]], sizes: list[int]) -> dict[str, Any]:
             )
     ratios: dict[str, Any] = {}
     for n in sizes:
-        ratios[f"bridge/floor wall, N={n}"] = round(
-            table[f"bridge-{n}"]["wall_s"] / table[f"floor-{n}"]["wall_s"], 3
+        if f"bridge-{n}" not in table or f"batched-{n}" not in table:
+            continue
+        ratios[f"bridge/page-batched floor wall, N={n}"] = round(
+            table[f"bridge-{n}"]["wall_s"] / table[f"batched-{n}"]["wall_s"], 3
         )
-    if len(sizes) > 1:
+        if f"floor-{n}" in table:
+            ratios[f"per-study floor/page-batched floor wall, N={n}"] = round(
+                table[f"floor-{n}"]["wall_s"] / table[f"batched-{n}"]["wall_s"], 3
+            )
+        ratios[f"bridge FHIR requests per study, N={n}"] = table[f"bridge-{n}"]["fhir_requests_per_study"]
+        ratios[f"bridge QIDO requests per study, N={n}"] = table[f"bridge-{n}"]["dicomweb_requests_per_study"]
+    if len(sizes) > 1 and all(f"bridge-{n}" in table for n in sizes):
         small, large = min(sizes), max(sizes)
         ratios[f"bridge peak RSS N={large} / N={small}"] = round(
             table[f"bridge-{large}"]["max_rss_mb"] / table[f"bridge-{small}"]["max_rss_mb"], 3
         )
-    print_block("targets: wall <= 1.25x the floor; peak RSS at the largest N <= 1.2x the smallest", ratios)
+    print_block(
+        "targets: wall <= 1.25x the page-batched floor; FHIR and QIDO requests per study <= 0.1; "
+        "peak RSS at the largest N <= 1.2x the smallest",
+        ratios,
+    )
     return {"medians": table, "ratios": ratios}
 
 
@@ -197,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--page-size", type=int, default=100, help="BRIDGE_QIDO_PAGE_SIZE (and the floor's)")
     parser.add_argument("--patient-policy", choices=("match-or-create", "logical"), default="match-or-create")
     parser.add_argument("--log-level", default="INFO", help="BRIDGE_LOG_LEVEL of the bridge run")
+    parser.add_argument(
+        "--fhir-engine", choices=FHIR_ENGINES, default="medplum", help="the FHIR server to sync into"
+    )
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where prepared archives are kept")
     parser.add_argument(
         "--profile",
@@ -205,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--py-spy", default=str(Path(sys.executable).with_name("py-spy")), help="py-spy binary"
+    )
+    parser.add_argument(
+        "--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="which sides to run (default: all)"
     )
     parser.add_argument("--json", type=Path, default=None, help="also write every figure to this file")
     args = parser.parse_args(argv)
@@ -219,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         "QIDO page size": args.page_size,
         "patient policy": args.patient_policy,
         "write strategy": "client-id",
+        "FHIR engine": args.fhir_engine,
         "state store": "SQLite file (fresh per run)",
         "bridge log level": args.log_level,
     }

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pydantic import SecretStr
 
-from bridge.errors import UpstreamAuthError
+from bridge.errors import UpstreamAuthError, UpstreamLimitError
 from bridge.http import (
     RETRIABLE_STATUS,
     TRANSPORT_ERRORS,
@@ -36,12 +36,15 @@ from bridge.http import (
     setting_prefix,
     where,
 )
+from bridge.limits import CallLimit, send_bounded
 
 logger = logging.getLogger(__name__)
 
 CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 ASSERTION_LIFETIME = 300  # SMART Backend Services: no more than five minutes
 DEFAULT_TOKEN_LIFETIME = 300.0  # when the token endpoint gives no expires_in
+# A token answer is small and quick; one that drips or never ends must not hold every request.
+TOKEN_LIMIT = CallLimit("token", 1024 * 1024, "a 1 MiB token-answer limit", 60.0, "a 60 s token deadline")
 SIGNING_ALGORITHMS = ("RS384", "ES384")
 _DESCRIPTION_LIMIT = 200
 
@@ -146,10 +149,13 @@ class ClientCredentials(httpx.Auth):
             "POST", self.token_url, data=data, headers={"Accept": "application/json", **headers}
         )
         try:
-            response = await self._client.send(request)
-            await response.aread()
+            response = await send_bounded(self._client, request, TOKEN_LIMIT, self.service)
         except TRANSPORT_ERRORS as exc:
             raise error_for_exception(exc, request, self.service) from exc
+        except UpstreamLimitError as exc:  # no study's fault: no token, no study can pass
+            raise UpstreamAuthError(
+                f"{exc}; check {setting_prefix(self.service)}TOKEN_URL", service=self.service
+            ) from None
         if response.status_code in RETRIABLE_STATUS:
             raise error_for_response(response, self.service, "token endpoint")
         if not response.is_success:

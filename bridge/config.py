@@ -40,6 +40,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from bridge.dicomweb.query import SeriesQuery
 from bridge.errors import ConfigurationError
 from bridge.mapping.identity import UnmappedIssuer
 from bridge.sync.policy import (
@@ -67,6 +68,14 @@ class AuthMode(StrEnum):
     BEARER = "bearer"  # a static token
     OAUTH2 = "oauth2"  # client credentials, client_secret_basic
     SMART = "smart"  # SMART Backend Services: client credentials with private_key_jwt
+
+
+class AuditMode(StrEnum):
+    """Where the access audit goes (bridge/audit)."""
+
+    FHIR = "fhir"
+    LOG = "log"
+    OFF = "off"
 
 
 class SigningAlg(StrEnum):
@@ -216,6 +225,19 @@ class ArchiveSettings(UpstreamSettings):
     max_series: int = Field(
         default=10_000, ge=1, description="Studies with more series are parked, naming this setting"
     )
+    series_query: SeriesQuery = Field(
+        default=SeriesQuery.AUTO,
+        description=(
+            "Series of a page of studies: list (one StudyInstanceUID=a,b,... query per page), "
+            "per-study, or auto (list if the archive's first answer proves it matches UID lists)"
+        ),
+    )
+    series_list_size: int = Field(
+        default=100, ge=2, le=500, description="Most studies named in one UID-list series query"
+    )
+    series_page_size: int = Field(
+        default=1000, ge=1, le=10_000, description="QIDO-RS page size of UID-list series queries"
+    )
 
     @property
     def public_base(self) -> str:
@@ -232,6 +254,15 @@ class FhirServerSettings(UpstreamSettings):
     )
     max_response_bytes: int = Field(
         default=64 * 1024 * 1024, ge=1024, description="Largest answer from the FHIR server, in bytes"
+    )
+    batch_size: int = Field(
+        default=100,
+        ge=0,
+        le=1000,
+        description=(
+            "Writes per FHIR batch Bundle (one per page of changed studies); 0 writes study by "
+            "study. Used only if the CapabilityStatement lists batch; halved on 413"
+        ),
     )
 
 
@@ -575,6 +606,36 @@ class Settings(PerSourceSettings, BaseSettings):
     )
     session_max_age: float = Field(
         default=28800.0, ge=60, le=7 * 86400, description="Seconds a browser session lasts after login"
+    )
+
+    # Image gateway and access audit (integrator guide, "SMART apps, the gateway and the audit trail")
+    gateway: bool = Field(
+        default=True,
+        description="bridge serve answers DICOMweb at /dicom-web for the studies each caller may see",
+    )
+    gateway_max_response_bytes: int = Field(
+        default=4 * 1024 * 1024 * 1024,
+        ge=1024,
+        description="Largest archive answer the gateway streams to a caller, in bytes",
+    )
+    audit: AuditMode = Field(
+        default=AuditMode.LOG,
+        description=(
+            "Access audit: fhir (AuditEvents written to the FHIR server, kept in the state store "
+            "until written) | log (one log line per access) | off"
+        ),
+    )
+    audit_batch_size: int = Field(
+        default=100, ge=1, le=1000, description="AuditEvents written to the FHIR server per request"
+    )
+    audit_flush_interval: float = Field(
+        default=2.0, gt=0, le=3600, description="Seconds between writes of recorded AuditEvents"
+    )
+    audit_window: float = Field(
+        default=60.0,
+        ge=0,
+        le=86400,
+        description="Seconds within which one caller's accesses to one study are one AuditEvent",
     )
 
     # Read from oidc_client_secret_file; kept apart so the settings as given stay as given.

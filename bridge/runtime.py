@@ -69,7 +69,9 @@ class Runtime:
         linker = Linker(
             self.fhir, self.ctx, patient_policy=source.patient_policy, order_policy=s.order_policy
         )
-        publisher = Publisher(self.fhir, self.store, self.ctx, write_strategy=s.write_strategy)
+        publisher = Publisher(
+            self.fhir, self.store, self.ctx, write_strategy=s.write_strategy, batch_size=s.fhir.batch_size
+        )
         return SyncWorker(
             self.dicomweb,
             linker,
@@ -96,11 +98,15 @@ class Runtime:
 
 
 def change_source(
-    source: SourceSettings, client: httpx.AsyncClient, store: SqlStore, policy: RetryPolicy
+    source: SourceSettings,
+    client: httpx.AsyncClient,
+    store: SqlStore,
+    policy: RetryPolicy,
+    limits: DicomwebLimits,
 ) -> ChangeSource:
-    """The incremental change source a source's settings choose."""
+    """The incremental change source a source's settings choose (``limits``: the archive's bounds)."""
     if source.change_source is ChangeSourceKind.ORTHANC and source.orthanc_url is not None:
-        feed = OrthancChangeFeed(client, str(source.orthanc_url), policy=policy)
+        feed = OrthancChangeFeed(client, str(source.orthanc_url), policy=policy, limit=limits.page())
         return FeedChangeSource(feed, store, source.name)
     return QidoWindowSource(source.poll_window_days)
 
@@ -128,9 +134,12 @@ async def open_runtime(settings: Settings, source: SourceSettings | None = None)
                 policy=policy,
                 page_size=source.qido_page_size,
                 limits=DicomwebLimits.from_settings(source.dicomweb, settings.http_deadline),
+                series_query=source.dicomweb.series_query,
+                series_list_size=source.dicomweb.series_list_size,
+                series_page_size=source.dicomweb.series_page_size,
             )
             fhir = FhirClient(fhir_http, settings.fhir.base, policy=fhir_policy, limit=fhir_limit(settings))
-            changes = change_source(source, dicomweb_http, store, policy)
+            changes = change_source(source, dicomweb_http, store, policy, dicomweb.limits)
             runtime = Runtime(settings, source, ctx, store, dicomweb, fhir, changes)
             runtime.worker = runtime.new_worker(settings.sync_concurrency)
             yield runtime

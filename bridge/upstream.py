@@ -138,13 +138,19 @@ def http_client(
 ) -> httpx.AsyncClient:
     """An AsyncClient with the bridge's timeout, User-Agent and no redirects.
 
-    For an upstream, with its TLS, HTTP/2 and auth; ``transport`` replaces the network (tests).
+    For an upstream, with its TLS, HTTP/2 and auth; ``transport`` replaces the network (tests),
+    the upstream's auth still applies (its token endpoint reached through that transport too).
     """
     options: dict[str, Any] = {}
-    if transport is not None:
-        options["transport"] = transport
-    elif upstream is not None and service is not None:
+    if transport is None and upstream is not None and service is not None:
         options = connection_options(settings, upstream, service, limits)
+    elif transport is not None:
+        options["transport"] = transport
+        if upstream is not None and service is not None:
+            token_client = None
+            if needs_token_client(upstream):
+                token_client = httpx.AsyncClient(transport=_Borrowed(transport), follow_redirects=False)
+            options["auth"] = build_auth(upstream, service, token_client)
     return httpx.AsyncClient(
         timeout=httpx.Timeout(settings.http_timeout),
         limits=limits,

@@ -18,9 +18,10 @@ from bridge.api.deps import Services
 from bridge.api.middleware import ObservabilityMiddleware
 from bridge.api.ondemand import OnDemandGate
 from bridge.api.readiness import ReadinessProbe
-from bridge.api.routes import failures, health, iid, links, login, metrics, record, sync, viewer
+from bridge.api.routes import failures, gateway, health, iid, links, login, metrics, record, sync, viewer
 from bridge.api.security import Authenticator
 from bridge.api.session import StoreBackend
+from bridge.audit.trail import AuditTrail, running
 from bridge.config import Settings, UpstreamSettings, get_settings
 from bridge.dicomweb.client import DicomwebClient
 from bridge.errors import BridgeError, StoreError
@@ -46,6 +47,7 @@ ROUTERS: list[APIRouter] = [
     record.router,
     failures.router,
     iid.router,
+    gateway.router,  # /dicom-web, unless BRIDGE_GATEWAY is false
 ]
 
 # A clinician is waiting: retry a failing FHIR request once, briefly, then answer 503.
@@ -142,6 +144,18 @@ def create_app(
                 oidc_http = _client(settings, None, None, transport)
                 app.state.oidc.http = await stack.enter_async_context(oidc_http)
             services.resolver = Resolver(fhir, resolver_config(settings))
+            services.audit = await stack.enter_async_context(
+                running(
+                    AuditTrail(
+                        settings.audit,
+                        fhir=fhir,
+                        store=store,
+                        batch_size=settings.audit_batch_size,
+                        window=settings.audit_window,
+                    ),
+                    settings.audit_flush_interval,
+                )
+            )
             try:  # the sync side, per source: on-demand syncs, and the scheduler under `bridge run`
                 for each in settings.each_source():
                     services.runtimes.append(await stack.enter_async_context(open_runtime(settings, each)))
@@ -179,9 +193,12 @@ def create_app(
         redirect_slashes=False,
     )
     app.state.services = services
+    app.state.transport = transport  # routers that open their own clients use it too
     app.state.sync_gate = OnDemandGate[Any](settings.api_sync_rate)
     errors.install(app)
     for router in routers:
+        if router is gateway.router and not settings.gateway:
+            continue
         app.include_router(router)
     login.install(app, services)
     if settings.cors_origins:

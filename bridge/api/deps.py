@@ -8,10 +8,14 @@ from typing import Annotated
 from fastapi import Depends, Path, Query, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from bridge.api.access import decide
+from bridge.api.audit import note
 from bridge.api.errors import AccessDeniedError, AuthenticationError
 from bridge.api.readiness import ReadinessProbe
 from bridge.api.security import Authenticator, Caller
 from bridge.api.session import session_caller
+from bridge.audit.events import Action
+from bridge.audit.trail import AuditTrail
 from bridge.config import Settings
 from bridge.resolve.links import StudyLocation, ViewerTemplate
 from bridge.resolve.resolver import Resolver
@@ -33,9 +37,10 @@ class Services:
     resolver: Resolver | None = None
     readiness: ReadinessProbe | None = None
     runtimes: list[Runtime] = field(default_factory=list)  # one per source
+    audit: AuditTrail | None = None  # the access audit trail, open for the app's lifetime
 
 
-def services(request: Request) -> Services:
+async def services(request: Request) -> Services:
     """The app's services (set up by create_app)."""
     found: Services = request.app.state.services
     return found
@@ -44,7 +49,7 @@ def services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(services)]
 
 
-def resolver(s: ServicesDep) -> Resolver:
+async def resolver(s: ServicesDep) -> Resolver:
     """The resolver, open for the app's lifetime."""
     if s.resolver is None:  # only outside the lifespan, i.e. a wiring mistake
         raise RuntimeError("the app's lifespan has not run")
@@ -88,9 +93,13 @@ async def unlimited_caller(who: CallerDep) -> Caller:
 
 
 def allow_patient(who: Caller, patient: str | None) -> None:
-    """AccessDeniedError unless ``who`` may see data of Patient ``patient`` (FHIR id; None: unknown)."""
-    if who.patient is not None and patient != who.patient:
-        raise AccessDeniedError("this session or token is limited to another patient")
+    """AccessDeniedError unless ``who`` may see data of Patient ``patient`` (FHIR id; None: unknown).
+
+    The one rule of bridge/api/access.py: the patient in context, then the SMART scopes.
+    """
+    decision = decide(who, patient)
+    if not decision.allowed:
+        raise AccessDeniedError(decision.reason)
 
 
 FhirId = Annotated[
@@ -110,18 +119,33 @@ StudyUid = Annotated[
 ]
 
 
-async def study_by_id(id: FhirId, r: ResolverDep, who: CallerDep) -> StudyLocation:  # noqa: A002
+async def study_by_id(
+    id: FhirId,  # noqa: A002
+    r: ResolverDep,
+    who: CallerDep,
+    request: Request,
+) -> StudyLocation:
     """The study of ImagingStudy/{id}, or 403/404/409/503."""
-    return _allowed(await r.by_id(id), who)
+    return _allowed(await r.by_id(id), who, request)
 
 
-async def study_by_uid(study_uid: StudyUid, r: ResolverDep, who: CallerDep) -> StudyLocation:
+async def study_by_uid(
+    study_uid: StudyUid, r: ResolverDep, who: CallerDep, request: Request
+) -> StudyLocation:
     """The study with this Study Instance UID, or 403/404/409/503."""
-    return _allowed(await r.by_study_uid(study_uid), who)
+    return _allowed(await r.by_study_uid(study_uid), who, request)
 
 
-def _allowed(study: StudyLocation, who: Caller) -> StudyLocation:
-    allow_patient(who, study.patient)
+def _allowed(study: StudyLocation, who: Caller, request: Request) -> StudyLocation:
+    """The study, if the caller may see it (the gateway's rule, bridge/api/access.py); else 403, audited."""
+    decision = decide(who, study.patient)
+    if not decision.allowed:
+        path = request.url.path
+        action: Action = (
+            "viewer" if path.endswith("/viewer") else "record-view" if path.startswith("/record") else "links"
+        )
+        note(request, who, action, "refused", study=study, reason=decision.reason)
+        raise AccessDeniedError(decision.reason)
     return study
 
 
@@ -129,6 +153,7 @@ async def study_by_accession(
     accession: Annotated[str, Path(description="Accession Number (0008,0050)", pattern=ACCESSION_PATTERN)],
     r: ResolverDep,
     who: CallerDep,
+    request: Request,
     issuer: Annotated[
         str | None,
         Query(
@@ -140,7 +165,7 @@ async def study_by_accession(
     ] = None,
 ) -> StudyLocation:
     """The one study with this accession number, or 403/404/409/503."""
-    return _allowed(await r.by_accession(accession, issuer), who)
+    return _allowed(await r.by_accession(accession, issuer), who, request)
 
 
 async def study_by_reference(
@@ -155,9 +180,10 @@ async def study_by_reference(
     ],
     r: ResolverDep,
     who: CallerDep,
+    request: Request,
 ) -> StudyLocation:
     """The study a FHIR reference or absolute URL names, or 403/404/409/422/503."""
-    return _allowed(await r.by_reference(reference), who)
+    return _allowed(await r.by_reference(reference), who, request)
 
 
 StudyById = Annotated[StudyLocation, Depends(study_by_id)]

@@ -17,7 +17,8 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from bridge.api.errors import AuthenticationError
 from bridge.config import Settings
-from bridge.errors import ConfigurationError
+from bridge.errors import ConfigurationError, UpstreamLimitError
+from bridge.limits import CallLimit, send_bounded
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +26,8 @@ JWKS_MAX_AGE = 300.0  # seconds a fetched key set is trusted
 JWKS_MIN_REFRESH = 30.0  # an unknown kid refetches the set at most this often
 JWKS_BACKOFF = 5.0  # seconds before the first retry after a failed fetch; doubles per failure
 JWKS_MAX_BACKOFF = 300.0
+# An IdP that drips or sends without end holds no request (they wait for the fetch) for long.
+JWKS_LIMIT = CallLimit("JWKS", 1024 * 1024, "a 1 MiB JWKS limit", 10.0, "a 10 s JWKS deadline")
 _RSA_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 _EC_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
 
@@ -60,8 +63,11 @@ class Caller:
 class JwksKeys:
     """The signing keys at a JWKS URL, fetched with the app's HTTP client and cached."""
 
-    def __init__(self, url: str, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, url: str, clock: Callable[[], float] = time.monotonic, limit: CallLimit = JWKS_LIMIT
+    ) -> None:
         self.url = url
+        self._limit = limit
         self.client: httpx.AsyncClient | None = None
         self._keys: dict[str, jwt.PyJWK] = {}
         self._clock = clock
@@ -104,10 +110,18 @@ class JwksKeys:
             self._attempted = self._clock()
             self.fetches += 1
             try:
-                response = await self.client.get(self.url, headers={"Accept": "application/json"})
+                request = self.client.build_request("GET", self.url, headers={"Accept": "application/json"})
+                response = await send_bounded(self.client, request, self._limit, "jwks")
                 response.raise_for_status()
                 key_set = jwt.PyJWKSet.from_dict(response.json())
-            except (httpx.HTTPError, ValueError, TypeError, jwt.PyJWKSetError, jwt.PyJWKError) as exc:
+            except (
+                httpx.HTTPError,
+                UpstreamLimitError,
+                ValueError,
+                TypeError,
+                jwt.PyJWKSetError,
+                jwt.PyJWKError,
+            ) as exc:
                 self._failures += 1
                 wait = min(JWKS_MAX_BACKOFF, JWKS_BACKOFF * 2 ** (self._failures - 1))
                 self._retry_at = self._attempted + wait

@@ -8,6 +8,7 @@ from urllib.parse import quote, urlencode
 
 import httpx
 
+from bridge.dicomweb.query import SeriesQuery
 from bridge.dicomweb.records import (
     INSTANCE_FIELDS,
     SERIES_FIELDS,
@@ -19,9 +20,16 @@ from bridge.dicomweb.records import (
     parse_series,
     raw_uid,
 )
-from bridge.errors import FatalUpstreamError, UpstreamLimitError
+from bridge.errors import (
+    ConfigurationError,
+    FatalUpstreamError,
+    MappingError,
+    UpstreamError,
+    UpstreamLimitError,
+)
 from bridge.http import RetryPolicy, json_body, send, where
 from bridge.limits import CallLimit, DicomwebLimits
+from bridge.sync.protocols import SeriesOutcome
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +38,8 @@ ACCEPT = "application/dicom+json, application/json;q=0.9"
 _IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif"})
 # Answers meaning "not this resource or not this way": try the next one.
 _NOT_OFFERED = frozenset({400, 404, 406, 415, 501})
+STUDY_UID = "0020000D"
+SERIES_UID = "0020000E"
 
 
 class DicomwebClient:
@@ -47,6 +57,9 @@ class DicomwebClient:
         policy: RetryPolicy | None = None,
         page_size: int = 100,
         limits: DicomwebLimits | None = None,
+        series_query: SeriesQuery = SeriesQuery.AUTO,
+        series_list_size: int = 100,
+        series_page_size: int = 1000,
     ) -> None:
         self._client = client
         self._base = base_url.rstrip("/")
@@ -54,13 +67,20 @@ class DicomwebClient:
         self.page_size = page_size
         self.limits = limits or DicomwebLimits()
         self.queries: list[str] = []
+        self.series_query = series_query
+        self.series_list_size = series_list_size
+        self.series_page_size = series_page_size
+        # Under ``auto``: None until the first list query tells; then whether list matching works.
+        self.list_matching: bool | None = {SeriesQuery.LIST: True, SeriesQuery.PER_STUDY: False}.get(
+            series_query
+        )
 
     async def ping(self) -> None:
         """One QIDO-RS request for one study, never retried: raises unless the archive answers."""
         request = self._client.build_request(
             "GET",
             f"{self._base}/studies",
-            params={"limit": "1", "includefield": "0020000D"},
+            params={"limit": "1", "includefield": STUDY_UID},
             headers={"Accept": "application/dicom+json"},
         )
         await send(
@@ -132,6 +152,7 @@ class DicomwebClient:
         filters: Mapping[str, str],
         uid_tag: str,
         limit: CallLimit | None = None,
+        page_size: int | None = None,
     ) -> AsyncIterator[list[DicomJson]]:
         """Pages of rows, following limit/offset until the server has no more.
 
@@ -141,6 +162,7 @@ class DicomwebClient:
         ``BRIDGE_DICOMWEB_MAX_PAGES`` pages: past that the walk fails rather than run forever).
         """
         base_params = [("includefield", f) for f in fields] + sorted(filters.items())
+        page_size = page_size or self.page_size
         offset = 0
         seen: set[str] = set()
         pages = 0
@@ -153,7 +175,7 @@ class DicomwebClient:
                     service=SERVICE,
                     setting="BRIDGE_DICOMWEB_MAX_PAGES",
                 )
-            params = [*base_params, ("limit", str(self.page_size)), ("offset", str(offset))]
+            params = [*base_params, ("limit", str(page_size)), ("offset", str(offset))]
             rows, truncated = await self._get(path, params, limit)
             fresh = []
             for row in rows:
@@ -173,11 +195,19 @@ class DicomwebClient:
                     path,
                     offset,
                 )
-            if not rows or not fresh or len(rows) > self.page_size:
+            if not rows or not fresh or len(rows) > page_size:
                 return
-            if len(rows) < self.page_size and not truncated:
+            if len(rows) < page_size and not truncated:
                 return
             offset += len(rows)
+
+    async def reachable(self) -> bool:
+        """Whether the archive answers a one-row study query at all (after a study's call failed)."""
+        try:
+            await self._get("/studies", [("includefield", "0020000D"), ("limit", "1")])
+        except UpstreamError:
+            return False
+        return True
 
     def iter_studies(self, filters: Mapping[str, str] | None = None) -> AsyncIterator[list[DicomJson]]:
         """Pages of study-level rows (raw DICOM JSON), each study once."""
@@ -229,3 +259,105 @@ class DicomwebClient:
                 )
             records.extend(parse_series(row) for row in page)
         return records
+
+    async def search_series_many(self, study_uids: Sequence[str]) -> dict[str, SeriesOutcome]:
+        """The series of several studies with as few queries as the archive allows, per study.
+
+        Uses UID-list matching on StudyInstanceUID (``/series?StudyInstanceUID=a,b,...``, paged),
+        ``series_list_size`` studies per query. The answer is checked, never trusted: under
+        ``auto`` the first list query decides whether the archive matches lists at all (a row of
+        a study not asked for, or no row for any asked study, means it does not, and from then
+        on nothing is answered here). A study left out of the result (no row, or a row whose
+        study cannot be told) is for the caller to fetch alone with :meth:`search_series`; a
+        study with an unreadable row, or too many series, gets the error that parks it.
+        """
+        wanted = list(dict.fromkeys(study_uids))
+        result: dict[str, SeriesOutcome] = {}
+        if self.list_matching is False or len(wanted) < 2:
+            return result
+        for start in range(0, len(wanted), self.series_list_size):
+            chunk = wanted[start : start + self.series_list_size]
+            if len(chunk) < 2:
+                break  # one study alone is asked the ordinary way
+            try:
+                answer = await self._series_list(chunk)
+            except UpstreamLimitError:
+                raise
+            except FatalUpstreamError as exc:
+                # Refused (say, a URL too long or an unknown parameter): those studies go alone.
+                # Only a refusal decides; a broken answer (cut short, not JSON) may be the network's.
+                if self.list_matching is None and exc.status is not None and 400 <= exc.status < 500:
+                    self._no_list_matching(f"it answered the list query {exc.status}")
+                return result
+            if answer is None:
+                return result
+            result.update(answer)
+        return result
+
+    async def _series_list(self, uids: list[str]) -> dict[str, SeriesOutcome] | None:
+        """One paged list query; None when it shows the archive does not match UID lists."""
+        asked = set(uids)
+        rows_by_study: dict[str, list[DicomJson]] = {}
+        unattributed = 0
+        filters = {"StudyInstanceUID": ",".join(uids)}
+        fields = (STUDY_UID, *SERIES_FIELDS)
+        async for page in self._paged(
+            "/series", fields, filters, SERIES_UID, self.limits.series(), self.series_page_size
+        ):
+            for row in page:
+                study = raw_uid(row, STUDY_UID)
+                if study is None:
+                    unattributed += 1
+                elif study not in asked:
+                    # The archive ignored or misread the list: nothing it answered can be used.
+                    self._no_list_matching("it answered series of a study not asked for")
+                    return None
+                else:
+                    rows_by_study.setdefault(study, []).append(row)
+        if not rows_by_study and not unattributed:
+            if self.list_matching is None:
+                self._no_list_matching("it answered no series for any of the studies asked")
+                return None
+            return {}  # the studies are fetched alone, which tells what happened to them
+        if self.list_matching is None:
+            self.list_matching = True
+            logger.info("%s matches StudyInstanceUID lists: series are asked for per page", self._base)
+        if unattributed:
+            # A row without its study cannot be placed: every study of the query is fetched alone.
+            logger.warning(
+                "%s/series: %d series rows without StudyInstanceUID; fetching those studies one by one",
+                self._base,
+                unattributed,
+            )
+            return {}
+        return {uid: self._series_outcome(uid, rows) for uid, rows in rows_by_study.items()}
+
+    def _series_outcome(self, study_uid: str, rows: list[DicomJson]) -> SeriesOutcome:
+        cap = self.limits.max_series
+        if len(rows) > cap:
+            return UpstreamLimitError(
+                f"study {study_uid} has more than {cap} series (BRIDGE_DICOMWEB_MAX_SERIES): "
+                "not published; raise the setting if the study is real",
+                service=SERVICE,
+                setting="BRIDGE_DICOMWEB_MAX_SERIES",
+            )
+        try:
+            return [parse_series(row) for row in rows]
+        except MappingError as exc:
+            return exc
+
+    def _no_list_matching(self, why: str) -> None:
+        if self.series_query is SeriesQuery.LIST:
+            raise ConfigurationError(
+                f"BRIDGE_DICOMWEB_SERIES_QUERY=list: {self._base}/series does not match "
+                f"StudyInstanceUID lists ({why}); set it to auto or per-study"
+            )
+        self.list_matching = False
+        logger.info("%s does not match StudyInstanceUID lists (%s): series asked per study", self._base, why)
+
+    @property
+    def series_query_used(self) -> str:
+        """How series are being asked for: ``list``, ``per-study``, or ``undecided`` (auto, not yet tried)."""
+        if self.list_matching is None:
+            return "undecided"
+        return SeriesQuery.LIST.value if self.list_matching else SeriesQuery.PER_STUDY.value

@@ -6,6 +6,7 @@ import httpx
 
 from bridge.errors import FatalUpstreamError
 from bridge.http import RetryPolicy, json_body, send
+from bridge.limits import CallLimit, DicomwebLimits
 from bridge.sync.changes import ChangeBatch
 
 SERVICE = "dicomweb"
@@ -26,7 +27,9 @@ class OrthancChangeFeed:
         *,
         policy: RetryPolicy | None = None,
         batch_size: int = 1000,
+        limit: CallLimit | None = None,
     ) -> None:
+        self._limit = limit or DicomwebLimits().page()
         self._client = client
         self._base = orthanc_url.rstrip("/")
         self._policy = policy or RetryPolicy()
@@ -40,6 +43,7 @@ class OrthancChangeFeed:
             service=SERVICE,
             policy=self._policy,
             ok=lambda r: r.is_success or r.status_code == 404,
+            limit=self._limit,
         )
 
     async def head(self) -> str:

@@ -215,7 +215,6 @@ def _dataset(row: DicomJson, level: str, fields: Sequence[str] | None = None) ->
             + (f": {attribute} is malformed" if attribute else f" ({type(exc).__name__})"),
             attribute=attribute,
         ) from exc
-
     _share_encoding(ds)
     return ds
 
@@ -253,7 +252,7 @@ def _encodings(ds: Dataset) -> list[str]:
     return [charset] if isinstance(charset, str) else list(charset)
 
 
-def _value_text(ds: Dataset, element: DataElement, keyword: str) -> str | None:
+def _value_text(ds: Dataset, element: DataElement) -> str | None:
     """The element's value as one string: bytes decoded per the character set, values joined."""
     value = element.value
     if value is None:
@@ -275,7 +274,7 @@ def _text(ds: Dataset, keyword: str, within: str = "") -> str | None:
     element: DataElement | None = ds.data_element(keyword) if keyword in ds else None
     if element is None:
         return None
-    raw = _value_text(ds, element, keyword)
+    raw = _value_text(ds, element)
     text = clean_text(raw) if raw is not None else None
     if text is None:
         return None

@@ -1,4 +1,4 @@
-"""Async FHIR R4 REST client: read, search, update with If-Match, and transaction bundles."""
+"""Async FHIR R4 REST client: read, search, update with If-Match, batch and transaction bundles."""
 
 from __future__ import annotations
 
@@ -14,12 +14,13 @@ import httpx
 from bridge.errors import (
     FatalUpstreamError,
     RejectedResourceError,
+    RetriableUpstreamError,
     UpstreamError,
     VersionConflictError,
 )
 from bridge.http import RETRIABLE_STATUS, RetryPolicy, json_body, send, where
 from bridge.limits import CallLimit
-from bridge.sync.protocols import WriteResult
+from bridge.sync.protocols import BatchAnswer, WriteResult
 
 logger = logging.getLogger(__name__)
 
@@ -231,6 +232,32 @@ class FhirClient:
             )
         return WriteResult(kind, rid, version, response.status_code == 201)
 
+    async def batch(self, entries: Sequence[dict[str, Any]]) -> list[BatchAnswer]:
+        """POST a ``batch`` Bundle; each entry's answer, in request order.
+
+        Each entry succeeds or fails on its own, read as the same single request would be. Write
+        answers are asked to be minimal (``Prefer: return=minimal``): the bridge needs only each
+        entry's status, location and ETag. An answer with a different number of entries is a
+        broken batch (FatalUpstreamError); the caller falls back to single requests.
+        """
+        bundle = {"resourceType": "Bundle", "type": "batch", "entry": list(entries)}
+        response = await self._send("POST", "", body=bundle, headers={"Prefer": "return=minimal"})
+        if len(response.content) > _PARSE_IN_THREAD:
+            body = await asyncio.to_thread(json_body, response, SERVICE)
+        else:
+            body = json_body(response, SERVICE)
+        answers = body.get("entry", []) if isinstance(body, dict) else []
+        if not isinstance(answers, list) or len(answers) != len(entries):
+            raise FatalUpstreamError(
+                f"{SERVICE} {where(response.request)}: batch answered "
+                f"{len(answers) if isinstance(answers, list) else 0} entries for {len(entries)}",
+                service=SERVICE,
+            )
+        return [
+            batch_answer(answer if isinstance(answer, dict) else {}, entry)
+            for answer, entry in zip(answers, entries, strict=True)
+        ]
+
     async def transaction(self, entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         """POST a transaction Bundle; returns the response entries, in request order."""
         bundle = {"resourceType": "Bundle", "type": "transaction", "entry": list(entries)}
@@ -287,3 +314,52 @@ def entry_result(answer: dict[str, Any], resource_type: str) -> WriteResult:
             f"{SERVICE}: transaction entry for {resource_type} has no location", service=SERVICE
         )
     return WriteResult(resource_type, rid, version, status.startswith("201"))
+
+
+def entry_status(answer: Mapping[str, Any]) -> int:
+    """The HTTP status of a batch-response entry (``"201 Created"`` -> 201; 0 when unreadable)."""
+    status = str((answer.get("response") or {}).get("status", "")).strip()
+    head = status.split(" ", 1)[0]
+    return int(head) if head.isdigit() else 0
+
+
+def batch_answer(answer: dict[str, Any], entry: Mapping[str, Any]) -> BatchAnswer:
+    """One batch-response entry, read against the request entry it answers."""
+    request = entry.get("request") or {}
+    method = str(request.get("method", "")).upper()
+    url = str(request.get("url", ""))
+    kind = url.split("?", 1)[0].split("/", 1)[0]
+    status = entry_status(answer)
+    resource = answer.get("resource") if isinstance(answer.get("resource"), dict) else None
+    if method == "GET" and 200 <= status < 300:
+        return BatchAnswer(status, resource=resource)
+    # The path only: a conditional URL's query can carry a patient identifier.
+    outcome = entry_outcome(answer, kind, f"{method} {url.split('?', 1)[0]}")
+    if isinstance(outcome, WriteResult):
+        return BatchAnswer(status, result=outcome, resource=resource)
+    return BatchAnswer(status, error=outcome)
+
+
+def entry_outcome(answer: dict[str, Any], resource_type: str, where_: str) -> WriteResult | UpstreamError:
+    """What one batch entry did: its WriteResult, or the error the same single write would raise.
+
+    ``where_`` names the entry's request (method and path) for the message; the outcome's text
+    is blanked of quoted values as for single writes.
+    """
+    status = entry_status(answer)
+    if 200 <= status < 300:
+        try:
+            return entry_result(answer, resource_type)
+        except FatalUpstreamError as exc:
+            return exc
+    outcome = outcome_text((answer.get("response") or {}).get("outcome") or answer.get("resource")) or ""
+    message = f"{SERVICE} batch entry {where_} answered {status or 'no status'}"
+    if outcome:
+        message = f"{message}: {outcome}"
+    if status in (409, 412):
+        return VersionConflictError(message, service=SERVICE, status=status)
+    if status in (400, 422):
+        return RejectedResourceError(message, service=SERVICE, status=status, outcome=outcome)
+    if 400 <= status < 500 and status not in RETRIABLE_STATUS:
+        return FatalUpstreamError(message, service=SERVICE, status=status)
+    return RetriableUpstreamError(message, service=SERVICE, status=status or None)

@@ -137,6 +137,7 @@ class StudyLocation:
     # Whose images these are: the Patient id of a relative ``Patient/{id}`` subject; None for any
     # other subject, which then matches no patient in context.
     patient: str | None = None
+    sources: tuple[str, ...] = ()  # the bridge sources that wrote it (meta.tag)
 
 
 def study_uid_of(resource: Mapping[str, Any]) -> str | None:
@@ -148,19 +149,6 @@ def study_uid_of(resource: Mapping[str, Any]) -> str | None:
         if is_uid(value):
             return value
     return None
-
-
-def subject_patient(resource: Mapping[str, Any]) -> str | None:
-    """The Patient id of an ImagingStudy's subject when it is ``Patient/{id}``, else None.
-
-    Only the relative form the bridge writes: an absolute URL may name another server's Patient with
-    the same id, so it matches no patient in context.
-    """
-    reference = (resource.get("subject") or {}).get("reference")
-    if not isinstance(reference, str):
-        return None
-    kind, _, rid = reference.partition("/")
-    return rid if kind == "Patient" and FHIR_ID.fullmatch(rid) else None
 
 
 def is_accession(identifier: Any) -> bool:
@@ -195,6 +183,29 @@ def is_tagged(resource: Mapping[str, Any], source: str) -> bool:
     tags = (resource.get("meta") or {}).get("tag") or []
     return any(
         isinstance(t, dict) and t.get("system") == BRIDGE_TAG_SYSTEM and t.get("code") == source for t in tags
+    )
+
+
+def subject_patient(resource: Mapping[str, Any]) -> str | None:
+    """The Patient id of an ImagingStudy's subject when it is ``Patient/{id}``, else None.
+
+    Only the relative form the bridge writes: an absolute URL may name another server's Patient with
+    the same id, so it matches no patient in context.
+    """
+    reference = _reference(resource.get("subject"))
+    if reference is None:
+        return None
+    kind, _, rid = reference.partition("/")
+    return rid if kind == "Patient" and FHIR_ID.fullmatch(rid) else None
+
+
+def source_tags(resource: Mapping[str, Any]) -> tuple[str, ...]:
+    """The bridge sources named in the resource's meta.tag."""
+    tags = (resource.get("meta") or {}).get("tag") or []
+    return tuple(
+        str(t["code"])
+        for t in tags
+        if isinstance(t, dict) and t.get("system") == BRIDGE_TAG_SYSTEM and isinstance(t.get("code"), str)
     )
 
 
@@ -304,6 +315,7 @@ def locate(
         accession=accession_of(resource),
         series=tuple(located),
         patient=subject_patient(resource),
+        sources=source_tags(resource),
     )
 
 

@@ -9,7 +9,7 @@ from sqlalchemy import JSON, Boolean, DateTime, Float, Integer, String, Text, fa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # Bumped by every migration (bridge/state/migrations) so a bridge older than the store refuses it.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 class Base(DeclarativeBase):
@@ -104,6 +104,17 @@ class Checkpoint(Base):
     name: Mapped[str] = mapped_column(String(128), primary_key=True)
     value: Mapped[str] = mapped_column(String(256))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class AuditBacklog(Base):
+    """An AuditEvent recorded but not yet on the FHIR server (its id keeps a replay idempotent)."""
+
+    __tablename__ = "audit_backlog"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(64), unique=True)
+    body: Mapped[str] = mapped_column(Text)  # the AuditEvent as R4 JSON
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class BrowserSession(Base):

@@ -19,6 +19,7 @@ from bridge.errors import StoreError
 from bridge.state.claims import StudyClaims
 from bridge.state.migrate import upgrade_engine
 from bridge.state.models import (
+    AuditBacklog,
     BrowserSession,
     Checkpoint,
     ParkedStudy,
@@ -341,6 +342,42 @@ class SqlStore:
                 "gone": int(session.scalar(gone) or 0),
                 "parked": int(session.scalar(parked) or 0),
             }
+
+    # Audit backlog: AuditEvents recorded by the API, kept until the FHIR server has them
+    def queue_audit(self, events: Sequence[tuple[str, str, datetime]]) -> None:
+        """Keep AuditEvents (id, R4 JSON, when recorded) until they are written."""
+        if not events:
+            return
+        with self._session() as session:
+            known = set(
+                session.scalars(
+                    select(AuditBacklog.event_id).where(AuditBacklog.event_id.in_([e[0] for e in events]))
+                )
+            )
+            session.add_all(
+                AuditBacklog(event_id=eid, body=body, recorded_at=at, attempts=0)
+                for eid, body, at in events
+                if eid not in known
+            )
+
+    def pending_audit(self, limit: int) -> list[tuple[int, str]]:
+        """The oldest AuditEvents not yet written: (row id, R4 JSON)."""
+        with self._session() as session:
+            rows = session.execute(
+                select(AuditBacklog.id, AuditBacklog.body).order_by(AuditBacklog.id).limit(limit)
+            ).all()
+            return [(int(r[0]), str(r[1])) for r in rows]
+
+    def written_audit(self, ids: Sequence[int]) -> None:
+        """Forget AuditEvents the FHIR server now holds."""
+        if ids:
+            with self._session() as session:
+                session.execute(delete(AuditBacklog).where(AuditBacklog.id.in_(list(ids))))
+
+    def audit_backlog(self) -> int:
+        """How many AuditEvents wait to be written."""
+        with self._session() as session:
+            return int(session.scalar(select(func.count()).select_from(AuditBacklog)) or 0)
 
     # Browser sessions and logins under way (bridge/api/session.py), keyed by a hash, never a token
     def put_browser_session(

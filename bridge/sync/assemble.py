@@ -7,7 +7,7 @@ fetch (the archive's records) -> link (Patient and order, looked up on the FHIR 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,9 +67,13 @@ class StudyAssembler:
         validate(resource)  # the resource exactly as it is written, subject and basedOn included
         return resource
 
-    async def fetch(self, study: StudyRecord) -> StudyRecords:
-        """The study's series (and, per the settings, its instances and one instance header)."""
-        series = await self._source.search_series(study.uid)
+    async def fetch(self, study: StudyRecord, series: Sequence[SeriesRecord] | None = None) -> StudyRecords:
+        """The study's series (and, per the settings, its instances and one instance header).
+
+        ``series`` are the study's series when already fetched with its page's (then not asked again).
+        """
+        if series is None:
+            series = await self._source.search_series(study.uid)
         instances: list[InstanceRecord] = []
         if self._ctx.include_instances:
             instances = await self._source.search_instances(study.uid, limit=self._ctx.max_instances)
@@ -89,13 +93,23 @@ class StudyAssembler:
         """The order and the Patient; a missing Patient is created only for a study that would publish."""
         based_on = await self._linker.based_on(records.study)
 
+        check = self.patient_check(records, endpoint, based_on)
+        subject = await self._linker.subject(records.study, before_create=check)
+        return Links(subject, based_on)
+
+    def patient_check(
+        self, records: StudyRecords, endpoint: str, based_on: Sequence[dict[str, Any]] = ()
+    ) -> Callable[[], None]:
+        """What a study must pass before its Patient may be created (raises MappingError if not).
+
+        A bad study never creates a Patient: the study, mapped and validated with a stand-in
+        subject, must pass first. Run only when a Patient is about to be created.
+        """
+
         def check_before_creating_a_patient() -> None:
-            # A bad study never creates a Patient: the study, mapped and validated with a stand-in
-            # subject, must pass first. Runs only when a Patient is about to be created.
             validate(self.map(records, Links(_PLACEHOLDER_SUBJECT, based_on), endpoint))
 
-        subject = await self._linker.subject(records.study, before_create=check_before_creating_a_patient)
-        return Links(subject, based_on)
+        return check_before_creating_a_patient
 
     def map(self, records: StudyRecords, links: Links, endpoint: str) -> dict[str, Any]:
         """The ImagingStudy from the records and the links (pure)."""

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from bridge.dicomweb.records import StudyRecord
-from bridge.errors import MappingError, PatientLinkError, VersionConflictError
+from bridge.errors import MappingError, PatientLinkError, UpstreamError, VersionConflictError
 from bridge.mapping.context import MappingContext
 from bridge.mapping.identifiers import PatientKey, accession_identifier, escape_token, patient_key
 from bridge.mapping.identity import exact_matches, has_identifier
@@ -44,7 +44,8 @@ class Linker:
         self.dry_run = False  # read, never write (bridge sync --dry-run)
         self._patients: dict[PatientKey, str] = {}
         self._patient_locks: dict[PatientKey, asyncio.Lock] = {}
-        self.writes = 0
+        self.writes = 0  # Patients created
+        self.write_requests = 0  # FHIR requests that created them (a batch is one)
 
     def begin_run(self) -> None:
         """Forget the Patient links of the previous run (the EHR may have merged patients since)."""
@@ -100,6 +101,7 @@ class Linker:
             return await self._one_exact_patient(key)
         if result.created:
             self.writes += 1
+            self.write_requests += 1
             logger.info("created Patient/%s", result.id)
             return result.id
         # The server says one Patient matched: its token search is trusted only once checked.
@@ -107,6 +109,79 @@ class Linker:
         if found is not None and has_identifier(found, key.system, key.value):
             return result.id
         return await self._one_exact_patient(key)
+
+    async def prime_patients(self, candidates: Sequence[tuple[StudyRecord, Callable[[], None]]]) -> None:
+        """Link the Patients of a page of studies with one batch of conditional creates.
+
+        Each candidate is a study and the check it must pass before its Patient may be created
+        (a bad study never creates a Patient). Patients are de-duplicated within the page, and
+        only those not linked yet in this run are asked for: one ``POST Patient`` entry with
+        ``ifNoneExist`` each (a conditional create never touches an existing Patient). A Patient
+        the server says already existed is linked only once a second batch of reads shows its
+        identifier equals the study's exactly. Anything else (an entry that failed, a batch that
+        failed, a looser match) is left for :meth:`subject` to do study by study, as without a
+        batch. Only under ``match-or-create``; a dry run writes nothing.
+        """
+        if self._policy is not PatientPolicy.MATCH_OR_CREATE or self.dry_run:
+            return
+        wanted: dict[PatientKey, dict[str, Any]] = {}
+        for study, check in candidates:
+            try:
+                key = patient_key(study, self._ctx)
+                if key in self._patients or key in wanted:
+                    continue
+                check()
+                patient = map_patient(study, key, self._ctx)
+                validate(patient)
+            except MappingError:
+                continue  # the study's own way parks it, naming the attribute
+            wanted[key] = patient
+        if len(wanted) < 2:
+            return  # one Patient is one request either way
+        keys = list(wanted)
+        entries = [
+            {
+                "resource": wanted[key],
+                "request": {
+                    "method": "POST",
+                    "url": "Patient",
+                    "ifNoneExist": urlencode({"identifier": key.search()}),
+                },
+            }
+            for key in keys
+        ]
+        try:
+            answers = await self._fhir.batch(entries)
+        except UpstreamError as exc:
+            logger.warning(
+                "batch of %d Patients failed (%s): linking them one by one", len(keys), type(exc).__name__
+            )
+            return
+        self.write_requests += 1
+        to_check: dict[PatientKey, str] = {}
+        for key, answer in zip(keys, answers, strict=True):
+            if answer.result is None:
+                continue
+            if answer.result.created:
+                self.writes += 1
+                self._patients[key] = answer.result.id
+                logger.info("created Patient/%s", answer.result.id)
+            else:
+                to_check[key] = answer.result.id
+        if not to_check:
+            return
+        reads = [
+            {"request": {"method": "GET", "url": f"Patient/{quote(rid, safe='')}"}}
+            for rid in to_check.values()
+        ]
+        try:
+            found = await self._fhir.batch(reads)
+        except UpstreamError:
+            return
+        for (key, rid), answer in zip(to_check.items(), found, strict=True):
+            # The server's token search is trusted only once its answer is checked, as study by study.
+            if answer.resource is not None and has_identifier(answer.resource, key.system, key.value):
+                self._patients[key] = rid
 
     async def _exact_patients(self, key: PatientKey) -> list[str]:
         """Ids of the Patients the server finds whose identifier equals the key exactly."""

@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from bridge.dicomweb.records import DicomJson, InstanceRecord, SeriesRecord
+from bridge.errors import MappingError, UpstreamError, UpstreamLimitError
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +22,16 @@ class WriteResult:
     id: str
     version: str | None
     created: bool
+
+
+@dataclass(frozen=True, slots=True)
+class BatchAnswer:
+    """One entry's answer in a FHIR batch: its status, and what it wrote or read, or why it failed."""
+
+    status: int
+    result: WriteResult | None = None  # a write that succeeded
+    resource: dict[str, Any] | None = None  # the resource a read (or a full answer) carried
+    error: UpstreamError | None = None  # the error the same single request would have raised
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +72,10 @@ class RunCounts:
     fallbacks: int = 0  # documented fallbacks used for missing Type 1 data (this run only, not stored)
 
 
+# A study's series from a page-wide query, or the error that parks the study.
+SeriesOutcome = list[SeriesRecord] | MappingError | UpstreamLimitError
+
+
 class StudySource(Protocol):
     """Where studies come from (a QIDO-RS client, or a fake in tests)."""
 
@@ -72,6 +87,22 @@ class StudySource(Protocol):
 
     async def search_series(self, study_uid: str) -> list[SeriesRecord]:
         """Every series of one study."""
+        ...
+
+    async def search_series_many(self, study_uids: Sequence[str]) -> dict[str, SeriesOutcome]:
+        """The series of several studies in as few queries as the source allows, per study.
+
+        A study left out is to be fetched alone with ``search_series``; an error parks its study.
+        """
+        ...
+
+    @property
+    def series_query_used(self) -> str:
+        """How series are being asked for (``list``, ``per-study``, ``undecided``), for the run record."""
+        ...
+
+    async def reachable(self) -> bool:
+        """Whether the archive answers at all (asked after one study's call kept failing)."""
         ...
 
     async def search_instances(self, study_uid: str, limit: int | None = None) -> list[InstanceRecord]:
@@ -114,6 +145,10 @@ class FhirSink(Protocol):
 
     async def conditional_create(self, resource: dict[str, Any], if_none_exist: str) -> WriteResult:
         """POST with If-None-Exist."""
+        ...
+
+    async def batch(self, entries: Sequence[dict[str, Any]]) -> list[BatchAnswer]:
+        """POST a batch Bundle; each entry's answer, in request order (a broken batch raises)."""
         ...
 
 

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from bridge.dicomweb.records import digest
 from bridge.errors import (
+    BridgeError,
     ConfigurationError,
     FatalUpstreamError,
+    MappingError,
+    RetriableUpstreamError,
     UpstreamError,
     VersionConflictError,
 )
@@ -24,6 +28,7 @@ from bridge.sync.policy import DeletePolicy, WriteStrategy
 from bridge.sync.protocols import FhirSink, StateStore, WriteResult
 
 logger = logging.getLogger(__name__)
+
 
 class Publisher:
     """Writes keyed by business identifiers, so replays and re-runs never duplicate anything.
@@ -40,6 +45,7 @@ class Publisher:
         ctx: MappingContext,
         *,
         write_strategy: WriteStrategy,
+        batch_size: int = 0,
     ) -> None:
         self._fhir = fhir
         self._store = store
@@ -48,7 +54,13 @@ class Publisher:
         self._server_check = asyncio.Lock()
         self._server_checked = False
         self._refusal: str | None = None
-        self.writes = 0
+        # Whether the server takes batch Bundles: True when its CapabilityStatement lists batch; None
+        # (try, and learn from the first answer) when it lists only transaction, as HAPI's does
+        # although it processes batches; False otherwise.
+        self._batches: bool | None = False
+        self.batch_size = batch_size
+        self.writes = 0  # resources written
+        self.write_requests = 0  # FHIR requests that wrote (a batch is one)
 
     async def ensure_endpoint(self) -> str:
         """Publish the source's Endpoint if it changed; returns the reference to it."""
@@ -109,18 +121,34 @@ class Publisher:
         except (VersionConflictError, FatalUpstreamError) as exc:
             if known_version is None or exc.status not in (404, 409, 412):
                 raise
-        # Someone else wrote it since (another worker, a person): take the current version.
+        return await self._overwrite(resource, search)
+
+    async def _overwrite(self, resource: dict[str, Any], search: dict[str, str]) -> WriteResult:
+        """Someone else wrote the study since (another worker, a person): write over the current version."""
         current = await self._fhir.read("ImagingStudy", resource["id"])
         version = (current or {}).get("meta", {}).get("versionId")
         logger.info("ImagingStudy/%s changed on the server; writing over version %s", resource["id"], version)
         return await self._write(resource, search, if_match=version)
 
-    async def _check_update_create(self) -> None:
-        """Before the first client-id write: refuse a server that says it cannot create by PUT.
+    async def batching(self) -> bool:
+        """Whether writes go in batch Bundles: a batch size is set and the server lists ``batch``.
 
-        Such a server (Google's FHIR stores by default) would refuse every new study one by one;
-        better to stop once, naming the setting that fixes it. Asked once per publisher, and only
-        when something is to be written, so a run with no change still makes no request.
+        Asks for the CapabilityStatement once per publisher, and only when something is to be
+        written (a run with no change makes no request).
+        """
+        if self.batch_size < 2:
+            return False
+        if not self._server_checked:
+            await self._check_update_create()
+        return self._batches is not False
+
+    async def _check_update_create(self) -> None:
+        """Before the first write: read what the server can do, once.
+
+        A server that says it cannot create by PUT (Google's FHIR stores by default) would refuse
+        every new study one by one under client ids; better to stop once, naming the setting that
+        fixes it. Asked once per publisher, and only when something is to be written, so a run
+        with no change still makes no request.
         """
         async with self._server_check:
             if self._server_checked:
@@ -134,6 +162,9 @@ class Publisher:
                 for rest in statement.get("rest", []) or []
                 for entry in rest.get("resource", []) or []
                 if entry.get("type") in ("Endpoint", "ImagingStudy") and entry.get("updateCreate") is False
+            )
+            self._batches = (
+                True if supports_batch(statement) else (None if _lists(statement, "transaction") else False)
             )
             if refusing:
                 self._refusal = (
@@ -150,11 +181,101 @@ class Publisher:
                 await self._check_update_create()
             if self._refusal is not None:
                 raise ConfigurationError(self._refusal)
-            result = await self._fhir.update(resource, if_match=if_match)
+            try:
+                result = await self._fhir.update(resource, if_match=if_match)
+            except FatalUpstreamError as exc:
+                # A PUT with no If-Match to an id the server does not hold is a create; 404 or 405
+                # says the server will not create there (HAPI with client ids off answers 404,
+                # and its CapabilityStatement says nothing of updateCreate). Stop once, with advice.
+                if if_match is not None or exc.status not in (404, 405):
+                    raise
+                self._refusal = (
+                    f"BRIDGE_WRITE_STRATEGY: the FHIR server refused to create {resource['resourceType']} "
+                    f"by PUT to a new id ({exc.status}: it does not accept client-assigned ids); "
+                    "set it to 'conditional'"
+                )
+                raise ConfigurationError(self._refusal) from exc
         else:
             result = await self._fhir.conditional_update(resource, search)
         self.writes += 1
+        self.write_requests += 1
         return result
+
+    async def put_studies(
+        self, items: Sequence[tuple[dict[str, Any], str | None]]
+    ) -> list[WriteResult | BridgeError]:
+        """Write several ImagingStudies, in batch Bundles where the server takes them.
+
+        Each item is a resource and the version it is known at. Each entry is the same idempotent
+        write as :meth:`put_study` (PUT to the derived id, ``ifMatch`` when the version is known);
+        per entry, a 412/409/404 on a known version re-reads and retries just that study, other
+        4xx are that study's error (it is parked), and a 5xx writes that study alone. A batch that
+        fails as a whole (after the retries) or answers broken falls back to study-by-study
+        writes; a 413 halves the batch. Returns, in order, each study's result or error.
+        """
+        results: list[WriteResult | BridgeError | None] = [None] * len(items)
+        conflicts: set[int] = set()
+        if self._strategy is WriteStrategy.CLIENT_ID and len(items) > 1 and await self.batching():
+            if self._refusal is not None:
+                raise ConfigurationError(self._refusal)
+            start = 0
+            while start < len(items):
+                chunk = items[start : start + self.batch_size]
+                try:
+                    answers = await self._fhir.batch([_put_entry(r, v) for r, v in chunk])
+                except FatalUpstreamError as exc:
+                    if exc.status == 413 and self.batch_size > 2:
+                        self.batch_size //= 2
+                        logger.info("the FHIR server refused a batch as too large; now %d", self.batch_size)
+                        continue
+                    if self._batches is None and exc.status is not None and 400 <= exc.status < 500:
+                        self._batches = False  # it does not take batches after all
+                        logger.info("the FHIR server refused a batch Bundle: writing study by study")
+                    logger.warning(
+                        "batch of %d ImagingStudies failed (%s); writing them one by one",
+                        len(chunk),
+                        type(exc).__name__,
+                    )
+                    start += len(chunk)
+                    continue
+                except RetriableUpstreamError:
+                    logger.warning(
+                        "batch of %d ImagingStudies failed after retries; writing them one by one", len(chunk)
+                    )
+                    start += len(chunk)
+                    continue
+                self.write_requests += 1
+                self._batches = True
+                for offset, answer in enumerate(answers):
+                    if answer.result is not None:
+                        self.writes += 1
+                        results[start + offset] = answer.result
+                    elif isinstance(answer.error, RetriableUpstreamError):
+                        continue  # written alone below
+                    elif (
+                        isinstance(answer.error, FatalUpstreamError)
+                        and answer.error.status in (404, 409, 412)
+                        and chunk[offset][1] is not None
+                    ):
+                        conflicts.add(start + offset)  # re-read below, then written alone
+                    else:
+                        results[start + offset] = answer.error or FatalUpstreamError(
+                            "fhir batch entry answered nothing usable", service="fhir"
+                        )
+                start += len(chunk)
+        for index, outcome in enumerate(results):
+            if outcome is not None:
+                continue
+            resource, version = items[index]
+            try:
+                if index in conflicts:
+                    uid = resource["identifier"][0]["value"].removeprefix("urn:oid:")
+                    results[index] = await self._overwrite(resource, {"identifier": study_search(uid)})
+                else:
+                    results[index] = await self.put_study(resource, version)
+            except (MappingError, FatalUpstreamError, RetriableUpstreamError) as exc:
+                results[index] = exc
+        return [r for r in results if r is not None]
 
     async def retire_study(self, fhir_id: str, policy: DeletePolicy) -> tuple[str, str | None]:
         """Apply the delete policy to the ImagingStudy of a study gone from the archive.
@@ -177,13 +298,37 @@ class Publisher:
         if policy is DeletePolicy.DELETE:
             await self._fhir.delete("ImagingStudy", fhir_id)
             self.writes += 1
+            self.write_requests += 1
             return "deleted", None
         if current.get("status") == "entered-in-error":
             return "marked", version
         current["status"] = "entered-in-error"
         result = await self._fhir.update(current, if_match=version)
         self.writes += 1
+        self.write_requests += 1
         return "marked", result.version
+
+
+def supports_batch(statement: Mapping[str, Any]) -> bool:
+    """Whether a CapabilityStatement lists the ``batch`` system interaction."""
+    return _lists(statement, "batch")
+
+
+def _lists(statement: Mapping[str, Any], code: str) -> bool:
+    return any(
+        isinstance(interaction, dict) and interaction.get("code") == code
+        for rest in statement.get("rest", []) or []
+        if isinstance(rest, dict)
+        for interaction in rest.get("interaction", []) or []
+    )
+
+
+def _put_entry(resource: dict[str, Any], version: str | None) -> dict[str, Any]:
+    """The batch entry of one ImagingStudy write: PUT to its derived id, ifMatch when known."""
+    request: dict[str, Any] = {"method": "PUT", "url": f"ImagingStudy/{resource['id']}"}
+    if version:
+        request["ifMatch"] = f'W/"{version}"'
+    return {"resource": resource, "request": request}
 
 
 def _token(identifier: dict[str, str]) -> str:

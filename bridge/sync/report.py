@@ -29,6 +29,8 @@ class RunReport:
     error: str | None = None
     deletions: list[dict[str, str]] = field(default_factory=list)
     newest_seen: str | None = None
+    fhir_write_requests: int = 0  # FHIR requests that wrote (a batch is one; fhir_writes counts resources)
+    series_query: str = "undecided"  # how series were asked: list or per-study
 
     def saw(self, started: str | None) -> None:
         """Keep the latest study start seen in the archive (for the lag metric)."""

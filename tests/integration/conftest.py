@@ -18,6 +18,7 @@ from bridge.config import Settings, load_settings
 from bridge.runtime import open_runtime
 from bridge.sync.report import RunReport
 from tests.stack.fhir import FhirTestServer
+from tests.stack.hapi import HapiTestServer
 from tests.stack.orthanc import OrthancServer
 
 pytestmark = pytest.mark.integration
@@ -31,7 +32,7 @@ class Stack:
     """The real servers, emptied for one test, and the bridge settings pointing at them."""
 
     orthanc: OrthancServer
-    fhir: FhirTestServer
+    fhir: FhirTestServer | HapiTestServer
     state_path: Path
     env: dict[str, str] = field(default_factory=dict)
 
@@ -99,7 +100,9 @@ class Stack:
 
 
 @pytest.fixture
-def stack(orthanc: OrthancServer, fhir_server: FhirTestServer, tmp_path: Path) -> Iterator[Stack]:
+def stack(
+    orthanc: OrthancServer, fhir_server: FhirTestServer | HapiTestServer, tmp_path: Path
+) -> Iterator[Stack]:
     """Empty archive, empty FHIR server, fresh store; settings for the bridge to use them."""
     orthanc.clear()
     fhir_server.clear()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -26,6 +27,9 @@ from tests.stack.samples import SeriesSpec, StudySpec, build_study, stow
 pytestmark = pytest.mark.integration
 
 # Small waits so the whole file runs in well under a minute; the policy is the production one.
+# Most faults here are aimed at the per-study requests (a study's series query, its ImagingStudy
+# PUT, a Patient's POST): those tests ask for them. The page-batched way has its own test below.
+PER_STUDY = {"dicomweb_series_query": "per-study", "fhir_batch_size": "0"}
 FAST_RETRIES = {
     "http_retries": "8",
     "http_retry_max_wait": "3",
@@ -131,6 +135,7 @@ def test_faults_from_both_servers_lose_and_duplicate_nothing_and_retry_after_is_
         dicomweb_public_url=stack.orthanc.dicomweb_url,
         fhir_url=fhir.proxied(stack.fhir.base_url),
         **FAST_RETRIES,
+        **PER_STUDY,
     )
     took = time.monotonic() - started
 
@@ -152,6 +157,7 @@ def test_faults_from_both_servers_lose_and_duplicate_nothing_and_retry_after_is_
         dicomweb_public_url=stack.orthanc.dicomweb_url,
         fhir_url=fhir.proxied(stack.fhir.base_url),
         **FAST_RETRIES,
+        **PER_STUDY,
     )
     assert (again.counts.unchanged, again.counts.fhir_writes) == (len(specs), 0)
 
@@ -176,7 +182,7 @@ def test_malformed_dicom_json_parks_only_that_study_and_retry_clears_it(
             rewrite=lambda body: json.dumps([{"0020000E": {"vr": "UI"}}]).encode(),
         )
     )
-    env = {"dicomweb_url": archive.proxied(stack.orthanc.dicomweb_url), **FAST_RETRIES}
+    env = {"dicomweb_url": archive.proxied(stack.orthanc.dicomweb_url), **FAST_RETRIES, **PER_STUDY}
 
     run = stack.cli("sync", "--json", **env)
     assert run.returncode == 1, run.stderr
@@ -228,7 +234,7 @@ def own_fhir(tmp_path: Path) -> Iterator[FhirTestServer]:
 
 def _sync_process(stack: Stack, fhir_url: str, **overrides: str) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
-    env.update(stack.settings_env(fhir_url=fhir_url, sync_concurrency="2", **overrides))
+    env.update(stack.settings_env(fhir_url=fhir_url, sync_concurrency="2", **{**PER_STUDY, **overrides}))
     return subprocess.Popen(
         [sys.executable, "-m", "bridge", "sync", "--json"],
         env=env,
@@ -316,3 +322,50 @@ def test_fhir_server_restarted_mid_sync_is_waited_for_and_the_run_completes(
     _assert_no_duplicates(stack, own_fhir.base_url)
     # The circuit kept the bridge from hammering the dead server: a handful of tries, not hundreds.
     assert len(down) < 40, len(down)
+
+
+# Killed between batches ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kill_on", [1, 2, 3, 4])
+def test_a_sync_killed_at_any_batch_reruns_to_exactly_one_of_each(stack: Stack, kill_on: int) -> None:
+    """SIGKILL while the ``kill_on``-th batch is on its way (the server still gets it); then rerun.
+
+    Pages of 4 studies, 3 patients: batch 1 creates the Patients, 2-4 are the pages' ImagingStudies.
+    """
+    specs = _store_studies(stack.orthanc.dicomweb_url, 12, "KIL")
+    with FaultProxy(stack.fhir.root_url) as proxy:
+        seen = 0
+        process: subprocess.Popen[str] | None = None
+        killed = threading.Event()
+
+        def hook(method: str, target: str, headers: dict[str, str]) -> None:
+            nonlocal seen
+            if method == "POST" and target.rstrip("/").endswith("/R4") and process is not None:
+                seen += 1
+                if seen == kill_on:
+                    process.kill()
+                    killed.set()
+
+        proxy.on_request = hook
+        proxy.add(Fault(kind="delay", delay=0.3, method="POST", path=r"/R4/?$"))
+        process = _sync_process(
+            stack,
+            proxy.proxied(stack.fhir.base_url),
+            qido_page_size="4",
+            fhir_batch_size="100",
+            dicomweb_series_query="auto",
+        )
+        process.communicate(timeout=120)
+        assert killed.is_set()
+        assert process.returncode == -signal.SIGKILL
+        time.sleep(0.5)  # the delayed batch reaches the server after its client died
+
+    rerun = stack.cli("sync", "--json")
+    assert rerun.returncode == 0, rerun.stderr
+    assert _published(stack) == Counter({s.uid: 1 for s in specs if s.uid})
+    _assert_no_duplicates(stack)
+    patients = httpx.get(f"{stack.fhir.base_url}/Patient", params={"_count": "100"}, timeout=30).json()
+    assert len(patients.get("entry", [])) == 3
+    again = json.loads(stack.cli("sync", "--json").stdout)
+    assert again["unchanged"] == len(specs)

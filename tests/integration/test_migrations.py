@@ -8,6 +8,7 @@ import pytest
 
 from tests.stack.postgres import temporary_database
 from tests.unit.state.test_store_schema import (  # noqa: F401 - collected here with db_url below
+    test_a_gone_marker_survives_the_move_to_its_own_column_and_back,
     test_a_new_store_is_migrated_to_head_and_matches_the_models,
     test_a_store_created_without_migrations_is_adopted_with_its_state,
     test_a_store_migrated_by_a_newer_bridge_is_refused,

@@ -258,7 +258,12 @@ def _wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
 
 
 def _count(stack: Stack) -> int:
-    response = httpx.get(f"{stack.fhir.base_url}/ImagingStudy", params={"_summary": "count"}, timeout=30)
+    response = httpx.get(
+        f"{stack.fhir.base_url}/ImagingStudy",
+        params={"_summary": "count"},
+        headers={"Cache-Control": "no-cache"},  # HAPI would repeat its first answer for a minute
+        timeout=30,
+    )
     return int(response.json()["total"])
 
 

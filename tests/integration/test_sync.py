@@ -1,4 +1,4 @@
-"""End-to-end sync against the real Orthanc (DICOMweb) and the Medplum-based FHIR server."""
+"""End-to-end sync against the real Orthanc (DICOMweb) and FHIR servers (Medplum; HAPI for interop tests)."""
 
 from __future__ import annotations
 
@@ -146,6 +146,32 @@ def test_a_new_study_and_a_new_series_in_an_old_study_are_picked_up(stack: Stack
     assert new.uid in published
 
 
+@pytest.mark.interop
+def test_a_study_changed_on_the_server_since_is_written_over_its_current_version(stack: Stack) -> None:
+    """If-Match with the remembered version fails (HAPI: 409, Medplum: 412); one re-read, one write."""
+    import httpx
+
+    specs = load_demo(stack.orthanc.dicomweb_url)
+    stack.sync()
+    old = specs[2]
+    study = _by_uid(stack)[old.uid]
+    study["note"] = [{"text": "checked by a radiographer"}]
+    edited = httpx.put(f"{stack.fhir.base_url}/ImagingStudy/{study['id']}", json=study, timeout=30)
+    assert edited.status_code == 200, edited.text
+    added = SeriesSpec("CR", "Nachaufnahme", "CHEST", instances=1, number=9, uid=generate_uid())
+    stow(stack.orthanc.dicomweb_url, build_study(StudySpec(**{**old.__dict__, "series": [added]})))
+    stack.fhir.reset_stats()
+
+    report = stack.sync()
+
+    assert (report.counts.updated, report.counts.unchanged, report.counts.parked) == (1, 5, 0)
+    stats = stack.fhir.stats()
+    assert stats["by_status"].get("409", 0) + stats["by_status"].get("412", 0) == 1
+    published = _by_uid(stack)[old.uid]
+    assert published["numberOfSeries"] == 2
+    assert published["meta"]["versionId"] == "3"
+
+
 def test_bad_studies_are_parked_with_the_attribute_while_the_rest_sync(stack: Stack) -> None:
     good = demo_studies()[:2]
     for spec in good:
@@ -263,9 +289,10 @@ def test_logical_policy_never_touches_patients(stack: Stack) -> None:
     stats = stack.fhir.stats()
     assert stack.fhir_search("Patient") == []
     assert stats["searches"] == 0
-    # One CapabilityStatement read (can the server create by PUT?), the Endpoint and six studies.
-    assert stats["by_interaction"] == {"capabilities": 1, "update": 7}
-    assert stats["requests"] == 8
+    # One CapabilityStatement read (create by PUT? batch?), the Endpoint, six studies in one batch.
+    assert stats["by_interaction"] == {"capabilities": 1, "update": 1, "batch": 1}
+    assert stats["requests"] == 3
+    assert stats["writes_by_kind"]["create"] + stats["writes_by_kind"]["update"] == 7
     for study in _by_uid(stack).values():
         assert study["subject"]["type"] == "Patient"
         assert study["subject"]["identifier"]["system"] in ISSUERS.values()
@@ -309,13 +336,16 @@ def test_request_counts_grow_with_changes_not_with_the_archive(stack: Stack) -> 
             ),
         )
 
-    first = stack.sync(qido_page_size=str(page))
+    # Study by study (an archive without UID lists, a server without batch): the per-study floor.
+    per_study = {"qido_page_size": str(page), "dicomweb_series_query": "per-study", "fhir_batch_size": "0"}
+    first = stack.sync(**per_study)
     stats = stack.fhir.stats()
 
     study_queries = [q for q in _run_queries(stack, first.run_id) if q.startswith("/studies?")]
     series_queries = [q for q in _run_queries(stack, first.run_id) if "/series" in q]
     assert len(study_queries) == -(-n // page)  # ceil: the last page is short
     assert len(series_queries) == n
+    assert first.series_query == "per-study"
     # One write per study, one Endpoint, and one conditional create per patient.
     assert first.counts.fhir_writes == n + 1 + 5
     assert stats["writes"] == n + 1 + 5
@@ -415,3 +445,42 @@ def test_a_server_without_update_as_create_stops_with_advice_and_conditional_wri
         accepted = stack.cli("sync", "--json", fhir_url=strict.base_url, write_strategy="conditional")
         assert accepted.returncode == 0, accepted.stderr
         assert json.loads(accepted.stdout)["created"] == 6
+
+
+def test_a_series_without_modality_is_published_as_ot_and_counted(stack: Stack) -> None:
+    spec = StudySpec(patient_id="M0", issuer="HOSP-A", uid=generate_uid(), series=[SeriesSpec("OT")])
+    datasets = build_study(spec)
+    for ds in datasets:
+        del ds.Modality  # Type 1, yet missing in several real files
+    stow(stack.orthanc.dicomweb_url, datasets)
+
+    result = stack.cli("sync", "--json")
+
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["created"], summary["parked"], summary["fallbacks"]) == (1, 0, 1)
+    [study] = stack.fhir_search("ImagingStudy")
+    assert [s["modality"]["code"] for s in study["series"]] == ["OT"]
+    parked = stack.cli("sync", "--json", missing_modality="park", state_url=f"sqlite:///{stack.state_path}.2")
+    assert json.loads(parked.stdout)["parked_studies"][0]["attribute"] == "Modality"
+
+
+@pytest.mark.hapi
+@pytest.mark.parametrize("fhir_server", ["hapi"], indirect=True)
+def test_hapi_without_client_ids_stops_with_advice_and_conditional_writes_work(stack: Stack) -> None:
+    """HAPI with client ids off answers 404 to a PUT create and says nothing of updateCreate."""
+    load_demo(stack.orthanc.dicomweb_url)
+    stack.fhir.client_ids("NOT_ALLOWED")
+    try:
+        refused = stack.cli("sync")
+        assert refused.returncode == 2, refused.stderr
+        assert "BRIDGE_WRITE_STRATEGY" in refused.stderr and "conditional" in refused.stderr
+        assert stack.fhir_search("Endpoint") == [] and stack.fhir_search("ImagingStudy") == []
+
+        accepted = stack.cli("sync", "--json", write_strategy="conditional")
+        assert accepted.returncode == 0, accepted.stderr
+        assert json.loads(accepted.stdout)["created"] == 6
+        assert len(_by_uid(stack)) == 6
+        assert all(not s["id"].count("-") == 4 for s in stack.fhir_search("ImagingStudy"))  # server ids
+    finally:
+        stack.fhir.client_ids("ALPHANUMERIC")

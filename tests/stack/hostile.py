@@ -17,6 +17,8 @@ html-series         BAD's series query answers HTML with status 200
 huge-patientid      BAD's PatientID is 300,000 characters long
 ==================  ==========================================================================
 
+In every scenario a study's ``thumbnail`` and ``rendered`` resources drip.
+
 It runs its own event loop in a thread, so a test process can start it next to the real
 ``bridge`` command it runs as a subprocess. Loopback only.
 """
@@ -138,6 +140,8 @@ class HostileArchive:
             await self._studies(scenario, writer, limit, offset, query)
         elif len(rest) == 3 and rest[0] == "studies" and rest[2] == "series":
             await self._series_of(scenario, rest[1], writer, limit, offset)
+        elif len(rest) == 3 and rest[0] == "studies" and rest[2] in ("thumbnail", "rendered"):
+            await _stream(writer, _drip(self.drip))  # every scenario: a picture that never arrives
         else:
             await _answer(writer, 404, b"", "text/plain")
 

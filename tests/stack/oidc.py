@@ -89,13 +89,19 @@ class OidcProvider:
         log_path: Path | None = None,
         users: dict[str, str] | None = None,
         launches: dict[str, str] | None = None,
+        resource: dict[str, str] | None = None,
+        patients: dict[str, str] | None = None,
     ) -> None:
+        """``resource`` ({"audience", "scopes"}) makes access tokens JWTs for that audience;
+        ``patients`` (client id -> Patient id) gives a client's tokens a ``patient`` claim."""
         self.introspector_secret = introspector_secret
         self.clients = [*clients, secret_client(INTROSPECTOR_ID, introspector_secret)]
         self.scopes = scopes or []
         self.ttl = ttl or {}
         self.users = users or {}
         self.launches = launches or {}
+        self.resource = resource
+        self.patients = patients or {}
         self.port = 0
         self.log_path = log_path
         self._owns_log = log_path is None
@@ -111,6 +117,10 @@ class OidcProvider:
     def fhir_iss(self) -> str:
         """The ``iss`` of an EHR launch: its smart-configuration is served below it."""
         return f"{self.issuer}/fhir"
+
+    @property
+    def jwks_url(self) -> str:
+        return f"{self.issuer}/jwks"
 
     @property
     def token_url(self) -> str:
@@ -141,6 +151,8 @@ class OidcProvider:
                         for login, password in self.users.items()
                     },
                     "launches": self.launches,
+                    "resource": self.resource,
+                    "patients": self.patients,
                 },
                 handle,
             )

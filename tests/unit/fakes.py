@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qs, urlencode
 
 from bridge.dicomweb.records import DicomJson, SeriesRecord, parse_series
-from bridge.errors import VersionConflictError
-from bridge.sync.protocols import WriteResult
+from bridge.errors import (
+    MappingError,
+    RejectedResourceError,
+    UpstreamError,
+    VersionConflictError,
+)
+from bridge.sync.protocols import BatchAnswer, SeriesOutcome, WriteResult
 
 
 class FakeSource:
@@ -22,6 +27,9 @@ class FakeSource:
         self.queries: list[str] = []
         self.series_calls: list[str] = []
         self.fail_listing: Exception | None = None
+        self.list_matching = False  # answer search_series_many (one "query" per call), as Orthanc can
+        self.list_calls: list[list[str]] = []
+        self.fail_series: dict[str, Exception] = {}  # by study UID
 
     def add(self, study: DicomJson, series: list[DicomJson]) -> None:
         uid = study["0020000D"]["Value"][0] if "0020000D" in study else f"row-{len(self.studies)}"
@@ -44,10 +52,35 @@ class FakeSource:
             if page:
                 yield page
 
+    async def reachable(self) -> bool:
+        self.queries.append("/studies?limit=1")
+        return self.fail_listing is None
+
     async def search_series(self, study_uid: str) -> list[SeriesRecord]:
         self.series_calls.append(study_uid)
+        if study_uid in self.fail_series:
+            raise self.fail_series[study_uid]
         self.queries.append(f"/studies/{study_uid}/series")
         return [parse_series(row) for row in self.series.get(study_uid, [])]
+
+    async def search_series_many(self, study_uids: Sequence[str]) -> dict[str, SeriesOutcome]:
+        if not self.list_matching or len(study_uids) < 2:
+            return {}
+        self.list_calls.append(list(study_uids))
+        self.queries.append(f"/series?StudyInstanceUID={','.join(study_uids)}")
+        answer: dict[str, SeriesOutcome] = {}
+        for uid in study_uids:
+            if uid not in self.series:
+                continue
+            try:
+                answer[uid] = [parse_series(row) for row in self.series[uid]]
+            except MappingError as exc:
+                answer[uid] = exc
+        return answer
+
+    @property
+    def series_query_used(self) -> str:
+        return "list" if self.list_matching else "per-study"
 
 
 _UNESCAPED_BAR = re.compile(r"(?<!\\)\|")
@@ -92,6 +125,10 @@ class FakeFhir:
         self._next_id = 0
         self.update_create = True  # what the CapabilityStatement says of PUT to a new id
         self.loose_tokens = False  # match identifier tokens as a careless server does
+        self.batches = False  # whether the CapabilityStatement lists the batch interaction
+        self.transaction_only = False  # it lists transaction only (as HAPI's does), batches or not
+        self.reject: set[str] = set()  # ImagingStudy ids whose batch entry answers 422
+        self.batch_sizes: list[int] = []
 
     # helpers for tests
     def _raise_if_queued(self, method: str) -> None:
@@ -128,10 +165,12 @@ class FakeFhir:
         self.calls.append(("capabilities", "", None))
         self._raise_if_queued("capabilities")
         kinds = ("Patient", "Endpoint", "ImagingStudy")
-        return {
-            "resourceType": "CapabilityStatement",
-            "rest": [{"resource": [{"type": k, "updateCreate": self.update_create} for k in kinds]}],
-        }
+        rest: dict[str, Any] = {"resource": [{"type": k, "updateCreate": self.update_create} for k in kinds]}
+        if self.transaction_only:
+            rest["interaction"] = [{"code": "transaction"}]
+        elif self.batches:
+            rest["interaction"] = [{"code": "transaction"}, {"code": "batch"}]
+        return {"resourceType": "CapabilityStatement", "rest": [rest]}
 
     async def read(self, resource_type: str, resource_id: str) -> dict[str, Any] | None:
         self.calls.append(("read", resource_type, resource_id))
@@ -181,3 +220,36 @@ class FakeFhir:
         self.calls.append(("delete", resource_type, resource_id))
         self._raise_if_queued("delete")
         self.resources.pop((resource_type, resource_id), None)
+
+    async def batch(self, entries: Sequence[dict[str, Any]]) -> list[BatchAnswer]:
+        self.calls.append(("batch", "", len(entries)))
+        self._raise_if_queued("batch")
+        self.batch_sizes.append(len(entries))
+        answers: list[BatchAnswer] = []
+        for entry in entries:
+            request = entry["request"]
+            method, url = request["method"], request["url"]
+            try:
+                if method == "GET":
+                    kind, rid = url.split("/")
+                    found = await self.read(kind, rid)
+                    answers.append(BatchAnswer(200 if found else 404, resource=found))
+                    continue
+                resource = entry["resource"]
+                if method == "PUT":
+                    if resource["id"] in self.reject:
+                        raise RejectedResourceError(
+                            "fhir batch entry answered 422: bad study",
+                            service="fhir",
+                            status=422,
+                            outcome="bad study",
+                        )
+                    if_match = request.get("ifMatch")
+                    version = if_match.removeprefix('W/"').rstrip('"') if if_match else None
+                    result = await self.update(resource, if_match=version)
+                else:
+                    result = await self.conditional_create(resource, request["ifNoneExist"])
+                answers.append(BatchAnswer(201 if result.created else 200, result=result))
+            except UpstreamError as exc:
+                answers.append(BatchAnswer(exc.status or 500, error=exc))
+        return answers

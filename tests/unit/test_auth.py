@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import parse_qs
 
@@ -44,10 +45,13 @@ class IdP:
         self.valid: set[str] = set()
         self.fhir_calls: list[str | None] = []
         self.refuse_client = False
+        self.endless = False  # the token answer never ends
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         if str(request.url) == TOKEN_URL:
             self.token_requests.append(request)
+            if self.endless:
+                return httpx.Response(200, content=_endless())
             if self.refuse_client:
                 return httpx.Response(
                     401, json={"error": "invalid_client", "error_description": "client authentication failed"}
@@ -174,6 +178,23 @@ async def test_a_refused_client_is_an_auth_error_naming_the_settings_without_the
     assert SECRET not in message and "s3cret" not in message
     assert len(idp.token_requests) == 1, "a refused client is not retried"
     assert idp.fhir_calls == [], "nothing is sent without a token"
+
+
+async def _endless() -> AsyncIterator[bytes]:
+    yield b'{"access_token": "'
+    while True:
+        yield b"x" * 65536
+        await asyncio.sleep(0)
+
+
+async def test_an_endless_token_answer_stops_the_run_naming_the_token_url() -> None:
+    idp = IdP()
+    idp.endless = True
+    async with _client(idp, _credentials(idp)) as client:
+        with pytest.raises(UpstreamAuthError) as caught:
+            await _get(client)
+    assert "BRIDGE_FHIR_TOKEN_URL" in str(caught.value)
+    assert idp.fhir_calls == []
 
 
 async def test_a_token_endpoint_that_is_down_is_retried_by_the_one_policy() -> None:

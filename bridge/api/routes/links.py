@@ -6,9 +6,11 @@ from dataclasses import replace
 from typing import Annotated, Any
 
 import anyio.to_thread
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 
+from bridge.api.audit import note
 from bridge.api.deps import (
+    CallerDep,
     ServicesDep,
     StudyByAccession,
     StudyById,
@@ -30,12 +32,19 @@ SeriesCount = Annotated[
 
 
 async def _links(
-    study: StudyLocation, s: ServicesDep, offset: int = 0, count: int | None = None
+    study: StudyLocation,
+    s: ServicesDep,
+    offset: int = 0,
+    count: int | None = None,
+    *,
+    request: Request,
+    who: CallerDep,
 ) -> dict[str, Any]:
     """One page of the study's links, built in a worker thread.
 
     A study with very many series must not hold up the event loop (and with it /healthz).
     """
+    note(request, who, "links", study=study)
     assert s.resolver is not None
     config = s.resolver.config
     count = min(count or s.settings.api_links_max_series, s.settings.api_links_max_series)
@@ -56,29 +65,43 @@ async def _links(
 
 @router.get("/imaging-studies/{id}/links", response_model=StudyLinks, summary="Links by FHIR ImagingStudy id")
 async def links_by_id(
-    study: StudyById, s: ServicesDep, series_offset: SeriesOffset = 0, series_count: SeriesCount = None
+    study: StudyById,
+    s: ServicesDep,
+    request: Request,
+    who: CallerDep,
+    series_offset: SeriesOffset = 0,
+    series_count: SeriesCount = None,
 ) -> dict[str, Any]:
     """WADO-RS URLs (study, metadata, series, rendered, thumbnail) and viewer URLs of ImagingStudy/{id}."""
-    return await _links(study, s, series_offset, series_count)
+    return await _links(study, s, series_offset, series_count, request=request, who=who)
 
 
 @router.get("/studies/{study_uid}/links", response_model=StudyLinks, summary="Links by Study Instance UID")
 async def links_by_study_uid(
-    study: StudyByUid, s: ServicesDep, series_offset: SeriesOffset = 0, series_count: SeriesCount = None
+    study: StudyByUid,
+    s: ServicesDep,
+    request: Request,
+    who: CallerDep,
+    series_offset: SeriesOffset = 0,
+    series_count: SeriesCount = None,
 ) -> dict[str, Any]:
     """The links of the study whose ImagingStudy carries this Study Instance UID."""
-    return await _links(study, s, series_offset, series_count)
+    return await _links(study, s, series_offset, series_count, request=request, who=who)
 
 
 @router.get("/accessions/{accession}/links", response_model=StudyLinks, summary="Links by accession number")
-async def links_by_accession(study: StudyByAccession, s: ServicesDep) -> dict[str, Any]:
+async def links_by_accession(
+    study: StudyByAccession, s: ServicesDep, request: Request, who: CallerDep
+) -> dict[str, Any]:
     """The links of the one study with this accession number; 409 if it matches several studies."""
-    return await _links(study, s)
+    return await _links(study, s, request=request, who=who)
 
 
 @router.get(
     "/links", response_model=StudyLinks, summary="Links by FHIR reference or absolute ImagingStudy URL"
 )
-async def links_by_reference(study: StudyByReference, s: ServicesDep) -> dict[str, Any]:
+async def links_by_reference(
+    study: StudyByReference, s: ServicesDep, request: Request, who: CallerDep
+) -> dict[str, Any]:
     """The links of ``?reference=ImagingStudy/{id}`` or of the ImagingStudy's absolute URL."""
-    return await _links(study, s)
+    return await _links(study, s, request=request, who=who)

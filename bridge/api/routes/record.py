@@ -19,6 +19,7 @@ import httpx
 from fastapi import APIRouter, Depends, FastAPI, Path, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
+from bridge.api.audit import note
 from bridge.api.deps import FHIR_ID_PATTERN, CallerDep, ResolverDep, StudyById, allow_patient, caller
 from bridge.config import Settings
 from bridge.dicomweb.client import DicomwebClient
@@ -232,6 +233,7 @@ async def record_patient(
     studies = await r.fhir.search(
         "ImagingStudy", {"subject": f"Patient/{patient_id}", "_count": str(PAGE_SIZE)}, limit=PAGE_SIZE
     )
+    note(request, who, "record-view", patient=patient_id)
     name = patient_name(patient)
     details = ", ".join(_texts([patient.get("birthDate"), patient.get("gender")]))
     header = (

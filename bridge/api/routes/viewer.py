@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import RedirectResponse
 
-from bridge.api.deps import ServicesDep, StudyById, StudyByUid, caller
+from bridge.api.audit import note
+from bridge.api.deps import CallerDep, ServicesDep, StudyById, StudyByUid, caller
 from bridge.api.errors import ERROR_RESPONSES
 from bridge.api.models import ViewerInfo
 from bridge.errors import InvalidLookupError, NoUsableEndpointError
@@ -27,7 +28,9 @@ REDIRECT: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _redirect(study: StudyLocation, s: ServicesDep, name: str | None) -> RedirectResponse:
+def _redirect(
+    study: StudyLocation, s: ServicesDep, name: str | None, request: Request, who: CallerDep
+) -> RedirectResponse:
     if not s.viewers:
         raise NoUsableEndpointError("no viewer is configured (BRIDGE_VIEWERS)")
     chosen = name or s.settings.default_viewer
@@ -36,6 +39,7 @@ def _redirect(study: StudyLocation, s: ServicesDep, name: str | None) -> Redirec
         raise InvalidLookupError(f"unknown viewer {chosen!r}; offered: {', '.join(s.viewers)}")
     assert s.resolver is not None
     url = viewer_url(study, viewer, fhir_base=s.resolver.config.fhir_base.rstrip("/"))
+    note(request, who, "viewer", study=study)
     return RedirectResponse(url, status_code=302, headers={"Cache-Control": "no-store"})
 
 
@@ -46,9 +50,11 @@ def _redirect(study: StudyLocation, s: ServicesDep, name: str | None) -> Redirec
     responses=REDIRECT,
     summary="Open ImagingStudy/{id} in a viewer",
 )
-async def viewer_by_id(study: StudyById, s: ServicesDep, viewer: ViewerName = None) -> RedirectResponse:
+async def viewer_by_id(
+    study: StudyById, s: ServicesDep, request: Request, who: CallerDep, viewer: ViewerName = None
+) -> RedirectResponse:
     """302 to the default viewer (or ``?viewer=NAME``) showing the study."""
-    return _redirect(study, s, viewer)
+    return _redirect(study, s, viewer, request, who)
 
 
 @router.get(
@@ -59,10 +65,10 @@ async def viewer_by_id(study: StudyById, s: ServicesDep, viewer: ViewerName = No
     summary="Open a study, by Study Instance UID, in a viewer",
 )
 async def viewer_by_study_uid(
-    study: StudyByUid, s: ServicesDep, viewer: ViewerName = None
+    study: StudyByUid, s: ServicesDep, request: Request, who: CallerDep, viewer: ViewerName = None
 ) -> RedirectResponse:
     """302 to the default viewer (or ``?viewer=NAME``) showing the study."""
-    return _redirect(study, s, viewer)
+    return _redirect(study, s, viewer, request, who)
 
 
 @router.get("/viewers", response_model=list[ViewerInfo], summary="The viewers offered")

@@ -11,14 +11,17 @@
 // Env: PORT (the issuer is http://127.0.0.1:PORT), OIDC_CONFIG (a JSON file written by the
 // launcher, tests/stack/oidc.py): { "clients": [client metadata...], "scopes": [...],
 // "ttl": { "<client_id>": seconds }, "users": { "<login>": { "password": ..., "fhirUser": ... } },
-// "launches": { "<launch value>": "<Patient id>" } }. Tokens and replay records live in memory.
+// "launches": { "<launch value>": "<Patient id>" }, "resource": {...} }. Tokens and replay records
+// live in memory. With "resource": { "audience": "...", "scopes": "..." }, access tokens are JWTs
+// for that audience (as a SMART app's tokens for the bridge) carrying `scope`, `client_id` and, for
+// the clients in "patients": { "<client_id>": "<Patient id>" }, the `patient` in context.
 // Admin endpoints (not OAuth): GET /__admin/health, GET /__admin/stats, POST /__admin/reset-stats.
 // OIDC_PARENT_PID makes the provider exit when that process is gone.
 
 import http from 'node:http';
 import { generateKeyPairSync, randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-import Provider from 'oidc-provider';
+import Provider, { errors } from 'oidc-provider';
 
 const port = Number(process.env.PORT);
 if (!Number.isInteger(port) || port <= 0 || port > 65535) {
@@ -53,6 +56,29 @@ const provider = new Provider(issuer, {
     introspection: { enabled: true, allowedPolicy: async (ctx, client) => client.clientId === config.introspector },
     revocation: { enabled: true },
     devInteractions: { enabled: false },
+    ...(config.resource
+      ? {
+          resourceIndicators: {
+            enabled: true,
+            defaultResource: async () => config.resource.audience,
+            useGrantedResource: async () => true,
+            getResourceServerInfo: async (ctx, indicator) => {
+              if (indicator !== config.resource.audience) throw new errors.InvalidTarget();
+              return {
+                scope: config.resource.scopes,
+                audience: indicator,
+                accessTokenFormat: 'jwt',
+                jwt: { sign: { alg: 'RS256' } },
+              };
+            },
+          },
+        }
+      : {}),
+  },
+  // the SMART launch context of a token: the one patient its client acts for
+  async extraTokenClaims(ctx, token) {
+    const patient = config.patients?.[token.clientId];
+    return patient ? { patient } : undefined;
   },
   ttl: {
     ClientCredentials: (ctx, token, client) => config.ttl?.[client.clientId] ?? 600,

@@ -8,7 +8,7 @@ import pytest
 
 from bridge.api.exposure import check_listen_address, is_loopback
 from bridge.errors import ConfigurationError
-from tests.unit.api.test_api_app import client, settings
+from tests.unit.api.test_app import client, settings
 from tests.unit.resolve.fake_fhir import FakeFhir, endpoint, imaging_study
 
 pytestmark = pytest.mark.anyio

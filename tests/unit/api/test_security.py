@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from bridge.api.errors import AuthenticationError
 from bridge.api.security import JwksKeys, key_algorithms
 from bridge.errors import ConfigurationError
-from tests.unit.api.test_api_app import client, settings
+from tests.unit.api.test_app import client, settings
 from tests.unit.resolve.fake_fhir import JWKS_URL, FakeFhir, endpoint, imaging_study
 
 pytestmark = pytest.mark.anyio
@@ -160,3 +160,22 @@ async def test_a_failing_idp_is_asked_again_only_after_a_growing_back_off() -> N
     clock[0] += 5.0
     assert (await jwks.key("k1")).key_id == "k1"
     assert idp.fetches == 3
+
+
+async def test_a_dripping_idp_is_given_up_at_the_jwks_deadline() -> None:
+    from bridge.limits import CallLimit
+
+    async def drip() -> Any:
+        while True:
+            await asyncio.sleep(0.05)
+            yield b" "
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=drip())
+
+    jwks = JwksKeys(JWKS_URL, limit=CallLimit("JWKS", 1024, "size", 0.3, "deadline"))
+    jwks.client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    started = time.monotonic()
+    with pytest.raises(AuthenticationError, match="JWKS unavailable"):
+        await jwks.key("k1")
+    assert time.monotonic() - started < 2

@@ -309,3 +309,30 @@ def test_without_sources_the_top_level_is_the_one_source(required: pytest.Monkey
     required.setenv("BRIDGE_QIDO_PAGE_SIZE", "7")
     (only,) = load_settings().each_source()
     assert (only.name, only.qido_page_size, only.dicomweb.base) == ("ct", 7, DICOMWEB)
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("BRIDGE_HTTP_DEADLINE", "0"),
+        ("BRIDGE_HTTP_DEADLINE", "soon"),
+        ("BRIDGE_DICOMWEB_MAX_PAGE_BYTES", "10"),
+        ("BRIDGE_DICOMWEB_MAX_SERIES_BYTES", "-1"),
+        ("BRIDGE_DICOMWEB_MAX_PAGES", "0"),
+        ("BRIDGE_DICOMWEB_MAX_SERIES", "0"),
+        ("BRIDGE_FHIR_MAX_RESPONSE_BYTES", "1k"),
+        ("BRIDGE_API_LINKS_MAX_SERIES", "0"),
+        ("BRIDGE_API_SYNC_RATE", "0"),
+        ("BRIDGE_API_ALLOW_ANONYMOUS", "perhaps"),
+    ],
+)
+def test_a_bad_limit_stops_start_up_naming_it(required: pytest.MonkeyPatch, name: str, value: str) -> None:
+    required.setenv(name, value)
+    with pytest.raises(ConfigurationError, match=name):
+        load_settings()
+
+
+def test_limits_default_far_above_real_archives(required: pytest.MonkeyPatch) -> None:
+    settings = load_settings()
+    assert settings.http_deadline == 300
+    assert settings.dicomweb.max_series == 10_000
+    assert settings.dicomweb.max_page_bytes == 16 * 1024 * 1024
+    assert settings.api_allow_anonymous is False

@@ -17,6 +17,7 @@ from bridge.errors import (
     UpstreamUnavailableError,
 )
 from bridge.http import RetryPolicy, error_for_response, parse_retry_after, send
+from tests.unit.http.fakes import Clock, Upstream, get
 
 pytestmark = pytest.mark.anyio
 
@@ -219,3 +220,13 @@ def test_retry_after_in_seconds_and_as_an_http_date() -> None:
 def test_retriable_statuses(status: int) -> None:
     response = httpx.Response(status, request=httpx.Request("GET", URL))
     assert isinstance(error_for_response(response, "fhir"), RetriableUpstreamError)
+
+
+async def test_retries_stop_when_the_next_wait_would_pass_the_total_budget() -> None:
+    clock = Clock()
+    upstream = Upstream()
+    policy = RetryPolicy(retries=50, base=4, max_wait=4, total=10, clock=clock, sleep=clock.sleep)
+    with pytest.raises(UpstreamUnavailableError, match="BRIDGE_HTTP_RETRY_TOTAL"):
+        await get(upstream, policy)
+    assert sum(clock.sleeps) <= 10
+    assert 2 <= upstream.calls < 50

@@ -8,6 +8,7 @@ import pytest
 
 from bridge.errors import (
     ConfigurationError,
+    FatalUpstreamError,
     RejectedResourceError,
     UpstreamUnavailableError,
     VersionConflictError,
@@ -341,6 +342,30 @@ async def test_a_fhir_server_lost_during_a_study_propagates_upstream_unavailable
     assert world.store.runs()[0].status == "failed"
 
 
+async def test_a_study_whose_archive_query_keeps_failing_is_parked_and_the_run_goes_on(world: World) -> None:
+    world.add(1)
+    world.add(2)
+    world.source.fail_series[uid(1)] = UpstreamUnavailableError(
+        "dicomweb GET /studies/x/series: connection reset", service="dicomweb"
+    )
+    report = await world.run()
+    assert (report.counts.created, report.counts.parked) == (1, 1)
+    assert report.parked[0].study_uid == uid(1) and report.parked[0].kind == "upstream"
+
+
+async def test_an_archive_down_during_a_study_still_ends_the_run(world: World) -> None:
+    world.add(1)
+    world.source.fail_series[uid(1)] = UpstreamUnavailableError("dicomweb GET failed", service="dicomweb")
+    world.source.fail_listing = None
+
+    async def down() -> bool:
+        return False
+
+    world.source.reachable = down  # type: ignore[method-assign]
+    with pytest.raises(UpstreamUnavailableError):
+        await world.run()
+
+
 async def test_a_study_whose_request_keeps_failing_is_parked_and_the_run_goes_on(world: World) -> None:
     world.add(1)
     await world.run()
@@ -449,6 +474,20 @@ async def test_a_server_refusing_update_as_create_stops_the_run_naming_the_setti
         await world.run()
     assert "BRIDGE_WRITE_STRATEGY" in str(caught.value) and "conditional" in str(caught.value)
     assert world.fhir.writes() == []
+
+
+async def test_a_put_create_refused_with_404_stops_the_run_naming_the_setting(world: World) -> None:
+    # HAPI with client ids off: no updateCreate in its CapabilityStatement, 404 (HAPI-0959) on the PUT.
+    world.add(1)
+    world.add(2)
+    world.fhir.update_create = None
+    refusal = FatalUpstreamError("fhir PUT /Endpoint/x answered 404", service="fhir", status=404)
+    world.fhir.fail["update"] = [refusal]
+    with pytest.raises(ConfigurationError) as caught:
+        await world.run()
+    assert "BRIDGE_WRITE_STRATEGY" in str(caught.value) and "conditional" in str(caught.value)
+    # One refused attempt (the Endpoint), then the run stops: not one refusal per study.
+    assert [(c[0], c[1]) for c in world.fhir.writes()] == [("update", "Endpoint")]
 
 
 async def test_the_capability_check_costs_one_request_and_none_when_nothing_is_written(world: World) -> None:

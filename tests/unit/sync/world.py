@@ -28,6 +28,7 @@ class World:
     policy: PatientPolicy = PatientPolicy.MATCH_OR_CREATE
     order_policy: OrderPolicy = OrderPolicy.NONE
     strategy: WriteStrategy = WriteStrategy.CLIENT_ID
+    batch_size: int = 100  # used only when the fake FHIR server lists batch (fhir.batches)
 
     def add(self, n: int, *, series: list[dict[str, Any]] | None = None, **study_kwargs: Any) -> str:
         study_kwargs.setdefault("patient_id", f"PID{n}")
@@ -37,7 +38,9 @@ class World:
 
     def worker(self, **options: Any) -> SyncWorker:
         linker = Linker(self.fhir, self.ctx, patient_policy=self.policy, order_policy=self.order_policy)
-        publisher = Publisher(self.fhir, self.store, self.ctx, write_strategy=self.strategy)
+        publisher = Publisher(
+            self.fhir, self.store, self.ctx, write_strategy=self.strategy, batch_size=self.batch_size
+        )
         return SyncWorker(self.source, linker, publisher, self.store, self.ctx, **options)
 
     async def run(self) -> RunReport:

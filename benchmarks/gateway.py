@@ -1,0 +1,212 @@
+"""The image gateway's overhead: `wrk` against `bridge serve`'s /dicom-web and against the archive directly.
+
+Starts the test stack (Orthanc + the Medplum-based FHIR server), stores and syncs the demo studies,
+runs `bridge serve` with authentication on (an API key, sent on every request) and the audit trail
+on (BRIDGE_AUDIT=fhir), then for each request kind drives first Orthanc's DICOMweb directly and
+then the gateway with the same requests, cycling through every demo study:
+
+- metadata: WADO-RS study metadata (application/dicom+json);
+- instance: WADO-RS one instance (multipart/related; type="application/dicom"), the demo's 64x64 ones;
+- ct-slice: one 512x512 16-bit CT instance (about 512 KiB), the size a viewer fetches per slice.
+
+Each pair runs at 1 connection (the latency a viewer's single request sees) and at --connections.
+Run:  python -m benchmarks.gateway [--duration 10] [--connections 8]
+Installs Debian's wrk when it is missing (apt-get, as root). Prints p50/p99 latency and throughput
+per kind and load, the gateway/direct ratio at p50, the settings and the machine.
+"""
+
+# ruff: noqa: T201 - a script: printing the figures is its job
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import httpx
+
+from benchmarks.resolver import ISSUERS, Serve, _cpu_model, _parse_wrk
+from tests.stack.fhir import FhirTestServer
+from tests.stack.orthanc import OrthancServer, ensure_installed
+from tests.stack.process import apt_install
+from tests.stack.samples import SeriesSpec, StudySpec, build_study, load_demo, stow
+
+API_KEY = "bench-key-5e0c2a"
+ACCEPT = {
+    "metadata": "application/dicom+json",
+    "instance": 'multipart/related; type="application/dicom"',
+    "ct-slice": 'multipart/related; type="application/dicom"',
+}
+CT_SIZE = 512
+
+
+def _ensure_wrk() -> str:
+    found = shutil.which("wrk")
+    if found is None:
+        apt_install("wrk")
+        found = shutil.which("wrk")
+    if found is None:
+        raise RuntimeError("wrk is still missing after apt-get install wrk")
+    return found
+
+
+def _script(paths: list[str], headers: dict[str, str], folder: Path, name: str) -> Path:
+    script = folder / f"{name}.lua"
+    entries = ",\n".join(json.dumps(p) for p in paths)
+    header_lines = "\n".join(f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}" for k, v in headers.items())
+    script.write_text(
+        f"{header_lines}\npaths = {{\n{entries}\n}}\ncounter = 0\n"
+        "request = function()\n"
+        "  counter = counter + 1\n"
+        '  return wrk.format("GET", paths[(counter % #paths) + 1])\n'
+        "end\n"
+    )
+    return script
+
+
+def _ct_slice(dicomweb: str) -> str:
+    """Store one study of one 512x512 CT slice; its Study Instance UID."""
+    spec = StudySpec(
+        patient_id="BENCH-CT", patient_name="Bench^Slice", series=[SeriesSpec("CT", instances=1)]
+    )
+    (ds,) = build_study(spec)
+    ds.Rows = ds.Columns = CT_SIZE
+    ds.PixelData = bytes(range(256)) * (CT_SIZE * CT_SIZE * 2 // 256)
+    stow(dicomweb, [ds])
+    return str(spec.uid)
+
+
+def _instances(dicomweb: str, study_uids: list[str]) -> dict[str, str]:
+    """One instance path (under the DICOMweb base) per study."""
+    paths = {}
+    for uid in study_uids:
+        found = httpx.get(
+            f"{dicomweb}/studies/{uid}/instances", headers={"Accept": "application/dicom+json"}, timeout=30
+        ).json()
+        row = found[0]
+        series, sop = row["0020000E"]["Value"][0], row["00080018"]["Value"][0]
+        paths[uid] = f"/studies/{uid}/series/{series}/instances/{sop}"
+    return paths
+
+
+def main() -> int:
+    """Run the benchmark; 0 on success."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gateway")
+    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    parser.add_argument("--connections", type=int, default=8)
+    args = parser.parse_args()
+    wrk = _ensure_wrk()
+
+    workdir = Path(tempfile.mkdtemp(prefix="bridge-bench-gateway-"))
+    ensure_installed()
+    orthanc = OrthancServer(name="bridge-bench-gw", log_path=workdir / "orthanc.log")
+    fhir = FhirTestServer(log_path=workdir / "fhir-server.log")
+    try:
+        orthanc.start()
+        fhir.start()
+        specs = load_demo(orthanc.dicomweb_url)
+        ct_uid = _ct_slice(orthanc.dicomweb_url)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+        env.update(
+            BRIDGE_DICOMWEB_URL=orthanc.dicomweb_url,
+            BRIDGE_FHIR_URL=fhir.base_url,
+            BRIDGE_STATE_URL=f"sqlite:///{workdir / 'state.db'}",
+            BRIDGE_SOURCE_NAME="bench-orthanc",
+            BRIDGE_PATIENT_ISSUER_SYSTEMS=json.dumps(ISSUERS),
+            BRIDGE_LOG_LEVEL="WARNING",
+            BRIDGE_API_KEYS=API_KEY,
+            BRIDGE_AUDIT="fhir",
+        )
+        sync = subprocess.run(
+            [sys.executable, "-m", "bridge", "sync", "--json"], env=env, capture_output=True
+        )
+        if sync.returncode not in (0, 1):
+            print(sync.stderr.decode(), file=sys.stderr)
+            return 1
+        uids = [str(s.uid) for s in specs if s.uid]
+        published = {
+            i["value"].removeprefix("urn:oid:")
+            for e in httpx.get(f"{fhir.base_url}/ImagingStudy", params={"_count": "200"}, timeout=30)
+            .json()
+            .get("entry", [])
+            for i in e["resource"].get("identifier", [])
+            if i.get("system") == "urn:dicom:uid"
+        }
+        uids = [u for u in uids if u in published]
+        instance_paths = _instances(orthanc.dicomweb_url, [*uids, ct_uid])
+        kinds = {
+            "metadata": [f"/studies/{u}/metadata" for u in uids],
+            "instance": [instance_paths[u] for u in uids],
+            "ct-slice": [instance_paths[ct_uid]],
+        }
+        direct_prefix = httpx.URL(orthanc.dicomweb_url).path.rstrip("/")
+        direct_root = str(httpx.URL(orthanc.dicomweb_url).copy_with(path="/"))
+        print(f"machine: nproc={os.cpu_count()} cpu={_cpu_model()!r} python={platform.python_version()}")
+        print(
+            f"{len(uids)} demo studies in rotation; bridge serve = 1 uvicorn worker; "
+            f"wrk -t1 -d{args.duration}s"
+        )
+        header = ("kind", "conns", "target", "req/s", "p50 ms", "p99 ms", "non-2xx", "p50 ratio")
+        print("{:9} {:>5} {:8} {:>8} {:>8} {:>8} {:>8} {:>9}".format(*header))
+        server = Serve(env)
+        try:
+            for kind, paths in kinds.items():
+                for connections in (1, args.connections):
+                    results = {}
+                    for target, root, prefix, headers in (
+                        ("direct", direct_root, direct_prefix, {"Accept": ACCEPT[kind]}),
+                        (
+                            "gateway",
+                            server.url + "/",
+                            "/dicom-web",
+                            {"Accept": ACCEPT[kind], "X-API-Key": API_KEY},
+                        ),
+                    ):
+                        full = [prefix + p for p in paths]
+                        for path in full:  # warm up: study look-ups, connection pools
+                            httpx.get(root.rstrip("/") + path, headers=headers, timeout=30).raise_for_status()
+                        script = _script(full, headers, workdir, f"{kind}-{target}")
+                        run = subprocess.run(
+                            [
+                                wrk,
+                                "-t1",
+                                f"-c{connections}",
+                                f"-d{args.duration}s",
+                                "--latency",
+                                "-s",
+                                str(script),
+                                root,
+                            ],
+                            capture_output=True,
+                            text=True,
+                            check=True,
+                        )
+                        results[target] = _parse_wrk(run.stdout)
+                    ratio = results["gateway"]["p50_ms"] / results["direct"]["p50_ms"]
+                    for target, result in results.items():
+                        print(
+                            f"{kind:9} {connections:5d} {target:8} {result['rps']:8.0f} "
+                            f"{result['p50_ms']:8.2f} {result['p99_ms']:8.2f} {result['non_2xx']:8.0f} "
+                            + (f"{ratio:9.2f}" if target == "gateway" else "")
+                        )
+        finally:
+            server.stop()
+        print(
+            "settings: BRIDGE_API_KEYS (one key, checked per request), BRIDGE_AUDIT=fhir (one AuditEvent per "
+            "caller, study and minute), BRIDGE_RESOLVER_CACHE_TTL=30 (the study's ImagingStudy and Endpoint "
+            "are read once per 30 s), archive and FHIR server on loopback, no TLS"
+        )
+        return 0
+    finally:
+        fhir.stop()
+        orthanc.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

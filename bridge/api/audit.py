@@ -1,0 +1,42 @@
+"""Recording an API access in the audit trail, from a request, its caller and the study it touched."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from fastapi import Request
+
+from bridge.api.security import Caller
+from bridge.audit.events import Access, Action, Outcome
+from bridge.resolve.links import StudyLocation
+
+
+def note(
+    request: Request,
+    who: Caller,
+    action: Action,
+    outcome: Outcome = "success",
+    *,
+    study: StudyLocation | None = None,
+    patient: str | None = None,
+    reason: str | None = None,
+) -> None:
+    """Record one access (once per caller, study and window; nothing when the audit is off)."""
+    trail = getattr(request.app.state.services, "audit", None)
+    if trail is None:
+        return
+    trail.record(
+        Access(
+            action=action,
+            outcome=outcome,
+            recorded=datetime.now(UTC),
+            caller_method=who.method,
+            user=who.subject,
+            client_id=who.client_id,
+            patient=patient or (study.patient if study else None),
+            study_fhir_id=study.fhir_id if study else None,
+            study_uid=study.study_uid if study else None,
+            address=request.client.host if request.client else None,
+            reason=reason,
+        )
+    )

@@ -1,0 +1,246 @@
+"""The image gateway: DICOMweb at /dicom-web for the studies each caller may see, forwarded to the archive.
+
+Every request naming a study is authorized by that study: its ImagingStudy is found on the FHIR
+server by Study Instance UID (the resolver's exact identifier match), and its subject must be the
+caller's patient in context, or the caller's scopes must allow any patient (bridge/api/access.py).
+The request then goes to the archive the study's Endpoint names, with the bridge's credentials
+for that archive, and the answer streams back as the archive sends it. Searches across studies
+are answered, for a caller limited to one patient, from the archive asked by that patient's
+identifiers with each row checked (bridge/gateway/qido.py).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import httpx
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+
+from bridge.api.access import decide, may_see_all, patient_limit
+from bridge.api.audit import note
+from bridge.api.deps import CallerDep, ResolverDep
+from bridge.api.errors import AccessDeniedError
+from bridge.api.security import Caller
+from bridge.audit.events import Action
+from bridge.config import Settings
+from bridge.errors import NoUsableEndpointError, StudyNotFoundError
+from bridge.gateway import qido
+from bridge.gateway.paths import DicomwebPath, parse
+from bridge.gateway.proxy import forward, request_headers, search_json
+from bridge.limits import CallLimit, DicomwebLimits
+from bridge.resolve.links import WITHDRAWN, StudyLocation, normalize_base, study_uid_of, subject_patient
+from bridge.resolve.resolver import Resolver, TtlCache
+from bridge.upstream import http_client
+
+DICOM_JSON = "application/dicom+json"
+_MAX_CONNECTIONS = 64
+_PATIENT_STUDIES = "1000"  # most ImagingStudies of one patient a search across studies considers
+
+
+@dataclass
+class Archive:
+    """One source's archive as the gateway reaches it."""
+
+    name: str
+    client: httpx.AsyncClient
+    base: str  # the URL the bridge polls
+    keys: tuple[str, ...]  # its bases as Endpoints name them (public and polled), normalised
+    limits: DicomwebLimits
+    default_system: str
+    issuer_systems: dict[str, str]
+
+
+@dataclass
+class Gateway:
+    """The archives, the bound of a forwarded answer, and each patient's identifiers and studies."""
+
+    archives: list[Archive]
+    limit: CallLimit
+    patients: TtlCache[tuple[tuple[tuple[str, str], ...], frozenset[str]]]
+    by_key: dict[str, list[Archive]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for archive in self.archives:
+            for key in archive.keys:
+                self.by_key.setdefault(key, []).append(archive)
+
+    def archive_for(self, study: StudyLocation) -> tuple[Archive, str]:
+        """The archive serving ``study`` and the study's base as the bridge reaches it."""
+        for key, archives in sorted(self.by_key.items(), key=lambda kv: -len(kv[0])):
+            if study.base != key and not study.base.startswith(key + "/"):
+                continue
+            # Several sources may share one public address (the gateway's own): the study's tag decides.
+            chosen = next((a for a in archives if a.name in study.sources), archives[0])
+            return chosen, chosen.base.rstrip("/") + study.base[len(key) :]
+        raise NoUsableEndpointError(f"ImagingStudy/{study.fhir_id}: its archive is not a configured source")
+
+
+@asynccontextmanager
+async def _archives(app: FastAPI) -> AsyncIterator[None]:
+    """One client per source's archive, with that archive's credentials and TLS, for the app's lifetime."""
+    settings: Settings = app.state.services.settings
+    limits = httpx.Limits(max_connections=_MAX_CONNECTIONS, max_keepalive_connections=_MAX_CONNECTIONS)
+    archives = []
+    async with AsyncExitStack() as stack:
+        for source in settings.each_source():
+            client = await stack.enter_async_context(
+                http_client(
+                    settings,
+                    source.dicomweb,
+                    "dicomweb",
+                    limits=limits,
+                    transport=getattr(app.state, "transport", None),  # tests: the app's transport
+                )
+            )
+            keys = (normalize_base(source.dicomweb.public_base), normalize_base(source.dicomweb.base))
+            archives.append(
+                Archive(
+                    name=source.name,
+                    client=client,
+                    base=source.dicomweb.base,
+                    keys=tuple(dict.fromkeys(k for k in keys if k)),
+                    limits=DicomwebLimits.from_settings(source.dicomweb, settings.http_deadline),
+                    default_system=source.patient_identifier_system,
+                    issuer_systems=dict(source.patient_issuer_systems),
+                )
+            )
+        app.state.gateway = Gateway(
+            archives,
+            CallLimit(
+                "gateway",
+                settings.gateway_max_response_bytes,
+                "BRIDGE_GATEWAY_MAX_RESPONSE_BYTES",
+                settings.http_deadline,
+            ),
+            TtlCache(settings.resolver_cache_ttl, 1000),
+        )
+        try:
+            yield
+        finally:
+            app.state.gateway = None
+
+
+router = APIRouter(prefix="/dicom-web", tags=["dicomweb"], include_in_schema=False, lifespan=_archives)
+
+
+async def _gateway(request: Request) -> Gateway:
+    found: Gateway | None = getattr(request.app.state, "gateway", None)
+    if found is None:  # only outside the lifespan, i.e. a wiring mistake
+        raise RuntimeError("the gateway's lifespan has not run")
+    return found
+
+
+GatewayDep = Annotated[Gateway, Depends(_gateway)]
+
+
+@router.api_route("/{path:path}", methods=["GET", "HEAD"])
+async def dicomweb(path: str, request: Request, who: CallerDep, r: ResolverDep, g: GatewayDep) -> Response:
+    """QIDO-RS and WADO-RS, authorized per study and forwarded to the study's archive."""
+    route = parse(path)
+    if route is None:
+        raise StudyNotFoundError("not a DICOMweb route the gateway serves (QIDO-RS, WADO-RS)")
+    if route.study_uid is None:
+        return await _search_across(route, request, who, r, g)
+    action: Action = "image-read" if route.kind == "retrieve" else "image-query"
+    study = await r.by_study_uid(route.study_uid)
+    decision = decide(who, study.patient)
+    if not decision.allowed:
+        note(request, who, action, "refused", study=study, reason=decision.reason)
+        raise AccessDeniedError(f"study {route.study_uid}: {decision.reason}")
+    note(request, who, action, study=study)
+    archive, base = g.archive_for(study)
+    return await _stream(archive, f"{base}/{route.path}", request, g.limit)
+
+
+async def _stream(archive: Archive, url: str, request: Request, limit: CallLimit) -> Response:
+    answer = await forward(
+        archive.client,
+        url,
+        method=request.method,
+        params=list(request.query_params.multi_items()),
+        headers=request_headers(request.headers),
+        limit=limit,
+    )
+    return StreamingResponse(answer.body, status_code=answer.status, headers=answer.headers)
+
+
+async def _search_across(
+    route: DicomwebPath, request: Request, who: Caller, r: Resolver, g: Gateway
+) -> Response:
+    """A search across studies: everything for a caller who may see all, else the patient's rows."""
+    if may_see_all(who):
+        note(request, who, "image-query")
+        if len(g.archives) == 1:
+            archive = g.archives[0]
+            return await _stream(archive, f"{archive.base.rstrip('/')}/{route.path}", request, g.limit)
+        rows = []
+        for archive in g.archives:
+            rows.extend(
+                await search_json(
+                    archive.client,
+                    archive.base,
+                    route.path,
+                    list(request.query_params.multi_items()),
+                    archive.limits.page(),
+                )
+            )
+        return _json(rows)
+    patient = patient_limit(who)
+    decision = decide(who, patient)
+    if patient is None or not decision.allowed:
+        note(request, who, "image-query", "refused", reason=decision.reason or "no patient in context")
+        raise AccessDeniedError(f"searching across studies: {decision.reason or 'no patient in context'}")
+    accept = request.headers.get("accept", "")
+    if accept and not any(t in accept for t in ("json", "*/*")):
+        return Response(status_code=406, headers={"Cache-Control": "no-store"})
+    note(request, who, "image-query", patient=patient)
+    identifiers, studies = await g.patients.get_or_load(patient, lambda: _patient(r, patient))
+    given = list(request.query_params.multi_items())
+    kept: dict[tuple[str | None, ...], Any] = {}
+    for archive in g.archives:
+        keys = qido.patient_keys(
+            identifiers, default_system=archive.default_system, issuer_systems=archive.issuer_systems
+        )
+        for key in keys:
+            for row in await search_json(
+                archive.client, archive.base, route.path, qido.query_params(given, key), archive.limits.page()
+            ):
+                if qido.keep(row, key, studies):
+                    kept.setdefault(qido.row_key(row), row)
+    rows = list(kept.values())
+    limit = qido.limit_of(given)
+    return _json(rows[:limit] if limit is not None else rows)
+
+
+def _json(rows: Sequence[Any]) -> Response:
+    return Response(
+        json.dumps(rows, separators=(",", ":")),
+        media_type=DICOM_JSON,
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+async def _patient(r: Resolver, patient: str) -> tuple[tuple[tuple[str, str], ...], frozenset[str]]:
+    """A Patient's identifiers, and the Study Instance UIDs of its live ImagingStudies."""
+    resource = await r.fhir.read("Patient", patient)
+    if resource is None:
+        return (), frozenset()
+    identifiers = tuple(
+        (str(i["system"]), str(i["value"]))
+        for i in resource.get("identifier") or []
+        if isinstance(i, dict) and isinstance(i.get("system"), str) and isinstance(i.get("value"), str)
+    )
+    found = await r.fhir.search("ImagingStudy", {"subject": f"Patient/{patient}", "_count": _PATIENT_STUDIES})
+    studies = frozenset(
+        uid
+        for study in found
+        if subject_patient(study) == patient
+        and study.get("status") not in WITHDRAWN
+        and (uid := study_uid_of(study)) is not None
+    )
+    return identifiers, studies

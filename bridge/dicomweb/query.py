@@ -1,0 +1,13 @@
+"""How the series of a page of studies are asked of the archive (BRIDGE_DICOMWEB_SERIES_QUERY)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class SeriesQuery(StrEnum):
+    """UID-list matching per page, one query per study, or whichever the archive proves it can do."""
+
+    AUTO = "auto"  # UID-list matching if the archive answers the first list query right, else per study
+    LIST = "list"  # one query per page: StudyInstanceUID=uid1,uid2,... (PS3.18 UID list matching)
+    PER_STUDY = "per-study"  # one /studies/{uid}/series query per study

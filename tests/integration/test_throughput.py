@@ -1,0 +1,148 @@
+"""Cost per page on the real stack, counted in requests (never timed)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from pydicom.uid import generate_uid
+
+from bridge.state.store import SqlStore
+from tests.integration.conftest import Stack
+from tests.stack.faultproxy import Fault, FaultProxy
+from tests.stack.samples import SeriesSpec, StudySpec, build_study, stow
+
+pytestmark = pytest.mark.integration
+
+
+def _store(stack: Stack, n: int, *, patients: int = 7, **spec: Any) -> list[StudySpec]:
+    specs = [
+        StudySpec(
+            patient_id=f"TP{i % patients}",
+            issuer="HOSP-A",
+            series=[SeriesSpec("CT", instances=1), SeriesSpec("CT", instances=1, number=2)],
+            **spec,
+        )
+        for i in range(n)
+    ]
+    for s in specs:
+        stow(stack.orthanc.dicomweb_url, build_study(s))
+    return specs
+
+
+def _queries(stack: Stack, run_id: int) -> list[str]:
+    from bridge.state.store import SqlStore
+
+    store = SqlStore(f"sqlite:///{stack.state_path}")
+    try:
+        return next(r.qido_queries for r in store.runs(100) if r.id == run_id)
+    finally:
+        store.close()
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@pytest.mark.interop
+def test_full_sync_costs_per_page_not_per_study(stack: Stack) -> None:
+    n, page = 45, 20
+    _store(stack, n)
+
+    report = stack.sync(qido_page_size=str(page))
+
+    assert (report.status, report.counts.created) == ("ok", n)
+    assert report.series_query == "list"
+    queries = _queries(stack, report.run_id)
+    assert len([q for q in queries if q.startswith("/studies?")]) == _ceil(n, page)
+    series = [q for q in queries if "/series" in q]
+    assert len(series) == _ceil(n, page)  # one UID-list query per page, no per-study query
+    assert all(q.startswith("/series?") and "StudyInstanceUID=" in q for q in series)
+    stats = stack.fhir.stats()
+    # The CapabilityStatement, the Endpoint, one batch of Patients (all 7 on the first page), then
+    # one batch of ImagingStudies per page.
+    assert stats["requests"] == 1 + 1 + 1 + _ceil(n, page), stats
+    assert report.fhir_write_requests == 1 + 1 + _ceil(n, page)
+    studies = stack.fhir_search("ImagingStudy")
+    assert len(studies) == n
+    assert len({i["value"] for s in studies for i in s["identifier"] if i["system"] == "urn:dicom:uid"}) == n
+    assert len(stack.fhir_search("Patient")) == 7
+    assert all(s["numberOfSeries"] == 2 and len(s["series"]) == 2 for s in studies)
+
+
+@pytest.mark.interop
+def test_incremental_cycle_with_k_changed_studies_and_a_no_change_cycle(stack: Stack) -> None:
+    n, k = 30, 4
+    specs = _store(stack, n)
+    stack.sync()
+
+    stack.fhir.reset_stats()
+    unchanged = stack.sync()
+    assert unchanged.counts.unchanged == n
+    assert [q for q in _queries(stack, unchanged.run_id) if "/series" in q] == []
+    assert stack.fhir.stats()["requests"] == 0
+
+    for s in specs[:k]:  # a late series arrives in k studies
+        late = SeriesSpec("CR", instances=1, number=9, uid=generate_uid())
+        stow(stack.orthanc.dicomweb_url, build_study(StudySpec(**{**s.__dict__, "series": [late]})))
+    stack.fhir.reset_stats()
+    report = stack.sync()
+
+    assert (report.counts.updated, report.counts.unchanged) == (k, n - k)
+    queries = _queries(stack, report.run_id)
+    assert len([q for q in queries if q.startswith("/studies?")]) == 1  # one page of 100
+    assert len([q for q in queries if "/series" in q]) == _ceil(k, 100)
+    stats = stack.fhir.stats()
+    # A new process asks what the server can do once; the k studies' Patients (already there) are
+    # matched by one batch of conditional creates and checked by one batch of reads; one write batch.
+    assert stats["requests"] <= 1 + 2 + _ceil(k, 100)
+    assert report.fhir_write_requests == _ceil(k, 100) + 1  # the Patient batch (writes nothing) + studies
+    published = {
+        i["value"].removeprefix("urn:oid:"): s
+        for s in stack.fhir_search("ImagingStudy")
+        for i in s["identifier"]
+        if i["system"] == "urn:dicom:uid"
+    }
+    assert len(published) == n
+    assert all(published[s.uid]["numberOfSeries"] == 3 for s in specs[:k])
+    assert len(stack.fhir_search("Patient")) == 7
+
+
+def _refuse_the_50th_study(body: bytes) -> bytes:
+    """The FHIR server's answer to a batch of ImagingStudies, with entry 50 turned into a 422."""
+    answer = json.loads(body)
+    entries = answer.get("entry") or []
+    locations = [str((e.get("response") or {}).get("location", "")) for e in entries]
+    if answer.get("type") == "batch-response" and len(entries) >= 50 and "ImagingStudy/" in locations[49]:
+        entries[49] = {
+            "response": {
+                "status": "422 Unprocessable Entity",
+                "outcome": {
+                    "resourceType": "OperationOutcome",
+                    "issue": [
+                        {"severity": "error", "code": "invalid", "diagnostics": "refused for the test"}
+                    ],
+                },
+            }
+        }
+    return json.dumps(answer).encode()
+
+
+def test_a_batch_with_one_bad_entry_parks_that_study_and_publishes_the_other_99(stack: Stack) -> None:
+    _store(stack, 100, patients=10)
+    with FaultProxy(stack.fhir.root_url) as proxy:
+        proxy.add(Fault(kind="corrupt", method="POST", path=r"/R4/?$", rewrite=_refuse_the_50th_study))
+        report = stack.sync(fhir_url=proxy.proxied(stack.fhir.base_url))
+
+    assert (report.counts.created, report.counts.parked) == (99, 1)
+    [parked] = report.parked
+    assert parked.kind == "rejected" and "refused for the test" in parked.reason
+    stats = stack.fhir.stats()
+    assert stats["requests"] == 4  # metadata, the Endpoint, the Patients' batch, the studies' batch
+    assert stats["by_method"].get("PUT", 0) == 1  # the Endpoint; the studies went in the batch
+    store = SqlStore(f"sqlite:///{stack.state_path}")
+    try:
+        assert store.counts("test-orthanc") == {"published": 99, "gone": 0, "parked": 1}
+    finally:
+        store.close()

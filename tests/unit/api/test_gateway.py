@@ -1,0 +1,417 @@
+"""The image gateway in-process, against a fake FHIR server and a fake archive: who gets which images."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from bridge.api.app import create_app
+from bridge.config import Settings
+from bridge.state.store import SqlStore
+
+pytestmark = pytest.mark.anyio
+
+FHIR_BASE = "https://fhir.example/R4"
+ARCHIVE = "https://pacs.example/dicom-web"
+ARCHIVE_USER, ARCHIVE_PASSWORD = "bridge", "archive-pass-71c"
+AUDIENCE = "https://bridge.example"
+KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+PUBLIC_PEM = (
+    KEY.public_key()
+    .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    .decode()
+)
+SYSTEM = "urn:oid:1.2.826.0.1.3680043.10.1000"
+UID_1, UID_2 = "1.2.826.0.1.3680043.10.9.1", "1.2.826.0.1.3680043.10.9.2"
+PATIENTS = {
+    "p1": {"resourceType": "Patient", "id": "p1", "identifier": [{"system": SYSTEM, "value": "MRN-1"}]},
+    "p2": {"resourceType": "Patient", "id": "p2", "identifier": [{"system": SYSTEM, "value": "MRN-2"}]},
+}
+ENDPOINT = {
+    "resourceType": "Endpoint",
+    "id": "ep1",
+    "status": "active",
+    "connectionType": {
+        "system": "http://terminology.hl7.org/CodeSystem/endpoint-connection-type",
+        "code": "dicom-wado-rs",
+    },
+    "address": ARCHIVE,
+}
+
+
+def _study(sid: str, uid: str, patient: str) -> dict[str, Any]:
+    return {
+        "resourceType": "ImagingStudy",
+        "id": sid,
+        "status": "available",
+        "subject": {"reference": f"Patient/{patient}"},
+        "identifier": [{"system": "urn:dicom:uid", "value": f"urn:oid:{uid}"}],
+        "endpoint": [{"reference": "Endpoint/ep1"}],
+    }
+
+
+STUDIES = {UID_1: _study("s1", UID_1, "p1"), UID_2: _study("s2", UID_2, "p2")}
+
+
+def _row(uid: str, patient_id: str) -> dict[str, Any]:
+    return {
+        "0020000D": {"vr": "UI", "Value": [uid]},
+        "00100020": {"vr": "LO", "Value": [patient_id]},
+    }
+
+
+def _bundle(resources: list[dict[str, Any]]) -> httpx.Response:
+    entries = [{"resource": r, "search": {"mode": "match"}} for r in resources]
+    return httpx.Response(200, json={"resourceType": "Bundle", "type": "searchset", "entry": entries})
+
+
+@dataclass
+class World:
+    """The fake peers: what they hold, what they were asked, and whether the FHIR server is up."""
+
+    archive_requests: list[httpx.Request] = field(default_factory=list)
+    audit_bundles: list[dict[str, Any]] = field(default_factory=list)
+    fhir_down: bool = False
+    qido_rows: list[dict[str, Any]] = field(default_factory=list)
+    body: bytes = b"\x00DICM" * 1000
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        if request.url.host == "pacs.example":
+            return self.archive(request)
+        return self.fhir(request)
+
+    def fhir(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path.removeprefix("/R4").strip("/")
+        if request.method == "POST" and path == "":
+            if self.fhir_down:
+                return httpx.Response(503)
+            bundle = json.loads(request.content)
+            self.audit_bundles.append(bundle)
+            answers = [{"response": {"status": "201 Created"}} for _ in bundle["entry"]]
+            return httpx.Response(
+                200, json={"resourceType": "Bundle", "type": "transaction-response", "entry": answers}
+            )
+        kind, _, rid = path.partition("/")
+        if kind == "Patient" and rid in PATIENTS:
+            return httpx.Response(200, json=PATIENTS[rid])
+        if path == "Endpoint/ep1":
+            return httpx.Response(200, json=ENDPOINT)
+        if path == "ImagingStudy":
+            identifier = request.url.params.get("identifier", "")
+            subject = request.url.params.get("subject", "")
+            found = [
+                s
+                for uid, s in STUDIES.items()
+                if identifier == f"urn:dicom:uid|urn:oid:{uid}" or subject == s["subject"]["reference"]
+            ]
+            return _bundle(found)
+        return httpx.Response(404, json={"resourceType": "OperationOutcome", "issue": []})
+
+    def archive(self, request: httpx.Request) -> httpx.Response:
+        self.archive_requests.append(request)
+        path = request.url.path.removeprefix("/dicom-web/")
+        if path in ("studies", "series"):
+            return httpx.Response(
+                200,
+                content=_chunks(json.dumps(self.qido_rows).encode()),
+                headers={"content-type": "application/dicom+json"},
+            )
+        headers = {
+            "content-type": 'multipart/related; type="application/dicom"; boundary=x',
+            "content-length": str(len(self.body)),
+            **self.headers,
+        }
+        return httpx.Response(200, content=_chunks(self.body), headers=headers)
+
+
+async def _chunks(body: bytes) -> AsyncIterator[bytes]:
+    """The body as a real archive sends it: streamed, in pieces (httpx reads a bytes body at once)."""
+    for start in range(0, len(body), 1000):
+        yield body[start : start + 1000]
+
+
+def token(lifetime: int = 300, **claims: Any) -> str:
+    now = int(time.time())
+    body = {"sub": "dr-who", "aud": AUDIENCE, "iat": now, "exp": now + lifetime, **claims}
+    return jwt.encode(body, KEY, algorithm="RS256")
+
+
+def bearer(**claims: Any) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token(**claims)}"}
+
+
+PATIENT_1 = {"patient": "p1", "scope": "launch/patient patient/ImagingStudy.read", "client_id": "viewer-app"}
+
+
+@asynccontextmanager
+async def gateway(tmp_path: Path, world: World, **overrides: Any) -> AsyncIterator[httpx.AsyncClient]:
+    settings = Settings(
+        dicomweb_url=ARCHIVE,
+        dicomweb_auth="basic",
+        dicomweb_username=ARCHIVE_USER,
+        dicomweb_password=ARCHIVE_PASSWORD,
+        fhir_url=FHIR_BASE,
+        state_url=f"sqlite:///{tmp_path / 'state.db'}",
+        patient_identifier_system=SYSTEM,
+        http_retries=0,
+        jwt_public_key=PUBLIC_PEM,
+        jwt_audience=AUDIENCE,
+        api_keys=["machine-key-1"],
+        write_strategy="conditional",
+        **overrides,
+    )
+    app = create_app(settings, transport=httpx.MockTransport(world.handler))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://bridge.test") as client:
+            client.app = app  # type: ignore[attr-defined]
+            yield client
+
+
+async def test_a_patient_token_gets_its_patients_study_through_the_archives_own_credentials(
+    tmp_path: Path,
+) -> None:
+    world = World()
+    async with gateway(tmp_path, world) as api:
+        answer = await api.get(
+            f"/dicom-web/studies/{UID_1}/series/1.2.3/instances/4.5.6", headers=bearer(**PATIENT_1)
+        )
+    assert answer.status_code == 200
+    assert answer.content == world.body
+    assert answer.headers["content-type"].startswith("multipart/related")
+    assert answer.headers["cache-control"] == "no-store"
+    sent = world.archive_requests[-1]
+    assert str(sent.url) == f"{ARCHIVE}/studies/{UID_1}/series/1.2.3/instances/4.5.6"
+    expected = base64.b64encode(f"{ARCHIVE_USER}:{ARCHIVE_PASSWORD}".encode()).decode()
+    assert sent.headers["authorization"] == f"Basic {expected}"  # never the caller's token
+
+
+async def test_another_patients_study_is_403_and_never_reaches_the_archive(tmp_path: Path) -> None:
+    world = World()
+    async with gateway(tmp_path, world) as api:
+        answer = await api.get(f"/dicom-web/studies/{UID_2}/metadata", headers=bearer(**PATIENT_1))
+    assert answer.status_code == 403
+    assert answer.json()["issue"][0]["code"] == "forbidden"
+    assert world.archive_requests == []
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({}, 401),
+        ({"Authorization": f"Bearer {token(lifetime=-120, **PATIENT_1)}"}, 401),  # expired
+        ({"Authorization": "Bearer not-a-jwt"}, 401),
+        ({"X-API-Key": "wrong"}, 401),
+    ],
+    ids=["no caller", "expired token", "not a token", "wrong key"],
+)
+async def test_callers_that_do_not_authenticate_get_401(
+    tmp_path: Path, headers: dict[str, str], status: int
+) -> None:
+    world = World()
+    async with gateway(tmp_path, world) as api:
+        answer = await api.get(f"/dicom-web/studies/{UID_1}/metadata", headers=headers)
+    assert answer.status_code == status
+    assert "www-authenticate" in answer.headers
+    assert world.archive_requests == []
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "tools/find",
+        "instances/1.2.3/file",
+        "studies/not-a-uid/metadata",
+        f"studies/{UID_1}/archive",
+        f"studies/{UID_1}/series/1.2/instances/3.4/frames/0",
+        f"studies/{UID_1}/series/1.2/instances/3.4/attachment",
+        f"studies/{UID_1}/../../../app/explorer.html",
+        "",
+    ],
+)
+async def test_paths_outside_the_dicomweb_routes_are_404(tmp_path: Path, path: str) -> None:
+    world = World()
+    async with gateway(tmp_path, world) as api:
+        answer = await api.get(f"/dicom-web/{path}", headers={"X-API-Key": "machine-key-1"})
+    assert answer.status_code == 404
+    assert world.archive_requests == []
+
+
+async def test_scopes_decide_for_a_token_without_a_patient(tmp_path: Path) -> None:
+    world = World()
+    async with gateway(tmp_path, world) as api:
+        user = await api.get(
+            f"/dicom-web/studies/{UID_2}/metadata", headers=bearer(scope="user/ImagingStudy.read")
+        )
+        v2 = await api.get(
+            f"/dicom-web/studies/{UID_2}/metadata", headers=bearer(scope="system/ImagingStudy.rs")
+        )
+        other = await api.get(
+            f"/dicom-web/studies/{UID_2}/metadata", headers=bearer(scope="user/Observation.read")
+        )
+        patient_scope = await api.get(
+            f"/dicom-web/studies/{UID_2}/metadata", headers=bearer(scope="patient/ImagingStudy.read")
+        )
+        no_read = await api.get(
+            f"/dicom-web/studies/{UID_1}/metadata",
+            headers=bearer(patient="p1", scope="patient/Observation.read"),
+        )
+    assert (user.status_code, v2.status_code) == (200, 200)
+    assert (other.status_code, patient_scope.status_code, no_read.status_code) == (403, 403, 403)
+
+
+async def test_range_and_gzip_pass_through_unchanged(tmp_path: Path) -> None:
+    packed = gzip.compress(b"pixel data " * 500)
+    world = World(
+        body=packed,
+        headers={"content-encoding": "gzip", "content-range": "bytes 0-99/5500", "accept-ranges": "bytes"},
+    )
+    async with gateway(tmp_path, world) as api:
+        request = api.build_request(
+            "GET",
+            f"/dicom-web/studies/{UID_1}/series/1.2/instances/3.4/frames/1",
+            headers={**bearer(**PATIENT_1), "Range": "bytes=0-99", "Accept-Encoding": "gzip"},
+        )
+        answer = await api.send(request, stream=True)
+        raw = b"".join([chunk async for chunk in answer.aiter_raw()])
+        await answer.aclose()
+    sent = world.archive_requests[-1]
+    assert sent.headers["range"] == "bytes=0-99" and sent.headers["accept-encoding"] == "gzip"
+    assert (
+        answer.headers["content-encoding"] == "gzip" and answer.headers["content-range"] == "bytes 0-99/5500"
+    )
+    assert raw == packed  # passed on still encoded, byte for byte
+
+
+async def test_without_accept_encoding_the_archive_is_asked_for_identity(tmp_path: Path) -> None:
+    world = World()
+    async with gateway(tmp_path, world) as api:
+        await api.get(
+            f"/dicom-web/studies/{UID_1}/metadata", headers={**bearer(**PATIENT_1), "Accept-Encoding": ""}
+        )
+    assert world.archive_requests[-1].headers["accept-encoding"] == "identity"
+
+
+async def test_an_answer_larger_than_the_bound_is_refused(tmp_path: Path) -> None:
+    world = World(body=b"x" * 5000)
+    async with gateway(tmp_path, world, gateway_max_response_bytes=2048) as api:
+        answer = await api.get(f"/dicom-web/studies/{UID_1}/metadata", headers=bearer(**PATIENT_1))
+    assert answer.status_code == 502
+
+
+async def test_searching_across_studies_shows_only_the_patients_own_rows(tmp_path: Path) -> None:
+    world = World(
+        qido_rows=[
+            _row(UID_1, "MRN-1"),
+            _row(UID_2, "MRN-2"),  # another patient: the archive ignored the key
+            _row(UID_2, "mrn-1"),  # case-insensitive matching: not this patient
+            _row("1.2.99", "MRN-1"),  # the same PatientID, but no ImagingStudy of this patient
+        ]
+    )
+    async with gateway(tmp_path, world) as api:
+        answer = await api.get(
+            "/dicom-web/studies", params={"PatientID": "MRN-2", "limit": "10"}, headers=bearer(**PATIENT_1)
+        )
+        machine = await api.get("/dicom-web/studies", headers={"X-API-Key": "machine-key-1"})
+    assert answer.status_code == 200
+    assert [r["0020000D"]["Value"][0] for r in answer.json()] == [UID_1]
+    asked = world.archive_requests[0].url.params
+    assert (
+        asked.get_list("00100020") == ["MRN-1"] and "PatientID" not in asked
+    )  # its own key, not the caller's
+    assert len(machine.json()) == 4  # a machine client sees the archive's answer as is
+
+
+async def test_a_patient_token_cannot_search_another_patients_key_or_all(tmp_path: Path) -> None:
+    world = World(qido_rows=[_row(UID_2, "MRN-2")])
+    async with gateway(tmp_path, world) as api:
+        answer = await api.get(
+            "/dicom-web/series", params={"PatientID": "MRN-2"}, headers=bearer(**PATIENT_1)
+        )
+        scoped_out = await api.get("/dicom-web/studies", headers=bearer(scope="patient/ImagingStudy.read"))
+    assert answer.status_code == 200 and answer.json() == []
+    assert scoped_out.status_code == 403
+
+
+async def test_each_access_is_one_audit_event_per_minute_and_a_refusal_is_recorded(tmp_path: Path) -> None:
+    world = World()
+    async with gateway(tmp_path, world, audit="fhir", audit_flush_interval=3600) as api:
+        for frame in range(1, 11):
+            await api.get(
+                f"/dicom-web/studies/{UID_1}/series/1.2/instances/3.4/frames/{frame}",
+                headers=bearer(**PATIENT_1),
+            )
+        await api.get(f"/dicom-web/studies/{UID_2}/metadata", headers=bearer(**PATIENT_1))
+        await api.app.state.services.audit.flush()  # type: ignore[attr-defined]
+    events = [e["resource"] for b in world.audit_bundles for e in b["entry"]]
+    assert len(events) == 2
+    read, refused = sorted(events, key=lambda e: e["outcome"])
+    assert read["outcome"] == "0" and refused["outcome"] == "4"
+    assert {"reference": "Patient/p1"} in [e["what"] for e in read["entity"]]
+    assert read["entity"][1]["what"]["reference"] == "ImagingStudy/s1"
+    assert refused["entity"][0]["what"] == {"reference": "Patient/p2"}
+    assert read["agent"][0]["who"]["identifier"]["value"] == "dr-who" and read["agent"][0]["requestor"]
+    assert read["agent"][1]["who"]["identifier"]["value"] == "viewer-app"
+    assert all(b["entry"][0]["request"]["method"] == "PUT" for b in world.audit_bundles)
+
+
+async def test_audit_events_wait_in_the_store_while_the_fhir_server_is_down(tmp_path: Path) -> None:
+    world = World(fhir_down=False)
+    async with gateway(tmp_path, world, audit="fhir", audit_flush_interval=3600) as api:
+        world.fhir_down = True
+        await api.get(f"/dicom-web/studies/{UID_1}/metadata", headers=bearer(**PATIENT_1))
+        await api.get(
+            "/links", params={"reference": "ImagingStudy/s1"}, headers={"X-API-Key": "machine-key-1"}
+        )
+        trail = api.app.state.services.audit  # type: ignore[attr-defined]
+        await trail.flush()
+    assert world.audit_bundles == []
+    store = SqlStore(f"sqlite:///{tmp_path / 'state.db'}")
+    try:
+        assert store.audit_backlog() == 2  # kept across the restart
+    finally:
+        store.close()
+    world.fhir_down = False
+    async with gateway(tmp_path, world, audit="fhir", audit_flush_interval=3600) as api:
+        await api.app.state.services.audit.flush()  # type: ignore[attr-defined]
+    events = [e["resource"] for b in world.audit_bundles for e in b["entry"]]
+    assert sorted(e["subtype"][1]["code"] for e in events) == ["image-read", "links"]
+    store = SqlStore(f"sqlite:///{tmp_path / 'state.db'}")
+    try:
+        assert store.audit_backlog() == 0
+    finally:
+        store.close()
+
+
+async def test_the_gateway_can_be_turned_off(tmp_path: Path) -> None:
+    world = World()
+    async with gateway(tmp_path, world, gateway=False) as api:
+        answer = await api.get(f"/dicom-web/studies/{UID_1}/metadata", headers={"X-API-Key": "machine-key-1"})
+    assert answer.status_code == 404
+
+
+async def test_links_and_viewer_of_another_patients_study_are_403_and_audited(tmp_path: Path) -> None:
+    world = World()
+    async with gateway(tmp_path, world, audit="fhir", audit_flush_interval=3600) as api:
+        links = await api.get(f"/studies/{UID_2}/links", headers=bearer(**PATIENT_1))
+        viewer = await api.get("/imaging-studies/s2/viewer", headers=bearer(**PATIENT_1))
+        own = await api.get(f"/studies/{UID_1}/links", headers=bearer(**PATIENT_1))
+        await api.app.state.services.audit.flush()  # type: ignore[attr-defined]
+    assert (links.status_code, viewer.status_code, own.status_code) == (403, 403, 200)
+    events = [e["resource"] for b in world.audit_bundles for e in b["entry"]]
+    seen = sorted((e["subtype"][1]["code"], e["outcome"]) for e in events)
+    assert seen == [("links", "0"), ("links", "4"), ("viewer", "4")]
