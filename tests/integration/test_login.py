@@ -58,6 +58,7 @@ def login_stack(
     launches: dict[str, str] | None = None,
     viewer_url: str = "http://viewer.invalid",
     port: int | None = None,
+    **settings: str,
 ) -> Iterator[tuple[str, OidcProvider]]:
     """The bridge with login on (issuer and EHR both the provider); yields (bridge URL, provider)."""
     port = port or free_loopback_port()
@@ -76,6 +77,7 @@ def login_stack(
             oidc_client_id=CLIENT_ID,
             oidc_client_secret=CLIENT_SECRET,
             smart_launch_issuers=idp.fhir_iss,
+            **settings,
         )
         for name, value in env.items():
             monkeypatch.setenv(name, value)
@@ -203,10 +205,15 @@ def test_clickthrough_with_login_in_chromium(
     with (
         # OHIF reads the images through the bridge's gateway, with the session
         ViewerServer(f"http://127.0.0.1:{port}/dicom-web") as viewer,
-        login_stack(stack, monkeypatch, launches={LAUNCH: jane}, viewer_url=viewer.base_url, port=port) as (
-            api,
-            idp,
-        ),
+        login_stack(
+            stack,
+            monkeypatch,
+            launches={LAUNCH: jane},
+            viewer_url=viewer.base_url,
+            port=port,
+            audit="fhir",
+            audit_flush_interval="0.2",
+        ) as (api, idp),
     ):
         launch_url = httpx.URL(f"{api}/launch", params={"iss": idp.fhir_iss, "launch": LAUNCH})
         options = {
@@ -247,6 +254,13 @@ def test_clickthrough_with_login_in_chromium(
     assert re.search(r"GET /dicom-web/\{path:path\} 200", logged), (
         "the images did not come through the gateway"
     )
+    # Each step is an AuditEvent on the FHIR server, the user and the client app named: the record
+    # page, the viewer, the images through the gateway, and the refusal of John's study.
+    events = [e for e in stack.fhir_search("AuditEvent") if _who(e, USER)]
+    actions = {(_action(e), e["outcome"]) for e in events}
+    assert {("record-view", "0"), ("viewer", "0"), ("image-read", "0")} <= actions, actions
+    assert ("viewer", "4") in actions, actions  # refused: another patient's study
+    assert all(_who(e, CLIENT_ID) for e in events)
     assert "session opened (launch)" in logged
     for secret in (PASSWORD, CLIENT_SECRET, jane, john, "Doe", "Smith", "eyJ"):
         assert secret not in logged
@@ -283,3 +297,11 @@ def test_invoke_image_display_opens_the_viewer_or_the_record(
     )
     assert unmapped.status_code == 404  # an OID no Patient of this ID is under: nobody, never a guess
     assert bad.status_code == 400 and "requestType" in bad.json()["issue"][0]["diagnostics"]
+
+
+def _who(event: dict[str, Any], name: str) -> bool:
+    return any(a.get("who", {}).get("identifier", {}).get("value") == name for a in event.get("agent", []))
+
+
+def _action(event: dict[str, Any]) -> str:
+    return str(next(c["code"] for c in event["subtype"] if c["code"] not in ("read", "search")))
