@@ -58,14 +58,14 @@ async def resolver(s: ServicesDep) -> Resolver:
 
 ResolverDep = Annotated[Resolver, Depends(resolver)]
 
-_api_key = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="ApiKey")
-_bearer = HTTPBearer(auto_error=False, scheme_name="BearerJWT", bearerFormat="JWT")
+API_KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="ApiKey")
+BEARER_HEADER = HTTPBearer(auto_error=False, scheme_name="BearerJWT", bearerFormat="JWT")
 
 
 async def caller(
     s: ServicesDep,
-    api_key: Annotated[str | None, Security(_api_key)],
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+    api_key: Annotated[str | None, Security(API_KEY_HEADER)],
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER_HEADER)],
     session: Annotated[Caller | None, Depends(session_caller)] = None,
 ) -> Caller:
     """The authenticated caller (anonymous when authentication is off), else 401.

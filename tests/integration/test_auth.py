@@ -271,12 +271,13 @@ def test_bad_credentials_fail_clearly_with_exit_3_and_no_secret(auth: AuthStack,
 
 def test_a_token_revoked_mid_run_is_replaced_once_and_the_run_completes(auth: AuthStack) -> None:
     revoked: list[str] = []
-    # Conditional creates of several patients share one target; their If-None-Exist tells them apart.
-    sent: Counter[tuple[str, str, str]] = Counter()
+    # Writes that share a target (conditional creates of several Patients, the batch Bundles posted
+    # to the base) are told apart by their If-None-Exist and their length.
+    sent: Counter[tuple[str, str, str, str]] = Counter()
 
     def revoke_first_token(method: str, target: str, headers: dict[str, str]) -> None:
-        sent[(method, target, headers.get("if-none-exist", ""))] += 1
-        if not revoked and method == "PUT" and "/ImagingStudy/" in target:
+        sent[(method, target, headers.get("if-none-exist", ""), headers.get("content-length", ""))] += 1
+        if not revoked and method in ("POST", "PUT"):  # the run's first write
             token = headers["authorization"].removeprefix("Bearer ")
             httpx.post(
                 f"{auth.idp.issuer}/token/revocation",

@@ -226,7 +226,8 @@ def test_hostile_callers_leave_memory_bounded_and_healthz_fast(
     )
     assert peak / 1024 < MAX_RSS_MB
     assert p95 < HEALTHZ_P95_MS
-    assert all(code in (200, 404, 405) for code in result["odd"])  # type: ignore[attr-defined]
+    # 400: uvicorn's httptools parser refuses a method it does not know before the app sees it
+    assert all(code in (200, 400, 404, 405) for code in result["odd"])  # type: ignore[attr-defined]
     assert all(code == 200 and total == SERIES for code, _, total in result["links"])  # type: ignore[attr-defined]
     assert syncs[:50] == [200] * 50  # one run, shared: the study is parked, the answer says so
     assert 429 in syncs[50:]

@@ -57,9 +57,11 @@ def login_stack(
     monkeypatch: pytest.MonkeyPatch,
     launches: dict[str, str] | None = None,
     viewer_url: str = "http://viewer.invalid",
+    port: int | None = None,
+    **settings: str,
 ) -> Iterator[tuple[str, OidcProvider]]:
     """The bridge with login on (issuer and EHR both the provider); yields (bridge URL, provider)."""
-    port = free_loopback_port()
+    port = port or free_loopback_port()
     public = f"http://127.0.0.1:{port}"
     with OidcProvider(
         [web_client(CLIENT_ID, CLIENT_SECRET, f"{public}/login/callback")],
@@ -75,6 +77,7 @@ def login_stack(
             oidc_client_id=CLIENT_ID,
             oidc_client_secret=CLIENT_SECRET,
             smart_launch_issuers=idp.fhir_iss,
+            **settings,
         )
         for name, value in env.items():
             monkeypatch.setenv(name, value)
@@ -179,8 +182,8 @@ def test_clickthrough_with_login_in_chromium(
 ) -> None:
     """Log in at the provider's form, open the record, click "Open images": OHIF draws the study.
 
-    OHIF reads the images through the test stack's proxy straight to the archive (tests/stack/viewer.py):
-    the bridge's authorizing image gateway is built apart and plugs in there.
+    OHIF reads the images through the bridge's image gateway (the viewer's same-origin proxy forwards
+    the browser's session cookie to it), which authorizes every request by the session's patient.
     """
     caplog.set_level(logging.INFO)
     chromium = ensure_chromium()
@@ -198,9 +201,19 @@ def test_clickthrough_with_login_in_chromium(
     shutil.rmtree(shots, ignore_errors=True)
     shots.mkdir(parents=True)
     start = len(caplog.records)
+    port = free_loopback_port()
     with (
-        ViewerServer(stack.orthanc.dicomweb_url) as viewer,
-        login_stack(stack, monkeypatch, launches={LAUNCH: jane}, viewer_url=viewer.base_url) as (api, idp),
+        # OHIF reads the images through the bridge's gateway, with the session
+        ViewerServer(f"http://127.0.0.1:{port}/dicom-web") as viewer,
+        login_stack(
+            stack,
+            monkeypatch,
+            launches={LAUNCH: jane},
+            viewer_url=viewer.base_url,
+            port=port,
+            audit="fhir",
+            audit_flush_interval="0.2",
+        ) as (api, idp),
     ):
         launch_url = httpx.URL(f"{api}/launch", params={"iss": idp.fhir_iss, "launch": LAUNCH})
         options = {
@@ -238,6 +251,16 @@ def test_clickthrough_with_login_in_chromium(
     assert seen["canvas"]["lit_fraction"] > 0.05 and seen["canvas"]["grey_levels"] > 16
     assert seen["forbidden_status"] == 403  # the same session, another patient's study
     logged = "\n".join(r.getMessage() for r in caplog.records[start:])
+    assert re.search(r"GET /dicom-web/\{path:path\} 200", logged), (
+        "the images did not come through the gateway"
+    )
+    # Each step is an AuditEvent on the FHIR server, the user and the client app named: the record
+    # page, the viewer, the images through the gateway, and the refusal of John's study.
+    events = [e for e in stack.fhir_search("AuditEvent") if _who(e, USER)]
+    actions = {(_action(e), e["outcome"]) for e in events}
+    assert {("record-view", "0"), ("viewer", "0"), ("image-read", "0")} <= actions, actions
+    assert ("viewer", "4") in actions, actions  # refused: another patient's study
+    assert all(_who(e, CLIENT_ID) for e in events)
     assert "session opened (launch)" in logged
     for secret in (PASSWORD, CLIENT_SECRET, jane, john, "Doe", "Smith", "eyJ"):
         assert secret not in logged
@@ -274,3 +297,11 @@ def test_invoke_image_display_opens_the_viewer_or_the_record(
     )
     assert unmapped.status_code == 404  # an OID no Patient of this ID is under: nobody, never a guess
     assert bad.status_code == 400 and "requestType" in bad.json()["issue"][0]["diagnostics"]
+
+
+def _who(event: dict[str, Any], name: str) -> bool:
+    return any(a.get("who", {}).get("identifier", {}).get("value") == name for a in event.get("agent", []))
+
+
+def _action(event: dict[str, Any]) -> str:
+    return str(next(c["code"] for c in event["subtype"] if c["code"] not in ("read", "search")))

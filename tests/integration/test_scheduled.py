@@ -273,7 +273,13 @@ def test_worker_killed_mid_cycle_ends_exactly_right_after_a_restart(stack: Stack
         _store(stack, StudySpec(patient_id=f"K{i % 20}", issuer="HOSP-A", series=[SeriesSpec(instances=1)]))
         for i in range(n)
     ]
-    settings = {"sync_concurrency": "2", "sync_interval": "3600", "reconcile_interval": "3600"}
+    # Small pages: a page's studies are written in one batch, so the kill lands between pages.
+    settings = {
+        "sync_concurrency": "2",
+        "sync_interval": "3600",
+        "reconcile_interval": "3600",
+        "qido_page_size": "10",
+    }
 
     worker = _worker(stack, **settings)
     try:

@@ -378,7 +378,8 @@ def test_a_resource_the_server_rejects_parks_that_study_with_its_outcome(stack: 
     target = resource_id("ImagingStudy", "test-orthanc", str(rejected.uid))
     with FaultProxy(stack.fhir.root_url, seed=3) as fhir:
         fhir.add(Fault(status=422, method="PUT", path=f"/ImagingStudy/{target}"))
-        report = stack.sync(fhir_url=fhir.proxied(stack.fhir.base_url))
+        # Study by study: a refused entry of a batch is tests/integration/test_throughput.py's.
+        report = stack.sync(fhir_url=fhir.proxied(stack.fhir.base_url), fhir_batch_size="0")
 
     assert report.counts.created == 1
     assert [p.study_uid for p in report.parked] == [rejected.uid]
@@ -396,7 +397,8 @@ def test_a_study_whose_write_breaks_the_connection_every_time_is_parked_and_the_
     target = resource_id("ImagingStudy", "test-orthanc", str(broken.uid))
     with FaultProxy(stack.fhir.root_url, seed=4) as fhir:
         fhir.add(Fault(kind="reset", when="before", method="PUT", path=f"/ImagingStudy/{target}"))
-        result = stack.cli("sync", "--json", fhir_url=fhir.proxied(stack.fhir.base_url))
+        # Study by study: the batch path falls back to these per-study writes when a batch breaks.
+        result = stack.cli("sync", "--json", fhir_url=fhir.proxied(stack.fhir.base_url), fhir_batch_size="0")
 
     assert result.returncode == 1, result.stderr  # parked (1), not "upstream unavailable" (3)
     summary = json.loads(result.stdout)

@@ -61,7 +61,16 @@ PROXY_PREFIX = "/dicom-web"
 NPM_TIMEOUT_SECONDS = 600.0
 
 # Request headers a browser sends that the archive may use; everything else stays here.
-FORWARDED_REQUEST_HEADERS = ("accept", "accept-encoding", "range", "if-none-match", "if-modified-since")
+# The cookie carries the bridge's session when the proxy points at the bridge's image gateway (browsers
+# send a host's cookies to every port of it); the archive ignores it.
+FORWARDED_REQUEST_HEADERS = (
+    "accept",
+    "accept-encoding",
+    "range",
+    "if-none-match",
+    "if-modified-since",
+    "cookie",
+)
 # Response headers that describe the connection, not the content (RFC 9110 7.6.1), plus the length,
 # which the proxy's chunked answer recomputes.
 HOP_BY_HOP = frozenset(
@@ -83,7 +92,6 @@ ISOLATION_HEADERS = {
     "Cross-Origin-Embedder-Policy": "require-corp",
     "Cross-Origin-Resource-Policy": "same-origin",
 }
-
 
 
 def ensure_installed(project_dir: Path = OHIF_DIR) -> Path:

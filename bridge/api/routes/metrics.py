@@ -8,16 +8,14 @@ from fastapi import APIRouter, Depends, Security
 from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials
 
-from bridge.api.deps import ServicesDep, caller
-from bridge.api.deps import _api_key as api_key_header
-from bridge.api.deps import _bearer as bearer_header
+from bridge.api.deps import API_KEY_HEADER, BEARER_HEADER, ServicesDep, caller
 from bridge.metrics import exposition
 
 
 async def metrics_caller(
     s: ServicesDep,
-    api_key: Annotated[str | None, Security(api_key_header)],
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_header)],
+    api_key: Annotated[str | None, Security(API_KEY_HEADER)],
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER_HEADER)],
 ) -> None:
     """The API's authentication, when BRIDGE_API_METRICS_AUTH puts /metrics behind it."""
     if s.settings.api_metrics_auth:
