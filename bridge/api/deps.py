@@ -92,6 +92,11 @@ async def unlimited_caller(who: CallerDep) -> Caller:
     return who
 
 
+def mount_path(request: Request) -> str:
+    """Where the app is mounted (``root_path``, no trailing slash), so links work behind a prefix."""
+    return str(request.scope.get("root_path", "")).rstrip("/")
+
+
 def allow_patient(who: Caller, patient: str | None) -> None:
     """AccessDeniedError unless ``who`` may see data of Patient ``patient`` (FHIR id; None: unknown).
 

@@ -24,6 +24,7 @@ from bridge.api.deps import (
     ServicesDep,
     allow_patient,
     caller,
+    mount_path,
 )
 from bridge.api.errors import outcome
 from bridge.api.security import Caller
@@ -34,10 +35,6 @@ router = APIRouter(tags=["iid"], dependencies=[Depends(caller)], include_in_sche
 
 _OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
 _NO_STORE = {"Cache-Control": "no-store"}
-
-
-def _root(request: Request) -> str:
-    return str(request.scope.get("root_path", "")).rstrip("/")
 
 
 def _one(value: str | None, name: str) -> str | None:
@@ -124,7 +121,7 @@ async def _invoke(
                 )
             study = await r.by_accession(accession, None)
         allow_patient(who, study.patient)
-        target = f"{_root(request)}/imaging-studies/{quote(study.fhir_id, safe='')}/viewer"
+        target = f"{mount_path(request)}/imaging-studies/{quote(study.fhir_id, safe='')}/viewer"
         return RedirectResponse(target, status_code=302, headers=_NO_STORE)
     if kind == "PATIENT":
         if patient_id is None:
@@ -150,6 +147,6 @@ async def _invoke(
             )
         fhir_id = str(found[0].get("id") or "")
         allow_patient(who, fhir_id)
-        target = f"{_root(request)}/record/patients/{quote(fhir_id, safe='')}"
+        target = f"{mount_path(request)}/record/patients/{quote(fhir_id, safe='')}"
         return RedirectResponse(target, status_code=302, headers=_NO_STORE)
     raise InvalidLookupError("requestType must be STUDY or PATIENT")

@@ -21,7 +21,7 @@ from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from bridge.api import errors
-from bridge.api.deps import Services, ServicesDep
+from bridge.api.deps import Services, ServicesDep, mount_path
 from bridge.api.errors import AuthenticationError
 from bridge.api.oidc import AuthServer, LoginError, OidcClient, Pkce
 from bridge.api.session import (
@@ -101,10 +101,6 @@ def _page(title: str, body: str, status_code: int) -> HTMLResponse:
         "form-action 'self'",
     }
     return HTMLResponse(document, status_code=status_code, headers=headers)
-
-
-def _root(request: Request) -> str:
-    return str(request.scope.get("root_path", "")).rstrip("/")
 
 
 def _local_path(value: str | None) -> str:
@@ -222,7 +218,7 @@ async def callback(
         return _page(
             "Login expired",
             "<p>This login was not started here, was already used, or took too long. "
-            f'<a href="{html.escape(_root(request))}/login">Log in again</a>.</p>',
+            f'<a href="{html.escape(mount_path(request))}/login">Log in again</a>.</p>',
             400,
         )
     if error is not None or not code:
@@ -247,7 +243,7 @@ async def callback(
         await store.end(old)
     session_id = await store.create(SessionData(done.subject, done.patient, done.scopes, client.client_id))
     logger.info("session opened (%s)", pending.kind)
-    response = RedirectResponse(_root(request) + next_path, status_code=303, headers=_NO_STORE)
+    response = RedirectResponse(mount_path(request) + next_path, status_code=303, headers=_NO_STORE)
     set_session_cookie(response, s.settings, session_id)
     return response
 
@@ -256,7 +252,7 @@ async def callback(
 async def logout_page(request: Request) -> Response:
     """A button that logs out: logging out takes a POST, so another site cannot do it with a link."""
     form = (
-        f'<form method="post" action="{html.escape(_root(request))}/logout">'
+        f'<form method="post" action="{html.escape(mount_path(request))}/logout">'
         '<button type="submit">Log out</button></form>'
     )
     return _page("Log out", form, 200)
@@ -269,7 +265,7 @@ async def logout(request: Request, s: ServicesDep) -> Response:
     if session_id:
         await _store(request).end(session_id)
     again = (
-        f'<p><a href="{html.escape(_root(request))}/login">Log in again</a></p>'
+        f'<p><a href="{html.escape(mount_path(request))}/login">Log in again</a></p>'
         if s.settings.oidc_issuer is not None
         else ""
     )
@@ -282,7 +278,7 @@ def _wants_page(request: Request) -> bool:
     """A browser navigating to a page (GET, HTML accepted), not a program calling the API."""
     if request.method != "GET" or "text/html" not in request.headers.get("accept", ""):
         return False
-    path = request.url.path[len(_root(request)) :] if _root(request) else request.url.path
+    path = request.url.path[len(mount_path(request)) :] if mount_path(request) else request.url.path
     return path.startswith(PAGE_PREFIXES) or (path.startswith(VIEWER_PREFIXES) and path.endswith("/viewer"))
 
 
@@ -291,7 +287,7 @@ async def _authentication_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, AuthenticationError)
     if not _wants_page(request) or request.headers.get("x-api-key") or request.headers.get("authorization"):
         return errors.response_for(exc)
-    here = request.url.path[len(_root(request)) :] if _root(request) else request.url.path
+    here = request.url.path[len(mount_path(request)) :] if mount_path(request) else request.url.path
     if request.url.query:
         here += "?" + request.url.query
     response = await start_login(request, _local_path(here))

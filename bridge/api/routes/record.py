@@ -20,7 +20,15 @@ from fastapi import APIRouter, Depends, FastAPI, Path, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from bridge.api.audit import note
-from bridge.api.deps import FHIR_ID_PATTERN, CallerDep, ResolverDep, StudyById, allow_patient, caller
+from bridge.api.deps import (
+    FHIR_ID_PATTERN,
+    CallerDep,
+    ResolverDep,
+    StudyById,
+    allow_patient,
+    caller,
+    mount_path,
+)
 from bridge.config import Settings
 from bridge.dicomweb.client import DicomwebClient
 from bridge.errors import NoUsableEndpointError, StudyNotFoundError
@@ -101,11 +109,6 @@ def _page(title: str, body: str, status_code: int = 200) -> HTMLResponse:
         "img-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
     }
     return HTMLResponse(document, status_code=status_code, headers=headers)
-
-
-def _base(request: Request) -> str:
-    """Where the app is mounted, so that links work behind a path prefix too."""
-    return str(request.scope.get("root_path", "")).rstrip("/")
 
 
 def _texts(values: Iterable[Any]) -> list[str]:
@@ -196,10 +199,10 @@ async def record_index(request: Request, r: ResolverDep, who: CallerDep) -> Resp
     A session or token limited to one patient (EHR launch) is sent to that patient's page instead.
     """
     if who.patient is not None:
-        target = f"{_base(request)}/record/patients/{quote(who.patient, safe='')}"
+        target = f"{mount_path(request)}/record/patients/{quote(who.patient, safe='')}"
         return RedirectResponse(target, status_code=302, headers={"Cache-Control": "no-store"})
     patients = await r.fhir.search("Patient", {"_count": str(PAGE_SIZE)}, limit=PAGE_SIZE)
-    base = _base(request)
+    base = mount_path(request)
     items = []
     for patient in sorted(patients, key=patient_name):
         fhir_id = str(patient.get("id") or "")
@@ -225,7 +228,7 @@ async def record_patient(
 ) -> HTMLResponse:
     """The patient's ImagingStudies (date, description, modalities), each with an "Open images" link."""
     allow_patient(who, patient_id)
-    base = _base(request)
+    base = mount_path(request)
     patient = await r.fhir.read("Patient", patient_id)
     if patient is None:
         back = f'<p><a href="{html.escape(base)}/record">All patients</a></p>'
