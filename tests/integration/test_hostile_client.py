@@ -129,7 +129,8 @@ def served(
 
 
 async def _load(url: str) -> dict[str, object]:
-    limits = httpx.Limits(max_connections=60)
+    # idle connections are dropped before uvicorn's 5 s keep-alive ends, so none is reused as it closes
+    limits = httpx.Limits(max_connections=60, keepalive_expiry=2.0)
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
         gate = asyncio.Semaphore(40)
 
@@ -199,6 +200,7 @@ def test_hostile_callers_leave_memory_bounded_and_healthz_fast(
         result.update(task.result())
 
     asyncio.run(main())
+    assert child.poll() is None, "bridge serve died under the load"
     peak = max(peak, _peak_rss_kb(child.pid))
     poller.terminate()
     out, _ = poller.communicate(timeout=30)
