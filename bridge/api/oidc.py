@@ -24,10 +24,11 @@ import httpx
 import jwt
 
 from bridge.api.security import LEEWAY, JwksKeys, key_algorithms
-from bridge.errors import BridgeError
+from bridge.errors import BridgeError, UpstreamLimitError
+from bridge.limits import CallLimit, send_bounded
 
 DISCOVERY_MAX_AGE = 3600.0  # seconds a discovery document is trusted
-MAX_ANSWER_BYTES = 1024 * 1024  # a discovery document or token answer is small
+ANSWER_LIMIT = CallLimit("OIDC", 1024 * 1024, "a 1 MiB OIDC answer limit", 30.0, "a 30 s OIDC deadline")
 _FHIR_ID = r"^[A-Za-z0-9\-.]{1,64}$"
 
 
@@ -156,13 +157,14 @@ class OidcClient:
             "redirect_uri": self.redirect_uri,
             "code_verifier": verifier,
         }
-        auth: httpx.Auth | None = None
+        headers: dict[str, str] = {}
         if self._secret is None:
             form["client_id"] = self.client_id  # a public client names itself
         else:  # client_secret_basic: both parts form-encoded first (RFC 6749 2.3.1)
-            auth = httpx.BasicAuth(quote(self.client_id, safe=""), quote(self._secret, safe=""))
+            pair = f"{quote(self.client_id, safe='')}:{quote(self._secret, safe='')}"
+            headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
         answer = await self._json(
-            "POST", server.token_endpoint, what="the token endpoint", data=form, auth=auth
+            "POST", server.token_endpoint, what="the token endpoint", data=form, headers=headers
         )
         id_token = answer.get("id_token")
         if not isinstance(id_token, str):
@@ -223,15 +225,30 @@ class OidcClient:
             raise LoginError("the ID token's nonce does not match this login", status=502)
         return claims
 
-    async def _json(self, method: str, url: str, *, what: str, **kwargs: Any) -> dict[str, Any]:
+    async def _json(
+        self,
+        method: str,
+        url: str,
+        *,
+        what: str,
+        data: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
         if self.http is None:
             raise RuntimeError("the app's lifespan has not run")
-        try:
-            response = await self.http.request(method, url, headers={"Accept": "application/json"}, **kwargs)
+        request = self.http.build_request(
+            method, url, headers={"Accept": "application/json", **(headers or {})}, data=data
+        )
+        try:  # a discovery document or token answer is small and quick: bounded in size and time
+            response = await send_bounded(self.http, request, ANSWER_LIMIT, "oidc")
         except httpx.HTTPError as exc:
             raise LoginError(f"{what} did not answer ({type(exc).__name__})", status=502) from None
-        if len(response.content) > MAX_ANSWER_BYTES:
-            raise LoginError(f"{what} answered more than {MAX_ANSWER_BYTES} bytes", status=502)
+        except UpstreamLimitError:
+            raise LoginError(
+                f"{what} answered more than {ANSWER_LIMIT.max_bytes} bytes or took over "
+                f"{ANSWER_LIMIT.deadline:g} s",
+                status=502,
+            ) from None
         if not response.is_success:
             # the provider's error code only (e.g. invalid_grant): its description may echo input
             try:

@@ -602,3 +602,20 @@ async def test_a_launched_session_may_not_use_the_operators_routes(tmp_path: Pat
         keyed = await b.http.get("/failures", headers={"X-API-Key": "machine-key", "Cookie": ""})
     assert failures.status_code == 403 and sync.status_code == 403
     assert keyed.status_code == 200
+
+
+async def test_an_identity_provider_answering_too_much_opens_no_session(tmp_path: Path) -> None:
+    async with bridge(tmp_path) as b:
+        to_idp = await b.page("/login")
+        query = b.idp.authorize(to_idp.headers["location"])
+        answer_normally = b.idp.handler
+
+        def huge_token_answer(request: httpx.Request) -> httpx.Response:
+            if request.url.path.endswith("/token"):  # read within its bound, then refused
+                return httpx.Response(200, content=b'{"pad": "' + b"x" * (2 * 1024 * 1024) + b'"}')
+            return answer_normally(request)
+
+        b.idp.handler = huge_token_answer  # type: ignore[method-assign]
+        back = await b.http.get("/login/callback", params=query)
+        assert back.status_code == 502 and "more than 1048576 bytes" in back.text
+        assert COOKIE not in back.headers.get("set-cookie", "")
