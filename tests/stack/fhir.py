@@ -36,7 +36,7 @@ from typing import Any
 
 import httpx
 
-from tests.stack.process import LOG_TAIL_LINES, free_loopback_port, log_tail, terminate
+from tests.stack.process import LOG_TAIL_LINES, AdminApi, free_loopback_port, log_tail, terminate
 
 SERVER_DIR = Path(__file__).resolve().parent / "fhir-server"
 BASE_PATH = "/fhir/R4"
@@ -91,7 +91,7 @@ def ensure_node_modules(server_dir: Path = SERVER_DIR, marker: Path | None = Non
     )
 
 
-class FhirTestServer:
+class FhirTestServer(AdminApi):
     """One Node process serving an in-memory FHIR R4 API on loopback."""
 
     def __init__(
@@ -205,36 +205,6 @@ class FhirTestServer:
             self.log_path.unlink(missing_ok=True)
             self.log_path = None
             self._owns_log = False
-
-    # ----------------------------------------------------------------- admin
-    def _admin(self) -> httpx.Client:
-        if self._client is None or not self.running:
-            raise RuntimeError("the FHIR test server is not running")
-        return self._client
-
-    def stats(self) -> dict[str, Any]:
-        """Counters since start or the last reset.
-
-        ``requests`` counts FHIR HTTP requests (a batch or transaction is one), ``reads`` and
-        ``searches`` the read/vread/history and search interactions, including those inside
-        bundles, and ``writes`` every create, update or delete handed to the repository,
-        including bundle entries and attempts that failed validation or a precondition
-        (a conditional create that matched an existing resource writes nothing).  Also:
-        ``by_method``, ``by_interaction`` (top-level requests), ``by_status``,
-        ``writes_by_kind`` and ``bundle_entries``.
-        """
-        response = self._admin().get("/__admin/stats")
-        response.raise_for_status()
-        result: dict[str, Any] = response.json()
-        return result
-
-    def reset_stats(self) -> None:
-        """Zero every counter."""
-        self._admin().post("/__admin/reset-stats").raise_for_status()
-
-    def clear(self) -> None:
-        """Drop every stored resource (counters are kept)."""
-        self._admin().post("/__admin/clear").raise_for_status()
 
     # ------------------------------------------------------- context manager
     def __enter__(self) -> FhirTestServer:

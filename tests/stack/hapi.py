@@ -38,7 +38,7 @@ from typing import Any
 
 import httpx
 
-from tests.stack.process import LOG_TAIL_LINES, free_loopback_port, log_tail, terminate
+from tests.stack.process import LOG_TAIL_LINES, AdminApi, free_loopback_port, log_tail, terminate
 
 PROJECT_DIR = Path(__file__).resolve().parent / "hapi"
 JAR = PROJECT_DIR / "target" / "hapi-test-server.jar"
@@ -105,7 +105,7 @@ def ensure_built(project_dir: Path = PROJECT_DIR) -> Path:
     raise RuntimeError(f"could not build the HAPI FHIR test server in {project_dir}:\n" + "\n".join(failures))
 
 
-class HapiTestServer:
+class HapiTestServer(AdminApi):
     """One JVM serving HAPI FHIR JPA (R4) on loopback, with a database that :meth:`stop` removes."""
 
     def __init__(
@@ -232,31 +232,6 @@ class HapiTestServer:
         if self._data_dir is not None:
             shutil.rmtree(self._data_dir, ignore_errors=True)
             self._data_dir = None
-
-    def _admin(self) -> httpx.Client:
-        if self._client is None or not self.running:
-            raise RuntimeError("the HAPI FHIR test server is not running")
-        return self._client
-
-    def stats(self) -> dict[str, Any]:
-        """Counters since start or the last reset, shaped like the Medplum test server's.
-
-        ``requests`` counts top-level FHIR HTTP requests, ``writes`` (and ``writes_by_kind``)
-        every create, update and delete HAPI's storage layer was handed, bundle entries included,
-        ``reads`` and ``searches`` the top-level ones plus the GET entries of bundles.
-        """
-        response = self._admin().get("/__admin/stats")
-        response.raise_for_status()
-        result: dict[str, Any] = response.json()
-        return result
-
-    def reset_stats(self) -> None:
-        """Zero every counter."""
-        self._admin().post("/__admin/reset-stats").raise_for_status()
-
-    def clear(self) -> None:
-        """Drop every stored resource, version and cached search (counters are kept)."""
-        self._admin().post("/__admin/clear").raise_for_status()
 
     def client_ids(self, strategy: str) -> None:
         """Which ids clients may choose: ``ALPHANUMERIC`` (HAPI's default), ``ANY`` or ``NOT_ALLOWED``."""

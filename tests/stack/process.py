@@ -8,6 +8,9 @@ import signal
 import socket
 import subprocess
 from pathlib import Path
+from typing import Any
+
+import httpx
 
 LOG_TAIL_LINES = 40
 
@@ -55,3 +58,36 @@ def apt_install(*packages: str) -> None:
         if result.returncode != 0:
             tail = "\n".join((result.stdout + result.stderr).splitlines()[-LOG_TAIL_LINES:])
             raise RuntimeError(f"`{' '.join(command)}` failed with code {result.returncode}:\n{tail}")
+
+
+class AdminApi:
+    """The ``/__admin`` endpoints every test FHIR server answers alike, so fixtures use either engine.
+
+    ``stats()`` gives counters since start or the last reset: ``requests`` (top-level FHIR HTTP
+    requests; a batch or transaction is one), ``reads`` and ``searches`` (bundle entries included),
+    ``writes`` (every create, update or delete handed to the storage, bundle entries and refused
+    attempts included), ``by_method``, ``by_status``, ``writes_by_kind`` and ``bundle_entries``.
+    """
+
+    _client: httpx.Client | None
+    running: bool
+
+    def _admin(self) -> httpx.Client:
+        if self._client is None or not self.running:
+            raise RuntimeError(f"{type(self).__name__} is not running")
+        return self._client
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since start or the last reset (see the class docstring)."""
+        response = self._admin().get("/__admin/stats")
+        response.raise_for_status()
+        result: dict[str, Any] = response.json()
+        return result
+
+    def reset_stats(self) -> None:
+        """Zero every counter."""
+        self._admin().post("/__admin/reset-stats").raise_for_status()
+
+    def clear(self) -> None:
+        """Drop every stored resource (and, on HAPI, every version and cached search); counters stay."""
+        self._admin().post("/__admin/clear").raise_for_status()
