@@ -97,13 +97,22 @@ def mount_path(request: Request) -> str:
     return str(request.scope.get("root_path", "")).rstrip("/")
 
 
-def allow_patient(who: Caller, patient: str | None) -> None:
-    """AccessDeniedError unless ``who`` may see data of Patient ``patient`` (FHIR id; None: unknown).
+def allow_patient(
+    request: Request,
+    who: Caller,
+    action: Action,
+    *,
+    study: StudyLocation | None = None,
+    patient: str | None = None,
+) -> None:
+    """AccessDeniedError unless ``who`` may see ``study`` or data of Patient ``patient`` (FHIR id).
 
-    The one rule of bridge/api/access.py: the patient in context, then the SMART scopes.
+    The one rule of bridge/api/access.py: the patient in context, then the SMART scopes. A refusal
+    is audited as the ``action`` it refused.
     """
-    decision = decide(who, patient)
+    decision = decide(who, study.patient if study is not None else patient)
     if not decision.allowed:
+        note(request, who, action, "refused", study=study, patient=patient, reason=decision.reason)
         raise AccessDeniedError(decision.reason)
 
 
@@ -143,14 +152,11 @@ async def study_by_uid(
 
 def _allowed(study: StudyLocation, who: Caller, request: Request) -> StudyLocation:
     """The study, if the caller may see it (the gateway's rule, bridge/api/access.py); else 403, audited."""
-    decision = decide(who, study.patient)
-    if not decision.allowed:
-        path = request.url.path
-        action: Action = (
-            "viewer" if path.endswith("/viewer") else "record-view" if path.startswith("/record") else "links"
-        )
-        note(request, who, action, "refused", study=study, reason=decision.reason)
-        raise AccessDeniedError(decision.reason)
+    path = request.url.path
+    action: Action = (
+        "viewer" if path.endswith("/viewer") else "record-view" if path.startswith("/record") else "links"
+    )
+    allow_patient(request, who, action, study=study)
     return study
 
 

@@ -120,7 +120,7 @@ async def _invoke(
                     "accessionNumber: 1-16 characters without backslash or control characters"
                 )
             study = await r.by_accession(accession, None)
-        allow_patient(who, study.patient)
+        allow_patient(request, who, "viewer", study=study)
         target = f"{mount_path(request)}/imaging-studies/{quote(study.fhir_id, safe='')}/viewer"
         return RedirectResponse(target, status_code=302, headers=_NO_STORE)
     if kind == "PATIENT":
@@ -146,7 +146,7 @@ async def _invoke(
                 "several Patients have this patientID; ask the EHR to fix the duplicate"
             )
         fhir_id = str(found[0].get("id") or "")
-        allow_patient(who, fhir_id)
+        allow_patient(request, who, "record-view", patient=fhir_id)
         target = f"{mount_path(request)}/record/patients/{quote(fhir_id, safe='')}"
         return RedirectResponse(target, status_code=302, headers=_NO_STORE)
     raise InvalidLookupError("requestType must be STUDY or PATIENT")

@@ -227,7 +227,7 @@ async def record_patient(
     patient_id: PatientId, request: Request, r: ResolverDep, who: CallerDep
 ) -> HTMLResponse:
     """The patient's ImagingStudies (date, description, modalities), each with an "Open images" link."""
-    allow_patient(who, patient_id)
+    allow_patient(request, who, "record-view", patient=patient_id)
     base = mount_path(request)
     patient = await r.fhir.read("Patient", patient_id)
     if patient is None:

@@ -106,6 +106,9 @@ class World:
                 200, json={"resourceType": "Bundle", "type": "transaction-response", "entry": answers}
             )
         kind, _, rid = path.partition("/")
+        if path == "Patient":
+            wanted = request.url.params.get("identifier", "")
+            return _bundle([p for p in PATIENTS.values() if wanted in _identifiers(p)])
         if kind == "Patient" and rid in PATIENTS:
             return httpx.Response(200, json=PATIENTS[rid])
         if path == "Endpoint/ep1":
@@ -155,6 +158,10 @@ def bearer(**claims: Any) -> dict[str, str]:
 
 
 PATIENT_1 = {"patient": "p1", "scope": "launch/patient patient/ImagingStudy.read", "client_id": "viewer-app"}
+
+
+def _identifiers(resource: dict[str, Any]) -> list[str]:
+    return [f"{i['system']}|{i['value']}" for i in resource.get("identifier", [])]
 
 
 @asynccontextmanager
@@ -415,3 +422,24 @@ async def test_links_and_viewer_of_another_patients_study_are_403_and_audited(tm
     events = [e["resource"] for b in world.audit_bundles for e in b["entry"]]
     seen = sorted((e["subtype"][1]["code"], e["outcome"]) for e in events)
     assert seen == [("links", "0"), ("links", "4"), ("viewer", "4")]
+
+
+async def test_iid_and_record_page_refusals_are_audited_as_the_access_they_refused(tmp_path: Path) -> None:
+    world = World()
+    async with gateway(tmp_path, world, audit="fhir", audit_flush_interval=3600) as api:
+        iid, who = "/IHEInvokeImageDisplay", bearer(**PATIENT_1)
+        study = await api.get(iid, params={"requestType": "STUDY", "studyUID": UID_2}, headers=who)
+        patient = await api.get(
+            iid,
+            params={"requestType": "PATIENT", "patientID": "MRN-2"},
+            headers=bearer(**PATIENT_1),
+        )
+        page = await api.get("/record/patients/p2", headers=bearer(**PATIENT_1))
+        own = await api.get(iid, params={"requestType": "STUDY", "studyUID": UID_1}, headers=who)
+        await api.app.state.services.audit.flush()  # type: ignore[attr-defined]
+    assert (study.status_code, patient.status_code, page.status_code, own.status_code) == (403, 403, 403, 302)
+    events = [e["resource"] for b in world.audit_bundles for e in b["entry"]]
+    refused = sorted(e["subtype"][1]["code"] for e in events if e["outcome"] == "4")
+    # the IID and page refusals of p2 are one record-view in the window
+    assert refused == ["record-view", "viewer"]
+    assert all({"reference": "Patient/p2"} in [x["what"] for x in e["entity"]] for e in events)
