@@ -430,6 +430,21 @@ def _any_mapping_items(schema: dict[str, Any]) -> None:
     schema["items"] = {"type": "object", "additionalProperties": True}
 
 
+def _secret_from_file(given: SecretStr | None, path: Path | None, name: str) -> SecretStr | None:
+    """The secret in file ``path`` (setting ``{name}_FILE``); None without a file. Start-up errors name it."""
+    if path is None:
+        return None
+    if given is not None:
+        raise ValueError(f"set {name} or {name}_FILE, not both")
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeError) as exc:
+        raise ValueError(f"{name}_FILE: cannot read it ({type(exc).__name__})") from None
+    if not text:
+        raise ValueError(f"{name}_FILE: the file is empty")
+    return SecretStr(text)
+
+
 class Settings(PerSourceSettings, BaseSettings):
     """Every setting of the bridge; each is read from ``BRIDGE_<NAME>`` or the config file."""
 
@@ -604,6 +619,17 @@ class Settings(PerSourceSettings, BaseSettings):
         default="launch openid fhirUser launch/patient patient/ImagingStudy.read",
         description="Scopes asked at an EHR launch, space-separated",
     )
+    smart_launch_client_id: str | None = Field(
+        default=None,
+        description="The bridge's client id at the EHRs' authorization server; unset: BRIDGE_OIDC_CLIENT_ID",
+    )
+    smart_launch_client_secret: SecretStr | None = Field(
+        default=None,
+        description="Its client secret; unset with a launch client id: a public client (PKCE only)",
+    )
+    smart_launch_client_secret_file: Path | None = Field(
+        default=None, description="File holding the launch client's secret"
+    )
     session_max_age: float = Field(
         default=28800.0, ge=60, le=7 * 86400, description="Seconds a browser session lasts after login"
     )
@@ -640,6 +666,7 @@ class Settings(PerSourceSettings, BaseSettings):
 
     # Read from oidc_client_secret_file; kept apart so the settings as given stay as given.
     _oidc_secret_from_file: SecretStr | None = PrivateAttr(default=None)
+    _launch_secret_from_file: SecretStr | None = PrivateAttr(default=None)
 
     @field_validator(
         "viewers", "api_keys", "jwt_algorithms", "cors_origins", "smart_launch_issuers", mode="before"
@@ -753,26 +780,25 @@ class Settings(PerSourceSettings, BaseSettings):
     def _login_checks(self) -> Settings:
         from bridge.api.exposure import is_loopback
 
-        if self.oidc_client_secret_file is not None:
-            if self.oidc_client_secret is not None:
-                raise ValueError("set BRIDGE_OIDC_CLIENT_SECRET or BRIDGE_OIDC_CLIENT_SECRET_FILE, not both")
-            try:
-                text = self.oidc_client_secret_file.read_text(encoding="utf-8").strip()
-            except (OSError, UnicodeError) as exc:
-                raise ValueError(
-                    f"BRIDGE_OIDC_CLIENT_SECRET_FILE: cannot read it ({type(exc).__name__})"
-                ) from None
-            if not text:
-                raise ValueError("BRIDGE_OIDC_CLIENT_SECRET_FILE: the file is empty")
-            self._oidc_secret_from_file = SecretStr(text)
+        self._oidc_secret_from_file = _secret_from_file(
+            self.oidc_client_secret, self.oidc_client_secret_file, "BRIDGE_OIDC_CLIENT_SECRET"
+        )
+        self._launch_secret_from_file = _secret_from_file(
+            self.smart_launch_client_secret,
+            self.smart_launch_client_secret_file,
+            "BRIDGE_SMART_LAUNCH_CLIENT_SECRET",
+        )
         for issuer in self.smart_launch_issuers:
             if not re.match(r"^https?://[^\s/]+", issuer):
                 raise ValueError(f"BRIDGE_SMART_LAUNCH_ISSUERS: {issuer!r} is not an http(s) URL")
         if not self.login_enabled:
             return self
-        if not self.oidc_client_id:
+        if self.oidc_issuer is not None and not self.oidc_client_id:
+            raise ValueError("BRIDGE_OIDC_CLIENT_ID is required with BRIDGE_OIDC_ISSUER")
+        if self.smart_launch_issuers and not (self.smart_launch_client_id or self.oidc_client_id):
             raise ValueError(
-                "BRIDGE_OIDC_CLIENT_ID is required with BRIDGE_OIDC_ISSUER or BRIDGE_SMART_LAUNCH_ISSUERS"
+                "BRIDGE_SMART_LAUNCH_CLIENT_ID (or BRIDGE_OIDC_CLIENT_ID) is required with "
+                "BRIDGE_SMART_LAUNCH_ISSUERS"
             )
         if self.public_url is None:
             raise ValueError(
@@ -793,6 +819,15 @@ class Settings(PerSourceSettings, BaseSettings):
     def oidc_secret(self) -> SecretStr | None:
         """The client secret, as given or read from its file."""
         return self.oidc_client_secret if self.oidc_client_secret is not None else self._oidc_secret_from_file
+
+    @property
+    def launch_client(self) -> tuple[str, SecretStr | None]:
+        """The EHR launch's client registration (id, secret): its own if set, else the login's."""
+        if self.smart_launch_client_id:
+            secret = self.smart_launch_client_secret or self._launch_secret_from_file
+            return self.smart_launch_client_id, secret
+        assert self.oidc_client_id is not None  # checked with the other login settings
+        return self.oidc_client_id, self.oidc_secret
 
     def each_source(self) -> list[SourceSettings]:
         """The DICOMweb sources: the ``sources`` entries, or the top level as the only one."""

@@ -140,9 +140,10 @@ def create_app(
                     app.state.sessions.backend = StoreBackend(store)
                 else:
                     logger.warning("browser sessions kept in memory: this replica alone knows them")
-            if getattr(app.state, "oidc", None) is not None:  # browser login: identity providers, EHRs
-                oidc_http = _client(settings, None, None, transport)
-                app.state.oidc.http = await stack.enter_async_context(oidc_http)
+            if getattr(app.state, "oidc", None):  # browser login: identity providers, EHRs
+                oidc_http = await stack.enter_async_context(_client(settings, None, None, transport))
+                for registration in app.state.oidc.values():
+                    registration.http = oidc_http
             services.resolver = Resolver(fhir, resolver_config(settings))
             services.audit = await stack.enter_async_context(
                 running(

@@ -76,12 +76,16 @@ class PendingLogin:
         return cls(kind, str(values[1]), str(values[2]), str(values[3]), str(values[4]))
 
 
-def oidc_client(settings: Settings) -> OidcClient:
-    """The bridge's client registration at identity providers and EHRs."""
-    assert settings.oidc_client_id is not None and settings.public_url is not None
-    secret = settings.oidc_secret
+def oidc_client(settings: Settings, kind: Literal["login", "launch"]) -> OidcClient:
+    """The bridge's client registration at the login's identity provider, or at the EHRs (launch)."""
+    assert settings.public_url is not None
+    if kind == "launch":
+        client_id, secret = settings.launch_client
+    else:
+        assert settings.oidc_client_id is not None
+        client_id, secret = settings.oidc_client_id, settings.oidc_secret
     return OidcClient(
-        settings.oidc_client_id,
+        client_id,
         secret.get_secret_value() if secret is not None else None,
         str(settings.public_url).rstrip("/") + CALLBACK_PATH,
     )
@@ -111,8 +115,8 @@ def _local_path(value: str | None) -> str:
     return DEFAULT_NEXT
 
 
-def _client(request: Request) -> OidcClient:
-    found: OidcClient = request.app.state.oidc
+def _client(request: Request, kind: Literal["login", "launch"]) -> OidcClient:
+    found: OidcClient = request.app.state.oidc[kind]
     return found
 
 
@@ -132,7 +136,7 @@ async def start_login(request: Request, next_path: str) -> Response:
             "it has no login of its own.</p>",
             401,
         )
-    client = _client(request)
+    client = _client(request, "login")
     try:
         server = await client.openid_server(str(settings.oidc_issuer).rstrip("/"))
     except LoginError as exc:
@@ -192,7 +196,7 @@ async def launch(
             "<p>This EHR is not allowed to launch the bridge (BRIDGE_SMART_LAUNCH_ISSUERS).</p>",
             403,
         )
-    client = _client(request)
+    client = _client(request, "launch")
     try:
         server = await client.smart_server(iss)
     except LoginError as exc:
@@ -224,7 +228,7 @@ async def callback(
     if error is not None or not code:
         shown = error if error and error.replace("_", "").isalnum() else "no code"
         return _page("Login refused", f"<p>The identity provider answered: {html.escape(shown)}.</p>", 401)
-    client = _client(request)
+    client = _client(request, pending.kind)
     try:
         if pending.kind == "launch":
             server = await client.smart_server(pending.base)
@@ -302,6 +306,11 @@ def install(app: FastAPI, services: Services) -> None:
     if not settings.login_enabled:
         return
     app.state.sessions = SessionStore(settings.session_max_age)  # the lifespan moves it into the store
-    app.state.oidc = oidc_client(settings)
+    # a registration per way in: the EHRs' authorization server may know the bridge by another id
+    app.state.oidc = {
+        kind: oidc_client(settings, kind)
+        for kind in ("login", "launch")
+        if (settings.oidc_issuer is not None if kind == "login" else bool(settings.smart_launch_issuers))
+    }
     app.include_router(router)
     app.add_exception_handler(AuthenticationError, _authentication_error)

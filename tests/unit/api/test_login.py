@@ -64,6 +64,7 @@ class FakeIdp:
     patient: str | None = "p1"  # the launch context the EHR gives
     claims: dict[str, Any] = field(default_factory=dict)  # overrides of the ID token's claims
     signing_key: rsa.RSAPrivateKey | None = None  # sign with another key than the published one
+    clients: dict[str, str] = field(default_factory=lambda: {CLIENT: SECRET})  # registered: id -> secret
 
     def jwks(self) -> dict[str, Any]:
         jwk = jwt.algorithms.RSAAlgorithm.to_jwk(self.key.public_key(), as_dict=True)
@@ -101,8 +102,10 @@ class FakeIdp:
         self.token_requests.append(request)
         form = {k: v[0] for k, v in parse_qs(request.content.decode()).items()}
         asked = self.codes.pop(form.get("code", ""), None)
-        expected_auth = "Basic " + base64.b64encode(f"{CLIENT}:{SECRET}".encode()).decode()
-        if asked is None or request.headers.get("authorization") != expected_auth:
+        client = asked["client_id"] if asked is not None else ""
+        secret = self.clients.get(client)
+        expected_auth = "Basic " + base64.b64encode(f"{client}:{secret}".encode()).decode()
+        if asked is None or secret is None or request.headers.get("authorization") != expected_auth:
             return httpx.Response(400, json={"error": "invalid_grant"})
         challenge = _b64(hashlib.sha256(form["code_verifier"].encode()).digest())
         if challenge != asked["code_challenge"] or form["redirect_uri"] != asked["redirect_uri"]:
@@ -110,7 +113,7 @@ class FakeIdp:
         now = int(time.time())
         claims = {
             "iss": issuer,
-            "aud": CLIENT,
+            "aud": asked["client_id"],
             "sub": "dr-who",
             "iat": now,
             "exp": now + 300,
@@ -459,6 +462,21 @@ async def test_iid_in_a_launched_session_refuses_other_patients(tmp_path: Path) 
     assert unknown.status_code == 404
 
 
+async def test_the_ehr_launch_uses_its_own_client_registration_when_one_is_set(tmp_path: Path) -> None:
+    async with bridge(
+        tmp_path, smart_launch_client_id="bridge-at-ehr", smart_launch_client_secret="ehr-s3cret"
+    ) as b:
+        b.idp.clients["bridge-at-ehr"] = "ehr-s3cret"
+        to_ehr = await b.page("/launch", params={"iss": EHR, "launch": "xyz"})
+        launched = await b.http.get("/login/callback", params=b.idp.authorize(to_ehr.headers["location"]))
+        session = await b.app.state.sessions.get(b.http.cookies[COOKIE])
+        to_idp = await b.page("/login")
+    assert parse_qs(urlsplit(to_ehr.headers["location"]).query)["client_id"] == ["bridge-at-ehr"]
+    assert launched.status_code == 303, launched.text  # the code was exchanged with the launch's secret
+    assert session is not None and session.caller().client_id == "bridge-at-ehr"
+    assert parse_qs(urlsplit(to_idp.headers["location"]).query)["client_id"] == [CLIENT]  # login: its own
+
+
 async def test_cookie_is_not_secure_only_for_a_loopback_http_address(tmp_path: Path) -> None:
     async with bridge(tmp_path, public_url="http://127.0.0.1:8080") as b:
         to_idp = await b.page("/login")
@@ -470,6 +488,14 @@ async def test_cookie_is_not_secure_only_for_a_loopback_http_address(tmp_path: P
     ("overrides", "named"),
     [
         ({"oidc_client_id": None}, "BRIDGE_OIDC_CLIENT_ID"),
+        (
+            {"oidc_client_id": None, "oidc_issuer": None, "smart_launch_issuers": "https://ehr.example/fhir"},
+            "BRIDGE_SMART_LAUNCH_CLIENT_ID",
+        ),
+        (
+            {"smart_launch_client_id": "x", "smart_launch_client_secret_file": "/nonexistent/secret"},
+            "BRIDGE_SMART_LAUNCH_CLIENT_SECRET_FILE",
+        ),
         ({"public_url": None}, "BRIDGE_PUBLIC_URL"),
         ({"public_url": "http://bridge.example"}, "BRIDGE_PUBLIC_URL"),
         ({"smart_launch_issuers": "ftp://ehr"}, "BRIDGE_SMART_LAUNCH_ISSUERS"),
