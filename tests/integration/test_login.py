@@ -37,6 +37,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "browser" / "clickthrough.mjs"
 BROWSER_TIMEOUT_S = 180
 
 CLIENT_ID, CLIENT_SECRET = "bridge-web", "web-secret-6a1f"
+# the bridge as the EHR's authorization server knows it (BRIDGE_SMART_LAUNCH_CLIENT_ID)
+EHR_CLIENT_ID, EHR_CLIENT_SECRET = "bridge-at-ehr", "ehr-secret-93c2"
 USER, PASSWORD = "dr-who", "tardis-pass-91"
 LAUNCH = "launch-abc123"
 HOSP_A = "urn:oid:1.2.826.0.1.3680043.10.1001"
@@ -64,7 +66,10 @@ def login_stack(
     port = port or free_loopback_port()
     public = f"http://127.0.0.1:{port}"
     with OidcProvider(
-        [web_client(CLIENT_ID, CLIENT_SECRET, f"{public}/login/callback")],
+        [
+            web_client(CLIENT_ID, CLIENT_SECRET, f"{public}/login/callback"),
+            web_client(EHR_CLIENT_ID, EHR_CLIENT_SECRET, f"{public}/login/callback"),
+        ],
         scopes=LOGIN_SCOPES,
         users={USER: PASSWORD},
         launches=launches or {},
@@ -147,11 +152,19 @@ def test_ehr_launch_limits_the_session_to_the_patient_in_context(
         s["id"] for s in stack.fhir_search("ImagingStudy") if s["subject"]["reference"] == f"Patient/{john}"
     )
     with (
-        login_stack(stack, monkeypatch, launches={LAUNCH: jane}) as (api, idp),
+        login_stack(
+            stack,
+            monkeypatch,
+            launches={LAUNCH: jane},
+            smart_launch_client_id=EHR_CLIENT_ID,
+            smart_launch_client_secret=EHR_CLIENT_SECRET,
+        ) as (api, idp),
         httpx.Client(follow_redirects=True, timeout=30) as browser,
     ):
         html = {"Accept": "text/html"}
-        form = browser.get(f"{api}/launch", params={"iss": idp.fhir_iss, "launch": LAUNCH}, headers=html)
+        launch = {"iss": idp.fhir_iss, "launch": LAUNCH}
+        to_ehr = browser.get(f"{api}/launch", params=launch, headers=html, follow_redirects=False)
+        form = browser.get(f"{api}/launch", params=launch, headers=html)
         record = _sign_in(browser, form)
         index = browser.get(f"{api}/record", headers=html)
         johns = browser.get(f"{api}/record/patients/{john}", headers=html)
@@ -168,6 +181,8 @@ def test_ehr_launch_limits_the_session_to_the_patient_in_context(
         foreign_iss = browser.get(
             f"{api}/launch", params={"iss": "http://127.0.0.1:9/fhir", "launch": LAUNCH}, headers=html
         )
+    # the launch's own registration at the EHR, its secret accepted by the provider's token endpoint
+    assert f"client_id={EHR_CLIENT_ID}" in to_ehr.headers["location"]
     assert record.status_code == 200 and str(record.url) == f"{api}/record/patients/{jane}"
     assert str(index.url) == f"{api}/record/patients/{jane}"  # the record shows only this patient
     assert johns.status_code == 403 and "Smith" not in johns.text
