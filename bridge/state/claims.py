@@ -106,7 +106,17 @@ class StudyClaims:
                 self._drop_connection()
 
     def close(self) -> None:
-        """Release every claim by ending the claims session."""
+        """Release every claim, then end the claims session.
+
+        The locks are released by a statement that PostgreSQL has answered before this returns:
+        ending the session alone frees them only once the server has noticed the closed socket,
+        so another replica claiming right after this could still be refused.
+        """
         with self._lock:
+            if self._held and self._connection is not None and not self._connection.closed:
+                try:
+                    self._connection.execute(text("SELECT pg_advisory_unlock_all()"))
+                except SQLAlchemyError:
+                    pass  # the session is gone already, and its locks with it
             self._held.clear()
             self._drop_connection()
