@@ -102,6 +102,21 @@ _SECRET_FILES: tuple[tuple[Secret, str], ...] = (
 )
 
 
+def _secret_from_file(given: SecretStr | None, path: Path | None, name: str) -> SecretStr | None:
+    """The secret in file ``path`` (setting ``{name}_FILE``); None without a file. Start-up errors name it."""
+    if path is None:
+        return None
+    if given is not None:
+        raise ValueError(f"set {name} or {name}_FILE, not both")
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeError) as exc:
+        raise ValueError(f"{name}_FILE: cannot read {path} ({type(exc).__name__})") from None
+    if not text:
+        raise ValueError(f"{name}_FILE: {path} is empty")
+    return SecretStr(text)
+
+
 def _check_uri(value: str) -> str:
     if not _URI.match(value):
         raise ValueError(f"{value!r} is not an absolute URI (e.g. urn:oid:1.2.3 or https://...)")
@@ -155,18 +170,9 @@ class UpstreamSettings(BaseModel):
         """Read the secret files and check auth and TLS settings together; errors name ``prefix``+setting."""
         for secret, file_field in _SECRET_FILES:
             path: Path | None = getattr(self, file_field)
-            if path is None:
-                continue
-            file_setting = f"{prefix}{file_field.upper()}"
-            if getattr(self, secret) is not None:
-                raise ValueError(f"set {prefix}{secret.upper()} or {file_setting}, not both")
-            try:
-                text = path.read_text(encoding="utf-8").strip()
-            except (OSError, UnicodeError) as exc:
-                raise ValueError(f"{file_setting}: cannot read {path} ({type(exc).__name__})") from None
-            if not text:
-                raise ValueError(f"{file_setting}: {path} is empty")
-            self._from_files[secret] = SecretStr(text)
+            found = _secret_from_file(getattr(self, secret), path, f"{prefix}{secret.upper()}")
+            if found is not None:
+                self._from_files[secret] = found
         for needed, secret_file in _AUTH_NEEDS[self.auth]:
             value = getattr(self, needed) if secret_file is None else self._from_files.get(needed)
             if value in (None, "") and getattr(self, needed) in (None, ""):
@@ -428,21 +434,6 @@ def _entry_error(name: str, exc: ValidationError) -> str:
 
 def _any_mapping_items(schema: dict[str, Any]) -> None:
     schema["items"] = {"type": "object", "additionalProperties": True}
-
-
-def _secret_from_file(given: SecretStr | None, path: Path | None, name: str) -> SecretStr | None:
-    """The secret in file ``path`` (setting ``{name}_FILE``); None without a file. Start-up errors name it."""
-    if path is None:
-        return None
-    if given is not None:
-        raise ValueError(f"set {name} or {name}_FILE, not both")
-    try:
-        text = path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeError) as exc:
-        raise ValueError(f"{name}_FILE: cannot read it ({type(exc).__name__})") from None
-    if not text:
-        raise ValueError(f"{name}_FILE: the file is empty")
-    return SecretStr(text)
 
 
 class Settings(PerSourceSettings, BaseSettings):
