@@ -301,7 +301,8 @@ def install(app: FastAPI, services: Services) -> None:
     settings = services.settings
     if not settings.login_enabled:
         return
-    app.state.sessions = SessionStore(settings.session_max_age)  # the lifespan moves it into the store
+    # the lifespan moves it into the state store
+    app.state.sessions = SessionStore(settings.session_max_age, cache_ttl=settings.session_cache_ttl)
     app.state.oidc = oidc_client(settings)
     app.include_router(router)
     app.add_exception_handler(AuthenticationError, _authentication_error)
