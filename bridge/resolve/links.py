@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 import string
-from functools import lru_cache
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 from urllib.parse import quote, urlsplit
 
