@@ -39,16 +39,18 @@ from bridge.upstream import Service, http_client
 logger = logging.getLogger(__name__)
 
 # Every router of the app. The on-demand sync route (POST /studies/{study_uid}/sync) joins here.
+# A request is matched against the routes in this order, one pattern after the other: the busiest
+# (a viewer's image requests, then lookups) come first. None of their paths overlap another's.
 ROUTERS: list[APIRouter] = [
-    health.router,
-    metrics.router,
+    gateway.router,  # /dicom-web, unless BRIDGE_GATEWAY is false
     links.router,
     viewer.router,
+    health.router,
+    metrics.router,
     sync.router,
     record.router,
     failures.router,
     iid.router,
-    gateway.router,  # /dicom-web, unless BRIDGE_GATEWAY is false
 ]
 
 # A clinician is waiting: retry a failing FHIR request once, briefly, then answer 503.
