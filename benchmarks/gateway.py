@@ -5,12 +5,15 @@ runs `bridge serve` with authentication on (an API key, sent on every request) a
 on (BRIDGE_AUDIT=fhir), then for each request kind drives first Orthanc's DICOMweb directly and
 then the gateway with the same requests, cycling through every demo study:
 
-- metadata: WADO-RS study metadata (application/dicom+json);
+- metadata: WADO-RS study metadata (application/dicom+json) of the tiny demo studies;
 - instance: WADO-RS one instance (multipart/related; type="application/dicom"), the demo's 64x64 ones;
-- ct-slice: one 512x512 16-bit CT instance (about 512 KiB), the size a viewer fetches per slice.
+- ct-metadata: the WADO-RS metadata of a realistic CT study: --ct-instances slices of 512x512
+  16-bit pixels, each carrying the full header of a real GE CT scan (pydicom's CT_small.dcm:
+  about 250 attributes, private ones included) with its own UIDs and position;
+- ct-slice: one full-size instance of that study (about 520 KiB), what a viewer fetches per slice.
 
 Each pair runs at 1 connection (the latency a viewer's single request sees) and at --connections.
-Run:  python -m benchmarks.gateway [--duration 10] [--connections 8]
+Run:  python -m benchmarks.gateway [--duration 10] [--connections 8] [--ct-instances 150] [--kinds ...]
 Installs Debian's wrk when it is missing (apt-get, as root). Prints p50/p99 latency and throughput
 per kind and load, the gateway/direct ratio at p50, the settings and the machine.
 """
@@ -19,6 +22,7 @@ per kind and load, the gateway/direct ratio at p50, the settings and the machine
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -29,6 +33,8 @@ import tempfile
 from pathlib import Path
 
 import httpx
+import pydicom
+from pydicom.data import get_testdata_file
 
 from benchmarks.resolver import ISSUERS, Serve, _cpu_model, _parse_wrk
 from tests.stack.fhir import FhirTestServer
@@ -40,9 +46,11 @@ API_KEY = "bench-key-5e0c2a"
 ACCEPT = {
     "metadata": "application/dicom+json",
     "instance": 'multipart/related; type="application/dicom"',
+    "ct-metadata": "application/dicom+json",
     "ct-slice": 'multipart/related; type="application/dicom"',
 }
 CT_SIZE = 512
+STOW_BATCH = 25
 
 
 def _ensure_wrk() -> str:
@@ -69,15 +77,35 @@ def _script(paths: list[str], headers: dict[str, str], folder: Path, name: str) 
     return script
 
 
-def _ct_slice(dicomweb: str) -> str:
-    """Store one study of one 512x512 CT slice; its Study Instance UID."""
+def _ct_study(dicomweb: str, instances: int) -> str:
+    """Store a realistic CT study (a real scanner's header, 512x512 slices); its Study Instance UID."""
+    real = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     spec = StudySpec(
-        patient_id="BENCH-CT", patient_name="Bench^Slice", series=[SeriesSpec("CT", instances=1)]
+        patient_id="BENCH-CT",
+        patient_name="Bench^Slices",
+        description="CT CHEST",
+        series=[SeriesSpec("CT", description="AXIAL 1.25MM", instances=instances)],
     )
-    (ds,) = build_study(spec)
-    ds.Rows = ds.Columns = CT_SIZE
-    ds.PixelData = bytes(range(256)) * (CT_SIZE * CT_SIZE * 2 // 256)
-    stow(dicomweb, [ds])
+    pixels = bytes(range(256)) * (CT_SIZE * CT_SIZE * 2 // 256)
+    batch = []
+    for index, ds in enumerate(build_study(spec)):
+        for element in real:
+            # the scanner's own attributes; identity (patient, UIDs) and pixels stay the study's
+            if (
+                element.tag not in ds
+                and element.tag.group not in (0x0010,)
+                and element.keyword != "PixelData"
+            ):
+                ds.add(copy.deepcopy(element))
+        ds.Rows = ds.Columns = CT_SIZE
+        ds.ImagePositionPatient = [-250.0, -250.0, -1.25 * index]
+        ds.SliceLocation = -1.25 * index
+        ds.PixelData = pixels
+        batch.append(ds)
+        if len(batch) == STOW_BATCH:
+            stow(dicomweb, batch)
+            batch = []
+    stow(dicomweb, batch)
     return str(spec.uid)
 
 
@@ -99,6 +127,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gateway")
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--ct-instances", type=int, default=150, help="slices of the realistic CT study")
+    parser.add_argument("--kinds", nargs="+", choices=list(ACCEPT), default=list(ACCEPT))
     args = parser.parse_args()
     wrk = _ensure_wrk()
 
@@ -110,7 +140,7 @@ def main() -> int:
         orthanc.start()
         fhir.start()
         specs = load_demo(orthanc.dicomweb_url)
-        ct_uid = _ct_slice(orthanc.dicomweb_url)
+        ct_uid = _ct_study(orthanc.dicomweb_url, args.ct_instances)
         env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
         env.update(
             BRIDGE_DICOMWEB_URL=orthanc.dicomweb_url,
@@ -138,12 +168,17 @@ def main() -> int:
             if i.get("system") == "urn:dicom:uid"
         }
         uids = [u for u in uids if u in published]
+        if ct_uid not in published:
+            print("the CT study was not published by the sync", file=sys.stderr)
+            return 1
         instance_paths = _instances(orthanc.dicomweb_url, [*uids, ct_uid])
-        kinds = {
+        every = {
             "metadata": [f"/studies/{u}/metadata" for u in uids],
             "instance": [instance_paths[u] for u in uids],
+            "ct-metadata": [f"/studies/{ct_uid}/metadata"],
             "ct-slice": [instance_paths[ct_uid]],
         }
+        kinds = {kind: every[kind] for kind in args.kinds}
         direct_prefix = httpx.URL(orthanc.dicomweb_url).path.rstrip("/")
         direct_root = str(httpx.URL(orthanc.dicomweb_url).copy_with(path="/"))
         print(f"machine: nproc={os.cpu_count()} cpu={_cpu_model()!r} python={platform.python_version()}")

@@ -7,7 +7,10 @@ connections, cycling through every demo study:
 - cached:   BRIDGE_RESOLVER_CACHE_TTL=30, so after the first lookup per study no FHIR request is made;
 - uncached: BRIDGE_RESOLVER_CACHE_TTL=0, so every lookup reads the ImagingStudy and its Endpoint.
 
-Run:  python -m benchmarks.resolver [--duration 10] [--connections 50]
+Each mode runs with authentication off and with it on (``--auth``): an API key in BRIDGE_API_KEYS,
+sent by wrk as X-API-Key on every request.
+
+Run:  python -m benchmarks.resolver [--duration 10] [--connections 50] [--auth off api-key]
 Needs Debian's wrk (apt-get install -y wrk). Prints throughput and p50/p99 latency per mode and
 lookup kind, the FHIR requests made, the settings, and the machine (nproc, CPU model).
 """
@@ -55,11 +58,18 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _wrk_script(paths: list[str], folder: Path) -> Path:
+API_KEY = "bench-key-7f3d91"
+AUTH_MODES = ("off", "api-key")
+
+
+def _wrk_script(paths: list[str], folder: Path, headers: dict[str, str] | None = None) -> Path:
     script = folder / "paths.lua"
     entries = ",\n".join(f'  "{p}"' for p in paths)
+    header_lines = "".join(
+        f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}\n" for k, v in (headers or {}).items()
+    )
     script.write_text(
-        "paths = {\n" + entries + "\n}\n"
+        header_lines + "paths = {\n" + entries + "\n}\n"
         "counter = 0\n"
         "request = function()\n"
         "  counter = counter + 1\n"
@@ -127,6 +137,13 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
+        "--auth",
+        nargs="+",
+        choices=AUTH_MODES,
+        default=list(AUTH_MODES),
+        help="authentication off, and/or on with an API key sent on every request (default: both)",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="record `bridge serve` with py-spy (collapsed stacks) during each cached run",
@@ -156,6 +173,8 @@ def main() -> int:
             BRIDGE_SOURCE_NAME="bench-orthanc",
             BRIDGE_PATIENT_ISSUER_SYSTEMS=json.dumps(ISSUERS),
             BRIDGE_LOG_LEVEL="WARNING",
+            # without a viewer's address the redirect is a 503: the viewer runs would time an error
+            BRIDGE_VIEWER_URLS=json.dumps({"ohif": "https://ohif.example.org/viewer"}),
         )
         sync = subprocess.run(
             [sys.executable, "-m", "bridge", "sync", "--json"], env=base_env, capture_output=True
@@ -175,21 +194,27 @@ def main() -> int:
             f"load: wrk -t{args.threads} -c{args.connections} -d{args.duration}s, "
             f"{len(specs)} demo studies in rotation; bridge serve = 1 uvicorn worker"
         )
-        header = ("mode", "lookup", "req/s", "p50 ms", "p99 ms", "requests", "non-2xx/3xx", "FHIR req")
-        print("{:9} {:7} {:>9} {:>8} {:>8} {:>9} {:>11} {:>9}".format(*header))
-        for mode, ttl in (("cached", "30"), ("uncached", "0")):
+        header = ("auth", "mode", "lookup", "req/s", "p50 ms", "p99 ms", "requests", "non-2xx", "FHIR req")
+        print("{:7} {:9} {:7} {:>9} {:>8} {:>8} {:>9} {:>11} {:>9}".format(*header))
+        for auth, (mode, ttl) in [(a, m) for a in args.auth for m in (("cached", "30"), ("uncached", "0"))]:
             env = dict(base_env, BRIDGE_RESOLVER_CACHE_TTL=ttl)
+            headers = {}
+            if auth == "api-key":
+                env["BRIDGE_API_KEYS"] = API_KEY
+                headers["X-API-Key"] = API_KEY
             server = Serve(env)
             try:
                 for kind, paths in kinds.items():
                     for path in paths:  # warm up: first lookups, connection pools
-                        httpx.get(server.url + path, timeout=30)
+                        answer = httpx.get(server.url + path, headers=headers, timeout=30)
+                        if answer.status_code >= 400:
+                            raise RuntimeError(f"{path}: {answer.status_code} before the run")
                     fhir.reset_stats()
-                    script = _wrk_script(paths, workdir)
+                    script = _wrk_script(paths, workdir, headers)
                     spy = None
                     if args.profile and mode == "cached":
                         args.profile_dir.mkdir(parents=True, exist_ok=True)
-                        out = args.profile_dir / f"serve-{mode}-{kind}.pyspy.txt"
+                        out = args.profile_dir / f"serve-{auth}-{mode}-{kind}.pyspy.txt"
                         spy = subprocess.Popen(
                             [
                                 str(Path(sys.executable).with_name("py-spy")),
@@ -229,7 +254,7 @@ def main() -> int:
                     result = _parse_wrk(run.stdout)
                     fhir_requests = fhir.stats().get("requests", "?")
                     print(
-                        f"{mode:9} {kind:7} {result['rps']:9.0f} {result['p50_ms']:8.2f} "
+                        f"{auth:7} {mode:9} {kind:7} {result['rps']:9.0f} {result['p50_ms']:8.2f} "
                         f"{result['p99_ms']:8.2f} {result['requests']:9.0f} {result['non_2xx']:11.0f} "
                         f"{fhir_requests!s:>9}"
                     )
@@ -240,7 +265,8 @@ def main() -> int:
             "BRIDGE_RESOLVER_CACHE_SIZE=10000; with TTL 0 concurrent identical lookups still share one "
             "FHIR load; "
             "BRIDGE_WRITE_STRATEGY=client-id (Study UID lookups read the derived id, no search), "
-            "auth off, FHIR: Medplum in-memory test server on loopback"
+            "auth off or BRIDGE_API_KEYS (one key, X-API-Key on every request), "
+            "FHIR: Medplum in-memory test server on loopback"
         )
         return 0
     finally:

@@ -624,6 +624,15 @@ class Settings(PerSourceSettings, BaseSettings):
     session_max_age: float = Field(
         default=28800.0, ge=60, le=7 * 86400, description="Seconds a browser session lasts after login"
     )
+    session_cache_ttl: float = Field(
+        default=5.0,
+        ge=0,
+        le=60,
+        description=(
+            "Seconds a replica trusts a session it has read from the state store before reading it again; "
+            "0: read it on every request. A logout on another replica takes effect here within this time"
+        ),
+    )
 
     # Image gateway and access audit (integrator guide, "SMART apps, the gateway and the audit trail")
     gateway: bool = Field(

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import Depends, Path, Query, Request, Security
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import Depends, Path, Query, Request
+from fastapi.routing import APIRoute
 
 from bridge.api.access import decide
 from bridge.api.audit import note
@@ -40,46 +41,102 @@ class Services:
     audit: AuditTrail | None = None  # the access audit trail, open for the app's lifetime
 
 
-async def services(request: Request) -> Services:
+# FastAPI solves every dependency of a request anew (cache keys, scopes, sub-dependencies), which
+# for a cached lookup was most of the API's own time. So the per-request services are plain reads
+# of ``request.app.state``, and each dependency below takes the Request alone: one layer, no more.
+
+
+def services_of(request: Request) -> Services:
     """The app's services (set up by create_app)."""
     found: Services = request.app.state.services
     return found
 
 
+def resolver_of(request: Request) -> Resolver:
+    """The resolver, open for the app's lifetime."""
+    found = services_of(request).resolver
+    if found is None:  # only outside the lifespan, i.e. a wiring mistake
+        raise RuntimeError("the app's lifespan has not run")
+    return found
+
+
+async def services(request: Request) -> Services:
+    """The app's services, as a dependency."""
+    return services_of(request)
+
+
 ServicesDep = Annotated[Services, Depends(services)]
 
 
-async def resolver(s: ServicesDep) -> Resolver:
-    """The resolver, open for the app's lifetime."""
-    if s.resolver is None:  # only outside the lifespan, i.e. a wiring mistake
-        raise RuntimeError("the app's lifespan has not run")
-    return s.resolver
+async def resolver(request: Request) -> Resolver:
+    """The resolver, as a dependency."""
+    return resolver_of(request)
 
 
 ResolverDep = Annotated[Resolver, Depends(resolver)]
 
-API_KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="ApiKey")
-BEARER_HEADER = HTTPBearer(auto_error=False, scheme_name="BearerJWT", bearerFormat="JWT")
+# The schemes the OpenAPI schema names for every route that authenticates its caller (the routes of
+# AuthenticatedRoute; the app adds the schemes to the schema's components). `authenticate` reads them.
+SECURITY_SCHEMES: dict[str, dict[str, str]] = {
+    "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+    "BearerJWT": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+}
 
 
-async def caller(
-    s: ServicesDep,
-    api_key: Annotated[str | None, Security(API_KEY_HEADER)],
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER_HEADER)],
-    session: Annotated[Caller | None, Depends(session_caller)] = None,
-) -> Caller:
-    """The authenticated caller (anonymous when authentication is off), else 401.
+class AuthenticatedRoute(APIRoute):
+    """A route whose caller authenticates: its operation names the API's security schemes.
+
+    (FastAPI learns them from ``Security`` parameters, which it would solve on every request.)
+    """
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        extra = dict(kwargs.pop("openapi_extra", None) or {})
+        extra.setdefault("security", [{name: []} for name in SECURITY_SCHEMES])
+        super().__init__(path, endpoint, openapi_extra=extra, **kwargs)
+
+
+_CALLER = "bridge.caller"  # where the request's caller is kept once known (the ASGI scope)
+
+
+def _bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer ...`` header; None for none or another scheme."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    if not scheme or not token or scheme.lower() != "bearer":
+        return None
+    return token
+
+
+async def authenticate(request: Request) -> Caller:
+    """The authenticated caller (anonymous when authentication is off), else 401; worked out once a request.
 
     A key or bearer token sent with the request wins; otherwise the browser's session cookie.
     """
-    if s.settings.login_enabled and not s.authenticator.enabled:
-        if session is not None and api_key is None and bearer is None:
+    known: Caller | None = request.scope.get(_CALLER)
+    if known is not None:
+        return known
+    s = services_of(request)
+    headers = request.headers
+    api_key = headers.get("x-api-key") or None
+    bearer = _bearer_token(headers.get("authorization"))
+    if api_key is None and bearer is None:
+        session = await session_caller(request)
+        if session is not None:
+            request.scope[_CALLER] = session
             return session
+    if s.settings.login_enabled and not s.authenticator.enabled:
         # no key or token is configured: one sent is refused, never taken as anonymous
         raise AuthenticationError("authentication required: log in at /login")
-    if api_key is None and bearer is None and session is not None:
-        return session
-    return await s.authenticator.check(api_key, bearer.credentials if bearer else None)
+    who = await s.authenticator.check(api_key, bearer)
+    request.scope[_CALLER] = who
+    return who
+
+
+async def caller(request: Request) -> Caller:
+    """The authenticated caller, as a dependency (see `authenticate`)."""
+    return await authenticate(request)
 
 
 CallerDep = Annotated[Caller, Depends(caller)]
@@ -133,21 +190,16 @@ StudyUid = Annotated[
 ]
 
 
-async def study_by_id(
-    id: FhirId,  # noqa: A002
-    r: ResolverDep,
-    who: CallerDep,
-    request: Request,
-) -> StudyLocation:
+async def study_by_id(id: FhirId, request: Request) -> StudyLocation:  # noqa: A002
     """The study of ImagingStudy/{id}, or 403/404/409/503."""
-    return _allowed(await r.by_id(id), who, request)
+    who = await authenticate(request)
+    return _allowed(await resolver_of(request).by_id(id), who, request)
 
 
-async def study_by_uid(
-    study_uid: StudyUid, r: ResolverDep, who: CallerDep, request: Request
-) -> StudyLocation:
+async def study_by_uid(study_uid: StudyUid, request: Request) -> StudyLocation:
     """The study with this Study Instance UID, or 403/404/409/503."""
-    return _allowed(await r.by_study_uid(study_uid), who, request)
+    who = await authenticate(request)
+    return _allowed(await resolver_of(request).by_study_uid(study_uid), who, request)
 
 
 def _allowed(study: StudyLocation, who: Caller, request: Request) -> StudyLocation:
@@ -162,8 +214,6 @@ def _allowed(study: StudyLocation, who: Caller, request: Request) -> StudyLocati
 
 async def study_by_accession(
     accession: Annotated[str, Path(description="Accession Number (0008,0050)", pattern=ACCESSION_PATTERN)],
-    r: ResolverDep,
-    who: CallerDep,
     request: Request,
     issuer: Annotated[
         str | None,
@@ -176,7 +226,8 @@ async def study_by_accession(
     ] = None,
 ) -> StudyLocation:
     """The one study with this accession number, or 403/404/409/503."""
-    return _allowed(await r.by_accession(accession, issuer), who, request)
+    who = await authenticate(request)
+    return _allowed(await resolver_of(request).by_accession(accession, issuer), who, request)
 
 
 async def study_by_reference(
@@ -189,12 +240,11 @@ async def study_by_reference(
             examples=["ImagingStudy/abc-123"],
         ),
     ],
-    r: ResolverDep,
-    who: CallerDep,
     request: Request,
 ) -> StudyLocation:
     """The study a FHIR reference or absolute URL names, or 403/404/409/422/503."""
-    return _allowed(await r.by_reference(reference), who, request)
+    who = await authenticate(request)
+    return _allowed(await resolver_of(request).by_reference(reference), who, request)
 
 
 StudyById = Annotated[StudyLocation, Depends(study_by_id)]

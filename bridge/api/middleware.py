@@ -27,6 +27,20 @@ _INTERNAL = json.dumps(
 ).encode()
 
 
+# The metric series of each (method, route, status): looking them up by labels costs more than the
+# rest of the bookkeeping. The key's parts come from closed sets, so this stays small.
+_SERIES: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+
+def _series(method: str, route: str, status: int) -> tuple[Any, Any]:
+    key = (method, route, status)
+    found = _SERIES.get(key)
+    if found is None:
+        labels = (method, route, str(status))
+        found = _SERIES[key] = (HTTP_REQUESTS.labels(*labels), HTTP_REQUEST_DURATION.labels(*labels))
+    return found
+
+
 def route_template(scope: Scope) -> str:
     """The matched route's path template (never the raw path, which carries ids and UIDs)."""
     route: Any = scope.get("route")
@@ -88,6 +102,8 @@ class ObservabilityMiddleware:
             elapsed = time.perf_counter() - started
             route = route_template(scope)
             method = method_label(scope)
-            HTTP_REQUESTS.labels(method, route, str(status)).inc()
-            HTTP_REQUEST_DURATION.labels(method, route, str(status)).observe(elapsed)
-            access_logger.info("%s %s %d %.1f ms", method, route, status, elapsed * 1000)
+            count, duration = _series(method, route, status)
+            count.inc()
+            duration.observe(elapsed)
+            if access_logger.isEnabledFor(logging.INFO):
+                access_logger.info("%s %s %d %.1f ms", method, route, status, elapsed * 1000)

@@ -5,6 +5,11 @@ replica knows every session and a login may come back to any replica; in memory 
 store cannot be opened (then one replica, or sticky sessions). Entries are keyed by the SHA-256
 of the cookie value or OAuth ``state``, so what the store holds cannot be replayed as a cookie,
 and they hold who logged in, never a token.
+
+Each replica keeps the sessions it has read for a few seconds (``BRIDGE_SESSION_CACHE_TTL``), so a
+viewer fetching a hundred images does not read the store a hundred times: a logout here ends the
+session here at once, a logout on another replica ends it here within that time. A cached
+session never outlives its own expiry.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ MAX_SESSIONS = 10_000  # in memory: the oldest is dropped beyond this
 MAX_PENDING = 10_000  # logins started and not finished; beyond this /login answers 429
 PENDING_TTL = 600.0  # seconds a browser may spend at the identity provider
 PURGE_EVERY = 60.0  # seconds between sweeps of expired sessions from the store
+CACHE_SIZE = 1024  # sessions a replica keeps in memory between reads of the store; the oldest go first
+_EXPIRES = "expires_at"  # stored beside the session, so a cached copy knows when it ends
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,11 +196,17 @@ class SessionStore:
         max_age: float,
         backend: SessionBackend | None = None,
         clock: Callable[[], float] = time.time,
+        *,
+        cache_ttl: float = 0.0,
     ) -> None:
         self.max_age = max_age
         self.backend: SessionBackend = backend or MemoryBackend()
+        self.cache_ttl = cache_ttl
         self._clock = clock
         self._purged = clock()
+        # digest -> (session, trusted until): sessions read lately, so most requests skip the store
+        self._cache: OrderedDict[str, tuple[SessionData, float]] = OrderedDict()
+        self.reads = 0  # reads of the backend, for tests
 
     async def _call(self, function: Callable[..., Any], *args: Any) -> Any:
         if self.backend.threaded:
@@ -207,19 +220,44 @@ class SessionStore:
             self._purged = now
             await self._call(self.backend.purge, now)
         handle = secrets.token_urlsafe(32)
-        await self._call(
-            self.backend.put, _digest(handle), SESSION, data.to_json(), now + self.max_age, now, MAX_SESSIONS
-        )
+        expires = now + self.max_age
+        stored = {**data.to_json(), _EXPIRES: expires}
+        await self._call(self.backend.put, _digest(handle), SESSION, stored, expires, now, MAX_SESSIONS)
         return handle
 
     async def get(self, session_id: str) -> SessionData | None:
-        """The live session with this id, or None (unknown, ended or expired)."""
-        found = await self._call(self.backend.get, _digest(session_id), SESSION, self._clock())
-        return SessionData.from_json(found) if found is not None else None
+        """The live session with this id, or None (unknown, ended or expired).
+
+        A session read within the last ``cache_ttl`` seconds is not read again; only live sessions
+        are kept, so an unknown or ended one is asked of the store every time.
+        """
+        key = _digest(session_id)
+        now = self._clock()
+        cached = self._cache.get(key)
+        if cached is not None:
+            if now < cached[1]:
+                return cached[0]
+            del self._cache[key]
+        self.reads += 1
+        found = await self._call(self.backend.get, key, SESSION, now)
+        if found is None:
+            return None
+        session = SessionData.from_json(found)
+        if self.cache_ttl > 0:
+            expires = found.get(_EXPIRES)
+            until = now + self.cache_ttl
+            if isinstance(expires, int | float):
+                until = min(until, float(expires))
+            self._cache[key] = (session, until)
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return session
 
     async def end(self, session_id: str) -> None:
-        """Forget a session (logout)."""
-        await self._call(self.backend.delete, _digest(session_id))
+        """Forget a session (logout), here at once and in the store for every replica."""
+        key = _digest(session_id)
+        self._cache.pop(key, None)
+        await self._call(self.backend.delete, key)
 
     async def begin_login(self, pending: dict[str, Any]) -> str:
         """Remember a login under way; returns its ``state``, or 429 when too many are under way."""

@@ -1,10 +1,13 @@
 """Forwarding one DICOMweb request to an archive and streaming its answer back, bounded.
 
-The body is never held whole: it is passed on chunk by chunk as the archive sends it, still
+A large body is never held whole: it is passed on chunk by chunk as the archive sends it, still
 encoded (gzip stays gzip, so the caller's ``Accept-Encoding`` decides), under the same bounds as
 every other upstream answer (bridge/limits.py): one deadline from connect to the last byte and a
 size cap counted as bytes arrive. Crossing a bound mid-stream ends the answer early, which the
-caller sees as a truncated transfer rather than as complete images.
+caller sees as a truncated transfer rather than as complete images. An answer that declares at
+most ONE_BODY bytes (a study's metadata, a slice) is read whole within the same bounds and sent
+as one body: streaming it would cost more than the bytes (a task and a disconnect listener per
+answer), and a bound crossed while reading it is then a clean 502/504 instead of a cut.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ PASSED_RESPONSE = (
 )
 # The archive refusing the bridge's own credentials is the bridge's problem, not the caller's.
 _BRIDGE_FAULT = frozenset({401, 403, 407})
+# Answers declaring at most this many bytes are read whole and sent as one body (see above).
+ONE_BODY = 1024 * 1024
 
 
 def request_headers(given: Mapping[str, str]) -> dict[str, str]:
@@ -60,11 +65,11 @@ def response_headers(answer: httpx.Response) -> dict[str, str]:
 
 @dataclass
 class Forwarded:
-    """An archive's answer, headers read, body still to stream."""
+    """An archive's answer, headers read; its body whole (a small answer) or still to stream."""
 
     status: int
     headers: dict[str, str]
-    body: AsyncIterator[bytes]
+    body: bytes | AsyncIterator[bytes]
 
 
 async def forward(
@@ -110,7 +115,40 @@ async def forward(
             status=answer.status_code,
             setting=limit.max_bytes_setting,
         )
+    if declared.isdigit() and int(declared) <= ONE_BODY:
+        return Forwarded(answer.status_code, response_headers(answer), await _whole(answer, limit, deadline))
     return Forwarded(answer.status_code, response_headers(answer), _stream(answer, limit, deadline, started))
+
+
+async def _whole(answer: httpx.Response, limit: CallLimit, deadline: float) -> bytes:
+    """The raw body of a small answer, read within the call's deadline and size bound."""
+    request = answer.request
+    body = bytearray()
+    try:
+        async with asyncio.timeout_at(deadline):
+            async for chunk in answer.aiter_raw():
+                body += chunk
+                if len(body) > limit.max_bytes:  # more than declared: HTTP/1.1 framing forbids it
+                    raise UpstreamLimitError(
+                        f"{SERVICE} {where(request)}: the {limit.kind} answer is larger than "
+                        f"{limit.max_bytes} bytes ({limit.max_bytes_setting})",
+                        service=SERVICE,
+                        status=answer.status_code,
+                        setting=limit.max_bytes_setting,
+                    )
+    except TimeoutError:
+        raise UpstreamLimitError(
+            f"{SERVICE} {where(request)}: the answer did not complete within {limit.deadline:g} s "
+            f"({limit.deadline_setting})",
+            service=SERVICE,
+            status=answer.status_code,
+            setting=limit.deadline_setting,
+        ) from None
+    except httpx.HTTPError as exc:
+        raise error_for_exception(exc, request, SERVICE) from exc
+    finally:
+        await answer.aclose()
+    return bytes(body)
 
 
 class StreamCut(Exception):  # noqa: N818 - a signal, not an error the app maps

@@ -6,6 +6,7 @@ import re
 import string
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -67,6 +68,9 @@ def clean_path(path: str) -> str | None:
     return decoded if _PATH.fullmatch(decoded) else None
 
 
+# Pure, and asked for the same few addresses on every links answer (each WADO-RS URL is checked
+# against the bases before it leaves): kept for the next time.
+@lru_cache(maxsize=4096)
 def normalize_base(url: str) -> str | None:
     """``url`` as a comparable base (lower-case scheme and host, no trailing slash), or None.
 

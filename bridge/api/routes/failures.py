@@ -9,11 +9,16 @@ import anyio
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
-from bridge.api.deps import ServicesDep, unlimited_caller
+from bridge.api.deps import AuthenticatedRoute, ServicesDep, unlimited_caller
 from bridge.api.errors import ERROR_RESPONSES
 from bridge.errors import StoreError
 
-router = APIRouter(tags=["sync"], dependencies=[Depends(unlimited_caller)], responses=ERROR_RESPONSES)
+router = APIRouter(
+    tags=["sync"],
+    dependencies=[Depends(unlimited_caller)],
+    responses=ERROR_RESPONSES,
+    route_class=AuthenticatedRoute,
+)
 
 
 class Failure(BaseModel):

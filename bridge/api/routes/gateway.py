@@ -15,15 +15,15 @@ import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Any
 
 import httpx
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
 from bridge.api.access import decide, may_see_all, patient_limit
 from bridge.api.audit import note
-from bridge.api.deps import CallerDep, ResolverDep
+from bridge.api.deps import CallerDep, resolver_of
 from bridge.api.errors import AccessDeniedError
 from bridge.api.security import Caller
 from bridge.audit.events import Action
@@ -63,15 +63,17 @@ class Gateway:
     limit: CallLimit
     patients: TtlCache[tuple[tuple[tuple[str, str], ...], frozenset[str]]]
     by_key: dict[str, list[Archive]] = field(default_factory=dict)
+    _longest_first: list[tuple[str, list[Archive]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for archive in self.archives:
             for key in archive.keys:
                 self.by_key.setdefault(key, []).append(archive)
+        self._longest_first = sorted(self.by_key.items(), key=lambda kv: -len(kv[0]))
 
     def archive_for(self, study: StudyLocation) -> tuple[Archive, str]:
         """The archive serving ``study`` and the study's base as the bridge reaches it."""
-        for key, archives in sorted(self.by_key.items(), key=lambda kv: -len(kv[0])):
+        for key, archives in self._longest_first:
             if study.base != key and not study.base.startswith(key + "/"):
                 continue
             # Several sources may share one public address (the gateway's own): the study's tag decides.
@@ -128,22 +130,20 @@ async def _archives(app: FastAPI) -> AsyncIterator[None]:
 router = APIRouter(prefix="/dicom-web", tags=["dicomweb"], include_in_schema=False, lifespan=_archives)
 
 
-async def _gateway(request: Request) -> Gateway:
+def _gateway(request: Request) -> Gateway:
     found: Gateway | None = getattr(request.app.state, "gateway", None)
     if found is None:  # only outside the lifespan, i.e. a wiring mistake
         raise RuntimeError("the gateway's lifespan has not run")
     return found
 
 
-GatewayDep = Annotated[Gateway, Depends(_gateway)]
-
-
 @router.api_route("/{path:path}", methods=["GET", "HEAD"])
-async def dicomweb(path: str, request: Request, who: CallerDep, r: ResolverDep, g: GatewayDep) -> Response:
+async def dicomweb(path: str, request: Request, who: CallerDep) -> Response:
     """QIDO-RS and WADO-RS, authorized per study and forwarded to the study's archive."""
     route = parse(path)
     if route is None:
         raise StudyNotFoundError("not a DICOMweb route the gateway serves (QIDO-RS, WADO-RS)")
+    r, g = resolver_of(request), _gateway(request)  # plain reads: one dependency layer a request
     if route.study_uid is None:
         return await _search_across(route, request, who, r, g)
     action: Action = "image-read" if route.kind == "retrieve" else "image-query"
@@ -166,6 +166,8 @@ async def _stream(archive: Archive, url: str, request: Request, limit: CallLimit
         headers=request_headers(request.headers),
         limit=limit,
     )
+    if isinstance(answer.body, bytes):
+        return Response(answer.body, status_code=answer.status, headers=answer.headers)
     return StreamingResponse(answer.body, status_code=answer.status, headers=answer.headers)
 
 

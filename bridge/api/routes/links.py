@@ -10,19 +10,22 @@ from fastapi import APIRouter, Depends, Query, Request
 
 from bridge.api.audit import note
 from bridge.api.deps import (
-    CallerDep,
-    ServicesDep,
+    AuthenticatedRoute,
     StudyByAccession,
     StudyById,
     StudyByReference,
     StudyByUid,
+    authenticate,
     caller,
+    services_of,
 )
 from bridge.api.errors import ERROR_RESPONSES
 from bridge.api.models import StudyLinks
 from bridge.resolve.links import StudyLocation, build_links
 
-router = APIRouter(tags=["links"], dependencies=[Depends(caller)], responses=ERROR_RESPONSES)
+router = APIRouter(
+    tags=["links"], dependencies=[Depends(caller)], responses=ERROR_RESPONSES, route_class=AuthenticatedRoute
+)
 
 
 # A page of this many series is built on the event loop (tens of microseconds); a thread hop
@@ -36,20 +39,15 @@ SeriesCount = Annotated[
 
 
 async def _links(
-    study: StudyLocation,
-    s: ServicesDep,
-    offset: int = 0,
-    count: int | None = None,
-    *,
-    request: Request,
-    who: CallerDep,
+    study: StudyLocation, request: Request, offset: int = 0, count: int | None = None
 ) -> dict[str, Any]:
     """One page of the study's links, built in a worker thread when it is large.
 
     A study with very many series must not hold up the event loop (and with it /healthz); a
     small one is built at once, without the thread hop that would cost more than the work.
     """
-    note(request, who, "links", study=study)
+    s = services_of(request)
+    note(request, await authenticate(request), "links", study=study)  # the caller is known by now
     assert s.resolver is not None
     config = s.resolver.config
     count = min(count or s.settings.api_links_max_series, s.settings.api_links_max_series)
@@ -73,42 +71,34 @@ async def _links(
 @router.get("/imaging-studies/{id}/links", response_model=StudyLinks, summary="Links by FHIR ImagingStudy id")
 async def links_by_id(
     study: StudyById,
-    s: ServicesDep,
     request: Request,
-    who: CallerDep,
     series_offset: SeriesOffset = 0,
     series_count: SeriesCount = None,
 ) -> dict[str, Any]:
     """WADO-RS URLs (study, metadata, series, rendered, thumbnail) and viewer URLs of ImagingStudy/{id}."""
-    return await _links(study, s, series_offset, series_count, request=request, who=who)
+    return await _links(study, request, series_offset, series_count)
 
 
 @router.get("/studies/{study_uid}/links", response_model=StudyLinks, summary="Links by Study Instance UID")
 async def links_by_study_uid(
     study: StudyByUid,
-    s: ServicesDep,
     request: Request,
-    who: CallerDep,
     series_offset: SeriesOffset = 0,
     series_count: SeriesCount = None,
 ) -> dict[str, Any]:
     """The links of the study whose ImagingStudy carries this Study Instance UID."""
-    return await _links(study, s, series_offset, series_count, request=request, who=who)
+    return await _links(study, request, series_offset, series_count)
 
 
 @router.get("/accessions/{accession}/links", response_model=StudyLinks, summary="Links by accession number")
-async def links_by_accession(
-    study: StudyByAccession, s: ServicesDep, request: Request, who: CallerDep
-) -> dict[str, Any]:
+async def links_by_accession(study: StudyByAccession, request: Request) -> dict[str, Any]:
     """The links of the one study with this accession number; 409 if it matches several studies."""
-    return await _links(study, s, request=request, who=who)
+    return await _links(study, request)
 
 
 @router.get(
     "/links", response_model=StudyLinks, summary="Links by FHIR reference or absolute ImagingStudy URL"
 )
-async def links_by_reference(
-    study: StudyByReference, s: ServicesDep, request: Request, who: CallerDep
-) -> dict[str, Any]:
+async def links_by_reference(study: StudyByReference, request: Request) -> dict[str, Any]:
     """The links of ``?reference=ImagingStudy/{id}`` or of the ImagingStudy's absolute URL."""
-    return await _links(study, s, request=request, who=who)
+    return await _links(study, request)

@@ -305,7 +305,8 @@ def install(app: FastAPI, services: Services) -> None:
     settings = services.settings
     if not settings.login_enabled:
         return
-    app.state.sessions = SessionStore(settings.session_max_age)  # the lifespan moves it into the store
+    # the lifespan moves it into the state store
+    app.state.sessions = SessionStore(settings.session_max_age, cache_ttl=settings.session_cache_ttl)
     # a registration per way in: the EHRs' authorization server may know the bridge by another id
     app.state.oidc = {
         kind: oidc_client(settings, kind)

@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Depends, Security
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
-from fastapi.security import HTTPAuthorizationCredentials
 
-from bridge.api.deps import API_KEY_HEADER, BEARER_HEADER, ServicesDep, caller
+from bridge.api.deps import AuthenticatedRoute, authenticate, services_of
 from bridge.metrics import exposition
 
 
-async def metrics_caller(
-    s: ServicesDep,
-    api_key: Annotated[str | None, Security(API_KEY_HEADER)],
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER_HEADER)],
-) -> None:
+async def metrics_caller(request: Request) -> None:
     """The API's authentication, when BRIDGE_API_METRICS_AUTH puts /metrics behind it."""
-    if s.settings.api_metrics_auth:
-        await caller(s, api_key, bearer)
+    if services_of(request).settings.api_metrics_auth:
+        await authenticate(request)
 
 
-router = APIRouter(tags=["health"], dependencies=[Depends(metrics_caller)])
+router = APIRouter(tags=["health"], dependencies=[Depends(metrics_caller)], route_class=AuthenticatedRoute)
 
 
 @router.get(

@@ -7,14 +7,19 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
-from bridge.api.deps import ServicesDep, StudyUid, caller, unlimited_caller
+from bridge.api.deps import AuthenticatedRoute, ServicesDep, StudyUid, caller, unlimited_caller
 from bridge.api.errors import ERROR_RESPONSES
 from bridge.api.ondemand import OnDemandGate
 from bridge.api.security import Caller
 from bridge.errors import StudyNotFoundError, UpstreamUnavailableError
 from bridge.sync.report import RunReport
 
-router = APIRouter(tags=["sync"], dependencies=[Depends(unlimited_caller)], responses=ERROR_RESPONSES)
+router = APIRouter(
+    tags=["sync"],
+    dependencies=[Depends(unlimited_caller)],
+    responses=ERROR_RESPONSES,
+    route_class=AuthenticatedRoute,
+)
 
 
 class ParkedStudyOut(BaseModel):

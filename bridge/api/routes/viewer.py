@@ -8,13 +8,23 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import RedirectResponse
 
 from bridge.api.audit import note
-from bridge.api.deps import CallerDep, ServicesDep, StudyById, StudyByUid, caller
+from bridge.api.deps import (
+    AuthenticatedRoute,
+    ServicesDep,
+    StudyById,
+    StudyByUid,
+    authenticate,
+    caller,
+    services_of,
+)
 from bridge.api.errors import ERROR_RESPONSES
 from bridge.api.models import ViewerInfo
 from bridge.errors import InvalidLookupError, NoUsableEndpointError
 from bridge.resolve.links import StudyLocation, viewer_url
 
-router = APIRouter(tags=["viewer"], dependencies=[Depends(caller)], responses=ERROR_RESPONSES)
+router = APIRouter(
+    tags=["viewer"], dependencies=[Depends(caller)], responses=ERROR_RESPONSES, route_class=AuthenticatedRoute
+)
 
 ViewerName = Annotated[
     str | None,
@@ -28,9 +38,8 @@ REDIRECT: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _redirect(
-    study: StudyLocation, s: ServicesDep, name: str | None, request: Request, who: CallerDep
-) -> RedirectResponse:
+async def _redirect(study: StudyLocation, name: str | None, request: Request) -> RedirectResponse:
+    s = services_of(request)
     if not s.viewers:
         raise NoUsableEndpointError("no viewer is configured (BRIDGE_VIEWERS)")
     chosen = name or s.settings.default_viewer
@@ -39,7 +48,7 @@ def _redirect(
         raise InvalidLookupError(f"unknown viewer {chosen!r}; offered: {', '.join(s.viewers)}")
     assert s.resolver is not None
     url = viewer_url(study, viewer, fhir_base=s.resolver.config.fhir_base.rstrip("/"))
-    note(request, who, "viewer", study=study)
+    note(request, await authenticate(request), "viewer", study=study)  # the caller is known by now
     return RedirectResponse(url, status_code=302, headers={"Cache-Control": "no-store"})
 
 
@@ -50,11 +59,9 @@ def _redirect(
     responses=REDIRECT,
     summary="Open ImagingStudy/{id} in a viewer",
 )
-async def viewer_by_id(
-    study: StudyById, s: ServicesDep, request: Request, who: CallerDep, viewer: ViewerName = None
-) -> RedirectResponse:
+async def viewer_by_id(study: StudyById, request: Request, viewer: ViewerName = None) -> RedirectResponse:
     """302 to the default viewer (or ``?viewer=NAME``) showing the study."""
-    return _redirect(study, s, viewer, request, who)
+    return await _redirect(study, viewer, request)
 
 
 @router.get(
@@ -65,10 +72,10 @@ async def viewer_by_id(
     summary="Open a study, by Study Instance UID, in a viewer",
 )
 async def viewer_by_study_uid(
-    study: StudyByUid, s: ServicesDep, request: Request, who: CallerDep, viewer: ViewerName = None
+    study: StudyByUid, request: Request, viewer: ViewerName = None
 ) -> RedirectResponse:
     """302 to the default viewer (or ``?viewer=NAME``) showing the study."""
-    return _redirect(study, s, viewer, request, who)
+    return await _redirect(study, viewer, request)
 
 
 @router.get("/viewers", response_model=list[ViewerInfo], summary="The viewers offered")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gzip
 import json
@@ -443,3 +444,38 @@ async def test_iid_and_record_page_refusals_are_audited_as_the_access_they_refus
     # the IID and page refusals of p2 are one record-view in the window
     assert refused == ["record-view", "viewer"]
     assert all({"reference": "Patient/p2"} in [x["what"] for x in e["entity"]] for e in events)
+async def _stalling(body: bytes) -> AsyncIterator[bytes]:
+    yield body[:100]
+    await asyncio.sleep(5)  # the archive stops sending: the deadline, not this, ends the wait
+    yield body[100:]
+
+
+class StallingWorld(World):
+    """An archive that declares its answer's length, sends a little of it, then nothing more."""
+
+    def archive(self, request: httpx.Request) -> httpx.Response:
+        self.archive_requests.append(request)
+        return httpx.Response(
+            200, content=_stalling(self.body), headers={"content-length": str(len(self.body))}
+        )
+
+
+async def test_a_small_answer_that_stalls_past_the_deadline_is_a_clean_502(tmp_path: Path) -> None:
+    started = time.monotonic()
+    async with gateway(tmp_path, StallingWorld(), http_deadline=0.5) as api:
+        answer = await api.get(f"/dicom-web/studies/{UID_1}/metadata", headers=bearer(**PATIENT_1))
+    # read whole before answering: an error the caller can see, not a transfer cut short
+    assert answer.status_code == 502
+    assert answer.json()["resourceType"] == "OperationOutcome"
+    assert time.monotonic() - started < 4
+
+
+async def test_a_large_answer_streams_through_whole(tmp_path: Path) -> None:
+    world = World(body=bytes(range(256)) * (6 * 1024))  # 1.5 MiB: more than is sent as one body
+    async with gateway(tmp_path, world) as api:
+        answer = await api.get(
+            f"/dicom-web/studies/{UID_1}/series/1.2/instances/3.4", headers=bearer(**PATIENT_1)
+        )
+    assert answer.status_code == 200
+    assert answer.content == world.body
+    assert answer.headers["content-length"] == str(len(world.body))

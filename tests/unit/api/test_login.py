@@ -574,7 +574,7 @@ async def test_with_login_only_a_key_or_token_sent_is_refused_not_taken_as_anony
 
 
 async def test_replicas_sharing_the_state_store_share_sessions_and_logins(tmp_path: Path) -> None:
-    async with bridge(tmp_path) as b:
+    async with bridge(tmp_path, session_cache_ttl=0) as b:  # no cache: a logout elsewhere counts at once
         to_idp = await b.page("/record/patients/p1")
         query = b.idp.authorize(to_idp.headers["location"])
         async with b.replica() as other:
@@ -588,6 +588,58 @@ async def test_replicas_sharing_the_state_store_share_sessions_and_logins(tmp_pa
     assert back.status_code == 303 and back.headers["location"] == "/record/patients/p1"
     assert on_first.status_code == 200
     assert after.status_code == 401  # logged out on one replica: out on all
+
+
+async def test_a_replica_reads_a_session_from_the_store_once_per_cache_ttl(tmp_path: Path) -> None:
+    now = [1000.0]
+    async with bridge(tmp_path) as b:
+        shared = b.app.state.sessions.backend
+        b.app.state.sessions = sessions = SessionStore(60, backend=shared, clock=lambda: now[0], cache_ttl=5)
+        await b.login()
+        first = [(await b.http.get("/imaging-studies/is1/links")).status_code for _ in range(20)]
+        reads_while_cached = sessions.reads
+        now[0] += 6
+        after_ttl = (await b.http.get("/imaging-studies/is1/links")).status_code
+    assert first == [200] * 20
+    assert reads_while_cached == 1
+    assert after_ttl == 200 and sessions.reads == 2
+
+
+async def test_a_logout_elsewhere_counts_here_within_the_cache_ttl_and_here_at_once(tmp_path: Path) -> None:
+    now = [1000.0]
+    async with bridge(tmp_path) as b:
+        shared = b.app.state.sessions.backend
+        b.app.state.sessions = SessionStore(60, backend=shared, clock=lambda: now[0], cache_ttl=5)
+        await b.login()
+        cookie = b.http.cookies[COOKIE]
+        before = await b.http.get("/imaging-studies/is1/links")
+        async with b.replica() as other:
+            await other.post("/logout", headers={"Cookie": f"{COOKIE}={cookie}"})
+        within_ttl = await b.http.get("/imaging-studies/is1/links")
+        now[0] += 5
+        after_ttl = await b.http.get("/imaging-studies/is1/links", headers={"Cookie": f"{COOKIE}={cookie}"})
+        await b.login()
+        assert (await b.http.get("/imaging-studies/is1/links")).status_code == 200  # now cached
+        second = b.http.cookies[COOKIE]
+        await b.http.post("/logout")
+        here = await b.http.get("/imaging-studies/is1/links", headers={"Cookie": f"{COOKIE}={second}"})
+    assert before.status_code == 200 and within_ttl.status_code == 200
+    assert after_ttl.status_code == 401
+    assert here.status_code == 401  # logged out on this replica: its cache forgets the session at once
+
+
+async def test_a_cached_session_ends_at_its_own_expiry(tmp_path: Path) -> None:
+    now = [1000.0]
+    async with bridge(tmp_path) as b:
+        shared = b.app.state.sessions.backend
+        b.app.state.sessions = SessionStore(60, backend=shared, clock=lambda: now[0], cache_ttl=30)
+        await b.login()
+        now[0] += 59
+        last = await b.http.get("/imaging-studies/is1/links")  # read and cached with 1 s left
+        now[0] += 2
+        expired = await b.http.get("/imaging-studies/is1/links")
+    assert last.status_code == 200
+    assert expired.status_code == 401
 
 
 async def test_too_many_logins_under_way_are_refused_with_429(tmp_path: Path) -> None:
