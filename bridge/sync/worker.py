@@ -74,6 +74,7 @@ class _PageWork:
 
     published: list[Published] = field(default_factory=list)
     claimed: list[str] = field(default_factory=list)
+    writes: list[_Todo] = field(default_factory=list)  # mapped and validated, to be written
 
 
 @dataclass
@@ -195,12 +196,7 @@ class SyncWorker:
             self._linker.begin_run()
             endpoint = await self._publisher.ensure_endpoint()
             limit = asyncio.Semaphore(self._concurrency)
-            async for page in _read_ahead(pages):
-                uids = await self._page(page, endpoint, limit, report)
-                if reconcile:
-                    await asyncio.to_thread(self._store.mark_seen, source, uids, report.run_id)
-                if self._stop_requested:
-                    break
+            await self._pages(pages, endpoint, limit, report, reconcile=reconcile)
             if self._stop_requested:
                 report.status = "stopped"
             else:
@@ -253,10 +249,53 @@ class SyncWorker:
             )
         return report
 
+    async def _pages(
+        self,
+        pages: AsyncIterator[list[DicomJson]],
+        endpoint: str,
+        limit: asyncio.Semaphore,
+        report: RunReport,
+        *,
+        reconcile: bool,
+    ) -> None:
+        """Every page, each page's ImagingStudy writes overlapping the next page's preparation.
+
+        A page is prepared (parsed, selected, its series fetched, its Patients linked or created,
+        its studies mapped and validated) while the page before it is written and recorded: the
+        bridge's own CPU then overlaps the FHIR server's time instead of adding to it. Only
+        writes overlap: preparations run one page after the other, so Patient look-ups and
+        creates keep the single-page order (never two creates for one identifier in flight), and
+        a page's ImagingStudies are written only after its own Patients exist. At most one page
+        is written while one is prepared (and one read ahead): memory stays flat in N.
+        """
+        source = self._ctx.source_name
+        writing: asyncio.Task[None] | None = None
+        try:
+            async for rows in _read_ahead(pages):
+                uids, page = await self._page(rows, endpoint, limit, report)
+                if writing is not None:
+                    task, writing = writing, None
+                    await task  # one page written at a time, in order
+                if reconcile:
+                    await asyncio.to_thread(self._store.mark_seen, source, uids, report.run_id)
+                writing = asyncio.create_task(self._write_page(page, report))
+                if self._stop_requested:
+                    break
+            if writing is not None:
+                task, writing = writing, None
+                await task
+        finally:
+            if writing is not None:
+                # The run failed while a page was being written: let that page finish and be
+                # recorded (its writes are bounded by the FHIR deadlines), the failure stands.
+                await asyncio.wait([writing])
+                if not writing.cancelled() and writing.exception() is not None:
+                    logger.warning("a page written while the run failed failed too: %s", writing.exception())
+
     async def _page(
         self, rows: list[DicomJson], endpoint: str, limit: asyncio.Semaphore, report: RunReport
-    ) -> list[str]:
-        """Sync one page of studies; returns the UIDs on it."""
+    ) -> tuple[list[str], _PageWork]:
+        """Prepare one page of studies: returns the UIDs on it and what is left to write."""
         studies: list[StudyRecord] = []
         for row in rows:
             report.add(seen=1)
@@ -276,13 +315,41 @@ class SyncWorker:
         page = _PageWork()
         try:
             await self._page_studies(studies, known, endpoint, limit, report, page)
+        except BaseException:
+            await self._finish_page(page)
+            raise
+        return [s.uid for s in studies], page
+
+    async def _write_page(self, page: _PageWork, report: RunReport) -> None:
+        """Write a prepared page's ImagingStudies (in batches where the server takes them), record them."""
+        try:
+            if not page.writes:
+                return
+            writes = page.writes
+            results = await self._publisher.put_studies(
+                [(t.resource, t.known.fhir_version if t.known else None) for t in writes if t.resource]
+            )
+            for item, result in zip(writes, results, strict=True):
+                if isinstance(result, BridgeError):
+                    await self._fail(report, item.study.uid, result)
+                    continue
+                outcome = "created" if item.known is None and result.created else "updated"
+                logger.info("study %s %s as ImagingStudy/%s", item.study.uid, outcome, result.id)
+                self._published(item, result.id, result.version, outcome, report, page)
         finally:
-            # One transaction for the page's published studies (even when the run stops here:
-            # they are on the FHIR server); claims are released only once they are recorded.
-            await asyncio.to_thread(self._store.record_published_many, self._ctx.source_name, page.published)
-            for uid in page.claimed:
-                await asyncio.to_thread(self._store.release_study, self._ctx.source_name, uid)
-        return [s.uid for s in studies]
+            await self._finish_page(page)
+
+    async def _finish_page(self, page: _PageWork) -> None:
+        """Record the page's published studies and release its claims.
+
+        One transaction for the page (even when the run stops or fails here: what is published
+        is on the FHIR server); claims are released only once their studies are recorded.
+        """
+        await asyncio.to_thread(self._store.record_published_many, self._ctx.source_name, page.published)
+        page.published = []
+        for uid in page.claimed:
+            await asyncio.to_thread(self._store.release_study, self._ctx.source_name, uid)
+        page.claimed = []
 
     async def _page_studies(
         self,
@@ -293,11 +360,12 @@ class SyncWorker:
         report: RunReport,
         page: _PageWork,
     ) -> None:
-        """A page's changed studies, page by page: select -> fetch -> link -> map -> write -> record.
+        """A page's changed studies: select -> fetch -> link -> map -> validate; ``page.writes`` is left.
 
         Reads and writes are made for the page at once where the peers allow it (the series of all
-        its changed studies in one UID-list query, its new Patients in one batch, its ImagingStudies
-        in one batch), and study by study otherwise; a study's failure parks that study only.
+        its changed studies in one UID-list query, its new Patients in one batch; its ImagingStudies
+        are then written in one batch by :meth:`_write_page`), and study by study otherwise; a
+        study's failure parks that study only.
         """
         todo: list[_Todo] = []
         for study in studies:
@@ -328,19 +396,7 @@ class SyncWorker:
                 await self._guard(report, item, self._assemble(item, endpoint, report, page))
 
         await self._each(todo, assemble)
-        writes = [t for t in todo if t.resource is not None and not t.done]
-        if not writes:
-            return
-        results = await self._publisher.put_studies(
-            [(t.resource, t.known.fhir_version if t.known else None) for t in writes if t.resource]
-        )
-        for item, result in zip(writes, results, strict=True):
-            if isinstance(result, BridgeError):
-                await self._fail(report, item.study.uid, result)
-                continue
-            outcome = "created" if item.known is None and result.created else "updated"
-            logger.info("study %s %s as ImagingStudy/%s", item.study.uid, outcome, result.id)
-            self._published(item, result.id, result.version, outcome, report, page)
+        page.writes = [t for t in todo if t.resource is not None and not t.done]
 
     async def _each(self, todo: list[_Todo], step: Callable[[_Todo], Coroutine[Any, Any, None]]) -> None:
         """Run ``step`` for every study at once (bounded by the semaphore the step takes)."""
