@@ -239,6 +239,7 @@ class StateStore(Protocol):
         qido_queries: list[str],
         error: str | None = None,
         deletions: list[dict[str, str]] | None = None,
+        series_query: str | None = None,
     ) -> None:
         """Close a run record."""
         ...

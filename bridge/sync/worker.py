@@ -215,14 +215,17 @@ class SyncWorker:
             report.fhir_write_requests = self._fhir_write_requests() - requests_before
             # Which way series were asked (list or per-study); the exact queries are in the run record.
             report.series_query = self._source.series_query_used
+            queries = self._source.queries[queries_before:]
+            asked_series = any(q.split("?", 1)[0].endswith("/series") for q in queries)
             await asyncio.to_thread(
                 self._store.finish_run,
                 report.run_id,
                 status=report.status,
                 counts=report.counts,
-                qido_queries=self._source.queries[queries_before:],
+                qido_queries=queries,
                 error=report.error,
                 deletions=report.deletions,
+                series_query=report.series_query if asked_series else None,
             )
             metrics.observe_run(kind, report.status, report.counts, time.monotonic() - started)
             with contextlib.suppress(BridgeError):  # metrics never fail a run

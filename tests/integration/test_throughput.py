@@ -41,6 +41,16 @@ def _queries(stack: Stack, run_id: int) -> list[str]:
         store.close()
 
 
+def _series_query(stack: Stack, run_id: int) -> str | None:
+    from bridge.state.store import SqlStore
+
+    store = SqlStore(f"sqlite:///{stack.state_path}")
+    try:
+        return next(r.series_query for r in store.runs(100) if r.id == run_id)
+    finally:
+        store.close()
+
+
 def _ceil(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -54,6 +64,7 @@ def test_full_sync_costs_per_page_not_per_study(stack: Stack) -> None:
 
     assert (report.status, report.counts.created) == ("ok", n)
     assert report.series_query == "list"
+    assert _series_query(stack, report.run_id) == "list"  # kept with the run, beside its queries
     queries = _queries(stack, report.run_id)
     assert len([q for q in queries if q.startswith("/studies?")]) == _ceil(n, page)
     series = [q for q in queries if "/series" in q]
