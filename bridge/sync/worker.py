@@ -13,6 +13,7 @@ from typing import Any
 from bridge.dicomweb.guard import check_value_sizes
 from bridge.dicomweb.records import (
     DicomJson,
+    SeriesRecord,
     StudyRecord,
     digest,
     parse_study,
@@ -68,6 +69,21 @@ async def _read_ahead(pages: AsyncIterator[list[DicomJson]]) -> AsyncIterator[li
             pending.exception()  # retrieved: a failure after the run ended is not "never retrieved"
 
 
+def _sweep_complete(study: StudyRecord, series: Sequence[SeriesRecord]) -> bool:
+    """Whether a sweep's series are all of the study's, as its own (newer) row counts them.
+
+    A sweep runs before the study pages and over minutes: a series or instance added since, or
+    a series missed as pages shifted, shows as a count that differs. Without the counts nothing
+    vouches for the sweep, and the study is asked alone.
+    """
+    if study.series_count is None or study.series_count != len(series):
+        return False
+    counts = [s.instance_count for s in series]
+    if study.instance_count is None or any(c is None for c in counts):
+        return study.instance_count is None  # nothing more to compare
+    return sum(c for c in counts if c is not None) == study.instance_count
+
+
 @dataclass
 class _PageWork:
     """What the studies of one page leave to do once they are all through."""
@@ -114,6 +130,7 @@ class SyncWorker:
         self._concurrency = concurrency
         self._context_fingerprint = ctx.fingerprint()
         self._stop_requested = False
+        self._swept = False  # series come from the source's sweep of the whole run (see _fetch)
         self._assembler = StudyAssembler(source, linker, ctx, read_instance_header=read_instance_header)
         self._retirer = Retirer(publisher, store, ctx, policy=delete_policy, max_fraction=delete_max_fraction)
 
@@ -140,7 +157,9 @@ class SyncWorker:
         With ``reconcile`` the pass must cover the whole archive: published studies it did not
         see are gone from the archive, and the delete policy is applied to them.
         """
-        return await self._run(kind, self._source.iter_studies(filters), reconcile=reconcile)
+        return await self._run(
+            kind, self._source.iter_studies(filters), reconcile=reconcile, sweep=dict(filters or {})
+        )
 
     async def run_studies(self, study_uids: Sequence[str], kind: str = "on-demand") -> RunReport:
         """Sync the named studies now; a named study the archive no longer has is retired."""
@@ -179,8 +198,12 @@ class SyncWorker:
         *,
         reconcile: bool = False,
         missing: list[str] | None = None,
+        sweep: Mapping[str, str] | None = None,
     ) -> RunReport:
         """Run one pass over ``pages`` and record it.
+
+        ``sweep``: the pass covers every study matching these filters, so the source may fetch
+        all their series at once beforehand (``BRIDGE_DICOMWEB_SERIES_QUERY=paged``).
 
         Studies that fail are parked and the pass goes on; an upstream that stays unreachable
         ends the pass with UpstreamUnavailableError after the run is recorded as failed.
@@ -195,6 +218,8 @@ class SyncWorker:
         try:
             self._linker.begin_run()
             endpoint = await self._publisher.ensure_endpoint()
+            if sweep is not None:
+                self._swept = await self._source.sweep_series(sweep)
             limit = asyncio.Semaphore(self._concurrency)
             await self._pages(pages, endpoint, limit, report, reconcile=reconcile)
             if self._stop_requested:
@@ -211,6 +236,9 @@ class SyncWorker:
             report.status, report.error = "failed", f"{type(exc).__name__}: {exc}"
             raise
         finally:
+            if self._swept:
+                self._swept = False
+                await asyncio.to_thread(self._source.end_sweep)
             report.add(fhir_writes=self._fhir_writes() - writes_before)
             report.fhir_write_requests = self._fhir_write_requests() - requests_before
             # Which way series were asked (list or per-study); the exact queries are in the run record.
@@ -442,6 +470,8 @@ class SyncWorker:
         series = prefetched
         if series is not None and item.study.series_count not in (None, len(series)):
             series = None  # the list answer disagrees with the study's own count: ask alone
+        elif series is not None and self._swept and not _sweep_complete(item.study, series):
+            series = None
         item.records = await self._assembler.fetch(item.study, series)
 
     async def _assemble(self, item: _Todo, endpoint: str, report: RunReport, page: _PageWork) -> None:

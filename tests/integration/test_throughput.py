@@ -85,6 +85,30 @@ def test_full_sync_costs_per_page_not_per_study(stack: Stack) -> None:
     assert all(s["numberOfSeries"] == 2 and len(s["series"]) == 2 for s in studies)
 
 
+def test_a_full_sync_with_series_paging_costs_pages_not_studies(stack: Stack) -> None:
+    """BRIDGE_DICOMWEB_SERIES_QUERY=paged (for archives without UID lists), on the real Orthanc."""
+    n, page, series_page = 45, 20, 25
+    _store(stack, n)
+
+    report = stack.sync(
+        qido_page_size=str(page),
+        dicomweb_series_query="paged",
+        dicomweb_series_page_size=str(series_page),
+    )
+
+    assert (report.status, report.counts.created, report.series_query) == ("ok", n, "paged")
+    queries = _queries(stack, report.run_id)
+    assert len([q for q in queries if q.startswith("/studies?")]) == _ceil(n, page)
+    series = [q for q in queries if "/series" in q]
+    # 90 series in pages of 25: 4 root-level pages (the last one short); no query per study.
+    assert len(series) == _ceil(2 * n, series_page)
+    assert all(q.startswith("/series?") and "StudyInstanceUID" not in q for q in series)
+    assert _series_query(stack, report.run_id) == "paged"
+    studies = stack.fhir_search("ImagingStudy")
+    assert len(studies) == n
+    assert all(s["numberOfSeries"] == 2 and len(s["series"]) == 2 for s in studies)
+
+
 @pytest.mark.interop
 def test_incremental_cycle_with_k_changed_studies_and_a_no_change_cycle(stack: Stack) -> None:
     n, k = 30, 4
