@@ -235,14 +235,19 @@ class ArchiveSettings(UpstreamSettings):
         default=SeriesQuery.AUTO,
         description=(
             "Series of a page of studies: list (one StudyInstanceUID=a,b,... query per page), "
-            "per-study, or auto (list if the archive's first answer proves it matches UID lists)"
+            "per-study, auto (list if the archive's first answer proves it matches UID lists), or "
+            "paged (a whole-archive run pages through /series first, kept on disk; for archives "
+            "without UID lists)"
         ),
     )
     series_list_size: int = Field(
         default=100, ge=2, le=500, description="Most studies named in one UID-list series query"
     )
     series_page_size: int = Field(
-        default=1000, ge=1, le=10_000, description="QIDO-RS page size of UID-list series queries"
+        default=1000,
+        ge=1,
+        le=10_000,
+        description="QIDO-RS page size of series queries (UID lists, and the paged sweep)",
     )
 
     @property

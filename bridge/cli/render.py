@@ -31,6 +31,7 @@ def report_dict(report: RunReport, seconds: float) -> dict[str, Any]:
         "claimed": c.claimed,
         "fhir_writes": c.fhir_writes,
         "fallbacks": c.fallbacks,
+        "series_query": report.series_query,
         "seconds": round(seconds, 3),
         "parked_studies": [
             {"study_uid": p.study_uid, "kind": p.kind, "attribute": p.attribute, "reason": p.reason}
@@ -48,7 +49,8 @@ def print_summary(source: SourceSettings, report: RunReport, summary: dict[str, 
         f"seen {summary['seen']}, created {summary['created']}, "
         f"updated {summary['updated']}, unchanged {summary['unchanged']}, "
         f"parked {summary['parked']}, gone {summary['deleted']} "
-        f"({summary['fhir_writes']} FHIR writes, {summary['seconds']:.1f} s)",
+        f"({summary['fhir_writes']} FHIR writes, {summary['seconds']:.1f} s; "
+        f"series asked {summary['series_query']})",
         highlight=False,
     )
     if report.counts.fallbacks:
@@ -111,6 +113,7 @@ def status_dict(
                 "worker": r.worker,
                 "fhir_writes": r.fhir_writes,
                 "qido_queries": len(r.qido_queries or []),
+                "series_query": r.series_query,
                 "error": r.error,
             }
             for r in recent
@@ -139,13 +142,14 @@ def print_status(data: dict[str, Any]) -> None:
         f"{data['gone']} gone from the archive, {data['parked']} parked",
         highlight=False,
     )
-    table = Table("run", "status", "started", "seen", "created", "updated", "unchanged", "parked")
+    table = Table("run", "status", "started", "seen", "created", "updated", "unchanged", "parked", "series")
     for r in data["runs"]:
         table.add_row(
             str(r["id"]),
             r["status"],
             str(r["started_at"]),
             *(str(r[k]) for k in ("seen", "created", "updated", "unchanged", "parked")),
+            r["series_query"] or "-",
         )
     out.print(table)
     if data["parked_studies"]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from urllib.parse import quote, urlencode
@@ -20,6 +21,7 @@ from bridge.dicomweb.records import (
     parse_series,
     raw_uid,
 )
+from bridge.dicomweb.sweep import SeriesSweep
 from bridge.errors import (
     ConfigurationError,
     FatalUpstreamError,
@@ -71,9 +73,12 @@ class DicomwebClient:
         self.series_list_size = series_list_size
         self.series_page_size = series_page_size
         # Under ``auto``: None until the first list query tells; then whether list matching works.
-        self.list_matching: bool | None = {SeriesQuery.LIST: True, SeriesQuery.PER_STUDY: False}.get(
-            series_query
-        )
+        self.list_matching: bool | None = {
+            SeriesQuery.LIST: True,
+            SeriesQuery.PER_STUDY: False,
+            SeriesQuery.PAGED: False,
+        }.get(series_query)
+        self._sweep: SeriesSweep | None = None
 
     async def ping(self) -> None:
         """One QIDO-RS request for one study, never retried: raises unless the archive answers."""
@@ -273,6 +278,9 @@ class DicomwebClient:
         """
         wanted = list(dict.fromkeys(study_uids))
         result: dict[str, SeriesOutcome] = {}
+        if self._sweep is not None:
+            found = await asyncio.to_thread(self._sweep.series_of, wanted)
+            return {uid: self._series_outcome(uid, rows) for uid, rows in found.items()}
         if self.list_matching is False or len(wanted) < 2:
             return result
         for start in range(0, len(wanted), self.series_list_size):
@@ -355,9 +363,97 @@ class DicomwebClient:
         self.list_matching = False
         logger.info("%s does not match StudyInstanceUID lists (%s): series asked per study", self._base, why)
 
+    async def sweep_series(self, filters: Mapping[str, str] | None = None) -> bool:
+        """Under ``paged``: walk the archive's series (``/series`` at the root), kept on disk by study.
+
+        ``filters`` are the run's study-level matching keys (PS3.18 lets a root series search match
+        on the study's attributes; an archive that ignores them answers more rows, which only cost
+        disk). Returns whether a sweep is now there for :meth:`search_series_many` to answer from;
+        :meth:`end_sweep` removes it. Memory holds one page (``series_page_size`` rows) at a time,
+        and series already kept are recognised on disk, not in memory. A study the sweep missed
+        (or saw partly, as pages shift while the archive changes) is left for the caller to check
+        against the study's own counts and ask alone. An archive that refuses the root query, or
+        answers rows without their Study Instance UID, cannot be swept: ConfigurationError names
+        the setting.
+        """
+        self.end_sweep()
+        if self.series_query is not SeriesQuery.PAGED:
+            return False
+        sweep = await asyncio.to_thread(SeriesSweep)
+        try:
+            await self._walk_series(sweep, filters or {})
+        except BaseException:
+            await asyncio.to_thread(sweep.close)
+            raise
+        self._sweep = sweep
+        logger.info("%s/series swept: %d series kept on disk for this run", self._base, sweep.rows)
+        return True
+
+    async def _walk_series(self, sweep: SeriesSweep, filters: Mapping[str, str]) -> None:
+        size = self.series_page_size
+        base = [("includefield", f) for f in (STUDY_UID, *SERIES_FIELDS)] + sorted(filters.items())
+        offset, pages, placed, unplaced = 0, 0, 0, 0
+        while True:
+            pages += 1
+            if pages > self.limits.max_pages:
+                raise UpstreamLimitError(
+                    f"{SERVICE} {self._base}/series: still more rows after {self.limits.max_pages} pages "
+                    "(BRIDGE_DICOMWEB_MAX_PAGES); the archive's paging does not end",
+                    service=SERVICE,
+                    setting="BRIDGE_DICOMWEB_MAX_PAGES",
+                )
+            params = [*base, ("limit", str(size)), ("offset", str(offset))]
+            try:
+                rows, truncated = await self._get("/series", params, self.limits.series())
+            except FatalUpstreamError as exc:
+                if exc.status is not None and 400 <= exc.status < 500:
+                    raise ConfigurationError(
+                        f"BRIDGE_DICOMWEB_SERIES_QUERY=paged: {self._base}/series refused a series search "
+                        f"at the archive's root ({exc.status}); set it to per-study"
+                    ) from exc
+                raise
+            kept = []
+            for row in rows:
+                study = raw_uid(row, STUDY_UID)
+                if study is None:
+                    unplaced += 1
+                else:
+                    kept.append((study, raw_uid(row, SERIES_UID), row))
+            placed += len(kept)
+            added = await asyncio.to_thread(sweep.add, kept) if kept else 0
+            if not rows or len(rows) > size or (kept and not added):
+                break  # the end, a server that ignores limit, or one that repeats a page (ignores offset)
+            if len(rows) < size and not truncated:
+                break
+            offset += len(rows)
+        if unplaced and not placed:
+            raise ConfigurationError(
+                f"BRIDGE_DICOMWEB_SERIES_QUERY=paged: {self._base}/series answers series without their "
+                "StudyInstanceUID, so they cannot be placed; set it to per-study"
+            )
+        if unplaced:
+            logger.warning(
+                "%s/series: %d series rows without StudyInstanceUID; their studies are asked one by one",
+                self._base,
+                unplaced,
+            )
+
+    def end_sweep(self) -> None:
+        """Remove the run's sweep, if any (from then on series are asked per study)."""
+        if self._sweep is not None:
+            self._sweep.close()
+            self._sweep = None
+
+    @property
+    def sweeping(self) -> bool:
+        """Whether series are answered from a sweep (the caller checks each study's counts)."""
+        return self._sweep is not None
+
     @property
     def series_query_used(self) -> str:
-        """How series are being asked for: ``list``, ``per-study``, or ``undecided`` (auto, not yet tried)."""
+        """How series are being asked for: ``list``, ``per-study``, ``paged``, or ``undecided``."""
+        if self.series_query is SeriesQuery.PAGED:
+            return SeriesQuery.PAGED.value
         if self.list_matching is None:
             return "undecided"
         return SeriesQuery.LIST.value if self.list_matching else SeriesQuery.PER_STUDY.value

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -11,7 +13,7 @@ from typing import Any
 
 from pydicom import Dataset, config
 from pydicom.datadict import dictionary_VR, keyword_for_tag
-from pydicom.dataelem import DataElement
+from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 from bridge.errors import MappingError
@@ -194,17 +196,130 @@ def _no_value_validation() -> Iterator[None]:
         config.settings.reading_validation_mode = saved
 
 
-def _dataset(row: DicomJson, level: str, fields: Sequence[str] | None = None) -> Dataset:
-    """The row as a pydicom Dataset, built from ``fields`` only when given.
+@dataclass(frozen=True, slots=True)
+class _Element:
+    """One attribute of a row, as the parsers read it.
 
-    Archives answer with more attributes than asked for; building only the wanted ones halves
-    the parsing cost, which is the bridge's largest beyond the HTTP it cannot avoid.
+    ``value`` is what pydicom's ``DataElement.value`` would be with its single values made
+    ``str`` (every reader below takes ``str()`` of them): None when empty, a str, bytes (a value
+    pydicom kept as bytes), a list of those when the attribute holds several values, or a list of
+    items (``_Attrs``) for a sequence.
+    """
+
+    tag: int
+    vr: str
+    value: Any
+    vm: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Attrs:
+    """A row or a sequence item: its attributes by keyword, and its character set as codecs."""
+
+    elements: dict[str, _Element]
+    encodings: tuple[str, ...] = ()
+
+    def get(self, keyword: str) -> _Element | None:
+        return self.elements.get(keyword)
+
+
+# VRs read straight from the DICOM JSON (strings as they are; UI stripped as pydicom's UID does).
+# Anything else, and any value of an unusual shape, is read through pydicom: the rare row pays
+# pydicom's cost, the common one does not (pydicom builds a full DataElement, and inspects the
+# bulk data handler's signature, per attribute: the largest CPU cost of a sync beyond HTTP).
+_PLAIN_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "SH", "ST", "TM", "UC", "UI", "UR", "UT"})
+_MULTI_VALUED_TEXT = _PLAIN_VRS - {"LT", "ST", "UT"}  # pydicom splits their values at a backslash
+_FAST_VRS = _PLAIN_VRS | {"IS", "PN", "SQ"}
+_PN_GROUPS = frozenset({"Alphabetic", "Ideographic", "Phonetic"})
+_HEX_TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
+
+
+def _attrs(row: DicomJson, level: str, fields: Sequence[str] | None = None) -> _Attrs:
+    """The row's attributes (``fields`` only, when given), read as pydicom would read them.
+
+    Archives answer with more attributes than asked for; reading only the wanted ones halves
+    the cost. Raises MappingError naming the attribute pydicom cannot read.
     """
     if not isinstance(row, dict):
         raise MappingError(f"{level} row is not a DICOM JSON object")
     if fields is not None:
         row = {tag: row[tag] for tag in (*fields, CHARSET) if tag in row}
     row = decode_inline_text(row)
+    fast = _plain_item(row)
+    if fast is not None:
+        return fast
+    return _from_dataset(_dataset(row, level))
+
+
+def _plain_item(row: DicomJson) -> _Attrs | None:
+    """The row read directly, or None when any attribute needs pydicom's reading."""
+    elements: dict[str, _Element] = {}
+    for tag, element in row.items():
+        if not isinstance(element, dict) or not _HEX_TAG.match(tag):
+            return None
+        vr = element.get("vr")
+        keys = element.keys() - {"vr"}
+        if vr not in _FAST_VRS or not keys <= {"Value"}:
+            return None
+        raw = element.get("Value", [])
+        if not isinstance(raw, list):
+            return None
+        values: list[Any] = []
+        for value in raw:
+            read = _plain_value(value, vr)
+            if read is None:
+                return None
+            values.append(read)
+        number = int(tag, 16)
+        keyword = _keyword(number)
+        if vr == "SQ":
+            elements[keyword] = _Element(number, vr, values or None, len(values))
+            continue
+        if len(values) > 1:
+            elements[keyword] = _Element(number, vr, values, len(values))
+        elif values and values[0] != "":
+            elements[keyword] = _Element(number, vr, values[0], 1)
+        else:
+            elements[keyword] = _Element(number, vr, None, 0)
+    elements.pop("", None)  # private and unknown attributes: no reader asks for them
+    return _Attrs(elements)
+
+
+def _plain_value(value: Any, vr: str) -> Any:
+    """One value as pydicom would hold it, made str; None when pydicom must read it."""
+    if vr in _PLAIN_VRS:
+        # pydicom splits a value holding a backslash into several values
+        if not isinstance(value, str) or ("\\" in value and vr in _MULTI_VALUED_TEXT):
+            return None
+        return value.strip() if vr == "UI" else value
+    if vr == "IS":
+        # pydicom normalises IS strings ("007 " reads as 7); only JSON integers are read here
+        return str(value) if type(value) is int else None
+    if vr == "PN":
+        if not isinstance(value, dict) or not value.keys() <= _PN_GROUPS:
+            return None
+        if not all(isinstance(v, str) for v in value.values()):
+            return None
+        if "Phonetic" in value:
+            groups = [value.get("Alphabetic", ""), value.get("Ideographic", ""), value["Phonetic"]]
+        elif "Ideographic" in value:
+            groups = [value.get("Alphabetic", ""), value["Ideographic"]]
+        else:
+            groups = [value.get("Alphabetic", "")]
+        name = "=".join(groups)
+        return None if "\\" in name else name
+    if vr == "SQ":
+        return _plain_item(value) if isinstance(value, dict) else None
+    return None
+
+
+@functools.cache
+def _keyword(tag: int) -> str:
+    return keyword_for_tag(tag)
+
+
+def _dataset(row: DicomJson, level: str) -> Dataset:
+    """The row as a pydicom Dataset (a row the direct reading leaves to pydicom)."""
     try:
         with _no_value_validation():
             ds = Dataset.from_json(row, bulk_data_uri_handler=_no_bulk_data)
@@ -217,6 +332,28 @@ def _dataset(row: DicomJson, level: str, fields: Sequence[str] | None = None) ->
         ) from exc
     _share_encoding(ds)
     return ds
+
+
+def _from_dataset(ds: Dataset) -> _Attrs:
+    """The attributes of a pydicom Dataset, in the form the parsers read."""
+    elements: dict[str, _Element] = {}
+    for element in ds:
+        keyword = element.keyword
+        if not keyword:
+            continue
+        value = element.value
+        if element.VR == "SQ":
+            items = [_from_dataset(item) for item in value or ()]
+            elements[keyword] = _Element(element.tag, "SQ", items or None, len(items))
+            continue
+        if isinstance(value, MultiValue | list | tuple):
+            value = [v if isinstance(v, bytes) else str(v) for v in value]
+        elif value is not None and not isinstance(value, bytes):
+            value = str(value)
+        if value == "" or value == []:
+            value = None  # empty and absent read the same
+        elements[keyword] = _Element(element.tag, str(element.VR), value, element.VM)
+    return _Attrs(elements, tuple(_encodings(ds)))
 
 
 def _no_bulk_data(_tag: str, _vr: str, _uri: str) -> bytes:
@@ -252,39 +389,42 @@ def _encodings(ds: Dataset) -> list[str]:
     return [charset] if isinstance(charset, str) else list(charset)
 
 
-def _value_text(ds: Dataset, element: DataElement) -> str | None:
+def _value_vr(element: _Element) -> str:
+    return str(dictionary_VR(element.tag)) if element.vr in ("UN", "OB", "OW") else element.vr
+
+
+def _value_text(ds: _Attrs, element: _Element) -> str | None:
     """The element's value as one string: bytes decoded per the character set, values joined."""
     value = element.value
     if value is None:
         return None
-    vr = dictionary_VR(element.tag) if element.VR in ("UN", "OB", "OW") else element.VR
     if isinstance(value, bytes):  # InlineBinary: text sent as bytes, decoded or left out
-        return decode_text(value, vr, _encodings(ds))
-    if element.VM > 1 and not isinstance(value, str):
-        value = "\\".join(str(v) for v in value)
+        return decode_text(value, _value_vr(element), ds.encodings)
+    if element.vm > 1 and isinstance(value, list):
+        return "\\".join(str(v) for v in value)
     return str(value)
 
 
-def _text(ds: Dataset, keyword: str, within: str = "") -> str | None:
+def _text(ds: _Attrs, keyword: str, within: str = "") -> str | None:
     """The cleaned value, checked against its VR; None when absent, empty or only spaces.
 
     A value invalid for its VR raises MappingError naming the attribute (``within`` is the path
     of the sequence holding it), never the value.
     """
-    element: DataElement | None = ds.data_element(keyword) if keyword in ds else None
+    element = ds.get(keyword)
     if element is None:
         return None
     raw = _value_text(ds, element)
     text = clean_text(raw) if raw is not None else None
     if text is None:
         return None
-    vr = dictionary_VR(element.tag) if element.VR in ("UN", "OB", "OW") else str(element.VR)
+    vr = _value_vr(element)
     if keyword in LEFT_OUT_WHEN_INVALID and vr_problem(text, vr) is not None:
         return None
     return check_value(text, vr, f"{within}{keyword}")
 
 
-def _int(ds: Dataset, keyword: str) -> int | None:
+def _int(ds: _Attrs, keyword: str) -> int | None:
     text = _text(ds, keyword)
     if text is None:
         return None
@@ -294,20 +434,28 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         raise MappingError(f"{keyword} is not an integer", attribute=keyword) from exc
 
 
-def _multi(ds: Dataset, keyword: str) -> tuple[str, ...]:
-    if keyword not in ds or ds[keyword].value in (None, ""):
+def _multi(ds: _Attrs, keyword: str) -> tuple[str, ...]:
+    element = ds.get(keyword)
+    if element is None or element.value in (None, ""):
         return ()
-    value = ds[keyword].value
-    values = [value] if isinstance(value, str) else list(value)
-    vr = str(ds[keyword].VR)
+    value = element.value
+    values = value if isinstance(value, list) else [value]
     cleaned = {clean_text(str(v)) for v in values}
-    return tuple(sorted(check_value(v, vr, keyword) for v in cleaned if v))
+    return tuple(sorted(check_value(v, element.vr, keyword) for v in cleaned if v))
 
 
-def _issuer(ds: Dataset, keyword: str) -> Issuer | None:
-    if keyword not in ds or not ds[keyword].value:
+def _items(ds: _Attrs, keyword: str) -> list[_Attrs]:
+    element = ds.get(keyword)
+    if element is None or not element.value:
+        return []
+    return [item for item in element.value if isinstance(item, _Attrs)]
+
+
+def _issuer(ds: _Attrs, keyword: str) -> Issuer | None:
+    items = _items(ds, keyword)
+    if not items:
         return None
-    item = ds[keyword].value[0]
+    item = items[0]
     within = f"{keyword}."
     issuer = Issuer(
         local=_text(item, "LocalNamespaceEntityID", within),
@@ -317,12 +465,10 @@ def _issuer(ds: Dataset, keyword: str) -> Issuer | None:
     return issuer if issuer.local or issuer.universal else None
 
 
-def _codes(ds: Dataset, keyword: str) -> tuple[Code, ...]:
-    if keyword not in ds or not ds[keyword].value:
-        return ()
+def _codes(ds: _Attrs, keyword: str) -> tuple[Code, ...]:
     codes = []
     within = f"{keyword}."
-    for item in ds[keyword].value:
+    for item in _items(ds, keyword):
         value = (
             _text(item, "CodeValue", within)
             or _text(item, "LongCodeValue", within)
@@ -334,12 +480,10 @@ def _codes(ds: Dataset, keyword: str) -> tuple[Code, ...]:
     return tuple(codes)
 
 
-def _other_ids(ds: Dataset) -> tuple[OtherPatientId, ...]:
-    if "OtherPatientIDsSequence" not in ds or not ds.OtherPatientIDsSequence:
-        return ()
+def _other_ids(ds: _Attrs) -> tuple[OtherPatientId, ...]:
     found = []
     within = "OtherPatientIDsSequence."
-    for item in ds.OtherPatientIDsSequence:
+    for item in _items(ds, "OtherPatientIDsSequence"):
         value = _text(item, "PatientID", within)
         if value:
             qualifier = _issuer(item, "IssuerOfPatientIDQualifiersSequence")
@@ -347,19 +491,19 @@ def _other_ids(ds: Dataset) -> tuple[OtherPatientId, ...]:
     return tuple(found)
 
 
-def _person_names(ds: Dataset, keyword: str) -> tuple[str, ...]:
-    if keyword not in ds or not ds[keyword].value:
+def _person_names(ds: _Attrs, keyword: str) -> tuple[str, ...]:
+    element = ds.get(keyword)
+    if element is None or not element.value:
         return ()
-    element = ds[keyword]
-    values = element.value if isinstance(element.value, list | tuple) or element.VM > 1 else [element.value]
+    values = element.value if isinstance(element.value, list) else [element.value]
     names = (_name_text(ds, v, keyword) for v in values)
     return tuple(n for n in names if n)
 
 
-def _name_text(ds: Dataset, value: Any, keyword: str) -> str | None:
+def _name_text(ds: _Attrs, value: Any, keyword: str) -> str | None:
     """One PN value with its three component groups, cleaned and checked; None when empty."""
     if isinstance(value, bytes):
-        decoded = decode_text(value, "PN", _encodings(ds))
+        decoded = decode_text(value, "PN", ds.encodings)
         if decoded is None:
             return None
         value = decoded
@@ -369,16 +513,16 @@ def _name_text(ds: Dataset, value: Any, keyword: str) -> str | None:
     return check_value(text, "PN", keyword)
 
 
-def _person_name(ds: Dataset, keyword: str) -> str | None:
-    if keyword not in ds or not ds[keyword].value:
+def _person_name(ds: _Attrs, keyword: str) -> str | None:
+    element = ds.get(keyword)
+    if element is None or not element.value:
         return None
-    element = ds[keyword]
-    if element.VM > 1:
+    if element.vm > 1:
         raise MappingError(f"{keyword} holds several values where one is expected", attribute=keyword)
     return _name_text(ds, element.value, keyword)
 
 
-def _required(ds: Dataset, keyword: str) -> str:
+def _required(ds: _Attrs, keyword: str) -> str:
     value = _text(ds, keyword)
     if value is None:
         raise MappingError(f"{keyword} is missing", attribute=keyword)
@@ -387,7 +531,7 @@ def _required(ds: Dataset, keyword: str) -> str:
 
 def parse_study(row: DicomJson) -> StudyRecord:
     """Parse a study-level QIDO-RS row; raises MappingError naming the attribute at fault."""
-    ds = _dataset(row, "study", STUDY_FIELDS)
+    ds = _attrs(row, "study", STUDY_FIELDS)
     uid = _required(ds, "StudyInstanceUID")
     return StudyRecord(
         uid=uid,
@@ -408,7 +552,7 @@ def parse_study(row: DicomJson) -> StudyRecord:
     )
 
 
-def _header_fields(ds: Dataset) -> dict[str, Any]:
+def _header_fields(ds: _Attrs) -> dict[str, Any]:
     """The study fields that archives often return only in instance headers (WADO-RS metadata)."""
     return {
         "referring_physician": _person_name(ds, "ReferringPhysicianName"),
@@ -423,7 +567,7 @@ def _header_fields(ds: Dataset) -> dict[str, Any]:
 def with_header(study: StudyRecord, header: DicomJson) -> StudyRecord:
     """The study completed from an instance header: what QIDO left out is taken from the header."""
     # Only the attributes read here: a full header also holds bulk data (pixels) by reference.
-    ds = _dataset({tag: header[tag] for tag in (*HEADER_FIELDS, CHARSET) if tag in header}, "instance header")
+    ds = _attrs({tag: header[tag] for tag in (*HEADER_FIELDS, CHARSET) if tag in header}, "instance header")
     found = _header_fields(ds)
     updates = {k: v for k, v in found.items() if v and not getattr(study, k)}
     return replace(study, **updates) if updates else study
@@ -431,7 +575,7 @@ def with_header(study: StudyRecord, header: DicomJson) -> StudyRecord:
 
 def parse_series(row: DicomJson) -> SeriesRecord:
     """Parse a series-level QIDO-RS row; raises MappingError naming the attribute at fault."""
-    ds = _dataset(row, "series", SERIES_FIELDS)
+    ds = _attrs(row, "series", SERIES_FIELDS)
     uid = _required(ds, "SeriesInstanceUID")
     return SeriesRecord(
         uid=uid,
@@ -449,7 +593,7 @@ def parse_series(row: DicomJson) -> SeriesRecord:
 
 def parse_instance(row: DicomJson) -> InstanceRecord:
     """Parse an instance-level QIDO-RS row; raises MappingError naming the attribute at fault."""
-    ds = _dataset(row, "instance", INSTANCE_FIELDS)
+    ds = _attrs(row, "instance", INSTANCE_FIELDS)
     uid = _required(ds, "SOPInstanceUID")
     series_uid = _text(ds, "SeriesInstanceUID")
     if series_uid is None:

@@ -9,7 +9,7 @@ from sqlalchemy import JSON, Boolean, DateTime, Float, Integer, String, Text, fa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # Bumped by every migration (bridge/state/migrations) so a bridge older than the store refuses it.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 
 class Base(DeclarativeBase):
@@ -92,6 +92,8 @@ class Run(Base):
     fhir_writes: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     qido_queries: Mapped[list[str]] = mapped_column(JSON, default=list)
+    # How series were asked for: "list" (UID-list matching) or "per-study"; null when none were.
+    series_query: Mapped[str | None] = mapped_column(String(16), nullable=True)
     # What the run did to studies gone from the archive: [{"study_uid", "action"}].
     deletions: Mapped[list[dict[str, str]]] = mapped_column(JSON, default=list)
 

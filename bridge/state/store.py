@@ -296,8 +296,9 @@ class SqlStore:
         qido_queries: list[str],
         error: str | None = None,
         deletions: list[dict[str, str]] | None = None,
+        series_query: str | None = None,
     ) -> None:
-        """Close a run record with its outcome."""
+        """Close a run record with its outcome (``series_query``: how series were asked for, if at all)."""
         with self._session() as session:
             run = session.get(Run, run_id)
             if run is None:
@@ -311,6 +312,7 @@ class SqlStore:
             run.claimed = counts.claimed
             run.deletions = list(deletions or [])
             run.qido_queries = list(qido_queries)
+            run.series_query = series_query
             run.error = error
 
     def last_run(self, source: str, kind: str, statuses: Sequence[str] = ("ok", "parked")) -> datetime | None:

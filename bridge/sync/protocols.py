@@ -96,6 +96,18 @@ class StudySource(Protocol):
         """
         ...
 
+    async def sweep_series(self, filters: Mapping[str, str] | None = None) -> bool:
+        """Prepare the series of every study matching ``filters`` at once, where the source does so.
+
+        Returns whether :meth:`search_series_many` now answers from that sweep (then its answers
+        must be checked against each study's own counts); ``end_sweep`` drops it.
+        """
+        ...
+
+    def end_sweep(self) -> None:
+        """Drop the sweep, if any."""
+        ...
+
     @property
     def series_query_used(self) -> str:
         """How series are being asked for (``list``, ``per-study``, ``undecided``), for the run record."""
@@ -239,6 +251,7 @@ class StateStore(Protocol):
         qido_queries: list[str],
         error: str | None = None,
         deletions: list[dict[str, str]] | None = None,
+        series_query: str | None = None,
     ) -> None:
         """Close a run record."""
         ...

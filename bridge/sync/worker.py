@@ -13,6 +13,7 @@ from typing import Any
 from bridge.dicomweb.guard import check_value_sizes
 from bridge.dicomweb.records import (
     DicomJson,
+    SeriesRecord,
     StudyRecord,
     digest,
     parse_study,
@@ -68,12 +69,28 @@ async def _read_ahead(pages: AsyncIterator[list[DicomJson]]) -> AsyncIterator[li
             pending.exception()  # retrieved: a failure after the run ended is not "never retrieved"
 
 
+def _sweep_complete(study: StudyRecord, series: Sequence[SeriesRecord]) -> bool:
+    """Whether a sweep's series are all of the study's, as its own (newer) row counts them.
+
+    A sweep runs before the study pages and over minutes: a series or instance added since, or
+    a series missed as pages shifted, shows as a count that differs. Without the counts nothing
+    vouches for the sweep, and the study is asked alone.
+    """
+    if study.series_count is None or study.series_count != len(series):
+        return False
+    counts = [s.instance_count for s in series]
+    if study.instance_count is None or any(c is None for c in counts):
+        return study.instance_count is None  # nothing more to compare
+    return sum(c for c in counts if c is not None) == study.instance_count
+
+
 @dataclass
 class _PageWork:
     """What the studies of one page leave to do once they are all through."""
 
     published: list[Published] = field(default_factory=list)
     claimed: list[str] = field(default_factory=list)
+    writes: list[_Todo] = field(default_factory=list)  # mapped and validated, to be written
 
 
 @dataclass
@@ -113,6 +130,7 @@ class SyncWorker:
         self._concurrency = concurrency
         self._context_fingerprint = ctx.fingerprint()
         self._stop_requested = False
+        self._swept = False  # series come from the source's sweep of the whole run (see _fetch)
         self._assembler = StudyAssembler(source, linker, ctx, read_instance_header=read_instance_header)
         self._retirer = Retirer(publisher, store, ctx, policy=delete_policy, max_fraction=delete_max_fraction)
 
@@ -139,7 +157,9 @@ class SyncWorker:
         With ``reconcile`` the pass must cover the whole archive: published studies it did not
         see are gone from the archive, and the delete policy is applied to them.
         """
-        return await self._run(kind, self._source.iter_studies(filters), reconcile=reconcile)
+        return await self._run(
+            kind, self._source.iter_studies(filters), reconcile=reconcile, sweep=dict(filters or {})
+        )
 
     async def run_studies(self, study_uids: Sequence[str], kind: str = "on-demand") -> RunReport:
         """Sync the named studies now; a named study the archive no longer has is retired."""
@@ -178,8 +198,12 @@ class SyncWorker:
         *,
         reconcile: bool = False,
         missing: list[str] | None = None,
+        sweep: Mapping[str, str] | None = None,
     ) -> RunReport:
         """Run one pass over ``pages`` and record it.
+
+        ``sweep``: the pass covers every study matching these filters, so the source may fetch
+        all their series at once beforehand (``BRIDGE_DICOMWEB_SERIES_QUERY=paged``).
 
         Studies that fail are parked and the pass goes on; an upstream that stays unreachable
         ends the pass with UpstreamUnavailableError after the run is recorded as failed.
@@ -194,13 +218,10 @@ class SyncWorker:
         try:
             self._linker.begin_run()
             endpoint = await self._publisher.ensure_endpoint()
+            if sweep is not None:
+                self._swept = await self._source.sweep_series(sweep)
             limit = asyncio.Semaphore(self._concurrency)
-            async for page in _read_ahead(pages):
-                uids = await self._page(page, endpoint, limit, report)
-                if reconcile:
-                    await asyncio.to_thread(self._store.mark_seen, source, uids, report.run_id)
-                if self._stop_requested:
-                    break
+            await self._pages(pages, endpoint, limit, report, reconcile=reconcile)
             if self._stop_requested:
                 report.status = "stopped"
             else:
@@ -215,18 +236,24 @@ class SyncWorker:
             report.status, report.error = "failed", f"{type(exc).__name__}: {exc}"
             raise
         finally:
+            if self._swept:
+                self._swept = False
+                await asyncio.to_thread(self._source.end_sweep)
             report.add(fhir_writes=self._fhir_writes() - writes_before)
             report.fhir_write_requests = self._fhir_write_requests() - requests_before
             # Which way series were asked (list or per-study); the exact queries are in the run record.
             report.series_query = self._source.series_query_used
+            queries = self._source.queries[queries_before:]
+            asked_series = any(q.split("?", 1)[0].endswith("/series") for q in queries)
             await asyncio.to_thread(
                 self._store.finish_run,
                 report.run_id,
                 status=report.status,
                 counts=report.counts,
-                qido_queries=self._source.queries[queries_before:],
+                qido_queries=queries,
                 error=report.error,
                 deletions=report.deletions,
+                series_query=report.series_query if asked_series else None,
             )
             metrics.observe_run(kind, report.status, report.counts, time.monotonic() - started)
             with contextlib.suppress(BridgeError):  # metrics never fail a run
@@ -253,10 +280,53 @@ class SyncWorker:
             )
         return report
 
+    async def _pages(
+        self,
+        pages: AsyncIterator[list[DicomJson]],
+        endpoint: str,
+        limit: asyncio.Semaphore,
+        report: RunReport,
+        *,
+        reconcile: bool,
+    ) -> None:
+        """Every page, each page's ImagingStudy writes overlapping the next page's preparation.
+
+        A page is prepared (parsed, selected, its series fetched, its Patients linked or created,
+        its studies mapped and validated) while the page before it is written and recorded: the
+        bridge's own CPU then overlaps the FHIR server's time instead of adding to it. Only
+        writes overlap: preparations run one page after the other, so Patient look-ups and
+        creates keep the single-page order (never two creates for one identifier in flight), and
+        a page's ImagingStudies are written only after its own Patients exist. At most one page
+        is written while one is prepared (and one read ahead): memory stays flat in N.
+        """
+        source = self._ctx.source_name
+        writing: asyncio.Task[None] | None = None
+        try:
+            async for rows in _read_ahead(pages):
+                uids, page = await self._page(rows, endpoint, limit, report)
+                if writing is not None:
+                    task, writing = writing, None
+                    await task  # one page written at a time, in order
+                if reconcile:
+                    await asyncio.to_thread(self._store.mark_seen, source, uids, report.run_id)
+                writing = asyncio.create_task(self._write_page(page, report))
+                if self._stop_requested:
+                    break
+            if writing is not None:
+                task, writing = writing, None
+                await task
+        finally:
+            if writing is not None:
+                # The run failed while a page was being written: let that page finish and be
+                # recorded (its writes are bounded by the FHIR deadlines), the failure stands.
+                await asyncio.wait([writing])
+                if not writing.cancelled() and writing.exception() is not None:
+                    logger.warning("a page written while the run failed failed too: %s", writing.exception())
+
     async def _page(
         self, rows: list[DicomJson], endpoint: str, limit: asyncio.Semaphore, report: RunReport
-    ) -> list[str]:
-        """Sync one page of studies; returns the UIDs on it."""
+    ) -> tuple[list[str], _PageWork]:
+        """Prepare one page of studies: returns the UIDs on it and what is left to write."""
         studies: list[StudyRecord] = []
         for row in rows:
             report.add(seen=1)
@@ -276,13 +346,41 @@ class SyncWorker:
         page = _PageWork()
         try:
             await self._page_studies(studies, known, endpoint, limit, report, page)
+        except BaseException:
+            await self._finish_page(page)
+            raise
+        return [s.uid for s in studies], page
+
+    async def _write_page(self, page: _PageWork, report: RunReport) -> None:
+        """Write a prepared page's ImagingStudies (in batches where the server takes them), record them."""
+        try:
+            if not page.writes:
+                return
+            writes = page.writes
+            results = await self._publisher.put_studies(
+                [(t.resource, t.known.fhir_version if t.known else None) for t in writes if t.resource]
+            )
+            for item, result in zip(writes, results, strict=True):
+                if isinstance(result, BridgeError):
+                    await self._fail(report, item.study.uid, result)
+                    continue
+                outcome = "created" if item.known is None and result.created else "updated"
+                logger.info("study %s %s as ImagingStudy/%s", item.study.uid, outcome, result.id)
+                self._published(item, result.id, result.version, outcome, report, page)
         finally:
-            # One transaction for the page's published studies (even when the run stops here:
-            # they are on the FHIR server); claims are released only once they are recorded.
-            await asyncio.to_thread(self._store.record_published_many, self._ctx.source_name, page.published)
-            for uid in page.claimed:
-                await asyncio.to_thread(self._store.release_study, self._ctx.source_name, uid)
-        return [s.uid for s in studies]
+            await self._finish_page(page)
+
+    async def _finish_page(self, page: _PageWork) -> None:
+        """Record the page's published studies and release its claims.
+
+        One transaction for the page (even when the run stops or fails here: what is published
+        is on the FHIR server); claims are released only once their studies are recorded.
+        """
+        await asyncio.to_thread(self._store.record_published_many, self._ctx.source_name, page.published)
+        page.published = []
+        for uid in page.claimed:
+            await asyncio.to_thread(self._store.release_study, self._ctx.source_name, uid)
+        page.claimed = []
 
     async def _page_studies(
         self,
@@ -293,11 +391,12 @@ class SyncWorker:
         report: RunReport,
         page: _PageWork,
     ) -> None:
-        """A page's changed studies, page by page: select -> fetch -> link -> map -> write -> record.
+        """A page's changed studies: select -> fetch -> link -> map -> validate; ``page.writes`` is left.
 
         Reads and writes are made for the page at once where the peers allow it (the series of all
-        its changed studies in one UID-list query, its new Patients in one batch, its ImagingStudies
-        in one batch), and study by study otherwise; a study's failure parks that study only.
+        its changed studies in one UID-list query, its new Patients in one batch; its ImagingStudies
+        are then written in one batch by :meth:`_write_page`), and study by study otherwise; a
+        study's failure parks that study only.
         """
         todo: list[_Todo] = []
         for study in studies:
@@ -328,19 +427,7 @@ class SyncWorker:
                 await self._guard(report, item, self._assemble(item, endpoint, report, page))
 
         await self._each(todo, assemble)
-        writes = [t for t in todo if t.resource is not None and not t.done]
-        if not writes:
-            return
-        results = await self._publisher.put_studies(
-            [(t.resource, t.known.fhir_version if t.known else None) for t in writes if t.resource]
-        )
-        for item, result in zip(writes, results, strict=True):
-            if isinstance(result, BridgeError):
-                await self._fail(report, item.study.uid, result)
-                continue
-            outcome = "created" if item.known is None and result.created else "updated"
-            logger.info("study %s %s as ImagingStudy/%s", item.study.uid, outcome, result.id)
-            self._published(item, result.id, result.version, outcome, report, page)
+        page.writes = [t for t in todo if t.resource is not None and not t.done]
 
     async def _each(self, todo: list[_Todo], step: Callable[[_Todo], Coroutine[Any, Any, None]]) -> None:
         """Run ``step`` for every study at once (bounded by the semaphore the step takes)."""
@@ -383,6 +470,8 @@ class SyncWorker:
         series = prefetched
         if series is not None and item.study.series_count not in (None, len(series)):
             series = None  # the list answer disagrees with the study's own count: ask alone
+        elif series is not None and self._swept and not _sweep_complete(item.study, series):
+            series = None
         item.records = await self._assembler.fetch(item.study, series)
 
     async def _assemble(self, item: _Todo, endpoint: str, report: RunReport, page: _PageWork) -> None:

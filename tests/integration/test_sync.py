@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom.uid import generate_uid
@@ -346,6 +347,7 @@ def test_request_counts_grow_with_changes_not_with_the_archive(stack: Stack) -> 
     assert len(study_queries) == -(-n // page)  # ceil: the last page is short
     assert len(series_queries) == n
     assert first.series_query == "per-study"
+    assert _run_record(stack, first.run_id).series_query == "per-study"  # the way is kept with the run
     # One write per study, one Endpoint, and one conditional create per patient.
     assert first.counts.fhir_writes == n + 1 + 5
     assert stats["writes"] == n + 1 + 5
@@ -355,15 +357,20 @@ def test_request_counts_grow_with_changes_not_with_the_archive(stack: Stack) -> 
     queries = _run_queries(stack, second.run_id)
     assert len([q for q in queries if q.startswith("/studies?")]) == -(-n // page)
     assert [q for q in queries if "/series" in q] == []
+    assert _run_record(stack, second.run_id).series_query is None  # no series asked at all
     assert stack.fhir.stats()["requests"] == 0
 
 
 def _run_queries(stack: Stack, run_id: int) -> list[str]:
+    return _run_record(stack, run_id).qido_queries
+
+
+def _run_record(stack: Stack, run_id: int) -> Any:
     from bridge.state.store import SqlStore
 
     store = SqlStore(f"sqlite:///{stack.state_path}")
     try:
-        return next(r.qido_queries for r in store.runs(100) if r.id == run_id)
+        return next(r for r in store.runs(100) if r.id == run_id)
     finally:
         store.close()
 

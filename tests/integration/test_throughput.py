@@ -41,6 +41,16 @@ def _queries(stack: Stack, run_id: int) -> list[str]:
         store.close()
 
 
+def _series_query(stack: Stack, run_id: int) -> str | None:
+    from bridge.state.store import SqlStore
+
+    store = SqlStore(f"sqlite:///{stack.state_path}")
+    try:
+        return next(r.series_query for r in store.runs(100) if r.id == run_id)
+    finally:
+        store.close()
+
+
 def _ceil(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -54,6 +64,7 @@ def test_full_sync_costs_per_page_not_per_study(stack: Stack) -> None:
 
     assert (report.status, report.counts.created) == ("ok", n)
     assert report.series_query == "list"
+    assert _series_query(stack, report.run_id) == "list"  # kept with the run, beside its queries
     queries = _queries(stack, report.run_id)
     assert len([q for q in queries if q.startswith("/studies?")]) == _ceil(n, page)
     series = [q for q in queries if "/series" in q]
@@ -71,6 +82,30 @@ def test_full_sync_costs_per_page_not_per_study(stack: Stack) -> None:
     assert len(studies) == n
     assert len({i["value"] for s in studies for i in s["identifier"] if i["system"] == "urn:dicom:uid"}) == n
     assert len(stack.fhir_search("Patient")) == 7
+    assert all(s["numberOfSeries"] == 2 and len(s["series"]) == 2 for s in studies)
+
+
+def test_a_full_sync_with_series_paging_costs_pages_not_studies(stack: Stack) -> None:
+    """BRIDGE_DICOMWEB_SERIES_QUERY=paged (for archives without UID lists), on the real Orthanc."""
+    n, page, series_page = 45, 20, 25
+    _store(stack, n)
+
+    report = stack.sync(
+        qido_page_size=str(page),
+        dicomweb_series_query="paged",
+        dicomweb_series_page_size=str(series_page),
+    )
+
+    assert (report.status, report.counts.created, report.series_query) == ("ok", n, "paged")
+    queries = _queries(stack, report.run_id)
+    assert len([q for q in queries if q.startswith("/studies?")]) == _ceil(n, page)
+    series = [q for q in queries if "/series" in q]
+    # 90 series in pages of 25: 4 root-level pages (the last one short); no query per study.
+    assert len(series) == _ceil(2 * n, series_page)
+    assert all(q.startswith("/series?") and "StudyInstanceUID" not in q for q in series)
+    assert _series_query(stack, report.run_id) == "paged"
+    studies = stack.fhir_search("ImagingStudy")
+    assert len(studies) == n
     assert all(s["numberOfSeries"] == 2 and len(s["series"]) == 2 for s in studies)
 
 

@@ -30,6 +30,9 @@ class FakeSource:
         self.list_matching = False  # answer search_series_many (one "query" per call), as Orthanc can
         self.list_calls: list[list[str]] = []
         self.fail_series: dict[str, Exception] = {}  # by study UID
+        self.sweeps = False  # sweep the series of a whole run first (BRIDGE_DICOMWEB_SERIES_QUERY=paged)
+        self.swept: dict[str, list[DicomJson]] | None = None  # what the sweep saw (default: the series)
+        self._sweeping = False
 
     def add(self, study: DicomJson, series: list[DicomJson]) -> None:
         uid = study["0020000D"]["Value"][0] if "0020000D" in study else f"row-{len(self.studies)}"
@@ -64,6 +67,9 @@ class FakeSource:
         return [parse_series(row) for row in self.series.get(study_uid, [])]
 
     async def search_series_many(self, study_uids: Sequence[str]) -> dict[str, SeriesOutcome]:
+        if self._sweeping:
+            swept = self.swept if self.swept is not None else self.series
+            return {u: [parse_series(r) for r in swept[u]] for u in study_uids if u in swept}
         if not self.list_matching or len(study_uids) < 2:
             return {}
         self.list_calls.append(list(study_uids))
@@ -78,8 +84,20 @@ class FakeSource:
                 answer[uid] = exc
         return answer
 
+    async def sweep_series(self, filters: Mapping[str, str] | None = None) -> bool:
+        if not self.sweeps:
+            return False
+        self.queries.append("/series?limit=1000&offset=0")
+        self._sweeping = True
+        return True
+
+    def end_sweep(self) -> None:
+        self._sweeping = False
+
     @property
     def series_query_used(self) -> str:
+        if self.sweeps:
+            return "paged"
         return "list" if self.list_matching else "per-study"
 
 

@@ -96,7 +96,11 @@ def test_status_json_shows_runs_and_parked_studies(runner: CliRunner, configured
     store = SqlStore(f"sqlite:///{configured}")
     run_id = store.start_run("default")
     store.finish_run(
-        run_id, status="parked", counts=RunCounts(seen=2, created=1, parked=1), qido_queries=["/studies"]
+        run_id,
+        status="parked",
+        counts=RunCounts(seen=2, created=1, parked=1),
+        qido_queries=["/studies"],
+        series_query="per-study",
     )
     store.record_published_many("default", [Published("1.2.3", "q", "r", "f", "1")])
     store.park(
@@ -106,13 +110,16 @@ def test_status_json_shows_runs_and_parked_studies(runner: CliRunner, configured
     data = json.loads(runner.invoke(app, ["status", "--json"]).stdout)
     assert (data["published"], data["parked"]) == (1, 1)
     [run] = data["runs"]
-    assert (run["id"], run["status"], run["seen"], run["created"], run["parked"]) == (
+    assert (run["id"], run["status"], run["seen"], run["created"], run["parked"], run["series_query"]) == (
         run_id,
         "parked",
         2,
         1,
         1,
+        "per-study",
     )
+    table = flat(runner.invoke(app, ["status"]).stdout)
+    assert "per-s" in table  # the table's last column (rich may shorten it to the width)
     [parked] = data["parked_studies"]
     assert (parked["study_uid"], parked["attribute"], parked["attempts"]) == ("1.2.4", "StudyDate", 1)
 

@@ -12,7 +12,7 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, inspect, text
 
 from bridge.errors import StoreError
 from bridge.state.claims import claim_key
@@ -166,6 +166,42 @@ def test_a_gone_marker_survives_the_move_to_its_own_column_and_back(db_url: str)
         assert store.published_count("pacs") == 1
     finally:
         store.close()
+
+
+def test_runs_recorded_before_0006_keep_their_rows_and_new_runs_record_how_series_were_asked(
+    db_url: str,
+) -> None:
+    engine = create_engine(db_url)
+    with engine.begin() as connection:
+        command.upgrade(alembic_config(connection), "0005")
+    engine.dispose()
+    engine = create_engine(db_url)
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO runs (source, kind, started_at, status, seen, created, updated, unchanged, "
+                "parked, deleted, claimed, fhir_writes, qido_queries, deletions) VALUES "
+                "('pacs', 'full', '2026-11-29 10:00:00', 'ok', 2, 2, 0, 0, 0, 0, 0, 3, '[]', '[]')"
+            )
+        )
+    engine.dispose()
+    store = SqlStore(db_url)  # upgrades to head
+    try:
+        (old,) = store.runs()
+        assert (old.status, old.created, old.series_query) == ("ok", 2, None)
+        run_id = store.start_run("pacs")
+        store.finish_run(run_id, status="ok", counts=RunCounts(seen=1), qido_queries=[], series_query="list")
+        assert [r.series_query for r in store.runs()] == ["list", None]
+    finally:
+        store.close()
+    assert _revision_and_version(db_url) == (head_revision(), SCHEMA_VERSION)
+    engine = create_engine(db_url)
+    with engine.begin() as connection:
+        command.downgrade(alembic_config(connection), "0005")
+        columns = [c["name"] for c in inspect(connection).get_columns("runs")]
+    engine.dispose()
+    assert "series_query" not in columns and "qido_queries" in columns
+    assert _revision_and_version(db_url) == ("0005", 5)
 
 
 def test_claim_keys_are_stable_64_bit_and_distinct_per_source() -> None:
