@@ -17,6 +17,7 @@ from bridge.http import RetryPolicy
 from bridge.limits import DicomwebLimits, fhir_limit
 from bridge.mapping.context import MappingContext
 from bridge.mapping.tables import BUNDLED_MAPPINGS, load_tables
+from bridge.mapping.validate import load_models
 from bridge.state.store import SqlStore
 from bridge.sync.changes import ChangeSource, FeedChangeSource, QidoWindowSource
 from bridge.sync.link import Linker
@@ -119,6 +120,7 @@ async def open_runtime(settings: Settings, source: SourceSettings | None = None)
     # httpx logs full URLs at INFO, and query strings can carry patient identifiers.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     ctx = mapping_context(settings, source)
+    load_models()
     limits = httpx.Limits(max_connections=settings.sync_concurrency * 2 + 4)
     policy = retry_policy(settings, "dicomweb")  # each upstream has its own circuit breaker
     fhir_policy = retry_policy(settings, "fhir")

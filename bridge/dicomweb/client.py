@@ -29,7 +29,7 @@ from bridge.errors import (
     UpstreamError,
     UpstreamLimitError,
 )
-from bridge.http import RetryPolicy, json_body, send, where
+from bridge.http import RetryPolicy, body_is_empty, json_body, send, where
 from bridge.limits import CallLimit, DicomwebLimits
 from bridge.sync.protocols import SeriesOutcome
 
@@ -136,11 +136,16 @@ class DicomwebClient:
             headers={"Accept": ACCEPT, "Accept-Encoding": "gzip, deflate"},
         )
         response = await send(
-            self._client, request, service=SERVICE, policy=self._policy, limit=limit or self.limits.page()
+            self._client,
+            request,
+            service=SERVICE,
+            policy=self._policy,
+            limit=limit or self.limits.page(),
+            parse_json=True,  # rows are made as the bytes arrive; the bytes are not kept
         )
         # A Warning header (RFC 7234 code 299) is how QIDO-RS servers report truncated results.
         truncated = "warning" in response.headers
-        if response.status_code == 204 or not response.content.strip():
+        if response.status_code == 204 or body_is_empty(response):
             return [], truncated
         body = json_body(response, SERVICE)
         if not isinstance(body, list):

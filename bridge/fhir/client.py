@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -27,7 +26,6 @@ logger = logging.getLogger(__name__)
 SERVICE = "fhir"
 FHIR_JSON = "application/fhir+json"
 _OUTCOME_LIMIT = 1000
-_PARSE_IN_THREAD = 256 * 1024  # bytes
 _MAX_PAGES = 50  # a bound on next links followed for one search, whatever the server sends
 # HAPI answers a search repeated within a minute from its cache of results, so a Patient created
 # in the EHR since stays unfound and a study parked for it stays parked: ask for a fresh search.
@@ -125,8 +123,11 @@ class FhirClient:
         body: Any = None,
         headers: Mapping[str, str] | None = None,
         ok: tuple[int, ...] = (),
+        parse_json: bool = False,
     ) -> httpx.Response:
         # ``path`` is relative to the base, or a full URL under it (a search's next link).
+        # ``parse_json``: a successful answer's JSON is parsed as it arrives (bridge/limits.py), for
+        # answers that can be large (reads, searches, bundles); json_body() then reads it.
         url = path if path.startswith(self._base) else f"{self._base}/{path}" if path else self._base
         request = self._client.build_request(
             method,
@@ -140,7 +141,13 @@ class FhirClient:
             },
         )
         response = await send(
-            self._client, request, service=SERVICE, policy=self._policy, ok=_final, limit=self._limit
+            self._client,
+            request,
+            service=SERVICE,
+            policy=self._policy,
+            ok=_final,
+            limit=self._limit,
+            parse_json=parse_json,
         )
         if not response.is_success and response.status_code not in ok:
             raise error_for_answer(response)
@@ -148,19 +155,18 @@ class FhirClient:
 
     async def capabilities(self) -> dict[str, Any]:
         """The server's CapabilityStatement (also a cheap reachability check)."""
-        response = await self._send("GET", "metadata")
+        response = await self._send("GET", "metadata", parse_json=True)
         body = json_body(response, SERVICE)
         return body if isinstance(body, dict) else {}
 
     async def read(self, resource_type: str, resource_id: str) -> dict[str, Any] | None:
         """The resource, or None if the server has none (404) or it was deleted (410)."""
-        response = await self._send("GET", f"{resource_type}/{quote(resource_id, safe='')}", ok=(404, 410))
+        response = await self._send(
+            "GET", f"{resource_type}/{quote(resource_id, safe='')}", ok=(404, 410), parse_json=True
+        )
         if response.status_code in (404, 410):
             return None
-        if len(response.content) > _PARSE_IN_THREAD:  # a large resource is decoded off the event loop
-            body = await asyncio.to_thread(json_body, response, SERVICE)
-        else:
-            body = json_body(response, SERVICE)
+        body = json_body(response, SERVICE)
         return body if isinstance(body, dict) else None
 
     async def delete(self, resource_type: str, resource_id: str) -> None:
@@ -176,7 +182,7 @@ class FhirClient:
         the rest, so with ``limit`` the ``next`` links are followed until that many were found.
         Only links under this client's base URL are followed, never another host.
         """
-        response = await self._send("GET", resource_type, params=params, headers=_FRESH)
+        response = await self._send("GET", resource_type, params=params, headers=_FRESH, parse_json=True)
         bundle = json_body(response, SERVICE)
         found = _matches(bundle, resource_type)
         for _ in range(_MAX_PAGES - 1):
@@ -188,7 +194,7 @@ class FhirClient:
             if not (url.startswith((self._base + "/", self._base + "?")) or url == self._base):
                 logger.warning("not following a search's next link off the FHIR base URL")
                 break
-            bundle = json_body(await self._send("GET", url, headers=_FRESH), SERVICE)
+            bundle = json_body(await self._send("GET", url, headers=_FRESH, parse_json=True), SERVICE)
             found.extend(_matches(bundle, resource_type))
         return found[:limit] if limit else found
 
@@ -241,11 +247,10 @@ class FhirClient:
         broken batch (FatalUpstreamError); the caller falls back to single requests.
         """
         bundle = {"resourceType": "Bundle", "type": "batch", "entry": list(entries)}
-        response = await self._send("POST", "", body=bundle, headers={"Prefer": "return=minimal"})
-        if len(response.content) > _PARSE_IN_THREAD:
-            body = await asyncio.to_thread(json_body, response, SERVICE)
-        else:
-            body = json_body(response, SERVICE)
+        response = await self._send(
+            "POST", "", body=bundle, headers={"Prefer": "return=minimal"}, parse_json=True
+        )
+        body = json_body(response, SERVICE)
         answers = body.get("entry", []) if isinstance(body, dict) else []
         if not isinstance(answers, list) or len(answers) != len(entries):
             raise FatalUpstreamError(
@@ -261,7 +266,7 @@ class FhirClient:
     async def transaction(self, entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         """POST a transaction Bundle; returns the response entries, in request order."""
         bundle = {"resourceType": "Bundle", "type": "transaction", "entry": list(entries)}
-        response = await self._send("POST", "", body=bundle)
+        response = await self._send("POST", "", body=bundle, parse_json=True)
         body = json_body(response, SERVICE)
         answers = body.get("entry", []) if isinstance(body, dict) else []
         if len(answers) != len(entries):

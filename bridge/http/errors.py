@@ -16,6 +16,7 @@ from bridge.errors import (
     UpstreamAuthError,
     UpstreamError,
 )
+from bridge.limits import ParsedResponse
 
 RETRIABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 AUTH_STATUS = frozenset({401, 403})
@@ -135,6 +136,13 @@ def error_for_exception(exc: Exception, request: httpx.Request, service: str) ->
         return UpstreamAuthError(f"{service} {where(request)}: {hint}", service=service)
     kind = "timed out" if isinstance(exc, httpx.TimeoutException) else "failed"
     return RetriableUpstreamError(f"{service} {where(request)} {kind}: {type(exc).__name__}", service=service)
+
+
+def body_is_empty(response: httpx.Response) -> bool:
+    """Whether the answer's body is nothing but white space (whether read whole or parsed as it came)."""
+    if isinstance(response, ParsedResponse):
+        return response.empty
+    return not response.content.strip()
 
 
 def json_body(response: httpx.Response, service: str) -> Any:

@@ -125,18 +125,20 @@ async def send(
     ok: Callable[[httpx.Response], bool] = lambda r: r.is_success,
     detail: Callable[[httpx.Response], str | None] = lambda r: None,
     limit: CallLimit | None = None,
+    parse_json: bool = False,
 ) -> httpx.Response:
     """Send ``request`` with retries; return the answer if ``ok``, else raise the mapped error.
 
     The body is read before returning so a truncated body is retried like any transport error;
-    with a ``limit``, within its deadline and size cap (bridge/limits.py).
+    with a ``limit``, within its deadline and size cap (bridge/limits.py), and with ``parse_json``
+    too, a successful answer's JSON is parsed as it arrives (``json_body`` reads it the same way).
     A 401 or 403 always raises UpstreamAuthError, whatever ``ok`` says.
     """
 
     async def attempt() -> httpx.Response:
         try:
             if limit is not None:
-                response = await send_bounded(client, request, limit, service)
+                response = await send_bounded(client, request, limit, service, parse_json=parse_json)
             else:
                 response = await client.send(request)
                 await response.aread()

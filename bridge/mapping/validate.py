@@ -28,3 +28,17 @@ def validate(resource: dict[str, Any]) -> None:
             for e in exc.errors(include_input=False, include_url=False)
         )
         raise MappingError(f"invalid {kind}: {problems}") from None
+
+
+# The resources the bridge validates before it writes them.
+WRITTEN_TYPES = ("ImagingStudy", "Endpoint", "Patient")
+
+
+def load_models() -> None:
+    """Import the models of the written resources now, at start-up.
+
+    fhir.resources imports each on first use: tens of milliseconds that would otherwise stall the
+    API's event loop during its first on-demand sync.
+    """
+    for kind in WRITTEN_TYPES:
+        get_fhir_model_class(kind)

@@ -3,7 +3,9 @@
 The load: thousands of requests with invented methods and long paths, ten concurrent links of a
 study with 20,000 series, and a hundred concurrent on-demand syncs (fifty of one study whose
 archive drips, fifty of studies that do not exist). /healthz is timed meanwhile from a separate
-process, so the load generator's own work does not count against the API.
+process, so the load generator's own work does not count against the API, and every probe (the
+worst, not a percentile) must answer within 100 ms, less the time the kernel kept the bridge's
+event-loop thread or the prober off the CPU (see _POLLER).
 """
 
 from __future__ import annotations
@@ -29,15 +31,37 @@ pytestmark = pytest.mark.integration
 
 SERIES = 20_000
 MAX_RSS_MB = 300.0
-HEALTHZ_P95_MS = 100.0
+HEALTHZ_MAX_MS = 100.0  # every probe, not a percentile
 
+# The probe runs in its own process. On a shared 2-core machine a probe is also slowed by the
+# kernel keeping the bridge's event-loop thread, or the prober itself, off the CPU while other
+# processes run (Node, Java, the load generator, other test runs): that is the machine, not the
+# bridge. Linux counts it per thread: the second field of /proc/<pid>/task/<tid>/schedstat is the
+# time the thread spent runnable but waiting on a run queue. Each probe reads both threads' counter
+# before and after and reports the increase; the test charges the bridge with the rest. What
+# stays charged is everything the bridge does to itself: its event loop busy, or waiting for the
+# interpreter lock while a worker thread holds it (a thread blocked on a lock is not runnable, so
+# none of that wait is subtracted). The event loop runs on uvicorn's main thread (tid = pid).
 _POLLER = """
 import sys, time, httpx
+
+def queued(path):
+    try:
+        with open(path) as handle:
+            return int(handle.read().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+server = f"/proc/{sys.argv[2]}/task/{sys.argv[2]}/schedstat"
+me = "/proc/self/schedstat"
 with httpx.Client(timeout=10) as c:
     while True:
+        before = queued(server) + queued(me)
         t = time.perf_counter()
         assert c.get(sys.argv[1]).status_code == 200
-        print(time.time(), (time.perf_counter() - t) * 1000, flush=True)
+        ms = (time.perf_counter() - t) * 1000
+        off_cpu = (queued(server) + queued(me) - before) / 1e6
+        print(time.time(), ms, off_cpu, flush=True)
         time.sleep(0.02)
 """
 
@@ -186,7 +210,9 @@ def test_hostile_callers_leave_memory_bounded_and_healthz_fast(
 ) -> None:
     url, child, tmp_path = served
     poller = subprocess.Popen(
-        [sys.executable, "-c", _POLLER, f"{url}/healthz"], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", _POLLER, f"{url}/healthz", str(child.pid)],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     peak = 0
     result: dict[str, object] = {}
@@ -204,12 +230,21 @@ def test_hostile_callers_leave_memory_bounded_and_healthz_fast(
     peak = max(peak, _peak_rss_kb(child.pid))
     poller.terminate()
     out, _ = poller.communicate(timeout=30)
-    probes = [(float(when), float(ms)) for when, ms in (line.split() for line in out.splitlines() if line)]
-    times = sorted(ms for _, ms in probes)
+    # (when, milliseconds as measured, milliseconds the bridge is charged with)
+    probes = [
+        (float(when), float(ms), max(0.0, float(ms) - float(off_cpu)))
+        for when, ms, off_cpu in (line.split() for line in out.splitlines() if line)
+    ]
+    assert len(probes) > 100, "too few /healthz probes to say anything"
+    times = sorted(ms for _, ms, _ in probes)
+    charged = sorted(own for _, _, own in probes)
     for phase, (begin, end) in result["phases"].items():  # type: ignore[attr-defined]
-        during = sorted(ms for when, ms in probes if begin <= when <= end)
+        during = sorted((own, ms) for when, ms, own in probes if begin <= when <= end)
         if during:
-            print(f"\n/healthz during {phase}: {len(during)} probes, worst {during[-1]:.1f} ms")
+            print(
+                f"\n/healthz during {phase}: {len(during)} probes, worst {during[-1][0]:.1f} ms "
+                f"charged ({during[-1][1]:.1f} ms measured)"
+            )
 
     store = SqlStore(f"sqlite:///{tmp_path / 'state.db'}")
     try:
@@ -218,16 +253,17 @@ def test_hostile_callers_leave_memory_bounded_and_healthz_fast(
         store.close()
     syncs = result["syncs"]
     assert isinstance(syncs, list)
-    p95 = times[int(len(times) * 0.95)] if times else float("inf")
+    p95 = times[int(len(times) * 0.95)]
     print(
         f"\nhostile client: peak RSS {peak / 1024:.0f} MB; /healthz {len(times)} probes, median "
-        f"{times[len(times) // 2]:.1f} ms, p95 {p95:.1f} ms, max {times[-1]:.1f} ms; odd requests "
+        f"{times[len(times) // 2]:.1f} ms, p95 {p95:.1f} ms, max {times[-1]:.1f} ms measured, "
+        f"max {charged[-1]:.1f} ms charged to the bridge; odd requests "
         f"{result['odd_seconds']:.1f} s; 10 links {result['links_seconds']:.1f} s; 100 syncs "
         f"{result['syncs_seconds']:.1f} s ({syncs.count(429)} x 429, {len(runs)} runs); /metrics "
         f"{result['metrics_bytes']} bytes; 5 dripping thumbnails {result['pictures_seconds']:.1f} s"
     )
     assert peak / 1024 < MAX_RSS_MB
-    assert p95 < HEALTHZ_P95_MS
+    assert charged[-1] < HEALTHZ_MAX_MS, f"worst /healthz probe {charged[-1]:.1f} ms (off the CPU excluded)"
     # 400: uvicorn's httptools parser refuses a method it does not know before the app sees it
     assert all(code in (200, 400, 404, 405) for code in result["odd"])  # type: ignore[attr-defined]
     assert all(code == 200 and total == SERIES for code, _, total in result["links"])  # type: ignore[attr-defined]

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import json
 import time
+import tracemalloc
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 
-from bridge.errors import UpstreamLimitError
-from bridge.http import RetryPolicy, send
-from bridge.limits import CallLimit, send_bounded
+from bridge.errors import FatalUpstreamError, UpstreamLimitError
+from bridge.http import RetryPolicy, body_is_empty, json_body, send
+from bridge.limits import PARSE_STEP, CallLimit, ParsedResponse, send_bounded
 
 pytestmark = pytest.mark.anyio
 
@@ -103,3 +105,119 @@ async def test_send_does_not_retry_an_answer_that_broke_a_bound() -> None:
     with pytest.raises(UpstreamLimitError):
         await send(http, http.build_request("GET", URL), service="dicomweb", policy=policy, limit=limit())
     assert len(calls) == 1
+
+
+class Chunks:
+    """A JSON body made as it is sent, ``count`` chunks of ``size`` bytes, counting what was read."""
+
+    def __init__(self, count: int, size: int) -> None:
+        self.count = count
+        self.size = size
+        self.sent = 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for i in range(self.count):
+            text = ("[" if i == 0 else ",") + '"' + "a" * (self.size - 3) + '"'
+            if i == self.count - 1:
+                text += "]"
+            self.sent += len(text)
+            yield text.encode()
+
+
+async def test_a_json_answer_is_parsed_as_it_arrives_and_its_bytes_are_not_kept() -> None:
+    http, _ = client(gzip.compress(b'\xef\xbb\xbf[{"a": 1, "b": 2.5}, null]'), {"Content-Encoding": "gzip"})
+    response = await send_bounded(
+        http, http.build_request("GET", URL), limit(), "dicomweb", parse_json=True
+    )
+    assert isinstance(response, ParsedResponse)
+    assert response.json() == [{"a": 1, "b": 2.5}, None]
+    assert isinstance(response.json()[0]["b"], float)  # as json.loads gives it, not a Decimal
+    assert response.content == b"" and not response.empty
+
+
+async def test_peak_memory_holds_the_parsed_answer_not_its_bytes_too() -> None:
+    # 80 strings of 64 kB: the parsed list is about as large as the body, so holding both at once
+    # (the body read whole, then decoded) would double the peak.
+    body = Chunks(80, 64 * 1024)
+    size = 80 * 64 * 1024
+    http, _ = client(body)  # type: ignore[arg-type]
+    request = http.build_request("GET", URL)
+    tracemalloc.start()
+    try:
+        response = await send_bounded(http, request, limit(max_bytes=2 * size), "dicomweb", parse_json=True)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(response.json()) == 80
+    print(f"body {size / 1e6:.1f} MB, peak traced {peak / 1e6:.1f} MB")
+    assert peak < 1.5 * size
+
+
+async def test_a_large_answer_is_parsed_in_steps_that_give_the_event_loop_turns() -> None:
+    document = [{"uid": f"1.2.3.{i}", "number": i, "modality": {"code": "CT"}} for i in range(40_000)]
+    raw = json.dumps(document).encode()  # about 2.4 MB, sent in one piece
+    http, _ = client(raw)
+    turns = 0
+
+    async def other_requests() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    ticker = asyncio.create_task(other_requests())
+    try:
+        response = await send_bounded(
+            http, http.build_request("GET", URL), limit(max_bytes=len(raw)), "fhir", parse_json=True
+        )
+    finally:
+        ticker.cancel()
+    assert response.json() == document
+    # One turn at least per slice: no step parses more than PARSE_STEP bytes without a break.
+    assert turns >= len(raw) // PARSE_STEP
+
+
+async def test_a_body_that_is_not_json_stops_the_reading_and_quotes_nothing() -> None:
+    body = Body(b"<html><body>Doe^Jane</body></html>" * 100)
+    http, _ = client(body)
+    response = await send_bounded(
+        http, http.build_request("GET", URL), limit(max_bytes=10_000_000), "dicomweb", parse_json=True
+    )
+    assert body.sent < 100_000  # the endless page was dropped at its first chunk, not read to the cap
+    with pytest.raises(ValueError) as caught:
+        response.json()
+    assert "Doe" not in str(caught.value)
+    with pytest.raises(FatalUpstreamError, match="not JSON"):
+        json_body(response, "dicomweb")
+
+
+async def test_an_answer_cut_short_or_empty_is_not_json() -> None:
+    http, _ = client(b'[{"a": 1}, {"b"')
+    cut = await send_bounded(http, http.build_request("GET", URL), limit(), "dicomweb", parse_json=True)
+    with pytest.raises(ValueError, match="not complete"):
+        cut.json()
+    http, _ = client(b"  \r\n")
+    empty = await send_bounded(http, http.build_request("GET", URL), limit(), "dicomweb", parse_json=True)
+    assert body_is_empty(empty)
+    with pytest.raises(ValueError):
+        empty.json()
+
+
+async def test_an_error_answer_keeps_its_bytes_for_the_error_message() -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(422, json={"resourceType": "OperationOutcome", "issue": []})
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    response = await send_bounded(http, http.build_request("GET", URL), limit(), "fhir", parse_json=True)
+    assert not isinstance(response, ParsedResponse)
+    assert response.json()["resourceType"] == "OperationOutcome"
+
+
+async def test_the_size_cap_holds_while_parsing() -> None:
+    body = Chunks(1000, 4096)
+    http, _ = client(body)  # type: ignore[arg-type]
+    with pytest.raises(UpstreamLimitError):
+        await send_bounded(
+            http, http.build_request("GET", URL), limit(max_bytes=100_000), "dicomweb", parse_json=True
+        )
+    assert body.sent <= 100_000 + 4096

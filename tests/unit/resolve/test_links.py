@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from bridge.errors import NoUsableEndpointError, StudyNotFoundError
@@ -117,6 +119,29 @@ def test_links_carry_every_wado_rs_url() -> None:
     }
     assert links["imaging_study_url"] == "https://fhir/R4/ImagingStudy/is1"
     assert [s["uid"] for s in links["series"]] == list(SERIES_UIDS)
+
+
+def test_a_location_whose_base_or_series_base_left_the_bases_builds_no_links() -> None:
+    # build_links takes any StudyLocation, not only one locate() made: it checks every base again.
+    location = locate(imaging_study(), {"Endpoint/ep1": endpoint()}, BASES)
+    outside = "https://evil.example.com/wado"
+    for bad in (
+        replace(location, base=outside),
+        replace(location, series=(location.series[0], replace(location.series[1], base=outside))),
+    ):
+        with pytest.raises(NoUsableEndpointError, match="left the configured bases"):
+            build_links(bad, fhir_base="https://f", viewers={}, default_viewer="ohif", bases=BASES)
+
+
+def test_a_series_uid_that_is_not_a_uid_is_checked_whole() -> None:
+    location = locate(imaging_study(), {"Endpoint/ep1": endpoint()}, BASES)
+    odd = replace(location, series=(replace(location.series[0], uid="SERIES-A"),))
+    links = build_links(odd, fhir_base="https://f", viewers={}, default_viewer="ohif", bases=BASES)
+    assert links["series"][0]["url"] == f"{DICOMWEB_BASE}/studies/{STUDY_UID}/series/SERIES-A"
+    # an encoded slash could step out of the base once a server decodes it: refused, as before
+    sneaky = replace(location, series=(replace(location.series[0], uid="../../admin"),))
+    with pytest.raises(NoUsableEndpointError, match="left the configured bases"):
+        build_links(sneaky, fhir_base="https://f", viewers={}, default_viewer="ohif", bases=BASES)
 
 
 def test_viewer_values_are_percent_encoded_and_unknown_placeholders_refused() -> None:
