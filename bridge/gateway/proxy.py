@@ -123,12 +123,14 @@ async def forward(
 async def _whole(answer: httpx.Response, limit: CallLimit, deadline: float) -> bytes:
     """The raw body of a small answer, read within the call's deadline and size bound."""
     request = answer.request
-    body = bytearray()
+    chunks: list[bytes] = []
+    size = 0
     try:
         async with asyncio.timeout_at(deadline):
             async for chunk in answer.aiter_raw():
-                body += chunk
-                if len(body) > limit.max_bytes:  # more than declared: HTTP/1.1 framing forbids it
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > limit.max_bytes:  # more than declared: HTTP/1.1 framing forbids it
                     raise UpstreamLimitError(
                         f"{SERVICE} {where(request)}: the {limit.kind} answer is larger than "
                         f"{limit.max_bytes} bytes ({limit.max_bytes_setting})",
@@ -148,7 +150,7 @@ async def _whole(answer: httpx.Response, limit: CallLimit, deadline: float) -> b
         raise error_for_exception(exc, request, SERVICE) from exc
     finally:
         await answer.aclose()
-    return bytes(body)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)  # one copy at most
 
 
 class StreamCut(Exception):  # noqa: N818 - a signal, not an error the app maps

@@ -283,3 +283,40 @@ async def test_jwt_keys_from_a_jwks_url(tmp_path: Path, fake: FakeFhir, rsa_key:
         assert ok.status_code == 200
         refused = await c.get("/imaging-studies/is1/links", headers={"Authorization": f"Bearer {unknown}"})
         assert refused.status_code == 401
+
+
+async def test_the_schema_names_the_security_schemes_of_the_routes_that_authenticate(
+    api: httpx.AsyncClient,
+) -> None:
+    schema = (await api.get("/openapi.json")).json()
+    schemes = schema["components"]["securitySchemes"]
+    assert schemes["ApiKey"] == {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+    assert schemes["BearerJWT"] == {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+    both = [{"ApiKey": []}, {"BearerJWT": []}]
+    paths = schema["paths"]
+    for path, method in (
+        ("/studies/{study_uid}/links", "get"),
+        ("/imaging-studies/{id}/viewer", "get"),
+        ("/failures", "get"),
+        ("/studies/{study_uid}/sync", "post"),
+        ("/metrics", "get"),
+    ):
+        assert paths[path][method]["security"] == both, path
+    assert "security" not in paths["/healthz"]["get"] and "security" not in paths["/readyz"]["get"]
+
+
+@pytest.mark.parametrize(
+    ("authorization", "status"),
+    [("Bearer", 401), ("Basic azp2", 401), ("bearer  not-a-jwt ", 401), ("", 401)],
+    ids=["no token", "another scheme", "not a JWT", "empty"],
+)
+async def test_an_authorization_header_that_is_not_a_good_bearer_token_is_401(
+    tmp_path: Path, fake: FakeFhir, rsa_key: rsa.RSAPrivateKey, authorization: str, status: int
+) -> None:
+    async with client(tmp_path, fake, jwt_public_key=_pem(rsa_key), jwt_audience="bridge") as c:
+        answer = await c.get("/imaging-studies/is1/links", headers={"Authorization": authorization})
+        good = await c.get(
+            "/imaging-studies/is1/links", headers={"Authorization": f"bearer {_token(rsa_key)}"}
+        )
+    assert answer.status_code == status
+    assert good.status_code == 200  # the scheme's name is case-insensitive

@@ -628,6 +628,22 @@ async def test_a_logout_elsewhere_counts_here_within_the_cache_ttl_and_here_at_o
     assert here.status_code == 401  # logged out on this replica: its cache forgets the session at once
 
 
+async def test_a_key_sent_with_a_stale_session_cookie_is_what_counts(tmp_path: Path) -> None:
+    async with bridge(tmp_path) as b:
+        await b.login()
+        cookie = b.http.cookies[COOKIE]
+        await b.http.post("/logout")
+        stale = {"Cookie": f"{COOKIE}={cookie}"}
+        with_key = await b.http.get(
+            "/imaging-studies/is1/links", headers={**stale, "X-API-Key": "machine-key"}
+        )
+        with_bad_key = await b.http.get("/imaging-studies/is1/links", headers={**stale, "X-API-Key": "wrong"})
+        cookie_only = await b.http.get("/imaging-studies/is1/links", headers=stale)
+    assert with_key.status_code == 200  # the key decides; the ended session is not consulted
+    assert with_bad_key.status_code == 401 and "API key" in with_bad_key.text
+    assert cookie_only.status_code == 401 and "ended" in cookie_only.text
+
+
 async def test_a_cached_session_ends_at_its_own_expiry(tmp_path: Path) -> None:
     now = [1000.0]
     async with bridge(tmp_path) as b:
