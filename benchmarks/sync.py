@@ -67,7 +67,8 @@ def bridge_env(dicomweb: str, fhir: str, state: Path, args: argparse.Namespace) 
         "BRIDGE_PATIENT_IDENTIFIER_SYSTEM": PATIENT_SYSTEM,
         "BRIDGE_DICOM_TIMEZONE": "UTC",
         "BRIDGE_LOG_LEVEL": args.log_level,
-        "BRIDGE_DICOMWEB_SERIES_QUERY": args.series_query,
+        # benchmarks.nochange and others share these settings without the option: the default
+        "BRIDGE_DICOMWEB_SERIES_QUERY": getattr(args, "series_query", "auto"),
     }
 
 
