@@ -67,6 +67,8 @@ def bridge_env(dicomweb: str, fhir: str, state: Path, args: argparse.Namespace) 
         "BRIDGE_PATIENT_IDENTIFIER_SYSTEM": PATIENT_SYSTEM,
         "BRIDGE_DICOM_TIMEZONE": "UTC",
         "BRIDGE_LOG_LEVEL": args.log_level,
+        # benchmarks.nochange and others share these settings without the option: the default
+        "BRIDGE_DICOMWEB_SERIES_QUERY": getattr(args, "series_query", "auto"),
     }
 
 
@@ -224,6 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patient-policy", choices=("match-or-create", "logical"), default="match-or-create")
     parser.add_argument("--log-level", default="INFO", help="BRIDGE_LOG_LEVEL of the bridge run")
     parser.add_argument(
+        "--series-query",
+        choices=("auto", "list", "per-study", "paged"),
+        default="auto",
+        help="BRIDGE_DICOMWEB_SERIES_QUERY of the bridge run (paged: the sweep, for archives without lists)",
+    )
+    parser.add_argument(
         "--fhir-engine", choices=FHIR_ENGINES, default="medplum", help="the FHIR server to sync into"
     )
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where prepared archives are kept")
@@ -254,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         "FHIR engine": args.fhir_engine,
         "state store": "SQLite file (fresh per run)",
         "bridge log level": args.log_level,
+        "bridge series query": args.series_query,
     }
     print_block("settings", settings)
     started = time.monotonic()

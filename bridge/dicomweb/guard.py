@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydicom.datadict import keyword_for_tag
-
 from bridge.errors import MappingError
 
 # Value representations whose values are short by definition (PS3.5 6.2); LT, ST, UT, UC and UR
@@ -40,6 +38,8 @@ def check_value_sizes(row: Any) -> Any:
             continue
         longest = max((_length(v) for v in values), default=0)
         if longest > MAX_SHORT_VALUE:
+            from pydicom.datadict import keyword_for_tag  # only to name the attribute at fault
+
             try:
                 name = keyword_for_tag(int(tag, 16)) or tag
             except ValueError:

@@ -1,20 +1,14 @@
-"""Small typed records parsed from QIDO-RS DICOM JSON with pydicom."""
+"""Small typed records parsed from QIDO-RS DICOM JSON: read directly, or with pydicom when unusual."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
-from typing import Any
-
-from pydicom import Dataset, config
-from pydicom.datadict import dictionary_VR, keyword_for_tag
-from pydicom.multival import MultiValue
-from pydicom.uid import UID
+from typing import TYPE_CHECKING, Any
 
 from bridge.errors import MappingError
 from bridge.mapping.values import (
@@ -23,9 +17,14 @@ from bridge.mapping.values import (
     clean_text,
     decode_inline_text,
     decode_text,
+    is_valid_uid,
     safe_key,
     vr_problem,
 )
+
+if TYPE_CHECKING:
+    # pydicom itself is imported only for a row the direct reading leaves to it (see _attrs)
+    from pydicom import Dataset
 
 DicomJson = dict[str, Any]
 
@@ -182,12 +181,14 @@ def raw_uid(row: DicomJson, tag: str = "0020000D") -> str | None:
         return None
     value = value.strip(" \x00")
     # An invalid UID is never logged or stored as such: it can be anything, a name included.
-    return value if UID(value, validation_mode=config.IGNORE).is_valid else safe_key(value)
+    return value if is_valid_uid(value) else safe_key(value)
 
 
 @contextmanager
 def _no_value_validation() -> Iterator[None]:
     """Read without value checks: pydicom would warn and log raw values (patient data)."""
+    from pydicom import config
+
     saved = config.settings.reading_validation_mode
     config.settings.reading_validation_mode = config.IGNORE
     try:
@@ -313,13 +314,63 @@ def _plain_value(value: Any, vr: str) -> Any:
     return None
 
 
-@functools.cache
+# The keywords of the attributes the parsers read (pydicom's dictionary, checked by a test). The
+# direct reading names only these: no reader asks for another, and looking names up in pydicom's
+# dictionary would import pydicom at start-up.
+KEYWORDS: dict[int, str] = {
+    0x00080016: "SOPClassUID",
+    0x00080018: "SOPInstanceUID",
+    0x00080020: "StudyDate",
+    0x00080021: "SeriesDate",
+    0x00080030: "StudyTime",
+    0x00080031: "SeriesTime",
+    0x00080050: "AccessionNumber",
+    0x00080051: "IssuerOfAccessionNumberSequence",
+    0x00080060: "Modality",
+    0x00080061: "ModalitiesInStudy",
+    0x00080090: "ReferringPhysicianName",
+    0x00080100: "CodeValue",
+    0x00080102: "CodingSchemeDesignator",
+    0x00080104: "CodeMeaning",
+    0x00080119: "LongCodeValue",
+    0x00080120: "URNCodeValue",
+    0x00080201: "TimezoneOffsetFromUTC",
+    0x00081030: "StudyDescription",
+    0x00081032: "ProcedureCodeSequence",
+    0x0008103E: "SeriesDescription",
+    0x00081050: "PerformingPhysicianName",
+    0x00081070: "OperatorsName",
+    0x00100010: "PatientName",
+    0x00100020: "PatientID",
+    0x00100021: "IssuerOfPatientID",
+    0x00100024: "IssuerOfPatientIDQualifiersSequence",
+    0x00100030: "PatientBirthDate",
+    0x00100040: "PatientSex",
+    0x00101002: "OtherPatientIDsSequence",
+    0x00180015: "BodyPartExamined",
+    0x0020000D: "StudyInstanceUID",
+    0x0020000E: "SeriesInstanceUID",
+    0x00200011: "SeriesNumber",
+    0x00200013: "InstanceNumber",
+    0x00200060: "Laterality",
+    0x00201206: "NumberOfStudyRelatedSeries",
+    0x00201208: "NumberOfStudyRelatedInstances",
+    0x00201209: "NumberOfSeriesRelatedInstances",
+    0x00400031: "LocalNamespaceEntityID",
+    0x00400032: "UniversalEntityID",
+    0x00400033: "UniversalEntityIDType",
+    0x0040100A: "ReasonForRequestedProcedureCodeSequence",
+}
+
+
 def _keyword(tag: int) -> str:
-    return keyword_for_tag(tag)
+    return KEYWORDS.get(tag, "")
 
 
 def _dataset(row: DicomJson, level: str) -> Dataset:
     """The row as a pydicom Dataset (a row the direct reading leaves to pydicom)."""
+    from pydicom import Dataset
+
     try:
         with _no_value_validation():
             ds = Dataset.from_json(row, bulk_data_uri_handler=_no_bulk_data)
@@ -336,6 +387,8 @@ def _dataset(row: DicomJson, level: str) -> Dataset:
 
 def _from_dataset(ds: Dataset) -> _Attrs:
     """The attributes of a pydicom Dataset, in the form the parsers read."""
+    from pydicom.multival import MultiValue
+
     elements: dict[str, _Element] = {}
     for element in ds:
         keyword = element.keyword
@@ -372,6 +425,9 @@ def _share_encoding(ds: Dataset) -> None:
 
 def _failing_attribute(row: DicomJson) -> str | None:
     """The keyword (or tag) of the first element pydicom cannot read on its own."""
+    from pydicom import Dataset
+    from pydicom.datadict import keyword_for_tag
+
     for tag, element in row.items():
         try:
             with _no_value_validation():
@@ -390,7 +446,11 @@ def _encodings(ds: Dataset) -> list[str]:
 
 
 def _value_vr(element: _Element) -> str:
-    return str(dictionary_VR(element.tag)) if element.vr in ("UN", "OB", "OW") else element.vr
+    if element.vr not in ("UN", "OB", "OW"):
+        return element.vr
+    from pydicom.datadict import dictionary_VR
+
+    return str(dictionary_VR(element.tag))
 
 
 def _value_text(ds: _Attrs, element: _Element) -> str | None:

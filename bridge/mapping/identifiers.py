@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pydicom import config
-from pydicom.uid import UID
-
 from bridge.dicomweb.records import Issuer, StudyRecord
 from bridge.errors import MappingError, PatientLinkError
 from bridge.mapping.context import DICOM_UID_SYSTEM, V2_0203, MappingContext
 from bridge.mapping.identity import UnmappedIssuer, derived_system
-from bridge.mapping.values import vr_problem
+from bridge.mapping.values import is_valid_uid, vr_problem
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +36,7 @@ def escape_token(text: str) -> str:
 
 def check_uid(value: str, attribute: str) -> str:
     """The UID itself when it is a valid DICOM UID, else a MappingError naming the attribute."""
-    if not UID(value, validation_mode=config.IGNORE).is_valid:
+    if not is_valid_uid(value):
         raise MappingError(f"{attribute} is not a valid DICOM UID", attribute=attribute)
     return value
 

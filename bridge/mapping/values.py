@@ -14,13 +14,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from pydicom import config
-from pydicom.charset import convert_encodings, decode_bytes
-from pydicom.datadict import dictionary_VR
-from pydicom.uid import UID
-from pydicom.valuerep import PersonName
-
 from bridge.errors import MappingError
+
+# pydicom is imported where bytes are decoded or the dictionary is asked (rare rows): importing it
+# (and numpy, which it loads) is about a third of `bridge sync`'s start-up.
 
 # C0 controls, DEL and C1 controls: not text in any DICOM VR the mapping reads, and FHIR's
 # string type refuses most of them. ESC is among them: pydicom has already applied the ISO 2022
@@ -104,13 +101,26 @@ def vr_problem(value: str, vr: str) -> str | None:
     if vr in _NO_BACKSLASH and "\\" in value:
         return "holds a backslash (several values where one is expected)"
     if vr == "UI":
-        if not UID(value, validation_mode=config.IGNORE).is_valid:
+        if not is_valid_uid(value):
             return "is not a valid DICOM UID (digits and dots, no leading zeros)"
         return None
     pattern = _PATTERN.get(vr)
     if pattern is not None and not pattern.match(value):
         return f"is not a valid {vr} value"
     return None
+
+
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+def is_valid_uid(value: str) -> bool:
+    """Whether ``value`` is a valid DICOM UID, exactly as pydicom's ``UID(value).is_valid`` says.
+
+    pydicom strips surrounding whitespace when it makes a UID, then wants at most 64 characters
+    of digits and dots with no leading zeros (PS3.5 9.1).
+    """
+    text = value.strip()
+    return len(text) <= 64 and _UID.match(text) is not None
 
 
 def check_value(value: str, vr: str, attribute: str) -> str:
@@ -128,6 +138,9 @@ def decode_text(raw: bytes, vr: str, encodings: Sequence[str]) -> str | None:
     Specific Character Set. None when the bytes are not text in that character set (the value is
     then left out): a Python bytes repr must never reach a resource.
     """
+    from pydicom.charset import decode_bytes
+    from pydicom.valuerep import PersonName
+
     charsets = list(encodings) or ["ISO_IR 6"]
     raw = raw.rstrip(b"\x00 ")
     if not raw:
@@ -181,6 +194,8 @@ def _text_vr(tag: str, vr: str) -> str | None:
     if vr == "SQ":
         return vr
     if vr == "UN":
+        from pydicom.datadict import dictionary_VR
+
         try:
             vr = str(dictionary_VR(int(tag, 16)))
         except (KeyError, ValueError):
@@ -189,6 +204,8 @@ def _text_vr(tag: str, vr: str) -> str | None:
 
 
 def _inline(data: Any, vr: str, charset: Sequence[str]) -> str | None:
+    from pydicom.charset import convert_encodings
+
     try:
         raw = base64.b64decode(str(data), validate=True)
     except (binascii.Error, ValueError):
@@ -211,6 +228,8 @@ def _json_value(text: str, vr: str) -> Any:
 @contextmanager
 def _strict_charsets() -> Iterator[None]:
     """Make pydicom raise on undecodable bytes; it else replaces them, with a warning."""
+    from pydicom import config
+
     saved = config.settings.reading_validation_mode
     config.settings.reading_validation_mode = config.RAISE
     try:

@@ -1,23 +1,29 @@
-"""Brings a state store's schema to this bridge's version with Alembic, adopting pre-Alembic stores."""
+"""Brings a state store's schema to this bridge's version with Alembic, adopting pre-Alembic stores.
+
+Alembic is imported only when a store is not already at this bridge's head: importing it (and
+reading the revision scripts) is about a quarter of a second, which every ``bridge sync`` paid.
+"""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from alembic.util.exc import CommandError
 from sqlalchemy import Connection, Engine, func, inspect, select, text
+from sqlalchemy.exc import SQLAlchemyError
 
 from bridge.errors import StoreError
 from bridge.state.models import SCHEMA_VERSION
 
+if TYPE_CHECKING:
+    from alembic.config import Config
+
 logger = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+# The newest revision under migrations/versions (a test checks it against Alembic's own head).
+HEAD = "0006"
 # The revision whose schema is what ``create_all`` made before migrations existed.
 BASELINE = "0001"
 # Key of the PostgreSQL advisory lock that lets one replica at a time migrate.
@@ -26,6 +32,8 @@ MIGRATION_LOCK = 0x62726964_67650001
 
 def alembic_config(connection: Connection | None = None) -> Config:
     """An Alembic configuration for the bundled migrations (no alembic.ini needed)."""
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     if connection is not None:
@@ -35,6 +43,8 @@ def alembic_config(connection: Connection | None = None) -> Config:
 
 def head_revision() -> str:
     """The newest revision this bridge knows."""
+    from alembic.script import ScriptDirectory
+
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     if head is None:  # pragma: no cover - the package always ships revisions
         raise StoreError("no migrations are bundled with this bridge")
@@ -43,6 +53,8 @@ def head_revision() -> str:
 
 def current_revision(connection: Connection) -> str | None:
     """The revision the store is at; None for an empty or pre-Alembic store."""
+    from alembic.runtime.migration import MigrationContext
+
     return MigrationContext.configure(connection).get_current_revision()
 
 
@@ -59,6 +71,8 @@ def _adopt(connection: Connection) -> None:
             f"the state store has bridge tables but schema_info version {version}, which no "
             "migration matches; restore it from a backup or point BRIDGE_STATE_URL at a new database"
         )
+    from alembic import command
+
     logger.info("adopting a state store created without migrations (schema 1) as revision %s", BASELINE)
     command.stamp(alembic_config(connection), BASELINE)
 
@@ -68,6 +82,10 @@ def upgrade(connection: Connection) -> tuple[str | None, str]:
 
     Returns the revisions before and after. A store newer than this bridge is refused.
     """
+    from alembic import command
+    from alembic.script import ScriptDirectory
+    from alembic.util.exc import CommandError
+
     tables = set(inspect(connection).get_table_names())
     before = current_revision(connection) if "alembic_version" in tables else None
     if before is None and "studies" in tables:
@@ -95,8 +113,23 @@ def upgrade(connection: Connection) -> tuple[str | None, str]:
     return before, head
 
 
+def at_head(connection: Connection) -> bool:
+    """Whether the store is already at this bridge's head revision and schema version (no Alembic)."""
+    try:
+        revision = connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+        version = _schema_info_version(connection)
+    except SQLAlchemyError:
+        return False  # no such table yet (a new or pre-Alembic store): the full way decides
+    return revision == [HEAD] and version == SCHEMA_VERSION
+
+
 def upgrade_engine(engine: Engine) -> tuple[str | None, str]:
     """Migrate to head in one transaction; on PostgreSQL replicas take turns on an advisory lock."""
+    with engine.connect() as connection:
+        current = at_head(connection)
+        connection.rollback()  # a failed look-up must not leave PostgreSQL's transaction aborted
+    if current:
+        return HEAD, HEAD
     with engine.begin() as connection:
         if connection.dialect.name == "postgresql":
             # Released at commit; a second replica waits here, then finds nothing left to do.

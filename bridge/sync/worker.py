@@ -72,9 +72,9 @@ async def _read_ahead(pages: AsyncIterator[list[DicomJson]]) -> AsyncIterator[li
 def _sweep_complete(study: StudyRecord, series: Sequence[SeriesRecord]) -> bool:
     """Whether a sweep's series are all of the study's, as its own (newer) row counts them.
 
-    A sweep runs before the study pages and over minutes: a series or instance added since, or
-    a series missed as pages shifted, shows as a count that differs. Without the counts nothing
-    vouches for the sweep, and the study is asked alone.
+    The sweep and the study rows are read at different times (minutes apart on a large archive):
+    a series or instance added in between, or a series missed as pages shifted, shows as a count
+    that differs. Without the counts nothing vouches for the sweep, and the study is asked alone.
     """
     if study.series_count is None or study.series_count != len(series):
         return False
@@ -131,6 +131,7 @@ class SyncWorker:
         self._context_fingerprint = ctx.fingerprint()
         self._stop_requested = False
         self._swept = False  # series come from the source's sweep of the whole run (see _fetch)
+        self._sweep_filters: Mapping[str, str] | None = None  # the run may sweep, not yet done
         self._assembler = StudyAssembler(source, linker, ctx, read_instance_header=read_instance_header)
         self._retirer = Retirer(publisher, store, ctx, policy=delete_policy, max_fraction=delete_max_fraction)
 
@@ -157,9 +158,10 @@ class SyncWorker:
         With ``reconcile`` the pass must cover the whole archive: published studies it did not
         see are gone from the archive, and the delete policy is applied to them.
         """
-        return await self._run(
-            kind, self._source.iter_studies(filters), reconcile=reconcile, sweep=dict(filters or {})
-        )
+        # Only a run over the whole archive may sweep its series: a run with filters (an
+        # incremental window) would page through every series if the archive ignored them.
+        sweep: dict[str, str] | None = None if filters else {}
+        return await self._run(kind, self._source.iter_studies(filters), reconcile=reconcile, sweep=sweep)
 
     async def run_studies(self, study_uids: Sequence[str], kind: str = "on-demand") -> RunReport:
         """Sync the named studies now; a named study the archive no longer has is retired."""
@@ -203,7 +205,8 @@ class SyncWorker:
         """Run one pass over ``pages`` and record it.
 
         ``sweep``: the pass covers every study matching these filters, so the source may fetch
-        all their series at once beforehand (``BRIDGE_DICOMWEB_SERIES_QUERY=paged``).
+        all their series at once (``BRIDGE_DICOMWEB_SERIES_QUERY=paged``), which it does when the
+        first page with changed studies needs them: a run that changes nothing asks for no series.
 
         Studies that fail are parked and the pass goes on; an upstream that stays unreachable
         ends the pass with UpstreamUnavailableError after the run is recorded as failed.
@@ -218,8 +221,7 @@ class SyncWorker:
         try:
             self._linker.begin_run()
             endpoint = await self._publisher.ensure_endpoint()
-            if sweep is not None:
-                self._swept = await self._source.sweep_series(sweep)
+            self._sweep_filters = sweep
             limit = asyncio.Semaphore(self._concurrency)
             await self._pages(pages, endpoint, limit, report, reconcile=reconcile)
             if self._stop_requested:
@@ -236,6 +238,7 @@ class SyncWorker:
             report.status, report.error = "failed", f"{type(exc).__name__}: {exc}"
             raise
         finally:
+            self._sweep_filters = None
             if self._swept:
                 self._swept = False
                 await asyncio.to_thread(self._source.end_sweep)
@@ -405,6 +408,10 @@ class SyncWorker:
                 todo.append(item)
         if not todo:
             return
+        if self._sweep_filters is not None and len(todo) > 1:
+            # Once per run, for the first page with changes (one study alone is asked alone).
+            filters, self._sweep_filters = self._sweep_filters, None
+            self._swept = await self._source.sweep_series(filters)
         prefetched = await self._source.search_series_many([t.study.uid for t in todo])
 
         async def fetch(item: _Todo) -> None:

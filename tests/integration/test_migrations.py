@@ -14,6 +14,7 @@ from tests.unit.state.test_store_schema import (  # noqa: F401 - collected here 
     test_a_store_migrated_by_a_newer_bridge_is_refused,
     test_downgrade_to_the_baseline_and_back_keeps_published_studies,
     test_opening_a_current_store_again_changes_nothing,
+    test_opening_a_store_at_head_does_not_import_alembic,
     test_runs_recorded_before_0006_keep_their_rows_and_new_runs_record_how_series_were_asked,
     test_tables_of_an_unknown_schema_are_refused_not_stamped,
     test_the_baseline_revision_is_the_schema_bridge_0_1_created,

@@ -94,10 +94,19 @@ def _pydicom_reading(row: dict[str, Any]) -> dict[str, Any] | MappingError:
         return exc
 
 
+_READ = frozenset(records.KEYWORDS.values())
+
+
 def _plain(attrs: records._Attrs) -> dict[str, Any]:
-    """The attributes as plain data (items included), for comparing the two readings."""
+    """The attributes the parsers read, as plain data (items included), to compare the readings.
+
+    pydicom names every attribute its dictionary knows; the direct reading only those the parsers
+    ask for, which is all a parser can tell apart.
+    """
     out: dict[str, Any] = {}
     for keyword, element in attrs.elements.items():
+        if keyword not in _READ:
+            continue
         value = element.value
         if element.vr == "SQ":
             value = [_plain(item) for item in value or ()]
@@ -142,3 +151,39 @@ def test_inline_binary_and_a_value_that_is_not_a_list_are_left_to_pydicom() -> N
     assert records._plain_item({"00081030": {"vr": "OB", "InlineBinary": "AAAA"}}) is None
     assert records._plain_item({"00081030": {"vr": "LO", "Value": "CT"}}) is None
     assert records._plain_item({"00081030": {"vr": "LO"}}) is not None  # empty: read directly
+
+
+def test_the_keywords_read_directly_are_pydicoms() -> None:
+    from pydicom.datadict import keyword_for_tag
+
+    assert {tag: keyword_for_tag(tag) for tag in records.KEYWORDS} == records.KEYWORDS
+
+
+def test_every_attribute_a_parser_reads_has_its_keyword_in_the_table() -> None:
+    """A parser asking for a keyword outside the table would silently read nothing."""
+    import inspect
+    import re
+
+    from pydicom.datadict import tag_for_keyword
+
+    source = inspect.getsource(records)
+    readers = r"(?<![a-z])(?:_text|_int|_multi|_items|_issuer|_codes|_person_names?|_required)"
+    asked = set(re.findall(readers + r'\([a-z]+, "(\w+)"', source))
+    asked |= {"OtherPatientIDsSequence"}
+    assert len(asked) > 30  # the pattern still finds the readers' calls
+    assert all(tag_for_keyword(k) is not None for k in asked)
+    assert asked <= _READ, asked - _READ
+
+
+def test_uid_validity_is_pydicoms() -> None:
+    from pydicom import config
+    from pydicom.uid import UID
+
+    from bridge.mapping.values import is_valid_uid
+
+    rng = random.Random(5)
+    alphabet = "0123456789.. \t\n\x00a\xa0"
+    samples = ["1.2.3", "0", "01.2", "1..2", "1.2.", ".1", " 1.2 ", "1.2\n", "1." + "2" * 63, "1." + "2" * 62]
+    samples += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 70))) for _ in range(3000)]
+    for value in samples:
+        assert is_valid_uid(value) == UID(value, validation_mode=config.IGNORE).is_valid, repr(value)

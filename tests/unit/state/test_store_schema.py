@@ -5,6 +5,8 @@ The same tests run on PostgreSQL from tests/integration/test_migrations.py, whic
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from sqlalchemy import create_engine, inspect, text
 
 from bridge.errors import StoreError
 from bridge.state.claims import claim_key
-from bridge.state.migrate import BASELINE, alembic_config, current_revision, head_revision
+from bridge.state.migrate import BASELINE, HEAD, alembic_config, current_revision, head_revision
 from bridge.state.models import SCHEMA_VERSION, Base
 from bridge.state.store import SqlStore
 from bridge.sync.protocols import Published, RunCounts
@@ -202,6 +204,20 @@ def test_runs_recorded_before_0006_keep_their_rows_and_new_runs_record_how_serie
     engine.dispose()
     assert "series_query" not in columns and "qido_queries" in columns
     assert _revision_and_version(db_url) == ("0005", 5)
+
+
+def test_the_head_the_store_checks_without_alembic_is_alembics_head() -> None:
+    assert HEAD == head_revision()  # a new revision must move migrate.HEAD (and SCHEMA_VERSION)
+
+
+def test_opening_a_store_at_head_does_not_import_alembic(db_url: str) -> None:
+    SqlStore(db_url).close()  # migrated to head
+    check = (
+        "import sys; from bridge.state.store import SqlStore; "
+        f"SqlStore({db_url!r}).close(); print('alembic' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
 
 
 def test_claim_keys_are_stable_64_bit_and_distinct_per_source() -> None:

@@ -69,3 +69,29 @@ async def test_a_run_for_named_studies_does_not_sweep(sweeping: World) -> None:
 
     assert [q for q in sweeping.source.queries if q.startswith("/series")] == []
     assert sweeping.source.series_calls == [uid(1)]
+
+
+async def test_a_run_that_changes_nothing_sweeps_nothing(sweeping: World) -> None:
+    for n in range(1, 4):
+        sweeping.add(n, series=_two_series(n), series_count=2, instance_count=120)
+    await sweeping.run()
+    before = len(sweeping.source.queries)
+
+    report = await sweeping.run()
+
+    assert report.counts.unchanged == 3
+    assert [q for q in sweeping.source.queries[before:] if "/series" in q] == []
+    (run, _) = sweeping.store.runs(2)
+    assert run.series_query is None  # no series asked at all
+
+
+async def test_a_run_with_filters_asks_per_study(sweeping: World) -> None:
+    for n in range(1, 4):
+        sweeping.add(n, series=_two_series(n), series_count=2, instance_count=120)
+
+    # An incremental window: a sweep could page through every series if the archive ignored it.
+    report = await sweeping.worker().run({"StudyDate": "20240101-"})
+
+    assert report.counts.created == 3
+    assert [q for q in sweeping.source.queries if q.startswith("/series")] == []
+    assert sorted(sweeping.source.series_calls) == [uid(1), uid(2), uid(3)]
