@@ -194,7 +194,7 @@ async def test_a_body_that_is_not_json_stops_the_reading_and_quotes_nothing() ->
 async def test_an_answer_cut_short_or_empty_is_not_json() -> None:
     http, _ = client(b'[{"a": 1}, {"b"')
     cut = await send_bounded(http, http.build_request("GET", URL), limit(), "dicomweb", parse_json=True)
-    with pytest.raises(ValueError, match="not complete"):
+    with pytest.raises(ValueError, match="not JSON"):
         cut.json()
     http, _ = client(b"  \r\n")
     empty = await send_bounded(http, http.build_request("GET", URL), limit(), "dicomweb", parse_json=True)
@@ -221,3 +221,28 @@ async def test_the_size_cap_holds_while_parsing() -> None:
             http, http.build_request("GET", URL), limit(max_bytes=100_000), "dicomweb", parse_json=True
         )
     assert body.sent <= 100_000 + 4096
+
+
+async def test_an_answer_over_the_cap_costs_its_bytes_only_nothing_is_built_from_it() -> None:
+    # Rows of tiny objects: parsed, each 8-byte row would become some 200 bytes of dict. Nothing
+    # is parsed before the whole body is in, so an endless page stops at the cap in bytes.
+    row = b'{"a":0},'
+
+    async def rows() -> AsyncIterator[bytes]:
+        yield b"["
+        while True:
+            yield row * 8192
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(200, content=rows())))
+    cap = 4 * 1024 * 1024
+    tracemalloc.start()
+    try:
+        with pytest.raises(UpstreamLimitError):
+            await send_bounded(
+                http, http.build_request("GET", URL), limit(max_bytes=cap), "dicomweb", parse_json=True
+            )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    print(f"cap {cap / 1e6:.1f} MB, peak traced {peak / 1e6:.1f} MB")
+    assert peak < 1.5 * cap
