@@ -15,16 +15,18 @@ from a worker thread); the bytes and the objects made from them never add up (th
 the objects grow); and an answer that breaks a bound costs only its bytes, as nothing is built
 before the whole body is in. A body that does not begin like JSON (an HTML error page) stops the
 reading at its first byte. Bodies up to ``PARSE_AT_ONCE`` take ``json.loads``: a few
-milliseconds, and it shares repeated keys, which ijson does not.
+milliseconds. Rows of a larger top-level array share their keys, as json.loads's do.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections import deque
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -41,6 +43,16 @@ PARSE_STEP = 64 * 1024
 PARSE_AT_ONCE = 256 * 1024  # smaller bodies: one json.loads, 1-3 ms
 _BOM = b"\xef\xbb\xbf"
 _JSON_STARTS = frozenset(b'[{"-0123456789tfn')
+# Deepest nesting accepted (json.loads stops near 1,000 too). DICOM JSON with nested sequences and
+# FHIR resources stay under 30; ijson's memory grows with the square of the depth (every level's
+# event carries its whole path), so forty kilobytes of "[" would take gigabytes.
+MAX_DEPTH = 512
+# A whole string, and the rest of one begun in an earlier piece; possessive, so a long string is
+# one step for the regex engine, never a backtracking stack as long as the string.
+_STRING = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"', re.DOTALL)
+_STRING_END = re.compile(rb'[^"\\]*+(?:\\.[^"\\]*+)*+"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_STEP_OF = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,35 +109,97 @@ def _not_json(first: bytes) -> bool:
     return bool(head) and head[0] not in _JSON_STARTS
 
 
+class _Depth:
+    """How deep a JSON text nests, followed piece by piece (brackets inside strings do not count)."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.deepest = 0
+        self._in_string = False
+        self._escaped = False  # the piece before ended in a string, on an escaping backslash
+
+    def see(self, piece: bytes) -> None:
+        """Follow ``piece``, the text after the pieces seen before."""
+        if not piece:
+            return
+        if self._in_string:
+            if self._escaped:
+                piece, self._escaped = piece[1:], False
+            end = _STRING_END.match(piece)
+            if end is None:  # the string goes on into the next piece
+                self._escaped = _odd_backslashes(piece)
+                return
+            piece, self._in_string = piece[end.end() :], False
+        outside = _STRING.sub(b"", piece)
+        opened = outside.find(b'"')
+        if opened >= 0:  # a string that goes on into the next piece
+            self._in_string = True
+            self._escaped = _odd_backslashes(piece)
+            outside = outside[:opened]
+        brackets = outside.translate(None, _NOT_BRACKETS)
+        if brackets:
+            levels = list(accumulate(map(_STEP_OF.__getitem__, brackets), initial=self.depth))
+            self.deepest = max(self.deepest, max(levels))
+            self.depth = levels[-1]
+
+
+def _odd_backslashes(piece: bytes) -> bool:
+    return (len(piece) - len(piece.rstrip(b"\\"))) % 2 == 1
+
+
+def _shared(value: Any, keys: dict[str, str]) -> Any:
+    """``value`` with every object key replaced by one shared copy (as json.loads shares them)."""
+    if isinstance(value, dict):
+        return {keys.setdefault(k, k): _shared(v, keys) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_shared(v, keys) for v in value]
+    return value
+
+
 async def _parse(chunks: list[bytes], size: int) -> tuple[Any, ValueError | None]:
     """The JSON document in ``chunks`` (``size`` bytes), parsed in steps; each chunk is let go once parsed.
 
-    ijson's messages quote the text around a fault, which may be patient data: they are dropped.
+    A top-level array (QIDO-RS rows) is taken row by row, each row's keys shared with the rows
+    before it: ijson makes a new string for every key, a third more memory than json.loads for
+    DICOM JSON. ijson's messages quote the text around a fault, which may be patient data: they
+    are dropped.
     """
     not_json = ValueError("the body is not JSON")
     if size <= PARSE_AT_ONCE:
         try:
             return json.loads(b"".join(chunks)), None
-        except ValueError:  # JSONDecodeError and UnicodeDecodeError alike
+        except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, too deep
             return None, not_json
+    if chunks:
+        chunks[0] = chunks[0].removeprefix(_BOM)
+    rows = next((c.lstrip()[:1] for c in chunks if c.strip()), b"") == b"["
     found: list[Any] = ijson.sendable_list()
     # use_float: numbers as json.loads gives them (ijson's default makes Decimals)
-    parser = ijson.items_coro(found, "", use_float=True)
+    parser = ijson.items_coro(found, "item" if rows else "", use_float=True)
+    kept: list[Any] = []
+    keys: dict[str, str] = {}
+    depth = _Depth()
     queue = deque(chunks)
     chunks.clear()
-    first = True
     try:
         while queue:
             chunk = queue.popleft()
-            if first and chunk:
-                chunk, first = chunk.removeprefix(_BOM), False
             for start in range(0, len(chunk), PARSE_STEP):
-                parser.send(chunk[start : start + PARSE_STEP])
+                piece = chunk[start : start + PARSE_STEP]
+                depth.see(piece)
+                if depth.deepest > MAX_DEPTH:
+                    return None, ValueError(f"the body nests deeper than {MAX_DEPTH} levels")
+                parser.send(piece)
+                if rows:
+                    kept.extend(_shared(row, keys) for row in found)
+                    del found[:]
                 await asyncio.sleep(0)
             del chunk
         parser.close()
-    except ijson.JSONError:
+    except (ijson.JSONError, RecursionError):
         return None, not_json
+    if rows:
+        return kept, None
     return (found[0], None) if found else (None, not_json)
 
 
