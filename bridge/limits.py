@@ -8,7 +8,7 @@ setting to raise. Such an answer is not retried: the same request would break th
 
 Where an answer can be large (QIDO-RS pages, series lists, metadata, FHIR reads and searches), its
 JSON is parsed once the body is in, by ijson's incremental C parser, a slice of ``PARSE_STEP``
-bytes at a time with the event loop given a turn between slices, and each slice's bytes are let go
+bytes at a time with the event loop given a turn between slices, and each chunk of bytes is let go
 as it is parsed. So no single step holds the interpreter for long (``json.loads`` of a 3 MB
 ImagingStudy is one C call of 30-120 ms, which stalls every other request, /healthz included, even
 from a worker thread); the bytes and the objects made from them never add up (the bytes shrink as
@@ -45,7 +45,7 @@ _BOM = b"\xef\xbb\xbf"
 _JSON_STARTS = frozenset(b'[{"-0123456789tfn')
 # Deepest nesting accepted (json.loads stops near 1,000 too). DICOM JSON with nested sequences and
 # FHIR resources stay under 30; ijson's memory grows with the square of the depth (every level's
-# event carries its whole path), so forty kilobytes of "[" would take gigabytes.
+# event carries its whole path): 40 kB of nested brackets took about a gigabyte.
 MAX_DEPTH = 512
 # A whole string, and the rest of one begun in an earlier piece; possessive, so a long string is
 # one step for the regex engine, never a backtracking stack as long as the string.
