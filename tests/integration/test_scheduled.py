@@ -366,6 +366,8 @@ def test_a_dripping_archive_fails_each_cycle_at_its_deadline_and_the_next_starts
                 [sys.executable, "-m", "bridge", "worker"], env=env, stdout=handle, stderr=subprocess.STDOUT
             )
         try:
+            # The store is read only once the worker has made it (a store mid-migration is refused).
+            assert _wait_for(lambda: "scheduler started" in log.read_text(), 30), log.read_text()[-3000:]
             assert _wait_for(lambda: len(_finished(state, "incremental")) >= 5, 45), log.read_text()[-3000:]
         finally:
             worker.send_signal(signal.SIGTERM)
