@@ -141,7 +141,7 @@ class DicomwebClient:
             service=SERVICE,
             policy=self._policy,
             limit=limit or self.limits.page(),
-            parse_json=True,  # rows are made as the bytes arrive; the bytes are not kept
+            parse_json=True,  # parsed in steps once in, the bytes let go as they are parsed
         )
         # A Warning header (RFC 7234 code 299) is how QIDO-RS servers report truncated results.
         truncated = "warning" in response.headers

@@ -149,7 +149,7 @@ def json_body(response: httpx.Response, service: str) -> Any:
     """The response's JSON, or a fatal error naming the request if the body is not JSON."""
     try:
         return response.json()
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: json.loads of a body nested too deep
         raise FatalUpstreamError(
             f"{service} {where(response.request)} sent a body that is not JSON",
             service=service,

@@ -77,7 +77,7 @@ def _peak_rss_kb(pid: int) -> int:
 @pytest.fixture
 def served(
     fhir_server: FhirTestServer, tmp_path: Path
-) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
+) -> Iterator[tuple[str, subprocess.Popen[bytes], Path, HostileArchive]]:
     fhir_server.clear()
     with HostileArchive(drip=0.5) as archive:
         base = archive.base_url("drip-series")
@@ -146,7 +146,7 @@ def served(
                     assert child.poll() is None, log.read_text()
                     assert time.monotonic() < deadline, "bridge serve did not start"
                     time.sleep(0.2)
-                yield url, child, tmp_path
+                yield url, child, tmp_path, archive
             finally:
                 child.terminate()
                 child.wait(20)
@@ -206,9 +206,9 @@ async def _load(url: str) -> dict[str, object]:
 
 
 def test_hostile_callers_leave_memory_bounded_and_healthz_fast(
-    served: tuple[str, subprocess.Popen[bytes], Path],
+    served: tuple[str, subprocess.Popen[bytes], Path, HostileArchive],
 ) -> None:
-    url, child, tmp_path = served
+    url, child, tmp_path, archive = served
     poller = subprocess.Popen(
         [sys.executable, "-c", _POLLER, f"{url}/healthz", str(child.pid)],
         stdout=subprocess.PIPE,
@@ -273,3 +273,25 @@ def test_hostile_callers_leave_memory_bounded_and_healthz_fast(
     assert result["metrics_bytes"] < 100_000  # type: ignore[operator]
     assert result["pictures"] == [502] * 5  # the archive's picture never came: given up at the deadline
     assert result["pictures_seconds"] < 10  # type: ignore[operator]
+
+
+def test_an_abandoned_thumbnail_stops_reading_the_archive_at_its_deadline(
+    served: tuple[str, subprocess.Popen[bytes], Path, HostileArchive],
+) -> None:
+    # Five clients give up on a thumbnail the archive drips. The bridge does not learn that they
+    # left, but its fetch ends at the thumbnail deadline (BRIDGE_HTTP_TIMEOUT, 2 s here) and closes
+    # the archive connection; without that deadline the drip would hold them open for ever.
+    url, child, _, archive = served
+    with httpx.Client(base_url=url, timeout=0.3) as c:
+        for _ in range(5):
+            with pytest.raises(httpx.ReadTimeout):
+                c.get("/record/imaging-studies/huge/thumbnail")
+    left = time.monotonic()
+    assert archive.open_connections > 0  # still being read after the callers left
+    while archive.open_connections and time.monotonic() - left < 15:
+        time.sleep(0.05)
+    closed_after = time.monotonic() - left
+    print(f"\nabandoned thumbnails: the archive's last connection closed {closed_after:.1f} s after")
+    assert archive.open_connections == 0
+    assert closed_after < 2 + 3  # the deadline, plus the archive's next drip noticing the close
+    assert child.poll() is None

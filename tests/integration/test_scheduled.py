@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from datetime import date
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,7 +21,9 @@ from pydicom.uid import generate_uid
 
 from bridge.runtime import Runtime, open_runtime
 from bridge.state.store import SqlStore
-from tests.integration.conftest import Stack
+from tests.integration.conftest import DEFAULT_PATIENT_SYSTEM, Stack
+from tests.stack.fhir import FhirTestServer
+from tests.stack.hostile import HostileArchive
 from tests.stack.samples import SeriesSpec, StudySpec, build_study, stow
 
 pytestmark = pytest.mark.integration
@@ -326,3 +330,77 @@ def test_sigterm_finishes_the_study_in_flight_and_exits_cleanly(stack: Stack) ->
         store.close()
     assert last.status in ("stopped", "ok")
     assert published == _count(stack)  # nothing published that the store does not know
+
+
+INTERVAL = 3.0  # BRIDGE_SYNC_INTERVAL in the test below
+DRIP_DEADLINE = 1.5  # BRIDGE_HTTP_DEADLINE: well inside one interval
+
+
+def test_a_dripping_archive_fails_each_cycle_at_its_deadline_and_the_next_starts_on_time(
+    fhir_server: FhirTestServer, tmp_path: Path
+) -> None:
+    # The real `bridge worker` (APScheduler) against an archive whose study page drips one byte
+    # every 0.2 s forever: without a deadline on the whole answer the first cycle never ends, and
+    # with it every later one (max_instances=1) is skipped.
+    fhir_server.clear()
+    state = tmp_path / "state.db"
+    with HostileArchive(drip=0.2) as archive:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+        env.update(
+            {
+                "BRIDGE_DICOMWEB_URL": archive.base_url("drip-studies"),
+                "BRIDGE_FHIR_URL": fhir_server.base_url,
+                "BRIDGE_STATE_URL": f"sqlite:///{state}",
+                "BRIDGE_SOURCE_NAME": "dripping",
+                "BRIDGE_PATIENT_IDENTIFIER_SYSTEM": DEFAULT_PATIENT_SYSTEM,
+                "BRIDGE_SYNC_INTERVAL": str(INTERVAL),
+                "BRIDGE_RECONCILE_INTERVAL": "3600",  # one sweep at start-up, then incremental cycles
+                "BRIDGE_HTTP_DEADLINE": str(DRIP_DEADLINE),
+                "BRIDGE_HTTP_TIMEOUT": "1",
+                "BRIDGE_HTTP_RETRIES": "0",
+            }
+        )
+        log = tmp_path / "worker.log"
+        with log.open("w") as handle:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "bridge", "worker"], env=env, stdout=handle, stderr=subprocess.STDOUT
+            )
+        try:
+            # The store is read only once the worker has made it (a store mid-migration is refused).
+            assert _wait_for(lambda: "scheduler started" in log.read_text(), 30), log.read_text()[-3000:]
+            assert _wait_for(lambda: len(_finished(state, "incremental")) >= 5, 45), log.read_text()[-3000:]
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(timeout=30)
+    output = log.read_text()
+
+    assert worker.returncode == 0, output[-3000:]
+    assert "Traceback" not in output, output[output.index("Traceback") - 300 :]
+    runs = _finished(state, "incremental")
+    sweeps = _finished(state, "reconcile")
+    assert len(sweeps) == 1
+    for run in [*sweeps, *runs]:
+        assert run.status == "failed"
+        assert "BRIDGE_HTTP_DEADLINE" in (run.error or "") and "dicomweb" in (run.error or "")
+        seconds = (run.finished_at - run.started_at).total_seconds()
+        assert seconds < DRIP_DEADLINE + 1.0, f"a run took {seconds:.1f} s"
+    starts = [run.started_at for run in runs]
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(starts)]
+    print(f"\nincremental cycles {len(runs)}, started {', '.join(f'{g:.2f}' for g in gaps)} s apart")
+    # The first cycle waited for the start-up sweep (the two never overlap); every later one
+    # started at its scheduled time, one interval after the one before.
+    assert all(abs(gap - INTERVAL) < 0.5 for gap in gaps[1:]), gaps
+    # each failure is one line naming the archive's URL (no query string) and the setting
+    failure = f"incremental cycle failed: dicomweb GET {archive.base_url('drip-studies')}/studies:"
+    assert output.count(failure) >= 5
+
+
+def _finished(state: Path, kind: str) -> list[Any]:
+    if not state.exists():
+        return []
+    store = SqlStore(f"sqlite:///{state}")
+    try:
+        runs = [r for r in store.runs(100) if r.kind == kind and r.finished_at is not None]
+    finally:
+        store.close()
+    return sorted(runs, key=lambda r: r.started_at)

@@ -75,6 +75,7 @@ class HostileArchive:
         self.drip = drip
         self.port = 0
         self.requests: list[str] = []  # scenario and path of every request, for assertions
+        self.open_connections = 0  # connections a client has not closed yet (it may have gone away)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
@@ -112,6 +113,7 @@ class HostileArchive:
                     task.cancel()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.open_connections += 1
         try:
             head = await reader.readuntil(b"\r\n\r\n")
             request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
@@ -122,6 +124,7 @@ class HostileArchive:
         except asyncio.CancelledError:
             pass
         finally:
+            self.open_connections -= 1
             with contextlib.suppress(Exception):
                 writer.close()
 

@@ -14,7 +14,15 @@ import pytest
 
 from bridge.errors import FatalUpstreamError, UpstreamLimitError
 from bridge.http import RetryPolicy, body_is_empty, json_body, send
-from bridge.limits import PARSE_STEP, CallLimit, ParsedResponse, send_bounded
+from bridge.limits import (
+    MAX_DEPTH,
+    PARSE_AT_ONCE,
+    PARSE_STEP,
+    CallLimit,
+    ParsedResponse,
+    _Depth,
+    send_bounded,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -194,7 +202,7 @@ async def test_a_body_that_is_not_json_stops_the_reading_and_quotes_nothing() ->
 async def test_an_answer_cut_short_or_empty_is_not_json() -> None:
     http, _ = client(b'[{"a": 1}, {"b"')
     cut = await send_bounded(http, http.build_request("GET", URL), limit(), "dicomweb", parse_json=True)
-    with pytest.raises(ValueError, match="not complete"):
+    with pytest.raises(ValueError, match="not JSON"):
         cut.json()
     http, _ = client(b"  \r\n")
     empty = await send_bounded(http, http.build_request("GET", URL), limit(), "dicomweb", parse_json=True)
@@ -221,3 +229,88 @@ async def test_the_size_cap_holds_while_parsing() -> None:
             http, http.build_request("GET", URL), limit(max_bytes=100_000), "dicomweb", parse_json=True
         )
     assert body.sent <= 100_000 + 4096
+
+
+async def test_an_answer_over_the_cap_costs_its_bytes_only_nothing_is_built_from_it() -> None:
+    # Rows of tiny objects: parsed, each 8-byte row would become some 200 bytes of dict. Nothing
+    # is parsed before the whole body is in, so an endless page stops at the cap in bytes.
+    row = b'{"a":0},'
+
+    async def rows() -> AsyncIterator[bytes]:
+        yield b"["
+        while True:
+            yield row * 8192
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(200, content=rows())))
+    cap = 4 * 1024 * 1024
+    tracemalloc.start()
+    try:
+        with pytest.raises(UpstreamLimitError):
+            await send_bounded(
+                http, http.build_request("GET", URL), limit(max_bytes=cap), "dicomweb", parse_json=True
+            )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    print(f"cap {cap / 1e6:.1f} MB, peak traced {peak / 1e6:.1f} MB")
+    assert peak < 1.5 * cap
+
+
+async def test_rows_of_a_large_array_share_their_keys_as_json_loads_does() -> None:
+    rows = [{"0020000E": {"vr": "UI", "Value": [f"1.2.{i}"]}} for i in range(20_000)]
+    raw = json.dumps(rows).encode()
+    assert len(raw) > PARSE_AT_ONCE  # the stepwise parse, not json.loads
+    http, _ = client(raw)
+    response = await send_bounded(
+        http, http.build_request("GET", URL), limit(max_bytes=len(raw)), "dicomweb", parse_json=True
+    )
+    parsed = response.json()
+    assert parsed == rows
+    first, last = parsed[0], parsed[-1]
+    assert next(iter(first)) is next(iter(last))  # one "0020000E" string for every row
+    assert next(iter(first["0020000E"])) is next(iter(last["0020000E"]))
+
+
+async def test_a_body_nested_too_deep_is_not_json_and_raises_nothing_else() -> None:
+    raw = b"[" * 200_000 + b"]" * 200_000
+    http, _ = client(raw)
+    response = await send_bounded(
+        http, http.build_request("GET", URL), limit(max_bytes=len(raw)), "dicomweb", parse_json=True
+    )
+    with pytest.raises(FatalUpstreamError, match="not JSON"):
+        json_body(response, "dicomweb")
+
+
+def test_nesting_is_followed_across_pieces_and_brackets_in_strings_do_not_count() -> None:
+    text = rb'[{"a": "]]]]\"[[\\", "b": [[1, {"c": "}"}]], "d\"]": 2}]'
+
+    def nesting(value: object) -> int:
+        if isinstance(value, dict):
+            return 1 + max((nesting(v) for v in value.values()), default=0)
+        if isinstance(value, list):
+            return 1 + max((nesting(v) for v in value), default=0)
+        return 0
+
+    levels = nesting(json.loads(text))
+    assert levels == 5
+    for cut in range(len(text) + 1):
+        for second in range(cut, len(text) + 1):
+            depth = _Depth()
+            for piece in (text[:cut], text[cut:second], text[second:]):
+                depth.see(piece)
+            assert (depth.deepest, depth.depth) == (levels, 0), (cut, second)
+
+
+async def test_a_large_body_nested_past_the_limit_is_refused_before_it_is_parsed() -> None:
+    padding = b'"' + b"x" * (PARSE_AT_ONCE + 1) + b'"'
+    for levels, accepted in ((100, True), (MAX_DEPTH + 1, False)):
+        raw = b"[" * levels + padding + b"]" * levels
+        http, _ = client(raw)
+        response = await send_bounded(
+            http, http.build_request("GET", URL), limit(max_bytes=len(raw)), "dicomweb", parse_json=True
+        )
+        if accepted:
+            assert json_body(response, "dicomweb")
+        else:
+            with pytest.raises(FatalUpstreamError, match="not JSON"):
+                json_body(response, "dicomweb")

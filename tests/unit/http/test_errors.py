@@ -7,8 +7,8 @@ import ssl
 import httpx
 import pytest
 
-from bridge.errors import UpstreamAuthError
-from bridge.http import RetryPolicy
+from bridge.errors import FatalUpstreamError, UpstreamAuthError
+from bridge.http import RetryPolicy, json_body
 from tests.unit.http.fakes import Clock, Upstream, get
 
 pytestmark = pytest.mark.anyio
@@ -41,3 +41,11 @@ async def test_an_untrusted_server_certificate_is_an_auth_error_naming_the_ca_se
         await get(upstream, RetryPolicy(retries=3, sleep=Clock().sleep))
     assert upstream.calls == 1
     assert "unable to get local issuer certificate" in str(caught.value)
+
+
+def test_a_body_nested_too_deep_for_json_loads_is_not_json_and_not_a_crash() -> None:
+    request = httpx.Request("GET", "http://archive.test/dicom-web/studies?PatientID=SECRET")
+    response = httpx.Response(200, content=b"[" * 100_000, request=request)
+    with pytest.raises(FatalUpstreamError, match="not JSON") as caught:
+        json_body(response, "dicomweb")
+    assert "SECRET" not in str(caught.value)
