@@ -38,6 +38,11 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:\S+$")
 _SEARCH_COUNT = "20"
+# Up to this many series a study is located on the event loop: about 2 µs a series here, less
+# than a worker thread's hop (and its fight for the interpreter lock) would cost. A larger one is
+# located in a worker thread, so the loop keeps serving /healthz meanwhile (the links route builds
+# a large page of links in a thread for the same reason, from the same threshold).
+ON_LOOP_SERIES = 64
 
 
 class TtlCache(Generic[T]):
@@ -268,8 +273,11 @@ class Resolver:
         endpoints = dict(
             zip(refs, await asyncio.gather(*(self._endpoint(resource, r) for r in refs)), strict=True)
         )
-        # in a worker thread: a study with very many series takes a while, and the loop serves /healthz
-        location = await asyncio.to_thread(locate, resource, endpoints, self.config.dicomweb_bases)
+        series = resource.get("series")
+        if isinstance(series, list) and len(series) > ON_LOOP_SERIES:
+            location = await asyncio.to_thread(locate, resource, endpoints, self.config.dicomweb_bases)
+        else:
+            location = locate(resource, endpoints, self.config.dicomweb_bases)
         # The same study answers its other keys too, for the rest of the TTL.
         self.studies.put(("id", location.fhir_id), location)
         return location

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import httpx
 import pytest
@@ -16,7 +19,7 @@ from bridge.errors import (
 from bridge.fhir.client import FhirClient
 from bridge.http import RetryPolicy
 from bridge.mapping.context import resource_id
-from bridge.resolve.resolver import Resolver, ResolverConfig
+from bridge.resolve.resolver import ON_LOOP_SERIES, Resolver, ResolverConfig
 from tests.unit.resolve.fake_fhir import (
     DICOMWEB_BASE,
     FHIR_BASE,
@@ -164,3 +167,41 @@ async def test_fhir_down_is_an_upstream_error_and_is_not_cached(resolver: Resolv
         await resolver.by_id("is1")
     fake.down = False
     assert (await resolver.by_id("is1")).fhir_id == "is1"
+
+
+class CountingExecutor(ThreadPoolExecutor):
+    """The loop's default executor (where asyncio.to_thread runs work), counting what it is given."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=1)
+        self.submitted = 0
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        self.submitted += 1
+        return super().submit(fn, *args, **kwargs)
+
+
+@pytest.fixture
+def executor() -> Iterator[CountingExecutor]:
+    pool = CountingExecutor()
+    yield pool
+    pool.shutdown(wait=True)
+
+
+def _series(count: int) -> list[dict[str, Any]]:
+    return [
+        {"uid": f"{STUDY_UID}.{n}", "number": n, "modality": {"code": "CT"}, "numberOfInstances": 1}
+        for n in range(1, count + 1)
+    ]
+
+
+@pytest.mark.parametrize(("series", "hops"), [(3, 0), (ON_LOOP_SERIES, 0), (ON_LOOP_SERIES + 1, 1)])
+async def test_only_a_large_study_is_located_in_a_worker_thread(
+    resolver: Resolver, fake: FakeFhir, executor: CountingExecutor, series: int, hops: int
+) -> None:
+    asyncio.get_running_loop().set_default_executor(executor)
+    fake.add(imaging_study("big", "1.2.3.7", series=_series(series)))
+    located = await resolver.by_id("big")
+    assert len(located.series) == series
+    assert all(s.base == DICOMWEB_BASE for s in located.series)
+    assert executor.submitted == hops
