@@ -169,6 +169,65 @@ async def test_fhir_down_is_an_upstream_error_and_is_not_cached(resolver: Resolv
     assert (await resolver.by_id("is1")).fhir_id == "is1"
 
 
+@pytest.mark.parametrize("lookup", ["accession", "study-uid"])
+async def test_a_search_takes_the_endpoint_it_included(
+    resolver: Resolver, fake: FakeFhir, lookup: str
+) -> None:
+    # No deterministic id here (is1): a Study UID lookup reads the guessed id, then searches.
+    if lookup == "accession":
+        located = await resolver.by_accession("A1001")
+    else:
+        located = await resolver.by_study_uid(STUDY_UID)
+    assert located.fhir_id == "is1" and located.base == DICOMWEB_BASE
+    assert (fake.searches("ImagingStudy"), fake.reads("Endpoint")) == (1, 0)
+    searches = [r for r in fake.requests if r.url.path.endswith("/ImagingStudy")]
+    assert searches[0].url.params.get("_include") == "ImagingStudy:endpoint"
+
+
+async def test_an_included_endpoint_is_cached_like_a_read_one(resolver: Resolver, fake: FakeFhir) -> None:
+    fake.add(imaging_study("is2", "1.2.3.8", accession="A2002"))
+    await resolver.by_accession("A1001")
+    assert (await resolver.by_id("is2")).base == DICOMWEB_BASE
+    assert fake.reads("Endpoint") == 0
+
+
+async def test_a_server_that_ignores_include_gets_the_endpoint_read(
+    resolver: Resolver, fake: FakeFhir
+) -> None:
+    fake.ignores_include = True
+    located = await resolver.by_accession("A1001")
+    assert located.base == DICOMWEB_BASE
+    assert (fake.searches("ImagingStudy"), fake.reads("Endpoint")) == (1, 1)
+
+
+async def test_only_the_endpoint_the_study_references_is_taken_from_an_include(
+    resolver: Resolver, fake: FakeFhir
+) -> None:
+    evil = "https://evil.example.com/dicom-web"
+    fake.ignores_include = True  # the real Endpoint/ep1 is not included: only these are
+    fake.extra_included = [
+        {"resource": endpoint("ep2", address=evil), "search": {"mode": "include"}},
+        {
+            "resource": {**endpoint("ep1", address=evil), "resourceType": "Device"},
+            "search": {"mode": "include"},
+        },
+        {"resource": endpoint("ep1", address=evil), "search": {"mode": "match"}},
+        {"resource": endpoint("ep1", address=evil)},  # no search mode: a match, not an include
+    ]
+    located = await resolver.by_accession("A1001")
+    assert located.base == DICOMWEB_BASE
+    assert fake.reads("Endpoint") == 1
+
+
+async def test_an_included_endpoint_with_a_foreign_address_is_still_refused(
+    resolver: Resolver, fake: FakeFhir
+) -> None:
+    fake.add(endpoint(address="https://evil.example.com/dicom-web"))
+    with pytest.raises(NoUsableEndpointError):
+        await resolver.by_accession("A1001")
+    assert fake.reads("Endpoint") == 0
+
+
 class CountingExecutor(ThreadPoolExecutor):
     """The loop's default executor (where asyncio.to_thread runs work), counting what it is given."""
 
