@@ -151,6 +151,7 @@ async def test_every_study_resolves_every_way_to_urls_orthanc_serves(
             _check_in_orthanc(first, spec, base)
 
 
+@pytest.mark.interop
 async def test_an_uncached_search_brings_the_endpoint_in_the_same_request(
     stack: Stack, demo: list[StudySpec]
 ) -> None:
