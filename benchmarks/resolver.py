@@ -145,13 +145,17 @@ def main() -> int:
     )
     parser.add_argument(
         "--profile",
-        action="store_true",
-        help="record `bridge serve` with py-spy (collapsed stacks) during each cached run",
+        nargs="*",
+        choices=("cached", "uncached"),
+        default=None,
+        help="record `bridge serve` with py-spy (collapsed stacks) during each run of these modes "
+        "(no mode named: the cached runs)",
     )
     parser.add_argument(
         "--profile-dir", type=Path, default=Path("/tmp/bridge-bench/resolver-profiles"), help="where they go"
     )
     args = parser.parse_args()
+    profiled = set() if args.profile is None else set(args.profile or ["cached"])
     wrk = shutil.which("wrk")
     if wrk is None:
         print("wrk is not installed: apt-get update && apt-get install -y wrk", file=sys.stderr)
@@ -212,7 +216,7 @@ def main() -> int:
                     fhir.reset_stats()
                     script = _wrk_script(paths, workdir, headers)
                     spy = None
-                    if args.profile and mode == "cached":
+                    if mode in profiled:
                         args.profile_dir.mkdir(parents=True, exist_ok=True)
                         out = args.profile_dir / f"serve-{auth}-{mode}-{kind}.pyspy.txt"
                         spy = subprocess.Popen(

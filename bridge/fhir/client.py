@@ -198,6 +198,18 @@ class FhirClient:
             found.extend(_matches(bundle, resource_type))
         return found[:limit] if limit else found
 
+    async def search_including(
+        self, resource_type: str, params: Mapping[str, str]
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """A search's first page: its matches, and the resources it included (``_include``).
+
+        Included resources are those of search mode ``include``; a server that ignores
+        ``_include`` simply includes none, so the caller must be ready to read them itself.
+        """
+        response = await self._send("GET", resource_type, params=params, headers=_FRESH, parse_json=True)
+        bundle = json_body(response, SERVICE)
+        return _matches(bundle, resource_type), _included(bundle)
+
     async def update(self, resource: dict[str, Any], *, if_match: str | None = None) -> WriteResult:
         """PUT a resource to its id (creating it if the server allows client ids)."""
         kind, rid = resource["resourceType"], resource["id"]
@@ -289,6 +301,19 @@ def _matches(bundle: Any, resource_type: str) -> list[dict[str, Any]]:
         and isinstance(entry.get("resource"), dict)
         and entry["resource"].get("resourceType") == resource_type
         and (entry.get("search") or {}).get("mode", "match") == "match"
+    ]
+
+
+def _included(bundle: Any) -> list[dict[str, Any]]:
+    """The resources of a searchset Bundle's ``include`` entries."""
+    if not isinstance(bundle, dict):
+        return []
+    return [
+        entry["resource"]
+        for entry in bundle.get("entry", []) or []
+        if isinstance(entry, dict)
+        and isinstance(entry.get("resource"), dict)
+        and (entry.get("search") or {}).get("mode") == "include"
     ]
 
 

@@ -38,6 +38,12 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:\S+$")
 _SEARCH_COUNT = "20"
+_INCLUDE_ENDPOINT = "ImagingStudy:endpoint"  # FHIR R4 search: the study's Endpoints in the same answer
+# Up to this many series a study is located on the event loop: about 2 µs a series here, less
+# than a worker thread's hop (and its fight for the interpreter lock) would cost. A larger one is
+# located in a worker thread, so the loop keeps serving /healthz meanwhile (the links route builds
+# a large page of links in a thread for the same reason, from the same threshold).
+ON_LOOP_SERIES = 64
 
 
 class TtlCache(Generic[T]):
@@ -122,6 +128,18 @@ class ResolverConfig:
     def __post_init__(self) -> None:
         bases = tuple(b for b in (normalize_base(u) for u in self.dicomweb_bases) if b)
         object.__setattr__(self, "dicomweb_bases", tuple(dict.fromkeys(bases)))
+
+
+Endpoints = Mapping[str, dict[str, Any]]  # Endpoint resources by id
+
+
+def _endpoints_in(included: Sequence[dict[str, Any]]) -> Endpoints:
+    """The Endpoints among a search's included resources, by id."""
+    return {
+        r["id"]: r
+        for r in included
+        if r.get("resourceType") == "Endpoint" and isinstance(r.get("id"), str) and FHIR_ID.fullmatch(r["id"])
+    }
 
 
 def _escape(value: str) -> str:
@@ -215,10 +233,14 @@ class Resolver:
 
     # ---------------------------------------------------------- loading
     async def _load_by_id(self, fhir_id: str) -> StudyLocation:
+        # A read, then the Endpoint's read (or the cache's copy), rather than one search by _id
+        # with _include: on the Medplum test server that search scans every stored ImagingStudy
+        # (10 ms at 3,000 against 1.5 ms for both reads), and under benchmarks/resolver.py it was
+        # slower too (docs/performance.md, "Resolver hot path").
         resource = await self.fhir.read("ImagingStudy", fhir_id)
         if resource is None:
             raise StudyNotFoundError(f"no ImagingStudy/{fhir_id}")
-        return await self._locate(resource)
+        return await self._locate(resource, {})
 
     async def _load_by_uid(self, study_uid: str) -> StudyLocation:
         if self.config.deterministic_ids:
@@ -227,18 +249,27 @@ class Resolver:
             guess = resource_id("ImagingStudy", self.config.source_name, study_uid)
             resource = await self.fhir.read("ImagingStudy", guess)
             if resource is not None and study_uid_of(resource) == study_uid:
-                return await self._locate(resource)
-        found = await self.fhir.search(
-            "ImagingStudy", {"identifier": f"{DICOM_UID_SYSTEM}|urn:oid:{study_uid}", "_count": _SEARCH_COUNT}
+                return await self._locate(resource, {})
+        found, with_found = await self.fhir.search_including(
+            "ImagingStudy",
+            {
+                "identifier": f"{DICOM_UID_SYSTEM}|urn:oid:{study_uid}",
+                "_count": _SEARCH_COUNT,
+                "_include": _INCLUDE_ENDPOINT,
+            },
         )
         matches = [r for r in found if study_uid_of(r) == study_uid]
         if not matches:
             raise StudyNotFoundError(f"no ImagingStudy for Study Instance UID {study_uid}")
-        return await self._first_located(matches, f"Study Instance UID {study_uid}")
+        return await self._first_located(
+            matches, f"Study Instance UID {study_uid}", _endpoints_in(with_found)
+        )
 
     async def _load_by_accession(self, accession: str, system: str | None) -> StudyLocation:
         token = f"{_escape(system)}|{_escape(accession)}" if system else _escape(accession)
-        found = await self.fhir.search("ImagingStudy", {"identifier": token, "_count": _SEARCH_COUNT})
+        found, included = await self.fhir.search_including(
+            "ImagingStudy", {"identifier": token, "_count": _SEARCH_COUNT, "_include": _INCLUDE_ENDPOINT}
+        )
         matches = [r for r in found if has_accession(r, accession, system)]
         if not matches:
             raise StudyNotFoundError("no ImagingStudy with this accession number")
@@ -248,34 +279,47 @@ class Resolver:
                 f"the accession number matches {len(studies)} different studies; "
                 "give the issuer, or resolve by Study Instance UID"
             )
-        return await self._first_located(matches, "the accession number")
+        return await self._first_located(matches, "the accession number", _endpoints_in(included))
 
-    async def _first_located(self, matches: Sequence[dict[str, Any]], what: str) -> StudyLocation:
+    async def _first_located(
+        self, matches: Sequence[dict[str, Any]], what: str, included: Endpoints
+    ) -> StudyLocation:
         # Several ImagingStudies for one study (several sources or writers): prefer this
         # bridge's own, then the lowest id, and take the first that has a usable endpoint.
         ordered = sorted(matches, key=lambda r: (not is_tagged(r, self.config.source_name), str(r.get("id"))))
         first_error: Exception | None = None
         for resource in ordered:
             try:
-                return await self._locate(resource)
+                return await self._locate(resource, included)
             except (NoUsableEndpointError, StudyNotFoundError) as exc:
                 first_error = first_error or exc
         assert first_error is not None
         raise first_error
 
-    async def _locate(self, resource: dict[str, Any]) -> StudyLocation:
+    async def _locate(self, resource: dict[str, Any], included: Endpoints) -> StudyLocation:
         refs = endpoint_references(resource)
-        endpoints = dict(
-            zip(refs, await asyncio.gather(*(self._endpoint(resource, r) for r in refs)), strict=True)
-        )
-        # in a worker thread: a study with very many series takes a while, and the loop serves /healthz
-        location = await asyncio.to_thread(locate, resource, endpoints, self.config.dicomweb_bases)
+        if len(refs) == 1:  # the usual case: no gather, no tasks
+            endpoints = {refs[0]: await self._endpoint(resource, refs[0], included)}
+        else:
+            found = await asyncio.gather(*(self._endpoint(resource, r, included) for r in refs))
+            endpoints = dict(zip(refs, found, strict=True))
+        series = resource.get("series")
+        if isinstance(series, list) and len(series) > ON_LOOP_SERIES:
+            location = await asyncio.to_thread(locate, resource, endpoints, self.config.dicomweb_bases)
+        else:
+            location = locate(resource, endpoints, self.config.dicomweb_bases)
         # The same study answers its other keys too, for the rest of the TTL.
         self.studies.put(("id", location.fhir_id), location)
         return location
 
-    async def _endpoint(self, resource: Mapping[str, Any], reference: str) -> dict[str, Any] | None:
-        """The Endpoint a reference names, read only from the configured FHIR server."""
+    async def _endpoint(
+        self, resource: Mapping[str, Any], reference: str, included: Endpoints
+    ) -> dict[str, Any] | None:
+        """The Endpoint a reference names, from the configured FHIR server only.
+
+        One the server included with the study (``included``, by id) is taken as read; any other
+        is read, or taken from the cache.
+        """
         if reference.startswith("#"):
             for contained in resource.get("contained") or []:
                 if isinstance(contained, dict) and contained.get("id") == reference[1:]:
@@ -291,10 +335,14 @@ class Resolver:
         if len(parts) != 2 or parts[0] != "Endpoint" or not FHIR_ID.fullmatch(parts[1]):
             return None
         endpoint_id = parts[1]
+        found = included.get(endpoint_id)
+        if found is not None:
+            self.endpoints.put(endpoint_id, found)
+            return found
 
         async def load() -> dict[str, Any]:
-            found = await self.fhir.read("Endpoint", endpoint_id)
-            return found if found is not None else {}
+            read = await self.fhir.read("Endpoint", endpoint_id)
+            return read if read is not None else {}
 
         endpoint = await self.endpoints.get_or_load(endpoint_id, load)
         return endpoint or None

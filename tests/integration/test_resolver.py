@@ -151,6 +151,29 @@ async def test_every_study_resolves_every_way_to_urls_orthanc_serves(
             _check_in_orthanc(first, spec, base)
 
 
+@pytest.mark.interop
+async def test_an_uncached_search_brings_the_endpoint_in_the_same_request(
+    stack: Stack, demo: list[StudySpec]
+) -> None:
+    # Searches ask for the study's Endpoint with _include=ImagingStudy:endpoint: an accession
+    # lookup, and a Study UID lookup where ids are not derived from the UID, is one FHIR request
+    # on every engine, where a search and the Endpoint's read were two.
+    published = _imaging_studies(stack)
+    base = stack.orthanc.dicomweb_url
+    async with running(settings_for(stack, resolver_cache_ttl="0", write_strategy="conditional")) as api:
+        for spec in demo:
+            for path in (f"/accessions/{spec.accession}/links", f"/studies/{spec.uid}/links"):
+                stack.fhir.reset_stats()
+                response = await api.get(path)
+                assert response.status_code == 200, (path, response.text)
+                links = response.json()
+                assert links["imaging_study"] == f"ImagingStudy/{published[str(spec.uid)]['id']}"
+                assert links["dicomweb_base"] == base and links["study_uid"] == spec.uid
+                stats = stack.fhir.stats()
+                assert (stats["requests"], stats["by_method"]) == (1, {"GET": 1}), (path, stats)
+        _check_in_orthanc(links, demo[-1], base)
+
+
 @pytest.mark.parametrize(
     ("viewer", "expected"),
     [

@@ -69,7 +69,10 @@ def imaging_study(
 
 
 class FakeFhir:
-    """Reads by id and token searches on ``identifier``; counts requests; can be switched off."""
+    """Reads by id and token searches on ``identifier`` (with ``_include=ImagingStudy:endpoint``).
+
+    Counts requests; can be switched off.
+    """
 
     def __init__(self) -> None:
         self.resources: dict[tuple[str, str], dict[str, Any]] = {}
@@ -77,6 +80,8 @@ class FakeFhir:
         self.down = False
         self.status_when_down: int | None = None  # None: connection refused
         self.jwks: dict[str, Any] = {"keys": []}
+        self.ignores_include = False  # as a server that does not support _include
+        self.extra_included: list[dict[str, Any]] = []  # entries added to every _include answer
 
     def add(self, *resources: dict[str, Any]) -> None:
         for r in resources:
@@ -115,8 +120,22 @@ class FakeFhir:
                     if ident.get("value") == value and (system is None or ident.get("system") == system):
                         entries.append({"resource": resource, "search": {"mode": "match"}})
                         break
+            if request.url.params.get("_include") == "ImagingStudy:endpoint":
+                if not self.ignores_include:
+                    entries.extend(self._included_endpoints([e["resource"] for e in entries]))
+                entries.extend(self.extra_included)
             return httpx.Response(200, json={"resourceType": "Bundle", "type": "searchset", "entry": entries})
         return httpx.Response(400)
+
+    def _included_endpoints(self, matches: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        refs = {e.get("reference") for r in matches for e in r.get("endpoint", [])}
+        found = [
+            self.resources[("Endpoint", ref.split("/")[1])] for ref in refs if ref in self._endpoint_refs()
+        ]
+        return [{"resource": r, "search": {"mode": "include"}} for r in found]
+
+    def _endpoint_refs(self) -> set[str]:
+        return {f"Endpoint/{rid}" for kind, rid in self.resources if kind == "Endpoint"}
 
     def transport(self) -> httpx.MockTransport:
         return httpx.MockTransport(self.handler)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import httpx
 import pytest
@@ -16,7 +19,7 @@ from bridge.errors import (
 from bridge.fhir.client import FhirClient
 from bridge.http import RetryPolicy
 from bridge.mapping.context import resource_id
-from bridge.resolve.resolver import Resolver, ResolverConfig
+from bridge.resolve.resolver import ON_LOOP_SERIES, Resolver, ResolverConfig
 from tests.unit.resolve.fake_fhir import (
     DICOMWEB_BASE,
     FHIR_BASE,
@@ -164,3 +167,100 @@ async def test_fhir_down_is_an_upstream_error_and_is_not_cached(resolver: Resolv
         await resolver.by_id("is1")
     fake.down = False
     assert (await resolver.by_id("is1")).fhir_id == "is1"
+
+
+@pytest.mark.parametrize("lookup", ["accession", "study-uid"])
+async def test_a_search_takes_the_endpoint_it_included(
+    resolver: Resolver, fake: FakeFhir, lookup: str
+) -> None:
+    # No deterministic id here (is1): a Study UID lookup reads the guessed id, then searches.
+    if lookup == "accession":
+        located = await resolver.by_accession("A1001")
+    else:
+        located = await resolver.by_study_uid(STUDY_UID)
+    assert located.fhir_id == "is1" and located.base == DICOMWEB_BASE
+    assert (fake.searches("ImagingStudy"), fake.reads("Endpoint")) == (1, 0)
+    searches = [r for r in fake.requests if r.url.path.endswith("/ImagingStudy")]
+    assert searches[0].url.params.get("_include") == "ImagingStudy:endpoint"
+
+
+async def test_an_included_endpoint_is_cached_like_a_read_one(resolver: Resolver, fake: FakeFhir) -> None:
+    fake.add(imaging_study("is2", "1.2.3.8", accession="A2002"))
+    await resolver.by_accession("A1001")
+    assert (await resolver.by_id("is2")).base == DICOMWEB_BASE
+    assert fake.reads("Endpoint") == 0
+
+
+async def test_a_server_that_ignores_include_gets_the_endpoint_read(
+    resolver: Resolver, fake: FakeFhir
+) -> None:
+    fake.ignores_include = True
+    located = await resolver.by_accession("A1001")
+    assert located.base == DICOMWEB_BASE
+    assert (fake.searches("ImagingStudy"), fake.reads("Endpoint")) == (1, 1)
+
+
+async def test_only_the_endpoint_the_study_references_is_taken_from_an_include(
+    resolver: Resolver, fake: FakeFhir
+) -> None:
+    evil = "https://evil.example.com/dicom-web"
+    fake.ignores_include = True  # the real Endpoint/ep1 is not included: only these are
+    fake.extra_included = [
+        {"resource": endpoint("ep2", address=evil), "search": {"mode": "include"}},
+        {
+            "resource": {**endpoint("ep1", address=evil), "resourceType": "Device"},
+            "search": {"mode": "include"},
+        },
+        {"resource": endpoint("ep1", address=evil), "search": {"mode": "match"}},
+        {"resource": endpoint("ep1", address=evil)},  # no search mode: a match, not an include
+    ]
+    located = await resolver.by_accession("A1001")
+    assert located.base == DICOMWEB_BASE
+    assert fake.reads("Endpoint") == 1
+
+
+async def test_an_included_endpoint_with_a_foreign_address_is_still_refused(
+    resolver: Resolver, fake: FakeFhir
+) -> None:
+    fake.add(endpoint(address="https://evil.example.com/dicom-web"))
+    with pytest.raises(NoUsableEndpointError):
+        await resolver.by_accession("A1001")
+    assert fake.reads("Endpoint") == 0
+
+
+class CountingExecutor(ThreadPoolExecutor):
+    """The loop's default executor (where asyncio.to_thread runs work), counting what it is given."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=1)
+        self.submitted = 0
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        self.submitted += 1
+        return super().submit(fn, *args, **kwargs)
+
+
+@pytest.fixture
+def executor() -> Iterator[CountingExecutor]:
+    pool = CountingExecutor()
+    yield pool
+    pool.shutdown(wait=True)
+
+
+def _series(count: int) -> list[dict[str, Any]]:
+    return [
+        {"uid": f"{STUDY_UID}.{n}", "number": n, "modality": {"code": "CT"}, "numberOfInstances": 1}
+        for n in range(1, count + 1)
+    ]
+
+
+@pytest.mark.parametrize(("series", "hops"), [(3, 0), (ON_LOOP_SERIES, 0), (ON_LOOP_SERIES + 1, 1)])
+async def test_only_a_large_study_is_located_in_a_worker_thread(
+    resolver: Resolver, fake: FakeFhir, executor: CountingExecutor, series: int, hops: int
+) -> None:
+    asyncio.get_running_loop().set_default_executor(executor)
+    fake.add(imaging_study("big", "1.2.3.7", series=_series(series)))
+    located = await resolver.by_id("big")
+    assert len(located.series) == series
+    assert all(s.base == DICOMWEB_BASE for s in located.series)
+    assert executor.submitted == hops
