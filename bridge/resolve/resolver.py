@@ -16,7 +16,13 @@ from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from bridge.errors import InvalidLookupError, NoUsableEndpointError, StudyNotFoundError
+from bridge.errors import (
+    FatalUpstreamError,
+    InvalidLookupError,
+    NoUsableEndpointError,
+    StudyNotFoundError,
+    UpstreamLimitError,
+)
 from bridge.fhir.client import FhirClient
 from bridge.mapping.context import DICOM_UID_SYSTEM, resource_id
 from bridge.metrics import RESOLVER_LOOKUPS
@@ -159,6 +165,7 @@ class Resolver:
         self.studies: TtlCache[StudyLocation] = TtlCache(config.cache_ttl, config.cache_size, clock)
         self.endpoints: TtlCache[dict[str, Any]] = TtlCache(config.cache_ttl, 256, clock)
         self._fhir_base = normalize_base(config.fhir_base) or config.fhir_base.rstrip("/")
+        self._include_refused = False  # the server answered _include with a 400: search without it
 
     # ---------------------------------------------------------- lookups
     async def by_id(self, fhir_id: str) -> StudyLocation:
@@ -250,26 +257,19 @@ class Resolver:
             resource = await self.fhir.read("ImagingStudy", guess)
             if resource is not None and study_uid_of(resource) == study_uid:
                 return await self._locate(resource, {})
-        found, with_found = await self.fhir.search_including(
-            "ImagingStudy",
-            {
-                "identifier": f"{DICOM_UID_SYSTEM}|urn:oid:{study_uid}",
-                "_count": _SEARCH_COUNT,
-                "_include": _INCLUDE_ENDPOINT,
-            },
+        found, with_found = await self._search_with_endpoints(
+            {"identifier": f"{DICOM_UID_SYSTEM}|urn:oid:{study_uid}", "_count": _SEARCH_COUNT}
         )
         matches = [r for r in found if study_uid_of(r) == study_uid]
         if not matches:
             raise StudyNotFoundError(f"no ImagingStudy for Study Instance UID {study_uid}")
         return await self._first_located(
-            matches, f"Study Instance UID {study_uid}", _endpoints_in(with_found)
+            matches, f"Study Instance UID {study_uid}", with_found
         )
 
     async def _load_by_accession(self, accession: str, system: str | None) -> StudyLocation:
         token = f"{_escape(system)}|{_escape(accession)}" if system else _escape(accession)
-        found, included = await self.fhir.search_including(
-            "ImagingStudy", {"identifier": token, "_count": _SEARCH_COUNT, "_include": _INCLUDE_ENDPOINT}
-        )
+        found, included = await self._search_with_endpoints({"identifier": token, "_count": _SEARCH_COUNT})
         matches = [r for r in found if has_accession(r, accession, system)]
         if not matches:
             raise StudyNotFoundError("no ImagingStudy with this accession number")
@@ -279,7 +279,26 @@ class Resolver:
                 f"the accession number matches {len(studies)} different studies; "
                 "give the issuer, or resolve by Study Instance UID"
             )
-        return await self._first_located(matches, "the accession number", _endpoints_in(included))
+        return await self._first_located(matches, "the accession number", included)
+
+    async def _search_with_endpoints(self, params: dict[str, str]) -> tuple[list[dict[str, Any]], Endpoints]:
+        """ImagingStudies matching ``params``, with the Endpoints the server included alongside.
+
+        Most servers ignore an ``_include`` they do not support; one that refuses it (400) is
+        searched without it from then on, and the Endpoints are read.
+        """
+        if not self._include_refused:
+            try:
+                found, included = await self.fhir.search_including(
+                    "ImagingStudy", {**params, "_include": _INCLUDE_ENDPOINT}
+                )
+                return found, _endpoints_in(included)
+            except FatalUpstreamError as exc:
+                if exc.status != 400 or isinstance(exc, UpstreamLimitError):
+                    raise
+                logger.warning("the FHIR server refused _include=%s: searching without it", _INCLUDE_ENDPOINT)
+                self._include_refused = True
+        return await self.fhir.search("ImagingStudy", params), {}
 
     async def _first_located(
         self, matches: Sequence[dict[str, Any]], what: str, included: Endpoints

@@ -81,6 +81,7 @@ class FakeFhir:
         self.status_when_down: int | None = None  # None: connection refused
         self.jwks: dict[str, Any] = {"keys": []}
         self.ignores_include = False  # as a server that does not support _include
+        self.refuses_include = False  # as a strict server: _include is a 400
         self.extra_included: list[dict[str, Any]] = []  # entries added to every _include answer
 
     def add(self, *resources: dict[str, Any]) -> None:
@@ -120,6 +121,10 @@ class FakeFhir:
                     if ident.get("value") == value and (system is None or ident.get("system") == system):
                         entries.append({"resource": resource, "search": {"mode": "match"}})
                         break
+            if "_include" in request.url.params and self.refuses_include:
+                issue = {"severity": "error", "code": "not-supported"}
+                outcome = {"resourceType": "OperationOutcome", "issue": [issue]}
+                return httpx.Response(400, json=outcome)
             if request.url.params.get("_include") == "ImagingStudy:endpoint":
                 if not self.ignores_include:
                     entries.extend(self._included_endpoints([e["resource"] for e in entries]))

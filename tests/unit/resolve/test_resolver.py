@@ -200,6 +200,18 @@ async def test_a_server_that_ignores_include_gets_the_endpoint_read(
     assert (fake.searches("ImagingStudy"), fake.reads("Endpoint")) == (1, 1)
 
 
+async def test_a_server_that_refuses_include_is_searched_without_it_from_then_on(
+    resolver: Resolver, fake: FakeFhir
+) -> None:
+    fake.refuses_include = True
+    first = await resolver.by_accession("A1001")
+    resolver.studies.clear()
+    again = await resolver.by_accession("A1001")
+    assert first.base == again.base == DICOMWEB_BASE
+    includes = [r.url.params.get("_include") for r in fake.requests if r.url.path.endswith("/ImagingStudy")]
+    assert includes == ["ImagingStudy:endpoint", None, None]  # refused once, then never asked again
+
+
 async def test_only_the_endpoint_the_study_references_is_taken_from_an_include(
     resolver: Resolver, fake: FakeFhir
 ) -> None:
