@@ -302,7 +302,6 @@ class SyncWorker:
         a page's ImagingStudies are written only after its own Patients exist. At most one page
         is written while one is prepared (and one read ahead): memory stays flat in N.
         """
-        source = self._ctx.source_name
         writing: asyncio.Task[None] | None = None
         try:
             async for rows in _read_ahead(pages):
@@ -310,9 +309,9 @@ class SyncWorker:
                 if writing is not None:
                     task, writing = writing, None
                     await task  # one page written at a time, in order
-                if reconcile:
-                    await asyncio.to_thread(self._store.mark_seen, source, uids, report.run_id)
-                writing = asyncio.create_task(self._write_page(page, report))
+                # A reconciling run marks the page's studies seen once they are recorded: a study
+                # it publishes for the first time has no row to mark before that.
+                writing = asyncio.create_task(self._write_page(page, report, uids if reconcile else []))
                 if self._stop_requested:
                     break
             if writing is not None:
@@ -354,8 +353,11 @@ class SyncWorker:
             raise
         return [s.uid for s in studies], page
 
-    async def _write_page(self, page: _PageWork, report: RunReport) -> None:
-        """Write a prepared page's ImagingStudies (in batches where the server takes them), record them."""
+    async def _write_page(self, page: _PageWork, report: RunReport, seen: list[str]) -> None:
+        """Write a prepared page's ImagingStudies (in batches where the server takes them), record them.
+
+        Then, in a reconciling run, mark the page's studies (``seen``) as seen by the run.
+        """
         try:
             if not page.writes:
                 return
@@ -372,6 +374,8 @@ class SyncWorker:
                 self._published(item, result.id, result.version, outcome, report, page)
         finally:
             await self._finish_page(page)
+            if seen:
+                await asyncio.to_thread(self._store.mark_seen, self._ctx.source_name, seen, report.run_id)
 
     async def _finish_page(self, page: _PageWork) -> None:
         """Record the page's published studies and release its claims.

@@ -43,3 +43,14 @@ async def test_the_guard_allows_what_the_fraction_allows(world: World) -> None:
         del world.source.studies[uid]
     report = await world.worker(delete_max_fraction=0.5).run(kind="reconcile", reconcile=True)
     assert report.counts.deleted == 5
+
+
+async def test_studies_a_reconciliation_publishes_are_seen_not_retired(world: World) -> None:
+    # A reconciling run that finds new studies publishes them, and must count them as seen: they
+    # are recorded after their page's writes, which overlap the next page's preparation.
+    await _published(world, 10)
+    new = [world.add(i) for i in range(11, 14)]
+    report = await world.worker(delete_max_fraction=1.0).run(kind="reconcile", reconcile=True)
+    assert report.deletions == [] and report.counts.deleted == 0
+    assert report.counts.created == 3
+    assert all(world.study(uid)["status"] == "available" for uid in new)
