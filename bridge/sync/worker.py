@@ -303,9 +303,13 @@ class SyncWorker:
         is written while one is prepared (and one read ahead): memory stays flat in N.
         """
         writing: asyncio.Task[None] | None = None
+        in_flight: frozenset[str] = frozenset()  # the studies of the page being written
         try:
             async for rows in _read_ahead(pages):
-                uids, page = await self._page(rows, endpoint, limit, report)
+                # A study on the page being written may come again on the next (offset paging
+                # shifts when the archive changes mid-walk): that page leaves it to the write.
+                uids, page = await self._page(rows, endpoint, limit, report, skip=in_flight)
+                in_flight = frozenset(uids)
                 if writing is not None:
                     task, writing = writing, None
                     await task  # one page written at a time, in order
@@ -326,9 +330,15 @@ class SyncWorker:
                     logger.warning("a page written while the run failed failed too: %s", writing.exception())
 
     async def _page(
-        self, rows: list[DicomJson], endpoint: str, limit: asyncio.Semaphore, report: RunReport
+        self,
+        rows: list[DicomJson],
+        endpoint: str,
+        limit: asyncio.Semaphore,
+        report: RunReport,
+        *,
+        skip: frozenset[str] = frozenset(),
     ) -> tuple[list[str], _PageWork]:
-        """Prepare one page of studies: returns the UIDs on it and what is left to write."""
+        """Prepare one page's studies (not those in ``skip``): the UIDs prepared and what is left to write."""
         studies: list[StudyRecord] = []
         for row in rows:
             report.add(seen=1)
@@ -337,6 +347,8 @@ class SyncWorker:
             except MappingError as exc:
                 uid = raw_uid(row) or f"unknown:{digest(row)[:16]}"
                 await self._park(report, uid, exc)
+                continue
+            if study.uid in skip:
                 continue
             studies.append(study)
             with contextlib.suppress(MappingError):  # a bad date is reported by the mapping

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -507,3 +509,20 @@ async def test_conditional_writes_need_no_capability_check(world: World) -> None
     report = await world.run()
     assert report.counts.created == 1
     assert not [c for c in world.fhir.calls if c[0] == "capabilities"]
+
+
+async def test_a_study_on_two_pages_in_a_row_is_prepared_and_written_once(world: World) -> None:
+    # Offset paging shifts when a study is added ahead of the walk: the next page repeats the last
+    # row of the page before, whose writes may still be in flight while the next page is prepared.
+    world.strategy = WriteStrategy.CONDITIONAL
+    rows = [world.source.studies[world.add(n)] for n in range(1, 5)]
+
+    async def shifted(filters: object = None) -> AsyncIterator[list[dict[str, Any]]]:
+        for page in ([rows[0], rows[1]], [rows[1], rows[2]], [rows[3]]):
+            yield page
+
+    world.source.iter_studies = shifted  # type: ignore[method-assign]
+    report = await world.run()
+    study_writes = [c for c in world.fhir.writes() if c[1] == "ImagingStudy"]
+    assert len(study_writes) == 4 and len(world.fhir.of_type("ImagingStudy")) == 4
+    assert report.counts.created == 4
