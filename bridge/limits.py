@@ -71,7 +71,8 @@ def _where(request: httpx.Request) -> str:
     return f"{request.method} {request.url.scheme}://{request.url.netloc.decode()}{request.url.path}"
 
 
-def _too_large(request: httpx.Request, limit: CallLimit, service: str, status: int) -> UpstreamLimitError:
+def too_large(request: httpx.Request, limit: CallLimit, service: str, status: int) -> UpstreamLimitError:
+    """The error of an answer to ``request`` larger than ``limit`` allows."""
     return UpstreamLimitError(
         f"{service} {_where(request)}: the {limit.kind} answer is larger than {limit.max_bytes} bytes "
         f"({limit.max_bytes_setting}); raise it if the upstream is right to send that much",
@@ -229,12 +230,12 @@ async def send_bounded(
             chunks: list[bytes] = []  # a list, not one buffer: parsing lets each go in turn
             size = 0
             if declared.isdigit() and int(declared) > limit.max_bytes:
-                raise _too_large(request, limit, service, response.status_code)
+                raise too_large(request, limit, service, response.status_code)
             parse = parse_json and response.is_success
             async for chunk in response.aiter_bytes():
                 size += len(chunk)
                 if size > limit.max_bytes:
-                    raise _too_large(request, limit, service, response.status_code)
+                    raise too_large(request, limit, service, response.status_code)
                 if parse and not chunks and _not_json(chunk):
                     not_json = True
                     break  # an HTML page, say: reading on would only cost time

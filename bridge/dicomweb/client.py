@@ -179,12 +179,7 @@ class DicomwebClient:
         while True:
             pages += 1
             if pages > self.limits.max_pages:
-                raise UpstreamLimitError(
-                    f"{SERVICE} {self._base}{path}: still more rows after {self.limits.max_pages} pages "
-                    "(BRIDGE_DICOMWEB_MAX_PAGES); the archive's paging does not end",
-                    service=SERVICE,
-                    setting="BRIDGE_DICOMWEB_MAX_PAGES",
-                )
+                raise self._endless_paging(path)
             params = [*base_params, ("limit", str(page_size)), ("offset", str(offset))]
             rows, truncated = await self._get(path, params, limit)
             fresh = []
@@ -394,6 +389,15 @@ class DicomwebClient:
         logger.info("%s/series swept: %d series kept on disk for this run", self._base, sweep.rows)
         return True
 
+    def _endless_paging(self, path: str) -> UpstreamLimitError:
+        """The error of a walk of ``path`` that still has rows after the most pages allowed."""
+        return UpstreamLimitError(
+            f"{SERVICE} {self._base}{path}: still more rows after {self.limits.max_pages} pages "
+            "(BRIDGE_DICOMWEB_MAX_PAGES); the archive's paging does not end",
+            service=SERVICE,
+            setting="BRIDGE_DICOMWEB_MAX_PAGES",
+        )
+
     async def _walk_series(self, sweep: SeriesSweep, filters: Mapping[str, str]) -> None:
         size = self.series_page_size
         base = [("includefield", f) for f in (STUDY_UID, *SERIES_FIELDS)] + sorted(filters.items())
@@ -401,12 +405,7 @@ class DicomwebClient:
         while True:
             pages += 1
             if pages > self.limits.max_pages:
-                raise UpstreamLimitError(
-                    f"{SERVICE} {self._base}/series: still more rows after {self.limits.max_pages} pages "
-                    "(BRIDGE_DICOMWEB_MAX_PAGES); the archive's paging does not end",
-                    service=SERVICE,
-                    setting="BRIDGE_DICOMWEB_MAX_PAGES",
-                )
+                raise self._endless_paging("/series")
             params = [*base, ("limit", str(size)), ("offset", str(offset))]
             try:
                 rows, truncated = await self._get("/series", params, self.limits.series())

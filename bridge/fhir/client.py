@@ -292,20 +292,16 @@ class FhirClient:
 
 def _matches(bundle: Any, resource_type: str) -> list[dict[str, Any]]:
     """The ``match`` entries of a searchset Bundle that are of the type searched."""
-    if not isinstance(bundle, dict):
-        return []
-    return [
-        entry["resource"]
-        for entry in bundle.get("entry", []) or []
-        if isinstance(entry, dict)
-        and isinstance(entry.get("resource"), dict)
-        and entry["resource"].get("resourceType") == resource_type
-        and (entry.get("search") or {}).get("mode", "match") == "match"
-    ]
+    return [r for r in _entries(bundle, "match") if r.get("resourceType") == resource_type]
 
 
 def _included(bundle: Any) -> list[dict[str, Any]]:
     """The resources of a searchset Bundle's ``include`` entries."""
+    return _entries(bundle, "include")
+
+
+def _entries(bundle: Any, mode: str) -> list[dict[str, Any]]:
+    """The resources of a searchset Bundle's entries of search ``mode`` (no mode: a match)."""
     if not isinstance(bundle, dict):
         return []
     return [
@@ -313,7 +309,7 @@ def _included(bundle: Any) -> list[dict[str, Any]]:
         for entry in bundle.get("entry", []) or []
         if isinstance(entry, dict)
         and isinstance(entry.get("resource"), dict)
-        and (entry.get("search") or {}).get("mode") == "include"
+        and (entry.get("search") or {}).get("mode", "match") == mode
     ]
 
 

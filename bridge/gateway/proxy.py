@@ -23,7 +23,7 @@ import httpx
 
 from bridge.errors import UpstreamLimitError
 from bridge.http import error_for_exception, error_for_response, json_body, where
-from bridge.limits import CallLimit, send_bounded
+from bridge.limits import CallLimit, send_bounded, too_large
 
 logger = logging.getLogger(__name__)
 
@@ -108,13 +108,7 @@ async def forward(
     declared = answer.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit.max_bytes:
         await answer.aclose()
-        raise UpstreamLimitError(
-            f"{SERVICE} {where(request)}: the {limit.kind} answer is larger than {limit.max_bytes} bytes "
-            f"({limit.max_bytes_setting})",
-            service=SERVICE,
-            status=answer.status_code,
-            setting=limit.max_bytes_setting,
-        )
+        raise too_large(request, limit, SERVICE, answer.status_code)
     if declared.isdigit() and int(declared) <= ONE_BODY:
         return Forwarded(answer.status_code, response_headers(answer), await _whole(answer, limit, deadline))
     return Forwarded(answer.status_code, response_headers(answer), _stream(answer, limit, deadline, started))
@@ -131,13 +125,7 @@ async def _whole(answer: httpx.Response, limit: CallLimit, deadline: float) -> b
                 chunks.append(chunk)
                 size += len(chunk)
                 if size > limit.max_bytes:  # more than declared: HTTP/1.1 framing forbids it
-                    raise UpstreamLimitError(
-                        f"{SERVICE} {where(request)}: the {limit.kind} answer is larger than "
-                        f"{limit.max_bytes} bytes ({limit.max_bytes_setting})",
-                        service=SERVICE,
-                        status=answer.status_code,
-                        setting=limit.max_bytes_setting,
-                    )
+                    raise too_large(request, limit, SERVICE, answer.status_code)
     except TimeoutError:
         raise UpstreamLimitError(
             f"{SERVICE} {where(request)}: the answer did not complete within {limit.deadline:g} s "
