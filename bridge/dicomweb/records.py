@@ -5,8 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +17,7 @@ from bridge.mapping.values import (
     decode_inline_text,
     decode_text,
     is_valid_uid,
+    pydicom_reading,
     safe_key,
     vr_problem,
 )
@@ -182,19 +182,6 @@ def raw_uid(row: DicomJson, tag: str = "0020000D") -> str | None:
     value = value.strip(" \x00")
     # An invalid UID is never logged or stored as such: it can be anything, a name included.
     return value if is_valid_uid(value) else safe_key(value)
-
-
-@contextmanager
-def _no_value_validation() -> Iterator[None]:
-    """Read without value checks: pydicom would warn and log raw values (patient data)."""
-    from pydicom import config
-
-    saved = config.settings.reading_validation_mode
-    config.settings.reading_validation_mode = config.IGNORE
-    try:
-        yield
-    finally:
-        config.settings.reading_validation_mode = saved
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,7 +359,7 @@ def _dataset(row: DicomJson, level: str) -> Dataset:
     from pydicom import Dataset
 
     try:
-        with _no_value_validation():
+        with pydicom_reading("ignore"):
             ds = Dataset.from_json(row, bulk_data_uri_handler=_no_bulk_data)
     except Exception as exc:  # pydicom raises many types for malformed JSON
         attribute = _failing_attribute(row)
@@ -430,7 +417,7 @@ def _failing_attribute(row: DicomJson) -> str | None:
 
     for tag, element in row.items():
         try:
-            with _no_value_validation():
+            with pydicom_reading("ignore"):
                 Dataset.from_json({tag: element}, bulk_data_uri_handler=_no_bulk_data)
         except Exception:  # noqa: BLE001 - any failure names this element
             try:

@@ -12,7 +12,7 @@ import hashlib
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 from bridge.errors import MappingError
 
@@ -146,7 +146,7 @@ def decode_text(raw: bytes, vr: str, encodings: Sequence[str]) -> str | None:
     if not raw:
         return None
     try:
-        with _strict_charsets():
+        with pydicom_reading("raise"):
             if vr == "PN":
                 return str(PersonName(raw, encodings=charsets).decode())
             if vr in ("SH", "LO", "ST", "LT", "UC", "UT"):
@@ -210,7 +210,7 @@ def _inline(data: Any, vr: str, charset: Sequence[str]) -> str | None:
         raw = base64.b64decode(str(data), validate=True)
     except (binascii.Error, ValueError):
         return None
-    with _strict_charsets():
+    with pydicom_reading("raise"):
         try:
             encodings = convert_encodings(list(charset) or ["ISO_IR 6"])
         except LookupError:
@@ -226,12 +226,16 @@ def _json_value(text: str, vr: str) -> Any:
 
 
 @contextmanager
-def _strict_charsets() -> Iterator[None]:
-    """Make pydicom raise on undecodable bytes; it else replaces them, with a warning."""
+def pydicom_reading(mode: Literal["raise", "ignore"]) -> Iterator[None]:
+    """Set pydicom's reading validation for the block.
+
+    ``raise``: undecodable bytes raise (pydicom else replaces them, with a warning). ``ignore``: no
+    value checks (pydicom would warn and log raw values, patient data).
+    """
     from pydicom import config
 
     saved = config.settings.reading_validation_mode
-    config.settings.reading_validation_mode = config.RAISE
+    config.settings.reading_validation_mode = config.RAISE if mode == "raise" else config.IGNORE
     try:
         yield
     finally:
