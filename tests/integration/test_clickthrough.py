@@ -11,12 +11,9 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from html.parser import HTMLParser
-from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -26,11 +23,10 @@ from bridge.config import load_settings
 from tests.conftest import ARTIFACTS
 from tests.integration.conftest import Stack
 from tests.stack.samples import StudySpec, load_demo
-from tests.stack.viewer import ThreadedServer, ViewerServer, ensure_chromium
+from tests.stack.viewer import ThreadedServer, ViewerServer, ensure_chromium, run_clickthrough
 
 pytestmark = pytest.mark.integration
 
-SCRIPT = Path(__file__).resolve().parents[1] / "browser" / "clickthrough.mjs"
 BROWSER_TIMEOUT_S = 150
 
 
@@ -127,8 +123,6 @@ def test_clickthrough_from_record_to_ohif_draws_the_study(
     stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     chromium = ensure_chromium()
-    node = shutil.which("node")
-    assert node is not None, "the browser test needs Node.js (tests/browser/clickthrough.mjs)"
     specs = load_demo(stack.orthanc.dicomweb_url)
     assert stack.sync().counts.parked == 0
     ct = _spec(specs, "CT Chest Abdomen with contrast")
@@ -149,18 +143,7 @@ def test_clickthrough_from_record_to_ohif_draws_the_study(
             "chromium": chromium,
             "timeoutMs": 60_000,
         }
-        run = subprocess.run(
-            [node, str(SCRIPT), json.dumps(options)],
-            capture_output=True,
-            text=True,
-            timeout=BROWSER_TIMEOUT_S,
-            check=False,
-        )
-    (shots / "browser-output.txt").write_text(run.stdout + run.stderr, encoding="utf-8")
-    lines = run.stdout.strip().splitlines()
-    assert lines, f"the browser script printed nothing; stderr:\n{run.stderr[-3000:]}"
-    seen: dict[str, Any] = json.loads(lines[-1])
-    assert seen["ok"], f"click-through failed: {seen.get('error')} (at {seen.get('page_url')}); see {shots}"
+        seen = run_clickthrough(options, shots, BROWSER_TIMEOUT_S)
 
     # The record page showed both of the patient's studies, with their thumbnails.
     assert seen["record_rows"] == 2 and seen["thumbnails_loaded"] == 2

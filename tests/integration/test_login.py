@@ -12,10 +12,8 @@ import json
 import logging
 import re
 import shutil
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -29,11 +27,10 @@ from tests.integration.conftest import Stack
 from tests.stack.oidc import LOGIN_SCOPES, OidcProvider, web_client
 from tests.stack.process import free_loopback_port
 from tests.stack.samples import StudySpec, load_demo
-from tests.stack.viewer import ThreadedServer, ViewerServer, ensure_chromium
+from tests.stack.viewer import ThreadedServer, ViewerServer, ensure_chromium, run_clickthrough
 
 pytestmark = pytest.mark.integration
 
-SCRIPT = Path(__file__).resolve().parents[1] / "browser" / "clickthrough.mjs"
 BROWSER_TIMEOUT_S = 180
 
 CLIENT_ID, CLIENT_SECRET = "bridge-web", "web-secret-6a1f"
@@ -202,8 +199,6 @@ def test_clickthrough_with_login_in_chromium(
     """
     caplog.set_level(logging.INFO)
     chromium = ensure_chromium()
-    node = shutil.which("node")
-    assert node is not None, "the browser test needs Node.js (tests/browser/clickthrough.mjs)"
     specs: list[StudySpec] = load_demo(stack.orthanc.dicomweb_url)
     assert stack.sync().counts.parked == 0
     ct = next(s for s in specs if s.description == "CT Chest Abdomen with contrast")
@@ -243,18 +238,7 @@ def test_clickthrough_with_login_in_chromium(
             "chromium": chromium,
             "timeoutMs": 60_000,
         }
-        run = subprocess.run(
-            [node, str(SCRIPT), json.dumps(options)],
-            capture_output=True,
-            text=True,
-            timeout=BROWSER_TIMEOUT_S,
-            check=False,
-        )
-    (shots / "browser-output.txt").write_text(run.stdout + run.stderr, encoding="utf-8")
-    lines = run.stdout.strip().splitlines()
-    assert lines, f"the browser script printed nothing; stderr:\n{run.stderr[-3000:]}"
-    seen: dict[str, Any] = json.loads(lines[-1])
-    assert seen["ok"], f"click-through failed: {seen.get('error')} (at {seen.get('page_url')}); see {shots}"
+        seen = run_clickthrough(options, shots, BROWSER_TIMEOUT_S)
 
     assert seen["login_page"] == idp.issuer  # the browser was sent to the provider's form
     session = next(c for c in seen["cookies"] if c["name"] == "bridge_session")

@@ -36,7 +36,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import httpx
 import uvicorn
@@ -317,6 +317,31 @@ def find_chromium() -> str | None:
         if Path(candidate).is_file():
             return candidate
     return None
+
+
+CLICKTHROUGH_SCRIPT = Path(__file__).resolve().parents[1] / "browser" / "clickthrough.mjs"
+
+
+def run_clickthrough(options: dict[str, Any], shots: Path, timeout: float) -> dict[str, Any]:
+    """Drive chromium with tests/browser/clickthrough.mjs; what it saw (asserted ``ok``).
+
+    Its output is kept in ``shots`` beside the screenshots.
+    """
+    node = shutil.which("node")
+    assert node is not None, "the browser test needs Node.js (tests/browser/clickthrough.mjs)"
+    run = subprocess.run(
+        [node, str(CLICKTHROUGH_SCRIPT), json.dumps(options)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    (shots / "browser-output.txt").write_text(run.stdout + run.stderr, encoding="utf-8")
+    lines = run.stdout.strip().splitlines()
+    assert lines, f"the browser script printed nothing; stderr:\n{run.stderr[-3000:]}"
+    seen: dict[str, Any] = json.loads(lines[-1])
+    assert seen["ok"], f"click-through failed: {seen.get('error')} (at {seen.get('page_url')}); see {shots}"
+    return seen
 
 
 def ensure_chromium() -> str:
