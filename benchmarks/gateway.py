@@ -26,21 +26,17 @@ import copy
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import httpx
 import pydicom
 from pydicom.data import get_testdata_file
 
-from benchmarks.resolver import ISSUERS, Serve, _cpu_model, _parse_wrk
-from tests.stack.fhir import FhirTestServer
-from tests.stack.orthanc import OrthancServer, ensure_installed
-from tests.stack.process import apt_install
-from tests.stack.samples import SeriesSpec, StudySpec, build_study, load_demo, stow
+from benchmarks._common import cpu_model
+from benchmarks.resolver import Serve, _parse_wrk, demo_stack, ensure_wrk
+from tests.stack.samples import SeriesSpec, StudySpec, build_study, stow
 
 API_KEY = "bench-key-5e0c2a"
 ACCEPT = {
@@ -51,16 +47,6 @@ ACCEPT = {
 }
 CT_SIZE = 512
 STOW_BATCH = 25
-
-
-def _ensure_wrk() -> str:
-    found = shutil.which("wrk")
-    if found is None:
-        apt_install("wrk")
-        found = shutil.which("wrk")
-    if found is None:
-        raise RuntimeError("wrk is still missing after apt-get install wrk")
-    return found
 
 
 def _script(paths: list[str], headers: dict[str, str], folder: Path, name: str) -> Path:
@@ -130,33 +116,12 @@ def main() -> int:
     parser.add_argument("--ct-instances", type=int, default=150, help="slices of the realistic CT study")
     parser.add_argument("--kinds", nargs="+", choices=list(ACCEPT), default=list(ACCEPT))
     args = parser.parse_args()
-    wrk = _ensure_wrk()
+    wrk = ensure_wrk()
 
-    workdir = Path(tempfile.mkdtemp(prefix="bridge-bench-gateway-"))
-    ensure_installed()
-    orthanc = OrthancServer(name="bridge-bench-gw", log_path=workdir / "orthanc.log")
-    fhir = FhirTestServer(log_path=workdir / "fhir-server.log")
-    try:
-        orthanc.start()
-        fhir.start()
-        specs = load_demo(orthanc.dicomweb_url)
+    with demo_stack("bridge-bench-gw", BRIDGE_API_KEYS=API_KEY, BRIDGE_AUDIT="fhir") as stack:
+        orthanc, fhir, specs, workdir, env = stack.orthanc, stack.fhir, stack.specs, stack.workdir, stack.env
         ct_uid = _ct_study(orthanc.dicomweb_url, args.ct_instances)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
-        env.update(
-            BRIDGE_DICOMWEB_URL=orthanc.dicomweb_url,
-            BRIDGE_FHIR_URL=fhir.base_url,
-            BRIDGE_STATE_URL=f"sqlite:///{workdir / 'state.db'}",
-            BRIDGE_SOURCE_NAME="bench-orthanc",
-            BRIDGE_PATIENT_ISSUER_SYSTEMS=json.dumps(ISSUERS),
-            BRIDGE_LOG_LEVEL="WARNING",
-            BRIDGE_API_KEYS=API_KEY,
-            BRIDGE_AUDIT="fhir",
-        )
-        sync = subprocess.run(
-            [sys.executable, "-m", "bridge", "sync", "--json"], env=env, capture_output=True
-        )
-        if sync.returncode not in (0, 1):
-            print(sync.stderr.decode(), file=sys.stderr)
+        if not stack.sync():
             return 1
         uids = [str(s.uid) for s in specs if s.uid]
         published = {
@@ -181,7 +146,7 @@ def main() -> int:
         kinds = {kind: every[kind] for kind in args.kinds}
         direct_prefix = httpx.URL(orthanc.dicomweb_url).path.rstrip("/")
         direct_root = str(httpx.URL(orthanc.dicomweb_url).copy_with(path="/"))
-        print(f"machine: nproc={os.cpu_count()} cpu={_cpu_model()!r} python={platform.python_version()}")
+        print(f"machine: nproc={os.cpu_count()} cpu={cpu_model()!r} python={platform.python_version()}")
         print(
             f"{len(uids)} demo studies in rotation; bridge serve = 1 uvicorn worker; "
             f"wrk -t1 -d{args.duration}s"
@@ -237,10 +202,6 @@ def main() -> int:
             "are read once per 30 s), archive and FHIR server on loopback, no TLS"
         )
         return 0
-    finally:
-        fhir.stop()
-        orthanc.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

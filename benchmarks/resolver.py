@@ -11,8 +11,8 @@ Each mode runs with authentication off and with it on (``--auth``): an API key i
 sent by wrk as X-API-Key on every request.
 
 Run:  python -m benchmarks.resolver [--duration 10] [--connections 50] [--auth off api-key]
-Needs Debian's wrk (apt-get install -y wrk). Prints throughput and p50/p99 latency per mode and
-lookup kind, the FHIR requests made, the settings, and the machine (nproc, CPU model).
+Installs Debian's wrk when it is missing (apt-get, as root). Prints throughput and p50/p99 latency
+per mode and lookup kind, the FHIR requests made, the settings, and the machine (nproc, CPU model).
 """
 
 # ruff: noqa: T201 - a script: printing the figures is its job
@@ -29,13 +29,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
+from benchmarks._common import cpu_model
 from tests.stack.fhir import FhirTestServer
 from tests.stack.orthanc import OrthancServer, ensure_installed
-from tests.stack.samples import load_demo
+from tests.stack.process import apt_install
+from tests.stack.samples import StudySpec, load_demo
 
 ISSUERS = {"HOSP-A": "urn:oid:1.2.826.0.1.3680043.10.1001", "HOSP-B": "urn:oid:1.2.826.0.1.3680043.10.1002"}
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
@@ -48,14 +53,63 @@ def _free_port() -> int:
         return port
 
 
-def _cpu_model() -> str:
+def ensure_wrk() -> str:
+    """Debian's wrk, installed with apt-get when missing."""
+    found = shutil.which("wrk")
+    if found is None:
+        apt_install("wrk")
+        found = shutil.which("wrk")
+    if found is None:
+        raise RuntimeError("wrk is still missing after apt-get install wrk")
+    return found
+
+
+@dataclass
+class DemoStack:
+    """Orthanc holding the demo studies, the FHIR test server, and the bridge's settings for them."""
+
+    orthanc: OrthancServer
+    fhir: FhirTestServer
+    specs: list[StudySpec]
+    workdir: Path
+    env: dict[str, str]  # the environment of a bridge process: BRIDGE_* for this stack only
+
+    def sync(self) -> bool:
+        """Run `bridge sync` once over the archive; False (its errors printed) when it failed."""
+        command = [sys.executable, "-m", "bridge", "sync", "--json"]
+        run = subprocess.run(command, env=self.env, capture_output=True)
+        if run.returncode not in (0, 1):
+            print(run.stderr.decode(), file=sys.stderr)
+            return False
+        return True
+
+
+@contextmanager
+def demo_stack(prefix: str, **settings: str) -> Iterator[DemoStack]:
+    """Start Orthanc and the FHIR test server, store the demo studies; stopped and removed after."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
+    ensure_installed()
+    orthanc = OrthancServer(name=prefix, log_path=workdir / "orthanc.log")
+    fhir = FhirTestServer(log_path=workdir / "fhir-server.log")
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+        orthanc.start()
+        fhir.start()
+        specs = load_demo(orthanc.dicomweb_url)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+        env.update(
+            BRIDGE_DICOMWEB_URL=orthanc.dicomweb_url,
+            BRIDGE_FHIR_URL=fhir.base_url,
+            BRIDGE_STATE_URL=f"sqlite:///{workdir / 'state.db'}",
+            BRIDGE_SOURCE_NAME="bench-orthanc",
+            BRIDGE_PATIENT_ISSUER_SYSTEMS=json.dumps(ISSUERS),
+            BRIDGE_LOG_LEVEL="WARNING",
+            **settings,
+        )
+        yield DemoStack(orthanc, fhir, specs, workdir, env)
+    finally:
+        fhir.stop()
+        orthanc.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 API_KEY = "bench-key-7f3d91"
@@ -156,36 +210,13 @@ def main() -> int:
     )
     args = parser.parse_args()
     profiled = set() if args.profile is None else set(args.profile or ["cached"])
-    wrk = shutil.which("wrk")
-    if wrk is None:
-        print("wrk is not installed: apt-get update && apt-get install -y wrk", file=sys.stderr)
-        return 2
-
-    workdir = Path(tempfile.mkdtemp(prefix="bridge-bench-"))
-    ensure_installed()
-    orthanc = OrthancServer(name="bridge-bench", log_path=workdir / "orthanc.log")
-    fhir = FhirTestServer(log_path=workdir / "fhir-server.log")
-    try:
-        orthanc.start()
-        fhir.start()
-        specs = load_demo(orthanc.dicomweb_url)
-        base_env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
-        base_env.update(
-            BRIDGE_DICOMWEB_URL=orthanc.dicomweb_url,
-            BRIDGE_FHIR_URL=fhir.base_url,
-            BRIDGE_STATE_URL=f"sqlite:///{workdir / 'state.db'}",
-            BRIDGE_SOURCE_NAME="bench-orthanc",
-            BRIDGE_PATIENT_ISSUER_SYSTEMS=json.dumps(ISSUERS),
-            BRIDGE_LOG_LEVEL="WARNING",
-            # without a viewer's address the redirect is a 503: the viewer runs would time an error
-            BRIDGE_VIEWER_URLS=json.dumps({"ohif": "https://ohif.example.org/viewer"}),
-        )
-        sync = subprocess.run(
-            [sys.executable, "-m", "bridge", "sync", "--json"], env=base_env, capture_output=True
-        )
-        if sync.returncode not in (0, 1):
-            print(sync.stderr.decode(), file=sys.stderr)
+    wrk = ensure_wrk()
+    # without a viewer's address the redirect is a 503: the viewer runs would time an error
+    viewers = json.dumps({"ohif": "https://ohif.example.org/viewer"})
+    with demo_stack("bridge-bench", BRIDGE_VIEWER_URLS=viewers) as stack:
+        if not stack.sync():
             return 1
+        fhir, specs, workdir, base_env = stack.fhir, stack.specs, stack.workdir, stack.env
         studies = httpx.get(f"{fhir.base_url}/ImagingStudy", params={"_count": "100"}, timeout=30).json()
         ids = [e["resource"]["id"] for e in studies.get("entry", [])]
         kinds = {
@@ -193,7 +224,7 @@ def main() -> int:
             "by-id": [f"/imaging-studies/{i}/links" for i in ids],
             "viewer": [f"/studies/{s.uid}/viewer" for s in specs],
         }
-        print(f"machine: nproc={os.cpu_count()} cpu={_cpu_model()!r} python={platform.python_version()}")
+        print(f"machine: nproc={os.cpu_count()} cpu={cpu_model()!r} python={platform.python_version()}")
         print(
             f"load: wrk -t{args.threads} -c{args.connections} -d{args.duration}s, "
             f"{len(specs)} demo studies in rotation; bridge serve = 1 uvicorn worker"
@@ -273,10 +304,6 @@ def main() -> int:
             "FHIR: Medplum in-memory test server on loopback"
         )
         return 0
-    finally:
-        fhir.stop()
-        orthanc.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
