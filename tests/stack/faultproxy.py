@@ -33,10 +33,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import TracebackType
 from urllib.parse import urlsplit
 
 import httpx
+
+from tests.stack.process import Launcher
 
 HOP_BY_HOP = frozenset(
     {
@@ -135,7 +136,7 @@ class _Request:
     keep_alive: bool = True
 
 
-class FaultProxy:
+class FaultProxy(Launcher):
     """The proxy: ``url`` replaces the upstream's scheme and authority, paths are kept."""
 
     def __init__(
@@ -206,15 +207,6 @@ class FaultProxy:
             loop.call_soon_threadsafe(stopped.set)
         thread.join(10)
         self._loop = self._thread = None
-
-    def __enter__(self) -> FaultProxy:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     def _run(self) -> None:
         asyncio.run(self._main())

@@ -23,35 +23,30 @@ Manual use::
 from __future__ import annotations
 
 import argparse
-import atexit
 import os
-import shutil
-import signal
 import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import httpx
 
-from tests.stack.process import LOG_TAIL_LINES, AdminApi, free_loopback_port, log_tail, terminate
+from tests.stack.process import (
+    LOG_TAIL_LINES,
+    AdminApi,
+    Launcher,
+    free_loopback_port,
+    log_tail,
+    require_tool,
+    stop_on_sigterm,
+    terminate,
+)
 
 SERVER_DIR = Path(__file__).resolve().parent / "fhir-server"
 BASE_PATH = "/fhir/R4"
+NEEDS = "the FHIR test server needs Node.js 20.19+ and npm"  # said when a tool is missing
 NPM_TIMEOUT_SECONDS = 600.0
-
-
-
-
-def _require_tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        raise RuntimeError(
-            f"`{name}` was not found on PATH; the FHIR test server needs Node.js 20.19+ and npm"
-        )
-    return path
 
 
 def ensure_node_modules(server_dir: Path = SERVER_DIR, marker: Path | None = None) -> None:
@@ -66,7 +61,7 @@ def ensure_node_modules(server_dir: Path = SERVER_DIR, marker: Path | None = Non
         marker = server_dir / "node_modules" / "@medplum" / "fhir-router" / "package.json"
     if marker.is_file():
         return
-    npm = _require_tool("npm")
+    npm = require_tool("npm", NEEDS)
     flags = ["--no-audit", "--no-fund", "--loglevel=error"]
     failures: list[str] = []
     for command in ([npm, "ci", *flags], [npm, "install", *flags]):
@@ -91,7 +86,7 @@ def ensure_node_modules(server_dir: Path = SERVER_DIR, marker: Path | None = Non
     )
 
 
-class FhirTestServer(AdminApi):
+class FhirTestServer(Launcher, AdminApi):
     """One Node process serving an in-memory FHIR R4 API on loopback."""
 
     def __init__(
@@ -147,7 +142,7 @@ class FhirTestServer(AdminApi):
         """
         if self.running:
             return
-        node = _require_tool("node")
+        node = require_tool("node", NEEDS)
         ensure_node_modules()
         if not self._requested_port:
             self.port = free_loopback_port()
@@ -170,7 +165,7 @@ class FhirTestServer(AdminApi):
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        _RUNNING.add(self)
+        self._track()
         self._client = httpx.Client(base_url=self.root_url, timeout=30.0, verify=self.admin_verify)
         deadline = time.monotonic() + timeout
         while True:
@@ -195,7 +190,7 @@ class FhirTestServer(AdminApi):
         if self._client is not None:
             self._client.close()
             self._client = None
-        _RUNNING.discard(self)
+        self._untrack()
         process, self._process = self._process, None
         terminate(process)
         if self._log_file is not None:
@@ -206,35 +201,9 @@ class FhirTestServer(AdminApi):
             self.log_path = None
             self._owns_log = False
 
-    # ------------------------------------------------------- context manager
-    def __enter__(self) -> FhirTestServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-
-_RUNNING: set[FhirTestServer] = set()
-
-
-@atexit.register
-def _stop_leftovers() -> None:
-    for server in list(_RUNNING):
-        server.stop()
-
-
-def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    stop_on_sigterm()
     parser = argparse.ArgumentParser(description="Run the in-memory FHIR R4 test server in the foreground.")
     parser.add_argument("--port", type=int, default=8080, help="loopback port (default 8080)")
     parser.add_argument("--log", type=Path, default=None, help="log file (default: a temporary file)")

@@ -24,40 +24,38 @@ Manual use::
 from __future__ import annotations
 
 import argparse
-import atexit
 import hashlib
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import httpx
 
-from tests.stack.process import LOG_TAIL_LINES, AdminApi, free_loopback_port, log_tail, terminate
+from tests.stack.process import (
+    LOG_TAIL_LINES,
+    AdminApi,
+    Launcher,
+    free_loopback_port,
+    log_tail,
+    require_tool,
+    stop_on_sigterm,
+    terminate,
+)
 
 PROJECT_DIR = Path(__file__).resolve().parent / "hapi"
 JAR = PROJECT_DIR / "target" / "hapi-test-server.jar"
 DIGEST = PROJECT_DIR / "target" / "sources.sha256"
 BASE_PATH = "/fhir/R4"
+NEEDS = "the HAPI FHIR test server needs Java 17+ and Maven"  # said when a tool is missing
 BUILD_TIMEOUT_SECONDS = 1200.0
 # A JVM sized for a 2-core test machine: a bounded heap, the serial collector, and the quick
 # (C1) compiler only, which starts HAPI faster; benchmarks use BENCHMARK_JVM_OPTIONS instead.
 JVM_OPTIONS = ("-Xmx1g", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1")
 BENCHMARK_JVM_OPTIONS = ("-Xmx2g",)
-
-
-def _require_tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        raise RuntimeError(
-            f"`{name}` was not found on PATH; the HAPI FHIR test server needs Java 17+ and Maven"
-        )
-    return path
 
 
 def sources_digest(project_dir: Path = PROJECT_DIR) -> str:
@@ -79,8 +77,8 @@ def ensure_built(project_dir: Path = PROJECT_DIR) -> Path:
     wanted = sources_digest(project_dir)
     if jar.is_file() and digest_file.is_file() and digest_file.read_text().strip() == wanted:
         return jar
-    mvn = _require_tool("mvn")
-    _require_tool("java")
+    mvn = require_tool("mvn", NEEDS)
+    require_tool("java", NEEDS)
     failures: list[str] = []
     # Offline first: the usual case, with every dependency already in the local repository.
     for offline in (["-o"], []):
@@ -105,7 +103,7 @@ def ensure_built(project_dir: Path = PROJECT_DIR) -> Path:
     raise RuntimeError(f"could not build the HAPI FHIR test server in {project_dir}:\n" + "\n".join(failures))
 
 
-class HapiTestServer(AdminApi):
+class HapiTestServer(Launcher, AdminApi):
     """One JVM serving HAPI FHIR JPA (R4) on loopback, with a database that :meth:`stop` removes."""
 
     def __init__(
@@ -158,7 +156,7 @@ class HapiTestServer(AdminApi):
         """
         if self.running:
             return
-        java = _require_tool("java")
+        java = require_tool("java", NEEDS)
         jar = ensure_built()
         if not self._requested_port:
             self.port = free_loopback_port()
@@ -189,7 +187,7 @@ class HapiTestServer(AdminApi):
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        _RUNNING.add(self)
+        self._track()
         self._client = httpx.Client(base_url=self.root_url, timeout=60.0)
         deadline = started + timeout
         while True:
@@ -219,7 +217,7 @@ class HapiTestServer(AdminApi):
         if self._client is not None:
             self._client.close()
             self._client = None
-        _RUNNING.discard(self)
+        self._untrack()
         process, self._process = self._process, None
         terminate(process)
         if self._log_file is not None:
@@ -249,34 +247,9 @@ class HapiTestServer(AdminApi):
             return None
         return None
 
-    def __enter__(self) -> HapiTestServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-
-_RUNNING: set[HapiTestServer] = set()
-
-
-@atexit.register
-def _stop_leftovers() -> None:
-    for server in list(_RUNNING):
-        server.stop()
-
-
-def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    stop_on_sigterm()
     parser = argparse.ArgumentParser(description="Run the HAPI FHIR JPA test server in the foreground.")
     parser.add_argument("--port", type=int, default=8080, help="loopback port (default 8080)")
     parser.add_argument("--log", type=Path, default=None, help="log file (default: a temporary file)")

@@ -21,13 +21,12 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import httpx
 
-from tests.stack.fhir import _require_tool, ensure_node_modules
-from tests.stack.process import free_loopback_port, log_tail, terminate
+from tests.stack.fhir import NEEDS, ensure_node_modules
+from tests.stack.process import Launcher, free_loopback_port, log_tail, require_tool, terminate
 
 PROVIDER_DIR = Path(__file__).resolve().parent / "oidc"
 INTROSPECTOR_ID = "fhir-test-server"
@@ -76,7 +75,7 @@ def jwt_client(client_id: str, public_jwk: dict[str, Any], alg: str, *, scope: s
     }
 
 
-class OidcProvider:
+class OidcProvider(Launcher):
     """One ``node provider.mjs`` process on a free loopback port."""
 
     def __init__(
@@ -135,7 +134,7 @@ class OidcProvider:
         return self._process is not None and self._process.poll() is None
 
     def start(self, timeout: float = 60.0) -> None:
-        node = _require_tool("node")
+        node = require_tool("node", NEEDS)
         ensure_node_modules(PROVIDER_DIR, marker=Path("node_modules/oidc-provider/package.json"))
         self.port = free_loopback_port()
         fd, name = tempfile.mkstemp(prefix="oidc-config-", suffix=".json")
@@ -220,12 +219,3 @@ class OidcProvider:
             "FHIR_AUTH_INTROSPECTION_CLIENT_ID": INTROSPECTOR_ID,
             "FHIR_AUTH_INTROSPECTION_CLIENT_SECRET": self.introspector_secret,
         }
-
-    def __enter__(self) -> OidcProvider:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()

@@ -18,7 +18,6 @@ Manual use::
 from __future__ import annotations
 
 import argparse
-import atexit
 import glob
 import json
 import os
@@ -27,12 +26,11 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import httpx
 
-from tests.stack.process import apt_install, free_loopback_port, log_tail, terminate
+from tests.stack.process import Launcher, apt_install, free_loopback_port, log_tail, terminate
 
 ORTHANC_BINARY_CANDIDATES = ("/usr/sbin/Orthanc", "/usr/bin/Orthanc")
 DICOMWEB_PLUGIN_GLOBS = (
@@ -77,7 +75,7 @@ def ensure_installed() -> None:
         )
 
 
-class OrthancServer:
+class OrthancServer(Launcher):
     """One Orthanc process with the DICOMweb plugin, on loopback, with its own storage."""
 
     def __init__(
@@ -258,7 +256,7 @@ class OrthancServer:
             cwd=str(self.storage_dir),
             start_new_session=True,
         )
-        _RUNNING.add(self)
+        self._track()
         self._client = httpx.Client(
             base_url=self.base_url,
             timeout=30.0,
@@ -303,7 +301,7 @@ class OrthancServer:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
-        _RUNNING.discard(self)
+        self._untrack()
 
     def _cleanup_storage(self) -> None:
         if self._owns_storage and self.storage_dir is not None:
@@ -317,18 +315,6 @@ class OrthancServer:
         """Stop Orthanc (SIGTERM, then SIGKILL) and remove a storage folder it created."""
         self._terminate()
         self._cleanup_storage()
-
-    def __enter__(self) -> OrthancServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # ------------------------------------------------------------------ REST
     @property
@@ -369,15 +355,6 @@ class OrthancServer:
         response = self.client.get("/statistics")
         response.raise_for_status()
         return int(response.json()["CountStudies"])
-
-
-_RUNNING: set[OrthancServer] = set()
-
-
-@atexit.register
-def _stop_leftovers() -> None:
-    for server in list(_RUNNING):
-        server.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

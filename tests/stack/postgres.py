@@ -31,11 +31,10 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import TracebackType
 
 import psycopg
 
-from tests.stack.process import apt_install, free_loopback_port, log_tail, terminate
+from tests.stack.process import Launcher, apt_install, free_loopback_port, log_tail, terminate
 
 ENVIRONMENT_VARIABLE = "BRIDGE_TEST_POSTGRES"
 SYSTEM_USER = "postgres"  # the Debian package's system account; servers started as root run as it
@@ -66,7 +65,7 @@ def ensure_installed() -> Path:
     return found
 
 
-class PostgresServer:
+class PostgresServer(Launcher):
     """One PostgreSQL server on loopback, in its own temporary data folder."""
 
     def __init__(self, log_path: Path | None = None) -> None:
@@ -145,15 +144,6 @@ class PostgresServer:
         if self._root is not None:
             shutil.rmtree(self._root, ignore_errors=True)
             self._root = None
-
-    def __enter__(self) -> PostgresServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
 
 @contextmanager

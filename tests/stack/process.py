@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
 import socket
 import subprocess
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 import httpx
 
@@ -58,6 +60,61 @@ def apt_install(*packages: str) -> None:
         if result.returncode != 0:
             tail = "\n".join((result.stdout + result.stderr).splitlines()[-LOG_TAIL_LINES:])
             raise RuntimeError(f"`{' '.join(command)}` failed with code {result.returncode}:\n{tail}")
+
+
+def require_tool(name: str, needed_by: str) -> str:
+    """The path of command ``name``; RuntimeError saying what needs it when it is not on PATH."""
+    path = shutil.which(name)
+    if path is None:
+        raise RuntimeError(f"`{name}` was not found on PATH; {needed_by}")
+    return path
+
+
+class Launcher:
+    """A test server started by ``start()`` and stopped by ``stop()``: a context manager too.
+
+    A server that ``_track()`` registers when started is stopped at interpreter exit if still
+    running; its ``stop()`` calls ``_untrack()``.
+    """
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def _track(self) -> None:
+        _RUNNING.add(self)
+
+    def _untrack(self) -> None:
+        _RUNNING.discard(self)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+_RUNNING: set[Launcher] = set()
+
+
+@atexit.register
+def _stop_leftovers() -> None:
+    for server in list(_RUNNING):
+        server.stop()
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM end a foreground server's main like Ctrl-C (its ``finally`` stops the server)."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 class AdminApi:

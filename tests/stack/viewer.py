@@ -35,8 +35,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import httpx
 import uvicorn
@@ -51,7 +50,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tests.stack.process import LOG_TAIL_LINES, apt_install, free_loopback_port
+from tests.stack.process import LOG_TAIL_LINES, Launcher, apt_install, free_loopback_port
 
 OHIF_DIR = Path(__file__).resolve().parent / "ohif"
 DIST_DIR = OHIF_DIR / "node_modules" / "@ohif" / "app" / "dist"
@@ -221,7 +220,7 @@ def build_app(
     )
 
 
-class ThreadedServer:
+class ThreadedServer(Launcher):
     """An ASGI app under uvicorn in a background thread, on a loopback port (free unless given)."""
 
     def __init__(self, app: ASGIApp, port: int | None = None, *, name: str = "asgi-server") -> None:
@@ -273,18 +272,6 @@ class ThreadedServer:
             server.should_exit = True
         if thread is not None:
             thread.join(timeout=10)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 class ViewerServer(ThreadedServer):
