@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -304,3 +305,47 @@ def _who(event: dict[str, Any], name: str) -> bool:
 
 def _action(event: dict[str, Any]) -> str:
     return str(next(c["code"] for c in event["subtype"] if c["code"] not in ("read", "search")))
+
+
+def test_invoke_image_display_refusals_in_a_launched_session_are_audited(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    load_demo(stack.orthanc.dicomweb_url)
+    assert stack.sync().counts.parked == 0
+    jane = _patient_id(stack, "Doe", HOSP_A)
+    john = _patient_id(stack, "Smith", HOSP_B)
+    identifiers = stack.fhir_read(f"Patient/{john}")["identifier"]
+    (johns_mrn,) = [i["value"] for i in identifiers if i["system"] == HOSP_B]
+    johns_uid = next(
+        s["identifier"][0]["value"].removeprefix("urn:oid:")
+        for s in stack.fhir_search("ImagingStudy")
+        if s["subject"]["reference"] == f"Patient/{john}"
+    )
+    oid = HOSP_B.removeprefix("urn:oid:")
+    with (
+        login_stack(
+            stack, monkeypatch, launches={LAUNCH: jane}, audit="fhir", audit_flush_interval="0.2"
+        ) as (api, idp),
+        httpx.Client(follow_redirects=True, timeout=30) as browser,
+    ):
+        html = {"Accept": "text/html"}
+        form = browser.get(f"{api}/launch", params={"iss": idp.fhir_iss, "launch": LAUNCH}, headers=html)
+        assert _sign_in(browser, form).status_code == 200
+        iid = f"{api}/IHEInvokeImageDisplay"
+        study = browser.get(iid, params={"requestType": "STUDY", "studyUID": johns_uid}, headers=html)
+        patient = browser.get(
+            iid, params={"requestType": "PATIENT", "patientID": f"{johns_mrn}^^^&{oid}&ISO"}, headers=html
+        )
+        deadline = time.monotonic() + 20
+        refused: set[str] = set()
+        while time.monotonic() < deadline and refused != {"viewer", "record-view"}:
+            time.sleep(0.3)
+            refused = {
+                _action(e)
+                for e in stack.fhir_search("AuditEvent")
+                if e["outcome"] == "4" and _who(e, USER)
+                and {"reference": f"Patient/{john}"} in [x.get("what") for x in e.get("entity", [])]
+            }
+    assert study.status_code == 403 and patient.status_code == 403
+    # each IID refusal is recorded as the access it refused: John's viewer, John's record
+    assert refused == {"viewer", "record-view"}
