@@ -36,9 +36,11 @@ from pydicom.data import get_testdata_file
 
 from benchmarks._common import cpu_model
 from benchmarks.resolver import Serve, _parse_wrk, demo_stack, ensure_wrk
+from tests.stack.front import NginxFront
 from tests.stack.samples import SeriesSpec, StudySpec, build_study, stow
 
 API_KEY = "bench-key-5e0c2a"
+FRONT_SECRET = "bench-front-secret-0c1d2e3f4a5b6c7d8e9f"
 ACCEPT = {
     "metadata": "application/dicom+json",
     "instance": 'multipart/related; type="application/dicom"',
@@ -118,7 +120,9 @@ def main() -> int:
     args = parser.parse_args()
     wrk = ensure_wrk()
 
-    with demo_stack("bridge-bench-gw", BRIDGE_API_KEYS=API_KEY, BRIDGE_AUDIT="fhir") as stack:
+    with demo_stack(
+        "bridge-bench-gw", BRIDGE_API_KEYS=API_KEY, BRIDGE_AUDIT="fhir", BRIDGE_GATEWAY_FRONT_SECRET=FRONT_SECRET
+    ) as stack:
         orthanc, fhir, specs, workdir, env = stack.orthanc, stack.fhir, stack.specs, stack.workdir, stack.env
         ct_uid = _ct_study(orthanc.dicomweb_url, args.ct_instances)
         if not stack.sync():
@@ -152,9 +156,11 @@ def main() -> int:
             f"wrk -t1 -d{args.duration}s"
         )
         header = ("kind", "conns", "target", "req/s", "p50 ms", "p99 ms", "non-2xx", "p50 ratio")
-        print("{:9} {:>5} {:8} {:>8} {:>8} {:>8} {:>8} {:>9}".format(*header))
+        print("{:11} {:>5} {:8} {:>8} {:>8} {:>8} {:>8} {:>9}".format(*header))
         server = Serve(env)
+        front = NginxFront(env, server.url)
         try:
+            front.start()
             for kind, paths in kinds.items():
                 for connections in (1, args.connections):
                     results = {}
@@ -163,6 +169,12 @@ def main() -> int:
                         (
                             "gateway",
                             server.url + "/",
+                            "/dicom-web",
+                            {"Accept": ACCEPT[kind], "X-API-Key": API_KEY},
+                        ),
+                        (
+                            "front",
+                            front.url + "/",
                             "/dicom-web",
                             {"Accept": ACCEPT[kind], "X-API-Key": API_KEY},
                         ),
@@ -187,14 +199,15 @@ def main() -> int:
                             check=True,
                         )
                         results[target] = _parse_wrk(run.stdout)
-                    ratio = results["gateway"]["p50_ms"] / results["direct"]["p50_ms"]
                     for target, result in results.items():
+                        ratio = result["p50_ms"] / results["direct"]["p50_ms"]
                         print(
-                            f"{kind:9} {connections:5d} {target:8} {result['rps']:8.0f} "
+                            f"{kind:11} {connections:5d} {target:8} {result['rps']:8.0f} "
                             f"{result['p50_ms']:8.2f} {result['p99_ms']:8.2f} {result['non_2xx']:8.0f} "
-                            + (f"{ratio:9.2f}" if target == "gateway" else "")
+                            + (f"{ratio:9.2f}" if target != "direct" else "")
                         )
         finally:
+            front.stop()
             server.stop()
         print(
             "settings: BRIDGE_API_KEYS (one key, checked per request), BRIDGE_AUDIT=fhir (one AuditEvent per "

@@ -55,6 +55,7 @@ from bridge.sync.policy import (
 ENV_PREFIX = "BRIDGE_"
 CONFIG_FILE_VARIABLE = "BRIDGE_CONFIG_FILE"
 UPSTREAMS = ("dicomweb", "fhir")
+FRONT_SECRET_MIN = 32  # characters of the gateway front's shared secret
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:\S+$")
 _SOURCE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -649,6 +650,16 @@ class Settings(PerSourceSettings, BaseSettings):
         ge=1024,
         description="Largest archive answer the gateway streams to a caller, in bytes",
     )
+    gateway_front_secret: SecretStr | None = Field(
+        default=None,
+        description=(
+            "Shared with the gateway's nginx front (bridge front-config), which sends it when it asks "
+            "the bridge to authorize a study; unset: no front. At least 32 characters"
+        ),
+    )
+    gateway_front_secret_file: Path | None = Field(
+        default=None, description="File holding the front's shared secret"
+    )
     audit: AuditMode = Field(
         default=AuditMode.LOG,
         description=(
@@ -672,6 +683,7 @@ class Settings(PerSourceSettings, BaseSettings):
     # Read from oidc_client_secret_file; kept apart so the settings as given stay as given.
     _oidc_secret_from_file: SecretStr | None = PrivateAttr(default=None)
     _launch_secret_from_file: SecretStr | None = PrivateAttr(default=None)
+    _front_secret_from_file: SecretStr | None = PrivateAttr(default=None)
 
     @field_validator(
         "viewers", "api_keys", "jwt_algorithms", "cors_origins", "smart_launch_issuers", mode="before"
@@ -780,6 +792,24 @@ class Settings(PerSourceSettings, BaseSettings):
     def _fhir_checks(self) -> Settings:
         self.fhir.check(f"{ENV_PREFIX}FHIR_")
         return self
+
+    @model_validator(mode="after")
+    def _front_checks(self) -> Settings:
+        self._front_secret_from_file = _secret_from_file(
+            self.gateway_front_secret, self.gateway_front_secret_file, "BRIDGE_GATEWAY_FRONT_SECRET"
+        )
+        secret = self.front_secret
+        if secret is not None and len(secret.get_secret_value()) < FRONT_SECRET_MIN:
+            raise ValueError(f"BRIDGE_GATEWAY_FRONT_SECRET: at least {FRONT_SECRET_MIN} characters")
+        if secret is not None and not self.gateway:
+            raise ValueError("BRIDGE_GATEWAY_FRONT_SECRET: the front needs the gateway (BRIDGE_GATEWAY=true)")
+        return self
+
+    @property
+    def front_secret(self) -> SecretStr | None:
+        """The gateway front's shared secret, as given or read from its file."""
+        given = self.gateway_front_secret
+        return given if given is not None else self._front_secret_from_file
 
     @model_validator(mode="after")
     def _login_checks(self) -> Settings:

@@ -158,3 +158,21 @@ def http_client(
         follow_redirects=False,
         **options,
     )
+
+
+async def authorization_for(client: httpx.AsyncClient, url: str) -> str | None:
+    """The Authorization header ``client`` would send with a request to ``url`` (its auth flow's first step).
+
+    For the gateway's front, which sends retrieves to the archive itself with the bridge's credentials.
+    A token-based flow fetches or reuses its token as for any request.
+    """
+    auth = client.auth
+    if auth is None:
+        return None
+    flow = auth.async_auth_flow(client.build_request("GET", url))
+    try:
+        prepared = await flow.__anext__()
+    finally:
+        await flow.aclose()
+    found: str | None = prepared.headers.get("authorization")
+    return found

@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 # (a viewer's image requests, then lookups) come first. None of their paths overlap another's.
 ROUTERS: list[APIRouter] = [
     gateway.router,  # /dicom-web, unless BRIDGE_GATEWAY is false
+    gateway.front_router,  # the nginx front's grants, only with BRIDGE_GATEWAY_FRONT_SECRET
     links.router,
     viewer.router,
     health.router,
@@ -212,6 +213,8 @@ def create_app(
     errors.install(app)
     for router in routers:
         if router is gateway.router and not settings.gateway:
+            continue
+        if router is gateway.front_router and settings.front_secret is None:
             continue
         app.include_router(router)
     login.install(app, services)

@@ -58,6 +58,7 @@ class Caller:
     patient: str | None = None
     scopes: frozenset[str] = frozenset()
     client_id: str | None = None
+    expires: float | None = None  # when the session or token ends (Unix time), if it says
 
 
 class JwksKeys:
@@ -243,4 +244,5 @@ class Authenticator:
             patient=str(patient) if isinstance(patient, str) and patient else None,
             scopes=frozenset(scope.split()) if isinstance(scope, str) else frozenset(),
             client_id=str(client) if isinstance(client, str) else None,
+            expires=float(exp) if isinstance(exp := claims.get("exp"), int | float) else None,
         )

@@ -50,11 +50,17 @@ class SessionData:
     patient: str | None  # FHIR Patient id the session is limited to (EHR launch), None: not limited
     scopes: frozenset[str]
     client_id: str | None
+    expires: float | None = None  # when the session ends (Unix time); kept beside it, not in it
 
     def caller(self) -> Caller:
         """The session as the API's caller."""
         return Caller(
-            "session", self.subject, patient=self.patient, scopes=self.scopes, client_id=self.client_id
+            "session",
+            self.subject,
+            patient=self.patient,
+            scopes=self.scopes,
+            client_id=self.client_id,
+            expires=self.expires,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -75,11 +81,13 @@ class SessionData:
             return value if isinstance(value, str) else None
 
         scopes = data.get("scopes")
+        expires = data.get(_EXPIRES)
         return cls(
             text("subject"),
             text("patient"),
             frozenset(s for s in scopes if isinstance(s, str)) if isinstance(scopes, list) else frozenset(),
             text("client_id"),
+            float(expires) if isinstance(expires, int | float) else None,
         )
 
 

@@ -7,6 +7,7 @@ import sys
 import time
 from datetime import date, datetime
 from enum import IntEnum
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -433,6 +434,44 @@ def _serve(host: str, port: int, *, run_scheduler: bool) -> None:
         raise _fail(exc) from None
     # uvicorn's access log prints raw paths and query strings; the app logs route templates instead.
     uvicorn.run(api, host=host, port=port, log_config=None, access_log=False, server_header=False)
+
+
+@app.command("front-config")
+def front_config(
+    output: Annotated[
+        Path | None, typer.Option(help="Write it to this file (mode 0600, it holds a secret); else stdout.")
+    ] = None,
+    listen: Annotated[str, typer.Option(help="Where the front listens: host:port.")] = "127.0.0.1:8080",
+    bridge: Annotated[str, typer.Option(help="Where bridge serve listens, as the front reaches it.")] = (
+        "http://127.0.0.1:8000"
+    ),
+    state_dir: Annotated[
+        Path, typer.Option(help="nginx's pid file, temporary files and grant cache; writable by its workers.")
+    ] = Path("/var/lib/bridge-front"),
+    certificate: Annotated[Path | None, typer.Option(help="PEM certificate for https callers.")] = None,
+    certificate_key: Annotated[Path | None, typer.Option(help="Its PEM key.")] = None,
+    workers: Annotated[int, typer.Option(min=1, max=64, help="nginx worker processes.")] = 1,
+    user: Annotated[str | None, typer.Option(help="The workers' user, when nginx starts as root.")] = None,
+) -> None:
+    """Write the nginx configuration of the image gateway's front (needs BRIDGE_GATEWAY_FRONT_SECRET).
+
+    The front serves WADO-RS retrieves straight from the archive once the bridge has granted the
+    caller the study, and hands every other request to bridge serve (docs/integrator-guide.md).
+    """
+    from bridge.gateway.front import FrontOptions, nginx_config
+
+    settings = _settings()
+    options = FrontOptions(listen, bridge, state_dir, certificate, certificate_key, workers, user)
+    try:
+        text = nginx_config(settings, options)
+    except BridgeError as exc:
+        raise _fail(exc) from None
+    if output is None:
+        sys.stdout.write(text)
+        return
+    output.touch(mode=0o600, exist_ok=True)
+    output.chmod(0o600)
+    output.write_text(text, encoding="utf-8")
 
 
 @app.command()

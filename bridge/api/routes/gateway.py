@@ -11,7 +11,9 @@ identifiers with each row checked (bridge/gateway/qido.py).
 
 from __future__ import annotations
 
+import hmac
 import json
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -23,19 +25,19 @@ from fastapi.responses import Response, StreamingResponse
 
 from bridge.api.access import decide, may_see_all, patient_limit
 from bridge.api.audit import note
-from bridge.api.deps import CallerDep, resolver_of
+from bridge.api.deps import CallerDep, authenticate, resolver_of, services_of
 from bridge.api.errors import AccessDeniedError
 from bridge.api.security import Caller
 from bridge.audit.events import Action
 from bridge.config import Settings
-from bridge.errors import NoUsableEndpointError, StudyNotFoundError
-from bridge.gateway import qido
+from bridge.errors import BridgeError, NoUsableEndpointError, StudyNotFoundError
+from bridge.gateway import front, qido
 from bridge.gateway.paths import DicomwebPath, parse
 from bridge.gateway.proxy import forward, request_headers, search_json
 from bridge.limits import CallLimit, DicomwebLimits
 from bridge.resolve.links import WITHDRAWN, StudyLocation, normalize_base, study_uid_of, subject_patient
 from bridge.resolve.resolver import Resolver, TtlCache
-from bridge.upstream import http_client
+from bridge.upstream import authorization_for, http_client
 
 DICOM_JSON = "application/dicom+json"
 _MAX_CONNECTIONS = 64
@@ -49,6 +51,7 @@ class Archive:
     name: str
     client: httpx.AsyncClient
     base: str  # the URL the bridge polls
+    upstream: str  # its name in the nginx front's configuration (bridge/gateway/front.py)
     keys: tuple[str, ...]  # its bases as Endpoints name them (public and polled), normalised
     limits: DicomwebLimits
     default_system: str
@@ -89,7 +92,7 @@ async def _archives(app: FastAPI) -> AsyncIterator[None]:
     limits = httpx.Limits(max_connections=_MAX_CONNECTIONS, max_keepalive_connections=_MAX_CONNECTIONS)
     archives = []
     async with AsyncExitStack() as stack:
-        for source in settings.each_source():
+        for index, source in enumerate(settings.each_source()):
             client = await stack.enter_async_context(
                 http_client(
                     settings,
@@ -105,6 +108,7 @@ async def _archives(app: FastAPI) -> AsyncIterator[None]:
                     name=source.name,
                     client=client,
                     base=source.dicomweb.base,
+                    upstream=front.upstream_name(index),
                     keys=tuple(dict.fromkeys(k for k in keys if k)),
                     limits=DicomwebLimits.from_settings(source.dicomweb, settings.http_deadline),
                     default_system=source.patient_identifier_system,
@@ -246,3 +250,54 @@ async def _patient(r: Resolver, patient: str) -> tuple[tuple[tuple[str, str], ..
         and (uid := study_uid_of(study)) is not None
     )
     return identifiers, studies
+
+
+# The nginx front's question (bridge/gateway/front.py), included only with BRIDGE_GATEWAY_FRONT_SECRET.
+front_router = APIRouter(include_in_schema=False)
+_NOT_FROM_THE_FRONT = 403  # "answer it yourself": the front hands the request to the gateway above
+
+
+@front_router.get(front.GRANT_PATH)
+async def front_grant(request: Request) -> Response:
+    """May the caller see the study of this retrieve? 200 with where to send it and for how long; else 403.
+
+    A 403 says only "not from the front": nginx then hands the request to the gateway above, which
+    answers it as it would without a front (a refusal with its reason and its audit, a 401, a 404).
+    So nothing here is audited but the access granted, and nothing explains itself.
+    """
+    settings = services_of(request).settings
+    secret = settings.front_secret
+    given = request.headers.get(front.SECRET_HEADER, "")
+    if secret is None or not hmac.compare_digest(given.encode(), secret.get_secret_value().encode()):
+        return Response(status_code=404)  # not the front: as if there were no such route
+    path = request.headers.get(front.PATH_HEADER, "")
+    route = parse(path)
+    if route is None or route.kind != "retrieve" or route.study_uid is None or not front.is_fast_path(path):
+        return Response(status_code=_NOT_FROM_THE_FRONT)
+    try:
+        who = await authenticate(request)
+        study = await resolver_of(request).by_study_uid(route.study_uid)
+        if not decide(who, study.patient).allowed:
+            return Response(status_code=_NOT_FROM_THE_FRONT)
+        archive, base = _gateway(request).archive_for(study)
+        authorization = await authorization_for(archive.client, base)
+    except (BridgeError, httpx.HTTPError):
+        return Response(status_code=_NOT_FROM_THE_FRONT)
+    note(request, who, "image-read", study=study)
+    target = httpx.URL(base)
+    headers = {
+        front.FORWARD_HEADER: f"{target.scheme}://{archive.upstream}{target.path.rstrip('/')}",
+        front.HOST_HEADER: target.netloc.decode("ascii"),
+        front.NAME_HEADER: target.host,
+        # How long nginx may keep this grant: the session cache's time, never past the credential's end.
+        "X-Accel-Expires": str(grant_seconds(settings.session_cache_ttl, who.expires, time.time())),
+    }
+    if authorization is not None:
+        headers[front.AUTHORIZATION_HEADER] = authorization
+    return Response(status_code=200, headers=headers)
+
+
+def grant_seconds(cache_ttl: float, expires: float | None, now: float) -> int:
+    """Whole seconds a grant may be kept: at most ``cache_ttl``, and 0 once the credential ends within it."""
+    seconds = cache_ttl if expires is None else min(cache_ttl, expires - now)
+    return max(0, int(seconds))

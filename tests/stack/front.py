@@ -1,0 +1,108 @@
+"""The image gateway's nginx front on loopback, configured by `bridge front-config` (bridge/gateway/front.py).
+
+Debian's nginx is installed with apt when missing, like Orthanc. The configuration is written by
+the bridge's own command from the same settings (environment) the bridge under test runs with,
+so the tests exercise what an operator would deploy.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tests.stack.process import Launcher, apt_install, free_loopback_port, log_tail, terminate
+
+APT_PACKAGES = ("nginx-light", "nginx")  # the smallest build with auth_request, else the usual one
+WORKER_USER = ("nobody", "nogroup")  # nginx's workers when the tests run as root
+
+
+def ensure_installed() -> str:
+    """The nginx binary; installed with apt when missing."""
+    found = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.path.exists(p)), None)
+    if found:
+        return found
+    try:
+        apt_install(APT_PACKAGES[0])
+    except RuntimeError:
+        apt_install(APT_PACKAGES[1])
+    found = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+    if found is None:
+        raise RuntimeError("apt-get installed nginx but its binary was still not found")
+    return found
+
+
+class NginxFront(Launcher):
+    """nginx in front of a running bridge API, with the configuration `bridge front-config` writes."""
+
+    def __init__(self, env: dict[str, str], bridge_url: str, *, name: str = "front") -> None:
+        self.env = env  # the BRIDGE_* settings of the bridge behind it (BRIDGE_GATEWAY_FRONT_SECRET included)
+        self.bridge_url = bridge_url
+        self.name = name
+        self.port = 0
+        self.workdir: Path | None = None
+        self.config_path: Path | None = None
+        self.log_path: Path | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> None:
+        binary = ensure_installed()
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"bridge-{self.name}-"))
+        state = self.workdir / "state"
+        state.mkdir()
+        self.port = free_loopback_port()
+        self.config_path = self.workdir / "front.conf"
+        self.log_path = self.workdir / "nginx.log"
+        command = [
+            sys.executable, "-m", "bridge", "front-config",
+            "--output", str(self.config_path),
+            "--listen", f"127.0.0.1:{self.port}",
+            "--bridge", self.bridge_url,
+            "--state-dir", str(state),
+        ]  # fmt: skip
+        if os.geteuid() == 0:
+            command += ["--user", " ".join(WORKER_USER)]
+            shutil.chown(state, *WORKER_USER)
+            self.workdir.chmod(0o755)
+        written = subprocess.run(command, env=self.env, capture_output=True, text=True, check=False)
+        if written.returncode != 0:
+            raise RuntimeError(f"bridge front-config failed ({written.returncode}): {written.stderr.strip()}")
+        with open(self.log_path, "ab") as log:
+            self._process = subprocess.Popen(
+                [binary, "-e", "stderr", "-c", str(self.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self._track()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(
+                    f"nginx exited with code {self._process.returncode}; log:\n{log_tail(self.log_path)}"
+                )
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"nginx did not listen on {self.url} within {timeout:.0f} s")
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        terminate(process, grace=10)
+        self._untrack()
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
