@@ -121,7 +121,10 @@ def main() -> int:
     wrk = ensure_wrk()
 
     with demo_stack(
-        "bridge-bench-gw", BRIDGE_API_KEYS=API_KEY, BRIDGE_AUDIT="fhir", BRIDGE_GATEWAY_FRONT_SECRET=FRONT_SECRET
+        "bridge-bench-gw",
+        BRIDGE_API_KEYS=API_KEY,
+        BRIDGE_AUDIT="fhir",
+        BRIDGE_GATEWAY_FRONT_SECRET=FRONT_SECRET,
     ) as stack:
         orthanc, fhir, specs, workdir, env = stack.orthanc, stack.fhir, stack.specs, stack.workdir, stack.env
         ct_uid = _ct_study(orthanc.dicomweb_url, args.ct_instances)

@@ -40,11 +40,12 @@ def ensure_installed() -> str:
 class NginxFront(Launcher):
     """nginx in front of a running bridge API, with the configuration `bridge front-config` writes."""
 
-    def __init__(self, env: dict[str, str], bridge_url: str, *, name: str = "front") -> None:
+    def __init__(self, env: dict[str, str], bridge_url: str, *, port: int = 0, name: str = "front") -> None:
         self.env = env  # the BRIDGE_* settings of the bridge behind it (BRIDGE_GATEWAY_FRONT_SECRET included)
         self.bridge_url = bridge_url
         self.name = name
-        self.port = 0
+        self._requested_port = port
+        self.port = port
         self.workdir: Path | None = None
         self.config_path: Path | None = None
         self.log_path: Path | None = None
@@ -59,7 +60,7 @@ class NginxFront(Launcher):
         self.workdir = Path(tempfile.mkdtemp(prefix=f"bridge-{self.name}-"))
         state = self.workdir / "state"
         state.mkdir()
-        self.port = free_loopback_port()
+        self.port = self._requested_port or free_loopback_port()
         self.config_path = self.workdir / "front.conf"
         self.log_path = self.workdir / "nginx.log"
         command = [

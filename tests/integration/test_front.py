@@ -1,0 +1,236 @@
+"""The gateway's nginx front, for real: a SMART app's retrieves go from nginx straight to an archive that
+requires credentials, once the bridge has granted the study; everything else is the bridge's own answer.
+
+Real parts: Orthanc with HTTP basic credentials (which only the bridge knows), the FHIR test server,
+oidc-provider issuing the app's patient-bound tokens, `bridge serve`'s app, and Debian's nginx
+configured by `bridge front-config`. The app is dicomweb-client, pointed at the Endpoint's address,
+which is the front's. The bridge's own request metrics show which requests the front served itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import httpx
+import pytest
+from dicomweb_client.api import DICOMwebClient
+from requests import HTTPError
+
+from bridge.api.app import create_app
+from bridge.gateway.front import GRANT_PATH
+from bridge.metrics import REGISTRY
+from tests.integration.conftest import DEFAULT_PATIENT_SYSTEM, Stack
+from tests.integration.test_smart_app import APP_SECRETS, AUDIENCE, SMART_SCOPES, _audit_events, _smart_search
+from tests.integration.test_smart_app import World as SmartWorld
+from tests.stack.front import NginxFront
+from tests.stack.oidc import OidcProvider, secret_client
+from tests.stack.orthanc import OrthancServer
+from tests.stack.process import free_loopback_port
+from tests.stack.samples import SeriesSpec, StudySpec, build_study, stow
+from tests.stack.viewer import ThreadedServer
+
+pytestmark = pytest.mark.integration
+
+ARCHIVE_USER, ARCHIVE_PASSWORD = "bridge-reader", "archive-pass-83d1"
+FRONT_SECRET = "front-secret-for-the-tests-5a7c9e1b3d"
+GATEWAY_ROUTE = "/dicom-web/{path:path}"
+
+
+def _answered(route: str, status: int) -> float:
+    """How many GETs the bridge's app has answered on ``route`` with ``status`` (this process's registry)."""
+    labels = {"method": "GET", "route": route, "status": str(status)}
+    return REGISTRY.get_sample_value("bridge_http_requests_total", labels) or 0.0
+
+
+def _dicom_part(answer: httpx.Response) -> bytes:
+    """The one part of a multipart/related answer, without its part headers."""
+    boundary = answer.headers["content-type"].split("boundary=")[1].split(";")[0].strip('"')
+    part = answer.content.split(b"--" + boundary.encode())[1]
+    return part.split(b"\r\n\r\n", 1)[1].removesuffix(b"\r\n")
+
+
+def _settled(route: str, status: int) -> float:
+    """`_answered`, once it has stopped moving: the app counts a request just after answering it."""
+    last, steady_since = _answered(route, status), time.monotonic()
+    while time.monotonic() - steady_since < 0.5:
+        time.sleep(0.05)
+        now = _answered(route, status)
+        if now != last:
+            last, steady_since = now, time.monotonic()
+    return last
+
+
+@dataclass
+class FrontWorld(SmartWorld):
+    front: NginxFront
+    orthanc: OrthancServer
+    env: dict[str, str]
+
+
+@contextmanager
+def _bridge_and_front(env: dict[str, str], front_port: int) -> Iterator[NginxFront]:
+    """The bridge's app (in this process, for its metrics) and nginx in front of it, with these settings."""
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        from bridge.config import load_settings
+
+        settings = load_settings()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    with ThreadedServer(create_app(settings), name="bridge API") as bridge:
+        command_env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")} | env
+        with NginxFront(command_env, bridge.base_url, port=front_port) as front:
+            yield front
+
+
+@pytest.fixture
+def world(stack: Stack) -> Iterator[FrontWorld]:
+    front_port = free_loopback_port()
+    front_url = f"http://127.0.0.1:{front_port}"
+    studies: dict[str, tuple[str, list[str]]] = {}
+    with OrthancServer(name="bridge-front", basic_auth=(ARCHIVE_USER, ARCHIVE_PASSWORD)) as orthanc:
+        with httpx.Client(auth=(ARCHIVE_USER, ARCHIVE_PASSWORD), timeout=60) as client:
+            for patient_id, name in (("MRN-ANN", "Ann^Example"), ("MRN-BOB", "Bob^Example")):
+                spec = StudySpec(patient_id=patient_id, patient_name=name, series=[SeriesSpec(instances=3)])
+                datasets = build_study(spec)
+                stow(orthanc.dicomweb_url, datasets, client=client)
+                studies[patient_id] = (
+                    str(datasets[0].StudyInstanceUID),
+                    sorted(str(ds.SOPInstanceUID) for ds in datasets),
+                )
+        archive = {
+            "dicomweb_url": orthanc.dicomweb_url,
+            "dicomweb_auth": "basic",
+            "dicomweb_username": ARCHIVE_USER,
+            "dicomweb_password": ARCHIVE_PASSWORD,
+            "dicomweb_public_url": f"{front_url}/dicom-web",
+        }
+        report = stack.sync(**archive)
+        assert report.counts.created == 2
+        patients = {
+            str(i["value"]): str(p["id"])
+            for p in stack.fhir_search("Patient")
+            for i in p.get("identifier", [])
+            if i.get("system") == DEFAULT_PATIENT_SYSTEM
+        }
+        clients = [
+            secret_client(client_id, secret, scope=SMART_SCOPES) for client_id, secret in APP_SECRETS.items()
+        ]
+        with OidcProvider(
+            clients,
+            scopes=SMART_SCOPES.split(),
+            resource={"audience": AUDIENCE, "scopes": SMART_SCOPES},
+            patients={"app-ann": patients["MRN-ANN"], "app-bob": patients["MRN-BOB"]},
+        ) as idp:
+            env = stack.settings_env(
+                **archive,
+                jwt_jwks_url=idp.jwks_url,
+                jwt_audience=AUDIENCE,
+                jwt_issuer=idp.issuer,
+                audit="fhir",
+                audit_flush_interval="0.2",
+                gateway_front_secret=FRONT_SECRET,
+            )
+            with _bridge_and_front(env, front_port) as front:
+                yield FrontWorld(stack.fhir.base_url, front_url, idp, patients, studies, front, orthanc, env)
+
+
+def test_a_smart_apps_retrieves_go_from_the_front_to_the_archive_once_the_study_is_granted(
+    world: FrontWorld, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    token = world.token("app-ann")
+    ann = world.patients["MRN-ANN"]
+    studies, endpoints = _smart_search(world, token, ann)
+    endpoint = endpoints[studies[0]["endpoint"][0]["reference"]]
+    assert endpoint["address"] == f"{world.front.url}/dicom-web"  # the Endpoint sends the app to the front
+    study_uid, sop_uids = world.studies["MRN-ANN"]
+    grants, relayed = _answered(GRANT_PATH, 200), _answered(GATEWAY_ROUTE, 200)
+
+    app = DICOMwebClient(url=endpoint["address"], headers={"Authorization": f"Bearer {token}"})
+    metadata = app.retrieve_study_metadata(study_uid)
+    assert sorted(m["00080018"]["Value"][0] for m in metadata) == sop_uids
+    series_uid = metadata[0]["0020000E"]["Value"][0]
+    for row in metadata:  # what a viewer does: every instance of the study, one request each
+        instance = app.retrieve_instance(study_uid, series_uid, row["00080018"]["Value"][0])
+        assert instance.PatientID == "MRN-ANN"
+    # A search is not a retrieve: the bridge answers it, filtered to the patient, as without the front.
+    assert [s["0020000D"]["Value"][0] for s in app.search_for_studies()] == [study_uid]
+    # Four retrieves of one study: one grant, and none of them relayed by the bridge's Python gateway,
+    # which answered only the search.
+    assert _settled(GRANT_PATH, 200) - grants == 1
+    assert _settled(GATEWAY_ROUTE, 200) - relayed == 1
+
+    # The front's bytes are the archive's bytes, headers as the gateway gives them.
+    path = f"/studies/{study_uid}/series/{series_uid}/instances/{sop_uids[0]}"
+    accept = {"Accept": 'multipart/related; type="application/dicom"'}
+    through = httpx.get(
+        f"{endpoint['address']}{path}", headers={**accept, "Authorization": f"Bearer {token}"}, timeout=30
+    )
+    archive = (ARCHIVE_USER, ARCHIVE_PASSWORD)
+    direct = httpx.get(f"{world.orthanc.dicomweb_url}{path}", headers=accept, auth=archive, timeout=30)
+    assert through.status_code == direct.status_code == 200
+    assert _dicom_part(through) == _dicom_part(direct)  # each answer has its own multipart boundary
+    assert through.headers["content-type"].split(";")[:2] == direct.headers["content-type"].split(";")[:2]
+    assert through.headers["cache-control"] == "no-store"
+    assert "set-cookie" not in through.headers and "www-authenticate" not in through.headers
+
+    # Refusals are the bridge's, with its reasons and audit: another patient's study, no token.
+    bob_uid, _ = world.studies["MRN-BOB"]
+    with pytest.raises(HTTPError) as refused:
+        app.retrieve_study_metadata(bob_uid)
+    assert refused.value.response.status_code == 403
+    assert refused.value.response.json()["resourceType"] == "OperationOutcome"
+    with pytest.raises(HTTPError) as unauthenticated:
+        DICOMwebClient(url=endpoint["address"]).retrieve_study_metadata(study_uid)
+    assert unauthenticated.value.response.status_code == 401
+    assert unauthenticated.value.response.headers["www-authenticate"].startswith("Bearer")
+    # Ann's grant is Ann's: Bob's token on Ann's study is asked again, and refused.
+    bob_token = world.token("app-bob")
+    bob = DICOMwebClient(url=endpoint["address"], headers={"Authorization": f"Bearer {bob_token}"})
+    with pytest.raises(HTTPError) as crossed:
+        bob.retrieve_study_metadata(study_uid)
+    assert crossed.value.response.status_code == 403
+    assert len(bob.retrieve_study_metadata(bob_uid)) == 3
+    # Outside the DICOMweb routes: the bridge's 404, never the archive's other services.
+    assert httpx.get(f"{world.front.url}/dicom-web/system", timeout=10).status_code in (401, 404)
+    assert httpx.get(f"{world.front.url}/dicom-web/../system", timeout=10).status_code in (400, 401, 404)
+
+    events = _audit_events(world, expected=4)
+    by_outcome = {
+        (e["outcome"], e["subtype"][1]["code"], e["entity"][0]["what"]["reference"]) for e in events
+    }
+    assert ("0", "image-read", f"Patient/{ann}") in by_outcome  # the grant's
+    assert ("4", "image-read", f"Patient/{world.patients['MRN-BOB']}") in by_outcome
+    assert ("4", "image-read", f"Patient/{ann}") in by_outcome  # Bob's token on Ann's study
+    reads = [e for e in events if e["subtype"][1]["code"] == "image-read" and e["outcome"] == "0"]
+    assert len(reads) == 2  # Ann's retrieves of one study are one event; Bob's is another
+
+    # What the bridge and nginx logged (the test's own clients log their URLs, UIDs included).
+    ours = ("bridge", "uvicorn")
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.name.split(".")[0] in ours)
+    assert world.front.log_path is not None
+    logged += world.front.log_path.read_text(errors="replace")
+    for secret in (token, ARCHIVE_PASSWORD, FRONT_SECRET, "MRN-ANN", "MRN-BOB", "Ann^Example", study_uid):
+        assert secret not in logged
+
+
+def test_the_bridge_says_how_long_the_front_keeps_a_grant(world: FrontWorld) -> None:
+    """With BRIDGE_SESSION_CACHE_TTL=0 nothing is kept: every retrieve is asked of the bridge."""
+    token = world.token("app-ann")
+    study_uid, sop_uids = world.studies["MRN-ANN"]
+    env = dict(world.env, BRIDGE_SESSION_CACHE_TTL="0")
+    port = free_loopback_port()
+    with _bridge_and_front(env, port) as front:
+        app = DICOMwebClient(url=f"{front.url}/dicom-web", headers={"Authorization": f"Bearer {token}"})
+        grants = _answered(GRANT_PATH, 200)
+        for _ in range(3):
+            assert len(app.retrieve_study_metadata(study_uid)) == len(sop_uids)
+        assert _settled(GRANT_PATH, 200) - grants == 3

@@ -1,0 +1,292 @@
+"""The gateway front's grants (GET /gateway/front/grant) and the nginx configuration that asks for them."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import certifi
+import pytest
+from typer.testing import CliRunner
+
+from bridge.api.routes.gateway import grant_seconds
+from bridge.cli import app as cli
+from bridge.config import Settings
+from bridge.errors import ConfigurationError
+from bridge.gateway import front
+from bridge.gateway.paths import parse
+from tests.unit.api.test_gateway import (
+    ARCHIVE_PASSWORD,
+    ARCHIVE_USER,
+    PATIENT_1,
+    UID_1,
+    UID_2,
+    World,
+    bearer,
+    gateway,
+    token,
+)
+
+pytestmark = pytest.mark.anyio
+
+SECRET = "front-secret-4b8f0e2a9c7d1e3f5a6b"
+INSTANCE = f"studies/{UID_1}/series/1.2.3/instances/4.5.6"
+
+
+def _asking(path: str, secret: str = SECRET, **headers: str) -> dict[str, str]:
+    return {front.SECRET_HEADER: secret, front.PATH_HEADER: path, **headers}
+
+
+async def test_a_granted_study_says_where_to_send_it_with_the_bridges_credentials(tmp_path: Path) -> None:
+    world = World()
+    async with gateway(tmp_path, world, gateway_front_secret=SECRET) as api:
+        answer = await api.get(front.GRANT_PATH, headers=_asking(INSTANCE, **bearer(**PATIENT_1)))
+    assert answer.status_code == 200
+    assert answer.headers[front.FORWARD_HEADER] == "https://bridge_archive_0/dicom-web"
+    assert answer.headers[front.HOST_HEADER] == "pacs.example"
+    assert answer.headers[front.NAME_HEADER] == "pacs.example"
+    expected = base64.b64encode(f"{ARCHIVE_USER}:{ARCHIVE_PASSWORD}".encode()).decode()
+    assert answer.headers[front.AUTHORIZATION_HEADER] == f"Basic {expected}"
+    assert answer.headers["x-accel-expires"] == "5"  # BRIDGE_SESSION_CACHE_TTL's default
+    assert world.archive_requests == []  # the front asks the archive, not the bridge
+
+
+async def test_a_grant_is_kept_no_longer_than_the_token_lasts(tmp_path: Path) -> None:
+    world = World()
+    async with gateway(tmp_path, world, gateway_front_secret=SECRET) as api:
+        short = {"Authorization": f"Bearer {token(lifetime=3, **PATIENT_1)}"}
+        answer = await api.get(front.GRANT_PATH, headers=_asking(INSTANCE, **short))
+    assert answer.status_code == 200 and int(answer.headers["x-accel-expires"]) <= 3
+    async with gateway(tmp_path, world, gateway_front_secret=SECRET, session_cache_ttl=0) as api:
+        never = await api.get(front.GRANT_PATH, headers=_asking(INSTANCE, **bearer(**PATIENT_1)))
+    assert never.headers["x-accel-expires"] == "0"  # nginx keeps nothing: every retrieve is asked
+
+
+def test_grant_seconds() -> None:
+    assert grant_seconds(5.0, None, 1000.0) == 5
+    assert grant_seconds(5.0, 1002.5, 1000.0) == 2
+    assert grant_seconds(5.0, 999.0, 1000.0) == 0
+    assert grant_seconds(0.0, None, 1000.0) == 0
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param(lambda: bearer(patient="p2", scope="patient/ImagingStudy.read"), id="another patient"),
+        pytest.param(dict, id="no credentials"),
+        pytest.param(lambda: {"X-API-Key": "wrong-key"}, id="a wrong key"),
+        pytest.param(lambda: {"Authorization": f"Bearer {token(lifetime=-60, **PATIENT_1)}"}, id="expired"),
+    ],
+)
+async def test_anything_but_a_grant_is_403_and_left_to_the_gateway_to_answer_and_audit(
+    tmp_path: Path, headers: object
+) -> None:
+    world = World()
+    async with gateway(tmp_path, world, gateway_front_secret=SECRET, audit="fhir") as api:
+        answer = await api.get(front.GRANT_PATH, headers=_asking(INSTANCE, **headers()))  # type: ignore[operator]
+        await api.app.state.services.audit.flush()  # type: ignore[attr-defined]
+    assert answer.status_code == 403
+    assert answer.content == b""
+    assert not any(h.startswith("x-bridge-") for h in answer.headers)
+    assert world.audit_bundles == []  # the gateway audits the refusal when it answers the request
+    assert world.archive_requests == []
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        f"studies/{UID_1}/series",  # a search: its answer is the archive's, unfiltered by nothing here
+        "studies",
+        f"studies/{UID_1}/series/1.2/instances/3.4/bulk/7FE00010",  # bulk data: the gateway's own path
+        f"studies/{UID_1}/../{UID_2}",
+        f"studies/{UID_1}/series/1.2/instances/3.4/frames/1%2C2",
+        "",
+    ],
+)
+async def test_only_plain_retrieves_are_granted(tmp_path: Path, path: str) -> None:
+    async with gateway(tmp_path, World(), gateway_front_secret=SECRET) as api:
+        answer = await api.get(front.GRANT_PATH, headers=_asking(path, **{"X-API-Key": "machine-key-1"}))
+    assert answer.status_code == 403
+
+
+async def test_without_the_secret_there_is_no_such_route(tmp_path: Path) -> None:
+    key = {"X-API-Key": "machine-key-1"}
+    async with gateway(tmp_path, World(), gateway_front_secret=SECRET) as api:
+        wrong = await api.get(front.GRANT_PATH, headers=_asking(INSTANCE, secret=SECRET[:-1] + "x", **key))
+        missing = await api.get(front.GRANT_PATH, headers={front.PATH_HEADER: INSTANCE, **key})
+    async with gateway(tmp_path, World()) as api:
+        unconfigured = await api.get(front.GRANT_PATH, headers=_asking(INSTANCE, **key))
+    assert wrong.status_code == missing.status_code == unconfigured.status_code == 404
+    assert front.AUTHORIZATION_HEADER not in wrong.headers
+
+
+async def test_a_grant_is_one_audit_event_per_caller_study_and_window(tmp_path: Path) -> None:
+    world = World()
+    async with gateway(
+        tmp_path, world, gateway_front_secret=SECRET, audit="fhir", audit_flush_interval=3600
+    ) as api:
+        for _ in range(3):  # the front asks again each time its grant runs out
+            granted = await api.get(front.GRANT_PATH, headers=_asking(INSTANCE, **bearer(**PATIENT_1)))
+            assert granted.status_code == 200
+        await api.app.state.services.audit.flush()  # type: ignore[attr-defined]
+    events = [e["resource"] for b in world.audit_bundles for e in b["entry"]]
+    assert len(events) == 1
+    assert events[0]["outcome"] == "0" and events[0]["subtype"][1]["code"] == "image-read"
+    assert events[0]["entity"][1]["what"]["reference"] == "ImagingStudy/s1"
+
+
+# ---------------------------------------------------------------- the path grammar of the fast path
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        f"studies/{UID_1}",
+        f"studies/{UID_1}/metadata",
+        f"studies/{UID_1}/rendered",
+        f"studies/{UID_1}/series/1.2",
+        f"studies/{UID_1}/series/1.2/thumbnail",
+        f"studies/{UID_1}/series/1.2/instances/3.4",
+        f"studies/{UID_1}/series/1.2/instances/3.4/metadata",
+        f"studies/{UID_1}/series/1.2/instances/3.4/frames/1,2,3",
+        f"studies/{UID_1}/series/1.2/instances/3.4/frames/7/rendered",
+    ],
+)
+def test_the_fast_path_takes_retrieves_the_gateway_serves(path: str) -> None:
+    assert front.is_fast_path(path)
+    route = parse(path)
+    assert route is not None and route.kind == "retrieve" and route.study_uid == UID_1
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "studies",
+        f"studies/{UID_1}/series",
+        f"studies/{UID_1}/series/1.2/instances",
+        f"studies/{UID_1}/series/1.2/instances/3.4/bulk/7FE00010",
+        f"studies/{UID_1}/series/1.2/instances/3.4/frames/1/metadata",
+        f"studies/{UID_1}/series/../instances",
+        f"studies/{UID_1}/./metadata",
+        f"studies/{UID_1}//metadata",
+        f"studies/{UID_1}/metadata/",
+        "studies/.1.2/metadata",
+        "studies/1.2.3/other",
+        f"studies/{'1' * 65}",
+        f"studies/{UID_1}/series/1.2/instances/3.4/frames/1%2C2",
+    ],
+)
+def test_the_fast_path_leaves_everything_else_to_the_gateway(path: str) -> None:
+    assert not front.is_fast_path(path)
+
+
+# ---------------------------------------------------------------- the nginx configuration
+
+
+def _settings(**overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "dicomweb_url": "http://pacs.example:8042/dicom-web",
+        "fhir_url": "https://fhir.example/R4",
+        "gateway_front_secret": SECRET,
+        **overrides,
+    }
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+def test_the_configuration_routes_retrieves_to_the_archive_and_the_rest_to_the_bridge(tmp_path: Path) -> None:
+    options = front.FrontOptions(listen="127.0.0.1:9443", bridge="http://127.0.0.1:8000", state_dir=tmp_path)
+    text = front.nginx_config(_settings(), options)
+    assert "listen 127.0.0.1:9443;" in text
+    assert "upstream bridge { server 127.0.0.1:8000; keepalive 32; }" in text
+    assert "upstream bridge_archive_0 { server pacs.example:8042; keepalive 32; }" in text
+    assert f'proxy_set_header {front.SECRET_HEADER} "{SECRET}";' in text
+    assert f"location = {front.GRANT_PATH} {{\n            internal;" in text
+    assert "proxy_pass_request_headers off;" in text  # the caller's cookies and tokens stay at the front
+    assert "access_log off;" in text and "error_log stderr crit;" in text
+    assert f"proxy_cache_path {tmp_path / 'grants'} " in text
+    assert "proxy_ssl" not in text  # no archive over https
+
+
+def test_archives_over_https_are_verified_with_their_ca_bundle(tmp_path: Path) -> None:
+    ca = Path(certifi.where())
+    settings = _settings(dicomweb_url="https://pacs.example/dicom-web", dicomweb_ca_bundle=str(ca))
+    text = front.nginx_config(settings, front.FrontOptions(state_dir=tmp_path))
+    assert "upstream bridge_archive_0 { server pacs.example:443; keepalive 32; }" in text
+    assert "proxy_ssl_verify on;" in text and f'proxy_ssl_trusted_certificate "{ca}";' in text
+    assert "proxy_ssl_name $x_bridge_archive_name;" in text
+
+
+def test_each_source_has_its_upstream_in_settings_order(tmp_path: Path) -> None:
+    settings = _settings(
+        sources=[
+            {"name": "a", "dicomweb": {"url": "http://pacs-a.example/rs"}},
+            {"name": "b", "dicomweb": {"url": "http://pacs-b.example:8080/dicom-web"}},
+        ]
+    )
+    text = front.nginx_config(settings, front.FrontOptions(state_dir=tmp_path))
+    assert "upstream bridge_archive_0 { server pacs-a.example:80;" in text
+    assert "upstream bridge_archive_1 { server pacs-b.example:8080;" in text
+
+
+@pytest.mark.parametrize(
+    ("overrides", "options", "named"),
+    [
+        ({"gateway_front_secret": None}, {}, "BRIDGE_GATEWAY_FRONT_SECRET"),
+        ({}, {"listen": "127.0.0.1:80; evil"}, "--listen"),
+        ({}, {"bridge": "http://127.0.0.1:8000/api"}, "--bridge"),
+        ({}, {"certificate": Path("/tls/front.pem")}, "--certificate"),
+        ({"gateway_front_secret": SECRET + '";'}, {}, "BRIDGE_GATEWAY_FRONT_SECRET"),
+    ],
+)
+def test_a_configuration_that_cannot_be_written_names_the_setting(
+    tmp_path: Path, overrides: dict[str, object], options: dict[str, object], named: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=named):
+        front.nginx_config(_settings(**overrides), front.FrontOptions(state_dir=tmp_path, **options))  # type: ignore[arg-type]
+
+
+def test_archives_over_https_with_different_tls_set_ups_are_refused(tmp_path: Path) -> None:
+    settings = _settings(
+        sources=[
+            {"name": "a", "dicomweb": {"url": "https://pacs-a.example/rs", "verify_tls": False}},
+            {"name": "b", "dicomweb": {"url": "https://pacs-b.example/rs"}},
+        ]
+    )
+    with pytest.raises(ConfigurationError, match="one TLS set-up"):
+        front.nginx_config(settings, front.FrontOptions(state_dir=tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("values", "named"),
+    [
+        ({"gateway_front_secret": "short"}, "at least 32"),
+        ({"gateway_front_secret": SECRET, "gateway": False}, "BRIDGE_GATEWAY=true"),
+    ],
+)
+def test_a_bad_front_secret_stops_start_up_naming_it(values: dict[str, object], named: str) -> None:
+    with pytest.raises(ValueError, match=named):
+        _settings(**values)
+
+
+def test_the_front_secret_may_come_from_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "front.secret"
+    path.write_text(SECRET + "\n")
+    settings = _settings(gateway_front_secret=None, gateway_front_secret_file=str(path))
+    assert settings.front_secret is not None and settings.front_secret.get_secret_value() == SECRET
+
+
+def test_front_config_writes_a_file_only_its_owner_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BRIDGE_DICOMWEB_URL", "http://127.0.0.1:8042/dicom-web")
+    monkeypatch.setenv("BRIDGE_FHIR_URL", "http://127.0.0.1:8103/fhir/R4")
+    monkeypatch.setenv("BRIDGE_GATEWAY_FRONT_SECRET", SECRET)
+    output = tmp_path / "front.conf"
+    result = CliRunner().invoke(cli, ["front-config", "--output", str(output), "--state-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.stderr
+    assert output.stat().st_mode & 0o777 == 0o600
+    assert SECRET in output.read_text() and SECRET not in result.stdout
+    monkeypatch.delenv("BRIDGE_GATEWAY_FRONT_SECRET")
+    refused = CliRunner().invoke(cli, ["front-config"])
+    assert refused.exit_code == 2 and "BRIDGE_GATEWAY_FRONT_SECRET" in " ".join(refused.stderr.split())
+
