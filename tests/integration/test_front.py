@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import pytest
@@ -25,13 +26,24 @@ from bridge.api.app import create_app
 from bridge.gateway.front import GRANT_PATH
 from bridge.metrics import REGISTRY
 from tests.integration.conftest import DEFAULT_PATIENT_SYSTEM, Stack
+from tests.integration.test_login import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    HOSP_A,
+    HOSP_B,
+    LAUNCH,
+    PASSWORD,
+    USER,
+    _patient_id,
+    _sign_in,
+)
 from tests.integration.test_smart_app import APP_SECRETS, AUDIENCE, SMART_SCOPES, _audit_events, _smart_search
 from tests.integration.test_smart_app import World as SmartWorld
 from tests.stack.front import NginxFront
-from tests.stack.oidc import OidcProvider, secret_client
+from tests.stack.oidc import LOGIN_SCOPES, OidcProvider, secret_client, web_client
 from tests.stack.orthanc import OrthancServer
 from tests.stack.process import free_loopback_port
-from tests.stack.samples import SeriesSpec, StudySpec, build_study, stow
+from tests.stack.samples import SeriesSpec, StudySpec, build_study, load_demo, stow
 from tests.stack.viewer import ThreadedServer
 
 pytestmark = pytest.mark.integration
@@ -234,3 +246,69 @@ def test_the_bridge_says_how_long_the_front_keeps_a_grant(world: FrontWorld) -> 
         for _ in range(3):
             assert len(app.retrieve_study_metadata(study_uid)) == len(sop_uids)
         assert _settled(GRANT_PATH, 200) - grants == 3
+
+
+def test_an_ehr_launched_session_behind_the_front_sees_its_patients_images_until_logout(
+    stack: Stack,
+) -> None:
+    """The browser's way: login and launch pass through the front; the session cookie keys the grant."""
+    load_demo(stack.orthanc.dicomweb_url)
+    port = free_loopback_port()
+    public = f"http://127.0.0.1:{port}"
+    assert stack.sync(dicomweb_public_url=f"{public}/dicom-web").counts.parked == 0
+    jane, john = _patient_id(stack, "Doe", HOSP_A), _patient_id(stack, "Smith", HOSP_B)
+    studies = {s["subject"]["reference"]: s for s in stack.fhir_search("ImagingStudy")}
+    jane_uid = _study_uid(studies[f"Patient/{jane}"])
+    john_uid = _study_uid(studies[f"Patient/{john}"])
+    with OidcProvider(
+        [web_client(CLIENT_ID, CLIENT_SECRET, f"{public}/login/callback")],
+        scopes=LOGIN_SCOPES,
+        users={USER: PASSWORD},
+        launches={LAUNCH: jane},
+    ) as idp:
+        env = stack.settings_env(
+            dicomweb_public_url=f"{public}/dicom-web",
+            public_url=public,
+            oidc_issuer=idp.issuer,
+            oidc_client_id=CLIENT_ID,
+            oidc_client_secret=CLIENT_SECRET,
+            smart_launch_issuers=idp.fhir_iss,
+            session_cache_ttl="1",
+            gateway_front_secret=FRONT_SECRET,
+        )
+        with (
+            _bridge_and_front(env, port) as front,
+            httpx.Client(follow_redirects=True, timeout=30) as browser,
+        ):
+            html = {"Accept": "text/html"}
+            launch = {"iss": idp.fhir_iss, "launch": LAUNCH}
+            form = browser.get(f"{front.url}/launch", params=launch, headers=html)
+            record = _sign_in(browser, form)
+            assert record.status_code == 200 and str(record.url) == f"{public}/record/patients/{jane}"
+            cookie = browser.cookies.get("bridge_session")
+            assert cookie
+            metadata = {"Accept": "application/dicom+json"}
+            grants, relayed = _settled(GRANT_PATH, 200), _settled(GATEWAY_ROUTE, 200)
+            own = [
+                browser.get(f"{front.url}/dicom-web/studies/{jane_uid}/metadata", headers=metadata)
+                for _ in range(3)
+            ]
+            assert [a.status_code for a in own] == [200, 200, 200], own[0].text
+            assert own[0].json()
+            assert _settled(GRANT_PATH, 200) - grants == 1 and _settled(GATEWAY_ROUTE, 200) == relayed
+            other = browser.get(f"{front.url}/dicom-web/studies/{john_uid}/metadata", headers=metadata)
+            assert other.status_code == 403
+            assert browser.post(f"{front.url}/logout").status_code == 200
+            time.sleep(1.5)  # the grant the front kept lasts BRIDGE_SESSION_CACHE_TTL
+            replayed = httpx.get(
+                f"{front.url}/dicom-web/studies/{jane_uid}/metadata",
+                headers=metadata,
+                cookies={"bridge_session": cookie},
+                timeout=30,
+            )
+            assert replayed.status_code == 401  # the ended session, not the archive's answer
+
+
+def _study_uid(study: dict[str, Any]) -> str:
+    uids = [i["value"] for i in study["identifier"] if i["system"] == "urn:dicom:uid"]
+    return str(uids[0]).removeprefix("urn:oid:")
