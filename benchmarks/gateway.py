@@ -1,9 +1,11 @@
-"""The image gateway's overhead: `wrk` against `bridge serve`'s /dicom-web and against the archive directly.
+"""The image gateway's overhead: `wrk` against the archive directly and through the bridge.
 
 Starts the test stack (Orthanc + the Medplum-based FHIR server), stores and syncs the demo studies,
 runs `bridge serve` with authentication on (an API key, sent on every request) and the audit trail
-on (BRIDGE_AUDIT=fhir), then for each request kind drives first Orthanc's DICOMweb directly and
-then the gateway with the same requests, cycling through every demo study:
+on (BRIDGE_AUDIT=fhir), and nginx twice: as the gateway's front (`bridge front-config`) and as a
+bare proxy of the archive (what any proxy hop costs). For each request kind it drives, with the same
+requests cycling through every demo study: Orthanc's DICOMweb directly ("direct"), the bare proxy
+("proxy"), `bridge serve`'s own /dicom-web ("gateway") and the front ("front"):
 
 - metadata: WADO-RS study metadata (application/dicom+json) of the tiny demo studies;
 - instance: WADO-RS one instance (multipart/related; type="application/dicom"), the demo's 64x64 ones;
@@ -14,8 +16,8 @@ then the gateway with the same requests, cycling through every demo study:
 
 Each pair runs at 1 connection (the latency a viewer's single request sees) and at --connections.
 Run:  python -m benchmarks.gateway [--duration 10] [--connections 8] [--ct-instances 150] [--kinds ...]
-Installs Debian's wrk when it is missing (apt-get, as root). Prints p50/p99 latency and throughput
-per kind and load, the gateway/direct ratio at p50, the settings and the machine.
+Installs Debian's wrk and nginx when missing (apt-get, as root). Prints p50/p99 latency and
+throughput per kind and load, each target's ratio to direct at p50, the settings and the machine.
 """
 
 # ruff: noqa: T201 - a script: printing the figures is its job
@@ -36,7 +38,7 @@ from pydicom.data import get_testdata_file
 
 from benchmarks._common import cpu_model
 from benchmarks.resolver import Serve, _parse_wrk, demo_stack, ensure_wrk
-from tests.stack.front import NginxFront
+from tests.stack.front import Nginx, NginxFront
 from tests.stack.samples import SeriesSpec, StudySpec, build_study, stow
 
 API_KEY = "bench-key-5e0c2a"
@@ -49,6 +51,34 @@ ACCEPT = {
 }
 CT_SIZE = 512
 STOW_BATCH = 25
+
+
+class BareProxy(Nginx):
+    """nginx passing everything to the archive, no questions asked: what any proxy hop costs.
+
+    The same buffers and upstream keep-alive as the front's retrieves (bridge/gateway/front.py).
+    """
+
+    def __init__(self, archive: str) -> None:
+        super().__init__(name="bare-proxy")
+        self.archive = httpx.URL(archive)
+
+    def configure(self, config_path: Path, state: Path, worker_user: str | None) -> None:
+        """A plain proxy_pass of every request to the archive."""
+        user = f"user {worker_user};" if worker_user else ""
+        temp = " ".join(f"{kind}_temp_path {state / kind};" for kind in ("client_body", "proxy", "fastcgi",
+                                                                           "uwsgi", "scgi"))  # fmt: skip
+        config_path.write_text(
+            f"daemon off; {user} worker_processes 1; pid {state / 'nginx.pid'}; error_log stderr crit;\n"
+            "events { worker_connections 1024; }\n"
+            f"http {{ access_log off; {temp}\n"
+            f"  upstream archive {{ server {self.archive.host}:{self.archive.port}; keepalive 32; }}\n"
+            f"  server {{ listen 127.0.0.1:{self.port};\n"
+            "    location / { proxy_pass http://archive; proxy_http_version 1.1;\n"
+            '      proxy_set_header Connection "";\n'
+            "      proxy_buffer_size 64k; proxy_buffers 16 64k; proxy_busy_buffers_size 256k;\n"
+            "      proxy_max_temp_file_size 0; } } }\n"
+        )
 
 
 def _script(paths: list[str], headers: dict[str, str], folder: Path, name: str) -> Path:
@@ -162,13 +192,16 @@ def main() -> int:
         print("{:11} {:>5} {:8} {:>8} {:>8} {:>8} {:>8} {:>9}".format(*header))
         server = Serve(env)
         front = NginxFront(env, server.url)
+        bare = BareProxy(orthanc.dicomweb_url)
         try:
             front.start()
+            bare.start()
             for kind, paths in kinds.items():
                 for connections in (1, args.connections):
                     results = {}
                     for target, root, prefix, headers in (
                         ("direct", direct_root, direct_prefix, {"Accept": ACCEPT[kind]}),
+                        ("proxy", bare.url + "/", direct_prefix, {"Accept": ACCEPT[kind]}),
                         (
                             "gateway",
                             server.url + "/",
@@ -210,6 +243,7 @@ def main() -> int:
                             + (f"{ratio:9.2f}" if target != "direct" else "")
                         )
         finally:
+            bare.stop()
             front.stop()
             server.stop()
         print(

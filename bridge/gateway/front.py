@@ -195,7 +195,12 @@ def nginx_config(settings: Settings, options: FrontOptions) -> str:
         "proxy_set_header Host $x_bridge_archive_host;",
         "proxy_set_header Authorization $x_bridge_archive_authorization;",
         *(f"proxy_set_header {name} $http_{name.lower().replace('-', '_')};" for name in FORWARDED_REQUEST),
-        "proxy_buffering off;",
+        # Up to a megabyte of an answer in memory, never on disk: a slice in one pass, and a large
+        # answer paced by the caller (nginx stops reading the archive while its buffers are full).
+        "proxy_buffer_size 64k;",
+        "proxy_buffers 16 64k;",
+        "proxy_busy_buffers_size 256k;",
+        "proxy_max_temp_file_size 0;",
         # An archive's X-Accel-* headers would steer nginx itself (internal redirects); never obeyed.
         "proxy_ignore_headers X-Accel-Redirect X-Accel-Expires X-Accel-Limit-Rate X-Accel-Buffering "
         "X-Accel-Charset Expires Cache-Control Set-Cookie Vary;",

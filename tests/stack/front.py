@@ -37,12 +37,10 @@ def ensure_installed() -> str:
     return found
 
 
-class NginxFront(Launcher):
-    """nginx in front of a running bridge API, with the configuration `bridge front-config` writes."""
+class Nginx(Launcher):
+    """One nginx in the foreground on a loopback port, with the configuration ``configure`` writes."""
 
-    def __init__(self, env: dict[str, str], bridge_url: str, *, port: int = 0, name: str = "front") -> None:
-        self.env = env  # the BRIDGE_* settings of the bridge behind it (BRIDGE_GATEWAY_FRONT_SECRET included)
-        self.bridge_url = bridge_url
+    def __init__(self, *, port: int = 0, name: str = "nginx") -> None:
         self.name = name
         self._requested_port = port
         self.port = port
@@ -55,28 +53,24 @@ class NginxFront(Launcher):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def configure(self, config_path: Path, state: Path, worker_user: str | None) -> None:
+        """Write the configuration to ``config_path``: listening on ``self.port``, its files in ``state``."""
+        raise NotImplementedError
+
     def start(self, timeout: float = 30.0) -> None:
         binary = ensure_installed()
         self.workdir = Path(tempfile.mkdtemp(prefix=f"bridge-{self.name}-"))
         state = self.workdir / "state"
         state.mkdir()
         self.port = self._requested_port or free_loopback_port()
-        self.config_path = self.workdir / "front.conf"
+        self.config_path = self.workdir / "nginx.conf"
         self.log_path = self.workdir / "nginx.log"
-        command = [
-            sys.executable, "-m", "bridge", "front-config",
-            "--output", str(self.config_path),
-            "--listen", f"127.0.0.1:{self.port}",
-            "--bridge", self.bridge_url,
-            "--state-dir", str(state),
-        ]  # fmt: skip
-        if os.geteuid() == 0:
-            command += ["--user", " ".join(WORKER_USER)]
+        worker_user = None
+        if os.geteuid() == 0:  # nginx's workers drop to this user; they write the state folder
+            worker_user = " ".join(WORKER_USER)
             shutil.chown(state, *WORKER_USER)
             self.workdir.chmod(0o755)
-        written = subprocess.run(command, env=self.env, capture_output=True, text=True, check=False)
-        if written.returncode != 0:
-            raise RuntimeError(f"bridge front-config failed ({written.returncode}): {written.stderr.strip()}")
+        self.configure(self.config_path, state, worker_user)
         with open(self.log_path, "ab") as log:
             self._process = subprocess.Popen(
                 [binary, "-e", "stderr", "-c", str(self.config_path)],
@@ -107,3 +101,26 @@ class NginxFront(Launcher):
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
+
+
+class NginxFront(Nginx):
+    """nginx in front of a running bridge API, with the configuration `bridge front-config` writes."""
+
+    def __init__(self, env: dict[str, str], bridge_url: str, *, port: int = 0, name: str = "front") -> None:
+        super().__init__(port=port, name=name)
+        self.env = env  # the BRIDGE_* settings of the bridge behind it (BRIDGE_GATEWAY_FRONT_SECRET included)
+        self.bridge_url = bridge_url
+
+    def configure(self, config_path: Path, state: Path, worker_user: str | None) -> None:
+        command = [
+            sys.executable, "-m", "bridge", "front-config",
+            "--output", str(config_path),
+            "--listen", f"127.0.0.1:{self.port}",
+            "--bridge", self.bridge_url,
+            "--state-dir", str(state),
+        ]  # fmt: skip
+        if worker_user is not None:
+            command += ["--user", worker_user]
+        written = subprocess.run(command, env=self.env, capture_output=True, text=True, check=False)
+        if written.returncode != 0:
+            raise RuntimeError(f"bridge front-config failed ({written.returncode}): {written.stderr.strip()}")
