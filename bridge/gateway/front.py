@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 from bridge.api.session import COOKIE
 from bridge.config import Settings, SourceSettings
 from bridge.errors import ConfigurationError
+from bridge.gateway.proxy import FORWARDED_REQUEST
 
 GRANT_PATH = "/gateway/front/grant"  # the bridge's route the front asks
 SECRET_HEADER = "x-bridge-front-secret"  # the shared secret, sent by the front with each question
@@ -47,16 +48,8 @@ RETRIEVE = (
     rf"(?:/{_RENDER}|/{_FRAMES})?)?)?"
 )
 _RETRIEVE = re.compile(RETRIEVE)
-# Headers of a caller's request the archive gets (the same as bridge/gateway/proxy.py's).
-FORWARDED_REQUEST = (
-    "Accept",
-    "Accept-Encoding",
-    "Accept-Charset",
-    "Range",
-    "If-Range",
-    "If-None-Match",
-    "If-Modified-Since",
-)
+# Headers of a caller's request the archive gets: the gateway's, and the caller's encoding as asked.
+_FORWARDED = (*FORWARDED_REQUEST, "accept-encoding")
 # Headers of the archive's answer the caller never gets: its cookies, addresses and caching advice.
 HIDDEN_RESPONSE = (
     "Set-Cookie",
@@ -194,7 +187,7 @@ def nginx_config(settings: Settings, options: FrontOptions) -> str:
         'proxy_set_header Connection "";',
         "proxy_set_header Host $x_bridge_archive_host;",
         "proxy_set_header Authorization $x_bridge_archive_authorization;",
-        *(f"proxy_set_header {name} $http_{name.lower().replace('-', '_')};" for name in FORWARDED_REQUEST),
+        *(f"proxy_set_header {name} $http_{_variable(name)};" for name in _FORWARDED),
         # Up to a megabyte of an answer in memory, never on disk: a slice in one pass, and a large
         # answer paced by the caller (nginx stops reading the archive while its buffers are full).
         "proxy_buffer_size 64k;",

@@ -310,5 +310,5 @@ def test_an_ehr_launched_session_behind_the_front_sees_its_patients_images_until
 
 
 def _study_uid(study: dict[str, Any]) -> str:
-    uids = [i["value"] for i in study["identifier"] if i["system"] == "urn:dicom:uid"]
+    uids = [i["value"] for i in study["identifier"] if i.get("system") == "urn:dicom:uid"]
     return str(uids[0]).removeprefix("urn:oid:")
