@@ -25,7 +25,7 @@ from requests import HTTPError
 from bridge.api.app import create_app
 from bridge.gateway.front import GRANT_PATH
 from bridge.metrics import REGISTRY
-from tests.integration.conftest import DEFAULT_PATIENT_SYSTEM, Stack
+from tests.integration.conftest import Stack
 from tests.integration.test_login import (
     CLIENT_ID,
     CLIENT_SECRET,
@@ -37,10 +37,10 @@ from tests.integration.test_login import (
     _patient_id,
     _sign_in,
 )
-from tests.integration.test_smart_app import APP_SECRETS, AUDIENCE, SMART_SCOPES, _audit_events, _smart_search
 from tests.integration.test_smart_app import World as SmartWorld
+from tests.integration.test_smart_app import _audit_events, _smart_search, app_token_settings, smart_apps
 from tests.stack.front import NginxFront
-from tests.stack.oidc import LOGIN_SCOPES, OidcProvider, secret_client, web_client
+from tests.stack.oidc import LOGIN_SCOPES, OidcProvider, web_client
 from tests.stack.orthanc import OrthancServer
 from tests.stack.process import free_loopback_port
 from tests.stack.samples import SeriesSpec, StudySpec, build_study, load_demo, stow
@@ -126,30 +126,8 @@ def world(stack: Stack) -> Iterator[FrontWorld]:
         }
         report = stack.sync(**archive)
         assert report.counts.created == 2
-        patients = {
-            str(i["value"]): str(p["id"])
-            for p in stack.fhir_search("Patient")
-            for i in p.get("identifier", [])
-            if i.get("system") == DEFAULT_PATIENT_SYSTEM
-        }
-        clients = [
-            secret_client(client_id, secret, scope=SMART_SCOPES) for client_id, secret in APP_SECRETS.items()
-        ]
-        with OidcProvider(
-            clients,
-            scopes=SMART_SCOPES.split(),
-            resource={"audience": AUDIENCE, "scopes": SMART_SCOPES},
-            patients={"app-ann": patients["MRN-ANN"], "app-bob": patients["MRN-BOB"]},
-        ) as idp:
-            env = stack.settings_env(
-                **archive,
-                jwt_jwks_url=idp.jwks_url,
-                jwt_audience=AUDIENCE,
-                jwt_issuer=idp.issuer,
-                audit="fhir",
-                audit_flush_interval="0.2",
-                gateway_front_secret=FRONT_SECRET,
-            )
+        with smart_apps(stack) as (patients, idp):
+            env = stack.settings_env(**archive, **app_token_settings(idp), gateway_front_secret=FRONT_SECRET)
             with _bridge_and_front(env, front_port) as front:
                 yield FrontWorld(stack.fhir.base_url, front_url, idp, patients, studies, front, orthanc, env)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,41 @@ class World:
         return str(answer.json()["access_token"])
 
 
+@contextmanager
+def smart_apps(stack: Stack) -> Iterator[tuple[dict[str, str], OidcProvider]]:
+    """The synced Patients (PatientID -> FHIR id), and the authorization server issuing each app's token.
+
+    app-ann's tokens are for MRN-ANN's Patient, app-bob's for MRN-BOB's.
+    """
+    patients = {
+        str(i["value"]): str(p["id"])
+        for p in stack.fhir_search("Patient")
+        for i in p.get("identifier", [])
+        if i.get("system") == DEFAULT_PATIENT_SYSTEM
+    }
+    clients = [
+        secret_client(client_id, secret, scope=SMART_SCOPES) for client_id, secret in APP_SECRETS.items()
+    ]
+    with OidcProvider(
+        clients,
+        scopes=SMART_SCOPES.split(),
+        resource={"audience": AUDIENCE, "scopes": SMART_SCOPES},
+        patients={"app-ann": patients["MRN-ANN"], "app-bob": patients["MRN-BOB"]},
+    ) as idp:
+        yield patients, idp
+
+
+def app_token_settings(idp: OidcProvider) -> dict[str, str]:
+    """The bridge's settings to take the apps' tokens, and to write the audit trail to the FHIR server."""
+    return {
+        "jwt_jwks_url": idp.jwks_url,
+        "jwt_audience": AUDIENCE,
+        "jwt_issuer": idp.issuer,
+        "audit": "fhir",
+        "audit_flush_interval": "0.2",
+    }
+
+
 @pytest.fixture
 def world(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
     port = free_loopback_port()
@@ -69,29 +105,8 @@ def world(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
         )
     report = stack.sync(dicomweb_public_url=gateway_url)
     assert report.counts.created == 2
-    patients = {
-        str(i["value"]): str(p["id"])
-        for p in stack.fhir_search("Patient")
-        for i in p.get("identifier", [])
-        if i.get("system") == DEFAULT_PATIENT_SYSTEM
-    }
-    clients = [
-        secret_client(client_id, secret, scope=SMART_SCOPES) for client_id, secret in APP_SECRETS.items()
-    ]
-    with OidcProvider(
-        clients,
-        scopes=SMART_SCOPES.split(),
-        resource={"audience": AUDIENCE, "scopes": SMART_SCOPES},
-        patients={"app-ann": patients["MRN-ANN"], "app-bob": patients["MRN-BOB"]},
-    ) as idp:
-        env = stack.settings_env(
-            dicomweb_public_url=gateway_url,
-            jwt_jwks_url=idp.jwks_url,
-            jwt_audience=AUDIENCE,
-            jwt_issuer=idp.issuer,
-            audit="fhir",
-            audit_flush_interval="0.2",
-        )
+    with smart_apps(stack) as (patients, idp):
+        env = stack.settings_env(dicomweb_public_url=gateway_url, **app_token_settings(idp))
         for name, value in env.items():
             monkeypatch.setenv(name, value)
         from bridge.config import load_settings
