@@ -18,20 +18,22 @@ from pathlib import Path
 
 from tests.stack.process import Launcher, apt_install, free_loopback_port, log_tail, terminate
 
-APT_PACKAGES = ("nginx-light", "nginx")  # the smallest build with auth_request, else the usual one
+APT_PACKAGE = "nginx"  # Debian's build has the auth_request module the front needs
 WORKER_USER = ("nobody", "nogroup")  # nginx's workers when the tests run as root
+
+
+def _nginx() -> str | None:
+    """nginx's binary: on PATH, or where Debian puts it (/usr/sbin is not on every user's PATH)."""
+    return shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
 
 
 def ensure_installed() -> str:
     """The nginx binary; installed with apt when missing."""
-    found = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.path.exists(p)), None)
+    found = _nginx()
     if found:
         return found
-    try:
-        apt_install(APT_PACKAGES[0])
-    except RuntimeError:
-        apt_install(APT_PACKAGES[1])
-    found = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+    apt_install(APT_PACKAGE)
+    found = _nginx()
     if found is None:
         raise RuntimeError("apt-get installed nginx but its binary was still not found")
     return found
