@@ -222,7 +222,7 @@ async def test_a_page_without_session_goes_to_login_and_comes_back(tmp_path: Pat
         assert params["response_type"] == ["code"] and params["client_id"] == [CLIENT]
         assert params["code_challenge_method"] == ["S256"] and params["nonce"] and params["state"]
         assert params["redirect_uri"] == [f"{PUBLIC}/login/callback"]
-        assert "p1" not in location  # where the browser was going stays server-side
+        assert "record" not in location  # where the browser was going stays server-side
         back = await b.http.get("/login/callback", params=b.idp.authorize(location))
         assert back.status_code == 303 and back.headers["location"] == "/record/patients/p1"
         cookie = back.headers["set-cookie"]
