@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from bridge.config import load_settings, setting_names
+from tests.stack.front import ensure_installed as ensure_nginx
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "fhir-dicomweb-bridge"
@@ -145,6 +146,58 @@ def test_combined_mode_renders_one_deployment_running_both() -> None:
     assert by_kind(docs, "Service")[0]["spec"]["selector"]["app.kubernetes.io/component"] == "combined"
 
 
+FRONT = ["--set", "front.enabled=true", "--set", "secretConfig.gateway_front_secret=" + "f" * 40]
+
+
+@pytest.mark.parametrize("mode", ["split", "combined"])
+def test_the_front_runs_beside_the_api_and_the_service_points_at_it(mode: str) -> None:
+    docs = objects(*MINIMAL, *FRONT, "--set", f"mode={mode}", "--set", "api.replicas=1")
+    validate_all(docs)
+    deployments = by_kind(docs, "Deployment")
+    serving = next(d for d in deployments if d["metadata"]["name"].endswith(("-api", "-combined")))
+    pod = serving["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    assert init["args"][0] == "front-config" and init["envFrom"] == pod["containers"][0]["envFrom"]
+    bridge, front = pod["containers"]
+    assert bridge["name"] == "bridge" and front["name"] == "front"
+    assert front["command"][-1] == "/etc/bridge-front/nginx.conf"
+    assert front["ports"][0]["containerPort"] == 8080
+    assert front["securityContext"]["readOnlyRootFilesystem"] is True
+    memory = {v["name"]: v["emptyDir"].get("medium") for v in pod["volumes"]}
+    assert memory["front-config"] == memory["front-state"] == "Memory"  # the secret and the grants
+    (service,) = by_kind(docs, "Service")
+    assert service["spec"]["ports"][0]["targetPort"] == "front"
+    for other in deployments:
+        if other is not serving:
+            assert "initContainers" not in other["spec"]["template"]["spec"]  # the worker has no front
+
+
+def test_the_front_init_containers_command_writes_a_configuration_nginx_accepts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # nginx resolves the archive's host name when it loads the configuration: one that resolves here
+    docs = objects(*MINIMAL, *FRONT, "--set", "config.dicomweb_url=http://localhost:8042/dicom-web")
+    pods = [d["spec"]["template"]["spec"] for d in by_kind(docs, "Deployment")]
+    (init,) = [c for pod in pods for c in pod.get("initContainers", [])]
+    args = [
+        str(tmp_path / "nginx.conf") if a == "/etc/bridge-front/nginx.conf" else
+        str(tmp_path) if a == "/var/run/bridge-front" else a
+        for a in init["args"]
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")} | _environment(docs)
+    written = subprocess.run(
+        [sys.executable, "-m", "bridge", *args], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert written.returncode == 0, written.stderr
+    tested = subprocess.run(
+        [ensure_nginx(), "-t", "-e", "stderr", "-c", str(tmp_path / "nginx.conf")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert tested.returncode == 0, tested.stderr
+
+
 def _environment(docs: list[dict[str, Any]]) -> dict[str, str]:
     """What a pod's environment holds: the ConfigMap, then the Secret, which wins (envFrom order)."""
     (config_map,) = by_kind(docs, "ConfigMap")
@@ -196,6 +249,8 @@ def test_an_existing_secret_replaces_the_charts_secret() -> None:
         ([*MINIMAL, "--set", "config.qido_page_size=0"], "qido_page_size"),
         ([*MINIMAL, "--set", "mode=both"], "mode"),
         (NO_AUTH, "without authentication: set secretConfig.api_keys"),
+        ([*MINIMAL, "--set", "front.enabled=true"], "front.enabled needs secretConfig.gateway_front_secret"),
+        ([*MINIMAL, *FRONT, "--set", "front.port=0"], "front"),
         ([*NO_AUTH, "--set", "mode=combined", "--set", "api.replicas=1"], "BRIDGE_API_ALLOW_ANONYMOUS"),
     ],
 )

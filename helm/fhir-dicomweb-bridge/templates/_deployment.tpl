@@ -41,6 +41,40 @@ spec:
       {{- if $v.terminationGracePeriodSeconds }}
       terminationGracePeriodSeconds: {{ $v.terminationGracePeriodSeconds }}
       {{- end }}
+      {{- $front := and .http $root.Values.front.enabled }}
+      {{- if $front }}
+      initContainers:
+        # The front's nginx configuration, written from this pod's settings (it holds the shared secret).
+        - name: front-config
+          image: {{ include "bridge.image" $root | quote }}
+          imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+          args:
+            - front-config
+            - --output
+            - /etc/bridge-front/nginx.conf
+            - --listen
+            - {{ printf "0.0.0.0:%d" (int $root.Values.front.port) | quote }}
+            - --bridge
+            - {{ printf "http://127.0.0.1:%d" (int $root.Values.api.port) | quote }}
+            - --state-dir
+            - /var/run/bridge-front
+            - --workers
+            - {{ $root.Values.front.workers | quote }}
+          envFrom:
+            - configMapRef:
+                name: {{ include "bridge.fullname" $root }}-settings
+            - secretRef:
+                name: {{ include "bridge.secretName" $root }}
+          resources:
+            {{- toYaml $root.Values.front.resources | nindent 12 }}
+          securityContext:
+            {{- toYaml $root.Values.securityContext | nindent 12 }}
+          volumeMounts:
+            - name: tmp
+              mountPath: /tmp
+            - name: front-config
+              mountPath: /etc/bridge-front
+      {{- end }}
       containers:
         - name: bridge
           image: {{ include "bridge.image" $root | quote }}
@@ -86,11 +120,44 @@ spec:
               mountPath: /tmp
             - name: data
               mountPath: /var/lib/bridge
+        {{- if $front }}
+        - name: front
+          image: {{ printf "%s:%s" $root.Values.front.image.repository $root.Values.front.image.tag | quote }}
+          imagePullPolicy: {{ $root.Values.front.image.pullPolicy }}
+          command: ["nginx", "-e", "stderr", "-c", "/etc/bridge-front/nginx.conf"]
+          ports:
+            - name: front
+              containerPort: {{ $root.Values.front.port }}
+              protocol: TCP
+          readinessProbe:
+            tcpSocket: {port: front}
+            periodSeconds: 10
+          livenessProbe:
+            tcpSocket: {port: front}
+            periodSeconds: 10
+          resources:
+            {{- toYaml $root.Values.front.resources | nindent 12 }}
+          securityContext:
+            {{- toYaml $root.Values.securityContext | nindent 12 }}
+          volumeMounts:
+            - name: front-config
+              mountPath: /etc/bridge-front
+              readOnly: true
+            - name: front-state
+              mountPath: /var/run/bridge-front
+        {{- end }}
       volumes:
         - name: tmp
           emptyDir: {}
         - name: data
           emptyDir: {}
+        {{- if $front }}
+        # In memory: the configuration holds the shared secret, and the grant cache callers' credentials.
+        - name: front-config
+          emptyDir: {medium: Memory, sizeLimit: 1Mi}
+        - name: front-state
+          emptyDir: {medium: Memory, sizeLimit: 64Mi}
+        {{- end }}
       {{- with $v.nodeSelector }}
       nodeSelector:
         {{- toYaml . | nindent 8 }}

@@ -81,6 +81,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- $serves := or (eq .Values.mode "combined") .Values.api.enabled }}
 {{- $auth := or (index .Values.secretConfig "api_keys") (index .Values.config "jwt_jwks_url") (index .Values.config "jwt_public_key") (index .Values.secretConfig "jwt_jwks_url") (index .Values.secretConfig "jwt_public_key") (index .Values.config "oidc_issuer") (index .Values.config "smart_launch_issuers") }}
 {{- $anonymous := or (index .Values.config "api_allow_anonymous") (index .Values.secretConfig "api_allow_anonymous") }}
+{{- if and $serves .Values.front.enabled (not (index .Values.secretConfig "gateway_front_secret")) (not .Values.existingSecret) }}
+{{- fail "front.enabled needs secretConfig.gateway_front_secret (32+ characters, BRIDGE_GATEWAY_FRONT_SECRET), or that key in existingSecret" }}
+{{- end }}
 {{- if and $serves (not $auth) (not $anonymous) (not .Values.existingSecret) }}
 {{- fail "the API would serve patient data without authentication: set secretConfig.api_keys, config.jwt_jwks_url, config.jwt_public_key or a browser login (config.oidc_issuer, config.smart_launch_issuers), or config.api_allow_anonymous=true (BRIDGE_API_ALLOW_ANONYMOUS) if something in front authenticates callers" }}
 {{- end }}
