@@ -38,6 +38,7 @@ from pydicom.data import get_testdata_file
 
 from benchmarks._common import cpu_model
 from benchmarks.resolver import Serve, _parse_wrk, demo_stack, ensure_wrk
+from bridge.gateway.front import ANSWER_BUFFERS, TEMP_PATHS
 from tests.stack.front import Nginx, NginxFront
 from tests.stack.samples import SeriesSpec, StudySpec, build_study, stow
 
@@ -66,8 +67,7 @@ class BareProxy(Nginx):
     def configure(self, config_path: Path, state: Path, worker_user: str | None) -> None:
         """A plain proxy_pass of every request to the archive."""
         user = f"user {worker_user};" if worker_user else ""
-        temp = " ".join(f"{kind}_temp_path {state / kind};" for kind in ("client_body", "proxy", "fastcgi",
-                                                                           "uwsgi", "scgi"))  # fmt: skip
+        temp = " ".join(f"{kind}_temp_path {state / kind};" for kind in TEMP_PATHS)
         config_path.write_text(
             f"daemon off; {user} worker_processes 1; pid {state / 'nginx.pid'}; error_log stderr crit;\n"
             "events { worker_connections 1024; }\n"
@@ -75,9 +75,7 @@ class BareProxy(Nginx):
             f"  upstream archive {{ server {self.archive.host}:{self.archive.port}; keepalive 32; }}\n"
             f"  server {{ listen 127.0.0.1:{self.port};\n"
             "    location / { proxy_pass http://archive; proxy_http_version 1.1;\n"
-            '      proxy_set_header Connection "";\n'
-            "      proxy_buffer_size 64k; proxy_buffers 16 64k; proxy_busy_buffers_size 256k;\n"
-            "      proxy_max_temp_file_size 0; } } }\n"
+            f'      proxy_set_header Connection ""; {" ".join(ANSWER_BUFFERS)} }} }} }}\n'
         )
 
 

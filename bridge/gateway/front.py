@@ -65,7 +65,15 @@ HIDDEN_RESPONSE = (
 # Statuses the fast path hands to the bridge, which answers them as it would without the front.
 _HANDED_ON = (400, 401, 403, 404, 405, 406, 408, 409, 410, 412, 413, 414, 415, 416, 418, 429, 500, 501, 502,
               503, 504)  # fmt: skip
-_TEMP_PATHS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+TEMP_PATHS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")  # nginx's temporary folders
+# Up to a megabyte of an archive's answer in memory, never on disk: a slice in one pass, and a large
+# answer paced by the caller (nginx stops reading the archive while its buffers are full).
+ANSWER_BUFFERS = (
+    "proxy_buffer_size 64k;",
+    "proxy_buffers 16 64k;",
+    "proxy_busy_buffers_size 256k;",
+    "proxy_max_temp_file_size 0;",
+)
 _LISTEN = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$|^[0-9]{1,5}$")
 
 
@@ -188,12 +196,7 @@ def nginx_config(settings: Settings, options: FrontOptions) -> str:
         "proxy_set_header Host $x_bridge_archive_host;",
         "proxy_set_header Authorization $x_bridge_archive_authorization;",
         *(f"proxy_set_header {name} $http_{_variable(name)};" for name in _FORWARDED),
-        # Up to a megabyte of an answer in memory, never on disk: a slice in one pass, and a large
-        # answer paced by the caller (nginx stops reading the archive while its buffers are full).
-        "proxy_buffer_size 64k;",
-        "proxy_buffers 16 64k;",
-        "proxy_busy_buffers_size 256k;",
-        "proxy_max_temp_file_size 0;",
+        *ANSWER_BUFFERS,
         # An archive's X-Accel-* headers would steer nginx itself (internal redirects); never obeyed.
         "proxy_ignore_headers X-Accel-Redirect X-Accel-Expires X-Accel-Limit-Rate X-Accel-Buffering "
         "X-Accel-Charset Expires Cache-Control Set-Cookie Vary;",
@@ -227,7 +230,7 @@ def nginx_config(settings: Settings, options: FrontOptions) -> str:
         "    access_log off;  # paths name studies; the bridge logs its own requests by route",
         "    server_tokens off;",
         "    client_max_body_size 1m;",
-        *(f"    {kind}_temp_path {state / kind};" for kind in _TEMP_PATHS),
+        *(f"    {kind}_temp_path {state / kind};" for kind in TEMP_PATHS),
         # Grants only: never an image. Keyed by the study and the caller's credentials, as sent.
         f"    proxy_cache_path {state / 'grants'} levels=1:2 keys_zone=bridge_grants:4m max_size=64m "
         "inactive=10m use_temp_path=off;",
