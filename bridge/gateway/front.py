@@ -105,14 +105,14 @@ class FrontOptions:
     user: str | None = None  # the workers' user when nginx starts as root
 
 
-def _host_port(url: str, what: str) -> tuple[str, str, str]:
-    """(scheme, host:port, path) of an http(s) URL, or a ConfigurationError naming ``what``."""
+def _host_port(url: str, what: str) -> tuple[str, str]:
+    """(host:port, path) of an http(s) URL, or a ConfigurationError naming ``what``."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigurationError(f"{what}: {url!r} is not an http(s) URL")
     port = parts.port or (443 if parts.scheme == "https" else 80)
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    return parts.scheme, f"{host}:{port}", parts.path.rstrip("/")
+    return f"{host}:{port}", parts.path.rstrip("/")
 
 
 def _quoted(value: str) -> str:
@@ -160,14 +160,14 @@ def nginx_config(settings: Settings, options: FrontOptions) -> str:
         raise ConfigurationError(f"--listen: {options.listen!r} is not host:port or a port")
     if (options.certificate is None) != (options.certificate_key is None):
         raise ConfigurationError("--certificate and --certificate-key go together")
-    _, bridge, bridge_path = _host_port(options.bridge, "--bridge")
+    bridge, bridge_path = _host_port(options.bridge, "--bridge")
     if bridge_path:
         raise ConfigurationError("--bridge: the bridge's address without a path (http://host:port)")
     state = options.state_dir
     deadline = f"{settings.http_deadline:g}s"
     upstreams = []
     for index, source in enumerate(settings.each_source()):
-        _, address, _ = _host_port(source.dicomweb.base, f"BRIDGE_DICOMWEB_URL of source {source.name!r}")
+        address, _ = _host_port(source.dicomweb.base, f"BRIDGE_DICOMWEB_URL of source {source.name!r}")
         upstreams.append(f"    upstream {upstream_name(index)} {{ server {address}; keepalive 32; }}")
     listen = options.listen + (" ssl" if options.certificate is not None else "")
     tls_listen = (

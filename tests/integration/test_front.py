@@ -15,7 +15,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import httpx
 import pytest
@@ -25,6 +24,7 @@ from requests import HTTPError
 from bridge.api.app import create_app
 from bridge.gateway.front import GRANT_PATH
 from bridge.metrics import REGISTRY
+from bridge.resolve.links import study_uid_of
 from tests.integration.conftest import Stack
 from tests.integration.test_login import (
     CLIENT_ID,
@@ -236,8 +236,9 @@ def test_an_ehr_launched_session_behind_the_front_sees_its_patients_images_until
     assert stack.sync(dicomweb_public_url=f"{public}/dicom-web").counts.parked == 0
     jane, john = _patient_id(stack, "Doe", HOSP_A), _patient_id(stack, "Smith", HOSP_B)
     studies = {s["subject"]["reference"]: s for s in stack.fhir_search("ImagingStudy")}
-    jane_uid = _study_uid(studies[f"Patient/{jane}"])
-    john_uid = _study_uid(studies[f"Patient/{john}"])
+    jane_uid = study_uid_of(studies[f"Patient/{jane}"])
+    john_uid = study_uid_of(studies[f"Patient/{john}"])
+    assert jane_uid and john_uid
     with OidcProvider(
         [web_client(CLIENT_ID, CLIENT_SECRET, f"{public}/login/callback")],
         scopes=LOGIN_SCOPES,
@@ -286,7 +287,3 @@ def test_an_ehr_launched_session_behind_the_front_sees_its_patients_images_until
             )
             assert replayed.status_code == 401  # the ended session, not the archive's answer
 
-
-def _study_uid(study: dict[str, Any]) -> str:
-    uids = [i["value"] for i in study["identifier"] if i.get("system") == "urn:dicom:uid"]
-    return str(uids[0]).removeprefix("urn:oid:")
