@@ -137,6 +137,11 @@ def series_row(
     return row
 
 
+def study_series_row(study_uid: str, series_uid: str, **kwargs: Any) -> DicomJson:
+    """A series row of a search across studies (``/series?StudyInstanceUID=a,b``): it names its study."""
+    return {**series_row(series_uid=series_uid, **kwargs), STUDY_INSTANCE_UID: element("UI", study_uid)}
+
+
 def study(**kwargs: Any) -> StudyRecord:
     """The StudyRecord parsed from ``study_row(**kwargs)``."""
     return parse_study(study_row(**kwargs))

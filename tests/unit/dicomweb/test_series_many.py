@@ -12,16 +12,12 @@ from bridge.dicomweb.query import SeriesQuery
 from bridge.errors import ConfigurationError, MappingError, UpstreamLimitError
 from bridge.http import RetryPolicy
 from bridge.limits import DicomwebLimits
-from tests.builders import element, series_row, uid
+from tests.builders import study_series_row, uid
 
 pytestmark = pytest.mark.anyio
 
 BASE = "http://archive.test/dicom-web"
 NO_RETRY = RetryPolicy(retries=0, base=0.001, max_wait=0.001)
-
-
-def row(study: str, series: str, **kw: Any) -> dict[str, Any]:
-    return {**series_row(series_uid=series, **kw), "0020000D": element("UI", study)}
 
 
 class ListArchive:
@@ -61,7 +57,7 @@ def client(archive: ListArchive, **kw: Any) -> DicomwebClient:
 
 def archive_of(n_studies: int, per_study: int = 2) -> tuple[list[str], list[dict[str, Any]]]:
     studies = [uid(500 + i) for i in range(n_studies)]
-    rows = [row(s, f"{s}.{k}", number=k) for s in studies for k in range(1, per_study + 1)]
+    rows = [study_series_row(s, f"{s}.{k}", number=k) for s in studies for k in range(1, per_study + 1)]
     return studies, rows
 
 
@@ -135,7 +131,7 @@ async def test_a_study_without_rows_is_left_for_the_caller_to_fetch_alone() -> N
 
 async def test_a_malformed_row_parks_its_study_only() -> None:
     studies, rows = archive_of(3)
-    rows[2] = row(studies[1], "not a uid")  # studies[1]'s first series
+    rows[2] = study_series_row(studies[1], "not a uid")  # studies[1]'s first series
     rows[2].pop("0020000E")
     answer = await client(ListArchive(rows)).search_series_many(studies)
     assert isinstance(answer[studies[1]], MappingError)
@@ -151,7 +147,7 @@ async def test_a_row_without_its_study_sends_every_study_of_the_query_alone() ->
 
 async def test_too_many_series_parks_that_study_only() -> None:
     studies, rows = archive_of(2, per_study=4)
-    rows += [row(uid(900), f"{uid(900)}.1")]
+    rows += [study_series_row(uid(900), f"{uid(900)}.1")]
     limits = DicomwebLimits(max_series=3)
     answer = await client(ListArchive(rows), limits=limits).search_series_many([*studies, uid(900)])
     assert isinstance(answer[studies[0]], UpstreamLimitError)

@@ -12,16 +12,12 @@ from bridge.dicomweb.client import DicomwebClient
 from bridge.dicomweb.query import SeriesQuery
 from bridge.errors import ConfigurationError, MappingError
 from bridge.http import RetryPolicy
-from tests.builders import element, series_row, uid
+from tests.builders import element, series_row, study_series_row, uid
 
 pytestmark = pytest.mark.anyio
 
 BASE = "http://archive.test/dicom-web"
 NO_RETRY = RetryPolicy(retries=0, base=0.001, max_wait=0.001)
-
-
-def row(study: str, series: str, **kw: Any) -> dict[str, Any]:
-    return {**series_row(series_uid=series, **kw), "0020000D": element("UI", study)}
 
 
 class RootSeries:
@@ -51,7 +47,7 @@ def client(archive: RootSeries, **kw: Any) -> DicomwebClient:
 
 def archive_of(n_studies: int, per_study: int) -> tuple[list[str], list[dict[str, Any]]]:
     studies = [uid(700 + i) for i in range(n_studies)]
-    rows = [row(s, f"{s}.{k}", number=k) for s in studies for k in range(1, per_study + 1)]
+    rows = [study_series_row(s, f"{s}.{k}", number=k) for s in studies for k in range(1, per_study + 1)]
     random.Random(3).shuffle(rows)  # the standard gives no order: a study's series on any page
     return studies, rows
 
@@ -104,7 +100,7 @@ async def test_a_repeated_page_ends_the_sweep_and_each_series_is_kept_once() -> 
 
 async def test_a_bad_series_row_is_that_studys_error() -> None:
     studies, rows = archive_of(3, per_study=1)
-    bad = row(studies[0], f"{studies[0]}.1")
+    bad = study_series_row(studies[0], f"{studies[0]}.1")
     bad["00200011"] = element("IS", "x1")  # SeriesNumber not an integer
     qido = client(RootSeries([bad, *[r for r in rows if r["0020000D"]["Value"][0] != studies[0]]]))
     await qido.sweep_series()
