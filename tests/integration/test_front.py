@@ -132,6 +132,7 @@ def world(stack: Stack) -> Iterator[FrontWorld]:
                 yield FrontWorld(stack.fhir.base_url, front_url, idp, patients, studies, front, orthanc, env)
 
 
+@pytest.mark.interop
 def test_a_smart_apps_retrieves_go_from_the_front_to_the_archive_once_the_study_is_granted(
     world: FrontWorld, caplog: pytest.LogCaptureFixture
 ) -> None:
