@@ -5,12 +5,14 @@
     BridgeError
     ├── ConfigurationError            bad or missing setting: stop before any work (exit 2)
     ├── MappingError                  bad DICOM data in one study: park it, go on
-    │   └── PatientLinkError          no (or no unique) Patient for the study's PatientID
+    │   ├── PatientLinkError          no (or no unique) Patient for the study's PatientID
+    │   └── PatientConflictError      one Study Instance UID, rows naming several patients: park, withdraw
     ├── StoreError                    the state database failed
     ├── ResolveError                  a resolver lookup cannot give links (the API maps each)
     │   ├── InvalidLookupError        the caller's id, UID, reference or option is malformed (422)
     │   ├── StudyNotFoundError        no (live) ImagingStudy matches (404)
-    │   └── NoUsableEndpointError     no usable WADO-RS endpoint, or an ambiguous lookup (409)
+    │   ├── NoUsableEndpointError     no usable WADO-RS endpoint, or an ambiguous lookup (409)
+    │   └── StudyWithdrawnError       the study is withdrawn from clinicians, with the reason (409)
     └── UpstreamError                 an archive or FHIR server answered badly or not at all
         ├── UpstreamAuthError         credentials or TLS refused (401/403, token endpoint, certificate):
         │                             no study can pass, so the run stops (exit 3)
@@ -45,6 +47,10 @@ class MappingError(BridgeError):
 
 class PatientLinkError(MappingError):
     """The study's Patient cannot be linked (missing under ``match-only``, or ambiguous)."""
+
+
+class PatientConflictError(MappingError):
+    """The archive's rows of one Study Instance UID name more than one patient (bridge/sync/identity.py)."""
 
 
 class StoreError(BridgeError):
@@ -135,3 +141,7 @@ class StudyNotFoundError(ResolveError):
 
 class NoUsableEndpointError(ResolveError):
     """The ImagingStudy exists but cannot be turned into links (no usable endpoint, ambiguity)."""
+
+
+class StudyWithdrawnError(ResolveError):
+    """The study's ImagingStudy is withdrawn from clinicians (the bridge's label on it), with the reason."""

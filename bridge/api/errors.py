@@ -21,6 +21,7 @@ from bridge.errors import (
     RetriableUpstreamError,
     StoreError,
     StudyNotFoundError,
+    StudyWithdrawnError,
     UpstreamError,
 )
 
@@ -86,7 +87,7 @@ def response_for(exc: BridgeError) -> JSONResponse:
         return outcome(422, "invalid", str(exc))
     if isinstance(exc, StudyNotFoundError):
         return outcome(404, "not-found", str(exc))
-    if isinstance(exc, NoUsableEndpointError):
+    if isinstance(exc, NoUsableEndpointError | StudyWithdrawnError):
         return outcome(409, "conflict", str(exc))
     if isinstance(exc, AuthenticationError):
         challenge = 'Bearer realm="fhir-dicomweb-bridge"'
@@ -157,7 +158,10 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         "description": "The study belongs to another patient than the one in context",
     },
     404: {"model": OperationOutcome, "description": "No such ImagingStudy"},
-    409: {"model": OperationOutcome, "description": "No usable WADO-RS endpoint, or an ambiguous lookup"},
+    409: {
+        "model": OperationOutcome,
+        "description": "No usable WADO-RS endpoint, ambiguous lookup, or a study withdrawn from clinicians",
+    },
     422: {"model": OperationOutcome, "description": "A malformed id, UID, reference or parameter, and why"},
     502: {"model": OperationOutcome, "description": "The FHIR server refused the bridge's request"},
     503: {"model": OperationOutcome, "description": "The FHIR server is unavailable; see Retry-After"},

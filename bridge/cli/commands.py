@@ -345,11 +345,12 @@ def status(
         counts = store.counts(chosen)
         recent = store.runs(runs)
         parked = store.parked(chosen)
+        withdrawn = store.withdrawn(chosen)
     except StoreError as exc:
         raise _fail(exc) from None
     finally:
         store.close()
-    data = render.status_dict(chosen, counts, recent, parked)
+    data = render.status_dict(chosen, counts, recent, parked, withdrawn)
     if as_json:
         out.print_json(data=data)
         return

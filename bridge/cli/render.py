@@ -38,6 +38,7 @@ def report_dict(report: RunReport, seconds: float) -> dict[str, Any]:
             for p in report.parked
         ],
         "deletions": report.deletions,
+        "relinked": report.relinked,
         "error": report.error,
     }
 
@@ -59,6 +60,8 @@ def print_summary(source: SourceSettings, report: RunReport, summary: dict[str, 
         out.print(f"  parked {parked.study_uid}: {parked.reason}", highlight=False)
     for gone in report.deletions:
         out.print(f"  gone from the archive {gone['study_uid']}: {gone['action']}", highlight=False)
+    for moved in report.relinked:
+        out.print(f"  patient identity corrected {moved['study_uid']}: {moved['action']}", highlight=False)
     if report.error:
         out.print(f"  [yellow]{report.error}[/yellow]", highlight=False)
 
@@ -88,7 +91,11 @@ def _iso(value: Any) -> str | None:
 
 
 def status_dict(
-    chosen: str | None, counts: dict[str, int], recent: Sequence[Any], parked: Sequence[Any]
+    chosen: str | None,
+    counts: dict[str, int],
+    recent: Sequence[Any],
+    parked: Sequence[Any],
+    withdrawn: Sequence[tuple[str, str, str]] = (),
 ) -> dict[str, Any]:
     """What ``bridge status`` shows, as JSON-able data."""
     return {
@@ -96,6 +103,11 @@ def status_dict(
         "published": counts["published"],
         "gone": counts["gone"],
         "parked": counts["parked"],
+        "withdrawn": counts.get("withdrawn", 0),
+        # Published studies clinicians are refused until the archive is corrected (integrator guide).
+        "withdrawn_studies": [
+            {"source": source, "study_uid": uid, "reason": reason} for source, uid, reason in withdrawn
+        ],
         "runs": [
             {
                 "id": r.id,
@@ -114,6 +126,7 @@ def status_dict(
                 "fhir_writes": r.fhir_writes,
                 "qido_queries": len(r.qido_queries or []),
                 "series_query": r.series_query,
+                "relinked": list(r.relinked or []),
                 "error": r.error,
             }
             for r in recent
@@ -139,7 +152,8 @@ def print_status(data: dict[str, Any]) -> None:
 
     out.print(
         f"source [bold]{data['source']}[/bold]: {data['published']} studies published, "
-        f"{data['gone']} gone from the archive, {data['parked']} parked",
+        f"{data['gone']} gone from the archive, {data['parked']} parked, "
+        f"{data['withdrawn']} withdrawn from clinicians",
         highlight=False,
     )
     table = Table("run", "status", "started", "seen", "created", "updated", "unchanged", "parked", "series")
@@ -159,3 +173,8 @@ def print_status(data: dict[str, Any]) -> None:
                 p["study_uid"], p["kind"], p["attribute"] or "", str(p["attempts"]), p["reason"]
             )
         out.print(parked_table)
+    if data["withdrawn_studies"]:
+        withdrawn_table = Table("withdrawn study", "source", "reason")
+        for w in data["withdrawn_studies"]:
+            withdrawn_table.add_row(w["study_uid"], w["source"], w["reason"])
+        out.print(withdrawn_table)

@@ -64,6 +64,9 @@ SERIES_FIELDS = (
     "00080031",  # SeriesTime
     "00081050",  # PerformingPhysicianName
     "00081070",  # OperatorsName
+    # Whose series it is: one Study Instance UID may hold several patients' series (bridge/sync/identity.py).
+    "00100020",  # PatientID
+    "00100021",  # IssuerOfPatientID
 )
 CHARSET = "00080005"  # SpecificCharacterSet: needed to read the others right
 HEADER_FIELDS = (
@@ -110,6 +113,14 @@ class OtherPatientId:
 
 
 @dataclass(frozen=True, slots=True)
+class PatientIdentity:
+    """Whose data a row is: PatientID ("" when empty) and Issuer of Patient ID (None when not given)."""
+
+    patient_id: str
+    issuer: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class StudyRecord:
     """One study as QIDO-RS describes it; strings are as the archive sent them."""
 
@@ -138,6 +149,11 @@ class StudyRecord:
         """A digest of everything the mapping reads from the study row."""
         return digest(asdict(self))
 
+    @property
+    def patient(self) -> PatientIdentity:
+        """The patient identity the study row names."""
+        return PatientIdentity(self.patient_id or "", self.patient_issuer)
+
 
 @dataclass(frozen=True, slots=True)
 class SeriesRecord:
@@ -153,6 +169,7 @@ class SeriesRecord:
     date: str | None
     time: str | None
     performers: tuple[str, ...] = ()
+    patient: PatientIdentity | None = None  # None: the archive's row did not say whose series it is
 
 
 @dataclass(frozen=True, slots=True)
@@ -635,6 +652,26 @@ def parse_series(row: DicomJson) -> SeriesRecord:
         date=_text(ds, "SeriesDate"),
         time=_text(ds, "SeriesTime"),
         performers=_person_names(ds, "PerformingPhysicianName") or _person_names(ds, "OperatorsName"),
+        patient=_patient(ds),
+    )
+
+
+def _patient(ds: _Attrs) -> PatientIdentity | None:
+    """The patient identity a row names; None when it carries no PatientID attribute at all.
+
+    Present but empty is an identity (the empty PatientID), unlike absent: an archive that leaves
+    the attribute out of a row says nothing about whose row it is.
+    """
+    if ds.get("PatientID") is None:
+        return None
+    return PatientIdentity(_text(ds, "PatientID") or "", _text(ds, "IssuerOfPatientID"))
+
+
+def header_patient(header: DicomJson) -> PatientIdentity | None:
+    """The patient identity an instance header (WADO-RS metadata) names, if it carries PatientID."""
+    fields = ("00100020", "00100021")
+    return _patient(
+        _attrs({tag: header[tag] for tag in (*fields, CHARSET) if tag in header}, "instance header")
     )
 
 

@@ -10,8 +10,15 @@ from functools import lru_cache
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from bridge.errors import InvalidLookupError, NoUsableEndpointError, StudyNotFoundError
-from bridge.mapping.context import BRIDGE_TAG_SYSTEM, CONNECTION_TYPE_SYSTEM, DICOM_UID_SYSTEM, V2_0203
+from bridge.errors import InvalidLookupError, NoUsableEndpointError, StudyNotFoundError, StudyWithdrawnError
+from bridge.mapping.context import (
+    BRIDGE_TAG_SYSTEM,
+    CONNECTION_TYPE_SYSTEM,
+    DICOM_UID_SYSTEM,
+    V2_0203,
+    WITHDRAWN_CODES,
+    WITHDRAWN_SYSTEM,
+)
 
 WADO_RS = "dicom-wado-rs"
 FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
@@ -190,6 +197,18 @@ def is_tagged(resource: Mapping[str, Any], source: str) -> bool:
     )
 
 
+def withdrawal_of(resource: Mapping[str, Any]) -> str | None:
+    """Why the bridge withdrew an ImagingStudy from clinicians (its meta.security label), or None."""
+    for label in (resource.get("meta") or {}).get("security") or []:
+        if isinstance(label, dict) and label.get("system") == WITHDRAWN_SYSTEM:
+            code = label.get("code")
+            # A code this version does not know still withdraws: refusing is the safe reading.
+            return (
+                WITHDRAWN_CODES.get(code, "withdrawn by the bridge") if isinstance(code, str) else "withdrawn"
+            )
+    return None
+
+
 def subject_patient(resource: Mapping[str, Any]) -> str | None:
     """The Patient id of an ImagingStudy's subject when it is ``Patient/{id}``, else None.
 
@@ -257,8 +276,10 @@ def locate(
 ) -> StudyLocation:
     """Where a study's images are, from its ImagingStudy and its Endpoints (by reference).
 
-    A series-level endpoint overrides the study's. Raises StudyNotFoundError for a withdrawn
-    study and NoUsableEndpointError when no usable endpoint serves it.
+    A series-level endpoint overrides the study's. Raises StudyNotFoundError for a study whose
+    status withdraws it, StudyWithdrawnError for one the bridge withdrew from clinicians (a
+    conflicting patient identity in the archive), and NoUsableEndpointError when no usable
+    endpoint serves it.
     """
     if resource.get("resourceType") != "ImagingStudy":
         raise StudyNotFoundError("the resource is not an ImagingStudy")
@@ -267,6 +288,12 @@ def locate(
     status = resource.get("status")
     if status in WITHDRAWN:
         raise StudyNotFoundError(f"{label} is {status}")
+    withdrawn = withdrawal_of(resource)
+    if withdrawn is not None:
+        raise StudyWithdrawnError(
+            f"{label} is withdrawn from clinicians: {withdrawn} (the archive holds its Study Instance UID "
+            "under more than one patient; the integrator corrects the archive, then it is published again)"
+        )
     study_uid = study_uid_of(resource)
     if study_uid is None:
         raise NoUsableEndpointError(f"{label} has no valid Study Instance UID identifier (urn:dicom:uid)")

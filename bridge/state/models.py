@@ -9,7 +9,7 @@ from sqlalchemy import JSON, Boolean, DateTime, Float, Integer, String, Text, fa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # Bumped by every migration (bridge/state/migrations) so a bridge older than the store refuses it.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 
 class Base(DeclarativeBase):
@@ -42,6 +42,10 @@ class PublishedStudy(Base):
     started: Mapped[str | None] = mapped_column(String(40), nullable=True)
     # Gone from the archive, its ImagingStudy retired and kept (the delete policy marked or left it).
     gone: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # A digest of the (PatientID, IssuerOfPatientID) it was published under (null before 0007).
+    patient_identity: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # Why it is withdrawn from clinicians (its ImagingStudy carries the bridge's label too); null if not.
+    withdrawn: Mapped[str | None] = mapped_column(String(128), nullable=True)
 
 
 class ParkedStudy(Base):
@@ -96,6 +100,8 @@ class Run(Base):
     series_query: Mapped[str | None] = mapped_column(String(16), nullable=True)
     # What the run did to studies gone from the archive: [{"study_uid", "action"}].
     deletions: Mapped[list[dict[str, str]]] = mapped_column(JSON, default=list)
+    # Studies whose rows all moved to another patient identity, re-linked: [{"study_uid", "action"}].
+    relinked: Mapped[list[dict[str, str]] | None] = mapped_column(JSON, nullable=True, default=list)
 
 
 class Checkpoint(Base):

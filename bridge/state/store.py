@@ -49,10 +49,19 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"[:128]
 
 def _known(row: PublishedStudy) -> KnownStudy:
-    if row.gone:  # no fingerprint matches: a study that returns to the archive is republished
-        return KnownStudy(row.study_uid, "", "", row.fhir_id, row.fhir_version)
+    if row.gone or row.withdrawn:
+        # No fingerprint matches: a study that returns to the archive is republished, and a
+        # withdrawn one is examined again every run until its archive rows agree once more.
+        return KnownStudy(
+            row.study_uid, "", "", row.fhir_id, row.fhir_version, row.patient_identity, row.withdrawn
+        )
     return KnownStudy(
-        row.study_uid, row.qido_fingerprint, row.resource_fingerprint, row.fhir_id, row.fhir_version
+        row.study_uid,
+        row.qido_fingerprint,
+        row.resource_fingerprint,
+        row.fhir_id,
+        row.fhir_version,
+        row.patient_identity,
     )
 
 
@@ -150,9 +159,31 @@ class SqlStore:
                 row.last_synced_at = now
                 row.started = study.started
                 row.gone = False
+                row.withdrawn = None  # published as it now is: clinicians may see it again
+                if study.patient_identity is not None:
+                    row.patient_identity = study.patient_identity
             session.execute(
                 delete(ParkedStudy).where(ParkedStudy.source == source, ParkedStudy.study_uid.in_(uids))
             )
+
+    def withdraw(self, source: str, study_uid: str, *, reason: str, fhir_version: str | None) -> None:
+        """Remember that a published study is withdrawn from clinicians (its ImagingStudy is labelled)."""
+        with self._session() as session:
+            row = session.get(PublishedStudy, (source, study_uid))
+            if row is None:
+                return
+            row.withdrawn = reason
+            row.fhir_version = fhir_version
+            row.last_synced_at = utcnow()
+
+    def withdrawn(self, source: str | None = None) -> list[tuple[str, str, str]]:
+        """Withdrawn studies: (source, Study Instance UID, reason)."""
+        with self._session() as session:
+            query = select(PublishedStudy).where(PublishedStudy.withdrawn.is_not(None))
+            if source is not None:
+                query = query.where(PublishedStudy.source == source)
+            rows = session.scalars(query.order_by(PublishedStudy.study_uid)).all()
+            return [(r.source, r.study_uid, str(r.withdrawn)) for r in rows]
 
     @property
     def claims_enabled(self) -> bool:
@@ -297,6 +328,7 @@ class SqlStore:
         error: str | None = None,
         deletions: list[dict[str, str]] | None = None,
         series_query: str | None = None,
+        relinked: list[dict[str, str]] | None = None,
     ) -> None:
         """Close a run record with its outcome (``series_query``: how series were asked for, if at all)."""
         with self._session() as session:
@@ -313,6 +345,7 @@ class SqlStore:
             run.deletions = list(deletions or [])
             run.qido_queries = list(qido_queries)
             run.series_query = series_query
+            run.relinked = list(relinked or [])
             run.error = error
 
     def last_run(self, source: str, kind: str, statuses: Sequence[str] = ("ok", "parked")) -> datetime | None:
@@ -338,11 +371,13 @@ class SqlStore:
                 published = published.where(PublishedStudy.source == source)
                 parked = parked.where(ParkedStudy.source == source)
             gone = published.where(PublishedStudy.gone.is_(True))
+            withdrawn = published.where(PublishedStudy.withdrawn.is_not(None))
             published = published.where(PublishedStudy.gone.is_(False))
             return {
                 "published": int(session.scalar(published) or 0),
                 "gone": int(session.scalar(gone) or 0),
                 "parked": int(session.scalar(parked) or 0),
+                "withdrawn": int(session.scalar(withdrawn) or 0),
             }
 
     # Audit backlog: AuditEvents recorded by the API, kept until the FHIR server has them

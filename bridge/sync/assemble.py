@@ -11,10 +11,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bridge.dicomweb.records import InstanceRecord, SeriesRecord, StudyRecord, with_header
+from bridge.dicomweb.guard import check_value_sizes
+from bridge.dicomweb.records import (
+    InstanceRecord,
+    PatientIdentity,
+    SeriesRecord,
+    StudyRecord,
+    header_patient,
+    parse_study,
+    with_header,
+)
 from bridge.mapping.context import MappingContext
 from bridge.mapping.imaging_study import fallbacks, map_imaging_study
 from bridge.mapping.validate import validate
+from bridge.sync.identity import conflict, conflicting
 from bridge.sync.link import Linker
 from bridge.sync.protocols import StudySource
 
@@ -71,6 +81,9 @@ class StudyAssembler:
         """The study's series (and, per the settings, its instances and one instance header).
 
         ``series`` are the study's series when already fetched with its page's (then not asked again).
+        Raises PatientConflictError when the study row, its series rows and the instance header
+        name more than one patient (a series query by Study Instance UID answers every patient's
+        series of that UID).
         """
         if series is None:
             series = await self._source.search_series(study.uid)
@@ -83,11 +96,30 @@ class StudyAssembler:
                     study.uid,
                     self._ctx.max_instances,
                 )
+        named: list[PatientIdentity | None] = [study.patient, *(s.patient for s in series)]
         if self._read_header:
             header = await self._source.instance_header(study.uid, instances[0] if instances else None)
             if header is not None:
                 study = with_header(study, header)
+                named.append(header_patient(header))
+        if conflicting(named):
+            raise conflict("the archive's study row, series rows and instance header of this study")
         return StudyRecords(study, series, instances)
+
+    async def every_row_agrees(self, study_uid: str) -> None:
+        """Ask the archive for every study row of ``study_uid``; PatientConflictError if they disagree.
+
+        Asked when a study's row names another identity than the one it was published under: a
+        correction moves every row, a conflicting newcomer leaves the old row beside its own.
+        """
+        named: list[PatientIdentity | None] = []
+        async for page in self._source.iter_studies({"StudyInstanceUID": study_uid}):
+            for row in page:
+                found = parse_study(check_value_sizes(row))
+                if found.uid == study_uid:
+                    named.append(found.patient)
+        if conflicting(named):
+            raise conflict("the archive's study rows of this Study Instance UID")
 
     async def link(self, records: StudyRecords, endpoint: str) -> Links:
         """The order and the Patient; a missing Patient is created only for a study that would publish."""

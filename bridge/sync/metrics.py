@@ -25,6 +25,11 @@ CYCLE_SECONDS = Histogram(
 PARKED = Gauge(
     "bridge_sync_parked_studies", "Studies parked in the store, waiting for a retry", registry=REGISTRY
 )
+WITHDRAWN = Gauge(
+    "bridge_sync_withdrawn_studies",
+    "Published studies withdrawn from clinicians until the archive is corrected (patient identity)",
+    registry=REGISTRY,
+)
 FALLBACKS = Counter(
     "bridge_sync_fallbacks",
     "Documented fallbacks used for missing Type 1 data (a series without Modality published as OT)",

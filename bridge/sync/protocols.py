@@ -43,6 +43,8 @@ class KnownStudy:
     resource_fingerprint: str
     fhir_id: str
     fhir_version: str | None
+    patient_identity: str | None = None  # digest of the identity it was published under, if known
+    withdrawn: str | None = None  # why it is withdrawn from clinicians; None when it is not
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +57,7 @@ class Published:
     fhir_id: str
     fhir_version: str | None
     started: str | None = None
+    patient_identity: str | None = None  # digest of the study's (PatientID, IssuerOfPatientID)
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,7 +187,11 @@ class StateStore(Protocol):
         ...
 
     def record_published_many(self, source: str, studies: Sequence[Published]) -> None:
-        """Remember several published studies at once."""
+        """Remember several published studies at once (a withdrawal they carried is lifted)."""
+        ...
+
+    def withdraw(self, source: str, study_uid: str, *, reason: str, fhir_version: str | None) -> None:
+        """Remember that a published study is withdrawn from clinicians, and why."""
         ...
 
     @property
@@ -252,6 +259,7 @@ class StateStore(Protocol):
         error: str | None = None,
         deletions: list[dict[str, str]] | None = None,
         series_query: str | None = None,
+        relinked: list[dict[str, str]] | None = None,
     ) -> None:
         """Close a run record."""
         ...

@@ -17,7 +17,7 @@ from bridge.errors import (
     UpstreamError,
     VersionConflictError,
 )
-from bridge.mapping.context import BRIDGE_TAG_SYSTEM, MappingContext
+from bridge.mapping.context import BRIDGE_TAG_SYSTEM, WITHDRAWN_CODES, WITHDRAWN_SYSTEM, MappingContext
 from bridge.mapping.endpoint import endpoint_id, endpoint_identifier, map_endpoint
 from bridge.mapping.identifiers import (
     study_search,
@@ -307,6 +307,31 @@ class Publisher:
         self.writes += 1
         self.write_requests += 1
         return "marked", result.version
+
+    async def withdraw_study(self, fhir_id: str, code: str) -> str | None:
+        """Label a published ImagingStudy as withdrawn from clinicians (meta.security ``code``).
+
+        Everything else stays as published, its subject above all: a conflicting newcomer never
+        moves a study. Returns the version after it (None if the resource is not there).
+        """
+        current = await self._fhir.read("ImagingStudy", fhir_id)
+        if current is None:
+            return None
+        meta = current.setdefault("meta", {})
+        version = meta.get("versionId")
+        labels = [label for label in meta.get("security") or [] if isinstance(label, dict)]
+        if any(label.get("system") == WITHDRAWN_SYSTEM and label.get("code") == code for label in labels):
+            return str(version) if version is not None else None
+        meta["security"] = [*labels, withdrawal_label(code)]
+        result = await self._fhir.update(current, if_match=version)
+        self.writes += 1
+        self.write_requests += 1
+        return result.version
+
+
+def withdrawal_label(code: str) -> dict[str, str]:
+    """The meta.security Coding of a withdrawal."""
+    return {"system": WITHDRAWN_SYSTEM, "code": code, "display": WITHDRAWN_CODES[code]}
 
 
 def supports_batch(statement: Mapping[str, Any]) -> bool:

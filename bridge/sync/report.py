@@ -28,6 +28,8 @@ class RunReport:
     status: str = "running"
     error: str | None = None
     deletions: list[dict[str, str]] = field(default_factory=list)
+    # Studies whose archive rows all moved to another patient identity, re-linked: {"study_uid", "action"}.
+    relinked: list[dict[str, str]] = field(default_factory=list)
     newest_seen: str | None = None
     fhir_write_requests: int = 0  # FHIR requests that wrote (a batch is one; fhir_writes counts resources)
     series_query: str = "undecided"  # how series were asked: list or per-study

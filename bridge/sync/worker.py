@@ -13,6 +13,7 @@ from typing import Any
 from bridge.dicomweb.guard import check_value_sizes
 from bridge.dicomweb.records import (
     DicomJson,
+    PatientIdentity,
     SeriesRecord,
     StudyRecord,
     digest,
@@ -23,6 +24,7 @@ from bridge.errors import (
     BridgeError,
     FatalUpstreamError,
     MappingError,
+    PatientConflictError,
     PatientLinkError,
     RejectedResourceError,
     UpstreamUnavailableError,
@@ -33,6 +35,7 @@ from bridge.mapping.imaging_study import fallbacks
 from bridge.mapping.validate import validate
 from bridge.sync import metrics
 from bridge.sync.assemble import StudyAssembler, StudyRecords
+from bridge.sync.identity import CONFLICT_CODE, CONFLICT_REASON, conflict, conflicting, identity_digest
 from bridge.sync.link import Linker
 from bridge.sync.policy import DeletePolicy
 from bridge.sync.preview import Preview, Previewer
@@ -42,6 +45,8 @@ from bridge.sync.report import ParkedReport, RunReport
 from bridge.sync.retire import Retirer
 
 logger = logging.getLogger(__name__)
+
+_ROWS = "the archive's study rows of this Study Instance UID"
 
 
 async def _read_ahead(pages: AsyncIterator[list[DicomJson]]) -> AsyncIterator[list[DicomJson]]:
@@ -104,6 +109,7 @@ class _Todo:
     resource: dict[str, Any] | None = None
     fallbacks: list[str] = field(default_factory=list)
     done: bool = False  # recorded already (unchanged resource) or parked
+    moved: bool = False  # every row of the study now names another patient identity (a correction)
 
 
 class SyncWorker:
@@ -132,6 +138,7 @@ class SyncWorker:
         self._stop_requested = False
         self._swept = False  # series come from the source's sweep of the whole run (see _fetch)
         self._sweep_filters: Mapping[str, str] | None = None  # the run may sweep, not yet done
+        self._conflicted: set[str] = set()  # studies parked for conflicting identity in this run
         self._assembler = StudyAssembler(source, linker, ctx, read_instance_header=read_instance_header)
         self._retirer = Retirer(publisher, store, ctx, policy=delete_policy, max_fraction=delete_max_fraction)
 
@@ -218,6 +225,7 @@ class SyncWorker:
         requests_before = self._fhir_write_requests()
         started = time.monotonic()
         logger.info("run %d (%s) started for source %s", report.run_id, kind, source)
+        self._conflicted = set()
         try:
             self._linker.begin_run()
             endpoint = await self._publisher.ensure_endpoint()
@@ -257,13 +265,15 @@ class SyncWorker:
                 error=report.error,
                 deletions=report.deletions,
                 series_query=report.series_query if asked_series else None,
+                relinked=report.relinked,
             )
             metrics.observe_run(kind, report.status, report.counts, time.monotonic() - started)
             with contextlib.suppress(BridgeError):  # metrics never fail a run
                 newest = await asyncio.to_thread(self._store.newest_published, source)
                 metrics.set_lag(report.newest_seen, newest)
-                parked = await asyncio.to_thread(self._store.counts, source)
-                metrics.PARKED.set(parked["parked"])
+                stored = await asyncio.to_thread(self._store.counts, source)
+                metrics.PARKED.set(stored["parked"])
+                metrics.WITHDRAWN.set(stored.get("withdrawn", 0))
             c = report.counts
             logger.info(
                 "run %d %s: seen %d, created %d, updated %d, unchanged %d, parked %d, deleted %d, "
@@ -303,16 +313,23 @@ class SyncWorker:
         is written while one is prepared (and one read ahead): memory stays flat in N.
         """
         writing: asyncio.Task[None] | None = None
-        in_flight: frozenset[str] = frozenset()  # the studies of the page being written
+        in_flight: dict[str, PatientIdentity] = {}  # the studies of the page being written, and whose
         try:
             async for rows in _read_ahead(pages):
                 # A study on the page being written may come again on the next (offset paging
-                # shifts when the archive changes mid-walk): that page leaves it to the write.
-                uids, page = await self._page(rows, endpoint, limit, report, skip=in_flight)
-                in_flight = frozenset(uids)
+                # shifts when the archive changes mid-walk, and an archive lists one UID once per
+                # patient): that page leaves it to the write, unless the row names another patient.
+                prepared, page, late = await self._page(rows, endpoint, limit, report, skip=in_flight)
+                in_flight = prepared
+                uids = list(prepared)
                 if writing is not None:
                     task, writing = writing, None
                     await task  # one page written at a time, in order
+                if late:
+                    # Conflicts with studies of the page just written: handled once it is recorded.
+                    known = await asyncio.to_thread(self._store.known_studies, self._ctx.source_name, late)
+                    for uid in late:
+                        await self._conflict(report, uid, known.get(uid), conflict(_ROWS))
                 # A reconciling run marks the page's studies seen once they are recorded: a study
                 # it publishes for the first time has no row to mark before that.
                 writing = asyncio.create_task(self._write_page(page, report, uids if reconcile else []))
@@ -336,10 +353,17 @@ class SyncWorker:
         limit: asyncio.Semaphore,
         report: RunReport,
         *,
-        skip: frozenset[str] = frozenset(),
-    ) -> tuple[list[str], _PageWork]:
-        """Prepare one page's studies (not those in ``skip``): the UIDs prepared and what is left to write."""
-        studies: list[StudyRecord] = []
+        skip: Mapping[str, PatientIdentity] | None = None,
+    ) -> tuple[dict[str, PatientIdentity], _PageWork, list[str]]:
+        """Prepare one page's studies (not those in ``skip``).
+
+        Returns the studies of the page (each UID once, with the identity its rows name), what is
+        left to write, and the UIDs in ``skip`` (the page being written) that a row here names
+        under another patient: the caller handles those conflicts once that page is recorded.
+        """
+        skip = skip or {}
+        by_uid: dict[str, list[StudyRecord]] = {}
+        late: list[str] = []
         for row in rows:
             report.add(seen=1)
             try:
@@ -349,13 +373,21 @@ class SyncWorker:
                 await self._park(report, uid, exc)
                 continue
             if study.uid in skip:
+                if conflicting([skip[study.uid], study.patient]) and study.uid not in late:
+                    late.append(study.uid)
                 continue
-            studies.append(study)
+            by_uid.setdefault(study.uid, []).append(study)
             with contextlib.suppress(MappingError):  # a bad date is reported by the mapping
                 report.saw(fhir_datetime(study.date, study.time, study.tz_offset, zone=self._ctx.timezone))
-        known = await asyncio.to_thread(
-            self._store.known_studies, self._ctx.source_name, [s.uid for s in studies]
-        )
+        known = await asyncio.to_thread(self._store.known_studies, self._ctx.source_name, list(by_uid))
+        # One UID listed twice on a page (an archive lists it once per patient): one study, and a
+        # conflict when the rows name different patients.
+        studies: list[StudyRecord] = []
+        for uid, same in by_uid.items():
+            if conflicting(s.patient for s in same):
+                await self._conflict(report, uid, known.get(uid), conflict(_ROWS))
+            elif uid not in self._conflicted:  # its conflict is parked already in this run
+                studies.append(same[0])
 
         page = _PageWork()
         try:
@@ -363,7 +395,7 @@ class SyncWorker:
         except BaseException:
             await self._finish_page(page)
             raise
-        return [s.uid for s in studies], page
+        return {uid: same[0].patient for uid, same in by_uid.items()}, page, late
 
     async def _write_page(self, page: _PageWork, report: RunReport, seen: list[str]) -> None:
         """Write a prepared page's ImagingStudies (in batches where the server takes them), record them.
@@ -495,7 +527,14 @@ class SyncWorker:
             series = None  # the list answer disagrees with the study's own count: ask alone
         elif series is not None and self._swept and not _sweep_complete(item.study, series):
             series = None
-        item.records = await self._assembler.fetch(item.study, series)
+        records = await self._assembler.fetch(item.study, series)
+        known = item.known
+        if known is not None and known.patient_identity not in (None, identity_digest(item.study.patient)):
+            # Published under another patient: a correction moves every row of the UID, a
+            # conflicting newcomer leaves the published row beside its own.
+            await self._assembler.every_row_agrees(item.study.uid)
+            item.moved = True
+        item.records = records
 
     async def _assemble(self, item: _Todo, endpoint: str, report: RunReport, page: _PageWork) -> None:
         """Link, map and validate the study; an ImagingStudy that did not change is recorded, not written."""
@@ -532,8 +571,16 @@ class SyncWorker:
                 fhir_id,
                 version,
                 resource.get("started"),
+                identity_digest(item.study.patient),
             )
         )
+        if item.moved and outcome != "unchanged":
+            report.relinked.append(
+                {"study_uid": item.study.uid, "action": "every archive row names another patient: re-linked"}
+            )
+            logger.info(
+                "study %s re-linked: every archive row names another patient identity", item.study.uid
+            )
         used = item.fallbacks
         report.add(**{outcome: 1}, fallbacks=len(used))
         if used:
@@ -545,9 +592,33 @@ class SyncWorker:
         """Run one study's step; a failure of that study parks it and drops it from the page."""
         try:
             await step
+        except PatientConflictError as exc:
+            item.records, item.resource, item.done = None, None, True
+            await self._conflict(report, item.study.uid, item.known, exc)
         except BridgeError as exc:
             item.records, item.resource, item.done = None, None, True
             await self._fail(report, item.study.uid, exc)
+
+    async def _conflict(
+        self, report: RunReport, uid: str, known: KnownStudy | None, exc: PatientConflictError
+    ) -> None:
+        """Park a study whose archive rows name several patients; withdraw it if it is published.
+
+        The published ImagingStudy keeps its subject: only the bridge's withdrawal label is added
+        (every API replica then refuses it, bridge/resolve/links.py), and the store remembers the
+        withdrawal for `bridge status` and the metrics until the archive is corrected.
+        """
+        if uid in self._conflicted:
+            return
+        self._conflicted.add(uid)
+        await self._park(report, uid, exc)
+        if known is None or known.withdrawn is not None:
+            return
+        version = await self._publisher.withdraw_study(known.fhir_id, CONFLICT_CODE)
+        await asyncio.to_thread(
+            self._store.withdraw, self._ctx.source_name, uid, reason=CONFLICT_REASON, fhir_version=version
+        )
+        logger.warning("study %s withdrawn from clinicians: %s", uid, CONFLICT_REASON)
 
     async def _fail(self, report: RunReport, uid: str, exc: BridgeError) -> None:
         """Park the study, unless the failure is the whole run's (an unreachable peer)."""
@@ -563,7 +634,9 @@ class SyncWorker:
             raise exc
 
     async def _park(self, report: RunReport, uid: str, exc: Exception) -> None:
-        if isinstance(exc, PatientLinkError):
+        if isinstance(exc, PatientConflictError):
+            kind = "identity"
+        elif isinstance(exc, PatientLinkError):
             kind = "patient"
         elif isinstance(exc, MappingError):
             kind = "mapping"

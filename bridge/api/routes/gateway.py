@@ -35,7 +35,14 @@ from bridge.gateway import front, qido
 from bridge.gateway.paths import DicomwebPath, parse
 from bridge.gateway.proxy import forward, request_headers, search_json
 from bridge.limits import CallLimit, DicomwebLimits
-from bridge.resolve.links import WITHDRAWN, StudyLocation, normalize_base, study_uid_of, subject_patient
+from bridge.resolve.links import (
+    WITHDRAWN,
+    StudyLocation,
+    normalize_base,
+    study_uid_of,
+    subject_patient,
+    withdrawal_of,
+)
 from bridge.resolve.resolver import Resolver, TtlCache
 from bridge.upstream import authorization_for, http_client
 
@@ -247,6 +254,7 @@ async def _patient(r: Resolver, patient: str) -> tuple[tuple[tuple[str, str], ..
         for study in found
         if subject_patient(study) == patient
         and study.get("status") not in WITHDRAWN
+        and withdrawal_of(study) is None
         and (uid := study_uid_of(study)) is not None
     )
     return identifiers, studies

@@ -34,7 +34,7 @@ from bridge.dicomweb.client import DicomwebClient
 from bridge.errors import NoUsableEndpointError, StudyNotFoundError
 from bridge.http import RetryPolicy
 from bridge.limits import DicomwebLimits
-from bridge.resolve.links import WITHDRAWN, normalize_base, wado_urls
+from bridge.resolve.links import WITHDRAWN, normalize_base, wado_urls, withdrawal_of
 from bridge.upstream import http_client
 
 
@@ -167,7 +167,7 @@ def study_rows(studies: Sequence[Mapping[str, Any]], base: str) -> str:
         )
         status = study.get("status")
         quoted = quote(fhir_id, safe="")
-        if status in WITHDRAWN:
+        if status in WITHDRAWN or withdrawal_of(study) is not None:
             image_cell = '<span class="muted">withdrawn</span>'
             thumb = ""
         else:

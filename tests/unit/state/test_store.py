@@ -35,7 +35,7 @@ def publish(store: SqlStore, uid: str, *, source: str = SOURCE, version: str = "
 def test_an_empty_store_knows_nothing(store: SqlStore) -> None:
     assert store.known_studies(SOURCE, ["1.2.3"]) == {}
     assert store.known_studies(SOURCE, []) == {}
-    assert store.counts(SOURCE) == {"published": 0, "gone": 0, "parked": 0}
+    assert store.counts(SOURCE) == {"published": 0, "gone": 0, "parked": 0, "withdrawn": 0}
     assert store.runs() == []
 
 
@@ -71,7 +71,7 @@ def test_a_parked_study_keeps_its_reason_and_attribute(store: SqlStore) -> None:
     assert (parked.study_uid, parked.kind, parked.attribute) == ("1.2.9", "mapping", "StudyDate")
     assert parked.reason == "StudyDate is not a calendar date"
     assert parked.attempts == 1
-    assert store.counts(SOURCE) == {"published": 0, "gone": 0, "parked": 1}
+    assert store.counts(SOURCE) == {"published": 0, "gone": 0, "parked": 1, "withdrawn": 0}
 
 
 def test_parking_again_counts_attempts_and_keeps_the_latest_reason(store: SqlStore) -> None:
@@ -91,7 +91,7 @@ def test_publishing_a_parked_study_clears_it(store: SqlStore) -> None:
     store.park(SOURCE, "1.2.9", kind="mapping", reason="bad", attribute=None)
     publish(store, "1.2.9")
     assert store.parked(SOURCE) == []
-    assert store.counts(SOURCE) == {"published": 1, "gone": 0, "parked": 0}
+    assert store.counts(SOURCE) == {"published": 1, "gone": 0, "parked": 0, "withdrawn": 0}
 
 
 def test_a_run_is_recorded_with_counts_status_and_queries(store: SqlStore) -> None:
@@ -162,9 +162,9 @@ def test_a_store_that_cannot_be_opened_is_a_store_error(tmp_path: Path) -> None:
 def test_a_study_gone_from_the_archive_counts_apart_and_comes_back(store: SqlStore) -> None:
     store.record_published_many(SOURCE, [Published("1.2.3", "q", "r", "i", "1")])
     store.record_gone(SOURCE, "1.2.3", fhir_version="2", removed=False)
-    assert store.counts(SOURCE) == {"published": 0, "gone": 1, "parked": 0}
+    assert store.counts(SOURCE) == {"published": 0, "gone": 1, "parked": 0, "withdrawn": 0}
     assert store.published_count(SOURCE) == 0
     # Its fingerprints no longer match anything, so a return to the archive republishes it.
     assert store.known_studies(SOURCE, ["1.2.3"])["1.2.3"].qido_fingerprint != "q"
     store.record_published_many(SOURCE, [Published("1.2.3", "q", "r", "i", "3")])
-    assert store.counts(SOURCE) == {"published": 1, "gone": 0, "parked": 0}
+    assert store.counts(SOURCE) == {"published": 1, "gone": 0, "parked": 0, "withdrawn": 0}

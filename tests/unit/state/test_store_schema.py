@@ -164,7 +164,7 @@ def test_a_gone_marker_survives_the_move_to_its_own_column_and_back(db_url: str)
     engine.dispose()
     store = SqlStore(db_url)  # upgrades to head again
     try:
-        assert store.counts("pacs") == {"published": 1, "gone": 1, "parked": 0}
+        assert store.counts("pacs") == {"published": 1, "gone": 1, "parked": 0, "withdrawn": 0}
         assert store.published_count("pacs") == 1
     finally:
         store.close()
