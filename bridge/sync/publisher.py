@@ -317,7 +317,7 @@ class Publisher:
         current = await self._fhir.read("ImagingStudy", fhir_id)
         if current is None:
             return None
-        meta = current.setdefault("meta", {})
+        meta = current["meta"] = dict(current.get("meta") or {})
         version = meta.get("versionId")
         labels = [label for label in meta.get("security") or [] if isinstance(label, dict)]
         if any(label.get("system") == WITHDRAWN_SYSTEM and label.get("code") == code for label in labels):

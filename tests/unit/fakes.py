@@ -33,20 +33,26 @@ class FakeSource:
         self.sweeps = False  # sweep the series of a whole run first (BRIDGE_DICOMWEB_SERIES_QUERY=paged)
         self.swept: dict[str, list[DicomJson]] | None = None  # what the sweep saw (default: the series)
         self._sweeping = False
+        # Further rows of UIDs already listed, and where in the listing (as Orthanc lists a Study
+        # UID once per patient that holds it).
+        self.extra_rows: list[tuple[int, DicomJson]] = []
 
     def add(self, study: DicomJson, series: list[DicomJson]) -> None:
         uid = study["0020000D"]["Value"][0] if "0020000D" in study else f"row-{len(self.studies)}"
         self.studies[uid] = study
         self.series[uid] = series
 
+    def add_row(self, row: DicomJson, at: int) -> None:
+        """Another study row of a UID already listed, at position ``at`` of the listing."""
+        self.extra_rows.append((at, row))
+
     async def iter_studies(self, filters: Mapping[str, str] | None = None) -> AsyncIterator[list[DicomJson]]:
         rows = list(self.studies.values())
+        for at, extra in sorted(self.extra_rows, key=lambda e: e[0]):
+            rows.insert(at, extra)
         if filters and "StudyInstanceUID" in filters:
-            rows = (
-                [self.studies[filters["StudyInstanceUID"]]]
-                if filters["StudyInstanceUID"] in self.studies
-                else []
-            )
+            wanted = filters["StudyInstanceUID"]
+            rows = [r for r in rows if r.get("0020000D", {}).get("Value", [None])[0] == wanted]
         for offset in range(0, len(rows) + 1, self.page_size):
             self.queries.append(f"/studies?{urlencode({**(filters or {}), 'offset': offset})}")
             if self.fail_listing is not None:
