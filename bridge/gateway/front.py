@@ -40,11 +40,12 @@ SYSTEM_CA_FILE = Path("/etc/ssl/certs/ca-certificates.crt")  # Debian's CA bundl
 _UID = r"[0-9][0-9.]{0,63}"
 _RENDER = r"(?:metadata|rendered|thumbnail)"
 _FRAMES = r"frames/[0-9][0-9,]{0,8191}(?:/(?:rendered|thumbnail))?"
-# The retrieves the fast path serves, relative to /dicom-web; group 1: the Study Instance UID. A
+# The retrieves the fast path serves, relative to /dicom-web; group 1: the Study Instance UID,
+# group 2: the Series Instance UID (if the path names one; grants are kept per series). A
 # narrower grammar than bridge/gateway/paths.py (no bulk data, no searches): every segment is a
 # keyword or starts with a digit, so the raw path and nginx's normalised one cannot differ.
 RETRIEVE = (
-    rf"studies/({_UID})(?:/{_RENDER}|/series/{_UID}(?:/{_RENDER}|/instances/{_UID}"
+    rf"studies/({_UID})(?:/{_RENDER}|/series/({_UID})(?:/{_RENDER}|/instances/{_UID}"
     rf"(?:/{_RENDER}|/{_FRAMES})?)?)?"
 )
 _RETRIEVE = re.compile(RETRIEVE)
@@ -231,7 +232,8 @@ def nginx_config(settings: Settings, options: FrontOptions) -> str:
         "    server_tokens off;",
         "    client_max_body_size 1m;",
         *(f"    {kind}_temp_path {state / kind};" for kind in TEMP_PATHS),
-        # Grants only: never an image. Keyed by the study and the caller's credentials, as sent.
+        # Grants only: never an image. Keyed by the study, the series and the caller's credentials,
+        # as sent: a caller limited to one patient is granted only the series its study lists.
         f"    proxy_cache_path {state / 'grants'} levels=1:2 keys_zone=bridge_grants:4m max_size=64m "
         "inactive=10m use_temp_path=off;",
         f"    upstream bridge {{ server {bridge}; keepalive 32; }}",
@@ -247,6 +249,7 @@ def nginx_config(settings: Settings, options: FrontOptions) -> str:
         f'        location ~ "^/dicom-web/({RETRIEVE})$" {{',
         "            set $bridge_path $1;",
         "            set $bridge_study $2;",
+        "            set $bridge_series $3;",
         f"            error_page {handed_on} = @bridge;",
         "            if ($request_method !~ ^(GET|HEAD)$) { return 418; }",
         # The raw path must be the one matched: no escapes, dot segments or doubled slashes.
@@ -268,7 +271,8 @@ def nginx_config(settings: Settings, options: FrontOptions) -> str:
         *(f"            {line}" for line in to_bridge),
         f"            proxy_read_timeout {deadline};",
         "            proxy_cache bridge_grants;  # needs proxy_buffering, on by default",
-        f'            proxy_cache_key "$bridge_study $cookie_{COOKIE} $http_authorization $http_x_api_key";',
+        "            proxy_cache_key "
+        f'"$bridge_study $bridge_series $cookie_{COOKIE} $http_authorization $http_x_api_key";',
         "            proxy_cache_valid 200 0s;  # the bridge's X-Accel-Expires says how long a grant holds",
         "            proxy_cache_lock on;",
         "        }",

@@ -105,6 +105,11 @@ async def forward(
     if answer.status_code in _BRIDGE_FAULT or answer.status_code >= 500:
         await answer.aclose()
         raise error_for_response(answer, SERVICE)
+    if answer.status_code >= 400:
+        # The archive's own error body is never passed on: its wording can confirm that another
+        # patient's UID exists ("instance X is not in study Y"). The caller gets the bridge's reason.
+        await answer.aclose()
+        return Forwarded(answer.status_code, {"cache-control": "no-store"}, b"")
     declared = answer.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit.max_bytes:
         await answer.aclose()

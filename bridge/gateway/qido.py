@@ -88,6 +88,34 @@ def keep(row: Any, key: PatientKey, studies: frozenset[str]) -> bool:
     return value_of(row, STUDY_UID) in studies
 
 
+def within_study(row: Any, keys: Sequence[PatientKey], series: frozenset[str]) -> bool:
+    """Whether a row of one study (a series, instance or metadata row) is the study as published.
+
+    Its series must be one the ImagingStudy lists (an archive may hold one Study Instance UID
+    under several patients, and answers every patient's series of it), and a row that names its
+    patient must name exactly one of the identifiers of the study's Patient. A row that names
+    neither its series nor its patient cannot be placed, and is left out.
+    """
+    if not isinstance(row, dict):
+        return False
+    series_uid = value_of(row, SERIES_UID)
+    if series_uid is not None and series_uid not in series:
+        return False
+    if PATIENT_ID in row:
+        patient_id, issuer = value_of(row, PATIENT_ID) or "", value_of(row, ISSUER)
+        return any(
+            patient_id == key.patient_id and (key.issuer is None or issuer == key.issuer) for key in keys
+        )
+    return series_uid is not None
+
+
+def within_study_params(given: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The caller's QIDO parameters within a study, asking also for what :func:`within_study` reads."""
+    params = [(k, v) for k, v in given if k.lower() not in _PATIENT_KEYS]
+    params.extend(("includefield", tag) for tag in (PATIENT_ID, ISSUER, SERIES_UID))
+    return params
+
+
 def row_key(row: Mapping[str, Any]) -> tuple[str | None, ...]:
     """What identifies a row across several queries (study, series, instance)."""
     return (value_of(row, STUDY_UID), value_of(row, SERIES_UID), value_of(row, SOP_UID))

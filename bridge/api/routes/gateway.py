@@ -7,6 +7,15 @@ The request then goes to the archive the study's Endpoint names, with the bridge
 for that archive, and the answer streams back as the archive sends it. Searches across studies
 are answered, for a caller limited to one patient, from the archive asked by that patient's
 identifiers with each row checked (bridge/gateway/qido.py).
+
+Within a study, a caller limited to one patient is served only what the published ImagingStudy
+lists, row by row: an archive may hold one Study Instance UID under several patients (Orthanc
+keeps a second study when an instance arrives under a known Study UID and another PatientID),
+and answers every patient's series of it. So a path naming a series the ImagingStudy does not
+list is refused before the archive is asked; searches and metadata within the study are read
+whole and keep only rows of listed series and of the study's patient; a retrieve of the whole
+study is refused when the archive holds series the ImagingStudy does not list. The archive's own
+error bodies never reach a caller: the bridge answers with its own reason.
 """
 
 from __future__ import annotations
@@ -26,11 +35,17 @@ from fastapi.responses import Response, StreamingResponse
 from bridge.api.access import decide, may_see_all, patient_limit
 from bridge.api.audit import note
 from bridge.api.deps import CallerDep, authenticate, resolver_of, services_of
-from bridge.api.errors import AccessDeniedError
+from bridge.api.errors import AccessDeniedError, outcome
 from bridge.api.security import Caller
 from bridge.audit.events import Action
 from bridge.config import Settings
-from bridge.errors import BridgeError, NoUsableEndpointError, StudyNotFoundError
+from bridge.errors import (
+    BridgeError,
+    FatalUpstreamError,
+    NoUsableEndpointError,
+    StudyNotFoundError,
+    UpstreamLimitError,
+)
 from bridge.gateway import front, qido
 from bridge.gateway.paths import DicomwebPath, parse
 from bridge.gateway.proxy import forward, request_headers, search_json
@@ -163,9 +178,78 @@ async def dicomweb(path: str, request: Request, who: CallerDep) -> Response:
     if not decision.allowed:
         note(request, who, action, "refused", study=study, reason=decision.reason)
         raise AccessDeniedError(f"study {route.study_uid}: {decision.reason}")
+    patient = patient_limit(who)
+    listed = frozenset(s.uid for s in study.series)
+    if patient is not None and route.series_uid is not None and route.series_uid not in listed:
+        # The same answer for another patient's series and for no series at all.
+        note(request, who, action, "refused", study=study, reason=_UNLISTED)
+        raise StudyNotFoundError(f"series {route.series_uid}: {_UNLISTED}")
     note(request, who, action, study=study)
     archive, base = g.archive_for(study)
+    if patient is not None:
+        return await _one_patients(route, request, study.study_uid, patient, listed, archive, base, r, g)
     return await _stream(archive, f"{base}/{route.path}", request, g.limit)
+
+
+_UNLISTED = "not a series of the study's published ImagingStudy"
+_NOT_IN_ARCHIVE = "not found in the study's archive"
+
+
+async def _one_patients(
+    route: DicomwebPath,
+    request: Request,
+    study_uid: str,
+    patient: str,
+    listed: frozenset[str],
+    archive: Archive,
+    base: str,
+    r: Resolver,
+    g: Gateway,
+) -> Response:
+    """A request within a study the caller may see, for a caller limited to that study's patient."""
+    if route.kind == "search" or route.metadata:
+        accept = request.headers.get("accept", "")
+        if accept and not any(t in accept for t in ("json", "*/*")):
+            return Response(status_code=406, headers={"Cache-Control": "no-store"})
+        identifiers, _ = await g.patients.get_or_load(patient, lambda: _patient(r, patient))
+        keys = qido.patient_keys(
+            identifiers, default_system=archive.default_system, issuer_systems=archive.issuer_systems
+        )
+        given = list(request.query_params.multi_items())
+        params = qido.within_study_params(given) if route.kind == "search" else []
+        rows = await _archive_rows(archive, base, route.path, params, g.limit)
+        kept = [row for row in rows if qido.within_study(row, keys, listed)]
+        limit = qido.limit_of(given) if route.kind == "search" else None
+        return _json(kept[:limit] if limit is not None else kept)
+    if route.level == "studies":
+        # The whole study, its rendering or thumbnail: served only when the archive holds no
+        # series the ImagingStudy leaves out (one series search); else series by series.
+        rows = await _archive_rows(
+            archive,
+            base,
+            f"studies/{study_uid}/series",
+            [("includefield", qido.SERIES_UID)],
+            archive.limits.page(),
+        )
+        held = {qido.value_of(row, qido.SERIES_UID) for row in rows if isinstance(row, dict)}
+        if held - listed:
+            raise AccessDeniedError(
+                f"study {study_uid}: the archive holds series its published ImagingStudy does not list; "
+                "retrieve the listed series one by one"
+            )
+    return await _stream(archive, f"{base}/{route.path}", request, g.limit)
+
+
+async def _archive_rows(
+    archive: Archive, base: str, path: str, params: Sequence[tuple[str, str]], limit: CallLimit
+) -> list[Any]:
+    """The archive's DICOM JSON answer at ``path``, read whole; its 404 is the bridge's own."""
+    try:
+        return await search_json(archive.client, base, path, params, limit)
+    except FatalUpstreamError as exc:
+        if exc.status == 404 and not isinstance(exc, UpstreamLimitError):
+            raise StudyNotFoundError(_NOT_IN_ARCHIVE) from None
+        raise
 
 
 async def _stream(archive: Archive, url: str, request: Request, limit: CallLimit) -> Response:
@@ -177,6 +261,16 @@ async def _stream(archive: Archive, url: str, request: Request, limit: CallLimit
         headers=request_headers(request.headers),
         limit=limit,
     )
+    if answer.status >= 400:
+        # The archive's error body stayed behind (bridge/gateway/proxy.py): the bridge's own reason.
+        if answer.status == 404:
+            return outcome(404, "not-found", _NOT_IN_ARCHIVE, {"Cache-Control": "no-store"})
+        return outcome(
+            answer.status,
+            "invalid",
+            f"the archive refused the request ({answer.status})",
+            {"Cache-Control": "no-store"},
+        )
     if isinstance(answer.body, bytes):
         return Response(answer.body, status_code=answer.status, headers=answer.headers)
     return StreamingResponse(answer.body, status_code=answer.status, headers=answer.headers)
@@ -287,6 +381,8 @@ async def front_grant(request: Request) -> Response:
         study = await resolver_of(request).by_study_uid(route.study_uid)
         if not decide(who, study.patient).allowed:
             return Response(status_code=_NOT_FROM_THE_FRONT)
+        if patient_limit(who) is not None and not _front_may_serve(route, study):
+            return Response(status_code=_NOT_FROM_THE_FRONT)
         archive, base = _gateway(request).archive_for(study)
         authorization = await authorization_for(archive.client, base)
     except (BridgeError, httpx.HTTPError):
@@ -303,6 +399,18 @@ async def front_grant(request: Request) -> Response:
     if authorization is not None:
         headers[front.AUTHORIZATION_HEADER] = authorization
     return Response(status_code=200, headers=headers)
+
+
+def _front_may_serve(route: DicomwebPath, study: StudyLocation) -> bool:
+    """Whether the front may send a patient-limited caller's retrieve straight to the archive.
+
+    Only a retrieve within a series the published ImagingStudy lists, and not its metadata: the
+    gateway itself filters metadata row by row and checks a whole-study retrieve (the front's
+    grant is kept per study and series, bridge/gateway/front.py).
+    """
+    if route.series_uid is None or route.metadata:
+        return False
+    return any(s.uid == route.series_uid for s in study.series)
 
 
 def grant_seconds(cache_ttl: float, expires: float | None, now: float) -> int:

@@ -21,6 +21,7 @@ from tests.unit.api.test_gateway import (
     PATIENT_1,
     UID_1,
     UID_2,
+    UID_3,
     World,
     bearer,
     gateway,
@@ -290,3 +291,30 @@ def test_front_config_writes_a_file_only_its_owner_reads(
     refused = CliRunner().invoke(cli, ["front-config"])
     assert refused.exit_code == 2 and "BRIDGE_GATEWAY_FRONT_SECRET" in " ".join(refused.stderr.split())
 
+
+@pytest.mark.parametrize(
+    ("path", "granted"),
+    [
+        (INSTANCE, True),
+        (f"studies/{UID_1}/series/1.2/rendered", True),
+        (f"studies/{UID_1}/series/9.9/instances/4.5.6", False),  # not listed: maybe another patient's
+        (f"studies/{UID_1}/series/1.2.3/metadata", False),  # metadata: the gateway filters it row by row
+        (f"studies/{UID_1}/metadata", False),
+        (f"studies/{UID_1}", False),  # the whole study: the gateway checks the archive's series first
+        (f"studies/{UID_3}/series/1.2/instances/4.5.6", False),  # withdrawn
+    ],
+)
+async def test_a_patient_limited_caller_is_granted_only_retrieves_in_the_series_its_study_lists(
+    tmp_path: Path, path: str, granted: bool
+) -> None:
+    async with gateway(tmp_path, World(), gateway_front_secret=SECRET) as api:
+        answer = await api.get(front.GRANT_PATH, headers=_asking(path, **bearer(**PATIENT_1)))
+        machine = await api.get(front.GRANT_PATH, headers=_asking(path, **{"X-API-Key": "machine-key-1"}))
+    assert answer.status_code == (200 if granted else 403)
+    assert machine.status_code == (403 if UID_3 in path else 200)
+
+
+def test_grants_are_kept_per_study_and_series(tmp_path: Path) -> None:
+    text = front.nginx_config(_settings(), front.FrontOptions(state_dir=tmp_path))
+    assert "set $bridge_series $3;" in text
+    assert 'proxy_cache_key "$bridge_study $bridge_series ' in text

@@ -20,7 +20,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from bridge.api.app import create_app
+from bridge.api.routes.gateway import DICOM_JSON
 from bridge.config import Settings
+from bridge.mapping.context import WITHDRAWN_SYSTEM
 from bridge.state.store import SqlStore
 
 pytestmark = pytest.mark.anyio
@@ -37,6 +39,7 @@ PUBLIC_PEM = (
 )
 SYSTEM = "urn:oid:1.2.826.0.1.3680043.10.1000"
 UID_1, UID_2 = "1.2.826.0.1.3680043.10.9.1", "1.2.826.0.1.3680043.10.9.2"
+LISTED_SERIES = ("1.2", "1.2.3")  # the series each published study lists
 PATIENTS = {
     "p1": {"resourceType": "Patient", "id": "p1", "identifier": [{"system": SYSTEM, "value": "MRN-1"}]},
     "p2": {"resourceType": "Patient", "id": "p2", "identifier": [{"system": SYSTEM, "value": "MRN-2"}]},
@@ -61,10 +64,17 @@ def _study(sid: str, uid: str, patient: str) -> dict[str, Any]:
         "subject": {"reference": f"Patient/{patient}"},
         "identifier": [{"system": "urn:dicom:uid", "value": f"urn:oid:{uid}"}],
         "endpoint": [{"reference": "Endpoint/ep1"}],
+        "series": [{"uid": uid} for uid in LISTED_SERIES],
     }
 
 
 STUDIES = {UID_1: _study("s1", UID_1, "p1"), UID_2: _study("s2", UID_2, "p2")}
+# A study of p1 the sync withdrew: its archive holds its Study UID under another patient too.
+UID_3 = "1.2.826.0.1.3680043.10.9.3"
+STUDIES[UID_3] = {
+    **_study("s3", UID_3, "p1"),
+    "meta": {"security": [{"system": WITHDRAWN_SYSTEM, "code": "conflicting-patient-identity"}]},
+}
 
 
 def _row(uid: str, patient_id: str) -> dict[str, Any]:
@@ -89,6 +99,8 @@ class World:
     qido_rows: list[dict[str, Any]] = field(default_factory=list)
     body: bytes = b"\x00DICM" * 1000
     headers: dict[str, str] = field(default_factory=dict)
+    json_paths: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # DICOM JSON by path
+    missing: dict[str, str] = field(default_factory=dict)  # the archive's 404s by path, its own wording
 
     def handler(self, request: httpx.Request) -> httpx.Response:
         if request.url.host == "pacs.example":
@@ -114,6 +126,10 @@ class World:
             return httpx.Response(200, json=PATIENTS[rid])
         if path == "Endpoint/ep1":
             return httpx.Response(200, json=ENDPOINT)
+        if kind == "ImagingStudy" and rid:
+            found = [s for s in STUDIES.values() if s["id"] == rid]
+            if found:
+                return httpx.Response(200, json=found[0])
         if path == "ImagingStudy":
             identifier = request.url.params.get("identifier", "")
             subject = request.url.params.get("subject", "")
@@ -128,6 +144,10 @@ class World:
     def archive(self, request: httpx.Request) -> httpx.Response:
         self.archive_requests.append(request)
         path = request.url.path.removeprefix("/dicom-web/")
+        if path in self.missing:
+            return httpx.Response(404, text=self.missing[path])
+        if path in self.json_paths:
+            return httpx.Response(200, json=self.json_paths[path], headers={"content-type": DICOM_JSON})
         if path in ("studies", "series"):
             return httpx.Response(
                 200,
@@ -308,8 +328,9 @@ async def test_range_and_gzip_pass_through_unchanged(tmp_path: Path) -> None:
 async def test_without_accept_encoding_the_archive_is_asked_for_identity(tmp_path: Path) -> None:
     world = World()
     async with gateway(tmp_path, world) as api:
-        await api.get(
-            f"/dicom-web/studies/{UID_1}/metadata", headers={**bearer(**PATIENT_1), "Accept-Encoding": ""}
+        await api.get(  # a retrieve passed on as it is (metadata is read, and filtered, by the bridge)
+            f"/dicom-web/studies/{UID_1}/series/1.2/instances/3.4",
+            headers={**bearer(**PATIENT_1), "Accept-Encoding": ""},
         )
     assert world.archive_requests[-1].headers["accept-encoding"] == "identity"
 
@@ -444,6 +465,8 @@ async def test_iid_and_record_page_refusals_are_audited_as_the_access_they_refus
     # the IID and page refusals of p2 are one record-view in the window
     assert refused == ["record-view", "viewer"]
     assert all({"reference": "Patient/p2"} in [x["what"] for x in e["entity"]] for e in events)
+
+
 async def _stalling(body: bytes) -> AsyncIterator[bytes]:
     yield body[:100]
     await asyncio.sleep(5)  # the archive stops sending: the deadline, not this, ends the wait
@@ -479,3 +502,119 @@ async def test_a_large_answer_streams_through_whole(tmp_path: Path) -> None:
     assert answer.status_code == 200
     assert answer.content == world.body
     assert answer.headers["content-length"] == str(len(world.body))
+
+
+# One study, one patient: row by row for a caller limited to one patient
+def _series_row(series_uid: str, patient_id: str | None = "MRN-1") -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "0020000D": {"vr": "UI", "Value": [UID_1]},
+        "0020000E": {"vr": "UI", "Value": [series_uid]},
+    }
+    if patient_id is not None:
+        row["00100020"] = {"vr": "LO", "Value": [patient_id]}
+    return row
+
+
+async def test_a_series_the_published_study_does_not_list_is_404_and_never_asked_of_the_archive(
+    tmp_path: Path,
+) -> None:
+    world = World()
+    async with gateway(tmp_path, world) as api:
+        paths = [f"series/9.9/{tail}" for tail in ("metadata", "instances/9.9.1/frames/1", "rendered")]
+        answers = [
+            await api.get(f"/dicom-web/studies/{UID_1}/{p}", headers=bearer(**PATIENT_1)) for p in paths
+        ]
+        machine = await api.get(
+            f"/dicom-web/studies/{UID_1}/series/9.9/rendered", headers={"X-API-Key": "machine-key-1"}
+        )
+    assert [a.status_code for a in answers] == [404, 404, 404]
+    assert all("not a series of the study's published ImagingStudy" in a.text for a in answers)
+    assert machine.status_code == 200  # a caller who may see every patient is not limited to what is listed
+    assert [r.url.path for r in world.archive_requests] == [f"/dicom-web/studies/{UID_1}/series/9.9/rendered"]
+
+
+async def test_study_metadata_keeps_only_rows_of_listed_series_and_of_the_studys_patient(
+    tmp_path: Path,
+) -> None:
+    world = World(
+        json_paths={
+            f"studies/{UID_1}/metadata": [
+                _series_row("1.2"),
+                _series_row("9.9", "MRN-2"),  # another patient's series under the same Study UID
+                _series_row("1.2.3", "MRN-2"),  # a listed series, but a row naming another patient
+                _series_row("1.2.3", "mrn-1"),  # not exactly the patient's identifier
+            ]
+        }
+    )
+    async with gateway(tmp_path, world) as api:
+        answer = await api.get(f"/dicom-web/studies/{UID_1}/metadata", headers=bearer(**PATIENT_1))
+    assert answer.status_code == 200
+    assert answer.json() == [_series_row("1.2")]
+
+
+async def test_a_search_within_the_study_keeps_only_the_listed_series(tmp_path: Path) -> None:
+    world = World(
+        json_paths={f"studies/{UID_1}/series": [_series_row("1.2", None), _series_row("9.9", None)]}
+    )
+    async with gateway(tmp_path, world) as api:
+        answer = await api.get(
+            f"/dicom-web/studies/{UID_1}/series", params={"PatientID": "MRN-2"}, headers=bearer(**PATIENT_1)
+        )
+    assert [row["0020000E"]["Value"] for row in answer.json()] == [["1.2"]]
+    asked = world.archive_requests[-1].url.params
+    assert "PatientID" not in asked  # the caller's patient keys are not passed on
+    assert {"00100020", "0020000E"} <= set(asked.get_list("includefield"))
+
+
+async def test_a_whole_study_retrieve_is_refused_while_the_archive_holds_unlisted_series(
+    tmp_path: Path,
+) -> None:
+    world = World(json_paths={f"studies/{UID_1}/series": [_series_row("1.2"), _series_row("9.9", "MRN-2")]})
+    async with gateway(tmp_path, world) as api:
+        refused = await api.get(f"/dicom-web/studies/{UID_1}", headers=bearer(**PATIENT_1))
+        world.json_paths[f"studies/{UID_1}/series"] = [_series_row("1.2"), _series_row("1.2.3")]
+        served = await api.get(f"/dicom-web/studies/{UID_1}", headers=bearer(**PATIENT_1))
+    assert refused.status_code == 403
+    assert "does not list" in refused.json()["issue"][0]["diagnostics"]
+    assert served.status_code == 200 and served.content == world.body
+
+
+async def test_another_patients_instance_and_an_unknown_one_get_the_same_answer_never_the_archives(
+    tmp_path: Path,
+) -> None:
+    world = World(
+        missing={
+            f"studies/{UID_1}/series/1.2/instances/7.7.7": f"Instance 7.7.7 is in study {UID_2}, not {UID_1}",
+            f"studies/{UID_1}/series/1.2/instances/8.8.8": "Unknown resource",
+        }
+    )
+    async with gateway(tmp_path, world) as api:
+        other = await api.get(
+            f"/dicom-web/studies/{UID_1}/series/1.2/instances/7.7.7", headers=bearer(**PATIENT_1)
+        )
+        unknown = await api.get(
+            f"/dicom-web/studies/{UID_1}/series/1.2/instances/8.8.8", headers=bearer(**PATIENT_1)
+        )
+    assert other.status_code == unknown.status_code == 404
+    assert other.content == unknown.content
+    assert UID_2 not in other.text and "Unknown resource" not in unknown.text
+
+
+async def test_a_withdrawn_study_is_refused_with_its_reason_to_everyone(tmp_path: Path) -> None:
+    world = World()
+    async with gateway(tmp_path, world) as api:
+        patient = await api.get(
+            f"/dicom-web/studies/{UID_3}/series/1.2/instances/3.4", headers=bearer(**PATIENT_1)
+        )
+        machine = await api.get(
+            f"/dicom-web/studies/{UID_3}/metadata", headers={"X-API-Key": "machine-key-1"}
+        )
+        links = await api.get(
+            "/links", params={"reference": "ImagingStudy/s3"}, headers={"X-API-Key": "machine-key-1"}
+        )
+        across = await api.get("/dicom-web/studies", headers=bearer(**PATIENT_1))
+    for answer in (patient, machine, links):
+        assert answer.status_code == 409
+        assert "conflicting patient identity" in answer.json()["issue"][0]["diagnostics"]
+    assert all(UID_3 not in str(r.url) for r in world.archive_requests)
+    assert across.status_code == 200

@@ -51,7 +51,9 @@ def _assert_parked_for_identity(world: World, study_uid: str) -> None:
 
 
 def _labels(resource: dict[str, Any]) -> list[str]:
-    return [s["code"] for s in resource.get("meta", {}).get("security", []) if s["system"] == WITHDRAWN_SYSTEM]
+    return [
+        s["code"] for s in resource.get("meta", {}).get("security", []) if s["system"] == WITHDRAWN_SYSTEM
+    ]
 
 
 async def test_one_uid_listed_twice_on_a_page_under_two_patients_is_parked_and_never_published(

@@ -34,7 +34,12 @@ async def test_new_studies_are_created_with_one_write_each_plus_endpoint_and_pat
     assert sum(1 for w in writes if w[1] == "Endpoint") == 1
     assert sum(1 for w in writes if w[1] == "Patient") == 5
     assert report.counts.fhir_writes == len(writes) == 11
-    assert world.store.counts(world.ctx.source_name) == {"published": 5, "gone": 0, "parked": 0, "withdrawn": 0}
+    assert world.store.counts(world.ctx.source_name) == {
+        "published": 5,
+        "gone": 0,
+        "parked": 0,
+        "withdrawn": 0,
+    }
 
 
 async def test_a_published_study_links_its_patient_and_the_endpoint(world: World) -> None:
