@@ -221,23 +221,24 @@ async def _one_patients(
         kept = [row for row in rows if qido.within_study(row, keys, listed)]
         limit = qido.limit_of(given) if route.kind == "search" else None
         return _json(kept[:limit] if limit is not None else kept)
-    if route.level == "studies":
-        # The whole study, its rendering or thumbnail: served only when the archive holds no
-        # series the ImagingStudy leaves out (one series search); else series by series.
-        rows = await _archive_rows(
-            archive,
-            base,
-            f"studies/{study_uid}/series",
-            [("includefield", qido.SERIES_UID)],
-            archive.limits.page(),
+    if route.level == "studies" and await _holds_unlisted(archive, base, study_uid, listed):
+        # The whole study, its rendering or thumbnail: refused, not trimmed (a multipart answer
+        # cannot be filtered part by part as it streams); the listed series can be retrieved.
+        raise AccessDeniedError(
+            f"study {study_uid}: the archive holds series its published ImagingStudy does not list; "
+            "retrieve the listed series one by one"
         )
-        held = {qido.value_of(row, qido.SERIES_UID) for row in rows if isinstance(row, dict)}
-        if held - listed:
-            raise AccessDeniedError(
-                f"study {study_uid}: the archive holds series its published ImagingStudy does not list; "
-                "retrieve the listed series one by one"
-            )
     return await _stream(archive, f"{base}/{route.path}", request, g.limit)
+
+
+async def _holds_unlisted(archive: Archive, base: str, study_uid: str, listed: frozenset[str]) -> bool:
+    """Whether the archive holds series of the study that its published ImagingStudy does not list."""
+    path = f"studies/{study_uid}/series"
+    rows = await _archive_rows(
+        archive, base, path, [("includefield", qido.SERIES_UID)], archive.limits.page()
+    )
+    held = {qido.value_of(row, qido.SERIES_UID) for row in rows if isinstance(row, dict)}
+    return bool(held - listed)
 
 
 async def _archive_rows(
@@ -381,9 +382,9 @@ async def front_grant(request: Request) -> Response:
         study = await resolver_of(request).by_study_uid(route.study_uid)
         if not decide(who, study.patient).allowed:
             return Response(status_code=_NOT_FROM_THE_FRONT)
-        if patient_limit(who) is not None and not _front_may_serve(route, study):
-            return Response(status_code=_NOT_FROM_THE_FRONT)
         archive, base = _gateway(request).archive_for(study)
+        if patient_limit(who) is not None and not await _front_may_serve(route, study, archive, base):
+            return Response(status_code=_NOT_FROM_THE_FRONT)
         authorization = await authorization_for(archive.client, base)
     except (BridgeError, httpx.HTTPError):
         return Response(status_code=_NOT_FROM_THE_FRONT)
@@ -401,16 +402,17 @@ async def front_grant(request: Request) -> Response:
     return Response(status_code=200, headers=headers)
 
 
-def _front_may_serve(route: DicomwebPath, study: StudyLocation) -> bool:
+async def _front_may_serve(route: DicomwebPath, study: StudyLocation, archive: Archive, base: str) -> bool:
     """Whether the front may send a patient-limited caller's retrieve straight to the archive.
 
-    Only a retrieve within a series the published ImagingStudy lists, and not its metadata: the
-    gateway itself filters metadata row by row and checks a whole-study retrieve (the front's
-    grant is kept per study and series, bridge/gateway/front.py).
+    A retrieve within a series the published ImagingStudy lists; a study-level one (its metadata,
+    the whole study) only while the archive holds no other series of the study. The front keeps
+    a grant per study and series (bridge/gateway/front.py), for BRIDGE_SESSION_CACHE_TTL at most.
     """
-    if route.series_uid is None or route.metadata:
-        return False
-    return any(s.uid == route.series_uid for s in study.series)
+    listed = frozenset(s.uid for s in study.series)
+    if route.series_uid is not None:
+        return route.series_uid in listed
+    return not await _holds_unlisted(archive, base, study.study_uid, listed)
 
 
 def grant_seconds(cache_ttl: float, expires: float | None, now: float) -> int:

@@ -298,9 +298,7 @@ def test_front_config_writes_a_file_only_its_owner_reads(
         (INSTANCE, True),
         (f"studies/{UID_1}/series/1.2/rendered", True),
         (f"studies/{UID_1}/series/9.9/instances/4.5.6", False),  # not listed: maybe another patient's
-        (f"studies/{UID_1}/series/1.2.3/metadata", False),  # metadata: the gateway filters it row by row
-        (f"studies/{UID_1}/metadata", False),
-        (f"studies/{UID_1}", False),  # the whole study: the gateway checks the archive's series first
+        (f"studies/{UID_1}/series/1.2.3/metadata", True),
         (f"studies/{UID_3}/series/1.2/instances/4.5.6", False),  # withdrawn
     ],
 )
@@ -318,3 +316,20 @@ def test_grants_are_kept_per_study_and_series(tmp_path: Path) -> None:
     text = front.nginx_config(_settings(), front.FrontOptions(state_dir=tmp_path))
     assert "set $bridge_series $3;" in text
     assert 'proxy_cache_key "$bridge_study $bridge_series ' in text
+
+
+@pytest.mark.parametrize(
+    "path", [f"studies/{UID_1}/metadata", f"studies/{UID_1}", f"studies/{UID_1}/rendered"]
+)
+async def test_a_study_level_retrieve_is_granted_only_while_the_archive_holds_no_unlisted_series(
+    tmp_path: Path, path: str
+) -> None:
+    def rows(*series: str) -> list[dict[str, object]]:
+        return [{"0020000E": {"vr": "UI", "Value": [uid]}} for uid in series]
+
+    world = World(json_paths={f"studies/{UID_1}/series": rows("1.2", "1.2.3")})
+    async with gateway(tmp_path, world, gateway_front_secret=SECRET) as api:
+        clean = await api.get(front.GRANT_PATH, headers=_asking(path, **bearer(**PATIENT_1)))
+        world.json_paths[f"studies/{UID_1}/series"] = rows("1.2", "1.2.3", "9.9")  # another patient's
+        mixed = await api.get(front.GRANT_PATH, headers=_asking(path, **bearer(**PATIENT_1)))
+    assert (clean.status_code, mixed.status_code) == (200, 403)
