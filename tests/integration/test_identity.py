@@ -14,12 +14,13 @@ from typing import Any
 
 import httpx
 import pytest
+from pydicom.uid import generate_uid
 
 from bridge.state.store import SqlStore
 from tests.integration.conftest import DEFAULT_PATIENT_SYSTEM, ISSUERS, Stack
 from tests.stack.fhir import FhirTestServer
 from tests.stack.orthanc import OrthancServer
-from tests.stack.samples import StudySpec, build_study, stow
+from tests.stack.samples import SeriesSpec, StudySpec, build_study, stow
 
 pytestmark = pytest.mark.integration
 
@@ -175,3 +176,64 @@ def test_an_overlong_patient_id_parks_its_study_and_the_run_goes_on(stack: Stack
     assert secret not in run.stdout + run.stderr + entry.reason
     [published] = all_of(stack, "ImagingStudy")
     assert published["identifier"][0]["value"] != f"urn:oid:{uid}"
+
+
+# One study, one patient: a Study Instance UID the archive holds under two patients
+def _reused_uid(stack: Stack, patients: tuple[str, ...] = ("MRN-ANN", "MRN-BOB")) -> tuple[str, list[str]]:
+    """One Study Instance UID stored under each of ``patients`` (a series each); the UID and series UIDs."""
+    study_uid = generate_uid()
+    series_uids = []
+    for n, patient_id in enumerate(patients):
+        series_uid = generate_uid()
+        spec = StudySpec(
+            patient_id=patient_id,
+            patient_name=f"Person^{n}",
+            uid=study_uid,
+            series=[SeriesSpec(instances=1, uid=series_uid)],
+        )
+        stow(stack.orthanc.dicomweb_url, build_study(spec))
+        series_uids.append(series_uid)
+    return study_uid, series_uids
+
+
+def _delete_series(orthanc: OrthancServer, series_uid: str) -> None:
+    """Delete one series from Orthanc (what an operator does to remove the wrong patient's images)."""
+    found = orthanc.client.post("/tools/lookup", content=series_uid.encode("ascii"))
+    found.raise_for_status()
+    [hit] = [h for h in found.json() if h.get("Type") == "Series"]
+    orthanc.client.delete(f"/series/{hit['ID']}").raise_for_status()
+
+
+def _assert_parked_as_a_conflict(stack: Stack, study_uid: str) -> None:
+    entry = parked(stack)[study_uid]
+    assert entry.kind == "identity" and entry.attribute == "PatientID"
+    assert entry.reason.startswith("conflicting patient identity")
+    assert "MRN-" not in entry.reason
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("page_size", ["100", "1"], ids=["one page", "a row a page"])
+def test_a_study_uid_under_two_patients_is_parked_before_publication_until_the_archive_is_corrected(
+    stack: Stack, page_size: str
+) -> None:
+    study_uid, (ann_series, bob_series) = _reused_uid(stack)
+    other = store_studies(stack.orthanc, [StudySpec(patient_id="MRN-CAY")])
+    run = stack.cli("sync", qido_page_size=page_size)
+    assert run.returncode == 1, run.stderr  # parked; the other study is published
+    _assert_parked_as_a_conflict(stack, study_uid)
+    published = {s["identifier"][0]["value"] for s in stack.fhir_search("ImagingStudy")}
+    assert published == {f"urn:oid:{uid}" for uid in other}  # never published, to either patient
+    status = stack.cli("status", "--json")
+    assert status.returncode == 0, status.stderr
+    [entry] = json.loads(status.stdout)["parked_studies"]
+    assert entry["study_uid"] == study_uid and entry["reason"].startswith("conflicting patient identity")
+    assert "MRN-" not in run.stdout + run.stderr + status.stdout
+
+    _delete_series(stack.orthanc, bob_series)  # the integrator removes the wrongly filed images
+    fixed = stack.cli("sync", qido_page_size=page_size)
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    [study] = stack.fhir_search("ImagingStudy", identifier=f"urn:dicom:uid|urn:oid:{study_uid}")
+    assert [s["uid"] for s in study["series"]] == [ann_series]
+    patient = stack.fhir_read(study["subject"]["reference"])
+    assert {i["value"] for i in patient["identifier"]} == {"MRN-ANN"}
+    assert study_uid not in parked(stack)
