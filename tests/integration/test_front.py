@@ -9,20 +9,23 @@ which is the front's. The bridge's own request metrics show which requests the f
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 import pytest
 from dicomweb_client.api import DICOMwebClient
+from pydicom.uid import generate_uid
 from requests import HTTPError
 
 from bridge.api.app import create_app
 from bridge.gateway.front import GRANT_PATH
+from bridge.mapping.context import WITHDRAWN_SYSTEM
 from bridge.metrics import REGISTRY
 from bridge.resolve.links import study_uid_of
 from tests.integration.conftest import Stack
@@ -82,11 +85,19 @@ class FrontWorld(SmartWorld):
     front: NginxFront
     orthanc: OrthancServer
     env: dict[str, str]
+    archive: dict[str, str] = field(default_factory=dict)  # the source's settings, for stack.sync
 
 
 @contextmanager
 def _bridge_and_front(env: dict[str, str], front_port: int) -> Iterator[NginxFront]:
     """The bridge's app (in this process, for its metrics) and nginx in front of it, with these settings."""
+    with _bridge_with_front(env, front_port) as (_bridge, front):
+        yield front
+
+
+@contextmanager
+def _bridge_with_front(env: dict[str, str], front_port: int) -> Iterator[tuple[str, NginxFront]]:
+    """`_bridge_and_front`, with the bridge's own address (its Python gateway, without the front)."""
     saved = dict(os.environ)
     os.environ.update(env)
     try:
@@ -99,7 +110,7 @@ def _bridge_and_front(env: dict[str, str], front_port: int) -> Iterator[NginxFro
     with ThreadedServer(create_app(settings), name="bridge API") as bridge:
         command_env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")} | env
         with NginxFront(command_env, bridge.base_url, port=front_port) as front:
-            yield front
+            yield bridge.base_url, front
 
 
 @pytest.fixture
@@ -129,7 +140,9 @@ def world(stack: Stack) -> Iterator[FrontWorld]:
         with smart_apps(stack) as (patients, idp):
             env = stack.settings_env(**archive, **app_token_settings(idp), gateway_front_secret=FRONT_SECRET)
             with _bridge_and_front(env, front_port) as front:
-                yield FrontWorld(stack.fhir.base_url, front_url, idp, patients, studies, front, orthanc, env)
+                yield FrontWorld(
+                    stack.fhir.base_url, front_url, idp, patients, studies, front, orthanc, env, archive
+                )
 
 
 @pytest.mark.interop
@@ -288,3 +301,131 @@ def test_an_ehr_launched_session_behind_the_front_sees_its_patients_images_until
             )
             assert replayed.status_code == 401  # the ended session, not the archive's answer
 
+
+# One study, one patient: the archive files another patient's images under a published Study UID
+def _file_under(world: FrontWorld, study_uid: str, patient_id: str) -> tuple[str, str]:
+    """One instance of ``patient_id`` stored under ``study_uid`` in its own series: (series, SOP UIDs)."""
+    series_uid = generate_uid()
+    spec = StudySpec(
+        patient_id=patient_id,
+        patient_name="Bob^Example",
+        uid=study_uid,
+        series=[SeriesSpec(instances=1, uid=series_uid)],
+    )
+    datasets = build_study(spec)
+    with httpx.Client(auth=(ARCHIVE_USER, ARCHIVE_PASSWORD), timeout=60) as client:
+        stow(world.orthanc.dicomweb_url, datasets, client=client)
+    return series_uid, str(datasets[0].SOPInstanceUID)
+
+
+def _diagnostics(answer: httpx.Response) -> str:
+    body = answer.json()
+    assert body["resourceType"] == "OperationOutcome"
+    return str(body["issue"][0]["diagnostics"])
+
+
+@pytest.mark.interop
+def test_a_published_study_another_patient_is_filed_under_is_withdrawn_everywhere_until_corrected(
+    world: FrontWorld, stack: Stack
+) -> None:
+    token = world.token("app-ann")
+    ann = {"Authorization": f"Bearer {token}"}
+    study_uid, sop_uids = world.studies["MRN-ANN"]
+    [published] = stack.fhir_search("ImagingStudy", identifier=f"urn:dicom:uid|urn:oid:{study_uid}")
+    [ann_series] = [s["uid"] for s in published["series"]]
+    # Caches off: every request below is decided on what the FHIR server holds now.
+    env = dict(world.env, BRIDGE_RESOLVER_CACHE_TTL="0", BRIDGE_SESSION_CACHE_TTL="0")
+    with _bridge_with_front(env, free_loopback_port()) as (bridge, front):
+        ways = {"front": f"{front.url}/dicom-web", "gateway": f"{bridge}/dicom-web"}
+        bob_series, bob_sop = _file_under(world, study_uid, "MRN-BOB")
+
+        # Before the next sync: Ann's caller still sees Ann's study, and nothing of Bob's.
+        for way, base in ways.items():
+            # Orthanc answers 404 to a study-level retrieve of a UID it holds twice; the bridge's own 404
+            # then, never Bob's rows.
+            metadata = httpx.get(f"{base}/studies/{study_uid}/metadata", headers=ann, timeout=30)
+            assert metadata.status_code in (200, 404), (way, metadata.text)
+            if metadata.status_code == 200:
+                assert {r["00100020"]["Value"][0] for r in metadata.json()} == {"MRN-ANN"}, way
+            else:
+                assert _diagnostics(metadata) == "not found in the study's archive"
+            own_metadata = httpx.get(
+                f"{base}/studies/{study_uid}/series/{ann_series}/metadata", headers=ann, timeout=30
+            )
+            assert own_metadata.status_code == 200, (way, own_metadata.text)
+            assert {r["00100020"]["Value"][0] for r in own_metadata.json()} == {"MRN-ANN"}, way
+            assert sorted(r["00080018"]["Value"][0] for r in own_metadata.json()) == sop_uids, way
+            series = httpx.get(f"{base}/studies/{study_uid}/series", headers=ann, timeout=30)
+            assert [r["0020000E"]["Value"][0] for r in series.json()] == [ann_series], way
+            for path in (f"series/{bob_series}/metadata", f"series/{bob_series}/instances/{bob_sop}"):
+                refused = httpx.get(f"{base}/studies/{study_uid}/{path}", headers=ann, timeout=30)
+                assert refused.status_code == 404, (way, path, refused.status_code)
+                assert "not a series of the study's published ImagingStudy" in _diagnostics(refused)
+            whole = httpx.get(f"{base}/studies/{study_uid}", headers=ann, timeout=30)
+            assert whole.status_code == 403 and "does not list" in _diagnostics(whole), way
+            own = httpx.get(
+                f"{base}/studies/{study_uid}/series/{ann_series}/instances/{sop_uids[0]}",
+                headers=ann,
+                timeout=30,
+            )
+            assert own.status_code == 200, way
+
+        # The sync parks the study and withdraws it; its subject stays Ann's.
+        report = stack.sync(**world.archive)
+        assert report.status == "parked" and report.counts.parked == 1
+        [parked_study] = report.parked
+        assert parked_study.study_uid == study_uid and parked_study.kind == "identity"
+        [withdrawn] = stack.fhir_search("ImagingStudy", identifier=f"urn:dicom:uid|urn:oid:{study_uid}")
+        assert withdrawn["subject"] == published["subject"]
+        assert [s["uid"] for s in withdrawn["series"]] == [ann_series]
+        labels = withdrawn["meta"].get("security", [])
+        assert [(label["system"], label["code"]) for label in labels] == [
+            (WITHDRAWN_SYSTEM, "conflicting-patient-identity")
+        ]
+        status = stack.cli("status", "--json", **world.archive)
+        data = json.loads(status.stdout)
+        assert data["withdrawn"] == 1
+        assert data["withdrawn_studies"] == [
+            {"source": "test-orthanc", "study_uid": study_uid, "reason": "conflicting patient identity"}
+        ]
+
+        # Withdrawn: the resolver, the gateway and the front refuse it to Ann's caller, with the reason.
+        links = httpx.get(f"{bridge}/studies/{study_uid}/links", headers=ann, timeout=30)
+        assert links.status_code == 409 and "conflicting patient identity" in _diagnostics(links)
+        for way, base in ways.items():
+            for path in ("metadata", f"series/{ann_series}/instances/{sop_uids[0]}"):
+                answer = httpx.get(f"{base}/studies/{study_uid}/{path}", headers=ann, timeout=30)
+                assert answer.status_code == 409, (way, path, answer.status_code)
+                assert "conflicting patient identity" in _diagnostics(answer)
+
+        # The integrator removes Bob's images from the study: published again, to Ann, as before.
+        found = world.orthanc.client.post("/tools/lookup", content=bob_series.encode("ascii"))
+        [hit] = [h for h in found.json() if h.get("Type") == "Series"]
+        world.orthanc.client.delete(f"/series/{hit['ID']}").raise_for_status()
+        again = stack.sync(**world.archive)
+        assert (again.status, again.counts.updated, again.counts.parked) == ("ok", 1, 0)
+        [republished] = stack.fhir_search("ImagingStudy", identifier=f"urn:dicom:uid|urn:oid:{study_uid}")
+        assert republished["subject"] == published["subject"]
+        assert not republished["meta"].get("security")
+        assert json.loads(stack.cli("status", "--json", **world.archive).stdout)["withdrawn"] == 0
+        for way, base in ways.items():
+            metadata = httpx.get(f"{base}/studies/{study_uid}/metadata", headers=ann, timeout=30)
+            assert metadata.status_code == 200, (way, metadata.text)
+
+
+@pytest.mark.interop
+def test_another_patients_instance_and_an_unknown_one_are_answered_alike(world: FrontWorld) -> None:
+    """The archive's error bodies say which UIDs exist; the bridge's say the same for both."""
+    ann = {"Authorization": f"Bearer {world.token('app-ann')}"}
+    study_uid, _ = world.studies["MRN-ANN"]
+    _, bob_sops = world.studies["MRN-BOB"]
+    with _bridge_with_front(world.env, free_loopback_port()) as (bridge, front):
+        for base in (f"{front.url}/dicom-web", f"{bridge}/dicom-web"):
+            series = httpx.get(f"{base}/studies/{study_uid}/series", headers=ann, timeout=30)
+            within = f"{base}/studies/{study_uid}/series/{series.json()[0]['0020000E']['Value'][0]}/instances"
+            for tail in ("", "/metadata"):
+                others = httpx.get(f"{within}/{bob_sops[0]}{tail}", headers=ann, timeout=30)
+                unknown = httpx.get(f"{within}/{generate_uid()}{tail}", headers=ann, timeout=30)
+                assert others.status_code == unknown.status_code == 404, (base, tail, others.status_code)
+                assert others.content == unknown.content, (base, tail)
+                assert _diagnostics(others) == "not found in the study's archive"
