@@ -7,10 +7,12 @@ answers 200 to a PUT that creates) as on HAPI.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 from pydicom import config as pydicom_config
 
@@ -18,6 +20,7 @@ from bridge.dicomweb.records import raw_uid
 from bridge.state.store import SqlStore
 from bridge.sync import metrics
 from tests.integration.conftest import Stack
+from tests.integration.test_resolver import running
 from tests.stack.fhir import FhirTestServer
 from tests.stack.samples import StudySpec, build_study, stow
 
@@ -114,3 +117,32 @@ def test_created_is_true_where_the_server_answers_200_to_a_put_that_creates(
     medplum_answering_200.clear()
     env = {**stack.env, "BRIDGE_FHIR_URL": medplum_answering_200.base_url}
     check_counts_on_two_runs(Stack(stack.orthanc, medplum_answering_200, stack.state_path, env))
+
+
+@pytest.mark.interop
+def test_a_two_valued_accession_number_is_published_and_resolves_by_either_value(stack: Stack) -> None:
+    order = {
+        "resourceType": "ServiceRequest",
+        "status": "active",
+        "intent": "order",
+        "subject": {"display": "unlinked"},
+        "identifier": [{"value": "ACC-TWO-B"}],
+    }
+    created = httpx.post(f"{stack.fhir.base_url}/ServiceRequest", json=order, timeout=30)
+    created.raise_for_status()
+    [uid] = store(stack, StudySpec(patient_id="ACC-2", accession="ACC-TWO-A\\ACC-TWO-B"))
+    report = stack.sync(order_policy="match")
+    assert (report.counts.created, report.counts.parked) == (1, 0)
+    [study] = stack.fhir_search("ImagingStudy")
+    accessions = [i["value"] for i in study["identifier"] if i.get("type")]
+    assert accessions == ["ACC-TWO-A", "ACC-TWO-B"]
+    assert study["basedOn"] == [{"reference": f"ServiceRequest/{created.json()['id']}"}]
+
+    async def resolve(value: str) -> httpx.Response:
+        async with running(stack.settings()) as api:
+            return await api.get(f"/accessions/{value}/links")
+
+    for value in ("ACC-TWO-A", "ACC-TWO-B"):  # the resolver finds the study by either number
+        answer = asyncio.run(resolve(value))
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["study"]["url"].endswith(f"/studies/{uid}")
