@@ -143,10 +143,10 @@ def sync(
 
 
 def _check_study_uids(uids: list[str]) -> None:
-    from pydicom.uid import UID
+    from bridge.mapping.values import is_valid_uid
 
     for uid in uids:
-        if not UID(uid).is_valid:
+        if not is_valid_uid(uid):
             err.print(f"[red]error:[/red] --study {uid!r} is not a valid DICOM UID", highlight=False)
             raise typer.Exit(ExitCode.CONFIGURATION)
 
@@ -377,15 +377,19 @@ def _retry_source(settings: Settings, source: SourceSettings, study: list[str], 
     """Retry one source's parked studies (or those of ``study`` parked there); its exit code."""
     import asyncio
 
-    from pydicom.uid import UID
-
+    from bridge.mapping.values import is_valid_uid
     from bridge.runtime import open_runtime
 
+    # Rows parked under a stand-in key ("invalid-uid:...", "unknown:...") name no UID the archive
+    # can be asked for: they are counted and left to the next full sync, never dropped.
+    unqueryable = 0
+
     async def run() -> RunReport | None:
+        nonlocal unqueryable
         async with open_runtime(settings, source) as runtime:
             parked = await asyncio.to_thread(runtime.store.parked, source.name)
-            # A row parked before its UID could be read ("unknown:...") cannot be queried by UID.
-            here = [p.study_uid for p in parked if UID(p.study_uid).is_valid]
+            here = [p.study_uid for p in parked if is_valid_uid(p.study_uid)]
+            unqueryable = 0 if study else len(parked) - len(here)
             uids = [u for u in here if u in study] if study else here
             if not uids:
                 return None
@@ -396,13 +400,21 @@ def _retry_source(settings: Settings, source: SourceSettings, study: list[str], 
         report = asyncio.run(run())
     except BridgeError as exc:
         return int(_fail(exc).exit_code)
+    if unqueryable:
+        err.print(
+            f"source {source.name}: {unqueryable} parked studies have no valid Study Instance UID and "
+            "cannot be asked for by UID: correct the UID in the archive; every full `bridge sync` "
+            "checks them again",
+            highlight=False,
+        )
     if report is None:
         if as_json:
-            out.print_json(data={"source": source.name, "retried": 0})
+            out.print_json(data={"source": source.name, "retried": 0, "not_retriable": unqueryable})
         else:
             out.print(f"source {source.name}: no parked study to retry", highlight=False)
-        return ExitCode.OK
-    return _report_outcome(source, report, time.perf_counter() - started, as_json)
+        return ExitCode.PARKED if unqueryable else ExitCode.OK
+    code = _report_outcome(source, report, time.perf_counter() - started, as_json)
+    return max(code, ExitCode.PARKED) if unqueryable else code
 
 
 HostOption = Annotated[str, typer.Option(help="Address to listen on.")]

@@ -145,6 +145,11 @@ class StudyRecord:
     procedure_codes: tuple[Code, ...] = ()
     reason_codes: tuple[Code, ...] = ()
 
+    @property
+    def accessions(self) -> tuple[str, ...]:
+        """Each value of AccessionNumber: some archives send several (VM > 1)."""
+        return tuple(self.accession.split("\\")) if self.accession else ()
+
     def fingerprint(self) -> str:
         """A digest of everything the mapping reads from the study row."""
         return digest(asdict(self))
@@ -508,6 +513,22 @@ def _multi(ds: _Attrs, keyword: str) -> tuple[str, ...]:
     return tuple(sorted(check_value(v, element.vr, keyword) for v in cleaned if v))
 
 
+def _joined(ds: _Attrs, keyword: str) -> str | None:
+    """Every value of a text attribute, each cleaned and checked, in order, joined as DICOM joins them.
+
+    For attributes that DICOM defines with one value but archives send with several (an
+    AccessionNumber per requested procedure): kept whole, for the mapping to use each. A single
+    value reads exactly as ``_text`` reads it.
+    """
+    element = ds.get(keyword)
+    if element is None or element.vm <= 1 or not isinstance(element.value, list):
+        return _text(ds, keyword)
+    vr = _value_vr(element)
+    values = (clean_text(str(v)) for v in element.value if v is not None)
+    kept = dict.fromkeys(check_value(v, vr, keyword) for v in values if v)
+    return "\\".join(kept) or None
+
+
 def _items(ds: _Attrs, keyword: str) -> list[_Attrs]:
     element = ds.get(keyword)
     if element is None or not element.value:
@@ -602,7 +623,7 @@ def parse_study(row: DicomJson) -> StudyRecord:
         date=_text(ds, "StudyDate"),
         time=_text(ds, "StudyTime"),
         tz_offset=_text(ds, "TimezoneOffsetFromUTC"),
-        accession=_text(ds, "AccessionNumber"),
+        accession=_joined(ds, "AccessionNumber"),
         description=_text(ds, "StudyDescription"),
         modalities=_multi(ds, "ModalitiesInStudy"),
         series_count=_int(ds, "NumberOfStudyRelatedSeries"),

@@ -248,7 +248,7 @@ class FhirClient:
             raise FatalUpstreamError(
                 f"{SERVICE} {where(response.request)} did not say where it wrote", service=SERVICE
             )
-        return WriteResult(kind, rid, version, response.status_code == 201)
+        return WriteResult(kind, rid, version, response.status_code == 201, response.status_code)
 
     async def batch(self, entries: Sequence[dict[str, Any]]) -> list[BatchAnswer]:
         """POST a ``batch`` Bundle; each entry's answer, in request order.
@@ -339,7 +339,7 @@ def entry_result(answer: dict[str, Any], resource_type: str) -> WriteResult:
         raise FatalUpstreamError(
             f"{SERVICE}: transaction entry for {resource_type} has no location", service=SERVICE
         )
-    return WriteResult(resource_type, rid, version, status.startswith("201"))
+    return WriteResult(resource_type, rid, version, status.startswith("201"), entry_status(answer))
 
 
 def entry_status(answer: Mapping[str, Any]) -> int:

@@ -141,15 +141,22 @@ def _accession_system(issuer: Issuer | None, ctx: MappingContext) -> str | None:
     return ctx.accession_system
 
 
-def accession_identifier(study: StudyRecord, ctx: MappingContext) -> dict[str, object] | None:
-    """The accession number as an Identifier of type ACSN, when the study has one."""
-    if study.accession is None:
-        return None
-    identifier: dict[str, object] = {
-        "type": {"coding": [{"system": V2_0203, "code": "ACSN"}]},
-        "value": study.accession,
-    }
+def accession_identifiers(study: StudyRecord, ctx: MappingContext) -> list[dict[str, object]]:
+    """One Identifier of type ACSN per accession number of the study (none when it has none).
+
+    Archives that file one study under several orders send AccessionNumber with several values:
+    each becomes an identifier of its own, all in the issuer's system.
+    """
+    if not study.accessions:
+        return []
     system = _accession_system(study.accession_issuer, ctx)
-    if system is not None:
-        identifier["system"] = system
-    return identifier
+    identifiers: list[dict[str, object]] = []
+    for value in study.accessions:
+        identifier: dict[str, object] = {
+            "type": {"coding": [{"system": V2_0203, "code": "ACSN"}]},
+            "value": value,
+        }
+        if system is not None:
+            identifier["system"] = system
+        identifiers.append(identifier)
+    return identifiers

@@ -15,7 +15,7 @@ from bridge.mapping.context import (
     resource_id,
 )
 from bridge.mapping.dates import fhir_datetime
-from bridge.mapping.identifiers import accession_identifier, check_uid, study_identifier
+from bridge.mapping.identifiers import accession_identifiers, check_uid, study_identifier
 from bridge.mapping.patient import display_name
 
 Resource = dict[str, Any]
@@ -136,10 +136,7 @@ def map_imaging_study(
     the context asks for instance detail and the study has no more than ``max_instances``.
     """
     check_uid(study.uid, "StudyInstanceUID")
-    identifiers: list[Any] = [study_identifier(study.uid)]
-    accession = accession_identifier(study, ctx)
-    if accession is not None:
-        identifiers.append(accession)
+    identifiers: list[Any] = [study_identifier(study.uid), *accession_identifiers(study, ctx)]
     resource: Resource = {
         "resourceType": "ImagingStudy",
         "id": imaging_study_id(ctx, study.uid),

@@ -11,7 +11,7 @@ from urllib.parse import quote, urlencode
 from bridge.dicomweb.records import StudyRecord
 from bridge.errors import MappingError, PatientLinkError, UpstreamError, VersionConflictError
 from bridge.mapping.context import MappingContext
-from bridge.mapping.identifiers import PatientKey, accession_identifier, escape_token, patient_key
+from bridge.mapping.identifiers import PatientKey, accession_identifiers, escape_token, patient_key
 from bridge.mapping.identity import exact_matches, has_identifier
 from bridge.mapping.patient import logical_subject, map_patient
 from bridge.mapping.validate import validate
@@ -207,29 +207,31 @@ class Linker:
     async def based_on(self, study: StudyRecord) -> list[dict[str, Any]]:
         """ImagingStudy.basedOn per the order policy: the ServiceRequest with the accession number.
 
-        Several ServiceRequests with that accession park the study (MappingError): linking one
-        at random could attach the images to the wrong order.
+        Several ServiceRequests with the study's accession numbers (one number or several) park
+        the study (MappingError): linking one at random could attach the images to the wrong order.
         """
         if self._order_policy is OrderPolicy.NONE:
             return []
-        identifier = accession_identifier(study, self._ctx)
-        if identifier is None:
-            return []
-        value = escape_token(str(identifier["value"]))
-        system = identifier.get("system")
-        token = f"{escape_token(str(system))}|{value}" if system else value
-        found = await self._fhir.search("ServiceRequest", {"identifier": token})
-        # Only orders whose accession equals the study's exactly (a loose token search may differ).
-        matches = exact_matches(found, str(system) if system else None, str(identifier["value"]))
-        if len(matches) > 1:
+        identifiers = accession_identifiers(study, self._ctx)
+        orders: dict[str, dict[str, Any]] = {}
+        for identifier in identifiers:
+            value = escape_token(str(identifier["value"]))
+            system = identifier.get("system")
+            token = f"{escape_token(str(system))}|{value}" if system else value
+            found = await self._fhir.search("ServiceRequest", {"identifier": token})
+            # Only orders whose accession equals the study's exactly (a loose token search may differ).
+            for match in exact_matches(found, str(system) if system else None, str(identifier["value"])):
+                orders[str(match["id"])] = match
+        if len(orders) > 1:
             raise MappingError(
                 "several ServiceRequests carry the study's accession number; the order is ambiguous",
                 attribute="AccessionNumber",
             )
-        if matches:
-            return [{"reference": f"ServiceRequest/{matches[0]['id']}"}]
-        if self._order_policy is OrderPolicy.MATCH_OR_LOGICAL:
-            return [{"type": "ServiceRequest", "identifier": identifier}]
+        if orders:
+            return [{"reference": f"ServiceRequest/{next(iter(orders))}"}]
+        if self._order_policy is OrderPolicy.MATCH_OR_LOGICAL and len(identifiers) == 1:
+            # A logical reference names one order; with several accession numbers none is known.
+            return [{"type": "ServiceRequest", "identifier": identifiers[0]}]
         return []
 
 

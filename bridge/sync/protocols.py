@@ -6,7 +6,7 @@ The FHIR client (bridge/fhir/client.py) and the store (bridge/state/store.py) im
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -16,12 +16,17 @@ from bridge.errors import MappingError, UpstreamError, UpstreamLimitError
 
 @dataclass(frozen=True, slots=True)
 class WriteResult:
-    """Where a write landed: type, id, version, and whether it created the resource."""
+    """Where a write landed: type, id, version, and whether it created the resource.
+
+    ``created`` is what the answer's status says (201); ``status`` is that status, for callers
+    that must tell a create from an update on servers that answer 200 to both (Medplum's batch).
+    """
 
     resource_type: str
     id: str
     version: str | None
     created: bool
+    status: int = field(default=0, compare=False)  # how it was answered, not where it landed
 
 
 @dataclass(frozen=True, slots=True)

@@ -61,6 +61,25 @@ class Publisher:
         self.batch_size = batch_size
         self.writes = 0  # resources written
         self.write_requests = 0  # FHIR requests that wrote (a batch is one)
+        # Whether the server has answered 201 to a write here: then it says "created" itself, and
+        # a 200 is an update even at version 1 (HAPI's answer to a PUT that changes nothing).
+        self._says_created = False
+
+    def created(self, result: WriteResult) -> bool:
+        """Whether a write created its resource, as far as the server's answer can tell.
+
+        201 says so. Some servers answer 200 to a PUT that creates (Medplum's own batch does):
+        there the first version id ("1", from the ETag or the location) says so, unless the server
+        was seen answering 201 to its creates. The caller adds what it knows itself (no record).
+        """
+        if result.created:
+            return True
+        return not self._says_created and 200 <= result.status < 300 and result.version == "1"
+
+    def _learn(self, result: WriteResult) -> WriteResult:
+        if result.created:
+            self._says_created = True
+        return result
 
     async def ensure_endpoint(self) -> str:
         """Publish the source's Endpoint if it changed; returns the reference to it."""
@@ -199,7 +218,7 @@ class Publisher:
             result = await self._fhir.conditional_update(resource, search)
         self.writes += 1
         self.write_requests += 1
-        return result
+        return self._learn(result)
 
     async def put_studies(
         self, items: Sequence[tuple[dict[str, Any], str | None]]
@@ -249,7 +268,7 @@ class Publisher:
                 for offset, answer in enumerate(answers):
                     if answer.result is not None:
                         self.writes += 1
-                        results[start + offset] = answer.result
+                        results[start + offset] = self._learn(answer.result)
                     elif isinstance(answer.error, RetriableUpstreamError):
                         continue  # written alone below
                     elif (

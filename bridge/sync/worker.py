@@ -413,7 +413,11 @@ class SyncWorker:
                 if isinstance(result, BridgeError):
                     await self._fail(report, item.study.uid, result)
                     continue
-                outcome = "created" if item.known is None and result.created else "updated"
+                # Created: the study had no ImagingStudy before. The server's 201 says so; with no
+                # record of the study, a first version says so too (servers that answer 200 to a
+                # PUT that creates); anything else updated one that was there.
+                created = result.created or (item.known is None and self._publisher.created(result))
+                outcome = "created" if created else "updated"
                 logger.info("study %s %s as ImagingStudy/%s", item.study.uid, outcome, result.id)
                 self._published(item, result.id, result.version, outcome, report, page)
         finally:

@@ -153,6 +153,7 @@ class FakeFhir:
         self.transaction_only = False  # it lists transaction only (as HAPI's does), batches or not
         self.reject: set[str] = set()  # ImagingStudy ids whose batch entry answers 422
         self.batch_sizes: list[int] = []
+        self.create_status = 201  # 200: answer a PUT that creates as Medplum's own router does
 
     # helpers for tests
     def _raise_if_queued(self, method: str) -> None:
@@ -170,7 +171,8 @@ class FakeFhir:
         version = str(int(current["meta"]["versionId"]) + 1) if current else "1"
         stored = {**resource, "id": rid, "meta": {**resource.get("meta", {}), "versionId": version}}
         self.resources[(kind, rid)] = stored
-        return WriteResult(kind, rid, version, current is None)
+        status = 200 if current is not None else self.create_status
+        return WriteResult(kind, rid, version, status == 201, status)
 
     def of_type(self, kind: str) -> list[dict[str, Any]]:
         return [r for (k, _), r in self.resources.items() if k == kind]
@@ -273,7 +275,7 @@ class FakeFhir:
                     result = await self.update(resource, if_match=version)
                 else:
                     result = await self.conditional_create(resource, request["ifNoneExist"])
-                answers.append(BatchAnswer(201 if result.created else 200, result=result))
+                answers.append(BatchAnswer(result.status or 200, result=result))
             except UpstreamError as exc:
                 answers.append(BatchAnswer(exc.status or 500, error=exc))
         return answers

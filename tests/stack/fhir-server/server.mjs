@@ -38,6 +38,8 @@
 //                                         If-None-Exist and conditional updates: case folded, escapes
 //                                         and the characters | , \ ignored, spaces trimmed, leading
 //                                         zeros stripped (so a client must check every answer itself).
+//   FHIR_CREATE_STATUS=200                answer a PUT that creates with 200, as Medplum's own router
+//                                         and server do (in batches too), instead of 201.
 
 import http from 'node:http';
 import http2 from 'node:http2';
@@ -78,6 +80,7 @@ const CHECK_SCOPES = process.env.FHIR_AUTH_CHECK_SCOPES === '1';
 const TLS = Boolean(process.env.FHIR_TLS_CERT);
 const DATA_FILE = process.env.FHIR_DATA_FILE ?? '';
 const LOOSE_TOKENS = process.env.FHIR_LOOSE_TOKENS === '1';
+const CREATE_STATUS = process.env.FHIR_CREATE_STATUS === '200' ? 200 : 201;
 
 const REASONS = {
   200: 'OK', 201: 'Created', 204: 'No Content', 304: 'Not Modified', 400: 'Bad Request',
@@ -836,7 +839,7 @@ async function update(ctx, type, id) {
   if (ctx.headers['if-match']) headers['if-match'] = normalizeIfMatch(ctx.headers['if-match']);
   const { oo, resource } = await route('PUT', `${type}/${id}`, { headers, body: withoutServerMeta(ctx.body) });
   if (!isOk(oo)) return outcomeResult(oo);
-  return writeResult(existed ? 200 : 201, resource, ctx);
+  return writeResult(existed ? 200 : CREATE_STATUS, resource, ctx);
 }
 
 async function conditionalUpdate(ctx, type) {

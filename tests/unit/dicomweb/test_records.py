@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 
 from bridge.dicomweb.records import Code, Issuer, parse_series, parse_study, raw_uid, with_header
+from bridge.errors import MappingError
 from tests.builders import element, issuer_sequence, load_json, person_name, series_row, study, study_row, uid
 
 
@@ -123,3 +124,17 @@ def test_a_header_fills_what_qido_left_out_and_ignores_bulk_data() -> None:
     completed = with_header(study(), header)
     assert completed.accession_issuer == Issuer(local="RIS-A")
     assert completed.procedure_codes == (Code("X1", "DCM", "Thing"),)
+
+
+def test_an_accession_number_with_several_values_keeps_each_value_in_order() -> None:
+    record = parse_study(study_row(accession=("ACC-B ", "ACC-A", "ACC-B")))
+    assert record.accessions == ("ACC-B", "ACC-A")
+    single = parse_study(study_row(accession="ACC-1"))
+    assert (single.accession, single.accessions) == ("ACC-1", ("ACC-1",))
+    assert parse_study(study_row(accession=None)).accessions == ()
+
+
+def test_an_accession_value_invalid_for_its_vr_still_parks_naming_it() -> None:
+    with pytest.raises(MappingError) as caught:
+        parse_study(study_row(accession=("ACC-1", "X" * 40)))
+    assert caught.value.attribute == "AccessionNumber"

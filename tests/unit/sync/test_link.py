@@ -105,3 +105,40 @@ async def test_the_order_with_the_exact_accession_is_linked_among_look_alikes(wo
     world.order_policy = OrderPolicy.MATCH
     await world.run()
     assert world.study(uid(1))["basedOn"] == [{"reference": "ServiceRequest/sr-2"}]
+
+
+# Several accession numbers (AccessionNumber with VM > 1, as some archives send)
+def _order(world: World, rid: str, value: str) -> None:
+    world.fhir._store({"resourceType": "ServiceRequest", "identifier": [{"value": value}]}, rid)
+
+
+async def test_two_accession_numbers_are_two_identifiers_and_the_one_matching_order_is_linked(
+    world: World,
+) -> None:
+    _order(world, "sr-2", "ACC-B")
+    world.add(1, accession=("ACC-A", "ACC-B"))
+    world.order_policy = OrderPolicy.MATCH
+    report = await world.run()
+    assert (report.counts.created, report.counts.parked) == (1, 0)
+    resource = world.study(uid(1))
+    assert [i["value"] for i in resource["identifier"][1:]] == ["ACC-A", "ACC-B"]
+    assert resource["basedOn"] == [{"reference": "ServiceRequest/sr-2"}]
+
+
+async def test_two_accession_numbers_matching_two_orders_park_the_study_as_ambiguous(world: World) -> None:
+    _order(world, "sr-1", "ACC-A")
+    _order(world, "sr-2", "ACC-B")
+    world.add(1, accession=("ACC-A", "ACC-B"))
+    world.order_policy = OrderPolicy.MATCH
+    report = await world.run()
+    [held] = report.parked
+    assert held.attribute == "AccessionNumber" and "ambiguous" in held.reason
+
+
+async def test_two_accession_numbers_without_an_order_get_no_logical_reference(world: World) -> None:
+    world.add(1, accession=("ACC-A", "ACC-B"))
+    world.add(2, accession="ACC-C")
+    world.order_policy = OrderPolicy.MATCH_OR_LOGICAL
+    await world.run()
+    assert "basedOn" not in world.study(uid(1))  # which of two orders is not known
+    assert world.study(uid(2))["basedOn"][0]["identifier"]["value"] == "ACC-C"

@@ -531,3 +531,48 @@ async def test_a_study_on_two_pages_in_a_row_is_prepared_and_written_once(world:
     study_writes = [c for c in world.fhir.writes() if c[1] == "ImagingStudy"]
     assert len(study_writes) == 4 and len(world.fhir.of_type("ImagingStudy")) == 4
     assert report.counts.created == 4
+
+
+# Created means the study had no ImagingStudy before, whatever status the server answers
+@pytest.mark.parametrize("batches", [False, True])
+async def test_a_server_answering_200_to_a_put_that_creates_still_counts_created(
+    world: World, batches: bool
+) -> None:
+    world.fhir.create_status, world.fhir.batches = 200, batches
+    for n in range(1, 4):
+        world.add(n)
+    first = await world.run()
+    assert (first.counts.created, first.counts.updated) == (3, 0)
+    world.add(2, description="Changed")
+    second = await world.run()
+    assert (second.counts.created, second.counts.updated, second.counts.unchanged) == (0, 1, 2)
+
+
+async def test_a_study_the_server_already_holds_counts_updated_when_the_store_has_no_record(
+    world: World, tmp_path: Any
+) -> None:
+    from bridge.state.store import SqlStore
+
+    world.fhir.create_status = 200
+    world.add(1)
+    await world.run()
+    fresh = SqlStore(f"sqlite:///{tmp_path / 'lost.db'}")  # the state store was lost
+    try:
+        world.store = fresh
+        report = await world.run()
+    finally:
+        fresh.close()
+    assert (report.counts.created, report.counts.updated) == (0, 1)
+
+
+def test_a_first_version_means_created_only_where_the_server_does_not_say_201(world: World) -> None:
+    from bridge.sync.policy import WriteStrategy as Strategy
+    from bridge.sync.protocols import WriteResult
+    from bridge.sync.publisher import Publisher
+
+    publisher = Publisher(world.fhir, world.store, world.ctx, write_strategy=Strategy.CLIENT_ID)
+    assert publisher.created(WriteResult("ImagingStudy", "a", "1", False, 200))
+    assert not publisher.created(WriteResult("ImagingStudy", "a", "2", False, 200))
+    publisher._learn(WriteResult("ImagingStudy", "b", "1", True, 201))
+    # Now the server is known to answer 201 to creates: a 200 at version 1 changed nothing (HAPI).
+    assert not publisher.created(WriteResult("ImagingStudy", "a", "1", False, 200))
