@@ -314,19 +314,26 @@ class Publisher:
         Everything else stays as published, its subject above all: a conflicting newcomer never
         moves a study. Returns the version after it (None if the resource is not there).
         """
-        current = await self._fhir.read("ImagingStudy", fhir_id)
-        if current is None:
-            return None
-        meta = current["meta"] = dict(current.get("meta") or {})
-        version = meta.get("versionId")
-        labels = [label for label in meta.get("security") or [] if isinstance(label, dict)]
-        if any(label.get("system") == WITHDRAWN_SYSTEM and label.get("code") == code for label in labels):
-            return str(version) if version is not None else None
-        meta["security"] = [*labels, withdrawal_label(code)]
-        result = await self._fhir.update(current, if_match=version)
-        self.writes += 1
-        self.write_requests += 1
-        return result.version
+        for attempt in range(2):
+            current = await self._fhir.read("ImagingStudy", fhir_id)
+            if current is None:
+                return None
+            meta = current["meta"] = dict(current.get("meta") or {})
+            version = meta.get("versionId")
+            labels = [label for label in meta.get("security") or [] if isinstance(label, dict)]
+            if any(label.get("system") == WITHDRAWN_SYSTEM and label.get("code") == code for label in labels):
+                return str(version) if version is not None else None
+            meta["security"] = [*labels, withdrawal_label(code)]
+            try:
+                result = await self._fhir.update(current, if_match=version)
+            except VersionConflictError:
+                if attempt:
+                    raise
+                continue  # written meanwhile (another replica): label the version there is now
+            self.writes += 1
+            self.write_requests += 1
+            return result.version
+        return None  # not reached: the second conflict is raised
 
 
 def withdrawal_label(code: str) -> dict[str, str]:

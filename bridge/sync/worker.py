@@ -614,7 +614,13 @@ class SyncWorker:
         await self._park(report, uid, exc)
         if known is None or known.withdrawn is not None:
             return
-        version = await self._publisher.withdraw_study(known.fhir_id, CONFLICT_CODE)
+        try:
+            version = await self._publisher.withdraw_study(known.fhir_id, CONFLICT_CODE)
+        except FatalUpstreamError as exc:
+            # The study stays parked and its newcomer row keeps it in every run's work: the
+            # withdrawal is tried again next run. (An unreachable FHIR server ends the run.)
+            logger.error("study %s: withdrawing its ImagingStudy failed, tried again next run: %s", uid, exc)
+            return
         await asyncio.to_thread(
             self._store.withdraw, self._ctx.source_name, uid, reason=CONFLICT_REASON, fhir_version=version
         )

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from bridge.dicomweb.records import PatientIdentity
+from bridge.errors import VersionConflictError
 from bridge.mapping.context import WITHDRAWN_SYSTEM
 from bridge.sync.identity import conflicting
 from tests.builders import element, series_row, study_row, uid
@@ -152,3 +153,14 @@ async def test_a_study_whose_rows_all_move_is_relinked_and_the_run_says_so(world
     assert [r["study_uid"] for r in report.relinked] == [study_uid]
     [run] = world.store.runs(1)
     assert [r["study_uid"] for r in run.relinked or []] == [study_uid]
+
+
+async def test_a_withdrawal_written_meanwhile_by_another_replica_is_tried_once_more(world: World) -> None:
+    study_uid = world.add(1, patient_id="MRN-A")
+    await world.run()
+    world.source.add_row(_row_of(world, 1, "MRN-B"), at=1)
+    world.fhir.fail["update"] = [VersionConflictError("412", service="fhir", status=412)]
+    report = await world.run()
+    assert report.status == "parked"
+    assert _labels(world.study(study_uid)) == ["conflicting-patient-identity"]
+    assert world.store.counts(world.ctx.source_name)["withdrawn"] == 1
