@@ -6,7 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from bridge.errors import NoUsableEndpointError, StudyNotFoundError
+from bridge.errors import NoUsableEndpointError, StudyNotFoundError, StudyWithdrawnError
+from bridge.mapping.context import WITHDRAWN_SYSTEM
 from bridge.resolve.links import (
     ViewerTemplate,
     build_links,
@@ -176,4 +177,21 @@ def test_addresses_outside_the_path_whitelist_are_refused(address: str) -> None:
 
 
 def test_escapes_of_unreserved_characters_are_decoded_and_kept() -> None:
-    assert normalize_base("http://pacs.example.org/dicom%2Dweb/%7Eall") == "http://pacs.example.org/dicom-web/~all"
+    assert (
+        normalize_base("http://pacs.example.org/dicom%2Dweb/%7Eall")
+        == "http://pacs.example.org/dicom-web/~all"
+    )
+
+
+def test_a_study_the_bridge_withdrew_is_refused_with_the_reason_whatever_else_it_holds() -> None:
+    resource = imaging_study()
+    resource["meta"] = {"security": [{"system": WITHDRAWN_SYSTEM, "code": "conflicting-patient-identity"}]}
+    with pytest.raises(StudyWithdrawnError, match="conflicting patient identity"):
+        locate(resource, {"Endpoint/ep1": endpoint()}, BASES)
+    resource["meta"]["security"][0]["code"] = "a-code-of-a-newer-bridge"
+    with pytest.raises(StudyWithdrawnError):  # an unknown withdrawal still withdraws
+        locate(resource, {"Endpoint/ep1": endpoint()}, BASES)
+    resource["meta"]["security"] = [
+        {"system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality", "code": "N"}
+    ]
+    assert locate(resource, {"Endpoint/ep1": endpoint()}, BASES).study_uid == STUDY_UID
