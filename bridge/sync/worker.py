@@ -604,7 +604,7 @@ class SyncWorker:
     ) -> None:
         """Park a study whose archive rows name several patients; withdraw it if it is published.
 
-        The published ImagingStudy keeps its subject: only the bridge's withdrawal label is added
+        The published ImagingStudy keeps its subject: only the bridge's withdrawal extension is added
         (every API replica then refuses it, bridge/resolve/links.py), and the store remembers the
         withdrawal for `bridge status` and the metrics until the archive is corrected.
         """

@@ -25,7 +25,7 @@ from requests import HTTPError
 
 from bridge.api.app import create_app
 from bridge.gateway.front import GRANT_PATH
-from bridge.mapping.context import WITHDRAWN_SYSTEM
+from bridge.mapping.context import WITHDRAWN_EXTENSION
 from bridge.metrics import REGISTRY
 from bridge.resolve.links import study_uid_of
 from tests.integration.conftest import Stack
@@ -379,9 +379,9 @@ def test_a_published_study_another_patient_is_filed_under_is_withdrawn_everywher
         [withdrawn] = stack.fhir_search("ImagingStudy", identifier=f"urn:dicom:uid|urn:oid:{study_uid}")
         assert withdrawn["subject"] == published["subject"]
         assert [s["uid"] for s in withdrawn["series"]] == [ann_series]
-        labels = withdrawn["meta"].get("security", [])
-        assert [(label["system"], label["code"]) for label in labels] == [
-            (WITHDRAWN_SYSTEM, "conflicting-patient-identity")
+        labels = withdrawn.get("extension", [])
+        assert [(label["url"], label["valueCode"]) for label in labels] == [
+            (WITHDRAWN_EXTENSION, "conflicting-patient-identity")
         ]
         status = stack.cli("status", "--json", **world.archive)
         data = json.loads(status.stdout)
@@ -407,7 +407,7 @@ def test_a_published_study_another_patient_is_filed_under_is_withdrawn_everywher
         assert (again.status, again.counts.updated, again.counts.parked) == ("ok", 1, 0)
         [republished] = stack.fhir_search("ImagingStudy", identifier=f"urn:dicom:uid|urn:oid:{study_uid}")
         assert republished["subject"] == published["subject"]
-        assert not republished["meta"].get("security")
+        assert not republished.get("extension")
         assert json.loads(stack.cli("status", "--json", **world.archive).stdout)["withdrawn"] == 0
         for way, base in ways.items():
             metadata = httpx.get(f"{base}/studies/{study_uid}/metadata", headers=ann, timeout=30)

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from bridge.errors import NoUsableEndpointError, StudyNotFoundError, StudyWithdrawnError
-from bridge.mapping.context import WITHDRAWN_SYSTEM
+from bridge.mapping.context import WITHDRAWN_EXTENSION
 from bridge.resolve.links import (
     ViewerTemplate,
     build_links,
@@ -185,13 +185,11 @@ def test_escapes_of_unreserved_characters_are_decoded_and_kept() -> None:
 
 def test_a_study_the_bridge_withdrew_is_refused_with_the_reason_whatever_else_it_holds() -> None:
     resource = imaging_study()
-    resource["meta"] = {"security": [{"system": WITHDRAWN_SYSTEM, "code": "conflicting-patient-identity"}]}
+    resource["extension"] = [{"url": WITHDRAWN_EXTENSION, "valueCode": "conflicting-patient-identity"}]
     with pytest.raises(StudyWithdrawnError, match="conflicting patient identity"):
         locate(resource, {"Endpoint/ep1": endpoint()}, BASES)
-    resource["meta"]["security"][0]["code"] = "a-code-of-a-newer-bridge"
+    resource["extension"][0]["valueCode"] = "a-code-of-a-newer-bridge"
     with pytest.raises(StudyWithdrawnError):  # an unknown withdrawal still withdraws
         locate(resource, {"Endpoint/ep1": endpoint()}, BASES)
-    resource["meta"]["security"] = [
-        {"system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality", "code": "N"}
-    ]
+    resource["extension"] = [{"url": "http://example.org/other", "valueCode": "x"}]
     assert locate(resource, {"Endpoint/ep1": endpoint()}, BASES).study_uid == STUDY_UID

@@ -8,7 +8,7 @@ import pytest
 
 from bridge.dicomweb.records import PatientIdentity
 from bridge.errors import VersionConflictError
-from bridge.mapping.context import WITHDRAWN_SYSTEM
+from bridge.mapping.context import WITHDRAWN_EXTENSION
 from bridge.sync.identity import conflicting
 from tests.builders import element, series_row, study_row, uid
 from tests.unit.sync.world import World, parked
@@ -52,9 +52,7 @@ def _assert_parked_for_identity(world: World, study_uid: str) -> None:
 
 
 def _labels(resource: dict[str, Any]) -> list[str]:
-    return [
-        s["code"] for s in resource.get("meta", {}).get("security", []) if s["system"] == WITHDRAWN_SYSTEM
-    ]
+    return [e["valueCode"] for e in resource.get("extension", []) if e["url"] == WITHDRAWN_EXTENSION]
 
 
 async def test_one_uid_listed_twice_on_a_page_under_two_patients_is_parked_and_never_published(
