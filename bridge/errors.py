@@ -144,4 +144,4 @@ class NoUsableEndpointError(ResolveError):
 
 
 class StudyWithdrawnError(ResolveError):
-    """The study's ImagingStudy is withdrawn from clinicians (the bridge's label on it), with the reason."""
+    """The study's ImagingStudy carries the bridge's withdrawal extension: refused to clinicians, with why."""

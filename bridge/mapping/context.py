@@ -20,9 +20,11 @@ V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 CONNECTION_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/endpoint-connection-type"
 # meta.tag marking resources this bridge wrote (code: the source name), so it can tell its own.
 BRIDGE_TAG_SYSTEM = "urn:fhir-dicomweb-bridge:source"
-# meta.security label on a published ImagingStudy the bridge withdrew from clinicians: every API
-# replica reads it with the study (the resolver, the gateway, the front's grant), whatever store it has.
-WITHDRAWN_SYSTEM = "urn:fhir-dicomweb-bridge:withdrawn"
+# The extension (valueCode) on a published ImagingStudy the bridge withdrew from clinicians: every
+# API replica reads it with the study (the resolver, the gateway, the front's grant), whatever store
+# it has. An extension, not a meta.security label: HAPI FHIR keeps meta labels across a PUT (and
+# skips a PUT that changes only meta), so republishing would not lift a label.
+WITHDRAWN_EXTENSION = "urn:fhir-dicomweb-bridge:withdrawn"
 WITHDRAWN_CODES = {"conflicting-patient-identity": "conflicting patient identity"}
 
 _ID_NAMESPACE = uuid.UUID("6f1c1f4e-4f0b-5c5e-9d7a-2b8e6f3a9c10")

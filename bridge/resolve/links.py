@@ -17,7 +17,7 @@ from bridge.mapping.context import (
     DICOM_UID_SYSTEM,
     V2_0203,
     WITHDRAWN_CODES,
-    WITHDRAWN_SYSTEM,
+    WITHDRAWN_EXTENSION,
 )
 
 WADO_RS = "dicom-wado-rs"
@@ -198,10 +198,10 @@ def is_tagged(resource: Mapping[str, Any], source: str) -> bool:
 
 
 def withdrawal_of(resource: Mapping[str, Any]) -> str | None:
-    """Why the bridge withdrew an ImagingStudy from clinicians (its meta.security label), or None."""
-    for label in (resource.get("meta") or {}).get("security") or []:
-        if isinstance(label, dict) and label.get("system") == WITHDRAWN_SYSTEM:
-            code = label.get("code")
+    """Why the bridge withdrew an ImagingStudy from clinicians (its withdrawal extension), or None."""
+    for extension in resource.get("extension") or []:
+        if isinstance(extension, dict) and extension.get("url") == WITHDRAWN_EXTENSION:
+            code = extension.get("valueCode")
             # A code this version does not know still withdraws: refusing is the safe reading.
             return (
                 WITHDRAWN_CODES.get(code, "withdrawn by the bridge") if isinstance(code, str) else "withdrawn"

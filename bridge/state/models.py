@@ -44,7 +44,7 @@ class PublishedStudy(Base):
     gone: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     # A digest of the (PatientID, IssuerOfPatientID) it was published under (null before 0007).
     patient_identity: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    # Why it is withdrawn from clinicians (its ImagingStudy carries the bridge's label too); null if not.
+    # Why it is withdrawn from clinicians (its ImagingStudy has the withdrawal extension); null if not.
     withdrawn: Mapped[str | None] = mapped_column(String(128), nullable=True)
 
 

@@ -167,7 +167,7 @@ class SqlStore:
             )
 
     def withdraw(self, source: str, study_uid: str, *, reason: str, fhir_version: str | None) -> None:
-        """Remember that a published study is withdrawn from clinicians (its ImagingStudy is labelled)."""
+        """Remember that a published study is withdrawn (its ImagingStudy has the withdrawal extension)."""
         with self._session() as session:
             row = session.get(PublishedStudy, (source, study_uid))
             if row is None:

@@ -14,7 +14,7 @@ from bridge.dicomweb.records import PatientIdentity, digest
 from bridge.errors import PatientConflictError
 
 CONFLICT_REASON = "conflicting patient identity"
-CONFLICT_CODE = "conflicting-patient-identity"  # the withdrawal label's code (bridge.mapping.context)
+CONFLICT_CODE = "conflicting-patient-identity"  # the withdrawal extension's code (bridge.mapping.context)
 CONFLICT_ATTRIBUTE = "PatientID"
 
 

@@ -17,7 +17,7 @@ from bridge.errors import (
     UpstreamError,
     VersionConflictError,
 )
-from bridge.mapping.context import BRIDGE_TAG_SYSTEM, WITHDRAWN_CODES, WITHDRAWN_SYSTEM, MappingContext
+from bridge.mapping.context import BRIDGE_TAG_SYSTEM, WITHDRAWN_EXTENSION, MappingContext
 from bridge.mapping.endpoint import endpoint_id, endpoint_identifier, map_endpoint
 from bridge.mapping.identifiers import (
     study_search,
@@ -328,29 +328,30 @@ class Publisher:
         return "marked", result.version
 
     async def withdraw_study(self, fhir_id: str, code: str) -> str | None:
-        """Label a published ImagingStudy as withdrawn from clinicians (meta.security ``code``).
+        """Mark a published ImagingStudy as withdrawn from clinicians (the withdrawal extension, ``code``).
 
         Everything else stays as published, its subject above all: a conflicting newcomer never
         moves a study. Returns the version after it (None if the resource is not there).
         """
-        current = await self._fhir.read("ImagingStudy", fhir_id)
-        if current is None:
-            return None
-        meta = current["meta"] = dict(current.get("meta") or {})
-        version = meta.get("versionId")
-        labels = [label for label in meta.get("security") or [] if isinstance(label, dict)]
-        if any(label.get("system") == WITHDRAWN_SYSTEM and label.get("code") == code for label in labels):
-            return str(version) if version is not None else None
-        meta["security"] = [*labels, withdrawal_label(code)]
-        result = await self._fhir.update(current, if_match=version)
-        self.writes += 1
-        self.write_requests += 1
-        return result.version
-
-
-def withdrawal_label(code: str) -> dict[str, str]:
-    """The meta.security Coding of a withdrawal."""
-    return {"system": WITHDRAWN_SYSTEM, "code": code, "display": WITHDRAWN_CODES[code]}
+        for attempt in range(2):
+            current = await self._fhir.read("ImagingStudy", fhir_id)
+            if current is None:
+                return None
+            version = (current.get("meta") or {}).get("versionId")
+            extensions = [e for e in current.get("extension") or [] if isinstance(e, dict)]
+            if any(e.get("url") == WITHDRAWN_EXTENSION and e.get("valueCode") == code for e in extensions):
+                return str(version) if version is not None else None
+            current["extension"] = [*extensions, {"url": WITHDRAWN_EXTENSION, "valueCode": code}]
+            try:
+                result = await self._fhir.update(current, if_match=version)
+            except VersionConflictError:
+                if attempt:
+                    raise
+                continue  # written meanwhile (another replica): mark the version there is now
+            self.writes += 1
+            self.write_requests += 1
+            return result.version
+        return None  # not reached: the second conflict is raised
 
 
 def supports_batch(statement: Mapping[str, Any]) -> bool:

@@ -608,7 +608,7 @@ class SyncWorker:
     ) -> None:
         """Park a study whose archive rows name several patients; withdraw it if it is published.
 
-        The published ImagingStudy keeps its subject: only the bridge's withdrawal label is added
+        The published ImagingStudy keeps its subject: only the bridge's withdrawal extension is added
         (every API replica then refuses it, bridge/resolve/links.py), and the store remembers the
         withdrawal for `bridge status` and the metrics until the archive is corrected.
         """
@@ -618,7 +618,13 @@ class SyncWorker:
         await self._park(report, uid, exc)
         if known is None or known.withdrawn is not None:
             return
-        version = await self._publisher.withdraw_study(known.fhir_id, CONFLICT_CODE)
+        try:
+            version = await self._publisher.withdraw_study(known.fhir_id, CONFLICT_CODE)
+        except FatalUpstreamError as exc:
+            # The study stays parked and its newcomer row keeps it in every run's work: the
+            # withdrawal is tried again next run. (An unreachable FHIR server ends the run.)
+            logger.error("study %s: withdrawing its ImagingStudy failed, tried again next run: %s", uid, exc)
+            return
         await asyncio.to_thread(
             self._store.withdraw, self._ctx.source_name, uid, reason=CONFLICT_REASON, fhir_version=version
         )

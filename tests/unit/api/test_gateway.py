@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from bridge.api.app import create_app
 from bridge.api.routes.gateway import DICOM_JSON
 from bridge.config import Settings
-from bridge.mapping.context import WITHDRAWN_SYSTEM
+from bridge.mapping.context import WITHDRAWN_EXTENSION
 from bridge.state.store import SqlStore
 
 pytestmark = pytest.mark.anyio
@@ -73,7 +73,7 @@ STUDIES = {UID_1: _study("s1", UID_1, "p1"), UID_2: _study("s2", UID_2, "p2")}
 UID_3 = "1.2.826.0.1.3680043.10.9.3"
 STUDIES[UID_3] = {
     **_study("s3", UID_3, "p1"),
-    "meta": {"security": [{"system": WITHDRAWN_SYSTEM, "code": "conflicting-patient-identity"}]},
+    "extension": [{"url": WITHDRAWN_EXTENSION, "valueCode": "conflicting-patient-identity"}],
 }
 
 

@@ -6,7 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from bridge.errors import NoUsableEndpointError, StudyNotFoundError
+from bridge.errors import NoUsableEndpointError, StudyNotFoundError, StudyWithdrawnError
+from bridge.mapping.context import WITHDRAWN_EXTENSION
 from bridge.resolve.links import (
     ViewerTemplate,
     build_links,
@@ -176,4 +177,19 @@ def test_addresses_outside_the_path_whitelist_are_refused(address: str) -> None:
 
 
 def test_escapes_of_unreserved_characters_are_decoded_and_kept() -> None:
-    assert normalize_base("http://pacs.example.org/dicom%2Dweb/%7Eall") == "http://pacs.example.org/dicom-web/~all"
+    assert (
+        normalize_base("http://pacs.example.org/dicom%2Dweb/%7Eall")
+        == "http://pacs.example.org/dicom-web/~all"
+    )
+
+
+def test_a_study_the_bridge_withdrew_is_refused_with_the_reason_whatever_else_it_holds() -> None:
+    resource = imaging_study()
+    resource["extension"] = [{"url": WITHDRAWN_EXTENSION, "valueCode": "conflicting-patient-identity"}]
+    with pytest.raises(StudyWithdrawnError, match="conflicting patient identity"):
+        locate(resource, {"Endpoint/ep1": endpoint()}, BASES)
+    resource["extension"][0]["valueCode"] = "a-code-of-a-newer-bridge"
+    with pytest.raises(StudyWithdrawnError):  # an unknown withdrawal still withdraws
+        locate(resource, {"Endpoint/ep1": endpoint()}, BASES)
+    resource["extension"] = [{"url": "http://example.org/other", "valueCode": "x"}]
+    assert locate(resource, {"Endpoint/ep1": endpoint()}, BASES).study_uid == STUDY_UID

@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 
 from bridge.dicomweb.records import PatientIdentity
-from bridge.mapping.context import WITHDRAWN_SYSTEM
+from bridge.errors import VersionConflictError
+from bridge.mapping.context import WITHDRAWN_EXTENSION
 from bridge.sync.identity import conflicting
 from tests.builders import element, series_row, study_row, uid
 from tests.unit.sync.world import World, parked
@@ -51,9 +52,7 @@ def _assert_parked_for_identity(world: World, study_uid: str) -> None:
 
 
 def _labels(resource: dict[str, Any]) -> list[str]:
-    return [
-        s["code"] for s in resource.get("meta", {}).get("security", []) if s["system"] == WITHDRAWN_SYSTEM
-    ]
+    return [e["valueCode"] for e in resource.get("extension", []) if e["url"] == WITHDRAWN_EXTENSION]
 
 
 async def test_one_uid_listed_twice_on_a_page_under_two_patients_is_parked_and_never_published(
@@ -152,3 +151,14 @@ async def test_a_study_whose_rows_all_move_is_relinked_and_the_run_says_so(world
     assert [r["study_uid"] for r in report.relinked] == [study_uid]
     [run] = world.store.runs(1)
     assert [r["study_uid"] for r in run.relinked or []] == [study_uid]
+
+
+async def test_a_withdrawal_written_meanwhile_by_another_replica_is_tried_once_more(world: World) -> None:
+    study_uid = world.add(1, patient_id="MRN-A")
+    await world.run()
+    world.source.add_row(_row_of(world, 1, "MRN-B"), at=1)
+    world.fhir.fail["update"] = [VersionConflictError("412", service="fhir", status=412)]
+    report = await world.run()
+    assert report.status == "parked"
+    assert _labels(world.study(study_uid)) == ["conflicting-patient-identity"]
+    assert world.store.counts(world.ctx.source_name)["withdrawn"] == 1
