@@ -31,7 +31,9 @@ from bridge.errors import (
     UpstreamLimitError,
 )
 from bridge.http import (
+    TRANSPORT_ERRORS,
     RetryPolicy,
+    auth_error,
     body_is_empty,
     error_for_exception,
     error_for_response,
@@ -306,25 +308,41 @@ class DicomwebClient:
             "GET", f"{self._base}{path}", headers={"Accept": 'multipart/related; type="application/dicom"'}
         )
         limit = self.limits.metadata()
-        try:
-            async with asyncio.timeout(limit.deadline):
-                return await self._read_file_head(request, limit.max_bytes)
-        except TimeoutError:
-            raise UpstreamLimitError(
-                f"{SERVICE} {where(request)}: the instance file did not arrive within {limit.deadline:g} s "
-                f"({limit.deadline_setting})",
-                service=SERVICE,
-                setting=limit.deadline_setting,
-            ) from None
-        except httpx.HTTPError as exc:
-            raise error_for_exception(exc, request, SERVICE) from exc
+        found: list[tuple[str | None, str | None]] = []
 
-    async def _read_file_head(self, request: httpx.Request, max_bytes: int) -> tuple[str | None, str | None]:
+        async def attempt() -> httpx.Response:
+            # One try, within the metadata bounds; the retry policy retries transport errors and
+            # 5xx, and gives up with UpstreamUnavailableError as for every other archive call.
+            try:
+                async with asyncio.timeout(limit.deadline):
+                    response, name = await self._read_file_head(request, limit.max_bytes)
+            except TimeoutError:
+                raise UpstreamLimitError(
+                    f"{SERVICE} {where(request)}: the instance file's header did not arrive within "
+                    f"{limit.deadline:g} s ({limit.deadline_setting})",
+                    service=SERVICE,
+                    setting=limit.deadline_setting,
+                ) from None
+            except TRANSPORT_ERRORS as exc:
+                raise error_for_exception(exc, request, SERVICE) from exc
+            found[:] = [name]
+            return response
+
+        await self._policy.run(attempt)
+        return found[0]
+
+    async def _read_file_head(
+        self, request: httpx.Request, max_bytes: int
+    ) -> tuple[httpx.Response, tuple[str | None, str | None]]:
+        """The answer, and the name read from its body only as far as the header goes."""
         response = await self._client.send(request, stream=True)
         try:
             if response.status_code in _NOT_OFFERED:
-                return None, f"the archive answered {response.status_code} to a Part 10 retrieve"
+                return response, (None, f"the archive answered {response.status_code} to a Part 10 retrieve")
             if not response.is_success:
+                await response.aread()  # an error answer is small; its text goes into the error
+                if response.status_code in (401, 403):  # credentials: no study can pass
+                    raise auth_error(response, SERVICE)
                 raise error_for_response(response, SERVICE)
             boundary = _boundary(response.headers.get("content-type", ""))
             data = bytearray()
@@ -332,14 +350,15 @@ class DicomwebClient:
             async for chunk in response.aiter_bytes():
                 data.extend(chunk)
                 if len(data) > max_bytes:
-                    return None, "the Part 10 header is larger than BRIDGE_DICOMWEB_MAX_METADATA_BYTES"
+                    too_big = "the Part 10 header is larger than BRIDGE_DICOMWEB_MAX_METADATA_BYTES"
+                    return response, (None, too_big)
                 if len(data) >= next_try:
                     next_try = len(data) * 2
-                    found = part10_patient_name(_first_part(bytes(data), boundary), complete=False)
-                    if found is not None:
-                        return found  # the rest of the file (pixels) is never read
-            found = part10_patient_name(_first_part(bytes(data), boundary), complete=True)
-            return found or (None, "the Part 10 header cannot be read")
+                    name = part10_patient_name(_first_part(bytes(data), boundary), complete=False)
+                    if name is not None:
+                        return response, name  # the rest of the file (pixels) is never read
+            name = part10_patient_name(_first_part(bytes(data), boundary), complete=True)
+            return response, name or (None, "the Part 10 header cannot be read")
         finally:
             await response.aclose()
 

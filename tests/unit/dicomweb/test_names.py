@@ -11,6 +11,7 @@ from pydicom.data import get_charset_files
 
 from bridge.dicomweb.client import DicomwebClient
 from bridge.dicomweb.records import InstanceRecord, parse_study, part10_patient_name
+from bridge.errors import UpstreamUnavailableError
 from bridge.http import RetryPolicy
 from bridge.limits import DicomwebLimits
 from bridge.mapping.values import name_problem
@@ -129,3 +130,11 @@ async def test_a_refused_or_oversized_retrieve_is_no_good_source() -> None:
     endless_header = b"\x00" * 128 + b"DICM" + b"\x00" * 100_000
     big = await client(FileArchive(endless_header), max_bytes=50_000).patient_name_from_file(uid(1), INSTANCE)
     assert big == (None, "the Part 10 header is larger than BRIDGE_DICOMWEB_MAX_METADATA_BYTES")
+
+
+async def test_a_failing_archive_is_retried_then_raises_so_the_study_is_not_published_nameless() -> None:
+    archive = FileArchive(japanese_file(), status=503)
+    http = httpx.AsyncClient(transport=httpx.MockTransport(archive))
+    policy = RetryPolicy(retries=1, base=0.001, max_wait=0.001)
+    with pytest.raises(UpstreamUnavailableError):
+        await DicomwebClient(http, BASE, policy=policy).patient_name_from_file(uid(1), INSTANCE)
