@@ -264,16 +264,19 @@ class DicomwebClient:
                 break
         return records
 
+    async def _first_instance(self, study_uid: str) -> InstanceRecord | None:
+        """The first instance QIDO-RS gives for the study, or None when it has none."""
+        path = f"/studies/{quote(study_uid, safe='')}/instances"
+        rows, _ = await self._get(path, [*(("includefield", f) for f in INSTANCE_FIELDS), ("limit", "1")])
+        return parse_instance(rows[0]) if rows else None
+
     async def instance_header(
         self, study_uid: str, instance: InstanceRecord | None = None
     ) -> DicomJson | None:
         """The WADO-RS metadata of one instance of the study (the first QIDO-RS gives), or None."""
+        instance = instance or await self._first_instance(study_uid)
         if instance is None:
-            path = f"/studies/{quote(study_uid, safe='')}/instances"
-            rows, _ = await self._get(path, [*(("includefield", f) for f in INSTANCE_FIELDS), ("limit", "1")])
-            if not rows:
-                return None
-            instance = parse_instance(rows[0])
+            return None
         path = (
             f"/studies/{quote(study_uid, safe='')}/series/{quote(instance.series_uid, safe='')}"
             f"/instances/{quote(instance.uid, safe='')}/metadata"
@@ -293,12 +296,9 @@ class DicomwebClient:
         an unreachable or failing archive raises, so the study is retried rather than published
         without a name it has.
         """
+        instance = instance or await self._first_instance(study_uid)
         if instance is None:
-            path = f"/studies/{quote(study_uid, safe='')}/instances"
-            rows, _ = await self._get(path, [*(("includefield", f) for f in INSTANCE_FIELDS), ("limit", "1")])
-            if not rows:
-                return None, "the study has no instance to read"
-            instance = parse_instance(rows[0])
+            return None, "the study has no instance to read"
         path = (
             f"/studies/{quote(study_uid, safe='')}/series/{quote(instance.series_uid, safe='')}"
             f"/instances/{quote(instance.uid, safe='')}"

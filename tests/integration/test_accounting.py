@@ -19,7 +19,6 @@ from pydicom import config as pydicom_config
 from pydicom.data import get_charset_files
 
 from bridge.dicomweb.records import raw_uid
-from bridge.state.store import SqlStore
 from bridge.sync import metrics
 from tests.integration.conftest import Stack
 from tests.integration.test_resolver import running
@@ -37,14 +36,6 @@ def store(stack: Stack, *specs: StudySpec) -> list[str]:
         stow(stack.orthanc.dicomweb_url, datasets)
         uids.append(str(datasets[0].StudyInstanceUID))
     return uids
-
-
-def parked(stack: Stack) -> dict[str, Any]:
-    state = SqlStore(stack.settings().state_url)
-    try:
-        return {p.study_uid: p for p in state.parked("test-orthanc")}
-    finally:
-        state.close()
 
 
 # Values Orthanc stores and lists as Study Instance UIDs though they are not UIDs: letters, a
