@@ -633,10 +633,9 @@ def _patient_name(ds: _Attrs) -> dict[str, Any]:
     element = ds.get("PatientName")
     values = element.value if element is not None else None
     for value in values if isinstance(values, list) else [values]:
-        if isinstance(value, str):
-            problem = name_problem(value, _charset_terms(ds))
-            if problem is not None:
-                return {"patient_name": None, "patient_name_problem": problem}
+        problem = name_problem(value, _charset_terms(ds)) if isinstance(value, str) else None
+        if problem is not None:
+            return {"patient_name": None, "patient_name_problem": problem}
     return {"patient_name": _person_name(ds, "PatientName")}
 
 

@@ -183,10 +183,15 @@ def decode_inline_text(row: dict[str, Any], charset: Sequence[str] | None = None
             text = _inline(element["InlineBinary"], vr, charset)
             if text is not None:
                 out[tag] = {"vr": vr, "Value": [_json_value(text, vr)]}
+            elif tag == PATIENT_NAME:
+                # Bytes the declared character set cannot hold: kept as a replacement character,
+                # so the name rule reads the name from the instance's Part 10 header instead.
+                out[tag] = {"vr": vr, "Value": [{"Alphabetic": "\ufffd"}]}
     return out
 
 
 SPECIFIC_CHARACTER_SET = "00080005"
+PATIENT_NAME = "00100010"
 
 
 def _text_vr(tag: str, vr: str) -> str | None:

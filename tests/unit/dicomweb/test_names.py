@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import AsyncIterator
 
 import httpx
@@ -138,3 +139,14 @@ async def test_a_failing_archive_is_retried_then_raises_so_the_study_is_not_publ
     policy = RetryPolicy(retries=1, base=0.001, max_wait=0.001)
     with pytest.raises(UpstreamUnavailableError):
         await DicomwebClient(http, BASE, policy=policy).patient_name_from_file(uid(1), INSTANCE)
+
+
+def test_a_name_sent_as_bytes_its_character_set_cannot_decode_is_garbled_not_absent() -> None:
+    raw = base64.b64encode(b"\xff\xfeDoe^Jane").decode()
+    row = study_row(patient_name=None, extra={"00080005": element("CS", "ISO_IR 192")})
+    row["00100010"] = {"vr": "PN", "InlineBinary": raw}
+    record = parse_study(row)
+    assert record.patient_name is None and record.patient_name_problem == "replacement characters (U+FFFD)"
+    referrer = study_row(extra={"00080005": element("CS", "ISO_IR 192")})
+    referrer["00080090"] = {"vr": "PN", "InlineBinary": raw}
+    assert parse_study(referrer).referring_physician is None  # other names: left out, as before
