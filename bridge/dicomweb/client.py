@@ -19,6 +19,7 @@ from bridge.dicomweb.records import (
     SeriesRecord,
     parse_instance,
     parse_series,
+    part10_patient_name,
     raw_uid,
 )
 from bridge.dicomweb.sweep import SeriesSweep
@@ -29,7 +30,17 @@ from bridge.errors import (
     UpstreamError,
     UpstreamLimitError,
 )
-from bridge.http import RetryPolicy, body_is_empty, json_body, send, where
+from bridge.http import (
+    TRANSPORT_ERRORS,
+    RetryPolicy,
+    auth_error,
+    body_is_empty,
+    error_for_exception,
+    error_for_response,
+    json_body,
+    send,
+    where,
+)
 from bridge.limits import CallLimit, DicomwebLimits
 from bridge.sync.protocols import SeriesOutcome
 
@@ -42,6 +53,31 @@ _IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif"})
 _NOT_OFFERED = frozenset({400, 404, 406, 415, 501})
 STUDY_UID = "0020000D"
 SERIES_UID = "0020000E"
+_FIRST_HEAD_BYTES = 16 * 1024  # a first look at a Part 10 file: most headers fit, pixels follow
+
+
+def _boundary(content_type: str) -> bytes | None:
+    """The multipart boundary of a Content-Type, or None for a single part."""
+    if not content_type.lower().startswith("multipart/"):
+        return None
+    for param in content_type.split(";")[1:]:
+        key, _, value = param.strip().partition("=")
+        if key.lower() == "boundary" and value:
+            return value.strip('"').encode("latin-1")
+    return None
+
+
+def _first_part(data: bytes, boundary: bytes | None) -> bytes:
+    """The body of the first part of a multipart answer (the answer itself when not multipart)."""
+    if boundary is None:
+        return data
+    start = data.find(b"--" + boundary)
+    head_end = data.find(b"\r\n\r\n", start) if start >= 0 else -1
+    if head_end < 0:
+        return b""
+    body = data[head_end + 4 :]
+    end = body.find(b"\r\n--" + boundary)
+    return body[:end] if end >= 0 else body
 
 
 class DicomwebClient:
@@ -228,22 +264,103 @@ class DicomwebClient:
                 break
         return records
 
+    async def _first_instance(self, study_uid: str) -> InstanceRecord | None:
+        """The first instance QIDO-RS gives for the study, or None when it has none."""
+        path = f"/studies/{quote(study_uid, safe='')}/instances"
+        rows, _ = await self._get(path, [*(("includefield", f) for f in INSTANCE_FIELDS), ("limit", "1")])
+        return parse_instance(rows[0]) if rows else None
+
     async def instance_header(
         self, study_uid: str, instance: InstanceRecord | None = None
     ) -> DicomJson | None:
         """The WADO-RS metadata of one instance of the study (the first QIDO-RS gives), or None."""
+        instance = instance or await self._first_instance(study_uid)
         if instance is None:
-            path = f"/studies/{quote(study_uid, safe='')}/instances"
-            rows, _ = await self._get(path, [*(("includefield", f) for f in INSTANCE_FIELDS), ("limit", "1")])
-            if not rows:
-                return None
-            instance = parse_instance(rows[0])
+            return None
         path = (
             f"/studies/{quote(study_uid, safe='')}/series/{quote(instance.series_uid, safe='')}"
             f"/instances/{quote(instance.uid, safe='')}/metadata"
         )
         rows, _ = await self._get(path, [], self.limits.metadata())
         return rows[0] if rows and isinstance(rows[0], dict) else None
+
+    async def patient_name_from_file(
+        self, study_uid: str, instance: InstanceRecord | None = None
+    ) -> tuple[str | None, str | None]:
+        """PatientName decoded from one instance's Part 10 header (WADO-RS ``application/dicom``).
+
+        For a study whose name the archive's JSON garbled: (name, None), or (None, why) when the
+        file offers no good name. Bounded as a metadata answer (``BRIDGE_DICOMWEB_MAX_METADATA_BYTES``,
+        ``BRIDGE_HTTP_DEADLINE``), and read only as far as the header: the connection is closed
+        once the bytes reach past the name. A refusal or an over-size file is "no good source";
+        an unreachable or failing archive raises, so the study is retried rather than published
+        without a name it has.
+        """
+        instance = instance or await self._first_instance(study_uid)
+        if instance is None:
+            return None, "the study has no instance to read"
+        path = (
+            f"/studies/{quote(study_uid, safe='')}/series/{quote(instance.series_uid, safe='')}"
+            f"/instances/{quote(instance.uid, safe='')}"
+        )
+        self.queries.append(path)
+        request = self._client.build_request(
+            "GET", f"{self._base}{path}", headers={"Accept": 'multipart/related; type="application/dicom"'}
+        )
+        limit = self.limits.metadata()
+        found: list[tuple[str | None, str | None]] = []
+
+        async def attempt() -> httpx.Response:
+            # One try, within the metadata bounds; the retry policy retries transport errors and
+            # 5xx, and gives up with UpstreamUnavailableError as for every other archive call.
+            try:
+                async with asyncio.timeout(limit.deadline):
+                    response, name = await self._read_file_head(request, limit.max_bytes)
+            except TimeoutError:
+                raise UpstreamLimitError(
+                    f"{SERVICE} {where(request)}: the instance file's header did not arrive within "
+                    f"{limit.deadline:g} s ({limit.deadline_setting})",
+                    service=SERVICE,
+                    setting=limit.deadline_setting,
+                ) from None
+            except TRANSPORT_ERRORS as exc:
+                raise error_for_exception(exc, request, SERVICE) from exc
+            found[:] = [name]
+            return response
+
+        await self._policy.run(attempt)
+        return found[0]
+
+    async def _read_file_head(
+        self, request: httpx.Request, max_bytes: int
+    ) -> tuple[httpx.Response, tuple[str | None, str | None]]:
+        """The answer, and the name read from its body only as far as the header goes."""
+        response = await self._client.send(request, stream=True)
+        try:
+            if response.status_code in _NOT_OFFERED:
+                return response, (None, f"the archive answered {response.status_code} to a Part 10 retrieve")
+            if not response.is_success:
+                await response.aread()  # an error answer is small; its text goes into the error
+                if response.status_code in (401, 403):  # credentials: no study can pass
+                    raise auth_error(response, SERVICE)
+                raise error_for_response(response, SERVICE)
+            boundary = _boundary(response.headers.get("content-type", ""))
+            data = bytearray()
+            next_try = _FIRST_HEAD_BYTES
+            async for chunk in response.aiter_bytes():
+                data.extend(chunk)
+                if len(data) > max_bytes:
+                    too_big = "the Part 10 header is larger than BRIDGE_DICOMWEB_MAX_METADATA_BYTES"
+                    return response, (None, too_big)
+                if len(data) >= next_try:
+                    next_try = len(data) * 2
+                    name = part10_patient_name(_first_part(bytes(data), boundary), complete=False)
+                    if name is not None:
+                        return response, name  # the rest of the file (pixels) is never read
+            name = part10_patient_name(_first_part(bytes(data), boundary), complete=True)
+            return response, name or (None, "the Part 10 header cannot be read")
+        finally:
+            await response.aclose()
 
     async def search_series(self, study_uid: str) -> list[SeriesRecord]:
         """Every series of one study; raises MappingError if a row cannot be parsed.

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -17,6 +19,7 @@ from bridge.mapping.values import (
     decode_inline_text,
     decode_text,
     is_valid_uid,
+    name_problem,
     pydicom_reading,
     safe_key,
     vr_problem,
@@ -144,6 +147,8 @@ class StudyRecord:
     other_patient_ids: tuple[OtherPatientId, ...] = ()
     procedure_codes: tuple[Code, ...] = ()
     reason_codes: tuple[Code, ...] = ()
+    # Why the archive's PatientName is not used (garbled in its answer); the name is then None.
+    patient_name_problem: str | None = None
 
     @property
     def accessions(self) -> tuple[str, ...]:
@@ -152,7 +157,10 @@ class StudyRecord:
 
     def fingerprint(self) -> str:
         """A digest of everything the mapping reads from the study row."""
-        return digest(asdict(self))
+        fields = asdict(self)
+        if fields["patient_name_problem"] is None:
+            del fields["patient_name_problem"]  # studies published before it keep their digest
+        return digest(fields)
 
     @property
     def patient(self) -> PatientIdentity:
@@ -630,11 +638,31 @@ def parse_study(row: DicomJson) -> StudyRecord:
         instance_count=_int(ds, "NumberOfStudyRelatedInstances"),
         patient_id=_text(ds, "PatientID"),
         patient_issuer=_text(ds, "IssuerOfPatientID"),
-        patient_name=_person_name(ds, "PatientName"),
+        **_patient_name(ds),
         birth_date=_text(ds, "PatientBirthDate"),
         sex=_text(ds, "PatientSex"),
         **_header_fields(ds),
     )
+
+
+def _patient_name(ds: _Attrs) -> dict[str, Any]:
+    """PatientName, or None with the reason when the archive's answer garbled it (see name_problem)."""
+    element = ds.get("PatientName")
+    values = element.value if element is not None else None
+    for value in values if isinstance(values, list) else [values]:
+        problem = name_problem(value, _charset_terms(ds)) if isinstance(value, str) else None
+        if problem is not None:
+            return {"patient_name": None, "patient_name_problem": problem}
+    return {"patient_name": _person_name(ds, "PatientName")}
+
+
+def _charset_terms(ds: _Attrs) -> list[str]:
+    """The Specific Character Set's defined terms as the row declares them."""
+    element = ds.get("SpecificCharacterSet")
+    if element is None or element.value is None:
+        return []
+    values = element.value if isinstance(element.value, list) else [element.value]
+    return [str(v).strip() for v in values]
 
 
 def _header_fields(ds: _Attrs) -> dict[str, Any]:
@@ -704,3 +732,39 @@ def parse_instance(row: DicomJson) -> InstanceRecord:
     if series_uid is None:
         raise MappingError("an instance has no SeriesInstanceUID", attribute="SeriesInstanceUID")
     return InstanceRecord(uid, series_uid, _text(ds, "SOPClassUID"), _int(ds, "InstanceNumber"))
+
+
+# Tag of PatientName: a Part 10 file's elements come in tag order, so once one past it is read,
+# the name (if the file has one) is complete.
+_PATIENT_NAME_TAG = 0x00100010
+
+
+def part10_patient_name(data: bytes, *, complete: bool) -> tuple[str | None, str | None] | None:
+    """PatientName as pydicom decodes it from (the start of) a Part 10 file: (name, problem).
+
+    ``complete``: ``data`` is the whole file; else it may be cut anywhere, and None says the bytes
+    do not yet reach past the name. The name is decoded with the file's own Specific Character
+    Set, then held to the same test as the archive's answer (``problem`` says why it is not used);
+    a name of separators only is no name.
+    """
+    from pydicom import dcmread
+
+    if len(data) >= 132 and data[128:132] != b"DICM":  # WADO-RS sends Part 10 files, preamble and all
+        return None, "the Part 10 header cannot be read"
+    try:
+        with pydicom_reading("ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a cut file or odd values: judged below, not warned
+            ds = dcmread(io.BytesIO(data), force=True, stop_before_pixels=True)
+            tags = [int(tag) for tag in ds.keys()]
+            if not complete and (not tags or max(tags) <= _PATIENT_NAME_TAG):
+                return None
+            element = ds.get("PatientName")
+            text = clean_text(str(element)) if element is not None and element != "" else None
+            charset = ds.get("SpecificCharacterSet")
+    except Exception:  # noqa: BLE001 - pydicom's errors for cut or broken files are of many types
+        return None if not complete else (None, "the Part 10 header cannot be read")
+    if text is None or not text.replace("=", "").replace("^", "").strip():
+        return None, None
+    terms = [] if charset is None else [str(c) for c in ([charset] if isinstance(charset, str) else charset)]
+    problem = name_problem(text, terms) or vr_problem(text, "PN")
+    return (None, problem) if problem else (text, None)

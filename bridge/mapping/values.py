@@ -183,10 +183,15 @@ def decode_inline_text(row: dict[str, Any], charset: Sequence[str] | None = None
             text = _inline(element["InlineBinary"], vr, charset)
             if text is not None:
                 out[tag] = {"vr": vr, "Value": [_json_value(text, vr)]}
+            elif tag == PATIENT_NAME:
+                # Bytes the declared character set cannot hold: kept as a replacement character,
+                # so the name rule reads the name from the instance's Part 10 header instead.
+                out[tag] = {"vr": vr, "Value": [{"Alphabetic": "\ufffd"}]}
     return out
 
 
 SPECIFIC_CHARACTER_SET = "00080005"
+PATIENT_NAME = "00100010"
 
 
 def _text_vr(tag: str, vr: str) -> str | None:
@@ -245,3 +250,54 @@ def pydicom_reading(mode: Literal["raise", "ignore"]) -> Iterator[None]:
 def safe_key(value: str) -> str:
     """A stand-in for an invalid UID in logs and the store: a digest, never the value itself."""
     return "invalid-uid:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+# What an archive leaves of a name it could not decode: ISO 2022 escape sequences that lost their
+# ESC byte (JIS X 0208 "$B", "$@", "(B", "(J"; KS X 1001 "$)C"), the ESC byte itself, the
+# replacement character, and the "?" a transcoder writes for a character its target lacks.
+_ISO2022_REMNANT = re.compile(r"\x1b|\$[B@]|\$\)C|\$\(D|(?<![A-Za-z])\([BJ](?![a-z])")
+_PLACEHOLDERS = frozenset("^=? ")
+
+
+def name_problem(text: str, charset: Sequence[str] = ()) -> str | None:
+    """Why a person name the archive answered is garbled, or None when it reads as a name.
+
+    ``charset`` holds the Specific Character Set's defined terms as the answer declared them; a
+    character no declared set can hold was not decoded from it. A name of separators only (``^``,
+    ``=``) with a placeholder among them is what Orthanc at a Latin-1 DefaultEncoding answers for
+    a name it cannot represent. The reason names the fault, never the name.
+    """
+    if "\ufffd" in text:
+        return "replacement characters (U+FFFD)"
+    if _ISO2022_REMNANT.search(text):
+        return "ISO 2022 escape remnants"
+    if "?" in text:
+        return "'?' placeholders"
+    if text.strip() and set(text) <= _PLACEHOLDERS and "^" in text:
+        return "component separators only"
+    codecs = _codecs(charset)
+    if codecs and any(not _encodable(char, codecs) for char in set(text)):
+        return "characters the declared Specific Character Set cannot hold"
+    return None
+
+
+def _codecs(charset: Sequence[str]) -> list[str]:
+    if not charset:
+        return []
+    from pydicom.charset import convert_encodings
+
+    with pydicom_reading("ignore"):
+        try:
+            return list(convert_encodings(list(charset)))
+        except (LookupError, ValueError):
+            return []  # an unknown set: nothing to hold the name against
+
+
+def _encodable(char: str, codecs: Sequence[str]) -> bool:
+    for codec in codecs:
+        try:
+            char.encode(codec)
+        except (UnicodeError, LookupError):
+            continue
+        return True
+    return False

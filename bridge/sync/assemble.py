@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from bridge.dicomweb.guard import check_value_sizes
@@ -71,7 +71,7 @@ class StudyAssembler:
         """
         records = await self.fetch(study)
         if used is not None:
-            used.extend(fallbacks(records.series, self._ctx))
+            used.extend(self.fallbacks(records))
         links = await self.link(records, endpoint)
         resource = self.map(records, links, endpoint)
         validate(resource)  # the resource exactly as it is written, subject and basedOn included
@@ -104,6 +104,8 @@ class StudyAssembler:
                 named.append(header_patient(header))
         if conflicting(named):
             raise conflict("the archive's study row, series rows and instance header of this study")
+        if study.patient_name_problem is not None:
+            study = await self._name_from_file(study, instances[0] if instances else None)
         return StudyRecords(study, series, instances)
 
     async def every_row_agrees(self, study_uid: str) -> None:
@@ -120,6 +122,37 @@ class StudyAssembler:
                     named.append(found.patient)
         if conflicting(named):
             raise conflict("the archive's study rows of this Study Instance UID")
+
+    async def _name_from_file(self, study: StudyRecord, instance: InstanceRecord | None) -> StudyRecord:
+        """The study with the PatientName of its Part 10 header, its archive's answer being garbled.
+
+        Without a good name there either, the name stays out (the Patient is published without
+        one) and the problem stays on the record, for the run to count.
+        """
+        name, problem = await self._source.patient_name_from_file(study.uid, instance)
+        if name is not None:
+            logger.info(
+                "study %s: PatientName garbled in the archive's answer (%s); read from the Part 10 header",
+                study.uid,
+                study.patient_name_problem,
+            )
+            return replace(study, patient_name=name, patient_name_problem=None)
+        logger.warning(
+            "study %s: PatientName garbled in the archive's answer (%s), and no good name in the Part 10 "
+            "header (%s): the Patient is published without a name",
+            study.uid,
+            study.patient_name_problem,
+            problem or "no name",
+        )
+        why = problem or "it has no name"
+        return replace(study, patient_name_problem=f"{study.patient_name_problem}; Part 10 header: {why}")
+
+    def fallbacks(self, records: StudyRecords) -> list[str]:
+        """The documented fallbacks the study takes (attribute names), to count and log them."""
+        used = fallbacks(records.series, self._ctx)
+        if records.study.patient_name_problem is not None:
+            used.append("PatientName")  # no good name anywhere: published without one
+        return used
 
     async def link(self, records: StudyRecords, endpoint: str) -> Links:
         """The order and the Patient; a missing Patient is created only for a study that would publish."""

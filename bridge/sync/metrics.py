@@ -51,7 +51,8 @@ def observe_run(kind: str, status: str, counts: RunCounts, seconds: float) -> No
     """Count a finished run and its studies."""
     RUNS.labels(kind, status).inc()
     CYCLE_SECONDS.labels(kind).observe(seconds)
-    for outcome in ("created", "updated", "unchanged", "parked", "deleted"):
+    # Every outcome a study can end a run in, so the metric accounts for each one seen.
+    for outcome in ("created", "updated", "unchanged", "parked", "deleted", "claimed"):
         value = getattr(counts, outcome)
         if value:
             STUDIES.labels(outcome).inc(value)

@@ -135,6 +135,12 @@ class StudySource(Protocol):
         """The full header of one instance of the study."""
         ...
 
+    async def patient_name_from_file(
+        self, study_uid: str, instance: InstanceRecord | None = None
+    ) -> tuple[str | None, str | None]:
+        """PatientName from one instance's Part 10 header: (name, None) or (None, why not)."""
+        ...
+
 
 class FhirSink(Protocol):
     """The FHIR calls the publisher makes (a FhirClient, or a fake in tests)."""

@@ -31,7 +31,6 @@ from bridge.errors import (
 )
 from bridge.mapping.context import MappingContext
 from bridge.mapping.dates import fhir_datetime
-from bridge.mapping.imaging_study import fallbacks
 from bridge.mapping.validate import validate
 from bridge.sync import metrics
 from bridge.sync.assemble import StudyAssembler, StudyRecords
@@ -544,7 +543,7 @@ class SyncWorker:
         """Link, map and validate the study; an ImagingStudy that did not change is recorded, not written."""
         assert item.records is not None
         records = item.records
-        item.fallbacks = fallbacks(records.series, self._ctx)
+        item.fallbacks = self._assembler.fallbacks(records)
         links = await self._assembler.link(records, endpoint)
         resource = self._assembler.map(records, links, endpoint)
         validate(resource)  # the resource exactly as it is written, subject and basedOn included

@@ -13,15 +13,17 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import pydicom
 import pytest
 from pydicom import config as pydicom_config
+from pydicom.data import get_charset_files
 
 from bridge.dicomweb.records import raw_uid
-from bridge.state.store import SqlStore
 from bridge.sync import metrics
 from tests.integration.conftest import Stack
 from tests.integration.test_resolver import running
 from tests.stack.fhir import FhirTestServer
+from tests.stack.orthanc import OrthancServer
 from tests.stack.samples import StudySpec, build_study, stow
 
 pytestmark = pytest.mark.integration
@@ -34,14 +36,6 @@ def store(stack: Stack, *specs: StudySpec) -> list[str]:
         stow(stack.orthanc.dicomweb_url, datasets)
         uids.append(str(datasets[0].StudyInstanceUID))
     return uids
-
-
-def parked(stack: Stack) -> dict[str, Any]:
-    state = SqlStore(stack.settings().state_url)
-    try:
-        return {p.study_uid: p for p in state.parked("test-orthanc")}
-    finally:
-        state.close()
 
 
 # Values Orthanc stores and lists as Study Instance UIDs though they are not UIDs: letters, a
@@ -146,3 +140,61 @@ def test_a_two_valued_accession_number_is_published_and_resolves_by_either_value
         answer = asyncio.run(resolve(value))
         assert answer.status_code == 200, answer.text
         assert answer.json()["study"]["url"].endswith(f"/studies/{uid}")
+
+
+@pytest.fixture(scope="module")
+def latin1_orthanc() -> Iterator[OrthancServer]:
+    """An Orthanc left at its default encoding, Latin-1, as real archives often are."""
+    with OrthancServer(name="bridge-test-latin1", default_encoding="Latin1") as server:
+        yield server
+
+
+def patient_names(stack: Stack) -> dict[str, Any]:
+    """Each Patient's name, by its PatientID."""
+    return {p["identifier"][0]["value"]: p.get("name") for p in stack.fhir_search("Patient")}
+
+
+def stow_charset_file(stack: Stack, name: str, patient_id: str) -> str:
+    """Store one of pydicom's character-set files under a PatientID of its own; its Study UID."""
+    [path] = get_charset_files(name)
+    ds = pydicom.dcmread(path)
+    ds.PatientID = patient_id
+    stow(stack.orthanc.dicomweb_url, [ds])
+    return str(ds.StudyInstanceUID)
+
+
+@pytest.mark.interop
+def test_an_iso_2022_japanese_name_the_archive_garbles_is_restored_from_the_part10_header(
+    stack: Stack,
+) -> None:
+    stow_charset_file(stack, "chrJapMulti.dcm", "JIS-1")  # its JIS bytes hold 0x5E ('^')
+    garbled = httpx.get(f"{stack.orthanc.dicomweb_url}/studies", params={"PatientID": "JIS-1"}, timeout=30)
+    assert "やまだ" not in garbled.text  # Orthanc 1.10 splits the name into fragments
+    report = stack.sync()
+    assert (report.counts.created, report.counts.parked, report.counts.fallbacks) == (1, 0, 0)
+    [name] = patient_names(stack)["JIS-1"]
+    assert name["family"] == "やまだ" and name["given"] == ["たろう"]
+
+
+def test_a_latin1_orthanc_gives_names_from_the_part10_header_or_none_but_never_garbage(
+    stack: Stack, latin1_orthanc: OrthancServer
+) -> None:
+    latin1_orthanc.clear()
+    archive = Stack(
+        latin1_orthanc,
+        stack.fhir,
+        stack.state_path,
+        {**stack.env, "BRIDGE_DICOMWEB_URL": latin1_orthanc.dicomweb_url},
+    )
+    store(
+        archive,
+        StudySpec(patient_id="L1-JA", patient_name="山田^太郎"),
+        StudySpec(patient_id="L1-DE", patient_name="Müller^Jürgen"),
+    )
+    answer = httpx.get(f"{latin1_orthanc.dicomweb_url}/studies", params={"PatientID": "L1-JA"}, timeout=30)
+    assert "山田" not in answer.text  # what the archive's JSON gives is not the name
+    report = archive.sync()
+    assert (report.counts.created, report.counts.parked, report.counts.fallbacks) == (2, 0, 0)
+    names = patient_names(archive)
+    assert names["L1-JA"][0]["family"] == "山田" and names["L1-JA"][0]["given"] == ["太郎"]
+    assert names["L1-DE"][0]["family"] == "Müller"

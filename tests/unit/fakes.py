@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qs, urlencode
 
-from bridge.dicomweb.records import DicomJson, SeriesRecord, parse_series
+from bridge.dicomweb.records import DicomJson, InstanceRecord, SeriesRecord, parse_series, part10_patient_name
 from bridge.errors import (
     MappingError,
     RejectedResourceError,
@@ -36,6 +36,16 @@ class FakeSource:
         # Further rows of UIDs already listed, and where in the listing (as Orthanc lists a Study
         # UID once per patient that holds it).
         self.extra_rows: list[tuple[int, DicomJson]] = []
+        self.files: dict[str, bytes] = {}  # a Part 10 file of one instance, by study UID
+        self.file_reads: list[str] = []
+
+    async def patient_name_from_file(
+        self, study_uid: str, instance: InstanceRecord | None = None
+    ) -> tuple[str | None, str | None]:
+        self.file_reads.append(study_uid)
+        if study_uid not in self.files:
+            return None, "the archive answered 404 to a Part 10 retrieve"
+        return part10_patient_name(self.files[study_uid], complete=True) or (None, "unreadable")
 
     def add(self, study: DicomJson, series: list[DicomJson]) -> None:
         uid = study["0020000D"]["Value"][0] if "0020000D" in study else f"row-{len(self.studies)}"

@@ -576,3 +576,24 @@ def test_a_first_version_means_created_only_where_the_server_does_not_say_201(wo
     publisher._learn(WriteResult("ImagingStudy", "b", "1", True, 201))
     # Now the server is known to answer 201 to creates: a 200 at version 1 changed nothing (HAPI).
     assert not publisher.created(WriteResult("ImagingStudy", "a", "1", False, 200))
+
+
+# Names from the best source
+async def test_a_garbled_name_is_restored_from_the_part10_header_and_a_missing_one_is_counted(
+    world: World,
+) -> None:
+    from pydicom.data import get_charset_files
+
+    garbled = {"Alphabetic": "$B$d$", "Ideographic": "^$@"}
+    restored = world.add(1, patient_id="JP-1", patient_name=garbled)
+    world.add(2, patient_id="JP-2", patient_name=garbled)  # its archive has no file to give
+    world.add(3, patient_id="OK-3")
+    with open(get_charset_files("chrJapMulti.dcm")[0], "rb") as handle:
+        world.source.files[restored] = handle.read()
+    report = await world.run()
+    assert (report.counts.created, report.counts.parked, report.counts.fallbacks) == (3, 0, 1)
+    assert sorted(world.source.file_reads) == [uid(1), uid(2)]  # only for the garbled names
+    names = {p["identifier"][0]["value"]: p.get("name") for p in world.fhir.of_type("Patient")}
+    assert names["JP-1"] is not None and names["JP-1"][0]["family"] == "やまだ"  # pydicom's decoding
+    assert names["JP-2"] is None  # never the garbage
+    assert names["OK-3"] is not None
