@@ -46,6 +46,7 @@ from bridge.mapping.identity import UnmappedIssuer
 from bridge.sync.policy import (
     ChangeSourceKind,
     DeletePolicy,
+    DemographicsCheck,
     MissingModality,
     OrderPolicy,
     PatientPolicy,
@@ -482,6 +483,13 @@ class Settings(PerSourceSettings, BaseSettings):
     )
     order_policy: OrderPolicy = Field(
         default=OrderPolicy.NONE, description="ImagingStudy.basedOn: none | match | match-or-logical"
+    )
+    demographics_check: DemographicsCheck = Field(
+        default=DemographicsCheck.PARK,
+        description=(
+            "A study whose birth date, sex or family name disagrees with its Patient: park | warn "
+            "(published, counted in the run and a metric) | off"
+        ),
     )
     mappings_dir: Path | None = Field(
         default=None, description="Folder of mapping tables; default: the bundled mappings/"

@@ -68,7 +68,13 @@ class Runtime:
         """
         s, source = self.settings, self.source
         linker = Linker(
-            self.fhir, self.ctx, patient_policy=source.patient_policy, order_policy=s.order_policy
+            self.fhir,
+            self.ctx,
+            patient_policy=source.patient_policy,
+            order_policy=s.order_policy,
+            write_strategy=s.write_strategy,
+            demographics=s.demographics_check,
+            store=self.store,
         )
         publisher = Publisher(
             self.fhir, self.store, self.ctx, write_strategy=s.write_strategy, batch_size=s.fhir.batch_size

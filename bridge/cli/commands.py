@@ -365,15 +365,33 @@ def retry(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     source: SourceOption = None,
+    accept_demographics: Annotated[
+        bool,
+        typer.Option(
+            "--accept-demographics",
+            help="Accept the Patient link the demographics check parked the --study ones for, then retry.",
+        ),
+    ] = False,
 ) -> None:
     """Sync the parked studies again (all, or the --study ones); those that pass leave the list."""
     settings = _settings()
     _check_study_uids(study or [])
-    codes = [_retry_source(settings, each, study or [], as_json) for each in _sources(settings, source)]
+    if accept_demographics and not study:
+        err.print(
+            "[red]error:[/red] --accept-demographics needs --study UID: an override is given study by study",
+            highlight=False,
+        )
+        raise typer.Exit(ExitCode.CONFIGURATION)
+    codes = [
+        _retry_source(settings, each, study or [], as_json, accept=accept_demographics)
+        for each in _sources(settings, source)
+    ]
     raise typer.Exit(max(codes))
 
 
-def _retry_source(settings: Settings, source: SourceSettings, study: list[str], as_json: bool) -> int:
+def _retry_source(
+    settings: Settings, source: SourceSettings, study: list[str], as_json: bool, *, accept: bool = False
+) -> int:
     """Retry one source's parked studies (or those of ``study`` parked there); its exit code."""
     import asyncio
 
@@ -387,6 +405,14 @@ def _retry_source(settings: Settings, source: SourceSettings, study: list[str], 
     async def run() -> RunReport | None:
         nonlocal unqueryable
         async with open_runtime(settings, source) as runtime:
+            if accept:
+                for uid in study:
+                    # Accepted for the Patient the check compared the study with, and no other.
+                    if not await asyncio.to_thread(runtime.store.accept_demographics, source.name, uid):
+                        raise ConfigurationError(
+                            f"--accept-demographics: study {uid} was not parked by the demographics "
+                            f"check in source {source.name}; there is no Patient link to accept"
+                        )
             parked = await asyncio.to_thread(runtime.store.parked, source.name)
             here = [p.study_uid for p in parked if is_valid_uid(p.study_uid)]
             unqueryable = 0 if study else len(parked) - len(here)

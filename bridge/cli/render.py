@@ -38,7 +38,10 @@ def report_dict(report: RunReport, seconds: float) -> dict[str, Any]:
             for p in report.parked
         ],
         "deletions": report.deletions,
+        "demographics_warnings": report.demographics_warnings,
         "relinked": report.relinked,
+        "merge_relinks": report.merge_relinks,
+        "patient_events": report.patient_events,
         "error": report.error,
     }
 
@@ -58,6 +61,8 @@ def print_summary(source: SourceSettings, report: RunReport, summary: dict[str, 
         out.print(f"  fallbacks used: {report.counts.fallbacks} (see the integrator guide)", highlight=False)
     for parked in report.parked:
         out.print(f"  parked {parked.study_uid}: {parked.reason}", highlight=False)
+    for event in report.patient_events:
+        out.print(f"  {event['study_uid']}: {_patient_event(event)}", highlight=False)
     for gone in report.deletions:
         out.print(f"  gone from the archive {gone['study_uid']}: {gone['action']}", highlight=False)
     for moved in report.relinked:
@@ -178,3 +183,13 @@ def print_status(data: dict[str, Any]) -> None:
         for w in data["withdrawn_studies"]:
             withdrawn_table.add_row(w["study_uid"], w["source"], w["reason"])
         out.print(withdrawn_table)
+
+
+def _patient_event(event: dict[str, str]) -> str:
+    """One Patient-link event of a run as a line (FHIR ids and attribute names only)."""
+    kind = event.get("event", "")
+    if kind == "demographics-warning":
+        return f"published, but {event.get('attributes')} disagree with {event.get('patient')} (warn)"
+    if kind == "demographics-accepted":
+        return f"published: the link to {event.get('patient')} was accepted despite {event.get('attributes')}"
+    return f"linked to {event.get('to')}, which replaced {event.get('from')} (merged on the FHIR server)"

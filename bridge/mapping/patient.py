@@ -6,11 +6,18 @@ from typing import Any
 
 from bridge.dicomweb.records import StudyRecord
 from bridge.errors import MappingError
-from bridge.mapping.context import BRIDGE_TAG_SYSTEM, MappingContext
+from bridge.mapping.context import BRIDGE_TAG_SYSTEM, MappingContext, resource_id
 from bridge.mapping.dates import parse_date
 from bridge.mapping.identifiers import PatientKey, other_patient_identifiers
 
 _GENDER = {"M": "male", "F": "female", "O": "other"}
+
+
+def fhir_gender(sex: str | None) -> str | None:
+    """Patient.gender for a DICOM PatientSex: M, F, O mapped; another value ``unknown``; absent None."""
+    if not sex:
+        return None
+    return _GENDER.get(sex, "unknown")
 
 
 # The ISO 21090 name representation extension (core FHIR R4): tells the three DICOM PN component
@@ -49,6 +56,11 @@ def human_names(pn: str) -> list[dict[str, Any]]:
     return names
 
 
+def family_names(pn: str) -> list[str]:
+    """The family name of each of a DICOM PN's component groups (alphabetic, ideographic, phonetic)."""
+    return [family for group in pn.split("=")[:3] if (family := _components(group)[0])]
+
+
 def display_name(pn: str) -> str:
     """A person's name as people write it ("Dr. Anna Smith"), from a DICOM PN's first non-empty group.
 
@@ -77,16 +89,25 @@ def map_patient(study: StudyRecord, key: PatientKey, ctx: MappingContext) -> dic
         names = human_names(study.patient_name)
         if names:
             patient["name"] = names
-    if study.sex in _GENDER:
-        patient["gender"] = _GENDER[study.sex]
-    elif study.sex:
-        patient["gender"] = "unknown"
+    gender = fhir_gender(study.sex)
+    if gender is not None:
+        patient["gender"] = gender
     if study.birth_date:
         try:
             patient["birthDate"] = parse_date(study.birth_date, "PatientBirthDate").isoformat()
         except MappingError:
             pass
     return patient
+
+
+def patient_resource_id(key: PatientKey) -> str:
+    """The deterministic id of the Patient the bridge creates for (system, PatientID).
+
+    Derived as ImagingStudy ids are (a UUID v5), from the escaped search token, so that
+    ``("s|a", "b")`` and ``("s", "a|b")`` never share an id; not per source: two archives
+    with the same (system, PatientID) mean the same person.
+    """
+    return resource_id("Patient", key.search())
 
 
 def logical_subject(key: PatientKey) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from bridge.errors import (
 )
 from bridge.fhir.client import FhirClient
 from bridge.mapping.context import DICOM_UID_SYSTEM, resource_id
+from bridge.mapping.identifiers import escape_token
 from bridge.metrics import RESOLVER_LOOKUPS
 from bridge.resolve.links import (
     FHIR_ID,
@@ -148,12 +149,6 @@ def _endpoints_in(included: Sequence[dict[str, Any]]) -> Endpoints:
     }
 
 
-def _escape(value: str) -> str:
-    for char in ("\\", "|", ",", "$"):
-        value = value.replace(char, "\\" + char)
-    return value
-
-
 class Resolver:
     """Turns FHIR ids, references, Study Instance UIDs and accession numbers into study locations."""
 
@@ -268,7 +263,7 @@ class Resolver:
         )
 
     async def _load_by_accession(self, accession: str, system: str | None) -> StudyLocation:
-        token = f"{_escape(system)}|{_escape(accession)}" if system else _escape(accession)
+        token = f"{escape_token(system)}|{escape_token(accession)}" if system else escape_token(accession)
         found, included = await self._search_with_endpoints({"identifier": token, "_count": _SEARCH_COUNT})
         matches = [r for r in found if has_accession(r, accession, system)]
         if not matches:

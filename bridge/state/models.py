@@ -5,11 +5,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, Integer, String, Text, false
+from sqlalchemy import JSON, Boolean, DateTime, Float, Index, Integer, String, Text, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # Bumped by every migration (bridge/state/migrations) so a bridge older than the store refuses it.
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 
 class Base(DeclarativeBase):
@@ -28,6 +28,7 @@ class PublishedStudy(Base):
     """A study as last published: its fingerprints and where it lives on the FHIR server."""
 
     __tablename__ = "studies"
+    __table_args__ = (Index("ix_studies_patient_id", "source", "patient_id"),)
     source: Mapped[str] = mapped_column(String(64), primary_key=True)
     study_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
     qido_fingerprint: Mapped[str] = mapped_column(String(64))
@@ -46,6 +47,9 @@ class PublishedStudy(Base):
     patient_identity: Mapped[str | None] = mapped_column(String(64), nullable=True)
     # Why it is withdrawn from clinicians (its ImagingStudy has the withdrawal extension); null if not.
     withdrawn: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    # The FHIR id of the Patient the ImagingStudy links to (null: logical subject, or published
+    # before schema 8), to find the studies of a Patient the EHR merged into another.
+    patient_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class ParkedStudy(Base):
@@ -60,6 +64,21 @@ class ParkedStudy(Base):
     first_failed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     last_failed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     attempts: Mapped[int] = mapped_column(Integer, default=1)
+
+
+class PatientCheck(Base):
+    """A study the demographics cross-check parked, and whether the integrator accepted the link.
+
+    Only attribute names are kept, never the values; the acceptance holds for this Patient only.
+    """
+
+    __tablename__ = "patient_checks"
+    source: Mapped[str] = mapped_column(String(64), primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(128), primary_key=True)
+    patient_id: Mapped[str] = mapped_column(String(64))
+    attributes: Mapped[str] = mapped_column(String(128))
+    accepted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class PublishedEndpoint(Base):
@@ -102,6 +121,8 @@ class Run(Base):
     deletions: Mapped[list[dict[str, str]]] = mapped_column(JSON, default=list)
     # Studies whose rows all moved to another patient identity, re-linked: [{"study_uid", "action"}].
     relinked: Mapped[list[dict[str, str]] | None] = mapped_column(JSON, nullable=True, default=list)
+    # What the run did to Patient links: [{"study_uid", "event", ...}] (attribute names, FHIR ids).
+    patient_events: Mapped[list[dict[str, str]] | None] = mapped_column(JSON, nullable=True)
 
 
 class Checkpoint(Base):

@@ -23,6 +23,7 @@ from bridge.state.models import (
     BrowserSession,
     Checkpoint,
     ParkedStudy,
+    PatientCheck,
     PublishedEndpoint,
     PublishedStudy,
     Run,
@@ -47,6 +48,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 # Names this process in the runs it records (the pod name on Kubernetes).
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"[:128]
+
 
 def _known(row: PublishedStudy) -> KnownStudy:
     if row.gone or row.withdrawn:
@@ -162,6 +164,7 @@ class SqlStore:
                 row.withdrawn = None  # published as it now is: clinicians may see it again
                 if study.patient_identity is not None:
                     row.patient_identity = study.patient_identity
+                row.patient_id = study.patient_id
             session.execute(
                 delete(ParkedStudy).where(ParkedStudy.source == source, ParkedStudy.study_uid.in_(uids))
             )
@@ -284,6 +287,84 @@ class SqlStore:
                 row.last_failed_at = now
                 row.attempts += 1
 
+    # Patient links
+    def demographics_check(self, source: str, study_uid: str) -> tuple[str, bool] | None:
+        """The Patient id the demographics check last compared the study with, and whether it is accepted."""
+        with self._session() as session:
+            row = session.get(PatientCheck, (source, study_uid))
+            return (row.patient_id, row.accepted) if row else None
+
+    def record_demographics_check(
+        self, source: str, study_uid: str, *, patient_id: str, attributes: str
+    ) -> None:
+        """Remember that the check parked the study for this Patient (attribute names only).
+
+        An acceptance given for the same Patient stays; one given for another Patient is dropped,
+        since the integrator accepted a link to that Patient, not to this one.
+        """
+        with self._session() as session:
+            row = session.get(PatientCheck, (source, study_uid))
+            if row is None:
+                row = PatientCheck(source=source, study_uid=study_uid, accepted=False)
+                session.add(row)
+            elif row.patient_id != patient_id:
+                row.accepted = False
+            row.patient_id, row.attributes, row.updated_at = patient_id, attributes, utcnow()
+
+    def accept_demographics(self, source: str, study_uid: str) -> bool:
+        """Accept the link the demographics check parked (bridge retry --accept-demographics).
+
+        False when the check never parked this study: there is nothing to accept.
+        """
+        with self._session() as session:
+            row = session.get(PatientCheck, (source, study_uid))
+            if row is None:
+                return False
+            row.accepted, row.updated_at = True, utcnow()
+            return True
+
+    def studies_linked_to(self, source: str, patient_ids: Iterable[str]) -> dict[str, str]:
+        """Published studies still in the archive (UID -> Patient id) linked to any of these Patients."""
+        wanted = list(patient_ids)
+        if not wanted:
+            return {}
+        with self._session() as session:
+            rows = session.execute(
+                select(PublishedStudy.study_uid, PublishedStudy.patient_id).where(
+                    PublishedStudy.source == source,
+                    PublishedStudy.patient_id.in_(wanted),
+                    PublishedStudy.gone.is_(False),
+                )
+            ).all()
+            return {uid: str(pid) for uid, pid in rows}
+
+    def linked_patients(self, source: str) -> list[str]:
+        """The distinct Patient ids the source's published studies (still in the archive) link to."""
+        with self._session() as session:
+            rows = session.scalars(
+                select(PublishedStudy.patient_id)
+                .where(
+                    PublishedStudy.source == source,
+                    PublishedStudy.patient_id.is_not(None),
+                    PublishedStudy.gone.is_(False),
+                )
+                .distinct()
+                .order_by(PublishedStudy.patient_id)
+            ).all()
+            return [str(p) for p in rows]
+
+    def forget_fingerprints(self, source: str, uids: Iterable[str]) -> None:
+        """Make these published studies count as changed: the next run that sees them maps them again."""
+        wanted = list(uids)
+        if not wanted:
+            return
+        with self._session() as session:
+            session.execute(
+                update(PublishedStudy)
+                .where(PublishedStudy.source == source, PublishedStudy.study_uid.in_(wanted))
+                .values(qido_fingerprint="")
+            )
+
     def parked(self, source: str | None = None) -> list[ParkedStudy]:
         """Parked studies, oldest first."""
         with self._session() as session:
@@ -329,8 +410,13 @@ class SqlStore:
         deletions: list[dict[str, str]] | None = None,
         series_query: str | None = None,
         relinked: list[dict[str, str]] | None = None,
+        patient_events: list[dict[str, str]] | None = None,
     ) -> None:
-        """Close a run record with its outcome (``series_query``: how series were asked for, if at all)."""
+        """Close a run record with its outcome (``series_query``: how series were asked for, if at all).
+
+        ``patient_events``: what the run did to Patient links (demographics warnings, accepted
+        overrides, re-links after a merge), FHIR ids and attribute names only.
+        """
         with self._session() as session:
             run = session.get(Run, run_id)
             if run is None:
@@ -346,6 +432,7 @@ class SqlStore:
             run.qido_queries = list(qido_queries)
             run.series_query = series_query
             run.relinked = list(relinked or [])
+            run.patient_events = list(patient_events) if patient_events else None
             run.error = error
 
     def last_run(self, source: str, kind: str, statuses: Sequence[str] = ("ok", "parked")) -> datetime | None:
@@ -467,4 +554,3 @@ class SqlStore:
         with self._session() as session:
             result = session.execute(delete(BrowserSession).where(BrowserSession.expires_at <= now))
             return int(getattr(result, "rowcount", 0) or 0)
-

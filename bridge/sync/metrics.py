@@ -35,6 +35,13 @@ FALLBACKS = Counter(
     "Documented fallbacks used for missing Type 1 data (a series without Modality published as OT)",
     registry=REGISTRY,
 )
+DEMOGRAPHICS = Counter(
+    "bridge_sync_demographics_disagreements",
+    "Studies whose birth date, sex or family name disagreed with their Patient, by action "
+    "(park, warn, accepted: an integrator's override)",
+    ["action"],
+    registry=REGISTRY,
+)
 LAG = Gauge(
     "bridge_sync_lag_seconds",
     "Start of the newest study seen in the archive minus that of the newest published one",

@@ -48,3 +48,11 @@ class WriteStrategy(StrEnum):
 
     CLIENT_ID = "client-id"  # PUT to an id derived from the business identifier
     CONDITIONAL = "conditional"  # PUT Type?identifier=..., for servers refusing client ids
+
+
+class DemographicsCheck(StrEnum):
+    """What a study whose birth date, sex or family name disagrees with its Patient gets."""
+
+    PARK = "park"  # parked naming the attribute, until corrected or accepted (bridge retry)
+    WARN = "warn"  # published, counted in the run record and a metric
+    OFF = "off"  # not compared

@@ -63,6 +63,7 @@ class Published:
     fhir_version: str | None
     started: str | None = None
     patient_identity: str | None = None  # digest of the study's (PatientID, IssuerOfPatientID)
+    patient_id: str | None = None  # the FHIR id of the Patient it links to (None: a logical subject)
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +198,28 @@ class StateStore(Protocol):
         """Park a failed study with its reason."""
         ...
 
+    def demographics_check(self, source: str, study_uid: str) -> tuple[str, bool] | None:
+        """The Patient id the demographics check last compared the study with, and whether it was accepted."""
+        ...
+
+    def record_demographics_check(
+        self, source: str, study_uid: str, *, patient_id: str, attributes: str
+    ) -> None:
+        """Remember that the check parked the study (an acceptance for another Patient is dropped)."""
+        ...
+
+    def studies_linked_to(self, source: str, patient_ids: Iterable[str]) -> dict[str, str]:
+        """Published studies (UID -> Patient id) linked to any of these Patients."""
+        ...
+
+    def linked_patients(self, source: str) -> list[str]:
+        """The distinct Patient ids the source's published studies link to."""
+        ...
+
+    def forget_fingerprints(self, source: str, uids: Iterable[str]) -> None:
+        """Make these published studies count as changed, so the next run that sees them maps them again."""
+        ...
+
     def record_published_many(self, source: str, studies: Sequence[Published]) -> None:
         """Remember several published studies at once (a withdrawal they carried is lifted)."""
         ...
@@ -271,6 +294,7 @@ class StateStore(Protocol):
         deletions: list[dict[str, str]] | None = None,
         series_query: str | None = None,
         relinked: list[dict[str, str]] | None = None,
+        patient_events: list[dict[str, str]] | None = None,
     ) -> None:
         """Close a run record."""
         ...

@@ -19,9 +19,7 @@ from bridge.errors import (
 )
 from bridge.mapping.context import BRIDGE_TAG_SYSTEM, WITHDRAWN_EXTENSION, MappingContext
 from bridge.mapping.endpoint import endpoint_id, endpoint_identifier, map_endpoint
-from bridge.mapping.identifiers import (
-    study_search,
-)
+from bridge.mapping.identifiers import escape_token, study_search
 from bridge.mapping.identity import exact_matches
 from bridge.mapping.validate import validate
 from bridge.sync.policy import DeletePolicy, WriteStrategy
@@ -377,4 +375,5 @@ def _put_entry(resource: dict[str, Any], version: str | None) -> dict[str, Any]:
 
 
 def _token(identifier: dict[str, str]) -> str:
-    return f"{identifier['system']}|{identifier['value']}"
+    """An identifier as a token search, escaped per the FHIR search rules."""
+    return f"{escape_token(identifier['system'])}|{escape_token(identifier['value'])}"

@@ -33,6 +33,19 @@ class RunReport:
     newest_seen: str | None = None
     fhir_write_requests: int = 0  # FHIR requests that wrote (a batch is one; fhir_writes counts resources)
     series_query: str = "undecided"  # how series were asked: list or per-study
+    # What the run did to Patient links: demographics warnings and accepted overrides, re-links
+    # after a merge on the FHIR server ({"study_uid", "event", ...}: FHIR ids and attribute names).
+    patient_events: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def demographics_warnings(self) -> int:
+        """Studies published although their demographics disagree (BRIDGE_DEMOGRAPHICS_CHECK=warn)."""
+        return sum(1 for e in self.patient_events if e.get("event") == "demographics-warning")
+
+    @property
+    def merge_relinks(self) -> int:
+        """Studies linked to the surviving Patient of a merge on the FHIR server."""
+        return sum(1 for e in self.patient_events if e.get("event") in ("relinked", "linked-to-survivor"))
 
     def saw(self, started: str | None) -> None:
         """Keep the latest study start seen in the archive (for the lag metric)."""

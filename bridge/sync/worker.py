@@ -31,6 +31,7 @@ from bridge.errors import (
 )
 from bridge.mapping.context import MappingContext
 from bridge.mapping.dates import fhir_datetime
+from bridge.mapping.identity import subject_patient_id
 from bridge.mapping.validate import validate
 from bridge.sync import metrics
 from bridge.sync.assemble import StudyAssembler, StudyRecords
@@ -227,6 +228,8 @@ class SyncWorker:
         self._conflicted = set()
         try:
             self._linker.begin_run()
+            if reconcile:  # the whole archive is walked: re-link studies of Patients merged since
+                await self._linker.notice_merges()
             endpoint = await self._publisher.ensure_endpoint()
             self._sweep_filters = sweep
             limit = asyncio.Semaphore(self._concurrency)
@@ -253,6 +256,7 @@ class SyncWorker:
             report.fhir_write_requests = self._fhir_write_requests() - requests_before
             # Which way series were asked (list or per-study); the exact queries are in the run record.
             report.series_query = self._source.series_query_used
+            report.patient_events = self._linker.take_events()
             queries = self._source.queries[queries_before:]
             asked_series = any(q.split("?", 1)[0].endswith("/series") for q in queries)
             await asyncio.to_thread(
@@ -265,6 +269,7 @@ class SyncWorker:
                 deletions=report.deletions,
                 series_query=report.series_query if asked_series else None,
                 relinked=report.relinked,
+                patient_events=report.patient_events,
             )
             metrics.observe_run(kind, report.status, report.counts, time.monotonic() - started)
             with contextlib.suppress(BridgeError):  # metrics never fail a run
@@ -574,7 +579,8 @@ class SyncWorker:
                 fhir_id,
                 version,
                 resource.get("started"),
-                identity_digest(item.study.patient),
+                patient_identity=identity_digest(item.study.patient),
+                patient_id=subject_patient_id(resource),
             )
         )
         if item.moved and outcome != "unchanged":

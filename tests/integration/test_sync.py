@@ -241,7 +241,9 @@ def test_match_only_parks_until_the_patient_exists(stack: Stack) -> None:
         json={
             "resourceType": "Patient",
             "identifier": [{"system": ISSUERS["HOSP-A"], "value": "PAT001"}],
-            "name": [{"family": "EHR-Owned"}],
+            # Another spelling of the family name and another given name (the demographics check
+            # takes them for the same person; the EHR's version must survive untouched).
+            "name": [{"family": "DOE", "given": ["EHR-Owned"]}],
             "birthDate": "1970-01-01",
         },
         timeout=30,
@@ -250,7 +252,7 @@ def test_match_only_parks_until_the_patient_exists(stack: Stack) -> None:
 
     assert second.counts.created == 1
     patient = stack.fhir_search("Patient")
-    assert len(patient) == 1 and patient[0]["name"] == [{"family": "EHR-Owned"}]
+    assert len(patient) == 1 and patient[0]["name"] == [{"family": "DOE", "given": ["EHR-Owned"]}]
     study = next(iter(_by_uid(stack).values()))
     assert study["subject"]["reference"] == f"Patient/{patient[0]['id']}"
 
@@ -264,9 +266,11 @@ def test_existing_patient_is_linked_and_never_modified(stack: Stack) -> None:
         json={
             "resourceType": "Patient",
             "identifier": [{"system": ISSUERS["HOSP-A"], "value": "PAT001"}],
-            "name": [{"family": "Official", "given": ["Name"]}],
+            # The EHR's own form of the person the studies name (Doe^Jane, 19700101, F): a married
+            # name with the former one kept, a birth year only; nothing of it may be overwritten.
+            "name": [{"family": "Official", "given": ["Name"]}, {"use": "old", "family": "Doe"}],
             "gender": "female",
-            "birthDate": "1970-01-02",
+            "birthDate": "1970",
         },
         timeout=30,
     ).json()
@@ -276,8 +280,8 @@ def test_existing_patient_is_linked_and_never_modified(stack: Stack) -> None:
 
     after = stack.fhir_read(f"Patient/{created['id']}")
     assert after["meta"]["versionId"] == created["meta"]["versionId"]
-    assert after["name"] == [{"family": "Official", "given": ["Name"]}]
-    assert after["birthDate"] == "1970-01-02"
+    assert after["name"] == [{"family": "Official", "given": ["Name"]}, {"use": "old", "family": "Doe"}]
+    assert after["birthDate"] == "1970"
     linked = [s for s in _by_uid(stack).values() if s["subject"]["reference"] == f"Patient/{created['id']}"]
     assert len(linked) == 2  # Doe^Jane's CT and mammography
 

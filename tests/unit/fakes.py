@@ -217,9 +217,14 @@ class FakeFhir:
     async def search(self, resource_type: str, params: Mapping[str, str]) -> list[dict[str, Any]]:
         self.calls.append(("search", resource_type, dict(params)))
         self._raise_if_queued("search")
-        return [
-            r for r in self.of_type(resource_type) if _matches(r, params["identifier"], self.loose_tokens)
-        ]
+        found = self.of_type(resource_type)
+        if "_id" in params:
+            found = [r for r in found if r["id"] in params["_id"].split(",")]
+        if "active" in params:  # a boolean token: absent counts as true, as servers index it
+            found = [r for r in found if str(r.get("active", True)).lower() == params["active"]]
+        if "identifier" in params:
+            found = [r for r in found if _matches(r, params["identifier"], self.loose_tokens)]
+        return found
 
     async def update(self, resource: dict[str, Any], *, if_match: str | None = None) -> WriteResult:
         kind, rid = resource["resourceType"], resource["id"]
@@ -266,6 +271,17 @@ class FakeFhir:
             request = entry["request"]
             method, url = request["method"], request["url"]
             try:
+                if method == "GET" and "?" in url:  # a search: a searchset Bundle
+                    kind, query = url.split("?", 1)
+                    params = {k: v[0] for k, v in parse_qs(query).items()}
+                    found = await self.search(kind, params)
+                    bundle = {
+                        "resourceType": "Bundle",
+                        "type": "searchset",
+                        "entry": [{"resource": r} for r in found],
+                    }
+                    answers.append(BatchAnswer(200, resource=bundle))
+                    continue
                 if method == "GET":
                     kind, rid = url.split("/")
                     found = await self.read(kind, rid)

@@ -29,6 +29,7 @@ from bridge.api.deps import (
 from bridge.api.errors import outcome
 from bridge.api.security import Caller
 from bridge.errors import InvalidLookupError, NoUsableEndpointError, StudyNotFoundError
+from bridge.mapping.identifiers import PatientKey
 from bridge.resolve.resolver import Resolver
 
 router = APIRouter(tags=["iid"], dependencies=[Depends(caller)], include_in_schema=False)
@@ -132,7 +133,7 @@ async def _invoke(
         system = patient_system(issuer, s)
         found = [
             p
-            for p in await r.fhir.search("Patient", {"identifier": f"{system}|{ident}"})
+            for p in await r.fhir.search("Patient", {"identifier": PatientKey(system, ident).search()})
             # the answer is checked, never trusted: exactly this system and value
             if any(
                 isinstance(i, dict) and i.get("system") == system and i.get("value") == ident

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from bridge.state.store import SqlStore
-from bridge.sync.policy import OrderPolicy, PatientPolicy
+from bridge.sync.policy import OrderPolicy, PatientPolicy, WriteStrategy
 from tests.builders import PATIENT_SYSTEM, uid
 from tests.unit.sync.world import World
 
@@ -71,13 +71,25 @@ async def test_the_exact_patient_is_found_among_look_alikes(world: World) -> Non
     assert world.study(study_uid)["subject"] == {"reference": f"Patient/{mine}"}
 
 
-async def test_a_loose_match_alone_parks_the_study_and_creates_no_duplicate(world: World) -> None:
+async def test_a_loose_match_alone_parks_the_study_under_conditional_writes(world: World) -> None:
+    world.strategy = WriteStrategy.CONDITIONAL
     other_patient(world, "ab-1")
     study_uid = world.add(1, patient_id="AB-1")
     report = await world.run()
     assert [p.study_uid for p in report.parked] == [study_uid]
-    assert "differs" in report.parked[0].reason
+    assert "differs" in report.parked[0].reason and "BRIDGE_WRITE_STRATEGY" in report.parked[0].reason
     assert len(world.fhir.of_type("Patient")) == 1
+
+
+async def test_a_loose_match_alone_gets_a_patient_of_its_own_by_id(world: World) -> None:
+    other = other_patient(world, "ab-1")
+    study_uid = world.add(1, patient_id="AB-1")
+    report = await world.run()
+    assert not report.parked and report.counts.created == 1
+    assert subject_identifier(world, study_uid) == {"system": PATIENT_SYSTEM, "value": "AB-1"}
+    other_identifier = world.fhir.resources[("Patient", other)]["identifier"]
+    assert other_identifier == [{"system": PATIENT_SYSTEM, "value": "ab-1"}]
+    assert len(world.fhir.of_type("Patient")) == 2
 
 
 async def test_an_exact_server_still_creates_each_look_alike_once(world: World) -> None:

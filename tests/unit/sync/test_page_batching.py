@@ -44,11 +44,13 @@ async def test_a_page_of_new_studies_costs_one_series_query_and_one_batch_each_f
     assert (report.status, report.counts.created) == ("ok", 40)
     assert batching.source.series_calls == []  # no per-study series query
     assert len(batching.source.list_calls) == 1
-    assert requests(batching) == ["capabilities", "update Endpoint", "batch", "batch"]
-    assert batching.fhir.batch_sizes == [40, 40]
+    # One batch looks the Patients up (a search and a read of the derived id each), one PUTs
+    # the 40 new ones to their derived ids, one writes the studies.
+    assert requests(batching) == ["capabilities", "update Endpoint", "batch", "batch", "batch"]
+    assert batching.fhir.batch_sizes == [80, 40, 40]
     assert len(batching.fhir.of_type("Patient")) == 40
     assert report.counts.fhir_writes == 81  # resources written: 40 Patients, 40 studies, the Endpoint
-    assert report.fhir_write_requests == 3  # the Endpoint's PUT and two batches
+    assert report.fhir_write_requests == 3  # the Endpoint's PUT and two batches of writes
     assert report.series_query == "list"
 
 
@@ -73,9 +75,9 @@ async def test_k_changed_studies_cost_one_series_query_and_one_batch(batching: W
     report = await batching.run()
     assert (report.counts.updated, report.counts.unchanged) == (3, 17)
     assert batching.source.list_calls[-1] == [uid(3), uid(7), uid(11)]
-    # A new worker reads what the server can do once; the Patients are linked already (one
-    # batch of conditional creates that match, one of reads that checks them), then one batch.
-    assert requests(batching, calls) == ["capabilities", "batch", "batch", "batch"]
+    # A new worker reads what the server can do once; the Patients exist already (one batch of
+    # look-ups finds them, nothing is written to them), then one batch of studies.
+    assert requests(batching, calls) == ["capabilities", "batch", "batch"]
     assert batching.fhir.batch_sizes[-1] == 3
     assert all(batching.study(uid(n))["description"] == "changed" for n in (3, 7, 11))
 
@@ -89,7 +91,7 @@ async def test_one_bad_entry_parks_that_study_and_the_others_are_published(batch
     [bad] = parked(batching).values()
     assert bad.study_uid == uid(50) and bad.kind == "rejected" and "422" in bad.reason
     assert batching.store.counts(batching.ctx.source_name)["published"] == 99
-    assert batching.fhir.batch_sizes == [100, 100]
+    assert batching.fhir.batch_sizes == [200, 100, 100]  # Patient look-ups, Patients, studies
 
 
 async def test_a_stale_version_is_reread_and_that_study_alone_is_retried(batching: World) -> None:
@@ -140,7 +142,7 @@ async def test_patients_are_deduplicated_within_the_page_and_an_existing_one_is_
     assert len(batching.fhir.of_type("Patient")) == 4
     [same] = [p for p in batching.fhir.of_type("Patient") if p["identifier"][0]["value"] == "SAME"]
     assert {batching.study(uid(n))["subject"]["reference"] for n in (1, 2, 3)} == {f"Patient/{same['id']}"}
-    assert batching.fhir.batch_sizes[0] == 4  # one entry per distinct patient
+    assert batching.fhir.batch_sizes[:2] == [8, 4]  # a look-up pair, then a PUT per distinct patient
 
 
 async def test_a_loose_server_match_is_never_linked_from_the_batch(batching: World) -> None:
@@ -152,9 +154,12 @@ async def test_a_loose_server_match_is_never_linked_from_the_batch(batching: Wor
         "ehr-1",
     )
     report = await batching.run()
-    assert parked(batching)[uid(1)].kind == "patient"
+    # The look-alike is not linked: "abc" gets a Patient of its own, at the id derived from it.
+    subject = batching.study(uid(1))["subject"]["reference"].removeprefix("Patient/")
+    assert subject != "ehr-1"
+    assert batching.fhir.resources[("Patient", subject)]["identifier"][0]["value"] == "abc"
     assert batching.study(uid(2))["subject"]["reference"].startswith("Patient/")
-    assert report.counts.created == 1
+    assert report.counts.created == 2 and not report.parked
 
 
 async def test_a_study_whose_series_rows_are_bad_is_parked_alone(batching: World) -> None:
@@ -183,7 +188,7 @@ async def test_a_server_listing_only_transaction_is_tried_once_with_a_batch(batc
         batching.add(n)
     report = await batching.run()
     assert report.counts.created == 5
-    assert batching.fhir.batch_sizes == [5, 5]  # it took them: Patients, then studies
+    assert batching.fhir.batch_sizes == [10, 5, 5]  # it took them: Patient look-ups, Patients, studies
 
 
 async def test_a_server_refusing_the_first_batch_is_written_study_by_study_from_then_on(
@@ -194,7 +199,7 @@ async def test_a_server_refusing_the_first_batch_is_written_study_by_study_from_
     for n in range(1, 7):
         batching.add(n)
     refused = FatalUpstreamError("fhir POST / answered 400", service="fhir", status=400)
-    batching.fhir.fail["batch"] = [refused, refused]  # the Patients' batch, then the studies'
+    batching.fhir.fail["batch"] = [refused, refused]  # the Patient look-ups, then the studies'
     report = await batching.run()
     assert (report.status, report.counts.created) == ("ok", 6)
     assert sum(1 for c in batching.fhir.calls if c[0] == "batch") == 2  # never again after the refusal

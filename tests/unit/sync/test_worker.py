@@ -16,7 +16,7 @@ from bridge.errors import (
     VersionConflictError,
 )
 from bridge.mapping.imaging_study import imaging_study_id
-from bridge.sync.policy import PatientPolicy, WriteStrategy
+from bridge.sync.policy import DemographicsCheck, PatientPolicy, WriteStrategy
 from tests.builders import PATIENT_SYSTEM, context, series_row, study_row, uid
 from tests.unit.sync.world import World, parked
 
@@ -215,6 +215,7 @@ async def test_match_only_links_an_existing_patient_without_writing_it(world: Wo
     }
     world.fhir._store(existing, "ehr-patient-5")
     study_uid = world.add(1, patient_id="MRN-5", patient_name="Different^Name")
+    world.demographics = DemographicsCheck.OFF  # the cross-check is tested in test_demographics.py
     report = await world.run()
     assert report.counts.created == 1
     assert world.study(study_uid)["subject"] == {"reference": "Patient/ehr-patient-5"}
@@ -230,6 +231,7 @@ async def test_match_or_create_never_overwrites_an_existing_patient(world: World
     }
     world.fhir._store(existing, "ehr-patient-5")
     study_uid = world.add(1, patient_id="MRN-5", patient_name="Different^Name")
+    world.demographics = DemographicsCheck.OFF  # the cross-check is tested in test_demographics.py
     report = await world.run()
     assert world.study(study_uid)["subject"] == {"reference": "Patient/ehr-patient-5"}
     assert world.fhir.resources[("Patient", "ehr-patient-5")]["name"] == [{"family": "FromTheEhr"}]
@@ -273,7 +275,7 @@ async def test_two_studies_of_the_same_patient_make_one_patient_lookup(
         )
     first, second = world.add(1, patient_id="MRN-1"), world.add(2, patient_id="MRN-1")
     await world.run()
-    lookups = [c for c in world.fhir.calls if c[1] == "Patient"]
+    lookups = [c for c in world.fhir.calls if c[:2] == ("search", "Patient")]
     assert len(lookups) == 1
     assert world.study(first)["subject"] == world.study(second)["subject"]
 
@@ -340,9 +342,7 @@ async def test_a_fhir_server_lost_during_a_study_propagates_upstream_unavailable
     world.add(1)
     await world.run()  # the Endpoint is published, so the next run's first FHIR call is the study's
     world.add(2)
-    world.fhir.fail["conditional_create"] = [
-        UpstreamUnavailableError("fhir POST /Patient failed", service="fhir")
-    ]
+    world.fhir.fail["search"] = [UpstreamUnavailableError("fhir GET /Patient failed", service="fhir")]
     world.fhir.fail["capabilities"] = [UpstreamUnavailableError("fhir GET /metadata failed", service="fhir")]
     with pytest.raises(UpstreamUnavailableError):
         await world.run()
@@ -379,8 +379,8 @@ async def test_a_study_whose_request_keeps_failing_is_parked_and_the_run_goes_on
     world.add(2)
     world.add(3)
     # One study's write breaks the connection on every retry; the server itself still answers.
-    world.fhir.fail["conditional_create"] = [
-        UpstreamUnavailableError("fhir POST /Patient: connection reset", service="fhir")
+    world.fhir.fail["search"] = [
+        UpstreamUnavailableError("fhir GET /Patient: connection reset", service="fhir")
     ]
     report = await world.run()
     assert report.status == "parked"
@@ -393,9 +393,7 @@ async def test_a_fhir_server_lost_during_a_study_still_records_a_failed_run(worl
     world.add(1)
     await world.run()
     world.add(2)
-    world.fhir.fail["conditional_create"] = [
-        UpstreamUnavailableError("fhir POST /Patient failed", service="fhir")
-    ]
+    world.fhir.fail["search"] = [UpstreamUnavailableError("fhir GET /Patient failed", service="fhir")]
     world.fhir.fail["capabilities"] = [UpstreamUnavailableError("fhir GET /metadata failed", service="fhir")]
     with pytest.raises(BaseException):  # noqa: B017 - the exact type is the xfail test above
         await world.run()

@@ -9,7 +9,7 @@ from bridge.mapping.context import MappingContext
 from bridge.mapping.imaging_study import imaging_study_id
 from bridge.state.store import SqlStore
 from bridge.sync.link import Linker
-from bridge.sync.policy import OrderPolicy, PatientPolicy, WriteStrategy
+from bridge.sync.policy import DemographicsCheck, OrderPolicy, PatientPolicy, WriteStrategy
 from bridge.sync.publisher import Publisher
 from bridge.sync.report import RunReport
 from bridge.sync.worker import SyncWorker
@@ -28,6 +28,7 @@ class World:
     policy: PatientPolicy = PatientPolicy.MATCH_OR_CREATE
     order_policy: OrderPolicy = OrderPolicy.NONE
     strategy: WriteStrategy = WriteStrategy.CLIENT_ID
+    demographics: DemographicsCheck = DemographicsCheck.PARK
     batch_size: int = 100  # used only when the fake FHIR server lists batch (fhir.batches)
 
     def add(self, n: int, *, series: list[dict[str, Any]] | None = None, **study_kwargs: Any) -> str:
@@ -37,7 +38,15 @@ class World:
         return uid(n)
 
     def worker(self, **options: Any) -> SyncWorker:
-        linker = Linker(self.fhir, self.ctx, patient_policy=self.policy, order_policy=self.order_policy)
+        linker = Linker(
+            self.fhir,
+            self.ctx,
+            patient_policy=self.policy,
+            order_policy=self.order_policy,
+            write_strategy=self.strategy,
+            demographics=self.demographics,
+            store=self.store,
+        )
         publisher = Publisher(
             self.fhir, self.store, self.ctx, write_strategy=self.strategy, batch_size=self.batch_size
         )
