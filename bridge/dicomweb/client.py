@@ -17,6 +17,7 @@ from bridge.dicomweb.records import (
     DicomJson,
     InstanceRecord,
     SeriesRecord,
+    digest,
     parse_instance,
     parse_series,
     part10_patient_name,
@@ -210,7 +211,7 @@ class DicomwebClient:
         base_params = [("includefield", f) for f in fields] + sorted(filters.items())
         page_size = page_size or self.page_size
         offset = 0
-        seen: set[str] = set()
+        seen: set[tuple[str, str]] = set()
         pages = 0
         while True:
             pages += 1
@@ -220,11 +221,11 @@ class DicomwebClient:
             rows, truncated = await self._get(path, params, limit)
             fresh = []
             for row in rows:
-                uid = raw_uid(row, uid_tag)
-                if uid is not None and uid in seen:
+                key = _row_key(row, uid_tag)
+                if key is not None and key in seen:
                     continue
-                if uid is not None:
-                    seen.add(uid)
+                if key is not None:
+                    seen.add(key)
                 fresh.append(row)
             if fresh:
                 yield fresh
@@ -251,7 +252,7 @@ class DicomwebClient:
         return True
 
     def iter_studies(self, filters: Mapping[str, str] | None = None) -> AsyncIterator[list[DicomJson]]:
-        """Pages of study-level rows (raw DICOM JSON), each study once."""
+        """Pages of study-level rows (raw DICOM JSON): a Study UID once per patient it is listed under."""
         return self._paged("/studies", STUDY_FIELDS, filters or {}, "0020000D")
 
     async def search_instances(self, study_uid: str, limit: int | None = None) -> list[InstanceRecord]:
@@ -578,3 +579,18 @@ class DicomwebClient:
         if self.list_matching is None:
             return "undecided"
         return SeriesQuery.LIST.value if self.list_matching else SeriesQuery.PER_STUDY.value
+
+
+def _row_key(row: DicomJson, uid_tag: str) -> tuple[str, str] | None:
+    """What makes a row new on a walk: its UID, and the patient it names.
+
+    An archive may list one Study Instance UID once per patient it holds it under (Orthanc keeps
+    a second study when an instance arrives under a known Study UID and another PatientID).
+    Those rows all reach the sync, which parks the conflict (bridge/sync/identity.py); only a row
+    repeated as it was (offset paging shifting) is left out.
+    """
+    uid = raw_uid(row, uid_tag)
+    if uid is None:
+        return None
+    patient = digest([row.get("00100020"), row.get("00100021")]) if isinstance(row, dict) else ""
+    return uid, patient

@@ -91,7 +91,7 @@ class StudySource(Protocol):
     queries: list[str]
 
     def iter_studies(self, filters: Mapping[str, str] | None = None) -> AsyncIterator[list[DicomJson]]:
-        """Pages of study-level DICOM JSON rows, each study once."""
+        """Pages of study-level DICOM JSON rows: a Study UID once per patient it is listed under."""
         ...
 
     async def search_series(self, study_uid: str) -> list[SeriesRecord]:

@@ -126,7 +126,7 @@ def test_faults_from_both_servers_lose_and_duplicate_nothing_and_retry_after_is_
         archive.add(Fault(kind="delay", delay=0.2, probability=0.3, path=r"/series")),
         fhir.add(Fault(status=503, retry_after=1, times=1, method="PUT", path=r"/ImagingStudy/")),
         fhir.add(Fault(kind="reset", when="after", on=(3,), method="PUT", path=r"/ImagingStudy/")),
-        fhir.add(Fault(kind="truncate", keep=0.5, on=(2,), method="POST", path=r"/Patient")),
+        fhir.add(Fault(kind="truncate", keep=0.5, on=(2,), method="PUT", path=r"/Patient/")),
         fhir.add(Fault(status=503, probability=0.15, path=r"/fhir/R4/")),
     ]
     started = time.monotonic()

@@ -134,3 +134,9 @@ def test_version_prints_the_version(runner: CliRunner) -> None:
     result = runner.invoke(app, ["version"])
     assert result.exit_code == 0
     assert result.stdout.strip() == __version__
+
+
+def test_accept_demographics_needs_a_study_and_exits_2(runner: CliRunner, configured: Path) -> None:
+    result = runner.invoke(app, ["retry", "--accept-demographics"])
+    assert result.exit_code == 2
+    assert "--accept-demographics needs --study" in result.stderr

@@ -127,6 +127,22 @@ async def test_a_server_that_ignores_offset_stops_instead_of_looping() -> None:
     assert len(archive.requests) == 2
 
 
+async def test_one_study_uid_listed_under_two_patients_reaches_the_sync_twice_and_a_repeat_once() -> None:
+    rows = [
+        study_row(study_uid=uid(1), patient_id="MRN-A"),
+        study_row(study_uid=uid(2)),
+        study_row(study_uid=uid(1), patient_id="MRN-B"),  # Orthanc: the same Study UID, another patient
+        study_row(study_uid=uid(1), patient_id="MRN-A"),  # the first row again (offset paging shifted)
+    ]
+    client = client_for(FakeArchive(rows), page_size=2)
+    found = [
+        (row["0020000D"]["Value"][0], row["00100020"]["Value"][0])
+        async for page in client.iter_studies()
+        for row in page
+    ]
+    assert found == [(uid(1), "MRN-A"), (uid(2), "PID0001"), (uid(1), "MRN-B")]
+
+
 async def test_a_server_that_ignores_offset_is_reported(caplog: pytest.LogCaptureFixture) -> None:
     archive = FakeArchive(studies(12), ignore_offset=True)
     await all_uids(client_for(archive, page_size=5))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
+from bridge.mapping.identity import replaced_by
 from bridge.mapping.imaging_study import imaging_study_id, map_imaging_study
 from tests.builders import context, series, study, uid
 
@@ -57,3 +60,20 @@ def test_fingerprint_is_stable_for_the_same_settings() -> None:
 )
 def test_fingerprint_changes_when_a_setting_changes(change: dict[str, object]) -> None:
     assert context(**change).fingerprint() != context().fingerprint()
+
+
+@pytest.mark.parametrize(
+    ("link", "survivor"),
+    [
+        ([{"type": "replaced-by", "other": {"reference": "Patient/p2"}}], "p2"),
+        ([{"type": "replaced-by", "other": {"reference": "https://ehr/fhir/Patient/p2/_history/3"}}], "p2"),
+        ([{"type": "seealso", "other": {"reference": "Patient/p2"}}], None),  # not a merge
+        ([{"type": "replaced-by", "other": {"reference": "RelatedPerson/r1"}}], ""),  # replaced, no survivor
+        ([{"type": "replaced-by", "other": {"identifier": {"value": "x"}}}], ""),
+        ([], None),
+    ],
+)
+def test_replaced_by_names_the_surviving_patient_of_a_merge(
+    link: list[dict[str, Any]], survivor: str | None
+) -> None:
+    assert replaced_by({"resourceType": "Patient", "active": False, "link": link}) == survivor
