@@ -227,10 +227,21 @@ def test_the_bridge_says_how_long_the_front_keeps_a_grant(world: FrontWorld) -> 
         assert _settled(GRANT_PATH, 200) - grants == 3
 
 
-def test_an_ehr_launched_session_behind_the_front_sees_its_patients_images_until_logout(
-    stack: Stack,
-) -> None:
-    """The browser's way: login and launch pass through the front; the session cookie keys the grant."""
+@dataclass
+class FrontSession:
+    """A browser with an EHR-launched session (Jane's) opened through the front."""
+
+    front: NginxFront
+    browser: httpx.Client
+    cookie: str  # the session cookie's value
+    jane_uid: str
+    john_uid: str
+    idp: OidcProvider
+
+
+@contextmanager
+def launched_behind_front(stack: Stack, **settings: str) -> Iterator[FrontSession]:
+    """The demo studies synced, the bridge and its front up, and a browser launched for Jane through it."""
     load_demo(stack.orthanc.dicomweb_url)
     port = free_loopback_port()
     public = f"http://127.0.0.1:{port}"
@@ -253,8 +264,8 @@ def test_an_ehr_launched_session_behind_the_front_sees_its_patients_images_until
             oidc_client_id=CLIENT_ID,
             oidc_client_secret=CLIENT_SECRET,
             smart_launch_issuers=idp.fhir_iss,
-            session_cache_ttl="1",
             gateway_front_secret=FRONT_SECRET,
+            **settings,
         )
         with (
             _bridge_and_front(env, port) as front,
@@ -267,24 +278,33 @@ def test_an_ehr_launched_session_behind_the_front_sees_its_patients_images_until
             assert record.status_code == 200 and str(record.url) == f"{public}/record/patients/{jane}"
             cookie = browser.cookies.get("bridge_session")
             assert cookie
-            metadata = {"Accept": "application/dicom+json"}
-            grants, relayed = _settled(GRANT_PATH, 200), _settled(GATEWAY_ROUTE, 200)
-            own = [
-                browser.get(f"{front.url}/dicom-web/studies/{jane_uid}/metadata", headers=metadata)
-                for _ in range(3)
-            ]
-            assert [a.status_code for a in own] == [200, 200, 200], own[0].text
-            assert own[0].json()
-            assert _settled(GRANT_PATH, 200) - grants == 1 and _settled(GATEWAY_ROUTE, 200) == relayed
-            other = browser.get(f"{front.url}/dicom-web/studies/{john_uid}/metadata", headers=metadata)
-            assert other.status_code == 403
-            assert browser.post(f"{front.url}/logout").status_code == 200
-            time.sleep(1.5)  # the grant the front kept lasts BRIDGE_SESSION_CACHE_TTL
-            replayed = httpx.get(
-                f"{front.url}/dicom-web/studies/{jane_uid}/metadata",
-                headers=metadata,
-                cookies={"bridge_session": cookie},
-                timeout=30,
-            )
-            assert replayed.status_code == 401  # the ended session, not the archive's answer
+            yield FrontSession(front, browser, cookie, jane_uid, john_uid, idp)
 
+
+def test_an_ehr_launched_session_behind_the_front_sees_its_patients_images_until_logout(
+    stack: Stack,
+) -> None:
+    """The browser's way: login and launch pass through the front; the session cookie keys the grant."""
+    with launched_behind_front(stack, session_cache_ttl="1") as session:
+        front, browser, cookie = session.front, session.browser, session.cookie
+        jane_uid, john_uid = session.jane_uid, session.john_uid
+        metadata = {"Accept": "application/dicom+json"}
+        grants, relayed = _settled(GRANT_PATH, 200), _settled(GATEWAY_ROUTE, 200)
+        own = [
+            browser.get(f"{front.url}/dicom-web/studies/{jane_uid}/metadata", headers=metadata)
+            for _ in range(3)
+        ]
+        assert [a.status_code for a in own] == [200, 200, 200], own[0].text
+        assert own[0].json()
+        assert _settled(GRANT_PATH, 200) - grants == 1 and _settled(GATEWAY_ROUTE, 200) == relayed
+        other = browser.get(f"{front.url}/dicom-web/studies/{john_uid}/metadata", headers=metadata)
+        assert other.status_code == 403
+        assert browser.post(f"{front.url}/logout").status_code == 200
+        time.sleep(1.5)  # the grant the front kept lasts BRIDGE_SESSION_CACHE_TTL
+        replayed = httpx.get(
+            f"{front.url}/dicom-web/studies/{jane_uid}/metadata",
+            headers=metadata,
+            cookies={"bridge_session": cookie},
+            timeout=30,
+        )
+        assert replayed.status_code == 401  # the ended session, not the archive's answer
