@@ -10,6 +10,8 @@ clinician, the archive and the audit trail see.
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +21,7 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from bridge.gateway.front import GRANT_PATH
 from tests.integration.conftest import Stack
@@ -338,12 +341,14 @@ def test_forged_tokens_path_tricks_foreign_uids_and_replayed_grants_get_nothing(
     )
     grants = _answered(GRANT_PATH, 200)
 
-    # Alg confusion: the same claims, signed with HS256 using the provider's public key as the secret,
-    # and unsigned (alg none).
+    # Alg confusion: the same claims signed with HS256 using the provider's public key (PEM) as the
+    # HMAC secret, and unsigned (alg none). Signed by hand: PyJWT itself refuses to make such a token.
     header, claims, _signature = token.split(".")
-    public = httpx.get(world.idp.jwks_url, timeout=10).content
-    claims_json = json.loads(base64.urlsafe_b64decode(claims + "=="))
-    hs256 = jwt.encode(claims_json, public, algorithm="HS256")
+    key = jwt.PyJWKSet.from_dict(httpx.get(world.idp.jwks_url, timeout=10).json()).keys[0].key
+    pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    hs_header = _b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    mac = hmac.new(pem, f"{hs_header}.{claims}".encode(), hashlib.sha256).digest()
+    hs256 = f"{hs_header}.{claims}.{_b64(mac)}"
     unsigned = f"{_b64(json.dumps({'alg': 'none', 'typ': 'JWT'}).encode())}.{claims}."
     for forged in (hs256, unsigned):
         for base in (front, bridge):
