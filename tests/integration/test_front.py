@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,6 +45,7 @@ from tests.stack.oidc import LOGIN_SCOPES, OidcProvider, web_client
 from tests.stack.orthanc import OrthancServer
 from tests.stack.process import free_loopback_port
 from tests.stack.samples import SeriesSpec, StudySpec, build_study, load_demo, stow
+from tests.stack.tls import Pki
 from tests.stack.viewer import ThreadedServer
 
 pytestmark = pytest.mark.integration
@@ -85,8 +87,11 @@ class FrontWorld(SmartWorld):
 
 
 @contextmanager
-def _bridge_and_front(env: dict[str, str], front_port: int) -> Iterator[NginxFront]:
-    """The bridge's app (in this process, for its metrics) and nginx in front of it, with these settings."""
+def _bridge_and_front(env: dict[str, str], front_port: int, pki: Pki | None = None) -> Iterator[NginxFront]:
+    """The bridge's app (in this process, for its metrics) and nginx in front of it, with these settings.
+
+    With ``pki`` the front serves callers over TLS with its server certificate.
+    """
     saved = dict(os.environ)
     os.environ.update(env)
     try:
@@ -98,7 +103,8 @@ def _bridge_and_front(env: dict[str, str], front_port: int) -> Iterator[NginxFro
         os.environ.update(saved)
     with ThreadedServer(create_app(settings), name="bridge API") as bridge:
         command_env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")} | env
-        with NginxFront(command_env, bridge.base_url, port=front_port) as front:
+        tls = {"certificate": pki.server_cert, "certificate_key": pki.server_key} if pki else {}
+        with NginxFront(command_env, bridge.base_url, port=front_port, **tls) as front:
             yield front
 
 
@@ -194,7 +200,11 @@ def test_a_smart_apps_retrieves_go_from_the_front_to_the_archive_once_the_study_
     assert httpx.get(f"{world.front.url}/dicom-web/system", timeout=10).status_code in (401, 404)
     assert httpx.get(f"{world.front.url}/dicom-web/../system", timeout=10).status_code in (400, 401, 404)
 
-    events = _audit_events(world, expected=4)
+    # The call without a token is a security alert, naming the study it asked for (one per address).
+    everything = _audit_events(world, expected=5)
+    alerts = [e for e in everything if e["type"]["code"] == "110113"]
+    events = [e for e in everything if e["type"]["code"] != "110113"]
+    assert [a["entity"][0]["what"]["identifier"]["value"] for a in alerts] == [f"urn:oid:{study_uid}"]
     by_outcome = {
         (e["outcome"], e["subtype"][1]["code"], e["entity"][0]["what"]["reference"]) for e in events
     }
@@ -237,14 +247,19 @@ class FrontSession:
     jane_uid: str
     john_uid: str
     idp: OidcProvider
+    cookie_name: str = "bridge_session"
 
 
 @contextmanager
-def launched_behind_front(stack: Stack, **settings: str) -> Iterator[FrontSession]:
-    """The demo studies synced, the bridge and its front up, and a browser launched for Jane through it."""
+def launched_behind_front(stack: Stack, pki: Pki | None = None, **settings: str) -> Iterator[FrontSession]:
+    """The demo studies synced, the bridge and its front up, and a browser launched for Jane through it.
+
+    With ``pki`` the front serves https, which is the bridge's public URL: its cookies are __Host- ones.
+    """
     load_demo(stack.orthanc.dicomweb_url)
     port = free_loopback_port()
-    public = f"http://127.0.0.1:{port}"
+    public = f"{'https' if pki else 'http'}://127.0.0.1:{port}"
+    cookie_name = "__Host-bridge_session" if pki else "bridge_session"
     assert stack.sync(dicomweb_public_url=f"{public}/dicom-web").counts.parked == 0
     jane, john = _patient_id(stack, "Doe", HOSP_A), _patient_id(stack, "Smith", HOSP_B)
     studies = {s["subject"]["reference"]: s for s in stack.fhir_search("ImagingStudy")}
@@ -267,18 +282,19 @@ def launched_behind_front(stack: Stack, **settings: str) -> Iterator[FrontSessio
             gateway_front_secret=FRONT_SECRET,
             **settings,
         )
+        verify = ssl.create_default_context(cafile=str(pki.ca_cert)) if pki else True
         with (
-            _bridge_and_front(env, port) as front,
-            httpx.Client(follow_redirects=True, timeout=30) as browser,
+            _bridge_and_front(env, port, pki) as front,
+            httpx.Client(follow_redirects=True, timeout=30, verify=verify) as browser,
         ):
             html = {"Accept": "text/html"}
             launch = {"iss": idp.fhir_iss, "launch": LAUNCH}
             form = browser.get(f"{front.url}/launch", params=launch, headers=html)
             record = _sign_in(browser, form)
             assert record.status_code == 200 and str(record.url) == f"{public}/record/patients/{jane}"
-            cookie = browser.cookies.get("bridge_session")
+            cookie = browser.cookies.get(cookie_name)
             assert cookie
-            yield FrontSession(front, browser, cookie, jane_uid, john_uid, idp)
+            yield FrontSession(front, browser, cookie, jane_uid, john_uid, idp, cookie_name)
 
 
 def test_an_ehr_launched_session_behind_the_front_sees_its_patients_images_until_logout(

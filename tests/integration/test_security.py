@@ -16,6 +16,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -47,6 +48,7 @@ from tests.integration.test_smart_app import AUDIENCE, SMART_SCOPES, app_token_s
 from tests.stack.oidc import OidcProvider, secret_client
 from tests.stack.process import free_loopback_port
 from tests.stack.samples import SeriesSpec, StudySpec, build_study, load_demo, stow
+from tests.stack.tls import make_pki
 from tests.stack.viewer import ThreadedServer
 
 pytestmark = pytest.mark.integration
@@ -186,6 +188,28 @@ def test_a_logged_out_session_gets_nothing_from_the_front_once_the_grant_lifetim
             time.sleep(0.1)
     assert at_the_bridge.status_code == 401
     assert status == 401
+
+
+def test_over_https_the_session_is_a_host_cookie_and_the_front_reads_that_name(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """BRIDGE_PUBLIC_URL https (the front serving TLS): __Host- cookies, and nginx keys on the same name."""
+    with launched_behind_front(stack, make_pki(tmp_path / "pki")) as session:
+        jar = {c.name: c for c in session.browser.cookies.jar}
+        url = f"{session.front.url}/dicom-web/studies/{session.jane_uid}/metadata"
+        name, real = session.cookie_name, session.cookie
+        own = session.browser.get(url, headers=METADATA)
+        plain = session.browser.get(url, headers={**METADATA, "Cookie": f"bridge_session={real}"})
+        aliased = session.browser.get(url, headers={**METADATA, "Cookie": f"{name}=alias; {name}={real}"})
+        alias_alone = session.browser.get(url, headers={**METADATA, "Cookie": f"{name}=alias"})
+    session_cookie, login_cookie = jar["__Host-bridge_session"], jar["__Host-bridge_login"]
+    for cookie in (session_cookie, login_cookie):
+        assert cookie.secure and cookie.path == "/" and not cookie.domain_specified
+        assert cookie.has_nonstandard_attr("HttpOnly")
+    assert "bridge_session" not in jar  # no cookie by the plain name a sibling host could plant
+    assert own.status_code == 200 and own.json()
+    assert plain.status_code == 401  # the plain name is not the session's over https
+    assert aliased.status_code == 401 and alias_alone.status_code == 401
 
 
 # --- Loose claims: a signed token whose SMART claims are of another type ---------------------------------

@@ -290,3 +290,20 @@ def test_front_config_writes_a_file_only_its_owner_reads(
     refused = CliRunner().invoke(cli, ["front-config"])
     assert refused.exit_code == 2 and "BRIDGE_GATEWAY_FRONT_SECRET" in " ".join(refused.stderr.split())
 
+
+
+@pytest.mark.parametrize(
+    ("public_url", "cookie"),
+    [("http://127.0.0.1:8080", "bridge_session"), ("https://bridge.example", r"__Host\-bridge_session")],
+)
+def test_the_grant_is_keyed_by_the_bridges_own_session_cookie_and_two_are_refused(
+    tmp_path: Path, public_url: str, cookie: str
+) -> None:
+    settings = _settings(
+        public_url=public_url, oidc_issuer="https://idp.example", oidc_client_id="bridge-web"
+    )
+    text = front.nginx_config(settings, front.FrontOptions(state_dir=tmp_path))
+    assert f'"~(?:^|;)\\s*{cookie}=([^;]*)" $1;' in text  # the one cookie the bridge reads, by name
+    assert "$cookie_" not in text  # never nginx's own pick of the first of several
+    assert "if ($bridge_sessions) { return 401; }" in text
+    assert 'proxy_cache_key "$bridge_study $bridge_session $http_authorization $http_x_api_key";' in text
