@@ -35,11 +35,10 @@ from bridge.api.session import (
     SessionStore,
     clear_session_cookie,
     cookie_name,
-    read_cookie,
-    session_cookie,
     session_store,
     set_cookie,
     set_session_cookie,
+    sound_cookie,
 )
 from bridge.config import Settings
 
@@ -180,12 +179,9 @@ async def _authorize(
     settings: Settings = request.app.state.services.settings
     pkce = Pkce.new()
     nonce = secrets.token_urlsafe(24)
-    # The browser's login cookie: kept across logins begun in several tabs, so each can finish.
-    try:
-        binding = read_cookie(request, cookie_name(settings, LOGIN_COOKIE))
-    except AuthenticationError:
-        binding = None  # two or a forged one: this browser gets a fresh one
-    binding = binding or secrets.token_urlsafe(32)
+    # The browser's login cookie: kept across logins begun in several tabs, so each can finish; two
+    # or a forged one, and this browser gets a fresh one.
+    binding = sound_cookie(request, cookie_name(settings, LOGIN_COOKIE)) or secrets.token_urlsafe(32)
     pending = PendingLogin(kind, base, pkce.verifier, nonce, next_path, _browser_digest(binding))
     state = await _store(request).begin_login(pending.to_json())
     url = client.authorization_url(server, scope=scope, state=state, nonce=nonce, pkce=pkce, extra=extra)
@@ -256,11 +252,7 @@ async def callback(
             f"<p>This login was not started here, was already used, or took too long. {again}</p>",
             400,
         )
-    try:
-        binding = read_cookie(request, cookie_name(s.settings, LOGIN_COOKIE))
-    except AuthenticationError:
-        binding = None
-    if not pending.began_in(binding):
+    if not pending.began_in(sound_cookie(request, cookie_name(s.settings, LOGIN_COOKIE))):
         # Someone else's login, its callback opened in this browser (login CSRF): refused, and the
         # session this browser has stays as it is. The login is used up either way.
         reason = "a login callback from another browser than the one that began the login"
@@ -289,10 +281,7 @@ async def callback(
         if done.patient is None:
             return _failed(LoginError("the EHR launch gave no patient in context", status=403))
         next_path = f"/record/patients/{quote(done.patient, safe='')}"
-    try:
-        old = session_cookie(request)
-    except AuthenticationError:
-        old = None  # two session cookies, or one the bridge never set: nothing of ours to end
+    old = sound_cookie(request, cookie_name(s.settings))  # two, or not the bridge's: nothing to end
     if old:
         await store.end(old)
     session_id = await store.create(SessionData(done.subject, done.patient, done.scopes, client.client_id))
@@ -315,10 +304,7 @@ async def logout_page(request: Request) -> Response:
 @router.post("/logout")
 async def logout(request: Request, s: ServicesDep) -> Response:
     """End the session here, on every replica (the identity provider's own session is left as it is)."""
-    try:
-        session_id = session_cookie(request)
-    except AuthenticationError:
-        session_id = None  # nothing of ours to end; the cookie is cleared below all the same
+    session_id = sound_cookie(request, cookie_name(s.settings))  # cleared below all the same
     if session_id:
         await _store(request).end(session_id)
     again = (
