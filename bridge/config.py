@@ -9,6 +9,7 @@ per-source values it does not set itself.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -590,8 +591,27 @@ class Settings(PerSourceSettings, BaseSettings):
         default=False,
         description="Let bridge serve/run listen on a non-loopback address with no API authentication",
     )
-    api_metrics_auth: bool = Field(
-        default=False, description="/metrics requires the API's authentication too (when it is configured)"
+    api_metrics_auth: bool | None = Field(
+        default=None,
+        description=(
+            "/metrics requires the API's authentication; unset: required whenever authentication is "
+            "configured. false opens it (a scraper that cannot send credentials)"
+        ),
+    )
+    api_docs_auth: bool | None = Field(
+        default=None,
+        description=(
+            "/docs, /redoc and /openapi.json require the API's authentication; unset: required whenever "
+            "authentication is configured. false opens them"
+        ),
+    )
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Addresses or networks (CIDR) of the proxies whose X-Forwarded-For / -Proto bridge serve "
+            "believes (the nginx front's, a load balancer's); none: the connecting address is the "
+            "client's, whatever a caller writes in those headers"
+        ),
     )
     api_links_max_series: int = Field(
         default=1000,
@@ -694,7 +714,13 @@ class Settings(PerSourceSettings, BaseSettings):
     _front_secret_from_file: SecretStr | None = PrivateAttr(default=None)
 
     @field_validator(
-        "viewers", "api_keys", "jwt_algorithms", "cors_origins", "smart_launch_issuers", mode="before"
+        "viewers",
+        "api_keys",
+        "jwt_algorithms",
+        "cors_origins",
+        "smart_launch_issuers",
+        "trusted_proxies",
+        mode="before",
     )
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
@@ -717,6 +743,18 @@ class Settings(PerSourceSettings, BaseSettings):
         for origin in value:
             if origin != "*" and not re.fullmatch(r"https?://[^/\s?#]+", origin):
                 raise ValueError(f"{origin!r} is not an origin (scheme://host[:port], no path) or *")
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _trusted_proxies(cls, value: list[str]) -> list[str]:
+        for proxy in value:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{proxy!r} is not an IP address or network (CIDR), e.g. 127.0.0.1 or 10.0.0.0/8"
+                ) from None
         return value
 
     @field_validator("viewer_urls")

@@ -17,10 +17,23 @@ from fastapi.telemetry import TelemetryConfig
 from bridge import __version__
 from bridge.api import errors
 from bridge.api.deps import SECURITY_SCHEMES, Services
+from bridge.api.exposure import needs_auth
 from bridge.api.middleware import ObservabilityMiddleware
 from bridge.api.ondemand import OnDemandGate
 from bridge.api.readiness import ReadinessProbe
-from bridge.api.routes import failures, gateway, health, iid, links, login, metrics, record, sync, viewer
+from bridge.api.routes import (
+    docs,
+    failures,
+    gateway,
+    health,
+    iid,
+    links,
+    login,
+    metrics,
+    record,
+    sync,
+    viewer,
+)
 from bridge.api.security import Authenticator
 from bridge.api.session import StoreBackend
 from bridge.audit.trail import AuditTrail, running
@@ -190,6 +203,7 @@ def create_app(
                 services.resolver = None
                 services.readiness = None
 
+    protect_docs = needs_auth(settings.api_docs_auth, settings)
     app = FastAPI(
         title="FHIR–DICOMweb bridge resolver",
         version=__version__,
@@ -205,6 +219,10 @@ def create_app(
         # The bridge exports Prometheus metrics, not OpenTelemetry. Left on, FastAPI asks OpenTelemetry
         # on every request whether a provider is configured (reading os.environ): 7 % of a cached lookup.
         telemetry=NO_TELEMETRY,
+        # With authentication configured, the documentation is served by routes/docs.py, behind it.
+        docs_url=None if protect_docs else docs.DOCS,
+        redoc_url=None if protect_docs else docs.REDOC,
+        openapi_url=None if protect_docs else docs.OPENAPI,
     )
     _name_security_schemes(app)
     app.state.services = services
@@ -217,6 +235,8 @@ def create_app(
         if router is gateway.front_router and settings.front_secret is None:
             continue
         app.include_router(router)
+    if protect_docs:
+        app.include_router(docs.router)
     login.install(app, services)
     if settings.cors_origins:
         app.add_middleware(

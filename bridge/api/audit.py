@@ -19,9 +19,13 @@ def note(
     *,
     study: StudyLocation | None = None,
     patient: str | None = None,
+    study_uid: str | None = None,
     reason: str | None = None,
 ) -> None:
-    """Record one access (once per caller, study and window; nothing when the audit is off)."""
+    """Record one access (once per caller, study and window; nothing when the audit is off).
+
+    ``study_uid`` names a study not looked up (a refused credential's target), when ``study`` is None.
+    """
     trail = getattr(request.app.state.services, "audit", None)
     if trail is None:
         return
@@ -35,7 +39,7 @@ def note(
             client_id=who.client_id,
             patient=patient or (study.patient if study else None),
             study_fhir_id=study.fhir_id if study else None,
-            study_uid=study.study_uid if study else None,
+            study_uid=study.study_uid if study else study_uid,
             address=request.client.host if request.client else None,
             reason=reason,
         )

@@ -13,12 +13,13 @@ from bridge.api.access import decide
 from bridge.api.audit import note
 from bridge.api.errors import AccessDeniedError, AuthenticationError
 from bridge.api.readiness import ReadinessProbe
-from bridge.api.security import Authenticator, Caller
+from bridge.api.security import UNAUTHENTICATED, Authenticator, Caller
 from bridge.api.session import session_caller
 from bridge.audit.events import Action
 from bridge.audit.trail import AuditTrail
 from bridge.config import Settings
-from bridge.resolve.links import StudyLocation, ViewerTemplate
+from bridge.gateway.paths import parse
+from bridge.resolve.links import StudyLocation, ViewerTemplate, is_uid
 from bridge.resolve.resolver import Resolver
 from bridge.runtime import Runtime
 
@@ -109,14 +110,45 @@ def _bearer_token(authorization: str | None) -> str | None:
     return token
 
 
-async def authenticate(request: Request) -> Caller:
+async def authenticate(request: Request, *, audit_refusal: bool = True) -> Caller:
     """The authenticated caller (anonymous when authentication is off), else 401; worked out once a request.
 
-    A key or bearer token sent with the request wins; otherwise the browser's session cookie.
+    A key or bearer token sent with the request wins; otherwise the browser's session cookie. A
+    refusal is a security alert in the audit trail (one per source address and audit window),
+    unless ``audit_refusal`` is False (the front's question: the gateway audits when it answers).
     """
     known: Caller | None = request.scope.get(_CALLER)
     if known is not None:
         return known
+    try:
+        return await _authenticate(request)
+    except AuthenticationError as exc:
+        if not audit_refusal:
+            raise
+        note(
+            request,
+            UNAUTHENTICATED,
+            "authentication",
+            "refused",
+            study_uid=_named_study(request),
+            reason=str(exc),
+        )
+        raise
+
+
+def _named_study(request: Request) -> str | None:
+    """The Study Instance UID the request's path names (a lookup's or the gateway's), if any."""
+    params = request.path_params
+    uid = params.get("study_uid")
+    if uid is None and isinstance(params.get("path"), str) and request.url.path.startswith(
+        mount_path(request) + "/dicom-web/"
+    ):
+        route = parse(params["path"])
+        uid = route.study_uid if route is not None else None
+    return uid if isinstance(uid, str) and is_uid(uid) else None
+
+
+async def _authenticate(request: Request) -> Caller:
     s = services_of(request)
     headers = request.headers
     api_key = headers.get("x-api-key") or None

@@ -51,3 +51,11 @@ def check_listen_address(host: str, settings: Settings) -> None:
         "127.0.0.1, or set BRIDGE_API_ALLOW_ANONYMOUS=true if something in front of the bridge "
         "authenticates callers"
     )
+
+
+def needs_auth(setting: bool | None, settings: Settings) -> bool:
+    """Whether a route with an open-or-not setting (/metrics, /docs) requires authentication.
+
+    Unset, it follows the rest of the API: required whenever authentication is configured.
+    """
+    return auth_configured(settings) if setting is None else setting

@@ -12,7 +12,6 @@ import base64
 import hashlib
 import hmac
 import json
-import re
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -26,10 +25,10 @@ import jwt
 from bridge.api.security import LEEWAY, JwksKeys, key_algorithms
 from bridge.errors import BridgeError, UpstreamLimitError
 from bridge.limits import CallLimit, send_bounded
+from bridge.resolve.links import FHIR_ID
 
 DISCOVERY_MAX_AGE = 3600.0  # seconds a discovery document is trusted
 ANSWER_LIMIT = CallLimit("OIDC", 1024 * 1024, "a 1 MiB OIDC answer limit", 30.0, "a 30 s OIDC deadline")
-_FHIR_ID = r"^[A-Za-z0-9\-.]{1,64}$"
 
 
 class LoginError(BridgeError):
@@ -174,12 +173,14 @@ class OidcClient:
         claims = await self.verify_id_token(server, id_token, nonce=nonce)
         scope = answer.get("scope")
         patient = answer.get("patient")
-        if patient is not None and not (isinstance(patient, str) and _is_fhir_id(patient)):
+        if patient is not None and not (isinstance(patient, str) and FHIR_ID.fullmatch(patient)):
             raise LoginError("the launch context's patient is not a FHIR id", status=502)
+        if scope is not None and not isinstance(scope, str):
+            raise LoginError("the token answer's scope is not a space-separated string", status=502)
         expires_in = answer.get("expires_in")
         return Login(
             subject=str(claims["sub"]),
-            scopes=frozenset(scope.split()) if isinstance(scope, str) else frozenset(),
+            scopes=frozenset(scope.split()) if scope is not None else frozenset(),
             patient=patient,
             expires_in=float(expires_in) if isinstance(expires_in, int | float) and expires_in > 0 else None,
         )
@@ -269,6 +270,3 @@ class OidcClient:
 def _is_http_url(value: Any) -> bool:
     return isinstance(value, str) and value.startswith(("https://", "http://")) and len(value) < 2048
 
-
-def _is_fhir_id(value: str) -> bool:
-    return re.match(_FHIR_ID, value) is not None

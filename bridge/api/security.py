@@ -19,6 +19,7 @@ from bridge.api.errors import AuthenticationError
 from bridge.config import Settings
 from bridge.errors import ConfigurationError, UpstreamLimitError
 from bridge.limits import CallLimit, send_bounded
+from bridge.resolve.links import FHIR_ID
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,9 @@ class Caller:
     scopes: frozenset[str] = frozenset()
     client_id: str | None = None
     expires: float | None = None  # when the session or token ends (Unix time), if it says
+
+
+UNAUTHENTICATED = Caller("unauthenticated")  # whoever sent credentials that were refused, or none
 
 
 class JwksKeys:
@@ -238,11 +242,22 @@ class Authenticator:
         patient = claims.get("patient")
         scope = claims.get("scope")
         client = claims.get("client_id", claims.get("azp"))
+        # SMART App Launch: `patient` is a FHIR id (a string) and `scope` a space-separated string. A
+        # claim of another type is refused, never read as "not limited to a patient" or "no scopes".
+        if patient is not None and not (isinstance(patient, str) and FHIR_ID.fullmatch(patient)):
+            raise AuthenticationError(
+                "the token's patient claim is not a FHIR id (a non-empty string)",
+                bearer_error="invalid_token",
+            )
+        if scope is not None and not isinstance(scope, str):
+            raise AuthenticationError(
+                "the token's scope claim is not a space-separated string", bearer_error="invalid_token"
+            )
         return Caller(
             "jwt",
             str(subject) if subject is not None else None,
-            patient=str(patient) if isinstance(patient, str) and patient else None,
-            scopes=frozenset(scope.split()) if isinstance(scope, str) else frozenset(),
+            patient=patient,
+            scopes=frozenset(scope.split()) if scope is not None else frozenset(),
             client_id=str(client) if isinstance(client, str) else None,
             expires=float(exp) if isinstance(exp := claims.get("exp"), int | float) else None,
         )

@@ -15,6 +15,7 @@ session never outlives its own expiry.
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import time
 from collections import OrderedDict
@@ -31,7 +32,12 @@ from bridge.api.security import Caller
 from bridge.config import Settings
 from bridge.state.store import SqlStore
 
-COOKIE = "bridge_session"
+COOKIE = "bridge_session"  # the session cookie's name on plain-http loopback (a developer's machine)
+LOGIN_COOKIE = "bridge_login"  # binds a login under way to the browser that began it
+# Over https the cookies carry the __Host- prefix: the browser then takes them only from this very
+# host, Secure, with Path=/ and no Domain, so a sibling host cannot plant a session or login cookie.
+HOST_PREFIX = "__Host-"
+_COOKIE_VALUE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")  # what secrets.token_urlsafe makes, nothing else
 SESSION = "session"
 LOGIN = "login"
 MAX_SESSIONS = 10_000  # in memory: the oldest is dropped beyond this
@@ -288,6 +294,17 @@ class SessionStore:
         return found
 
 
+def host_prefixed(settings: Settings) -> bool:
+    """Whether the cookies carry the ``__Host-`` prefix: whenever the public URL is https."""
+    url = settings.public_url
+    return url is not None and url.scheme == "https"
+
+
+def cookie_name(settings: Settings, base: str = COOKIE) -> str:
+    """The name of a bridge cookie (the session's by default) under these settings."""
+    return HOST_PREFIX + base if host_prefixed(settings) else base
+
+
 def cookie_secure(settings: Settings) -> bool:
     """Secure cookies, except for a plain-http public URL on loopback (a developer's machine)."""
     url = settings.public_url
@@ -295,17 +312,22 @@ def cookie_secure(settings: Settings) -> bool:
 
 
 def cookie_path(settings: Settings) -> str:
-    """The public URL's path, so the cookie goes only to the bridge behind a path prefix."""
+    """The public URL's path, so the cookie goes only to the bridge behind a path prefix.
+
+    A ``__Host-`` cookie must have Path=/, so over https the cookies go to the whole host.
+    """
+    if host_prefixed(settings):
+        return "/"
     path = settings.public_url.path if settings.public_url is not None else None
     return (path or "/").rstrip("/") or "/"
 
 
-def set_session_cookie(response: Response, settings: Settings, session_id: str) -> None:
-    """Hand the browser its session id: HttpOnly, SameSite=Lax, Secure (see cookie_secure)."""
+def set_cookie(response: Response, settings: Settings, base: str, value: str, max_age: float) -> None:
+    """Hand the browser a bridge cookie: HttpOnly, SameSite=Lax, Secure (see cookie_secure)."""
     response.set_cookie(
-        COOKIE,
-        session_id,
-        max_age=int(settings.session_max_age),
+        cookie_name(settings, base),
+        value,
+        max_age=int(max_age),
         path=cookie_path(settings),
         secure=cookie_secure(settings),
         httponly=True,
@@ -313,11 +335,61 @@ def set_session_cookie(response: Response, settings: Settings, session_id: str) 
     )
 
 
+def set_session_cookie(response: Response, settings: Settings, session_id: str) -> None:
+    """Hand the browser its session id."""
+    set_cookie(response, settings, COOKIE, session_id, settings.session_max_age)
+
+
 def clear_session_cookie(response: Response, settings: Settings) -> None:
     """Tell the browser to drop its session cookie."""
     response.delete_cookie(
-        COOKIE, path=cookie_path(settings), secure=cookie_secure(settings), httponly=True, samesite="lax"
+        cookie_name(settings),
+        path=cookie_path(settings),
+        secure=cookie_secure(settings),
+        httponly=True,
+        samesite="lax",
     )
+
+
+def read_cookie(request: Request, name: str) -> str | None:
+    """The one value of cookie ``name`` across every Cookie header; None when absent.
+
+    Two cookies of that name are refused (401), never one picked: the nginx front keys its grants
+    on the same cookie, and a browser never sends two of ours, so two are someone's attempt to have
+    the bridge authenticate one value and the front file the grant under the other. A value the
+    bridge never makes (quoted, odd characters) is refused too, so the front's key and the bridge's
+    credential are the same bytes.
+    """
+    found: list[str] = []
+    for header in request.headers.getlist("cookie"):
+        for chunk in header.split(";"):
+            key, equals, value = chunk.partition("=")
+            if equals and key.strip() == name:
+                found.append(value.strip())
+    if not found:
+        return None
+    if len(found) > 1:
+        raise AuthenticationError(f"the request carries more than one {name} cookie; send one")
+    if not _COOKIE_VALUE.match(found[0]):
+        raise AuthenticationError(f"the {name} cookie is not one the bridge set; log in again")
+    return found[0]
+
+
+def sound_cookie(request: Request, name: str) -> str | None:
+    """The one well-formed value of cookie ``name``, else None (absent, two, or not the bridge's own).
+
+    For the login's own routes, which act only on a cookie that is plainly theirs and refuse nothing.
+    """
+    try:
+        return read_cookie(request, name)
+    except AuthenticationError:
+        return None
+
+
+def session_cookie(request: Request) -> str | None:
+    """The request's session cookie (see read_cookie), under this app's cookie name."""
+    settings: Settings = request.app.state.services.settings
+    return read_cookie(request, cookie_name(settings))
 
 
 def session_store(request: Request) -> SessionStore | None:
@@ -333,8 +405,10 @@ async def session_caller(request: Request) -> Caller | None:
     "log in again" rather than an archive error.
     """
     store = session_store(request)
-    session_id = request.cookies.get(COOKIE)
-    if store is None or not session_id:
+    if store is None:
+        return None
+    session_id = session_cookie(request)
+    if not session_id:
         return None
     found = await store.get(session_id)
     if found is None:

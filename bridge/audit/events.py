@@ -5,6 +5,12 @@ study's links, was redirected to a viewer, read or searched images through the g
 AuditEvent says who (the user and the client app), what (the Patient and the ImagingStudy), when,
 with what outcome and from which network address, in the shape of the BALP "Read" and "Query"
 patterns (https://profiles.ihe.net/ITI/BALP/).
+
+A refused credential (a bad token, a wrong API key, none where one is needed) and a refused login
+callback are security alerts instead: DICOM's "Security Alert" event (DCM 110113, sub-type 110132
+"Use of Restricted Function"), outcome minor failure, with the source's network address. They are
+one event per source address and action within the audit window, so probing cannot flood the
+FHIR server with AuditEvents (see ``Access.window_key``).
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ from typing import Any, Literal
 
 from bridge.mapping.context import DICOM_UID_SYSTEM
 
-Action = Literal["record-view", "links", "viewer", "image-read", "image-query"]
+Action = Literal["record-view", "links", "viewer", "image-read", "image-query", "authentication", "login"]
+# Actions recorded as security alerts (failures to authenticate), not as reads of patient data.
+SECURITY_ALERTS: frozenset[str] = frozenset({"authentication", "login"})
 Outcome = Literal["success", "refused", "failed"]
 
 BALP = "https://profiles.ihe.net/ITI/BALP/StructureDefinition/"
@@ -38,6 +46,8 @@ _ACTION_TEXT = {
     "viewer": "Viewer opened",
     "image-read": "Images retrieved through the gateway",
     "image-query": "Images searched through the gateway",
+    "authentication": "Credentials refused",
+    "login": "Login callback refused",
 }
 
 
@@ -58,7 +68,13 @@ class Access:
     reason: str | None = None  # why it was refused or failed (never patient data)
 
     def window_key(self) -> tuple[str | None, ...]:
-        """What makes two accesses "the same" for the once-per-window rule."""
+        """What makes two accesses "the same" for the once-per-window rule.
+
+        Security alerts count per source address and action alone: whatever a prober varies (the
+        token, the study, the path), its refusals within the window are one AuditEvent.
+        """
+        if self.action in SECURITY_ALERTS:
+            return ("security-alert", self.action, self.address)
         who = (self.caller_method, self.user, self.client_id)
         what = self.study_uid or self.study_fhir_id or self.patient
         return (*who, self.action, what, self.outcome)
@@ -118,26 +134,37 @@ def audit_event(access: Access, event_id: str | None = None) -> dict[str, Any]:
                 "role": {"system": _OBJECT_ROLE, "code": "4", "display": "Domain Resource"},
             }
         )
-    event: dict[str, Any] = {
-        "resourceType": "AuditEvent",
-        "id": event_id or str(uuid.uuid4()),
-        "meta": {
-            "profile": [BALP + ("IHE.BasicAudit.PatientQuery" if query else "IHE.BasicAudit.PatientRead")]
-        },
-        "type": {"system": _AUDIT_TYPE, "code": "rest", "display": "Restful Operation"},
-        "subtype": [
-            {"system": _INTERACTION, "code": "search" if query else "read"},
-            {"system": _BRIDGE_ACTION, "code": access.action, "display": _ACTION_TEXT[access.action]},
-        ],
-        "action": "E" if query else "R",
-        "recorded": access.recorded.isoformat().replace("+00:00", "Z"),
-        "outcome": _OUTCOME_CODE[access.outcome],
-        "agent": agents,
-        "source": {
+    event: dict[str, Any] = {"resourceType": "AuditEvent", "id": event_id or str(uuid.uuid4())}
+    if access.action in SECURITY_ALERTS:
+        event.update(
+            type={"system": _DCM, "code": "110113", "display": "Security Alert"},
+            subtype=[
+                {"system": _DCM, "code": "110132", "display": "Use of Restricted Function"},
+                {"system": _BRIDGE_ACTION, "code": access.action, "display": _ACTION_TEXT[access.action]},
+            ],
+            action="E",
+        )
+    else:
+        event.update(
+            meta={
+                "profile": [BALP + ("IHE.BasicAudit.PatientQuery" if query else "IHE.BasicAudit.PatientRead")]
+            },
+            type={"system": _AUDIT_TYPE, "code": "rest", "display": "Restful Operation"},
+            subtype=[
+                {"system": _INTERACTION, "code": "search" if query else "read"},
+                {"system": _BRIDGE_ACTION, "code": access.action, "display": _ACTION_TEXT[access.action]},
+            ],
+            action="E" if query else "R",
+        )
+    event.update(
+        recorded=access.recorded.isoformat().replace("+00:00", "Z"),
+        outcome=_OUTCOME_CODE[access.outcome],
+        agent=agents,
+        source={
             "observer": {"display": OBSERVER},
             "type": [{"system": _SOURCE_TYPE, "code": "4", "display": "Application Server"}],
         },
-    }
+    )
     if access.reason:
         event["outcomeDesc"] = access.reason
     if entities:

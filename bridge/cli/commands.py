@@ -472,7 +472,19 @@ def _serve(host: str, port: int, *, run_scheduler: bool) -> None:
     except BridgeError as exc:
         raise _fail(exc) from None
     # uvicorn's access log prints raw paths and query strings; the app logs route templates instead.
-    uvicorn.run(api, host=host, port=port, log_config=None, access_log=False, server_header=False)
+    # X-Forwarded-For / -Proto only from the proxies the operator names (BRIDGE_TRUSTED_PROXIES), never
+    # uvicorn's default of 127.0.0.1: any local process could write the audit trail's client address.
+    trusted = list(settings.trusted_proxies)
+    uvicorn.run(
+        api,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        proxy_headers=bool(trusted),
+        forwarded_allow_ips=trusted or None,
+    )
 
 
 @app.command("front-config")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from bridge.api.session import COOKIE
+from bridge.api.session import cookie_name
 from bridge.config import Settings, SourceSettings
 from bridge.errors import ConfigurationError
 from bridge.gateway.proxy import FORWARDED_REQUEST
@@ -216,6 +216,7 @@ def nginx_config(settings: Settings, options: FrontOptions) -> str:
             "backslashes, ';', '{', '}' or '$'"
         )
     handed_on = " ".join(str(code) for code in _HANDED_ON)
+    cookie = re.escape(cookie_name(settings))
     user = [f"user {options.user};"] if options.user else []
     lines = [
         "# The FHIR-DICOMweb bridge's gateway front, written by `bridge front-config`. It holds the",
@@ -237,6 +238,17 @@ def nginx_config(settings: Settings, options: FrontOptions) -> str:
         f"    proxy_cache_path {state / 'grants'} levels=1:2 keys_zone=bridge_grants:4m max_size=64m "
         "inactive=10m use_temp_path=off;",
         f"    upstream bridge {{ server {bridge}; keepalive 32; }}",
+        # The session cookie the bridge reads (every Cookie header, joined by nginx), and whether
+        # there is more than one: then the bridge refuses the request, and so does the fast path,
+        # so a grant is never filed under one cookie while the bridge authenticated another.
+        "    map $http_cookie $bridge_session {",
+        '        default "";',
+        f'        "~(?:^|;)\\s*{cookie}=([^;]*)" $1;',
+        "    }",
+        "    map $http_cookie $bridge_sessions {",
+        "        default 0;",
+        f'        "~(?:^|;)\\s*{cookie}=.*;\\s*{cookie}=" 2;',
+        "    }",
         *upstreams,
         "    server {",
         f"        listen {listen};",
@@ -252,6 +264,7 @@ def nginx_config(settings: Settings, options: FrontOptions) -> str:
         "            set $bridge_series $3;",
         f"            error_page {handed_on} = @bridge;",
         "            if ($request_method !~ ^(GET|HEAD)$) { return 418; }",
+        "            if ($bridge_sessions) { return 401; }  # two session cookies: the bridge refuses them",
         # The raw path must be the one matched: no escapes, dot segments or doubled slashes.
         f'            if ($request_uri !~ "^/dicom-web/{RETRIEVE}(?:\\?|$)") {{ return 418; }}',
         f"            auth_request {GRANT_PATH};",
@@ -271,8 +284,10 @@ def nginx_config(settings: Settings, options: FrontOptions) -> str:
         *(f"            {line}" for line in to_bridge),
         f"            proxy_read_timeout {deadline};",
         "            proxy_cache bridge_grants;  # needs proxy_buffering, on by default",
+        # Keyed by the study and series and the very credentials the bridge reads: the one session
+        # cookie (the bridge refuses two), the first Authorization and X-API-Key headers (its too).
         "            proxy_cache_key "
-        f'"$bridge_study $bridge_series $cookie_{COOKIE} $http_authorization $http_x_api_key";',
+        '"$bridge_study $bridge_series $bridge_session $http_authorization $http_x_api_key";',
         "            proxy_cache_valid 200 0s;  # the bridge's X-Accel-Expires says how long a grant holds",
         "            proxy_cache_lock on;",
         "        }",

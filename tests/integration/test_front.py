@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import ssl
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,6 +48,7 @@ from tests.stack.oidc import LOGIN_SCOPES, OidcProvider, web_client
 from tests.stack.orthanc import OrthancServer
 from tests.stack.process import free_loopback_port
 from tests.stack.samples import SeriesSpec, StudySpec, build_study, load_demo, stow
+from tests.stack.tls import Pki
 from tests.stack.viewer import ThreadedServer
 
 pytestmark = pytest.mark.integration
@@ -89,14 +91,19 @@ class FrontWorld(SmartWorld):
 
 
 @contextmanager
-def _bridge_and_front(env: dict[str, str], front_port: int) -> Iterator[NginxFront]:
-    """The bridge's app (in this process, for its metrics) and nginx in front of it, with these settings."""
-    with _bridge_with_front(env, front_port) as (_bridge, front):
+def _bridge_and_front(env: dict[str, str], front_port: int, pki: Pki | None = None) -> Iterator[NginxFront]:
+    """The bridge's app (in this process, for its metrics) and nginx in front of it, with these settings.
+
+    With ``pki`` the front serves callers over TLS with its server certificate.
+    """
+    with _bridge_with_front(env, front_port, pki) as (_bridge, front):
         yield front
 
 
 @contextmanager
-def _bridge_with_front(env: dict[str, str], front_port: int) -> Iterator[tuple[str, NginxFront]]:
+def _bridge_with_front(
+    env: dict[str, str], front_port: int, pki: Pki | None = None
+) -> Iterator[tuple[str, NginxFront]]:
     """`_bridge_and_front`, with the bridge's own address (its Python gateway, without the front)."""
     saved = dict(os.environ)
     os.environ.update(env)
@@ -109,7 +116,8 @@ def _bridge_with_front(env: dict[str, str], front_port: int) -> Iterator[tuple[s
         os.environ.update(saved)
     with ThreadedServer(create_app(settings), name="bridge API") as bridge:
         command_env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")} | env
-        with NginxFront(command_env, bridge.base_url, port=front_port) as front:
+        tls = {"certificate": pki.server_cert, "certificate_key": pki.server_key} if pki else {}
+        with NginxFront(command_env, bridge.base_url, port=front_port, **tls) as front:
             yield bridge.base_url, front
 
 
@@ -208,7 +216,11 @@ def test_a_smart_apps_retrieves_go_from_the_front_to_the_archive_once_the_study_
     assert httpx.get(f"{world.front.url}/dicom-web/system", timeout=10).status_code in (401, 404)
     assert httpx.get(f"{world.front.url}/dicom-web/../system", timeout=10).status_code in (400, 401, 404)
 
-    events = _audit_events(world, expected=4)
+    # The call without a token is a security alert, naming the study it asked for (one per address).
+    everything = _audit_events(world, expected=5)
+    alerts = [e for e in everything if e["type"]["code"] == "110113"]
+    events = [e for e in everything if e["type"]["code"] != "110113"]
+    assert [a["entity"][0]["what"]["identifier"]["value"] for a in alerts] == [f"urn:oid:{study_uid}"]
     by_outcome = {
         (e["outcome"], e["subtype"][1]["code"], e["entity"][0]["what"]["reference"]) for e in events
     }
@@ -241,13 +253,29 @@ def test_the_bridge_says_how_long_the_front_keeps_a_grant(world: FrontWorld) -> 
         assert _settled(GRANT_PATH, 200) - grants == 3
 
 
-def test_an_ehr_launched_session_behind_the_front_sees_its_patients_images_until_logout(
-    stack: Stack,
-) -> None:
-    """The browser's way: login and launch pass through the front; the session cookie keys the grant."""
+@dataclass
+class FrontSession:
+    """A browser with an EHR-launched session (Jane's) opened through the front."""
+
+    front: NginxFront
+    browser: httpx.Client
+    cookie: str  # the session cookie's value
+    jane_uid: str
+    john_uid: str
+    idp: OidcProvider
+    cookie_name: str = "bridge_session"
+
+
+@contextmanager
+def launched_behind_front(stack: Stack, pki: Pki | None = None, **settings: str) -> Iterator[FrontSession]:
+    """The demo studies synced, the bridge and its front up, and a browser launched for Jane through it.
+
+    With ``pki`` the front serves https, which is the bridge's public URL: its cookies are __Host- ones.
+    """
     load_demo(stack.orthanc.dicomweb_url)
     port = free_loopback_port()
-    public = f"http://127.0.0.1:{port}"
+    public = f"{'https' if pki else 'http'}://127.0.0.1:{port}"
+    cookie_name = "__Host-bridge_session" if pki else "bridge_session"
     assert stack.sync(dicomweb_public_url=f"{public}/dicom-web").counts.parked == 0
     jane, john = _patient_id(stack, "Doe", HOSP_A), _patient_id(stack, "Smith", HOSP_B)
     studies = {s["subject"]["reference"]: s for s in stack.fhir_search("ImagingStudy")}
@@ -267,40 +295,22 @@ def test_an_ehr_launched_session_behind_the_front_sees_its_patients_images_until
             oidc_client_id=CLIENT_ID,
             oidc_client_secret=CLIENT_SECRET,
             smart_launch_issuers=idp.fhir_iss,
-            session_cache_ttl="1",
             gateway_front_secret=FRONT_SECRET,
+            **settings,
         )
+        verify = ssl.create_default_context(cafile=str(pki.ca_cert)) if pki else True
         with (
-            _bridge_and_front(env, port) as front,
-            httpx.Client(follow_redirects=True, timeout=30) as browser,
+            _bridge_and_front(env, port, pki) as front,
+            httpx.Client(follow_redirects=True, timeout=30, verify=verify) as browser,
         ):
             html = {"Accept": "text/html"}
             launch = {"iss": idp.fhir_iss, "launch": LAUNCH}
             form = browser.get(f"{front.url}/launch", params=launch, headers=html)
             record = _sign_in(browser, form)
             assert record.status_code == 200 and str(record.url) == f"{public}/record/patients/{jane}"
-            cookie = browser.cookies.get("bridge_session")
+            cookie = browser.cookies.get(cookie_name)
             assert cookie
-            metadata = {"Accept": "application/dicom+json"}
-            grants, relayed = _settled(GRANT_PATH, 200), _settled(GATEWAY_ROUTE, 200)
-            own = [
-                browser.get(f"{front.url}/dicom-web/studies/{jane_uid}/metadata", headers=metadata)
-                for _ in range(3)
-            ]
-            assert [a.status_code for a in own] == [200, 200, 200], own[0].text
-            assert own[0].json()
-            assert _settled(GRANT_PATH, 200) - grants == 1 and _settled(GATEWAY_ROUTE, 200) == relayed
-            other = browser.get(f"{front.url}/dicom-web/studies/{john_uid}/metadata", headers=metadata)
-            assert other.status_code == 403
-            assert browser.post(f"{front.url}/logout").status_code == 200
-            time.sleep(1.5)  # the grant the front kept lasts BRIDGE_SESSION_CACHE_TTL
-            replayed = httpx.get(
-                f"{front.url}/dicom-web/studies/{jane_uid}/metadata",
-                headers=metadata,
-                cookies={"bridge_session": cookie},
-                timeout=30,
-            )
-            assert replayed.status_code == 401  # the ended session, not the archive's answer
+            yield FrontSession(front, browser, cookie, jane_uid, john_uid, idp, cookie_name)
 
 
 # One study, one patient: the archive files another patient's images under a published Study UID
@@ -430,3 +440,30 @@ def test_another_patients_instance_and_an_unknown_one_are_answered_alike(world: 
                 assert others.status_code == unknown.status_code == 404, (base, tail, others.status_code)
                 assert others.content == unknown.content, (base, tail)
                 assert _diagnostics(others) == "not found in the study's archive"
+def test_an_ehr_launched_session_behind_the_front_sees_its_patients_images_until_logout(
+    stack: Stack,
+) -> None:
+    """The browser's way: login and launch pass through the front; the session cookie keys the grant."""
+    with launched_behind_front(stack, session_cache_ttl="1") as session:
+        front, browser, cookie = session.front, session.browser, session.cookie
+        jane_uid, john_uid = session.jane_uid, session.john_uid
+        metadata = {"Accept": "application/dicom+json"}
+        grants, relayed = _settled(GRANT_PATH, 200), _settled(GATEWAY_ROUTE, 200)
+        own = [
+            browser.get(f"{front.url}/dicom-web/studies/{jane_uid}/metadata", headers=metadata)
+            for _ in range(3)
+        ]
+        assert [a.status_code for a in own] == [200, 200, 200], own[0].text
+        assert own[0].json()
+        assert _settled(GRANT_PATH, 200) - grants == 1 and _settled(GATEWAY_ROUTE, 200) == relayed
+        other = browser.get(f"{front.url}/dicom-web/studies/{john_uid}/metadata", headers=metadata)
+        assert other.status_code == 403
+        assert browser.post(f"{front.url}/logout").status_code == 200
+        time.sleep(1.5)  # the grant the front kept lasts BRIDGE_SESSION_CACHE_TTL
+        replayed = httpx.get(
+            f"{front.url}/dicom-web/studies/{jane_uid}/metadata",
+            headers=metadata,
+            cookies={"bridge_session": cookie},
+            timeout=30,
+        )
+        assert replayed.status_code == 401  # the ended session, not the archive's answer

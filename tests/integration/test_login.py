@@ -88,13 +88,15 @@ def login_stack(
             yield server.base_url, idp
 
 
-def _sign_in(browser: httpx.Client, form_page: httpx.Response, password: str = PASSWORD) -> httpx.Response:
-    """Fill in the provider's login form and follow where it sends the browser."""
+def _sign_in(
+    browser: httpx.Client, form_page: httpx.Response, password: str = PASSWORD, *, follow: bool = True
+) -> httpx.Response:
+    """Fill in the provider's login form and follow where it sends the browser (unless ``follow`` is off)."""
     assert form_page.status_code == 200 and "Sign in" in form_page.text, form_page.text[:500]
     action = re.search(r'action="([^"]+)"', form_page.text)
     assert action is not None
     target = httpx.URL(str(form_page.url)).join(action[1])
-    return browser.post(target, data={"username": USER, "password": password})
+    return browser.post(target, data={"username": USER, "password": password}, follow_redirects=follow)
 
 
 def test_login_at_the_provider_opens_the_record_and_logout_ends_it(

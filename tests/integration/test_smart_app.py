@@ -183,7 +183,11 @@ def test_a_smart_apps_token_gets_its_patients_images_through_the_endpoint_and_no
     )
     assert len(bob.retrieve_study_metadata(bob_uid)) == 2
 
-    events = _audit_events(world, expected=4)
+    # The call without a token is a security alert, naming the study it asked for (one per address).
+    everything = _audit_events(world, expected=5)
+    alerts = [e for e in everything if e["type"]["code"] == "110113"]
+    events = [e for e in everything if e["type"]["code"] != "110113"]
+    assert [a["entity"][0]["what"]["identifier"]["value"] for a in alerts] == [f"urn:oid:{study_uid}"]
     by_outcome = {
         (e["outcome"], e["subtype"][1]["code"], e["entity"][0]["what"]["reference"]) for e in events
     }

@@ -108,10 +108,26 @@ class Nginx(Launcher):
 class NginxFront(Nginx):
     """nginx in front of a running bridge API, with the configuration `bridge front-config` writes."""
 
-    def __init__(self, env: dict[str, str], bridge_url: str, *, port: int = 0, name: str = "front") -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        bridge_url: str,
+        *,
+        port: int = 0,
+        name: str = "front",
+        certificate: Path | None = None,
+        certificate_key: Path | None = None,
+    ) -> None:
         super().__init__(port=port, name=name)
         self.env = env  # the BRIDGE_* settings of the bridge behind it (BRIDGE_GATEWAY_FRONT_SECRET included)
         self.bridge_url = bridge_url
+        self.certificate = certificate  # TLS for callers (--certificate, --certificate-key)
+        self.certificate_key = certificate_key
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.certificate is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     def configure(self, config_path: Path, state: Path, worker_user: str | None) -> None:
         command = [
@@ -123,6 +139,9 @@ class NginxFront(Nginx):
         ]  # fmt: skip
         if worker_user is not None:
             command += ["--user", worker_user]
+        if self.certificate is not None and self.certificate_key is not None:
+            command += ["--certificate", str(self.certificate)]
+            command += ["--certificate-key", str(self.certificate_key)]
         written = subprocess.run(command, env=self.env, capture_output=True, text=True, check=False)
         if written.returncode != 0:
             raise RuntimeError(f"bridge front-config failed ({written.returncode}): {written.stderr.strip()}")

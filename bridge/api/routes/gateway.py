@@ -378,7 +378,7 @@ async def front_grant(request: Request) -> Response:
     if route is None or route.kind != "retrieve" or route.study_uid is None or not front.is_fast_path(path):
         return Response(status_code=_NOT_FROM_THE_FRONT)
     try:
-        who = await authenticate(request)
+        who = await authenticate(request, audit_refusal=False)
         study = await resolver_of(request).by_study_uid(route.study_uid)
         if not decide(who, study.patient).allowed:
             return Response(status_code=_NOT_FROM_THE_FRONT)

@@ -9,6 +9,8 @@ address is kept server-side, never put in a URL). Not part of the JSON API's sch
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import html
 import logging
 import secrets
@@ -21,16 +23,22 @@ from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from bridge.api import errors
+from bridge.api.audit import note
 from bridge.api.deps import Services, ServicesDep, mount_path
 from bridge.api.errors import AuthenticationError
 from bridge.api.oidc import AuthServer, LoginError, OidcClient, Pkce
+from bridge.api.security import UNAUTHENTICATED
 from bridge.api.session import (
-    COOKIE,
+    LOGIN_COOKIE,
+    PENDING_TTL,
     SessionData,
     SessionStore,
     clear_session_cookie,
+    cookie_name,
     session_store,
+    set_cookie,
     set_session_cookie,
+    sound_cookie,
 )
 from bridge.config import Settings
 
@@ -55,6 +63,7 @@ class PendingLogin:
     verifier: str
     nonce: str
     next: str  # a path on the bridge
+    browser: str  # SHA-256 of the login cookie of the browser that began it: only that browser ends it
 
     def to_json(self) -> dict[str, Any]:
         """As stored."""
@@ -64,16 +73,28 @@ class PendingLogin:
             "verifier": self.verifier,
             "nonce": self.nonce,
             "next": self.next,
+            "browser": self.browser,
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> PendingLogin | None:
-        """As read back; None when it is not one of ours."""
-        values = [data.get(name) for name in ("kind", "base", "verifier", "nonce", "next")]
+        """As read back; None when it is not one of ours (a login begun before browsers were bound)."""
+        names = ("kind", "base", "verifier", "nonce", "next", "browser")
+        values = [data.get(name) for name in names]
         if not all(isinstance(v, str) for v in values) or values[0] not in ("login", "launch"):
             return None
         kind: Literal["login", "launch"] = "launch" if values[0] == "launch" else "login"
-        return cls(kind, str(values[1]), str(values[2]), str(values[3]), str(values[4]))
+        return cls(kind, *(str(v) for v in values[1:]))
+
+    def began_in(self, binding: str | None) -> bool:
+        """Whether the browser showing login cookie ``binding`` is the one that began this login."""
+        if binding is None:
+            return False
+        return hmac.compare_digest(_browser_digest(binding).encode(), self.browser.encode())
+
+
+def _browser_digest(binding: str) -> str:
+    return hashlib.sha256(binding.encode()).hexdigest()
 
 
 def oidc_client(settings: Settings, kind: Literal["login", "launch"]) -> OidcClient:
@@ -155,12 +176,18 @@ async def _authorize(
     next_path: str,
     extra: dict[str, str],
 ) -> RedirectResponse:
+    settings: Settings = request.app.state.services.settings
     pkce = Pkce.new()
     nonce = secrets.token_urlsafe(24)
-    pending = PendingLogin(kind, base, pkce.verifier, nonce, next_path)
+    # The browser's login cookie: kept across logins begun in several tabs, so each can finish; two
+    # or a forged one, and this browser gets a fresh one.
+    binding = sound_cookie(request, cookie_name(settings, LOGIN_COOKIE)) or secrets.token_urlsafe(32)
+    pending = PendingLogin(kind, base, pkce.verifier, nonce, next_path, _browser_digest(binding))
     state = await _store(request).begin_login(pending.to_json())
     url = client.authorization_url(server, scope=scope, state=state, nonce=nonce, pkce=pkce, extra=extra)
-    return RedirectResponse(url, status_code=302, headers=_NO_STORE)
+    response = RedirectResponse(url, status_code=302, headers=_NO_STORE)
+    set_cookie(response, settings, LOGIN_COOKIE, binding, PENDING_TTL)
+    return response
 
 
 def _failed(exc: LoginError) -> HTMLResponse:
@@ -218,12 +245,24 @@ async def callback(
     store = _store(request)
     stored = await store.finish_login(state) if state else None
     pending = PendingLogin.from_json(stored) if stored is not None else None
+    again = f'<a href="{html.escape(mount_path(request))}/login">Sign in again</a>.'
     if pending is None:
         return _page(
             "Login expired",
-            "<p>This login was not started here, was already used, or took too long. "
-            f'<a href="{html.escape(mount_path(request))}/login">Log in again</a>.</p>',
+            f"<p>This login was not started here, was already used, or took too long. {again}</p>",
             400,
+        )
+    if not pending.began_in(sound_cookie(request, cookie_name(s.settings, LOGIN_COOKIE))):
+        # Someone else's login, its callback opened in this browser (login CSRF): refused, and the
+        # session this browser has stays as it is. The login is used up either way.
+        reason = "a login callback from another browser than the one that began the login"
+        note(request, UNAUTHENTICATED, "login", "refused", reason=reason)
+        logger.warning("login refused: %s", reason)
+        return _page(
+            "Login refused",
+            f"<p>This login was begun in another browser, or this browser's login cookie is gone. "
+            f"{again}</p>",
+            403,
         )
     if error is not None or not code:
         shown = error if error and error.replace("_", "").isalnum() else "no code"
@@ -242,7 +281,7 @@ async def callback(
         if done.patient is None:
             return _failed(LoginError("the EHR launch gave no patient in context", status=403))
         next_path = f"/record/patients/{quote(done.patient, safe='')}"
-    old = request.cookies.get(COOKIE)
+    old = sound_cookie(request, cookie_name(s.settings))  # two, or not the bridge's: nothing to end
     if old:
         await store.end(old)
     session_id = await store.create(SessionData(done.subject, done.patient, done.scopes, client.client_id))
@@ -265,7 +304,7 @@ async def logout_page(request: Request) -> Response:
 @router.post("/logout")
 async def logout(request: Request, s: ServicesDep) -> Response:
     """End the session here, on every replica (the identity provider's own session is left as it is)."""
-    session_id = request.cookies.get(COOKIE)
+    session_id = sound_cookie(request, cookie_name(s.settings))  # cleared below all the same
     if session_id:
         await _store(request).end(session_id)
     again = (
@@ -295,8 +334,9 @@ async def _authentication_error(request: Request, exc: Exception) -> Response:
     if request.url.query:
         here += "?" + request.url.query
     response = await start_login(request, _local_path(here))
-    if request.cookies.get(COOKIE):
-        clear_session_cookie(response, request.app.state.services.settings)
+    settings: Settings = request.app.state.services.settings
+    if cookie_name(settings) in request.cookies:
+        clear_session_cookie(response, settings)
     return response
 
 

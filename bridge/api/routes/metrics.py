@@ -6,12 +6,14 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from bridge.api.deps import AuthenticatedRoute, authenticate, services_of
+from bridge.api.exposure import needs_auth
 from bridge.metrics import exposition
 
 
 async def metrics_caller(request: Request) -> None:
-    """The API's authentication, when BRIDGE_API_METRICS_AUTH puts /metrics behind it."""
-    if services_of(request).settings.api_metrics_auth:
+    """The API's authentication, unless BRIDGE_API_METRICS_AUTH=false opens /metrics (exposure.needs_auth)."""
+    settings = services_of(request).settings
+    if needs_auth(settings.api_metrics_auth, settings):
         await authenticate(request)
 
 

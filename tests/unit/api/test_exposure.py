@@ -51,13 +51,20 @@ async def test_record_and_on_demand_sync_need_the_configured_auth(tmp_path: Path
         assert (await c.post("/studies/1.2.3/sync", headers={"X-API-Key": "k-one"})).status_code != 401
 
 
-async def test_metrics_can_be_put_behind_the_auth(tmp_path: Path, fake: FakeFhir) -> None:
-    async with client(tmp_path, fake, api_keys=["k-one"]) as c:
-        assert (await c.get("/metrics")).status_code == 200  # default: scrapers need no key
-    async with client(tmp_path, fake, api_keys=["k-one"], api_metrics_auth=True) as c:
-        assert (await c.get("/metrics")).status_code == 401
-        assert (await c.get("/metrics", headers={"X-API-Key": "k-one"})).status_code == 200
+async def test_metrics_and_docs_follow_the_auth_unless_a_setting_opens_them(
+    tmp_path: Path, fake: FakeFhir
+) -> None:
+    closed = ("/metrics", "/docs", "/redoc", "/openapi.json")
+    async with client(tmp_path, fake, api_keys=["k-one"]) as c:  # default: auth on, so these need it
+        assert [(await c.get(path)).status_code for path in closed] == [401] * 4
+        key = {"X-API-Key": "k-one"}
+        assert [(await c.get(path, headers=key)).status_code for path in closed] == [200] * 4
+        assert (await c.get("/openapi.json", headers=key)).json()["info"]["title"]
         assert (await c.get("/healthz")).status_code == 200  # probes stay open
+    async with client(tmp_path, fake, api_keys=["k-one"], api_metrics_auth=False, api_docs_auth=False) as c:
+        assert [(await c.get(path)).status_code for path in closed] == [200] * 4
+    async with client(tmp_path, fake) as c:  # no auth configured: nothing to ask for
+        assert [(await c.get(path)).status_code for path in closed] == [200] * 4
 
 
 def test_bridge_serve_refuses_all_addresses_without_auth(

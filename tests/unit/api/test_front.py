@@ -333,3 +333,20 @@ async def test_a_study_level_retrieve_is_granted_only_while_the_archive_holds_no
         world.json_paths[f"studies/{UID_1}/series"] = rows("1.2", "1.2.3", "9.9")  # another patient's
         mixed = await api.get(front.GRANT_PATH, headers=_asking(path, **bearer(**PATIENT_1)))
     assert (clean.status_code, mixed.status_code) == (200, 403)
+
+
+@pytest.mark.parametrize(
+    ("public_url", "cookie"),
+    [("http://127.0.0.1:8080", "bridge_session"), ("https://bridge.example", r"__Host\-bridge_session")],
+)
+def test_the_grant_is_keyed_by_the_bridges_own_session_cookie_and_two_are_refused(
+    tmp_path: Path, public_url: str, cookie: str
+) -> None:
+    settings = _settings(
+        public_url=public_url, oidc_issuer="https://idp.example", oidc_client_id="bridge-web"
+    )
+    text = front.nginx_config(settings, front.FrontOptions(state_dir=tmp_path))
+    assert f'"~(?:^|;)\\s*{cookie}=([^;]*)" $1;' in text  # the one cookie the bridge reads, by name
+    assert "$cookie_" not in text  # never nginx's own pick of the first of several
+    assert "if ($bridge_sessions) { return 401; }" in text
+    assert '"$bridge_study $bridge_series $bridge_session $http_authorization $http_x_api_key";' in text

@@ -618,3 +618,41 @@ async def test_a_withdrawn_study_is_refused_with_its_reason_to_everyone(tmp_path
         assert "conflicting patient identity" in answer.json()["issue"][0]["diagnostics"]
     assert all(UID_3 not in str(r.url) for r in world.archive_requests)
     assert across.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"patient": 123, "scope": "patient/ImagingStudy.read"},
+        {"patient": ["p1"], "scope": "patient/ImagingStudy.read"},
+        {"patient": "", "scope": "patient/ImagingStudy.read"},
+        {"patient": "p1", "scope": ["patient/ImagingStudy.read"]},
+        {"scope": ["user/ImagingStudy.read"]},
+    ],
+    ids=["patient a number", "patient a list", "patient empty", "scope a list", "scope a list, no patient"],
+)
+async def test_smart_claims_of_another_type_are_refused_never_read_as_unlimited(
+    tmp_path: Path, claims: dict[str, Any]
+) -> None:
+    world = World()
+    async with gateway(tmp_path, world) as api:
+        answer = await api.get(f"/dicom-web/studies/{UID_2}/metadata", headers=bearer(**claims))
+    assert answer.status_code == 401 and 'error="invalid_token"' in answer.headers["www-authenticate"]
+    assert world.archive_requests == []
+
+
+async def test_refused_credentials_are_one_security_alert_per_address_and_window(tmp_path: Path) -> None:
+    world = World()
+    async with gateway(tmp_path, world, audit="fhir", audit_flush_interval=3600) as api:
+        for attempt in range(30):  # a prober varying the credential and the study
+            headers = [{"X-API-Key": f"guess-{attempt}"}, {"Authorization": "Bearer x.y.z"}, {}][attempt % 3]
+            uid = (UID_1, UID_2)[attempt % 2]
+            assert (await api.get(f"/dicom-web/studies/{uid}/metadata", headers=headers)).status_code == 401
+        await api.app.state.services.audit.flush()  # type: ignore[attr-defined]
+    events = [e["resource"] for b in world.audit_bundles for e in b["entry"]]
+    assert len(events) == 1
+    (alert,) = events
+    assert alert["type"]["code"] == "110113" and alert["outcome"] == "4"
+    assert alert["subtype"][1]["code"] == "authentication"
+    assert alert["agent"][0]["network"]["address"] == "127.0.0.1"
+    assert alert["entity"][0]["what"]["identifier"]["value"] == f"urn:oid:{UID_1}"

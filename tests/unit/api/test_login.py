@@ -20,7 +20,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi import FastAPI
 
 from bridge.api.app import create_app
-from bridge.api.session import COOKIE, SessionStore, StoreBackend
+from bridge.api.session import COOKIE as PLAIN_COOKIE
+from bridge.api.session import HOST_PREFIX, SessionStore, StoreBackend
 from bridge.config import Settings, load_settings
 from bridge.errors import ConfigurationError
 from bridge.resolve.links import subject_patient
@@ -39,6 +40,7 @@ ISSUER = "https://idp.example"
 EHR = "https://ehr.example/fhir"
 EHR_AUTH = "https://ehr-auth.example"
 PUBLIC = "https://bridge.example"
+COOKIE = HOST_PREFIX + PLAIN_COOKIE  # the public URL is https: the cookie is __Host- prefixed
 CLIENT = "bridge-web"
 SECRET = "s3cret"
 OTHER_UID = "1.2.826.0.1.3680043.8.498.2"
@@ -713,3 +715,37 @@ async def test_an_identity_provider_answering_too_much_opens_no_session(tmp_path
         back = await b.http.get("/login/callback", params=query)
         assert back.status_code == 502 and "more than 1048576 bytes" in back.text
         assert COOKIE not in back.headers.get("set-cookie", "")
+
+
+async def test_a_callback_begun_in_another_browser_is_refused_and_the_session_here_stays(
+    tmp_path: Path,
+) -> None:
+    async with bridge(tmp_path, audit="log") as b:
+        await b.login()
+        mine = b.http.cookies[COOKIE]
+        # Another browser begins a login and hands its callback URL over (login CSRF).
+        async with httpx.AsyncClient(transport=b.http._transport, base_url=PUBLIC) as other:
+            to_idp = await other.get("/login", headers={"Accept": "text/html"})
+            assert other.cookies.get(HOST_PREFIX + "bridge_login")
+        swapped = await b.http.get("/login/callback", params=b.idp.authorize(to_idp.headers["location"]))
+        still = await b.http.get("/imaging-studies/is1/links")
+    assert swapped.status_code == 403 and "Sign in again" in swapped.text
+    assert "set-cookie" not in swapped.headers
+    assert b.http.cookies[COOKIE] == mine and still.status_code == 200
+
+
+async def test_two_session_cookies_are_refused_never_one_picked(tmp_path: Path) -> None:
+    async with bridge(tmp_path) as b:
+        await b.login()
+        real = b.http.cookies[COOKIE]
+        b.http.cookies.clear()
+        one = await b.http.get("/imaging-studies/is1/links", headers={"Cookie": f"{COOKIE}={real}"})
+        two = await b.http.get(
+            "/imaging-studies/is1/links", headers={"Cookie": f"{COOKIE}=alias; {COOKIE}={real}"}
+        )
+        quoted = await b.http.get("/imaging-studies/is1/links", headers={"Cookie": f'{COOKIE}="{real}"'})
+        plain = await b.http.get("/imaging-studies/is1/links", headers={"Cookie": f"{PLAIN_COOKIE}={real}"})
+    assert one.status_code == 200
+    assert two.status_code == 401 and "more than one" in two.json()["issue"][0]["diagnostics"]
+    assert quoted.status_code == 401
+    assert plain.status_code == 401  # over https only the __Host- cookie is the session's

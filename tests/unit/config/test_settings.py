@@ -336,3 +336,12 @@ def test_limits_default_far_above_real_archives(required: pytest.MonkeyPatch) ->
     assert settings.dicomweb.max_series == 10_000
     assert settings.dicomweb.max_page_bytes == 16 * 1024 * 1024
     assert settings.api_allow_anonymous is False
+
+
+def test_trusted_proxies_are_addresses_or_networks_and_none_by_default(required: pytest.MonkeyPatch) -> None:
+    assert load_settings().trusted_proxies == []  # nobody's X-Forwarded-For is believed
+    required.setenv("BRIDGE_TRUSTED_PROXIES", "127.0.0.1, 10.0.0.0/8,::1")
+    assert load_settings().trusted_proxies == ["127.0.0.1", "10.0.0.0/8", "::1"]
+    required.setenv("BRIDGE_TRUSTED_PROXIES", "127.0.0.1,front.example")
+    message = error()
+    assert "BRIDGE_TRUSTED_PROXIES" in message and "front.example" in message

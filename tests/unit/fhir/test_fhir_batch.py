@@ -72,7 +72,8 @@ async def test_each_entry_is_read_as_its_own_request_reads_writes_and_failures()
             answer("412 Precondition Failed"),
             answer("201 Created", location="Patient/p2/_history/1"),
         ]
-        return httpx.Response(200, json={"resourceType": "Bundle", "type": "batch-response", "entry": entries})
+        bundle = {"resourceType": "Bundle", "type": "batch-response", "entry": entries}
+        return httpx.Response(200, json=bundle)
 
     fhir = FhirClient(httpx.AsyncClient(transport=httpx.MockTransport(handler)), BASE, policy=NO_RETRY)
     create = {
