@@ -20,7 +20,19 @@ from bridge.api.deps import SECURITY_SCHEMES, Services
 from bridge.api.middleware import ObservabilityMiddleware
 from bridge.api.ondemand import OnDemandGate
 from bridge.api.readiness import ReadinessProbe
-from bridge.api.routes import failures, gateway, health, iid, links, login, metrics, record, sync, viewer
+from bridge.api.routes import (
+    docs,
+    failures,
+    gateway,
+    health,
+    iid,
+    links,
+    login,
+    metrics,
+    record,
+    sync,
+    viewer,
+)
 from bridge.api.security import Authenticator
 from bridge.api.session import StoreBackend
 from bridge.audit.trail import AuditTrail, running
@@ -200,6 +212,8 @@ def create_app(
             "bases are used."
         ),
         lifespan=lifespan,
+        docs_url=None,  # docs.install serves them with Swagger UI and ReDoc from the package, not a CDN
+        redoc_url=None,
         # No slash redirects: they are built from the request's Host header, which a caller chooses.
         redirect_slashes=False,
         # The bridge exports Prometheus metrics, not OpenTelemetry. Left on, FastAPI asks OpenTelemetry
@@ -218,6 +232,7 @@ def create_app(
             continue
         app.include_router(router)
     login.install(app, services)
+    docs.install(app)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
