@@ -48,6 +48,8 @@ class AuthServer:
     authorization_endpoint: str
     token_endpoint: str
     jwks: JwksKeys = field(compare=False)
+    # OpenID Connect RP-Initiated Logout 1.0: where a browser ends its session at the provider, if offered
+    end_session_endpoint: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,8 +120,13 @@ class OidcClient:
             raise LoginError(f"the {document} document names another issuer", status=502)
         jwks = JwksKeys(str(endpoints["jwks_uri"]))
         jwks.client = self.http
+        end_session = answer.get("end_session_endpoint")
         server = AuthServer(
-            issuer, str(endpoints["authorization_endpoint"]), str(endpoints["token_endpoint"]), jwks
+            issuer,
+            str(endpoints["authorization_endpoint"]),
+            str(endpoints["token_endpoint"]),
+            jwks,
+            end_session_endpoint=str(end_session) if _is_http_url(end_session) else None,
         )
         self._servers[url] = (self._clock(), server)
         return server
@@ -148,6 +155,19 @@ class OidcClient:
         }
         separator = "&" if "?" in server.authorization_endpoint else "?"
         return server.authorization_endpoint + separator + urlencode(params)
+
+    def logout_url(self, server: AuthServer, post_logout_redirect_uri: str) -> str | None:
+        """Where the browser ends its session at the provider, then comes back; None if it offers none.
+
+        The bridge keeps no token (bridge/api/session.py), so it names itself with ``client_id``
+        instead of an ``id_token_hint``, as RP-Initiated Logout allows; the provider may then ask
+        the user to confirm, which on a shared workstation is no harm.
+        """
+        if server.end_session_endpoint is None:
+            return None
+        params = {"client_id": self.client_id, "post_logout_redirect_uri": post_logout_redirect_uri}
+        separator = "&" if "?" in server.end_session_endpoint else "?"
+        return server.end_session_endpoint + separator + urlencode(params)
 
     async def exchange(self, server: AuthServer, code: str, *, verifier: str, nonce: str) -> Login:
         """Trade the code for tokens, check the ID token, and say who logged in."""
