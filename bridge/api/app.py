@@ -29,6 +29,7 @@ from bridge.api.routes import (
     links,
     login,
     metrics,
+    operator,
     record,
     sync,
     viewer,
@@ -65,6 +66,7 @@ ROUTERS: list[APIRouter] = [
     record.router,
     failures.router,
     iid.router,
+    operator.router,
 ]
 
 # A clinician is waiting: retry a failing FHIR request once, briefly, then answer 503.

@@ -20,6 +20,7 @@ def note(
     study: StudyLocation | None = None,
     patient: str | None = None,
     reason: str | None = None,
+    study_uid: str | None = None,
 ) -> None:
     """Record one access (once per caller, study and window; nothing when the audit is off)."""
     trail = getattr(request.app.state.services, "audit", None)
@@ -35,7 +36,7 @@ def note(
             client_id=who.client_id,
             patient=patient or (study.patient if study else None),
             study_fhir_id=study.fhir_id if study else None,
-            study_uid=study.study_uid if study else None,
+            study_uid=study.study_uid if study else study_uid,
             address=request.client.host if request.client else None,
             reason=reason,
         )

@@ -23,7 +23,7 @@ from urllib.parse import quote, urlencode
 import httpx
 import jwt
 
-from bridge.api.security import LEEWAY, JwksKeys, key_algorithms
+from bridge.api.security import LEEWAY, JwksKeys, key_algorithms, roles_of
 from bridge.errors import BridgeError, UpstreamLimitError
 from bridge.limits import CallLimit, send_bounded
 
@@ -75,6 +75,7 @@ class Login:
     scopes: frozenset[str]
     patient: str | None  # SMART launch context
     expires_in: float | None  # the access token's lifetime, if said
+    roles: frozenset[str] = frozenset()  # from the ID token's role claim (the operator page's role)
 
 
 class OidcClient:
@@ -86,8 +87,10 @@ class OidcClient:
         client_secret: str | None,
         redirect_uri: str,
         clock: Callable[[], float] = time.monotonic,
+        role_claim: str = "roles",
     ) -> None:
         self.client_id = client_id
+        self.role_claim = role_claim
         self._secret = client_secret
         self.redirect_uri = redirect_uri
         self.http: httpx.AsyncClient | None = None  # set by the app's lifespan
@@ -202,6 +205,7 @@ class OidcClient:
             scopes=frozenset(scope.split()) if isinstance(scope, str) else frozenset(),
             patient=patient,
             expires_in=float(expires_in) if isinstance(expires_in, int | float) and expires_in > 0 else None,
+            roles=roles_of(claims, self.role_claim),
         )
 
     async def verify_id_token(self, server: AuthServer, token: str, *, nonce: str) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +59,17 @@ class Caller:
     scopes: frozenset[str] = frozenset()
     client_id: str | None = None
     expires: float | None = None  # when the session or token ends (Unix time), if it says
+    roles: frozenset[str] = frozenset()  # from the token's or ID token's BRIDGE_OPERATOR_ROLE_CLAIM
+
+
+def roles_of(claims: Mapping[str, Any], claim: str) -> frozenset[str]:
+    """The roles a token's claim lists: a JSON list of strings, or one space-separated string."""
+    value = claims.get(claim)
+    if isinstance(value, str):
+        return frozenset(value.split())
+    if isinstance(value, list):
+        return frozenset(v for v in value if isinstance(v, str) and v)
+    return frozenset()  # claims are checked by type: anything else grants nothing
 
 
 class JwksKeys:
@@ -142,6 +153,7 @@ class Authenticator:
         self._audience = settings.jwt_audience
         self._issuer = settings.jwt_issuer
         self._algorithms = list(settings.jwt_algorithms)
+        self._role_claim = settings.operator_role_claim
         self._static_key: Any = None
         self.jwks: JwksKeys | None = None
         if settings.jwt_public_key:
@@ -245,4 +257,5 @@ class Authenticator:
             scopes=frozenset(scope.split()) if isinstance(scope, str) else frozenset(),
             client_id=str(client) if isinstance(client, str) else None,
             expires=float(exp) if isinstance(exp := claims.get("exp"), int | float) else None,
+            roles=roles_of(claims, self._role_claim),
         )

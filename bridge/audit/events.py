@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from bridge.mapping.context import DICOM_UID_SYSTEM
 
-Action = Literal["record-view", "links", "viewer", "image-read", "image-query"]
+Action = Literal["record-view", "links", "viewer", "image-read", "image-query", "operator-retry"]
 Outcome = Literal["success", "refused", "failed"]
 
 BALP = "https://profiles.ihe.net/ITI/BALP/StructureDefinition/"
@@ -38,6 +38,7 @@ _ACTION_TEXT = {
     "viewer": "Viewer opened",
     "image-read": "Images retrieved through the gateway",
     "image-query": "Images searched through the gateway",
+    "operator-retry": "Parked study retried from the operator page",
 }
 
 
@@ -61,12 +62,15 @@ class Access:
         """What makes two accesses "the same" for the once-per-window rule."""
         who = (self.caller_method, self.user, self.client_id)
         what = self.study_uid or self.study_fhir_id or self.patient
+        if self.action == "operator-retry":  # an operator's every action counts, not one a window
+            return (*who, self.action, what, self.outcome, self.recorded.isoformat())
         return (*who, self.action, what, self.outcome)
 
 
 def audit_event(access: Access, event_id: str | None = None) -> dict[str, Any]:
     """The AuditEvent (R4 JSON) recording ``access``; its id is new unless given."""
     query = access.action == "image-query"
+    operation = access.action == "operator-retry"  # an operation (a sync) on the study, not a read
     agents: list[dict[str, Any]] = [
         {
             "type": {
@@ -126,10 +130,10 @@ def audit_event(access: Access, event_id: str | None = None) -> dict[str, Any]:
         },
         "type": {"system": _AUDIT_TYPE, "code": "rest", "display": "Restful Operation"},
         "subtype": [
-            {"system": _INTERACTION, "code": "search" if query else "read"},
+            {"system": _INTERACTION, "code": "search" if query else "operation" if operation else "read"},
             {"system": _BRIDGE_ACTION, "code": access.action, "display": _ACTION_TEXT[access.action]},
         ],
-        "action": "E" if query else "R",
+        "action": "E" if query or operation else "R",
         "recorded": access.recorded.isoformat().replace("+00:00", "Z"),
         "outcome": _OUTCOME_CODE[access.outcome],
         "agent": agents,

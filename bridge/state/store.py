@@ -48,6 +48,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 # Names this process in the runs it records (the pod name on Kubernetes).
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"[:128]
 
+
 def _known(row: PublishedStudy) -> KnownStudy:
     if row.gone:  # no fingerprint matches: a study that returns to the archive is republished
         return KnownStudy(row.study_uid, "", "", row.fhir_id, row.fhir_version)
@@ -315,14 +316,17 @@ class SqlStore:
             run.series_query = series_query
             run.error = error
 
-    def last_run(self, source: str, kind: str, statuses: Sequence[str] = ("ok", "parked")) -> datetime | None:
-        """When the last run of ``kind`` that ended in one of ``statuses`` finished."""
+    def last_run(
+        self, source: str, kind: str | None, statuses: Sequence[str] = ("ok", "parked")
+    ) -> datetime | None:
+        """When the last run of ``kind`` (None: of any kind) that ended in one of ``statuses`` finished."""
         with self._session() as session:
-            return session.scalar(
-                select(func.max(Run.finished_at)).where(
-                    Run.source == source, Run.kind == kind, Run.status.in_(list(statuses))
-                )
+            query = select(func.max(Run.finished_at)).where(
+                Run.source == source, Run.status.in_(list(statuses))
             )
+            if kind is not None:
+                query = query.where(Run.kind == kind)
+            return session.scalar(query)
 
     def runs(self, limit: int = 10) -> list[Run]:
         """The most recent runs, newest first."""
@@ -432,4 +436,3 @@ class SqlStore:
         with self._session() as session:
             result = session.execute(delete(BrowserSession).where(BrowserSession.expires_at <= now))
             return int(getattr(result, "rowcount", 0) or 0)
-

@@ -44,7 +44,7 @@ CALLBACK_PATH = "/login/callback"
 LOGGED_OUT_PATH = "/logout/done"  # where the identity provider sends the browser after its logout
 DEFAULT_NEXT = "/record"
 # Pages a browser opens: without a session they go to login instead of getting a 401.
-PAGE_PREFIXES = ("/record", "/IHEInvokeImageDisplay")
+PAGE_PREFIXES = ("/record", "/IHEInvokeImageDisplay", "/operator")
 VIEWER_PREFIXES = ("/imaging-studies/", "/studies/")  # .../{id}/viewer
 _NO_STORE = {"Cache-Control": "no-store"}
 
@@ -91,6 +91,7 @@ def oidc_client(settings: Settings, kind: Literal["login", "launch"]) -> OidcCli
         client_id,
         secret.get_secret_value() if secret is not None else None,
         str(settings.public_url).rstrip("/") + CALLBACK_PATH,
+        role_claim=settings.operator_role_claim,
     )
 
 
@@ -256,7 +257,9 @@ async def callback(
     old = request.cookies.get(COOKIE)
     if old:
         await store.end(old)
-    session_id = await store.create(SessionData(done.subject, done.patient, done.scopes, client.client_id))
+    session_id = await store.create(
+        SessionData(done.subject, done.patient, done.scopes, client.client_id, roles=done.roles)
+    )
     logger.info("session opened (%s)", pending.kind)
     response = RedirectResponse(mount_path(request) + next_path, status_code=303, headers=_NO_STORE)
     set_session_cookie(response, s.settings, session_id)

@@ -102,7 +102,7 @@ ul.identifiers { list-style: none; padding: 0; margin: 0.2rem 0; }
 """
 
 
-def _page(
+def html_page(
     title: str,
     body: str,
     status_code: int = 200,
@@ -388,7 +388,7 @@ async def record_index(
     intro = '<p class="sub">From the FHIR server; search, then choose a patient to see their imaging.</p>'
     form = _search_form(base, settings, identifier, system, name)
     body = f"<h1>Patients</h1>{intro}\n{form}\n{listing}{more}"
-    return _page("Patients", body, request=request, who=who)
+    return html_page("Patients", body, request=request, who=who)
 
 
 @router.get("/patients/{patient_id}", response_class=HTMLResponse, summary="A patient's imaging studies")
@@ -401,7 +401,7 @@ async def record_patient(
     patient = await r.fhir.read("Patient", patient_id)
     if patient is None:
         back = f'<p><a href="{html.escape(base)}/record">All patients</a></p>'
-        return _page("Not found", f"<h1>No such patient</h1>{back}", 404, request=request, who=who)
+        return html_page("Not found", f"<h1>No such patient</h1>{back}", 404, request=request, who=who)
     studies = await r.fhir.search(
         "ImagingStudy", {"subject": f"Patient/{patient_id}", "_count": str(PAGE_SIZE)}, limit=PAGE_SIZE
     )
@@ -415,7 +415,7 @@ async def record_patient(
         + identifier_list(patient, issuer_names(request.app.state.services.settings))
     )
     if not studies:
-        return _page(
+        return html_page(
             f"{name}: imaging", header + '<p class="muted">No imaging studies.</p>', request=request, who=who
         )
     table = (
@@ -425,7 +425,7 @@ async def record_patient(
         + "\n</tbody></table>"
     )
     more = f'<p class="muted">Showing the first {PAGE_SIZE} studies.</p>' if len(studies) >= PAGE_SIZE else ""
-    return _page(f"{name}: imaging", f"{header}<h2>Imaging</h2>\n{table}{more}", request=request, who=who)
+    return html_page(f"{name}: imaging", f"{header}<h2>Imaging</h2>\n{table}{more}", request=request, who=who)
 
 
 @router.get("/imaging-studies/{id}/thumbnail", response_class=Response)
