@@ -1,7 +1,7 @@
 // One page of the bridge in a real browser: open it, wait for what it must show, optionally click, and say
 // what was seen (the DOM's text, every request the page made) with a screenshot.
 //
-// Drives Debian's chromium with playwright-core from tests/stack/ohif, as clickthrough.mjs does. Run by
+// Drives Debian's chromium (chromium.mjs), as clickthrough.mjs does. Run by
 // tests/stack/viewer.py's run_page:
 //
 //   node tests/browser/page.mjs '<json options>'
@@ -15,24 +15,8 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 
-const here = path.dirname(fileURLToPath(import.meta.url));
-const { chromium } = await import(
-  path.join(here, '..', 'stack', 'ohif', 'node_modules', 'playwright-core', 'index.mjs')
-);
-
-// The machine has no network: without these chromium waits on services it cannot reach.
-const CHROMIUM_FLAGS = [
-  '--headless',
-  '--no-sandbox',
-  '--disable-gpu',
-  '--disable-quic',
-  '--no-first-run',
-  '--disable-background-networking',
-  '--disable-component-update',
-  '--disable-sync',
-];
+import { CHROMIUM_FLAGS, chromium } from './chromium.mjs';
 
 const options = JSON.parse(process.argv[2] ?? '{}');
 const timeout = options.timeoutMs ?? 30000;

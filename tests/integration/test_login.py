@@ -173,6 +173,7 @@ def test_logout_ends_the_providers_session_so_the_next_person_must_sign_in(
     assert urlsplit(str(after.url)).netloc == urlsplit(idp.issuer).netloc and "Sign in" in after.text
 
 
+@pytest.mark.interop  # the record's searches, escaped, against each engine's token and string search
 def test_keys_only_a_browser_meets_a_sign_in_page_and_the_record_searches_the_fhir_server(
     stack: Stack,
 ) -> None:
