@@ -640,6 +640,20 @@ class Settings(PerSourceSettings, BaseSettings):
         default_factory=list,
         description="FHIR base URLs (iss) of EHRs allowed to SMART-launch the bridge; none: no EHR launch",
     )
+    # The operator page (bridge/api/routes/operator.py; operator guide, "The operator page")
+    operator_role: str | None = Field(
+        default=None,
+        description="Role a signed-in user or bearer JWT must hold (in BRIDGE_OPERATOR_ROLE_CLAIM) to use "
+        "/operator; API-key callers may always; unset: API keys only",
+        min_length=1,
+        max_length=256,
+    )
+    operator_role_claim: str = Field(
+        default="roles",
+        description="ID token / JWT claim listing the caller's roles (a list, or a space-separated string)",
+        min_length=1,
+        max_length=64,
+    )
     smart_launch_scopes: str = Field(
         default="launch openid fhirUser launch/patient patient/ImagingStudy.read",
         description="Scopes asked at an EHR launch, space-separated",

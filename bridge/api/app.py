@@ -30,6 +30,7 @@ from bridge.api.routes import (
     links,
     login,
     metrics,
+    operator,
     record,
     sync,
     viewer,
@@ -66,6 +67,7 @@ ROUTERS: list[APIRouter] = [
     record.router,
     failures.router,
     iid.router,
+    operator.router,
 ]
 
 # A clinician is waiting: retry a failing FHIR request once, briefly, then answer 503.
@@ -219,9 +221,10 @@ def create_app(
         # The bridge exports Prometheus metrics, not OpenTelemetry. Left on, FastAPI asks OpenTelemetry
         # on every request whether a provider is configured (reading os.environ): 7 % of a cached lookup.
         telemetry=NO_TELEMETRY,
-        # With authentication configured, the documentation is served by routes/docs.py, behind it.
-        docs_url=None if protect_docs else docs.DOCS,
-        redoc_url=None if protect_docs else docs.REDOC,
+        # routes/docs.py serves the documentation with Swagger UI and ReDoc from the package, not a
+        # CDN, and, with authentication configured, the schema too, behind it.
+        docs_url=None,
+        redoc_url=None,
         openapi_url=None if protect_docs else docs.OPENAPI,
     )
     _name_security_schemes(app)
@@ -235,9 +238,8 @@ def create_app(
         if router is gateway.front_router and settings.front_secret is None:
             continue
         app.include_router(router)
-    if protect_docs:
-        app.include_router(docs.router)
     login.install(app, services)
+    docs.install(app, protect=protect_docs)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

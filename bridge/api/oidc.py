@@ -22,7 +22,7 @@ from urllib.parse import quote, urlencode
 import httpx
 import jwt
 
-from bridge.api.security import LEEWAY, JwksKeys, key_algorithms
+from bridge.api.security import LEEWAY, JwksKeys, key_algorithms, roles_of
 from bridge.errors import BridgeError, UpstreamLimitError
 from bridge.limits import CallLimit, send_bounded
 from bridge.resolve.links import FHIR_ID
@@ -47,6 +47,8 @@ class AuthServer:
     authorization_endpoint: str
     token_endpoint: str
     jwks: JwksKeys = field(compare=False)
+    # OpenID Connect RP-Initiated Logout 1.0: where a browser ends its session at the provider, if offered
+    end_session_endpoint: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +74,7 @@ class Login:
     scopes: frozenset[str]
     patient: str | None  # SMART launch context
     expires_in: float | None  # the access token's lifetime, if said
+    roles: frozenset[str] = frozenset()  # from the ID token's role claim (the operator page's role)
 
 
 class OidcClient:
@@ -83,8 +86,10 @@ class OidcClient:
         client_secret: str | None,
         redirect_uri: str,
         clock: Callable[[], float] = time.monotonic,
+        role_claim: str = "roles",
     ) -> None:
         self.client_id = client_id
+        self.role_claim = role_claim
         self._secret = client_secret
         self.redirect_uri = redirect_uri
         self.http: httpx.AsyncClient | None = None  # set by the app's lifespan
@@ -117,8 +122,13 @@ class OidcClient:
             raise LoginError(f"the {document} document names another issuer", status=502)
         jwks = JwksKeys(str(endpoints["jwks_uri"]))
         jwks.client = self.http
+        end_session = answer.get("end_session_endpoint")
         server = AuthServer(
-            issuer, str(endpoints["authorization_endpoint"]), str(endpoints["token_endpoint"]), jwks
+            issuer,
+            str(endpoints["authorization_endpoint"]),
+            str(endpoints["token_endpoint"]),
+            jwks,
+            end_session_endpoint=str(end_session) if _is_http_url(end_session) else None,
         )
         self._servers[url] = (self._clock(), server)
         return server
@@ -147,6 +157,19 @@ class OidcClient:
         }
         separator = "&" if "?" in server.authorization_endpoint else "?"
         return server.authorization_endpoint + separator + urlencode(params)
+
+    def logout_url(self, server: AuthServer, post_logout_redirect_uri: str) -> str | None:
+        """Where the browser ends its session at the provider, then comes back; None if it offers none.
+
+        The bridge keeps no token (bridge/api/session.py), so it names itself with ``client_id``
+        instead of an ``id_token_hint``, as RP-Initiated Logout allows; the provider may then ask
+        the user to confirm, which on a shared workstation is no harm.
+        """
+        if server.end_session_endpoint is None:
+            return None
+        params = {"client_id": self.client_id, "post_logout_redirect_uri": post_logout_redirect_uri}
+        separator = "&" if "?" in server.end_session_endpoint else "?"
+        return server.end_session_endpoint + separator + urlencode(params)
 
     async def exchange(self, server: AuthServer, code: str, *, verifier: str, nonce: str) -> Login:
         """Trade the code for tokens, check the ID token, and say who logged in."""
@@ -183,6 +206,7 @@ class OidcClient:
             scopes=frozenset(scope.split()) if scope is not None else frozenset(),
             patient=patient,
             expires_in=float(expires_in) if isinstance(expires_in, int | float) and expires_in > 0 else None,
+            roles=roles_of(claims, self.role_claim),
         )
 
     async def verify_id_token(self, server: AuthServer, token: str, *, nonce: str) -> dict[str, Any]:

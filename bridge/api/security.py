@@ -6,7 +6,7 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +60,17 @@ class Caller:
     scopes: frozenset[str] = frozenset()
     client_id: str | None = None
     expires: float | None = None  # when the session or token ends (Unix time), if it says
+    roles: frozenset[str] = frozenset()  # from the token's or ID token's BRIDGE_OPERATOR_ROLE_CLAIM
+
+
+def roles_of(claims: Mapping[str, Any], claim: str) -> frozenset[str]:
+    """The roles a token's claim lists: a JSON list of strings, or one space-separated string."""
+    value = claims.get(claim)
+    if isinstance(value, str):
+        return frozenset(value.split())
+    if isinstance(value, list):
+        return frozenset(v for v in value if isinstance(v, str) and v)
+    return frozenset()  # claims are checked by type: anything else grants nothing
 
 
 UNAUTHENTICATED = Caller("unauthenticated")  # whoever sent credentials that were refused, or none
@@ -146,6 +157,7 @@ class Authenticator:
         self._audience = settings.jwt_audience
         self._issuer = settings.jwt_issuer
         self._algorithms = list(settings.jwt_algorithms)
+        self._role_claim = settings.operator_role_claim
         self._static_key: Any = None
         self.jwks: JwksKeys | None = None
         if settings.jwt_public_key:
@@ -260,4 +272,5 @@ class Authenticator:
             scopes=frozenset(scope.split()) if scope is not None else frozenset(),
             client_id=str(client) if isinstance(client, str) else None,
             expires=float(exp) if isinstance(exp := claims.get("exp"), int | float) else None,
+            roles=roles_of(claims, self._role_claim),
         )

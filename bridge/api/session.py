@@ -57,6 +57,7 @@ class SessionData:
     scopes: frozenset[str]
     client_id: str | None
     expires: float | None = None  # when the session ends (Unix time); kept beside it, not in it
+    roles: frozenset[str] = frozenset()  # the ID token's roles at login (the operator page's role)
 
     def caller(self) -> Caller:
         """The session as the API's caller."""
@@ -67,6 +68,7 @@ class SessionData:
             scopes=self.scopes,
             client_id=self.client_id,
             expires=self.expires,
+            roles=self.roles,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -76,6 +78,7 @@ class SessionData:
             "patient": self.patient,
             "scopes": sorted(self.scopes),
             "client_id": self.client_id,
+            "roles": sorted(self.roles),
         }
 
     @classmethod
@@ -86,14 +89,20 @@ class SessionData:
             value = data.get(name)
             return value if isinstance(value, str) else None
 
-        scopes = data.get("scopes")
+        def texts(name: str) -> frozenset[str]:
+            value = data.get(name)
+            return (
+                frozenset(s for s in value if isinstance(s, str)) if isinstance(value, list) else frozenset()
+            )
+
         expires = data.get(_EXPIRES)
         return cls(
             text("subject"),
             text("patient"),
-            frozenset(s for s in scopes if isinstance(s, str)) if isinstance(scopes, list) else frozenset(),
+            texts("scopes"),
             text("client_id"),
             float(expires) if isinstance(expires, int | float) else None,
+            texts("roles"),
         )
 
 

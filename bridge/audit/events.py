@@ -22,7 +22,9 @@ from typing import Any, Literal
 
 from bridge.mapping.context import DICOM_UID_SYSTEM
 
-Action = Literal["record-view", "links", "viewer", "image-read", "image-query", "authentication", "login"]
+Action = Literal[
+    "record-view", "links", "viewer", "image-read", "image-query", "operator-retry", "authentication", "login"
+]
 # Actions recorded as security alerts (failures to authenticate), not as reads of patient data.
 SECURITY_ALERTS: frozenset[str] = frozenset({"authentication", "login"})
 Outcome = Literal["success", "refused", "failed"]
@@ -48,6 +50,7 @@ _ACTION_TEXT = {
     "image-query": "Images searched through the gateway",
     "authentication": "Credentials refused",
     "login": "Login callback refused",
+    "operator-retry": "Parked study retried from the operator page",
 }
 
 
@@ -77,12 +80,15 @@ class Access:
             return ("security-alert", self.action, self.address)
         who = (self.caller_method, self.user, self.client_id)
         what = self.study_uid or self.study_fhir_id or self.patient
+        if self.action == "operator-retry":  # an operator's every action counts, not one a window
+            return (*who, self.action, what, self.outcome, self.recorded.isoformat())
         return (*who, self.action, what, self.outcome)
 
 
 def audit_event(access: Access, event_id: str | None = None) -> dict[str, Any]:
     """The AuditEvent (R4 JSON) recording ``access``; its id is new unless given."""
     query = access.action == "image-query"
+    operation = access.action == "operator-retry"  # an operation (a sync) on the study, not a read
     agents: list[dict[str, Any]] = [
         {
             "type": {
@@ -151,10 +157,10 @@ def audit_event(access: Access, event_id: str | None = None) -> dict[str, Any]:
             },
             type={"system": _AUDIT_TYPE, "code": "rest", "display": "Restful Operation"},
             subtype=[
-                {"system": _INTERACTION, "code": "search" if query else "read"},
+                {"system": _INTERACTION, "code": "search" if query else "operation" if operation else "read"},
                 {"system": _BRIDGE_ACTION, "code": access.action, "display": _ACTION_TEXT[access.action]},
             ],
-            action="E" if query else "R",
+            action="E" if query or operation else "R",
         )
     event.update(
         recorded=access.recorded.isoformat().replace("+00:00", "Z"),

@@ -435,14 +435,17 @@ class SqlStore:
             run.patient_events = list(patient_events) if patient_events else None
             run.error = error
 
-    def last_run(self, source: str, kind: str, statuses: Sequence[str] = ("ok", "parked")) -> datetime | None:
-        """When the last run of ``kind`` that ended in one of ``statuses`` finished."""
+    def last_run(
+        self, source: str, kind: str | None, statuses: Sequence[str] = ("ok", "parked")
+    ) -> datetime | None:
+        """When the last run of ``kind`` (None: of any kind) that ended in one of ``statuses`` finished."""
         with self._session() as session:
-            return session.scalar(
-                select(func.max(Run.finished_at)).where(
-                    Run.source == source, Run.kind == kind, Run.status.in_(list(statuses))
-                )
+            query = select(func.max(Run.finished_at)).where(
+                Run.source == source, Run.status.in_(list(statuses))
             )
+            if kind is not None:
+                query = query.where(Run.kind == kind)
+            return session.scalar(query)
 
     def runs(self, limit: int = 10) -> list[Run]:
         """The most recent runs, newest first."""

@@ -17,27 +17,8 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 
-const here = path.dirname(fileURLToPath(import.meta.url));
-const { chromium } = await import(
-  path.join(here, '..', 'stack', 'ohif', 'node_modules', 'playwright-core', 'index.mjs')
-);
-
-// The machine has no network: without these chromium waits on services it cannot reach.
-const CHROMIUM_FLAGS = [
-  '--headless',
-  '--no-sandbox',
-  '--disable-gpu',
-  '--disable-quic',
-  '--no-first-run',
-  '--disable-background-networking',
-  '--disable-component-update',
-  '--disable-sync',
-  // WebGL without a GPU: SwiftShader, which cornerstone's rendering needs.
-  '--enable-unsafe-swiftshader',
-  '--use-angle=swiftshader',
-];
+import { CHROMIUM_FLAGS, chromium } from './chromium.mjs';
 
 const options = JSON.parse(process.argv[2] ?? '{}');
 const timeout = options.timeoutMs ?? 60000;

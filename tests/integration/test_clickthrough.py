@@ -106,7 +106,8 @@ def test_record_page_lists_the_patients_studies(stack: Stack, monkeypatch: pytes
         "Screening mammography bilateral",
         "CT Chest Abdomen with contrast",
     ]
-    assert [r["date"] for r in parser.rows] == ["2024-03-15 08:30", "2024-01-02 10:15"]
+    # Each time with its zone (the studies' TimezoneOffsetFromUTC), as recorded at the hospital.
+    assert [r["date"] for r in parser.rows] == ["2024-03-15 08:30 UTC+01:00", "2024-01-02 10:15 UTC+01:00"]
     assert [r["modalities"] for r in parser.rows] == ["MG", "CT"]
     assert "CT Head" not in page.text
     for row in parser.rows:

@@ -25,6 +25,7 @@ from bridge.api.app import create_app
 from bridge.config import load_settings
 from tests.conftest import ARTIFACTS
 from tests.integration.conftest import Stack
+from tests.integration.test_resolver import serve
 from tests.stack.oidc import LOGIN_SCOPES, OidcProvider, web_client
 from tests.stack.process import free_loopback_port
 from tests.stack.samples import StudySpec, load_demo
@@ -65,7 +66,12 @@ def login_stack(
     public = f"http://127.0.0.1:{port}"
     with OidcProvider(
         [
-            web_client(CLIENT_ID, CLIENT_SECRET, f"{public}/login/callback"),
+            web_client(
+                CLIENT_ID,
+                CLIENT_SECRET,
+                f"{public}/login/callback",
+                post_logout_redirect_uri=f"{public}/logout/done",
+            ),
             web_client(EHR_CLIENT_ID, EHR_CLIENT_SECRET, f"{public}/login/callback"),
         ],
         scopes=LOGIN_SCOPES,
@@ -133,6 +139,69 @@ def test_login_at_the_provider_opens_the_record_and_logout_ends_it(
     assert "session opened (login)" in logged
     for secret in (cookie, CLIENT_SECRET, PASSWORD, jane, "Doe", "eyJ"):
         assert secret not in logged
+
+
+def test_logout_ends_the_providers_session_so_the_next_person_must_sign_in(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shared workstation: after "Log out", the next visitor meets the provider's form, not the record."""
+    load_demo(stack.orthanc.dicomweb_url)
+    assert stack.sync().counts.parked == 0
+    html = {"Accept": "text/html"}
+    with (
+        login_stack(stack, monkeypatch) as (api, idp),
+        httpx.Client(follow_redirects=True, timeout=30) as browser,
+    ):
+        record = _sign_in(browser, browser.get(f"{api}/record", headers=html))
+        # The control: forgetting only the bridge's cookie (what logout did before), the provider's own
+        # session signs the browser in again without a form.
+        browser.cookies.delete("bridge_session")
+        silently = browser.get(f"{api}/record", headers=html)
+        confirm = browser.post(f"{api}/logout")  # the record page's button, to the provider's logout
+        form = re.search(
+            r'<form id="op.logoutForm" method="post" action="([^"]+)">(.*?)</form>', confirm.text
+        )
+        assert form is not None, confirm.text[:500]
+        hidden = dict(re.findall(r'name="([^"]+)" value="([^"]*)"', form[2]))
+        done = browser.post(httpx.URL(str(confirm.url)).join(form[1]), data={**hidden, "logout": "yes"})
+        after = browser.get(f"{api}/record", headers=html)
+
+    assert record.status_code == 200 and str(record.url) == f"{api}/record"
+    assert f'Signed in as <strong class="user">{USER}</strong>' in record.text
+    assert '<form method="post" action="/logout">' in record.text
+    assert str(silently.url) == f"{api}/record" and "Sign in" not in silently.text
+    assert urlsplit(str(confirm.url)).netloc == urlsplit(idp.issuer).netloc  # at the provider
+    assert str(done.url) == f"{api}/logout/done" and "Your session here has ended" in done.text
+    assert urlsplit(str(after.url)).netloc == urlsplit(idp.issuer).netloc and "Sign in" in after.text
+
+
+@pytest.mark.interop  # the record's searches, escaped, against each engine's token and string search
+def test_keys_only_a_browser_meets_a_sign_in_page_and_the_record_searches_the_fhir_server(
+    stack: Stack,
+) -> None:
+    load_demo(stack.orthanc.dicomweb_url)
+    assert stack.sync().counts.parked == 0
+    key = {"X-API-Key": "k-9f2e"}
+    with serve(stack, api_keys="k-9f2e") as api:
+        browser = httpx.get(f"{api}/record", headers={"Accept": "text/html,*/*;q=0.8"}, timeout=30)
+        program = httpx.get(f"{api}/record", timeout=30)
+        with_key = httpx.get(f"{api}/record", headers=key, timeout=30)
+        in_a = httpx.get(f"{api}/record", params={"identifier": "PAT001", "system": HOSP_A}, headers=key)
+        anywhere = httpx.get(f"{api}/record", params={"identifier": "PAT001"}, headers=key)
+        by_name = httpx.get(f"{api}/record", params={"name": "Müller"}, headers=key)
+        comma = httpx.get(f"{api}/record", params={"identifier": "PAT001,12345"}, headers=key)
+    assert browser.status_code == 401 and browser.headers["content-type"].startswith("text/html")
+    assert "Sign-in needed" in browser.text and "BRIDGE_OIDC_ISSUER" in browser.text
+    assert program.status_code == 401 and program.json()["resourceType"] == "OperationOutcome"
+    assert with_key.status_code == 200 and "Signed in with an API key" in with_key.text
+    # PAT001 is Jane Doe at hospital A and John Smith at hospital B: the issuer tells them apart.
+    assert in_a.text.count('class="patient-item"') == 1 and "Jane Doe" in in_a.text
+    assert f"(issuer HOSP-A {HOSP_A})" in in_a.text
+    assert anywhere.text.count('class="patient-item"') == 2
+    assert "Jane Doe" in anywhere.text and "John Smith" in anywhere.text
+    assert by_name.text.count('class="patient-item"') == 1 and "Jürgen Müller" in by_name.text
+    # A comma is searched as typed, not as "PAT001 or 12345".
+    assert comma.status_code == 200 and 'class="patient-item"' not in comma.text
 
 
 def _first_study(page: str) -> str:
@@ -345,7 +414,8 @@ def test_invoke_image_display_refusals_in_a_launched_session_are_audited(
             refused = {
                 _action(e)
                 for e in stack.fhir_search("AuditEvent")
-                if e["outcome"] == "4" and _who(e, USER)
+                if e["outcome"] == "4"
+                and _who(e, USER)
                 and {"reference": f"Patient/{john}"} in [x.get("what") for x in e.get("entity", [])]
             }
     assert study.status_code == 403 and patient.status_code == 403

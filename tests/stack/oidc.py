@@ -45,8 +45,14 @@ def secret_client(client_id: str, secret: str, *, scope: str = "") -> dict[str, 
     }
 
 
-def web_client(client_id: str, secret: str, redirect_uri: str) -> dict[str, Any]:
-    """A confidential web client using the authorization code flow (with PKCE), client_secret_basic."""
+def web_client(
+    client_id: str, secret: str, redirect_uri: str, *, post_logout_redirect_uri: str | None = None
+) -> dict[str, Any]:
+    """A confidential web client using the authorization code flow (with PKCE), client_secret_basic.
+
+    With ``post_logout_redirect_uri``, the provider's logout (RP-Initiated Logout) may send the
+    browser back there.
+    """
     return {
         "client_id": client_id,
         "client_secret": secret,
@@ -54,6 +60,7 @@ def web_client(client_id: str, secret: str, redirect_uri: str) -> dict[str, Any]
         "response_types": ["code"],
         "redirect_uris": [redirect_uri],
         "token_endpoint_auth_method": "client_secret_basic",
+        **({"post_logout_redirect_uris": [post_logout_redirect_uri]} if post_logout_redirect_uri else {}),
     }
 
 

@@ -307,6 +307,7 @@ def find_chromium() -> str | None:
 
 
 CLICKTHROUGH_SCRIPT = Path(__file__).resolve().parents[1] / "browser" / "clickthrough.mjs"
+PAGE_SCRIPT = Path(__file__).resolve().parents[1] / "browser" / "page.mjs"
 
 
 def run_clickthrough(options: dict[str, Any], shots: Path, timeout: float) -> dict[str, Any]:
@@ -314,10 +315,19 @@ def run_clickthrough(options: dict[str, Any], shots: Path, timeout: float) -> di
 
     Its output is kept in ``shots`` beside the screenshots.
     """
+    return _run_browser_script(CLICKTHROUGH_SCRIPT, options, shots, timeout)
+
+
+def run_page(options: dict[str, Any], shots: Path, timeout: float) -> dict[str, Any]:
+    """One page in chromium with tests/browser/page.mjs (open, wait, click); what it saw (asserted ``ok``)."""
+    return _run_browser_script(PAGE_SCRIPT, options, shots, timeout)
+
+
+def _run_browser_script(script: Path, options: dict[str, Any], shots: Path, timeout: float) -> dict[str, Any]:
     node = shutil.which("node")
-    assert node is not None, "the browser test needs Node.js (tests/browser/clickthrough.mjs)"
+    assert node is not None, f"the browser test needs Node.js ({script.name})"
     run = subprocess.run(
-        [node, str(CLICKTHROUGH_SCRIPT), json.dumps(options)],
+        [node, str(script), json.dumps(options)],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -327,7 +337,7 @@ def run_clickthrough(options: dict[str, Any], shots: Path, timeout: float) -> di
     lines = run.stdout.strip().splitlines()
     assert lines, f"the browser script printed nothing; stderr:\n{run.stderr[-3000:]}"
     seen: dict[str, Any] = json.loads(lines[-1])
-    assert seen["ok"], f"click-through failed: {seen.get('error')} (at {seen.get('page_url')}); see {shots}"
+    assert seen["ok"], f"{script.name} failed: {seen.get('error')} (at {seen.get('page_url')}); see {shots}"
     return seen
 
 

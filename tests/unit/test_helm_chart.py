@@ -123,17 +123,97 @@ def test_split_mode_renders_valid_kubernetes_objects() -> None:
 def test_anonymous_api_renders_only_when_asked_for_explicitly() -> None:
     docs = objects(*NO_AUTH, "--set", "config.api_allow_anonymous=true")
     assert _environment(docs)["BRIDGE_API_ALLOW_ANONYMOUS"] == "true"
-    assert objects(*NO_AUTH, "--set", "api.enabled=false")  # a worker alone serves no patient data
+    # a worker alone serves no patient data
+    assert objects(*NO_AUTH, "--set", "mode=split", "--set", "api.enabled=false")
+
+
+LOGIN = [
+    "--set", "config.oidc_issuer=https://idp.example", "--set", "config.oidc_client_id=bridge",
+    "--set", "config.public_url=https://bridge.example",
+]  # fmt: skip
 
 
 def test_browser_login_counts_as_authentication() -> None:
-    login = [
-        "--set", "config.oidc_issuer=https://idp.example", "--set", "config.oidc_client_id=bridge",
-        "--set", "config.public_url=https://bridge.example",
-    ]
-    env = _environment(objects(*NO_AUTH, *login))
+    env = _environment(objects(*NO_AUTH, *LOGIN))
     assert env["BRIDGE_OIDC_ISSUER"] == "https://idp.example"
     assert env["BRIDGE_PUBLIC_URL"] == "https://bridge.example"
+
+
+def test_the_defaults_render_one_pod_running_both_on_sqlite() -> None:
+    """A trial with the required values only: one combined pod, its SQLite store its own, no refusal."""
+    docs = objects(*MINIMAL)
+    validate_all(docs)
+    (deployment,) = by_kind(docs, "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["args"][0] == "run"
+    assert by_kind(docs, "Ingress") == []  # optional, off by default
+
+
+def test_browser_login_on_several_api_pods_renders_with_a_shared_store() -> None:
+    docs = objects(*MINIMAL, *LOGIN, *POSTGRES, "--set", "api.replicas=2")
+    assert by_kind(docs, "Deployment")[0]["spec"]["replicas"] == 2
+
+
+def test_the_worker_serves_metrics_on_its_port_and_its_liveness_probe_asks_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    docs = objects("--values", str(CI_VALUES))
+    validate_all(docs)
+    (worker,) = [d for d in by_kind(docs, "Deployment") if d["metadata"]["name"].endswith("-worker")]
+    (container,) = worker["spec"]["template"]["spec"]["containers"]
+    assert container["ports"] == [{"name": "metrics", "containerPort": 9464, "protocol": "TCP"}]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env == {"BRIDGE_METRICS_PORT": "9464", "BRIDGE_METRICS_HOST": "0.0.0.0"}
+    # What `bridge worker` reads: the pod's settings, then the container's own variables.
+    for name, value in {**_environment(docs), **env}.items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings()
+    assert settings.metrics_port == 9464 and settings.metrics_host == "0.0.0.0"
+    without = objects(
+        "--values", str(CI_VALUES), "--set", "worker.metricsPort=null", "--set", "worker.livenessProbe=null"
+    )
+    (bare,) = [d for d in by_kind(without, "Deployment") if d["metadata"]["name"].endswith("-worker")]
+    assert "ports" not in bare["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_the_optional_ingress_routes_its_hosts_to_the_api_service() -> None:
+    docs = objects(
+        *MINIMAL,
+        "--set", "ingress.enabled=true",
+        "--set", "ingress.className=nginx",
+        "--set", "ingress.hosts[0].host=bridge.example.org",
+        "--set", "ingress.hosts[1].host=images.example.org",
+        "--set", "ingress.hosts[1].paths[0].path=/dicom-web",
+        "--set", "ingress.tls[0].hosts[0]=bridge.example.org",
+        "--set", "ingress.tls[0].secretName=bridge-tls",
+        "--set", "ingress.annotations.nginx\\.ingress\\.kubernetes\\.io/proxy-body-size=8m",
+    )  # fmt: skip
+    validate_all(docs)
+    (ingress,) = by_kind(docs, "Ingress")
+    (service,) = by_kind(docs, "Service")
+    spec = ingress["spec"]
+    assert spec["ingressClassName"] == "nginx"
+    assert spec["tls"] == [{"hosts": ["bridge.example.org"], "secretName": "bridge-tls"}]
+    assert ingress["metadata"]["annotations"] == {"nginx.ingress.kubernetes.io/proxy-body-size": "8m"}
+    routes = {
+        (rule["host"], path["path"], path["pathType"]): path["backend"]["service"]
+        for rule in spec["rules"]
+        for path in rule["http"]["paths"]
+    }
+    target = {"name": service["metadata"]["name"], "port": {"name": service["spec"]["ports"][0]["name"]}}
+    assert routes == {
+        ("bridge.example.org", "/", "Prefix"): target,
+        ("images.example.org", "/dicom-web", "Prefix"): target,
+    }
+    # A worker alone has no Service: no Ingress either.
+    assert (
+        by_kind(objects(*MINIMAL, *INGRESS, "--set", "mode=split", "--set", "api.enabled=false"), "Ingress")
+        == []
+    )
+
+
+INGRESS = ["--set", "ingress.enabled=true", "--set", "ingress.hosts[0].host=bridge.example.org"]
 
 
 def test_combined_mode_renders_one_deployment_running_both() -> None:
@@ -147,11 +227,12 @@ def test_combined_mode_renders_one_deployment_running_both() -> None:
 
 
 FRONT = ["--set", "front.enabled=true", "--set", "secretConfig.gateway_front_secret=" + "f" * 40]
+POSTGRES = ["--set", "secretConfig.state_url=postgresql+psycopg://bridge:pw@postgres:5432/bridge"]
 
 
 @pytest.mark.parametrize("mode", ["split", "combined"])
 def test_the_front_runs_beside_the_api_and_the_service_points_at_it(mode: str) -> None:
-    docs = objects(*MINIMAL, *FRONT, "--set", f"mode={mode}", "--set", "api.replicas=1")
+    docs = objects(*MINIMAL, *FRONT, *POSTGRES, "--set", f"mode={mode}", "--set", "api.replicas=1")
     validate_all(docs)
     deployments = by_kind(docs, "Deployment")
     serving = next(d for d in deployments if d["metadata"]["name"].endswith(("-api", "-combined")))
@@ -243,7 +324,22 @@ def test_an_existing_secret_replaces_the_charts_secret() -> None:
     ("args", "message"),
     [
         ([], "BRIDGE_DICOMWEB_URL is required"),
-        ([*MINIMAL, "--set", "worker.replicas=3"], "needs a PostgreSQL state_url"),
+        (
+            [*MINIMAL, "--set", "mode=split", "--set", "api.enabled=false", "--set", "worker.replicas=3"],
+            "needs a PostgreSQL state_url",
+        ),
+        # API and worker in their own pods, each with its own SQLite store: /failures, sessions break.
+        ([*MINIMAL, "--set", "mode=split"], "Set secretConfig.state_url to a PostgreSQL URL"),
+        # Browser login on several API pods with a store each: sessions must be shared.
+        (
+            [*MINIMAL, *LOGIN, "--set", "api.replicas=2"],
+            "keeps its sessions in the state store, which every API pod must share",
+        ),
+        ([*MINIMAL, "--set", "ingress.enabled=true"], "ingress.enabled needs ingress.hosts"),
+        (
+            [*MINIMAL, *POSTGRES, "--set", "mode=split", "--set", "worker.metricsPort=null"],
+            "set worker.metricsPort (BRIDGE_METRICS_PORT), or worker.livenessProbe={}",
+        ),
         ([*MINIMAL, "--set", "config.bogus=1"], "Additional property bogus is not allowed"),
         ([*MINIMAL, "--set", "config.fhir_password=x"], "Additional property fhir_password is not allowed"),
         ([*MINIMAL, "--set", "config.qido_page_size=0"], "qido_page_size"),

@@ -9,6 +9,7 @@ address is kept server-side, never put in a URL). Not part of the JSON API's sch
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import html
@@ -17,7 +18,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -35,6 +36,7 @@ from bridge.api.session import (
     SessionStore,
     clear_session_cookie,
     cookie_name,
+    session_caller,
     session_store,
     set_cookie,
     set_session_cookie,
@@ -47,9 +49,10 @@ logger = logging.getLogger(__name__)
 router = APIRouter(tags=["login"], include_in_schema=False)
 
 CALLBACK_PATH = "/login/callback"
+LOGGED_OUT_PATH = "/logout/done"  # where the identity provider sends the browser after its logout
 DEFAULT_NEXT = "/record"
 # Pages a browser opens: without a session they go to login instead of getting a 401.
-PAGE_PREFIXES = ("/record", "/IHEInvokeImageDisplay")
+PAGE_PREFIXES = ("/record", "/IHEInvokeImageDisplay", "/operator")
 VIEWER_PREFIXES = ("/imaging-studies/", "/studies/")  # .../{id}/viewer
 _NO_STORE = {"Cache-Control": "no-store"}
 
@@ -109,10 +112,19 @@ def oidc_client(settings: Settings, kind: Literal["login", "launch"]) -> OidcCli
         client_id,
         secret.get_secret_value() if secret is not None else None,
         str(settings.public_url).rstrip("/") + CALLBACK_PATH,
+        role_claim=settings.operator_role_claim,
     )
 
 
-def _page(title: str, body: str, status_code: int) -> HTMLResponse:
+def form_action(settings: Settings) -> str:
+    """CSP form-action for a page with a logout button: here, and the login provider it redirects to."""
+    if settings.oidc_issuer is None:
+        return "'self'"
+    issuer = urlsplit(str(settings.oidc_issuer))
+    return f"'self' {issuer.scheme}://{issuer.netloc}"
+
+
+def _page(title: str, body: str, status_code: int, *, forms: str = "'self'") -> HTMLResponse:
     document = (
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{html.escape(title)}</title>"
@@ -123,7 +135,7 @@ def _page(title: str, body: str, status_code: int) -> HTMLResponse:
         **_NO_STORE,
         "X-Frame-Options": "DENY",
         "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; "
-        "form-action 'self'",
+        f"form-action {forms}",
     }
     return HTMLResponse(document, status_code=status_code, headers=headers)
 
@@ -284,7 +296,9 @@ async def callback(
     old = sound_cookie(request, cookie_name(s.settings))  # two, or not the bridge's: nothing to end
     if old:
         await store.end(old)
-    session_id = await store.create(SessionData(done.subject, done.patient, done.scopes, client.client_id))
+    session_id = await store.create(
+        SessionData(done.subject, done.patient, done.scopes, client.client_id, roles=done.roles)
+    )
     logger.info("session opened (%s)", pending.kind)
     response = RedirectResponse(mount_path(request) + next_path, status_code=303, headers=_NO_STORE)
     set_session_cookie(response, s.settings, session_id)
@@ -298,23 +312,57 @@ async def logout_page(request: Request) -> Response:
         f'<form method="post" action="{html.escape(mount_path(request))}/logout">'
         '<button type="submit">Log out</button></form>'
     )
-    return _page("Log out", form, 200)
+    # the form's answer redirects to the identity provider's logout, which form-action must allow
+    return _page("Log out", form, 200, forms=form_action(request.app.state.services.settings))
 
 
 @router.post("/logout")
 async def logout(request: Request, s: ServicesDep) -> Response:
-    """End the session here, on every replica (the identity provider's own session is left as it is)."""
-    session_id = sound_cookie(request, cookie_name(s.settings))  # cleared below all the same
+    """End the session here, on every replica, then at the identity provider where it offers that.
+
+    Without the provider's logout the next person at a shared workstation would be signed in again
+    silently by the provider's own session. A session opened by an EHR launch is the EHR's: its
+    logout is left to the EHR.
+    """
+    session_id = sound_cookie(request, cookie_name(s.settings))  # two, or not the bridge's: nothing to end
+    who = None
     if session_id:
+        with contextlib.suppress(AuthenticationError):  # expired or ended already: still logged out
+            who = await session_caller(request)
         await _store(request).end(session_id)
-    again = (
-        f'<p><a href="{html.escape(mount_path(request))}/login">Log in again</a></p>'
-        if s.settings.oidc_issuer is not None
-        else ""
-    )
-    response = _page("Logged out", "<p>Your session here has ended.</p>" + again, 200)
+    provider = await _provider_logout(request, s.settings) if who is None or who.patient is None else None
+    response = provider if provider is not None else _logged_out(request, s.settings)
     clear_session_cookie(response, s.settings)
     return response
+
+
+async def _provider_logout(request: Request, settings: Settings) -> Response | None:
+    """A redirect to the login provider's end-session endpoint, back to LOGGED_OUT_PATH; else None."""
+    if settings.oidc_issuer is None or settings.public_url is None:
+        return None
+    client = _client(request, "login")
+    try:
+        server = await client.openid_server(str(settings.oidc_issuer).rstrip("/"))
+    except LoginError as exc:  # the session here has ended: say so, and why the provider's has not
+        logger.warning("logout at the identity provider skipped: %s", exc)
+        return None
+    url = client.logout_url(server, str(settings.public_url).rstrip("/") + LOGGED_OUT_PATH)
+    return RedirectResponse(url, status_code=303, headers=_NO_STORE) if url is not None else None
+
+
+def _logged_out(request: Request, settings: Settings) -> HTMLResponse:
+    again = (
+        f'<p><a href="{html.escape(mount_path(request))}/login">Log in again</a></p>'
+        if settings.oidc_issuer is not None
+        else ""
+    )
+    return _page("Logged out", "<p>Your session here has ended.</p>" + again, 200)
+
+
+@router.get(LOGGED_OUT_PATH)
+async def logged_out(request: Request, s: ServicesDep) -> Response:
+    """Where the identity provider sends the browser once its own session has ended too."""
+    return _logged_out(request, s.settings)
 
 
 def _wants_page(request: Request) -> bool:
@@ -330,19 +378,38 @@ async def _authentication_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, AuthenticationError)
     if not _wants_page(request) or request.headers.get("x-api-key") or request.headers.get("authorization"):
         return errors.response_for(exc)
+    settings: Settings = request.app.state.services.settings
+    if not settings.login_enabled:  # keys or tokens only: a person needs words, not a JSON 401
+        refused = errors.response_for(exc)
+        page = _page(
+            "Sign-in needed",
+            "<p>This page shows patient data to signed-in users only, and this bridge has no browser "
+            "sign-in: it accepts API keys and bearer tokens from programs.</p>"
+            "<p>Open it from your EHR, or ask the bridge's administrator to set up browser sign-in "
+            "(BRIDGE_OIDC_ISSUER, BRIDGE_OIDC_CLIENT_ID and BRIDGE_PUBLIC_URL, or "
+            "BRIDGE_SMART_LAUNCH_ISSUERS for an EHR launch).</p>",
+            401,
+        )
+        if "www-authenticate" in refused.headers:
+            page.headers["WWW-Authenticate"] = refused.headers["www-authenticate"]
+        return page
     here = request.url.path[len(mount_path(request)) :] if mount_path(request) else request.url.path
     if request.url.query:
         here += "?" + request.url.query
     response = await start_login(request, _local_path(here))
-    settings: Settings = request.app.state.services.settings
     if cookie_name(settings) in request.cookies:
         clear_session_cookie(response, settings)
     return response
 
 
 def install(app: FastAPI, services: Services) -> None:
-    """Add login to ``app`` when the settings configure it; the lifespan sets the client's HTTP client."""
+    """Add login to ``app`` when the settings configure it, and the page a browser gets instead of a 401.
+
+    The lifespan sets the login clients' HTTP client.
+    """
     settings = services.settings
+    # a browser opening a page without credentials gets a page, with or without login
+    app.add_exception_handler(AuthenticationError, _authentication_error)
     if not settings.login_enabled:
         return
     # the lifespan moves it into the state store
@@ -354,4 +421,3 @@ def install(app: FastAPI, services: Services) -> None:
         if (settings.oidc_issuer is not None if kind == "login" else bool(settings.smart_launch_issuers))
     }
     app.include_router(router)
-    app.add_exception_handler(AuthenticationError, _authentication_error)

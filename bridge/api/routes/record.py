@@ -16,7 +16,7 @@ from typing import Annotated, Any
 from urllib.parse import quote
 
 import httpx
-from fastapi import APIRouter, Depends, FastAPI, Path, Request
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from bridge.api.audit import note
@@ -29,11 +29,14 @@ from bridge.api.deps import (
     caller,
     mount_path,
 )
+from bridge.api.routes.login import form_action
+from bridge.api.security import Caller
 from bridge.config import Settings
 from bridge.dicomweb.client import DicomwebClient
 from bridge.errors import NoUsableEndpointError, StudyNotFoundError
 from bridge.http import RetryPolicy
 from bridge.limits import DicomwebLimits
+from bridge.mapping.identifiers import escape_token
 from bridge.resolve.links import WITHDRAWN, normalize_base, wado_urls, withdrawal_of
 from bridge.upstream import http_client
 
@@ -90,25 +93,64 @@ th { background: #f6f8fa; }
 img.thumb { width: 96px; height: 96px; background: #000; display: block; }
 a.open-images { font-weight: 600; }
 .muted { color: #57606a; }
+header.who { display: flex; gap: 1rem; align-items: center; justify-content: flex-end; color: #57606a; }
+header.who form { margin: 0; }
+form.search { margin: 1rem 0; display: flex; gap: 0.5rem; flex-wrap: wrap; align-items: end; }
+form.search label { display: flex; flex-direction: column; font-size: 0.85rem; color: #57606a; }
+ul.identifiers { list-style: none; padding: 0; margin: 0.2rem 0; }
+.system { color: #57606a; font-size: 0.85rem; }
 """
 
 
-def _page(title: str, body: str, status_code: int = 200) -> HTMLResponse:
+def html_page(
+    title: str,
+    body: str,
+    status_code: int = 200,
+    *,
+    request: Request | None = None,
+    who: Caller | None = None,
+) -> HTMLResponse:
+    """A record page; with ``request`` and ``who``, headed by who is signed in and a logout button."""
+    settings: Settings | None = request.app.state.services.settings if request is not None else None
+    header = _signed_in(request, who, settings) if request is not None and who is not None else ""
     document = (
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{html.escape(title)}</title>"
         '<meta name="viewport" content="width=device-width,initial-scale=1">'
         '<meta name="referrer" content="no-referrer">'
-        f"<style>{_STYLE}</style></head>\n<body>\n{body}\n</body></html>\n"
+        f"<style>{_STYLE}</style></head>\n<body>\n{header}{body}\n</body></html>\n"
     )
+    # Logout goes on to the identity provider (RP-initiated logout): the browser must be let follow
+    # the form's redirect there, which form-action governs too.
+    forms = form_action(settings) if settings is not None else "'self'"
     # Patient data: never cached by the browser or a proxy, never framed by another site.
     headers = {
         "Cache-Control": "no-store",
         "X-Frame-Options": "DENY",
         "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
-        "img-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+        f"img-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action {forms}",
     }
     return HTMLResponse(document, status_code=status_code, headers=headers)
+
+
+def _signed_in(request: Request, who: Caller, settings: Settings | None) -> str:
+    """Who the page is shown to, and the way out of a browser session."""
+    base = html.escape(mount_path(request))
+    if who.method == "session":
+        shown = f'Signed in as <strong class="user">{html.escape(who.subject or "an unnamed user")}</strong>'
+    elif who.method == "api-key":
+        shown = "Signed in with an API key"
+    elif who.method == "jwt":
+        shown = f'Signed in with a token for <strong class="user">{html.escape(who.subject or "?")}</strong>'
+    else:
+        shown = "Not signed in: authentication is off"
+    logout = (
+        f'<form method="post" action="{base}/logout">'
+        '<button type="submit" class="logout">Log out</button></form>'
+        if who.method == "session" and settings is not None and settings.login_enabled
+        else ""
+    )
+    return f'<header class="who"><span>{shown}</span>{logout}</header>\n'
 
 
 def _texts(values: Iterable[Any]) -> list[str]:
@@ -132,11 +174,84 @@ def patient_name(patient: Mapping[str, Any]) -> str:
 
 
 def study_date(started: Any) -> str:
-    """A FHIR dateTime shown as date and time of day (as recorded, no zone conversion)."""
+    """A FHIR dateTime as date, time of day and its zone, as recorded (no conversion to the server's zone).
+
+    A FHIR dateTime with a time always has a zone; it is shown, since a study's 08:30 in another
+    hospital's zone is not this hospital's 08:30.
+    """
     if not isinstance(started, str) or not started:
         return "unknown date"
     date, _, time = started.partition("T")
-    return f"{date} {time[:5]}" if time else date
+    if not time:
+        return date
+    zone = "UTC" if time.endswith("Z") else ""
+    for sign in ("+", "-"):
+        if sign in time:
+            time, _, offset = time.partition(sign)
+            zone = "UTC" if offset in ("00:00", "00") else f"UTC{sign}{offset}"
+    return f"{date} {time[:5]} {zone}".rstrip()
+
+
+def _type_codes(identifier: Mapping[str, Any]) -> list[Any]:
+    """The codes of an Identifier's type (MR, ACSN, ...)."""
+    kind = identifier.get("type")
+    codings = kind.get("coding") if isinstance(kind, dict) else None
+    return [c.get("code") for c in codings or [] if isinstance(c, dict)]
+
+
+def issuer_names(settings: Settings) -> dict[str, str]:
+    """Identifier system -> the Issuer of Patient ID configured for it, across every source."""
+    names: dict[str, str] = {}
+    for source in settings.each_source():
+        for issuer, system in source.patient_issuer_systems.items():
+            names.setdefault(system, issuer)
+    return names
+
+
+def identifiers(patient: Mapping[str, Any], issuers: Mapping[str, str]) -> list[tuple[str, str, str]]:
+    """The Patient's identifiers as (value, system, issuer name or ""), medical record numbers first."""
+    found: list[tuple[bool, str, str, str]] = []
+    for identifier in patient.get("identifier") or []:
+        if not isinstance(identifier, dict) or not isinstance(identifier.get("value"), str):
+            continue
+        system = identifier.get("system") if isinstance(identifier.get("system"), str) else ""
+        codes = _type_codes(identifier)
+        found.append(("MR" not in codes, identifier["value"], str(system), issuers.get(str(system), "")))
+    return [(value, system, issuer) for _, value, system, issuer in sorted(found, key=lambda f: f[0])]
+
+
+def identifier_list(patient: Mapping[str, Any], issuers: Mapping[str, str]) -> str:
+    """The identifiers as HTML: each value with its issuer and system, so two namesakes differ."""
+    items = []
+    for value, system, issuer in identifiers(patient, issuers):
+        where = " ".join(
+            part for part in (f"issuer {issuer}" if issuer else "", system or "no system") if part
+        )
+        items.append(
+            f'<li><span class="mrn">{html.escape(value)}</span> '
+            f'<span class="system">({html.escape(where)})</span></li>'
+        )
+    return '<ul class="identifiers">' + "".join(items) + "</ul>" if items else ""
+
+
+def accession(study: Mapping[str, Any]) -> str:
+    """The study's accession number (the ACSN identifier), with its system when it has one."""
+    for identifier in study.get("identifier") or []:
+        if not isinstance(identifier, dict) or not isinstance(identifier.get("value"), str):
+            continue
+        codes = _type_codes(identifier)
+        if "ACSN" in codes:
+            system = identifier.get("system")
+            return str(identifier["value"]) + (f" ({system})" if isinstance(system, str) and system else "")
+    return ""
+
+
+def referrer(study: Mapping[str, Any]) -> str:
+    """The referring physician as recorded (ImagingStudy.referrer.display)."""
+    found = study.get("referrer")
+    if isinstance(found, dict) and isinstance(found.get("display"), str):
+        return str(found["display"]).strip()
+    return ""
 
 
 def modalities(study: Mapping[str, Any]) -> list[str]:
@@ -185,6 +300,8 @@ def study_rows(studies: Sequence[Mapping[str, Any]], base: str) -> str:
             f"<td>{thumb}</td>"
             f'<td class="date">{html.escape(study_date(study.get("started")))}</td>'
             f'<td class="description">{html.escape(description)}</td>'
+            f'<td class="accession">{html.escape(accession(study) or "-")}</td>'
+            f'<td class="referrer">{html.escape(referrer(study) or "-")}</td>'
             f'<td class="modalities">{html.escape(", ".join(modalities(study)) or "-")}</td>'
             f'<td class="counts">{html.escape(counts)}</td>'
             f"<td>{image_cell}</td></tr>"
@@ -192,34 +309,86 @@ def study_rows(studies: Sequence[Mapping[str, Any]], base: str) -> str:
     return "\n".join(rows)
 
 
-@router.get("", response_class=HTMLResponse, summary="Patients, each linking to their imaging")
-async def record_index(request: Request, r: ResolverDep, who: CallerDep) -> Response:
-    """Up to the first 100 Patients of the FHIR server, by name, each linking to their record page.
+SearchText = Annotated[str | None, Query(max_length=256)]
 
-    A session or token limited to one patient (EHR launch) is sent to that patient's page instead.
+
+def patient_query(identifier: str | None, system: str | None, name: str | None) -> dict[str, str]:
+    """The FHIR search for what was typed: by identifier (in one system, or any), by name, or both.
+
+    Typed text is escaped as the FHIR search syntax requires (``,`` would otherwise mean "or", ``|``
+    split system from value), so what is searched is exactly what was typed.
+    """
+    params = {"_count": str(PAGE_SIZE)}
+    if identifier:
+        value = escape_token(identifier)
+        params["identifier"] = f"{escape_token(system)}|{value}" if system else value
+    if name:
+        params["name"] = escape_token(name)
+    return params
+
+
+def _search_form(base: str, settings: Settings, identifier: str, system: str, name: str) -> str:
+    systems = {settings.patient_identifier_system: "", **issuer_names(settings)}
+    options = ['<option value="">any system</option>'] + [
+        f'<option value="{html.escape(value, quote=True)}"{" selected" if value == system else ""}>'
+        f"{html.escape(f'{issuer} ({value})' if issuer else value)}</option>"
+        for value, issuer in systems.items()
+    ]
+    return (
+        f'<form class="search" method="get" action="{html.escape(base)}/record" role="search">'
+        '<label>Identifier (MRN)<input name="identifier" maxlength="256" '
+        f'value="{html.escape(identifier, quote=True)}"></label>'
+        f'<label>Issuer<select name="system">{"".join(options)}</select></label>'
+        f'<label>Name<input name="name" maxlength="256" value="{html.escape(name, quote=True)}"></label>'
+        '<button type="submit">Search</button></form>'
+    )
+
+
+@router.get("", response_class=HTMLResponse, summary="Patients, each linking to their imaging")
+async def record_index(
+    request: Request,
+    r: ResolverDep,
+    who: CallerDep,
+    identifier: SearchText = None,
+    system: SearchText = None,
+    name: SearchText = None,
+) -> Response:
+    """Patients found by identifier and/or name (else the first 100), each linking to their record page.
+
+    Each is listed with its identifiers and their issuers, so two patients of the same name and
+    birth date can be told apart. A session or token limited to one patient (EHR launch) is sent
+    to that patient's page instead.
     """
     if who.patient is not None:
         target = f"{mount_path(request)}/record/patients/{quote(who.patient, safe='')}"
         return RedirectResponse(target, status_code=302, headers={"Cache-Control": "no-store"})
-    patients = await r.fhir.search("Patient", {"_count": str(PAGE_SIZE)}, limit=PAGE_SIZE)
+    identifier, system, name = (identifier or "").strip(), (system or "").strip(), (name or "").strip()
+    searched = bool(identifier or name)
+    settings: Settings = request.app.state.services.settings
+    patients = await r.fhir.search("Patient", patient_query(identifier, system, name), limit=PAGE_SIZE)
     base = mount_path(request)
+    issuers = issuer_names(settings)
     items = []
     for patient in sorted(patients, key=patient_name):
         fhir_id = str(patient.get("id") or "")
         details = ", ".join(_texts([patient.get("birthDate"), patient.get("gender")]))
         items.append(
-            f'<li><a class="patient" href="{html.escape(base)}/record/patients/{quote(fhir_id, safe="")}">'
+            f'<li class="patient-item"><a class="patient" '
+            f'href="{html.escape(base)}/record/patients/{quote(fhir_id, safe="")}">'
             f"{html.escape(patient_name(patient))}</a>"
             + (f' <span class="muted">({html.escape(details)})</span>' if details else "")
+            + identifier_list(patient, issuers)
             + "</li>"
         )
     more = (
         f'<p class="muted">Showing the first {PAGE_SIZE} patients.</p>' if len(patients) >= PAGE_SIZE else ""
     )
-    listing = "<ul>\n" + "\n".join(items) + "\n</ul>" if items else '<p class="muted">No patients.</p>'
-    intro = '<p class="sub">From the FHIR server; choose one to see their imaging.</p>'
-    body = f"<h1>Patients</h1>{intro}\n{listing}{more}"
-    return _page("Patients", body)
+    none = "No patient matches this search." if searched else "No patients."
+    listing = "<ul>\n" + "\n".join(items) + "\n</ul>" if items else f'<p class="muted">{none}</p>'
+    intro = '<p class="sub">From the FHIR server; search, then choose a patient to see their imaging.</p>'
+    form = _search_form(base, settings, identifier, system, name)
+    body = f"<h1>Patients</h1>{intro}\n{form}\n{listing}{more}"
+    return html_page("Patients", body, request=request, who=who)
 
 
 @router.get("/patients/{patient_id}", response_class=HTMLResponse, summary="A patient's imaging studies")
@@ -232,7 +401,7 @@ async def record_patient(
     patient = await r.fhir.read("Patient", patient_id)
     if patient is None:
         back = f'<p><a href="{html.escape(base)}/record">All patients</a></p>'
-        return _page("Not found", f"<h1>No such patient</h1>{back}", 404)
+        return html_page("Not found", f"<h1>No such patient</h1>{back}", 404, request=request, who=who)
     studies = await r.fhir.search(
         "ImagingStudy", {"subject": f"Patient/{patient_id}", "_count": str(PAGE_SIZE)}, limit=PAGE_SIZE
     )
@@ -243,15 +412,20 @@ async def record_patient(
         f'<p><a href="{html.escape(base)}/record">All patients</a></p>'
         f'<h1 class="patient-name">{html.escape(name)}</h1>'
         f'<p class="sub">{html.escape(details)}</p>'
+        + identifier_list(patient, issuer_names(request.app.state.services.settings))
     )
     if not studies:
-        return _page(f"{name}: imaging", header + '<p class="muted">No imaging studies.</p>')
+        return html_page(
+            f"{name}: imaging", header + '<p class="muted">No imaging studies.</p>', request=request, who=who
+        )
     table = (
-        '<table class="studies"><thead><tr><th></th><th>Date</th><th>Description</th><th>Modalities</th>'
-        "<th>Size</th><th></th></tr></thead>\n<tbody>\n" + study_rows(studies, base) + "\n</tbody></table>"
+        '<table class="studies"><thead><tr><th></th><th>Date</th><th>Description</th><th>Accession</th>'
+        "<th>Referrer</th><th>Modalities</th><th>Size</th><th></th></tr></thead>\n<tbody>\n"
+        + study_rows(studies, base)
+        + "\n</tbody></table>"
     )
     more = f'<p class="muted">Showing the first {PAGE_SIZE} studies.</p>' if len(studies) >= PAGE_SIZE else ""
-    return _page(f"{name}: imaging", f"{header}<h2>Imaging</h2>\n{table}{more}")
+    return html_page(f"{name}: imaging", f"{header}<h2>Imaging</h2>\n{table}{more}", request=request, who=who)
 
 
 @router.get("/imaging-studies/{id}/thumbnail", response_class=Response)

@@ -106,6 +106,19 @@ spec:
             {{- toYaml . | nindent 12 }}
           {{- end }}
           {{- else }}
+          {{- if $v.metricsPort }}
+          # `bridge worker` serves no API: its metrics server is its one HTTP port, for Prometheus and
+          # the liveness probe, on the pod's addresses (the bridge's default is loopback only).
+          ports:
+            - name: metrics
+              containerPort: {{ int $v.metricsPort }}
+              protocol: TCP
+          env:
+            - name: BRIDGE_METRICS_PORT
+              value: {{ int $v.metricsPort | quote }}
+            - name: BRIDGE_METRICS_HOST
+              value: "0.0.0.0"
+          {{- end }}
           {{- with $v.livenessProbe }}
           livenessProbe:
             {{- toYaml . | nindent 12 }}

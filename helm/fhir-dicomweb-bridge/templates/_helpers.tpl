@@ -71,6 +71,22 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 {{- $stateUrl := toString (coalesce (index .Values.secretConfig "state_url") (index .Values.config "state_url") "sqlite:") }}
+{{- /* With existingSecret the state_url may be there: the chart cannot tell, and checks nothing. */}}
+{{- $sqlite := and (hasPrefix "sqlite" $stateUrl) (or (not .Values.existingSecret) (index .Values.secretConfig "state_url")) }}
+{{- $apiPods := ternary (int .Values.api.replicas) (ternary (int .Values.api.replicas) 0 .Values.api.enabled) (eq .Values.mode "combined") }}
+{{- $login := or (index .Values.config "oidc_issuer") (index .Values.config "smart_launch_issuers") (index .Values.secretConfig "oidc_issuer") (index .Values.secretConfig "smart_launch_issuers") }}
+{{- if and $login $sqlite (gt $apiPods 1) }}
+{{- fail "browser login (config.oidc_issuer, config.smart_launch_issuers) keeps its sessions in the state store, which every API pod must share, and a SQLite state_url is one per pod: set secretConfig.state_url to a PostgreSQL URL (postgresql+psycopg://...), or api.replicas=1" }}
+{{- end }}
+{{- if and (eq .Values.mode "split") .Values.api.enabled .Values.worker.enabled $sqlite }}
+{{- fail "mode split runs the API and the worker in separate pods, and a SQLite state_url gives each pod its own store: the API's /failures, operator page and browser sessions would not see the worker's. Set secretConfig.state_url to a PostgreSQL URL (postgresql+psycopg://...), or mode=combined with api.replicas=1" }}
+{{- end }}
+{{- if and (eq .Values.mode "split") .Values.worker.enabled (not .Values.worker.metricsPort) (eq (toString (dig "httpGet" "port" "" (.Values.worker.livenessProbe | default dict))) "metrics") }}
+{{- fail "worker.livenessProbe asks the worker's metrics port, and worker.metricsPort is unset: set worker.metricsPort (BRIDGE_METRICS_PORT), or worker.livenessProbe={}" }}
+{{- end }}
+{{- if and .Values.ingress.enabled (not .Values.ingress.hosts) }}
+{{- fail "ingress.enabled needs ingress.hosts (each a host and its paths)" }}
+{{- end }}
 {{- if and (eq .Values.mode "split") .Values.worker.enabled (gt (int .Values.worker.replicas) 1) (hasPrefix "sqlite" $stateUrl) }}
 {{- fail "worker.replicas > 1 needs a PostgreSQL state_url (postgresql+psycopg://...): SQLite cannot be shared between pods" }}
 {{- end }}

@@ -67,6 +67,7 @@ class FakeIdp:
     claims: dict[str, Any] = field(default_factory=dict)  # overrides of the ID token's claims
     signing_key: rsa.RSAPrivateKey | None = None  # sign with another key than the published one
     clients: dict[str, str] = field(default_factory=lambda: {CLIENT: SECRET})  # registered: id -> secret
+    end_session: bool = False  # offers RP-Initiated Logout (end_session_endpoint in its discovery)
 
     def jwks(self) -> dict[str, Any]:
         jwk = jwt.algorithms.RSAAlgorithm.to_jwk(self.key.public_key(), as_dict=True)
@@ -98,6 +99,7 @@ class FakeIdp:
             "authorization_endpoint": f"{issuer}/authorize",
             "token_endpoint": f"{issuer}/token",
             "jwks_uri": f"{issuer}/jwks",
+            **({"end_session_endpoint": f"{issuer}/session/end"} if self.end_session else {}),
         }
 
     def _token(self, request: httpx.Request, issuer: str) -> httpx.Response:
@@ -354,6 +356,44 @@ async def test_logout_ends_the_session(tmp_path: Path) -> None:
         assert out.status_code == 200 and f'{COOKIE}=""' in out.headers["set-cookie"]
         replayed = await b.http.get("/imaging-studies/is1/links", headers={"Cookie": f"{COOKIE}={old}"})
     assert replayed.status_code == 401
+
+
+async def test_logout_ends_the_providers_session_too_where_it_offers_that(tmp_path: Path) -> None:
+    async with bridge(tmp_path) as b:
+        b.idp.end_session = True
+        await b.login()
+        old = b.http.cookies[COOKIE]
+        record = await b.page("/record")
+        out = await b.http.post("/logout")
+        replayed = await b.http.get("/imaging-studies/is1/links", headers={"Cookie": f"{COOKIE}={old}"})
+        done = await b.page("/logout/done")
+    # The record page names who is signed in and has the button; its form may go on to the provider.
+    assert "Signed in as" in record.text and 'action="/logout"' in record.text
+    assert f"form-action 'self' {ISSUER}" in record.headers["content-security-policy"]
+    # Ended here, then the browser goes to the provider's end-session endpoint and comes back.
+    assert out.status_code == 303 and f'{COOKIE}=""' in out.headers["set-cookie"]
+    target = urlsplit(out.headers["location"])
+    assert f"{target.scheme}://{target.netloc}{target.path}" == f"{ISSUER}/session/end"
+    assert parse_qs(target.query) == {
+        "client_id": [CLIENT],
+        "post_logout_redirect_uri": [f"{PUBLIC}/logout/done"],
+    }
+    assert replayed.status_code == 401
+    assert done.status_code == 200 and "Your session here has ended" in done.text
+
+
+async def test_logout_of_an_ehr_launch_leaves_the_ehrs_session_to_the_ehr(tmp_path: Path) -> None:
+    async with bridge(tmp_path) as b:
+        b.idp.end_session = True
+        await b.launch()
+        out = await b.http.post("/logout")
+    assert out.status_code == 200 and "Your session here has ended" in out.text
+
+
+async def test_logout_page_lets_its_form_go_on_to_the_provider(tmp_path: Path) -> None:
+    async with bridge(tmp_path) as b:
+        page = await b.page("/logout")
+    assert f"form-action 'self' {ISSUER}" in page.headers["content-security-policy"]
 
 
 async def test_ehr_launch_limits_the_session_to_the_patient_in_context(tmp_path: Path) -> None:
