@@ -138,8 +138,17 @@ def sync(
         for each in sources:
             _dry_run(settings, each, study or [], as_json)
         return
-    codes = [_sync_source(settings, each, study or [], reconcile, as_json) for each in sources]
-    raise typer.Exit(max(codes))
+    # A --study UID that no source's archive holds is said so (exit 1), not passed over as "seen 0".
+    not_found = set(study or [])
+    codes = [_sync_source(settings, each, study or [], reconcile, as_json, not_found) for each in sources]
+    for uid in sorted(not_found):
+        err.print(
+            f"[red]not found:[/red] study {uid} is in no archive of "
+            f"{', '.join(f'{s.name} ({s.dicomweb.base})' for s in sources)}: nothing was synced for it; "
+            "check the UID, or BRIDGE_DICOMWEB_URL",
+            highlight=False,
+        )
+    raise typer.Exit(max(*codes, ExitCode.PARKED if not_found else ExitCode.OK))
 
 
 def _check_study_uids(uids: list[str]) -> None:
@@ -166,9 +175,17 @@ def _sources(settings: Settings, name: str | None) -> list[SourceSettings]:
 
 
 def _sync_source(
-    settings: Settings, source: SourceSettings, study: list[str], reconcile: bool, as_json: bool
+    settings: Settings,
+    source: SourceSettings,
+    study: list[str],
+    reconcile: bool,
+    as_json: bool,
+    not_found: set[str],
 ) -> int:
-    """One source's sync; returns its exit code (upstream failures are reported, not raised)."""
+    """One source's sync; returns its exit code (upstream failures are reported, not raised).
+
+    ``not_found``: the --study UIDs no archive has held so far; those this one holds leave it.
+    """
     import asyncio
 
     from bridge.runtime import open_runtime
@@ -185,7 +202,9 @@ def _sync_source(
     try:
         report = asyncio.run(run())
     except BridgeError as exc:
+        not_found.clear()  # unknown, not absent: the failure is the message
         return int(_fail(exc).exit_code)
+    not_found.intersection_update(report.not_found)
     return _report_outcome(source, report, time.perf_counter() - started, as_json)
 
 
@@ -223,6 +242,30 @@ async def _until_signalled(stop: asyncio.Event) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
+
+
+@app.command()
+def check(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the findings as JSON.")] = False,
+    sample: Annotated[
+        int, typer.Option(min=1, max=1000, help="Studies sampled from each archive for its issuers.")
+    ] = 200,
+    source: SourceOption = None,
+) -> None:
+    """Try every configured peer once and say what to fix: archive, FHIR server, state store, viewers.
+
+    Lists the Issuers of Patient ID of a sample of the archive's studies and the
+    BRIDGE_PATIENT_ISSUER_SYSTEMS to fill in. Writes only each source's Endpoint, as a sync would
+    first. Exit code as for sync: the worst finding's.
+    """
+    import asyncio
+
+    from bridge.cli.check import run_checks
+
+    settings = _settings()
+    report = asyncio.run(run_checks(settings, _sources(settings, source), sample))
+    render.print_check(report, as_json)
+    raise typer.Exit(int(report.worst))
 
 
 @app.command()

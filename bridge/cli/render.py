@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 
 if TYPE_CHECKING:
+    from bridge.cli.check import Report
     from bridge.config import SourceSettings
     from bridge.sync.preview import Preview
     from bridge.sync.report import RunReport
@@ -38,6 +41,7 @@ def report_dict(report: RunReport, seconds: float) -> dict[str, Any]:
             for p in report.parked
         ],
         "deletions": report.deletions,
+        "not_found": report.not_found,
         "error": report.error,
     }
 
@@ -159,3 +163,37 @@ def print_status(data: dict[str, Any]) -> None:
                 p["study_uid"], p["kind"], p["attribute"] or "", str(p["attempts"]), p["reason"]
             )
         out.print(parked_table)
+
+
+def print_check(report: Report, as_json: bool) -> None:
+    """``bridge check``'s findings, peer by peer, in the order to fix them."""
+    if as_json:
+        out.print_json(
+            data={
+                "exit_code": int(report.worst),
+                "findings": [f.as_dict() for f in report.findings],
+                "patient_issuers": report.issuers,
+                "patient_issuer_systems_to_set": report.issuer_settings,
+            }
+        )
+        return
+    peer = None
+    for finding in report.findings:
+        if finding.peer != peer:
+            peer = finding.peer
+            out.print(f"[bold]{peer}[/bold]", highlight=False)
+        if finding.severity:
+            mark = "[red]FIX [/red]" if finding.severity > 1 else "[yellow]FIX [/yellow]"
+        else:
+            mark = "[dim]note[/dim]" if finding.note else "[green]ok  [/green]"
+        out.print(f"  {mark} {escape(finding.text)}", highlight=False)
+    for source, wanted in report.issuer_settings.items():
+        out.print(f"\nsource {source}: fill in the systems, then set", highlight=False)
+        out.print(
+            f"  BRIDGE_PATIENT_ISSUER_SYSTEMS='{escape(json.dumps(wanted))}'", highlight=False, soft_wrap=True
+        )
+    worst = int(report.worst)
+    out.print(
+        "\nall checks passed" if not worst else f"\nexit {worst}: fix the FIX lines above, first to last",
+        highlight=False,
+    )

@@ -11,6 +11,7 @@ from urllib.parse import quote
 import httpx
 
 from bridge.errors import (
+    ConfigurationError,
     FatalUpstreamError,
     RejectedResourceError,
     RetriableUpstreamError,
@@ -93,6 +94,16 @@ def etag_version(etag: str | None) -> str | None:
     return etag.removeprefix("W/").strip('"') or None
 
 
+def not_a_fhir_server(base_url: str | None, why: str) -> ConfigurationError:
+    """The error for a base URL that does not answer as a FHIR server, naming the setting to fix."""
+    what = f"{base_url} is" if base_url else "it is"
+    return ConfigurationError(
+        f"BRIDGE_FHIR_URL: {what} not a FHIR server ({why}); set it to the FHIR R4 base URL, "
+        "the one that ends where [base]/metadata answers a CapabilityStatement and [base]/ImagingStudy "
+        "searches ImagingStudies"
+    )
+
+
 class FhirClient:
     """FHIR REST calls against one base URL through an ``httpx.AsyncClient`` given from outside."""
 
@@ -158,6 +169,21 @@ class FhirClient:
         response = await self._send("GET", "metadata", parse_json=True)
         body = json_body(response, SERVICE)
         return body if isinstance(body, dict) else {}
+
+    async def capability_statement(self) -> dict[str, Any]:
+        """The CapabilityStatement, checked: a ConfigurationError naming BRIDGE_FHIR_URL if it is none.
+
+        A DICOMweb archive, a web page or a wrong path answers ``GET [base]/metadata`` with 404,
+        HTML or other JSON; saying so beats any advice about how to write to it.
+        """
+        try:
+            body = await self.capabilities()
+        except FatalUpstreamError as exc:
+            answer = f"answered {exc.status}" if exc.status is not None else "did not answer JSON"
+            raise not_a_fhir_server(self._base, f"GET metadata {answer}") from exc
+        if body.get("resourceType") != "CapabilityStatement":
+            raise not_a_fhir_server(self._base, "GET metadata answered no CapabilityStatement")
+        return body
 
     async def read(self, resource_type: str, resource_id: str) -> dict[str, Any] | None:
         """The resource, or None if the server has none (404) or it was deleted (410)."""

@@ -31,6 +31,7 @@ class RunReport:
     newest_seen: str | None = None
     fhir_write_requests: int = 0  # FHIR requests that wrote (a batch is one; fhir_writes counts resources)
     series_query: str = "undecided"  # how series were asked: list or per-study
+    not_found: list[str] = field(default_factory=list)  # UIDs named to sync that the archive never held
 
     def saw(self, started: str | None) -> None:
         """Keep the latest study start seen in the archive (for the lag metric)."""

@@ -233,6 +233,7 @@ class SyncWorker:
                 elif missing:
                     known = await asyncio.to_thread(self._store.known_studies, source, missing)
                     await self._retirer.retire(list(known.values()), report, guard=False)
+                    report.not_found = [uid for uid in missing if uid not in known]
                 report.status = "parked" if report.counts.parked else "ok"
         except BaseException as exc:
             report.status, report.error = "failed", f"{type(exc).__name__}: {exc}"

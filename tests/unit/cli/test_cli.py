@@ -66,6 +66,70 @@ def test_a_mistyped_variable_exits_2_naming_it(
     assert "BRIDGE_FHIR_ULR" in flat(result.stderr)
 
 
+def test_a_mistyped_variable_is_answered_with_the_likely_setting(
+    runner: CliRunner, configured: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BRIDGE_DICOMWEB_URLL", "http://pacs.test/dicom-web")
+    result = runner.invoke(app, ["sync"])
+    assert result.exit_code == 2
+    assert "BRIDGE_DICOMWEB_URLL: is not a known setting (did you mean BRIDGE_DICOMWEB_URL?)" in flat(
+        result.stderr
+    )
+
+
+def test_a_config_file_error_names_the_file_key_and_line(
+    runner: CliRunner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    config = tmp_path / "bridge.yaml"
+    config.write_text(
+        "# the archive\nfhir_url: http://ehr.test/fhir\ndicomweb_urll: http://pacs.test/dicom-web\n",
+        encoding="utf-8",
+    )
+    monkeypatch.setenv("BRIDGE_CONFIG_FILE", str(config))
+    result = runner.invoke(app, ["sync"])
+    assert result.exit_code == 2
+    message = flat(result.stderr)
+    assert (
+        f"{config}, line 3: key dicomweb_urll: is not a known setting (did you mean dicomweb_url?)" in message
+    )
+
+
+def test_a_url_without_a_scheme_gets_a_scheme_hint(
+    runner: CliRunner, configured: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BRIDGE_FHIR_URL", "ehr.example.org/fhir/R4")
+    result = runner.invoke(app, ["sync"])
+    assert result.exit_code == 2
+    message = flat(result.stderr)
+    assert "BRIDGE_FHIR_URL: is not an absolute URL: write it with its scheme" in message
+    assert "relative URL without a base" not in message
+
+
+def test_a_store_that_cannot_open_names_its_file_folder_and_setting(
+    runner: CliRunner, configured: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    missing = tmp_path / "no-such-folder" / "state.db"
+    monkeypatch.setenv("BRIDGE_STATE_URL", f"sqlite:///{missing}")
+    result = runner.invoke(app, ["status"])
+    assert result.exit_code == 4
+    message = "".join(result.stderr.split())  # the long path may be wrapped anywhere
+    assert f"(file{missing})" in message
+    assert f"thefolder{missing.parent}doesnotexist" in message
+    assert "BRIDGE_STATE_URL" in message
+    assert "Background on this error" not in message
+
+
+def test_a_store_url_password_is_never_shown(
+    runner: CliRunner, configured: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BRIDGE_STATE_URL", "postgresql+psycopg://bridge:s3cret-pw@127.0.0.1:1/bridge")
+    result = runner.invoke(app, ["status"])
+    assert result.exit_code == 4
+    message = flat(result.stderr)
+    assert "127.0.0.1:1/bridge" in message and "BRIDGE_STATE_URL" in message
+    assert "s3cret-pw" not in message
+
+
 def test_sync_with_unreachable_servers_exits_3_with_a_clear_message(configured: Path, tmp_path: Path) -> None:
     # A real process, so the exit code and stderr are exactly what an operator's shell sees.
     result = subprocess.run(
