@@ -1017,6 +1017,40 @@ def _known_variables() -> set[str]:
     return {ENV_PREFIX + name.upper() for name in setting_names()} | {CONFIG_FILE_VARIABLE}
 
 
+# What a command that reads only the state store puts in place of an upstream URL left unset.
+UNSET_URL = "http://unset.invalid/"
+
+
+def _only_upstream_urls_missing(exc: ValidationError) -> list[str] | None:
+    """The upstreams whose URL is missing, if that is all that is wrong."""
+    missing = []
+    for error in exc.errors():
+        if error["type"] != "missing" or tuple(error["loc"]) not in {(u, "url") for u in UPSTREAMS}:
+            return None
+        missing.append(str(error["loc"][0]))
+    return missing
+
+
+def load_store_settings() -> Settings:
+    """The settings of a command that reads only the state store (``bridge status``).
+
+    The archive's and the FHIR server's URLs may be unset (they are then ``UNSET_URL``, never
+    used); every other setting is checked as usual, so a bad one still stops the command.
+    """
+    try:
+        return load_settings()
+    except _UpstreamUrlsMissing as missing:
+        return load_settings(**{f"{name}_url": UNSET_URL for name in missing.upstreams})
+
+
+class _UpstreamUrlsMissing(ConfigurationError):
+    """Only the upstreams' URLs are missing (a store-only command may go on without them)."""
+
+    def __init__(self, message: str, upstreams: list[str]) -> None:
+        super().__init__(message)
+        self.upstreams = upstreams
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Build and validate the settings, turning any problem into a ConfigurationError naming it."""
     config_file = os.environ.get(CONFIG_FILE_VARIABLE)
@@ -1032,6 +1066,9 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         lines = _file_lines(config_file) if config_file else {}
         details = "; ".join(_describe(e, lines, config_file) for e in exc.errors())
+        upstreams = _only_upstream_urls_missing(exc)
+        if upstreams:
+            raise _UpstreamUrlsMissing(f"invalid configuration: {details}", upstreams) from None
         raise ConfigurationError(f"invalid configuration: {details}") from None
     except SettingsError as exc:  # a value that is not the JSON a map or list setting needs
         match = re.search(r'field "([a-z0-9_]+)"', str(exc))

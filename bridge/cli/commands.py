@@ -44,8 +44,26 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain help: typer's rich help shows every flag as "--json <bool>", as if it took a value.
+    rich_markup_mode=None,
 )
 out, err = render.out, render.err
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(__version__, highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", help="Print the version and exit.", is_eager=True, callback=_print_version),
+    ] = False,
+) -> None:
+    """FHIR–DICOMweb bridge: publish a DICOMweb archive's studies as FHIR R4 ImagingStudy."""
 
 
 def _configure_logging(level: str) -> None:
@@ -60,11 +78,12 @@ def _configure_logging(level: str) -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-def _settings() -> Settings:
-    from bridge.config import load_settings
+def _settings(*, store_only: bool = False) -> Settings:
+    """The settings, or exit 2 naming what is wrong (``store_only``: upstream URLs may be unset)."""
+    from bridge.config import load_settings, load_store_settings
 
     try:
-        settings = load_settings()
+        settings = load_store_settings() if store_only else load_settings()
     except ConfigurationError as exc:
         err.print(f"[red]configuration error:[/red] {exc}", highlight=False)
         raise typer.Exit(ExitCode.CONFIGURATION) from None
@@ -374,25 +393,52 @@ def status(
     runs: Annotated[int, typer.Option(min=1, max=100, help="How many recent runs to show.")] = 5,
     source: SourceOption = None,
 ) -> None:
-    """Show what the state store knows: counts, recent runs, parked studies with reasons."""
-    settings = _settings()
-    # With several sources, everything unless --source narrows it.
-    chosen = _sources(settings, source)[0].name if source or not settings.sources else None
+    """Show what the state store knows, per source: health, counts, recent runs, parked studies.
+
+    Reads only the state store (BRIDGE_STATE_URL): the archive's and FHIR server's URLs may be unset.
+    """
+    from datetime import UTC
+
+    from bridge.config import UNSET_URL
     from bridge.state.store import SqlStore
 
+    settings = _settings(store_only=True)
     try:
         store = SqlStore(settings.state_url)
     except StoreError as exc:
         raise _fail(exc) from None
     try:
-        counts = store.counts(chosen)
-        recent = store.runs(runs)
-        parked = store.parked(chosen)
+        known = store.sources()
+        # The configured sources too (one never synced is news), unless the archive is unset.
+        unset = str(settings.dicomweb.url) == UNSET_URL and not settings.sources
+        configured = [] if unset else [s.name for s in settings.each_source()]
+        if source is not None and source not in {*known, *configured}:
+            err.print(
+                f"[red]error:[/red] --source {source!r} is not one of: {', '.join([*configured, *known])}",
+                highlight=False,
+            )
+            raise typer.Exit(ExitCode.CONFIGURATION)
+        names = [source] if source else list(dict.fromkeys([*configured, *known]))
+        sources = [
+            render.SourceHealth(
+                name=name,
+                counts=store.counts(name),
+                last_success=store.last_successful_run(name),
+                last_run=next(iter(store.runs(1, source=name)), None),
+                parked=store.parked(name),
+                newest_published=store.newest_published(name),
+            )
+            for name in names
+        ]
+        counts = store.counts(source)
+        recent = store.runs(runs, source=source)
+        parked = store.parked(source)
     except StoreError as exc:
         raise _fail(exc) from None
     finally:
         store.close()
-    data = render.status_dict(chosen, counts, recent, parked)
+    label = source or (names[0] if len(names) == 1 else "all")
+    data = render.status_dict(label, counts, recent, parked, sources, datetime.now(UTC))
     if as_json:
         out.print_json(data=data)
         return

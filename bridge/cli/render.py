@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -87,19 +89,113 @@ def print_previews(previews: Sequence[Preview], as_json: bool) -> None:
         out.print(f"  {p.action:6} {p.study_uid}  {detail}", highlight=False)
 
 
-def _iso(value: Any) -> str | None:
-    return value.isoformat() if value is not None else None
+def _aware(value: datetime | None) -> datetime | None:
+    """A stored time with its zone: SQLite gives back the UTC times it holds without one."""
+    if value is None:
+        return None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _iso(value: datetime | None) -> str | None:
+    aware = _aware(value)
+    return aware.isoformat() if aware is not None else None
+
+
+def _shown(iso: str | None) -> str:
+    """An ISO time as the tables show it: to the second, with its zone."""
+    if iso is None:
+        return "-"
+    value = datetime.fromisoformat(iso)
+    return value.strftime("%Y-%m-%d %H:%M %Z") if value.tzinfo is UTC else value.isoformat(timespec="minutes")
+
+
+def _age(seconds: float) -> str:
+    """A duration as a person reads it: 45 s, 12 min, 3.5 h, 2.1 days."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 36 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+@dataclass
+class SourceHealth:
+    """What the store tells of one source's health (``bridge status``)."""
+
+    name: str
+    counts: dict[str, int]
+    last_success: Any  # a Run, or None
+    last_run: Any  # a Run, or None
+    parked: Sequence[Any]  # ParkedStudy rows
+    newest_published: str | None  # the latest study start published (FHIR dateTime)
+
+
+def _health(source: SourceHealth, now: datetime) -> dict[str, Any]:
+    by_reason: dict[tuple[str, str | None], list[Any]] = {}
+    for p in source.parked:
+        by_reason.setdefault((p.kind, p.attribute), []).append(p)
+    success = source.last_success
+    success_at = _aware(success.finished_at) if success is not None else None
+    last = source.last_run
+    if last is None:
+        state = "never synced"
+    elif last.status == "failed":
+        state = "failing"
+    elif last.status == "running":
+        state = "running"
+    elif source.counts["parked"]:
+        state = "studies parked"
+    else:
+        state = "ok"
+    return {
+        "name": source.name,
+        "health": state,
+        **source.counts,
+        "last_successful_run": None
+        if success is None or success_at is None
+        else {
+            "id": success.id,
+            "kind": success.kind,
+            "finished_at": success_at.isoformat(),
+            "age_seconds": round((now - success_at).total_seconds()),
+        },
+        "last_run": None
+        if last is None
+        else {"id": last.id, "kind": last.kind, "status": last.status, "started_at": _iso(last.started_at)},
+        "parked_by_reason": [
+            {
+                "kind": kind,
+                "attribute": attribute,
+                "count": len(rows),
+                "reason": rows[-1].reason,  # the latest: reasons of one kind differ only in detail
+            }
+            for (kind, attribute), rows in sorted(by_reason.items(), key=lambda item: -len(item[1]))
+        ],
+        # The store keeps what was published, not what the archive holds now: the live lag is the
+        # bridge_sync_lag_seconds metric of a running worker.
+        "newest_study_published": source.newest_published,
+    }
 
 
 def status_dict(
-    chosen: str | None, counts: dict[str, int], recent: Sequence[Any], parked: Sequence[Any]
+    chosen: str,
+    counts: dict[str, int],
+    recent: Sequence[Any],
+    parked: Sequence[Any],
+    sources: Sequence[SourceHealth] = (),
+    now: datetime | None = None,
 ) -> dict[str, Any]:
-    """What ``bridge status`` shows, as JSON-able data."""
+    """What ``bridge status`` shows, as JSON-able data; times in ISO 8601 with their zone."""
+    now = now or datetime.now(UTC)
     return {
-        "source": chosen or "all",
+        "source": chosen,
+        "now": now.isoformat(),
         "published": counts["published"],
         "gone": counts["gone"],
         "parked": counts["parked"],
+        "sources": [_health(s, now) for s in sources],
         "runs": [
             {
                 "id": r.id,
@@ -125,6 +221,7 @@ def status_dict(
         "parked_studies": [
             {
                 "study_uid": p.study_uid,
+                "source": p.source,
                 "kind": p.kind,
                 "attribute": p.attribute,
                 "reason": p.reason,
@@ -138,29 +235,79 @@ def status_dict(
 
 
 def print_status(data: dict[str, Any]) -> None:
-    """``bridge status`` as text."""
+    """``bridge status`` as text: a health headline per source, then runs and parked studies."""
+    from rich.box import SIMPLE_HEAD
     from rich.table import Table
 
-    out.print(
-        f"source [bold]{data['source']}[/bold]: {data['published']} studies published, "
-        f"{data['gone']} gone from the archive, {data['parked']} parked",
-        highlight=False,
+    for health in data["sources"]:
+        success = health["last_successful_run"]
+        when = (
+            f"last successful run {_shown(success['finished_at'])} ({_age(success['age_seconds'])} ago, "
+            f"{success['kind']})"
+            if success
+            else "no successful run yet"
+        )
+        out.print(
+            f"source [bold]{escape(health['name'])}[/bold]: {health['health']}; {when}; "
+            f"{health['published']} studies published, {health['gone']} gone from the archive, "
+            f"{health['parked']} parked",
+            highlight=False,
+        )
+        for group in health["parked_by_reason"]:
+            what = group["attribute"] or group["kind"]
+            out.print(f"  {group['count']} parked ({what}): {escape(group['reason'])}", highlight=False)
+        if health["newest_study_published"]:
+            out.print(f"  newest study published started {health['newest_study_published']}", highlight=False)
+    if not data["sources"]:
+        out.print(
+            f"source [bold]{escape(data['source'])}[/bold]: {data['published']} studies published, "
+            f"{data['gone']} gone from the archive, {data['parked']} parked",
+            highlight=False,
+        )
+    several = len({r["source"] for r in data["runs"]}) > 1  # a source column only when it tells
+    columns = ["run", *(["source"] if several else []), "kind", "status", "started"]
+    table = Table(
+        *columns,
+        "seen",
+        "new",
+        "updated",
+        "same",
+        "parked",
+        "series",
+        title="recent runs",
+        box=SIMPLE_HEAD,
+        pad_edge=False,
     )
-    table = Table("run", "status", "started", "seen", "created", "updated", "unchanged", "parked", "series")
     for r in data["runs"]:
         table.add_row(
             str(r["id"]),
+            *([r["source"]] if several else []),
+            r["kind"],
             r["status"],
-            str(r["started_at"]),
+            _shown(r["started_at"]),
             *(str(r[k]) for k in ("seen", "created", "updated", "unchanged", "parked")),
             r["series_query"] or "-",
         )
     out.print(table)
     if data["parked_studies"]:
-        parked_table = Table("study", "kind", "attribute", "attempts", "reason")
+        several = len({p["source"] for p in data["parked_studies"]}) > 1
+        parked_columns = [
+            "study",
+            *(["source"] if several else []),
+            "kind",
+            "attribute",
+            "attempts",
+            "reason",
+        ]
+        parked_table = Table(*parked_columns, title="parked studies", box=SIMPLE_HEAD, pad_edge=False)
         for p in data["parked_studies"]:
             parked_table.add_row(
-                p["study_uid"], p["kind"], p["attribute"] or "", str(p["attempts"]), p["reason"]
+                p["study_uid"],
+                *([p["source"]] if several else []),
+                p["kind"],
+                p["attribute"] or "",
+                str(p["attempts"]),
+                p["reason"],
             )
         out.print(parked_table)
 

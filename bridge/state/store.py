@@ -61,9 +61,7 @@ def _open_problem(url: str, exc: SQLAlchemyError) -> str:
         else:
             hint = "check the file's permissions, or point BRIDGE_STATE_URL at another file"
     first_line = str(getattr(exc, "orig", None) or exc).splitlines()[0]
-    return (
-        f"cannot open the state store at {where} ({type(exc).__name__}: {first_line}); {hint}"
-    )
+    return f"cannot open the state store at {where} ({type(exc).__name__}: {first_line}); {hint}"
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -76,6 +74,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 # Names this process in the runs it records (the pod name on Kubernetes).
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"[:128]
+
 
 def _known(row: PublishedStudy) -> KnownStudy:
     if row.gone:  # no fingerprint matches: a study that returns to the archive is republished
@@ -367,10 +366,32 @@ class SqlStore:
                 )
             )
 
-    def runs(self, limit: int = 10) -> list[Run]:
-        """The most recent runs, newest first."""
+    def runs(self, limit: int = 10, source: str | None = None) -> list[Run]:
+        """The most recent runs (of one source, or of all), newest first."""
+        query = select(Run).order_by(Run.id.desc()).limit(limit)
+        if source is not None:
+            query = query.where(Run.source == source)
         with self._session() as session:
-            return list(session.scalars(select(Run).order_by(Run.id.desc()).limit(limit)).all())
+            return list(session.scalars(query).all())
+
+    def last_successful_run(self, source: str) -> Run | None:
+        """The latest run of ``source`` that finished, every study published or parked."""
+        query = (
+            select(Run)
+            .where(Run.source == source, Run.status.in_(("ok", "parked")), Run.finished_at.is_not(None))
+            .order_by(Run.finished_at.desc())
+            .limit(1)
+        )
+        with self._session() as session:
+            return session.scalars(query).first()
+
+    def sources(self) -> list[str]:
+        """Every source the store knows of: those with runs, published or parked studies."""
+        with self._session() as session:
+            names: set[str] = set()
+            for column in (Run.source, PublishedStudy.source, ParkedStudy.source):
+                names.update(session.scalars(select(column).distinct()).all())
+            return sorted(names)
 
     def counts(self, source: str | None = None) -> dict[str, int]:
         """How many studies are published, gone from the archive (retired), and parked."""
@@ -475,4 +496,3 @@ class SqlStore:
         with self._session() as session:
             result = session.execute(delete(BrowserSession).where(BrowserSession.expires_at <= now))
             return int(getattr(result, "rowcount", 0) or 0)
-

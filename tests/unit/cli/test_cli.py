@@ -198,3 +198,81 @@ def test_version_prints_the_version(runner: CliRunner) -> None:
     result = runner.invoke(app, ["version"])
     assert result.exit_code == 0
     assert result.stdout.strip() == __version__
+
+
+def _two_source_store(path: Path) -> None:
+    """A store as two sources' workers leave it: runs of several kinds, one failed, parked studies."""
+    store = SqlStore(f"sqlite:///{path}")
+    first = store.start_run("pacs-a", kind="incremental")
+    store.finish_run(first, status="ok", counts=RunCounts(seen=3, created=3), qido_queries=["/studies"])
+    store.record_published_many("pacs-a", [Published(f"1.2.{i}", "q", "r", f"f{i}", "1") for i in range(3)])
+    for uid in ("1.3.1", "1.3.2"):
+        store.park(
+            "pacs-a",
+            uid,
+            kind="link",
+            reason="IssuerOfPatientID has no identifier system in BRIDGE_PATIENT_ISSUER_SYSTEMS",
+            attribute="IssuerOfPatientID",
+        )
+    failed = store.start_run("vna-b", kind="reconcile")
+    store.finish_run(
+        failed, status="failed", counts=RunCounts(), qido_queries=[], error="UpstreamError: down"
+    )
+    store.close()
+
+
+def test_status_reads_only_the_state_store_and_shows_every_source(
+    runner: CliRunner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    state = tmp_path / "state.db"
+    _two_source_store(state)
+    monkeypatch.setenv("BRIDGE_STATE_URL", f"sqlite:///{state}")  # and no archive or FHIR URL
+    result = runner.invoke(app, ["status"])
+    assert result.exit_code == 0, result.stderr
+    text = flat(result.stdout)
+    assert "source pacs-a: studies parked; last successful run" in text
+    assert "ago, incremental); 3 studies published, 0 gone from the archive, 2 parked" in text
+    assert "2 parked (IssuerOfPatientID): IssuerOfPatientID has no identifier system" in text
+    assert "source vna-b: failing; no successful run yet" in text
+    assert "source default" not in text  # no configured source without an archive URL
+    assert "UTC" in text  # times say their zone
+    assert " kind " in text  # the runs table has the run kind (JSON below gives it whole)
+
+
+def test_status_json_gives_each_sources_health_with_zoned_times(
+    runner: CliRunner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    state = tmp_path / "state.db"
+    _two_source_store(state)
+    monkeypatch.setenv("BRIDGE_STATE_URL", f"sqlite:///{state}")
+    data = json.loads(runner.invoke(app, ["status", "--json"]).stdout)
+    assert data["source"] == "all"
+    health = {s["name"]: s for s in data["sources"]}
+    assert health["vna-b"]["health"] == "failing" and health["vna-b"]["last_successful_run"] is None
+    success = health["pacs-a"]["last_successful_run"]
+    assert success["kind"] == "incremental" and 0 <= success["age_seconds"] < 600
+    assert success["finished_at"].endswith("+00:00")
+    assert [(g["attribute"], g["count"]) for g in health["pacs-a"]["parked_by_reason"]] == [
+        ("IssuerOfPatientID", 2)
+    ]
+    assert all(r["started_at"].endswith("+00:00") for r in data["runs"])
+    assert [(r["source"], r["kind"]) for r in data["runs"]] == [
+        ("vna-b", "reconcile"),
+        ("pacs-a", "incremental"),
+    ]
+    narrowed = json.loads(runner.invoke(app, ["status", "--json", "--source", "vna-b"]).stdout)
+    assert [s["name"] for s in narrowed["sources"]] == ["vna-b"]
+    assert [r["source"] for r in narrowed["runs"]] == ["vna-b"]
+
+
+def test_status_help_shows_json_as_a_plain_flag(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["status", "--help"])
+    assert result.exit_code == 0
+    assert "--json" in result.stdout
+    assert "<bool>" not in result.stdout
+
+
+def test_dash_dash_version_prints_the_version(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.stdout.strip() == __version__
