@@ -67,11 +67,19 @@ def _root(
 
 
 def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    if err.is_terminal:
+        # On a terminal, through the console a progress display uses: log lines go above it.
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(console=err, show_path=False, markup=False)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        logging.basicConfig(level=level, handlers=[handler])
+    else:
+        logging.basicConfig(
+            level=level,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
     # Alembic says at INFO what it inspects on every start; the store logs a migration it runs.
@@ -117,6 +125,14 @@ def _fail(exc: BridgeError) -> typer.Exit:
 SourceOption = Annotated[
     str | None, typer.Option("--source", help="Only this source (a name in BRIDGE_SOURCES).")
 ]
+ProgressOption = Annotated[
+    float,
+    typer.Option(
+        "--progress-every",
+        min=0.1,
+        help="Without a terminal: seconds between progress lines (a terminal gets a live display).",
+    ),
+]
 
 
 @app.command()
@@ -141,6 +157,7 @@ def sync(
         ),
     ] = False,
     source: SourceOption = None,
+    progress_every: ProgressOption = 5.0,
 ) -> None:
     """Sync every study in the archive once (or the --study ones), then exit (1 if any parked).
 
@@ -159,7 +176,10 @@ def sync(
         return
     # A --study UID that no source's archive holds is said so (exit 1), not passed over as "seen 0".
     not_found = set(study or [])
-    codes = [_sync_source(settings, each, study or [], reconcile, as_json, not_found) for each in sources]
+    codes = [
+        _sync_source(settings, each, study or [], reconcile, as_json, not_found, progress_every)
+        for each in sources
+    ]
     for uid in sorted(not_found):
         err.print(
             f"[red]not found:[/red] study {uid} is in no archive of "
@@ -200,6 +220,7 @@ def _sync_source(
     reconcile: bool,
     as_json: bool,
     not_found: set[str],
+    progress_every: float = 5.0,
 ) -> int:
     """One source's sync; returns its exit code (upstream failures are reported, not raised).
 
@@ -207,10 +228,12 @@ def _sync_source(
     """
     import asyncio
 
+    from bridge.cli.progress import RunProgress
     from bridge.runtime import open_runtime
 
-    async def run() -> RunReport:
+    async def run(progress: RunProgress) -> RunReport:
         async with open_runtime(settings, source) as runtime:
+            runtime.worker.on_progress = progress.update
             if study:
                 return await runtime.worker.run_studies(study)
             if reconcile:
@@ -219,7 +242,8 @@ def _sync_source(
 
     started = time.perf_counter()
     try:
-        report = asyncio.run(run())
+        with RunProgress(source.name, err, every=progress_every) as progress:
+            report = asyncio.run(run(progress))
     except BridgeError as exc:
         not_found.clear()  # unknown, not absent: the failure is the message
         return int(_fail(exc).exit_code)
@@ -336,18 +360,23 @@ def backfill(
     to: Annotated[str, typer.Option("--to", help="Last StudyDate, YYYY-MM-DD.")],
     slice_days: Annotated[int, typer.Option(min=1, max=366, help="Days per QIDO slice.")] = 1,
     source: SourceOption = None,
+    progress_every: ProgressOption = 5.0,
 ) -> None:
     """First load of a large archive, in StudyDate slices; resumes where an interrupted one stopped."""
     settings = _settings()
-    codes = [_backfill(settings, each, from_, to, slice_days) for each in _sources(settings, source)]
+    codes = [
+        _backfill(settings, each, from_, to, slice_days, progress_every)
+        for each in _sources(settings, source)
+    ]
     raise typer.Exit(max(codes))
 
 
-def _backfill(settings: Settings, source: SourceSettings, from_: str, to: str, slice_days: int) -> int:
+def _backfill(
+    settings: Settings, source: SourceSettings, from_: str, to: str, slice_days: int, progress_every: float
+) -> int:
     import asyncio
 
-    from rich.progress import Progress
-
+    from bridge.cli.progress import RunProgress
     from bridge.runtime import open_runtime
     from bridge.sync import backfill as plan
 
@@ -364,17 +393,16 @@ def _backfill(settings: Settings, source: SourceSettings, from_: str, to: str, s
             slices = plan.slices(plan.resume_from(first, done), last, slice_days)
             if done is not None:
                 out.print(f"resuming after {done}", highlight=False)
-            with Progress(console=out, transient=False) as progress:
-                task = progress.add_task("backfill", total=len(slices))
+            with RunProgress(source.name, err, every=progress_every, slices=len(slices)) as progress:
+                runtime.worker.on_progress = progress.update
                 for low, high in slices:
-                    progress.update(task, description=f"{low:%Y-%m-%d}..{high:%Y-%m-%d}")
                     report = await runtime.worker.run(plan.study_dates(low, high), kind="backfill")
                     for key in totals:
                         totals[key] += getattr(report.counts, key)
                     await asyncio.to_thread(
                         runtime.store.save_checkpoint, source.name, name, plan.checkpoint_value(high)
                     )
-                    progress.advance(task)
+                    progress.slice_done(f"to {high:%Y-%m-%d}")
 
     try:
         asyncio.run(run())

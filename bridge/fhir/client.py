@@ -11,7 +11,6 @@ from urllib.parse import quote
 import httpx
 
 from bridge.errors import (
-    ConfigurationError,
     FatalUpstreamError,
     RejectedResourceError,
     RetriableUpstreamError,
@@ -20,7 +19,7 @@ from bridge.errors import (
 )
 from bridge.http import RETRIABLE_STATUS, RetryPolicy, json_body, send, where
 from bridge.limits import CallLimit
-from bridge.sync.protocols import BatchAnswer, WriteResult
+from bridge.sync.protocols import BatchAnswer, WriteResult, not_a_fhir_server
 
 logger = logging.getLogger(__name__)
 
@@ -92,16 +91,6 @@ def etag_version(etag: str | None) -> str | None:
     if not etag:
         return None
     return etag.removeprefix("W/").strip('"') or None
-
-
-def not_a_fhir_server(base_url: str | None, why: str) -> ConfigurationError:
-    """The error for a base URL that does not answer as a FHIR server, naming the setting to fix."""
-    what = f"{base_url} is" if base_url else "it is"
-    return ConfigurationError(
-        f"BRIDGE_FHIR_URL: {what} not a FHIR server ({why}); set it to the FHIR R4 base URL, "
-        "the one that ends where [base]/metadata answers a CapabilityStatement and [base]/ImagingStudy "
-        "searches ImagingStudies"
-    )
 
 
 class FhirClient:

@@ -17,7 +17,6 @@ from bridge.errors import (
     UpstreamError,
     VersionConflictError,
 )
-from bridge.fhir.client import not_a_fhir_server
 from bridge.mapping.context import BRIDGE_TAG_SYSTEM, MappingContext
 from bridge.mapping.endpoint import endpoint_id, endpoint_identifier, map_endpoint
 from bridge.mapping.identifiers import (
@@ -26,7 +25,7 @@ from bridge.mapping.identifiers import (
 from bridge.mapping.identity import exact_matches
 from bridge.mapping.validate import validate
 from bridge.sync.policy import DeletePolicy, WriteStrategy
-from bridge.sync.protocols import FhirSink, StateStore, WriteResult
+from bridge.sync.protocols import FhirSink, StateStore, WriteResult, not_a_fhir_server
 
 logger = logging.getLogger(__name__)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
@@ -32,6 +33,8 @@ class RunReport:
     fhir_write_requests: int = 0  # FHIR requests that wrote (a batch is one; fhir_writes counts resources)
     series_query: str = "undecided"  # how series were asked: list or per-study
     not_found: list[str] = field(default_factory=list)  # UIDs named to sync that the archive never held
+    # Told the counts after each change (a progress display); must not block or raise.
+    listener: Callable[[RunCounts], None] | None = field(default=None, repr=False, compare=False)
 
     def saw(self, started: str | None) -> None:
         """Keep the latest study start seen in the archive (for the lag metric)."""
@@ -41,6 +44,8 @@ class RunReport:
     def add(self, **deltas: int) -> None:
         """Add to the counts."""
         self.counts = replace(self.counts, **{k: getattr(self.counts, k) + v for k, v in deltas.items()})
+        if self.listener is not None:
+            self.listener(self.counts)
 
 
 def _later(a: str, b: str) -> bool:

@@ -36,7 +36,7 @@ from bridge.sync.assemble import StudyAssembler, StudyRecords
 from bridge.sync.link import Linker
 from bridge.sync.policy import DeletePolicy
 from bridge.sync.preview import Preview, Previewer
-from bridge.sync.protocols import KnownStudy, Published, SeriesOutcome, StateStore, StudySource
+from bridge.sync.protocols import KnownStudy, Published, RunCounts, SeriesOutcome, StateStore, StudySource
 from bridge.sync.publisher import Publisher
 from bridge.sync.report import ParkedReport, RunReport
 from bridge.sync.retire import Retirer
@@ -134,6 +134,8 @@ class SyncWorker:
         self._sweep_filters: Mapping[str, str] | None = None  # the run may sweep, not yet done
         self._assembler = StudyAssembler(source, linker, ctx, read_instance_header=read_instance_header)
         self._retirer = Retirer(publisher, store, ctx, policy=delete_policy, max_fraction=delete_max_fraction)
+        # Told each run's counts as they change (``bridge sync``'s progress display).
+        self.on_progress: Callable[[RunCounts], None] | None = None
 
     def _fhir_writes(self) -> int:
         return self._linker.writes + self._publisher.writes
@@ -212,7 +214,9 @@ class SyncWorker:
         ends the pass with UpstreamUnavailableError after the run is recorded as failed.
         """
         source = self._ctx.source_name
-        report = RunReport(await asyncio.to_thread(self._store.start_run, source, kind))
+        report = RunReport(
+            await asyncio.to_thread(self._store.start_run, source, kind), listener=self.on_progress
+        )
         queries_before = len(self._source.queries)
         writes_before = self._fhir_writes()
         requests_before = self._fhir_write_requests()
