@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from bridge.config import Settings, SourceSettings
+from bridge.config import PerSourceSettings, Settings, SourceSettings
 from bridge.dicomweb.client import DicomwebClient
 from bridge.dicomweb.query import SeriesQuery
 from bridge.dicomweb.records import parse_study
@@ -36,14 +36,14 @@ from bridge.fhir.client import FhirClient
 from bridge.mapping.context import MappingContext
 from bridge.mapping.identifiers import patient_key
 from bridge.mapping.validate import load_models
-from bridge.resolve.viewers import configure_viewers, load_viewer_table
-from bridge.runtime import mapping_context, open_clients
+from bridge.runtime import configured_viewers, mapping_context, open_clients
 from bridge.state.store import SqlStore
 from bridge.sync.policy import WriteStrategy
 from bridge.sync.publisher import Publisher
 
 NO_ISSUER = "(no issuer)"
-DEFAULT_PATIENT_SYSTEM = "urn:fhir-dicomweb-bridge:patient-id"
+# The placeholder system a PatientID without issuer gets until the operator names the MRN system.
+DEFAULT_PATIENT_SYSTEM = PerSourceSettings.model_fields["patient_identifier_system"].default
 
 
 class Severity(IntEnum):
@@ -384,13 +384,7 @@ async def check_endpoint(
 async def check_viewers(settings: Settings, report: Report) -> None:
     """The viewers offered, and whether each one's address answers."""
     try:
-        viewers = configure_viewers(
-            load_viewer_table(settings.mappings_dir) if settings.mappings_dir else load_viewer_table(),
-            enabled=settings.viewers,
-            default=settings.default_viewer,
-            base_urls=settings.viewer_urls,
-            templates=settings.viewer_templates,
-        )
+        viewers = configured_viewers(settings)
     except ConfigurationError as exc:
         report.add("viewers", Severity.CONFIGURATION, str(exc))
         return

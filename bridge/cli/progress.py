@@ -24,6 +24,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from bridge.cli.render import duration
 from bridge.sync.protocols import RunCounts
 
 logger = logging.getLogger("bridge.progress")
@@ -39,14 +40,6 @@ def finished(counts: RunCounts) -> int:
 
 def _add(a: RunCounts, b: RunCounts) -> RunCounts:
     return replace(a, **{name: getattr(a, name) + getattr(b, name) for name in (*FINISHED, "seen")})
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 class RunProgress:
@@ -161,5 +154,5 @@ class RunProgress:
             text += f"; slice {self.slices_done} of {self.slices}"
             if self.slices_done:
                 left = elapsed / self.slices_done * (self.slices - self.slices_done)
-                text += f", ETA {_duration(left)}"
-        logger.info("%s; %s elapsed", text, _duration(elapsed))
+                text += f", ETA {duration(left)}"
+        logger.info("%s; %s elapsed", text, duration(elapsed))

@@ -109,7 +109,7 @@ def _shown(iso: str | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M %Z") if value.tzinfo is UTC else value.isoformat(timespec="minutes")
 
 
-def _age(seconds: float) -> str:
+def duration(seconds: float) -> str:
     """A duration as a person reads it: 45 s, 12 min, 3.5 h, 2.1 days."""
     if seconds < 90:
         return f"{seconds:.0f} s"
@@ -242,7 +242,7 @@ def print_status(data: dict[str, Any]) -> None:
     for health in data["sources"]:
         success = health["last_successful_run"]
         when = (
-            f"last successful run {_shown(success['finished_at'])} ({_age(success['age_seconds'])} ago, "
+            f"last successful run {_shown(success['finished_at'])} ({duration(success['age_seconds'])} ago, "
             f"{success['kind']})"
             if success
             else "no successful run yet"
