@@ -292,7 +292,7 @@ async def check_fhir(settings: Settings, fhir: FhirClient, report: Report) -> bo
     )
     _strategy(settings.write_strategy, statement, report)
     try:
-        await fhir.search("ImagingStudy", {"_count": "1", "_elements": "id"})
+        await fhir.search("ImagingStudy", {"_count": "1"})
     except UpstreamError as exc:
         report.add(peer, *_upstream_problem(exc, "BRIDGE_FHIR_URL", "the FHIR server's ImagingStudy search"))
         return False
