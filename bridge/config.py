@@ -9,10 +9,11 @@ per-source values it does not set itself.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
@@ -557,7 +558,11 @@ class Settings(PerSourceSettings, BaseSettings):
 
     # Resolver API (bridge serve); lists take comma-separated values
     viewers: Annotated[list[str] | None, NoDecode] = Field(
-        default=None, description="Viewers offered, by name in mappings/viewers.yaml; default: every one"
+        default=None,
+        description=(
+            "Viewers offered, by name in mappings/viewers.yaml; default: those BRIDGE_VIEWER_URLS or "
+            "BRIDGE_VIEWER_TEMPLATES configure"
+        ),
     )
     default_viewer: str = Field(default="ohif", description="Viewer of /viewer when no ?viewer= is given")
     viewer_urls: dict[str, str] = Field(
@@ -1008,16 +1013,102 @@ def is_per_source(name: str) -> bool:
     return name in PER_SOURCE_SETTINGS or name.startswith("dicomweb_")
 
 
-def _describe(error: Mapping[str, Any]) -> str:
+def _did_you_mean(name: str, known: Iterable[str]) -> str:
+    """`` (did you mean X?)`` for the known name closest to a mistyped one, or nothing."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.75)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _file_lines(path: str) -> dict[tuple[str, ...], int]:
+    """Each key path of a YAML config file (nested mappings too) -> its line, counted from 1."""
+    try:
+        with open(path, encoding="utf-8") as stream:
+            root = yaml.compose(stream, Loader=yaml.SafeLoader)
+    except (OSError, yaml.YAMLError):
+        return {}
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, prefix: tuple[str, ...]) -> None:
+        if not isinstance(node, yaml.MappingNode):
+            return
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                path_ = (*prefix, str(key.value).lower())
+                lines[path_] = key.start_mark.line + 1
+                walk(value, path_)
+
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _message(error: Mapping[str, Any]) -> str:
     message = str(error["msg"]).removeprefix("Value error, ")
-    if not error["loc"]:  # a check across settings names them in its message
-        return message
-    name = ENV_PREFIX + "_".join(str(part) for part in error["loc"]).upper()
     if error["type"] == "missing":
-        message = "is required but not set"
-    elif error["type"] == "extra_forbidden":
-        message = "is not a known setting"
-    return f"{name}: {message}"
+        return "is required but not set"
+    if error["type"] == "url_parsing" and "relative URL without a base" in message:
+        # pydantic's words for "no scheme": say what to write instead.
+        return "is not an absolute URL: write it with its scheme, e.g. https://host/path"
+    return message
+
+
+def _describe(
+    error: Mapping[str, Any], file_lines: Mapping[tuple[str, ...], int], config_file: str | None
+) -> str:
+    """One error, naming the variable, or the config file's key and line where it came from."""
+    if not error["loc"]:  # a check across settings names them in its message
+        return _message(error)
+    loc = tuple(str(part).lower() for part in error["loc"])
+    flat = "_".join(loc)
+    env_name = ENV_PREFIX + flat.upper()
+    in_file = next((key for key in (loc, (flat,)) if key in file_lines), None)
+    known = setting_names()
+    if in_file is not None and env_name not in {k.upper() for k in os.environ}:
+        where = f"{CONFIG_FILE_VARIABLE} {config_file}, line {file_lines[in_file]}: key {'.'.join(in_file)}"
+        if error["type"] == "extra_forbidden":
+            return f"{where}: is not a known setting{_did_you_mean(flat, known)}"
+        return f"{where}: {_message(error)}"
+    if error["type"] == "extra_forbidden":
+        return f"{env_name}: is not a known setting{_did_you_mean(env_name, _known_variables())}"
+    return f"{env_name}: {_message(error)}"
+
+
+def _known_variables() -> set[str]:
+    return {ENV_PREFIX + name.upper() for name in setting_names()} | {CONFIG_FILE_VARIABLE}
+
+
+# What a command that reads only the state store puts in place of an upstream URL left unset.
+UNSET_URL = "http://unset.invalid/"
+
+
+def _only_upstream_urls_missing(exc: ValidationError) -> list[str] | None:
+    """The upstreams whose URL is missing, if that is all that is wrong."""
+    missing = []
+    for error in exc.errors():
+        if error["type"] != "missing" or tuple(error["loc"]) not in {(u, "url") for u in UPSTREAMS}:
+            return None
+        missing.append(str(error["loc"][0]))
+    return missing
+
+
+def load_store_settings() -> Settings:
+    """The settings of a command that reads only the state store (``bridge status``).
+
+    The archive's and the FHIR server's URLs may be unset (they are then ``UNSET_URL``, never
+    used); every other setting is checked as usual, so a bad one still stops the command.
+    """
+    try:
+        return load_settings()
+    except _UpstreamUrlsMissing as missing:
+        return load_settings(**{f"{name}_url": UNSET_URL for name in missing.upstreams})
+
+
+class _UpstreamUrlsMissing(ConfigurationError):
+    """Only the upstreams' URLs are missing (a store-only command may go on without them)."""
+
+    def __init__(self, message: str, upstreams: list[str]) -> None:
+        super().__init__(message)
+        self.upstreams = upstreams
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -1025,14 +1116,19 @@ def load_settings(**overrides: Any) -> Settings:
     config_file = os.environ.get(CONFIG_FILE_VARIABLE)
     if config_file and not Path(config_file).is_file():
         raise ConfigurationError(f"{CONFIG_FILE_VARIABLE}: no such file: {config_file}")
-    known = {ENV_PREFIX + name.upper() for name in setting_names()} | {CONFIG_FILE_VARIABLE}
+    known = _known_variables()
     unknown = sorted(k for k in os.environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
     if unknown:
-        raise ConfigurationError(f"invalid configuration: {unknown[0]}: is not a known setting")
+        hint = _did_you_mean(unknown[0].upper(), known)
+        raise ConfigurationError(f"invalid configuration: {unknown[0]}: is not a known setting{hint}")
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        details = "; ".join(_describe(e) for e in exc.errors())
+        lines = _file_lines(config_file) if config_file else {}
+        details = "; ".join(_describe(e, lines, config_file) for e in exc.errors())
+        upstreams = _only_upstream_urls_missing(exc)
+        if upstreams:
+            raise _UpstreamUrlsMissing(f"invalid configuration: {details}", upstreams) from None
         raise ConfigurationError(f"invalid configuration: {details}") from None
     except SettingsError as exc:  # a value that is not the JSON a map or list setting needs
         match = re.search(r'field "([a-z0-9_]+)"', str(exc))

@@ -18,6 +18,8 @@ from bridge.limits import DicomwebLimits, fhir_limit
 from bridge.mapping.context import MappingContext
 from bridge.mapping.tables import BUNDLED_MAPPINGS, load_tables
 from bridge.mapping.validate import load_models
+from bridge.resolve.links import ViewerTemplate
+from bridge.resolve.viewers import configure_viewers, load_viewer_table
 from bridge.state.store import SqlStore
 from bridge.sync.changes import ChangeSource, FeedChangeSource, QidoWindowSource
 from bridge.sync.link import Linker
@@ -44,6 +46,17 @@ def mapping_context(settings: Settings, source: SourceSettings) -> MappingContex
         timezone=source.dicom_timezone,
         include_instances=source.include_instances,
         max_instances=source.max_instances,
+    )
+
+
+def configured_viewers(settings: Settings) -> dict[str, ViewerTemplate]:
+    """The viewers the settings offer (ConfigurationError naming the setting when they cannot)."""
+    return configure_viewers(
+        load_viewer_table(settings.mappings_dir) if settings.mappings_dir else load_viewer_table(),
+        enabled=settings.viewers,
+        default=settings.default_viewer,
+        base_urls=settings.viewer_urls,
+        templates=settings.viewer_templates,
     )
 
 
@@ -118,37 +131,56 @@ def change_source(
     return QidoWindowSource(source.poll_window_days)
 
 
+@dataclass
+class Clients:
+    """The two upstreams' clients for one source, open (the archive's raw HTTP client too)."""
+
+    dicomweb: DicomwebClient
+    fhir: FhirClient
+    dicomweb_http: httpx.AsyncClient
+    dicomweb_policy: RetryPolicy  # the archive's, with its circuit breaker, shared by its feed
+
+
+@asynccontextmanager
+async def open_clients(settings: Settings, source: SourceSettings) -> AsyncIterator[Clients]:
+    """Open the archive's and the FHIR server's clients for one source; closes them on exit."""
+    # httpx logs full URLs at INFO, and query strings can carry patient identifiers.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    limits = httpx.Limits(max_connections=settings.sync_concurrency * 2 + 4)
+    policy = retry_policy(settings, "dicomweb")  # each upstream has its own circuit breaker
+    fhir_policy = retry_policy(settings, "fhir")
+    async with (
+        http_client(settings, source.dicomweb, "dicomweb", limits=limits) as dicomweb_http,
+        http_client(settings, settings.fhir, "fhir", limits=limits) as fhir_http,
+    ):
+        dicomweb = DicomwebClient(
+            dicomweb_http,
+            source.dicomweb.base,
+            policy=policy,
+            page_size=source.qido_page_size,
+            limits=DicomwebLimits.from_settings(source.dicomweb, settings.http_deadline),
+            series_query=source.dicomweb.series_query,
+            series_list_size=source.dicomweb.series_list_size,
+            series_page_size=source.dicomweb.series_page_size,
+        )
+        fhir = FhirClient(fhir_http, settings.fhir.base, policy=fhir_policy, limit=fhir_limit(settings))
+        yield Clients(dicomweb, fhir, dicomweb_http, policy)
+
+
 @asynccontextmanager
 async def open_runtime(settings: Settings, source: SourceSettings | None = None) -> AsyncIterator[Runtime]:
     """Open clients and store for one source (by default the first); closes them on exit."""
     if source is None:
         source = settings.each_source()[0]
-    # httpx logs full URLs at INFO, and query strings can carry patient identifiers.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     ctx = mapping_context(settings, source)
     load_models()
-    limits = httpx.Limits(max_connections=settings.sync_concurrency * 2 + 4)
-    policy = retry_policy(settings, "dicomweb")  # each upstream has its own circuit breaker
-    fhir_policy = retry_policy(settings, "fhir")
     store = SqlStore(settings.state_url)
     try:
-        async with (
-            http_client(settings, source.dicomweb, "dicomweb", limits=limits) as dicomweb_http,
-            http_client(settings, settings.fhir, "fhir", limits=limits) as fhir_http,
-        ):
-            dicomweb = DicomwebClient(
-                dicomweb_http,
-                source.dicomweb.base,
-                policy=policy,
-                page_size=source.qido_page_size,
-                limits=DicomwebLimits.from_settings(source.dicomweb, settings.http_deadline),
-                series_query=source.dicomweb.series_query,
-                series_list_size=source.dicomweb.series_list_size,
-                series_page_size=source.dicomweb.series_page_size,
+        async with open_clients(settings, source) as clients:
+            changes = change_source(
+                source, clients.dicomweb_http, store, clients.dicomweb_policy, clients.dicomweb.limits
             )
-            fhir = FhirClient(fhir_http, settings.fhir.base, policy=fhir_policy, limit=fhir_limit(settings))
-            changes = change_source(source, dicomweb_http, store, policy, dicomweb.limits)
-            runtime = Runtime(settings, source, ctx, store, dicomweb, fhir, changes)
+            runtime = Runtime(settings, source, ctx, store, clients.dicomweb, clients.fhir, changes)
             runtime.worker = runtime.new_worker(settings.sync_concurrency)
             yield runtime
     finally:

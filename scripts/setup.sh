@@ -7,4 +7,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
 # The HAPI FHIR JPA test server (Java 17 + Maven): built once, rebuilt only when its sources change.
-.venv/bin/python -m tests.stack.hapi --build-only
+# --no-hapi (the demo, which runs Medplum's engine only) skips it.
+if [ "${1:-}" != "--no-hapi" ]; then
+  .venv/bin/python -m tests.stack.hapi --build-only
+fi

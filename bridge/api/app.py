@@ -45,8 +45,7 @@ from bridge.fhir.client import FhirClient
 from bridge.http import RetryPolicy
 from bridge.limits import fhir_limit
 from bridge.resolve.resolver import Resolver, ResolverConfig
-from bridge.resolve.viewers import configure_viewers, load_viewer_table
-from bridge.runtime import open_runtime
+from bridge.runtime import configured_viewers, open_runtime
 from bridge.state.store import SqlStore
 from bridge.sync.policy import WriteStrategy
 from bridge.upstream import Service, http_client
@@ -118,13 +117,7 @@ def create_app(
     ``transport`` replaces the network for the app's outgoing HTTP (tests pass a MockTransport).
     ``run_scheduler`` also runs the scheduled sync worker in the app's lifespan (``bridge run``).
     """
-    viewers = configure_viewers(
-        load_viewer_table(settings.mappings_dir) if settings.mappings_dir else load_viewer_table(),
-        enabled=settings.viewers,
-        default=settings.default_viewer,
-        base_urls=settings.viewer_urls,
-        templates=settings.viewer_templates,
-    )
+    viewers = configured_viewers(settings)
     services = Services(settings=settings, authenticator=Authenticator(settings), viewers=viewers)
 
     @asynccontextmanager

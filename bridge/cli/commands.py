@@ -44,27 +44,54 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain help: typer's rich help shows every flag as "--json <bool>", as if it took a value.
+    rich_markup_mode=None,
 )
 out, err = render.out, render.err
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(__version__, highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", help="Print the version and exit.", is_eager=True, callback=_print_version),
+    ] = False,
+) -> None:
+    """FHIR–DICOMweb bridge: publish a DICOMweb archive's studies as FHIR R4 ImagingStudy."""
+
+
 def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    if err.is_terminal:
+        # On a terminal, through the console a progress display uses: log lines go above it.
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(console=err, show_path=False, markup=False)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        logging.basicConfig(level=level, handlers=[handler])
+    else:
+        logging.basicConfig(
+            level=level,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
     # Alembic says at INFO what it inspects on every start; the store logs a migration it runs.
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-def _settings() -> Settings:
-    from bridge.config import load_settings
+def _settings(*, store_only: bool = False) -> Settings:
+    """The settings, or exit 2 naming what is wrong (``store_only``: upstream URLs may be unset)."""
+    from bridge.config import load_settings, load_store_settings
 
     try:
-        settings = load_settings()
+        settings = load_store_settings() if store_only else load_settings()
     except ConfigurationError as exc:
         err.print(f"[red]configuration error:[/red] {exc}", highlight=False)
         raise typer.Exit(ExitCode.CONFIGURATION) from None
@@ -98,6 +125,14 @@ def _fail(exc: BridgeError) -> typer.Exit:
 SourceOption = Annotated[
     str | None, typer.Option("--source", help="Only this source (a name in BRIDGE_SOURCES).")
 ]
+ProgressOption = Annotated[
+    float,
+    typer.Option(
+        "--progress-every",
+        min=0.1,
+        help="Without a terminal: seconds between progress lines (a terminal gets a live display).",
+    ),
+]
 
 
 @app.command()
@@ -122,6 +157,7 @@ def sync(
         ),
     ] = False,
     source: SourceOption = None,
+    progress_every: ProgressOption = 5.0,
 ) -> None:
     """Sync every study in the archive once (or the --study ones), then exit (1 if any parked).
 
@@ -138,8 +174,20 @@ def sync(
         for each in sources:
             _dry_run(settings, each, study or [], as_json)
         return
-    codes = [_sync_source(settings, each, study or [], reconcile, as_json) for each in sources]
-    raise typer.Exit(max(codes))
+    # A --study UID that no source's archive holds is said so (exit 1), not passed over as "seen 0".
+    not_found = set(study or [])
+    codes = [
+        _sync_source(settings, each, study or [], reconcile, as_json, not_found, progress_every)
+        for each in sources
+    ]
+    for uid in sorted(not_found):
+        err.print(
+            f"[red]not found:[/red] study {uid} is in no archive of "
+            f"{', '.join(f'{s.name} ({s.dicomweb.base})' for s in sources)}: nothing was synced for it; "
+            "check the UID, or BRIDGE_DICOMWEB_URL",
+            highlight=False,
+        )
+    raise typer.Exit(max(*codes, ExitCode.PARKED if not_found else ExitCode.OK))
 
 
 def _check_study_uids(uids: list[str]) -> None:
@@ -166,15 +214,26 @@ def _sources(settings: Settings, name: str | None) -> list[SourceSettings]:
 
 
 def _sync_source(
-    settings: Settings, source: SourceSettings, study: list[str], reconcile: bool, as_json: bool
+    settings: Settings,
+    source: SourceSettings,
+    study: list[str],
+    reconcile: bool,
+    as_json: bool,
+    not_found: set[str],
+    progress_every: float = 5.0,
 ) -> int:
-    """One source's sync; returns its exit code (upstream failures are reported, not raised)."""
+    """One source's sync; returns its exit code (upstream failures are reported, not raised).
+
+    ``not_found``: the --study UIDs no archive has held so far; those this one holds leave it.
+    """
     import asyncio
 
+    from bridge.cli.progress import RunProgress
     from bridge.runtime import open_runtime
 
-    async def run() -> RunReport:
+    async def run(progress: RunProgress) -> RunReport:
         async with open_runtime(settings, source) as runtime:
+            runtime.worker.on_progress = progress.update
             if study:
                 return await runtime.worker.run_studies(study)
             if reconcile:
@@ -183,9 +242,12 @@ def _sync_source(
 
     started = time.perf_counter()
     try:
-        report = asyncio.run(run())
+        with RunProgress(source.name, err, every=progress_every) as progress:
+            report = asyncio.run(run(progress))
     except BridgeError as exc:
+        not_found.clear()  # unknown, not absent: the failure is the message
         return int(_fail(exc).exit_code)
+    not_found.intersection_update(report.not_found)
     return _report_outcome(source, report, time.perf_counter() - started, as_json)
 
 
@@ -223,6 +285,30 @@ async def _until_signalled(stop: asyncio.Event) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
+
+
+@app.command()
+def check(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the findings as JSON.")] = False,
+    sample: Annotated[
+        int, typer.Option(min=1, max=1000, help="Studies sampled from each archive for its issuers.")
+    ] = 200,
+    source: SourceOption = None,
+) -> None:
+    """Try every configured peer once and say what to fix: archive, FHIR server, state store, viewers.
+
+    Lists the Issuers of Patient ID of a sample of the archive's studies and the
+    BRIDGE_PATIENT_ISSUER_SYSTEMS to fill in. Writes only each source's Endpoint, as a sync would
+    first. Exit code as for sync: the worst finding's.
+    """
+    import asyncio
+
+    from bridge.cli.check import run_checks
+
+    settings = _settings()
+    report = asyncio.run(run_checks(settings, _sources(settings, source), sample))
+    render.print_check(report, as_json)
+    raise typer.Exit(int(report.worst))
 
 
 @app.command()
@@ -274,18 +360,23 @@ def backfill(
     to: Annotated[str, typer.Option("--to", help="Last StudyDate, YYYY-MM-DD.")],
     slice_days: Annotated[int, typer.Option(min=1, max=366, help="Days per QIDO slice.")] = 1,
     source: SourceOption = None,
+    progress_every: ProgressOption = 5.0,
 ) -> None:
     """First load of a large archive, in StudyDate slices; resumes where an interrupted one stopped."""
     settings = _settings()
-    codes = [_backfill(settings, each, from_, to, slice_days) for each in _sources(settings, source)]
+    codes = [
+        _backfill(settings, each, from_, to, slice_days, progress_every)
+        for each in _sources(settings, source)
+    ]
     raise typer.Exit(max(codes))
 
 
-def _backfill(settings: Settings, source: SourceSettings, from_: str, to: str, slice_days: int) -> int:
+def _backfill(
+    settings: Settings, source: SourceSettings, from_: str, to: str, slice_days: int, progress_every: float
+) -> int:
     import asyncio
 
-    from rich.progress import Progress
-
+    from bridge.cli.progress import RunProgress
     from bridge.runtime import open_runtime
     from bridge.sync import backfill as plan
 
@@ -302,17 +393,16 @@ def _backfill(settings: Settings, source: SourceSettings, from_: str, to: str, s
             slices = plan.slices(plan.resume_from(first, done), last, slice_days)
             if done is not None:
                 out.print(f"resuming after {done}", highlight=False)
-            with Progress(console=out, transient=False) as progress:
-                task = progress.add_task("backfill", total=len(slices))
+            with RunProgress(source.name, err, every=progress_every, slices=len(slices)) as progress:
+                runtime.worker.on_progress = progress.update
                 for low, high in slices:
-                    progress.update(task, description=f"{low:%Y-%m-%d}..{high:%Y-%m-%d}")
                     report = await runtime.worker.run(plan.study_dates(low, high), kind="backfill")
                     for key in totals:
                         totals[key] += getattr(report.counts, key)
                     await asyncio.to_thread(
                         runtime.store.save_checkpoint, source.name, name, plan.checkpoint_value(high)
                     )
-                    progress.advance(task)
+                    progress.slice_done(f"to {high:%Y-%m-%d}")
 
     try:
         asyncio.run(run())
@@ -331,26 +421,53 @@ def status(
     runs: Annotated[int, typer.Option(min=1, max=100, help="How many recent runs to show.")] = 5,
     source: SourceOption = None,
 ) -> None:
-    """Show what the state store knows: counts, recent runs, parked studies with reasons."""
-    settings = _settings()
-    # With several sources, everything unless --source narrows it.
-    chosen = _sources(settings, source)[0].name if source or not settings.sources else None
+    """Show what the state store knows, per source: health, counts, recent runs, parked studies.
+
+    Reads only the state store (BRIDGE_STATE_URL): the archive's and FHIR server's URLs may be unset.
+    """
+    from datetime import UTC
+
+    from bridge.config import UNSET_URL
     from bridge.state.store import SqlStore
 
+    settings = _settings(store_only=True)
     try:
         store = SqlStore(settings.state_url)
     except StoreError as exc:
         raise _fail(exc) from None
     try:
-        counts = store.counts(chosen)
-        recent = store.runs(runs)
-        parked = store.parked(chosen)
-        withdrawn = store.withdrawn(chosen)
+        known = store.sources()
+        # The configured sources too (one never synced is news), unless the archive is unset.
+        unset = str(settings.dicomweb.url) == UNSET_URL and not settings.sources
+        configured = [] if unset else [s.name for s in settings.each_source()]
+        if source is not None and source not in {*known, *configured}:
+            err.print(
+                f"[red]error:[/red] --source {source!r} is not one of: {', '.join([*configured, *known])}",
+                highlight=False,
+            )
+            raise typer.Exit(ExitCode.CONFIGURATION)
+        names = [source] if source else list(dict.fromkeys([*configured, *known]))
+        sources = [
+            render.SourceHealth(
+                name=name,
+                counts=store.counts(name),
+                last_success=store.last_successful_run(name),
+                last_run=next(iter(store.runs(1, source=name)), None),
+                parked=store.parked(name),
+                newest_published=store.newest_published(name),
+            )
+            for name in names
+        ]
+        counts = store.counts(source)
+        recent = store.runs(runs, source=source)
+        parked = store.parked(source)
+        withdrawn = store.withdrawn(source)
     except StoreError as exc:
         raise _fail(exc) from None
     finally:
         store.close()
-    data = render.status_dict(chosen, counts, recent, parked, withdrawn)
+    label = source or (names[0] if len(names) == 1 else "all")
+    data = render.status_dict(label, counts, recent, parked, sources, datetime.now(UTC), withdrawn)
     if as_json:
         out.print_json(data=data)
         return

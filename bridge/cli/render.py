@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 
 if TYPE_CHECKING:
+    from bridge.cli.check import Report
     from bridge.config import SourceSettings
     from bridge.sync.preview import Preview
     from bridge.sync.report import RunReport
@@ -42,6 +47,7 @@ def report_dict(report: RunReport, seconds: float) -> dict[str, Any]:
         "relinked": report.relinked,
         "merge_relinks": report.merge_relinks,
         "patient_events": report.patient_events,
+        "not_found": report.not_found,
         "error": report.error,
     }
 
@@ -91,20 +97,112 @@ def print_previews(previews: Sequence[Preview], as_json: bool) -> None:
         out.print(f"  {p.action:6} {p.study_uid}  {detail}", highlight=False)
 
 
-def _iso(value: Any) -> str | None:
-    return value.isoformat() if value is not None else None
+def _aware(value: datetime | None) -> datetime | None:
+    """A stored time with its zone: SQLite gives back the UTC times it holds without one."""
+    if value is None:
+        return None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _iso(value: datetime | None) -> str | None:
+    aware = _aware(value)
+    return aware.isoformat() if aware is not None else None
+
+
+def _shown(iso: str | None) -> str:
+    """An ISO time as the tables show it: to the second, with its zone."""
+    if iso is None:
+        return "-"
+    value = datetime.fromisoformat(iso)
+    return value.strftime("%Y-%m-%d %H:%M %Z") if value.tzinfo is UTC else value.isoformat(timespec="minutes")
+
+
+def duration(seconds: float) -> str:
+    """A duration as a person reads it: 45 s, 12 min, 3.5 h, 2.1 days."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 36 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+@dataclass
+class SourceHealth:
+    """What the store tells of one source's health (``bridge status``)."""
+
+    name: str
+    counts: dict[str, int]
+    last_success: Any  # a Run, or None
+    last_run: Any  # a Run, or None
+    parked: Sequence[Any]  # ParkedStudy rows
+    newest_published: str | None  # the latest study start published (FHIR dateTime)
+
+
+def _health(source: SourceHealth, now: datetime) -> dict[str, Any]:
+    by_reason: dict[tuple[str, str | None], list[Any]] = {}
+    for p in source.parked:
+        by_reason.setdefault((p.kind, p.attribute), []).append(p)
+    success = source.last_success
+    success_at = _aware(success.finished_at) if success is not None else None
+    last = source.last_run
+    if last is None:
+        state = "never synced"
+    elif last.status == "failed":
+        state = "failing"
+    elif last.status == "running":
+        state = "running"
+    elif source.counts.get("withdrawn"):
+        state = "studies withdrawn from clinicians"
+    elif source.counts["parked"]:
+        state = "studies parked"
+    else:
+        state = "ok"
+    return {
+        "name": source.name,
+        "health": state,
+        **source.counts,
+        "last_successful_run": None
+        if success is None or success_at is None
+        else {
+            "id": success.id,
+            "kind": success.kind,
+            "finished_at": success_at.isoformat(),
+            "age_seconds": round((now - success_at).total_seconds()),
+        },
+        "last_run": None
+        if last is None
+        else {"id": last.id, "kind": last.kind, "status": last.status, "started_at": _iso(last.started_at)},
+        "parked_by_reason": [
+            {
+                "kind": kind,
+                "attribute": attribute,
+                "count": len(rows),
+                "reason": rows[-1].reason,  # the latest: reasons of one kind differ only in detail
+            }
+            for (kind, attribute), rows in sorted(by_reason.items(), key=lambda item: -len(item[1]))
+        ],
+        # The store keeps what was published, not what the archive holds now: the live lag is the
+        # bridge_sync_lag_seconds metric of a running worker.
+        "newest_study_published": source.newest_published,
+    }
 
 
 def status_dict(
-    chosen: str | None,
+    chosen: str,
     counts: dict[str, int],
     recent: Sequence[Any],
     parked: Sequence[Any],
+    sources: Sequence[SourceHealth] = (),
+    now: datetime | None = None,
     withdrawn: Sequence[tuple[str, str, str]] = (),
 ) -> dict[str, Any]:
-    """What ``bridge status`` shows, as JSON-able data."""
+    """What ``bridge status`` shows, as JSON-able data; times in ISO 8601 with their zone."""
+    now = now or datetime.now(UTC)
     return {
-        "source": chosen or "all",
+        "source": chosen,
+        "now": now.isoformat(),
         "published": counts["published"],
         "gone": counts["gone"],
         "parked": counts["parked"],
@@ -113,6 +211,7 @@ def status_dict(
         "withdrawn_studies": [
             {"source": source, "study_uid": uid, "reason": reason} for source, uid, reason in withdrawn
         ],
+        "sources": [_health(s, now) for s in sources],
         "runs": [
             {
                 "id": r.id,
@@ -139,6 +238,7 @@ def status_dict(
         "parked_studies": [
             {
                 "study_uid": p.study_uid,
+                "source": p.source,
                 "kind": p.kind,
                 "attribute": p.attribute,
                 "reason": p.reason,
@@ -152,30 +252,80 @@ def status_dict(
 
 
 def print_status(data: dict[str, Any]) -> None:
-    """``bridge status`` as text."""
+    """``bridge status`` as text: a health headline per source, then runs and parked studies."""
+    from rich.box import SIMPLE_HEAD
     from rich.table import Table
 
-    out.print(
-        f"source [bold]{data['source']}[/bold]: {data['published']} studies published, "
-        f"{data['gone']} gone from the archive, {data['parked']} parked, "
-        f"{data['withdrawn']} withdrawn from clinicians",
-        highlight=False,
+    for health in data["sources"]:
+        success = health["last_successful_run"]
+        when = (
+            f"last successful run {_shown(success['finished_at'])} ({duration(success['age_seconds'])} ago, "
+            f"{success['kind']})"
+            if success
+            else "no successful run yet"
+        )
+        out.print(
+            f"source [bold]{escape(health['name'])}[/bold]: {health['health']}; {when}; "
+            f"{health['published']} studies published, {health['gone']} gone from the archive, "
+            f"{health['parked']} parked"
+            + (f", {health['withdrawn']} withdrawn from clinicians" if health.get("withdrawn") else ""),
+            highlight=False,
+        )
+        for group in health["parked_by_reason"]:
+            what = group["attribute"] or group["kind"]
+            out.print(f"  {group['count']} parked ({what}): {escape(group['reason'])}", highlight=False)
+        if health["newest_study_published"]:
+            out.print(f"  newest study published started {health['newest_study_published']}", highlight=False)
+    if not data["sources"]:
+        out.print(
+            f"source [bold]{escape(data['source'])}[/bold]: {data['published']} studies published, "
+            f"{data['gone']} gone from the archive, {data['parked']} parked",
+            highlight=False,
+        )
+    several = len({r["source"] for r in data["runs"]}) > 1  # a source column only when it tells
+    columns = ["run", *(["source"] if several else []), "kind", "status", "started"]
+    table = Table(
+        *columns,
+        "seen",
+        "new",
+        "updated",
+        "same",
+        "parked",
+        "series",
+        title="recent runs",
+        box=SIMPLE_HEAD,
+        pad_edge=False,
     )
-    table = Table("run", "status", "started", "seen", "created", "updated", "unchanged", "parked", "series")
     for r in data["runs"]:
         table.add_row(
             str(r["id"]),
+            *([r["source"]] if several else []),
+            r["kind"],
             r["status"],
-            str(r["started_at"]),
+            _shown(r["started_at"]),
             *(str(r[k]) for k in ("seen", "created", "updated", "unchanged", "parked")),
             r["series_query"] or "-",
         )
     out.print(table)
     if data["parked_studies"]:
-        parked_table = Table("study", "kind", "attribute", "attempts", "reason")
+        several = len({p["source"] for p in data["parked_studies"]}) > 1
+        parked_columns = [
+            "study",
+            *(["source"] if several else []),
+            "kind",
+            "attribute",
+            "attempts",
+            "reason",
+        ]
+        parked_table = Table(*parked_columns, title="parked studies", box=SIMPLE_HEAD, pad_edge=False)
         for p in data["parked_studies"]:
             parked_table.add_row(
-                p["study_uid"], p["kind"], p["attribute"] or "", str(p["attempts"]), p["reason"]
+                p["study_uid"],
+                *([p["source"]] if several else []),
+                p["kind"],
+                p["attribute"] or "",
+                str(p["attempts"]),
+                p["reason"],
             )
         out.print(parked_table)
     if data["withdrawn_studies"]:
@@ -193,3 +343,37 @@ def _patient_event(event: dict[str, str]) -> str:
     if kind == "demographics-accepted":
         return f"published: the link to {event.get('patient')} was accepted despite {event.get('attributes')}"
     return f"linked to {event.get('to')}, which replaced {event.get('from')} (merged on the FHIR server)"
+
+
+def print_check(report: Report, as_json: bool) -> None:
+    """``bridge check``'s findings, peer by peer, in the order to fix them."""
+    if as_json:
+        out.print_json(
+            data={
+                "exit_code": int(report.worst),
+                "findings": [f.as_dict() for f in report.findings],
+                "patient_issuers": report.issuers,
+                "patient_issuer_systems_to_set": report.issuer_settings,
+            }
+        )
+        return
+    peer = None
+    for finding in report.findings:
+        if finding.peer != peer:
+            peer = finding.peer
+            out.print(f"[bold]{peer}[/bold]", highlight=False)
+        if finding.severity:
+            mark = "[red]FIX [/red]" if finding.severity > 1 else "[yellow]FIX [/yellow]"
+        else:
+            mark = "[dim]note[/dim]" if finding.note else "[green]ok  [/green]"
+        out.print(f"  {mark} {escape(finding.text)}", highlight=False)
+    for source, wanted in report.issuer_settings.items():
+        out.print(f"\nsource {source}: fill in the systems, then set", highlight=False)
+        out.print(
+            f"  BRIDGE_PATIENT_ISSUER_SYSTEMS='{escape(json.dumps(wanted))}'", highlight=False, soft_wrap=True
+        )
+    worst = int(report.worst)
+    out.print(
+        "\nall checks passed" if not worst else f"\nexit {worst}: fix the FIX lines above, first to last",
+        highlight=False,
+    )

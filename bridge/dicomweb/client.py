@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
 from urllib.parse import quote, urlencode
 
 import httpx
@@ -79,6 +80,20 @@ def _first_part(data: bytes, boundary: bytes | None) -> bytes:
     body = data[head_end + 4 :]
     end = body.find(b"\r\n--" + boundary)
     return body[:end] if end >= 0 else body
+
+
+# Study attributes a QIDO-RS answer carries only when includefield asks for them (PS3.18 table
+# 10.6.3-3 lists the default ones): StudyDescription, IssuerOfPatientID.
+INCLUDEFIELD_ONLY = ("00081030", "00100021")
+
+
+@dataclass(frozen=True)
+class StudySample:
+    """One page of study rows and what its answer told about the archive (``bridge check``)."""
+
+    rows: list[DicomJson]
+    gzip: bool  # the answer came gzip-compressed
+    includefield: bool | None  # the rows carry includefield-only attributes; None without rows
 
 
 class DicomwebClient:
@@ -164,6 +179,14 @@ class DicomwebClient:
 
         The answer is bounded by ``limit`` (a study page's bounds by default).
         """
+        rows, response = await self._exchange(path, params, limit)
+        # A Warning header (RFC 7234 code 299) is how QIDO-RS servers report truncated results.
+        return rows, "warning" in response.headers
+
+    async def _exchange(
+        self, path: str, params: Sequence[tuple[str, str]], limit: CallLimit | None = None
+    ) -> tuple[list[DicomJson], httpx.Response]:
+        """One QIDO request: the rows and the answer they came in (for its headers)."""
         query = urlencode(params)
         self.queries.append(f"{path}?{query}" if query else path)
         request = self._client.build_request(
@@ -180,17 +203,27 @@ class DicomwebClient:
             limit=limit or self.limits.page(),
             parse_json=True,  # parsed in steps once in, the bytes let go as they are parsed
         )
-        # A Warning header (RFC 7234 code 299) is how QIDO-RS servers report truncated results.
-        truncated = "warning" in response.headers
         if response.status_code == 204 or body_is_empty(response):
-            return [], truncated
+            return [], response
         body = json_body(response, SERVICE)
         if not isinstance(body, list):
             raise FatalUpstreamError(
                 f"{SERVICE} {where(request)} did not answer with a DICOM JSON array",
                 service=SERVICE,
             )
-        return body, truncated
+        return body, response
+
+    async def sample_studies(self, count: int) -> StudySample:
+        """Up to ``count`` studies in one study-level query, and what its answer shows of the archive.
+
+        For ``bridge check``: whether the answer came gzip-compressed (asked, as every query asks),
+        and whether the rows carry attributes only ``includefield`` asks for.
+        """
+        params = [("includefield", f) for f in STUDY_FIELDS] + [("limit", str(count))]
+        rows, response = await self._exchange("/studies", params)
+        gzip = response.headers.get("content-encoding", "").lower() == "gzip"
+        includefield = None if not rows else any(tag in row for row in rows for tag in INCLUDEFIELD_ONLY)
+        return StudySample(rows=rows, gzip=gzip, includefield=includefield)
 
     async def _paged(
         self,

@@ -19,7 +19,7 @@ from bridge.errors import (
 )
 from bridge.http import RETRIABLE_STATUS, RetryPolicy, json_body, send, where
 from bridge.limits import CallLimit
-from bridge.sync.protocols import BatchAnswer, WriteResult
+from bridge.sync.protocols import BatchAnswer, WriteResult, not_a_fhir_server
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +158,21 @@ class FhirClient:
         response = await self._send("GET", "metadata", parse_json=True)
         body = json_body(response, SERVICE)
         return body if isinstance(body, dict) else {}
+
+    async def capability_statement(self) -> dict[str, Any]:
+        """The CapabilityStatement, checked: a ConfigurationError naming BRIDGE_FHIR_URL if it is none.
+
+        A DICOMweb archive, a web page or a wrong path answers ``GET [base]/metadata`` with 404,
+        HTML or other JSON; saying so beats any advice about how to write to it.
+        """
+        try:
+            body = await self.capabilities()
+        except FatalUpstreamError as exc:
+            answer = f"answered {exc.status}" if exc.status is not None else "did not answer JSON"
+            raise not_a_fhir_server(self._base, f"GET metadata {answer}") from exc
+        if body.get("resourceType") != "CapabilityStatement":
+            raise not_a_fhir_server(self._base, "GET metadata answered no CapabilityStatement")
+        return body
 
     async def read(self, resource_type: str, resource_id: str) -> dict[str, Any] | None:
         """The resource, or None if the server has none (404) or it was deleted (410)."""

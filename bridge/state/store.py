@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, delete, event, func, or_, select, update
+from sqlalchemy import Engine, create_engine, delete, event, func, insert, or_, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -36,6 +36,33 @@ logger = logging.getLogger(__name__)
 def utcnow() -> datetime:
     """Now, in UTC."""
     return datetime.now(UTC)
+
+
+def safe_url(url: str) -> str:
+    """The store's URL as it may be shown: the password hidden."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - checked at start-up; never let a message fail
+        return "BRIDGE_STATE_URL"
+
+
+def _open_problem(url: str, exc: SQLAlchemyError) -> str:
+    """Why the store did not open, with where it is and the setting that moves it."""
+    parsed = make_url(url)
+    where = safe_url(url)
+    hint = "check that the database server runs and that BRIDGE_STATE_URL's host, database and user are right"
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        path = os.path.abspath(parsed.database)
+        folder = os.path.dirname(path)
+        where = f"{where} (file {path})"
+        if not os.path.isdir(folder):
+            hint = f"the folder {folder} does not exist: create it, or point BRIDGE_STATE_URL elsewhere"
+        elif not os.access(folder, os.W_OK):
+            hint = f"the folder {folder} is not writable by this user: fix its permissions or move the store"
+        else:
+            hint = "check the file's permissions, or point BRIDGE_STATE_URL at another file"
+    first_line = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+    return f"cannot open the state store at {where} ({type(exc).__name__}: {first_line}); {hint}"
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -84,7 +111,7 @@ class SqlStore:
                 self._engine.dispose()  # a refused store leaves no connection behind
                 raise
         except SQLAlchemyError as exc:
-            raise StoreError(f"cannot open the state store ({type(exc).__name__}): {exc}") from exc
+            raise StoreError(_open_problem(url, exc)) from exc
 
     def close(self) -> None:
         """Release the study claims and the engine's connections."""
@@ -104,6 +131,20 @@ class SqlStore:
         before, after = upgrade_engine(self._engine)
         if before != after:
             logger.info("state store migrated from %s to %s", before or "empty", after)
+
+    def check_writable(self) -> None:
+        """Raise StoreError unless the store takes a write (made in a transaction rolled back)."""
+        try:
+            with self._engine.connect() as connection, connection.begin() as transaction:
+                connection.execute(
+                    insert(Checkpoint).values(source="~check", name="~check", value="", updated_at=utcnow())
+                )
+                transaction.rollback()
+        except SQLAlchemyError as exc:
+            raise StoreError(
+                f"the state store at {safe_url(self.url)} opens but takes no write ({type(exc).__name__}); "
+                "check the file's or the database user's permissions, or set BRIDGE_STATE_URL"
+            ) from exc
 
     # Claims: which replica works on which study (see bridge.state.claims)
     def claim_study(self, source: str, study_uid: str) -> bool:
@@ -447,10 +488,32 @@ class SqlStore:
                 query = query.where(Run.kind == kind)
             return session.scalar(query)
 
-    def runs(self, limit: int = 10) -> list[Run]:
-        """The most recent runs, newest first."""
+    def runs(self, limit: int = 10, source: str | None = None) -> list[Run]:
+        """The most recent runs (of one source, or of all), newest first."""
+        query = select(Run).order_by(Run.id.desc()).limit(limit)
+        if source is not None:
+            query = query.where(Run.source == source)
         with self._session() as session:
-            return list(session.scalars(select(Run).order_by(Run.id.desc()).limit(limit)).all())
+            return list(session.scalars(query).all())
+
+    def last_successful_run(self, source: str) -> Run | None:
+        """The latest run of ``source`` that finished, every study published or parked."""
+        query = (
+            select(Run)
+            .where(Run.source == source, Run.status.in_(("ok", "parked")), Run.finished_at.is_not(None))
+            .order_by(Run.finished_at.desc())
+            .limit(1)
+        )
+        with self._session() as session:
+            return session.scalars(query).first()
+
+    def sources(self) -> list[str]:
+        """Every source the store knows of: those with runs, published or parked studies."""
+        with self._session() as session:
+            names: set[str] = set()
+            for column in (Run.source, PublishedStudy.source, ParkedStudy.source):
+                names.update(session.scalars(select(column).distinct()).all())
+            return sorted(names)
 
     def counts(self, source: str | None = None) -> dict[str, int]:
         """How many studies are published, gone from the archive (retired), and parked."""

@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from bridge.dicomweb.records import DicomJson, InstanceRecord, SeriesRecord
-from bridge.errors import MappingError, UpstreamError, UpstreamLimitError
+from bridge.errors import ConfigurationError, MappingError, UpstreamError, UpstreamLimitError
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +141,16 @@ class StudySource(Protocol):
     ) -> tuple[str | None, str | None]:
         """PatientName from one instance's Part 10 header: (name, None) or (None, why not)."""
         ...
+
+
+def not_a_fhir_server(base_url: str | None, why: str) -> ConfigurationError:
+    """The error for a base URL that does not answer as a FHIR server, naming the setting to fix."""
+    what = f"{base_url} is" if base_url else "it is"
+    return ConfigurationError(
+        f"BRIDGE_FHIR_URL: {what} not a FHIR server ({why}); set it to the FHIR R4 base URL, "
+        "the one that ends where [base]/metadata answers a CapabilityStatement and [base]/ImagingStudy "
+        "searches ImagingStudies"
+    )
 
 
 class FhirSink(Protocol):

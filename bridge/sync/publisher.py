@@ -23,7 +23,7 @@ from bridge.mapping.identifiers import escape_token, study_search
 from bridge.mapping.identity import exact_matches
 from bridge.mapping.validate import validate
 from bridge.sync.policy import DeletePolicy, WriteStrategy
-from bridge.sync.protocols import FhirSink, StateStore, WriteResult
+from bridge.sync.protocols import FhirSink, StateStore, WriteResult, not_a_fhir_server
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,8 @@ class Publisher:
         self._server_check = asyncio.Lock()
         self._server_checked = False
         self._refusal: str | None = None
+        # Why GET [base]/metadata showed no FHIR server, if it did not: a refused write then says so.
+        self._not_fhir: str | None = None
         # Whether the server takes batch Bundles: True when its CapabilityStatement lists batch; None
         # (try, and learn from the first answer) when it lists only transaction, as HAPI's does
         # although it processes batches; False otherwise.
@@ -172,8 +174,13 @@ class Publisher:
                 return
             try:
                 statement = await self._fhir.capabilities()
-            except FatalUpstreamError:
+            except FatalUpstreamError as exc:
                 statement = {}  # no readable CapabilityStatement: try, and park what fails
+                answer = f"answered {exc.status}" if exc.status is not None else "did not answer JSON"
+                self._not_fhir = f"GET metadata {answer}"
+            else:
+                if statement.get("resourceType") != "CapabilityStatement":
+                    self._not_fhir = "GET metadata answered no CapabilityStatement"
             refusing = sorted(
                 str(entry.get("type"))
                 for rest in statement.get("rest", []) or []
@@ -206,6 +213,11 @@ class Publisher:
                 # and its CapabilityStatement says nothing of updateCreate). Stop once, with advice.
                 if if_match is not None or exc.status not in (404, 405):
                     raise
+                if self._not_fhir is not None:
+                    # No CapabilityStatement and no PUT: the URL is wrong, not the write strategy.
+                    refusal = not_a_fhir_server(None, self._not_fhir)
+                    self._refusal = str(refusal)
+                    raise refusal from exc
                 self._refusal = (
                     f"BRIDGE_WRITE_STRATEGY: the FHIR server refused to create {resource['resourceType']} "
                     f"by PUT to a new id ({exc.status}: it does not accept client-assigned ids); "

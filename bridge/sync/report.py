@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
@@ -33,6 +34,9 @@ class RunReport:
     newest_seen: str | None = None
     fhir_write_requests: int = 0  # FHIR requests that wrote (a batch is one; fhir_writes counts resources)
     series_query: str = "undecided"  # how series were asked: list or per-study
+    not_found: list[str] = field(default_factory=list)  # UIDs named to sync that the archive never held
+    # Told the counts after each change (a progress display); must not block or raise.
+    listener: Callable[[RunCounts], None] | None = field(default=None, repr=False, compare=False)
     # What the run did to Patient links: demographics warnings and accepted overrides, re-links
     # after a merge on the FHIR server ({"study_uid", "event", ...}: FHIR ids and attribute names).
     patient_events: list[dict[str, str]] = field(default_factory=list)
@@ -55,6 +59,8 @@ class RunReport:
     def add(self, **deltas: int) -> None:
         """Add to the counts."""
         self.counts = replace(self.counts, **{k: getattr(self.counts, k) + v for k, v in deltas.items()})
+        if self.listener is not None:
+            self.listener(self.counts)
 
 
 def _later(a: str, b: str) -> bool:

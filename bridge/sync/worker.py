@@ -39,7 +39,7 @@ from bridge.sync.identity import CONFLICT_CODE, CONFLICT_REASON, conflict, confl
 from bridge.sync.link import Linker
 from bridge.sync.policy import DeletePolicy
 from bridge.sync.preview import Preview, Previewer
-from bridge.sync.protocols import KnownStudy, Published, SeriesOutcome, StateStore, StudySource
+from bridge.sync.protocols import KnownStudy, Published, RunCounts, SeriesOutcome, StateStore, StudySource
 from bridge.sync.publisher import Publisher
 from bridge.sync.report import ParkedReport, RunReport
 from bridge.sync.retire import Retirer
@@ -141,6 +141,8 @@ class SyncWorker:
         self._conflicted: set[str] = set()  # studies parked for conflicting identity in this run
         self._assembler = StudyAssembler(source, linker, ctx, read_instance_header=read_instance_header)
         self._retirer = Retirer(publisher, store, ctx, policy=delete_policy, max_fraction=delete_max_fraction)
+        # Told each run's counts as they change (``bridge sync``'s progress display).
+        self.on_progress: Callable[[RunCounts], None] | None = None
 
     def _fhir_writes(self) -> int:
         return self._linker.writes + self._publisher.writes
@@ -219,7 +221,9 @@ class SyncWorker:
         ends the pass with UpstreamUnavailableError after the run is recorded as failed.
         """
         source = self._ctx.source_name
-        report = RunReport(await asyncio.to_thread(self._store.start_run, source, kind))
+        report = RunReport(
+            await asyncio.to_thread(self._store.start_run, source, kind), listener=self.on_progress
+        )
         queries_before = len(self._source.queries)
         writes_before = self._fhir_writes()
         requests_before = self._fhir_write_requests()
@@ -243,6 +247,7 @@ class SyncWorker:
                 elif missing:
                     known = await asyncio.to_thread(self._store.known_studies, source, missing)
                     await self._retirer.retire(list(known.values()), report, guard=False)
+                    report.not_found = [uid for uid in missing if uid not in known]
                 report.status = "parked" if report.counts.parked else "ok"
         except BaseException as exc:
             report.status, report.error = "failed", f"{type(exc).__name__}: {exc}"

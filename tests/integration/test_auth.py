@@ -269,6 +269,26 @@ def test_bad_credentials_fail_clearly_with_exit_3_and_no_secret(auth: AuthStack,
     _assert_no_secret(result)
 
 
+def test_check_passes_with_the_right_credentials(auth: AuthStack) -> None:
+    result = auth.cli("check")
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    assert "takes the writes of BRIDGE_WRITE_STRATEGY" in " ".join(result.stdout.split())
+
+
+@pytest.mark.parametrize(
+    "case", ["archive-wrong-password", "fhir-wrong-static-token", "fhir-oauth2-insufficient-scope"]
+)
+def test_check_names_refused_credentials_with_exit_3_and_no_secret(auth: AuthStack, case: str) -> None:
+    overrides, expected = BAD[case]
+    result = auth.cli("check", **_mode_env(auth, overrides))
+    assert result.returncode == 3, (result.stdout, result.stderr)
+    message = " ".join(result.stdout.split())
+    assert "refused the bridge's credentials" in message
+    for part in expected[1:]:
+        assert part in message, (part, message)
+    _assert_no_secret(result)
+
+
 def test_a_token_revoked_mid_run_is_replaced_once_and_the_run_completes(auth: AuthStack) -> None:
     revoked: list[str] = []
     # Writes that share a target (conditional creates of several Patients, the batch Bundles posted

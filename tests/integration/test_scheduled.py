@@ -208,6 +208,19 @@ def test_on_demand_sync_of_one_study_and_of_a_deleted_one(stack: Stack) -> None:
     assert bad.returncode == 2 and "not a valid DICOM UID" in bad.stderr
 
 
+def test_on_demand_sync_of_a_study_in_no_archive_says_so_and_exits_1(stack: Stack) -> None:
+    here = _store(stack, StudySpec(patient_id="O3", issuer="HOSP-A"))
+    absent = "1.2.826.0.1.3680043.10.999.1"
+
+    result = stack.cli("sync", "--study", absent, "--study", here.uid)
+
+    assert result.returncode == 1, result.stderr
+    message = " ".join(result.stderr.split())
+    assert f"not found: study {absent} is in no archive of test-orthanc" in message
+    assert f"study {here.uid} is in no archive" not in message  # the one the archive holds is synced
+    assert set(_studies(stack)) == {here.uid}
+
+
 def test_backfill_slices_by_date_and_resumes(stack: Stack) -> None:
     days = ["20230101", "20230102", "20230103", "20230105"]
     specs = [

@@ -4,8 +4,8 @@ It starts Orthanc (DICOMweb) and the FHIR test server on loopback, stores the sa
 runs ``bridge sync`` against them, prints the published ImagingStudy ids with a WADO-RS URL for
 each, then starts the OHIF viewer (tests/stack/viewer.py) and the bridge's API (``bridge serve``)
 and ends by printing the address of the record page: a patient's studies, each with an "Open
-images" link through the resolver into the viewer. The servers stay up until Ctrl-C (``--exit``
-stops them at once).
+images" link through the resolver into the viewer. The servers stay up until Ctrl-C or SIGTERM,
+with a terminal or without one (``--exit`` stops them at once).
 """
 
 from __future__ import annotations
@@ -79,7 +79,22 @@ def _record_patient(fhir_base: str) -> str | None:
     return None
 
 
+def _stop_on_signals() -> None:
+    """SIGINT and SIGTERM raise KeyboardInterrupt, so the servers started so far are stopped.
+
+    A shell starts a background job with SIGINT ignored, and SIGTERM would end the process without
+    its ``finally``, leaving Orthanc and the Node servers behind: both are set here.
+    """
+
+    def stop(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+
 def demo(args: argparse.Namespace) -> int:
+    _stop_on_signals()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bridge-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     print("Installing Orthanc from Debian's packages if needed ...", flush=True)
@@ -124,7 +139,10 @@ def demo(args: argparse.Namespace) -> int:
             print(f"  {fhir.base_url}/ImagingStudy/{study['id']}  {study.get('description', '')}")
             # A browser's Accept header makes Orthanc refuse WADO-RS: ask for DICOM JSON.
             print(f"    curl -H 'Accept: application/dicom+json' {address}/studies/{uid}/metadata")
-        print(f"\nState store: {workdir / 'bridge-state.db'}  (try: BRIDGE_STATE_URL=... bridge status)")
+        state_url = f"sqlite:///{workdir / 'bridge-state.db'}"
+        print(
+            f"\nState store: {workdir / 'bridge-state.db'}  (try: BRIDGE_STATE_URL={state_url} bridge status)"
+        )
 
         print("\nStarting the OHIF viewer (npm ci of tests/stack/ohif on first use) ...", flush=True)
         viewer.start()
@@ -135,18 +153,19 @@ def demo(args: argparse.Namespace) -> int:
         api = _start_api(env, api_port, workdir / "bridge-api.log")
         record = f"http://127.0.0.1:{api_port}/record"
         patient = _record_patient(fhir.base_url)
-        keep = sys.stdin.isatty() and not args.exit
-        if keep:
-            print("\nThe servers keep running; press Ctrl-C to stop them.")
         print('\nOpen the record in a browser and click "Open images":')
         print(f"  {record}" + (f"/patients/{patient}" if patient else ""))
         print(f"  (every patient: {record})", flush=True)
-        if not keep:
+        if args.exit:
             return 0
+        # Up until stopped, with a terminal or without one (a CI job, `&`, nohup): the printed
+        # links must keep answering. SIGTERM stops the servers as Ctrl-C does.
+        print(f"\nThe servers keep running; press Ctrl-C (or: kill {os.getpid()}) to stop them.", flush=True)
         try:
-            signal.pause()
+            while True:
+                signal.pause()
         except KeyboardInterrupt:
-            pass
+            print("Stopping the servers ...", flush=True)
         return 0
     finally:
         if api is not None:

@@ -41,7 +41,10 @@ REDIRECT: dict[int | str, dict[str, Any]] = {
 async def _redirect(study: StudyLocation, name: str | None, request: Request) -> RedirectResponse:
     s = services_of(request)
     if not s.viewers:
-        raise NoUsableEndpointError("no viewer is configured (BRIDGE_VIEWERS)")
+        raise NoUsableEndpointError(
+            "no viewer is configured: set BRIDGE_VIEWER_URLS to each viewer's base URL, e.g. "
+            '{"ohif": "https://viewer.example.org"} (or BRIDGE_VIEWER_TEMPLATES for a viewer of your own)'
+        )
     chosen = name or s.settings.default_viewer
     viewer = s.viewers.get(chosen)
     if viewer is None:

@@ -84,6 +84,18 @@ async def test_viewer_redirect(api: httpx.AsyncClient) -> None:
     assert (await api.get("/imaging-studies/is1/viewer", params={"viewer": "nope"})).status_code == 422
 
 
+async def test_viewer_without_any_viewer_configured_names_bridge_viewer_urls(
+    tmp_path: Path, fake: FakeFhir
+) -> None:
+    # The defaults, as the README's first "bridge serve" has them: no viewer URL.
+    async with client(tmp_path, fake, viewer_urls={}) as api:
+        response = await api.get(f"/studies/{STUDY_UID}/viewer")
+    assert response.status_code == 409
+    text = json.dumps(response.json())
+    assert "set BRIDGE_VIEWER_URLS" in text
+    assert "(BRIDGE_VIEWERS)" not in text
+
+
 @pytest.mark.parametrize(
     ("path", "status", "code"),
     [

@@ -66,6 +66,70 @@ def test_a_mistyped_variable_exits_2_naming_it(
     assert "BRIDGE_FHIR_ULR" in flat(result.stderr)
 
 
+def test_a_mistyped_variable_is_answered_with_the_likely_setting(
+    runner: CliRunner, configured: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BRIDGE_DICOMWEB_URLL", "http://pacs.test/dicom-web")
+    result = runner.invoke(app, ["sync"])
+    assert result.exit_code == 2
+    assert "BRIDGE_DICOMWEB_URLL: is not a known setting (did you mean BRIDGE_DICOMWEB_URL?)" in flat(
+        result.stderr
+    )
+
+
+def test_a_config_file_error_names_the_file_key_and_line(
+    runner: CliRunner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    config = tmp_path / "bridge.yaml"
+    config.write_text(
+        "# the archive\nfhir_url: http://ehr.test/fhir\ndicomweb_urll: http://pacs.test/dicom-web\n",
+        encoding="utf-8",
+    )
+    monkeypatch.setenv("BRIDGE_CONFIG_FILE", str(config))
+    result = runner.invoke(app, ["sync"])
+    assert result.exit_code == 2
+    message = flat(result.stderr)
+    assert (
+        f"{config}, line 3: key dicomweb_urll: is not a known setting (did you mean dicomweb_url?)" in message
+    )
+
+
+def test_a_url_without_a_scheme_gets_a_scheme_hint(
+    runner: CliRunner, configured: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BRIDGE_FHIR_URL", "ehr.example.org/fhir/R4")
+    result = runner.invoke(app, ["sync"])
+    assert result.exit_code == 2
+    message = flat(result.stderr)
+    assert "BRIDGE_FHIR_URL: is not an absolute URL: write it with its scheme" in message
+    assert "relative URL without a base" not in message
+
+
+def test_a_store_that_cannot_open_names_its_file_folder_and_setting(
+    runner: CliRunner, configured: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    missing = tmp_path / "no-such-folder" / "state.db"
+    monkeypatch.setenv("BRIDGE_STATE_URL", f"sqlite:///{missing}")
+    result = runner.invoke(app, ["status"])
+    assert result.exit_code == 4
+    message = "".join(result.stderr.split())  # the long path may be wrapped anywhere
+    assert f"(file{missing})" in message
+    assert f"thefolder{missing.parent}doesnotexist" in message
+    assert "BRIDGE_STATE_URL" in message
+    assert "Background on this error" not in message
+
+
+def test_a_store_url_password_is_never_shown(
+    runner: CliRunner, configured: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BRIDGE_STATE_URL", "postgresql+psycopg://bridge:s3cret-pw@127.0.0.1:1/bridge")
+    result = runner.invoke(app, ["status"])
+    assert result.exit_code == 4
+    message = flat(result.stderr)
+    assert "127.0.0.1:1/bridge" in message and "BRIDGE_STATE_URL" in message
+    assert "s3cret-pw" not in message
+
+
 def test_sync_with_unreachable_servers_exits_3_with_a_clear_message(configured: Path, tmp_path: Path) -> None:
     # A real process, so the exit code and stderr are exactly what an operator's shell sees.
     result = subprocess.run(
@@ -140,3 +204,79 @@ def test_accept_demographics_needs_a_study_and_exits_2(runner: CliRunner, config
     result = runner.invoke(app, ["retry", "--accept-demographics"])
     assert result.exit_code == 2
     assert "--accept-demographics needs --study" in result.stderr
+def _two_source_store(path: Path) -> None:
+    """A store as two sources' workers leave it: runs of several kinds, one failed, parked studies."""
+    store = SqlStore(f"sqlite:///{path}")
+    first = store.start_run("pacs-a", kind="incremental")
+    store.finish_run(first, status="ok", counts=RunCounts(seen=3, created=3), qido_queries=["/studies"])
+    store.record_published_many("pacs-a", [Published(f"1.2.{i}", "q", "r", f"f{i}", "1") for i in range(3)])
+    for uid in ("1.3.1", "1.3.2"):
+        store.park(
+            "pacs-a",
+            uid,
+            kind="link",
+            reason="IssuerOfPatientID has no identifier system in BRIDGE_PATIENT_ISSUER_SYSTEMS",
+            attribute="IssuerOfPatientID",
+        )
+    failed = store.start_run("vna-b", kind="reconcile")
+    store.finish_run(
+        failed, status="failed", counts=RunCounts(), qido_queries=[], error="UpstreamError: down"
+    )
+    store.close()
+
+
+def test_status_reads_only_the_state_store_and_shows_every_source(
+    runner: CliRunner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    state = tmp_path / "state.db"
+    _two_source_store(state)
+    monkeypatch.setenv("BRIDGE_STATE_URL", f"sqlite:///{state}")  # and no archive or FHIR URL
+    result = runner.invoke(app, ["status"])
+    assert result.exit_code == 0, result.stderr
+    text = flat(result.stdout)
+    assert "source pacs-a: studies parked; last successful run" in text
+    assert "ago, incremental); 3 studies published, 0 gone from the archive, 2 parked" in text
+    assert "2 parked (IssuerOfPatientID): IssuerOfPatientID has no identifier system" in text
+    assert "source vna-b: failing; no successful run yet" in text
+    assert "source default" not in text  # no configured source without an archive URL
+    assert "UTC" in text  # times say their zone
+    assert " kind " in text  # the runs table has the run kind (JSON below gives it whole)
+
+
+def test_status_json_gives_each_sources_health_with_zoned_times(
+    runner: CliRunner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    state = tmp_path / "state.db"
+    _two_source_store(state)
+    monkeypatch.setenv("BRIDGE_STATE_URL", f"sqlite:///{state}")
+    data = json.loads(runner.invoke(app, ["status", "--json"]).stdout)
+    assert data["source"] == "all"
+    health = {s["name"]: s for s in data["sources"]}
+    assert health["vna-b"]["health"] == "failing" and health["vna-b"]["last_successful_run"] is None
+    success = health["pacs-a"]["last_successful_run"]
+    assert success["kind"] == "incremental" and 0 <= success["age_seconds"] < 600
+    assert success["finished_at"].endswith("+00:00")
+    assert [(g["attribute"], g["count"]) for g in health["pacs-a"]["parked_by_reason"]] == [
+        ("IssuerOfPatientID", 2)
+    ]
+    assert all(r["started_at"].endswith("+00:00") for r in data["runs"])
+    assert [(r["source"], r["kind"]) for r in data["runs"]] == [
+        ("vna-b", "reconcile"),
+        ("pacs-a", "incremental"),
+    ]
+    narrowed = json.loads(runner.invoke(app, ["status", "--json", "--source", "vna-b"]).stdout)
+    assert [s["name"] for s in narrowed["sources"]] == ["vna-b"]
+    assert [r["source"] for r in narrowed["runs"]] == ["vna-b"]
+
+
+def test_status_help_shows_json_as_a_plain_flag(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["status", "--help"])
+    assert result.exit_code == 0
+    assert "--json" in result.stdout
+    assert "<bool>" not in result.stdout
+
+
+def test_dash_dash_version_prints_the_version(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.stdout.strip() == __version__

@@ -151,7 +151,7 @@ def test_the_environment_wins_over_the_config_file(monkeypatch: pytest.MonkeyPat
     assert load_settings().source_name == "from-env"
 
 
-def test_an_unknown_key_in_the_config_file_is_refused(
+def test_an_unknown_key_in_the_config_file_is_named_with_its_file_line_and_the_likely_key(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     config = tmp_path / "bridge.yaml"
@@ -159,7 +159,44 @@ def test_an_unknown_key_in_the_config_file_is_refused(
         f"dicomweb_url: {DICOMWEB}\nfhir_url: {FHIR}\npatient_polcy: logical\n", encoding="utf-8"
     )
     monkeypatch.setenv("BRIDGE_CONFIG_FILE", str(config))
-    assert "patient_polcy".upper() in error()
+    message = error()
+    assert f"{config}, line 3: key patient_polcy: is not a known setting" in message
+    assert "did you mean patient_policy?" in message
+    assert "BRIDGE_PATIENT_POLCY" not in message  # it is no environment variable
+
+
+def test_a_bad_value_in_the_config_file_names_its_line_and_nested_key(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    config = tmp_path / "bridge.yaml"
+    config.write_text(f"dicomweb_url: {DICOMWEB}\nfhir:\n  url: {FHIR}\n  auth: kerberos\n", encoding="utf-8")
+    monkeypatch.setenv("BRIDGE_CONFIG_FILE", str(config))
+    assert f"{config}, line 4: key fhir.auth:" in error()
+
+
+def test_a_bad_value_from_the_environment_is_named_as_the_variable_even_with_a_config_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    config = tmp_path / "bridge.yaml"
+    config.write_text(f"dicomweb_url: {DICOMWEB}\nfhir_url: {FHIR}\nhttp_timeout: 5\n", encoding="utf-8")
+    monkeypatch.setenv("BRIDGE_CONFIG_FILE", str(config))
+    monkeypatch.setenv("BRIDGE_HTTP_TIMEOUT", "-1")  # the environment wins, so its value is at fault
+    message = error()
+    assert "BRIDGE_HTTP_TIMEOUT:" in message and "line" not in message
+
+
+def test_a_mistyped_variable_is_answered_with_the_likely_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BRIDGE_DICOMWEB_URLL", DICOMWEB)
+    monkeypatch.setenv("BRIDGE_FHIR_URL", FHIR)
+    assert "BRIDGE_DICOMWEB_URLL: is not a known setting (did you mean BRIDGE_DICOMWEB_URL?)" in error()
+
+
+def test_a_url_without_a_scheme_is_answered_with_a_scheme_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BRIDGE_DICOMWEB_URL", "pacs.example.org/dicom-web")
+    monkeypatch.setenv("BRIDGE_FHIR_URL", FHIR)
+    message = error()
+    assert "BRIDGE_DICOMWEB_URL: is not an absolute URL: write it with its scheme, e.g. https://" in message
+    assert "relative URL without a base" not in message
 
 
 def test_a_missing_config_file_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -309,6 +346,8 @@ def test_without_sources_the_top_level_is_the_one_source(required: pytest.Monkey
     required.setenv("BRIDGE_QIDO_PAGE_SIZE", "7")
     (only,) = load_settings().each_source()
     assert (only.name, only.qido_page_size, only.dicomweb.base) == ("ct", 7, DICOMWEB)
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [

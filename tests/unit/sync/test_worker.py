@@ -495,6 +495,27 @@ async def test_a_put_create_refused_with_404_stops_the_run_naming_the_setting(wo
     assert [(c[0], c[1]) for c in world.fhir.writes()] == [("update", "Endpoint")]
 
 
+async def test_a_url_that_is_no_fhir_server_stops_the_run_naming_bridge_fhir_url(world: World) -> None:
+    # BRIDGE_FHIR_URL at the archive: GET metadata is a 404, and so is the PUT. The write strategy
+    # is not the problem, and following advice to change it leads nowhere.
+    world.add(1)
+    world.fhir.fail["capabilities"] = [
+        FatalUpstreamError("fhir GET /metadata answered 404", service="fhir", status=404)
+    ]
+    world.fhir.fail["update"] = [
+        FatalUpstreamError("fhir PUT /Endpoint/x answered 404", service="fhir", status=404)
+    ]
+    with pytest.raises(ConfigurationError) as caught:
+        await world.run()
+    message = str(caught.value)
+    assert (
+        "BRIDGE_FHIR_URL" in message
+        and "not a FHIR server" in message
+        and "GET metadata answered 404" in message
+    )
+    assert "BRIDGE_WRITE_STRATEGY" not in message
+
+
 async def test_the_capability_check_costs_one_request_and_none_when_nothing_is_written(world: World) -> None:
     world.add(1)
     world.add(2)
