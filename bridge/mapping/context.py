@@ -11,7 +11,7 @@ from bridge.mapping.identity import UnmappedIssuer
 from bridge.mapping.tables import Tables
 
 # Bump when the mapping's output changes, so every study is republished once after an upgrade.
-MAPPING_VERSION = "3"
+MAPPING_VERSION = "4"
 
 DICOM_UID_SYSTEM = "urn:dicom:uid"
 DCM_SYSTEM = "http://dicom.nema.org/resources/ontology/DCM"

@@ -16,6 +16,7 @@ from bridge.mapping.context import (
 )
 from bridge.mapping.dates import fhir_datetime
 from bridge.mapping.identifiers import accession_identifier, check_uid, study_identifier
+from bridge.mapping.narrative import imaging_study_narrative, with_narrative
 from bridge.mapping.patient import display_name
 
 Resource = dict[str, Any]
@@ -185,4 +186,4 @@ def map_imaging_study(
         resource["description"] = study.description
     if mapped:
         resource["series"] = mapped
-    return resource
+    return with_narrative(resource, imaging_study_narrative)

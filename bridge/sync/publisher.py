@@ -23,6 +23,7 @@ from bridge.mapping.identifiers import (
     study_search,
 )
 from bridge.mapping.identity import exact_matches
+from bridge.mapping.narrative import imaging_study_narrative, with_narrative
 from bridge.mapping.validate import validate
 from bridge.sync.policy import DeletePolicy, WriteStrategy
 from bridge.sync.protocols import FhirSink, StateStore, WriteResult
@@ -303,6 +304,7 @@ class Publisher:
         if current.get("status") == "entered-in-error":
             return "marked", version
         current["status"] = "entered-in-error"
+        current = with_narrative(current, imaging_study_narrative)  # the record shows the withdrawal
         result = await self._fhir.update(current, if_match=version)
         self.writes += 1
         self.write_requests += 1

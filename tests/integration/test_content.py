@@ -1,0 +1,86 @@
+"""What a clinician finds with the images, end to end on Orthanc and both FHIR engines.
+
+The study's modality list (acquisition modalities only) and the generated narrative of every
+resource the bridge writes.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from typing import Any
+
+import pytest
+from pydicom.uid import generate_uid
+
+from tests.integration.conftest import Stack
+from tests.stack.samples import SeriesSpec, StudySpec, build_study, stow
+
+pytestmark = pytest.mark.integration
+
+XHTML = "{http://www.w3.org/1999/xhtml}"
+
+
+def _shown(resource: dict[str, Any]) -> str:
+    """The narrative's text, after checking it is generated, well-formed XHTML without attributes."""
+    assert resource["text"]["status"] == "generated"
+    root = ET.fromstring(resource["text"]["div"])
+    assert root.tag == f"{XHTML}div"
+    assert all(e.attrib == {} for e in root.iter())
+    return " ".join(t.strip() for t in root.itertext() if t.strip())
+
+
+def _ct_with_report_and_segmentation(stack: Stack) -> StudySpec:
+    spec = StudySpec(
+        patient_id="MOD1",
+        patient_name="Nakamura^Emi",
+        issuer="HOSP-A",
+        uid=generate_uid(),
+        description="CT Thorax <native> & contrast",
+        study_date="20240305",
+        study_time="081500",
+        tz_offset="+0100",
+        series=[
+            SeriesSpec("CT", "Thorax 1.0", "CHEST", instances=3),
+            SeriesSpec("SR", "Radiologist report", instances=1),
+            SeriesSpec("SEG", "Nodule segmentation", instances=1),
+        ],
+    )
+    stow(stack.orthanc.dicomweb_url, build_study(spec))
+    return spec
+
+
+@pytest.mark.interop
+def test_the_study_lists_acquisition_modalities_and_each_series_keeps_its_own(stack: Stack) -> None:
+    spec = _ct_with_report_and_segmentation(stack)
+
+    stack.sync()
+
+    [study] = stack.fhir_search("ImagingStudy")
+    assert [c["code"] for c in study["modality"]] == ["CT"], "SR and SEG are no acquisition modalities"
+    assert [s["modality"]["code"] for s in study["series"]] == ["CT", "SR", "SEG"]
+    assert [s["uid"] for s in study["series"]] == [s.uid for s in spec.series]
+
+
+@pytest.mark.interop
+def test_every_written_resource_has_a_narrative_that_stays_put_across_runs(stack: Stack) -> None:
+    _ct_with_report_and_segmentation(stack)
+    stack.sync()
+    [study] = stack.fhir_search("ImagingStudy")
+    [endpoint] = stack.fhir_search("Endpoint")
+    [patient] = stack.fhir_search("Patient")
+
+    shown = _shown(study)
+    assert "2024-03-05 08:15 +01:00" in shown
+    assert "CT Thorax <native> & contrast" in shown, "the description, escaped and read back intact"
+    assert "Modalities: CT" in shown
+    assert "3 series, 5 instances" in shown
+    assert "Nakamura" not in study["text"]["div"] and "Emi" not in study["text"]["div"]
+    assert stack.orthanc.dicomweb_url in _shown(endpoint)
+    assert "Emi Nakamura" in _shown(patient), "the Patient's own narrative shows its FHIR name"
+
+    stack.fhir.reset_stats()
+    again = stack.sync()
+
+    assert (again.counts.unchanged, again.counts.fhir_writes) == (1, 0)
+    assert stack.fhir.stats()["writes"] == 0
+    assert stack.fhir_search("ImagingStudy")[0]["text"] == study["text"]
