@@ -25,6 +25,7 @@ class DicomwebPath:
     level: Literal["studies", "series", "instances"]  # what a search answers with
     study_uid: str | None  # None only for searches across studies
     path: str  # as forwarded, relative to the DICOMweb base: "studies/1.2.3/metadata"
+    series_uid: str | None = None  # the series the path names, if it names one
 
 
 def _instance_tail(rest: list[str]) -> bool:
@@ -61,10 +62,11 @@ def parse(path: str) -> DicomwebPath | None:
     if rest[0] != "series" or not is_uid(rest[1]):
         return None
     tail = rest[2:]
+    series = rest[1]
     if not tail or (len(tail) == 1 and tail[0] in _RENDERS):
-        return DicomwebPath("retrieve", "series", study, joined)
+        return DicomwebPath("retrieve", "series", study, joined, series)
     if tail == ["instances"]:
-        return DicomwebPath("search", "instances", study, joined)
+        return DicomwebPath("search", "instances", study, joined, series)
     if tail[0] == "instances" and len(tail) >= 2 and is_uid(tail[1]) and _instance_tail(tail[2:]):
-        return DicomwebPath("retrieve", "instances", study, joined)
+        return DicomwebPath("retrieve", "instances", study, joined, series)
     return None

@@ -14,6 +14,7 @@ from typing import Any
 from bridge.dicomweb.records import InstanceRecord, SeriesRecord, StudyRecord, with_header
 from bridge.mapping.context import MappingContext
 from bridge.mapping.imaging_study import fallbacks, map_imaging_study
+from bridge.mapping.rejection import KEY_OBJECT_MODALITY, RejectionNote, apply_rejections, rejection_notes
 from bridge.mapping.validate import validate
 from bridge.sync.link import Linker
 from bridge.sync.protocols import StudySource
@@ -31,6 +32,12 @@ class StudyRecords:
     study: StudyRecord
     series: Sequence[SeriesRecord]
     instances: Sequence[InstanceRecord] = ()
+    withdrawn: int = 0  # instances left out by rejection notes (IHE IOCM), the notes included
+
+    @property
+    def all_withdrawn(self) -> bool:
+        """Whether rejection notes withdrew everything: the study is to be retired, not published."""
+        return self.withdrawn > 0 and not self.series
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +94,33 @@ class StudyAssembler:
             header = await self._source.instance_header(study.uid, instances[0] if instances else None)
             if header is not None:
                 study = with_header(study, header)
-        return StudyRecords(study, series, instances)
+        return await self._apply_rejections(StudyRecords(study, series, instances))
+
+    async def _apply_rejections(self, records: StudyRecords) -> StudyRecords:
+        """The study without what its rejection notes withdraw (IHE IOCM), when it has any.
+
+        Only Key Object Selection series are read (their WADO-RS metadata: small); a study with
+        rejection notes then has its instances listed once, so its counts are those of what is left.
+        """
+        study = records.study
+        notes: list[RejectionNote] = []
+        for s in records.series:
+            if (s.modality or "").strip().upper() == KEY_OBJECT_MODALITY:
+                notes.extend(rejection_notes(await self._source.series_metadata(study.uid, s.uid), study.uid))
+        if not notes:
+            return records
+        listed = await self._source.search_instances(study.uid)
+        left = apply_rejections(study, records.series, listed, notes)
+        kept = {(i.series_uid, i.uid) for i in left.instances}
+        instances = [i for i in records.instances if (i.series_uid, i.uid) in kept]
+        logger.info(
+            "study %s: %d rejection notes withdraw %d instances; %d series left",
+            study.uid,
+            len(notes),
+            left.withdrawn,
+            len(left.series),
+        )
+        return StudyRecords(left.study, left.series, instances, left.withdrawn)
 
     async def link(self, records: StudyRecords, endpoint: str) -> Links:
         """The order and the Patient; a missing Patient is created only for a study that would publish."""

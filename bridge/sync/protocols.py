@@ -127,6 +127,10 @@ class StudySource(Protocol):
         """The full header of one instance of the study."""
         ...
 
+    async def series_metadata(self, study_uid: str, series_uid: str) -> list[DicomJson]:
+        """The full headers (WADO-RS metadata) of every instance of one series."""
+        ...
+
 
 class FhirSink(Protocol):
     """The FHIR calls the publisher makes (a FhirClient, or a fake in tests)."""

@@ -501,6 +501,9 @@ class SyncWorker:
         """Link, map and validate the study; an ImagingStudy that did not change is recorded, not written."""
         assert item.records is not None
         records = item.records
+        if records.all_withdrawn:
+            await self._withdraw(item, report)
+            return
         item.fallbacks = fallbacks(records.series, self._ctx)
         links = await self._assembler.link(records, endpoint)
         resource = self._assembler.map(records, links, endpoint)
@@ -512,6 +515,15 @@ class SyncWorker:
             item.done = True
             return
         item.resource = resource
+
+    async def _withdraw(self, item: _Todo, report: RunReport) -> None:
+        """Rejection notes withdrew every instance: the study is retired per the delete policy."""
+        item.done = True
+        if item.known is None:
+            logger.info("study %s: every instance is rejected; nothing published", item.study.uid)
+            return
+        logger.info("study %s: every instance is rejected; retiring its ImagingStudy", item.study.uid)
+        await self._retirer.retire([item.known], report, guard=False)
 
     def _published(
         self,

@@ -1,7 +1,7 @@
 """What a clinician finds with the images, end to end on Orthanc and both FHIR engines.
 
-The study's modality list (acquisition modalities only) and the generated narrative of every
-resource the bridge writes.
+The study's modality list (acquisition modalities only), the generated narrative of every
+resource the bridge writes, and rejected images (IHE IOCM rejection notes) left out.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from tests.integration.conftest import Stack
-from tests.stack.samples import SeriesSpec, StudySpec, build_study, stow
+from tests.stack.samples import SeriesSpec, StudySpec, build_rejection_note, build_study, stow
 
 pytestmark = pytest.mark.integration
 
@@ -84,3 +84,60 @@ def test_every_written_resource_has_a_narrative_that_stays_put_across_runs(stack
     assert (again.counts.unchanged, again.counts.fhir_writes) == (1, 0)
     assert stack.fhir.stats()["writes"] == 0
     assert stack.fhir_search("ImagingStudy")[0]["text"] == study["text"]
+
+
+def _two_ct_series(stack: Stack) -> tuple[StudySpec, list[Any]]:
+    spec = StudySpec(
+        patient_id="REJ1",
+        issuer="HOSP-A",
+        uid=generate_uid(),
+        series=[
+            SeriesSpec("CT", "Thorax", "CHEST", instances=3),
+            SeriesSpec("CT", "Scout", "CHEST", instances=1),
+        ],
+    )
+    images = build_study(spec)
+    stow(stack.orthanc.dicomweb_url, images)
+    return spec, images
+
+
+@pytest.mark.interop
+def test_images_rejected_before_publication_never_show(stack: Stack) -> None:
+    spec, images = _two_ct_series(stack)
+    thorax, scout = spec.series[0].uid, spec.series[1].uid
+    rejected = [images[1], images[3]]  # the second thorax image and the only scout image
+    assert [ds.SeriesInstanceUID for ds in rejected] == [thorax, scout]
+    stow(stack.orthanc.dicomweb_url, [build_rejection_note(spec, rejected)])
+
+    stack.sync()
+
+    [study] = stack.fhir_search("ImagingStudy")
+    assert [(s["uid"], s["numberOfInstances"]) for s in study["series"]] == [(thorax, 2)]
+    assert (study["numberOfSeries"], study["numberOfInstances"]) == (1, 2)
+    assert "KO" not in {s["modality"]["code"] for s in study["series"]}, "the note is not shown"
+    assert "1 series, 2 instances" in _shown(study)
+
+
+@pytest.mark.interop
+def test_rejections_after_publication_update_the_study_and_retire_it_when_nothing_is_left(
+    stack: Stack,
+) -> None:
+    spec, images = _two_ct_series(stack)
+    stack.sync()
+    assert stack.fhir_search("ImagingStudy")[0]["numberOfInstances"] == 4
+
+    stow(
+        stack.orthanc.dicomweb_url,
+        [build_rejection_note(spec, images[:1], reason=("113037", "Rejected for Patient Safety Reasons"))],
+    )
+    stack.sync()
+    [study] = stack.fhir_search("ImagingStudy")
+    assert study["status"] == "available"
+    assert [s["numberOfInstances"] for s in study["series"]] == [2, 1]
+    assert study["numberOfInstances"] == 3
+
+    stow(stack.orthanc.dicomweb_url, [build_rejection_note(spec, images[1:], series_number=998)])
+    report = stack.sync()
+    assert report.deletions == [{"study_uid": spec.uid, "action": "marked"}]
+    [study] = stack.fhir_search("ImagingStudy")
+    assert study["status"] == "entered-in-error"

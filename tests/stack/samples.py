@@ -546,3 +546,93 @@ def load_demo(dicomweb_url: str) -> list[StudySpec]:
         for spec in specs:
             stow(dicomweb_url, build_study(spec), client=client)
     return specs
+
+
+KEY_OBJECT_SELECTION = "1.2.840.10008.5.1.4.1.1.88.59"
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue = value
+    item.CodingSchemeDesignator = scheme
+    item.CodeMeaning = meaning
+    return item
+
+
+def build_rejection_note(
+    spec: StudySpec,
+    rejected: Sequence[Dataset],
+    *,
+    reason: tuple[str, str] = ("113001", "Rejected for Quality Reasons"),
+    series_number: int = 999,
+) -> Dataset:
+    """An IHE IOCM rejection note: a Key Object Selection Document (PS3.3 A.35.4) titled with a
+    rejection reason (CID 7011) that lists ``rejected`` in its Current Requested Procedure Evidence
+    Sequence and its content tree, in a KO series of its own, for the study of ``spec``.
+    """
+    assert spec.uid is not None, "build the study first"
+    note_uid = _derived_uid(spec.uid, "rejection-note", *[ds.SOPInstanceUID for ds in rejected])
+    ds = Dataset()
+    ds.file_meta = _file_meta(KEY_OBJECT_SELECTION, note_uid)
+    ds.SOPClassUID = KEY_OBJECT_SELECTION
+    ds.SOPInstanceUID = note_uid
+    ds.PatientName = spec.patient_name
+    if spec.patient_id is not None:
+        ds.PatientID = spec.patient_id
+    if spec.issuer is not None:
+        ds.IssuerOfPatientID = spec.issuer
+    ds.PatientBirthDate = spec.birth_date or ""
+    ds.PatientSex = spec.sex or ""
+    ds.StudyInstanceUID = spec.uid
+    ds.StudyDate = spec.study_date or ""
+    ds.StudyTime = spec.study_time or ""
+    ds.ReferringPhysicianName = spec.referring_physician
+    ds.StudyID = spec.study_id or ""
+    ds.AccessionNumber = spec.accession or ""
+    ds.StudyDescription = spec.description
+    ds.Modality = "KO"
+    ds.SeriesInstanceUID = _derived_uid(spec.uid, "rejection-series", note_uid)
+    ds.SeriesNumber = series_number
+    ds.ReferencedPerformedProcedureStepSequence = []
+    ds.Manufacturer = "FHIR-DICOMweb bridge tests"
+    ds.InstanceNumber = 1
+    ds.ContentDate = spec.study_date or ""
+    ds.ContentTime = spec.study_time or ""
+    ds.ValueType = "CONTAINER"
+    ds.ConceptNameCodeSequence = [_code(reason[0], "DCM", reason[1])]
+    ds.ContinuityOfContent = "SEPARATE"
+    template = Dataset()
+    template.MappingResource = "DCMR"
+    template.TemplateIdentifier = "2010"
+    ds.ContentTemplateSequence = [template]
+    by_series: dict[str, list[Dataset]] = {}
+    for image in rejected:
+        by_series.setdefault(str(image.SeriesInstanceUID), []).append(image)
+    series_items = []
+    for series_uid, images in by_series.items():
+        item = Dataset()
+        item.SeriesInstanceUID = series_uid
+        references = []
+        for image in images:
+            reference = Dataset()
+            reference.ReferencedSOPClassUID = image.SOPClassUID
+            reference.ReferencedSOPInstanceUID = image.SOPInstanceUID
+            references.append(reference)
+        item.ReferencedSOPSequence = references
+        series_items.append(item)
+    evidence = Dataset()
+    evidence.StudyInstanceUID = spec.uid
+    evidence.ReferencedSeriesSequence = series_items
+    ds.CurrentRequestedProcedureEvidenceSequence = [evidence]
+    content = []
+    for image in rejected:
+        reference = Dataset()
+        reference.ReferencedSOPClassUID = image.SOPClassUID
+        reference.ReferencedSOPInstanceUID = image.SOPInstanceUID
+        item = Dataset()
+        item.RelationshipType = "CONTAINS"
+        item.ValueType = "IMAGE"
+        item.ReferencedSOPSequence = [reference]
+        content.append(item)
+    ds.ContentSequence = content
+    return ds

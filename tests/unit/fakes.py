@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qs, urlencode
 
-from bridge.dicomweb.records import DicomJson, SeriesRecord, parse_series
+from bridge.dicomweb.records import DicomJson, InstanceRecord, SeriesRecord, parse_series
 from bridge.errors import (
     MappingError,
     RejectedResourceError,
@@ -33,6 +33,9 @@ class FakeSource:
         self.sweeps = False  # sweep the series of a whole run first (BRIDGE_DICOMWEB_SERIES_QUERY=paged)
         self.swept: dict[str, list[DicomJson]] | None = None  # what the sweep saw (default: the series)
         self._sweeping = False
+        self.metadata: dict[tuple[str, str], list[DicomJson]] = {}  # by (study, series) UID
+        self.instances: dict[str, list[InstanceRecord]] = {}  # by study UID
+        self.metadata_calls: list[tuple[str, str]] = []
 
     def add(self, study: DicomJson, series: list[DicomJson]) -> None:
         uid = study["0020000D"]["Value"][0] if "0020000D" in study else f"row-{len(self.studies)}"
@@ -65,6 +68,15 @@ class FakeSource:
             raise self.fail_series[study_uid]
         self.queries.append(f"/studies/{study_uid}/series")
         return [parse_series(row) for row in self.series.get(study_uid, [])]
+
+    async def series_metadata(self, study_uid: str, series_uid: str) -> list[DicomJson]:
+        self.metadata_calls.append((study_uid, series_uid))
+        self.queries.append(f"/studies/{study_uid}/series/{series_uid}/metadata")
+        return self.metadata.get((study_uid, series_uid), [])
+
+    async def search_instances(self, study_uid: str, limit: int | None = None) -> list[InstanceRecord]:
+        self.queries.append(f"/studies/{study_uid}/instances")
+        return list(self.instances.get(study_uid, []))
 
     async def search_series_many(self, study_uids: Sequence[str]) -> dict[str, SeriesOutcome]:
         if self._sweeping:

@@ -35,7 +35,14 @@ from bridge.gateway import front, qido
 from bridge.gateway.paths import DicomwebPath, parse
 from bridge.gateway.proxy import forward, request_headers, search_json
 from bridge.limits import CallLimit, DicomwebLimits
-from bridge.resolve.links import WITHDRAWN, StudyLocation, normalize_base, study_uid_of, subject_patient
+from bridge.resolve.links import (
+    WITHDRAWN,
+    StudyLocation,
+    lists_series,
+    normalize_base,
+    study_uid_of,
+    subject_patient,
+)
 from bridge.resolve.resolver import Resolver, TtlCache
 from bridge.upstream import authorization_for, http_client
 
@@ -156,6 +163,12 @@ async def dicomweb(path: str, request: Request, who: CallerDep) -> Response:
     if not decision.allowed:
         note(request, who, action, "refused", study=study, reason=decision.reason)
         raise AccessDeniedError(f"study {route.study_uid}: {decision.reason}")
+    if route.series_uid is not None and not lists_series(study, route.series_uid):
+        note(request, who, action, "refused", study=study, reason="series not in the published study")
+        raise StudyNotFoundError(
+            f"series {route.series_uid} is not in the published study {route.study_uid} "
+            "(its images were rejected, or it is not synced yet)"
+        )
     note(request, who, action, study=study)
     archive, base = g.archive_for(study)
     return await _stream(archive, f"{base}/{route.path}", request, g.limit)
@@ -279,6 +292,8 @@ async def front_grant(request: Request) -> Response:
         study = await resolver_of(request).by_study_uid(route.study_uid)
         if not decide(who, study.patient).allowed:
             return Response(status_code=_NOT_FROM_THE_FRONT)
+        if route.series_uid is not None and not lists_series(study, route.series_uid):
+            return Response(status_code=_NOT_FROM_THE_FRONT)  # the gateway refuses it, saying why
         archive, base = _gateway(request).archive_for(study)
         authorization = await authorization_for(archive.client, base)
     except (BridgeError, httpx.HTTPError):

@@ -444,6 +444,8 @@ async def test_iid_and_record_page_refusals_are_audited_as_the_access_they_refus
     # the IID and page refusals of p2 are one record-view in the window
     assert refused == ["record-view", "viewer"]
     assert all({"reference": "Patient/p2"} in [x["what"] for x in e["entity"]] for e in events)
+
+
 async def _stalling(body: bytes) -> AsyncIterator[bytes]:
     yield body[:100]
     await asyncio.sleep(5)  # the archive stops sending: the deadline, not this, ends the wait
@@ -479,3 +481,25 @@ async def test_a_large_answer_streams_through_whole(tmp_path: Path) -> None:
     assert answer.status_code == 200
     assert answer.content == world.body
     assert answer.headers["content-length"] == str(len(world.body))
+
+
+async def test_a_series_the_published_study_leaves_out_is_not_served(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Rejected images (IHE IOCM) and the rejection note's own series are left out of the study.
+    listed = {**STUDIES[UID_1], "series": [{"uid": "1.2.3", "modality": {"code": "CT"}}]}
+    monkeypatch.setitem(STUDIES, UID_1, listed)
+    world = World()
+    async with gateway(tmp_path, world) as api:
+        shown = await api.get(
+            f"/dicom-web/studies/{UID_1}/series/1.2.3/metadata", headers=bearer(**PATIENT_1)
+        )
+        withdrawn = await api.get(
+            f"/dicom-web/studies/{UID_1}/series/1.2.9/instances/4.5.6", headers=bearer(**PATIENT_1)
+        )
+    assert shown.status_code == 200
+    assert withdrawn.status_code == 404
+    assert "not in the published study" in withdrawn.json()["issue"][0]["diagnostics"]
+    assert [r.url.path for r in world.archive_requests] == [
+        f"/dicom-web/studies/{UID_1}/series/1.2.3/metadata"
+    ]
