@@ -46,6 +46,7 @@ from bridge.mapping.identity import UnmappedIssuer
 from bridge.sync.policy import (
     ChangeSourceKind,
     DeletePolicy,
+    DosePolicy,
     MissingModality,
     OrderPolicy,
     PatientPolicy,
@@ -326,6 +327,13 @@ class PerSourceSettings(BaseModel):
     missing_modality: MissingModality = Field(
         default=MissingModality.OT,
         description="A series without Modality: ot (published as OT, counted as a fallback) | park",
+    )
+    dose: DosePolicy = Field(
+        default=DosePolicy.OFF,
+        description=(
+            "Radiation dose SRs (X-Ray, Enhanced X-Ray, Radiopharmaceutical, Patient Radiation Dose): "
+            "observation (one Observation per report, HL7 Radiation Dose Summary) | off"
+        ),
     )
     read_instance_header: bool = Field(
         default=False,

@@ -41,6 +41,7 @@ class MappingContext:
     missing_modality: str | None = "OT"  # the modality of a series without one; None parks it
     include_instances: bool = False
     max_instances: int = 2000
+    dose_observations: bool = False  # each radiation dose SR becomes an Observation
 
     def fingerprint(self) -> str:
         """A digest of every input besides the records that changes the mapping's output."""
@@ -54,6 +55,7 @@ class MappingContext:
             "tz": self.timezone,
             "instances": [self.include_instances, self.max_instances],
             "missing_modality": self.missing_modality,
+            "dose": self.dose_observations,
             "tables": self.tables.model_dump(mode="json"),
         }
         return digest(data)

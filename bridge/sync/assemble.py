@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from bridge.dicomweb.records import InstanceRecord, SeriesRecord, StudyRecord, with_header
+from bridge.dicomweb.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord, with_header
 from bridge.mapping.context import MappingContext
+from bridge.mapping.dose import DOSE_REPORT_MODALITY, is_dose_report, map_dose_observation
 from bridge.mapping.imaging_study import fallbacks, map_imaging_study
 from bridge.mapping.rejection import KEY_OBJECT_MODALITY, RejectionNote, apply_rejections, rejection_notes
 from bridge.mapping.validate import validate
@@ -33,6 +34,7 @@ class StudyRecords:
     series: Sequence[SeriesRecord]
     instances: Sequence[InstanceRecord] = ()
     withdrawn: int = 0  # instances left out by rejection notes (IHE IOCM), the notes included
+    dose_reports: Sequence[DicomJson] = ()  # radiation dose SRs' metadata, with BRIDGE_DOSE=observation
 
     @property
     def all_withdrawn(self) -> bool:
@@ -94,7 +96,29 @@ class StudyAssembler:
             header = await self._source.instance_header(study.uid, instances[0] if instances else None)
             if header is not None:
                 study = with_header(study, header)
-        return await self._apply_rejections(StudyRecords(study, series, instances))
+        records = await self._apply_rejections(StudyRecords(study, series, instances))
+        if self._ctx.dose_observations:
+            records = replace(records, dose_reports=await self._dose_reports(records))
+        return records
+
+    async def _dose_reports(self, records: StudyRecords) -> list[DicomJson]:
+        """The radiation dose SRs among the study's SR series (only those series' metadata is read)."""
+        reports: list[DicomJson] = []
+        for s in records.series:
+            if (s.modality or "").strip().upper() == DOSE_REPORT_MODALITY:
+                metadata = await self._source.series_metadata(records.study.uid, s.uid)
+                reports.extend(ds for ds in metadata if is_dose_report(ds))
+        return reports
+
+    def observations(
+        self, records: StudyRecords, links: Links, study: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        """The dose Observations of the study, partOf its ImagingStudy as mapped (pure)."""
+        mapped = (
+            map_dose_observation(r, self._ctx, subject=links.subject, study=study)
+            for r in records.dose_reports
+        )
+        return [o for o in mapped if o is not None]
 
     async def _apply_rejections(self, records: StudyRecords) -> StudyRecords:
         """The study without what its rejection notes withdraw (IHE IOCM), when it has any.

@@ -104,6 +104,15 @@ class _Todo:
     resource: dict[str, Any] | None = None
     fallbacks: list[str] = field(default_factory=list)
     done: bool = False  # recorded already (unchanged resource) or parked
+    observations: list[dict[str, Any]] = field(default_factory=list)  # dose summaries, with the study
+
+
+def content_fingerprint(resource: dict[str, Any], observations: Sequence[dict[str, Any]] = ()) -> str:
+    """What the store remembers of a study's published content: its ImagingStudy and dose Observations.
+
+    A study without Observations keeps the digest of its ImagingStudy alone, as before they existed.
+    """
+    return digest([resource, *observations]) if observations else digest(resource)
 
 
 class SyncWorker:
@@ -381,6 +390,14 @@ class SyncWorker:
                 if isinstance(result, BridgeError):
                     await self._fail(report, item.study.uid, result)
                     continue
+                if item.observations:
+                    try:
+                        await self._publisher.put_observations(item.observations, f"ImagingStudy/{result.id}")
+                    except BridgeError as exc:
+                        await self._fail(
+                            report, item.study.uid, exc
+                        )  # retried whole: the writes are idempotent
+                        continue
                 outcome = "created" if item.known is None and result.created else "updated"
                 logger.info("study %s %s as ImagingStudy/%s", item.study.uid, outcome, result.id)
                 self._published(item, result.id, result.version, outcome, report, page)
@@ -508,8 +525,13 @@ class SyncWorker:
         links = await self._assembler.link(records, endpoint)
         resource = self._assembler.map(records, links, endpoint)
         validate(resource)  # the resource exactly as it is written, subject and basedOn included
+        item.observations = self._assembler.observations(records, links, resource)
+        for observation in item.observations:
+            validate(observation)
         known = item.known
-        if known is not None and known.resource_fingerprint == digest(resource):
+        if known is not None and known.resource_fingerprint == content_fingerprint(
+            resource, item.observations
+        ):
             # The archive's answer changed in a way the ImagingStudy does not show.
             self._published(item, known.fhir_id, known.fhir_version, "unchanged", report, page, resource)
             item.done = True
@@ -540,7 +562,7 @@ class SyncWorker:
             Published(
                 item.study.uid,
                 item.qido_fingerprint,
-                digest(resource),
+                content_fingerprint(resource, item.observations),
                 fhir_id,
                 version,
                 resource.get("started"),

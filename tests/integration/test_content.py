@@ -13,11 +13,19 @@ import pytest
 from pydicom.uid import generate_uid
 
 from tests.integration.conftest import Stack
-from tests.stack.samples import SeriesSpec, StudySpec, build_rejection_note, build_study, stow
+from tests.stack.samples import (
+    SeriesSpec,
+    StudySpec,
+    build_dose_report,
+    build_rejection_note,
+    build_study,
+    stow,
+)
 
 pytestmark = pytest.mark.integration
 
 XHTML = "{http://www.w3.org/1999/xhtml}"
+UCUM = "http://unitsofmeasure.org"
 
 
 def _shown(resource: dict[str, Any]) -> str:
@@ -141,3 +149,54 @@ def test_rejections_after_publication_update_the_study_and_retire_it_when_nothin
     assert report.deletions == [{"study_uid": spec.uid, "action": "marked"}]
     [study] = stack.fhir_search("ImagingStudy")
     assert study["status"] == "entered-in-error"
+
+
+def _components(observation: dict[str, Any]) -> dict[str, Any]:
+    return {c["code"]["coding"][0]["code"]: c.get("valueQuantity") for c in observation["component"]}
+
+
+@pytest.mark.interop
+def test_ct_and_projection_xray_dose_reports_become_observations_with_the_reports_values(
+    stack: Stack,
+) -> None:
+    ct = StudySpec(
+        patient_id="DOSE1", issuer="HOSP-A", uid=generate_uid(), series=[SeriesSpec("CT", instances=1)]
+    )
+    xray = StudySpec(
+        patient_id="DOSE1", issuer="HOSP-A", uid=generate_uid(), series=[SeriesSpec("DX", instances=1)]
+    )
+    ct_report = build_dose_report(ct, "ct", {"dlp_total": "523.4", "ctdivol": "12.75", "dlp": "523.4"})
+    xray_report = build_dose_report(xray, "xray", {"dap_total": "0.00012", "rp_total": "0.0031"})
+    stow(stack.orthanc.dicomweb_url, [*build_study(ct), ct_report, *build_study(xray), xray_report])
+
+    stack.sync(dose="observation")
+
+    studies = {
+        s["identifier"][0]["value"].removeprefix("urn:oid:"): s for s in stack.fhir_search("ImagingStudy")
+    }
+    observations = {
+        o["identifier"][0]["value"].removeprefix("urn:oid:"): o for o in stack.fhir_search("Observation")
+    }
+    assert set(observations) == {ct_report.SOPInstanceUID, xray_report.SOPInstanceUID}
+    ct_dose, xray_dose = observations[ct_report.SOPInstanceUID], observations[xray_report.SOPInstanceUID]
+    assert ct_dose["partOf"] == [{"reference": f"ImagingStudy/{studies[ct.uid]['id']}"}]
+    assert xray_dose["partOf"] == [{"reference": f"ImagingStudy/{studies[xray.uid]['id']}"}]
+    assert ct_dose["subject"] == studies[ct.uid]["subject"]
+    assert _components(ct_dose)["113813"] == {
+        "value": 523.4,
+        "unit": "mGy.cm",
+        "system": UCUM,
+        "code": "mGy.cm",
+    }
+    assert _components(ct_dose)["113830"]["value"] == 12.75
+    assert _components(xray_dose)["113722"] == {
+        "value": 0.00012,
+        "unit": "Gy.m2",
+        "system": UCUM,
+        "code": "Gy.m2",
+    }
+    assert _components(xray_dose)["113725"]["value"] == 0.0031
+
+    stack.fhir.reset_stats()
+    again = stack.sync(dose="observation")
+    assert (again.counts.unchanged, stack.fhir.stats()["writes"]) == (2, 0)

@@ -211,6 +211,12 @@ class FakeFhir:
     async def search(self, resource_type: str, params: Mapping[str, str]) -> list[dict[str, Any]]:
         self.calls.append(("search", resource_type, dict(params)))
         self._raise_if_queued("search")
+        if "part-of" in params:  # a study's dose Observations
+            return [
+                r
+                for r in self.of_type(resource_type)
+                if {"reference": params["part-of"]} in r.get("partOf", [])
+            ]
         return [
             r for r in self.of_type(resource_type) if _matches(r, params["identifier"], self.loose_tokens)
         ]
