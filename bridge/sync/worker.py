@@ -541,7 +541,9 @@ class SyncWorker:
     async def _withdraw(self, item: _Todo, report: RunReport) -> None:
         """Rejection notes withdrew every instance: the study is retired per the delete policy."""
         item.done = True
-        if item.known is None:
+        if item.known is None or not item.known.qido_fingerprint:
+            # Never published, or retired already (the store keeps no fingerprint of a retired study):
+            # nothing to write, and no second retirement to report on every run.
             logger.info("study %s: every instance is rejected; nothing published", item.study.uid)
             return
         logger.info("study %s: every instance is rejected; retiring its ImagingStudy", item.study.uid)

@@ -73,6 +73,10 @@ async def test_a_study_whose_every_image_is_rejected_is_retired_per_the_delete_p
     assert report.deletions == [{"study_uid": study, "action": "marked"}]
     assert world.study(study)["status"] == "entered-in-error"
 
+    again = await world.run()
+    assert again.deletions == [], "retired once, not again on every run"
+    assert world.study(study)["status"] == "entered-in-error"
+
 
 async def test_a_study_rejected_whole_before_publication_is_never_published(world: World) -> None:
     study, ct = _ct_study(world, images=1)
