@@ -6,12 +6,15 @@ resource the bridge writes, and rejected images (IHE IOCM rejection notes) left 
 
 from __future__ import annotations
 
+import asyncio
 import xml.etree.ElementTree as ET
 from typing import Any
 
+import httpx
 import pytest
 from pydicom.uid import generate_uid
 
+from bridge.api.app import create_app
 from tests.integration.conftest import Stack
 from tests.stack.samples import (
     SeriesSpec,
@@ -200,3 +203,30 @@ def test_ct_and_projection_xray_dose_reports_become_observations_with_the_report
     stack.fhir.reset_stats()
     again = stack.sync(dose="observation")
     assert (again.counts.unchanged, stack.fhir.stats()["writes"]) == (2, 0)
+
+
+@pytest.mark.interop
+def test_the_gateway_does_not_serve_the_series_rejections_left_out(stack: Stack) -> None:
+    spec, images = _two_ct_series(stack)
+    thorax, scout = spec.series[0].uid, spec.series[1].uid
+    note = build_rejection_note(spec, [images[3]])  # the only scout image
+    stow(stack.orthanc.dicomweb_url, [note])
+    stack.sync()
+    settings = stack.settings(api_keys="gateway-key-1")
+
+    async def ask(series_uid: str) -> int:
+        app = create_app(settings)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://bridge.test", timeout=30
+            ) as api:
+                answer = await api.get(
+                    f"/dicom-web/studies/{spec.uid}/series/{series_uid}/metadata",
+                    headers={"X-API-Key": "gateway-key-1"},
+                )
+                return answer.status_code
+
+    assert asyncio.run(ask(thorax)) == 200
+    assert asyncio.run(ask(scout)) == 404, "every image of the series was rejected"
+    assert asyncio.run(ask(str(note.SeriesInstanceUID))) == 404, "the rejection note is not shown"
