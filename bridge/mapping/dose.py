@@ -87,6 +87,12 @@ def _walk(item: DicomJson) -> Iterator[DicomJson]:
         yield from _walk(child)
 
 
+def sop_uid(dataset: DicomJson) -> str | None:
+    """The SOP Instance UID in an instance's metadata."""
+    value = _first(dataset, _SOP_INSTANCE)
+    return value if isinstance(value, str) else None
+
+
 def is_dose_report(dataset: DicomJson) -> bool:
     """Whether an instance's metadata is one of the four radiation dose SRs."""
     return _first(dataset, _SOP_CLASS) in DOSE_REPORT_CLASSES
@@ -150,9 +156,9 @@ def map_dose_observation(
 
     ``study`` is the ImagingStudy as written (its id, identifier and ``started`` are used).
     """
-    sop_uid = _first(report, _SOP_INSTANCE)
+    uid = sop_uid(report)
     values = dose_values(report)
-    if not isinstance(sop_uid, str) or not values:
+    if uid is None or not values:
         return None
     title = _code(report, _CONCEPT_NAME)
     code: Resource = {
@@ -196,11 +202,11 @@ def map_dose_observation(
             )
     observation: Resource = {
         "resourceType": "Observation",
-        "id": dose_observation_id(ctx, sop_uid),
+        "id": dose_observation_id(ctx, uid),
         # Shaped after RADIATION_DOSE_SUMMARY without claiming it in meta.profile: a validator without
         # the IG's package (none can be had offline, not even HAPI's) reports an unknown profile as an error.
         "meta": {"tag": [{"system": BRIDGE_TAG_SYSTEM, "code": ctx.source_name}]},
-        "identifier": [{"system": DICOM_UID_SYSTEM, "value": f"urn:oid:{sop_uid}"}],
+        "identifier": [{"system": DICOM_UID_SYSTEM, "value": f"urn:oid:{uid}"}],
         "partOf": [{"reference": f"ImagingStudy/{study['id']}"}],
         "status": "final",
         "code": code,

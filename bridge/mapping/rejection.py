@@ -98,7 +98,7 @@ class Remaining:
     study: StudyRecord
     series: list[SeriesRecord]
     instances: list[InstanceRecord]
-    withdrawn: int  # instances withdrawn, the notes themselves included
+    withdrawn: frozenset[str]  # SOP Instance UIDs of the listed instances withdrawn, the notes included
 
 
 def apply_rejections(
@@ -120,4 +120,5 @@ def apply_rejections(
         per_series[instance.series_uid] = per_series.get(instance.series_uid, 0) + 1
     kept = [replace(s, instance_count=per_series[s.uid]) for s in series if per_series.get(s.uid)]
     remaining_study = replace(study, series_count=len(kept), instance_count=len(left))
-    return Remaining(remaining_study, kept, left, len(instances) - len(left))
+    withdrawn = frozenset(i.uid for i in instances if (i.series_uid, i.uid) in gone)
+    return Remaining(remaining_study, kept, left, withdrawn)

@@ -13,7 +13,7 @@ from typing import Any
 
 from bridge.dicomweb.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord, with_header
 from bridge.mapping.context import MappingContext
-from bridge.mapping.dose import DOSE_REPORT_MODALITY, is_dose_report, map_dose_observation
+from bridge.mapping.dose import DOSE_REPORT_MODALITY, is_dose_report, map_dose_observation, sop_uid
 from bridge.mapping.imaging_study import fallbacks, map_imaging_study
 from bridge.mapping.rejection import KEY_OBJECT_MODALITY, RejectionNote, apply_rejections, rejection_notes
 from bridge.mapping.validate import validate
@@ -33,13 +33,14 @@ class StudyRecords:
     study: StudyRecord
     series: Sequence[SeriesRecord]
     instances: Sequence[InstanceRecord] = ()
-    withdrawn: int = 0  # instances left out by rejection notes (IHE IOCM), the notes included
+    # SOP Instance UIDs rejection notes (IHE IOCM) left out, the notes included
+    withdrawn: frozenset[str] = frozenset()
     dose_reports: Sequence[DicomJson] = ()  # radiation dose SRs' metadata, with BRIDGE_DOSE=observation
 
     @property
     def all_withdrawn(self) -> bool:
         """Whether rejection notes withdrew everything: the study is to be retired, not published."""
-        return self.withdrawn > 0 and not self.series
+        return bool(self.withdrawn) and not self.series
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +108,10 @@ class StudyAssembler:
         for s in records.series:
             if (s.modality or "").strip().upper() == DOSE_REPORT_MODALITY:
                 metadata = await self._source.series_metadata(records.study.uid, s.uid)
-                reports.extend(ds for ds in metadata if is_dose_report(ds))
+                # A dose report a rejection note withdrew is no more published than its series would be.
+                reports.extend(
+                    ds for ds in metadata if is_dose_report(ds) and sop_uid(ds) not in records.withdrawn
+                )
         return reports
 
     def observations(
@@ -141,7 +145,7 @@ class StudyAssembler:
             "study %s: %d rejection notes withdraw %d instances; %d series left",
             study.uid,
             len(notes),
-            left.withdrawn,
+            len(left.withdrawn),
             len(left.series),
         )
         return StudyRecords(left.study, left.series, instances, left.withdrawn)

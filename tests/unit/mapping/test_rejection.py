@@ -53,7 +53,7 @@ def test_withdrawn_instances_leave_the_series_counts_and_the_study_counts() -> N
 
     assert [(s.uid, s.instance_count) for s in left.series] == [(CT, 2)], "the note's own series is not shown"
     assert (left.study.series_count, left.study.instance_count) == (1, 2)
-    assert left.withdrawn == 2, "one CT image and the note itself"
+    assert left.withdrawn == {f"{CT}.2", NOTE}, "one CT image and the note itself"
     assert [i.uid for i in left.instances] == [f"{CT}.1", f"{CT}.3"]
 
 
@@ -77,4 +77,4 @@ def test_a_note_naming_instances_already_gone_counts_only_what_is_there() -> Non
     notes = rejection_notes([rejection_note_json(STUDY, KO, NOTE, {CT: [f"{CT}.1", f"{CT}.99"]})], STUDY)
     left = apply_rejections(study(), [series(series_uid=CT, instance_count=3)], ct_instances(3), notes)
     assert left.series[0].instance_count == 2
-    assert left.withdrawn == 1
+    assert left.withdrawn == {f"{CT}.1"}

@@ -1,10 +1,11 @@
-"""Radiation dose reports in a sync (BRIDGE_DOSE=observation): written with the study, idempotent, retired with it."""
+"""Dose reports in a sync (BRIDGE_DOSE=observation): written with the study, idempotent, retired with it."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.builders import context, series_row, uid
+from bridge.dicomweb.records import InstanceRecord
+from tests.builders import context, rejection_note_json, series_row, uid
 from tests.stack.samples import StudySpec, build_dose_report
 from tests.unit.sync.world import World
 
@@ -78,3 +79,31 @@ async def test_the_observation_is_retired_with_its_study(world: World) -> None:
 
     assert world.study(study)["status"] == "entered-in-error"
     assert world.fhir.of_type("Observation")[0]["status"] == "entered-in-error"
+
+
+async def test_a_dose_report_withdrawn_by_a_rejection_note_gives_no_observation(world: World) -> None:
+    world.ctx = context(dose_observations=True)
+    study = _ct_with_dose_report(world)
+    dose_series, ko = uid(1, 2), uid(1, 9)
+    [report] = world.source.metadata[(study, dose_series)]
+    report_uid = report["00080018"]["Value"][0]
+    other = {**report, "00080018": {"vr": "UI", "Value": [uid(1, 2, 2)]}}  # a second report stays
+    world.source.metadata[(study, dose_series)].append(other)
+    world.source.series[study].append(
+        series_row(series_uid=ko, number=99, modality="KO", instance_count=1, body_part=None)
+    )
+    world.source.instances[study] = [
+        InstanceRecord(f"{uid(1, 1)}.1", uid(1, 1), "1.2.840.10008.5.1.4.1.1.2", 1),
+        InstanceRecord(report_uid, dose_series, "1.2.840.10008.5.1.4.1.1.88.67", 1),
+        InstanceRecord(uid(1, 2, 2), dose_series, "1.2.840.10008.5.1.4.1.1.88.67", 2),
+        InstanceRecord(uid(1, 9, 1), ko, "1.2.840.10008.5.1.4.1.1.88.59", 1),
+    ]
+    world.source.metadata[(study, ko)] = [
+        rejection_note_json(study, ko, uid(1, 9, 1), {dose_series: [report_uid]})
+    ]
+
+    await world.run()
+
+    assert [o["identifier"][0]["value"] for o in world.fhir.of_type("Observation")] == [
+        f"urn:oid:{uid(1, 2, 2)}"
+    ]
