@@ -49,6 +49,7 @@ from bridge.sync.policy import (
     ChangeSourceKind,
     DeletePolicy,
     DemographicsCheck,
+    DosePolicy,
     MissingModality,
     OrderPolicy,
     PatientPolicy,
@@ -329,6 +330,13 @@ class PerSourceSettings(BaseModel):
     missing_modality: MissingModality = Field(
         default=MissingModality.OT,
         description="A series without Modality: ot (published as OT, counted as a fallback) | park",
+    )
+    dose: DosePolicy = Field(
+        default=DosePolicy.OFF,
+        description=(
+            "Radiation dose SRs (X-Ray, Enhanced X-Ray, Radiopharmaceutical, Patient Radiation Dose): "
+            "observation (one Observation per report, HL7 Radiation Dose Summary) | off"
+        ),
     )
     read_instance_header: bool = Field(
         default=False,

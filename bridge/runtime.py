@@ -23,7 +23,7 @@ from bridge.resolve.viewers import configure_viewers, load_viewer_table
 from bridge.state.store import SqlStore
 from bridge.sync.changes import ChangeSource, FeedChangeSource, QidoWindowSource
 from bridge.sync.link import Linker
-from bridge.sync.policy import ChangeSourceKind, MissingModality
+from bridge.sync.policy import ChangeSourceKind, DosePolicy, MissingModality
 from bridge.sync.publisher import Publisher
 from bridge.sync.scheduler import SyncScheduler, trigger
 from bridge.sync.worker import SyncWorker
@@ -46,6 +46,7 @@ def mapping_context(settings: Settings, source: SourceSettings) -> MappingContex
         timezone=source.dicom_timezone,
         include_instances=source.include_instances,
         max_instances=source.max_instances,
+        dose_observations=source.dose is DosePolicy.OBSERVATION,
     )
 
 

@@ -168,3 +168,56 @@ def context(**overrides: Any) -> MappingContext:
 def load_json(name: str) -> Any:
     """A recorded sample from tests/data/."""
     return json.loads((DATA / name).read_text(encoding="utf-8"))
+
+
+def rejection_note_json(
+    study_uid: str,
+    series_uid: str,
+    note_uid: str,
+    withdrawn: Mapping[str, Sequence[str]],
+    *,
+    reason: str = "113001",
+    scheme: str = "DCM",
+    sop_class: str = "1.2.840.10008.5.1.4.1.1.88.59",
+) -> DicomJson:
+    """The WADO-RS metadata of a Key Object Selection rejection note withdrawing ``withdrawn``.
+
+    ``withdrawn`` maps a Series Instance UID to the SOP Instance UIDs listed for it in the
+    Current Requested Procedure Evidence Sequence (IHE IOCM).
+    """
+    referenced_series = [
+        {
+            "0020000E": element("UI", series),
+            "00081199": {
+                "vr": "SQ",
+                "Value": [
+                    {"00081150": element("UI", "1.2.840.10008.5.1.4.1.1.2"), "00081155": element("UI", sop)}
+                    for sop in sops
+                ],
+            },
+        }
+        for series, sops in withdrawn.items()
+    ]
+    return {
+        "00080016": element("UI", sop_class),
+        "00080018": element("UI", note_uid),
+        "00080060": element("CS", "KO"),
+        "0020000D": element("UI", study_uid),
+        "0020000E": element("UI", series_uid),
+        "0040A043": {
+            "vr": "SQ",
+            "Value": [
+                {
+                    "00080100": element("SH", reason),
+                    "00080102": element("SH", scheme),
+                    "00080104": element("LO", "Rejected for Quality Reasons"),
+                }
+            ],
+        },
+        "0040A375": {
+            "vr": "SQ",
+            "Value": [
+                {"0020000D": element("UI", study_uid), "00081115": {"vr": "SQ", "Value": referenced_series}}
+            ],
+        },
+    }

@@ -395,6 +395,11 @@ class DicomwebClient:
             return response, name or (None, "the Part 10 header cannot be read")
         finally:
             await response.aclose()
+    async def series_metadata(self, study_uid: str, series_uid: str) -> list[DicomJson]:
+        """The WADO-RS metadata of every instance of one series (read for Key Object Selections only)."""
+        path = f"/studies/{quote(study_uid, safe='')}/series/{quote(series_uid, safe='')}/metadata"
+        rows, _ = await self._get(path, [], self.limits.metadata())
+        return [row for row in rows if isinstance(row, dict)]
 
     async def search_series(self, study_uid: str) -> list[SeriesRecord]:
         """Every series of one study; raises MappingError if a row cannot be parsed.

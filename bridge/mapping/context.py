@@ -11,7 +11,7 @@ from bridge.mapping.identity import UnmappedIssuer
 from bridge.mapping.tables import Tables
 
 # Bump when the mapping's output changes, so every study is republished once after an upgrade.
-MAPPING_VERSION = "3"
+MAPPING_VERSION = "4"
 
 DICOM_UID_SYSTEM = "urn:dicom:uid"
 DCM_SYSTEM = "http://dicom.nema.org/resources/ontology/DCM"
@@ -47,6 +47,7 @@ class MappingContext:
     missing_modality: str | None = "OT"  # the modality of a series without one; None parks it
     include_instances: bool = False
     max_instances: int = 2000
+    dose_observations: bool = False  # each radiation dose SR becomes an Observation
 
     def fingerprint(self) -> str:
         """A digest of every input besides the records that changes the mapping's output."""
@@ -60,6 +61,7 @@ class MappingContext:
             "tz": self.timezone,
             "instances": [self.include_instances, self.max_instances],
             "missing_modality": self.missing_modality,
+            "dose": self.dose_observations,
             "tables": self.tables.model_dump(mode="json"),
         }
         return digest(data)

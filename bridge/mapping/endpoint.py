@@ -10,6 +10,7 @@ from bridge.mapping.context import (
     MappingContext,
     resource_id,
 )
+from bridge.mapping.narrative import endpoint_narrative, with_narrative
 
 
 def endpoint_id(ctx: MappingContext) -> str:
@@ -24,7 +25,7 @@ def endpoint_identifier(ctx: MappingContext) -> dict[str, str]:
 
 def map_endpoint(ctx: MappingContext) -> dict[str, Any]:
     """One Endpoint per DICOMweb source; clients append ``/studies/{uid}`` to its address."""
-    return {
+    endpoint = {
         "resourceType": "Endpoint",
         "id": endpoint_id(ctx),
         "meta": {"tag": [{"system": BRIDGE_TAG_SYSTEM, "code": ctx.source_name}]},
@@ -36,3 +37,4 @@ def map_endpoint(ctx: MappingContext) -> dict[str, Any]:
         "payloadMimeType": ["application/dicom"],
         "address": ctx.public_base,
     }
+    return with_narrative(endpoint, endpoint_narrative)

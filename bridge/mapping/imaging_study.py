@@ -16,6 +16,7 @@ from bridge.mapping.context import (
 )
 from bridge.mapping.dates import fhir_datetime
 from bridge.mapping.identifiers import accession_identifiers, check_uid, study_identifier
+from bridge.mapping.narrative import imaging_study_narrative, with_narrative
 from bridge.mapping.patient import display_name
 
 Resource = dict[str, Any]
@@ -110,6 +111,16 @@ def _series(
     return out
 
 
+def acquisition_modalities(modalities: Sequence[str], ctx: MappingContext) -> list[str]:
+    """The study-level modalities: the acquisition ones (CID 29) among its series', sorted, once each.
+
+    R4 defines ImagingStudy.modality as "the series.modality values that are actual acquisition
+    modalities"; an SR, SEG or KO series keeps its modality on the series only. A study with no
+    acquisition series (a lone report) has no study-level modality.
+    """
+    return sorted({m for m in modalities if ctx.tables.modality.is_acquisition(m)})
+
+
 def fallbacks(series: Sequence[SeriesRecord], ctx: MappingContext) -> list[str]:
     """The attributes a documented fallback stood in for when mapping these series (one per use)."""
     return ["Modality" for s in series if s.modality is None and ctx.missing_modality is not None]
@@ -156,7 +167,7 @@ def map_imaging_study(
     if not ctx.include_instances or len(instances) > ctx.max_instances:
         instances = ()
     mapped = [_series(s, study, ctx, instances) for s in sorted(series, key=_series_key)]
-    modalities = sorted({s["modality"]["code"] for s in mapped} or set(study.modalities))
+    modalities = acquisition_modalities([s["modality"]["code"] for s in mapped] or study.modalities, ctx)
     if modalities:
         resource["modality"] = [modality_coding(ctx, m) for m in modalities]
     resource["endpoint"] = [{"reference": endpoint_reference}]
@@ -172,4 +183,4 @@ def map_imaging_study(
         resource["description"] = study.description
     if mapped:
         resource["series"] = mapped
-    return resource
+    return with_narrative(resource, imaging_study_narrative)

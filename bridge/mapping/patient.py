@@ -9,6 +9,7 @@ from bridge.errors import MappingError
 from bridge.mapping.context import BRIDGE_TAG_SYSTEM, MappingContext, resource_id
 from bridge.mapping.dates import parse_date
 from bridge.mapping.identifiers import PatientKey, other_patient_identifiers
+from bridge.mapping.narrative import patient_narrative, with_narrative
 
 _GENDER = {"M": "male", "F": "female", "O": "other"}
 
@@ -97,7 +98,7 @@ def map_patient(study: StudyRecord, key: PatientKey, ctx: MappingContext) -> dic
             patient["birthDate"] = parse_date(study.birth_date, "PatientBirthDate").isoformat()
         except MappingError:
             pass
-    return patient
+    return with_narrative(patient, patient_narrative)
 
 
 def patient_resource_id(key: PatientKey) -> str:

@@ -14,6 +14,7 @@ from bridge.errors import ConfigurationError
 
 TableModel = TypeVar("TableModel", bound=BaseModel)
 
+
 def _bundled_mappings() -> Path:
     """The repository's mappings/ (source checkout, editable install), else the installed copy."""
     source = Path(__file__).resolve().parents[2] / "mappings"
@@ -52,10 +53,7 @@ class CodeTable(TableFile):
     @field_validator("codes", mode="before")
     @classmethod
     def _short_form(cls, value: Any) -> Any:
-        # "CT: Computed Tomography" is shorthand for a code equal to the key.
-        if isinstance(value, dict):
-            return {k: {"code": k, "display": v} if isinstance(v, str) else v for k, v in value.items()}
-        return value
+        return _expand_short_form(value)
 
     @model_validator(mode="after")
     def _snomed_codes_are_digits(self) -> CodeTable:
@@ -67,12 +65,50 @@ class CodeTable(TableFile):
 
     def coding(self, term: str | None) -> dict[str, str] | None:
         """The FHIR Coding for a defined term, or None when the table does not know it."""
-        if term is None:
-            return None
-        entry = self.codes.get(term.strip().upper())
+        return self._coding_from(self.codes, term)
+
+    def _coding_from(self, codes: dict[str, Code], term: str | None) -> dict[str, str] | None:
+        entry = None if term is None else codes.get(term.strip().upper())
         if entry is None:
             return None
         return {"system": self.system, "code": entry.code, "display": entry.display}
+
+
+def _expand_short_form(value: Any) -> Any:
+    """Reads "CT: Computed Tomography" as shorthand for a code equal to the key."""
+    if isinstance(value, dict):
+        return {k: {"code": k, "display": v} if isinstance(v, str) else v for k, v in value.items()}
+    return value
+
+
+class ModalityTable(CodeTable):
+    """Modality (0008,0060) terms: CID 29 acquisition modalities in ``codes``, the rest of CID 33 apart.
+
+    R4 defines ImagingStudy.modality as the acquisition modalities only, while every series keeps
+    its own modality (SR, SEG, KO, ...), so the table keeps the two groups apart.
+    """
+
+    non_acquisition_codes: dict[str, Code] = Field(default_factory=dict)
+
+    @field_validator("non_acquisition_codes", mode="before")
+    @classmethod
+    def _short_form_too(cls, value: Any) -> Any:
+        return _expand_short_form(value)
+
+    @model_validator(mode="after")
+    def _groups_are_disjoint(self) -> ModalityTable:
+        both = sorted(set(self.codes) & set(self.non_acquisition_codes))
+        if both:
+            raise ValueError(f"codes listed as acquisition and non-acquisition modalities: {', '.join(both)}")
+        return self
+
+    def is_acquisition(self, term: str) -> bool:
+        """Whether a modality term is a CID 29 acquisition modality (unknown terms are not)."""
+        return term.strip().upper() in self.codes
+
+    def coding(self, term: str | None) -> dict[str, str] | None:
+        """The DCM Coding of any CID 33 term, acquisition or not; None when unknown."""
+        return super().coding(term) or self._coding_from(self.non_acquisition_codes, term)
 
 
 class SchemeTable(TableFile):
@@ -99,7 +135,7 @@ class Tables(BaseModel):
     """Every table the mapping uses."""
 
     model_config = ConfigDict(frozen=True)
-    modality: CodeTable
+    modality: ModalityTable
     body_part: CodeTable
     laterality: CodeTable
     coding_schemes: SchemeTable
@@ -136,7 +172,7 @@ def load_table(path: Path, model: type[TableModel] = CodeTable) -> TableModel:  
 def load_tables(folder: Path = BUNDLED_MAPPINGS) -> Tables:
     """All tables from ``folder`` (default: the bundled ``mappings/``)."""
     return Tables(
-        modality=load_table(folder / "modality.yaml"),
+        modality=load_table(folder / "modality.yaml", ModalityTable),
         body_part=load_table(folder / "body-part.yaml"),
         laterality=load_table(folder / "laterality.yaml"),
         coding_schemes=load_table(folder / "coding-schemes.yaml", SchemeTable),

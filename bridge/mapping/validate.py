@@ -31,7 +31,7 @@ def validate(resource: dict[str, Any]) -> None:
 
 
 # The resources the bridge validates before it writes them.
-WRITTEN_TYPES = ("ImagingStudy", "Endpoint", "Patient")
+WRITTEN_TYPES = ("ImagingStudy", "Endpoint", "Patient", "Observation")
 
 
 def load_models() -> None:

@@ -151,6 +151,15 @@ class StudyLocation:
     sources: tuple[str, ...] = ()  # the bridge sources that wrote it (meta.tag)
 
 
+def lists_series(study: StudyLocation, series_uid: str) -> bool:
+    """Whether the published study shows this series (a study that lists no series shows any).
+
+    A series the bridge left out (rejected images, IHE IOCM; a rejection note's own series) is not
+    served: the published ImagingStudy is what clinicians are shown.
+    """
+    return not study.series or any(s.uid == series_uid for s in study.series)
+
+
 def study_uid_of(resource: Mapping[str, Any]) -> str | None:
     """The Study Instance UID in an ImagingStudy's ``urn:dicom:uid`` identifier, if valid."""
     for identifier in resource.get("identifier") or []:

@@ -13,6 +13,7 @@ from typing import Any
 
 from bridge.dicomweb.guard import check_value_sizes
 from bridge.dicomweb.records import (
+    DicomJson,
     InstanceRecord,
     PatientIdentity,
     SeriesRecord,
@@ -22,7 +23,9 @@ from bridge.dicomweb.records import (
     with_header,
 )
 from bridge.mapping.context import MappingContext
+from bridge.mapping.dose import DOSE_REPORT_MODALITY, is_dose_report, map_dose_observation, sop_uid
 from bridge.mapping.imaging_study import fallbacks, map_imaging_study
+from bridge.mapping.rejection import KEY_OBJECT_MODALITY, RejectionNote, apply_rejections, rejection_notes
 from bridge.mapping.validate import validate
 from bridge.sync.identity import conflict, conflicting
 from bridge.sync.link import Linker
@@ -41,6 +44,14 @@ class StudyRecords:
     study: StudyRecord
     series: Sequence[SeriesRecord]
     instances: Sequence[InstanceRecord] = ()
+    # SOP Instance UIDs rejection notes (IHE IOCM) left out, the notes included
+    withdrawn: frozenset[str] = frozenset()
+    dose_reports: Sequence[DicomJson] = ()  # radiation dose SRs' metadata, with BRIDGE_DOSE=observation
+
+    @property
+    def all_withdrawn(self) -> bool:
+        """Whether rejection notes withdrew everything: the study is to be retired, not published."""
+        return bool(self.withdrawn) and not self.series
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +117,58 @@ class StudyAssembler:
             raise conflict("the archive's study row, series rows and instance header of this study")
         if study.patient_name_problem is not None:
             study = await self._name_from_file(study, instances[0] if instances else None)
-        return StudyRecords(study, series, instances)
+        records = await self._apply_rejections(StudyRecords(study, series, instances))
+        if self._ctx.dose_observations:
+            records = replace(records, dose_reports=await self._dose_reports(records))
+        return records
+
+    async def _dose_reports(self, records: StudyRecords) -> list[DicomJson]:
+        """The radiation dose SRs among the study's SR series (only those series' metadata is read)."""
+        reports: list[DicomJson] = []
+        for s in records.series:
+            if (s.modality or "").strip().upper() == DOSE_REPORT_MODALITY:
+                metadata = await self._source.series_metadata(records.study.uid, s.uid)
+                # A dose report a rejection note withdrew is no more published than its series would be.
+                reports.extend(
+                    ds for ds in metadata if is_dose_report(ds) and sop_uid(ds) not in records.withdrawn
+                )
+        return reports
+
+    def observations(
+        self, records: StudyRecords, links: Links, study: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        """The dose Observations of the study, partOf its ImagingStudy as mapped (pure)."""
+        mapped = (
+            map_dose_observation(r, self._ctx, subject=links.subject, study=study)
+            for r in records.dose_reports
+        )
+        return [o for o in mapped if o is not None]
+
+    async def _apply_rejections(self, records: StudyRecords) -> StudyRecords:
+        """The study without what its rejection notes withdraw (IHE IOCM), when it has any.
+
+        Only Key Object Selection series are read (their WADO-RS metadata: small); a study with
+        rejection notes then has its instances listed once, so its counts are those of what is left.
+        """
+        study = records.study
+        notes: list[RejectionNote] = []
+        for s in records.series:
+            if (s.modality or "").strip().upper() == KEY_OBJECT_MODALITY:
+                notes.extend(rejection_notes(await self._source.series_metadata(study.uid, s.uid), study.uid))
+        if not notes:
+            return records
+        listed = await self._source.search_instances(study.uid)
+        left = apply_rejections(study, records.series, listed, notes)
+        kept = {(i.series_uid, i.uid) for i in left.instances}
+        instances = [i for i in records.instances if (i.series_uid, i.uid) in kept]
+        logger.info(
+            "study %s: %d rejection notes withdraw %d instances; %d series left",
+            study.uid,
+            len(notes),
+            len(left.withdrawn),
+            len(left.series),
+        )
+        return StudyRecords(left.study, left.series, instances, left.withdrawn)
 
     async def every_row_agrees(self, study_uid: str) -> None:
         """Ask the archive for every study row of ``study_uid``; PatientConflictError if they disagree.

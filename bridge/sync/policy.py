@@ -20,6 +20,13 @@ class MissingModality(StrEnum):
     PARK = "park"  # the study is parked naming Modality
 
 
+class DosePolicy(StrEnum):
+    """What becomes of a study's radiation dose structured reports."""
+
+    OBSERVATION = "observation"  # one Observation per dose report (HL7 Radiation Dose Summary)
+    OFF = "off"  # published as an SR series only
+
+
 class DeletePolicy(StrEnum):
     """What happens to the ImagingStudy of a study that is gone from the archive."""
 

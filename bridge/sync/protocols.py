@@ -142,6 +142,10 @@ class StudySource(Protocol):
         """PatientName from one instance's Part 10 header: (name, None) or (None, why not)."""
         ...
 
+    async def series_metadata(self, study_uid: str, series_uid: str) -> list[DicomJson]:
+        """The full headers (WADO-RS metadata) of every instance of one series."""
+        ...
+
 
 def not_a_fhir_server(base_url: str | None, why: str) -> ConfigurationError:
     """The error for a base URL that does not answer as a FHIR server, naming the setting to fix."""

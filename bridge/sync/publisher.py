@@ -21,6 +21,7 @@ from bridge.mapping.context import BRIDGE_TAG_SYSTEM, WITHDRAWN_EXTENSION, Mappi
 from bridge.mapping.endpoint import endpoint_id, endpoint_identifier, map_endpoint
 from bridge.mapping.identifiers import escape_token, study_search
 from bridge.mapping.identity import exact_matches
+from bridge.mapping.narrative import imaging_study_narrative, with_narrative
 from bridge.mapping.validate import validate
 from bridge.sync.policy import DeletePolicy, WriteStrategy
 from bridge.sync.protocols import FhirSink, StateStore, WriteResult, not_a_fhir_server
@@ -306,6 +307,40 @@ class Publisher:
                 results[index] = exc
         return [r for r in results if r is not None]
 
+    async def put_observations(self, observations: Sequence[dict[str, Any]], study_reference: str) -> None:
+        """Write a study's dose Observations, each keyed by its report's SOP Instance UID, partOf the study.
+
+        ``study_reference`` is where the study was written (under conditional writes the server
+        chose its id).
+        """
+        for observation in observations:
+            observation["partOf"] = [{"reference": study_reference}]
+            uid = observation["identifier"][0]["value"].removeprefix("urn:oid:")
+            await self._write(observation, {"identifier": study_search(uid)})
+
+    async def retire_observations(self, study_id: str, policy: DeletePolicy) -> None:
+        """Retire the dose Observations this source wrote for a study, as the study is."""
+        if policy is DeletePolicy.IGNORE:
+            return
+        found = await self._fhir.search("Observation", {"part-of": f"ImagingStudy/{study_id}"})
+        for observation in found:
+            if not self._owns(observation) or observation.get("status") == "entered-in-error":
+                continue
+            if policy is DeletePolicy.DELETE:
+                await self._fhir.delete("Observation", observation["id"])
+            else:
+                version = (observation.get("meta") or {}).get("versionId")
+                observation["status"] = "entered-in-error"
+                await self._fhir.update(observation, if_match=version)
+            self.writes += 1
+            self.write_requests += 1
+
+    def _owns(self, resource: dict[str, Any]) -> bool:
+        tags = (resource.get("meta") or {}).get("tag") or []
+        return any(
+            t.get("system") == BRIDGE_TAG_SYSTEM and t.get("code") == self._ctx.source_name for t in tags
+        )
+
     async def retire_study(self, fhir_id: str, policy: DeletePolicy) -> tuple[str, str | None]:
         """Apply the delete policy to the ImagingStudy of a study gone from the archive.
 
@@ -318,12 +353,10 @@ class Publisher:
         version = (current.get("meta") or {}).get("versionId")
         if policy is DeletePolicy.IGNORE:
             return "left", version
-        tags = (current.get("meta") or {}).get("tag") or []
-        owned = any(
-            t.get("system") == BRIDGE_TAG_SYSTEM and t.get("code") == self._ctx.source_name for t in tags
-        )
-        if not owned:
+        if not self._owns(current):
             return "not-owned", version
+        if self._ctx.dose_observations:
+            await self.retire_observations(fhir_id, policy)
         if policy is DeletePolicy.DELETE:
             await self._fhir.delete("ImagingStudy", fhir_id)
             self.writes += 1
@@ -332,6 +365,7 @@ class Publisher:
         if current.get("status") == "entered-in-error":
             return "marked", version
         current["status"] = "entered-in-error"
+        current = with_narrative(current, imaging_study_narrative)  # the record shows the withdrawal
         result = await self._fhir.update(current, if_match=version)
         self.writes += 1
         self.write_requests += 1

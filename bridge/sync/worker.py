@@ -110,6 +110,15 @@ class _Todo:
     fallbacks: list[str] = field(default_factory=list)
     done: bool = False  # recorded already (unchanged resource) or parked
     moved: bool = False  # every row of the study now names another patient identity (a correction)
+    observations: list[dict[str, Any]] = field(default_factory=list)  # dose summaries, with the study
+
+
+def content_fingerprint(resource: dict[str, Any], observations: Sequence[dict[str, Any]] = ()) -> str:
+    """What the store remembers of a study's published content: its ImagingStudy and dose Observations.
+
+    A study without Observations keeps the digest of its ImagingStudy alone, as before they existed.
+    """
+    return digest([resource, *observations]) if observations else digest(resource)
 
 
 class SyncWorker:
@@ -422,6 +431,14 @@ class SyncWorker:
                 if isinstance(result, BridgeError):
                     await self._fail(report, item.study.uid, result)
                     continue
+                if item.observations:
+                    try:
+                        await self._publisher.put_observations(item.observations, f"ImagingStudy/{result.id}")
+                    except BridgeError as exc:
+                        await self._fail(
+                            report, item.study.uid, exc
+                        )  # retried whole: the writes are idempotent
+                        continue
                 # Created: the study had no ImagingStudy before. The server's 201 says so; with no
                 # record of the study, a first version says so too (servers that answer 200 to a
                 # PUT that creates); anything else updated one that was there.
@@ -553,17 +570,36 @@ class SyncWorker:
         """Link, map and validate the study; an ImagingStudy that did not change is recorded, not written."""
         assert item.records is not None
         records = item.records
+        if records.all_withdrawn:
+            await self._withdraw(item, report)
+            return
         item.fallbacks = self._assembler.fallbacks(records)
         links = await self._assembler.link(records, endpoint)
         resource = self._assembler.map(records, links, endpoint)
         validate(resource)  # the resource exactly as it is written, subject and basedOn included
+        item.observations = self._assembler.observations(records, links, resource)
+        for observation in item.observations:
+            validate(observation)
         known = item.known
-        if known is not None and known.resource_fingerprint == digest(resource):
+        if known is not None and known.resource_fingerprint == content_fingerprint(
+            resource, item.observations
+        ):
             # The archive's answer changed in a way the ImagingStudy does not show.
             self._published(item, known.fhir_id, known.fhir_version, "unchanged", report, page, resource)
             item.done = True
             return
         item.resource = resource
+
+    async def _withdraw(self, item: _Todo, report: RunReport) -> None:
+        """Rejection notes withdrew every instance: the study is retired per the delete policy."""
+        item.done = True
+        if item.known is None or not item.known.qido_fingerprint:
+            # Never published, or retired already (the store keeps no fingerprint of a retired study):
+            # nothing to write, and no second retirement to report on every run.
+            logger.info("study %s: every instance is rejected; nothing published", item.study.uid)
+            return
+        logger.info("study %s: every instance is rejected; retiring its ImagingStudy", item.study.uid)
+        await self._retirer.retire([item.known], report, guard=False)
 
     def _published(
         self,
@@ -580,7 +616,7 @@ class SyncWorker:
             Published(
                 item.study.uid,
                 item.qido_fingerprint,
-                digest(resource),
+                content_fingerprint(resource, item.observations),
                 fhir_id,
                 version,
                 resource.get("started"),

@@ -17,6 +17,8 @@ import pytest
 from bridge.config import Settings, load_settings
 from bridge.runtime import open_runtime
 from bridge.sync.report import RunReport
+from tests.conftest import ARTIFACTS
+from tests.stack.conformance import Collector, check, report, search_all
 from tests.stack.fhir import FhirTestServer
 from tests.stack.hapi import HapiTestServer
 from tests.stack.orthanc import OrthancServer
@@ -80,23 +82,48 @@ class Stack:
 
     def fhir_search(self, resource_type: str, **params: str) -> list[dict[str, Any]]:
         """Every resource of a type matching ``params``, across pages, never from a search cache."""
-        url: str | None = f"{self.fhir.base_url}/{resource_type}"
-        query: dict[str, str] | None = {"_count": "1000", **params}
-        found: list[dict[str, Any]] = []
-        while url is not None:
-            response = httpx.get(url, params=query, headers={"Cache-Control": "no-cache"}, timeout=30)
-            response.raise_for_status()
-            bundle = response.json()
-            found.extend(e["resource"] for e in bundle.get("entry", []))
-            url = next((link["url"] for link in bundle.get("link", []) if link["relation"] == "next"), None)
-            query = None
-        return found
+        return search_all(self.fhir.base_url, resource_type, **params)
 
     def fhir_read(self, reference: str) -> dict[str, Any]:
         response = httpx.get(f"{self.fhir.base_url}/{reference}", timeout=30)
         response.raise_for_status()
         body: dict[str, Any] = response.json()
         return body
+
+
+# FHIR_TEST_VALIDATE=off skips the conformance check while iterating (CI always runs it).
+VALIDATE = os.environ.get("FHIR_TEST_VALIDATE", "on") != "off"
+
+
+@pytest.fixture(scope="session")
+def conformance() -> Iterator[Collector]:
+    """Every resource the bridge published in the session, validated at its end by HAPI's validator.
+
+    Any error fails the session (reported at the teardown of its last test); the summary, with
+    every kind of warning counted, is printed and kept in test-artifacts/conformance.txt.
+    """
+    collector = Collector()
+    yield collector
+    if not VALIDATE or not len(collector):
+        return
+    checked = check(collector.checked())
+    summary = report(checked)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "conformance.txt").write_text(summary + "\n", encoding="utf-8")
+    print("\n" + summary)
+    errors = [c for c in checked if c.errors]
+    assert not errors, f"published resources the FHIR validator finds errors in:\n{summary}"
+
+
+@pytest.fixture(autouse=True)
+def _published_resources_are_collected(
+    request: pytest.FixtureRequest, conformance: Collector
+) -> Iterator[None]:
+    """After each test, what its FHIR server holds goes to the session's conformance check."""
+    yield
+    server = request.node.funcargs.get("fhir_server") if hasattr(request.node, "funcargs") else None
+    if VALIDATE and server is not None and server.running:
+        conformance.collect(server.base_url, request.node.nodeid)
 
 
 @pytest.fixture

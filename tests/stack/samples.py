@@ -546,3 +546,218 @@ def load_demo(dicomweb_url: str) -> list[StudySpec]:
         for spec in specs:
             stow(dicomweb_url, build_study(spec), client=client)
     return specs
+
+
+KEY_OBJECT_SELECTION = "1.2.840.10008.5.1.4.1.1.88.59"
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue = value
+    item.CodingSchemeDesignator = scheme
+    item.CodeMeaning = meaning
+    return item
+
+
+def build_rejection_note(
+    spec: StudySpec,
+    rejected: Sequence[Dataset],
+    *,
+    reason: tuple[str, str] = ("113001", "Rejected for Quality Reasons"),
+    series_number: int = 999,
+) -> Dataset:
+    """An IHE IOCM rejection note: a Key Object Selection Document (PS3.3 A.35.4) titled with a
+    rejection reason (CID 7011) that lists ``rejected`` in its Current Requested Procedure Evidence
+    Sequence and its content tree, in a KO series of its own, for the study of ``spec``.
+    """
+    assert spec.uid is not None, "build the study first"
+    note_uid = _derived_uid(spec.uid, "rejection-note", *[ds.SOPInstanceUID for ds in rejected])
+    ds = Dataset()
+    ds.file_meta = _file_meta(KEY_OBJECT_SELECTION, note_uid)
+    ds.SOPClassUID = KEY_OBJECT_SELECTION
+    ds.SOPInstanceUID = note_uid
+    ds.PatientName = spec.patient_name
+    if spec.patient_id is not None:
+        ds.PatientID = spec.patient_id
+    if spec.issuer is not None:
+        ds.IssuerOfPatientID = spec.issuer
+    ds.PatientBirthDate = spec.birth_date or ""
+    ds.PatientSex = spec.sex or ""
+    ds.StudyInstanceUID = spec.uid
+    ds.StudyDate = spec.study_date or ""
+    ds.StudyTime = spec.study_time or ""
+    ds.ReferringPhysicianName = spec.referring_physician
+    ds.StudyID = spec.study_id or ""
+    ds.AccessionNumber = spec.accession or ""
+    ds.StudyDescription = spec.description
+    ds.Modality = "KO"
+    ds.SeriesInstanceUID = _derived_uid(spec.uid, "rejection-series", note_uid)
+    ds.SeriesNumber = series_number
+    ds.ReferencedPerformedProcedureStepSequence = []
+    ds.Manufacturer = "FHIR-DICOMweb bridge tests"
+    ds.InstanceNumber = 1
+    ds.ContentDate = spec.study_date or ""
+    ds.ContentTime = spec.study_time or ""
+    ds.ValueType = "CONTAINER"
+    ds.ConceptNameCodeSequence = [_code(reason[0], "DCM", reason[1])]
+    ds.ContinuityOfContent = "SEPARATE"
+    template = Dataset()
+    template.MappingResource = "DCMR"
+    template.TemplateIdentifier = "2010"
+    ds.ContentTemplateSequence = [template]
+    by_series: dict[str, list[Dataset]] = {}
+    for image in rejected:
+        by_series.setdefault(str(image.SeriesInstanceUID), []).append(image)
+    series_items = []
+    for series_uid, images in by_series.items():
+        item = Dataset()
+        item.SeriesInstanceUID = series_uid
+        references = []
+        for image in images:
+            reference = Dataset()
+            reference.ReferencedSOPClassUID = image.SOPClassUID
+            reference.ReferencedSOPInstanceUID = image.SOPInstanceUID
+            references.append(reference)
+        item.ReferencedSOPSequence = references
+        series_items.append(item)
+    evidence = Dataset()
+    evidence.StudyInstanceUID = spec.uid
+    evidence.ReferencedSeriesSequence = series_items
+    ds.CurrentRequestedProcedureEvidenceSequence = [evidence]
+    content = []
+    for image in rejected:
+        reference = Dataset()
+        reference.ReferencedSOPClassUID = image.SOPClassUID
+        reference.ReferencedSOPInstanceUID = image.SOPInstanceUID
+        item = Dataset()
+        item.RelationshipType = "CONTAINS"
+        item.ValueType = "IMAGE"
+        item.ReferencedSOPSequence = [reference]
+        content.append(item)
+    ds.ContentSequence = content
+    return ds
+
+
+XRAY_RADIATION_DOSE_SR = "1.2.840.10008.5.1.4.1.1.88.67"
+
+
+def _num(concept: tuple[str, str], value: str, unit: tuple[str, str]) -> Dataset:
+    item = Dataset()
+    item.RelationshipType = "CONTAINS"
+    item.ValueType = "NUM"
+    item.ConceptNameCodeSequence = [_code(concept[0], "DCM", concept[1])]
+    measured = Dataset()
+    measured.NumericValue = value
+    measured.MeasurementUnitsCodeSequence = [_code(unit[0], "UCUM", unit[1])]
+    item.MeasuredValueSequence = [measured]
+    return item
+
+
+def _container(concept: tuple[str, str], children: list[Dataset]) -> Dataset:
+    item = Dataset()
+    item.RelationshipType = "CONTAINS"
+    item.ValueType = "CONTAINER"
+    item.ConceptNameCodeSequence = [_code(concept[0], "DCM", concept[1])]
+    item.ContinuityOfContent = "SEPARATE"
+    item.ContentSequence = children
+    return item
+
+
+def build_dose_report(
+    spec: StudySpec,
+    kind: str,
+    values: dict[str, str],
+    *,
+    series_number: int = 900,
+) -> Dataset:
+    """An X-Ray Radiation Dose SR (PS3.3 A.35.8) for the study of ``spec``, in an SR series of its own.
+
+    ``kind`` ``ct`` follows TID 10011 (CT Radiation Dose: accumulated DLP, TID 10012; one CT
+    acquisition with its Mean CTDIvol and DLP, TID 10013) with ``values`` ``dlp_total``,
+    ``ctdivol`` and ``dlp``; ``xray`` follows TID 10001 (Projection X-Ray Radiation Dose, with the
+    accumulated dose-area product and dose at the reference point of TID 10004) with ``dap_total``
+    (Gy.m2) and ``rp_total`` (Gy). Values are decimal strings, as DS holds them.
+    """
+    assert spec.uid is not None, "build the study first"
+    report_uid = _derived_uid(spec.uid, "dose-report", kind)
+    ds = Dataset()
+    ds.file_meta = _file_meta(XRAY_RADIATION_DOSE_SR, report_uid)
+    ds.SOPClassUID = XRAY_RADIATION_DOSE_SR
+    ds.SOPInstanceUID = report_uid
+    ds.PatientName = spec.patient_name
+    if spec.patient_id is not None:
+        ds.PatientID = spec.patient_id
+    if spec.issuer is not None:
+        ds.IssuerOfPatientID = spec.issuer
+    ds.PatientBirthDate = spec.birth_date or ""
+    ds.PatientSex = spec.sex or ""
+    ds.StudyInstanceUID = spec.uid
+    ds.StudyDate = spec.study_date or ""
+    ds.StudyTime = spec.study_time or ""
+    ds.ReferringPhysicianName = spec.referring_physician
+    ds.StudyID = spec.study_id or ""
+    ds.AccessionNumber = spec.accession or ""
+    ds.StudyDescription = spec.description
+    ds.Modality = "SR"
+    ds.SeriesInstanceUID = _derived_uid(spec.uid, "dose-series", kind)
+    ds.SeriesNumber = series_number
+    ds.ReferencedPerformedProcedureStepSequence = []
+    ds.Manufacturer = "FHIR-DICOMweb bridge tests"
+    ds.InstanceNumber = 1
+    ds.ContentDate = spec.study_date or ""
+    ds.ContentTime = spec.study_time or ""
+    ds.CompletionFlag = "COMPLETE"
+    ds.VerificationFlag = "UNVERIFIED"
+    ds.ValueType = "CONTAINER"
+    ds.ConceptNameCodeSequence = [_code("113701", "DCM", "X-Ray Radiation Dose Report")]
+    ds.ContinuityOfContent = "SEPARATE"
+    template = Dataset()
+    template.MappingResource = "DCMR"
+    procedure = Dataset()
+    procedure.RelationshipType = "HAS CONCEPT MOD"
+    procedure.ValueType = "CODE"
+    procedure.ConceptNameCodeSequence = [_code("121058", "DCM", "Procedure reported")]
+    mgy, mgycm = ("mGy", "mGy"), ("mGy.cm", "mGy.cm")
+    if kind == "ct":
+        template.TemplateIdentifier = "10011"
+        procedure.ConceptCodeSequence = [_code("77477000", "SCT", "Computed Tomography X-Ray")]
+        content = [
+            procedure,
+            _container(
+                ("113811", "CT Accumulated Dose Data"),
+                [
+                    _num(("113812", "Total Number of Irradiation Events"), "1", ("{events}", "events")),
+                    _num(("113813", "CT Dose Length Product Total"), values["dlp_total"], mgycm),
+                ],
+            ),
+            _container(
+                ("113819", "CT Acquisition"),
+                [
+                    _container(
+                        ("113829", "CT Dose"),
+                        [
+                            _num(("113830", "Mean CTDIvol"), values["ctdivol"], mgy),
+                            _num(("113838", "DLP"), values["dlp"], mgycm),
+                        ],
+                    )
+                ],
+            ),
+        ]
+    elif kind == "xray":
+        template.TemplateIdentifier = "10001"
+        procedure.ConceptCodeSequence = [_code("113704", "DCM", "Projection X-Ray")]
+        content = [
+            procedure,
+            _container(
+                ("113702", "Accumulated X-Ray Dose Data"),
+                [
+                    _num(("113722", "Dose Area Product Total"), values["dap_total"], ("Gy.m2", "Gy.m2")),
+                    _num(("113725", "Dose (RP) Total"), values["rp_total"], ("Gy", "Gy")),
+                ],
+            ),
+        ]
+    else:
+        raise ValueError(f"kind must be ct or xray, not {kind!r}")
+    ds.ContentTemplateSequence = [template]
+    ds.ContentSequence = content
+    return ds

@@ -38,6 +38,9 @@ class FakeSource:
         self.extra_rows: list[tuple[int, DicomJson]] = []
         self.files: dict[str, bytes] = {}  # a Part 10 file of one instance, by study UID
         self.file_reads: list[str] = []
+        self.metadata: dict[tuple[str, str], list[DicomJson]] = {}  # by (study, series) UID
+        self.instances: dict[str, list[InstanceRecord]] = {}  # by study UID
+        self.metadata_calls: list[tuple[str, str]] = []
 
     async def patient_name_from_file(
         self, study_uid: str, instance: InstanceRecord | None = None
@@ -81,6 +84,15 @@ class FakeSource:
             raise self.fail_series[study_uid]
         self.queries.append(f"/studies/{study_uid}/series")
         return [parse_series(row) for row in self.series.get(study_uid, [])]
+
+    async def series_metadata(self, study_uid: str, series_uid: str) -> list[DicomJson]:
+        self.metadata_calls.append((study_uid, series_uid))
+        self.queries.append(f"/studies/{study_uid}/series/{series_uid}/metadata")
+        return self.metadata.get((study_uid, series_uid), [])
+
+    async def search_instances(self, study_uid: str, limit: int | None = None) -> list[InstanceRecord]:
+        self.queries.append(f"/studies/{study_uid}/instances")
+        return list(self.instances.get(study_uid, []))
 
     async def search_series_many(self, study_uids: Sequence[str]) -> dict[str, SeriesOutcome]:
         if self._sweeping:
@@ -218,6 +230,8 @@ class FakeFhir:
         self.calls.append(("search", resource_type, dict(params)))
         self._raise_if_queued("search")
         found = self.of_type(resource_type)
+        if "part-of" in params:  # a study's dose Observations
+            found = [r for r in found if {"reference": params["part-of"]} in r.get("partOf", [])]
         if "_id" in params:
             found = [r for r in found if r["id"] in params["_id"].split(",")]
         if "active" in params:  # a boolean token: absent counts as true, as servers index it

@@ -53,6 +53,7 @@ from bridge.limits import CallLimit, DicomwebLimits
 from bridge.resolve.links import (
     WITHDRAWN,
     StudyLocation,
+    lists_series,
     normalize_base,
     study_uid_of,
     subject_patient,
@@ -180,10 +181,16 @@ async def dicomweb(path: str, request: Request, who: CallerDep) -> Response:
         raise AccessDeniedError(f"study {route.study_uid}: {decision.reason}")
     patient = patient_limit(who)
     listed = frozenset(s.uid for s in study.series)
-    if patient is not None and route.series_uid is not None and route.series_uid not in listed:
-        # The same answer for another patient's series and for no series at all.
+    if route.series_uid is not None and (
+        # A caller limited to one patient sees only the series listed; others, any series of a
+        # study that lists none. Rejected images (IHE IOCM) are left out of the listing.
+        route.series_uid not in listed if patient is not None else not lists_series(study, route.series_uid)
+    ):
+        # The same answer for another patient's series, rejected images, and no series at all.
         note(request, who, action, "refused", study=study, reason=_UNLISTED)
-        raise StudyNotFoundError(f"series {route.series_uid}: {_UNLISTED}")
+        raise StudyNotFoundError(
+            f"series {route.series_uid}: {_UNLISTED} (its images were rejected, or it is not synced yet)"
+        )
     note(request, who, action, study=study)
     archive, base = g.archive_for(study)
     if patient is not None:
@@ -382,6 +389,8 @@ async def front_grant(request: Request) -> Response:
         study = await resolver_of(request).by_study_uid(route.study_uid)
         if not decide(who, study.patient).allowed:
             return Response(status_code=_NOT_FROM_THE_FRONT)
+        if route.series_uid is not None and not lists_series(study, route.series_uid):
+            return Response(status_code=_NOT_FROM_THE_FRONT)  # the gateway refuses it, saying why
         archive, base = _gateway(request).archive_for(study)
         if patient_limit(who) is not None and not await _front_may_serve(route, study, archive, base):
             return Response(status_code=_NOT_FROM_THE_FRONT)

@@ -656,3 +656,25 @@ async def test_refused_credentials_are_one_security_alert_per_address_and_window
     assert alert["subtype"][1]["code"] == "authentication"
     assert alert["agent"][0]["network"]["address"] == "127.0.0.1"
     assert alert["entity"][0]["what"]["identifier"]["value"] == f"urn:oid:{UID_1}"
+
+
+async def test_a_series_the_published_study_leaves_out_is_not_served(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Rejected images (IHE IOCM) and the rejection note's own series are left out of the study.
+    listed = {**STUDIES[UID_1], "series": [{"uid": "1.2.3", "modality": {"code": "CT"}}]}
+    monkeypatch.setitem(STUDIES, UID_1, listed)
+    world = World()
+    async with gateway(tmp_path, world) as api:
+        shown = await api.get(
+            f"/dicom-web/studies/{UID_1}/series/1.2.3/metadata", headers=bearer(**PATIENT_1)
+        )
+        withdrawn = await api.get(
+            f"/dicom-web/studies/{UID_1}/series/1.2.9/instances/4.5.6", headers=bearer(**PATIENT_1)
+        )
+    assert shown.status_code == 200
+    assert withdrawn.status_code == 404
+    assert "its images were rejected" in withdrawn.json()["issue"][0]["diagnostics"]
+    assert [r.url.path for r in world.archive_requests] == [
+        f"/dicom-web/studies/{UID_1}/series/1.2.3/metadata"
+    ]

@@ -325,3 +325,16 @@ async def test_no_picture_when_no_resource_answers_an_image() -> None:
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
         archive = DicomwebClient(http, BASE, policy=NO_RETRY)
         assert await archive.picture([f"{BASE}/studies/{uid(1)}/rendered"], viewport="96,96") is None
+
+
+async def test_series_metadata_reads_the_wado_rs_metadata_of_one_series() -> None:
+    seen: list[str] = []
+    note = {"00080016": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.88.59"]}}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        return httpx.Response(200, json=[note])
+
+    answer = await client_for(handler).series_metadata("1.2.3", "1.2.3.4")
+    assert answer == [note]
+    assert seen == ["/dicom-web/studies/1.2.3/series/1.2.3.4/metadata"]

@@ -145,26 +145,49 @@ def test_no_started_without_study_date() -> None:
 
 
 # modality
-def test_modality_is_the_union_of_series_modalities_with_dcm_displays() -> None:
+def test_study_modality_lists_the_acquisition_modalities_only_with_dcm_displays() -> None:
     records = [
         series(series_uid=uid(1, 1), number=1, modality="CT"),
         series(series_uid=uid(1, 2), number=2, modality="SR", body_part=None),
-        series(series_uid=uid(1, 3), number=3, modality="CT"),
+        series(series_uid=uid(1, 3), number=3, modality="SEG", body_part=None),
+        series(series_uid=uid(1, 4), number=4, modality="PT"),
+        series(series_uid=uid(1, 5), number=5, modality="CT"),
     ]
-    assert mapped(study(modalities=("CT",)), records)["modality"] == [
+    resource = mapped(study(modalities=("CT", "PT", "SEG", "SR")), records)
+    assert resource["modality"] == [
+        {"system": DCM, "code": "CT", "display": "Computed Tomography"},
+        {"system": DCM, "code": "PT", "display": "Positron emission tomography"},
+    ]
+
+
+def test_every_series_keeps_its_own_modality_acquisition_or_not() -> None:
+    records = [
+        series(series_uid=uid(1, 1), number=1, modality="CT"),
+        series(series_uid=uid(1, 2), number=2, modality="SR", body_part=None),
+        series(series_uid=uid(1, 3), number=3, modality="RTSTRUCT", body_part=None),
+    ]
+    assert [s["modality"] for s in mapped(study(), records)["series"]] == [
         {"system": DCM, "code": "CT", "display": "Computed Tomography"},
         {"system": DCM, "code": "SR", "display": "Structured Report Document"},
+        {"system": DCM, "code": "RTSTRUCT", "display": "RT Structure Set"},
     ]
 
 
-def test_unknown_modality_keeps_its_code_without_display() -> None:
+def test_a_study_of_reports_only_has_no_study_modality() -> None:
+    records = [series(modality="SR", body_part=None), series(series_uid=uid(1, 2), number=2, modality="OT")]
+    resource = mapped(study(modalities=("SR", "OT")), records)
+    assert "modality" not in resource
+    assert [s["modality"]["code"] for s in resource["series"]] == ["SR", "OT"]
+
+
+def test_unknown_modality_keeps_its_code_on_the_series_but_is_no_acquisition_modality() -> None:
     resource = mapped(study(modalities=("XYZ",)), [series(modality="XYZ")])
-    assert resource["modality"] == [{"system": DCM, "code": "XYZ"}]
+    assert "modality" not in resource
     assert resource["series"][0]["modality"] == {"system": DCM, "code": "XYZ"}
 
 
 def test_study_modalities_are_used_when_no_series_is_known() -> None:
-    resource = mapped(study(modalities=("MR", "PT")), [])
+    resource = mapped(study(modalities=("MR", "PR", "PT")), [])
     assert [c["code"] for c in resource["modality"]] == ["MR", "PT"]
 
 

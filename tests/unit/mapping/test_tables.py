@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bridge.errors import ConfigurationError
-from bridge.mapping.tables import BUNDLED_MAPPINGS, SchemeTable, load_table, load_tables
+from bridge.mapping.tables import BUNDLED_MAPPINGS, ModalityTable, SchemeTable, load_table, load_tables
 from bridge.resolve.viewers import load_viewer_table
 
 ALL_FILES = sorted(BUNDLED_MAPPINGS.glob("*.yaml")) + sorted(BUNDLED_MAPPINGS.glob("*.json"))
@@ -16,6 +16,7 @@ ALL_FILES = sorted(BUNDLED_MAPPINGS.glob("*.yaml")) + sorted(BUNDLED_MAPPINGS.gl
 OTHER_LOADERS = {
     "viewers.yaml": lambda folder: load_viewer_table(folder),
     "coding-schemes.yaml": lambda folder: load_table(folder / "coding-schemes.yaml", SchemeTable),
+    "modality.yaml": lambda folder: load_table(folder / "modality.yaml", ModalityTable),
 }
 TABLE_FILES = [p for p in ALL_FILES if p.name not in OTHER_LOADERS]
 
@@ -30,7 +31,7 @@ codes:
 
 
 def test_the_bundled_folder_has_the_three_tables() -> None:
-    assert {p.name for p in TABLE_FILES} >= {"modality.yaml", "body-part.yaml", "laterality.yaml"}
+    assert {p.name for p in ALL_FILES} >= {"modality.yaml", "body-part.yaml", "laterality.yaml"}
 
 
 @pytest.mark.parametrize("path", TABLE_FILES, ids=lambda p: p.name)
@@ -64,7 +65,9 @@ def test_row_counts_match_the_mappings_readme() -> None:
     ):
         row = next(line for line in readme.splitlines() if line.startswith(f"| `{name}`"))
         documented = int(row.rstrip(" |").rsplit("|", 1)[-1])
-        assert len(getattr(load_tables(), tables_attr).codes) == documented, name
+        table = getattr(load_tables(), tables_attr)
+        rows = len(table.codes) + len(getattr(table, "non_acquisition_codes", {}))
+        assert rows == documented, name
 
 
 def test_load_tables_gives_codings_with_the_table_system() -> None:
@@ -75,6 +78,29 @@ def test_load_tables_gives_codings_with_the_table_system() -> None:
         "display": "Computed Tomography",
     }
     assert tables.laterality.coding("U") is None
+
+
+def test_the_modality_table_tells_acquisition_modalities_apart() -> None:
+    modality = load_tables().modality
+    assert len(modality.codes) == 51, "CID 29 has 51 acquisition modalities"
+    assert all(modality.is_acquisition(m) for m in ("CT", "MR", "PT", "US", "DX", "mg"))
+    assert not any(modality.is_acquisition(m) for m in ("SR", "SEG", "KO", "PR", "OT", "RTPLAN", "XYZ"))
+    assert modality.coding("SEG") == {
+        "system": "http://dicom.nema.org/resources/ontology/DCM",
+        "code": "SEG",
+        "display": "Segmentation",
+    }
+
+
+def test_a_modality_listed_in_both_groups_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "modality.yaml"
+    path.write_text(
+        "title: t\nsource: s\nfhir: f\nsystem: http://dicom.nema.org/resources/ontology/DCM\n"
+        "codes:\n  CT: Computed Tomography\nnon_acquisition_codes:\n  CT: Computed Tomography\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigurationError, match="CT"):
+        load_table(path, ModalityTable)
 
 
 def test_a_good_table_file_loads(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ async def test_a_study_gone_from_the_archive_is_marked_entered_in_error(world: W
     report = await world.worker().run(kind="reconcile", reconcile=True)
     assert report.deletions == [{"study_uid": uids[0], "action": "marked"}]
     assert world.study(uids[0])["status"] == "entered-in-error"
+    assert "Status: entered-in-error" in world.study(uids[0])["text"]["div"], "the record shows it"
     assert world.study(uids[1])["status"] == "available"
 
 
