@@ -66,12 +66,17 @@ async def test_redoc_loads_its_script_from_the_bridge_without_google_fonts(
         await assert_same_origin_assets(api, "/redoc", {"/docs/assets/redoc.standalone.js", "/openapi.json"})
 
 
-async def test_the_docs_are_public_like_the_schema_when_api_keys_are_required(
+async def test_the_docs_need_the_api_key_when_api_keys_are_required_and_their_assets_do_not(
     tmp_path: Path, fake: FakeFhir
 ) -> None:
     async with client(tmp_path, fake, api_keys=["k-one"]) as api:
+        assert (await api.get("/openapi.json")).status_code == 401
+        assert (await api.get("/docs")).status_code == 401
+        assert (await api.get("/docs/assets/swagger-ui.css")).status_code == 200  # no patient data
+        api.headers["X-API-Key"] = "k-one"
         assert (await api.get("/openapi.json")).status_code == 200
         await assert_same_origin_assets(api, "/docs", {"/docs/assets/swagger-ui-bundle.js"})
+        del api.headers["X-API-Key"]
         assert (await api.get("/docs/assets/%2e%2e/%2e%2e/%2e%2e/pyproject.toml")).status_code == 404
         assert (await api.get("/imaging-studies/is1/links")).status_code == 401  # patient data is not
 

@@ -529,8 +529,10 @@ async def test_a_series_the_published_study_does_not_list_is_404_and_never_asked
         )
     assert [a.status_code for a in answers] == [404, 404, 404]
     assert all("not a series of the study's published ImagingStudy" in a.text for a in answers)
-    assert machine.status_code == 200  # a caller who may see every patient is not limited to what is listed
-    assert [r.url.path for r in world.archive_requests] == [f"/dicom-web/studies/{UID_1}/series/9.9/rendered"]
+    # A caller who may see every patient is refused an unlisted series too: rejected images (IHE
+    # IOCM) are left out of the listing, and are never served to clinicians.
+    assert machine.status_code == 404
+    assert world.archive_requests == []
 
 
 async def test_study_metadata_keeps_only_rows_of_listed_series_and_of_the_studys_patient(
@@ -665,13 +667,10 @@ async def test_a_series_the_published_study_leaves_out_is_not_served(
     listed = {**STUDIES[UID_1], "series": [{"uid": "1.2.3", "modality": {"code": "CT"}}]}
     monkeypatch.setitem(STUDIES, UID_1, listed)
     world = World()
+    machine = {"X-API-Key": "machine-key-1"}  # not limited to one patient: answers are streamed as they are
     async with gateway(tmp_path, world) as api:
-        shown = await api.get(
-            f"/dicom-web/studies/{UID_1}/series/1.2.3/metadata", headers=bearer(**PATIENT_1)
-        )
-        withdrawn = await api.get(
-            f"/dicom-web/studies/{UID_1}/series/1.2.9/instances/4.5.6", headers=bearer(**PATIENT_1)
-        )
+        shown = await api.get(f"/dicom-web/studies/{UID_1}/series/1.2.3/metadata", headers=machine)
+        withdrawn = await api.get(f"/dicom-web/studies/{UID_1}/series/1.2.9/instances/4.5.6", headers=machine)
     assert shown.status_code == 200
     assert withdrawn.status_code == 404
     assert "its images were rejected" in withdrawn.json()["issue"][0]["diagnostics"]
