@@ -36,11 +36,17 @@ class FakeSource:
         # Further rows of UIDs already listed, and where in the listing (as Orthanc lists a Study
         # UID once per patient that holds it).
         self.extra_rows: list[tuple[int, DicomJson]] = []
+        self.headers: dict[str, DicomJson] = {}  # instance headers by study UID (BRIDGE_READ_INSTANCE_HEADER)
 
     def add(self, study: DicomJson, series: list[DicomJson]) -> None:
         uid = study["0020000D"]["Value"][0] if "0020000D" in study else f"row-{len(self.studies)}"
         self.studies[uid] = study
         self.series[uid] = series
+
+    async def instance_header(self, study_uid: str, instance: object = None) -> DicomJson | None:
+        """The WADO-RS metadata of one instance of the study, as set in ``headers`` (None: none)."""
+        self.queries.append(f"/studies/{study_uid}/instances?limit=1")
+        return self.headers.get(study_uid)
 
     def add_row(self, row: DicomJson, at: int) -> None:
         """Another study row of a UID already listed, at position ``at`` of the listing."""
