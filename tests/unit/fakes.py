@@ -41,6 +41,7 @@ class FakeSource:
         self.metadata: dict[tuple[str, str], list[DicomJson]] = {}  # by (study, series) UID
         self.instances: dict[str, list[InstanceRecord]] = {}  # by study UID
         self.metadata_calls: list[tuple[str, str]] = []
+        self.headers: dict[str, DicomJson] = {}  # instance headers by study UID (BRIDGE_READ_INSTANCE_HEADER)
 
     async def patient_name_from_file(
         self, study_uid: str, instance: InstanceRecord | None = None
@@ -54,6 +55,11 @@ class FakeSource:
         uid = study["0020000D"]["Value"][0] if "0020000D" in study else f"row-{len(self.studies)}"
         self.studies[uid] = study
         self.series[uid] = series
+
+    async def instance_header(self, study_uid: str, instance: object = None) -> DicomJson | None:
+        """The WADO-RS metadata of one instance of the study, as set in ``headers`` (None: none)."""
+        self.queries.append(f"/studies/{study_uid}/instances?limit=1")
+        return self.headers.get(study_uid)
 
     def add_row(self, row: DicomJson, at: int) -> None:
         """Another study row of a UID already listed, at position ``at`` of the listing."""

@@ -162,3 +162,14 @@ async def test_a_withdrawal_written_meanwhile_by_another_replica_is_tried_once_m
     assert report.status == "parked"
     assert _labels(world.study(study_uid)) == ["conflicting-patient-identity"]
     assert world.store.counts(world.ctx.source_name)["withdrawn"] == 1
+
+
+async def test_an_instance_header_naming_another_patient_parks_the_study(world: World) -> None:
+    study_uid = world.add(1, patient_id="MRN-A")
+    clean = world.add(2, patient_id="MRN-C")
+    world.source.headers[study_uid] = {"00100020": element("LO", "MRN-B")}
+    world.source.headers[clean] = {"00100020": element("LO", "MRN-C"), "00100021": element("LO", "HOSP-A")}
+    report = await world.worker(concurrency=3, read_instance_header=True).run()
+    _assert_parked_for_identity(world, study_uid)
+    assert report.counts.created == 1  # an issuer the study row leaves out is no disagreement
+    assert world.fhir.of_type("ImagingStudy") == [world.study(clean)]
