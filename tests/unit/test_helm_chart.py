@@ -293,6 +293,8 @@ def test_settings_map_one_to_one_and_load_in_the_bridge(monkeypatch: pytest.Monk
     env = _environment(docs)
     values = yaml.safe_load(CI_VALUES.read_text())
     given = {**values["config"], **values["secretConfig"]}
+    # The one setting the chart derives here: a ServiceMonitor scrapes /metrics without credentials.
+    assert env.pop("BRIDGE_API_METRICS_AUTH") == "false"
     assert set(env) == {f"BRIDGE_{name.upper()}" for name, v in given.items() if v is not None}
     for name in env:
         assert name.removeprefix("BRIDGE_").lower() in setting_names()
@@ -410,3 +412,24 @@ def test_the_image_runs_as_a_non_root_user_with_a_healthcheck() -> None:
     users = [line.split()[1] for line in lines if line.startswith("USER ")]
     assert users and users[-1].split(":")[0] not in ("0", "root")
     assert any(line.startswith("HEALTHCHECK ") for line in lines)
+
+
+def test_the_front_is_a_trusted_proxy_and_a_scraper_opens_metrics_unless_config_says_otherwise() -> None:
+    front = ["--set", "front.enabled=true", "--set", "secretConfig.gateway_front_secret=" + "s" * 40]
+    env = _environment(objects(*MINIMAL, *front, "--set", "serviceMonitor.enabled=true"))
+    assert env["BRIDGE_TRUSTED_PROXIES"] == "127.0.0.1"  # the front runs in the pod, on loopback
+    assert env["BRIDGE_API_METRICS_AUTH"] == "false"
+    chosen = objects(
+        *MINIMAL,
+        *front,
+        "--set",
+        "serviceMonitor.enabled=true",
+        "--set",
+        "config.trusted_proxies=10.0.0.0/8",
+        "--set",
+        "config.api_metrics_auth=true",
+    )
+    env = _environment(chosen)
+    assert env["BRIDGE_TRUSTED_PROXIES"] == "10.0.0.0/8" and env["BRIDGE_API_METRICS_AUTH"] == "true"
+    plain = _environment(objects(*MINIMAL))
+    assert "BRIDGE_TRUSTED_PROXIES" not in plain and "BRIDGE_API_METRICS_AUTH" not in plain
