@@ -444,6 +444,8 @@ def test_another_patients_instance_and_an_unknown_one_are_answered_alike(world: 
                 assert others.status_code == unknown.status_code == 404, (base, tail, others.status_code)
                 assert others.content == unknown.content, (base, tail)
                 assert _diagnostics(others) == "not found in the study's archive"
+
+
 def test_an_ehr_launched_session_behind_the_front_sees_its_patients_images_until_logout(
     stack: Stack,
 ) -> None:

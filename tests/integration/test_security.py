@@ -405,14 +405,19 @@ def test_forged_tokens_path_tricks_foreign_uids_and_replayed_grants_get_nothing(
     assert _settled(GRANT_PATH, 200) == grants  # none of it was granted
 
 
-@pytest.mark.xfail(strict=True, reason="fixed on branch identity")
 def test_another_patients_uid_and_an_unknown_uid_are_indistinguishable(world: FrontWorld) -> None:  # noqa: F811
-    """A patient-limited caller learns nothing from a UID that is not its patient's: exists or not."""
-    bob_uid, _ = world.studies["MRN-BOB"]
+    """Within its own study, a patient-limited caller learns nothing from another patient's UIDs: the
+    archive's error bodies (which tell a UID it holds from one it does not) never reach the caller."""
+    ann_uid, _ = world.studies["MRN-ANN"]
+    _, bob_sops = world.studies["MRN-BOB"]
     unknown = "1.2.826.0.1.3680043.10.999.1"
-    token = world.token("app-ann")
+    ann = _bearer(world.token("app-ann"))
     for base in (f"{world.front.url}/dicom-web", f"{world.front.bridge_url}/dicom-web"):
-        foreign = httpx.get(f"{base}/studies/{bob_uid}/metadata", headers=_bearer(token), timeout=30)
-        missing = httpx.get(f"{base}/studies/{unknown}/metadata", headers=_bearer(token), timeout=30)
-        assert foreign.status_code == missing.status_code
-        assert foreign.text.replace(bob_uid, "UID") == missing.text.replace(unknown, "UID")
+        series = httpx.get(f"{base}/studies/{ann_uid}/series", headers=ann, timeout=30)
+        assert series.status_code == 200, (base, series.text)
+        within = f"{base}/studies/{ann_uid}/series/{series.json()[0]['0020000E']['Value'][0]}/instances"
+        for tail in ("", "/metadata"):
+            foreign = httpx.get(f"{within}/{bob_sops[0]}{tail}", headers=ann, timeout=30)
+            missing = httpx.get(f"{within}/{unknown}{tail}", headers=ann, timeout=30)
+            assert foreign.status_code == missing.status_code == 404, (base, tail, foreign.status_code)
+            assert foreign.content == missing.content, (base, tail)
