@@ -516,6 +516,18 @@ class Settings(PerSourceSettings, BaseSettings):
         le=86400,
         description="Longest one upstream request may take, connect to last byte, s",
     )
+    http_stall: float = Field(
+        default=15.0,
+        gt=0,
+        le=3600,
+        description="An upstream answer with no byte for this many seconds is cut (headers included), s",
+    )
+    http_min_rate: int = Field(
+        default=1024,
+        ge=0,
+        description="An upstream answer slower than this over any stretch of BRIDGE_HTTP_STALL seconds "
+        "is cut, bytes/s (0: no rate check)",
+    )
 
     log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
 

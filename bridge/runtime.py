@@ -135,7 +135,7 @@ async def open_runtime(settings: Settings, source: SourceSettings | None = None)
                 source.dicomweb.base,
                 policy=policy,
                 page_size=source.qido_page_size,
-                limits=DicomwebLimits.from_settings(source.dicomweb, settings.http_deadline),
+                limits=DicomwebLimits.from_settings(source.dicomweb, settings),
                 series_query=source.dicomweb.series_query,
                 series_list_size=source.dicomweb.series_list_size,
                 series_page_size=source.dicomweb.series_page_size,

@@ -25,10 +25,12 @@ import jwt
 
 from bridge.api.security import LEEWAY, JwksKeys, key_algorithms
 from bridge.errors import BridgeError, UpstreamLimitError
-from bridge.limits import CallLimit, send_bounded
+from bridge.limits import FIXED_PACE, CallLimit, send_bounded
 
 DISCOVERY_MAX_AGE = 3600.0  # seconds a discovery document is trusted
-ANSWER_LIMIT = CallLimit("OIDC", 1024 * 1024, "a 1 MiB OIDC answer limit", 30.0, "a 30 s OIDC deadline")
+ANSWER_LIMIT = CallLimit(
+    "OIDC", 1024 * 1024, "a 1 MiB OIDC answer limit", 30.0, "a 30 s OIDC deadline", FIXED_PACE
+)
 _FHIR_ID = r"^[A-Za-z0-9\-.]{1,64}$"
 
 
