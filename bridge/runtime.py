@@ -71,7 +71,12 @@ class Runtime:
             self.fhir, self.ctx, patient_policy=source.patient_policy, order_policy=s.order_policy
         )
         publisher = Publisher(
-            self.fhir, self.store, self.ctx, write_strategy=s.write_strategy, batch_size=s.fhir.batch_size
+            self.fhir,
+            self.store,
+            self.ctx,
+            write_strategy=s.write_strategy,
+            batch_size=s.fhir.batch_size,
+            server=s.fhir.base,
         )
         return SyncWorker(
             self.dicomweb,
