@@ -606,6 +606,19 @@ class Settings(PerSourceSettings, BaseSettings):
     api_sync_rate: int = Field(
         default=30, ge=1, le=100_000, description="On-demand syncs one client may start per minute; then 429"
     )
+    push_queue_max: int = Field(
+        default=10_000,
+        ge=1,
+        le=10_000_000,
+        description="Most pushed studies waiting to be synced (Prefer: respond-async); then 429",
+    )
+    push_poll: float = Field(
+        default=1.0,
+        gt=0,
+        le=3600,
+        description="Seconds between looks at the push queue by bridge worker / bridge run (its own "
+        "pushes are taken at once)",
+    )
     # Browser login and SMART EHR launch (bridge/api/routes/login.py)
     public_url: AnyHttpUrl | None = Field(
         default=None,

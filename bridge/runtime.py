@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -23,6 +23,7 @@ from bridge.sync.changes import ChangeSource, FeedChangeSource, QidoWindowSource
 from bridge.sync.link import Linker
 from bridge.sync.policy import ChangeSourceKind, MissingModality
 from bridge.sync.publisher import Publisher
+from bridge.sync.pushes import PushDrainer
 from bridge.sync.scheduler import SyncScheduler, trigger
 from bridge.sync.worker import SyncWorker
 from bridge.upstream import http_client, retry_policy
@@ -101,6 +102,22 @@ class Runtime:
             incremental=trigger(s.sync_interval, s.sync_cron),
             reconcile=trigger(s.reconcile_interval, s.reconcile_cron),
         )
+
+
+def push_drainer(runtimes: Sequence[Runtime]) -> PushDrainer:
+    """The drainer of the push queue: each pushed study is synced in every source, as on demand."""
+    settings = runtimes[0].settings
+
+    async def sync(study_uid: str, received: float) -> bool:
+        done = True
+        for runtime in runtimes:
+            report = await runtime.new_worker().run_studies([study_uid], kind="push")
+            done = done and report.status != "failed"
+        return done
+
+    return PushDrainer(
+        runtimes[0].store, sync, poll=settings.push_poll, concurrency=settings.sync_concurrency
+    )
 
 
 def change_source(

@@ -21,6 +21,7 @@ from bridge.config import Settings
 from bridge.resolve.links import StudyLocation, ViewerTemplate
 from bridge.resolve.resolver import Resolver
 from bridge.runtime import Runtime
+from bridge.sync.pushes import PushDrainer
 
 FHIR_ID_PATTERN = r"^[A-Za-z0-9\-.]{1,64}$"
 UID_PATTERN = r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$"
@@ -39,6 +40,7 @@ class Services:
     readiness: ReadinessProbe | None = None
     runtimes: list[Runtime] = field(default_factory=list)  # one per source
     audit: AuditTrail | None = None  # the access audit trail, open for the app's lifetime
+    drainer: PushDrainer | None = None  # the push queue's drainer, under `bridge run`
 
 
 # FastAPI solves every dependency of a request anew (cache keys, scopes, sub-dependencies), which

@@ -240,19 +240,22 @@ def worker() -> None:
 
         start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=REGISTRY)
 
-    from bridge.runtime import open_runtime
+    from bridge.runtime import open_runtime, push_drainer
 
     async def run() -> None:
         async with AsyncExitStack() as stack:
-            schedulers = []
+            schedulers, runtimes = [], []
             for each in _sources(settings, None):
                 runtime = await stack.enter_async_context(open_runtime(settings, each))
+                runtimes.append(runtime)
                 schedulers.append(runtime.scheduler())
             for scheduler in schedulers:
                 await scheduler.start()
+            drainer = push_drainer(runtimes)  # pushed studies, synced between the cycles
+            drainer.start()
             await _until_signalled(asyncio.Event())
             logger.info("stopping: finishing the studies in flight")
-            await asyncio.gather(*(s.shutdown() for s in schedulers))
+            await asyncio.gather(drainer.stop(), *(s.shutdown() for s in schedulers))
 
     try:
         asyncio.run(run())
