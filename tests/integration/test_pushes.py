@@ -8,9 +8,14 @@ outage if one was under way, and by one replica only when several share a Postgr
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,7 +28,9 @@ from bridge.state.store import SqlStore
 from tests.integration.conftest import Stack
 from tests.integration.test_resolver import running, settings_for
 from tests.stack.faultproxy import Fault, FaultProxy
+from tests.stack.orthanc import OrthancServer
 from tests.stack.postgres import temporary_database
+from tests.stack.process import free_loopback_port
 from tests.stack.samples import SeriesSpec, StudySpec, build_study, stow
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
@@ -180,3 +187,50 @@ async def test_two_replicas_share_the_pushes_and_sync_each_study_once(stack: Sta
     assert set(uids) <= set(published)
     assert {published[u]["meta"]["versionId"] for u in uids} == {"1"}  # each written once
     assert _run_kinds(stack, pg_url).count("push") == len(uids)
+
+
+@pytest.mark.anyio
+async def test_orthanc_with_the_shipped_push_script_makes_a_stored_study_appear_without_a_cycle(
+    stack: Stack, tmp_path: Path
+) -> None:
+    port, key = free_loopback_port(), "push-test-key"
+    bridge_url = f"http://127.0.0.1:{port}"
+    with OrthancServer(
+        name="bridge-push", push_to=(bridge_url, key), log_path=tmp_path / "orthanc.log"
+    ) as archive:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+        env.update(
+            stack.settings_env(
+                dicomweb_url=archive.dicomweb_url,
+                api_keys=key,
+                sync_interval="3600",
+                reconcile_interval="3600",
+            )
+        )
+        log = tmp_path / "run.log"
+        with log.open("w") as handle:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "bridge", "run", "--port", str(port)],
+                env=env,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            started = await _until(lambda: {"reconcile", "incremental"} <= set(_run_kinds(stack)), 90)
+            assert started, log.read_text()[-3000:]
+            cycles = len(_run_kinds(stack))
+            spec = StudySpec(
+                patient_id="LUA1", issuer="HOSP-A", series=[SeriesSpec("CT", "one", "CHEST", instances=1)]
+            )
+            stow(archive.dicomweb_url, build_study(spec))
+            stored = time.monotonic()
+            assert await _until(lambda: spec.uid in _published(stack), 30), (
+                tmp_path / "orthanc.log"
+            ).read_text()[-3000:] + log.read_text()[-3000:]
+            print(f"\nstored to readable through the Lua push: {time.monotonic() - stored:.2f} s")
+            kinds = _run_kinds(stack)
+            assert "push" in kinds
+            assert len([k for k in kinds if k != "push"]) == cycles  # no cycle published it
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
