@@ -115,6 +115,7 @@ def status_dict(
                 "qido_queries": len(r.qido_queries or []),
                 "series_query": r.series_query,
                 "error": r.error,
+                "note": r.note,
             }
             for r in recent
         ],
@@ -152,6 +153,9 @@ def print_status(data: dict[str, Any]) -> None:
             r["series_query"] or "-",
         )
     out.print(table)
+    for r in data["runs"]:
+        if r["note"]:
+            out.print(f"run {r['id']} ({r['kind']}): {r['note']}", highlight=False)
     if data["parked_studies"]:
         parked_table = Table("study", "kind", "attribute", "attempts", "reason")
         for p in data["parked_studies"]:

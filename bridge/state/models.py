@@ -96,6 +96,8 @@ class Run(Base):
     series_query: Mapped[str | None] = mapped_column(String(16), nullable=True)
     # What the run did to studies gone from the archive: [{"study_uid", "action"}].
     deletions: Mapped[list[dict[str, str]]] = mapped_column(JSON, default=list)
+    # Why the run was made, when not on schedule: e.g. the change feed's gap it sweeps for.
+    note: Mapped[str | None] = mapped_column(String(512), nullable=True)
 
 
 class Checkpoint(Base):

@@ -317,6 +317,13 @@ class SqlStore:
             run.series_query = series_query
             run.error = error
 
+    def note_run(self, run_id: int, note: str) -> None:
+        """Say why a run was made (a gap in the change feed, say)."""
+        with self._session() as session:
+            run = session.get(Run, run_id)
+            if run is not None:
+                run.note = note[:512]
+
     def last_run(self, source: str, kind: str, statuses: Sequence[str] = ("ok", "parked")) -> datetime | None:
         """When the last run of ``kind`` that ended in one of ``statuses`` finished."""
         with self._session() as session:
