@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import httpx
 
@@ -20,6 +21,7 @@ from bridge.mapping.tables import BUNDLED_MAPPINGS, load_tables
 from bridge.mapping.validate import load_models
 from bridge.state.store import SqlStore
 from bridge.sync.changes import ChangeSource, FeedChangeSource, QidoWindowSource
+from bridge.sync.freshness import measured
 from bridge.sync.link import Linker
 from bridge.sync.policy import ChangeSourceKind, MissingModality
 from bridge.sync.publisher import Publisher
@@ -111,7 +113,8 @@ def push_drainer(runtimes: Sequence[Runtime]) -> PushDrainer:
     async def sync(study_uid: str, received: float) -> bool:
         done = True
         for runtime in runtimes:
-            report = await runtime.new_worker().run_studies([study_uid], kind="push")
+            run = partial(runtime.new_worker().run_studies, [study_uid], kind="push")
+            report = await measured(runtime.store, runtime.source.name, "push", {study_uid: received}, run)
             done = done and report.status != "failed"
         return done
 

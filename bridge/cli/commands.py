@@ -344,15 +344,26 @@ def status(
         store = SqlStore(settings.state_url)
     except StoreError as exc:
         raise _fail(exc) from None
+    from bridge.sync.freshness import PATHS, checkpoint_name, last_lag
+
+    names = [chosen] if chosen else [each.name for each in settings.each_source()]
     try:
         counts = store.counts(chosen)
         recent = store.runs(runs)
         parked = store.parked(chosen)
+        waiting, oldest = store.push_queue()
+        lags = [
+            {"source": name, "path": path, **kept}
+            for name in names
+            for path in PATHS
+            if (kept := last_lag(store.checkpoint(name, checkpoint_name(path)))) is not None
+        ]
     except StoreError as exc:
         raise _fail(exc) from None
     finally:
         store.close()
     data = render.status_dict(chosen, counts, recent, parked)
+    data["freshness"] = render.freshness_dict(waiting, oldest, lags, time.time())
     if as_json:
         out.print_json(data=data)
         return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -134,6 +135,27 @@ def status_dict(
     }
 
 
+def freshness_dict(
+    waiting: int, oldest: float | None, lags: Sequence[dict[str, Any]], now: float
+) -> dict[str, Any]:
+    """The current lag for ``bridge status``: the push queue now, and each path's last measured lag."""
+    return {
+        "pushes_waiting": waiting,
+        # The oldest push not yet synced: how late the push path is right now.
+        "oldest_push_seconds": round(now - oldest, 1) if oldest is not None else None,
+        "last_lag": [
+            {
+                "source": lag["source"],
+                "path": lag["path"],
+                "seconds": lag["seconds"],
+                "studies": int(lag.get("studies", 0)),
+                "measured_at": datetime.fromtimestamp(lag["at"], UTC).isoformat(),
+            }
+            for lag in lags
+        ],
+    }
+
+
 def print_status(data: dict[str, Any]) -> None:
     """``bridge status`` as text."""
     from rich.table import Table
@@ -153,6 +175,17 @@ def print_status(data: dict[str, Any]) -> None:
             r["series_query"] or "-",
         )
     out.print(table)
+    fresh = data.get("freshness")
+    if fresh is not None:
+        oldest = fresh["oldest_push_seconds"]
+        line = f"pushes waiting: {fresh['pushes_waiting']}" + (
+            f", oldest {oldest:g} s" if oldest is not None else ""
+        )
+        for lag in fresh["last_lag"]:
+            line += (
+                f"; last {lag['path']} lag ({lag['source']}): {lag['seconds']:g} s at {lag['measured_at']}"
+            )
+        out.print(line, highlight=False)
     for r in data["runs"]:
         if r["note"]:
             out.print(f"run {r['id']} ({r['kind']}): {r['note']}", highlight=False)

@@ -13,6 +13,7 @@ alone) is checked as far as it can be (the first two cases) and then replaced.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -88,14 +89,18 @@ class OrthancChangeFeed:
             return ChangeBatch([], await self.head(), False, gap=gap)
         new = [c for c in changes if _seq(c.get("Seq")) > mark.seq]
         uids: list[str] = []
+        changed_at: dict[str, float] = {}
         for change in new:
             if change.get("ChangeType") not in STUDY_CHANGES:
                 continue
             uid = await self._study_uid(str(change.get("ID", "")))
             if uid is not None and uid not in uids:
                 uids.append(uid)
+            when = _when(change.get("Date"))
+            if uid is not None and when is not None:
+                changed_at[uid] = when  # the latest StableStudy of the study: its last arrival
         after = _Mark.of(new[-1]) if new else mark
-        return ChangeBatch(uids, str(after), not body.get("Done", True))
+        return ChangeBatch(uids, str(after), not body.get("Done", True), changed_at=changed_at)
 
     async def _study_uid(self, orthanc_id: str) -> str | None:
         response = await self._get(f"/studies/{orthanc_id}")
@@ -105,6 +110,14 @@ class OrthancChangeFeed:
         tags = body.get("MainDicomTags", {}) if isinstance(body, dict) else {}
         uid = tags.get("StudyInstanceUID")
         return str(uid) if uid else None
+
+
+def _when(value: Any) -> float | None:
+    """An Orthanc change date (``20261207T030424``, UTC) as epoch seconds."""
+    try:
+        return datetime.strptime(str(value), "%Y%m%dT%H%M%S").replace(tzinfo=UTC).timestamp()
+    except ValueError:
+        return None
 
 
 def _seq(value: Any) -> int:

@@ -156,6 +156,20 @@ class SqlStore:
                 delete(ParkedStudy).where(ParkedStudy.source == source, ParkedStudy.study_uid.in_(uids))
             )
 
+    def sync_marks(self, source: str, uids: Sequence[str]) -> dict[str, tuple[str | None, float]]:
+        """Published studies' FHIR version and when they were last recorded (epoch s), by UID."""
+        with self._session() as session:
+            rows = session.execute(
+                select(
+                    PublishedStudy.study_uid, PublishedStudy.fhir_version, PublishedStudy.last_synced_at
+                ).where(PublishedStudy.source == source, PublishedStudy.study_uid.in_(list(uids)))
+            ).all()
+        marks = {}
+        for uid, version, at in rows:
+            at = at if at.tzinfo else at.replace(tzinfo=UTC)  # SQLite gives back naive UTC
+            marks[str(uid)] = (version, at.timestamp())
+        return marks
+
     @property
     def claims_enabled(self) -> bool:
         """Whether claims coordinate several replicas (PostgreSQL); on SQLite every claim succeeds."""

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, timedelta
 from typing import Protocol
 
+from bridge.sync.freshness import measured
 from bridge.sync.protocols import StateStore
 from bridge.sync.report import RunReport
 from bridge.sync.worker import SyncWorker
@@ -35,6 +36,8 @@ class ChangeBatch:
     checkpoint: str
     more: bool
     gap: str | None = None
+    # The archive's time for each study's change (epoch s), where the feed gives one: the lag's start.
+    changed_at: dict[str, float] = field(default_factory=dict)
 
 
 class ChangeSource(Protocol):
@@ -94,7 +97,17 @@ class FeedChangeSource:
             if batch.gap is not None:
                 report = await self._sweep(worker, batch.gap)
             else:
-                report = await worker.run_studies(batch.study_uids, kind="changes")
+                changed_at = {
+                    uid: batch.changed_at[uid] for uid in batch.study_uids if uid in batch.changed_at
+                }
+                uids = batch.study_uids
+                report = await measured(
+                    self._store,
+                    self._source,
+                    "feed",
+                    changed_at,
+                    lambda uids=uids: worker.run_studies(uids, kind="changes"),  # type: ignore[misc]
+                )
             if report.status not in ("ok", "parked"):
                 break  # stopped: the same batch is read again next cycle
             # Parked studies are in the store and retried by reconciliation, so moving on is safe.

@@ -224,6 +224,10 @@ class StateStore(Protocol):
         """Save a change source's position."""
         ...
 
+    def sync_marks(self, source: str, uids: Sequence[str]) -> dict[str, tuple[str | None, float]]:
+        """Published studies' FHIR version and when they were last recorded (epoch s), by UID."""
+        ...
+
     def note_run(self, run_id: int, note: str) -> None:
         """Say why a run was made (a gap in the change feed, say)."""
         ...
