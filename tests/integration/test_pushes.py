@@ -8,6 +8,7 @@ outage if one was under way, and by one replica only when several share a Postgr
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -114,8 +115,16 @@ async def test_a_pushed_study_is_in_the_record_seconds_later_without_a_cycle_and
         assert await _until(lambda: uid in _published(stack), 20), "the push was not synced"
         seconds = time.monotonic() - started
         await asyncio.sleep(1.5)  # a second sync, if the coalescing failed, would show by now
+        metrics = (await api.get("/metrics")).text
+        assert 'bridge_sync_lag_seconds_count{path="push"}' in metrics
     print(f"\npushed study readable after {seconds:.2f} s")
     assert _published(stack)[uid]["meta"]["versionId"] == "1"  # five pushes, one write
+    status = stack.cli("status", "--json")
+    assert status.returncode == 0, status.stderr
+    fresh = json.loads(status.stdout)["freshness"]
+    assert fresh["pushes_waiting"] == 0
+    [lag] = [lag for lag in fresh["last_lag"] if lag["path"] == "push"]
+    assert 0 <= lag["seconds"] <= seconds + 1  # from the push's arrival to the write
     kinds = _run_kinds(stack)
     assert "push" in kinds
     assert len([k for k in kinds if k != "push"]) == cycles  # no cycle published it

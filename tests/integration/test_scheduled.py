@@ -187,6 +187,9 @@ def test_orthanc_change_feed_picks_up_a_new_study_without_a_full_poll(stack: Sta
         # The checkpoint names the change it stopped at: its number, date and Orthanc id.
         checkpoint = (store.checkpoint("test-orthanc", "orthanc-changes") or "0").split()
         assert int(checkpoint[0]) > 0 and len(checkpoint) == 3
+        # The new study's lag, from Orthanc's StableStudy timestamp to the write, was measured.
+        lag = json.loads(store.checkpoint("test-orthanc", "lag-feed") or "{}")
+        assert lag["studies"] == 1 and 0 <= lag["seconds"] < 60
     finally:
         store.close()
 
