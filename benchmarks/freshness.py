@@ -141,7 +141,12 @@ def store_studies(
                 study_date=time.strftime("%Y%m%d", time.gmtime()),  # today's study, as a scanner's
                 series=[SeriesSpec("CT", "one", "CHEST", instances=1)],
             )
-            stow(orthanc.dicomweb_url, build_study(spec), client=client)
+            datasets = build_study(spec)
+            try:
+                stow(orthanc.dicomweb_url, datasets, client=client)
+            except httpx.RemoteProtocolError:
+                # Orthanc closes a kept-alive connection idle about a second: send again on a new one.
+                stow(orthanc.dicomweb_url, datasets, client=client)
             assert spec.uid is not None
             with watch.lock:
                 watch.studies[spec.uid] = Study(spec.uid, phase, time.monotonic())
