@@ -14,16 +14,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from bridge.api.app import create_app
-from bridge.config import Settings
 from bridge.runtime import open_runtime, push_drainer
 from bridge.state.store import SqlStore
 from tests.integration.conftest import Stack
@@ -47,18 +43,6 @@ def anyio_backend() -> str:
 def pg_url(postgres_server: str) -> Iterator[str]:
     with temporary_database(postgres_server) as url:
         yield url
-
-
-@asynccontextmanager
-async def bridge_run(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    """``bridge run`` in-process: the API with the scheduler and the push drainer, over ASGI."""
-    app = create_app(settings, run_scheduler=True)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://bridge.test", timeout=60
-        ) as client:
-            yield client
 
 
 def _published(stack: Stack) -> dict[str, dict[str, Any]]:
@@ -99,11 +83,12 @@ def _run_kinds(stack: Stack, url: str | None = None) -> list[str]:
         store.close()
 
 
+@pytest.mark.interop
 async def test_a_pushed_study_is_in_the_record_seconds_later_without_a_cycle_and_once_however_often_pushed(
     stack: Stack,
 ) -> None:
     settings = settings_for(stack, sync_interval="3600", reconcile_interval="3600")
-    async with bridge_run(settings) as api:
+    async with running(settings, run_scheduler=True) as api:
         # Start-up's sweep and first cycle run on an empty archive; then only pushes can publish.
         assert await _until(lambda: {"reconcile", "incremental"} <= set(_run_kinds(stack)), 60)
         cycles = len(_run_kinds(stack))
@@ -154,7 +139,7 @@ async def test_a_push_during_a_fhir_outage_is_done_after_the_outage(stack: Stack
             reconcile_interval="3600",
             http_retries="0",
         )
-        async with bridge_run(settings) as api:
+        async with running(settings, run_scheduler=True) as api:
             answer = await api.post(f"/studies/{uid}/sync", headers=ASYNC)
             assert answer.status_code == 202
             store = SqlStore(f"sqlite:///{stack.state_path}")
