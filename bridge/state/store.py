@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -239,12 +239,16 @@ class SqlStore:
 
     def save_checkpoint(self, source: str, name: str, value: str) -> None:
         """Save a change source's position (only after what comes before it is published)."""
-        with self._session() as session:
-            row = session.get(Checkpoint, (source, name))
-            if row is None:
-                session.add(Checkpoint(source=source, name=name, value=value, updated_at=utcnow()))
-            else:
-                row.value, row.updated_at = value, utcnow()
+
+        def write() -> None:
+            with self._session() as session:
+                row = session.get(Checkpoint, (source, name))
+                if row is None:
+                    session.add(Checkpoint(source=source, name=name, value=value, updated_at=utcnow()))
+                else:
+                    row.value, row.updated_at = value, utcnow()
+
+        self._upsert(write)
 
     def park(self, source: str, study_uid: str, *, kind: str, reason: str, attribute: str | None) -> None:
         """Park a study with the reason it failed (and the DICOM attribute at fault, if any)."""
@@ -288,11 +292,28 @@ class SqlStore:
         self, source: str, *, fingerprint: str, fhir_id: str, fhir_version: str | None
     ) -> None:
         """Remember the source's published Endpoint."""
-        with self._session() as session:
-            row = session.get(PublishedEndpoint, source) or PublishedEndpoint(source=source)
-            row.fingerprint, row.fhir_id, row.fhir_version = fingerprint, fhir_id, fhir_version
-            row.updated_at = utcnow()
-            session.merge(row)
+
+        def write() -> None:
+            with self._session() as session:
+                row = session.get(PublishedEndpoint, source) or PublishedEndpoint(source=source)
+                row.fingerprint, row.fhir_id, row.fhir_version = fingerprint, fhir_id, fhir_version
+                row.updated_at = utcnow()
+                session.merge(row)
+
+        self._upsert(write)
+
+    def _upsert(self, write: Callable[[], None]) -> None:
+        """Run ``write`` (read a row, insert it if missing) once more if another replica inserted it first.
+
+        Two replicas that find the row missing at the same moment both insert it; the second gets
+        an IntegrityError, and its second try finds the row and updates it.
+        """
+        try:
+            write()
+        except StoreError as exc:
+            if not isinstance(exc.__cause__, IntegrityError):
+                raise
+            write()
 
     # Runs
     def start_run(self, source: str, kind: str = "full") -> int:
