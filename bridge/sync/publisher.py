@@ -216,7 +216,8 @@ class Publisher:
 
     async def _keep_capabilities(self) -> None:
         batches = next(k for k, v in _BATCHES.items() if v is self._batches)
-        value = json.dumps({"server": self._server, "batches": batches, "at": round(self._clock())})
+        # Whole seconds, rounded down: a time in the future would not count as fresh.
+        value = json.dumps({"server": self._server, "batches": batches, "at": int(self._clock())})
         await asyncio.to_thread(self._store.save_checkpoint, self._ctx.source_name, CAPABILITIES, value)
 
     async def _forget_capabilities(self) -> None:
