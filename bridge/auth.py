@@ -36,7 +36,7 @@ from bridge.http import (
     setting_prefix,
     where,
 )
-from bridge.limits import CallLimit, send_bounded
+from bridge.limits import FIXED_PACE, CallLimit, send_bounded
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,9 @@ CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 ASSERTION_LIFETIME = 300  # SMART Backend Services: no more than five minutes
 DEFAULT_TOKEN_LIFETIME = 300.0  # when the token endpoint gives no expires_in
 # A token answer is small and quick; one that drips or never ends must not hold every request.
-TOKEN_LIMIT = CallLimit("token", 1024 * 1024, "a 1 MiB token-answer limit", 60.0, "a 60 s token deadline")
+TOKEN_LIMIT = CallLimit(
+    "token", 1024 * 1024, "a 1 MiB token-answer limit", 60.0, "a 60 s token deadline", FIXED_PACE
+)
 SIGNING_ALGORITHMS = ("RS384", "ES384")
 _DESCRIPTION_LIMIT = 200
 

@@ -534,6 +534,18 @@ class Settings(PerSourceSettings, BaseSettings):
         le=86400,
         description="Longest one upstream request may take, connect to last byte, s",
     )
+    http_stall: float = Field(
+        default=15.0,
+        gt=0,
+        le=3600,
+        description="An upstream answer with no byte for this many seconds is cut (headers included), s",
+    )
+    http_min_rate: int = Field(
+        default=1024,
+        ge=0,
+        description="An upstream answer slower than this over any stretch of BRIDGE_HTTP_STALL seconds "
+        "is cut, bytes/s (0: no rate check)",
+    )
 
     log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
 
@@ -634,6 +646,19 @@ class Settings(PerSourceSettings, BaseSettings):
     )
     api_sync_rate: int = Field(
         default=30, ge=1, le=100_000, description="On-demand syncs one client may start per minute; then 429"
+    )
+    push_queue_max: int = Field(
+        default=10_000,
+        ge=1,
+        le=10_000_000,
+        description="Most pushed studies waiting to be synced (Prefer: respond-async); then 429",
+    )
+    push_poll: float = Field(
+        default=1.0,
+        gt=0,
+        le=3600,
+        description="Seconds between looks at the push queue by bridge worker / bridge run (its own "
+        "pushes are taken at once)",
     )
     # Browser login and SMART EHR launch (bridge/api/routes/login.py)
     public_url: AnyHttpUrl | None = Field(

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import httpx
 
@@ -22,9 +23,11 @@ from bridge.resolve.links import ViewerTemplate
 from bridge.resolve.viewers import configure_viewers, load_viewer_table
 from bridge.state.store import SqlStore
 from bridge.sync.changes import ChangeSource, FeedChangeSource, QidoWindowSource
+from bridge.sync.freshness import measured
 from bridge.sync.link import Linker
 from bridge.sync.policy import ChangeSourceKind, DosePolicy, MissingModality
 from bridge.sync.publisher import Publisher
+from bridge.sync.pushes import PushDrainer
 from bridge.sync.scheduler import SyncScheduler, trigger
 from bridge.sync.worker import SyncWorker
 from bridge.upstream import http_client, retry_policy
@@ -91,7 +94,12 @@ class Runtime:
             store=self.store,
         )
         publisher = Publisher(
-            self.fhir, self.store, self.ctx, write_strategy=s.write_strategy, batch_size=s.fhir.batch_size
+            self.fhir,
+            self.store,
+            self.ctx,
+            write_strategy=s.write_strategy,
+            batch_size=s.fhir.batch_size,
+            server=s.fhir.base,
         )
         return SyncWorker(
             self.dicomweb,
@@ -116,6 +124,23 @@ class Runtime:
             incremental=trigger(s.sync_interval, s.sync_cron),
             reconcile=trigger(s.reconcile_interval, s.reconcile_cron),
         )
+
+
+def push_drainer(runtimes: Sequence[Runtime]) -> PushDrainer:
+    """The drainer of the push queue: each pushed study is synced in every source, as on demand."""
+    settings = runtimes[0].settings
+
+    async def sync(study_uid: str, received: float) -> bool:
+        done = True
+        for runtime in runtimes:
+            run = partial(runtime.new_worker().run_studies, [study_uid], kind="push")
+            report = await measured(runtime.store, runtime.source.name, "push", {study_uid: received}, run)
+            done = done and report.status != "failed"
+        return done
+
+    return PushDrainer(
+        runtimes[0].store, sync, poll=settings.push_poll, concurrency=settings.sync_concurrency
+    )
 
 
 def change_source(
@@ -159,7 +184,7 @@ async def open_clients(settings: Settings, source: SourceSettings) -> AsyncItera
             source.dicomweb.base,
             policy=policy,
             page_size=source.qido_page_size,
-            limits=DicomwebLimits.from_settings(source.dicomweb, settings.http_deadline),
+            limits=DicomwebLimits.from_settings(source.dicomweb, settings),
             series_query=source.dicomweb.series_query,
             series_list_size=source.dicomweb.series_list_size,
             series_page_size=source.dicomweb.series_page_size,

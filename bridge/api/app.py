@@ -45,7 +45,7 @@ from bridge.fhir.client import FhirClient
 from bridge.http import RetryPolicy
 from bridge.limits import fhir_limit
 from bridge.resolve.resolver import Resolver, ResolverConfig
-from bridge.runtime import configured_viewers, open_runtime
+from bridge.runtime import configured_viewers, open_runtime, push_drainer
 from bridge.state.store import SqlStore
 from bridge.sync.policy import WriteStrategy
 from bridge.upstream import Service, http_client
@@ -183,6 +183,11 @@ def create_app(
                     scheduler = runtime.scheduler()
                     await scheduler.start()
                     stack.push_async_callback(scheduler.shutdown)
+                if services.runtimes:
+                    drainer = push_drainer(services.runtimes)
+                    drainer.start()
+                    services.drainer = drainer
+                    stack.push_async_callback(drainer.stop)
             services.readiness = ReadinessProbe(
                 FhirClient(fhir_http, settings.fhir.base, policy=RetryPolicy(retries=0)),
                 DicomwebClient(dicomweb_http, archive_settings.base, policy=RetryPolicy(retries=0)),

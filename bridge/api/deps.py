@@ -22,6 +22,7 @@ from bridge.gateway.paths import parse
 from bridge.resolve.links import StudyLocation, ViewerTemplate, is_uid
 from bridge.resolve.resolver import Resolver
 from bridge.runtime import Runtime
+from bridge.sync.pushes import PushDrainer
 
 FHIR_ID_PATTERN = r"^[A-Za-z0-9\-.]{1,64}$"
 UID_PATTERN = r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$"
@@ -40,6 +41,7 @@ class Services:
     readiness: ReadinessProbe | None = None
     runtimes: list[Runtime] = field(default_factory=list)  # one per source
     audit: AuditTrail | None = None  # the access audit trail, open for the app's lifetime
+    drainer: PushDrainer | None = None  # the push queue's drainer, under `bridge run`
 
 
 # FastAPI solves every dependency of a request anew (cache keys, scopes, sub-dependencies), which

@@ -24,11 +24,13 @@ import jwt
 
 from bridge.api.security import LEEWAY, JwksKeys, key_algorithms, roles_of
 from bridge.errors import BridgeError, UpstreamLimitError
-from bridge.limits import CallLimit, send_bounded
+from bridge.limits import FIXED_PACE, CallLimit, send_bounded
 from bridge.resolve.links import FHIR_ID
 
 DISCOVERY_MAX_AGE = 3600.0  # seconds a discovery document is trusted
-ANSWER_LIMIT = CallLimit("OIDC", 1024 * 1024, "a 1 MiB OIDC answer limit", 30.0, "a 30 s OIDC deadline")
+ANSWER_LIMIT = CallLimit(
+    "OIDC", 1024 * 1024, "a 1 MiB OIDC answer limit", 30.0, "a 30 s OIDC deadline", FIXED_PACE
+)
 
 
 class LoginError(BridgeError):

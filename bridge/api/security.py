@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from bridge.api.errors import AuthenticationError
 from bridge.config import Settings
 from bridge.errors import ConfigurationError, UpstreamLimitError
-from bridge.limits import CallLimit, send_bounded
+from bridge.limits import FIXED_PACE, CallLimit, send_bounded
 from bridge.resolve.links import FHIR_ID
 
 logger = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ JWKS_MIN_REFRESH = 30.0  # an unknown kid refetches the set at most this often
 JWKS_BACKOFF = 5.0  # seconds before the first retry after a failed fetch; doubles per failure
 JWKS_MAX_BACKOFF = 300.0
 # An IdP that drips or sends without end holds no request (they wait for the fetch) for long.
-JWKS_LIMIT = CallLimit("JWKS", 1024 * 1024, "a 1 MiB JWKS limit", 10.0, "a 10 s JWKS deadline")
+JWKS_LIMIT = CallLimit("JWKS", 1024 * 1024, "a 1 MiB JWKS limit", 10.0, "a 10 s JWKS deadline", FIXED_PACE)
 _RSA_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 _EC_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
 

@@ -326,19 +326,22 @@ def worker() -> None:
 
         start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=REGISTRY)
 
-    from bridge.runtime import open_runtime
+    from bridge.runtime import open_runtime, push_drainer
 
     async def run() -> None:
         async with AsyncExitStack() as stack:
-            schedulers = []
+            schedulers, runtimes = [], []
             for each in _sources(settings, None):
                 runtime = await stack.enter_async_context(open_runtime(settings, each))
+                runtimes.append(runtime)
                 schedulers.append(runtime.scheduler())
             for scheduler in schedulers:
                 await scheduler.start()
+            drainer = push_drainer(runtimes)  # pushed studies, synced between the cycles
+            drainer.start()
             await _until_signalled(asyncio.Event())
             logger.info("stopping: finishing the studies in flight")
-            await asyncio.gather(*(s.shutdown() for s in schedulers))
+            await asyncio.gather(drainer.stop(), *(s.shutdown() for s in schedulers))
 
     try:
         asyncio.run(run())
@@ -435,6 +438,8 @@ def status(
         store = SqlStore(settings.state_url)
     except StoreError as exc:
         raise _fail(exc) from None
+    from bridge.sync.freshness import PATHS, checkpoint_name, last_lag
+
     try:
         known = store.sources()
         # The configured sources too (one never synced is news), unless the archive is unset.
@@ -462,12 +467,20 @@ def status(
         recent = store.runs(runs, source=source)
         parked = store.parked(source)
         withdrawn = store.withdrawn(source)
+        waiting, oldest = store.push_queue()
+        lags = [
+            {"source": name, "path": path, **kept}
+            for name in names
+            for path in PATHS
+            if (kept := last_lag(store.checkpoint(name, checkpoint_name(path)))) is not None
+        ]
     except StoreError as exc:
         raise _fail(exc) from None
     finally:
         store.close()
     label = source or (names[0] if len(names) == 1 else "all")
     data = render.status_dict(label, counts, recent, parked, sources, datetime.now(UTC), withdrawn)
+    data["freshness"] = render.freshness_dict(waiting, oldest, lags, time.time())
     if as_json:
         out.print_json(data=data)
         return

@@ -232,6 +232,7 @@ def status_dict(
                 "series_query": r.series_query,
                 "relinked": list(r.relinked or []),
                 "error": r.error,
+                "note": r.note,
             }
             for r in recent
         ],
@@ -247,6 +248,27 @@ def status_dict(
                 "last_failed_at": _iso(p.last_failed_at),
             }
             for p in parked
+        ],
+    }
+
+
+def freshness_dict(
+    waiting: int, oldest: float | None, lags: Sequence[dict[str, Any]], now: float
+) -> dict[str, Any]:
+    """The current lag for ``bridge status``: the push queue now, and each path's last measured lag."""
+    return {
+        "pushes_waiting": waiting,
+        # The oldest push not yet synced: how late the push path is right now.
+        "oldest_push_seconds": round(now - oldest, 1) if oldest is not None else None,
+        "last_lag": [
+            {
+                "source": lag["source"],
+                "path": lag["path"],
+                "seconds": lag["seconds"],
+                "studies": int(lag.get("studies", 0)),
+                "measured_at": datetime.fromtimestamp(lag["at"], UTC).isoformat(),
+            }
+            for lag in lags
         ],
     }
 
@@ -307,6 +329,20 @@ def print_status(data: dict[str, Any]) -> None:
             r["series_query"] or "-",
         )
     out.print(table)
+    fresh = data.get("freshness")
+    if fresh is not None:
+        oldest = fresh["oldest_push_seconds"]
+        line = f"pushes waiting: {fresh['pushes_waiting']}" + (
+            f", oldest {oldest:g} s" if oldest is not None else ""
+        )
+        for lag in fresh["last_lag"]:
+            line += (
+                f"; last {lag['path']} lag ({lag['source']}): {lag['seconds']:g} s at {lag['measured_at']}"
+            )
+        out.print(line, highlight=False)
+    for r in data["runs"]:
+        if r["note"]:
+            out.print(f"run {r['id']} ({r['kind']}): {r['note']}", highlight=False)
     if data["parked_studies"]:
         several = len({p["source"] for p in data["parked_studies"]}) > 1
         parked_columns = [

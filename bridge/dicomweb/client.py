@@ -445,14 +445,27 @@ class DicomwebClient:
                 break  # one study alone is asked the ordinary way
             try:
                 answer = await self._series_list(chunk)
-            except UpstreamLimitError:
-                raise
-            except FatalUpstreamError as exc:
-                # Refused (say, a URL too long or an unknown parameter): those studies go alone.
-                # Only a refusal decides; a broken answer (cut short, not JSON) may be the network's.
-                if self.list_matching is None and exc.status is not None and 400 <= exc.status < 500:
-                    self._no_list_matching(f"it answered the list query {exc.status}")
-                return result
+            except UpstreamError as exc:
+                refused = (
+                    isinstance(exc, FatalUpstreamError)
+                    and not isinstance(exc, UpstreamLimitError)
+                    and exc.status is not None
+                    and 400 <= exc.status < 500
+                )
+                if refused:
+                    # Refused (say, a URL too long or an unknown parameter): those studies go alone.
+                    if self.list_matching is None:
+                        self._no_list_matching(f"it answered the list query {exc.status}")
+                    return result
+                # Broken, stalled or too large: one bad study may have spoiled the whole list, so
+                # its studies are asked alone (only the bad one then parks); it decides nothing.
+                logger.warning(
+                    "%s/series: the list query for %d studies failed (%s); asking them one by one",
+                    self._base,
+                    len(chunk),
+                    type(exc).__name__,
+                )
+                continue
             if answer is None:
                 return result
             result.update(answer)

@@ -9,7 +9,7 @@ from sqlalchemy import JSON, Boolean, DateTime, Float, Index, Integer, String, T
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # Bumped by every migration (bridge/state/migrations) so a bridge older than the store refuses it.
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 10
 
 
 class Base(DeclarativeBase):
@@ -123,6 +123,8 @@ class Run(Base):
     relinked: Mapped[list[dict[str, str]] | None] = mapped_column(JSON, nullable=True, default=list)
     # What the run did to Patient links: [{"study_uid", "event", ...}] (attribute names, FHIR ids).
     patient_events: Mapped[list[dict[str, str]] | None] = mapped_column(JSON, nullable=True)
+    # Why the run was made, when not on schedule: e.g. the change feed's gap it sweeps for.
+    note: Mapped[str | None] = mapped_column(String(512), nullable=True)
 
 
 class Checkpoint(Base):
@@ -157,3 +159,20 @@ class BrowserSession(Base):
     kind: Mapped[str] = mapped_column(String(16), index=True)  # "session" | "login"
     data: Mapped[dict[str, Any]] = mapped_column(JSON)
     expires_at: Mapped[float] = mapped_column(Float, index=True)  # seconds since the epoch
+
+
+class Push(Base):
+    """A study an archive pushed (POST /studies/{uid}/sync), kept until it is synced.
+
+    One row per study: pushes of a study already waiting join its row. Times are seconds since
+    the epoch, as the API process saw them; ``received_at`` (the first push not yet done) is where
+    the study's sync lag is measured from.
+    """
+
+    __tablename__ = "pushes"
+    study_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    received_at: Mapped[float] = mapped_column(Float, index=True)
+    requested_at: Mapped[float] = mapped_column(Float)  # the latest push: one after a sync began re-runs it
+    not_before: Mapped[float] = mapped_column(Float, index=True)  # a failed sync waits until then
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(String(512), nullable=True)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, delete, event, func, insert, or_, select, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from bridge.errors import StoreError
@@ -26,6 +26,7 @@ from bridge.state.models import (
     PatientCheck,
     PublishedEndpoint,
     PublishedStudy,
+    Push,
     Run,
 )
 from bridge.sync.protocols import KnownStudy, Published, RunCounts
@@ -229,6 +230,20 @@ class SqlStore:
             rows = session.scalars(query.order_by(PublishedStudy.study_uid)).all()
             return [(r.source, r.study_uid, str(r.withdrawn)) for r in rows]
 
+    def sync_marks(self, source: str, uids: Sequence[str]) -> dict[str, tuple[str | None, float]]:
+        """Published studies' FHIR version and when they were last recorded (epoch s), by UID."""
+        with self._session() as session:
+            rows = session.execute(
+                select(
+                    PublishedStudy.study_uid, PublishedStudy.fhir_version, PublishedStudy.last_synced_at
+                ).where(PublishedStudy.source == source, PublishedStudy.study_uid.in_(list(uids)))
+            ).all()
+        marks = {}
+        for uid, version, at in rows:
+            at = at if at.tzinfo else at.replace(tzinfo=UTC)  # SQLite gives back naive UTC
+            marks[str(uid)] = (version, at.timestamp())
+        return marks
+
     @property
     def claims_enabled(self) -> bool:
         """Whether claims coordinate several replicas (PostgreSQL); on SQLite every claim succeeds."""
@@ -298,12 +313,16 @@ class SqlStore:
 
     def save_checkpoint(self, source: str, name: str, value: str) -> None:
         """Save a change source's position (only after what comes before it is published)."""
-        with self._session() as session:
-            row = session.get(Checkpoint, (source, name))
-            if row is None:
-                session.add(Checkpoint(source=source, name=name, value=value, updated_at=utcnow()))
-            else:
-                row.value, row.updated_at = value, utcnow()
+
+        def write() -> None:
+            with self._session() as session:
+                row = session.get(Checkpoint, (source, name))
+                if row is None:
+                    session.add(Checkpoint(source=source, name=name, value=value, updated_at=utcnow()))
+                else:
+                    row.value, row.updated_at = value, utcnow()
+
+        self._upsert(write)
 
     def park(self, source: str, study_uid: str, *, kind: str, reason: str, attribute: str | None) -> None:
         """Park a study with the reason it failed (and the DICOM attribute at fault, if any)."""
@@ -425,11 +444,28 @@ class SqlStore:
         self, source: str, *, fingerprint: str, fhir_id: str, fhir_version: str | None
     ) -> None:
         """Remember the source's published Endpoint."""
-        with self._session() as session:
-            row = session.get(PublishedEndpoint, source) or PublishedEndpoint(source=source)
-            row.fingerprint, row.fhir_id, row.fhir_version = fingerprint, fhir_id, fhir_version
-            row.updated_at = utcnow()
-            session.merge(row)
+
+        def write() -> None:
+            with self._session() as session:
+                row = session.get(PublishedEndpoint, source) or PublishedEndpoint(source=source)
+                row.fingerprint, row.fhir_id, row.fhir_version = fingerprint, fhir_id, fhir_version
+                row.updated_at = utcnow()
+                session.merge(row)
+
+        self._upsert(write)
+
+    def _upsert(self, write: Callable[[], None]) -> None:
+        """Run ``write`` (read a row, insert it if missing) once more if another replica inserted it first.
+
+        Two replicas that find the row missing at the same moment both insert it; the second gets
+        an IntegrityError, and its second try finds the row and updates it.
+        """
+        try:
+            write()
+        except StoreError as exc:
+            if not isinstance(exc.__cause__, IntegrityError):
+                raise
+            write()
 
     # Runs
     def start_run(self, source: str, kind: str = "full") -> int:
@@ -475,6 +511,13 @@ class SqlStore:
             run.relinked = list(relinked or [])
             run.patient_events = list(patient_events) if patient_events else None
             run.error = error
+
+    def note_run(self, run_id: int, note: str) -> None:
+        """Say why a run was made (a gap in the change feed, say)."""
+        with self._session() as session:
+            run = session.get(Run, run_id)
+            if run is not None:
+                run.note = note[:512]
 
     def last_run(
         self, source: str, kind: str | None, statuses: Sequence[str] = ("ok", "parked")
@@ -532,6 +575,81 @@ class SqlStore:
                 "parked": int(session.scalar(parked) or 0),
                 "withdrawn": int(session.scalar(withdrawn) or 0),
             }
+
+    # Pushes: studies an archive asked to be synced, kept until they are (bridge/sync/pushes.py)
+    def queue_push(self, study_uid: str, now: float, max_queued: int) -> str | None:
+        """Record a push before it is answered; None when ``max_queued`` studies wait already.
+
+        ``"queued"``: a new row; ``"coalesced"``: the study was waiting already, one sync does for both.
+        """
+        try:
+            with self._session() as session:
+                row = session.get(Push, study_uid)
+                if row is not None:
+                    row.requested_at = max(row.requested_at, now)
+                    return "coalesced"
+                waiting = int(session.scalar(select(func.count()).select_from(Push)) or 0)
+                if waiting >= max_queued:
+                    return None
+                session.add(
+                    Push(study_uid=study_uid, received_at=now, requested_at=now, not_before=now, attempts=0)
+                )
+                return "queued"
+        except StoreError as exc:
+            if isinstance(exc.__cause__, IntegrityError):
+                return "coalesced"  # another replica recorded the same study at the same moment
+            raise
+
+    def due_pushes(self, now: float, limit: int) -> list[tuple[str, float, float]]:
+        """Waiting pushes that may be tried now, oldest first: (study UID, received, requested)."""
+        with self._session() as session:
+            rows = session.execute(
+                select(Push.study_uid, Push.received_at, Push.requested_at)
+                .where(Push.not_before <= now)
+                .order_by(Push.received_at)
+                .limit(limit)
+            ).all()
+            return [(str(r[0]), float(r[1]), float(r[2])) for r in rows]
+
+    def push(self, study_uid: str) -> tuple[float, float, int] | None:
+        """A waiting push's received and requested times and failed tries, or None once it is done."""
+        with self._session() as session:
+            row = session.get(Push, study_uid)
+            return (row.received_at, row.requested_at, row.attempts) if row is not None else None
+
+    def finish_push(self, study_uid: str, requested_at: float) -> bool:
+        """Forget a synced push, unless it was pushed again after ``requested_at`` (its sync began).
+
+        Returns whether it was forgotten; one pushed again stays, to be synced once more.
+        """
+        with self._session() as session:
+            result = session.execute(
+                delete(Push).where(Push.study_uid == study_uid, Push.requested_at <= requested_at)
+            )
+            if int(getattr(result, "rowcount", 0) or 0):
+                return True
+            row = session.get(Push, study_uid)
+            if row is not None:
+                # Pushed again while syncing: what was pushed later is measured from then.
+                row.received_at, row.attempts, row.last_error = row.requested_at, 0, None
+            return False
+
+    def defer_push(self, study_uid: str, not_before: float, error: str) -> int:
+        """A push whose sync failed waits until ``not_before``; returns how many tries have failed."""
+        with self._session() as session:
+            row = session.get(Push, study_uid)
+            if row is None:
+                return 0
+            row.attempts += 1
+            row.not_before = not_before
+            row.last_error = error[:512]
+            return row.attempts
+
+    def push_queue(self) -> tuple[int, float | None]:
+        """How many pushes wait, and when the oldest of them arrived (None when none wait)."""
+        with self._session() as session:
+            count, oldest = session.execute(select(func.count(), func.min(Push.received_at))).one()
+            return int(count or 0), (float(oldest) if oldest is not None else None)
 
     # Audit backlog: AuditEvents recorded by the API, kept until the FHIR server has them
     def queue_audit(self, events: Sequence[tuple[str, str, datetime]]) -> None:

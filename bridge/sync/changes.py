@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, timedelta
 from typing import Protocol
 
+from bridge.sync.freshness import measured
 from bridge.sync.protocols import StateStore
 from bridge.sync.report import RunReport
 from bridge.sync.worker import SyncWorker
@@ -24,11 +25,19 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class ChangeBatch:
-    """Study UIDs that changed, the position after them, and whether more changes wait."""
+    """Study UIDs that changed, the position after them, and whether more changes wait.
+
+    ``gap``: why the feed cannot be followed from the checkpoint (it restarted below it, skipped
+    past it, or is another archive database's); ``checkpoint`` is then the feed's current end, and
+    what changed before it must be found by a sweep.
+    """
 
     study_uids: list[str]
     checkpoint: str
     more: bool
+    gap: str | None = None
+    # The archive's time for each study's change (epoch s), where the feed gives one: the lag's start.
+    changed_at: dict[str, float] = field(default_factory=dict)
 
 
 class ChangeSource(Protocol):
@@ -85,7 +94,20 @@ class FeedChangeSource:
         report: RunReport | None = None
         for _ in range(self._max_batches):
             batch = await self._feed.changes(checkpoint)
-            report = await worker.run_studies(batch.study_uids, kind="changes")
+            if batch.gap is not None:
+                report = await self._sweep(worker, batch.gap)
+            else:
+                changed_at = {
+                    uid: batch.changed_at[uid] for uid in batch.study_uids if uid in batch.changed_at
+                }
+                uids = batch.study_uids
+                report = await measured(
+                    self._store,
+                    self._source,
+                    "feed",
+                    changed_at,
+                    lambda uids=uids: worker.run_studies(uids, kind="changes"),  # type: ignore[misc]
+                )
             if report.status not in ("ok", "parked"):
                 break  # stopped: the same batch is read again next cycle
             # Parked studies are in the store and retried by reconciliation, so moving on is safe.
@@ -94,4 +116,17 @@ class FeedChangeSource:
             if not batch.more:
                 break
         assert report is not None
+        return report
+
+    async def _sweep(self, worker: SyncWorker, why: str) -> RunReport:
+        """Sweep the archive for what a gap in the feed hid: every study, the unchanged ones skipped.
+
+        Which studies changed in the gap cannot be told (QIDO-RS has no arrival time), so the sweep
+        covers the archive; fingerprints make it cost reads, not writes. It is not a
+        reconciliation: a replaced database may be missing studies, and deletes stay with the
+        reconciliation sweep and its safety fraction. The run is recorded with the reason.
+        """
+        logger.warning("%s; sweeping the archive for what changed meanwhile", why)
+        report = await worker.run(kind="feed-gap")
+        await asyncio.to_thread(self._store.note_run, report.run_id, why)
         return report

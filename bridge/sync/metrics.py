@@ -42,8 +42,15 @@ DEMOGRAPHICS = Counter(
     ["action"],
     registry=REGISTRY,
 )
-LAG = Gauge(
+LAG = Histogram(
     "bridge_sync_lag_seconds",
+    "From the archive's time for a change (the feed's timestamp, the push's arrival) to its FHIR write",
+    ["path"],  # push | feed
+    buckets=(0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120, 300, 900, 3600, 4 * 3600, 86400),
+    registry=REGISTRY,
+)
+BEHIND = Gauge(
+    "bridge_sync_behind_seconds",
     "Start of the newest study seen in the archive minus that of the newest published one",
     registry=REGISTRY,
 )
@@ -80,11 +87,16 @@ def _instant(value: str | None) -> datetime | None:
 
 
 def set_lag(newest_seen: str | None, newest_published: str | None) -> None:
-    """Set the lag gauge from two FHIR dateTimes (0 when everything seen is published)."""
+    """Set the how-far-behind gauge from two FHIR dateTimes (0 when everything seen is published)."""
     seen, published = _instant(newest_seen), _instant(newest_published)
     if seen is None:
         return
     if published is None:
-        LAG.set(max(0.0, (datetime.now(UTC) - seen).total_seconds()))
+        BEHIND.set(max(0.0, (datetime.now(UTC) - seen).total_seconds()))
         return
-    LAG.set(max(0.0, (seen - published).total_seconds()))
+    BEHIND.set(max(0.0, (seen - published).total_seconds()))
+
+
+def observe_lag(path: str, seconds: float) -> None:
+    """One study's way from the archive's change to its FHIR write, by the path that carried it."""
+    LAG.labels(path).observe(max(0.0, seconds))

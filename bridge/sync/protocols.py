@@ -279,6 +279,14 @@ class StateStore(Protocol):
         """Save a change source's position."""
         ...
 
+    def sync_marks(self, source: str, uids: Sequence[str]) -> dict[str, tuple[str | None, float]]:
+        """Published studies' FHIR version and when they were last recorded (epoch s), by UID."""
+        ...
+
+    def note_run(self, run_id: int, note: str) -> None:
+        """Say why a run was made (a gap in the change feed, say)."""
+        ...
+
     def last_run(self, source: str, kind: str, statuses: Sequence[str] = ("ok", "parked")) -> datetime | None:
         """When the last run of ``kind`` that ended in one of ``statuses`` finished."""
         ...

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from bridge.dicomweb.records import digest
@@ -28,6 +31,13 @@ from bridge.sync.protocols import FhirSink, StateStore, WriteResult, not_a_fhir_
 
 logger = logging.getLogger(__name__)
 
+# What the FHIR server can do is kept in the state store under this checkpoint name, so a cycle
+# does not ask for it again; it is asked again after CAPABILITIES_MAX_AGE seconds, when the FHIR
+# base URL changes, and when an answer contradicts it.
+CAPABILITIES = "fhir-capabilities"
+CAPABILITIES_MAX_AGE = 86400.0
+_BATCHES = {"yes": True, "try": None, "no": False}
+
 
 class Publisher:
     """Writes keyed by business identifiers, so replays and re-runs never duplicate anything.
@@ -45,6 +55,8 @@ class Publisher:
         *,
         write_strategy: WriteStrategy,
         batch_size: int = 0,
+        server: str = "",
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._fhir = fhir
         self._store = store
@@ -60,6 +72,9 @@ class Publisher:
         # although it processes batches; False otherwise.
         self._batches: bool | None = False
         self.batch_size = batch_size
+        # Which FHIR server the kept capabilities belong to (a digest of its base URL).
+        self._server = hashlib.sha256(server.encode()).hexdigest()[:16]
+        self._clock = clock
         self.writes = 0  # resources written
         self.write_requests = 0  # FHIR requests that wrote (a batch is one)
         # Whether the server has answered 201 to a write here: then it says "created" itself, and
@@ -163,15 +178,20 @@ class Publisher:
         return self._batches is not False
 
     async def _check_update_create(self) -> None:
-        """Before the first write: read what the server can do, once.
+        """Before the first write: learn what the server can do, once.
 
         A server that says it cannot create by PUT (Google's FHIR stores by default) would refuse
         every new study one by one under client ids; better to stop once, naming the setting that
-        fixes it. Asked once per publisher, and only when something is to be written, so a run
-        with no change still makes no request.
+        fixes it. Learned only when something is to be written, so a run with no change makes no
+        request; and kept in the state store, so later cycles and processes make none for it
+        either, until it is a day old or an answer contradicts it (:meth:`_forget_capabilities`).
+        A refusal is never kept: once the server or the setting is fixed, the next run asks again.
         """
         async with self._server_check:
             if self._server_checked:
+                return
+            if await self._kept_capabilities():
+                self._server_checked = True
                 return
             try:
                 statement = await self._fhir.capabilities()
@@ -196,7 +216,38 @@ class Publisher:
                     f"BRIDGE_WRITE_STRATEGY: the FHIR server does not create {' or '.join(refusing)} "
                     "by PUT to a new id (CapabilityStatement updateCreate=false); set it to 'conditional'"
                 )
+            elif statement:
+                await self._keep_capabilities()
             self._server_checked = True
+
+    async def _kept_capabilities(self) -> bool:
+        """Take what the state store keeps of this server's capabilities, if it is fresh and its own."""
+        raw = await asyncio.to_thread(self._store.checkpoint, self._ctx.source_name, CAPABILITIES)
+        try:
+            kept = json.loads(raw) if raw else None
+            fresh = (
+                isinstance(kept, dict)
+                and kept.get("server") == self._server
+                and kept.get("batches") in _BATCHES
+                and 0 <= self._clock() - float(kept["at"]) < CAPABILITIES_MAX_AGE
+            )
+        except (ValueError, TypeError, KeyError):
+            fresh = False
+        if not fresh:
+            return False
+        assert isinstance(kept, dict)
+        self._batches = _BATCHES[kept["batches"]]
+        return True
+
+    async def _keep_capabilities(self) -> None:
+        batches = next(k for k, v in _BATCHES.items() if v is self._batches)
+        # Whole seconds, rounded down: a time in the future would not count as fresh.
+        value = json.dumps({"server": self._server, "batches": batches, "at": int(self._clock())})
+        await asyncio.to_thread(self._store.save_checkpoint, self._ctx.source_name, CAPABILITIES, value)
+
+    async def _forget_capabilities(self) -> None:
+        """An answer contradicted what was kept: the next run reads the CapabilityStatement again."""
+        await asyncio.to_thread(self._store.save_checkpoint, self._ctx.source_name, CAPABILITIES, "")
 
     async def _write(
         self, resource: dict[str, Any], search: dict[str, str], *, if_match: str | None = None
@@ -224,6 +275,7 @@ class Publisher:
                     f"by PUT to a new id ({exc.status}: it does not accept client-assigned ids); "
                     "set it to 'conditional'"
                 )
+                await self._forget_capabilities()
                 raise ConfigurationError(self._refusal) from exc
         else:
             result = await self._fhir.conditional_update(resource, search)
@@ -261,6 +313,7 @@ class Publisher:
                     if self._batches is None and exc.status is not None and 400 <= exc.status < 500:
                         self._batches = False  # it does not take batches after all
                         logger.info("the FHIR server refused a batch Bundle: writing study by study")
+                        await self._keep_capabilities()
                     logger.warning(
                         "batch of %d ImagingStudies failed (%s); writing them one by one",
                         len(chunk),
@@ -275,7 +328,9 @@ class Publisher:
                     start += len(chunk)
                     continue
                 self.write_requests += 1
-                self._batches = True
+                if self._batches is None:
+                    self._batches = True  # learned: kept so later runs batch from the start
+                    await self._keep_capabilities()
                 for offset, answer in enumerate(answers):
                     if answer.result is not None:
                         self.writes += 1

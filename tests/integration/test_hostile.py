@@ -165,6 +165,29 @@ def test_a_dripping_series_query_parks_that_study_and_publishes_the_others(
     assert "BRIDGE_HTTP_DEADLINE" in outcome.parked[BAD].reason
 
 
+def test_a_dripping_study_page_is_cut_at_the_stall_bound_long_before_the_deadline(
+    archive: HostileArchive, fhir: FhirTestServer, tmp_path: Path
+) -> None:
+    outcome = run_sync(archive, fhir, tmp_path, "drip-studies", http_deadline="120", http_stall="2")
+    assert outcome.code == 3
+    assert "BRIDGE_HTTP_MIN_RATE" in outcome.stderr  # one byte every 0.5 s: never quiet, too slow
+    assert outcome.seconds < 50  # start-up (slow on a busy machine), one 2 s stretch: not the 120 s deadline
+
+
+def test_a_dripping_series_query_is_cut_at_the_stall_bound_and_the_other_studies_of_the_page_published(
+    archive: HostileArchive, fhir: FhirTestServer, tmp_path: Path
+) -> None:
+    before = archive.requests.count("drip-series /series")
+    outcome = run_sync(archive, fhir, tmp_path, "drip-series", http_deadline="120", http_stall="2")
+    # The page's list query (all four studies) was asked and cut; then each study alone.
+    assert archive.requests.count("drip-series /series") - before == 1
+    assert outcome.code == 1
+    assert published(fhir) == set(GOOD)
+    assert set(outcome.parked) == {BAD}
+    assert "BRIDGE_HTTP_MIN_RATE" in outcome.parked[BAD].reason
+    assert outcome.seconds < 50  # two cut queries of about 2 s each, not two 120 s deadlines
+
+
 def test_a_warning_header_on_every_page_ends_at_the_page_cap(
     archive: HostileArchive, fhir: FhirTestServer, tmp_path: Path
 ) -> None:

@@ -57,9 +57,9 @@ def settings_for(stack: Stack, **overrides: str) -> Settings:
 
 
 @asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    """The app in-process, lifespan running, called over ASGI."""
-    app = create_app(settings)
+async def running(settings: Settings, *, run_scheduler: bool = False) -> AsyncIterator[httpx.AsyncClient]:
+    """The app in-process, lifespan running, called over ASGI (``run_scheduler``: as ``bridge run``)."""
+    app = create_app(settings, run_scheduler=run_scheduler)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(

@@ -24,6 +24,8 @@ from bridge.state.store import SqlStore
 from tests.integration.conftest import DEFAULT_PATIENT_SYSTEM, Stack
 from tests.stack.fhir import FhirTestServer
 from tests.stack.hostile import HostileArchive
+from tests.stack.orthanc import OrthancServer
+from tests.stack.process import free_loopback_port
 from tests.stack.samples import SeriesSpec, StudySpec, build_study, stow
 
 pytestmark = pytest.mark.integration
@@ -182,9 +184,44 @@ def test_orthanc_change_feed_picks_up_a_new_study_without_a_full_poll(stack: Sta
     assert new.uid in _studies(stack)
     store = SqlStore(f"sqlite:///{stack.state_path}")
     try:
-        assert int(store.checkpoint("test-orthanc", "orthanc-changes") or 0) > 0
+        # The checkpoint names the change it stopped at: its number, date and Orthanc id.
+        checkpoint = (store.checkpoint("test-orthanc", "orthanc-changes") or "0").split()
+        assert int(checkpoint[0]) > 0 and len(checkpoint) == 3
+        # The new study's lag, from Orthanc's StableStudy timestamp to the write, was measured.
+        lag = json.loads(store.checkpoint("test-orthanc", "lag-feed") or "{}")
+        assert lag["studies"] == 1 and 0 <= lag["seconds"] < 60
     finally:
         store.close()
+
+
+def test_a_replaced_orthanc_database_makes_the_feed_sweep_the_archive(stack: Stack, tmp_path: Path) -> None:
+    port = free_loopback_port()
+
+    def archive(folder: str) -> OrthancServer:
+        (tmp_path / folder).mkdir()
+        return OrthancServer(name=f"bridge-{folder}", http_port=port, storage_dir=tmp_path / folder)
+
+    feed = {
+        "change_source": "orthanc",
+        "orthanc_url": f"http://127.0.0.1:{port}",
+        "dicomweb_url": f"http://127.0.0.1:{port}/dicom-web",
+    }
+    with archive("first") as first:
+        for i in range(3):
+            stow(first.dicomweb_url, build_study(StudySpec(patient_id=f"G{i}", issuer="HOSP-A")))
+        assert _run(stack, _cycle(stack, "reconcile", **feed)).created == 3
+        _cycle(stack, "incremental", **feed)  # the checkpoint: the first database's last change
+    # Orthanc comes back on a fresh storage: its feed starts again from 1, under the checkpoint.
+    with archive("second") as second:
+        late = StudySpec(patient_id="G-late", issuer="HOSP-A", study_date="20150101")
+        stow(second.dicomweb_url, build_study(late))
+        run = _run(stack, _cycle(stack, "incremental", **feed))
+        assert run.kind == "feed-gap"
+        assert run.note is not None and "below the checkpoint" in run.note
+        assert run.created == 1  # the study the feed could not tell of
+        assert late.uid in _studies(stack)
+        after = _run(stack, _cycle(stack, "incremental", **feed))
+        assert after.kind == "changes"  # the new feed is followed from its end: no second sweep
 
 
 def test_on_demand_sync_of_one_study_and_of_a_deleted_one(stack: Stack) -> None:

@@ -7,7 +7,7 @@ one bad study (``BAD``) whose series query (or row) misbehaves:
 ==================  ==========================================================================
 endless-page        the study page streams rows forever, fast
 drip-studies        the study page sends one byte every ``drip`` seconds, forever
-drip-series         BAD's series query drips
+drip-series         BAD's series query drips, alone or in a list query (``/series?StudyInstanceUID=a,b``)
 warning-loop        every study page is full of new studies and carries a truncation Warning
 series-unpaged      BAD has 100,000 series, all in one answer whatever limit/offset say
 series-paged        BAD has 100,000 series, paged as asked
@@ -33,7 +33,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from tests.builders import series_row, study_row, uid
+from tests.builders import series_row, study_row, study_series_row, uid
 
 GOOD = [uid(9000, n) for n in (1, 2, 3)]
 BAD = uid(9000, 99)
@@ -143,6 +143,8 @@ class HostileArchive:
             await self._studies(scenario, writer, limit, offset, query)
         elif len(rest) == 3 and rest[0] == "studies" and rest[2] == "series":
             await self._series_of(scenario, rest[1], writer, limit, offset)
+        elif rest == ["series"] and scenario == "drip-series":
+            await self._series_list(query.get("StudyInstanceUID", ""), writer, limit, offset)
         elif len(rest) == 3 and rest[0] == "studies" and rest[2] in ("thumbnail", "rendered"):
             await _stream(writer, _drip(self.drip))  # every scenario: a picture that never arrives
         else:
@@ -202,6 +204,15 @@ class HostileArchive:
             await _answer(writer, 200, json.dumps([_series(BAD, n) for n in numbers]).encode())
         else:
             await _answer(writer, 200, json.dumps([_series(BAD, 1)]).encode())
+
+    async def _series_list(self, studies: str, writer: asyncio.StreamWriter, limit: int, offset: int) -> None:
+        """A series search across the listed studies: it drips whenever BAD is among them."""
+        asked = [u for u in studies.split(",") if u]
+        if BAD in asked:
+            await _stream(writer, _drip(self.drip))
+            return
+        rows = [study_series_row(u, f"{u}.1", number=1) for u in asked if u in GOOD]
+        await _answer(writer, 200, json.dumps(rows[offset : offset + limit]).encode())
 
 
 async def _answer(

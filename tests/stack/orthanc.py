@@ -40,6 +40,8 @@ DICOMWEB_PLUGIN_GLOBS = (
     "/usr/local/share/orthanc/plugins/libOrthancDicomWeb.so",
 )
 APT_PACKAGES = ("orthanc", "orthanc-dicomweb")
+# The push script the repository ships for operators (docs/operator-guide.md, "Freshness").
+PUSH_SCRIPT = Path(__file__).resolve().parents[2] / "docker" / "orthanc" / "bridge-push.lua"
 
 
 def find_orthanc_binary() -> str | None:
@@ -91,6 +93,7 @@ class OrthancServer(Launcher):
         default_encoding: str = "Utf8",
         extra_config: dict[str, Any] | None = None,
         basic_auth: tuple[str, str] | None = None,
+        push_to: tuple[str, str | None] | None = None,
     ) -> None:
         """Describe the server; nothing runs until :meth:`start`.
 
@@ -101,10 +104,13 @@ class OrthancServer(Launcher):
         ``default_encoding`` is Orthanc's ``DefaultEncoding``; QIDO answers use it, so keep
         ``Utf8`` unless a test is about a Latin-1 archive.
         ``basic_auth`` (user, password) makes Orthanc require HTTP basic credentials (the test's
-        own client sends them).  No TLS option: Debian's Orthanc 1.10.1 crashes (SIGSEGV) on the
+        own client sends them).  ``push_to`` (the bridge's URL, its API key) installs the shipped
+        push script (docker/orthanc/bridge-push.lua) as an operator would.
+        No TLS option: Debian's Orthanc 1.10.1 crashes (SIGSEGV) on the
         first HTTPS connection, so TLS tests put a TLS-terminating proxy in front of it.
         """
         self.basic_auth = basic_auth
+        self.push_to = push_to
         self.name = name
         self._requested_http_port = http_port
         self._requested_dicom_port = dicom_port
@@ -195,6 +201,10 @@ class OrthancServer(Launcher):
                 "Servers": {},
             },
         }
+        if self.push_to is not None:
+            url, key = self.push_to
+            config["LuaScripts"] = [str(PUSH_SCRIPT)]
+            config["BridgePush"] = {"Url": url, **({"ApiKey": key} if key else {})}
         if self.basic_auth is not None:
             config["AuthenticationEnabled"] = True
             config["RegisteredUsers"] = {self.basic_auth[0]: self.basic_auth[1]}

@@ -19,6 +19,7 @@ from bridge.limits import (
     PARSE_AT_ONCE,
     PARSE_STEP,
     CallLimit,
+    Pace,
     ParsedResponse,
     _Depth,
     send_bounded,
@@ -71,6 +72,70 @@ async def test_a_body_that_drips_fails_at_the_deadline_naming_the_setting() -> N
     assert caught.value.setting == "BRIDGE_HTTP_DEADLINE"
     assert "did not complete within 0.5 s" in str(caught.value)
     assert "SECRET-PID" not in str(caught.value)
+
+
+def paced(stall: float, min_rate: int = 0, deadline: float = 30.0) -> CallLimit:
+    return CallLimit(
+        "study page", 1_000_000, "BRIDGE_DICOMWEB_MAX_PAGE_BYTES", deadline, pace=Pace(stall, min_rate)
+    )
+
+
+class Finite:
+    """A body of ``count`` chunks, one every ``pause`` seconds."""
+
+    def __init__(self, chunk: bytes, count: int, pause: float) -> None:
+        self.chunk, self.count, self.pause = chunk, count, pause
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for _ in range(self.count):
+            await asyncio.sleep(self.pause)
+            yield self.chunk
+
+
+async def test_a_body_that_stops_sending_is_cut_at_the_stall_bound_long_before_the_deadline() -> None:
+    body = Body(b"[", pause=60.0)  # the first byte after the headers never comes
+    http, _ = client(body)
+    started = time.monotonic()
+    with pytest.raises(UpstreamLimitError) as caught:
+        await send_bounded(http, http.build_request("GET", URL), paced(0.3), "dicomweb")
+    elapsed = time.monotonic() - started
+    assert 0.25 < elapsed < 2.0
+    assert caught.value.setting == "BRIDGE_HTTP_STALL"
+    assert "no byte for 0.3 s" in str(caught.value)
+    assert "SECRET-PID" not in str(caught.value)
+
+
+async def test_headers_that_never_come_are_cut_at_the_stall_bound() -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(60)
+        return httpx.Response(200, content=b"[]")
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    started = time.monotonic()
+    with pytest.raises(UpstreamLimitError) as caught:
+        await send_bounded(http, http.build_request("GET", URL), paced(0.3), "dicomweb")
+    assert time.monotonic() - started < 2.0
+    assert caught.value.setting == "BRIDGE_HTTP_STALL"
+
+
+async def test_a_trickle_below_the_minimum_rate_is_cut_after_one_stretch() -> None:
+    body = Body(b" ", pause=0.02)  # 50 bytes/s: never quiet long enough to stall
+    http, _ = client(body)
+    started = time.monotonic()
+    with pytest.raises(UpstreamLimitError) as caught:
+        await send_bounded(http, http.build_request("GET", URL), paced(0.3, min_rate=1000), "dicomweb")
+    elapsed = time.monotonic() - started
+    assert 0.25 < elapsed < 2.0
+    assert caught.value.setting == "BRIDGE_HTTP_MIN_RATE"
+    assert "below 1000 bytes/s" in str(caught.value)
+
+
+async def test_a_slow_steady_answer_above_the_minimum_rate_completes() -> None:
+    # 200 bytes every 20 ms (about 10 kB/s) for 0.8 s: several stretches of 0.2 s, each fast enough.
+    body = Finite(b" " * 200, count=40, pause=0.02)
+    http, _ = client(body)
+    response = await send_bounded(http, http.build_request("GET", URL), paced(0.2, min_rate=2000), "dicomweb")
+    assert len(response.content) == 8000
 
 
 async def test_an_endless_body_stops_at_the_size_cap() -> None:
@@ -134,9 +199,7 @@ class Chunks:
 
 async def test_a_json_answer_is_parsed_as_it_arrives_and_its_bytes_are_not_kept() -> None:
     http, _ = client(gzip.compress(b'\xef\xbb\xbf[{"a": 1, "b": 2.5}, null]'), {"Content-Encoding": "gzip"})
-    response = await send_bounded(
-        http, http.build_request("GET", URL), limit(), "dicomweb", parse_json=True
-    )
+    response = await send_bounded(http, http.build_request("GET", URL), limit(), "dicomweb", parse_json=True)
     assert isinstance(response, ParsedResponse)
     assert response.json() == [{"a": 1, "b": 2.5}, None]
     assert isinstance(response.json()[0]["b"], float)  # as json.loads gives it, not a Decimal

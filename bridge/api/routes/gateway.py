@@ -49,7 +49,7 @@ from bridge.errors import (
 from bridge.gateway import front, qido
 from bridge.gateway.paths import DicomwebPath, parse
 from bridge.gateway.proxy import forward, request_headers, search_json
-from bridge.limits import CallLimit, DicomwebLimits
+from bridge.limits import CallLimit, DicomwebLimits, Pace
 from bridge.resolve.links import (
     WITHDRAWN,
     StudyLocation,
@@ -133,7 +133,7 @@ async def _archives(app: FastAPI) -> AsyncIterator[None]:
                     base=source.dicomweb.base,
                     upstream=front.upstream_name(index),
                     keys=tuple(dict.fromkeys(k for k in keys if k)),
-                    limits=DicomwebLimits.from_settings(source.dicomweb, settings.http_deadline),
+                    limits=DicomwebLimits.from_settings(source.dicomweb, settings),
                     default_system=source.patient_identifier_system,
                     issuer_systems=dict(source.patient_issuer_systems),
                 )
@@ -145,6 +145,7 @@ async def _archives(app: FastAPI) -> AsyncIterator[None]:
                 settings.gateway_max_response_bytes,
                 "BRIDGE_GATEWAY_MAX_RESPONSE_BYTES",
                 settings.http_deadline,
+                pace=Pace.from_settings(settings),
             ),
             TtlCache(settings.resolver_cache_ttl, 1000),
         )

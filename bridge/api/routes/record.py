@@ -57,7 +57,7 @@ async def _archive_clients(app: FastAPI) -> AsyncIterator[None]:
                 http,
                 source.dicomweb.base,
                 policy=RetryPolicy(retries=0),
-                limits=DicomwebLimits.from_settings(source.dicomweb, settings.http_deadline),
+                limits=DicomwebLimits.from_settings(source.dicomweb, settings),
             )
             for base in (source.dicomweb.public_base, source.dicomweb.base):
                 key = normalize_base(base)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from bridge.api.deps import AuthenticatedRoute, ServicesDep, StudyUid, caller, unlimited_caller
-from bridge.api.errors import ERROR_RESPONSES
+from bridge.api.errors import ERROR_RESPONSES, RateLimitedError
 from bridge.api.ondemand import OnDemandGate
 from bridge.api.security import Caller
 from bridge.errors import StudyNotFoundError, UpstreamUnavailableError
@@ -31,6 +34,18 @@ class ParkedStudyOut(BaseModel):
     reason: str
 
 
+# What a full queue asks the archive to wait before pushing again: about what a worker needs to
+# sync a few hundred studies.
+FULL_QUEUE_RETRY_AFTER = 30.0
+
+
+class PushAccepted(BaseModel):
+    """A push recorded in the queue (202): a worker syncs the study soon."""
+
+    study_uid: str
+    status: str = Field(description="queued, or coalesced with a push of the same study still waiting")
+
+
 class SyncResult(BaseModel):
     """What an on-demand sync did."""
 
@@ -48,19 +63,42 @@ class SyncResult(BaseModel):
 @router.post(
     "/studies/{study_uid}/sync",
     response_model=SyncResult,
+    responses={202: {"model": PushAccepted, "description": "Recorded; synced soon (Prefer: respond-async)"}},
     summary="Sync one study now (for a PACS to call when a study becomes stable)",
 )
 async def sync_study(
-    study_uid: StudyUid, s: ServicesDep, request: Request, who: Annotated[Caller, Depends(caller)]
+    study_uid: StudyUid,
+    s: ServicesDep,
+    request: Request,
+    who: Annotated[Caller, Depends(caller)],
+    prefer: Annotated[str | None, Header()] = None,
 ) -> Any:
-    """Sync the study from the archive to the FHIR server now, with the scheduled sync's rules.
+    """Sync the study from the archive to the FHIR server, with the scheduled sync's rules.
 
-    A study the archive no longer has, but the bridge published, is retired per
-    BRIDGE_DELETE_POLICY; one the bridge never saw answers 404. Requests for a study already
+    Every push is first recorded in the state store's push queue, so none is lost to a crash, a
+    restart or an upstream outage: a worker (``bridge worker``, ``bridge run``) syncs what waits.
+    With ``Prefer: respond-async`` (what an archive's trigger should send) the answer is 202 as
+    soon as the push is recorded, and pushes of a study already waiting join it; a full queue
+    (BRIDGE_PUSH_QUEUE_MAX) answers 429 with Retry-After. Without it the study is synced now and
+    the result answered: a study the archive no longer has, but the bridge published, is retired
+    per BRIDGE_DELETE_POLICY; one the bridge never saw answers 404. Requests for a study already
     being synced share that run; each client may start BRIDGE_API_SYNC_RATE runs a minute (429).
     """
     if not s.runtimes:
         raise UpstreamUnavailableError("the sync side could not be opened", service="fhir")
+    store = s.runtimes[0].store
+    accepted = time.time()
+    queued = await asyncio.to_thread(store.queue_push, study_uid, accepted, s.settings.push_queue_max)
+    if queued is None:
+        raise RateLimitedError(
+            f"the push queue is full ({s.settings.push_queue_max} studies wait, BRIDGE_PUSH_QUEUE_MAX); "
+            "push again later, or add workers",
+            retry_after=FULL_QUEUE_RETRY_AFTER,
+        )
+    if prefer is not None and "respond-async" in prefer.lower():
+        if s.drainer is not None:
+            s.drainer.wake()
+        return JSONResponse(PushAccepted(study_uid=study_uid, status=queued).model_dump(), status_code=202)
 
     async def start() -> list[RunReport]:
         # Every source is asked: each publishes (or retires) its own copy of the study.
@@ -69,6 +107,9 @@ async def sync_study(
     gate: OnDemandGate[list[RunReport]] = request.app.state.sync_gate
     client = f"{who.method}:{who.subject or ''}:{request.client.host if request.client else ''}"
     reports = await gate.run(study_uid, client, start)
+    if not any(r.status == "failed" for r in reports):
+        # Done now: the queue forgets it (unless it was pushed again since); a failed one waits.
+        await asyncio.to_thread(store.finish_push, study_uid, accepted)
     acted = [r for r in reports if r.counts.seen or r.deletions]
     if not acted:
         raise StudyNotFoundError("no archive has a study with that Study Instance UID")

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -204,6 +205,8 @@ def test_accept_demographics_needs_a_study_and_exits_2(runner: CliRunner, config
     result = runner.invoke(app, ["retry", "--accept-demographics"])
     assert result.exit_code == 2
     assert "--accept-demographics needs --study" in result.stderr
+
+
 def _two_source_store(path: Path) -> None:
     """A store as two sources' workers leave it: runs of several kinds, one failed, parked studies."""
     store = SqlStore(f"sqlite:///{path}")
@@ -280,3 +283,19 @@ def test_dash_dash_version_prints_the_version(runner: CliRunner) -> None:
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0
     assert result.stdout.strip() == __version__
+def test_status_shows_the_current_lag_the_waiting_pushes_and_the_last_measured_lag(
+    runner: CliRunner, configured: Path
+) -> None:
+    store = SqlStore(f"sqlite:///{configured}")
+    store.queue_push("1.2.9", time.time() - 30, 100)
+    store.save_checkpoint(
+        "default", "lag-push", json.dumps({"seconds": 1.8, "studies": 3, "at": 1_796_600_000})
+    )
+    store.close()
+    fresh = json.loads(runner.invoke(app, ["status", "--json"]).stdout)["freshness"]
+    assert fresh["pushes_waiting"] == 1
+    assert 29 <= fresh["oldest_push_seconds"] < 60
+    [lag] = fresh["last_lag"]
+    assert (lag["source"], lag["path"], lag["seconds"], lag["studies"]) == ("default", "push", 1.8, 3)
+    text = flat(runner.invoke(app, ["status"]).stdout)
+    assert "pushes waiting: 1" in text and "last push lag (default): 1.8 s" in text

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -11,7 +14,7 @@ from bridge.dicomweb.client import DicomwebClient
 from bridge.dicomweb.query import SeriesQuery
 from bridge.errors import ConfigurationError, MappingError, UpstreamLimitError
 from bridge.http import RetryPolicy
-from bridge.limits import DicomwebLimits
+from bridge.limits import DicomwebLimits, Pace
 from tests.builders import study_series_row, uid
 
 pytestmark = pytest.mark.anyio
@@ -175,3 +178,32 @@ async def test_an_archive_that_refuses_the_list_query_is_asked_per_study() -> No
     assert qido.series_query_used == "per-study"
     assert await qido.search_series_many(studies) == {}
     assert len(calls) == 1
+
+
+async def test_a_list_query_that_stalls_sends_its_studies_alone_and_the_next_list_is_still_asked() -> None:
+    studies, rows = archive_of(4)
+    bad = studies[1]
+    lists = ListArchive(rows)
+
+    async def never(request: httpx.Request) -> httpx.Response:
+        async def drip() -> AsyncIterator[bytes]:
+            yield b"["
+            await asyncio.sleep(60)
+
+        lists.requests.append(request)
+        return httpx.Response(200, content=drip())
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        if bad in request.url.params.get("StudyInstanceUID", "").split(","):
+            return await never(request)
+        return lists(request)
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(answer))
+    limits = DicomwebLimits(pace=Pace(stall=0.2, min_rate=0))
+    qido = DicomwebClient(http, BASE, policy=NO_RETRY, limits=limits, series_list_size=2)
+    started = time.monotonic()
+    answer_ = await qido.search_series_many(studies)
+    assert time.monotonic() - started < 5
+    assert set(answer_) == set(studies[2:])  # the stalled list's two studies are left to be asked alone
+    assert qido.series_query_used == "list"
+    assert len(lists.requests) == 2

@@ -16,7 +16,10 @@ from bridge.errors import (
     VersionConflictError,
 )
 from bridge.mapping.imaging_study import imaging_study_id
+from bridge.sync.link import Linker
 from bridge.sync.policy import DemographicsCheck, PatientPolicy, WriteStrategy
+from bridge.sync.publisher import CAPABILITIES_MAX_AGE, Publisher
+from bridge.sync.worker import SyncWorker
 from tests.builders import PATIENT_SYSTEM, context, series_row, study_row, uid
 from tests.unit.sync.world import World, parked
 
@@ -478,7 +481,7 @@ async def test_a_server_refusing_update_as_create_stops_the_run_naming_the_setti
     with pytest.raises(ConfigurationError) as caught:
         await world.run()
     assert "BRIDGE_WRITE_STRATEGY" in str(caught.value) and "conditional" in str(caught.value)
-    assert world.fhir.writes() == []
+    assert [c for c in world.fhir.writes() if c[1] == "ImagingStudy"] == []
 
 
 async def test_a_put_create_refused_with_404_stops_the_run_naming_the_setting(world: World) -> None:
@@ -524,6 +527,71 @@ async def test_the_capability_check_costs_one_request_and_none_when_nothing_is_w
     world.fhir.calls.clear()
     await world.run()
     assert world.fhir.calls == []
+
+
+def capability_reads(world: World) -> int:
+    return len([c for c in world.fhir.calls if c[0] == "capabilities"])
+
+
+async def test_what_the_server_can_do_is_kept_so_a_later_run_with_changes_does_not_ask_again(
+    world: World,
+) -> None:
+    world.add(1)
+    await world.run()
+    assert capability_reads(world) == 1
+    world.add(2)  # a new study: the next run writes, in a new process (a fresh worker and publisher)
+    report = await world.run()
+    assert report.counts.created == 1
+    assert capability_reads(world) == 1
+
+
+async def test_kept_capabilities_are_asked_again_once_a_day_old_or_of_another_server(world: World) -> None:
+    now = [1_000_000.0]
+
+    def worker(server: str) -> SyncWorker:
+        linker = Linker(world.fhir, world.ctx, patient_policy=world.policy)
+        publisher = Publisher(
+            world.fhir,
+            world.store,
+            world.ctx,
+            write_strategy=world.strategy,
+            batch_size=world.batch_size,
+            server=server,
+            clock=lambda: now[0],
+        )
+        return SyncWorker(world.source, linker, publisher, world.store, world.ctx)
+
+    world.add(1)
+    await worker("https://fhir.test/r4").run()
+    world.add(2)
+    now[0] += CAPABILITIES_MAX_AGE - 60
+    await worker("https://fhir.test/r4").run()
+    assert capability_reads(world) == 1
+    world.add(3)
+    now[0] += 120  # a day old
+    await worker("https://fhir.test/r4").run()
+    assert capability_reads(world) == 2
+    world.add(4)
+    await worker("https://other-fhir.test/r4").run()  # BRIDGE_FHIR_URL changed
+    assert capability_reads(world) == 3
+
+
+async def test_a_refusal_to_create_by_put_forgets_the_kept_capabilities(world: World) -> None:
+    world.add(1)
+    await world.run()
+    world.add(2)
+    world.fhir.update_create = None  # the server changed: it no longer creates by PUT, and says nothing
+    refusal = FatalUpstreamError("fhir PUT /ImagingStudy/x answered 404", service="fhir", status=404)
+    world.fhir.fail["update"] = [refusal]
+    with pytest.raises(ConfigurationError):
+        await world.run()
+    assert capability_reads(world) == 1
+    world.fhir.update_create = False  # now it says so: the next run reads it and stops before writing
+    world.fhir.calls.clear()
+    with pytest.raises(ConfigurationError, match="updateCreate=false"):
+        await world.run()
+    assert capability_reads(world) == 1
+    assert [c for c in world.fhir.writes() if c[1] == "ImagingStudy"] == []
 
 
 async def test_conditional_writes_need_no_capability_check(world: World) -> None:
