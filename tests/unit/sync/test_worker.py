@@ -579,7 +579,7 @@ async def test_kept_capabilities_are_asked_again_once_a_day_old_or_of_another_se
 async def test_a_refusal_to_create_by_put_forgets_the_kept_capabilities(world: World) -> None:
     world.add(1)
     await world.run()
-    world.add(2)
+    world.add(2, patient_id="PID1")  # a Patient already linked: the refused PUT is the ImagingStudy's
     world.fhir.update_create = None  # the server changed: it no longer creates by PUT, and says nothing
     refusal = FatalUpstreamError("fhir PUT /ImagingStudy/x answered 404", service="fhir", status=404)
     world.fhir.fail["update"] = [refusal]
