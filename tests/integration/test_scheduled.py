@@ -111,7 +111,8 @@ def test_changes_in_the_archive_are_reflected_after_the_next_cycle(stack: Stack)
     assert sweep.deletions == [{"study_uid": doomed.uid, "action": "marked"}]
     studies = _studies(stack)
     assert studies[old.uid]["numberOfSeries"] == 2
-    assert {c["code"] for c in studies[old.uid]["modality"]} == {"CT", "SR"}
+    assert {c["code"] for c in studies[old.uid]["modality"]} == {"CT"}  # acquisition modalities only
+    assert {s["modality"]["code"] for s in studies[old.uid]["series"]} == {"CT", "SR"}
     assert studies[renamed.uid]["description"] == "After"
     assert studies[doomed.uid]["status"] == "entered-in-error"
     assert studies[new.uid]["status"] == "available"
