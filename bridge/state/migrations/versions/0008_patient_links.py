@@ -9,7 +9,7 @@
   demographics warnings, accepted overrides, re-links after a merge.
 
 Revision ID: 0008
-Revises: 0006
+Revises: 0007
 Create Date: 2026-12-07
 """
 
@@ -44,8 +44,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    """Back to schema version 6: the table and columns go (accepted overrides are forgotten)."""
-    op.execute("UPDATE schema_info SET version = 6 WHERE id = 1")
+    """Back to schema version 7: the table and columns go (accepted overrides are forgotten)."""
+    op.execute("UPDATE schema_info SET version = 7 WHERE id = 1")
     with op.batch_alter_table("runs") as batch:
         batch.drop_column("patient_events")
     with op.batch_alter_table("studies") as batch:
