@@ -428,24 +428,6 @@ def test_a_published_study_another_patient_is_filed_under_is_withdrawn_everywher
             assert metadata.status_code == 200, (way, metadata.text)
 
 
-@pytest.mark.interop
-def test_another_patients_instance_and_an_unknown_one_are_answered_alike(world: FrontWorld) -> None:
-    """The archive's error bodies say which UIDs exist; the bridge's say the same for both."""
-    ann = {"Authorization": f"Bearer {world.token('app-ann')}"}
-    study_uid, _ = world.studies["MRN-ANN"]
-    _, bob_sops = world.studies["MRN-BOB"]
-    with _bridge_with_front(world.env, free_loopback_port()) as (bridge, front):
-        for base in (f"{front.url}/dicom-web", f"{bridge}/dicom-web"):
-            series = httpx.get(f"{base}/studies/{study_uid}/series", headers=ann, timeout=30)
-            within = f"{base}/studies/{study_uid}/series/{series.json()[0]['0020000E']['Value'][0]}/instances"
-            for tail in ("", "/metadata"):
-                others = httpx.get(f"{within}/{bob_sops[0]}{tail}", headers=ann, timeout=30)
-                unknown = httpx.get(f"{within}/{generate_uid()}{tail}", headers=ann, timeout=30)
-                assert others.status_code == unknown.status_code == 404, (base, tail, others.status_code)
-                assert others.content == unknown.content, (base, tail)
-                assert _diagnostics(others) == "not found in the study's archive"
-
-
 def test_an_ehr_launched_session_behind_the_front_sees_its_patients_images_until_logout(
     stack: Stack,
 ) -> None:

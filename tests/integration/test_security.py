@@ -421,3 +421,4 @@ def test_another_patients_uid_and_an_unknown_uid_are_indistinguishable(world: Fr
             missing = httpx.get(f"{within}/{unknown}{tail}", headers=ann, timeout=30)
             assert foreign.status_code == missing.status_code == 404, (base, tail, foreign.status_code)
             assert foreign.content == missing.content, (base, tail)
+            assert foreign.json()["issue"][0]["diagnostics"] == "not found in the study's archive"
