@@ -136,12 +136,13 @@ def test_patient_issuer_maps_qualifiers_and_other_ids(stack: Stack) -> None:
     by_value = {p["identifier"][0]["value"]: p for p in stack.fhir_search("Patient")}
     assert by_value["U1"]["identifier"] == [{"system": DEFAULT_PATIENT_SYSTEM, "value": "U1"}]
 
-    mapped = stack.settings_env(patient_issuer_systems=json.dumps({**ISSUERS, "1.2.3.4.5": "urn:oid:9.9.9"}))
+    issuers = {**ISSUERS, "1.2.3.4.5": "urn:oid:1.2.999.9"}
+    mapped = stack.settings_env(patient_issuer_systems=json.dumps(issuers))
     stack.fhir.clear()
     stack.state_path.unlink()
     stack.sync(**HEADER, patient_issuer_systems=mapped["BRIDGE_PATIENT_ISSUER_SYSTEMS"])
     systems = {p["identifier"][0]["system"] for p in stack.fhir_search("Patient")}
-    assert "urn:oid:9.9.9" in systems  # the map wins over the ISO fallback
+    assert "urn:oid:1.2.999.9" in systems  # the map wins over the ISO fallback
 
 
 def test_accession_system_from_the_issuer_sequence(stack: Stack) -> None:
@@ -234,7 +235,7 @@ def test_two_archives_one_fhir_server_never_merge_the_same_study(stack: Stack, s
                 "name": "archive-b",
                 "dicomweb_url": second.dicomweb_url,
                 "dicomweb_public_url": second.dicomweb_url + "/",
-                "patient_issuer_systems": {"HOSP-A": "urn:oid:7.7.7", "HOSP-B": "urn:oid:8.8.8"},
+                "patient_issuer_systems": {"HOSP-A": "urn:oid:1.2.999.7", "HOSP-B": "urn:oid:1.2.999.8"},
             },
         ]
     )
@@ -251,7 +252,7 @@ def test_two_archives_one_fhir_server_never_merge_the_same_study(stack: Stack, s
     }
     # Each source's own patient map: B's copy links a Patient under B's system.
     b_copy = next(s for s in copies if s["description"] == "Copy in B")
-    assert stack.fhir_read(b_copy["subject"]["reference"])["identifier"][0]["system"] == "urn:oid:7.7.7"
+    assert stack.fhir_read(b_copy["subject"]["reference"])["identifier"][0]["system"] == "urn:oid:1.2.999.7"
 
     versions = {s["id"]: s["meta"]["versionId"] for s in _studies(stack)}
     again = stack.cli("sync", "--source", "archive-b", "--json", sources=sources)

@@ -138,6 +138,6 @@ def test_the_store_round_trips_state_on_postgresql(pg_url: str) -> None:
         store.park("pacs", "1.2.4", kind="mapping", reason="StudyDate is not a date", attribute="StudyDate")
         assert store.known_studies("pacs", ["1.2.3", "9.9"])["1.2.3"].fhir_version == "2"
         assert [p.attempts for p in store.parked("pacs")] == [2]
-        assert store.counts("pacs") == {"published": 1, "gone": 0, "parked": 1}
+        assert store.counts("pacs") == {"published": 1, "gone": 0, "parked": 1, "withdrawn": 0}
     finally:
         store.close()

@@ -23,12 +23,14 @@ import httpx
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
+from pydicom.uid import generate_uid
 
 from bridge.gateway.front import GRANT_PATH
 from tests.integration.conftest import Stack
 from tests.integration.test_front import (
     FrontWorld,
     _answered,
+    _bridge_with_front,
     _settled,
     launched_behind_front,
     world,  # noqa: F401 - the front's fixture, used by name
@@ -407,18 +409,18 @@ def test_forged_tokens_path_tricks_foreign_uids_and_replayed_grants_get_nothing(
 
 def test_another_patients_uid_and_an_unknown_uid_are_indistinguishable(world: FrontWorld) -> None:  # noqa: F811
     """Within its own study, a patient-limited caller learns nothing from another patient's UIDs: the
-    archive's error bodies (which tell a UID it holds from one it does not) never reach the caller."""
-    ann_uid, _ = world.studies["MRN-ANN"]
+    archive's error bodies (which tell a UID it holds from one it does not) never reach the caller,
+    through the front or the Python gateway."""
+    ann = {"Authorization": f"Bearer {world.token('app-ann')}"}  # each retrieve with its own default type
+    study_uid, _ = world.studies["MRN-ANN"]
     _, bob_sops = world.studies["MRN-BOB"]
-    unknown = "1.2.826.0.1.3680043.10.999.1"
-    ann = _bearer(world.token("app-ann"))
-    for base in (f"{world.front.url}/dicom-web", f"{world.front.bridge_url}/dicom-web"):
-        series = httpx.get(f"{base}/studies/{ann_uid}/series", headers=ann, timeout=30)
-        assert series.status_code == 200, (base, series.text)
-        within = f"{base}/studies/{ann_uid}/series/{series.json()[0]['0020000E']['Value'][0]}/instances"
-        for tail in ("", "/metadata"):
-            foreign = httpx.get(f"{within}/{bob_sops[0]}{tail}", headers=ann, timeout=30)
-            missing = httpx.get(f"{within}/{unknown}{tail}", headers=ann, timeout=30)
-            assert foreign.status_code == missing.status_code == 404, (base, tail, foreign.status_code)
-            assert foreign.content == missing.content, (base, tail)
-            assert foreign.json()["issue"][0]["diagnostics"] == "not found in the study's archive"
+    with _bridge_with_front(world.env, free_loopback_port()) as (bridge, front):
+        for base in (f"{front.url}/dicom-web", f"{bridge}/dicom-web"):
+            series = httpx.get(f"{base}/studies/{study_uid}/series", headers=ann, timeout=30)
+            within = f"{base}/studies/{study_uid}/series/{series.json()[0]['0020000E']['Value'][0]}/instances"
+            for tail in ("", "/metadata"):
+                foreign = httpx.get(f"{within}/{bob_sops[0]}{tail}", headers=ann, timeout=30)
+                missing = httpx.get(f"{within}/{generate_uid()}{tail}", headers=ann, timeout=30)
+                assert foreign.status_code == missing.status_code == 404, (base, tail, foreign.status_code)
+                assert foreign.content == missing.content, (base, tail)
+                assert foreign.json()["issue"][0]["diagnostics"] == "not found in the study's archive"
