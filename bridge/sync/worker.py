@@ -434,10 +434,8 @@ class SyncWorker:
                 if item.observations:
                     try:
                         await self._publisher.put_observations(item.observations, f"ImagingStudy/{result.id}")
-                    except BridgeError as exc:
-                        await self._fail(
-                            report, item.study.uid, exc
-                        )  # retried whole: the writes are idempotent
+                    except BridgeError as exc:  # retried whole: the writes are idempotent
+                        await self._fail(report, item.study.uid, exc)
                         continue
                 # Created: the study had no ImagingStudy before. The server's 201 says so; with no
                 # record of the study, a first version says so too (servers that answer 200 to a
@@ -571,7 +569,7 @@ class SyncWorker:
         assert item.records is not None
         records = item.records
         if records.all_withdrawn:
-            await self._withdraw(item, report)
+            await self._retire_all_rejected(item, report)
             return
         item.fallbacks = self._assembler.fallbacks(records)
         links = await self._assembler.link(records, endpoint)
@@ -590,7 +588,7 @@ class SyncWorker:
             return
         item.resource = resource
 
-    async def _withdraw(self, item: _Todo, report: RunReport) -> None:
+    async def _retire_all_rejected(self, item: _Todo, report: RunReport) -> None:
         """Rejection notes withdrew every instance: the study is retired per the delete policy."""
         item.done = True
         if item.known is None or not item.known.qido_fingerprint:
