@@ -11,7 +11,6 @@ from urllib.parse import quote, urlencode
 
 from bridge.dicomweb.records import StudyRecord
 from bridge.errors import (
-    ConfigurationError,
     FatalUpstreamError,
     MappingError,
     PatientLinkError,
@@ -26,7 +25,7 @@ from bridge.mapping.patient import logical_subject, map_patient, patient_resourc
 from bridge.mapping.validate import validate
 from bridge.sync import metrics
 from bridge.sync.policy import DemographicsCheck, OrderPolicy, PatientPolicy, WriteStrategy
-from bridge.sync.protocols import FhirSink, StateStore, WriteResult
+from bridge.sync.protocols import FhirSink, StateStore, WriteResult, refused_client_ids
 
 logger = logging.getLogger(__name__)
 
@@ -242,10 +241,7 @@ class Linker:
         except FatalUpstreamError as exc:
             if exc.status not in (404, 405):
                 raise
-            raise ConfigurationError(
-                f"BRIDGE_WRITE_STRATEGY: the FHIR server refused to create Patient by PUT to a new id "
-                f"({exc.status}: it does not accept client-assigned ids); set it to 'conditional'"
-            ) from exc
+            raise refused_client_ids("Patient", exc.status) from exc
 
     def _created(self, patient_id: str) -> None:
         self.writes += 1

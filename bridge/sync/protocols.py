@@ -147,6 +147,14 @@ class StudySource(Protocol):
         ...
 
 
+def refused_client_ids(resource_type: str, status: int | None) -> ConfigurationError:
+    """The error for a server that will not create a resource by PUT to a new id, naming the setting."""
+    return ConfigurationError(
+        f"BRIDGE_WRITE_STRATEGY: the FHIR server refused to create {resource_type} by PUT to a new id "
+        f"({status}: it does not accept client-assigned ids); set it to 'conditional'"
+    )
+
+
 def not_a_fhir_server(base_url: str | None, why: str) -> ConfigurationError:
     """The error for a base URL that does not answer as a FHIR server, naming the setting to fix."""
     what = f"{base_url} is" if base_url else "it is"

@@ -27,7 +27,7 @@ from bridge.mapping.identity import exact_matches
 from bridge.mapping.narrative import imaging_study_narrative, with_narrative
 from bridge.mapping.validate import validate
 from bridge.sync.policy import DeletePolicy, WriteStrategy
-from bridge.sync.protocols import FhirSink, StateStore, WriteResult, not_a_fhir_server
+from bridge.sync.protocols import FhirSink, StateStore, WriteResult, not_a_fhir_server, refused_client_ids
 
 logger = logging.getLogger(__name__)
 
@@ -270,13 +270,10 @@ class Publisher:
                     refusal = not_a_fhir_server(None, self._not_fhir)
                     self._refusal = str(refusal)
                     raise refusal from exc
-                self._refusal = (
-                    f"BRIDGE_WRITE_STRATEGY: the FHIR server refused to create {resource['resourceType']} "
-                    f"by PUT to a new id ({exc.status}: it does not accept client-assigned ids); "
-                    "set it to 'conditional'"
-                )
+                refused = refused_client_ids(resource["resourceType"], exc.status)
+                self._refusal = str(refused)
                 await self._forget_capabilities()
-                raise ConfigurationError(self._refusal) from exc
+                raise refused from exc
         else:
             result = await self._fhir.conditional_update(resource, search)
         self.writes += 1
