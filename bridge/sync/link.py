@@ -322,11 +322,12 @@ class Linker:
             except MappingError:
                 continue  # the study's own way parks it, naming the attribute
             wanted[key] = patient
-        if len(wanted) < 2:
-            return  # one Patient is one request either way
         if self._strategy is WriteStrategy.CLIENT_ID:
-            await self._prime_by_id(wanted)
-        else:
+            # Even one Patient: two batches (look-ups, PUT) against three requests study by study
+            # (search, read of the derived id, PUT).
+            if wanted:
+                await self._prime_by_id(wanted)
+        elif len(wanted) > 1:  # one conditional create is one request either way
             await self._prime_conditional(wanted)
 
     async def _prime_by_id(self, wanted: dict[PatientKey, dict[str, Any]]) -> None:

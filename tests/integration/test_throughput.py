@@ -90,7 +90,7 @@ def test_full_sync_costs_per_page_not_per_study(stack: Stack) -> None:
     pages = _ceil(n, page)
     if not _caches_batch_searches(stack):
         patient_pages, odd = divmod(stats["requests"] - (1 + 1 + pages), 2)
-        assert odd == 0 and 1 <= patient_pages <= pages, stats
+        assert odd == 0 and 1 <= patient_pages <= pages, (stats["by_interaction"], stats["by_status"])
         assert report.fhir_write_requests == 1 + patient_pages + pages
     studies = stack.fhir_search("ImagingStudy")
     assert len(studies) == n
@@ -162,6 +162,31 @@ def test_incremental_cycle_with_k_changed_studies_and_a_no_change_cycle(stack: S
     assert len(published) == n
     assert all(published[s.uid]["numberOfSeries"] == 3 for s in specs[:k])
     assert len(stack.fhir_search("Patient")) == 7
+
+
+@pytest.mark.interop
+def test_a_page_that_brings_one_new_patient_costs_two_patient_requests(stack: Stack) -> None:
+    """One new Patient on a page: a batch of look-ups and a batch of one PUT, not three requests.
+
+    Alone, under client ids, it would cost a search, a read of its derived id and a PUT; the
+    archive's page order decides how many pages bring exactly one, so the cost must not depend on it.
+    """
+    _store(stack, 3, patients=1)
+    stack.sync()
+    for _ in range(2):  # two studies of one new patient
+        new = StudySpec(patient_id="TP-NEW", issuer="HOSP-A", series=[SeriesSpec("CT", instances=1)])
+        stow(stack.orthanc.dicomweb_url, build_study(new))
+
+    stack.fhir.reset_stats()
+    report = stack.sync()
+
+    assert (report.status, report.counts.created) == ("ok", 2)
+    stats = stack.fhir.stats()
+    if not _caches_batch_searches(stack):
+        # The Patient look-ups, the PUT of the new Patient, the page's ImagingStudies.
+        assert stats["by_interaction"] == {"batch": 3}, stats["by_interaction"]
+    assert report.fhir_write_requests == 2
+    assert len(stack.fhir_search("Patient")) == 2
 
 
 def _refuse_the_50th_study(body: bytes) -> bytes:
