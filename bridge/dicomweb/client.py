@@ -10,6 +10,7 @@ from urllib.parse import quote, urlencode
 
 import httpx
 
+from bridge.dicomweb.limits import DicomwebLimits
 from bridge.dicomweb.query import SeriesQuery
 from bridge.dicomweb.records import (
     INSTANCE_FIELDS,
@@ -32,19 +33,18 @@ from bridge.errors import (
     UpstreamError,
     UpstreamLimitError,
 )
-from bridge.http import (
+from bridge.sync.protocols import SeriesOutcome
+from bridge.upstream.bounds import CallLimit
+from bridge.upstream.errors import (
     TRANSPORT_ERRORS,
-    RetryPolicy,
     auth_error,
     body_is_empty,
     error_for_exception,
     error_for_response,
     json_body,
-    send,
     where,
 )
-from bridge.limits import CallLimit, DicomwebLimits
-from bridge.sync.protocols import SeriesOutcome
+from bridge.upstream.retry import RetryPolicy, send
 
 logger = logging.getLogger(__name__)
 
