@@ -23,7 +23,7 @@ import httpx
 from benchmarks._meter import Meter, max_rss_mb
 from bridge import runtime
 from bridge.config import load_settings
-from bridge.upstream import Service
+from bridge.upstream.client import Service
 
 
 def main() -> int:

@@ -2,8 +2,8 @@
 
 For a FHIR ImagingStudy of N series and for N QIDO-RS series rows, both as bytes in 64 kB chunks
 as the network gives them: ``json.loads`` (one C call) against the bridge's stepwise parse
-(``bridge.limits``: ijson, ``PARSE_STEP`` bytes a step, a loop turn between steps). Prints the
-total time, the longest time the loop was held (a task that only yields measures it), and the
+(``bridge.upstream.jsonstream``: ijson, ``PARSE_STEP`` bytes a step, a loop turn between steps).
+Prints the total time, the longest time the loop was held (a task that only yields measures it), and the
 peak traced memory of each. Start-up objects are frozen out of the cyclic GC, as ``bridge serve``
 does; no servers are needed.
 
@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from benchmarks._common import machine, print_block
-from bridge.limits import PARSE_STEP, _parse
+from bridge.upstream.jsonstream import PARSE_STEP, parse_chunks
 from tests.stack.hostile import BAD, _series
 
 CHUNK = 64 * 1024
@@ -122,7 +122,7 @@ async def main() -> None:
 
         async def stepwise(raw: bytes = raw) -> Any:
             chunks = [raw[i : i + CHUNK] for i in range(0, len(raw), CHUNK)]
-            found, error = await _parse(chunks, len(raw))
+            found, error = await parse_chunks(chunks, len(raw))
             assert error is None
             return found
 

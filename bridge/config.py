@@ -66,7 +66,7 @@ _SOURCE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
 class AuthMode(StrEnum):
-    """How the bridge authenticates to one upstream (bridge/auth.py)."""
+    """How the bridge authenticates to one upstream (bridge/upstream/credentials.py)."""
 
     NONE = "none"
     BASIC = "basic"
@@ -187,7 +187,7 @@ class UpstreamSettings(BaseModel):
                     f"{self.auth.value}"
                 )
         if self.auth is AuthMode.SMART:
-            from bridge.auth import load_private_key
+            from bridge.upstream.credentials import load_private_key
 
             assert self.private_key_file is not None
             try:
@@ -196,7 +196,7 @@ class UpstreamSettings(BaseModel):
                 raise ValueError(
                     f"{prefix}PRIVATE_KEY_FILE: {exc} ({prefix}SIGNING_ALG is {self.signing_alg.value})"
                 ) from None
-        from bridge.tls import check_files
+        from bridge.upstream.tls import check_files
 
         problem = check_files(
             ca_bundle=self.ca_bundle, client_cert=self.client_cert, client_key=self.client_key
@@ -511,7 +511,7 @@ class Settings(PerSourceSettings, BaseSettings):
         description="SQLAlchemy URL of the state store (SQLite file by default)",
     )
     sync_concurrency: int = Field(default=4, ge=1, le=64, description="Studies synced at once")
-    # Connections to the upstreams (bridge/auth.py, bridge/tls.py, bridge/http.py)
+    # Connections to the upstreams (bridge/upstream/)
     http_timeout: float = Field(default=30.0, gt=0, description="Seconds per HTTP request")
     http_retries: int = Field(default=4, ge=0, le=20, description="Retries of a failed request")
     http_retry_max_wait: float = Field(

@@ -12,10 +12,9 @@ import httpx
 
 from bridge.config import Settings, SourceSettings
 from bridge.dicomweb.client import DicomwebClient
+from bridge.dicomweb.limits import DicomwebLimits
 from bridge.dicomweb.orthanc import OrthancChangeFeed
-from bridge.fhir.client import FhirClient
-from bridge.http import RetryPolicy
-from bridge.limits import DicomwebLimits, fhir_limit
+from bridge.fhir.client import FhirClient, fhir_limit
 from bridge.mapping.context import MappingContext
 from bridge.mapping.tables import BUNDLED_MAPPINGS, load_tables
 from bridge.mapping.validate import load_models
@@ -30,7 +29,8 @@ from bridge.sync.publisher import Publisher
 from bridge.sync.pushes import PushDrainer
 from bridge.sync.scheduler import SyncScheduler, trigger
 from bridge.sync.worker import SyncWorker
-from bridge.upstream import http_client, retry_policy
+from bridge.upstream.client import http_client, retry_policy
+from bridge.upstream.retry import RetryPolicy
 
 
 def mapping_context(settings: Settings, source: SourceSettings) -> MappingContext:

@@ -41,14 +41,13 @@ from bridge.audit.trail import AuditTrail, running
 from bridge.config import Settings, UpstreamSettings, get_settings
 from bridge.dicomweb.client import DicomwebClient
 from bridge.errors import BridgeError, StoreError
-from bridge.fhir.client import FhirClient
-from bridge.http import RetryPolicy
-from bridge.limits import fhir_limit
+from bridge.fhir.client import FhirClient, fhir_limit
 from bridge.resolve.resolver import Resolver, ResolverConfig
 from bridge.runtime import configured_viewers, open_runtime, push_drainer
 from bridge.state.store import SqlStore
 from bridge.sync.policy import WriteStrategy
-from bridge.upstream import Service, http_client
+from bridge.upstream.client import Service, http_client
+from bridge.upstream.retry import RetryPolicy
 
 logger = logging.getLogger(__name__)
 

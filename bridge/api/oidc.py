@@ -24,8 +24,8 @@ import jwt
 
 from bridge.api.security import LEEWAY, JwksKeys, key_algorithms, roles_of
 from bridge.errors import BridgeError, UpstreamLimitError
-from bridge.limits import FIXED_PACE, CallLimit, send_bounded
 from bridge.resolve.links import FHIR_ID
+from bridge.upstream.bounds import FIXED_PACE, CallLimit, send_bounded
 
 DISCOVERY_MAX_AGE = 3600.0  # seconds a discovery document is trusted
 ANSWER_LIMIT = CallLimit(

@@ -18,10 +18,12 @@ from typing import Any
 
 import httpx
 
+from bridge.dicomweb.limits import DicomwebLimits
 from bridge.errors import FatalUpstreamError
-from bridge.http import RetryPolicy, json_body, send
-from bridge.limits import CallLimit, DicomwebLimits
 from bridge.sync.changes import ChangeBatch
+from bridge.upstream.bounds import CallLimit
+from bridge.upstream.errors import json_body
+from bridge.upstream.retry import RetryPolicy, send
 
 SERVICE = "dicomweb"
 # Orthanc emits StableStudy once a study received no new instance for StableAge seconds, and

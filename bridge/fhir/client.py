@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import httpx
@@ -17,9 +17,13 @@ from bridge.errors import (
     UpstreamError,
     VersionConflictError,
 )
-from bridge.http import RETRIABLE_STATUS, RetryPolicy, json_body, send, where
-from bridge.limits import CallLimit
 from bridge.sync.protocols import BatchAnswer, WriteResult, not_a_fhir_server
+from bridge.upstream.bounds import CallLimit, Pace
+from bridge.upstream.errors import RETRIABLE_STATUS, json_body, where
+from bridge.upstream.retry import RetryPolicy, send
+
+if TYPE_CHECKING:
+    from bridge.config import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +97,17 @@ def etag_version(etag: str | None) -> str | None:
     return etag.removeprefix("W/").strip('"') or None
 
 
+def fhir_limit(settings: Settings) -> CallLimit:
+    """The bound of every FHIR answer."""
+    return CallLimit(
+        "FHIR",
+        settings.fhir.max_response_bytes,
+        "BRIDGE_FHIR_MAX_RESPONSE_BYTES",
+        settings.http_deadline,
+        pace=Pace.from_settings(settings),
+    )
+
+
 class FhirClient:
     """FHIR REST calls against one base URL through an ``httpx.AsyncClient`` given from outside."""
 
@@ -126,8 +141,9 @@ class FhirClient:
         parse_json: bool = False,
     ) -> httpx.Response:
         # ``path`` is relative to the base, or a full URL under it (a search's next link).
-        # ``parse_json``: a successful answer's JSON is parsed as it arrives (bridge/limits.py), for
-        # answers that can be large (reads, searches, bundles); json_body() then reads it.
+        # ``parse_json``: a successful answer's JSON is parsed as it arrives
+        # (bridge/upstream/jsonstream.py), for answers that can be large (reads, searches, bundles);
+        # json_body() then reads it.
         url = path if path.startswith(self._base) else f"{self._base}/{path}" if path else self._base
         request = self._client.build_request(
             method,

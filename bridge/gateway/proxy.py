@@ -2,7 +2,7 @@
 
 A large body is never held whole: it is passed on chunk by chunk as the archive sends it, still
 encoded (gzip stays gzip, so the caller's ``Accept-Encoding`` decides), under the same bounds as
-every other upstream answer (bridge/limits.py): one deadline from connect to the last byte and a
+every other upstream answer (bridge/upstream/bounds.py): one deadline from connect to the last byte and a
 size cap counted as bytes arrive. Crossing a bound mid-stream ends the answer early, which the
 caller sees as a truncated transfer rather than as complete images. An answer that declares at
 most ONE_BODY bytes (a study's metadata, a slice) is read whole within the same bounds and sent
@@ -22,8 +22,8 @@ from typing import Any
 import httpx
 
 from bridge.errors import UpstreamLimitError
-from bridge.http import error_for_exception, error_for_response, json_body, where
-from bridge.limits import CallLimit, send_bounded, too_large
+from bridge.upstream.bounds import CallLimit, send_bounded, too_large
+from bridge.upstream.errors import error_for_exception, error_for_response, json_body, where
 
 logger = logging.getLogger(__name__)
 

@@ -39,6 +39,7 @@ from bridge.api.errors import AccessDeniedError, outcome
 from bridge.api.security import Caller
 from bridge.audit.events import Action
 from bridge.config import Settings
+from bridge.dicomweb.limits import DicomwebLimits
 from bridge.errors import (
     BridgeError,
     FatalUpstreamError,
@@ -49,7 +50,6 @@ from bridge.errors import (
 from bridge.gateway import front, qido
 from bridge.gateway.paths import DicomwebPath, parse
 from bridge.gateway.proxy import forward, request_headers, search_json
-from bridge.limits import CallLimit, DicomwebLimits, Pace
 from bridge.resolve.links import (
     WITHDRAWN,
     StudyLocation,
@@ -60,7 +60,8 @@ from bridge.resolve.links import (
     withdrawal_of,
 )
 from bridge.resolve.resolver import Resolver, TtlCache
-from bridge.upstream import authorization_for, http_client
+from bridge.upstream.bounds import CallLimit, Pace
+from bridge.upstream.client import authorization_for, http_client
 
 DICOM_JSON = "application/dicom+json"
 _MAX_CONNECTIONS = 64

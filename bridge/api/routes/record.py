@@ -33,12 +33,12 @@ from bridge.api.routes.login import form_action
 from bridge.api.security import Caller
 from bridge.config import Settings
 from bridge.dicomweb.client import DicomwebClient
+from bridge.dicomweb.limits import DicomwebLimits
 from bridge.errors import NoUsableEndpointError, StudyNotFoundError
-from bridge.http import RetryPolicy
-from bridge.limits import DicomwebLimits
 from bridge.mapping.identifiers import escape_token
 from bridge.resolve.links import WITHDRAWN, normalize_base, wado_urls, withdrawal_of
-from bridge.upstream import http_client
+from bridge.upstream.client import http_client
+from bridge.upstream.retry import RetryPolicy
 
 
 @asynccontextmanager

@@ -163,7 +163,7 @@ async def test_a_failing_idp_is_asked_again_only_after_a_growing_back_off() -> N
 
 
 async def test_a_dripping_idp_is_given_up_at_the_jwks_deadline() -> None:
-    from bridge.limits import CallLimit
+    from bridge.upstream.bounds import CallLimit
 
     async def drip() -> Any:
         while True:

@@ -14,7 +14,7 @@ import pytest
 from bridge.dicomweb.client import DicomwebClient
 from bridge.dicomweb.records import SERIES_FIELDS, STUDY_FIELDS
 from bridge.errors import FatalUpstreamError, MappingError, UpstreamError
-from bridge.http import RetryPolicy
+from bridge.upstream.retry import RetryPolicy
 from tests.builders import load_json, series_row, study_row, uid
 
 pytestmark = pytest.mark.anyio
@@ -234,7 +234,7 @@ async def test_http_errors_become_upstream_errors() -> None:
 
 
 def bounded_client(handler: Callable[[httpx.Request], httpx.Response], **limits: Any) -> DicomwebClient:
-    from bridge.limits import DicomwebLimits
+    from bridge.dicomweb.limits import DicomwebLimits
 
     http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
     return DicomwebClient(http, BASE, policy=NO_RETRY, page_size=5, limits=DicomwebLimits(**limits))

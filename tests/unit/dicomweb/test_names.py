@@ -11,11 +11,11 @@ import pytest
 from pydicom.data import get_charset_files
 
 from bridge.dicomweb.client import DicomwebClient
+from bridge.dicomweb.limits import DicomwebLimits
 from bridge.dicomweb.records import InstanceRecord, parse_study, part10_patient_name
 from bridge.errors import UpstreamUnavailableError
-from bridge.http import RetryPolicy
-from bridge.limits import DicomwebLimits
 from bridge.mapping.values import name_problem
+from bridge.upstream.retry import RetryPolicy
 from tests.builders import element, study_row, uid
 
 pytestmark = pytest.mark.anyio

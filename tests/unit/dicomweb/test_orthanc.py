@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from bridge.dicomweb.orthanc import OrthancChangeFeed
-from bridge.http import RetryPolicy
+from bridge.upstream.retry import RetryPolicy
 
 pytestmark = pytest.mark.anyio
 

@@ -11,10 +11,11 @@ import httpx
 import pytest
 
 from bridge.dicomweb.client import DicomwebClient
+from bridge.dicomweb.limits import DicomwebLimits
 from bridge.dicomweb.query import SeriesQuery
 from bridge.errors import ConfigurationError, MappingError, UpstreamLimitError
-from bridge.http import RetryPolicy
-from bridge.limits import DicomwebLimits, Pace
+from bridge.upstream.bounds import Pace
+from bridge.upstream.retry import RetryPolicy
 from tests.builders import study_series_row, uid
 
 pytestmark = pytest.mark.anyio

@@ -11,7 +11,7 @@ import pytest
 from bridge.dicomweb.client import DicomwebClient
 from bridge.dicomweb.query import SeriesQuery
 from bridge.errors import ConfigurationError, MappingError
-from bridge.http import RetryPolicy
+from bridge.upstream.retry import RetryPolicy
 from tests.builders import element, series_row, study_series_row, uid
 
 pytestmark = pytest.mark.anyio

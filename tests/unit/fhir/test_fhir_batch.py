@@ -15,8 +15,8 @@ from bridge.errors import (
     VersionConflictError,
 )
 from bridge.fhir.client import FhirClient, entry_outcome, entry_status
-from bridge.http import RetryPolicy
 from bridge.sync.protocols import WriteResult
+from bridge.upstream.retry import RetryPolicy
 
 pytestmark = pytest.mark.anyio
 

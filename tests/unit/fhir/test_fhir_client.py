@@ -15,7 +15,7 @@ from bridge.errors import (
     VersionConflictError,
 )
 from bridge.fhir.client import FhirClient, entry_result, etag_version, outcome_text, parse_location
-from bridge.http import RetryPolicy
+from bridge.upstream.retry import RetryPolicy
 
 pytestmark = pytest.mark.anyio
 

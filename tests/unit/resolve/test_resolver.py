@@ -17,9 +17,9 @@ from bridge.errors import (
     UpstreamUnavailableError,
 )
 from bridge.fhir.client import FhirClient
-from bridge.http import RetryPolicy
 from bridge.mapping.context import resource_id
 from bridge.resolve.resolver import ON_LOOP_SERIES, Resolver, ResolverConfig
+from bridge.upstream.retry import RetryPolicy
 from tests.unit.resolve.fake_fhir import (
     DICOMWEB_BASE,
     FHIR_BASE,

@@ -13,17 +13,10 @@ import httpx
 import pytest
 
 from bridge.errors import FatalUpstreamError, UpstreamLimitError
-from bridge.http import RetryPolicy, body_is_empty, json_body, send
-from bridge.limits import (
-    MAX_DEPTH,
-    PARSE_AT_ONCE,
-    PARSE_STEP,
-    CallLimit,
-    Pace,
-    ParsedResponse,
-    _Depth,
-    send_bounded,
-)
+from bridge.upstream.bounds import CallLimit, Pace, send_bounded
+from bridge.upstream.errors import body_is_empty, json_body
+from bridge.upstream.jsonstream import MAX_DEPTH, PARSE_AT_ONCE, PARSE_STEP, ParsedResponse, _Depth
+from bridge.upstream.retry import RetryPolicy, send
 
 pytestmark = pytest.mark.anyio
 

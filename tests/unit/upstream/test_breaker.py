@@ -8,8 +8,9 @@ import httpx
 import pytest
 
 from bridge.errors import UpstreamUnavailableError
-from bridge.http import CircuitBreaker, CircuitState, RetryPolicy, send
-from tests.unit.http.fakes import URL, Clock, Upstream, get
+from bridge.upstream.breaker import CircuitBreaker, CircuitState
+from bridge.upstream.retry import RetryPolicy, send
+from tests.unit.upstream.fakes import URL, Clock, Upstream, get
 
 pytestmark = pytest.mark.anyio
 

@@ -6,7 +6,7 @@ import asyncio
 
 import httpx
 
-from bridge.http import RetryPolicy, send
+from bridge.upstream.retry import RetryPolicy, send
 
 URL = "http://archive.test/dicom-web/studies?PatientID=SECRET-PID"
 

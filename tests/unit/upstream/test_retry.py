@@ -16,8 +16,9 @@ from bridge.errors import (
     UpstreamError,
     UpstreamUnavailableError,
 )
-from bridge.http import RetryPolicy, error_for_response, parse_retry_after, send
-from tests.unit.http.fakes import Clock, Upstream, get
+from bridge.upstream.errors import error_for_response, parse_retry_after
+from bridge.upstream.retry import RetryPolicy, send
+from tests.unit.upstream.fakes import Clock, Upstream, get
 
 pytestmark = pytest.mark.anyio
 

@@ -8,8 +8,9 @@ import httpx
 import pytest
 
 from bridge.errors import FatalUpstreamError, UpstreamAuthError
-from bridge.http import RetryPolicy, json_body
-from tests.unit.http.fakes import Clock, Upstream, get
+from bridge.upstream.errors import json_body
+from bridge.upstream.retry import RetryPolicy
+from tests.unit.upstream.fakes import Clock, Upstream, get
 
 pytestmark = pytest.mark.anyio
 

@@ -4,7 +4,7 @@ The token-based schemes fetch an access token from the upstream's token endpoint
 shortly before it expires, and on a 401 fetch a fresh one and resend the request once. Token
 requests go through a client of their own (same TLS settings as the upstream) and make a single
 attempt each: a failing token endpoint surfaces inside the request being sent, so the one retry
-policy of :mod:`bridge.http` retries the whole request. Secrets are never logged nor put into
+policy of :mod:`bridge.upstream.retry` retries the whole request. Secrets are never logged nor put into
 error messages.
 """
 
@@ -28,7 +28,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pydantic import SecretStr
 
 from bridge.errors import UpstreamAuthError, UpstreamLimitError
-from bridge.http import (
+from bridge.upstream.bounds import FIXED_PACE, CallLimit, send_bounded
+from bridge.upstream.errors import (
     RETRIABLE_STATUS,
     TRANSPORT_ERRORS,
     error_for_exception,
@@ -36,7 +37,6 @@ from bridge.http import (
     setting_prefix,
     where,
 )
-from bridge.limits import FIXED_PACE, CallLimit, send_bounded
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from bridge.errors import (
     UpstreamAuthError,
     UpstreamError,
 )
-from bridge.limits import ParsedResponse
+from bridge.upstream.jsonstream import ParsedResponse
 
 RETRIABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 AUTH_STATUS = frozenset({401, 403})

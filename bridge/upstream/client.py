@@ -12,10 +12,11 @@ from typing import Any, Literal
 import httpx
 
 from bridge import __version__
-from bridge.auth import BearerToken, ClientCredentials, SmartBackendServices, load_private_key
 from bridge.config import AuthMode, Settings, UpstreamSettings
-from bridge.http import CircuitBreaker, RetryPolicy
-from bridge.tls import ssl_context
+from bridge.upstream.breaker import CircuitBreaker
+from bridge.upstream.credentials import BearerToken, ClientCredentials, SmartBackendServices, load_private_key
+from bridge.upstream.retry import RetryPolicy
+from bridge.upstream.tls import ssl_context
 
 Service = Literal["dicomweb", "fhir"]
 

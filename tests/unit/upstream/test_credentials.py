@@ -15,11 +15,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pydantic import SecretStr
 
-from bridge.auth import BearerToken, ClientCredentials, SmartBackendServices
 from bridge.config import Settings, load_settings
 from bridge.errors import ConfigurationError, UpstreamAuthError
-from bridge.http import RetryPolicy, send
-from bridge.upstream import http_client
+from bridge.upstream.client import http_client
+from bridge.upstream.credentials import BearerToken, ClientCredentials, SmartBackendServices
+from bridge.upstream.retry import RetryPolicy, send
 
 pytestmark = pytest.mark.anyio
 

@@ -11,15 +11,15 @@ from collections.abc import Awaitable, Callable
 import httpx
 
 from bridge.errors import RetriableUpstreamError, UpstreamError, UpstreamUnavailableError
-from bridge.http.breaker import CircuitBreaker, Clock, Sleep
-from bridge.http.errors import (
+from bridge.upstream.bounds import CallLimit, send_bounded
+from bridge.upstream.breaker import CircuitBreaker, Clock, Sleep
+from bridge.upstream.errors import (
     AUTH_STATUS,
     TRANSPORT_ERRORS,
     auth_error,
     error_for_exception,
     error_for_response,
 )
-from bridge.limits import CallLimit, send_bounded
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ async def send(
     """Send ``request`` with retries; return the answer if ``ok``, else raise the mapped error.
 
     The body is read before returning so a truncated body is retried like any transport error;
-    with a ``limit``, within its deadline and size cap (bridge/limits.py), and with ``parse_json``
+    with a ``limit``, within its deadline and size cap (bridge/upstream/bounds.py), and with ``parse_json``
     too, a successful answer's JSON is parsed as it arrives (``json_body`` reads it the same way).
     A 401 or 403 always raises UpstreamAuthError, whatever ``ok`` says.
     """
