@@ -314,7 +314,8 @@ class Publisher:
         results: list[WriteResult | BridgeError | None] = [None] * len(items)
         conflicts: set[int] = set()
         observations_left = {i for i, item in enumerate(items) if item.observations}  # not yet written
-        if self._strategy is WriteStrategy.CLIENT_ID and len(items) > 1 and await self.batching():
+        entries = sum(1 + len(item.observations) for item in items)  # one study with its dose: a batch too
+        if self._strategy is WriteStrategy.CLIENT_ID and entries > 1 and await self.batching():
             if self._refusal is not None:
                 raise ConfigurationError(self._refusal)
             start = 0

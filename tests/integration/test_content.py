@@ -172,7 +172,13 @@ def test_ct_and_projection_xray_dose_reports_become_observations_with_the_report
     xray_report = build_dose_report(xray, "xray", {"dap_total": "0.00012", "rp_total": "0.0031"})
     stow(stack.orthanc.dicomweb_url, [*build_study(ct), ct_report, *build_study(xray), xray_report])
 
-    stack.sync(dose="observation")
+    stack.fhir.reset_stats()
+    first = stack.sync(dose="observation")
+
+    # Each Observation in the same batch as its study: no request of its own. Single PUTs: the
+    # Endpoint's alone; write requests: the Endpoint, the Patient's batch, the studies' batch.
+    assert stack.fhir.stats()["by_method"].get("PUT", 0) == 1
+    assert (first.counts.created, first.fhir_write_requests) == (2, 3)
 
     studies = {
         s["identifier"][0]["value"].removeprefix("urn:oid:"): s for s in stack.fhir_search("ImagingStudy")

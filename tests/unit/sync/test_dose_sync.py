@@ -192,3 +192,17 @@ async def test_without_batch_each_observation_is_written_right_after_its_study(w
     await world.run()
 
     assert [kind for _, kind in _outside_batches(world)][-2:] == ["ImagingStudy", "Observation"]
+
+
+async def test_one_study_with_its_dose_report_is_one_batch(batching: World) -> None:
+    batching.add(1)
+    await batching.run()  # the Endpoint exists from now on
+    calls = len(batching.fhir.calls)
+    _dose_study(batching, 2)
+
+    report = await batching.run()
+
+    assert report.counts.created == 1
+    assert _outside_batches(batching, calls)[-1] == ("batch", "")
+    assert batching.fhir.batch_sizes[-1] == 2, "the study and its Observation"
+    assert ("update", "Observation") not in _outside_batches(batching, calls)
