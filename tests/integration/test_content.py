@@ -15,6 +15,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from bridge.api.app import create_app
+from bridge.mapping.dose import RADIATION_DOSE_SUMMARY
 from tests.integration.conftest import Stack
 from tests.stack.samples import (
     SeriesSpec,
@@ -191,6 +192,7 @@ def test_ct_and_projection_xray_dose_reports_become_observations_with_the_report
     assert set(observations) == {ct_report.SOPInstanceUID, xray_report.SOPInstanceUID}
     ct_dose, xray_dose = observations[ct_report.SOPInstanceUID], observations[xray_report.SOPInstanceUID]
     assert ct_dose["partOf"] == [{"reference": f"ImagingStudy/{studies[ct.uid]['id']}"}]
+    assert ct_dose["meta"]["profile"] == xray_dose["meta"]["profile"] == [RADIATION_DOSE_SUMMARY]
     assert xray_dose["partOf"] == [{"reference": f"ImagingStudy/{studies[xray.uid]['id']}"}]
     assert ct_dose["subject"] == studies[ct.uid]["subject"]
     assert _components(ct_dose)["113813"] == {
