@@ -26,6 +26,7 @@ class DicomwebPath:
     study_uid: str | None  # None only for searches across studies
     path: str  # as forwarded, relative to the DICOMweb base: "studies/1.2.3/metadata"
     series_uid: str | None = None  # the series the path names, if it names one
+    instance_uid: str | None = None  # the SOP instance the path names, if it names one
 
     @property
     def metadata(self) -> bool:
@@ -73,5 +74,5 @@ def parse(path: str) -> DicomwebPath | None:
     if tail == ["instances"]:
         return DicomwebPath("search", "instances", study, joined, series)
     if tail[0] == "instances" and len(tail) >= 2 and is_uid(tail[1]) and _instance_tail(tail[2:]):
-        return DicomwebPath("retrieve", "instances", study, joined, series)
+        return DicomwebPath("retrieve", "instances", study, joined, series, tail[1])
     return None

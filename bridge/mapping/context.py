@@ -11,7 +11,7 @@ from bridge.mapping.identity import UnmappedIssuer
 from bridge.mapping.tables import Tables
 
 # Bump when the mapping's output changes, so every study is republished once after an upgrade.
-MAPPING_VERSION = "4"
+MAPPING_VERSION = "5"
 
 DICOM_UID_SYSTEM = "urn:dicom:uid"
 DCM_SYSTEM = "http://dicom.nema.org/resources/ontology/DCM"
@@ -26,6 +26,10 @@ BRIDGE_TAG_SYSTEM = "urn:fhir-dicomweb-bridge:source"
 # skips a PUT that changes only meta), so republishing would not lift a label.
 WITHDRAWN_EXTENSION = "urn:fhir-dicomweb-bridge:withdrawn"
 WITHDRAWN_CODES = {"conflicting-patient-identity": "conflicting patient identity"}
+# One extension (valueId: the SOP Instance UID) on a published ImagingStudy per instance a rejection
+# note (IHE IOCM) withdrew, the notes included: an archive that does not apply the notes keeps serving
+# them, and the gateway and the front read the published study to refuse them (bridge/gateway/withdrawn.py).
+WITHDRAWN_INSTANCE_EXTENSION = "urn:fhir-dicomweb-bridge:withdrawn-instance"
 
 _ID_NAMESPACE = uuid.UUID("6f1c1f4e-4f0b-5c5e-9d7a-2b8e6f3a9c10")
 

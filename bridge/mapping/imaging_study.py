@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from bridge.dicomweb.records import Code, InstanceRecord, SeriesRecord, StudyRecord
@@ -11,6 +11,7 @@ from bridge.mapping.context import (
     BRIDGE_TAG_SYSTEM,
     DCM_SYSTEM,
     SOP_CLASS_SYSTEM,
+    WITHDRAWN_INSTANCE_EXTENSION,
     MappingContext,
     resource_id,
 )
@@ -130,6 +131,13 @@ def _series_key(series: SeriesRecord) -> tuple[int, int, str]:
     return (series.number is None, series.number or 0, series.uid)
 
 
+def withdrawn_extensions(withdrawn: Collection[str]) -> Resource:
+    """The ImagingStudy's extensions naming the withdrawn instances, sorted (a stable fingerprint)."""
+    if not withdrawn:
+        return {}
+    return {"extension": [{"url": WITHDRAWN_INSTANCE_EXTENSION, "valueId": uid} for uid in sorted(withdrawn)]}
+
+
 def map_imaging_study(
     study: StudyRecord,
     series: Sequence[SeriesRecord],
@@ -139,12 +147,15 @@ def map_imaging_study(
     endpoint_reference: str,
     instances: Sequence[InstanceRecord] = (),
     based_on: Sequence[Resource] = (),
+    withdrawn: Collection[str] = (),
 ) -> Resource:
     """The ImagingStudy for ``study`` (raises MappingError naming the attribute at fault).
 
     ``subject`` is the Reference to the Patient, resolved by the caller per the patient policy;
     ``based_on`` the References to the order(s). ``instances`` are listed per series only when
     the context asks for instance detail and the study has no more than ``max_instances``.
+    ``withdrawn`` are the SOP Instance UIDs rejection notes withdrew (left out of ``series``):
+    each is named in an extension, so the gateway refuses them though the archive still holds them.
     """
     check_uid(study.uid, "StudyInstanceUID")
     identifiers: list[Any] = [study_identifier(study.uid), *accession_identifiers(study, ctx)]
@@ -152,6 +163,7 @@ def map_imaging_study(
         "resourceType": "ImagingStudy",
         "id": imaging_study_id(ctx, study.uid),
         "meta": {"tag": [{"system": BRIDGE_TAG_SYSTEM, "code": ctx.source_name}]},
+        **withdrawn_extensions(withdrawn),
         "identifier": identifiers,
         "status": "available",
         "subject": subject,

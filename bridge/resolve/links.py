@@ -18,6 +18,7 @@ from bridge.mapping.context import (
     V2_0203,
     WITHDRAWN_CODES,
     WITHDRAWN_EXTENSION,
+    WITHDRAWN_INSTANCE_EXTENSION,
 )
 
 WADO_RS = "dicom-wado-rs"
@@ -149,6 +150,8 @@ class StudyLocation:
     # other subject, which then matches no patient in context.
     patient: str | None = None
     sources: tuple[str, ...] = ()  # the bridge sources that wrote it (meta.tag)
+    # SOP Instance UIDs rejection notes withdrew (IHE IOCM): never served, though the archive holds them
+    withdrawn: frozenset[str] = frozenset()
 
 
 def lists_series(study: StudyLocation, series_uid: str) -> bool:
@@ -216,6 +219,17 @@ def withdrawal_of(resource: Mapping[str, Any]) -> str | None:
                 WITHDRAWN_CODES.get(code, "withdrawn by the bridge") if isinstance(code, str) else "withdrawn"
             )
     return None
+
+
+def withdrawn_instances(resource: Mapping[str, Any]) -> frozenset[str]:
+    """The SOP Instance UIDs an ImagingStudy names as withdrawn by rejection notes (its extensions)."""
+    return frozenset(
+        uid
+        for extension in resource.get("extension") or []
+        if isinstance(extension, dict)
+        and extension.get("url") == WITHDRAWN_INSTANCE_EXTENSION
+        and isinstance(uid := extension.get("valueId"), str)
+    )
 
 
 def subject_patient(resource: Mapping[str, Any]) -> str | None:
@@ -356,6 +370,7 @@ def locate(
         series=tuple(located),
         patient=subject_patient(resource),
         sources=source_tags(resource),
+        withdrawn=withdrawn_instances(resource),
     )
 
 

@@ -248,4 +248,5 @@ class StudyAssembler:
             based_on=links.based_on,
             endpoint_reference=endpoint,
             instances=records.instances,
+            withdrawn=records.withdrawn,
         )

@@ -7,8 +7,8 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
 
 from bridge.dicomweb.records import digest
 from bridge.errors import (
@@ -27,7 +27,14 @@ from bridge.mapping.identity import exact_matches
 from bridge.mapping.narrative import imaging_study_narrative, with_narrative
 from bridge.mapping.validate import validate
 from bridge.sync.policy import DeletePolicy, WriteStrategy
-from bridge.sync.protocols import FhirSink, StateStore, WriteResult, not_a_fhir_server, refused_client_ids
+from bridge.sync.protocols import (
+    BatchAnswer,
+    FhirSink,
+    StateStore,
+    WriteResult,
+    not_a_fhir_server,
+    refused_client_ids,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +44,14 @@ logger = logging.getLogger(__name__)
 CAPABILITIES = "fhir-capabilities"
 CAPABILITIES_MAX_AGE = 86400.0
 _BATCHES = {"yes": True, "try": None, "no": False}
+
+
+class StudyWrite(NamedTuple):
+    """One ImagingStudy to write, the version it is known at, and its dose Observations."""
+
+    resource: dict[str, Any]
+    version: str | None
+    observations: Sequence[dict[str, Any]] = ()
 
 
 class Publisher:
@@ -280,28 +295,34 @@ class Publisher:
         self.write_requests += 1
         return self._learn(result)
 
-    async def put_studies(
-        self, items: Sequence[tuple[dict[str, Any], str | None]]
-    ) -> list[WriteResult | BridgeError]:
-        """Write several ImagingStudies, in batch Bundles where the server takes them.
+    async def put_studies(self, items: Sequence[StudyWrite]) -> list[WriteResult | BridgeError]:
+        """Write ImagingStudies and their dose Observations, in batch Bundles where the server takes them.
 
-        Each item is a resource and the version it is known at. Each entry is the same idempotent
-        write as :meth:`put_study` (PUT to the derived id, ``ifMatch`` when the version is known);
-        per entry, a 412/409/404 on a known version re-reads and retries just that study, other
-        4xx are that study's error (it is parked), and a 5xx writes that study alone. A batch that
-        fails as a whole (after the retries) or answers broken falls back to study-by-study
-        writes; a 413 halves the batch. Returns, in order, each study's result or error.
+        Each item is a resource, the version it is known at and its Observations, which go in the
+        same batch right after their study (PUT to their derived ids, partOf the study's id): one
+        request for a study and its dose summaries. Observations whose entry failed, or whose study
+        is written alone, are written alone right after it; if that fails too, the study's outcome
+        is that error (it is parked, and written again with them on the next run).
+
+        Each study's entry is the same idempotent write as :meth:`put_study` (PUT to the derived
+        id, ``ifMatch`` when the version is known); per entry, a 412/409/404 on a known version
+        re-reads and retries just that study, other 4xx are that study's error (it is parked), and
+        a 5xx writes that study alone. A batch that fails as a whole (after the retries) or answers
+        broken falls back to study-by-study writes; a 413 halves the batch. Returns, in order, each
+        study's result or error.
         """
         results: list[WriteResult | BridgeError | None] = [None] * len(items)
         conflicts: set[int] = set()
-        if self._strategy is WriteStrategy.CLIENT_ID and len(items) > 1 and await self.batching():
+        observations_left = {i for i, item in enumerate(items) if item.observations}  # not yet written
+        entries = sum(1 + len(item.observations) for item in items)  # one study with its dose: a batch too
+        if self._strategy is WriteStrategy.CLIENT_ID and entries > 1 and await self.batching():
             if self._refusal is not None:
                 raise ConfigurationError(self._refusal)
             start = 0
             while start < len(items):
                 chunk = items[start : start + self.batch_size]
                 try:
-                    answers = await self._fhir.batch([_put_entry(r, v) for r, v in chunk])
+                    answers = await self._fhir.batch([e for item in chunk for e in _entries(item)])
                 except FatalUpstreamError as exc:
                     if exc.status == 413 and self.batch_size > 2:
                         self.batch_size //= 2
@@ -324,11 +345,15 @@ class Publisher:
                     )
                     start += len(chunk)
                     continue
+                observations_left -= set(range(start, start + len(chunk)))
                 self.write_requests += 1
                 if self._batches is None:
                     self._batches = True  # learned: kept so later runs batch from the start
                     await self._keep_capabilities()
-                for offset, answer in enumerate(answers):
+                for offset, answer, observed in _per_study(chunk, answers):
+                    self.writes += sum(1 for a in observed if a.result is not None)
+                    if any(a.result is None for a in observed):
+                        observations_left.add(start + offset)  # written alone below, after the study
                     if answer.result is not None:
                         self.writes += 1
                         results[start + offset] = self._learn(answer.result)
@@ -337,7 +362,7 @@ class Publisher:
                     elif (
                         isinstance(answer.error, FatalUpstreamError)
                         and answer.error.status in (404, 409, 412)
-                        and chunk[offset][1] is not None
+                        and chunk[offset].version is not None
                     ):
                         conflicts.add(start + offset)  # re-read below, then written alone
                     else:
@@ -346,15 +371,18 @@ class Publisher:
                         )
                 start += len(chunk)
         for index, outcome in enumerate(results):
-            if outcome is not None:
-                continue
-            resource, version = items[index]
+            resource, version, observations = items[index]
+            if isinstance(outcome, BridgeError) or (outcome is not None and index not in observations_left):
+                continue  # parked, or written in a batch with its Observations
             try:
                 if index in conflicts:
                     uid = resource["identifier"][0]["value"].removeprefix("urn:oid:")
                     results[index] = await self._overwrite(resource, {"identifier": study_search(uid)})
-                else:
+                elif outcome is None:
                     results[index] = await self.put_study(resource, version)
+                written = results[index]
+                if observations and isinstance(written, WriteResult):
+                    await self.put_observations(observations, f"ImagingStudy/{written.id}")
             except (MappingError, FatalUpstreamError, RetriableUpstreamError) as exc:
                 results[index] = exc
         return [r for r in results if r is not None]
@@ -465,11 +493,29 @@ def _lists(statement: Mapping[str, Any], code: str) -> bool:
 
 
 def _put_entry(resource: dict[str, Any], version: str | None) -> dict[str, Any]:
-    """The batch entry of one ImagingStudy write: PUT to its derived id, ifMatch when known."""
-    request: dict[str, Any] = {"method": "PUT", "url": f"ImagingStudy/{resource['id']}"}
+    """The batch entry of one write: PUT to the resource's derived id, ifMatch when known."""
+    request: dict[str, Any] = {"method": "PUT", "url": f"{resource['resourceType']}/{resource['id']}"}
     if version:
         request["ifMatch"] = f'W/"{version}"'
     return {"resource": resource, "request": request}
+
+
+def _entries(item: StudyWrite) -> list[dict[str, Any]]:
+    """A study's batch entries: the study, then its Observations, partOf it (their ids derived, as its)."""
+    study = f"ImagingStudy/{item.resource['id']}"
+    for observation in item.observations:
+        observation["partOf"] = [{"reference": study}]
+    return [_put_entry(item.resource, item.version), *(_put_entry(o, None) for o in item.observations)]
+
+
+def _per_study(
+    chunk: Sequence[StudyWrite], answers: Sequence[BatchAnswer]
+) -> Iterator[tuple[int, BatchAnswer, Sequence[BatchAnswer]]]:
+    """Each study's offset in ``chunk``, its answer, and its Observations' answers."""
+    at = 0
+    for offset, item in enumerate(chunk):
+        yield offset, answers[at], answers[at + 1 : at + 1 + len(item.observations)]
+        at += 1 + len(item.observations)
 
 
 def _token(identifier: dict[str, str]) -> str:

@@ -40,7 +40,7 @@ from bridge.sync.link import Linker
 from bridge.sync.policy import DeletePolicy
 from bridge.sync.preview import Preview, Previewer
 from bridge.sync.protocols import KnownStudy, Published, RunCounts, SeriesOutcome, StateStore, StudySource
-from bridge.sync.publisher import Publisher
+from bridge.sync.publisher import Publisher, StudyWrite
 from bridge.sync.report import ParkedReport, RunReport
 from bridge.sync.retire import Retirer
 
@@ -424,19 +424,14 @@ class SyncWorker:
             if not page.writes:
                 return
             writes = page.writes
-            results = await self._publisher.put_studies(
-                [(t.resource, t.known.fhir_version if t.known else None) for t in writes if t.resource]
-            )
+            results = await self._publisher.put_studies(  # each study's dose Observations with it
+                [StudyWrite(t.resource, t.known.fhir_version if t.known else None, t.observations)
+                 for t in writes if t.resource]
+            )  # fmt: skip
             for item, result in zip(writes, results, strict=True):
-                if isinstance(result, BridgeError):
+                if isinstance(result, BridgeError):  # retried whole: the writes are idempotent
                     await self._fail(report, item.study.uid, result)
                     continue
-                if item.observations:
-                    try:
-                        await self._publisher.put_observations(item.observations, f"ImagingStudy/{result.id}")
-                    except BridgeError as exc:  # retried whole: the writes are idempotent
-                        await self._fail(report, item.study.uid, exc)
-                        continue
                 # Created: the study had no ImagingStudy before. The server's 201 says so; with no
                 # record of the study, a first version says so too (servers that answer 200 to a
                 # PUT that creates); anything else updated one that was there.

@@ -15,6 +15,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from bridge.api.app import create_app
+from bridge.mapping.dose import RADIATION_DOSE_SUMMARY
 from tests.integration.conftest import Stack
 from tests.stack.samples import (
     SeriesSpec,
@@ -172,7 +173,15 @@ def test_ct_and_projection_xray_dose_reports_become_observations_with_the_report
     xray_report = build_dose_report(xray, "xray", {"dap_total": "0.00012", "rp_total": "0.0031"})
     stow(stack.orthanc.dicomweb_url, [*build_study(ct), ct_report, *build_study(xray), xray_report])
 
-    stack.sync(dose="observation")
+    stack.fhir.reset_stats()
+    first = stack.sync(dose="observation")
+
+    # Each Observation in the same batch as its study: no request of its own. Three write
+    # requests: the Endpoint's PUT, the one new Patient's PUT, then one batch of both studies
+    # each followed by its Observation (six resources written in all).
+    stats = stack.fhir.stats()
+    assert (stats["by_method"].get("PUT", 0), stats["writes"]) == (2, 6), stats
+    assert (first.counts.created, first.fhir_write_requests) == (2, 3)
 
     studies = {
         s["identifier"][0]["value"].removeprefix("urn:oid:"): s for s in stack.fhir_search("ImagingStudy")
@@ -183,6 +192,7 @@ def test_ct_and_projection_xray_dose_reports_become_observations_with_the_report
     assert set(observations) == {ct_report.SOPInstanceUID, xray_report.SOPInstanceUID}
     ct_dose, xray_dose = observations[ct_report.SOPInstanceUID], observations[xray_report.SOPInstanceUID]
     assert ct_dose["partOf"] == [{"reference": f"ImagingStudy/{studies[ct.uid]['id']}"}]
+    assert ct_dose["meta"]["profile"] == xray_dose["meta"]["profile"] == [RADIATION_DOSE_SUMMARY]
     assert xray_dose["partOf"] == [{"reference": f"ImagingStudy/{studies[xray.uid]['id']}"}]
     assert ct_dose["subject"] == studies[ct.uid]["subject"]
     assert _components(ct_dose)["113813"] == {

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 from dicomweb_client.api import DICOMwebClient
+from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from requests import HTTPError
 
@@ -47,7 +48,7 @@ from tests.stack.front import NginxFront
 from tests.stack.oidc import LOGIN_SCOPES, OidcProvider, web_client
 from tests.stack.orthanc import OrthancServer
 from tests.stack.process import free_loopback_port
-from tests.stack.samples import SeriesSpec, StudySpec, build_study, load_demo, stow
+from tests.stack.samples import SeriesSpec, StudySpec, build_rejection_note, build_study, load_demo, stow
 from tests.stack.tls import Pki
 from tests.stack.viewer import ThreadedServer
 
@@ -455,3 +456,54 @@ def test_an_ehr_launched_session_behind_the_front_sees_its_patients_images_until
             timeout=30,
         )
         assert replayed.status_code == 401  # the ended session, not the archive's answer
+
+
+@pytest.mark.interop
+def test_an_image_a_rejection_note_withdrew_from_a_kept_series_is_served_by_neither_way(
+    world: FrontWorld, stack: Stack
+) -> None:
+    ann = {"Authorization": f"Bearer {world.token('app-ann')}"}
+    study_uid, sop_uids = world.studies["MRN-ANN"]
+    with httpx.Client(auth=(ARCHIVE_USER, ARCHIVE_PASSWORD), timeout=60) as client:
+        rows = client.get(
+            f"{world.orthanc.dicomweb_url}/studies/{study_uid}/instances",
+            params={"includefield": "00080016"},
+        ).json()
+        [row] = [r for r in rows if r["00080018"]["Value"][0] == sop_uids[1]]
+        rejected = Dataset()
+        rejected.SeriesInstanceUID = row["0020000E"]["Value"][0]
+        rejected.SOPClassUID = row["00080016"]["Value"][0]
+        rejected.SOPInstanceUID = sop_uids[1]
+        spec = StudySpec(patient_id="MRN-ANN", patient_name="Ann^Example", uid=study_uid)
+        stow(world.orthanc.dicomweb_url, [build_rejection_note(spec, [rejected])], client=client)
+    report = stack.sync(**world.archive)
+    assert report.counts.updated == 1, (report.counts, report.error)
+    [published] = stack.fhir_search("ImagingStudy", identifier=f"urn:dicom:uid|urn:oid:{study_uid}")
+    [series] = published["series"]
+    assert series["numberOfInstances"] == 2, "the series keeps its two other images"
+    shown = sorted(set(sop_uids) - {sop_uids[1]})
+    env = dict(world.env, BRIDGE_RESOLVER_CACHE_TTL="0", BRIDGE_SESSION_CACHE_TTL="0")
+    with _bridge_with_front(env, free_loopback_port()) as (bridge, front):
+        for way, base in {"front": f"{front.url}/dicom-web", "gateway": f"{bridge}/dicom-web"}.items():
+            instance = f"{base}/studies/{study_uid}/series/{series['uid']}/instances"
+            for tail in ("", "/metadata", "/frames/1", "/rendered"):
+                refused = httpx.get(f"{instance}/{sop_uids[1]}{tail}", headers=ann, timeout=30)
+                assert refused.status_code == 404, (way, tail, refused.status_code)
+                assert "rejection note" in _diagnostics(refused), (way, tail)
+            kept = httpx.get(f"{instance}/{shown[0]}/frames/1", headers=ann, timeout=30)
+            assert kept.status_code == 200, (way, kept.status_code)
+            for path in (
+                f"series/{series['uid']}/metadata",
+                "metadata",
+                "instances",
+                f"series/{series['uid']}/instances",
+            ):
+                answer = httpx.get(f"{base}/studies/{study_uid}/{path}", headers=ann, timeout=30)
+                assert answer.status_code == 200, (way, path, answer.text)
+                assert sorted(r["00080018"]["Value"][0] for r in answer.json()) == shown, (way, path)
+            whole = httpx.get(f"{base}/studies/{study_uid}/series/{series['uid']}", headers=ann, timeout=30)
+            assert whole.status_code == 404 and "one by one" in _diagnostics(whole), way
+            across = httpx.get(
+                f"{base}/instances", params={"StudyInstanceUID": study_uid}, headers=ann, timeout=30
+            )
+            assert sorted(r["00080018"]["Value"][0] for r in across.json()) == shown, way

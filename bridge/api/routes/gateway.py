@@ -47,7 +47,7 @@ from bridge.errors import (
     StudyNotFoundError,
     UpstreamLimitError,
 )
-from bridge.gateway import front, qido
+from bridge.gateway import front, qido, withdrawn
 from bridge.gateway.paths import DicomwebPath, parse
 from bridge.gateway.proxy import forward, request_headers, search_json
 from bridge.resolve.links import (
@@ -193,10 +193,21 @@ async def dicomweb(path: str, request: Request, who: CallerDep) -> Response:
         raise StudyNotFoundError(
             f"series {route.series_uid}: {_UNLISTED} (its images were rejected, or it is not synced yet)"
         )
+    refused = await withdrawn.refusal(
+        route, study, lambda p, q: _archive_rows(*g.archive_for(study), p, q, g.limit)
+    )
+    if refused is not None:  # rejected images (IHE IOCM), though the archive still holds them
+        note(request, who, action, "refused", study=study, reason=refused)
+        raise StudyNotFoundError(refused)
     note(request, who, action, study=study)
     archive, base = g.archive_for(study)
     if patient is not None:
-        return await _one_patients(route, request, study.study_uid, patient, listed, archive, base, r, g)
+        return await _one_patients(route, request, study, patient, listed, archive, base, r, g)
+    if withdrawn.read_whole(route, study):
+        rows = await _archive_rows(
+            archive, base, route.path, list(request.query_params.multi_items()), g.limit
+        )
+        return _json(withdrawn.shown(rows, study.withdrawn))
     return await _stream(archive, f"{base}/{route.path}", request, g.limit)
 
 
@@ -207,7 +218,7 @@ _NOT_IN_ARCHIVE = "not found in the study's archive"
 async def _one_patients(
     route: DicomwebPath,
     request: Request,
-    study_uid: str,
+    study: StudyLocation,
     patient: str,
     listed: frozenset[str],
     archive: Archive,
@@ -227,9 +238,10 @@ async def _one_patients(
         given = list(request.query_params.multi_items())
         params = qido.within_study_params(given) if route.kind == "search" else []
         rows = await _archive_rows(archive, base, route.path, params, g.limit)
-        kept = [row for row in rows if qido.within_study(row, keys, listed)]
+        kept = withdrawn.shown([row for row in rows if qido.within_study(row, keys, listed)], study.withdrawn)
         limit = qido.limit_of(given) if route.kind == "search" else None
         return _json(kept[:limit] if limit is not None else kept)
+    study_uid = study.study_uid
     if route.level == "studies" and await _holds_unlisted(archive, base, study_uid, listed):
         # The whole study, its rendering or thumbnail: refused, not trimmed (a multipart answer
         # cannot be filtered part by part as it streams); the listed series can be retrieved.
@@ -292,7 +304,7 @@ async def _search_across(
     """A search across studies: everything for a caller who may see all, else the patient's rows."""
     if may_see_all(who):
         note(request, who, "image-query")
-        if len(g.archives) == 1:
+        if len(g.archives) == 1 and route.level != "instances":
             archive = g.archives[0]
             return await _stream(archive, f"{archive.base.rstrip('/')}/{route.path}", request, g.limit)
         rows = []
@@ -306,7 +318,9 @@ async def _search_across(
                     archive.limits.page(),
                 )
             )
-        return _json(rows)
+        return _json(
+            await withdrawn.shown_across(rows, r.by_study_uid) if route.level == "instances" else rows
+        )
     patient = patient_limit(who)
     decision = decide(who, patient)
     if patient is None or not decision.allowed:
@@ -330,6 +344,8 @@ async def _search_across(
                 if qido.keep(row, key, studies):
                     kept.setdefault(qido.row_key(row), row)
     rows = list(kept.values())
+    if route.level == "instances":
+        rows = await withdrawn.shown_across(rows, r.by_study_uid)
     limit = qido.limit_of(given)
     return _json(rows[:limit] if limit is not None else rows)
 
@@ -391,8 +407,8 @@ async def front_grant(request: Request) -> Response:
         study = await resolver_of(request).by_study_uid(route.study_uid)
         if not decide(who, study.patient).allowed:
             return Response(status_code=_NOT_FROM_THE_FRONT)
-        if route.series_uid is not None and not lists_series(study, route.series_uid):
-            return Response(status_code=_NOT_FROM_THE_FRONT)  # the gateway refuses it, saying why
+        if study.withdrawn or (route.series_uid is not None and not lists_series(study, route.series_uid)):
+            return Response(status_code=_NOT_FROM_THE_FRONT)  # the gateway refuses it or filters, saying why
         archive, base = _gateway(request).archive_for(study)
         if patient_limit(who) is not None and not await _front_may_serve(route, study, archive, base):
             return Response(status_code=_NOT_FROM_THE_FRONT)

@@ -22,9 +22,11 @@ from tests.unit.api.test_gateway import (
     UID_1,
     UID_2,
     UID_3,
+    WITHDRAWN_SOP,
     World,
     bearer,
     gateway,
+    rejected,  # noqa: F401 (a fixture)
     token,
 )
 
@@ -351,3 +353,18 @@ def test_the_grant_is_keyed_by_the_bridges_own_session_cookie_and_two_are_refuse
     assert "$cookie_" not in text  # never nginx's own pick of the first of several
     assert "if ($bridge_sessions) { return 401; }" in text
     assert '"$bridge_study $bridge_series $bridge_session $http_authorization $http_x_api_key";' in text
+
+
+@pytest.mark.usefixtures("rejected")
+@pytest.mark.parametrize(
+    "path",
+    [INSTANCE, f"studies/{UID_1}/series/1.2/instances/{WITHDRAWN_SOP}/frames/1", f"studies/{UID_1}/metadata"],
+)
+async def test_no_retrieve_of_a_study_with_withdrawn_instances_goes_straight_to_the_archive(
+    tmp_path: Path, path: str
+) -> None:
+    # Grants are kept per series, not per instance: the gateway answers them all, rejected ones refused.
+    async with gateway(tmp_path, World(), gateway_front_secret=SECRET) as api:
+        patient = await api.get(front.GRANT_PATH, headers=_asking(path, **bearer(**PATIENT_1)))
+        machine = await api.get(front.GRANT_PATH, headers=_asking(path, **{"X-API-Key": "machine-key-1"}))
+    assert (patient.status_code, machine.status_code) == (403, 403)

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from bridge.api.app import create_app
 from bridge.api.routes.gateway import DICOM_JSON
 from bridge.config import Settings
-from bridge.mapping.context import WITHDRAWN_EXTENSION
+from bridge.mapping.context import WITHDRAWN_EXTENSION, WITHDRAWN_INSTANCE_EXTENSION
 from bridge.state.store import SqlStore
 
 pytestmark = pytest.mark.anyio
@@ -676,4 +676,123 @@ async def test_a_series_the_published_study_leaves_out_is_not_served(
     assert "its images were rejected" in withdrawn.json()["issue"][0]["diagnostics"]
     assert [r.url.path for r in world.archive_requests] == [
         f"/dicom-web/studies/{UID_1}/series/1.2.3/metadata"
+    ]
+
+
+# Rejected images (IHE IOCM) inside a series the published study keeps: never served to clinicians
+WITHDRAWN_SOP, KEPT_SOP = "1.2.7.2", "1.2.7.1"
+
+
+def _instance_row(sop_uid: str, series_uid: str = "1.2", study_uid: str = UID_1) -> dict[str, Any]:
+    return {
+        "0020000D": {"vr": "UI", "Value": [study_uid]},
+        "0020000E": {"vr": "UI", "Value": [series_uid]},
+        "00080018": {"vr": "UI", "Value": [sop_uid]},
+        "00100020": {"vr": "LO", "Value": ["MRN-1"]},
+    }
+
+
+@pytest.fixture
+def rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Study 1 as the sync publishes it once a rejection note withdrew one instance of series 1.2."""
+    extension = [{"url": WITHDRAWN_INSTANCE_EXTENSION, "valueId": WITHDRAWN_SOP}]
+    monkeypatch.setitem(STUDIES, UID_1, {**STUDIES[UID_1], "extension": extension})
+
+
+CALLERS = [pytest.param(bearer, id="patient-token"), pytest.param(None, id="api-key")]
+
+
+def _headers(caller: Any) -> dict[str, str]:
+    return caller(**PATIENT_1) if caller is not None else {"X-API-Key": "machine-key-1"}
+
+
+@pytest.mark.usefixtures("rejected")
+@pytest.mark.parametrize("caller", CALLERS)
+@pytest.mark.parametrize(
+    "tail", ["", "/metadata", "/frames/1", "/frames/1/rendered", "/rendered", "/thumbnail", "/bulk/7FE00010"]
+)
+async def test_a_withdrawn_instance_is_404_in_every_form_and_never_asked_of_the_archive(
+    tmp_path: Path, caller: Any, tail: str
+) -> None:
+    world = World(
+        json_paths={f"studies/{UID_1}/series/1.2/instances/{KEPT_SOP}/metadata": [_instance_row(KEPT_SOP)]}
+    )
+    async with gateway(tmp_path, world) as api:
+        refused = await api.get(
+            f"/dicom-web/studies/{UID_1}/series/1.2/instances/{WITHDRAWN_SOP}{tail}", headers=_headers(caller)
+        )
+        kept = await api.get(
+            f"/dicom-web/studies/{UID_1}/series/1.2/instances/{KEPT_SOP}{tail}", headers=_headers(caller)
+        )
+    assert refused.status_code == 404
+    assert "rejection note" in refused.json()["issue"][0]["diagnostics"]
+    assert kept.status_code == 200
+    assert all(WITHDRAWN_SOP not in r.url.path for r in world.archive_requests)
+
+
+@pytest.mark.usefixtures("rejected")
+@pytest.mark.parametrize("caller", CALLERS)
+@pytest.mark.parametrize(
+    "path",
+    [f"studies/{UID_1}/metadata", f"studies/{UID_1}/series/1.2/metadata", f"studies/{UID_1}/instances",
+     f"studies/{UID_1}/series/1.2/instances"],
+)  # fmt: skip
+async def test_metadata_and_instance_searches_leave_the_withdrawn_instance_out(
+    tmp_path: Path, caller: Any, path: str
+) -> None:
+    world = World(json_paths={path: [_instance_row(KEPT_SOP), _instance_row(WITHDRAWN_SOP)]})
+    async with gateway(tmp_path, world) as api:
+        answer = await api.get(f"/dicom-web/{path}", headers=_headers(caller))
+    assert answer.status_code == 200
+    assert answer.json() == [_instance_row(KEPT_SOP)]
+
+
+@pytest.mark.usefixtures("rejected")
+@pytest.mark.parametrize("caller", CALLERS)
+async def test_a_whole_series_holding_a_withdrawn_instance_and_the_whole_study_are_refused(
+    tmp_path: Path, caller: Any
+) -> None:
+    world = World(
+        json_paths={
+            f"studies/{UID_1}/series/1.2/instances": [_instance_row(KEPT_SOP), _instance_row(WITHDRAWN_SOP)],
+            f"studies/{UID_1}/series/1.2.3/instances": [_instance_row("1.2.3.1", "1.2.3")],
+        }
+    )
+    async with gateway(tmp_path, world) as api:
+        series = await api.get(f"/dicom-web/studies/{UID_1}/series/1.2", headers=_headers(caller))
+        thumbnail = await api.get(
+            f"/dicom-web/studies/{UID_1}/series/1.2/thumbnail", headers=_headers(caller)
+        )
+        study = await api.get(f"/dicom-web/studies/{UID_1}", headers=_headers(caller))
+        clean = await api.get(f"/dicom-web/studies/{UID_1}/series/1.2.3", headers=_headers(caller))
+    assert (series.status_code, thumbnail.status_code, study.status_code) == (404, 404, 404)
+    assert "retrieve its instances one by one" in series.json()["issue"][0]["diagnostics"]
+    assert clean.status_code == 200 and clean.content == world.body
+    assert [r.url.path for r in world.archive_requests if "instances" not in r.url.path] == [
+        f"/dicom-web/studies/{UID_1}/series/1.2.3"
+    ]
+
+
+@pytest.mark.usefixtures("rejected")
+@pytest.mark.parametrize("caller", CALLERS)
+async def test_an_instance_search_across_studies_leaves_the_withdrawn_instance_out(
+    tmp_path: Path, caller: Any
+) -> None:
+    world = World(json_paths={"instances": [_instance_row(KEPT_SOP), _instance_row(WITHDRAWN_SOP)]})
+    async with gateway(tmp_path, world) as api:
+        answer = await api.get("/dicom-web/instances", headers=_headers(caller))
+    assert answer.status_code == 200
+    assert [row["00080018"]["Value"] for row in answer.json()] == [[KEPT_SOP]]
+
+
+async def test_a_study_without_withdrawn_instances_is_streamed_as_before(tmp_path: Path) -> None:
+    world = World()
+    async with gateway(tmp_path, world) as api:
+        answer = await api.get(
+            f"/dicom-web/studies/{UID_1}/series/1.2/instances/{WITHDRAWN_SOP}",
+            headers={"X-API-Key": "machine-key-1"},
+        )
+    assert answer.status_code == 200 and answer.content == world.body, "nothing withdrawn, nothing refused"
+    assert [r.url.path for r in world.archive_requests] == [
+        f"/dicom-web/studies/{UID_1}/series/1.2/instances/{WITHDRAWN_SOP}"
     ]

@@ -66,6 +66,10 @@ def test_the_observation_is_part_of_the_study_keyed_by_the_report_and_about_its_
     assert observation["partOf"] == [{"reference": "ImagingStudy/study-1"}]
     assert observation["subject"] == SUBJECT
     assert observation["status"] == "final"
+    # The canonical of HL7's Radiation Dose Summary IG's profile, as published (1.0.0 and the ballot).
+    assert observation["meta"]["profile"] == [
+        "http://hl7.org/fhir/uv/radiation-dose-summary/StructureDefinition/radiation-dose-summary"
+    ]
     assert observation["effectiveDateTime"] == STUDY["started"]
     assert observation["code"]["coding"][0]["code"] == "73569-6"
     assert {"system": DCM, "code": "113701", "display": "X-Ray Radiation Dose Report"} in observation["code"][

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from bridge.errors import NoUsableEndpointError, StudyNotFoundError, StudyWithdrawnError
-from bridge.mapping.context import WITHDRAWN_EXTENSION
+from bridge.mapping.context import WITHDRAWN_EXTENSION, WITHDRAWN_INSTANCE_EXTENSION
 from bridge.resolve.links import (
     ViewerTemplate,
     build_links,
@@ -193,3 +193,13 @@ def test_a_study_the_bridge_withdrew_is_refused_with_the_reason_whatever_else_it
         locate(resource, {"Endpoint/ep1": endpoint()}, BASES)
     resource["extension"] = [{"url": "http://example.org/other", "valueCode": "x"}]
     assert locate(resource, {"Endpoint/ep1": endpoint()}, BASES).study_uid == STUDY_UID
+
+
+def test_a_located_study_carries_the_instances_rejection_notes_withdrew() -> None:
+    named = [
+        {"url": WITHDRAWN_INSTANCE_EXTENSION, "valueId": "1.2.3.4"},
+        {"url": "urn:other", "valueId": "5.6"},
+    ]
+    resource = {**imaging_study(), "extension": named}
+    assert locate(resource, {"Endpoint/ep1": endpoint()}, BASES).withdrawn == {"1.2.3.4"}
+    assert locate(imaging_study(), {"Endpoint/ep1": endpoint()}, BASES).withdrawn == frozenset()

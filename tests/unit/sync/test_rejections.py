@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 
 from bridge.dicomweb.records import InstanceRecord
+from bridge.mapping.context import WITHDRAWN_INSTANCE_EXTENSION
+from bridge.mapping.validate import validate
+from bridge.resolve.links import withdrawn_instances
 from tests.builders import rejection_note_json, series_row, uid
 from tests.unit.sync.world import World
 
@@ -93,3 +96,24 @@ async def test_studies_without_key_object_series_cost_no_metadata_read(world: Wo
     _ct_study(world)
     await world.run()
     assert world.source.metadata_calls == []
+
+
+async def test_the_published_study_names_each_withdrawn_instance_and_the_gateway_reads_them(
+    world: World,
+) -> None:
+    study, ct = _ct_study(world)
+    _reject(world, study, ct, [f"{ct}.2"])
+
+    await world.run()
+
+    published = world.study(study)
+    named = [e["valueId"] for e in published["extension"] if e["url"] == WITHDRAWN_INSTANCE_EXTENSION]
+    assert named == sorted([f"{ct}.2", uid(1, 9, 1)]), "the rejected image and the note itself"
+    assert withdrawn_instances(published) == {f"{ct}.2", uid(1, 9, 1)}
+    validate(published)
+
+
+async def test_a_study_without_rejections_names_no_withdrawn_instance(world: World) -> None:
+    study, _ = _ct_study(world)
+    await world.run()
+    assert "extension" not in world.study(study)
