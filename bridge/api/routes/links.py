@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Annotated
+from typing import Annotated, Literal
 
 import anyio.to_thread
 from fastapi import APIRouter, Depends, Query, Request
 from starlette.responses import Response
+from starlette.routing import BaseRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from bridge.api.access import decide
 from bridge.api.audit import note
 from bridge.api.deps import (
     AuthenticatedRoute,
@@ -21,9 +24,9 @@ from bridge.api.deps import (
     caller,
     services_of,
 )
-from bridge.api.errors import ERROR_RESPONSES
+from bridge.api.errors import ERROR_RESPONSES, AuthenticationError
 from bridge.api.models import StudyLinks
-from bridge.resolve.links import StudyLocation, build_links
+from bridge.resolve.links import FHIR_ID, StudyLocation, build_links, is_uid
 
 router = APIRouter(
     tags=["links"], dependencies=[Depends(caller)], responses=ERROR_RESPONSES, route_class=AuthenticatedRoute
@@ -122,3 +125,103 @@ async def links_by_accession(study: StudyByAccession, request: Request) -> Respo
 async def links_by_reference(study: StudyByReference, request: Request) -> Response:
     """The links of ``?reference=ImagingStudy/{id}`` or of the ImagingStudy's absolute URL."""
     return await _links(study, request)
+
+
+# ---------------------------------------------------------------- the cached lane
+
+# The two lookups the lane answers, by path prefix: the resolver's cache kind, the route's template.
+_LANES: tuple[tuple[str, Literal["id", "uid"], str], ...] = (
+    ("/studies/", "uid", "/studies/{study_uid}/links"),
+    ("/imaging-studies/", "id", "/imaging-studies/{id}/links"),
+)
+
+
+def _lane_of(path: str) -> tuple[Literal["id", "uid"], str, str] | None:
+    """(cache kind, id or UID, route template) of a plain links path whose key is valid; else None."""
+    if not path.endswith("/links"):
+        return None
+    for prefix, kind, template in _LANES:
+        if path.startswith(prefix):
+            value = path[len(prefix) : -len("/links")]
+            valid = is_uid(value) if kind == "uid" else FHIR_ID.fullmatch(value) is not None
+            return (kind, value, template) if valid else None
+    return None
+
+
+class CachedLinksLane:
+    """ASGI: answers a cached links lookup (by Study UID or id, first page) before FastAPI routes it.
+
+    A viewer or an EHR asks for the same few studies again and again; for those, FastAPI's
+    routing, dependency solving and parameter validation were most of the request's cost. This lane
+    takes only a request that needs none of it: GET, no query string, no Origin header (CORS), no
+    mount prefix, a valid UID or id, a study in the resolver's cache, a caller who authenticates
+    and may see it. It then does what the route does (authenticate, count the cache hit, audit
+    the access, send the page's kept bytes) with the route's template set for the metrics and the
+    access log. Anything else, including every refusal, goes on to the route unchanged, which
+    answers, audits and counts it as before; the lane has no side effect on what it passes on.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._routes: dict[str, BaseRoute] | None = None
+
+    def _route(self, scope: Scope, template: str) -> BaseRoute | None:
+        """The app's route of this template (None when the links router is not in the app)."""
+        if self._routes is None:
+            templates = {t for _, _, t in _LANES}
+            self._routes = {}
+            for route in scope["app"].router.routes:
+                # FastAPI keeps an included router whole (the request's route is then the router's
+                # own); older releases copied its routes into the app's
+                whole = getattr(route, "original_router", None) is router
+                for each in router.routes if whole else [route]:
+                    path = getattr(each, "path", None)
+                    if path in templates:
+                        self._routes[path] = each
+        return self._routes.get(template)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer from the cache when the request allows it, else pass it on."""
+        if (
+            scope["type"] != "http"
+            or scope["method"] != "GET"
+            or scope["query_string"]
+            or scope.get("root_path")
+            or not await self._answered(scope, receive, send)
+        ):
+            await self.app(scope, receive, send)
+
+    async def _answered(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        lane = _lane_of(scope["path"])
+        if lane is None:
+            return False
+        kind, value, template = lane
+        route = self._route(scope, template)
+        request = Request(scope, receive)
+        s = services_of(request)
+        resolver = s.resolver
+        if route is None or resolver is None or "origin" in request.headers:
+            return False
+        study = resolver.cached(kind, value)
+        if study is None:
+            return False
+        try:
+            who = await authenticate(request, audit_refusal=False)  # the route audits a refusal
+        except AuthenticationError:
+            return False
+        offset, count = _page(s, 0, None)
+        body = resolver.answers.get(study, (offset, count))
+        if body is None or not decide(who, study.patient).allowed:
+            return False  # the route makes the answer (or refuses, audited)
+        resolver.count_hit(kind)
+        note(request, who, "links", study=study)
+        scope["route"] = route  # what the route's request would carry: its template labels the metrics
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-length", str(len(body)).encode()), (b"content-type", JSON.encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+        return True
