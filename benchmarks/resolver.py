@@ -202,6 +202,17 @@ def _run_wrk(wrk: str, args: argparse.Namespace, script: Path, url: str) -> dict
     return _parse_wrk(run.stdout)
 
 
+def _spy(args: argparse.Namespace, server: Serve, name: str) -> subprocess.Popen[bytes]:
+    """py-spy recording ``server`` for one run's duration (collapsed stacks, in --profile-dir)."""
+    args.profile_dir.mkdir(parents=True, exist_ok=True)
+    out = args.profile_dir / f"{name}.pyspy.txt"
+    print(f"  profile: {out}")
+    spy = str(Path(sys.executable).with_name("py-spy"))
+    command = [spy, "record", "--rate", "250", "--format", "raw", "--duration", str(args.duration)]
+    command += ["--pid", str(server.process.pid), "-o", str(out)]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def versus_bare(args: argparse.Namespace, wrk: str, stack: DemoStack) -> bool:
     """Cached links by Study UID against a bare Starlette app answering the same bytes; True if on target.
 
@@ -234,7 +245,10 @@ def versus_bare(args: argparse.Namespace, wrk: str, stack: DemoStack) -> bool:
         ))  # fmt: skip
         ratios, p99s = [], []
         for number in range(1, args.rounds + 1):
+            spy = _spy(args, bridge, f"serve-versus-bare-{number}") if args.profile is not None else None
             ours = _run_wrk(wrk, args, script, bridge.url)
+            if spy is not None:
+                spy.wait(timeout=60)
             theirs = _run_wrk(wrk, args, script, bare.url)
             ratio = ours["rps"] / theirs["rps"]
             ratios.append(ratio)
@@ -332,27 +346,7 @@ def main() -> int:
                     script = _wrk_script(paths, workdir, headers)
                     spy = None
                     if mode in profiled:
-                        args.profile_dir.mkdir(parents=True, exist_ok=True)
-                        out = args.profile_dir / f"serve-{auth}-{mode}-{kind}.pyspy.txt"
-                        spy = subprocess.Popen(
-                            [
-                                str(Path(sys.executable).with_name("py-spy")),
-                                "record",
-                                "--rate",
-                                "250",
-                                "--format",
-                                "raw",
-                                "--duration",
-                                str(args.duration),
-                                "--pid",
-                                str(server.process.pid),
-                                "-o",
-                                str(out),
-                            ],  # fmt: skip
-                            stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL,
-                        )
-                        print(f"  profile: {out}")
+                        spy = _spy(args, server, f"serve-{auth}-{mode}-{kind}")
                     result = _run_wrk(wrk, args, script, server.url)
                     if spy is not None:
                         spy.wait(timeout=60)

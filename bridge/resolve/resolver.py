@@ -201,6 +201,7 @@ class Resolver:
         self.endpoints: TtlCache[dict[str, Any]] = TtlCache(config.cache_ttl, 256, clock)
         # Nothing cached (TTL 0): every lookup makes a new location, so no answer could be reused.
         self.answers = Answers(config.cache_size if config.cache_ttl > 0 else 0)
+        self._hits: dict[str, Any] = {}  # the cache-hit series of RESOLVER_LOOKUPS, by kind
         self._fhir_base = normalize_base(config.fhir_base) or config.fhir_base.rstrip("/")
         self._include_refused = False  # the server answered _include with a 400: search without it
 
@@ -240,7 +241,10 @@ class Resolver:
 
     def count_hit(self, kind: Literal["id", "uid"]) -> None:
         """Count a lookup answered from ``cached``, as ``_lookup`` counts its own."""
-        RESOLVER_LOOKUPS.labels(kind, "hit").inc()
+        counter = self._hits.get(kind)
+        if counter is None:  # a labelled series looked up once: the look-up costs more than the count
+            counter = self._hits[kind] = RESOLVER_LOOKUPS.labels(kind, "hit")
+        counter.inc()
 
     async def _lookup(
         self, kind: str, key: Hashable, load: Callable[[], Awaitable[StudyLocation]]
