@@ -24,8 +24,9 @@ from bridge.api.deps import (
     caller,
     services_of,
 )
-from bridge.api.errors import ERROR_RESPONSES, AuthenticationError
+from bridge.api.errors import ERROR_RESPONSES
 from bridge.api.models import StudyLinks
+from bridge.errors import BridgeError
 from bridge.resolve.links import FHIR_ID, StudyLocation, build_links, is_uid
 
 router = APIRouter(
@@ -153,7 +154,7 @@ class CachedLinksLane:
 
     A viewer or an EHR asks for the same few studies again and again; for those, FastAPI's
     routing, dependency solving and parameter validation were most of the request's cost. This lane
-    takes only a request that needs none of it: GET, no query string, no Origin header (CORS), no
+    takes only a request that needs none of it: GET, no query string, no CORS configured, no
     mount prefix, a valid UID or id, a study in the resolver's cache, a caller who authenticates
     and may see it. It then does what the route does (authenticate, count the cache hit, audit
     the access, send the page's kept bytes) with the route's template set for the metrics and the
@@ -200,14 +201,14 @@ class CachedLinksLane:
         request = Request(scope, receive)
         s = services_of(request)
         resolver = s.resolver
-        if route is None or resolver is None or "origin" in request.headers:
-            return False
+        if route is None or resolver is None or s.settings.cors_origins:
+            return False  # with CORS on, its middleware has headers to add (Vary: Origin, at least)
         study = resolver.cached(kind, value)
         if study is None:
             return False
         try:
             who = await authenticate(request, audit_refusal=False)  # the route audits a refusal
-        except AuthenticationError:
+        except BridgeError:  # a refusal, or the session store failing: the route answers it
             return False
         offset, count = _page(s, 0, None)
         body = resolver.answers.get(study, (offset, count))

@@ -102,11 +102,14 @@ async def test_a_cached_study_answers_a_browser_of_an_allowed_origin_with_cors_h
     tmp_path: Path, fake: FakeFhir
 ) -> None:
     async with client(tmp_path, fake, cors_origins=["https://viewer.example"]) as api:
-        await api.get(BY_UID)
+        first = await api.get(BY_UID)
+        again = await api.get(BY_UID)
         ok = await api.get(BY_UID, headers={"Origin": "https://viewer.example"})
         other = await api.get(BY_UID, headers={"Origin": "https://evil.example"})
     assert ok.headers["access-control-allow-origin"] == "https://viewer.example"
     assert "access-control-allow-origin" not in other.headers
+    # without an Origin the answer still varies by it, for the caches in between
+    assert first.headers["vary"] == again.headers["vary"] == "Origin"
 
 
 async def test_a_changed_study_is_answered_anew_once_the_cache_ttl_is_over(tmp_path: Path, fake: FakeFhir) -> None:
