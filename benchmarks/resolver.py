@@ -10,7 +10,13 @@ connections, cycling through every demo study:
 Each mode runs with authentication off and with it on (``--auth``): an API key in BRIDGE_API_KEYS,
 sent by wrk as X-API-Key on every request.
 
+First (``--versus-bare``), the yardstick of issue 24: cached links by Study UID from `bridge serve`
+with default settings and INFO logging, against a bare Starlette app (benchmarks/_bare_app.py)
+answering the same bytes under the same uvicorn settings, same wrk command, in turns; the ratio of
+the two throughputs and the bridge's p99 are the figures (targets: >= 0.5x, p99 < 50 ms).
+
 Run:  python -m benchmarks.resolver [--duration 10] [--connections 50] [--auth off api-key]
+          [--versus-bare also|only|no] [--rounds 3]
 Installs Debian's wrk when it is missing (apt-get, as root). Prints throughput and p50/p99 latency
 per mode and lookup kind, the FHIR requests made, the settings, and the machine (nproc, CPU model).
 """
@@ -25,6 +31,7 @@ import platform
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -113,6 +120,9 @@ def demo_stack(prefix: str, **settings: str) -> Iterator[DemoStack]:
 
 
 API_KEY = "bench-key-7f3d91"
+# issue 24: a cached links lookup within half of a bare Starlette app, p99 under 50 ms
+TARGET_RATIO = 0.5
+TARGET_P99_MS = 50.0
 AUTH_MODES = ("off", "api-key")
 
 
@@ -151,21 +161,22 @@ def _parse_wrk(output: str) -> dict[str, float]:
 
 
 class Serve:
-    """`bridge serve` in a subprocess."""
+    """`bridge serve` in a subprocess (or, with ``bare_bodies``, the bare Starlette app of _bare_app)."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], bare_bodies: Path | None = None) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "bridge", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        command = [sys.executable, "-m", "bridge", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+        ready = "/readyz"
+        if bare_bodies is not None:
+            command = [sys.executable, "-m", "benchmarks._bare_app", str(self.port), str(bare_bodies)]
+            ready = "/studies/0/links"  # any answer means it listens
+        quiet = subprocess.DEVNULL
+        self.process = subprocess.Popen(command, env=env, stdout=quiet, stderr=quiet)
         deadline = time.monotonic() + 30
         while True:
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}{ready}", timeout=2).status_code in (200, 404):
                     return
             except httpx.TransportError:
                 pass
@@ -182,6 +193,82 @@ class Serve:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+def _run_wrk(wrk: str, args: argparse.Namespace, script: Path, url: str) -> dict[str, float]:
+    """One wrk run of ``script``'s paths against ``url``, parsed."""
+    command = [wrk, f"-t{args.threads}", f"-c{args.connections}", f"-d{args.duration}s", "--latency"]
+    run = subprocess.run([*command, "-s", str(script), url], capture_output=True, text=True, check=True)
+    return _parse_wrk(run.stdout)
+
+
+def _spy(args: argparse.Namespace, server: Serve, name: str) -> subprocess.Popen[bytes]:
+    """py-spy recording ``server`` for one run's duration (collapsed stacks, in --profile-dir)."""
+    args.profile_dir.mkdir(parents=True, exist_ok=True)
+    out = args.profile_dir / f"{name}.pyspy.txt"
+    print(f"  profile: {out}")
+    spy = str(Path(sys.executable).with_name("py-spy"))
+    command = [spy, "record", "--rate", "250", "--format", "raw", "--duration", str(args.duration)]
+    command += ["--pid", str(server.process.pid), "-o", str(out)]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def versus_bare(args: argparse.Namespace, wrk: str, stack: DemoStack) -> bool:
+    """Cached links by Study UID against a bare Starlette app answering the same bytes; True if on target.
+
+    `bridge serve` runs with default settings and INFO logging (as an operator runs it); the bare
+    app (benchmarks/_bare_app.py) under the same uvicorn settings. Both are driven by the same wrk
+    command, one after the other, ``--rounds`` times: the ratio within a round is the figure, the
+    absolute numbers move with the machine's load.
+    """
+    env = dict(stack.env, BRIDGE_LOG_LEVEL="INFO")
+    paths = [f"/studies/{s.uid}/links" for s in stack.specs]
+    script = _wrk_script(paths, stack.workdir)
+    bridge = Serve(env)
+    bare = None
+    try:
+        bodies = {}
+        for spec, path in zip(stack.specs, paths, strict=True):
+            answer = httpx.get(bridge.url + path, timeout=30)
+            if answer.status_code != 200:
+                raise RuntimeError(f"{path}: {answer.status_code} before the run")
+            bodies[spec.uid] = answer.text
+        bodies_file = stack.workdir / "bodies.json"
+        bodies_file.write_text(json.dumps(bodies))
+        bare = Serve(stack.env, bare_bodies=bodies_file)
+        for path in paths:
+            if httpx.get(bare.url + path, timeout=30).text != bodies[path.split("/")[2]]:
+                raise RuntimeError(f"{path}: the bare app's body differs from the bridge's")
+        print("cached GET /studies/{uid}/links: bridge serve (defaults, INFO logging), a bare Starlette app")
+        print("{:6} {:>9} {:>8} {:>8} {:>9} {:>9} {:>8} {:>8} {:>7}".format(
+            "round", "bridge/s", "p50 ms", "p99 ms", "bare/s", "p50 ms", "p99 ms", "non-2xx", "ratio"
+        ))  # fmt: skip
+        ratios, p99s = [], []
+        for number in range(1, args.rounds + 1):
+            spy = _spy(args, bridge, f"serve-versus-bare-{number}") if args.profile is not None else None
+            ours = _run_wrk(wrk, args, script, bridge.url)
+            if spy is not None:
+                spy.wait(timeout=60)
+            theirs = _run_wrk(wrk, args, script, bare.url)
+            ratio = ours["rps"] / theirs["rps"]
+            ratios.append(ratio)
+            p99s.append(ours["p99_ms"])
+            print(
+                f"{number:<6} {ours['rps']:9.0f} {ours['p50_ms']:8.2f} {ours['p99_ms']:8.2f} "
+                f"{theirs['rps']:9.0f} {theirs['p50_ms']:8.2f} {theirs['p99_ms']:8.2f} "
+                f"{ours['non_2xx'] + theirs['non_2xx']:8.0f} {ratio:7.2f}"
+            )
+        ratio, p99 = statistics.median(ratios), statistics.median(p99s)
+        met = ratio >= TARGET_RATIO and p99 < TARGET_P99_MS
+        print(
+            f"median ratio {ratio:.2f}x of the bare app (target >= {TARGET_RATIO}x), bridge p99 {p99:.1f} ms "
+            f"(target < {TARGET_P99_MS:.0f} ms): {'met' if met else 'NOT met'}"
+        )
+        return met
+    finally:
+        bridge.stop()
+        if bare is not None:
+            bare.stop()
 
 
 def main() -> int:
@@ -208,6 +295,13 @@ def main() -> int:
     parser.add_argument(
         "--profile-dir", type=Path, default=Path("/tmp/bridge-bench/resolver-profiles"), help="where they go"
     )
+    parser.add_argument(
+        "--versus-bare",
+        choices=("also", "only", "no"),
+        default="also",
+        help="run cached links by Study UID against a bare Starlette app first (default), only that, or not",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="bridge/bare pairs of runs in that comparison")
     args = parser.parse_args()
     profiled = set() if args.profile is None else set(args.profile or ["cached"])
     wrk = ensure_wrk()
@@ -217,6 +311,15 @@ def main() -> int:
         if not stack.sync():
             return 1
         fhir, specs, workdir, base_env = stack.fhir, stack.specs, stack.workdir, stack.env
+        print(f"machine: nproc={os.cpu_count()} cpu={cpu_model()!r} python={platform.python_version()}")
+        print(
+            f"load: wrk -t{args.threads} -c{args.connections} -d{args.duration}s, "
+            f"{len(specs)} demo studies in rotation; bridge serve = 1 uvicorn worker"
+        )
+        if args.versus_bare != "no":
+            met = versus_bare(args, wrk, stack)
+            if args.versus_bare == "only":
+                return 0 if met else 3
         studies = httpx.get(f"{fhir.base_url}/ImagingStudy", params={"_count": "100"}, timeout=30).json()
         ids = [e["resource"]["id"] for e in studies.get("entry", [])]
         kinds = {
@@ -224,11 +327,6 @@ def main() -> int:
             "by-id": [f"/imaging-studies/{i}/links" for i in ids],
             "viewer": [f"/studies/{s.uid}/viewer" for s in specs],
         }
-        print(f"machine: nproc={os.cpu_count()} cpu={cpu_model()!r} python={platform.python_version()}")
-        print(
-            f"load: wrk -t{args.threads} -c{args.connections} -d{args.duration}s, "
-            f"{len(specs)} demo studies in rotation; bridge serve = 1 uvicorn worker"
-        )
         header = ("auth", "mode", "lookup", "req/s", "p50 ms", "p99 ms", "requests", "non-2xx", "FHIR req")
         print("{:7} {:9} {:7} {:>9} {:>8} {:>8} {:>9} {:>11} {:>9}".format(*header))
         for auth, (mode, ttl) in [(a, m) for a in args.auth for m in (("cached", "30"), ("uncached", "0"))]:
@@ -248,45 +346,10 @@ def main() -> int:
                     script = _wrk_script(paths, workdir, headers)
                     spy = None
                     if mode in profiled:
-                        args.profile_dir.mkdir(parents=True, exist_ok=True)
-                        out = args.profile_dir / f"serve-{auth}-{mode}-{kind}.pyspy.txt"
-                        spy = subprocess.Popen(
-                            [
-                                str(Path(sys.executable).with_name("py-spy")),
-                                "record",
-                                "--rate",
-                                "250",
-                                "--format",
-                                "raw",
-                                "--duration",
-                                str(args.duration),
-                                "--pid",
-                                str(server.process.pid),
-                                "-o",
-                                str(out),
-                            ],  # fmt: skip
-                            stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL,
-                        )
-                        print(f"  profile: {out}")
-                    run = subprocess.run(
-                        [
-                            wrk,
-                            f"-t{args.threads}",
-                            f"-c{args.connections}",
-                            f"-d{args.duration}s",
-                            "--latency",
-                            "-s",
-                            str(script),
-                            server.url,
-                        ],
-                        capture_output=True,
-                        text=True,
-                        check=True,
-                    )
+                        spy = _spy(args, server, f"serve-{auth}-{mode}-{kind}")
+                    result = _run_wrk(wrk, args, script, server.url)
                     if spy is not None:
                         spy.wait(timeout=60)
-                    result = _parse_wrk(run.stdout)
                     fhir_requests = fhir.stats().get("requests", "?")
                     print(
                         f"{auth:7} {mode:9} {kind:7} {result['rps']:9.0f} {result['p50_ms']:8.2f} "

@@ -246,6 +246,7 @@ def create_app(
             allow_credentials=False,
             max_age=600,
         )
+    app.add_middleware(links.CachedLinksLane)  # cached lookups skip FastAPI's routing; inside the metrics
     app.add_middleware(ObservabilityMiddleware)  # added last: outermost
     return app
 

@@ -14,7 +14,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from bridge.errors import (
     FatalUpstreamError,
@@ -51,6 +51,8 @@ _INCLUDE_ENDPOINT = "ImagingStudy:endpoint"  # FHIR R4 search: the study's Endpo
 # located in a worker thread, so the loop keeps serving /healthz meanwhile (the links route builds
 # a large page of links in a thread for the same reason, from the same threshold).
 ON_LOOP_SERIES = 64
+# What the serialised answers kept beside the cached studies may take of memory at most.
+ANSWERS_MAX_BYTES = 64 * 1024 * 1024
 
 
 class TtlCache(Generic[T]):
@@ -137,6 +139,44 @@ class ResolverConfig:
         object.__setattr__(self, "dicomweb_bases", tuple(dict.fromkeys(bases)))
 
 
+class Answers:
+    """Answers made from a located study (a links page's JSON), kept while that location is current.
+
+    Keyed by what the answer depends on besides the study (a page's offset and size) and checked
+    by the location's identity: a study loaded again (its TTL over, or changed on the server) is a
+    new ``StudyLocation`` object, so its answers are made anew and never outlive the study's entry.
+    Bounded by count and by bytes, the least recently used going first.
+    """
+
+    def __init__(self, size: int, max_bytes: int = ANSWERS_MAX_BYTES) -> None:
+        self.size = size
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._entries: OrderedDict[Hashable, tuple[StudyLocation, bytes]] = OrderedDict()
+
+    def get(self, location: StudyLocation, key: Hashable) -> bytes | None:
+        """The answer made for this very location under ``key``, if any."""
+        full = (location.fhir_id, key)
+        entry = self._entries.get(full)
+        if entry is None or entry[0] is not location:
+            return None
+        self._entries.move_to_end(full)
+        return entry[1]
+
+    def put(self, location: StudyLocation, key: Hashable, answer: bytes) -> None:
+        """Keep ``answer`` beside ``location``; nothing when it alone is over the byte budget."""
+        if self.size <= 0 or len(answer) > self.max_bytes:
+            return
+        entries, full = self._entries, (location.fhir_id, key)
+        old = entries.pop(full, None)
+        if old is not None:
+            self.bytes -= len(old[1])
+        entries[full] = (location, answer)
+        self.bytes += len(answer)
+        while len(entries) > self.size or self.bytes > self.max_bytes:
+            self.bytes -= len(entries.popitem(last=False)[1][1])
+
+
 Endpoints = Mapping[str, dict[str, Any]]  # Endpoint resources by id
 
 
@@ -159,6 +199,9 @@ class Resolver:
         self.config = config
         self.studies: TtlCache[StudyLocation] = TtlCache(config.cache_ttl, config.cache_size, clock)
         self.endpoints: TtlCache[dict[str, Any]] = TtlCache(config.cache_ttl, 256, clock)
+        # Nothing cached (TTL 0): every lookup makes a new location, so no answer could be reused.
+        self.answers = Answers(config.cache_size if config.cache_ttl > 0 else 0)
+        self._hits: dict[str, Any] = {}  # the cache-hit series of RESOLVER_LOOKUPS, by kind
         self._fhir_base = normalize_base(config.fhir_base) or config.fhir_base.rstrip("/")
         self._include_refused = False  # the server answered _include with a 400: search without it
 
@@ -187,6 +230,21 @@ class Resolver:
         """The study of a FHIR reference (``ImagingStudy/id``) or an absolute ImagingStudy URL."""
         fhir_id = self.parse_reference(reference)
         return await self._lookup("reference", ("id", fhir_id), lambda: self._load_by_id(fhir_id))
+
+    def cached(self, kind: Literal["id", "uid"], value: str) -> StudyLocation | None:
+        """The cached study of ImagingStudy/``value`` (``id``) or Study Instance UID ``value`` (``uid``).
+
+        Neither loads nor counts: a caller that serves it says so with ``count_hit``; one that
+        does not leaves the lookup to ``by_id`` / ``by_study_uid``, which count it themselves.
+        """
+        return self.studies.get((kind, value))
+
+    def count_hit(self, kind: Literal["id", "uid"]) -> None:
+        """Count a lookup answered from ``cached``, as ``_lookup`` counts its own."""
+        counter = self._hits.get(kind)
+        if counter is None:  # a labelled series looked up once: the look-up costs more than the count
+            counter = self._hits[kind] = RESOLVER_LOOKUPS.labels(kind, "hit")
+        counter.inc()
 
     async def _lookup(
         self, kind: str, key: Hashable, load: Callable[[], Awaitable[StudyLocation]]

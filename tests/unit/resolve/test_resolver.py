@@ -18,7 +18,8 @@ from bridge.errors import (
 )
 from bridge.fhir.client import FhirClient
 from bridge.mapping.context import resource_id
-from bridge.resolve.resolver import ON_LOOP_SERIES, Resolver, ResolverConfig
+from bridge.resolve.links import StudyLocation
+from bridge.resolve.resolver import ON_LOOP_SERIES, Answers, Resolver, ResolverConfig
 from bridge.upstream.retry import RetryPolicy
 from tests.unit.resolve.fake_fhir import (
     DICOMWEB_BASE,
@@ -276,3 +277,40 @@ async def test_only_a_large_study_is_located_in_a_worker_thread(
     assert len(located.series) == series
     assert all(s.base == DICOMWEB_BASE for s in located.series)
     assert executor.submitted == hops
+
+
+def _location(fhir_id: str = "is1") -> StudyLocation:
+    return StudyLocation(fhir_id=fhir_id, study_uid="1.2.3", base="https://pacs.example.org/dicom-web")
+
+
+def test_an_answer_is_served_only_for_the_very_location_it_was_made_from() -> None:
+    answers = Answers(10)
+    first = _location()
+    answers.put(first, (0, 1000), b"first")
+    assert answers.get(first, (0, 1000)) == b"first"
+    assert answers.get(first, (0, 5)) is None  # another page
+    # the same study loaded again (TTL over, or changed on the server): an equal but new location
+    again = _location()
+    assert again == first
+    assert answers.get(again, (0, 1000)) is None
+
+
+def test_answers_are_bounded_by_count_and_by_bytes() -> None:
+    answers = Answers(2, max_bytes=10)
+    a, b, c = _location("a"), _location("b"), _location("c")
+    answers.put(a, 0, b"aaaa")
+    answers.put(b, 0, b"bbbb")
+    answers.put(c, 0, b"cccc")  # a third entry: the oldest goes
+    assert (answers.get(a, 0), answers.get(b, 0), answers.get(c, 0)) == (None, b"bbbb", b"cccc")
+    answers.put(a, 0, b"aaaaaaaa")  # over the 10 bytes with any other: the rest go
+    assert (answers.get(b, 0), answers.get(c, 0), answers.get(a, 0)) == (None, None, b"aaaaaaaa")
+    answers.put(b, 0, b"x" * 11)  # alone over the budget: not kept, and nothing else lost
+    assert (answers.get(b, 0), answers.get(a, 0)) == (None, b"aaaaaaaa")
+    assert answers.bytes == 8
+
+
+def test_nothing_is_kept_when_the_resolver_caches_nothing() -> None:
+    answers = Answers(0)
+    location = _location()
+    answers.put(location, 0, b"x")
+    assert answers.get(location, 0) is None
