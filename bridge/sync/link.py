@@ -59,7 +59,7 @@ class Linker:
         self.store = store  # overrides of the demographics check and merge tracing
 
     def begin_run(self, *, dry_run: bool = False) -> RunLinker:
-        """The linker of one run; a dry run's reads the FHIR server and the store and writes neither."""
+        """The linker of one run; a dry run's only reads, from the FHIR server and the store."""
         return RunLinker(self, dry_run=dry_run)
 
 
