@@ -1,7 +1,7 @@
-"""A study's way to the ImagingStudy that is written, in one direction.
+"""The study-level parts of the sync pipeline: fetch a study's records, link, map (pure).
 
-fetch (the archive's records) -> link (Patient and order, looked up on the FHIR server) -> map (pure)
--> validate, once, the very resource that is then written.
+The pipeline (bridge/sync/pipeline.py) runs them for a page of studies and validates, once, the very
+resource that is then written (or, in a dry run, shown).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from bridge.mapping.imaging_study import fallbacks, map_imaging_study
 from bridge.mapping.rejection import KEY_OBJECT_MODALITY, RejectionNote, apply_rejections, rejection_notes
 from bridge.mapping.validate import validate
 from bridge.sync.identity import conflict, conflicting
-from bridge.sync.link import Linker
+from bridge.sync.link import RunLinker
 from bridge.sync.protocols import StudySource
 
 logger = logging.getLogger(__name__)
@@ -65,28 +65,10 @@ class Links:
 class StudyAssembler:
     """Builds the ImagingStudy of one study from the archive's answers and the FHIR server's links."""
 
-    def __init__(
-        self, source: StudySource, linker: Linker, ctx: MappingContext, *, read_instance_header: bool
-    ) -> None:
+    def __init__(self, source: StudySource, ctx: MappingContext, *, read_instance_header: bool) -> None:
         self._source = source
-        self._linker = linker
         self._ctx = ctx
         self._read_header = read_instance_header
-
-    async def build(self, study: StudyRecord, endpoint: str, used: list[str] | None = None) -> dict[str, Any]:
-        """The ImagingStudy for a study, ready to write: fetch, link, map, validate.
-
-        Raises MappingError (bad data: park the study) or PatientLinkError (no single Patient).
-        The documented fallbacks the mapping takes for missing Type 1 data are added to ``used``,
-        to count and log them.
-        """
-        records = await self.fetch(study)
-        if used is not None:
-            used.extend(self.fallbacks(records))
-        links = await self.link(records, endpoint)
-        resource = self.map(records, links, endpoint)
-        validate(resource)  # the resource exactly as it is written, subject and basedOn included
-        return resource
 
     async def fetch(self, study: StudyRecord, series: Sequence[SeriesRecord] | None = None) -> StudyRecords:
         """The study's series (and, per the settings, its instances and one instance header).
@@ -216,12 +198,12 @@ class StudyAssembler:
             used.append("PatientName")  # no good name anywhere: published without one
         return used
 
-    async def link(self, records: StudyRecords, endpoint: str) -> Links:
+    async def link(self, records: StudyRecords, endpoint: str, linker: RunLinker) -> Links:
         """The order and the Patient; a missing Patient is created only for a study that would publish."""
-        based_on = await self._linker.based_on(records.study)
+        based_on = await linker.based_on(records.study)
 
         check = self.patient_check(records, endpoint, based_on)
-        subject = await self._linker.subject(records.study, before_create=check)
+        subject = await linker.subject(records.study, before_create=check)
         return Links(subject, based_on)
 
     def patient_check(

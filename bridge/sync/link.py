@@ -5,53 +5,38 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
 from bridge.dicomweb.records import StudyRecord
 from bridge.errors import (
     FatalUpstreamError,
     MappingError,
     PatientLinkError,
-    UpstreamError,
     VersionConflictError,
 )
 from bridge.mapping.context import MappingContext
 from bridge.mapping.demographics import disagreements
 from bridge.mapping.identifiers import PatientKey, accession_identifiers, escape_token, patient_key
 from bridge.mapping.identity import exact_matches, has_identifier, replaced_by
-from bridge.mapping.patient import logical_subject, map_patient, patient_resource_id
-from bridge.mapping.validate import validate
+from bridge.mapping.patient import logical_subject
 from bridge.sync import metrics
+from bridge.sync.link_batch import prime_patients
+from bridge.sync.linked import NEW_PATIENT, LinkedPatient, new_patient
 from bridge.sync.policy import DemographicsCheck, OrderPolicy, PatientPolicy, WriteStrategy
 from bridge.sync.protocols import FhirSink, StateStore, WriteResult, refused_client_ids
 
 logger = logging.getLogger(__name__)
 
-NEW_PATIENT = "(new)"  # a dry run's stand-in for a Patient the sync would create
 _MAX_MERGE_HOPS = 5  # replaced-by links followed from one Patient before giving up (a loop, a chain)
 _MERGE_CHECK_CHUNK = 50  # Patient ids per search when looking for merged Patients
 
 
-@dataclass(frozen=True, slots=True)
-class LinkedPatient:
-    """The Patient a key links to: its id, the resource as read or written, and the merge it came through."""
-
-    id: str
-    resource: dict[str, Any]
-    replaced: str | None = None  # the id of the merged-away Patient that led here, if any
-
-
 class Linker:
-    """Finds (and, under ``match-or-create``, creates) a study's Patient and order.
+    """How a source's studies are linked: the FHIR server, the policies, the store; no state of a run.
 
-    A Patient is looked up once per patient per run; an existing Patient is never written. Under
-    ``client-id`` a Patient the bridge creates is PUT to an id derived from (system, PatientID),
-    so no server's token search (Medplum folds case, others fold accents) can make two people
-    collide; ``conditional`` keeps ``If-None-Exist`` for servers that refuse client ids. Every
-    search answer is checked for the exact identifier; a merged-away Patient is never linked.
-    Each study's birth date, sex and family name are cross-checked with the Patient it links to.
+    Each run (or dry run) takes a :class:`RunLinker` of its own with :meth:`begin_run`, so the
+    Patients one run linked never leak into the next (the EHR may have merged patients since).
     """
 
     def __init__(
@@ -65,27 +50,46 @@ class Linker:
         demographics: DemographicsCheck = DemographicsCheck.PARK,
         store: StateStore | None = None,
     ) -> None:
-        self._fhir = fhir
-        self._ctx = ctx
-        self._policy = patient_policy
-        self._order_policy = order_policy
-        self._strategy = write_strategy
-        self._demographics = demographics
-        self._store = store  # overrides of the demographics check and merge tracing; none in previews
-        self.dry_run = False  # read, never write (bridge sync --dry-run)
-        self._patients: dict[PatientKey, LinkedPatient] = {}
+        self.fhir = fhir
+        self.ctx = ctx
+        self.patient_policy = patient_policy
+        self.order_policy = order_policy
+        self.write_strategy = write_strategy
+        self.demographics = demographics
+        self.store = store  # overrides of the demographics check and merge tracing
+
+    def begin_run(self, *, dry_run: bool = False) -> RunLinker:
+        """The linker of one run; a dry run's only reads, from the FHIR server and the store."""
+        return RunLinker(self, dry_run=dry_run)
+
+
+class RunLinker:
+    """Finds (and, under ``match-or-create``, creates) a study's Patient and order, within one run.
+
+    A Patient is looked up once per patient per run; an existing Patient is never written. Under
+    ``client-id`` a Patient the bridge creates is PUT to an id derived from (system, PatientID),
+    so no server's token search (Medplum folds case, others fold accents) can make two people
+    collide; ``conditional`` keeps ``If-None-Exist`` for servers that refuse client ids. Every
+    search answer is checked for the exact identifier; a merged-away Patient is never linked.
+    Each study's birth date, sex and family name are cross-checked with the Patient it links to.
+    """
+
+    def __init__(self, config: Linker, *, dry_run: bool) -> None:
+        self.config = config
+        self._fhir = config.fhir
+        self._ctx = config.ctx
+        self._policy = config.patient_policy
+        self._order_policy = config.order_policy
+        self._strategy = config.write_strategy
+        self._demographics = config.demographics
+        self._store = config.store
+        self.dry_run = dry_run  # read, never write (bridge sync --dry-run)
+        self.patients: dict[PatientKey, LinkedPatient] = {}  # linked in this run
         self._patient_locks: dict[PatientKey, asyncio.Lock] = {}
         self._relinking: dict[str, str] = {}  # study UID -> the merged-away Patient it links to now
         self.events: list[dict[str, str]] = []  # what this run did to Patient links (the run record)
         self.writes = 0  # Patients created
         self.write_requests = 0  # FHIR requests that created them (a batch is one)
-
-    def begin_run(self) -> None:
-        """Forget the Patient links of the previous run (the EHR may have merged patients since)."""
-        self._patients.clear()
-        self._patient_locks.clear()
-        self._relinking.clear()
-        self.events = []
 
     async def subject(
         self, study: StudyRecord, *, before_create: Callable[[], None] | None = None
@@ -101,9 +105,9 @@ class Linker:
             return logical_subject(key)
         lock = self._patient_locks.setdefault(key, asyncio.Lock())
         async with lock:  # one lookup per patient per run, even with studies in parallel
-            if key not in self._patients:
-                self._patients[key] = await self._find_or_create_patient(study, key, before_create)
-        linked = self._patients[key]
+            if key not in self.patients:
+                self.patients[key] = await self._find_or_create_patient(study, key, before_create)
+        linked = self.patients[key]
         await self._check_demographics(study, linked)
         self._note_merge(study.uid, linked)
         if linked.id == NEW_PATIENT:
@@ -142,20 +146,21 @@ class Linker:
             logger.warning("study %s: %s disagree with %s; published (warn)", study.uid, named, patient)
             return
         source = self._ctx.source_name
-        if self._store is not None and not self.dry_run and linked.id != NEW_PATIENT:
+        if self._store is not None and linked.id != NEW_PATIENT:
             check = await asyncio.to_thread(self._store.demographics_check, source, study.uid)
             if check == (linked.id, True):
                 metrics.DEMOGRAPHICS.labels("accepted").inc()
                 self.events.append({**event, "event": "demographics-accepted"})
                 logger.info("study %s: %s disagree with %s; link accepted", study.uid, named, patient)
                 return
-            await asyncio.to_thread(
-                self._store.record_demographics_check,
-                source,
-                study.uid,
-                patient_id=linked.id,
-                attributes=named,
-            )
+            if not self.dry_run:  # a dry run reads the integrator's decision and records nothing
+                await asyncio.to_thread(
+                    self._store.record_demographics_check,
+                    source,
+                    study.uid,
+                    patient_id=linked.id,
+                    attributes=named,
+                )
         metrics.DEMOGRAPHICS.labels("park").inc()
         raise PatientLinkError(
             f"{named} of the study disagree with {patient}, which has the study's PatientID (the "
@@ -177,10 +182,7 @@ class Linker:
                     attribute="PatientID",
                 )
             return linked
-        patient = map_patient(study, key, self._ctx)
-        if self._strategy is WriteStrategy.CLIENT_ID:
-            patient = {"resourceType": "Patient", "id": patient_resource_id(key), **patient}
-        validate(patient)
+        patient = new_patient(study, key, self._ctx, self._strategy)
         if self.dry_run:
             return await self._existing_patient(key) or LinkedPatient(NEW_PATIENT, patient)
         if self._strategy is WriteStrategy.CLIENT_ID:
@@ -293,141 +295,6 @@ class Linker:
             attribute="PatientID",
         )
 
-    async def prime_patients(self, candidates: Sequence[tuple[StudyRecord, Callable[[], None]]]) -> None:
-        """Link the Patients of a page of studies with a batch or two instead of a request each.
-
-        Each candidate is a study and the check it must pass before its Patient may be created
-        (a bad study never creates a Patient). Patients are de-duplicated within the page, and
-        only those not linked yet in this run are asked for. Under ``client-id``: one batch of
-        searches (and reads of the derived ids), then one batch of PUTs for the Patients nobody
-        has; under ``conditional``: one batch of ``POST`` with ``ifNoneExist``, then reads of the
-        Patients the server says existed. Only a plain answer links here (one exact, live
-        Patient); anything else (an entry that failed, a merge, several matches, a looser match)
-        is left for :meth:`subject` to do study by study, as without a batch. Only under
-        ``match-or-create``; a dry run writes nothing.
-        """
-        if self._policy is not PatientPolicy.MATCH_OR_CREATE or self.dry_run:
-            return
-        wanted: dict[PatientKey, dict[str, Any]] = {}
-        for study, check in candidates:
-            try:
-                key = patient_key(study, self._ctx)
-                if key in self._patients or key in wanted:
-                    continue
-                check()
-                patient = map_patient(study, key, self._ctx)
-                if self._strategy is WriteStrategy.CLIENT_ID:
-                    patient = {"resourceType": "Patient", "id": patient_resource_id(key), **patient}
-                validate(patient)
-            except MappingError:
-                continue  # the study's own way parks it, naming the attribute
-            wanted[key] = patient
-        if self._strategy is WriteStrategy.CLIENT_ID:
-            # Even one Patient: two batches (look-ups, PUT) against three requests study by study
-            # (search, read of the derived id, PUT).
-            if wanted:
-                await self._prime_by_id(wanted)
-        elif len(wanted) > 1:  # one conditional create is one request either way
-            await self._prime_conditional(wanted)
-
-    async def _prime_by_id(self, wanted: dict[PatientKey, dict[str, Any]]) -> None:
-        """``client-id``: search and read each key's Patient in one batch, then PUT the missing ones."""
-        keys = list(wanted)
-        entries = []
-        for key in keys:
-            search = urlencode({"identifier": key.search()})
-            entries.append({"request": {"method": "GET", "url": f"Patient?{search}"}})
-            rid = quote(str(wanted[key]["id"]), safe="")
-            entries.append({"request": {"method": "GET", "url": f"Patient/{rid}"}})
-        try:
-            answers = await self._fhir.batch(entries)
-        except UpstreamError as exc:
-            logger.warning(
-                "batch of %d Patient look-ups failed (%s): one by one", len(keys), type(exc).__name__
-            )
-            return
-        missing: list[PatientKey] = []
-        for n, key in enumerate(keys):
-            searched, own = answers[2 * n], answers[2 * n + 1]
-            if searched.resource is None or not (own.status == 404 or own.resource is not None):
-                continue  # an entry failed: left for subject()
-            exact = exact_matches(_found(searched.resource, "Patient"), key.system, key.value)
-            if own.resource is not None and not any(p.get("id") == own.resource.get("id") for p in exact):
-                continue  # the derived id holds a Patient the search missed: subject() sorts it out
-            if not exact:
-                missing.append(key)
-            elif len(exact) == 1 and replaced_by(exact[0]) is None:
-                self._patients[key] = LinkedPatient(str(exact[0]["id"]), exact[0])
-        if not missing:
-            return
-        puts = [
-            {
-                "resource": wanted[key],
-                "request": {"method": "PUT", "url": f"Patient/{quote(str(wanted[key]['id']), safe='')}"},
-            }
-            for key in missing
-        ]
-        try:
-            written = await self._fhir.batch(puts)
-        except UpstreamError as exc:
-            logger.warning("batch of %d Patients failed (%s): one by one", len(puts), type(exc).__name__)
-            return
-        self.write_requests += 1
-        for key, answer in zip(missing, written, strict=True):
-            if answer.result is not None:
-                self.writes += 1
-                self._patients[key] = LinkedPatient(answer.result.id, wanted[key])
-                logger.info("created Patient/%s", answer.result.id)
-
-    async def _prime_conditional(self, wanted: dict[PatientKey, dict[str, Any]]) -> None:
-        """``conditional``: one batch of conditional creates, then reads of those that existed."""
-        keys = list(wanted)
-        entries = [
-            {
-                "resource": wanted[key],
-                "request": {
-                    "method": "POST",
-                    "url": "Patient",
-                    "ifNoneExist": urlencode({"identifier": key.search()}),
-                },
-            }
-            for key in keys
-        ]
-        try:
-            answers = await self._fhir.batch(entries)
-        except UpstreamError as exc:
-            logger.warning(
-                "batch of %d Patients failed (%s): linking them one by one", len(keys), type(exc).__name__
-            )
-            return
-        self.write_requests += 1
-        to_check: dict[PatientKey, str] = {}
-        for key, answer in zip(keys, answers, strict=True):
-            if answer.result is None:
-                continue
-            if answer.result.created:
-                self.writes += 1
-                self._patients[key] = LinkedPatient(answer.result.id, wanted[key])
-                logger.info("created Patient/%s", answer.result.id)
-            else:
-                to_check[key] = answer.result.id
-        if not to_check:
-            return
-        reads = [
-            {"request": {"method": "GET", "url": f"Patient/{quote(rid, safe='')}"}}
-            for rid in to_check.values()
-        ]
-        try:
-            found = await self._fhir.batch(reads)
-        except UpstreamError:
-            return
-        for (key, rid), answer in zip(to_check.items(), found, strict=True):
-            # The server's token search is trusted only once its answer is checked, as study by study.
-            resource = answer.resource
-            if resource is not None and has_identifier(resource, key.system, key.value):
-                if replaced_by(resource) is None:
-                    self._patients[key] = LinkedPatient(rid, resource)
-
     async def notice_merges(self) -> int:
         """Make the studies linked to Patients merged on the FHIR server count as changed.
 
@@ -457,10 +324,9 @@ class Linker:
         logger.info("%d Patients merged on the FHIR server: %d studies to re-link", len(merged), len(studies))
         return len(studies)
 
-    def take_events(self) -> list[dict[str, str]]:
-        """The Patient-link events of the run so far (for its record), emptied."""
-        events, self.events = self.events, []
-        return events
+    async def prime_patients(self, candidates: Sequence[tuple[StudyRecord, Callable[[], None]]]) -> None:
+        """Link a page's Patients with a batch or two (see :func:`bridge.sync.link_batch.prime_patients`)."""
+        await prime_patients(self, candidates)
 
     async def _one_exact_patient(self, key: PatientKey) -> LinkedPatient:
         """The one exactly matching Patient, when the server's own matching was looser."""
@@ -505,17 +371,6 @@ class Linker:
             # A logical reference names one order; with several accession numbers none is known.
             return [{"type": "ServiceRequest", "identifier": identifiers[0]}]
         return []
-
-
-def _found(bundle: dict[str, Any], resource_type: str) -> list[dict[str, Any]]:
-    """The resources of a type in a searchset Bundle a batch entry answered with."""
-    return [
-        entry["resource"]
-        for entry in bundle.get("entry") or []
-        if isinstance(entry, dict)
-        and isinstance(entry.get("resource"), dict)
-        and entry["resource"].get("resourceType") == resource_type
-    ]
 
 
 def _ambiguous(key: PatientKey) -> PatientLinkError:

@@ -1,102 +1,91 @@
-"""A dry run: what a sync would do to each study, compared with what the FHIR server holds."""
+"""A dry run's write step: what a sync would write to each study, compared with what the FHIR server holds.
+
+The dry run takes the run's own pipeline (bridge/sync/pipeline.py); only this step differs: it
+writes nothing, to the FHIR server or the store, and reports per study what the run would do.
+"""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
+from typing import Any
 
-from bridge.dicomweb.records import DicomJson, digest, parse_study, raw_uid
-from bridge.errors import FatalUpstreamError, MappingError
-from bridge.mapping.context import MappingContext
-from bridge.sync.assemble import StudyAssembler
+from bridge.errors import BridgeError
 from bridge.sync.diff import changed_paths
-from bridge.sync.link import Linker
-from bridge.sync.protocols import StateStore, StudySource
+from bridge.sync.protocols import KnownStudy
 from bridge.sync.publisher import Publisher
+from bridge.sync.report import RunReport
+from bridge.sync.run import PageWork, StudyWork
+from bridge.sync.write import Fail, note_parked
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
 class Preview:
-    """What a sync would do to one study: create, update (with the paths), unchanged, or park."""
+    """What a sync would do to one study: create, update (with the paths), unchanged, park or retire."""
 
     study_uid: str
     action: str
     changes: tuple[str, ...] = ()
     reason: str | None = None
+    # The ImagingStudy the run would write (create or update), exactly as it would be written.
+    resource: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
 
-class Previewer:
-    """Walks studies like a run does, reading from the FHIR server and writing nothing."""
+class DryRun:
+    """The write step of ``bridge sync --dry-run``: reads the FHIR server, writes nothing, keeps previews."""
 
-    def __init__(
-        self,
-        source: StudySource,
-        assembler: StudyAssembler,
-        linker: Linker,
-        publisher: Publisher,
-        store: StateStore,
-        ctx: MappingContext,
-        context_fingerprint: str,
-    ) -> None:
-        self._source = source
-        self._assembler = assembler
-        self._linker = linker
+    claims = False  # nothing is published, so nothing is claimed from the other replicas
+
+    def __init__(self, publisher: Publisher) -> None:
         self._publisher = publisher
-        self._store = store
-        self._ctx = ctx
-        self._context_fingerprint = context_fingerprint
+        self.previews: list[Preview] = []
 
-    async def preview(
-        self, filters: Mapping[str, str] | None = None, study_uids: Sequence[str] = ()
-    ) -> list[Preview]:
-        """What a run would do, study by study, compared with what the FHIR server holds.
+    async def endpoint(self) -> str:
+        """The Endpoint reference, without writing the Endpoint."""
+        return await self._publisher.endpoint_reference()
 
-        Nothing is written: not to the FHIR server (Patients are searched, not created), not to
-        the store.
-        """
-        self._linker.begin_run()
-        self._linker.dry_run = True
-        try:
-            endpoint = await self._publisher.endpoint_reference()
-            if study_uids:
-                pages = [self._source.iter_studies({"StudyInstanceUID": uid}) for uid in study_uids]
-            else:
-                pages = [self._source.iter_studies(filters)]
-            previews: list[Preview] = []
-            for walk in pages:
-                async for page in walk:
-                    previews.extend(await self._preview_page(page, endpoint))
-            return previews
-        finally:
-            self._linker.dry_run = False
+    async def claim(self, study_uid: str) -> bool:
+        """Never asked: a dry run claims nothing."""
+        return True
 
-    async def _preview_page(self, rows: list[DicomJson], endpoint: str) -> list[Preview]:
-        out: list[Preview] = []
-        studies = []
-        for row in rows:
+    async def park(self, report: RunReport, study_uid: str, exc: Exception) -> None:
+        """The study would be parked; the store is left as it is."""
+        self.previews.append(Preview(study_uid, "park", reason=note_parked(report, study_uid, exc).reason))
+
+    async def withdraw(self, study_uid: str, known: KnownStudy) -> None:
+        """A real run would withdraw the published study too; its preview says park, with the reason."""
+
+    def unchanged_row(self, study_uid: str) -> None:
+        """The archive's row did not change since the study was published: nothing would be done."""
+        self.previews.append(Preview(study_uid, "unchanged"))
+
+    def unchanged(self, item: StudyWork, resource: dict[str, Any], report: RunReport, page: PageWork) -> None:
+        """The ImagingStudy would not change."""
+        report.add(unchanged=1)
+        self.previews.append(Preview(item.study.uid, "unchanged"))
+
+    async def write_page(self, page: PageWork, report: RunReport, seen: list[str], fail: Fail) -> None:
+        """Compare each study the run would write with what the FHIR server holds now."""
+        for item in page.writes:
+            resource = item.resource
+            assert resource is not None
             try:
-                studies.append(parse_study(row))
-            except MappingError as exc:
-                out.append(Preview(raw_uid(row) or "unknown", "park", reason=str(exc)))
-        known = await asyncio.to_thread(
-            self._store.known_studies, self._ctx.source_name, [s.uid for s in studies]
-        )
-        for study in studies:
-            seen = known.get(study.uid)
-            fingerprint = digest([study.fingerprint(), self._context_fingerprint])
-            if seen is not None and seen.qido_fingerprint == fingerprint:
-                out.append(Preview(study.uid, "unchanged"))
-                continue
-            try:
-                resource = await self._assembler.build(study, endpoint)
                 current = await self._publisher.current_study(resource)
-            except (MappingError, FatalUpstreamError) as exc:
-                out.append(Preview(study.uid, "park", reason=str(exc)))
+            except BridgeError as exc:
+                await fail(report, item.study.uid, exc)
                 continue
             if current is None:
-                out.append(Preview(study.uid, "create"))
+                self.previews.append(Preview(item.study.uid, "create", resource=resource))
                 continue
             changes = tuple(changed_paths(current, resource))
-            out.append(Preview(study.uid, "update" if changes else "unchanged", changes))
-        return out
+            action = "update" if changes else "unchanged"
+            self.previews.append(Preview(item.study.uid, action, changes, resource=resource))
+
+    async def finish_page(self, page: PageWork) -> None:
+        """Nothing to record."""
+
+    async def retire(self, gone: list[KnownStudy], report: RunReport, *, guard: bool) -> None:
+        """The published studies the run would retire (a named study the archive no longer has)."""
+        self.previews.extend(Preview(known.study_uid, "retire") for known in gone)
