@@ -177,10 +177,11 @@ def test_ct_and_projection_xray_dose_reports_become_observations_with_the_report
     first = stack.sync(dose="observation")
 
     # Each Observation in the same batch as its study: no request of its own. Three write
-    # requests: the Endpoint's PUT, the one new Patient's PUT, then one batch of both studies
-    # each followed by its Observation (six resources written in all).
+    # requests: the Endpoint's PUT, the batch with the one new Patient's PUT, then one batch of
+    # both studies each followed by its Observation (six resources written in all).
     stats = stack.fhir.stats()
-    assert (stats["by_method"].get("PUT", 0), stats["writes"]) == (2, 6), stats
+    assert (stats["by_method"].get("PUT", 0), stats["writes"]) == (1, 6), stats
+    assert stats["by_interaction"].get("batch") == 3, stats["by_interaction"]  # Patient look-up, Patient, studies
     assert (first.counts.created, first.fhir_write_requests) == (2, 3)
 
     studies = {
