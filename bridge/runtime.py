@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -13,6 +13,7 @@ import httpx
 from bridge.config import Settings, SourceSettings
 from bridge.dicomweb.client import DicomwebClient
 from bridge.dicomweb.orthanc import OrthancChangeFeed
+from bridge.errors import UpstreamError
 from bridge.fhir.client import FhirClient
 from bridge.http import RetryPolicy
 from bridge.limits import DicomwebLimits, fhir_limit
@@ -127,19 +128,36 @@ class Runtime:
 
 
 def push_drainer(runtimes: Sequence[Runtime]) -> PushDrainer:
-    """The drainer of the push queue: each pushed study is synced in every source, as on demand."""
+    """The drainer of the push queue: pushed studies are synced a page at a time in every source."""
     settings = runtimes[0].settings
 
-    async def sync(study_uid: str, received: float) -> bool:
-        done = True
+    async def sync(pushed: Mapping[str, float]) -> bool:
+        uids = list(pushed)
         for runtime in runtimes:
-            run = partial(runtime.new_worker().run_studies, [study_uid], kind="push")
-            report = await measured(runtime.store, runtime.source.name, "push", {study_uid: received}, run)
-            done = done and report.status != "failed"
-        return done
+            worker = runtime.new_worker(concurrency=settings.sync_concurrency)
+            run = partial(worker.run_studies, uids, kind="push", per_page=runtime.source.qido_page_size)
+            report = await measured(runtime.store, runtime.source.name, "push", pushed, run)
+            if report.status == "failed":
+                return False
+        return True
+
+    async def reachable() -> bool:
+        for runtime in runtimes:
+            if not await runtime.dicomweb.reachable():
+                return False
+            try:
+                await runtime.fhir.capabilities()
+            except UpstreamError:
+                return False
+        return True
 
     return PushDrainer(
-        runtimes[0].store, sync, poll=settings.push_poll, concurrency=settings.sync_concurrency
+        runtimes[0].store,
+        sync,
+        reachable=reachable,
+        poll=settings.push_poll,
+        page=min(r.source.qido_page_size for r in runtimes),
+        concurrency=settings.sync_concurrency,
     )
 
 

@@ -181,18 +181,28 @@ class SyncWorker:
         sweep: dict[str, str] | None = None if filters else {}
         return await self._run(kind, self._source.iter_studies(filters), reconcile=reconcile, sweep=sweep)
 
-    async def run_studies(self, study_uids: Sequence[str], kind: str = "on-demand") -> RunReport:
-        """Sync the named studies now; a named study the archive no longer has is retired."""
+    async def run_studies(
+        self, study_uids: Sequence[str], kind: str = "on-demand", *, per_page: int = 1
+    ) -> RunReport:
+        """Sync the named studies now; a named study the archive no longer has is retired.
+
+        ``per_page`` named studies share a page (one series query, one FHIR batch): a drained
+        burst of pushes then costs what a full sync of it costs, not a page per study.
+        """
         missing: list[str] = []
 
         async def pages() -> AsyncIterator[list[DicomJson]]:
-            for uid in study_uids:
-                found = False
-                async for page in self._source.iter_studies({"StudyInstanceUID": uid}):
-                    found = True
-                    yield page
-                if not found:
-                    missing.append(uid)
+            for start in range(0, len(study_uids), per_page):
+                rows: list[DicomJson] = []
+                for uid in study_uids[start : start + per_page]:
+                    found = False
+                    async for page in self._source.iter_studies({"StudyInstanceUID": uid}):
+                        found = True
+                        rows.extend(page)
+                    if not found:
+                        missing.append(uid)
+                if rows:
+                    yield rows
 
         return await self._run(kind, pages(), missing=missing)
 
