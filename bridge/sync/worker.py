@@ -190,18 +190,23 @@ class SyncWorker:
         burst of pushes then costs what a full sync of it costs, not a page per study.
         """
         missing: list[str] = []
+        limit = asyncio.Semaphore(self._concurrency)
+
+        async def rows_of(uid: str) -> list[DicomJson]:
+            async with limit:  # a page's queries by UID at once, as many as studies are synced at once
+                query = self._source.iter_studies({"StudyInstanceUID": uid})
+                return [row async for page in query for row in page]
 
         async def pages() -> AsyncIterator[list[DicomJson]]:
             for start in range(0, len(study_uids), per_page):
-                rows: list[DicomJson] = []
-                for uid in study_uids[start : start + per_page]:
-                    found = False
-                    async for page in self._source.iter_studies({"StudyInstanceUID": uid}):
-                        found = True
-                        rows.extend(page)
-                    if not found:
-                        missing.append(uid)
-                if rows:
+                chunk = study_uids[start : start + per_page]
+                # Every query ends (each has its deadline) before the first failure is raised.
+                found = await asyncio.gather(*(rows_of(uid) for uid in chunk), return_exceptions=True)
+                if failed := next((f for f in found if isinstance(f, BaseException)), None):
+                    raise failed
+                answers = [f for f in found if not isinstance(f, BaseException)]
+                missing.extend(uid for uid, rows in zip(chunk, answers, strict=True) if not rows)
+                if rows := [row for some in answers for row in some]:
                     yield rows
 
         return await self._run(kind, pages(), missing=missing)
