@@ -3,16 +3,25 @@
 For each path (``push``: the shipped Lua script, docker/orthanc/bridge-push.lua; ``feed``: Orthanc's
 ``/changes`` each cycle; ``poll``: the QIDO-RS window each cycle) a fresh Orthanc and FHIR test
 server are started with the real ``bridge run`` beside them. Studies (one series, one instance) are
-stored over STOW-RS at a steady rate, then in a burst. A watcher polls Orthanc (when each study
-became stable: ``IsStable``) and the FHIR server (when its ImagingStudy became readable) every
-``--tick`` seconds, and samples the backlog (stored but not yet readable) and the push queue.
+stored over STOW-RS at a steady rate, then in a burst (stored as fast as Orthanc takes them, several
+studies per STOW-RS request). A watcher polls Orthanc (when each study became stable: ``IsStable``)
+and the FHIR server (when its ImagingStudy became readable) every ``--tick`` seconds, and samples
+the backlog (stored but not yet readable), the push queue and the bridge process's RSS.
 Printed per path and phase: p50 / p95 / max of stable -> readable and of stored -> readable, and the
 backlog over time. The readings have the watcher's resolution (``--tick``): 0 means both were seen
 in the same look; a negative figure means the study was readable before Orthanc called it stable
 (the QIDO poll publishes what it finds, stable or not).
 
+Same-run baselines, since the machine is shared and absolute figures are noisy: the latencies are
+also given as ratios, the feed's and the poll's to the sync interval, the push's to the archive's
+own floor (how long a stored study takes to be listed by QIDO-RS, measured for each steady study);
+the burst's drain rate (burst studies / first burst study stable -> last readable) to the rate of a
+full ``bridge sync`` of the same archive into the same FHIR server emptied, with a fresh state
+store (the run's own duration, from the store); the bridge's peak RSS during the burst to its RSS
+at rest just before it (flat: a ratio near 1).
+
 Run:  flock /tmp/bridge-bench.lock python -m benchmarks.freshness [--rate 1] [--steady 120]
-        [--burst 500] [--interval 5] [--paths push feed poll]
+        [--burst 500] [--interval 5] [--paths push feed poll] [--quick]
 """
 
 # ruff: noqa: T201 - benchmark scripts print their figures
@@ -42,6 +51,7 @@ from tests.stack.process import free_loopback_port
 from tests.stack.samples import SeriesSpec, StudySpec, build_study, stow
 
 API_KEY = "freshness-bench-key"
+BURST_PER_STOW = 25
 PATHS = ("push", "feed", "poll")
 
 
@@ -54,6 +64,7 @@ class Study:
     stored: float  # STOW-RS answered (monotonic)
     stable: float | None = None
     readable: float | None = None
+    listed: float | None = None  # seconds from stored to listed by QIDO-RS (steady studies only)
 
 
 @dataclass
@@ -64,6 +75,18 @@ class Watch:
     samples: list[tuple[float, int, int]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     done: threading.Event = field(default_factory=threading.Event)
+    pid: int | None = None  # the bridge process, whose RSS is sampled
+    rss: list[tuple[float, float]] = field(default_factory=list)  # (time, MB)
+    burst_at: float | None = None  # when the burst's storing began
+
+
+def rss_mb(pid: int) -> float | None:
+    """The process's resident set size now, in MB (None when it cannot be read)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return None
 
 
 def bridge_env(path: str, orthanc: OrthancServer, fhir: str, state: Path, interval: float) -> dict[str, str]:
@@ -120,6 +143,9 @@ def watcher(orthanc: OrthancServer, fhir: str, state: Path, watch: Watch, tick: 
                     # The poll path can publish before Orthanc calls a study stable: wait for both.
                     finished = watch.done.is_set() and backlog == 0 and unstable == 0
                 watch.samples.append((now, backlog, store.push_queue()[0]))
+                rss = rss_mb(watch.pid) if watch.pid is not None else None
+                if rss is not None:
+                    watch.rss.append((now, rss))
                 if finished:
                     return
                 time.sleep(max(0.0, tick - (time.monotonic() - now)))
@@ -130,26 +156,55 @@ def watcher(orthanc: OrthancServer, fhir: str, state: Path, watch: Watch, tick: 
 def store_studies(
     orthanc: OrthancServer, watch: Watch, phase: str, count: int, every: float, tag: str
 ) -> None:
-    """Store ``count`` studies, one every ``every`` seconds (0: as fast as STOW-RS takes them)."""
+    """Store ``count`` studies, one every ``every`` seconds, each then looked up by QIDO-RS until listed.
+
+    With ``every`` 0 (the burst) they are stored as fast as Orthanc takes them, ``BURST_PER_STOW``
+    studies per STOW-RS request, and not looked up.
+    """
+    today = time.strftime("%Y%m%d", time.gmtime())  # today's studies, as a scanner's
     with httpx.Client(timeout=120) as client:
         start = time.monotonic()
-        for n in range(count):
+        per_request = 1 if every else BURST_PER_STOW
+        for first in range(0, count, per_request):
             if every:
-                time.sleep(max(0.0, start + n * every - time.monotonic()))
-            spec = StudySpec(
-                patient_id=f"{tag}{n:05d}",
-                study_date=time.strftime("%Y%m%d", time.gmtime()),  # today's study, as a scanner's
-                series=[SeriesSpec("CT", "one", "CHEST", instances=1)],
-            )
-            datasets = build_study(spec)
+                time.sleep(max(0.0, start + first * every - time.monotonic()))
+            specs = [
+                StudySpec(
+                    patient_id=f"{tag}{n:05d}",
+                    study_date=today,
+                    series=[SeriesSpec("CT", "one", "CHEST", instances=1)],
+                )
+                for n in range(first, min(count, first + per_request))
+            ]
+            datasets = [ds for spec in specs for ds in build_study(spec)]
             try:
                 stow(orthanc.dicomweb_url, datasets, client=client)
             except httpx.RemoteProtocolError:
                 # Orthanc closes a kept-alive connection idle about a second: send again on a new one.
                 stow(orthanc.dicomweb_url, datasets, client=client)
-            assert spec.uid is not None
+            stored = time.monotonic()
             with watch.lock:
-                watch.studies[spec.uid] = Study(spec.uid, phase, time.monotonic())
+                for spec in specs:
+                    assert spec.uid is not None
+                    watch.studies[spec.uid] = Study(spec.uid, phase, stored)
+            if every:
+                listed = qido_listed(client, orthanc, specs[0].uid or "", stored)
+                with watch.lock:
+                    watch.studies[specs[0].uid or ""].listed = listed
+
+
+def qido_listed(client: httpx.Client, orthanc: OrthancServer, uid: str, stored: float) -> float | None:
+    """Seconds from ``stored`` until QIDO-RS lists the study: the archive's own floor."""
+    for _ in range(200):
+        answer = client.get(
+            f"{orthanc.dicomweb_url}/studies",
+            params={"StudyInstanceUID": uid, "includefield": "0020000D"},
+            headers={"Accept": "application/dicom+json"},
+        )
+        if answer.status_code == 200 and answer.content.strip() not in (b"", b"[]"):
+            return time.monotonic() - stored
+        time.sleep(0.005)
+    return None
 
 
 @contextlib.contextmanager
@@ -187,32 +242,71 @@ def wait_for_startup(state: Path, timeout: float = 120) -> None:
     raise RuntimeError("the bridge did not finish its start-up runs")
 
 
-def one_path(
-    path: str, args: argparse.Namespace, work: Path
-) -> tuple[list[Study], list[tuple[float, int, int]]]:
-    """Run one path; the studies as the watcher saw them, and the backlog samples."""
+@dataclass
+class PathRun:
+    """One path's readings: the studies, the backlog samples, the RSS samples, the full-sync baseline."""
+
+    studies: list[Study]
+    samples: list[tuple[float, int, int]]  # (t from the first store, backlog, push queue)
+    rss_rest: float | None
+    rss_peak: float | None
+    full_sync: tuple[int, float] | None  # (studies created, the run's own seconds)
+
+
+def full_sync(
+    orthanc: OrthancServer, fhir: FhirTestServer, work: Path, path: str, interval: float
+) -> tuple[int, float]:
+    """A full ``bridge sync`` of the same archive into the same FHIR server, emptied, fresh store."""
+    fhir.clear()
+    state = work / f"state-{path}-full.db"
+    env = bridge_env("poll", orthanc, fhir.base_url, state, interval)
+    with (work / f"full-sync-{path}.log").open("w") as log:
+        subprocess.run(
+            [sys.executable, "-m", "bridge", "sync"], env=env, check=True, stdout=log, stderr=log
+        )
+    store = SqlStore(f"sqlite:///{state}")
+    try:
+        [run] = [r for r in store.runs(10) if r.kind == "full"][:1]
+        assert run.finished_at is not None
+        return run.created, (run.finished_at - run.started_at).total_seconds()
+    finally:
+        store.close()
+
+
+def one_path(path: str, args: argparse.Namespace, work: Path) -> PathRun:
+    """Run one path, then the full-sync baseline on the same archive and FHIR server."""
     port = free_loopback_port()
     state = work / f"state-{path}.db"
     push_to = (f"http://127.0.0.1:{port}", API_KEY) if path == "push" else None
     orthanc = OrthancServer(name=f"fresh-{path}", push_to=push_to, log_path=work / f"orthanc-{path}.log")
     with orthanc, FhirTestServer(log_path=work / f"fhir-{path}.log") as fhir:
         env = bridge_env(path, orthanc, fhir.base_url, state, args.interval)
-        with bridge_run(env, port, work / f"bridge-{path}.log"):
+        with bridge_run(env, port, work / f"bridge-{path}.log") as process:
             wait_for_startup(state)
-            watch = Watch()
+            watch = Watch(pid=process.pid)
             thread = threading.Thread(target=watcher, args=(orthanc, fhir.base_url, state, watch, args.tick))
             thread.start()
             started = time.monotonic()
             try:
                 store_studies(orthanc, watch, "steady", int(args.steady * args.rate), 1 / args.rate, "S")
+                watch.burst_at = time.monotonic()
                 store_studies(orthanc, watch, "burst", args.burst, 0, "B")
             finally:
                 watch.done.set()
                 thread.join(args.drain)
             if thread.is_alive():
                 print(f"  {path}: not everything was readable {args.drain:g} s after the last store")
-    base = started
-    return list(watch.studies.values()), [(t - base, b, q) for t, b, q in watch.samples]
+        burst_at = watch.burst_at or started
+        rest = [mb for t, mb in watch.rss if burst_at - 10 <= t < burst_at]
+        during = [mb for t, mb in watch.rss if t >= burst_at]
+        baseline = full_sync(orthanc, fhir, work, path, args.interval) if args.burst else None
+    return PathRun(
+        list(watch.studies.values()),
+        [(t - started, b, q) for t, b, q in watch.samples],
+        max(rest) if rest else None,
+        max(during) if during else None,
+        baseline,
+    )
 
 
 def quantiles(values: list[float]) -> str:
@@ -224,23 +318,55 @@ def quantiles(values: list[float]) -> str:
     return f"{statistics.median(ordered):.2f} / {p95:.2f} / {ordered[-1]:.2f}"
 
 
-def report(path: str, studies: list[Study], samples: list[tuple[float, int, int]], every: float) -> None:
-    """Print one path's figures, per phase, and its backlog every ``every`` seconds."""
+def _p95(values: list[float]) -> float | None:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))] if ordered else None
+
+
+def report(path: str, run: PathRun, every: float, interval: float) -> None:
+    """Print one path's figures, per phase, with their same-run ratios, and its backlog over time."""
+    studies = run.studies
+    floor = [s.listed for s in studies if s.listed is not None]
     for phase in ("steady", "burst"):
         chosen = [s for s in studies if s.phase == phase]
         done = [s for s in chosen if s.readable is not None]
         from_stable = [s.readable - s.stable for s in done if s.readable is not None and s.stable is not None]
         from_store = [s.readable - s.stored for s in done if s.readable is not None]
-        print_block(
-            f"{path}, {phase}",
-            {
-                "studies stored / readable": f"{len(chosen)} / {len(done)}",
-                "stable -> readable s (p50 / p95 / max)": quantiles(from_stable),
-                "stored -> readable s (p50 / p95 / max)": quantiles(from_store),
-            },
-        )
+        figures: dict[str, object] = {
+            "studies stored / readable": f"{len(chosen)} / {len(done)}",
+            "stable -> readable s (p50 / p95 / max)": quantiles(from_stable),
+            "stored -> readable s (p50 / p95 / max)": quantiles(from_store),
+        }
+        p95 = _p95(from_stable)
+        if phase == "steady" and p95 is not None:
+            if path == "push":
+                floor95 = _p95(floor)
+                figures["archive floor: stored -> listed by QIDO s (p50 / p95 / max)"] = quantiles(floor)
+                if floor95:
+                    figures["p95 stable -> readable / p95 archive floor"] = f"{p95 / floor95:.1f}"
+            else:
+                figures["p95 stable -> readable / sync interval"] = f"{p95 / interval:.2f}"
+        if phase == "burst" and done:
+            stables = [s.stable for s in chosen if s.stable is not None]
+            last = max(s.readable for s in done if s.readable is not None)
+            if stables and last > min(stables):
+                rate = len(done) / (last - min(stables))
+                figures["drain rate studies/s (first stable -> last readable)"] = f"{rate:.1f}"
+                if run.full_sync is not None and run.full_sync[1] > 0:
+                    created, seconds = run.full_sync
+                    full = created / seconds
+                    figures["full bridge sync, same archive: studies, s, studies/s"] = (
+                        f"{created}, {seconds:.1f}, {full:.1f}"
+                    )
+                    figures["drain rate / full-sync rate"] = f"{rate / full:.2f}"
+            if run.rss_rest and run.rss_peak:
+                figures["bridge RSS MB at rest / peak in the burst"] = (
+                    f"{run.rss_rest:.0f} / {run.rss_peak:.0f}"
+                )
+                figures["peak / rest RSS"] = f"{run.rss_peak / run.rss_rest:.2f}"
+        print_block(f"{path}, {phase}", figures)
     line, next_at = [], 0.0
-    for t, backlog, queue in samples:
+    for t, backlog, queue in run.samples:
         if t >= next_at:
             line.append(f"{t:.0f}s:{backlog}" + (f"/{queue}" if path == "push" else ""))
             next_at = t + every
@@ -259,7 +385,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tick", type=float, default=0.25, help="the watcher's polling period, s")
     parser.add_argument("--drain", type=float, default=600.0, help="longest wait after the last store, s")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where logs and stores go")
+    parser.add_argument(
+        "--quick", action="store_true", help="a small size to try it: 20 s steady, a burst of 50"
+    )
     args = parser.parse_args(argv)
+    if args.quick:
+        args.steady, args.burst, args.drain = 20.0, 50, 120.0
     ensure_installed()
     print_block("machine", machine())
     print_block(
@@ -277,8 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     for path in args.paths:
-        studies, samples = one_path(path, args, work)
-        report(path, studies, samples, every=max(5.0, args.steady / 12))
+        run = one_path(path, args, work)
+        report(path, run, every=max(5.0, args.steady / 12), interval=args.interval)
     return 0
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -14,6 +14,7 @@ from bridge.config import Settings, SourceSettings
 from bridge.dicomweb.client import DicomwebClient
 from bridge.dicomweb.limits import DicomwebLimits
 from bridge.dicomweb.orthanc import OrthancChangeFeed
+from bridge.errors import UpstreamError
 from bridge.fhir.client import FhirClient, fhir_limit
 from bridge.mapping.context import MappingContext
 from bridge.mapping.tables import BUNDLED_MAPPINGS, load_tables
@@ -127,19 +128,36 @@ class Runtime:
 
 
 def push_drainer(runtimes: Sequence[Runtime]) -> PushDrainer:
-    """The drainer of the push queue: each pushed study is synced in every source, as on demand."""
+    """The drainer of the push queue: pushed studies are synced a page at a time in every source."""
     settings = runtimes[0].settings
 
-    async def sync(study_uid: str, received: float) -> bool:
-        done = True
+    async def sync(pushed: Mapping[str, float]) -> bool:
+        uids = list(pushed)
         for runtime in runtimes:
-            run = partial(runtime.new_worker().run_studies, [study_uid], kind="push")
-            report = await measured(runtime.store, runtime.source.name, "push", {study_uid: received}, run)
-            done = done and report.status != "failed"
-        return done
+            worker = runtime.new_worker(concurrency=settings.sync_concurrency)
+            run = partial(worker.run_studies, uids, kind="push", per_page=runtime.source.qido_page_size)
+            report = await measured(runtime.store, runtime.source.name, "push", pushed, run)
+            if report.status == "failed":
+                return False
+        return True
+
+    async def reachable() -> bool:
+        for runtime in runtimes:
+            if not await runtime.dicomweb.reachable():
+                return False
+            try:
+                await runtime.fhir.capabilities()
+            except UpstreamError:
+                return False
+        return True
 
     return PushDrainer(
-        runtimes[0].store, sync, poll=settings.push_poll, concurrency=settings.sync_concurrency
+        runtimes[0].store,
+        sync,
+        reachable=reachable,
+        poll=settings.push_poll,
+        page=min(r.source.qido_page_size for r in runtimes),
+        concurrency=settings.sync_concurrency,
     )
 
 
@@ -153,7 +171,7 @@ def change_source(
     """The incremental change source a source's settings choose (``limits``: the archive's bounds)."""
     if source.change_source is ChangeSourceKind.ORTHANC and source.orthanc_url is not None:
         feed = OrthancChangeFeed(client, str(source.orthanc_url), policy=policy, limit=limits.page())
-        return FeedChangeSource(feed, store, source.name)
+        return FeedChangeSource(feed, store, source.name, per_page=source.qido_page_size)
     return QidoWindowSource(source.poll_window_days)
 
 

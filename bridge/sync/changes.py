@@ -13,6 +13,7 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 from datetime import date, timedelta
+from functools import partial
 from typing import Protocol
 
 from bridge.sync.freshness import measured
@@ -81,11 +82,14 @@ class QidoWindowSource:
 class FeedChangeSource:
     """Follows a ChangeFeed; the checkpoint moves only after a batch ended without failure."""
 
-    def __init__(self, feed: ChangeFeed, store: StateStore, source: str, max_batches: int = 10) -> None:
+    def __init__(
+        self, feed: ChangeFeed, store: StateStore, source: str, max_batches: int = 10, *, per_page: int = 1
+    ) -> None:
         self._feed = feed
         self._store = store
         self._source = source
         self._max_batches = max_batches
+        self._per_page = per_page  # a batch's studies share pages (one series query, one FHIR batch)
 
     async def poll(self, worker: SyncWorker) -> RunReport:
         """Sync the studies the feed reports, batch by batch, saving the checkpoint after each."""
@@ -100,14 +104,8 @@ class FeedChangeSource:
                 changed_at = {
                     uid: batch.changed_at[uid] for uid in batch.study_uids if uid in batch.changed_at
                 }
-                uids = batch.study_uids
-                report = await measured(
-                    self._store,
-                    self._source,
-                    "feed",
-                    changed_at,
-                    lambda uids=uids: worker.run_studies(uids, kind="changes"),  # type: ignore[misc]
-                )
+                run = partial(worker.run_studies, batch.study_uids, kind="changes", per_page=self._per_page)
+                report = await measured(self._store, self._source, "feed", changed_at, run)
             if report.status not in ("ok", "parked"):
                 break  # stopped: the same batch is read again next cycle
             # Parked studies are in the store and retried by reconciliation, so moving on is safe.

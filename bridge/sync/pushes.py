@@ -2,12 +2,16 @@
 
 The API records each accepted push in the state store before it answers (``SqlStore.queue_push``),
 so the queue outlives crashes and is the same for every replica. A drainer runs next to the
-scheduler (``bridge worker``, ``bridge run``): it takes the pushes that are due, oldest first,
-claims each study (PostgreSQL advisory locks; every claim succeeds on SQLite, one process), checks
-under the claim that the push still waits (another replica may have done it), syncs it, and then
-forgets it, unless it was pushed again meanwhile. A sync that fails (an upstream down) leaves the
-push waiting, tried again after a back-off that grows to ``MAX_BACKOFF``: a push during an outage is
-done after the outage.
+scheduler (``bridge worker``, ``bridge run``): it takes up to a page of the pushes that are due,
+oldest first, claims each study (PostgreSQL advisory locks; every claim succeeds on SQLite, one
+process), checks under the claim that the push still waits (another replica may have done it),
+syncs the claimed studies together, as one page (one series query, one FHIR batch: a burst drains
+at the rate of a full sync), and then forgets each, unless it was pushed again meanwhile. A push is
+forgotten only once its sync returned, that is once its study is recorded: a crash before then
+leaves it waiting. A sync that fails (an upstream down) leaves the push waiting, tried again after
+a back-off that grows to ``MAX_BACKOFF``: a push during an outage is done after the outage. When a
+page fails while both upstreams answer, one study is to blame (say, its archive query stalls): the
+page is synced again study by study, so that only the bad study waits.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
 from bridge.errors import BridgeError
@@ -56,26 +61,52 @@ class PushStore(Protocol):
         ...
 
 
-# Syncs one study in every source; True when done (synced, parked or not in any archive), False
-# when it should be tried again later (an upstream failed). ``received`` is when it was pushed.
-SyncStudy = Callable[[str, float], Awaitable[bool]]
+# Syncs pushed studies (UID -> when it was pushed) together in every source; True when done
+# (each synced, parked or in no archive), False when they should be tried again later (an upstream
+# failed; a BridgeError raised says the same with its reason).
+SyncStudies = Callable[[Mapping[str, float]], Awaitable[bool]]
+# Whether every upstream answers at all: asked after a page of pushes failed, to tell an outage
+# (every push waits) from one bad study (the page is tried again study by study).
+Reachable = Callable[[], Awaitable[bool]]
+
+
+async def _always() -> bool:
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class _Claimed:
+    """A push this drainer holds: its study, when it was first and last pushed, its failed tries."""
+
+    uid: str
+    received: float
+    requested: float
+    tries: int
 
 
 class PushDrainer:
-    """Drains the push queue: every ``poll`` seconds, and at once when :meth:`wake` is called."""
+    """Drains the push queue: every ``poll`` seconds, and at once when :meth:`wake` is called.
+
+    ``page``: how many pushes are claimed and synced together (the QIDO page size);
+    ``concurrency``: how many studies are synced at once when a page is tried study by study.
+    """
 
     def __init__(
         self,
         store: PushStore,
-        sync: SyncStudy,
+        sync: SyncStudies,
         *,
+        reachable: Reachable = _always,
         poll: float = 1.0,
+        page: int = 100,
         concurrency: int = 4,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
         self._sync = sync
+        self._reachable = reachable
         self._poll = poll
+        self._page = page
         self._concurrency = concurrency
         self._clock = clock
         self._wake = asyncio.Event()
@@ -92,7 +123,7 @@ class PushDrainer:
         self._task = asyncio.create_task(self._loop(), name="push-drainer")
 
     async def stop(self) -> None:
-        """Finish the syncs in flight, then stop."""
+        """Finish the page in flight, then stop."""
         self._stopping = True
         self._wake.set()
         if self._task is not None:
@@ -101,59 +132,110 @@ class PushDrainer:
 
     async def _loop(self) -> None:
         while not self._stopping:
+            # Cleared before the drain, not after: a wake during the drain (a push it did not
+            # list, or stop()) must not be lost while it runs.
+            self._wake.clear()
             try:
                 await self.drain()
             except BridgeError as exc:  # the store itself failed: logged, tried again next poll
                 logger.error("push queue: %s", exc)
-            self._wake.clear()
+            if self._stopping:
+                break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._poll)
 
     async def drain(self) -> int:
-        """Sync every push that is due now; returns how many were done."""
+        """Sync every push that is due now, a page at a time; returns how many were done."""
         done = 0
-        limit = asyncio.Semaphore(self._concurrency)
-
-        async def one(uid: str) -> str:
-            async with limit:
-                return await self._one(uid)
-
         while not self._stopping:
-            due = await asyncio.to_thread(self._store.due_pushes, self._clock(), self._concurrency * 4)
+            due = await asyncio.to_thread(self._store.due_pushes, self._clock(), self._page)
             if not due:
                 break
-            results = await asyncio.gather(*(one(uid) for uid, _, _ in due))
-            done += results.count("done")
-            if "done" not in results and "again" not in results:
-                break  # all deferred or held by other replicas: wait for the next poll
+            claimed = await self._claim([uid for uid, _, _ in due])
+            if not claimed:
+                break  # every one held by other replicas: wait for the next poll
+            try:
+                failed = await self._sync_page(claimed)
+                forgotten, again = await self._settle(claimed, failed)
+            finally:
+                for push in claimed:
+                    await asyncio.to_thread(self._store.release_study, PUSH_CLAIMS, push.uid)
+            done += forgotten
+            if not forgotten and not again:
+                break  # all deferred: wait for the next poll
         self.done += done
         return done
 
-    async def _one(self, study_uid: str) -> str:
-        """Sync one pushed study under its claim.
+    async def _claim(self, uids: list[str]) -> list[_Claimed]:
+        """The pushes of ``uids`` this drainer now holds, read again under their claims.
 
-        Returns ``done`` (synced and forgotten), ``again`` (synced, but pushed again meanwhile),
-        ``deferred`` (its sync failed) or ``held`` (another replica has it, or had it done).
+        Claimed one at a time, each in its own store call, so that replicas draining at the same
+        moment take turns and share the page instead of one taking it all.
         """
-        if not await asyncio.to_thread(self._store.claim_study, PUSH_CLAIMS, study_uid):
-            return "held"
+        claimed: list[_Claimed] = []
+        held: list[str] = []
         try:
-            # Read again under the claim: another replica may have done it since the list was read.
-            waiting = await asyncio.to_thread(self._store.push, study_uid)
-            if waiting is None:
-                return "held"
-            received, requested, tries = waiting
-            try:
-                ok = await self._sync(study_uid, received)
-                error = "" if ok else "a source's sync failed"
-            except BridgeError as exc:
-                ok, error = False, str(exc)
-            if not ok:
-                wait = min(MAX_BACKOFF, 2.0 ** min(tries + 1, 10))
-                await asyncio.to_thread(self._store.defer_push, study_uid, self._clock() + wait, error)
-                logger.warning("pushed study %s not synced (%s); again in %.0f s", study_uid, error, wait)
-                return "deferred"
-            forgotten = await asyncio.to_thread(self._store.finish_push, study_uid, requested)
-            return "done" if forgotten else "again"
-        finally:
-            await asyncio.to_thread(self._store.release_study, PUSH_CLAIMS, study_uid)
+            for uid in uids:
+                if not await asyncio.to_thread(self._store.claim_study, PUSH_CLAIMS, uid):
+                    continue
+                held.append(uid)
+                # Read again under the claim: another replica may have done it since the list was read.
+                waiting = await asyncio.to_thread(self._store.push, uid)
+                if waiting is None:
+                    await asyncio.to_thread(self._store.release_study, PUSH_CLAIMS, uid)
+                    held.pop()
+                    continue
+                claimed.append(_Claimed(uid, *waiting))
+        except BaseException:
+            for uid in held:  # the store failed midway: no claim outlives this drain
+                with contextlib.suppress(BridgeError):
+                    await asyncio.to_thread(self._store.release_study, PUSH_CLAIMS, uid)
+            raise
+        return claimed
+
+    async def _sync_page(self, claimed: list[_Claimed]) -> dict[str, str]:
+        """Sync the claimed studies together; returns the studies whose sync failed, with why."""
+        error = await self._attempt({p.uid: p.received for p in claimed})
+        if error is None:
+            return {}
+        if len(claimed) == 1 or not await self._reachable():
+            return {p.uid: error for p in claimed}
+        logger.warning(
+            "a page of %d pushed studies failed while the upstreams answer (%s); syncing them one by one",
+            len(claimed),
+            error,
+        )
+        limit = asyncio.Semaphore(self._concurrency)
+
+        async def alone(push: _Claimed) -> str | None:
+            async with limit:
+                return await self._attempt({push.uid: push.received})
+
+        errors = await asyncio.gather(*(alone(p) for p in claimed))
+        return {p.uid: e for p, e in zip(claimed, errors, strict=True) if e is not None}
+
+    async def _attempt(self, pushes: Mapping[str, float]) -> str | None:
+        """One sync of ``pushes``: None when done, else why it failed."""
+        try:
+            return None if await self._sync(pushes) else "a source's sync failed"
+        except BridgeError as exc:
+            return str(exc)
+
+    async def _settle(self, claimed: list[_Claimed], failed: Mapping[str, str]) -> tuple[int, int]:
+        """Forget the synced pushes and defer the failed ones.
+
+        Returns how many were forgotten, and how many were synced but pushed again meanwhile (they
+        wait, due at once).
+        """
+        forgotten = again = 0
+        for push in claimed:
+            error = failed.get(push.uid)
+            if error is not None:
+                wait = min(MAX_BACKOFF, 2.0 ** min(push.tries + 1, 10))
+                await asyncio.to_thread(self._store.defer_push, push.uid, self._clock() + wait, error)
+                logger.warning("pushed study %s not synced (%s); again in %.0f s", push.uid, error, wait)
+            elif await asyncio.to_thread(self._store.finish_push, push.uid, push.requested):
+                forgotten += 1
+            else:
+                again += 1
+        return forgotten, again

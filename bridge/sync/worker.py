@@ -83,10 +83,16 @@ class SyncWorker:
             kind, self._source.iter_studies(filters), reconcile=reconcile, sweep=_sweep(filters)
         )
 
-    async def run_studies(self, study_uids: Sequence[str], kind: str = "on-demand") -> RunReport:
-        """Sync the named studies now; a named study the archive no longer has is retired."""
+    async def run_studies(
+        self, study_uids: Sequence[str], kind: str = "on-demand", *, per_page: int = 1
+    ) -> RunReport:
+        """Sync the named studies now; a named study the archive no longer has is retired.
+
+        ``per_page`` named studies share a page (one series query, one FHIR batch): a drained
+        burst of pushes then costs what a full sync of it costs, not a page per study.
+        """
         missing: list[str] = []
-        return await self._run(kind, self._named(study_uids, missing), missing=missing)
+        return await self._run(kind, self._named(study_uids, missing, per_page), missing=missing)
 
     async def preview(
         self, filters: Mapping[str, str] | None = None, study_uids: Sequence[str] = ()
@@ -112,17 +118,31 @@ class SyncWorker:
             await pipeline.close()
         return dry.previews
 
-    def _named(self, study_uids: Sequence[str], missing: list[str]) -> AsyncIterator[list[DicomJson]]:
-        """The archive's rows of each named study; the UIDs it does not list are added to ``missing``."""
+    def _named(
+        self, study_uids: Sequence[str], missing: list[str], per_page: int = 1
+    ) -> AsyncIterator[list[DicomJson]]:
+        """The archive's rows of the named studies, ``per_page`` studies a page.
+
+        The UIDs the archive does not list are added to ``missing``.
+        """
+        limit = asyncio.Semaphore(self._concurrency)
+
+        async def rows_of(uid: str) -> list[DicomJson]:
+            async with limit:  # a page's queries by UID at once, as many as studies are synced at once
+                query = self._source.iter_studies({"StudyInstanceUID": uid})
+                return [row async for page in query for row in page]
 
         async def pages() -> AsyncIterator[list[DicomJson]]:
-            for uid in study_uids:
-                found = False
-                async for page in self._source.iter_studies({"StudyInstanceUID": uid}):
-                    found = True
-                    yield page
-                if not found:
-                    missing.append(uid)
+            for start in range(0, len(study_uids), per_page):
+                chunk = study_uids[start : start + per_page]
+                # Every query ends (each has its deadline) before the first failure is raised.
+                found = await asyncio.gather(*(rows_of(uid) for uid in chunk), return_exceptions=True)
+                if failed := next((f for f in found if isinstance(f, BaseException)), None):
+                    raise failed
+                answers = [f for f in found if not isinstance(f, BaseException)]
+                missing.extend(uid for uid, rows in zip(chunk, answers, strict=True) if not rows)
+                if rows := [row for some in answers for row in some]:
+                    yield rows
 
         return pages()
 

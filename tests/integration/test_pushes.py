@@ -25,6 +25,7 @@ from bridge.state.store import SqlStore
 from tests.integration.conftest import Stack
 from tests.integration.test_resolver import running, settings_for
 from tests.stack.faultproxy import Fault, FaultProxy
+from tests.stack.hapi import HapiTestServer
 from tests.stack.orthanc import OrthancServer
 from tests.stack.postgres import temporary_database
 from tests.stack.process import free_loopback_port
@@ -79,6 +80,14 @@ def _run_kinds(stack: Stack, url: str | None = None) -> list[str]:
     store = SqlStore(url or f"sqlite:///{stack.state_path}")
     try:
         return [r.kind for r in store.runs(1000)]
+    finally:
+        store.close()
+
+
+def _push_runs(stack: Stack, url: str | None = None) -> list[Any]:
+    store = SqlStore(url or f"sqlite:///{stack.state_path}")
+    try:
+        return [r for r in store.runs(1000) if r.kind == "push"]
     finally:
         store.close()
 
@@ -187,7 +196,10 @@ async def test_two_replicas_share_the_pushes_and_sync_each_study_once(stack: Sta
     published = _published(stack)
     assert set(uids) <= set(published)
     assert {published[u]["meta"]["versionId"] for u in uids} == {"1"}  # each written once
-    assert _run_kinds(stack, pg_url).count("push") == len(uids)
+    # The pushes were synced a page at a time, so the runs are fewer than the studies; each study
+    # was created by one push run of one replica, none twice.
+    runs = _push_runs(stack, pg_url)
+    assert (sum(r.created for r in runs), sum(r.updated for r in runs)) == (len(uids), 0)
 
 
 @pytest.mark.anyio
@@ -235,3 +247,33 @@ async def test_orthanc_with_the_shipped_push_script_makes_a_stored_study_appear_
         finally:
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=60)
+
+
+@pytest.mark.interop
+async def test_a_burst_of_pushes_costs_page_batched_fhir_requests_not_per_study(stack: Stack) -> None:
+    n, page = 45, 20
+    uids = _store(stack, n, prefix="BU")
+    settings = settings_for(stack, qido_page_size=str(page))
+    async with running(settings) as api:  # `bridge serve`: the pushes wait in the store
+        for uid in uids:
+            assert (await api.post(f"/studies/{uid}/sync", headers=ASYNC)).status_code == 202
+    stack.fhir.reset_stats()
+    async with open_runtime(settings) as runtime:
+        assert await push_drainer([runtime]).drain() == n
+        assert runtime.store.push_queue() == (0, None)
+    published = _published(stack)
+    assert set(uids) <= set(published)
+    assert {published[u]["meta"]["versionId"] for u in uids} == {"1"}
+    runs = _push_runs(stack)
+    pages = -(-n // page)
+    assert sorted(r.created for r in runs) == sorted([page, page, n - 2 * page])  # a run per page
+    stats = stack.fhir.stats()
+    # Per page: one batch of Patient look-ups, one of Patient PUTs, one of ImagingStudies; besides
+    # them a few requests once per drain (the CapabilityStatement, the Endpoint), however many
+    # studies. Study by study it would be more than 3 * n.
+    assert stats["by_method"].get("PUT", 0) <= 1, stats  # the Endpoint; the studies went in batches
+    if not isinstance(stack.fhir, HapiTestServer):  # its cached batch searches cost extra Patient requests
+        batches = stats["by_interaction"].get("batch", 0)
+        assert batches == 3 * pages, stats["by_interaction"]
+        assert stats["requests"] - batches <= 3, stats["by_interaction"]
+    assert sum(r.fhir_writes for r in runs) == 2 * n + 1  # n Patients, n studies, the Endpoint

@@ -49,3 +49,22 @@ async def test_a_sweep_that_fails_keeps_the_old_checkpoint_so_the_gap_is_swept_a
     with pytest.raises(UpstreamUnavailableError):
         await FeedChangeSource(feed, world.store, world.ctx.source_name).poll(world.worker())
     assert world.store.checkpoint(world.ctx.source_name, "test-feed") == "40 20261207T030040 x"
+
+
+async def test_a_feed_batch_shares_pages_one_series_query_and_one_fhir_batch_for_its_studies(
+    world: World,
+) -> None:
+    uids = [world.add(n) for n in range(1, 6)]
+    world.source.list_matching = True
+    world.fhir.batches = True
+    feed = ScriptedFeed(ChangeBatch(uids, "5 20261208T030005 z", False))
+
+    source = FeedChangeSource(feed, world.store, world.ctx.source_name, per_page=100)
+    report = await source.poll(world.worker())
+
+    assert report.counts.created == 5
+    # One series query by UID list for the batch's five studies, not one per study.
+    series = [q for q in world.source.queries if "/series" in q]
+    assert series == [f"/series?StudyInstanceUID={','.join(uids)}"]
+    # One page: its Patients' look-ups (a search and a read each), their PUTs, its five studies.
+    assert world.fhir.batch_sizes == [10, 5, 5]
