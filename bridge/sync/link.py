@@ -17,6 +17,7 @@ from bridge.errors import (
     UpstreamError,
     VersionConflictError,
 )
+from bridge.fhir.results import WriteResult
 from bridge.mapping.context import MappingContext
 from bridge.mapping.demographics import disagreements
 from bridge.mapping.identifiers import PatientKey, accession_identifiers, escape_token, patient_key
@@ -25,7 +26,7 @@ from bridge.mapping.patient import logical_subject, map_patient, patient_resourc
 from bridge.mapping.validate import validate
 from bridge.sync import metrics
 from bridge.sync.policy import DemographicsCheck, OrderPolicy, PatientPolicy, WriteStrategy
-from bridge.sync.protocols import FhirSink, StateStore, WriteResult, refused_client_ids
+from bridge.sync.protocols import FhirSink, StateStore, refused_client_ids
 
 logger = logging.getLogger(__name__)
 

@@ -20,6 +20,7 @@ from bridge.dicomweb.records import (
     parse_study,
     raw_uid,
 )
+from bridge.dicomweb.results import SeriesOutcome
 from bridge.errors import (
     BridgeError,
     FatalUpstreamError,
@@ -33,13 +34,14 @@ from bridge.mapping.context import MappingContext
 from bridge.mapping.dates import fhir_datetime
 from bridge.mapping.identity import subject_patient_id
 from bridge.mapping.validate import validate
+from bridge.state.records import KnownStudy, Published, RunCounts
 from bridge.sync import metrics
 from bridge.sync.assemble import StudyAssembler, StudyRecords
 from bridge.sync.identity import CONFLICT_CODE, CONFLICT_REASON, conflict, conflicting, identity_digest
 from bridge.sync.link import Linker
 from bridge.sync.policy import DeletePolicy
 from bridge.sync.preview import Preview, Previewer
-from bridge.sync.protocols import KnownStudy, Published, RunCounts, SeriesOutcome, StateStore, StudySource
+from bridge.sync.protocols import StateStore, StudySource
 from bridge.sync.publisher import Publisher
 from bridge.sync.report import ParkedReport, RunReport
 from bridge.sync.retire import Retirer
