@@ -35,7 +35,7 @@ def _parts(package: Path) -> set[str]:
 def _lint(checkout: Path) -> subprocess.CompletedProcess[str]:
     """lint-imports over the checkout's bridge package, against the checkout's pyproject.toml."""
     return subprocess.run(
-        [str(LINT_IMPORTS), "--no-cache", "--no-logo", "pyproject.toml"],
+        [str(LINT_IMPORTS), "--no-cache", "pyproject.toml"],
         cwd=checkout,  # lint-imports puts the working directory first on the path: this copy's bridge
         capture_output=True,
         text=True,
