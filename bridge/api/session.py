@@ -30,13 +30,10 @@ from bridge.api.errors import AuthenticationError, RateLimitedError
 from bridge.api.exposure import is_loopback
 from bridge.api.security import Caller
 from bridge.config import Settings
+from bridge.cookies import COOKIE, cookie_name, host_prefixed
 from bridge.state.store import SqlStore
 
-COOKIE = "bridge_session"  # the session cookie's name on plain-http loopback (a developer's machine)
 LOGIN_COOKIE = "bridge_login"  # binds a login under way to the browser that began it
-# Over https the cookies carry the __Host- prefix: the browser then takes them only from this very
-# host, Secure, with Path=/ and no Domain, so a sibling host cannot plant a session or login cookie.
-HOST_PREFIX = "__Host-"
 _COOKIE_VALUE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")  # what secrets.token_urlsafe makes, nothing else
 SESSION = "session"
 LOGIN = "login"
@@ -301,17 +298,6 @@ class SessionStore:
             self.backend.take, _digest(state), LOGIN, self._clock()
         )
         return found
-
-
-def host_prefixed(settings: Settings) -> bool:
-    """Whether the cookies carry the ``__Host-`` prefix: whenever the public URL is https."""
-    url = settings.public_url
-    return url is not None and url.scheme == "https"
-
-
-def cookie_name(settings: Settings, base: str = COOKIE) -> str:
-    """The name of a bridge cookie (the session's by default) under these settings."""
-    return HOST_PREFIX + base if host_prefixed(settings) else base
 
 
 def cookie_secure(settings: Settings) -> bool:

@@ -25,7 +25,7 @@ from rich.progress import (
 )
 
 from bridge.cli.render import duration
-from bridge.sync.protocols import RunCounts
+from bridge.state.records import RunCounts
 
 logger = logging.getLogger("bridge.progress")
 

@@ -19,8 +19,8 @@ from typing import Any
 import httpx
 
 from bridge.dicomweb.limits import DicomwebLimits
+from bridge.dicomweb.results import ChangeBatch
 from bridge.errors import FatalUpstreamError
-from bridge.sync.changes import ChangeBatch
 from bridge.upstream.bounds import CallLimit
 from bridge.upstream.errors import json_body
 from bridge.upstream.retry import RetryPolicy, send

@@ -17,6 +17,7 @@ from bridge.dicomweb.limits import DicomwebLimits
 from bridge.dicomweb.paging import SERIES_UID, SERVICE, STUDY_UID, QidoPaging
 from bridge.dicomweb.query import SeriesQuery
 from bridge.dicomweb.records import SERIES_FIELDS, DicomJson, SeriesRecord, parse_series, raw_uid
+from bridge.dicomweb.results import SeriesOutcome
 from bridge.dicomweb.sweep import SeriesSweep
 from bridge.errors import (
     ConfigurationError,
@@ -25,7 +26,6 @@ from bridge.errors import (
     UpstreamError,
     UpstreamLimitError,
 )
-from bridge.sync.protocols import SeriesOutcome
 from bridge.upstream.retry import RetryPolicy
 
 logger = logging.getLogger(__name__)

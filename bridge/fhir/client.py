@@ -17,7 +17,7 @@ from bridge.errors import (
     UpstreamError,
     VersionConflictError,
 )
-from bridge.sync.protocols import BatchAnswer, WriteResult, not_a_fhir_server
+from bridge.fhir.results import BatchAnswer, WriteResult, not_a_fhir_server
 from bridge.upstream.bounds import CallLimit, Pace
 from bridge.upstream.errors import RETRIABLE_STATUS, json_body, where
 from bridge.upstream.retry import RetryPolicy, send

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from bridge.api.session import cookie_name
 from bridge.config import Settings, SourceSettings
+from bridge.cookies import cookie_name
 from bridge.errors import ConfigurationError
 from bridge.gateway.proxy import FORWARDED_REQUEST
 

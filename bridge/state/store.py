@@ -29,7 +29,7 @@ from bridge.state.models import (
     Push,
     Run,
 )
-from bridge.sync.protocols import KnownStudy, Published, RunCounts
+from bridge.state.records import KnownStudy, Published, RunCounts
 
 logger = logging.getLogger(__name__)
 

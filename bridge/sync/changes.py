@@ -11,34 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
 from datetime import date, timedelta
 from functools import partial
 from typing import Protocol
 
+from bridge.dicomweb.results import ChangeBatch
 from bridge.sync.freshness import measured
 from bridge.sync.protocols import StateStore
 from bridge.sync.report import RunReport
 from bridge.sync.worker import SyncWorker
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class ChangeBatch:
-    """Study UIDs that changed, the position after them, and whether more changes wait.
-
-    ``gap``: why the feed cannot be followed from the checkpoint (it restarted below it, skipped
-    past it, or is another archive database's); ``checkpoint`` is then the feed's current end, and
-    what changed before it must be found by a sweep.
-    """
-
-    study_uids: list[str]
-    checkpoint: str
-    more: bool
-    gap: str | None = None
-    # The archive's time for each study's change (epoch s), where the feed gives one: the lag's start.
-    changed_at: dict[str, float] = field(default_factory=dict)
 
 
 class ChangeSource(Protocol):

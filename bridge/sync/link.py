@@ -15,6 +15,7 @@ from bridge.errors import (
     PatientLinkError,
     VersionConflictError,
 )
+from bridge.fhir.results import WriteResult
 from bridge.mapping.context import MappingContext
 from bridge.mapping.demographics import disagreements
 from bridge.mapping.identifiers import PatientKey, accession_identifiers, escape_token, patient_key
@@ -24,7 +25,7 @@ from bridge.sync import metrics
 from bridge.sync.link_batch import prime_patients
 from bridge.sync.linked import NEW_PATIENT, LinkedPatient, new_patient
 from bridge.sync.policy import DemographicsCheck, OrderPolicy, PatientPolicy, WriteStrategy
-from bridge.sync.protocols import FhirSink, StateStore, WriteResult, refused_client_ids
+from bridge.sync.protocols import FhirSink, StateStore, refused_client_ids
 
 logger = logging.getLogger(__name__)
 

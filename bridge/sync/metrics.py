@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from prometheus_client import Counter, Gauge, Histogram
 
 from bridge.metrics import REGISTRY
-from bridge.sync.protocols import RunCounts
+from bridge.state.records import RunCounts
 
 STUDIES = Counter(
     "bridge_sync_studies", "Studies handled by sync runs, by outcome", ["outcome"], registry=REGISTRY

@@ -24,6 +24,7 @@ from bridge.dicomweb.records import (
     parse_study,
     raw_uid,
 )
+from bridge.dicomweb.results import SeriesOutcome
 from bridge.errors import (
     BridgeError,
     FatalUpstreamError,
@@ -34,9 +35,10 @@ from bridge.errors import (
 from bridge.mapping.context import MappingContext
 from bridge.mapping.dates import fhir_datetime
 from bridge.mapping.validate import validate
+from bridge.state.records import KnownStudy
 from bridge.sync.assemble import StudyAssembler
 from bridge.sync.identity import conflict, conflicting, identity_digest
-from bridge.sync.protocols import KnownStudy, SeriesOutcome, StateStore, StudySource
+from bridge.sync.protocols import StateStore, StudySource
 from bridge.sync.publisher import Publisher
 from bridge.sync.report import RunReport
 from bridge.sync.run import PageWork, RunState, StudyWork, content_fingerprint

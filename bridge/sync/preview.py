@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bridge.errors import BridgeError
+from bridge.state.records import KnownStudy
 from bridge.sync.diff import changed_paths
-from bridge.sync.protocols import KnownStudy
 from bridge.sync.publisher import Publisher
 from bridge.sync.report import RunReport
 from bridge.sync.run import PageWork, StudyWork

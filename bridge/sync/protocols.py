@@ -1,88 +1,20 @@
 """The small interfaces the worker depends on, and the values they pass: sync never depends on HTTP or SQL.
 
-The FHIR client (bridge/fhir/client.py) and the store (bridge/state/store.py) implement them.
+The FHIR client (bridge/fhir/client.py) and the store (bridge/state/store.py) implement them; the
+values they pass are theirs (bridge/fhir/results.py, bridge/state/records.py, bridge/dicomweb/results.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
 from bridge.dicomweb.records import DicomJson, InstanceRecord, SeriesRecord
-from bridge.errors import ConfigurationError, MappingError, UpstreamError, UpstreamLimitError
-
-
-@dataclass(frozen=True, slots=True)
-class WriteResult:
-    """Where a write landed: type, id, version, and whether it created the resource.
-
-    ``created`` is what the answer's status says (201); ``status`` is that status, for callers
-    that must tell a create from an update on servers that answer 200 to both (Medplum's batch).
-    """
-
-    resource_type: str
-    id: str
-    version: str | None
-    created: bool
-    status: int = field(default=0, compare=False)  # how it was answered, not where it landed
-
-
-@dataclass(frozen=True, slots=True)
-class BatchAnswer:
-    """One entry's answer in a FHIR batch: its status, and what it wrote or read, or why it failed."""
-
-    status: int
-    result: WriteResult | None = None  # a write that succeeded
-    resource: dict[str, Any] | None = None  # the resource a read (or a full answer) carried
-    error: UpstreamError | None = None  # the error the same single request would have raised
-
-
-@dataclass(frozen=True, slots=True)
-class KnownStudy:
-    """What the store remembers of a published study."""
-
-    study_uid: str
-    qido_fingerprint: str
-    resource_fingerprint: str
-    fhir_id: str
-    fhir_version: str | None
-    patient_identity: str | None = None  # digest of the identity it was published under, if known
-    withdrawn: str | None = None  # why it is withdrawn from clinicians; None when it is not
-
-
-@dataclass(frozen=True, slots=True)
-class Published:
-    """A study just published, to be remembered."""
-
-    study_uid: str
-    qido_fingerprint: str
-    resource_fingerprint: str
-    fhir_id: str
-    fhir_version: str | None
-    started: str | None = None
-    patient_identity: str | None = None  # digest of the study's (PatientID, IssuerOfPatientID)
-    patient_id: str | None = None  # the FHIR id of the Patient it links to (None: a logical subject)
-
-
-@dataclass(frozen=True, slots=True)
-class RunCounts:
-    """The outcome counts of a run."""
-
-    seen: int = 0
-    created: int = 0
-    updated: int = 0
-    unchanged: int = 0
-    parked: int = 0
-    deleted: int = 0
-    claimed: int = 0  # skipped: another replica was publishing them
-    fhir_writes: int = 0
-    fallbacks: int = 0  # documented fallbacks used for missing Type 1 data (this run only, not stored)
-
-
-# A study's series from a page-wide query, or the error that parks the study.
-SeriesOutcome = list[SeriesRecord] | MappingError | UpstreamLimitError
+from bridge.dicomweb.results import SeriesOutcome
+from bridge.errors import ConfigurationError
+from bridge.fhir.results import BatchAnswer, WriteResult
+from bridge.state.records import KnownStudy, Published, RunCounts
 
 
 class StudySource(Protocol):
@@ -152,16 +84,6 @@ def refused_client_ids(resource_type: str, status: int | None) -> ConfigurationE
     return ConfigurationError(
         f"BRIDGE_WRITE_STRATEGY: the FHIR server refused to create {resource_type} by PUT to a new id "
         f"({status}: it does not accept client-assigned ids); set it to 'conditional'"
-    )
-
-
-def not_a_fhir_server(base_url: str | None, why: str) -> ConfigurationError:
-    """The error for a base URL that does not answer as a FHIR server, naming the setting to fix."""
-    what = f"{base_url} is" if base_url else "it is"
-    return ConfigurationError(
-        f"BRIDGE_FHIR_URL: {what} not a FHIR server ({why}); set it to the FHIR R4 base URL, "
-        "the one that ends where [base]/metadata answers a CapabilityStatement and [base]/ImagingStudy "
-        "searches ImagingStudies"
     )
 
 

@@ -20,6 +20,7 @@ from bridge.errors import (
     UpstreamError,
     VersionConflictError,
 )
+from bridge.fhir.results import BatchAnswer, WriteResult, not_a_fhir_server
 from bridge.mapping.context import BRIDGE_TAG_SYSTEM, WITHDRAWN_EXTENSION, MappingContext
 from bridge.mapping.endpoint import endpoint_id, endpoint_identifier, map_endpoint
 from bridge.mapping.identifiers import escape_token, study_search
@@ -27,14 +28,7 @@ from bridge.mapping.identity import exact_matches
 from bridge.mapping.narrative import imaging_study_narrative, with_narrative
 from bridge.mapping.validate import validate
 from bridge.sync.policy import DeletePolicy, WriteStrategy
-from bridge.sync.protocols import (
-    BatchAnswer,
-    FhirSink,
-    StateStore,
-    WriteResult,
-    not_a_fhir_server,
-    refused_client_ids,
-)
+from bridge.sync.protocols import FhirSink, StateStore, refused_client_ids
 
 logger = logging.getLogger(__name__)
 

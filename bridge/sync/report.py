@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
-from bridge.sync.protocols import RunCounts
+from bridge.state.records import RunCounts
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,8 +6,9 @@ import asyncio
 import logging
 
 from bridge.mapping.context import MappingContext
+from bridge.state.records import KnownStudy
 from bridge.sync.policy import DeletePolicy
-from bridge.sync.protocols import KnownStudy, StateStore
+from bridge.sync.protocols import StateStore
 from bridge.sync.publisher import Publisher
 from bridge.sync.report import RunReport
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bridge.dicomweb.records import StudyRecord, digest
+from bridge.state.records import KnownStudy, Published
 from bridge.sync.assemble import StudyRecords
 from bridge.sync.link import RunLinker
-from bridge.sync.protocols import KnownStudy, Published
 from bridge.sync.report import RunReport
 
 

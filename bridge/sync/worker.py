@@ -16,13 +16,14 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from bridge.dicomweb.records import DicomJson
 from bridge.errors import BridgeError
 from bridge.mapping.context import MappingContext
+from bridge.state.records import RunCounts
 from bridge.sync import metrics
 from bridge.sync.assemble import StudyAssembler
 from bridge.sync.link import Linker, RunLinker
 from bridge.sync.pipeline import Parts, Pipeline
 from bridge.sync.policy import DeletePolicy
 from bridge.sync.preview import DryRun, Preview
-from bridge.sync.protocols import RunCounts, StateStore, StudySource
+from bridge.sync.protocols import StateStore, StudySource
 from bridge.sync.publisher import Publisher
 from bridge.sync.report import RunReport
 from bridge.sync.retire import Retirer

@@ -21,8 +21,9 @@ from bridge.errors import (
 )
 from bridge.mapping.context import MappingContext
 from bridge.mapping.identity import subject_patient_id
+from bridge.state.records import KnownStudy, Published
 from bridge.sync.identity import CONFLICT_CODE, CONFLICT_REASON, identity_digest
-from bridge.sync.protocols import KnownStudy, Published, StateStore
+from bridge.sync.protocols import StateStore
 from bridge.sync.publisher import Publisher, StudyWrite
 from bridge.sync.report import ParkedReport, RunReport
 from bridge.sync.retire import Retirer

@@ -14,8 +14,8 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from bridge.state.migrate import current_revision, head_revision
+from bridge.state.records import Published
 from bridge.state.store import SqlStore
-from bridge.sync.protocols import Published
 from tests.stack.postgres import temporary_database
 
 

@@ -8,13 +8,14 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode
 
 from bridge.dicomweb.records import DicomJson, InstanceRecord, SeriesRecord, parse_series, part10_patient_name
+from bridge.dicomweb.results import SeriesOutcome
 from bridge.errors import (
     MappingError,
     RejectedResourceError,
     UpstreamError,
     VersionConflictError,
 )
-from bridge.sync.protocols import BatchAnswer, SeriesOutcome, WriteResult
+from bridge.fhir.results import BatchAnswer, WriteResult
 
 
 class FakeSource:

@@ -35,7 +35,6 @@ from bridge.api.session import (
     SessionData,
     SessionStore,
     clear_session_cookie,
-    cookie_name,
     session_caller,
     session_store,
     set_cookie,
@@ -43,6 +42,7 @@ from bridge.api.session import (
     sound_cookie,
 )
 from bridge.config import Settings
+from bridge.cookies import cookie_name
 
 logger = logging.getLogger(__name__)
 

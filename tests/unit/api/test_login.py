@@ -20,9 +20,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi import FastAPI
 
 from bridge.api.app import create_app
-from bridge.api.session import COOKIE as PLAIN_COOKIE
-from bridge.api.session import HOST_PREFIX, SessionStore, StoreBackend
+from bridge.api.session import SessionStore, StoreBackend
 from bridge.config import Settings, load_settings
+from bridge.cookies import COOKIE as PLAIN_COOKIE
+from bridge.cookies import HOST_PREFIX
 from bridge.errors import ConfigurationError
 from bridge.resolve.links import subject_patient
 from tests.unit.resolve.fake_fhir import (

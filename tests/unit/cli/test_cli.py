@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from bridge import __version__
 from bridge.cli import app
+from bridge.state.records import Published, RunCounts
 from bridge.state.store import SqlStore
-from bridge.sync.protocols import Published, RunCounts
 
 UNREACHABLE = "http://127.0.0.1:1"
 

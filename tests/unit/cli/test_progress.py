@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from bridge.cli.progress import RunProgress
-from bridge.sync.protocols import RunCounts
+from bridge.state.records import RunCounts
 
 
 class Clock:

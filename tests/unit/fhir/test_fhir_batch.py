@@ -15,7 +15,7 @@ from bridge.errors import (
     VersionConflictError,
 )
 from bridge.fhir.client import FhirClient, entry_outcome, entry_status
-from bridge.sync.protocols import WriteResult
+from bridge.fhir.results import WriteResult
 from bridge.upstream.retry import RetryPolicy
 
 pytestmark = pytest.mark.anyio

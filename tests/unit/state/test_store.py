@@ -10,8 +10,8 @@ import pytest
 
 from bridge.errors import StoreError
 from bridge.state.models import SCHEMA_VERSION
+from bridge.state.records import Published, RunCounts
 from bridge.state.store import SqlStore
-from bridge.sync.protocols import Published, RunCounts
 
 SOURCE = "test-pacs"
 

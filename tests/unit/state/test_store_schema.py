@@ -20,8 +20,8 @@ from bridge.errors import StoreError
 from bridge.state.claims import claim_key
 from bridge.state.migrate import BASELINE, HEAD, alembic_config, current_revision, head_revision
 from bridge.state.models import SCHEMA_VERSION, Base
+from bridge.state.records import Published, RunCounts
 from bridge.state.store import SqlStore
-from bridge.sync.protocols import Published, RunCounts
 from tests.unit.state import legacy_schema as legacy
 
 

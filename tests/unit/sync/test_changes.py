@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from bridge.dicomweb.results import ChangeBatch
 from bridge.errors import UpstreamUnavailableError
-from bridge.sync.changes import ChangeBatch, FeedChangeSource
+from bridge.sync.changes import FeedChangeSource
 from tests.unit.sync.world import World
 
 pytestmark = pytest.mark.anyio

@@ -653,8 +653,8 @@ async def test_a_study_the_server_already_holds_counts_updated_when_the_store_ha
 
 
 def test_a_first_version_means_created_only_where_the_server_does_not_say_201(world: World) -> None:
+    from bridge.fhir.results import WriteResult
     from bridge.sync.policy import WriteStrategy as Strategy
-    from bridge.sync.protocols import WriteResult
     from bridge.sync.publisher import Publisher
 
     publisher = Publisher(world.fhir, world.store, world.ctx, write_strategy=Strategy.CLIENT_ID)
