@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from bridge.api.session import cookie_name
+from bridge.api.auth.session import cookie_name
 from bridge.config import Settings, SourceSettings
 from bridge.errors import ConfigurationError
 from bridge.gateway.proxy import FORWARDED_REQUEST

@@ -9,18 +9,11 @@ import anyio.to_thread
 from fastapi import APIRouter, Depends, Query, Request
 
 from bridge.api.audit import note
-from bridge.api.deps import (
-    AuthenticatedRoute,
-    StudyByAccession,
-    StudyById,
-    StudyByReference,
-    StudyByUid,
-    authenticate,
-    caller,
-    services_of,
-)
+from bridge.api.auth.caller import AuthenticatedRoute, authenticate, caller
+from bridge.api.deps import StudyByAccession, StudyById, StudyByReference, StudyByUid
 from bridge.api.errors import ERROR_RESPONSES
 from bridge.api.models import StudyLinks
+from bridge.api.services import services_of
 from bridge.resolve.links import StudyLocation, build_links
 
 router = APIRouter(
