@@ -206,17 +206,21 @@ async def open_connections(
     """
     # httpx logs full URLs at INFO, and query strings can carry patient identifiers.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    chosen = list(settings.each_source() if sources is None else sources)
     size = max_connections or pool_size(settings)
     limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
+    # the sources' syncs may run at once, and all write to the one FHIR server
+    fhir_size = max_connections or size * len(chosen)
+    fhir_limits = httpx.Limits(max_connections=fhir_size, max_keepalive_connections=fhir_size)
     async with AsyncExitStack() as stack:
         fhir_http = await stack.enter_async_context(
-            http_client(settings, settings.fhir, "fhir", limits=limits, transport=transport)
+            http_client(settings, settings.fhir, "fhir", limits=fhir_limits, transport=transport)
         )
         fhir = FhirClient(
             fhir_http, settings.fhir.base, policy=retry_policy(settings, "fhir"), limit=fhir_limit(settings)
         )
         opened = []
-        for source in settings.each_source() if sources is None else sources:
+        for source in chosen:
             http = await stack.enter_async_context(
                 http_client(settings, source.dicomweb, "dicomweb", limits=limits, transport=transport)
             )
@@ -252,15 +256,30 @@ def build_runtime(
 
 
 @asynccontextmanager
-async def open_runtime(settings: Settings, source: SourceSettings | None = None) -> AsyncIterator[Runtime]:
-    """Open clients and store for one source (by default the first); closes them on exit."""
-    if source is None:
-        source = settings.each_source()[0]
-    ctx = mapping_context(settings, source)
+async def open_runtimes(
+    settings: Settings, sources: Sequence[SourceSettings] | None = None
+) -> AsyncIterator[list[Runtime]]:
+    """Open one store and one client per upstream, and a runtime per source over them (default: every source).
+
+    The sources share the FHIR server's client and the store; each has its own archive client.
+    Everything is closed on exit.
+    """
+    chosen = list(settings.each_source() if sources is None else sources)
+    contexts = [mapping_context(settings, source) for source in chosen]  # bad tables fail before connecting
     load_models()
     store = SqlStore(settings.state_url)
     try:
-        async with open_connections(settings, [source]) as connections:
-            yield build_runtime(settings, connections.sources[0], connections.fhir, store, ctx)
+        async with open_connections(settings, chosen) as connections:
+            yield [
+                build_runtime(settings, clients, connections.fhir, store, ctx)
+                for clients, ctx in zip(connections.sources, contexts, strict=True)
+            ]
     finally:
         store.close()
+
+
+@asynccontextmanager
+async def open_runtime(settings: Settings, source: SourceSettings | None = None) -> AsyncIterator[Runtime]:
+    """Open clients and store for one source (by default the first); closes them on exit."""
+    async with open_runtimes(settings, [source or settings.each_source()[0]]) as runtimes:
+        yield runtimes[0]
