@@ -31,6 +31,7 @@ from bridge.fhir.client import FhirClient
 from bridge.gateway.archives import Gateway, gateway_of
 from bridge.http import RetryPolicy
 from bridge.limits import fhir_limit
+from bridge.mapping.validate import load_models
 from bridge.resolve.links import ViewerTemplate
 from bridge.resolve.resolver import Resolver, ResolverConfig
 from bridge.runtime import (
@@ -216,6 +217,7 @@ async def _open_sync(
         services.runtimes = [
             build_runtime(services.settings, each, conn.fhir, store) for each in conn.sources
         ]
+        load_models()  # now, not during the first on-demand sync
     except BridgeError as exc:
         if run_scheduler:
             raise
