@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -176,56 +176,128 @@ def change_source(
 
 
 @dataclass
-class Clients:
-    """The two upstreams' clients for one source, open (the archive's raw HTTP client too)."""
+class SourceClients:
+    """One source's archive client, open (its raw HTTP client and retry policy too, shared by its feed)."""
 
+    source: SourceSettings
     dicomweb: DicomwebClient
-    fhir: FhirClient
-    dicomweb_http: httpx.AsyncClient
-    dicomweb_policy: RetryPolicy  # the archive's, with its circuit breaker, shared by its feed
+    http: httpx.AsyncClient
+    policy: RetryPolicy  # the archive's, with its circuit breaker
+
+
+@dataclass
+class Connections:
+    """One client per upstream, open: the FHIR server's, and each source's archive's (in source order).
+
+    Everything that talks to an upstream in one process (the sync, the resolver, the gateway, the
+    record pages, readiness, ``bridge check``) borrows these, so each upstream has one connection
+    pool, one credential (one token fetched and renewed) and one circuit breaker.
+    """
+
+    settings: Settings
+    fhir: FhirClient  # the sync's: the full retry policy
+    fhir_http: httpx.AsyncClient
+    sources: list[SourceClients]
+
+    def of(self, source: SourceSettings) -> SourceClients:
+        """The clients of ``source`` (by name)."""
+        return next(each for each in self.sources if each.source.name == source.name)
+
+
+def pool_size(settings: Settings) -> int:
+    """Connections a sync keeps per upstream: two per study in flight, and a few for the rest."""
+    return settings.sync_concurrency * 2 + 4
 
 
 @asynccontextmanager
-async def open_clients(settings: Settings, source: SourceSettings) -> AsyncIterator[Clients]:
-    """Open the archive's and the FHIR server's clients for one source; closes them on exit."""
+async def open_connections(
+    settings: Settings,
+    sources: Sequence[SourceSettings] | None = None,
+    *,
+    max_connections: int | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> AsyncIterator[Connections]:
+    """Open the FHIR server's client and one client per source's archive (default: every source).
+
+    ``max_connections`` sizes each pool (default: a sync's); ``transport`` replaces the network
+    (tests), each upstream's credentials still applying. Everything is closed on exit.
+    """
     # httpx logs full URLs at INFO, and query strings can carry patient identifiers.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    limits = httpx.Limits(max_connections=settings.sync_concurrency * 2 + 4)
-    policy = retry_policy(settings, "dicomweb")  # each upstream has its own circuit breaker
-    fhir_policy = retry_policy(settings, "fhir")
-    async with (
-        http_client(settings, source.dicomweb, "dicomweb", limits=limits) as dicomweb_http,
-        http_client(settings, settings.fhir, "fhir", limits=limits) as fhir_http,
-    ):
-        dicomweb = DicomwebClient(
-            dicomweb_http,
-            source.dicomweb.base,
-            policy=policy,
-            page_size=source.qido_page_size,
-            limits=DicomwebLimits.from_settings(source.dicomweb, settings),
-            series_query=source.dicomweb.series_query,
-            series_list_size=source.dicomweb.series_list_size,
-            series_page_size=source.dicomweb.series_page_size,
+    chosen = list(settings.each_source() if sources is None else sources)
+    size = max_connections or pool_size(settings)
+    limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
+    # the sources' syncs may run at once, and all write to the one FHIR server
+    fhir_size = max_connections or size * len(chosen)
+    fhir_limits = httpx.Limits(max_connections=fhir_size, max_keepalive_connections=fhir_size)
+    async with AsyncExitStack() as stack:
+        fhir_http = await stack.enter_async_context(
+            http_client(settings, settings.fhir, "fhir", limits=fhir_limits, transport=transport)
         )
-        fhir = FhirClient(fhir_http, settings.fhir.base, policy=fhir_policy, limit=fhir_limit(settings))
-        yield Clients(dicomweb, fhir, dicomweb_http, policy)
+        fhir = FhirClient(
+            fhir_http, settings.fhir.base, policy=retry_policy(settings, "fhir"), limit=fhir_limit(settings)
+        )
+        opened = []
+        for source in chosen:
+            http = await stack.enter_async_context(
+                http_client(settings, source.dicomweb, "dicomweb", limits=limits, transport=transport)
+            )
+            policy = retry_policy(settings, "dicomweb")  # each upstream has its own circuit breaker
+            dicomweb = DicomwebClient(
+                http,
+                source.dicomweb.base,
+                policy=policy,
+                page_size=source.qido_page_size,
+                limits=DicomwebLimits.from_settings(source.dicomweb, settings),
+                series_query=source.dicomweb.series_query,
+                series_list_size=source.dicomweb.series_list_size,
+                series_page_size=source.dicomweb.series_page_size,
+            )
+            opened.append(SourceClients(source, dicomweb, http, policy))
+        yield Connections(settings, fhir, fhir_http, opened)
+
+
+def build_runtime(
+    settings: Settings,
+    clients: SourceClients,
+    fhir: FhirClient,
+    store: SqlStore,
+    ctx: MappingContext | None = None,
+) -> Runtime:
+    """The runtime of one source over clients and a store opened elsewhere (which close them)."""
+    source = clients.source
+    ctx = ctx or mapping_context(settings, source)
+    changes = change_source(source, clients.http, store, clients.policy, clients.dicomweb.limits)
+    runtime = Runtime(settings, source, ctx, store, clients.dicomweb, fhir, changes)
+    runtime.worker = runtime.new_worker(settings.sync_concurrency)
+    return runtime
+
+
+@asynccontextmanager
+async def open_runtimes(
+    settings: Settings, sources: Sequence[SourceSettings] | None = None
+) -> AsyncIterator[list[Runtime]]:
+    """Open one store and one client per upstream, and a runtime per source over them (default: every source).
+
+    The sources share the FHIR server's client and the store; each has its own archive client.
+    Everything is closed on exit.
+    """
+    chosen = list(settings.each_source() if sources is None else sources)
+    contexts = [mapping_context(settings, source) for source in chosen]  # bad tables fail before connecting
+    load_models()
+    store = SqlStore(settings.state_url)
+    try:
+        async with open_connections(settings, chosen) as connections:
+            yield [
+                build_runtime(settings, clients, connections.fhir, store, ctx)
+                for clients, ctx in zip(connections.sources, contexts, strict=True)
+            ]
+    finally:
+        store.close()
 
 
 @asynccontextmanager
 async def open_runtime(settings: Settings, source: SourceSettings | None = None) -> AsyncIterator[Runtime]:
     """Open clients and store for one source (by default the first); closes them on exit."""
-    if source is None:
-        source = settings.each_source()[0]
-    ctx = mapping_context(settings, source)
-    load_models()
-    store = SqlStore(settings.state_url)
-    try:
-        async with open_clients(settings, source) as clients:
-            changes = change_source(
-                source, clients.dicomweb_http, store, clients.dicomweb_policy, clients.dicomweb.limits
-            )
-            runtime = Runtime(settings, source, ctx, store, clients.dicomweb, clients.fhir, changes)
-            runtime.worker = runtime.new_worker(settings.sync_concurrency)
-            yield runtime
-    finally:
-        store.close()
+    async with open_runtimes(settings, [source or settings.each_source()[0]]) as runtimes:
+        yield runtimes[0]

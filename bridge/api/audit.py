@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 from fastapi import Request
 
-from bridge.api.security import Caller
+from bridge.api.auth.security import Caller
 from bridge.audit.events import Access, Action, Outcome
 from bridge.resolve.links import StudyLocation
 

@@ -1,9 +1,9 @@
-"""Readiness: the FHIR server and the archive answer, and the state store is open."""
+"""Readiness: the FHIR server and every source's archive answer, and the state store is open."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 
 import anyio.to_thread
 
@@ -21,12 +21,12 @@ class ReadinessProbe:
     def __init__(
         self,
         fhir: FhirClient,
-        archive: DicomwebClient,
+        archives: Sequence[tuple[str, DicomwebClient]],
         store: SqlStore | None,
         timeout: float = PROBE_TIMEOUT,
     ) -> None:
         self.fhir = fhir
-        self.archive = archive
+        self.archives = list(archives)  # (source name, its archive's client), every source
         self.store = store
         self.timeout = timeout
 
@@ -45,13 +45,21 @@ class ReadinessProbe:
         await anyio.to_thread.run_sync(self.store.ping)
 
     async def check(self) -> dict[str, str]:
-        """Each dependency -> "ok" or why it is not ready."""
-        fhir, archive, store = await asyncio.gather(
+        """Each dependency -> "ok" or why it is not ready; "dicomweb" is "ok" only when every archive is."""
+        several = len(self.archives) > 1
+        fhir, store, *archives = await asyncio.gather(
             self._check(self.fhir.capabilities(), "the FHIR server"),
-            self._check(self.archive.ping(), "the DICOMweb archive"),
             self._check(self._store(), "the state store"),
+            *(
+                self._check(
+                    client.ping(),
+                    f"the DICOMweb archive of source {name}" if several else "the DICOMweb archive",
+                )
+                for name, client in self.archives
+            ),
         )
-        return {"fhir": fhir, "dicomweb": archive, "store": store}
+        failed = [answer for answer in archives if answer != "ok"]
+        return {"fhir": fhir, "dicomweb": "; ".join(failed) or "ok", "store": store}
 
 
 class _StoreClosed(BridgeError):

@@ -36,7 +36,7 @@ from bridge.fhir.client import FhirClient
 from bridge.mapping.context import MappingContext
 from bridge.mapping.identifiers import patient_key
 from bridge.mapping.validate import load_models
-from bridge.runtime import configured_viewers, mapping_context, open_clients
+from bridge.runtime import configured_viewers, mapping_context, open_connections
 from bridge.state.store import SqlStore
 from bridge.sync.policy import WriteStrategy
 from bridge.sync.publisher import Publisher
@@ -435,16 +435,17 @@ async def run_checks(settings: Settings, sources: list[SourceSettings], sample: 
     store = await asyncio.to_thread(check_store, settings, store_report)
     fhir_ok: bool | None = None
     try:
-        for source in sources:
-            ctx = mapping_context(settings, source)
-            async with open_clients(settings, source) as clients:
+        async with open_connections(settings, sources) as connections:  # one client per upstream
+            for clients in connections.sources:
+                source = clients.source
+                ctx = mapping_context(settings, source)
                 await check_archive(
                     source, clients.dicomweb, ctx, sample, report, in_entry=bool(settings.sources)
                 )
                 if fhir_ok is None:
-                    fhir_ok = await check_fhir(settings, clients.fhir, report)
+                    fhir_ok = await check_fhir(settings, connections.fhir, report)
                 if fhir_ok and store is not None:
-                    await check_endpoint(settings, source, clients.fhir, ctx, store, report)
+                    await check_endpoint(settings, source, connections.fhir, ctx, store, report)
                 elif fhir_ok:
                     report.add(
                         "FHIR server",

@@ -326,15 +326,13 @@ def worker() -> None:
 
         start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=REGISTRY)
 
-    from bridge.runtime import open_runtime, push_drainer
+    from bridge.runtime import open_runtimes, push_drainer
 
     async def run() -> None:
         async with AsyncExitStack() as stack:
-            schedulers, runtimes = [], []
-            for each in _sources(settings, None):
-                runtime = await stack.enter_async_context(open_runtime(settings, each))
-                runtimes.append(runtime)
-                schedulers.append(runtime.scheduler())
+            # every source's runtime over one store and one client per upstream
+            runtimes = await stack.enter_async_context(open_runtimes(settings, _sources(settings, None)))
+            schedulers = [runtime.scheduler() for runtime in runtimes]
             for scheduler in schedulers:
                 await scheduler.start()
             drainer = push_drainer(runtimes)  # pushed studies, synced between the cycles

@@ -687,7 +687,7 @@ class SqlStore:
         with self._session() as session:
             return int(session.scalar(select(func.count()).select_from(AuditBacklog)) or 0)
 
-    # Browser sessions and logins under way (bridge/api/session.py), keyed by a hash, never a token
+    # Browser sessions and logins under way (bridge/api/auth/session.py), keyed by a hash, never a token
     def put_browser_session(
         self,
         key: str,

@@ -267,6 +267,22 @@ async def test_fhir_server_down_is_503_with_retry_after(stack: Stack) -> None:
         assert ready.json()["checks"]["fhir"] != "ok"
 
 
+async def test_readiness_asks_every_source_and_names_the_one_whose_archive_is_down(stack: Stack) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    sources = [
+        {"name": "main", "dicomweb": {"url": stack.orthanc.dicomweb_url}},
+        {"name": "second", "dicomweb": {"url": f"http://127.0.0.1:{port}/dicom-web"}},
+    ]
+    async with running(settings_for(stack, sources=json.dumps(sources))) as api:
+        ready = await api.get("/readyz")
+    assert ready.status_code == 503
+    checks = ready.json()["checks"]
+    assert checks["fhir"] == "ok"
+    assert "source second" in checks["dicomweb"] and "source main" not in checks["dicomweb"]
+
+
 @pytest.fixture
 def public_demo(stack: Stack) -> tuple[list[StudySpec], str]:
     """The demo published under a public base (localhost) that differs from the polled one."""

@@ -13,12 +13,13 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from bridge.api.deps import caller, mount_path
+from bridge.api.auth.caller import caller
+from bridge.api.services import mount_path
 
 DOCS = "/docs"
 REDOC = "/redoc"
@@ -64,18 +65,18 @@ async def _redoc(request: Request) -> HTMLResponse:
     )
 
 
-def install(app: FastAPI, *, protect: bool) -> None:
-    """Serve /docs, /redoc and their assets (the app is made with ``docs_url=redoc_url=None``).
+def router_for(protect: bool) -> APIRouter:
+    """/docs, /redoc and their assets (the app is made with ``docs_url=redoc_url=None``).
 
     ``protect``: the pages and the schema need the API's authentication (the app is then made with
     ``openapi_url=None`` too, and the schema is served here).
     """
-    app.mount(ASSETS, StaticFiles(directory=assets_dir()), name="docs-assets")
     dependencies: list[Any] = [Depends(caller)] if protect else []
     router = APIRouter(include_in_schema=False, dependencies=dependencies)
+    router.mount(ASSETS, StaticFiles(directory=assets_dir()), name="docs-assets")
     router.add_api_route(DOCS, _swagger_ui, methods=["GET"])
     router.add_api_route(OAUTH2_REDIRECT, _oauth2_redirect, methods=["GET"])
     router.add_api_route(REDOC, _redoc, methods=["GET"])
     if protect:
         router.add_api_route(OPENAPI, _openapi, methods=["GET"])
-    app.include_router(router)
+    return router

@@ -9,7 +9,8 @@ import anyio
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
-from bridge.api.deps import AuthenticatedRoute, ServicesDep, unlimited_caller
+from bridge.api.auth.caller import AuthenticatedRoute, unlimited_caller
+from bridge.api.deps import ServicesDep
 from bridge.api.errors import ERROR_RESPONSES
 from bridge.errors import StoreError
 

@@ -2,7 +2,7 @@
 
 Every request naming a study is authorized by that study: its ImagingStudy is found on the FHIR
 server by Study Instance UID (the resolver's exact identifier match), and its subject must be the
-caller's patient in context, or the caller's scopes must allow any patient (bridge/api/access.py).
+caller's patient in context, or the caller's scopes must allow any patient (bridge/api/auth/access.py).
 The request then goes to the archive the study's Endpoint names, with the bridge's credentials
 for that archive, and the answer streams back as the archive sends it. Searches across studies
 are answered, for a caller limited to one patient, from the archive asked by that patient's
@@ -23,146 +23,48 @@ from __future__ import annotations
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
-import httpx
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
-from bridge.api.access import decide, may_see_all, patient_limit
 from bridge.api.audit import note
-from bridge.api.deps import CallerDep, authenticate, resolver_of, services_of
+from bridge.api.auth.access import decide, may_see_all, patient_limit
+from bridge.api.auth.caller import CallerDep, authenticate
+from bridge.api.auth.security import Caller
+from bridge.api.deps import resolver_of
 from bridge.api.errors import AccessDeniedError, outcome
-from bridge.api.security import Caller
+from bridge.api.services import services_of
 from bridge.audit.events import Action
-from bridge.config import Settings
-from bridge.dicomweb.limits import DicomwebLimits
-from bridge.errors import (
-    BridgeError,
-    FatalUpstreamError,
-    NoUsableEndpointError,
-    StudyNotFoundError,
-    UpstreamLimitError,
-)
+from bridge.errors import BridgeError, StudyNotFoundError
 from bridge.gateway import front, qido, withdrawn
-from bridge.gateway.paths import DicomwebPath, parse
-from bridge.gateway.proxy import forward, request_headers, search_json
-from bridge.resolve.links import (
-    WITHDRAWN,
-    StudyLocation,
-    lists_series,
-    normalize_base,
-    study_uid_of,
-    subject_patient,
-    withdrawal_of,
+from bridge.gateway.archives import (
+    NOT_IN_ARCHIVE,
+    Archive,
+    Gateway,
+    archive_rows,
+    front_headers,
+    holds_unlisted,
+    patient_studies,
+    search_every_archive,
+    search_patients_rows,
 )
-from bridge.resolve.resolver import Resolver, TtlCache
-from bridge.upstream.bounds import CallLimit, Pace
-from bridge.upstream.client import authorization_for, http_client
+from bridge.gateway.paths import DicomwebPath, parse
+from bridge.gateway.proxy import forward, request_headers
+from bridge.resolve.links import StudyLocation, lists_series
+from bridge.resolve.resolver import Resolver
+from bridge.upstream.bounds import CallLimit
 
 DICOM_JSON = "application/dicom+json"
-_MAX_CONNECTIONS = 64
-_PATIENT_STUDIES = "1000"  # most ImagingStudies of one patient a search across studies considers
 
-
-@dataclass
-class Archive:
-    """One source's archive as the gateway reaches it."""
-
-    name: str
-    client: httpx.AsyncClient
-    base: str  # the URL the bridge polls
-    upstream: str  # its name in the nginx front's configuration (bridge/gateway/front.py)
-    keys: tuple[str, ...]  # its bases as Endpoints name them (public and polled), normalised
-    limits: DicomwebLimits
-    default_system: str
-    issuer_systems: dict[str, str]
-
-
-@dataclass
-class Gateway:
-    """The archives, the bound of a forwarded answer, and each patient's identifiers and studies."""
-
-    archives: list[Archive]
-    limit: CallLimit
-    patients: TtlCache[tuple[tuple[tuple[str, str], ...], frozenset[str]]]
-    by_key: dict[str, list[Archive]] = field(default_factory=dict)
-    _longest_first: list[tuple[str, list[Archive]]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        for archive in self.archives:
-            for key in archive.keys:
-                self.by_key.setdefault(key, []).append(archive)
-        self._longest_first = sorted(self.by_key.items(), key=lambda kv: -len(kv[0]))
-
-    def archive_for(self, study: StudyLocation) -> tuple[Archive, str]:
-        """The archive serving ``study`` and the study's base as the bridge reaches it."""
-        for key, archives in self._longest_first:
-            if study.base != key and not study.base.startswith(key + "/"):
-                continue
-            # Several sources may share one public address (the gateway's own): the study's tag decides.
-            chosen = next((a for a in archives if a.name in study.sources), archives[0])
-            return chosen, chosen.base.rstrip("/") + study.base[len(key) :]
-        raise NoUsableEndpointError(f"ImagingStudy/{study.fhir_id}: its archive is not a configured source")
-
-
-@asynccontextmanager
-async def _archives(app: FastAPI) -> AsyncIterator[None]:
-    """One client per source's archive, with that archive's credentials and TLS, for the app's lifetime."""
-    settings: Settings = app.state.services.settings
-    limits = httpx.Limits(max_connections=_MAX_CONNECTIONS, max_keepalive_connections=_MAX_CONNECTIONS)
-    archives = []
-    async with AsyncExitStack() as stack:
-        for index, source in enumerate(settings.each_source()):
-            client = await stack.enter_async_context(
-                http_client(
-                    settings,
-                    source.dicomweb,
-                    "dicomweb",
-                    limits=limits,
-                    transport=getattr(app.state, "transport", None),  # tests: the app's transport
-                )
-            )
-            keys = (normalize_base(source.dicomweb.public_base), normalize_base(source.dicomweb.base))
-            archives.append(
-                Archive(
-                    name=source.name,
-                    client=client,
-                    base=source.dicomweb.base,
-                    upstream=front.upstream_name(index),
-                    keys=tuple(dict.fromkeys(k for k in keys if k)),
-                    limits=DicomwebLimits.from_settings(source.dicomweb, settings),
-                    default_system=source.patient_identifier_system,
-                    issuer_systems=dict(source.patient_issuer_systems),
-                )
-            )
-        app.state.gateway = Gateway(
-            archives,
-            CallLimit(
-                "gateway",
-                settings.gateway_max_response_bytes,
-                "BRIDGE_GATEWAY_MAX_RESPONSE_BYTES",
-                settings.http_deadline,
-                pace=Pace.from_settings(settings),
-            ),
-            TtlCache(settings.resolver_cache_ttl, 1000),
-        )
-        try:
-            yield
-        finally:
-            app.state.gateway = None
-
-
-router = APIRouter(prefix="/dicom-web", tags=["dicomweb"], include_in_schema=False, lifespan=_archives)
+router = APIRouter(prefix="/dicom-web", tags=["dicomweb"], include_in_schema=False)
 
 
 def _gateway(request: Request) -> Gateway:
-    found: Gateway | None = getattr(request.app.state, "gateway", None)
+    found = services_of(request).gateway
     if found is None:  # only outside the lifespan, i.e. a wiring mistake
-        raise RuntimeError("the gateway's lifespan has not run")
+        raise RuntimeError("the app's lifespan has not run")
     return found
 
 
@@ -194,7 +96,7 @@ async def dicomweb(path: str, request: Request, who: CallerDep) -> Response:
             f"series {route.series_uid}: {_UNLISTED} (its images were rejected, or it is not synced yet)"
         )
     refused = await withdrawn.refusal(
-        route, study, lambda p, q: _archive_rows(*g.archive_for(study), p, q, g.limit)
+        route, study, lambda p, q: archive_rows(*g.archive_for(study), p, q, g.limit)
     )
     if refused is not None:  # rejected images (IHE IOCM), though the archive still holds them
         note(request, who, action, "refused", study=study, reason=refused)
@@ -204,7 +106,7 @@ async def dicomweb(path: str, request: Request, who: CallerDep) -> Response:
     if patient is not None:
         return await _one_patients(route, request, study, patient, listed, archive, base, r, g)
     if withdrawn.read_whole(route, study):
-        rows = await _archive_rows(
+        rows = await archive_rows(
             archive, base, route.path, list(request.query_params.multi_items()), g.limit
         )
         return _json(withdrawn.shown(rows, study.withdrawn))
@@ -212,7 +114,6 @@ async def dicomweb(path: str, request: Request, who: CallerDep) -> Response:
 
 
 _UNLISTED = "not a series of the study's published ImagingStudy"
-_NOT_IN_ARCHIVE = "not found in the study's archive"
 
 
 async def _one_patients(
@@ -231,47 +132,24 @@ async def _one_patients(
         accept = request.headers.get("accept", "")
         if accept and not any(t in accept for t in ("json", "*/*")):
             return Response(status_code=406, headers={"Cache-Control": "no-store"})
-        identifiers, _ = await g.patients.get_or_load(patient, lambda: _patient(r, patient))
+        identifiers, _ = await g.patients.get_or_load(patient, lambda: patient_studies(r.fhir, patient))
         keys = qido.patient_keys(
             identifiers, default_system=archive.default_system, issuer_systems=archive.issuer_systems
         )
         given = list(request.query_params.multi_items())
         params = qido.within_study_params(given) if route.kind == "search" else []
-        rows = await _archive_rows(archive, base, route.path, params, g.limit)
+        rows = await archive_rows(archive, base, route.path, params, g.limit)
         kept = withdrawn.shown([row for row in rows if qido.within_study(row, keys, listed)], study.withdrawn)
         limit = qido.limit_of(given) if route.kind == "search" else None
         return _json(kept[:limit] if limit is not None else kept)
-    study_uid = study.study_uid
-    if route.level == "studies" and await _holds_unlisted(archive, base, study_uid, listed):
+    if route.level == "studies" and await holds_unlisted(archive, base, study.study_uid, listed):
         # The whole study, its rendering or thumbnail: refused, not trimmed (a multipart answer
         # cannot be filtered part by part as it streams); the listed series can be retrieved.
         raise AccessDeniedError(
-            f"study {study_uid}: the archive holds series its published ImagingStudy does not list; "
+            f"study {study.study_uid}: the archive holds series its published ImagingStudy does not list; "
             "retrieve the listed series one by one"
         )
     return await _stream(archive, f"{base}/{route.path}", request, g.limit)
-
-
-async def _holds_unlisted(archive: Archive, base: str, study_uid: str, listed: frozenset[str]) -> bool:
-    """Whether the archive holds series of the study that its published ImagingStudy does not list."""
-    path = f"studies/{study_uid}/series"
-    rows = await _archive_rows(
-        archive, base, path, [("includefield", qido.SERIES_UID)], archive.limits.page()
-    )
-    held = {qido.value_of(row, qido.SERIES_UID) for row in rows if isinstance(row, dict)}
-    return bool(held - listed)
-
-
-async def _archive_rows(
-    archive: Archive, base: str, path: str, params: Sequence[tuple[str, str]], limit: CallLimit
-) -> list[Any]:
-    """The archive's DICOM JSON answer at ``path``, read whole; its 404 is the bridge's own."""
-    try:
-        return await search_json(archive.client, base, path, params, limit)
-    except FatalUpstreamError as exc:
-        if exc.status == 404 and not isinstance(exc, UpstreamLimitError):
-            raise StudyNotFoundError(_NOT_IN_ARCHIVE) from None
-        raise
 
 
 async def _stream(archive: Archive, url: str, request: Request, limit: CallLimit) -> Response:
@@ -286,7 +164,7 @@ async def _stream(archive: Archive, url: str, request: Request, limit: CallLimit
     if answer.status >= 400:
         # The archive's error body stayed behind (bridge/gateway/proxy.py): the bridge's own reason.
         if answer.status == 404:
-            return outcome(404, "not-found", _NOT_IN_ARCHIVE, {"Cache-Control": "no-store"})
+            return outcome(404, "not-found", NOT_IN_ARCHIVE, {"Cache-Control": "no-store"})
         return outcome(
             answer.status,
             "invalid",
@@ -307,17 +185,7 @@ async def _search_across(
         if len(g.archives) == 1 and route.level != "instances":
             archive = g.archives[0]
             return await _stream(archive, f"{archive.base.rstrip('/')}/{route.path}", request, g.limit)
-        rows = []
-        for archive in g.archives:
-            rows.extend(
-                await search_json(
-                    archive.client,
-                    archive.base,
-                    route.path,
-                    list(request.query_params.multi_items()),
-                    archive.limits.page(),
-                )
-            )
+        rows = await search_every_archive(g, route.path, list(request.query_params.multi_items()))
         return _json(
             await withdrawn.shown_across(rows, r.by_study_uid) if route.level == "instances" else rows
         )
@@ -330,24 +198,9 @@ async def _search_across(
     if accept and not any(t in accept for t in ("json", "*/*")):
         return Response(status_code=406, headers={"Cache-Control": "no-store"})
     note(request, who, "image-query", patient=patient)
-    identifiers, studies = await g.patients.get_or_load(patient, lambda: _patient(r, patient))
     given = list(request.query_params.multi_items())
-    kept: dict[tuple[str | None, ...], Any] = {}
-    for archive in g.archives:
-        keys = qido.patient_keys(
-            identifiers, default_system=archive.default_system, issuer_systems=archive.issuer_systems
-        )
-        for key in keys:
-            for row in await search_json(
-                archive.client, archive.base, route.path, qido.query_params(given, key), archive.limits.page()
-            ):
-                if qido.keep(row, key, studies):
-                    kept.setdefault(qido.row_key(row), row)
-    rows = list(kept.values())
-    if route.level == "instances":
-        rows = await withdrawn.shown_across(rows, r.by_study_uid)
-    limit = qido.limit_of(given)
-    return _json(rows[:limit] if limit is not None else rows)
+    locate = r.by_study_uid if route.level == "instances" else None  # withdrawn instances left out
+    return _json(await search_patients_rows(g, r.fhir, patient, route.path, given, locate=locate))
 
 
 def _json(rows: Sequence[Any]) -> Response:
@@ -356,28 +209,6 @@ def _json(rows: Sequence[Any]) -> Response:
         media_type=DICOM_JSON,
         headers={"Cache-Control": "no-store"},
     )
-
-
-async def _patient(r: Resolver, patient: str) -> tuple[tuple[tuple[str, str], ...], frozenset[str]]:
-    """A Patient's identifiers, and the Study Instance UIDs of its live ImagingStudies."""
-    resource = await r.fhir.read("Patient", patient)
-    if resource is None:
-        return (), frozenset()
-    identifiers = tuple(
-        (str(i["system"]), str(i["value"]))
-        for i in resource.get("identifier") or []
-        if isinstance(i, dict) and isinstance(i.get("system"), str) and isinstance(i.get("value"), str)
-    )
-    found = await r.fhir.search("ImagingStudy", {"subject": f"Patient/{patient}", "_count": _PATIENT_STUDIES})
-    studies = frozenset(
-        uid
-        for study in found
-        if subject_patient(study) == patient
-        and study.get("status") not in WITHDRAWN
-        and withdrawal_of(study) is None
-        and (uid := study_uid_of(study)) is not None
-    )
-    return identifiers, studies
 
 
 # The nginx front's question (bridge/gateway/front.py), included only with BRIDGE_GATEWAY_FRONT_SECRET.
@@ -412,20 +243,12 @@ async def front_grant(request: Request) -> Response:
         archive, base = _gateway(request).archive_for(study)
         if patient_limit(who) is not None and not await _front_may_serve(route, study, archive, base):
             return Response(status_code=_NOT_FROM_THE_FRONT)
-        authorization = await authorization_for(archive.client, base)
-    except (BridgeError, httpx.HTTPError):
+        headers = await front_headers(archive, base)
+    except BridgeError:
         return Response(status_code=_NOT_FROM_THE_FRONT)
     note(request, who, "image-read", study=study)
-    target = httpx.URL(base)
-    headers = {
-        front.FORWARD_HEADER: f"{target.scheme}://{archive.upstream}{target.path.rstrip('/')}",
-        front.HOST_HEADER: target.netloc.decode("ascii"),
-        front.NAME_HEADER: target.host,
-        # How long nginx may keep this grant: the session cache's time, never past the credential's end.
-        "X-Accel-Expires": str(grant_seconds(settings.session_cache_ttl, who.expires, time.time())),
-    }
-    if authorization is not None:
-        headers[front.AUTHORIZATION_HEADER] = authorization
+    # How long nginx may keep this grant: the session cache's time, never past the credential's end.
+    headers["X-Accel-Expires"] = str(grant_seconds(settings.session_cache_ttl, who.expires, time.time()))
     return Response(status_code=200, headers=headers)
 
 
@@ -439,7 +262,7 @@ async def _front_may_serve(route: DicomwebPath, study: StudyLocation, archive: A
     listed = frozenset(s.uid for s in study.series)
     if route.series_uid is not None:
         return route.series_uid in listed
-    return not await _holds_unlisted(archive, base, study.study_uid, listed)
+    return not await holds_unlisted(archive, base, study.study_uid, listed)
 
 
 def grant_seconds(cache_ttl: float, expires: float | None, now: float) -> int:

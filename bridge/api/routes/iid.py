@@ -15,19 +15,11 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import RedirectResponse, Response
 
-from bridge.api.deps import (
-    ACCESSION_PATTERN,
-    UID_PATTERN,
-    CallerDep,
-    ResolverDep,
-    Services,
-    ServicesDep,
-    allow_patient,
-    caller,
-    mount_path,
-)
+from bridge.api.auth.caller import CallerDep, allow_patient, caller
+from bridge.api.auth.security import Caller
+from bridge.api.deps import ACCESSION_PATTERN, UID_PATTERN, ResolverDep, ServicesDep
 from bridge.api.errors import outcome
-from bridge.api.security import Caller
+from bridge.api.services import Services, mount_path
 from bridge.errors import InvalidLookupError, NoUsableEndpointError, StudyNotFoundError
 from bridge.mapping.identifiers import PatientKey
 from bridge.resolve.resolver import Resolver

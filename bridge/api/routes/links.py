@@ -11,21 +11,13 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from bridge.api.access import decide
 from bridge.api.audit import note
-from bridge.api.deps import (
-    AuthenticatedRoute,
-    Services,
-    StudyByAccession,
-    StudyById,
-    StudyByReference,
-    StudyByUid,
-    authenticate,
-    caller,
-    services_of,
-)
+from bridge.api.auth.access import decide
+from bridge.api.auth.caller import AuthenticatedRoute, authenticate, caller
+from bridge.api.deps import StudyByAccession, StudyById, StudyByReference, StudyByUid
 from bridge.api.errors import ERROR_RESPONSES
 from bridge.api.models import StudyLinks
+from bridge.api.services import Services, services_of
 from bridge.errors import BridgeError
 from bridge.resolve.links import FHIR_ID, StudyLocation, build_links, is_uid
 

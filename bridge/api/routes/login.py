@@ -20,16 +20,14 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 from urllib.parse import quote, urlsplit
 
-from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from bridge.api import errors
 from bridge.api.audit import note
-from bridge.api.deps import Services, ServicesDep, mount_path
-from bridge.api.errors import AuthenticationError
-from bridge.api.oidc import AuthServer, LoginError, OidcClient, Pkce
-from bridge.api.security import UNAUTHENTICATED
-from bridge.api.session import (
+from bridge.api.auth.oidc import CALLBACK_PATH, AuthServer, LoginError, OidcClient, Pkce
+from bridge.api.auth.security import UNAUTHENTICATED
+from bridge.api.auth.session import (
     LOGIN_COOKIE,
     PENDING_TTL,
     SessionData,
@@ -41,6 +39,9 @@ from bridge.api.session import (
     set_session_cookie,
     sound_cookie,
 )
+from bridge.api.deps import ServicesDep
+from bridge.api.errors import AuthenticationError
+from bridge.api.services import mount_path, services_of
 from bridge.config import Settings
 from bridge.cookies import cookie_name
 
@@ -48,7 +49,6 @@ logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["login"], include_in_schema=False)
 
-CALLBACK_PATH = "/login/callback"
 LOGGED_OUT_PATH = "/logout/done"  # where the identity provider sends the browser after its logout
 DEFAULT_NEXT = "/record"
 # Pages a browser opens: without a session they go to login instead of getting a 401.
@@ -100,22 +100,6 @@ def _browser_digest(binding: str) -> str:
     return hashlib.sha256(binding.encode()).hexdigest()
 
 
-def oidc_client(settings: Settings, kind: Literal["login", "launch"]) -> OidcClient:
-    """The bridge's client registration at the login's identity provider, or at the EHRs (launch)."""
-    assert settings.public_url is not None
-    if kind == "launch":
-        client_id, secret = settings.launch_client
-    else:
-        assert settings.oidc_client_id is not None
-        client_id, secret = settings.oidc_client_id, settings.oidc_secret
-    return OidcClient(
-        client_id,
-        secret.get_secret_value() if secret is not None else None,
-        str(settings.public_url).rstrip("/") + CALLBACK_PATH,
-        role_claim=settings.operator_role_claim,
-    )
-
-
 def form_action(settings: Settings) -> str:
     """CSP form-action for a page with a logout button: here, and the login provider it redirects to."""
     if settings.oidc_issuer is None:
@@ -149,8 +133,7 @@ def _local_path(value: str | None) -> str:
 
 
 def _client(request: Request, kind: Literal["login", "launch"]) -> OidcClient:
-    found: OidcClient = request.app.state.oidc[kind]
-    return found
+    return services_of(request).oidc[kind]
 
 
 def _store(request: Request) -> SessionStore:
@@ -161,7 +144,7 @@ def _store(request: Request) -> SessionStore:
 
 async def start_login(request: Request, next_path: str) -> Response:
     """Send the browser to the configured issuer to log in, then back to ``next_path``."""
-    settings: Settings = request.app.state.services.settings
+    settings: Settings = services_of(request).settings
     if settings.oidc_issuer is None:
         return _page(
             "Open from your EHR",
@@ -188,7 +171,7 @@ async def _authorize(
     next_path: str,
     extra: dict[str, str],
 ) -> RedirectResponse:
-    settings: Settings = request.app.state.services.settings
+    settings: Settings = services_of(request).settings
     pkce = Pkce.new()
     nonce = secrets.token_urlsafe(24)
     # The browser's login cookie: kept across logins begun in several tabs, so each can finish; two
@@ -313,7 +296,7 @@ async def logout_page(request: Request) -> Response:
         '<button type="submit">Log out</button></form>'
     )
     # the form's answer redirects to the identity provider's logout, which form-action must allow
-    return _page("Log out", form, 200, forms=form_action(request.app.state.services.settings))
+    return _page("Log out", form, 200, forms=form_action(services_of(request).settings))
 
 
 @router.post("/logout")
@@ -373,12 +356,12 @@ def _wants_page(request: Request) -> bool:
     return path.startswith(PAGE_PREFIXES) or (path.startswith(VIEWER_PREFIXES) and path.endswith("/viewer"))
 
 
-async def _authentication_error(request: Request, exc: Exception) -> Response:
+async def authentication_error(request: Request, exc: Exception) -> Response:
     """401 for programs; a browser opening a page goes to login and comes back to it."""
     assert isinstance(exc, AuthenticationError)
     if not _wants_page(request) or request.headers.get("x-api-key") or request.headers.get("authorization"):
         return errors.response_for(exc)
-    settings: Settings = request.app.state.services.settings
+    settings: Settings = services_of(request).settings
     if not settings.login_enabled:  # keys or tokens only: a person needs words, not a JSON 401
         refused = errors.response_for(exc)
         page = _page(
@@ -400,24 +383,3 @@ async def _authentication_error(request: Request, exc: Exception) -> Response:
     if cookie_name(settings) in request.cookies:
         clear_session_cookie(response, settings)
     return response
-
-
-def install(app: FastAPI, services: Services) -> None:
-    """Add login to ``app`` when the settings configure it, and the page a browser gets instead of a 401.
-
-    The lifespan sets the login clients' HTTP client.
-    """
-    settings = services.settings
-    # a browser opening a page without credentials gets a page, with or without login
-    app.add_exception_handler(AuthenticationError, _authentication_error)
-    if not settings.login_enabled:
-        return
-    # the lifespan moves it into the state store
-    app.state.sessions = SessionStore(settings.session_max_age, cache_ttl=settings.session_cache_ttl)
-    # a registration per way in: the EHRs' authorization server may know the bridge by another id
-    app.state.oidc = {
-        kind: oidc_client(settings, kind)
-        for kind in ("login", "launch")
-        if (settings.oidc_issuer is not None if kind == "login" else bool(settings.smart_launch_issuers))
-    }
-    app.include_router(router)

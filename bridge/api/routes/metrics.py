@@ -5,8 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from bridge.api.deps import AuthenticatedRoute, authenticate, services_of
+from bridge.api.auth.caller import AuthenticatedRoute, authenticate
 from bridge.api.exposure import needs_auth
+from bridge.api.services import services_of
 from bridge.metrics import exposition
 
 

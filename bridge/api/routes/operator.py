@@ -26,10 +26,11 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from bridge.api.audit import note
-from bridge.api.deps import authenticate, mount_path, services_of
+from bridge.api.auth.caller import authenticate
+from bridge.api.auth.security import Caller
 from bridge.api.errors import AccessDeniedError
 from bridge.api.routes.record import html_page
-from bridge.api.security import Caller
+from bridge.api.services import mount_path, services_of
 from bridge.audit.events import Outcome
 from bridge.config import Settings
 from bridge.errors import BridgeError, InvalidLookupError, StoreError

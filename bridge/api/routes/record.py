@@ -10,72 +10,29 @@ sit behind the same authentication as the rest of the API. Not part of the JSON 
 from __future__ import annotations
 
 import html
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Annotated, Any
 from urllib.parse import quote
 
-import httpx
-from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from bridge.api.audit import note
-from bridge.api.deps import (
-    FHIR_ID_PATTERN,
-    CallerDep,
-    ResolverDep,
-    StudyById,
-    allow_patient,
-    caller,
-    mount_path,
-)
+from bridge.api.auth.caller import CallerDep, allow_patient, caller
+from bridge.api.auth.security import Caller
+from bridge.api.deps import FHIR_ID_PATTERN, ResolverDep, StudyById
 from bridge.api.routes.login import form_action
-from bridge.api.security import Caller
+from bridge.api.services import mount_path, services_of
 from bridge.config import Settings
-from bridge.dicomweb.client import DicomwebClient
-from bridge.dicomweb.limits import DicomwebLimits
-from bridge.errors import NoUsableEndpointError, StudyNotFoundError
+from bridge.errors import StudyNotFoundError
 from bridge.mapping.identifiers import escape_token
-from bridge.resolve.links import WITHDRAWN, normalize_base, wado_urls, withdrawal_of
-from bridge.upstream.client import http_client
-from bridge.upstream.retry import RetryPolicy
-
-
-@asynccontextmanager
-async def _archive_clients(app: FastAPI) -> AsyncIterator[None]:
-    """One archive client per configured DICOMweb source, by each of its bases (public and polled)."""
-    settings: Settings = app.state.services.settings
-    limits = httpx.Limits(max_connections=8, max_keepalive_connections=8)
-    archives: dict[str, tuple[DicomwebClient, str]] = {}
-    async with AsyncExitStack() as stack:
-        for source in settings.each_source():
-            http = await stack.enter_async_context(
-                http_client(settings, source.dicomweb, "dicomweb", limits=limits)
-            )
-            # a picture on a page: fail fast rather than hold it
-            archive = DicomwebClient(
-                http,
-                source.dicomweb.base,
-                policy=RetryPolicy(retries=0),
-                limits=DicomwebLimits.from_settings(source.dicomweb, settings),
-            )
-            for base in (source.dicomweb.public_base, source.dicomweb.base):
-                key = normalize_base(base)
-                if key is not None:
-                    archives.setdefault(key, (archive, source.dicomweb.base))
-        app.state.record_archives = archives
-        try:
-            yield
-        finally:
-            app.state.record_archives = {}
-
+from bridge.resolve.links import WITHDRAWN, wado_urls, withdrawal_of
 
 router = APIRouter(
     prefix="/record",
     tags=["record"],
     dependencies=[Depends(caller)],
     include_in_schema=False,
-    lifespan=_archive_clients,
 )
 
 PAGE_SIZE = 100
@@ -111,7 +68,7 @@ def html_page(
     who: Caller | None = None,
 ) -> HTMLResponse:
     """A record page; with ``request`` and ``who``, headed by who is signed in and a logout button."""
-    settings: Settings | None = request.app.state.services.settings if request is not None else None
+    settings: Settings | None = services_of(request).settings if request is not None else None
     header = _signed_in(request, who, settings) if request is not None and who is not None else ""
     document = (
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -364,7 +321,7 @@ async def record_index(
         return RedirectResponse(target, status_code=302, headers={"Cache-Control": "no-store"})
     identifier, system, name = (identifier or "").strip(), (system or "").strip(), (name or "").strip()
     searched = bool(identifier or name)
-    settings: Settings = request.app.state.services.settings
+    settings: Settings = services_of(request).settings
     patients = await r.fhir.search("Patient", patient_query(identifier, system, name), limit=PAGE_SIZE)
     base = mount_path(request)
     issuers = issuer_names(settings)
@@ -412,7 +369,7 @@ async def record_patient(
         f'<p><a href="{html.escape(base)}/record">All patients</a></p>'
         f'<h1 class="patient-name">{html.escape(name)}</h1>'
         f'<p class="sub">{html.escape(details)}</p>'
-        + identifier_list(patient, issuer_names(request.app.state.services.settings))
+        + identifier_list(patient, issuer_names(services_of(request).settings))
     )
     if not studies:
         return html_page(
@@ -437,18 +394,17 @@ async def record_thumbnail(study: StudyById, request: Request) -> Response:
     browser's ``image/*`` and any list of types with a 400). The
     study-level ``thumbnail`` resource comes first; where the archive has none, ``rendered``.
     """
-    archives: dict[str, tuple[DicomwebClient, str]] = request.app.state.record_archives
-    found = next((key for key in archives if study.base == key or study.base.startswith(key + "/")), None)
-    if found is None:  # the resolver only answers bases of configured sources
-        raise NoUsableEndpointError(f"ImagingStudy/{study.fhir_id}: its archive is not a configured source")
-    archive, polled = archives[found]
-    base = polled.rstrip("/") + study.base[len(found) :]  # the same place, as the bridge reaches it
+    services = services_of(request)
+    if services.gateway is None:  # only outside the lifespan, i.e. a wiring mistake
+        raise RuntimeError("the app's lifespan has not run")
+    archive, base = services.gateway.archive_for(study)  # the gateway's rule: the same archive
+    pictures = services.pictures[archive.name]
     urls = wado_urls(base, study.study_uid)
     # a picture is awaited by a person: the read timeout bounds it all
-    picture = await archive.picture(
+    picture = await pictures.picture(
         [urls["thumbnail"], urls["rendered"]],
         viewport=f"{THUMBNAIL_SIZE},{THUMBNAIL_SIZE}",
-        deadline=request.app.state.services.settings.http_timeout,
+        deadline=services_of(request).settings.http_timeout,
     )
     if picture is None:
         raise StudyNotFoundError(f"ImagingStudy/{study.fhir_id}: the archive renders no picture of the study")

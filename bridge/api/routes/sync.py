@@ -10,10 +10,10 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from bridge.api.deps import AuthenticatedRoute, ServicesDep, StudyUid, caller, unlimited_caller
+from bridge.api.auth.caller import AuthenticatedRoute, caller, unlimited_caller
+from bridge.api.auth.security import Caller
+from bridge.api.deps import ServicesDep, StudyUid
 from bridge.api.errors import ERROR_RESPONSES, RateLimitedError
-from bridge.api.ondemand import OnDemandGate
-from bridge.api.security import Caller
 from bridge.errors import StudyNotFoundError, UpstreamUnavailableError
 from bridge.sync.report import RunReport
 
@@ -104,7 +104,7 @@ async def sync_study(
         # Every source is asked: each publishes (or retires) its own copy of the study.
         return [await r.new_worker().run_studies([study_uid], kind="on-demand") for r in s.runtimes]
 
-    gate: OnDemandGate[list[RunReport]] = request.app.state.sync_gate
+    gate = s.sync_gate
     client = f"{who.method}:{who.subject or ''}:{request.client.host if request.client else ''}"
     reports = await gate.run(study_uid, client, start)
     if not any(r.status == "failed" for r in reports):

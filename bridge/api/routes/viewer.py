@@ -8,17 +8,11 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import RedirectResponse
 
 from bridge.api.audit import note
-from bridge.api.deps import (
-    AuthenticatedRoute,
-    ServicesDep,
-    StudyById,
-    StudyByUid,
-    authenticate,
-    caller,
-    services_of,
-)
+from bridge.api.auth.caller import AuthenticatedRoute, authenticate, caller
+from bridge.api.deps import ServicesDep, StudyById, StudyByUid
 from bridge.api.errors import ERROR_RESPONSES
 from bridge.api.models import ViewerInfo
+from bridge.api.services import services_of
 from bridge.errors import InvalidLookupError, NoUsableEndpointError
 from bridge.resolve.links import StudyLocation, viewer_url
 

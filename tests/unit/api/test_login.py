@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi import FastAPI
 
 from bridge.api.app import create_app
-from bridge.api.session import SessionStore, StoreBackend
+from bridge.api.auth.session import SessionStore, StoreBackend
 from bridge.config import Settings, load_settings
 from bridge.cookies import COOKIE as PLAIN_COOKIE
 from bridge.cookies import HOST_PREFIX
@@ -257,7 +257,7 @@ async def test_the_session_is_a_session_caller_of_the_api(tmp_path: Path) -> Non
         await b.login()
         links = await b.http.get("/imaging-studies/is1/links")
         viewer = await b.page("/imaging-studies/is2/viewer")
-        store: SessionStore = b.app.state.sessions
+        store: SessionStore = b.app.state.services.sessions
         assert isinstance(store.backend, StoreBackend)  # in the state store: every replica knows it
         session = await store.get(b.http.cookies[COOKIE])
     assert links.status_code == 200
@@ -335,8 +335,8 @@ async def test_login_returns_only_to_paths_of_this_site(tmp_path: Path) -> None:
 async def test_an_expired_session_redirects_pages_and_refuses_api_calls(tmp_path: Path) -> None:
     now = [1000.0]
     async with bridge(tmp_path) as b:
-        shared = b.app.state.sessions.backend
-        b.app.state.sessions = SessionStore(60, backend=shared, clock=lambda: now[0])
+        shared = b.app.state.services.sessions.backend
+        b.app.state.services.sessions = SessionStore(60, backend=shared, clock=lambda: now[0])
         await b.login()
         assert (await b.http.get("/imaging-studies/is1/links")).status_code == 200
         now[0] += 61
@@ -512,7 +512,7 @@ async def test_the_ehr_launch_uses_its_own_client_registration_when_one_is_set(t
         b.idp.clients["bridge-at-ehr"] = "ehr-s3cret"
         to_ehr = await b.page("/launch", params={"iss": EHR, "launch": "xyz"})
         launched = await b.http.get("/login/callback", params=b.idp.authorize(to_ehr.headers["location"]))
-        session = await b.app.state.sessions.get(b.http.cookies[COOKIE])
+        session = await b.app.state.services.sessions.get(b.http.cookies[COOKIE])
         to_idp = await b.page("/login")
     assert parse_qs(urlsplit(to_ehr.headers["location"]).query)["client_id"] == ["bridge-at-ehr"]
     assert launched.status_code == 303, launched.text  # the code was exchanged with the launch's secret
@@ -636,8 +636,8 @@ async def test_replicas_sharing_the_state_store_share_sessions_and_logins(tmp_pa
 async def test_a_replica_reads_a_session_from_the_store_once_per_cache_ttl(tmp_path: Path) -> None:
     now = [1000.0]
     async with bridge(tmp_path) as b:
-        shared = b.app.state.sessions.backend
-        b.app.state.sessions = sessions = SessionStore(60, backend=shared, clock=lambda: now[0], cache_ttl=5)
+        shared = b.app.state.services.sessions.backend
+        b.app.state.services.sessions = sessions = SessionStore(60, backend=shared, clock=lambda: now[0], cache_ttl=5)
         await b.login()
         first = [(await b.http.get("/imaging-studies/is1/links")).status_code for _ in range(20)]
         reads_while_cached = sessions.reads
@@ -651,8 +651,8 @@ async def test_a_replica_reads_a_session_from_the_store_once_per_cache_ttl(tmp_p
 async def test_a_logout_elsewhere_counts_here_within_the_cache_ttl_and_here_at_once(tmp_path: Path) -> None:
     now = [1000.0]
     async with bridge(tmp_path) as b:
-        shared = b.app.state.sessions.backend
-        b.app.state.sessions = SessionStore(60, backend=shared, clock=lambda: now[0], cache_ttl=5)
+        shared = b.app.state.services.sessions.backend
+        b.app.state.services.sessions = SessionStore(60, backend=shared, clock=lambda: now[0], cache_ttl=5)
         await b.login()
         cookie = b.http.cookies[COOKIE]
         before = await b.http.get("/imaging-studies/is1/links")
@@ -690,8 +690,8 @@ async def test_a_key_sent_with_a_stale_session_cookie_is_what_counts(tmp_path: P
 async def test_a_cached_session_ends_at_its_own_expiry(tmp_path: Path) -> None:
     now = [1000.0]
     async with bridge(tmp_path) as b:
-        shared = b.app.state.sessions.backend
-        b.app.state.sessions = SessionStore(60, backend=shared, clock=lambda: now[0], cache_ttl=30)
+        shared = b.app.state.services.sessions.backend
+        b.app.state.services.sessions = SessionStore(60, backend=shared, clock=lambda: now[0], cache_ttl=30)
         await b.login()
         now[0] += 59
         last = await b.http.get("/imaging-studies/is1/links")  # read and cached with 1 s left
@@ -703,7 +703,7 @@ async def test_a_cached_session_ends_at_its_own_expiry(tmp_path: Path) -> None:
 
 async def test_too_many_logins_under_way_are_refused_with_429(tmp_path: Path) -> None:
     async with bridge(tmp_path) as b:
-        b.app.state.sessions = SessionStore(60, backend=_Full())
+        b.app.state.services.sessions = SessionStore(60, backend=_Full())
         answer = await b.page("/login")
     assert answer.status_code == 429 and "Retry-After" in answer.headers
 

@@ -10,9 +10,9 @@ from typing import Any
 import httpx
 import pytest
 
+from bridge.api.auth.security import Caller, roles_of
+from bridge.api.auth.session import SessionData
 from bridge.api.routes.operator import is_operator
-from bridge.api.security import Caller, roles_of
-from bridge.api.session import SessionData
 from bridge.config import Settings
 from bridge.state.store import SqlStore
 from tests.unit.api.test_app import client

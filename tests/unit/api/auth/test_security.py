@@ -14,8 +14,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from bridge.api.auth.security import JwksKeys, key_algorithms
 from bridge.api.errors import AuthenticationError
-from bridge.api.security import JwksKeys, key_algorithms
 from bridge.errors import ConfigurationError
 from tests.unit.api.test_app import client, settings
 from tests.unit.resolve.fake_fhir import JWKS_URL, FakeFhir, endpoint, imaging_study

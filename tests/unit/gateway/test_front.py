@@ -15,7 +15,7 @@ from bridge.config import Settings
 from bridge.errors import ConfigurationError
 from bridge.gateway import front
 from bridge.gateway.paths import parse
-from tests.unit.api.test_gateway import (
+from tests.unit.gateway.test_gateway import (
     ARCHIVE_PASSWORD,
     ARCHIVE_USER,
     PATIENT_1,

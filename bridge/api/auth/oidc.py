@@ -16,13 +16,14 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote, urlencode
 
 import httpx
 import jwt
 
-from bridge.api.security import LEEWAY, JwksKeys, key_algorithms, roles_of
+from bridge.api.auth.security import LEEWAY, JwksKeys, key_algorithms, roles_of
+from bridge.config import Settings
 from bridge.errors import BridgeError, UpstreamLimitError
 from bridge.resolve.links import FHIR_ID
 from bridge.upstream.bounds import FIXED_PACE, CallLimit, send_bounded
@@ -163,7 +164,7 @@ class OidcClient:
     def logout_url(self, server: AuthServer, post_logout_redirect_uri: str) -> str | None:
         """Where the browser ends its session at the provider, then comes back; None if it offers none.
 
-        The bridge keeps no token (bridge/api/session.py), so it names itself with ``client_id``
+        The bridge keeps no token (bridge/api/auth/session.py), so it names itself with ``client_id``
         instead of an ``id_token_hint``, as RP-Initiated Logout allows; the provider may then ask
         the user to confirm, which on a shared workstation is no harm.
         """
@@ -296,3 +297,21 @@ class OidcClient:
 def _is_http_url(value: Any) -> bool:
     return isinstance(value, str) and value.startswith(("https://", "http://")) and len(value) < 2048
 
+
+CALLBACK_PATH = "/login/callback"  # where identity providers and EHRs send the browser back
+
+
+def oidc_client(settings: Settings, kind: Literal["login", "launch"]) -> OidcClient:
+    """The bridge's client registration at the login's identity provider, or at the EHRs (launch)."""
+    assert settings.public_url is not None
+    if kind == "launch":
+        client_id, secret = settings.launch_client
+    else:
+        assert settings.oidc_client_id is not None
+        client_id, secret = settings.oidc_client_id, settings.oidc_secret
+    return OidcClient(
+        client_id,
+        secret.get_secret_value() if secret is not None else None,
+        str(settings.public_url).rstrip("/") + CALLBACK_PATH,
+        role_claim=settings.operator_role_claim,
+    )

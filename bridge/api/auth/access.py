@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from bridge.api.security import Caller
+from bridge.api.auth.security import Caller
 
 RESOURCE = "ImagingStudy"
 _SCOPE = re.compile(r"^(patient|user|system)/([A-Za-z*]+)\.([a-z*]+)(\?.*)?$")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bridge.api.access import decide, may_see_all, patient_limit
-from bridge.api.security import Caller
+from bridge.api.auth.access import decide, may_see_all, patient_limit
+from bridge.api.auth.security import Caller
 
 
 def jwt(patient: str | None = None, scope: str = "") -> Caller:

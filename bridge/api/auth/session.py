@@ -26,9 +26,9 @@ from typing import Any, Protocol
 import anyio.to_thread
 from fastapi import Request, Response
 
+from bridge.api.auth.security import Caller
 from bridge.api.errors import AuthenticationError, RateLimitedError
 from bridge.api.exposure import is_loopback
-from bridge.api.security import Caller
 from bridge.config import Settings
 from bridge.cookies import COOKIE, cookie_name, host_prefixed
 from bridge.state.store import SqlStore
@@ -389,7 +389,7 @@ def session_cookie(request: Request) -> str | None:
 
 def session_store(request: Request) -> SessionStore | None:
     """The app's session store, None when login is not configured."""
-    store: SessionStore | None = getattr(request.app.state, "sessions", None)
+    store: SessionStore | None = request.app.state.services.sessions
     return store
 
 
