@@ -72,7 +72,7 @@ class Pace:
     @classmethod
     def from_settings(cls, settings: Settings) -> Pace:
         """The pace the settings choose."""
-        return cls(settings.http_stall, settings.http_min_rate)
+        return cls(settings.http.stall, settings.http.min_rate)
 
 
 # The pace of the small fixed-bound calls (tokens, OIDC discovery, JWKS), which no setting changes.
@@ -362,7 +362,7 @@ class DicomwebLimits:
     def from_settings(cls, archive: ArchiveSettings, settings: Settings) -> DicomwebLimits:
         """The bounds one archive's settings choose, under the upstream deadline and pace."""
         return cls(
-            deadline=settings.http_deadline,
+            deadline=settings.http.deadline,
             pace=Pace.from_settings(settings),
             page_bytes=archive.max_page_bytes,
             series_bytes=archive.max_series_bytes,
@@ -415,6 +415,6 @@ def fhir_limit(settings: Settings) -> CallLimit:
         "FHIR",
         settings.fhir.max_response_bytes,
         "BRIDGE_FHIR_MAX_RESPONSE_BYTES",
-        settings.http_deadline,
+        settings.http.deadline,
         pace=Pace.from_settings(settings),
     )

@@ -121,8 +121,8 @@ class Runtime:
             self.changes,
             self.store,
             self.source.name,
-            incremental=trigger(s.sync_interval, s.sync_cron),
-            reconcile=trigger(s.reconcile_interval, s.reconcile_cron),
+            incremental=trigger(s.sync.interval, s.sync.cron),
+            reconcile=trigger(s.reconcile.interval, s.reconcile.cron),
         )
 
 
@@ -139,7 +139,7 @@ def push_drainer(runtimes: Sequence[Runtime]) -> PushDrainer:
         return done
 
     return PushDrainer(
-        runtimes[0].store, sync, poll=settings.push_poll, concurrency=settings.sync_concurrency
+        runtimes[0].store, sync, poll=settings.push.poll, concurrency=settings.sync.concurrency
     )
 
 
@@ -172,7 +172,7 @@ async def open_clients(settings: Settings, source: SourceSettings) -> AsyncItera
     """Open the archive's and the FHIR server's clients for one source; closes them on exit."""
     # httpx logs full URLs at INFO, and query strings can carry patient identifiers.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    limits = httpx.Limits(max_connections=settings.sync_concurrency * 2 + 4)
+    limits = httpx.Limits(max_connections=settings.sync.concurrency * 2 + 4)
     policy = retry_policy(settings, "dicomweb")  # each upstream has its own circuit breaker
     fhir_policy = retry_policy(settings, "fhir")
     async with (
@@ -207,7 +207,7 @@ async def open_runtime(settings: Settings, source: SourceSettings | None = None)
                 source, clients.dicomweb_http, store, clients.dicomweb_policy, clients.dicomweb.limits
             )
             runtime = Runtime(settings, source, ctx, store, clients.dicomweb, clients.fhir, changes)
-            runtime.worker = runtime.new_worker(settings.sync_concurrency)
+            runtime.worker = runtime.new_worker(settings.sync.concurrency)
             yield runtime
     finally:
         store.close()

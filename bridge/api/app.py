@@ -100,8 +100,8 @@ def resolver_config(settings: Settings) -> ResolverConfig:
         deterministic_ids=settings.write_strategy is WriteStrategy.CLIENT_ID,
         accession_system=settings.accession_identifier_system,
         accession_issuer_systems=dict(settings.accession_issuer_systems),
-        cache_ttl=settings.resolver_cache_ttl,
-        cache_size=settings.resolver_cache_size,
+        cache_ttl=settings.resolver.cache_ttl,
+        cache_size=settings.resolver.cache_size,
     )
 
 
@@ -131,8 +131,8 @@ def create_app(
                 _client(settings, archive_settings, "dicomweb", transport)
             )
             policy = RetryPolicy(
-                retries=min(settings.http_retries, API_RETRIES),
-                max_wait=min(settings.http_retry_max_wait, API_RETRY_MAX_WAIT),
+                retries=min(settings.http.retries, API_RETRIES),
+                max_wait=min(settings.http.retry_max_wait, API_RETRY_MAX_WAIT),
             )
             fhir = FhirClient(fhir_http, settings.fhir.base, policy=policy, limit=fhir_limit(settings))
             store: SqlStore | None
@@ -162,13 +162,13 @@ def create_app(
             services.audit = await stack.enter_async_context(
                 running(
                     AuditTrail(
-                        settings.audit,
+                        settings.audit.mode,
                         fhir=fhir,
                         store=store,
-                        batch_size=settings.audit_batch_size,
-                        window=settings.audit_window,
+                        batch_size=settings.audit.batch_size,
+                        window=settings.audit.window,
                     ),
-                    settings.audit_flush_interval,
+                    settings.audit.flush_interval,
                 )
             )
             try:  # the sync side, per source: on-demand syncs, and the scheduler under `bridge run`
@@ -203,7 +203,7 @@ def create_app(
                 services.resolver = None
                 services.readiness = None
 
-    protect_docs = needs_auth(settings.api_docs_auth, settings)
+    protect_docs = needs_auth(settings.api.docs_auth, settings)
     app = FastAPI(
         title="FHIR–DICOMweb bridge resolver",
         version=__version__,
@@ -228,12 +228,12 @@ def create_app(
     _name_security_schemes(app)
     app.state.services = services
     app.state.transport = transport  # routers that open their own clients use it too
-    app.state.sync_gate = OnDemandGate[Any](settings.api_sync_rate)
+    app.state.sync_gate = OnDemandGate[Any](settings.api.sync_rate)
     errors.install(app)
     for router in routers:
-        if router is gateway.router and not settings.gateway:
+        if router is gateway.router and not settings.gateway.enabled:
             continue
-        if router is gateway.front_router and settings.front_secret is None:
+        if router is gateway.front_router and settings.gateway.secret is None:
             continue
         app.include_router(router)
     login.install(app, services)

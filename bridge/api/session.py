@@ -27,9 +27,9 @@ import anyio.to_thread
 from fastapi import Request, Response
 
 from bridge.api.errors import AuthenticationError, RateLimitedError
-from bridge.api.exposure import is_loopback
 from bridge.api.security import Caller
 from bridge.config import Settings
+from bridge.config.hosts import is_loopback
 from bridge.state.store import SqlStore
 
 COOKIE = "bridge_session"  # the session cookie's name on plain-http loopback (a developer's machine)
@@ -346,7 +346,7 @@ def set_cookie(response: Response, settings: Settings, base: str, value: str, ma
 
 def set_session_cookie(response: Response, settings: Settings, session_id: str) -> None:
     """Hand the browser its session id."""
-    set_cookie(response, settings, COOKIE, session_id, settings.session_max_age)
+    set_cookie(response, settings, COOKIE, session_id, settings.session.max_age)
 
 
 def clear_session_cookie(response: Response, settings: Settings) -> None:

@@ -142,12 +142,12 @@ async def _archives(app: FastAPI) -> AsyncIterator[None]:
             archives,
             CallLimit(
                 "gateway",
-                settings.gateway_max_response_bytes,
+                settings.gateway.max_response_bytes,
                 "BRIDGE_GATEWAY_MAX_RESPONSE_BYTES",
-                settings.http_deadline,
+                settings.http.deadline,
                 pace=Pace.from_settings(settings),
             ),
-            TtlCache(settings.resolver_cache_ttl, 1000),
+            TtlCache(settings.resolver.cache_ttl, 1000),
         )
         try:
             yield
@@ -377,7 +377,7 @@ async def front_grant(request: Request) -> Response:
     So nothing here is audited but the access granted, and nothing explains itself.
     """
     settings = services_of(request).settings
-    secret = settings.front_secret
+    secret = settings.gateway.secret
     given = request.headers.get(front.SECRET_HEADER, "")
     if secret is None or not hmac.compare_digest(given.encode(), secret.get_secret_value().encode()):
         return Response(status_code=404)  # not the front: as if there were no such route
@@ -405,7 +405,7 @@ async def front_grant(request: Request) -> Response:
         front.HOST_HEADER: target.netloc.decode("ascii"),
         front.NAME_HEADER: target.host,
         # How long nginx may keep this grant: the session cache's time, never past the credential's end.
-        "X-Accel-Expires": str(grant_seconds(settings.session_cache_ttl, who.expires, time.time())),
+        "X-Accel-Expires": str(grant_seconds(settings.session.cache_ttl, who.expires, time.time())),
     }
     if authorization is not None:
         headers[front.AUTHORIZATION_HEADER] = authorization

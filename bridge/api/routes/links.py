@@ -50,7 +50,7 @@ async def _links(
     note(request, await authenticate(request), "links", study=study)  # the caller is known by now
     assert s.resolver is not None
     config = s.resolver.config
-    count = min(count or s.settings.api_links_max_series, s.settings.api_links_max_series)
+    count = min(count or s.settings.api.links_max_series, s.settings.api.links_max_series)
     page = replace(study, series=study.series[offset : offset + count])
 
     def build() -> dict[str, Any]:

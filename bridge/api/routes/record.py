@@ -448,7 +448,7 @@ async def record_thumbnail(study: StudyById, request: Request) -> Response:
     picture = await archive.picture(
         [urls["thumbnail"], urls["rendered"]],
         viewport=f"{THUMBNAIL_SIZE},{THUMBNAIL_SIZE}",
-        deadline=request.app.state.services.settings.http_timeout,
+        deadline=request.app.state.services.settings.http.timeout,
     )
     if picture is None:
         raise StudyNotFoundError(f"ImagingStudy/{study.fhir_id}: the archive renders no picture of the study")

@@ -273,7 +273,7 @@ def test_the_front_secret_may_come_from_a_file(tmp_path: Path) -> None:
     path = tmp_path / "front.secret"
     path.write_text(SECRET + "\n")
     settings = _settings(gateway_front_secret=None, gateway_front_secret_file=str(path))
-    assert settings.front_secret is not None and settings.front_secret.get_secret_value() == SECRET
+    assert settings.gateway.secret is not None and settings.gateway.secret.get_secret_value() == SECRET
 
 
 def test_front_config_writes_a_file_only_its_owner_reads(

@@ -568,7 +568,7 @@ def test_the_client_secret_can_come_from_a_file(tmp_path: Path) -> None:
         oidc_client_id=CLIENT,
         oidc_client_secret_file=str(secret),
     )
-    assert settings.oidc_secret is not None and settings.oidc_secret.get_secret_value() == "from-file"
+    assert settings.oidc.secret is not None and settings.oidc.secret.get_secret_value() == "from-file"
 
 
 async def test_no_token_code_or_patient_in_the_logs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
