@@ -27,6 +27,7 @@ from tests.unit.api.test_gateway import (
     gateway,
     token,
 )
+from tests.unit.settings_factory import make_settings
 
 pytestmark = pytest.mark.anyio
 
@@ -189,9 +190,8 @@ def _settings(**overrides: object) -> Settings:
         "dicomweb_url": "http://pacs.example:8042/dicom-web",
         "fhir_url": "https://fhir.example/R4",
         "gateway_front_secret": SECRET,
-        **overrides,
     }
-    return Settings(**values)  # type: ignore[arg-type]
+    return make_settings(**(values | overrides))
 
 
 def test_the_configuration_routes_retrieves_to_the_archive_and_the_rest_to_the_bridge(tmp_path: Path) -> None:

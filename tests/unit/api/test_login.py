@@ -33,6 +33,7 @@ from tests.unit.resolve.fake_fhir import (
     endpoint,
     imaging_study,
 )
+from tests.unit.settings_factory import make_settings
 
 pytestmark = pytest.mark.anyio
 
@@ -139,10 +140,6 @@ class FakeIdp:
 
 def _settings(tmp_path: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
-        "dicomweb_url": DICOMWEB_BASE,
-        "fhir_url": FHIR_BASE,
-        "state_url": f"sqlite:///{tmp_path / 'state.db'}",
-        "http_retries": 0,
         "viewer_urls": {"ohif": "https://ohif.example"},
         "public_url": PUBLIC,
         "oidc_issuer": ISSUER,
@@ -151,8 +148,7 @@ def _settings(tmp_path: Path, **overrides: Any) -> Settings:
         "smart_launch_issuers": [EHR],
         "api_keys": ["machine-key"],
     }
-    values.update(overrides)
-    return Settings(**values)
+    return make_settings(tmp_path, **(values | overrides))
 
 
 @dataclass
