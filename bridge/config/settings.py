@@ -35,6 +35,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from bridge.config.choices import DemographicsCheck, OrderPolicy, WriteStrategy
 from bridge.config.groups import (
     ApiSettings,
     AuditSettings,
@@ -64,7 +65,6 @@ from bridge.config.source import (
     is_per_source,
 )
 from bridge.config.upstream import FhirServerSettings, check_uri
-from bridge.sync.policy import DemographicsCheck, OrderPolicy, WriteStrategy
 
 CONFIG_FILE_VARIABLE = "BRIDGE_CONFIG_FILE"
 UPSTREAMS = ("dicomweb", "fhir")

@@ -16,9 +16,15 @@ from pydantic import (
     model_validator,
 )
 
+from bridge.config.choices import (
+    ChangeSourceKind,
+    DeletePolicy,
+    DosePolicy,
+    MissingModality,
+    PatientPolicy,
+    UnmappedIssuer,
+)
 from bridge.config.upstream import SECRET_FILES, ArchiveSettings, check_uri
-from bridge.mapping.identity import UnmappedIssuer
-from bridge.sync.policy import ChangeSourceKind, DeletePolicy, DosePolicy, MissingModality, PatientPolicy
 
 ENV_PREFIX = "BRIDGE_"
 SOURCE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"

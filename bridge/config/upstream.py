@@ -9,8 +9,8 @@ from typing import Literal
 
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, PrivateAttr, SecretStr
 
+from bridge.config.choices import SeriesQuery
 from bridge.config.files import SigningAlg, check_files, load_private_key, secret_from_file
-from bridge.dicomweb.query import SeriesQuery
 
 Secret = Literal["password", "token", "client_secret"]
 # Each secret setting and the setting naming a file that may hold it instead.
