@@ -244,8 +244,35 @@ class PushSettings(Group):
     )
 
 
-class OidcSettings(Group):
+class ClientRegistration(Group):
+    """The bridge's registration at an authorization server: its client id and secret (or its file)."""
+
+    secret_setting: ClassVar[str]  # the variable of client_secret, which start-up errors name
+
+    client_id: str | None = None
+    client_secret: SecretStr | None = None
+    client_secret_file: Path | None = None
+
+    # Read from client_secret_file; kept apart so the settings as given stay as given.
+    _secret_from_file: SecretStr | None = PrivateAttr(default=None)
+
+    @property
+    def secret(self) -> SecretStr | None:
+        """The client secret, as given or read from its file."""
+        return self.client_secret if self.client_secret is not None else self._secret_from_file
+
+    @model_validator(mode="after")
+    def _read_secret_file(self) -> ClientRegistration:
+        self._secret_from_file = secret_from_file(
+            self.client_secret, self.client_secret_file, self.secret_setting
+        )
+        return self
+
+
+class OidcSettings(ClientRegistration):
     """Browser login at an OpenID Connect issuer (bridge/api/routes/login.py)."""
+
+    secret_setting: ClassVar[str] = "BRIDGE_OIDC_CLIENT_SECRET"
 
     issuer: AnyHttpUrl | None = Field(
         default=None, description="OpenID Connect issuer clinicians log in at (authorization code + PKCE)"
@@ -257,24 +284,11 @@ class OidcSettings(Group):
     client_secret_file: Path | None = Field(default=None, description="File holding the client secret")
     scopes: str = Field(default="openid profile", description="Scopes asked at login, space-separated")
 
-    # Read from client_secret_file; kept apart so the settings as given stay as given.
-    _secret_from_file: SecretStr | None = PrivateAttr(default=None)
 
-    @property
-    def secret(self) -> SecretStr | None:
-        """The client secret, as given or read from its file."""
-        return self.client_secret if self.client_secret is not None else self._secret_from_file
-
-    @model_validator(mode="after")
-    def _files(self) -> OidcSettings:
-        self._secret_from_file = secret_from_file(
-            self.client_secret, self.client_secret_file, "BRIDGE_OIDC_CLIENT_SECRET"
-        )
-        return self
-
-
-class SmartLaunchSettings(Group):
+class SmartLaunchSettings(ClientRegistration):
     """EHRs allowed to SMART-launch the bridge, and its client registration there."""
+
+    secret_setting: ClassVar[str] = "BRIDGE_SMART_LAUNCH_CLIENT_SECRET"
 
     issuers: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -305,21 +319,6 @@ class SmartLaunchSettings(Group):
             if not re.match(r"^https?://[^\s/]+", issuer):
                 raise ValueError(f"{issuer!r} is not an http(s) URL")
         return value
-
-    # Read from client_secret_file; kept apart so the settings as given stay as given.
-    _secret_from_file: SecretStr | None = PrivateAttr(default=None)
-
-    @property
-    def secret(self) -> SecretStr | None:
-        """The client secret, as given or read from its file."""
-        return self.client_secret if self.client_secret is not None else self._secret_from_file
-
-    @model_validator(mode="after")
-    def _files(self) -> SmartLaunchSettings:
-        self._secret_from_file = secret_from_file(
-            self.client_secret, self.client_secret_file, "BRIDGE_SMART_LAUNCH_CLIENT_SECRET"
-        )
-        return self
 
 
 class OperatorSettings(Group):
