@@ -122,8 +122,8 @@ class Runtime:
             self.changes,
             self.store,
             self.source.name,
-            incremental=trigger(s.sync_interval, s.sync_cron),
-            reconcile=trigger(s.reconcile_interval, s.reconcile_cron),
+            incremental=trigger(s.sync.interval, s.sync.cron),
+            reconcile=trigger(s.reconcile.interval, s.reconcile.cron),
         )
 
 
@@ -134,7 +134,7 @@ def push_drainer(runtimes: Sequence[Runtime]) -> PushDrainer:
     async def sync(pushed: Mapping[str, float]) -> bool:
         uids = list(pushed)
         for runtime in runtimes:
-            worker = runtime.new_worker(concurrency=settings.sync_concurrency)
+            worker = runtime.new_worker(concurrency=settings.sync.concurrency)
             run = partial(worker.run_studies, uids, kind="push", per_page=runtime.source.qido_page_size)
             report = await measured(runtime.store, runtime.source.name, "push", pushed, run)
             if report.status == "failed":
@@ -155,9 +155,9 @@ def push_drainer(runtimes: Sequence[Runtime]) -> PushDrainer:
         runtimes[0].store,
         sync,
         reachable=reachable,
-        poll=settings.push_poll,
+        poll=settings.push.poll,
         page=min(r.source.qido_page_size for r in runtimes),
-        concurrency=settings.sync_concurrency,
+        concurrency=settings.sync.concurrency,
     )
 
 
@@ -206,7 +206,7 @@ class Connections:
 
 def pool_size(settings: Settings) -> int:
     """Connections a sync keeps per upstream: two per study in flight, and a few for the rest."""
-    return settings.sync_concurrency * 2 + 4
+    return settings.sync.concurrency * 2 + 4
 
 
 @asynccontextmanager
@@ -269,7 +269,7 @@ def build_runtime(
     ctx = ctx or mapping_context(settings, source)
     changes = change_source(source, clients.http, store, clients.policy, clients.dicomweb.limits)
     runtime = Runtime(settings, source, ctx, store, clients.dicomweb, fhir, changes)
-    runtime.worker = runtime.new_worker(settings.sync_concurrency)
+    runtime.worker = runtime.new_worker(settings.sync.concurrency)
     return runtime
 
 

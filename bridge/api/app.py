@@ -52,8 +52,8 @@ def routers(settings: Settings) -> list[APIRouter]:
     another's.
     """
     wanted = [
-        (gateway.router, settings.gateway),  # /dicom-web, unless BRIDGE_GATEWAY is false
-        (gateway.front_router, settings.front_secret is not None),  # the nginx front's grants
+        (gateway.router, settings.gateway.enabled),  # /dicom-web, unless BRIDGE_GATEWAY is false
+        (gateway.front_router, settings.gateway.secret is not None),  # the nginx front's grants
         (links.router, True),
         (viewer.router, True),
         (health.router, True),
@@ -64,7 +64,7 @@ def routers(settings: Settings) -> list[APIRouter]:
         (iid.router, True),
         (operator.router, True),
         (login.router, settings.login_enabled),  # browser login and EHR launch, when configured
-        (docs.router_for(protect=needs_auth(settings.api_docs_auth, settings)), True),
+        (docs.router_for(protect=needs_auth(settings.api.docs_auth, settings)), True),
     ]
     return [router for router, included in wanted if included]
 
@@ -98,7 +98,7 @@ def create_app(
         # CDN, and, with authentication configured, the schema too, behind it.
         docs_url=None,
         redoc_url=None,
-        openapi_url=None if needs_auth(settings.api_docs_auth, settings) else docs.OPENAPI,
+        openapi_url=None if needs_auth(settings.api.docs_auth, settings) else docs.OPENAPI,
     )
     _name_security_schemes(app)
     app.state.services = services  # the one thing on app.state: routes read it (api/services.py)

@@ -2,34 +2,20 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 
 from bridge.config import Settings
+from bridge.config.hosts import is_loopback
 from bridge.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
 
-LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (an address or name given to --host) reaches this machine only."""
-    name = host.strip().strip("[]").lower()
-    if name in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False  # another name: it may resolve to any interface
-
-
 def auth_configured(settings: Settings) -> bool:
     """Whether callers of the API must authenticate (API keys, bearer JWTs or a browser login)."""
     return (
-        bool(settings.api_keys)
-        or settings.jwt_jwks_url is not None
-        or settings.jwt_public_key is not None
+        bool(settings.api.keys)
+        or settings.jwt.jwks_url is not None
+        or settings.jwt.public_key is not None
         or settings.login_enabled
     )
 
@@ -38,7 +24,7 @@ def check_listen_address(host: str, settings: Settings) -> None:
     """ConfigurationError if serving on ``host`` would expose patient data to anyone who reaches it."""
     if is_loopback(host) or auth_configured(settings):
         return
-    if settings.api_allow_anonymous:
+    if settings.api.allow_anonymous:
         logger.warning(
             "serving the API on %s without authentication (BRIDGE_API_ALLOW_ANONYMOUS=true): whatever is "
             "in front of the bridge must authenticate callers",

@@ -82,9 +82,9 @@ def build_services(settings: Settings) -> Services:
         settings=settings,
         authenticator=Authenticator(settings),
         viewers=configured_viewers(settings),
-        sync_gate=OnDemandGate(settings.api_sync_rate),
+        sync_gate=OnDemandGate(settings.api.sync_rate),
         # in memory until the lifespan opens the state store, which every replica shares
-        sessions=SessionStore(settings.session_max_age, cache_ttl=settings.session_cache_ttl)
+        sessions=SessionStore(settings.session.max_age, cache_ttl=settings.session.cache_ttl)
         if settings.login_enabled
         else None,
         # a registration per way in: the EHRs' authorization server may know the bridge by another id
@@ -92,7 +92,7 @@ def build_services(settings: Settings) -> Services:
             kind: oidc_client(settings, kind)
             for kind in ("login", "launch")
             if settings.login_enabled
-            and (settings.oidc_issuer is not None if kind == "login" else bool(settings.smart_launch_issuers))
+            and (settings.oidc.issuer is not None if kind == "login" else bool(settings.smart_launch.issuers))
         },
     )
 
@@ -110,8 +110,8 @@ def resolver_config(settings: Settings) -> ResolverConfig:
         deterministic_ids=settings.write_strategy is WriteStrategy.CLIENT_ID,
         accession_system=settings.accession_identifier_system,
         accession_issuer_systems=dict(settings.accession_issuer_systems),
-        cache_ttl=settings.resolver_cache_ttl,
-        cache_size=settings.resolver_cache_size,
+        cache_ttl=settings.resolver.cache_ttl,
+        cache_size=settings.resolver.cache_size,
     )
 
 
@@ -149,8 +149,8 @@ async def open_services(
             else:
                 logger.warning("browser sessions kept in memory: this replica alone knows them")
         policy = RetryPolicy(
-            retries=min(settings.http_retries, API_RETRIES),
-            max_wait=min(settings.http_retry_max_wait, API_RETRY_MAX_WAIT),
+            retries=min(settings.http.retries, API_RETRIES),
+            max_wait=min(settings.http.retry_max_wait, API_RETRY_MAX_WAIT),
         )
         fhir = FhirClient(conn.fhir_http, settings.fhir.base, policy=policy, limit=fhir_limit(settings))
         services.resolver = Resolver(fhir, resolver_config(settings))
@@ -173,13 +173,13 @@ async def open_services(
         services.audit = await stack.enter_async_context(
             running(
                 AuditTrail(
-                    settings.audit,
+                    settings.audit.mode,
                     fhir=fhir,
                     store=store,
-                    batch_size=settings.audit_batch_size,
-                    window=settings.audit_window,
+                    batch_size=settings.audit.batch_size,
+                    window=settings.audit.window,
                 ),
-                settings.audit_flush_interval,
+                settings.audit.flush_interval,
             )
         )
         await _open_sync(services, conn, store, stack, run_scheduler)

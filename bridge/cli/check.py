@@ -397,7 +397,7 @@ async def check_viewers(settings: Settings, report: Report) -> None:
             note=True,
         )
         return
-    async with httpx.AsyncClient(timeout=settings.http_timeout, follow_redirects=False) as client:
+    async with httpx.AsyncClient(timeout=settings.http.timeout, follow_redirects=False) as client:
         for name, viewer in viewers.items():
             address = viewer.base_url or _origin(viewer.template)
             try:

@@ -319,12 +319,12 @@ def worker() -> None:
 
     settings = _settings()
 
-    if settings.metrics_port is not None:
+    if settings.metrics.port is not None:
         from prometheus_client import start_http_server
 
         from bridge.metrics import REGISTRY
 
-        start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=REGISTRY)
+        start_http_server(settings.metrics.port, addr=settings.metrics.host, registry=REGISTRY)
 
     from bridge.runtime import open_runtimes, push_drainer
 

@@ -30,7 +30,7 @@ class DicomwebLimits:
     def from_settings(cls, archive: ArchiveSettings, settings: Settings) -> DicomwebLimits:
         """The bounds one archive's settings choose, under the upstream deadline and pace."""
         return cls(
-            deadline=settings.http_deadline,
+            deadline=settings.http.deadline,
             pace=Pace.from_settings(settings),
             page_bytes=archive.max_page_bytes,
             series_bytes=archive.max_series_bytes,

@@ -103,7 +103,7 @@ def fhir_limit(settings: Settings) -> CallLimit:
         "FHIR",
         settings.fhir.max_response_bytes,
         "BRIDGE_FHIR_MAX_RESPONSE_BYTES",
-        settings.http_deadline,
+        settings.http.deadline,
         pace=Pace.from_settings(settings),
     )
 

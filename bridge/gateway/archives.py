@@ -101,12 +101,12 @@ def gateway_of(settings: Settings, clients: Sequence[httpx.AsyncClient]) -> Gate
         archives,
         CallLimit(
             "gateway",
-            settings.gateway_max_response_bytes,
+            settings.gateway.max_response_bytes,
             "BRIDGE_GATEWAY_MAX_RESPONSE_BYTES",
-            settings.http_deadline,
+            settings.http.deadline,
             pace=Pace.from_settings(settings),
         ),
-        TtlCache(settings.resolver_cache_ttl, 1000),
+        TtlCache(settings.resolver.cache_ttl, 1000),
     )
 
 

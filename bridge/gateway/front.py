@@ -152,7 +152,7 @@ def _archive_tls(sources: Sequence[SourceSettings]) -> list[str]:
 
 def nginx_config(settings: Settings, options: FrontOptions) -> str:
     """The whole nginx configuration of the front (run it with ``nginx -e stderr -c FILE``)."""
-    secret = settings.front_secret
+    secret = settings.gateway.secret
     if secret is None:
         raise ConfigurationError(
             "BRIDGE_GATEWAY_FRONT_SECRET (or _FILE) is required: the front sends it with each question"
@@ -165,7 +165,7 @@ def nginx_config(settings: Settings, options: FrontOptions) -> str:
     if bridge_path:
         raise ConfigurationError("--bridge: the bridge's address without a path (http://host:port)")
     state = options.state_dir
-    deadline = f"{settings.http_deadline:g}s"
+    deadline = f"{settings.http.deadline:g}s"
     upstreams = []
     for index, source in enumerate(settings.each_source()):
         address, _ = _host_port(source.dicomweb.base, f"BRIDGE_DICOMWEB_URL of source {source.name!r}")

@@ -1,25 +1,18 @@
 """Patient identity rules: the unmapped-issuer policy and the exact-match check of search answers.
 
-Pure and light (standard library only), so the settings module can import the policy enum.
+Pure and light (standard library only); the policy enum is defined with the settings that choose it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from enum import StrEnum
 from typing import Any, TypeVar
 from urllib.parse import quote
 
+from bridge.config.choices import UnmappedIssuer as UnmappedIssuer
+
 # Systems derived from an issuer that has no configured system (BRIDGE_UNMAPPED_ISSUER=derive).
 DERIVED_ISSUER_PREFIX = "urn:fhir-dicomweb-bridge:issuer:"
-
-
-class UnmappedIssuer(StrEnum):
-    """What a study whose Issuer of Patient ID has no system in the issuer map gets."""
-
-    PARK = "park"  # parked, naming the attribute and the setting to add it to
-    DERIVE = "derive"  # a system of its own, derived from the issuer: issuers never meet
-    DEFAULT = "default"  # the default patient system: only for archives with one issuer
 
 
 def derived_system(issuer: str) -> str:

@@ -1,65 +1,28 @@
-"""The sync's policies: how subjects, orders, writes, deletes and change detection behave."""
+"""The sync's policies: how subjects, orders, writes, deletes and change detection behave.
+
+Defined with the settings that choose them (bridge/config/choices.py), which sit below the sync.
+"""
 
 from __future__ import annotations
 
-from enum import StrEnum
+from bridge.config.choices import (
+    ChangeSourceKind,
+    DeletePolicy,
+    DemographicsCheck,
+    DosePolicy,
+    MissingModality,
+    OrderPolicy,
+    PatientPolicy,
+    WriteStrategy,
+)
 
-
-class PatientPolicy(StrEnum):
-    """How a study's subject is found or made."""
-
-    MATCH_OR_CREATE = "match-or-create"
-    MATCH_ONLY = "match-only"
-    LOGICAL = "logical"
-
-
-class MissingModality(StrEnum):
-    """What a series without Modality (0008,0060), a Type 1 attribute, is published with."""
-
-    OT = "ot"  # DICOM's "Other", with a warning counted in the run
-    PARK = "park"  # the study is parked naming Modality
-
-
-class DosePolicy(StrEnum):
-    """What becomes of a study's radiation dose structured reports."""
-
-    OBSERVATION = "observation"  # one Observation per dose report (HL7 Radiation Dose Summary)
-    OFF = "off"  # published as an SR series only
-
-
-class DeletePolicy(StrEnum):
-    """What happens to the ImagingStudy of a study that is gone from the archive."""
-
-    MARK = "mark"  # status entered-in-error
-    DELETE = "delete"  # only resources the bridge wrote (meta.tag of this source)
-    IGNORE = "ignore"  # left as it is; still recorded in the run
-
-
-class ChangeSourceKind(StrEnum):
-    """How each scheduled cycle finds what changed."""
-
-    QIDO = "qido"  # a window of recent StudyDates, polled with QIDO-RS
-    ORTHANC = "orthanc"  # Orthanc's /changes feed
-
-
-class OrderPolicy(StrEnum):
-    """How ImagingStudy.basedOn links the order (ServiceRequest) by accession number."""
-
-    NONE = "none"  # no basedOn
-    MATCH = "match"  # a reference to the one ServiceRequest with the accession; else none
-    MATCH_OR_LOGICAL = "match-or-logical"  # else a logical reference by the accession identifier
-
-
-class WriteStrategy(StrEnum):
-    """How ImagingStudy and Endpoint writes are keyed on the FHIR server."""
-
-    CLIENT_ID = "client-id"  # PUT to an id derived from the business identifier
-    CONDITIONAL = "conditional"  # PUT Type?identifier=..., for servers refusing client ids
-
-
-class DemographicsCheck(StrEnum):
-    """What a study whose birth date, sex or family name disagrees with its Patient gets."""
-
-    PARK = "park"  # parked naming the attribute, until corrected or accepted (bridge retry)
-    WARN = "warn"  # published, counted in the run record and a metric
-    OFF = "off"  # not compared
+__all__ = [
+    "ChangeSourceKind",
+    "DeletePolicy",
+    "DemographicsCheck",
+    "DosePolicy",
+    "MissingModality",
+    "OrderPolicy",
+    "PatientPolicy",
+    "WriteStrategy",
+]

@@ -19,32 +19,15 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Protocol
 
 import httpx
 
+from bridge.config import Settings
 from bridge.errors import UpstreamLimitError
 from bridge.upstream.errors import where
 from bridge.upstream.jsonstream import ParsedResponse, cannot_be_json, parse_chunks
 
 _DROPPED_HEADERS = ("content-encoding", "content-length", "transfer-encoding")
-
-
-class PaceSettings(Protocol):
-    """The settings a pace is read from: ``bridge.config.Settings`` has them.
-
-    A protocol, so that the bounds import nothing from the settings module (no circle through it).
-    """
-
-    @property
-    def http_stall(self) -> float:
-        """Seconds without a byte before an answer is cut (``BRIDGE_HTTP_STALL``)."""
-        ...
-
-    @property
-    def http_min_rate(self) -> int:
-        """The slowest pace kept, in bytes a second (``BRIDGE_HTTP_MIN_RATE``)."""
-        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,9 +40,9 @@ class Pace:
     min_rate_setting: str = "BRIDGE_HTTP_MIN_RATE"
 
     @classmethod
-    def from_settings(cls, settings: PaceSettings) -> Pace:
+    def from_settings(cls, settings: Settings) -> Pace:
         """The pace the settings choose."""
-        return cls(settings.http_stall, settings.http_min_rate)
+        return cls(settings.http.stall, settings.http.min_rate)
 
 
 # The pace of the small fixed-bound calls (tokens, OIDC discovery, JWKS), which no setting changes.

@@ -13,8 +13,9 @@ import httpx
 
 from bridge import __version__
 from bridge.config import AuthMode, Settings, UpstreamSettings
+from bridge.config.files import load_private_key
 from bridge.upstream.breaker import CircuitBreaker
-from bridge.upstream.credentials import BearerToken, ClientCredentials, SmartBackendServices, load_private_key
+from bridge.upstream.credentials import BearerToken, ClientCredentials, SmartBackendServices
 from bridge.upstream.retry import RetryPolicy
 from bridge.upstream.tls import ssl_context
 
@@ -82,12 +83,12 @@ def needs_token_client(upstream: UpstreamSettings) -> bool:
 def retry_policy(settings: Settings, service: Service) -> RetryPolicy:
     """The retry policy of one upstream, with that upstream's own circuit breaker."""
     breaker = CircuitBreaker(
-        service, failures=settings.http_circuit_failures, reset_after=settings.http_circuit_reset
+        service, failures=settings.http.circuit_failures, reset_after=settings.http.circuit_reset
     )
     return RetryPolicy(
-        retries=settings.http_retries,
-        max_wait=settings.http_retry_max_wait,
-        total=settings.http_retry_total,
+        retries=settings.http.retries,
+        max_wait=settings.http.retry_max_wait,
+        total=settings.http.retry_total,
         breaker=breaker,
         clock=time.monotonic,
     )
@@ -117,13 +118,13 @@ def connection_options(
     closes everything.
     """
     transport = httpx.AsyncHTTPTransport(
-        verify=ssl_context_of(upstream, service), http2=settings.http2, limits=limits, retries=0
+        verify=ssl_context_of(upstream, service), http2=settings.http.http2, limits=limits, retries=0
     )
     token_client = None
     if needs_token_client(upstream):
         token_client = httpx.AsyncClient(
             transport=_Borrowed(transport),
-            timeout=httpx.Timeout(settings.http_timeout),
+            timeout=httpx.Timeout(settings.http.timeout),
             follow_redirects=False,
         )
     return {"transport": transport, "auth": build_auth(upstream, service, token_client)}
@@ -153,7 +154,7 @@ def http_client(
                 token_client = httpx.AsyncClient(transport=_Borrowed(transport), follow_redirects=False)
             options["auth"] = build_auth(upstream, service, token_client)
     return httpx.AsyncClient(
-        timeout=httpx.Timeout(settings.http_timeout),
+        timeout=httpx.Timeout(settings.http.timeout),
         limits=limits,
         headers={"User-Agent": USER_AGENT},
         follow_redirects=False,

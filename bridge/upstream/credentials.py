@@ -17,16 +17,14 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Generator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 import jwt
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pydantic import SecretStr
 
+from bridge.config.files import PrivateKey, check_key
 from bridge.errors import UpstreamAuthError, UpstreamLimitError
 from bridge.upstream.bounds import FIXED_PACE, CallLimit, send_bounded
 from bridge.upstream.errors import (
@@ -47,10 +45,7 @@ DEFAULT_TOKEN_LIFETIME = 300.0  # when the token endpoint gives no expires_in
 TOKEN_LIMIT = CallLimit(
     "token", 1024 * 1024, "a 1 MiB token-answer limit", 60.0, "a 60 s token deadline", FIXED_PACE
 )
-SIGNING_ALGORITHMS = ("RS384", "ES384")
 _DESCRIPTION_LIMIT = 200
-
-PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
 
 class BearerToken(httpx.Auth):
@@ -261,33 +256,3 @@ class SmartBackendServices(ClientCredentials):
     def _credential_settings(self) -> str:
         prefix = setting_prefix(self.service)
         return f"{prefix}CLIENT_ID, {prefix}PRIVATE_KEY_FILE and {prefix}KEY_ID (the key registered there)"
-
-
-def check_key(key: object, algorithm: str) -> None:
-    """Raise ValueError unless ``key`` is a private key that can sign with ``algorithm``."""
-    if algorithm == "RS384":
-        if not isinstance(key, rsa.RSAPrivateKey):
-            raise ValueError("RS384 needs an RSA private key")
-        if key.key_size < 2048:
-            raise ValueError(f"the RSA key has {key.key_size} bits; RS384 needs at least 2048")
-    elif algorithm == "ES384":
-        if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP384R1):
-            raise ValueError("ES384 needs an EC private key on curve P-384")
-    else:
-        choices = ", ".join(SIGNING_ALGORITHMS)
-        raise ValueError(f"unsupported signing algorithm {algorithm!r}; use one of {choices}")
-
-
-def load_private_key(path: Path, algorithm: str) -> PrivateKey:
-    """Load an unencrypted PEM private key and check it suits ``algorithm``; ValueError if not."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ValueError(f"cannot read {path} ({type(exc).__name__})") from None
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"{path} is not an unencrypted PEM private key ({type(exc).__name__})") from None
-    check_key(key, algorithm)
-    assert isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey)
-    return key

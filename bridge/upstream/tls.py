@@ -35,25 +35,3 @@ def ssl_context(
     if client_cert is not None:
         context.load_cert_chain(str(client_cert), str(client_key) if client_key is not None else None)
     return context
-
-
-def check_files(*, ca_bundle: Path | None, client_cert: Path | None, client_key: Path | None) -> str | None:
-    """What is wrong with the TLS files (a message without the setting's name), or None if usable."""
-    if ca_bundle is not None:
-        try:
-            ssl.create_default_context(cafile=str(ca_bundle))
-        except (OSError, ssl.SSLError) as exc:
-            return f"CA_BUNDLE: cannot load {ca_bundle} as PEM certificates ({type(exc).__name__})"
-    if client_key is not None and client_cert is None:
-        return "CLIENT_KEY is set without CLIENT_CERT"
-    if client_cert is not None:
-        try:
-            ssl.create_default_context().load_cert_chain(
-                str(client_cert), str(client_key) if client_key is not None else None
-            )
-        except (OSError, ssl.SSLError) as exc:
-            return (
-                f"CLIENT_CERT: cannot load {client_cert} with its key as a PEM certificate chain "
-                f"({type(exc).__name__})"
-            )
-    return None

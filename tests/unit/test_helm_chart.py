@@ -169,7 +169,7 @@ def test_the_worker_serves_metrics_on_its_port_and_its_liveness_probe_asks_it(
     for name, value in {**_environment(docs), **env}.items():
         monkeypatch.setenv(name, value)
     settings = load_settings()
-    assert settings.metrics_port == 9464 and settings.metrics_host == "0.0.0.0"
+    assert settings.metrics.port == 9464 and settings.metrics.host == "0.0.0.0"
     without = objects(
         "--values", str(CI_VALUES), "--set", "worker.metricsPort=null", "--set", "worker.livenessProbe=null"
     )
@@ -302,11 +302,11 @@ def test_settings_map_one_to_one_and_load_in_the_bridge(monkeypatch: pytest.Monk
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     settings = load_settings()
-    assert settings.sync_concurrency == 8
-    assert settings.http_timeout == 12.5
+    assert settings.sync.concurrency == 8
+    assert settings.http.timeout == 12.5
     assert settings.patient_issuer_systems == {"HOSP-A": "urn:oid:1.2.826.0.1.3680043.10.1001"}
     assert settings.state_url.startswith("postgresql+psycopg://")
-    assert [k.get_secret_value() for k in settings.api_keys] == ["key-one", "key-two"]
+    assert [k.get_secret_value() for k in settings.api.keys] == ["key-one", "key-two"]
     assert settings.cors_origins == ["https://ehr.example.org", "https://viewer.example.org"]
     # The secret never lands in the ConfigMap.
     (config_map,) = by_kind(docs, "ConfigMap")

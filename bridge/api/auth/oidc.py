@@ -307,11 +307,11 @@ def oidc_client(settings: Settings, kind: Literal["login", "launch"]) -> OidcCli
     if kind == "launch":
         client_id, secret = settings.launch_client
     else:
-        assert settings.oidc_client_id is not None
-        client_id, secret = settings.oidc_client_id, settings.oidc_secret
+        assert settings.oidc.client_id is not None
+        client_id, secret = settings.oidc.client_id, settings.oidc.secret
     return OidcClient(
         client_id,
         secret.get_secret_value() if secret is not None else None,
         str(settings.public_url).rstrip("/") + CALLBACK_PATH,
-        role_claim=settings.operator_role_claim,
+        role_claim=settings.operator.role_claim,
     )

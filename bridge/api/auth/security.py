@@ -153,15 +153,15 @@ class Authenticator:
     """Checks a request's X-API-Key or bearer JWT against the settings; anonymous when auth is off."""
 
     def __init__(self, settings: Settings) -> None:
-        self._api_keys = [k.get_secret_value().encode() for k in settings.api_keys]
-        self._audience = settings.jwt_audience
-        self._issuer = settings.jwt_issuer
-        self._algorithms = list(settings.jwt_algorithms)
-        self._role_claim = settings.operator_role_claim
+        self._api_keys = [k.get_secret_value().encode() for k in settings.api.keys]
+        self._audience = settings.jwt.audience
+        self._issuer = settings.jwt.issuer
+        self._algorithms = list(settings.jwt.algorithms)
+        self._role_claim = settings.operator.role_claim
         self._static_key: Any = None
         self.jwks: JwksKeys | None = None
-        if settings.jwt_public_key:
-            pem = settings.jwt_public_key.replace("\\n", "\n").encode()
+        if settings.jwt.public_key:
+            pem = settings.jwt.public_key.replace("\\n", "\n").encode()
             try:
                 self._static_key = load_pem_public_key(pem)
             except (ValueError, TypeError) as exc:
@@ -171,8 +171,8 @@ class Authenticator:
                     "BRIDGE_JWT_PUBLIC_KEY: the key (RSA, EC P-256/384/521 or Ed25519/Ed448) verifies none "
                     "of BRIDGE_JWT_ALGORITHMS"
                 )
-        elif settings.jwt_jwks_url is not None:
-            self.jwks = JwksKeys(str(settings.jwt_jwks_url))
+        elif settings.jwt.jwks_url is not None:
+            self.jwks = JwksKeys(str(settings.jwt.jwks_url))
 
     @property
     def enabled(self) -> bool:

@@ -28,8 +28,8 @@ from fastapi import Request, Response
 
 from bridge.api.auth.security import Caller
 from bridge.api.errors import AuthenticationError, RateLimitedError
-from bridge.api.exposure import is_loopback
 from bridge.config import Settings
+from bridge.config.hosts import is_loopback
 from bridge.cookies import COOKIE, cookie_name, host_prefixed
 from bridge.state.store import SqlStore
 
@@ -332,7 +332,7 @@ def set_cookie(response: Response, settings: Settings, base: str, value: str, ma
 
 def set_session_cookie(response: Response, settings: Settings, session_id: str) -> None:
     """Hand the browser its session id."""
-    set_cookie(response, settings, COOKIE, session_id, settings.session_max_age)
+    set_cookie(response, settings, COOKIE, session_id, settings.session.max_age)
 
 
 def clear_session_cookie(response: Response, settings: Settings) -> None:

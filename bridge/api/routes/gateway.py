@@ -225,7 +225,7 @@ async def front_grant(request: Request) -> Response:
     So nothing here is audited but the access granted, and nothing explains itself.
     """
     settings = services_of(request).settings
-    secret = settings.front_secret
+    secret = settings.gateway.secret
     given = request.headers.get(front.SECRET_HEADER, "")
     if secret is None or not hmac.compare_digest(given.encode(), secret.get_secret_value().encode()):
         return Response(status_code=404)  # not the front: as if there were no such route
@@ -248,7 +248,7 @@ async def front_grant(request: Request) -> Response:
         return Response(status_code=_NOT_FROM_THE_FRONT)
     note(request, who, "image-read", study=study)
     # How long nginx may keep this grant: the session cache's time, never past the credential's end.
-    headers["X-Accel-Expires"] = str(grant_seconds(settings.session_cache_ttl, who.expires, time.time()))
+    headers["X-Accel-Expires"] = str(grant_seconds(settings.session.cache_ttl, who.expires, time.time()))
     return Response(status_code=200, headers=headers)
 
 

@@ -39,7 +39,7 @@ SeriesCount = Annotated[
 
 def _page(services: Services, offset: int, count: int | None) -> tuple[int, int]:
     """The page asked for: its offset, and its size capped at BRIDGE_API_LINKS_MAX_SERIES."""
-    most = services.settings.api_links_max_series
+    most = services.settings.api.links_max_series
     return offset, min(count or most, most)
 
 

@@ -102,9 +102,9 @@ def _browser_digest(binding: str) -> str:
 
 def form_action(settings: Settings) -> str:
     """CSP form-action for a page with a logout button: here, and the login provider it redirects to."""
-    if settings.oidc_issuer is None:
+    if settings.oidc.issuer is None:
         return "'self'"
-    issuer = urlsplit(str(settings.oidc_issuer))
+    issuer = urlsplit(str(settings.oidc.issuer))
     return f"'self' {issuer.scheme}://{issuer.netloc}"
 
 
@@ -145,7 +145,7 @@ def _store(request: Request) -> SessionStore:
 async def start_login(request: Request, next_path: str) -> Response:
     """Send the browser to the configured issuer to log in, then back to ``next_path``."""
     settings: Settings = services_of(request).settings
-    if settings.oidc_issuer is None:
+    if settings.oidc.issuer is None:
         return _page(
             "Open from your EHR",
             "<p>This bridge is opened from the electronic health record (SMART EHR launch); "
@@ -154,11 +154,11 @@ async def start_login(request: Request, next_path: str) -> Response:
         )
     client = _client(request, "login")
     try:
-        server = await client.openid_server(str(settings.oidc_issuer).rstrip("/"))
+        server = await client.openid_server(str(settings.oidc.issuer).rstrip("/"))
     except LoginError as exc:
         return _failed(exc)
-    issuer = str(settings.oidc_issuer).rstrip("/")
-    return await _authorize(request, client, server, "login", issuer, settings.oidc_scopes, next_path, {})
+    issuer = str(settings.oidc.issuer).rstrip("/")
+    return await _authorize(request, client, server, "login", issuer, settings.oidc.scopes, next_path, {})
 
 
 async def _authorize(
@@ -210,7 +210,7 @@ async def launch(
     if not iss or not launch:
         missing = " and ".join(n for n, v in (("iss", iss), ("launch", launch)) if not v)
         return _page("Launch refused", f"<p>An EHR launch needs the {missing} parameter.</p>", 400)
-    allowed = {i.rstrip("/") for i in s.settings.smart_launch_issuers}
+    allowed = {i.rstrip("/") for i in s.settings.smart_launch.issuers}
     if iss.rstrip("/") not in allowed:
         logger.warning("EHR launch refused: its iss is not in BRIDGE_SMART_LAUNCH_ISSUERS")
         return _page(
@@ -224,7 +224,7 @@ async def launch(
     except LoginError as exc:
         return _failed(exc)
     extra = {"launch": launch, "aud": iss}
-    scope = s.settings.smart_launch_scopes
+    scope = s.settings.smart_launch.scopes
     return await _authorize(request, client, server, "launch", iss, scope, DEFAULT_NEXT, extra)
 
 
@@ -321,11 +321,11 @@ async def logout(request: Request, s: ServicesDep) -> Response:
 
 async def _provider_logout(request: Request, settings: Settings) -> Response | None:
     """A redirect to the login provider's end-session endpoint, back to LOGGED_OUT_PATH; else None."""
-    if settings.oidc_issuer is None or settings.public_url is None:
+    if settings.oidc.issuer is None or settings.public_url is None:
         return None
     client = _client(request, "login")
     try:
-        server = await client.openid_server(str(settings.oidc_issuer).rstrip("/"))
+        server = await client.openid_server(str(settings.oidc.issuer).rstrip("/"))
     except LoginError as exc:  # the session here has ended: say so, and why the provider's has not
         logger.warning("logout at the identity provider skipped: %s", exc)
         return None
@@ -336,7 +336,7 @@ async def _provider_logout(request: Request, settings: Settings) -> Response | N
 def _logged_out(request: Request, settings: Settings) -> HTMLResponse:
     again = (
         f'<p><a href="{html.escape(mount_path(request))}/login">Log in again</a></p>'
-        if settings.oidc_issuer is not None
+        if settings.oidc.issuer is not None
         else ""
     )
     return _page("Logged out", "<p>Your session here has ended.</p>" + again, 200)

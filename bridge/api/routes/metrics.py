@@ -14,7 +14,7 @@ from bridge.metrics import exposition
 async def metrics_caller(request: Request) -> None:
     """The API's authentication, unless BRIDGE_API_METRICS_AUTH=false opens /metrics (exposure.needs_auth)."""
     settings = services_of(request).settings
-    if needs_auth(settings.api_metrics_auth, settings):
+    if needs_auth(settings.api.metrics_auth, settings):
         await authenticate(request)
 
 

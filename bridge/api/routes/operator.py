@@ -53,7 +53,7 @@ def is_operator(who: Caller, settings: Settings) -> bool:
         return False
     if who.method in ("api-key", "anonymous"):  # anonymous: authentication is off (loopback only)
         return True
-    return settings.operator_role is not None and settings.operator_role in who.roles
+    return settings.operator.role is not None and settings.operator.role in who.roles
 
 
 async def operator(request: Request) -> Caller:
@@ -61,9 +61,9 @@ async def operator(request: Request) -> Caller:
     who = await authenticate(request)
     settings = services_of(request).settings
     if not is_operator(who, settings):
-        role = settings.operator_role
+        role = settings.operator.role
         raise AccessDeniedError(
-            f"the operator page needs the role {role!r} in the {settings.operator_role_claim!r} claim "
+            f"the operator page needs the role {role!r} in the {settings.operator.role_claim!r} claim "
             "(BRIDGE_OPERATOR_ROLE, BRIDGE_OPERATOR_ROLE_CLAIM) or an API key"
             if role is not None
             else "the operator page needs an API key, or BRIDGE_OPERATOR_ROLE set to a role the user holds"

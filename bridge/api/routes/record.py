@@ -404,7 +404,7 @@ async def record_thumbnail(study: StudyById, request: Request) -> Response:
     picture = await pictures.picture(
         [urls["thumbnail"], urls["rendered"]],
         viewport=f"{THUMBNAIL_SIZE},{THUMBNAIL_SIZE}",
-        deadline=services_of(request).settings.http_timeout,
+        deadline=services_of(request).settings.http.timeout,
     )
     if picture is None:
         raise StudyNotFoundError(f"ImagingStudy/{study.fhir_id}: the archive renders no picture of the study")

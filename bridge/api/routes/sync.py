@@ -88,10 +88,10 @@ async def sync_study(
         raise UpstreamUnavailableError("the sync side could not be opened", service="fhir")
     store = s.runtimes[0].store
     accepted = time.time()
-    queued = await asyncio.to_thread(store.queue_push, study_uid, accepted, s.settings.push_queue_max)
+    queued = await asyncio.to_thread(store.queue_push, study_uid, accepted, s.settings.push.queue_max)
     if queued is None:
         raise RateLimitedError(
-            f"the push queue is full ({s.settings.push_queue_max} studies wait, BRIDGE_PUSH_QUEUE_MAX); "
+            f"the push queue is full ({s.settings.push.queue_max} studies wait, BRIDGE_PUSH_QUEUE_MAX); "
             "push again later, or add workers",
             retry_after=FULL_QUEUE_RETRY_AFTER,
         )

@@ -27,21 +27,14 @@ from tests.unit.resolve.fake_fhir import (
     endpoint,
     imaging_study,
 )
+from tests.unit.settings_factory import make_settings
 
 OUTCOME = "OperationOutcome"
 pytestmark = pytest.mark.anyio
 
 
 def settings(tmp_path: Path, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "dicomweb_url": DICOMWEB_BASE,
-        "fhir_url": FHIR_BASE,
-        "state_url": f"sqlite:///{tmp_path / 'state.db'}",
-        "http_retries": 0,
-        "viewer_urls": {"ohif": "https://ohif.example"},
-    }
-    values.update(overrides)
-    return Settings(**values)
+    return make_settings(tmp_path, **{"viewer_urls": {"ohif": "https://ohif.example"}, **overrides})
 
 
 @pytest.fixture

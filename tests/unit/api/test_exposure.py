@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from bridge.api.exposure import check_listen_address, is_loopback
+from bridge.api.exposure import check_listen_address
+from bridge.config.hosts import is_loopback
 from bridge.errors import ConfigurationError
 from tests.unit.api.test_app import client, settings
 from tests.unit.resolve.fake_fhir import FakeFhir, endpoint, imaging_study

@@ -34,6 +34,7 @@ from tests.unit.resolve.fake_fhir import (
     endpoint,
     imaging_study,
 )
+from tests.unit.settings_factory import make_settings
 
 pytestmark = pytest.mark.anyio
 
@@ -140,10 +141,6 @@ class FakeIdp:
 
 def _settings(tmp_path: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
-        "dicomweb_url": DICOMWEB_BASE,
-        "fhir_url": FHIR_BASE,
-        "state_url": f"sqlite:///{tmp_path / 'state.db'}",
-        "http_retries": 0,
         "viewer_urls": {"ohif": "https://ohif.example"},
         "public_url": PUBLIC,
         "oidc_issuer": ISSUER,
@@ -152,8 +149,7 @@ def _settings(tmp_path: Path, **overrides: Any) -> Settings:
         "smart_launch_issuers": [EHR],
         "api_keys": ["machine-key"],
     }
-    values.update(overrides)
-    return Settings(**values)
+    return make_settings(tmp_path, **(values | overrides))
 
 
 @dataclass
@@ -569,7 +565,7 @@ def test_the_client_secret_can_come_from_a_file(tmp_path: Path) -> None:
         oidc_client_id=CLIENT,
         oidc_client_secret_file=str(secret),
     )
-    assert settings.oidc_secret is not None and settings.oidc_secret.get_secret_value() == "from-file"
+    assert settings.oidc.secret is not None and settings.oidc.secret.get_secret_value() == "from-file"
 
 
 async def test_no_token_code_or_patient_in_the_logs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -13,10 +13,10 @@ import pytest
 from bridge.api.auth.security import Caller, roles_of
 from bridge.api.auth.session import SessionData
 from bridge.api.routes.operator import is_operator
-from bridge.config import Settings
 from bridge.state.store import SqlStore
 from tests.unit.api.test_app import client
 from tests.unit.resolve.fake_fhir import FakeFhir
+from tests.unit.settings_factory import make_settings
 
 pytestmark = pytest.mark.anyio
 
@@ -49,10 +49,8 @@ async def operator_api(tmp_path: Path, **overrides: Any) -> AsyncIterator[httpx.
 
 
 def test_who_is_an_operator() -> None:
-    settings = Settings(
-        dicomweb_url="https://pacs.example", fhir_url="https://fhir.example", operator_role="ops"
-    )
-    unset = Settings(dicomweb_url="https://pacs.example", fhir_url="https://fhir.example")
+    settings = make_settings(operator_role="ops")
+    unset = make_settings()
     assert is_operator(Caller("api-key"), settings) and is_operator(Caller("anonymous"), unset)
     assert is_operator(Caller("session", "u", roles=frozenset({"ops", "x"})), settings)
     assert is_operator(Caller("jwt", "u", roles=frozenset({"ops"})), settings)

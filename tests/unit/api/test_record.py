@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from bridge.api.app import create_app
-from bridge.config import Settings
+from tests.unit.settings_factory import make_settings
 
 pytestmark = pytest.mark.anyio
 
@@ -76,13 +76,7 @@ def _handler(request: httpx.Request) -> httpx.Response:
 async def record_api(
     tmp_path: Path, handler: Any = _handler, **overrides: Any
 ) -> AsyncIterator[httpx.AsyncClient]:
-    settings = Settings(
-        dicomweb_url=DICOMWEB_BASE,
-        fhir_url=FHIR_BASE,
-        state_url=f"sqlite:///{tmp_path / 'state.db'}",
-        http_retries=0,
-        **overrides,
-    )
+    settings = make_settings(tmp_path, dicomweb_url=DICOMWEB_BASE, fhir_url=FHIR_BASE, **overrides)
     app = create_app(settings, transport=httpx.MockTransport(handler))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)

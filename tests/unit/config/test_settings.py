@@ -371,10 +371,10 @@ def test_a_bad_limit_stops_start_up_naming_it(required: pytest.MonkeyPatch, name
 
 def test_limits_default_far_above_real_archives(required: pytest.MonkeyPatch) -> None:
     settings = load_settings()
-    assert settings.http_deadline == 300
+    assert settings.http.deadline == 300
     assert settings.dicomweb.max_series == 10_000
     assert settings.dicomweb.max_page_bytes == 16 * 1024 * 1024
-    assert settings.api_allow_anonymous is False
+    assert settings.api.allow_anonymous is False
 
 
 def test_trusted_proxies_are_addresses_or_networks_and_none_by_default(required: pytest.MonkeyPatch) -> None:

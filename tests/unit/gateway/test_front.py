@@ -29,6 +29,7 @@ from tests.unit.gateway.test_gateway import (
     rejected,  # noqa: F401 (a fixture)
     token,
 )
+from tests.unit.settings_factory import make_settings
 
 pytestmark = pytest.mark.anyio
 
@@ -191,9 +192,8 @@ def _settings(**overrides: object) -> Settings:
         "dicomweb_url": "http://pacs.example:8042/dicom-web",
         "fhir_url": "https://fhir.example/R4",
         "gateway_front_secret": SECRET,
-        **overrides,
     }
-    return Settings(**values)  # type: ignore[arg-type]
+    return make_settings(**(values | overrides))
 
 
 def test_the_configuration_routes_retrieves_to_the_archive_and_the_rest_to_the_bridge(tmp_path: Path) -> None:
@@ -275,7 +275,7 @@ def test_the_front_secret_may_come_from_a_file(tmp_path: Path) -> None:
     path = tmp_path / "front.secret"
     path.write_text(SECRET + "\n")
     settings = _settings(gateway_front_secret=None, gateway_front_secret_file=str(path))
-    assert settings.front_secret is not None and settings.front_secret.get_secret_value() == SECRET
+    assert settings.gateway.secret is not None and settings.gateway.secret.get_secret_value() == SECRET
 
 
 def test_front_config_writes_a_file_only_its_owner_reads(

@@ -21,9 +21,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from bridge.api.app import create_app
 from bridge.api.routes.gateway import DICOM_JSON
-from bridge.config import Settings
 from bridge.mapping.context import WITHDRAWN_EXTENSION, WITHDRAWN_INSTANCE_EXTENSION
 from bridge.state.store import SqlStore
+from tests.unit.settings_factory import make_settings
 
 pytestmark = pytest.mark.anyio
 
@@ -187,15 +187,14 @@ def _identifiers(resource: dict[str, Any]) -> list[str]:
 
 @asynccontextmanager
 async def gateway(tmp_path: Path, world: World, **overrides: Any) -> AsyncIterator[httpx.AsyncClient]:
-    settings = Settings(
+    settings = make_settings(
+        tmp_path,
         dicomweb_url=ARCHIVE,
         dicomweb_auth="basic",
         dicomweb_username=ARCHIVE_USER,
         dicomweb_password=ARCHIVE_PASSWORD,
         fhir_url=FHIR_BASE,
-        state_url=f"sqlite:///{tmp_path / 'state.db'}",
         patient_identifier_system=SYSTEM,
-        http_retries=0,
         jwt_public_key=PUBLIC_PEM,
         jwt_audience=AUDIENCE,
         api_keys=["machine-key-1"],
