@@ -19,13 +19,13 @@ from bridge.audit.events import Action
 from bridge.audit.trail import AuditTrail
 from bridge.config import Settings
 from bridge.gateway.paths import parse
-from bridge.resolve.links import StudyLocation, ViewerTemplate, is_uid
+from bridge.mapping.uid import UID_PATTERN, is_uid
+from bridge.resolve.links import StudyLocation, ViewerTemplate
 from bridge.resolve.resolver import Resolver
 from bridge.runtime import Runtime
 from bridge.sync.pushes import PushDrainer
 
 FHIR_ID_PATTERN = r"^[A-Za-z0-9\-.]{1,64}$"
-UID_PATTERN = r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$"
 # Accession Number is VR SH: up to 16 characters, no backslash, no control characters.
 ACCESSION_PATTERN = r"^[^\\\x00-\x1f\x7f]{1,16}$"
 

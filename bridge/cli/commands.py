@@ -191,10 +191,10 @@ def sync(
 
 
 def _check_study_uids(uids: list[str]) -> None:
-    from bridge.mapping.values import is_valid_uid
+    from bridge.mapping.uid import is_uid
 
     for uid in uids:
-        if not is_valid_uid(uid):
+        if not is_uid(uid):
             err.print(f"[red]error:[/red] --study {uid!r} is not a valid DICOM UID", highlight=False)
             raise typer.Exit(ExitCode.CONFIGURATION)
 
@@ -525,7 +525,7 @@ def _retry_source(
     """Retry one source's parked studies (or those of ``study`` parked there); its exit code."""
     import asyncio
 
-    from bridge.mapping.values import is_valid_uid
+    from bridge.mapping.uid import is_uid
     from bridge.runtime import open_runtime
 
     # Rows parked under a stand-in key ("invalid-uid:...", "unknown:...") name no UID the archive
@@ -544,7 +544,7 @@ def _retry_source(
                             f"check in source {source.name}; there is no Patient link to accept"
                         )
             parked = await asyncio.to_thread(runtime.store.parked, source.name)
-            here = [p.study_uid for p in parked if is_valid_uid(p.study_uid)]
+            here = [p.study_uid for p in parked if is_uid(p.study_uid)]
             unqueryable = 0 if study else len(parked) - len(here)
             uids = [u for u in here if u in study] if study else here
             if not uids:

@@ -12,13 +12,13 @@ from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from bridge.errors import MappingError
+from bridge.mapping.uid import archive_uid
 from bridge.mapping.values import (
     LEFT_OUT_WHEN_INVALID,
     check_value,
     clean_text,
     decode_inline_text,
     decode_text,
-    is_valid_uid,
     name_problem,
     pydicom_reading,
     safe_key,
@@ -209,9 +209,10 @@ def raw_uid(row: DicomJson, tag: str = "0020000D") -> str | None:
         return None
     if not isinstance(value, str):
         return None
-    value = value.strip(" \x00")
+    value = value.strip(" \x00")  # the NUL pad of PS3.5 6.2 too, which archive_uid leaves to us
     # An invalid UID is never logged or stored as such: it can be anything, a name included.
-    return value if is_valid_uid(value) else safe_key(value)
+    uid = archive_uid(value)
+    return uid if uid is not None else safe_key(value)
 
 
 @dataclass(frozen=True, slots=True)

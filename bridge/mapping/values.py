@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from typing import Any, Literal
 
 from bridge.errors import MappingError
+from bridge.mapping.uid import archive_uid
 
 # pydicom is imported where bytes are decoded or the dictionary is asked (rare rows): importing it
 # (and numpy, which it loads) is about a third of `bridge sync`'s start-up.
@@ -101,26 +102,13 @@ def vr_problem(value: str, vr: str) -> str | None:
     if vr in _NO_BACKSLASH and "\\" in value:
         return "holds a backslash (several values where one is expected)"
     if vr == "UI":
-        if not is_valid_uid(value):
+        if archive_uid(value) is None:
             return "is not a valid DICOM UID (digits and dots, no leading zeros)"
         return None
     pattern = _PATTERN.get(vr)
     if pattern is not None and not pattern.match(value):
         return f"is not a valid {vr} value"
     return None
-
-
-_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
-
-
-def is_valid_uid(value: str) -> bool:
-    """Whether ``value`` is a valid DICOM UID, exactly as pydicom's ``UID(value).is_valid`` says.
-
-    pydicom strips surrounding whitespace when it makes a UID, then wants at most 64 characters
-    of digits and dots with no leading zeros (PS3.5 9.1).
-    """
-    text = value.strip()
-    return len(text) <= 64 and _UID.match(text) is not None
 
 
 def check_value(value: str, vr: str, attribute: str) -> str:

@@ -17,7 +17,6 @@ from fastapi.responses import RedirectResponse, Response
 
 from bridge.api.deps import (
     ACCESSION_PATTERN,
-    UID_PATTERN,
     CallerDep,
     ResolverDep,
     Services,
@@ -30,6 +29,7 @@ from bridge.api.errors import outcome
 from bridge.api.security import Caller
 from bridge.errors import InvalidLookupError, NoUsableEndpointError, StudyNotFoundError
 from bridge.mapping.identifiers import PatientKey
+from bridge.mapping.uid import UID_PATTERN
 from bridge.resolve.resolver import Resolver
 
 router = APIRouter(tags=["iid"], dependencies=[Depends(caller)], include_in_schema=False)
