@@ -55,27 +55,9 @@ _PATTERN: dict[str, re.Pattern[str]] = {
     "DS": re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$"),
 }
 
-# Attributes whose invalid value parks the study: they decide which study, series, instance,
-# patient or order a resource is about, so guessing is never safe. Any other attribute with an
-# invalid value is left out of the resource (a documented fallback, counted in the run).
-IDENTITY_ATTRIBUTES = frozenset(
-    {
-        "StudyInstanceUID",
-        "SeriesInstanceUID",
-        "SOPInstanceUID",
-        "SOPClassUID",
-        "PatientID",
-        "IssuerOfPatientID",
-        "AccessionNumber",
-        "LocalNamespaceEntityID",
-        "UniversalEntityID",
-        "UniversalEntityIDType",
-    }
-)
-
-
-# Demographics the EHR owns: an invalid value is left out of the Patient the bridge may create,
-# rather than parking a study a radiologist can open.
+# An attribute whose value is invalid for its VR parks the study (records.py raises MappingError
+# naming it), with one exception: demographics the EHR owns. Their invalid value is left out of the
+# Patient the bridge may create, rather than parking a study a radiologist can open.
 LEFT_OUT_WHEN_INVALID = frozenset({"PatientBirthDate", "PatientSex"})
 
 
