@@ -84,7 +84,8 @@ def _to_first_qido(peers: Peers, env: dict[str, str]) -> float:
     started = time.perf_counter()
     result = subprocess.run([BRIDGE, "sync"], env=env, capture_output=True, text=True, check=False)
     if peers.first_qido is None:
-        raise SystemExit(f"bridge sync made no archive request (exit {result.returncode}): {result.stderr[-800:]}")
+        tail = result.stderr[-800:]
+        raise SystemExit(f"bridge sync made no archive request (exit {result.returncode}): {tail}")
     return peers.first_qido - started
 
 
