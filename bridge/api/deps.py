@@ -10,11 +10,11 @@ from bridge.api.auth.caller import allow_patient, authenticate
 from bridge.api.auth.security import Caller
 from bridge.api.services import Services, services_of
 from bridge.audit.events import Action
+from bridge.mapping.uid import UID_PATTERN
 from bridge.resolve.links import StudyLocation
 from bridge.resolve.resolver import Resolver
 
 FHIR_ID_PATTERN = r"^[A-Za-z0-9\-.]{1,64}$"
-UID_PATTERN = r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$"
 # Accession Number is VR SH: up to 16 characters, no backslash, no control characters.
 ACCESSION_PATTERN = r"^[^\\\x00-\x1f\x7f]{1,16}$"
 

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
 from rich.markup import escape
+
+from bridge.cli.base import out
 
 if TYPE_CHECKING:
     from bridge.cli.check import Report
@@ -17,8 +18,6 @@ if TYPE_CHECKING:
     from bridge.sync.preview import Preview
     from bridge.sync.report import RunReport
 
-out = Console()
-err = Console(stderr=True)
 
 
 def report_dict(report: RunReport, seconds: float) -> dict[str, Any]:
@@ -54,7 +53,7 @@ def report_dict(report: RunReport, seconds: float) -> dict[str, Any]:
 
 def print_summary(source: SourceSettings, report: RunReport, summary: dict[str, Any]) -> None:
     """A run's summary as text."""
-    out.print(
+    out().print(
         f"source [bold]{source.name}[/bold], run {report.run_id}: "
         f"seen {summary['seen']}, created {summary['created']}, "
         f"updated {summary['updated']}, unchanged {summary['unchanged']}, "
@@ -64,17 +63,18 @@ def print_summary(source: SourceSettings, report: RunReport, summary: dict[str, 
         highlight=False,
     )
     if report.counts.fallbacks:
-        out.print(f"  fallbacks used: {report.counts.fallbacks} (see the integrator guide)", highlight=False)
+        fallbacks = report.counts.fallbacks
+        out().print(f"  fallbacks used: {fallbacks} (see the integrator guide)", highlight=False)
     for parked in report.parked:
-        out.print(f"  parked {parked.study_uid}: {parked.reason}", highlight=False)
+        out().print(f"  parked {parked.study_uid}: {parked.reason}", highlight=False)
     for event in report.patient_events:
-        out.print(f"  {event['study_uid']}: {_patient_event(event)}", highlight=False)
+        out().print(f"  {event['study_uid']}: {_patient_event(event)}", highlight=False)
     for gone in report.deletions:
-        out.print(f"  gone from the archive {gone['study_uid']}: {gone['action']}", highlight=False)
+        out().print(f"  gone from the archive {gone['study_uid']}: {gone['action']}", highlight=False)
     for moved in report.relinked:
-        out.print(f"  patient identity corrected {moved['study_uid']}: {moved['action']}", highlight=False)
+        out().print(f"  patient identity corrected {moved['study_uid']}: {moved['action']}", highlight=False)
     if report.error:
-        out.print(f"  [yellow]{report.error}[/yellow]", highlight=False)
+        out().print(f"  [yellow]{report.error}[/yellow]", highlight=False)
 
 
 def print_previews(previews: Sequence[Preview], as_json: bool) -> None:
@@ -84,17 +84,17 @@ def print_previews(previews: Sequence[Preview], as_json: bool) -> None:
         for p in previews
     ]
     if as_json:
-        out.print_json(data={"dry_run": True, "studies": rows})
+        out().print_json(data={"dry_run": True, "studies": rows})
         return
     counts = {a: sum(1 for p in previews if p.action == a) for a in ("create", "update", "unchanged", "park")}
-    out.print(
+    out().print(
         "dry run, nothing written: " + ", ".join(f"{k} {v}" for k, v in counts.items()), highlight=False
     )
     for p in previews:
         if p.action == "unchanged":
             continue
         detail = ", ".join(p.changes) if p.changes else (p.reason or "")
-        out.print(f"  {p.action:6} {p.study_uid}  {detail}", highlight=False)
+        out().print(f"  {p.action:6} {p.study_uid}  {detail}", highlight=False)
 
 
 def _aware(value: datetime | None) -> datetime | None:
@@ -286,7 +286,7 @@ def print_status(data: dict[str, Any]) -> None:
             if success
             else "no successful run yet"
         )
-        out.print(
+        out().print(
             f"source [bold]{escape(health['name'])}[/bold]: {health['health']}; {when}; "
             f"{health['published']} studies published, {health['gone']} gone from the archive, "
             f"{health['parked']} parked"
@@ -295,11 +295,12 @@ def print_status(data: dict[str, Any]) -> None:
         )
         for group in health["parked_by_reason"]:
             what = group["attribute"] or group["kind"]
-            out.print(f"  {group['count']} parked ({what}): {escape(group['reason'])}", highlight=False)
+            out().print(f"  {group['count']} parked ({what}): {escape(group['reason'])}", highlight=False)
         if health["newest_study_published"]:
-            out.print(f"  newest study published started {health['newest_study_published']}", highlight=False)
+            newest = health["newest_study_published"]
+            out().print(f"  newest study published started {newest}", highlight=False)
     if not data["sources"]:
-        out.print(
+        out().print(
             f"source [bold]{escape(data['source'])}[/bold]: {data['published']} studies published, "
             f"{data['gone']} gone from the archive, {data['parked']} parked",
             highlight=False,
@@ -328,7 +329,7 @@ def print_status(data: dict[str, Any]) -> None:
             *(str(r[k]) for k in ("seen", "created", "updated", "unchanged", "parked")),
             r["series_query"] or "-",
         )
-    out.print(table)
+    out().print(table)
     fresh = data.get("freshness")
     if fresh is not None:
         oldest = fresh["oldest_push_seconds"]
@@ -339,10 +340,10 @@ def print_status(data: dict[str, Any]) -> None:
             line += (
                 f"; last {lag['path']} lag ({lag['source']}): {lag['seconds']:g} s at {lag['measured_at']}"
             )
-        out.print(line, highlight=False)
+        out().print(line, highlight=False)
     for r in data["runs"]:
         if r["note"]:
-            out.print(f"run {r['id']} ({r['kind']}): {r['note']}", highlight=False)
+            out().print(f"run {r['id']} ({r['kind']}): {r['note']}", highlight=False)
     if data["parked_studies"]:
         several = len({p["source"] for p in data["parked_studies"]}) > 1
         parked_columns = [
@@ -363,12 +364,12 @@ def print_status(data: dict[str, Any]) -> None:
                 str(p["attempts"]),
                 p["reason"],
             )
-        out.print(parked_table)
+        out().print(parked_table)
     if data["withdrawn_studies"]:
         withdrawn_table = Table("withdrawn study", "source", "reason")
         for w in data["withdrawn_studies"]:
             withdrawn_table.add_row(w["study_uid"], w["source"], w["reason"])
-        out.print(withdrawn_table)
+        out().print(withdrawn_table)
 
 
 def _patient_event(event: dict[str, str]) -> str:
@@ -384,7 +385,7 @@ def _patient_event(event: dict[str, str]) -> str:
 def print_check(report: Report, as_json: bool) -> None:
     """``bridge check``'s findings, peer by peer, in the order to fix them."""
     if as_json:
-        out.print_json(
+        out().print_json(
             data={
                 "exit_code": int(report.worst),
                 "findings": [f.as_dict() for f in report.findings],
@@ -397,19 +398,19 @@ def print_check(report: Report, as_json: bool) -> None:
     for finding in report.findings:
         if finding.peer != peer:
             peer = finding.peer
-            out.print(f"[bold]{peer}[/bold]", highlight=False)
+            out().print(f"[bold]{peer}[/bold]", highlight=False)
         if finding.severity:
             mark = "[red]FIX [/red]" if finding.severity > 1 else "[yellow]FIX [/yellow]"
         else:
             mark = "[dim]note[/dim]" if finding.note else "[green]ok  [/green]"
-        out.print(f"  {mark} {escape(finding.text)}", highlight=False)
+        out().print(f"  {mark} {escape(finding.text)}", highlight=False)
     for source, wanted in report.issuer_settings.items():
-        out.print(f"\nsource {source}: fill in the systems, then set", highlight=False)
-        out.print(
+        out().print(f"\nsource {source}: fill in the systems, then set", highlight=False)
+        out().print(
             f"  BRIDGE_PATIENT_ISSUER_SYSTEMS='{escape(json.dumps(wanted))}'", highlight=False, soft_wrap=True
         )
     worst = int(report.worst)
-    out.print(
+    out().print(
         "\nall checks passed" if not worst else f"\nexit {worst}: fix the FIX lines above, first to last",
         highlight=False,
     )

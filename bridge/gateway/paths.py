@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from bridge.resolve.links import is_uid
+from bridge.mapping.uid import is_uid
 
 _RENDERS = frozenset({"metadata", "rendered", "thumbnail"})
 _FRAMES = re.compile(r"^[1-9][0-9]{0,8}(,[1-9][0-9]{0,8}){0,999}$")

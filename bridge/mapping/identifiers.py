@@ -8,7 +8,8 @@ from bridge.dicomweb.records import Issuer, StudyRecord
 from bridge.errors import MappingError, PatientLinkError
 from bridge.mapping.context import DICOM_UID_SYSTEM, V2_0203, MappingContext
 from bridge.mapping.identity import UnmappedIssuer, derived_system
-from bridge.mapping.values import is_valid_uid, vr_problem
+from bridge.mapping.uid import archive_uid
+from bridge.mapping.values import vr_problem
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,10 +36,11 @@ def escape_token(text: str) -> str:
 
 
 def check_uid(value: str, attribute: str) -> str:
-    """The UID itself when it is a valid DICOM UID, else a MappingError naming the attribute."""
-    if not is_valid_uid(value):
+    """The UID, trimmed of archive padding, when valid; else a MappingError naming the attribute."""
+    uid = archive_uid(value)
+    if uid is None:
         raise MappingError(f"{attribute} is not a valid DICOM UID", attribute=attribute)
-    return value
+    return uid
 
 
 def study_identifier(study_uid: str) -> dict[str, str]:

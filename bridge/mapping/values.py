@@ -6,15 +6,14 @@ a malformed UID or PatientID can carry a name.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Literal
 
 from bridge.errors import MappingError
+from bridge.mapping.uid import archive_uid
 
 # pydicom is imported where bytes are decoded or the dictionary is asked (rare rows): importing it
 # (and numpy, which it loads) is about a third of `bridge sync`'s start-up.
@@ -54,27 +53,9 @@ _PATTERN: dict[str, re.Pattern[str]] = {
     "DS": re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$"),
 }
 
-# Attributes whose invalid value parks the study: they decide which study, series, instance,
-# patient or order a resource is about, so guessing is never safe. Any other attribute with an
-# invalid value is left out of the resource (a documented fallback, counted in the run).
-IDENTITY_ATTRIBUTES = frozenset(
-    {
-        "StudyInstanceUID",
-        "SeriesInstanceUID",
-        "SOPInstanceUID",
-        "SOPClassUID",
-        "PatientID",
-        "IssuerOfPatientID",
-        "AccessionNumber",
-        "LocalNamespaceEntityID",
-        "UniversalEntityID",
-        "UniversalEntityIDType",
-    }
-)
-
-
-# Demographics the EHR owns: an invalid value is left out of the Patient the bridge may create,
-# rather than parking a study a radiologist can open.
+# An attribute whose value is invalid for its VR parks the study (records.py raises MappingError
+# naming it), with one exception: demographics the EHR owns. Their invalid value is left out of the
+# Patient the bridge may create, rather than parking a study a radiologist can open.
 LEFT_OUT_WHEN_INVALID = frozenset({"PatientBirthDate", "PatientSex"})
 
 
@@ -101,26 +82,13 @@ def vr_problem(value: str, vr: str) -> str | None:
     if vr in _NO_BACKSLASH and "\\" in value:
         return "holds a backslash (several values where one is expected)"
     if vr == "UI":
-        if not is_valid_uid(value):
+        if archive_uid(value) is None:
             return "is not a valid DICOM UID (digits and dots, no leading zeros)"
         return None
     pattern = _PATTERN.get(vr)
     if pattern is not None and not pattern.match(value):
         return f"is not a valid {vr} value"
     return None
-
-
-_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
-
-
-def is_valid_uid(value: str) -> bool:
-    """Whether ``value`` is a valid DICOM UID, exactly as pydicom's ``UID(value).is_valid`` says.
-
-    pydicom strips surrounding whitespace when it makes a UID, then wants at most 64 characters
-    of digits and dots with no leading zeros (PS3.5 9.1).
-    """
-    text = value.strip()
-    return len(text) <= 64 and _UID.match(text) is not None
 
 
 def check_value(value: str, vr: str, attribute: str) -> str:
@@ -154,80 +122,6 @@ def decode_text(raw: bytes, vr: str, encodings: Sequence[str]) -> str | None:
             return raw.decode("ascii")  # the other text VRs use the default repertoire only
     except (UnicodeError, LookupError, ValueError):
         return None
-
-
-def decode_inline_text(row: dict[str, Any], charset: Sequence[str] | None = None) -> dict[str, Any]:
-    """A DICOM JSON object with its text values sent as bytes made plain ``Value`` text.
-
-    Archives send a value as InlineBinary (base64 of the encoded bytes) when they cannot or will
-    not transcode it, and as BulkDataURI when it is long. Text VRs (and UN elements whose tag is a
-    text VR in the dictionary) are decoded with the object's Specific Character Set (``charset``
-    for sequence items, which inherit it); what cannot be decoded, and bulk data, is left out.
-    Other elements are kept as they are.
-    """
-    if charset is None:
-        terms = (row.get(SPECIFIC_CHARACTER_SET) or {}).get("Value") or []
-        charset = [str(t) for t in terms] if isinstance(terms, list) else []
-    out: dict[str, Any] = {}
-    for tag, element in row.items():
-        if not isinstance(element, dict):
-            out[tag] = element
-            continue
-        vr = _text_vr(tag, str(element.get("vr", "")))
-        if vr == "SQ" and isinstance(element.get("Value"), list):
-            items = [decode_inline_text(i, charset) if isinstance(i, dict) else i for i in element["Value"]]
-            out[tag] = {**element, "Value": items}
-        elif vr is None or ("InlineBinary" not in element and "BulkDataURI" not in element):
-            out[tag] = element
-        elif "InlineBinary" in element:
-            text = _inline(element["InlineBinary"], vr, charset)
-            if text is not None:
-                out[tag] = {"vr": vr, "Value": [_json_value(text, vr)]}
-            elif tag == PATIENT_NAME:
-                # Bytes the declared character set cannot hold: kept as a replacement character,
-                # so the name rule reads the name from the instance's Part 10 header instead.
-                out[tag] = {"vr": vr, "Value": [{"Alphabetic": "\ufffd"}]}
-    return out
-
-
-SPECIFIC_CHARACTER_SET = "00080005"
-PATIENT_NAME = "00100010"
-
-
-def _text_vr(tag: str, vr: str) -> str | None:
-    """The element's text VR (from the dictionary for UN), None when it is not text; SQ for SQ."""
-    if vr == "SQ":
-        return vr
-    if vr == "UN":
-        from pydicom.datadict import dictionary_VR
-
-        try:
-            vr = str(dictionary_VR(int(tag, 16)))
-        except (KeyError, ValueError):
-            return None
-    return vr if vr in TEXT_VRS else None
-
-
-def _inline(data: Any, vr: str, charset: Sequence[str]) -> str | None:
-    from pydicom.charset import convert_encodings
-
-    try:
-        raw = base64.b64decode(str(data), validate=True)
-    except (binascii.Error, ValueError):
-        return None
-    with pydicom_reading("raise"):
-        try:
-            encodings = convert_encodings(list(charset) or ["ISO_IR 6"])
-        except LookupError:
-            return None
-    return decode_text(raw, vr, encodings)
-
-
-def _json_value(text: str, vr: str) -> Any:
-    if vr != "PN":
-        return text
-    groups = dict(zip(("Alphabetic", "Ideographic", "Phonetic"), text.split("=")[:3], strict=False))
-    return {k: v for k, v in groups.items() if v}
 
 
 @contextmanager

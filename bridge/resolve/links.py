@@ -20,11 +20,10 @@ from bridge.mapping.context import (
     WITHDRAWN_EXTENSION,
     WITHDRAWN_INSTANCE_EXTENSION,
 )
+from bridge.mapping.uid import is_uid
 
 WADO_RS = "dicom-wado-rs"
 FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
-# PS3.5 9.1: components of digits without leading zeros, separated by dots, 64 characters at most.
-_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 # Statuses under which the images are not (or no longer) to be shown.
 WITHDRAWN = frozenset({"entered-in-error", "cancelled"})
 
@@ -37,11 +36,6 @@ PLACEHOLDERS: Mapping[str, str] = {
     "imaging_study_id": "FHIR id of the ImagingStudy",
     "imaging_study_url": "absolute URL of the ImagingStudy on the FHIR server",
 }
-
-
-def is_uid(value: str) -> bool:
-    """Whether ``value`` is a valid DICOM UID (digits and dots, at most 64 characters)."""
-    return len(value) <= 64 and _UID.fullmatch(value) is not None
 
 
 def check_fhir_id(value: str) -> str:

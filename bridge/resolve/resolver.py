@@ -26,6 +26,7 @@ from bridge.errors import (
 from bridge.fhir.client import FhirClient
 from bridge.mapping.context import DICOM_UID_SYSTEM, resource_id
 from bridge.mapping.identifiers import escape_token
+from bridge.mapping.uid import is_uid
 from bridge.metrics import RESOLVER_LOOKUPS
 from bridge.resolve.links import (
     FHIR_ID,
@@ -34,7 +35,6 @@ from bridge.resolve.links import (
     endpoint_references,
     has_accession,
     is_tagged,
-    is_uid,
     locate,
     normalize_base,
     study_uid_of,

@@ -40,7 +40,6 @@ from tests.stack.process import (
     log_tail,
     require_tool,
     stop_on_sigterm,
-    terminate,
 )
 
 SERVER_DIR = Path(__file__).resolve().parent / "fhir-server"
@@ -184,23 +183,6 @@ class FhirTestServer(Launcher, AdminApi):
                 self.stop()
                 raise RuntimeError(f"the FHIR test server did not answer within {timeout:.0f} s:\n{tail}")
             time.sleep(0.1)
-
-    def stop(self) -> None:
-        """Stop the server (SIGTERM, then SIGKILL after 10 s).  Safe to call more than once."""
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-        self._untrack()
-        process, self._process = self._process, None
-        terminate(process)
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-        if self._owns_log and self.log_path is not None:
-            self.log_path.unlink(missing_ok=True)
-            self.log_path = None
-            self._owns_log = False
-
 
 if __name__ == "__main__":
     stop_on_sigterm()

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.stack.process import Launcher, apt_install, free_loopback_port, log_tail, terminate
+from tests.stack.process import Launcher, apt_install, free_loopback_port, log_tail
 
 APT_PACKAGE = "nginx"  # Debian's build has the auth_request module the front needs
 WORKER_USER = ("nobody", "nogroup")  # nginx's workers when the tests run as root
@@ -96,14 +96,11 @@ class Nginx(Launcher):
         self.stop()
         raise RuntimeError(f"nginx did not listen on {self.url} within {timeout:.0f} s")
 
-    def stop(self) -> None:
-        process, self._process = self._process, None
-        terminate(process, grace=10)
-        self._untrack()
+    def _cleanup(self) -> None:
+        """Remove nginx's working folder."""
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
-
 
 class NginxFront(Nginx):
     """nginx in front of a running bridge API, with the configuration `bridge front-config` writes."""

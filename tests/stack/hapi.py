@@ -43,7 +43,6 @@ from tests.stack.process import (
     log_tail,
     require_tool,
     stop_on_sigterm,
-    terminate,
 )
 
 PROJECT_DIR = Path(__file__).resolve().parent / "hapi"
@@ -212,21 +211,8 @@ class HapiTestServer(Launcher, AdminApi):
                 )
             time.sleep(0.25)
 
-    def stop(self) -> None:
-        """Stop the server (SIGTERM, then SIGKILL after 10 s) and drop its database."""
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-        self._untrack()
-        process, self._process = self._process, None
-        terminate(process)
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-        if self._owns_log and self.log_path is not None:
-            self.log_path.unlink(missing_ok=True)
-            self.log_path = None
-            self._owns_log = False
+    def _cleanup(self) -> None:
+        """Drop the server's database."""
         if self._data_dir is not None:
             shutil.rmtree(self._data_dir, ignore_errors=True)
             self._data_dir = None

@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 
 from tests.stack.fhir import NEEDS, ensure_node_modules
-from tests.stack.process import Launcher, free_loopback_port, log_tail, require_tool, terminate
+from tests.stack.process import Launcher, free_loopback_port, log_tail, require_tool
 
 PROVIDER_DIR = Path(__file__).resolve().parent / "oidc"
 INTROSPECTOR_ID = "fhir-test-server"
@@ -196,18 +196,11 @@ class OidcProvider(Launcher):
                 raise RuntimeError(f"the OpenID provider did not answer within {timeout:.0f} s:\n{tail}")
             time.sleep(0.1)
 
-    def stop(self) -> None:
-        process, self._process = self._process, None
-        terminate(process)
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
+    def _cleanup(self) -> None:
+        """Remove the provider's configuration file."""
         if self._config_path is not None:
             self._config_path.unlink(missing_ok=True)
             self._config_path = None
-        if self._owns_log and self.log_path is not None:
-            self.log_path.unlink(missing_ok=True)
-            self.log_path = None
 
     def stats(self) -> dict[str, Any]:
         """Token requests, tokens issued, refusals and introspections since start or reset."""

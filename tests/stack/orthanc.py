@@ -30,7 +30,7 @@ from typing import Any
 
 import httpx
 
-from tests.stack.process import Launcher, apt_install, free_loopback_port, log_tail, terminate
+from tests.stack.process import Launcher, apt_install, free_loopback_port, log_tail
 
 ORTHANC_BINARY_CANDIDATES = ("/usr/sbin/Orthanc", "/usr/bin/Orthanc")
 DICOMWEB_PLUGIN_GLOBS = (
@@ -79,6 +79,8 @@ def ensure_installed() -> None:
 
 class OrthancServer(Launcher):
     """One Orthanc process with the DICOMweb plugin, on loopback, with its own storage."""
+
+    _grace = 15.0  # Orthanc flushes its index on SIGTERM
 
     def __init__(
         self,
@@ -248,9 +250,9 @@ class OrthancServer(Launcher):
                 return
             except RuntimeError as exc:
                 last_error = exc
-                self._terminate()
+                self._stop_process()
         assert last_error is not None
-        self._cleanup_storage()
+        self._cleanup()
         raise last_error
 
     def _spawn(self, binary: str, plugin: str, timeout: float) -> None:
@@ -302,18 +304,8 @@ class OrthancServer(Launcher):
             f"({last_problem}); log {self.log_path}:\n{log_tail(self.log_path)}"
         )
 
-    def _terminate(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-        process, self._process = self._process, None
-        terminate(process, grace=15)
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-        self._untrack()
-
-    def _cleanup_storage(self) -> None:
+    def _cleanup(self) -> None:
+        """Remove a storage folder Orthanc was started on by this launcher."""
         if self._owns_storage and self.storage_dir is not None:
             shutil.rmtree(self.storage_dir, ignore_errors=True)
             self.storage_dir = None
@@ -321,12 +313,6 @@ class OrthancServer(Launcher):
                 self.log_path = None
             self._owns_storage = False
 
-    def stop(self) -> None:
-        """Stop Orthanc (SIGTERM, then SIGKILL) and remove a storage folder it created."""
-        self._terminate()
-        self._cleanup_storage()
-
-    # ------------------------------------------------------------------ REST
     @property
     def client(self) -> httpx.Client:
         """An httpx client on the REST root (only while running)."""

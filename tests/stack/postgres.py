@@ -137,14 +137,11 @@ class PostgresServer(Launcher):
                 time.sleep(0.1)
         return False
 
-    def stop(self) -> None:
-        """Stop the server (a fast shutdown on SIGTERM) and remove its folder."""
-        terminate(self._process)
-        self._process = None
+    def _cleanup(self) -> None:
+        """Remove the server's folder."""
         if self._root is not None:
             shutil.rmtree(self._root, ignore_errors=True)
             self._root = None
-
 
 @contextmanager
 def running_server(log_path: Path | None = None) -> Iterator[str]:

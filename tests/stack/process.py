@@ -74,14 +74,43 @@ class Launcher:
     """A test server started by ``start()`` and stopped by ``stop()``: a context manager too.
 
     A server that ``_track()`` registers when started is stopped at interpreter exit if still
-    running; its ``stop()`` calls ``_untrack()``.
+    running; its ``stop()`` calls ``_untrack()``. A launcher of a server process keeps it in
+    ``_process`` (with its admin ``_client``, ``_log_file`` and ``log_path``, removed when
+    ``_owns_log``) and inherits ``stop()``; what else it leaves behind goes in ``_cleanup()``.
     """
+
+    _process: subprocess.Popen[bytes] | None = None
+    _client: httpx.Client | None = None
+    _log_file: Any = None
+    _owns_log: bool = False
+    log_path: Path | None = None
+    _grace: float = 10.0  # seconds between SIGTERM and SIGKILL
 
     def start(self) -> None:
         raise NotImplementedError
 
     def stop(self) -> None:
-        raise NotImplementedError
+        """Stop the server (SIGTERM, then SIGKILL after the grace) and tidy up; safe to call twice."""
+        self._stop_process()
+        self._cleanup()
+
+    def _stop_process(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        self._untrack()
+        process, self._process = self._process, None
+        terminate(process, self._grace)
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        if self._owns_log and self.log_path is not None:
+            self.log_path.unlink(missing_ok=True)
+            self.log_path = None
+            self._owns_log = False
+
+    def _cleanup(self) -> None:
+        """Remove what else the server left behind (a data folder, a configuration file)."""
 
     def _track(self) -> None:
         _RUNNING.add(self)

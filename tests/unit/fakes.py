@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qs, urlencode
+
+import httpx
 
 from bridge.dicomweb.records import DicomJson, InstanceRecord, SeriesRecord, parse_series, part10_patient_name
 from bridge.dicomweb.results import SeriesOutcome
@@ -164,11 +167,21 @@ def _matches(resource: dict[str, Any], token: str, loose: bool = False) -> bool:
     )
 
 
-class FakeFhir:
-    """A FhirSink keeping resources in memory with version ids, like a conformant R4 server.
+FHIR_BASE = "https://fhir.example.org/R4"
+DICOMWEB_BASE = "https://pacs.example.org/dicom-web"
+JWKS_URL = "https://idp.example.org/.well-known/jwks.json"
 
-    ``calls`` records (method, resource type, detail) in order; ``fail`` queues exceptions per
-    method name, raised (first in, first out) instead of doing the call.
+
+class FakeFhir:
+    """An in-memory FHIR server, the one fake of the unit tests, used two ways.
+
+    As a FhirSink (the sync's tests) it keeps resources with version ids like a conformant R4
+    server: ``calls`` records (method, resource type, detail) in order; ``fail`` queues exceptions
+    per method name, raised (first in, first out) instead of doing the call.
+
+    Over HTTP (the resolver's and the API's tests), ``transport()`` answers reads by id and token
+    searches on ``identifier`` (with ``_include=ImagingStudy:endpoint``) from the same resources,
+    counts ``requests``, and can be switched ``down``.
     """
 
     def __init__(self) -> None:
@@ -183,6 +196,14 @@ class FakeFhir:
         self.reject: set[str] = set()  # ImagingStudy ids whose batch entry answers 422
         self.batch_sizes: list[int] = []
         self.create_status = 201  # 200: answer a PUT that creates as Medplum's own router does
+        # over HTTP
+        self.requests: list[httpx.Request] = []
+        self.down = False
+        self.status_when_down: int | None = None  # None: connection refused
+        self.jwks: dict[str, Any] = {"keys": []}
+        self.ignores_include = False  # as a server that does not support _include
+        self.refuses_include = False  # as a strict server: _include is a 400
+        self.extra_included: list[dict[str, Any]] = []  # entries added to every _include answer
 
     # helpers for tests
     def _raise_if_queued(self, method: str) -> None:
@@ -326,3 +347,71 @@ class FakeFhir:
             except UpstreamError as exc:
                 answers.append(BatchAnswer(exc.status or 500, error=exc))
         return answers
+
+    # over HTTP
+    def add(self, *resources: dict[str, Any]) -> None:
+        for r in resources:
+            self.resources[(r["resourceType"], r["id"])] = r
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        url = str(request.url)
+        if url.startswith(DICOMWEB_BASE):
+            return httpx.Response(200, json=[])
+        if url.startswith(JWKS_URL):
+            assert "authorization" not in request.headers
+            return httpx.Response(200, json=self.jwks)
+        if self.down:
+            if self.status_when_down is None:
+                raise httpx.ConnectError("refused", request=request)
+            return httpx.Response(self.status_when_down, headers={"Retry-After": "7"})
+        assert url.startswith(FHIR_BASE), f"the fake was asked for {url}"
+        parts = request.url.path.removeprefix(httpx.URL(FHIR_BASE).path).strip("/").split("/")
+        if parts == ["metadata"]:
+            return httpx.Response(200, json={"resourceType": "CapabilityStatement"})
+        if len(parts) == 2:
+            found = self.resources.get((parts[0], parts[1]))
+            if found is None:
+                return httpx.Response(404, json={"resourceType": "OperationOutcome", "issue": []})
+            return httpx.Response(200, content=json.dumps(found))
+        if len(parts) == 1:
+            token = request.url.params.get("identifier", "")
+            system, _, value = token.rpartition("|") if "|" in token else (None, "", token)
+            value = value.replace("\\|", "|")
+            entries = []
+            for (kind, _), resource in self.resources.items():
+                if kind != parts[0]:
+                    continue
+                for ident in resource.get("identifier", []):
+                    if ident.get("value") == value and (system is None or ident.get("system") == system):
+                        entries.append({"resource": resource, "search": {"mode": "match"}})
+                        break
+            if "_include" in request.url.params and self.refuses_include:
+                issue = {"severity": "error", "code": "not-supported"}
+                outcome = {"resourceType": "OperationOutcome", "issue": [issue]}
+                return httpx.Response(400, json=outcome)
+            if request.url.params.get("_include") == "ImagingStudy:endpoint":
+                if not self.ignores_include:
+                    entries.extend(self._included_endpoints([e["resource"] for e in entries]))
+                entries.extend(self.extra_included)
+            return httpx.Response(200, json={"resourceType": "Bundle", "type": "searchset", "entry": entries})
+        return httpx.Response(400)
+
+    def _included_endpoints(self, matches: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        refs = {e.get("reference") for r in matches for e in r.get("endpoint", [])}
+        found = [
+            self.resources[("Endpoint", ref.split("/")[1])] for ref in refs if ref in self._endpoint_refs()
+        ]
+        return [{"resource": r, "search": {"mode": "include"}} for r in found]
+
+    def _endpoint_refs(self) -> set[str]:
+        return {f"Endpoint/{rid}" for kind, rid in self.resources if kind == "Endpoint"}
+
+    def transport(self) -> httpx.MockTransport:
+        return httpx.MockTransport(self.handler)
+
+    def reads(self, kind: str) -> int:
+        return sum(1 for r in self.requests if f"/{kind}/" in r.url.path)
+
+    def searches(self, kind: str) -> int:
+        return sum(1 for r in self.requests if r.url.path.endswith(f"/{kind}"))

@@ -20,7 +20,8 @@ from bridge.api.errors import AccessDeniedError, AuthenticationError
 from bridge.api.services import mount_path, services_of
 from bridge.audit.events import Action
 from bridge.gateway.paths import parse
-from bridge.resolve.links import StudyLocation, is_uid
+from bridge.mapping.uid import is_uid
+from bridge.resolve.links import StudyLocation
 
 # The schemes the OpenAPI schema names for every route that authenticates its caller (the routes of
 # AuthenticatedRoute; the app adds the schemes to the schema's components). `authenticate` reads them.

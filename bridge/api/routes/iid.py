@@ -17,11 +17,12 @@ from fastapi.responses import RedirectResponse, Response
 
 from bridge.api.auth.caller import CallerDep, allow_patient, caller
 from bridge.api.auth.security import Caller
-from bridge.api.deps import ACCESSION_PATTERN, UID_PATTERN, ResolverDep, ServicesDep
+from bridge.api.deps import ACCESSION_PATTERN, ResolverDep, ServicesDep
 from bridge.api.errors import outcome
 from bridge.api.services import Services, mount_path
 from bridge.errors import InvalidLookupError, NoUsableEndpointError, StudyNotFoundError
 from bridge.mapping.identifiers import PatientKey
+from bridge.mapping.uid import UID_PATTERN
 from bridge.resolve.resolver import Resolver
 
 router = APIRouter(tags=["iid"], dependencies=[Depends(caller)], include_in_schema=False)

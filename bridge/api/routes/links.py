@@ -19,7 +19,8 @@ from bridge.api.errors import ERROR_RESPONSES
 from bridge.api.models import StudyLinks
 from bridge.api.services import Services, services_of
 from bridge.errors import BridgeError
-from bridge.resolve.links import FHIR_ID, StudyLocation, build_links, is_uid
+from bridge.mapping.uid import is_uid
+from bridge.resolve.links import FHIR_ID, StudyLocation, build_links
 
 router = APIRouter(
     tags=["links"], dependencies=[Depends(caller)], responses=ERROR_RESPONSES, route_class=AuthenticatedRoute

@@ -34,7 +34,7 @@ from bridge.api.services import mount_path, services_of
 from bridge.audit.events import Outcome
 from bridge.config import Settings
 from bridge.errors import BridgeError, InvalidLookupError, StoreError
-from bridge.mapping.values import is_valid_uid
+from bridge.mapping.uid import is_uid
 from bridge.runtime import Runtime
 from bridge.state.models import ParkedStudy, Run
 
@@ -258,7 +258,7 @@ async def retry(request: Request, who: OperatorDep) -> Response:
         p.study_uid
         for p in parked
         if (p.study_uid == study_uid if study_uid is not None else p.reason == reason)
-        and is_valid_uid(p.study_uid)
+        and is_uid(p.study_uid)
     ][:MAX_RETRY]
     passed = still = 0
     if chosen:

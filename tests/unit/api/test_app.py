@@ -95,6 +95,9 @@ async def test_viewer_without_any_viewer_configured_names_bridge_viewer_urls(
         ("/imaging-studies/nope/links", 404, "not-found"),
         ("/studies/1.2.abc/links", 422, "invalid"),
         ("/studies/01.2/links", 422, "invalid"),
+        ("/studies/%201.2/links", 422, "invalid"),  # whitespace around a path UID is not trimmed
+        ("/studies/1.2%20/links", 422, "invalid"),
+        ("/studies/1.2%0A/links", 422, "invalid"),
         ("/imaging-studies/a%20b/links", 422, "invalid"),
         ("/links?reference=Patient/x", 422, "invalid"),
         ("/links", 422, "invalid"),

@@ -14,7 +14,8 @@ import pytest
 
 from bridge.dicomweb import records
 from bridge.errors import MappingError
-from bridge.mapping.values import decode_inline_text
+from bridge.mapping import dicomjson
+from bridge.mapping.dicomjson import decode_inline_text
 from tests.builders import load_json
 
 # Values per VR, the awkward ones included: padding, NULs, a non-breaking space, backslashes,
@@ -89,15 +90,15 @@ def _random_rows(count: int, seed: int) -> list[dict[str, Any]]:
 
 def _pydicom_reading(row: dict[str, Any]) -> dict[str, Any] | MappingError:
     try:
-        return _plain(records._from_dataset(records._dataset(row, "study")))
+        return _plain(dicomjson._from_dataset(dicomjson._dataset(row, "study")))
     except MappingError as exc:
         return exc
 
 
-_READ = frozenset(records.KEYWORDS.values())
+_READ = frozenset(dicomjson.KEYWORDS.values())
 
 
-def _plain(attrs: records._Attrs) -> dict[str, Any]:
+def _plain(attrs: dicomjson.Attrs) -> dict[str, Any]:
     """The attributes the parsers read, as plain data (items included), to compare the readings.
 
     pydicom names every attribute its dictionary knows; the direct reading only those the parsers
@@ -122,7 +123,7 @@ def _rows() -> list[dict[str, Any]]:
 def test_a_row_read_directly_reads_as_pydicom_reads_it() -> None:
     direct = 0
     for row in _rows():
-        read = records._plain_item(row)
+        read = dicomjson._plain_item(row)
         if read is None:
             continue
         direct += 1
@@ -144,19 +145,19 @@ def test_a_row_read_directly_reads_as_pydicom_reads_it() -> None:
     ],
 )
 def test_a_value_of_an_unusual_shape_is_left_to_pydicom(vr: str, values: list[Any]) -> None:
-    assert records._plain_item({"00081030": {"vr": vr, "Value": values}}) is None
+    assert dicomjson._plain_item({"00081030": {"vr": vr, "Value": values}}) is None
 
 
 def test_inline_binary_and_a_value_that_is_not_a_list_are_left_to_pydicom() -> None:
-    assert records._plain_item({"00081030": {"vr": "OB", "InlineBinary": "AAAA"}}) is None
-    assert records._plain_item({"00081030": {"vr": "LO", "Value": "CT"}}) is None
-    assert records._plain_item({"00081030": {"vr": "LO"}}) is not None  # empty: read directly
+    assert dicomjson._plain_item({"00081030": {"vr": "OB", "InlineBinary": "AAAA"}}) is None
+    assert dicomjson._plain_item({"00081030": {"vr": "LO", "Value": "CT"}}) is None
+    assert dicomjson._plain_item({"00081030": {"vr": "LO"}}) is not None  # empty: read directly
 
 
 def test_the_keywords_read_directly_are_pydicoms() -> None:
     from pydicom.datadict import keyword_for_tag
 
-    assert {tag: keyword_for_tag(tag) for tag in records.KEYWORDS} == records.KEYWORDS
+    assert {tag: keyword_for_tag(tag) for tag in dicomjson.KEYWORDS} == dicomjson.KEYWORDS
 
 
 def test_every_attribute_a_parser_reads_has_its_keyword_in_the_table() -> None:
@@ -167,7 +168,7 @@ def test_every_attribute_a_parser_reads_has_its_keyword_in_the_table() -> None:
     from pydicom.datadict import tag_for_keyword
 
     source = inspect.getsource(records)
-    readers = r"(?<![a-z])(?:_text|_int|_multi|_items|_issuer|_codes|_person_names?|_required)"
+    readers = r"(?<![a-z])(?:read_(?:text|int|multi|items|person_names?|required)|_issuer|_codes)"
     asked = set(re.findall(readers + r'\([a-z]+, "(\w+)"', source))
     asked |= {"OtherPatientIDsSequence"}
     assert len(asked) > 30  # the pattern still finds the readers' calls
@@ -179,11 +180,12 @@ def test_uid_validity_is_pydicoms() -> None:
     from pydicom import config
     from pydicom.uid import UID
 
-    from bridge.mapping.values import is_valid_uid
+    from bridge.mapping.uid import archive_uid
 
     rng = random.Random(5)
     alphabet = "0123456789.. \t\n\x00a\xa0"
     samples = ["1.2.3", "0", "01.2", "1..2", "1.2.", ".1", " 1.2 ", "1.2\n", "1." + "2" * 63, "1." + "2" * 62]
     samples += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 70))) for _ in range(3000)]
     for value in samples:
-        assert is_valid_uid(value) == UID(value, validation_mode=config.IGNORE).is_valid, repr(value)
+        valid = UID(value, validation_mode=config.IGNORE).is_valid
+        assert (archive_uid(value) is not None) == valid, repr(value)
