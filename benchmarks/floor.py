@@ -39,7 +39,7 @@ import httpx
 
 from benchmarks._meter import Meter
 
-# The attributes the bridge asks for (bridge.dicomweb.records STUDY_FIELDS / SERIES_FIELDS);
+# The attributes the bridge asks for (bridge.mapping.records STUDY_FIELDS / SERIES_FIELDS);
 # written out here so the floor imports nothing of the bridge.
 STUDY_FIELDS = (
     "0020000D", "00080020", "00080030", "00080201", "00080050", "00080051", "00081030", "00080061",

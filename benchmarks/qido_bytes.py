@@ -24,7 +24,7 @@ import httpx
 from benchmarks._common import DEFAULT_CACHE, archive, machine, print_block
 from benchmarks._meter import Meter
 from bridge.dicomweb.client import DicomwebClient
-from bridge.dicomweb.records import STUDY_FIELDS
+from bridge.mapping.records import STUDY_FIELDS
 
 
 async def walk(url: str, page_size: int, gzip: bool) -> dict[str, Any]:

@@ -11,8 +11,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bridge.dicomweb.records import DicomJson, SeriesRecord, StudyRecord, parse_series, parse_study
 from bridge.mapping.context import MappingContext
+from bridge.mapping.records import DicomJson, SeriesRecord, StudyRecord, parse_series, parse_study
 from bridge.mapping.tables import load_tables
 
 DATA = Path(__file__).parent / "data"

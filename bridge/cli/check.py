@@ -22,7 +22,6 @@ import httpx
 from bridge.config import PerSourceSettings, Settings, SourceSettings
 from bridge.dicomweb.client import DicomwebClient
 from bridge.dicomweb.query import SeriesQuery
-from bridge.dicomweb.records import parse_study
 from bridge.errors import (
     BridgeError,
     ConfigurationError,
@@ -35,6 +34,7 @@ from bridge.errors import (
 from bridge.fhir.client import FhirClient
 from bridge.mapping.context import MappingContext
 from bridge.mapping.identifiers import patient_key
+from bridge.mapping.records import parse_study
 from bridge.mapping.validate import load_models
 from bridge.runtime import configured_viewers, mapping_context, open_connections
 from bridge.state.store import SqlStore

@@ -13,15 +13,15 @@ from urllib.parse import quote
 
 from bridge.dicomweb.paging import NOT_OFFERED, SERVICE, STUDY_UID
 from bridge.dicomweb.part10 import fetch_patient_name
-from bridge.dicomweb.records import (
+from bridge.dicomweb.series import SeriesSearch
+from bridge.errors import UpstreamError
+from bridge.mapping.records import (
     INSTANCE_FIELDS,
     STUDY_FIELDS,
     DicomJson,
     InstanceRecord,
     parse_instance,
 )
-from bridge.dicomweb.series import SeriesSearch
-from bridge.errors import UpstreamError
 from bridge.upstream.retry import RetryPolicy, send
 
 _IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif"})

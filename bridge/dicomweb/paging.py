@@ -13,8 +13,8 @@ from urllib.parse import urlencode
 import httpx
 
 from bridge.dicomweb.limits import DicomwebLimits
-from bridge.dicomweb.records import DicomJson, digest, raw_uid
 from bridge.errors import FatalUpstreamError, UpstreamLimitError
+from bridge.mapping.records import DicomJson, digest, raw_uid
 from bridge.upstream.bounds import CallLimit
 from bridge.upstream.errors import body_is_empty, json_body, where
 from bridge.upstream.retry import RetryPolicy, send

@@ -12,8 +12,8 @@ import asyncio
 import httpx
 
 from bridge.dicomweb.paging import NOT_OFFERED, SERVICE
-from bridge.dicomweb.records import part10_patient_name
 from bridge.errors import UpstreamLimitError
+from bridge.mapping.records import part10_patient_name
 from bridge.upstream.bounds import CallLimit
 from bridge.upstream.errors import (
     TRANSPORT_ERRORS,

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from bridge.dicomweb.records import SeriesRecord
 from bridge.errors import MappingError, UpstreamLimitError
+from bridge.mapping.records import SeriesRecord
 
 # A study's series from a page-wide query, or the error that parks the study.
 SeriesOutcome = list[SeriesRecord] | MappingError | UpstreamLimitError

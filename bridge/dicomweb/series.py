@@ -16,7 +16,6 @@ import httpx
 from bridge.dicomweb.limits import DicomwebLimits
 from bridge.dicomweb.paging import SERIES_UID, SERVICE, STUDY_UID, QidoPaging
 from bridge.dicomweb.query import SeriesQuery
-from bridge.dicomweb.records import SERIES_FIELDS, DicomJson, SeriesRecord, parse_series, raw_uid
 from bridge.dicomweb.results import SeriesOutcome
 from bridge.dicomweb.sweep import SeriesSweep
 from bridge.errors import (
@@ -26,6 +25,7 @@ from bridge.errors import (
     UpstreamError,
     UpstreamLimitError,
 )
+from bridge.mapping.records import SERIES_FIELDS, DicomJson, SeriesRecord, parse_series, raw_uid
 from bridge.upstream.retry import RetryPolicy
 
 logger = logging.getLogger(__name__)

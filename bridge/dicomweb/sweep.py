@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from bridge.dicomweb.records import DicomJson
+from bridge.mapping.records import DicomJson
 
 
 class SeriesSweep:

@@ -6,8 +6,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from bridge.dicomweb.records import digest
 from bridge.mapping.identity import UnmappedIssuer
+from bridge.mapping.records import digest
 from bridge.mapping.tables import Tables
 
 # Bump when the mapping's output changes, so every study is republished once after an upgrade.

@@ -11,10 +11,10 @@ import unicodedata
 from collections.abc import Mapping
 from typing import Any
 
-from bridge.dicomweb.records import StudyRecord
 from bridge.errors import MappingError
 from bridge.mapping.dates import parse_date
 from bridge.mapping.patient import family_names, fhir_gender
+from bridge.mapping.records import StudyRecord
 
 # Combining marks after characters below this code point are accents (Latin, Greek, Cyrillic)
 # and are dropped; after kana or other scripts they change the letter (a dakuten) and are kept.

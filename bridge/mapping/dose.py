@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from bridge.dicomweb.records import DicomJson
 from bridge.mapping.context import (
     BRIDGE_TAG_SYSTEM,
     DCM_SYSTEM,
@@ -22,6 +21,7 @@ from bridge.mapping.context import (
     resource_id,
 )
 from bridge.mapping.narrative import narrative, with_narrative
+from bridge.mapping.records import DicomJson
 
 Resource = dict[str, Any]
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bridge.dicomweb.records import Issuer, StudyRecord
 from bridge.errors import MappingError, PatientLinkError
 from bridge.mapping.context import DICOM_UID_SYSTEM, V2_0203, MappingContext
 from bridge.mapping.identity import UnmappedIssuer, derived_system
+from bridge.mapping.records import Issuer, StudyRecord
 from bridge.mapping.uid import archive_uid
 from bridge.mapping.values import vr_problem
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from bridge.dicomweb.records import Code, InstanceRecord, SeriesRecord, StudyRecord
 from bridge.errors import MappingError
 from bridge.mapping.context import (
     BRIDGE_TAG_SYSTEM,
@@ -19,6 +18,7 @@ from bridge.mapping.dates import fhir_datetime
 from bridge.mapping.identifiers import accession_identifiers, check_uid, study_identifier
 from bridge.mapping.narrative import imaging_study_narrative, with_narrative
 from bridge.mapping.patient import display_name
+from bridge.mapping.records import Code, InstanceRecord, SeriesRecord, StudyRecord
 
 Resource = dict[str, Any]
 

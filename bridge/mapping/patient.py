@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from bridge.dicomweb.records import StudyRecord
 from bridge.errors import MappingError
 from bridge.mapping.context import BRIDGE_TAG_SYSTEM, MappingContext, resource_id
 from bridge.mapping.dates import parse_date
 from bridge.mapping.identifiers import PatientKey, other_patient_identifiers
 from bridge.mapping.narrative import patient_narrative, with_narrative
+from bridge.mapping.records import StudyRecord
 
 _GENDER = {"M": "male", "F": "female", "O": "other"}
 

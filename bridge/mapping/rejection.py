@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from bridge.dicomweb.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord
+from bridge.mapping.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord
 
 KEY_OBJECT_SELECTION = "1.2.840.10008.5.1.4.1.1.88.59"
 # DICOM CID 7011 "Rejected for Quality Reasons" and the IOCM reasons (PS3.16, DCM codes).

@@ -12,7 +12,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from bridge.dicomweb.guard import check_value_sizes
-from bridge.dicomweb.records import (
+from bridge.mapping.context import MappingContext
+from bridge.mapping.dose import DOSE_REPORT_MODALITY, is_dose_report, map_dose_observation, sop_uid
+from bridge.mapping.imaging_study import fallbacks, map_imaging_study
+from bridge.mapping.records import (
     DicomJson,
     InstanceRecord,
     PatientIdentity,
@@ -22,9 +25,6 @@ from bridge.dicomweb.records import (
     parse_study,
     with_header,
 )
-from bridge.mapping.context import MappingContext
-from bridge.mapping.dose import DOSE_REPORT_MODALITY, is_dose_report, map_dose_observation, sop_uid
-from bridge.mapping.imaging_study import fallbacks, map_imaging_study
 from bridge.mapping.rejection import KEY_OBJECT_MODALITY, RejectionNote, apply_rejections, rejection_notes
 from bridge.mapping.validate import validate
 from bridge.sync.identity import conflict, conflicting

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from bridge.dicomweb.records import PatientIdentity, digest
 from bridge.errors import PatientConflictError
+from bridge.mapping.records import PatientIdentity, digest
 
 CONFLICT_REASON = "conflicting patient identity"
 CONFLICT_CODE = "conflicting-patient-identity"  # the withdrawal extension's code (bridge.mapping.context)

@@ -8,7 +8,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlencode
 
-from bridge.dicomweb.records import StudyRecord
 from bridge.errors import (
     FatalUpstreamError,
     MappingError,
@@ -21,6 +20,7 @@ from bridge.mapping.demographics import disagreements
 from bridge.mapping.identifiers import PatientKey, accession_identifiers, escape_token, patient_key
 from bridge.mapping.identity import exact_matches, has_identifier, replaced_by
 from bridge.mapping.patient import logical_subject
+from bridge.mapping.records import StudyRecord
 from bridge.sync import metrics
 from bridge.sync.link_batch import prime_patients
 from bridge.sync.linked import NEW_PATIENT, LinkedPatient, new_patient

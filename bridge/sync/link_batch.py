@@ -11,10 +11,10 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
-from bridge.dicomweb.records import StudyRecord
 from bridge.errors import MappingError, UpstreamError
 from bridge.mapping.identifiers import PatientKey, patient_key
 from bridge.mapping.identity import exact_matches, has_identifier, replaced_by
+from bridge.mapping.records import StudyRecord
 from bridge.sync.linked import LinkedPatient, new_patient
 from bridge.sync.policy import PatientPolicy, WriteStrategy
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from bridge.dicomweb.records import StudyRecord
 from bridge.mapping.context import MappingContext
 from bridge.mapping.identifiers import PatientKey
 from bridge.mapping.patient import map_patient, patient_resource_id
+from bridge.mapping.records import StudyRecord
 from bridge.mapping.validate import validate
 from bridge.sync.policy import WriteStrategy
 

@@ -15,15 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from bridge.dicomweb.guard import check_value_sizes
-from bridge.dicomweb.records import (
-    DicomJson,
-    PatientIdentity,
-    SeriesRecord,
-    StudyRecord,
-    digest,
-    parse_study,
-    raw_uid,
-)
 from bridge.dicomweb.results import SeriesOutcome
 from bridge.errors import (
     BridgeError,
@@ -34,6 +25,15 @@ from bridge.errors import (
 )
 from bridge.mapping.context import MappingContext
 from bridge.mapping.dates import fhir_datetime
+from bridge.mapping.records import (
+    DicomJson,
+    PatientIdentity,
+    SeriesRecord,
+    StudyRecord,
+    digest,
+    parse_study,
+    raw_uid,
+)
 from bridge.mapping.validate import validate
 from bridge.state.records import KnownStudy
 from bridge.sync.assemble import StudyAssembler

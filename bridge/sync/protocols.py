@@ -10,10 +10,10 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
-from bridge.dicomweb.records import DicomJson, InstanceRecord, SeriesRecord
 from bridge.dicomweb.results import SeriesOutcome
 from bridge.errors import ConfigurationError
 from bridge.fhir.results import BatchAnswer, WriteResult
+from bridge.mapping.records import DicomJson, InstanceRecord, SeriesRecord
 from bridge.state.records import KnownStudy, Published, RunCounts
 
 

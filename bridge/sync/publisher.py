@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from bridge.dicomweb.records import digest
 from bridge.errors import (
     BridgeError,
     ConfigurationError,
@@ -26,6 +25,7 @@ from bridge.mapping.endpoint import endpoint_id, endpoint_identifier, map_endpoi
 from bridge.mapping.identifiers import escape_token, study_search
 from bridge.mapping.identity import exact_matches
 from bridge.mapping.narrative import imaging_study_narrative, with_narrative
+from bridge.mapping.records import digest
 from bridge.mapping.validate import validate
 from bridge.sync.policy import DeletePolicy, WriteStrategy
 from bridge.sync.protocols import FhirSink, StateStore, refused_client_ids

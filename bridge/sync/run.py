@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bridge.dicomweb.records import StudyRecord, digest
+from bridge.mapping.records import StudyRecord, digest
 from bridge.state.records import KnownStudy, Published
 from bridge.sync.assemble import StudyRecords
 from bridge.sync.link import RunLinker

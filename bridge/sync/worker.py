@@ -13,9 +13,9 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 
-from bridge.dicomweb.records import DicomJson
 from bridge.errors import BridgeError
 from bridge.mapping.context import MappingContext
+from bridge.mapping.records import DicomJson
 from bridge.state.records import RunCounts
 from bridge.sync import metrics
 from bridge.sync.assemble import StudyAssembler

@@ -18,7 +18,7 @@ import pytest
 from pydicom import config as pydicom_config
 from pydicom.data import get_charset_files
 
-from bridge.dicomweb.records import raw_uid
+from bridge.mapping.records import raw_uid
 from bridge.sync import metrics
 from tests.integration.conftest import Stack
 from tests.integration.test_resolver import running

@@ -23,9 +23,9 @@ from pydicom.data import get_charset_files, get_testdata_files
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from bridge.dicomweb.records import raw_uid
 from bridge.mapping.identifiers import study_search
 from bridge.mapping.patient import human_names
+from bridge.mapping.records import raw_uid
 from bridge.mapping.values import clean_text
 from bridge.state.store import SqlStore
 from tests.integration.conftest import Stack

@@ -29,9 +29,9 @@ from typing import Any
 
 import httpx
 
-from bridge.dicomweb.records import digest
 from bridge.mapping.context import BRIDGE_TAG_SYSTEM
 from bridge.mapping.dose import RADIATION_DOSE_SUMMARY
+from bridge.mapping.records import digest
 from tests.stack.hapi import ensure_built
 from tests.stack.process import require_tool
 

@@ -10,7 +10,6 @@ from urllib.parse import parse_qs, urlencode
 
 import httpx
 
-from bridge.dicomweb.records import DicomJson, InstanceRecord, SeriesRecord, parse_series, part10_patient_name
 from bridge.dicomweb.results import SeriesOutcome
 from bridge.errors import (
     MappingError,
@@ -19,6 +18,7 @@ from bridge.errors import (
     VersionConflictError,
 )
 from bridge.fhir.results import BatchAnswer, WriteResult
+from bridge.mapping.records import DicomJson, InstanceRecord, SeriesRecord, parse_series, part10_patient_name
 
 
 class FakeSource:

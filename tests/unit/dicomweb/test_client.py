@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from bridge.dicomweb.client import DicomwebClient
-from bridge.dicomweb.records import SERIES_FIELDS, STUDY_FIELDS
 from bridge.errors import FatalUpstreamError, MappingError, UpstreamError
+from bridge.mapping.records import SERIES_FIELDS, STUDY_FIELDS
 from bridge.upstream.retry import RetryPolicy
 from tests.builders import load_json, series_row, study_row, uid
 

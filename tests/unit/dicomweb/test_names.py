@@ -12,8 +12,8 @@ from pydicom.data import get_charset_files
 
 from bridge.dicomweb.client import DicomwebClient
 from bridge.dicomweb.limits import DicomwebLimits
-from bridge.dicomweb.records import InstanceRecord, parse_study, part10_patient_name
 from bridge.errors import UpstreamUnavailableError
+from bridge.mapping.records import InstanceRecord, parse_study, part10_patient_name
 from bridge.mapping.values import name_problem
 from bridge.upstream.retry import RetryPolicy
 from tests.builders import element, study_row, uid

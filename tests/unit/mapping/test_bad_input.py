@@ -9,10 +9,10 @@ from dataclasses import replace
 
 import pytest
 
-from bridge.dicomweb.records import StudyRecord, parse_series, parse_study
 from bridge.errors import MappingError
 from bridge.mapping.identifiers import patient_key
 from bridge.mapping.imaging_study import map_imaging_study
+from bridge.mapping.records import StudyRecord, parse_series, parse_study
 from bridge.mapping.validate import validate
 from tests.builders import context, series, series_row, study, study_row, uid
 

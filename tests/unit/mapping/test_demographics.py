@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from bridge.dicomweb.records import parse_study
 from bridge.mapping.demographics import disagreements, normalise_name
+from bridge.mapping.records import parse_study
 from tests.builders import study_row
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from bridge.dicomweb.records import Issuer, OtherPatientId
 from bridge.mapping.identifiers import issuer_system, other_patient_identifiers, patient_key
 from bridge.mapping.patient import map_patient
+from bridge.mapping.records import Issuer, OtherPatientId
 from bridge.mapping.validate import validate
 from tests.builders import context, study
 

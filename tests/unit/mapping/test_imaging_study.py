@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from bridge.dicomweb.records import Code, InstanceRecord, SeriesRecord, StudyRecord
 from bridge.errors import MappingError
 from bridge.mapping.context import MappingContext
 from bridge.mapping.imaging_study import codeable_concepts, map_imaging_study
+from bridge.mapping.records import Code, InstanceRecord, SeriesRecord, StudyRecord
 from bridge.mapping.validate import validate
 from tests.builders import context, series, study, uid
 

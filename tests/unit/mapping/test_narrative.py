@@ -5,12 +5,12 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from typing import Any
 
-from bridge.dicomweb.records import digest
 from bridge.mapping.endpoint import map_endpoint
 from bridge.mapping.identifiers import PatientKey
 from bridge.mapping.imaging_study import map_imaging_study
 from bridge.mapping.narrative import escape, imaging_study_narrative
 from bridge.mapping.patient import map_patient
+from bridge.mapping.records import digest
 from bridge.mapping.validate import validate
 from tests.builders import context, person_name, series, study, uid
 

@@ -6,11 +6,11 @@ from dataclasses import replace
 
 import pytest
 
-from bridge.dicomweb.records import Issuer, OtherPatientId
 from bridge.errors import MappingError, PatientLinkError
 from bridge.mapping.identifiers import patient_key
 from bridge.mapping.identity import UnmappedIssuer
 from bridge.mapping.patient import NAME_REPRESENTATION, display_name, logical_subject, map_patient
+from bridge.mapping.records import Issuer, OtherPatientId
 from bridge.mapping.validate import validate
 from tests.builders import PATIENT_SYSTEM, context, study
 

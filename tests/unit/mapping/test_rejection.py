@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bridge.dicomweb.records import InstanceRecord
+from bridge.mapping.records import InstanceRecord
 from bridge.mapping.rejection import apply_rejections, rejection_note, rejection_notes
 from tests.builders import rejection_note_json, series, study, uid
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from bridge.dicomweb.records import parse_study, raw_uid
 from bridge.errors import MappingError
 from bridge.mapping.identifiers import check_uid
+from bridge.mapping.records import parse_study, raw_uid
 from bridge.mapping.uid import MAX_UID_LENGTH, archive_uid, is_uid
 from tests.builders import study_row
 

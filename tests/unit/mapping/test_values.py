@@ -9,9 +9,9 @@ import warnings
 import pytest
 from pydicom.charset import convert_encodings
 
-from bridge.dicomweb.records import parse_series, parse_study, raw_uid
 from bridge.errors import MappingError
 from bridge.mapping.imaging_study import map_imaging_study
+from bridge.mapping.records import parse_series, parse_study, raw_uid
 from bridge.mapping.validate import validate
 from bridge.mapping.values import check_value, clean_text, decode_text, vr_problem
 from tests.builders import context, element, person_name, series_row, study_row, uid

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bridge.dicomweb.records import InstanceRecord
 from bridge.mapping.dose import dose_observation_id
+from bridge.mapping.records import InstanceRecord
 from tests.builders import context, rejection_note_json, series_row, uid
 from tests.stack.samples import StudySpec, build_dose_report
 from tests.unit.sync.world import World

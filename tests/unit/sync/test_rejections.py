@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bridge.dicomweb.records import InstanceRecord
 from bridge.mapping.context import WITHDRAWN_INSTANCE_EXTENSION
+from bridge.mapping.records import InstanceRecord
 from bridge.mapping.validate import validate
 from bridge.resolve.links import withdrawn_instances
 from tests.builders import rejection_note_json, series_row, uid

@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from bridge.dicomweb.records import PatientIdentity
 from bridge.errors import VersionConflictError
 from bridge.mapping.context import WITHDRAWN_EXTENSION
+from bridge.mapping.records import PatientIdentity
 from bridge.sync.identity import conflicting
 from tests.builders import element, series_row, study_row, uid
 from tests.unit.sync.world import World, parked

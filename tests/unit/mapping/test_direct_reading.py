@@ -12,9 +12,8 @@ from typing import Any
 
 import pytest
 
-from bridge.dicomweb import records
 from bridge.errors import MappingError
-from bridge.mapping import dicomjson
+from bridge.mapping import dicomjson, records
 from bridge.mapping.dicomjson import decode_inline_text
 from tests.builders import load_json
 

@@ -24,7 +24,7 @@ from bridge.mapping.dicomjson import (
     read_row,
     read_text,
 )
-from bridge.mapping.dicomjson import DicomJson as DicomJson  # the name the dicomweb layer's users know
+from bridge.mapping.dicomjson import DicomJson as DicomJson  # the name the record users know
 from bridge.mapping.uid import archive_uid
 from bridge.mapping.values import clean_text, name_problem, pydicom_reading, safe_key, vr_problem
 

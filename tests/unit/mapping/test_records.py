@@ -6,8 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from bridge.dicomweb.records import Code, Issuer, parse_series, parse_study, raw_uid, with_header
 from bridge.errors import MappingError
+from bridge.mapping.records import Code, Issuer, parse_series, parse_study, raw_uid, with_header
 from tests.builders import element, issuer_sequence, load_json, person_name, series_row, study, study_row, uid
 
 
