@@ -19,8 +19,6 @@ from bridge.fhir.client import FhirClient, fhir_limit
 from bridge.mapping.context import MappingContext
 from bridge.mapping.tables import BUNDLED_MAPPINGS, load_tables
 from bridge.mapping.validate import load_models
-from bridge.resolve.links import ViewerTemplate
-from bridge.resolve.viewers import configure_viewers, load_viewer_table
 from bridge.state.store import SqlStore
 from bridge.sync.changes import ChangeSource, FeedChangeSource, QidoWindowSource
 from bridge.sync.freshness import measured
@@ -51,17 +49,6 @@ def mapping_context(settings: Settings, source: SourceSettings) -> MappingContex
         include_instances=source.include_instances,
         max_instances=source.max_instances,
         dose_observations=source.dose is DosePolicy.OBSERVATION,
-    )
-
-
-def configured_viewers(settings: Settings) -> dict[str, ViewerTemplate]:
-    """The viewers the settings offer (ConfigurationError naming the setting when they cannot)."""
-    return configure_viewers(
-        load_viewer_table(settings.mappings_dir) if settings.mappings_dir else load_viewer_table(),
-        enabled=settings.viewers,
-        default=settings.default_viewer,
-        base_urls=settings.viewer_urls,
-        templates=settings.viewer_templates,
     )
 
 

@@ -32,11 +32,11 @@ from bridge.gateway.archives import Gateway, gateway_of
 from bridge.mapping.validate import load_models
 from bridge.resolve.links import ViewerTemplate
 from bridge.resolve.resolver import Resolver, ResolverConfig
+from bridge.resolve.viewers import configured_viewers
 from bridge.runtime import (
     Connections,
     Runtime,
     build_runtime,
-    configured_viewers,
     open_connections,
     pool_size,
     push_drainer,

@@ -5,18 +5,17 @@ from __future__ import annotations
 import logging
 import sys
 from enum import IntEnum
-from functools import cache
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from bridge import __version__
+from bridge.cli.consoles import err, out
 from bridge.errors import BridgeError, ConfigurationError, StoreError, UpstreamAuthError, UpstreamError
 
 # A command imports what it uses, when it runs: `bridge --help` loads neither the settings nor the
 # sync, the store, the web stack nor rich's consoles, and `bridge sync` never loads FastAPI.
 if TYPE_CHECKING:
-    from rich.console import Console
 
     from bridge.config import Settings, SourceSettings
     from bridge.sync.report import RunReport
@@ -43,22 +42,6 @@ app = typer.Typer(
     # Plain help: typer's rich help shows every flag as "--json <bool>", as if it took a value.
     rich_markup_mode=None,
 )
-
-
-@cache
-def out() -> Console:
-    """The console results are printed to (standard output), made on first use."""
-    from rich.console import Console
-
-    return Console()
-
-
-@cache
-def err() -> Console:
-    """The console errors, progress and log lines go to (standard error), made on first use."""
-    from rich.console import Console
-
-    return Console(stderr=True)
 
 
 def _print_version(value: bool) -> None:

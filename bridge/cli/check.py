@@ -36,7 +36,8 @@ from bridge.mapping.context import MappingContext
 from bridge.mapping.identifiers import patient_key
 from bridge.mapping.records import parse_study
 from bridge.mapping.validate import load_models
-from bridge.runtime import configured_viewers, mapping_context, open_connections
+from bridge.resolve.viewers import configured_viewers
+from bridge.runtime import mapping_context, open_connections
 from bridge.state.store import SqlStore
 from bridge.sync.policy import WriteStrategy
 from bridge.sync.publisher import Publisher

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.markup import escape
 
-from bridge.cli.base import out
+from bridge.cli.consoles import out
 
 if TYPE_CHECKING:
     from bridge.cli.check import Report

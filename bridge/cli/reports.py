@@ -9,7 +9,8 @@ from typing import Annotated
 import typer
 
 from bridge import __version__
-from bridge.cli.base import ExitCode, SourceOption, err, fail, load_settings, out, sources_of
+from bridge.cli.base import ExitCode, SourceOption, fail, load_settings, sources_of
+from bridge.cli.consoles import err, out
 from bridge.errors import StoreError
 
 

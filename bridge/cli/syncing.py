@@ -13,13 +13,12 @@ from bridge.cli.base import (
     ProgressOption,
     SourceOption,
     check_study_uids,
-    err,
     fail,
     load_settings,
-    out,
     report_outcome,
     sources_of,
 )
+from bridge.cli.consoles import err, out
 from bridge.errors import BridgeError, ConfigurationError
 
 if TYPE_CHECKING:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from bridge.config import Settings
 from bridge.errors import ConfigurationError
 from bridge.mapping.tables import BUNDLED_MAPPINGS, TableFile, load_table
 from bridge.resolve.links import PLACEHOLDERS, ViewerTemplate, template_fields
@@ -117,3 +118,14 @@ def configure_viewers(
             f"BRIDGE_DEFAULT_VIEWER: {default!r} is not among the viewers offered ({', '.join(viewers)})"
         )
     return viewers
+
+
+def configured_viewers(settings: Settings) -> dict[str, ViewerTemplate]:
+    """The viewers the settings offer (ConfigurationError naming the setting when they cannot)."""
+    return configure_viewers(
+        load_viewer_table(settings.mappings_dir) if settings.mappings_dir else load_viewer_table(),
+        enabled=settings.viewers,
+        default=settings.default_viewer,
+        base_urls=settings.viewer_urls,
+        templates=settings.viewer_templates,
+    )
