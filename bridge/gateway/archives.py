@@ -19,14 +19,8 @@ from bridge.errors import FatalUpstreamError, NoUsableEndpointError, StudyNotFou
 from bridge.fhir.client import FhirClient
 from bridge.gateway import front, qido, withdrawn
 from bridge.gateway.proxy import SERVICE, search_json
-from bridge.resolve.links import (
-    WITHDRAWN,
-    StudyLocation,
-    normalize_base,
-    study_uid_of,
-    subject_patient,
-    withdrawal_of,
-)
+from bridge.resolve.links import StudyLocation, normalize_base
+from bridge.resolve.published import WITHDRAWN, study_uid_of, subject_patient, withdrawal_of
 from bridge.resolve.resolver import TtlCache
 from bridge.upstream.bounds import CallLimit, Pace
 from bridge.upstream.client import authorization_for

@@ -28,17 +28,8 @@ from bridge.mapping.context import DICOM_UID_SYSTEM, resource_id
 from bridge.mapping.identifiers import escape_token
 from bridge.mapping.uid import is_uid
 from bridge.metrics import RESOLVER_LOOKUPS
-from bridge.resolve.links import (
-    FHIR_ID,
-    StudyLocation,
-    check_fhir_id,
-    endpoint_references,
-    has_accession,
-    is_tagged,
-    locate,
-    normalize_base,
-    study_uid_of,
-)
+from bridge.resolve.links import StudyLocation, check_fhir_id, locate, normalize_base
+from bridge.resolve.published import FHIR_ID, endpoint_references, has_accession, is_tagged, study_uid_of
 
 logger = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from bridge.errors import (
     BridgeError,
@@ -19,7 +19,7 @@ from bridge.errors import (
     UpstreamError,
     VersionConflictError,
 )
-from bridge.fhir.results import BatchAnswer, WriteResult, not_a_fhir_server
+from bridge.fhir.results import WriteResult, not_a_fhir_server
 from bridge.mapping.context import BRIDGE_TAG_SYSTEM, WITHDRAWN_EXTENSION, MappingContext
 from bridge.mapping.endpoint import endpoint_id, endpoint_identifier, map_endpoint
 from bridge.mapping.identifiers import escape_token, study_search
@@ -27,6 +27,7 @@ from bridge.mapping.identity import exact_matches
 from bridge.mapping.narrative import imaging_study_narrative, with_narrative
 from bridge.mapping.records import digest
 from bridge.mapping.validate import validate
+from bridge.sync.bundles import StudyWrite, lists_interaction, per_study, study_entries, supports_batch
 from bridge.sync.policy import DeletePolicy, WriteStrategy
 from bridge.sync.protocols import FhirSink, StateStore, refused_client_ids
 
@@ -38,14 +39,6 @@ logger = logging.getLogger(__name__)
 CAPABILITIES = "fhir-capabilities"
 CAPABILITIES_MAX_AGE = 86400.0
 _BATCHES = {"yes": True, "try": None, "no": False}
-
-
-class StudyWrite(NamedTuple):
-    """One ImagingStudy to write, the version it is known at, and its dose Observations."""
-
-    resource: dict[str, Any]
-    version: str | None
-    observations: Sequence[dict[str, Any]] = ()
 
 
 class Publisher:
@@ -218,7 +211,9 @@ class Publisher:
                 if entry.get("type") in ("Endpoint", "ImagingStudy") and entry.get("updateCreate") is False
             )
             self._batches = (
-                True if supports_batch(statement) else (None if _lists(statement, "transaction") else False)
+                True
+                if supports_batch(statement)
+                else (None if lists_interaction(statement, "transaction") else False)
             )
             if refusing:
                 self._refusal = (
@@ -316,7 +311,7 @@ class Publisher:
             while start < len(items):
                 chunk = items[start : start + self.batch_size]
                 try:
-                    answers = await self._fhir.batch([e for item in chunk for e in _entries(item)])
+                    answers = await self._fhir.batch([e for item in chunk for e in study_entries(item)])
                 except FatalUpstreamError as exc:
                     if exc.status == 413 and self.batch_size > 2:
                         self.batch_size //= 2
@@ -344,7 +339,7 @@ class Publisher:
                 if self._batches is None:
                     self._batches = True  # learned: kept so later runs batch from the start
                     await self._keep_capabilities()
-                for offset, answer, observed in _per_study(chunk, answers):
+                for offset, answer, observed in per_study(chunk, answers):
                     self.writes += sum(1 for a in observed if a.result is not None)
                     if any(a.result is None for a in observed):
                         observations_left.add(start + offset)  # written alone below, after the study
@@ -470,46 +465,6 @@ class Publisher:
             self.write_requests += 1
             return result.version
         return None  # not reached: the second conflict is raised
-
-
-def supports_batch(statement: Mapping[str, Any]) -> bool:
-    """Whether a CapabilityStatement lists the ``batch`` system interaction."""
-    return _lists(statement, "batch")
-
-
-def _lists(statement: Mapping[str, Any], code: str) -> bool:
-    return any(
-        isinstance(interaction, dict) and interaction.get("code") == code
-        for rest in statement.get("rest", []) or []
-        if isinstance(rest, dict)
-        for interaction in rest.get("interaction", []) or []
-    )
-
-
-def _put_entry(resource: dict[str, Any], version: str | None) -> dict[str, Any]:
-    """The batch entry of one write: PUT to the resource's derived id, ifMatch when known."""
-    request: dict[str, Any] = {"method": "PUT", "url": f"{resource['resourceType']}/{resource['id']}"}
-    if version:
-        request["ifMatch"] = f'W/"{version}"'
-    return {"resource": resource, "request": request}
-
-
-def _entries(item: StudyWrite) -> list[dict[str, Any]]:
-    """A study's batch entries: the study, then its Observations, partOf it (their ids derived, as its)."""
-    study = f"ImagingStudy/{item.resource['id']}"
-    for observation in item.observations:
-        observation["partOf"] = [{"reference": study}]
-    return [_put_entry(item.resource, item.version), *(_put_entry(o, None) for o in item.observations)]
-
-
-def _per_study(
-    chunk: Sequence[StudyWrite], answers: Sequence[BatchAnswer]
-) -> Iterator[tuple[int, BatchAnswer, Sequence[BatchAnswer]]]:
-    """Each study's offset in ``chunk``, its answer, and its Observations' answers."""
-    at = 0
-    for offset, item in enumerate(chunk):
-        yield offset, answers[at], answers[at + 1 : at + 1 + len(item.observations)]
-        at += 1 + len(item.observations)
 
 
 def _token(identifier: dict[str, str]) -> str:

@@ -22,9 +22,10 @@ from bridge.errors import (
 from bridge.mapping.context import MappingContext
 from bridge.mapping.identity import subject_patient_id
 from bridge.state.records import KnownStudy, Published
+from bridge.sync.bundles import StudyWrite
 from bridge.sync.identity import CONFLICT_CODE, CONFLICT_REASON, identity_digest
 from bridge.sync.protocols import StateStore
-from bridge.sync.publisher import Publisher, StudyWrite
+from bridge.sync.publisher import Publisher
 from bridge.sync.report import ParkedReport, RunReport
 from bridge.sync.retire import Retirer
 from bridge.sync.run import PageWork, StudyWork, content_fingerprint

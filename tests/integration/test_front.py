@@ -29,7 +29,7 @@ from bridge.api.app import create_app
 from bridge.gateway.front import GRANT_PATH
 from bridge.mapping.context import WITHDRAWN_EXTENSION
 from bridge.metrics import REGISTRY
-from bridge.resolve.links import study_uid_of
+from bridge.resolve.published import study_uid_of
 from tests.integration.conftest import Stack
 from tests.integration.test_login import (
     CLIENT_ID,

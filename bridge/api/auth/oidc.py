@@ -25,7 +25,7 @@ import jwt
 from bridge.api.auth.security import LEEWAY, JwksKeys, key_algorithms, roles_of
 from bridge.config import Settings
 from bridge.errors import BridgeError, UpstreamLimitError
-from bridge.resolve.links import FHIR_ID
+from bridge.resolve.published import FHIR_ID
 from bridge.upstream.bounds import FIXED_PACE, CallLimit, send_bounded
 
 DISCOVERY_MAX_AGE = 3600.0  # seconds a discovery document is trusted

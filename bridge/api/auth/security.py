@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from bridge.api.errors import AuthenticationError
 from bridge.config import Settings
 from bridge.errors import ConfigurationError, UpstreamLimitError
-from bridge.resolve.links import FHIR_ID
+from bridge.resolve.published import FHIR_ID
 from bridge.upstream.bounds import FIXED_PACE, CallLimit, send_bounded
 
 logger = logging.getLogger(__name__)

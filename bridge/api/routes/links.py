@@ -20,7 +20,8 @@ from bridge.api.models import StudyLinks
 from bridge.api.services import Services, services_of
 from bridge.errors import BridgeError
 from bridge.mapping.uid import is_uid
-from bridge.resolve.links import FHIR_ID, StudyLocation, build_links
+from bridge.resolve.links import StudyLocation, build_links
+from bridge.resolve.published import FHIR_ID
 
 router = APIRouter(
     tags=["links"], dependencies=[Depends(caller)], responses=ERROR_RESPONSES, route_class=AuthenticatedRoute

@@ -26,7 +26,8 @@ from bridge.api.services import mount_path, services_of
 from bridge.config import Settings
 from bridge.errors import StudyNotFoundError
 from bridge.mapping.identifiers import escape_token
-from bridge.resolve.links import WITHDRAWN, wado_urls, withdrawal_of
+from bridge.resolve.links import wado_urls
+from bridge.resolve.published import WITHDRAWN, withdrawal_of
 
 router = APIRouter(
     prefix="/record",

@@ -25,7 +25,7 @@ from bridge.config import Settings, load_settings
 from bridge.cookies import COOKIE as PLAIN_COOKIE
 from bridge.cookies import HOST_PREFIX
 from bridge.errors import ConfigurationError
-from bridge.resolve.links import subject_patient
+from bridge.resolve.published import subject_patient
 from tests.unit.resolve.fake_fhir import (
     DICOMWEB_BASE,
     FHIR_BASE,

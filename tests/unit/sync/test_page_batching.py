@@ -6,7 +6,7 @@ import pytest
 
 from bridge.errors import FatalUpstreamError, UpstreamUnavailableError
 from bridge.mapping.imaging_study import imaging_study_id
-from bridge.sync.publisher import supports_batch
+from bridge.sync.bundles import supports_batch
 from tests.builders import series_row, uid
 from tests.unit.sync.world import World, parked
 

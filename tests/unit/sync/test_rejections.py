@@ -7,7 +7,7 @@ import pytest
 from bridge.mapping.context import WITHDRAWN_INSTANCE_EXTENSION
 from bridge.mapping.records import InstanceRecord
 from bridge.mapping.validate import validate
-from bridge.resolve.links import withdrawn_instances
+from bridge.resolve.published import withdrawn_instances
 from tests.builders import rejection_note_json, series_row, uid
 from tests.unit.sync.world import World
 
