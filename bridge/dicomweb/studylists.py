@@ -66,7 +66,10 @@ class StudyLists(SeriesSearch):
         rows_by_study: dict[str, list[DicomJson]] = {}
         unattributed = 0
         filters = {"StudyInstanceUID": ",".join(uids)}
-        async for page in self._paged("/studies", STUDY_FIELDS, filters, STUDY_UID):
+        # A study is one row (more only when listed under several patients): a page one row longer
+        # than the list shows the answer's end in one request, where a full page would ask again.
+        size = max(self.page_size, len(uids) + 1)
+        async for page in self._paged("/studies", STUDY_FIELDS, filters, STUDY_UID, page_size=size):
             for row in page:
                 study = raw_uid(row, STUDY_UID)
                 if study is None:
