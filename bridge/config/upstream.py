@@ -164,11 +164,15 @@ class ArchiveSettings(UpstreamSettings):
             "Series of a page of studies: list (one StudyInstanceUID=a,b,... query per page), "
             "per-study, auto (list if the archive's first answer proves it matches UID lists), or "
             "paged (a whole-archive run pages through /series first, kept on disk; for archives "
-            "without UID lists)"
+            "without UID lists). Under list or auto a page of named studies (pushes, feed batches) "
+            "is also asked in one StudyInstanceUID=a,b,... study query"
         ),
     )
     series_list_size: int = Field(
-        default=100, ge=2, le=500, description="Most studies named in one UID-list series query"
+        default=100,
+        ge=2,
+        le=500,
+        description="Most studies named in one UID-list query (series, or named studies' rows)",
     )
     series_page_size: int = Field(
         default=1000,

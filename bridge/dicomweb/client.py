@@ -1,7 +1,8 @@
 """The archive client: every call the bridge makes to a DICOMweb archive (QIDO-RS, WADO-RS).
 
 Built in layers, a file per concern: ``paging`` (one bounded QIDO-RS exchange, walks of pages),
-``series`` (how the series of studies are asked), ``part10`` (a name read from an instance's file
+``series`` (how the series of studies are asked), ``studylists`` (a page of named
+studies in one query), ``part10`` (a name read from an instance's file
 header); this class adds the study and instance searches and the WADO-RS retrieves.
 """
 
@@ -13,7 +14,7 @@ from urllib.parse import quote
 
 from bridge.dicomweb.paging import NOT_OFFERED, SERVICE, STUDY_UID
 from bridge.dicomweb.part10 import fetch_patient_name
-from bridge.dicomweb.series import SeriesSearch
+from bridge.dicomweb.studylists import StudyLists
 from bridge.errors import UpstreamError
 from bridge.mapping.records import (
     INSTANCE_FIELDS,
@@ -40,7 +41,7 @@ class StudySample:
     includefield: bool | None  # the rows carry includefield-only attributes; None without rows
 
 
-class DicomwebClient(SeriesSearch):
+class DicomwebClient(StudyLists):
     """QIDO-RS and WADO-RS against one DICOMweb base URL, through an ``httpx.AsyncClient`` given from outside.
 
     Every query made is appended to ``queries`` (path and parameters, which never carry patient

@@ -30,6 +30,20 @@ from bridge.upstream.retry import RetryPolicy
 
 logger = logging.getLogger(__name__)
 
+# The most characters a UID list may take in a query's URL: with the other parameters the request
+# line stays under 8 KiB, the smallest limit common servers and proxies set (nginx, Apache).
+MAX_UID_LIST_CHARS = 6000
+
+
+def list_refused(exc: UpstreamError) -> bool:
+    """Whether the archive refused a list query as such (a 4xx), not failed on it."""
+    return (
+        isinstance(exc, FatalUpstreamError)
+        and not isinstance(exc, UpstreamLimitError)
+        and exc.status is not None
+        and 400 <= exc.status < 500
+    )
+
 
 class SeriesSearch(QidoPaging):
     """The series queries of the archive client, and the way (``series_query``) they are asked."""
@@ -96,20 +110,13 @@ class SeriesSearch(QidoPaging):
             return {uid: self._series_outcome(uid, rows) for uid, rows in found.items()}
         if self.list_matching is False or len(wanted) < 2:
             return result
-        for start in range(0, len(wanted), self.series_list_size):
-            chunk = wanted[start : start + self.series_list_size]
+        for chunk in self._uid_lists(wanted):
             if len(chunk) < 2:
-                break  # one study alone is asked the ordinary way
+                continue  # one study alone is asked the ordinary way
             try:
                 answer = await self._series_list(chunk)
             except UpstreamError as exc:
-                refused = (
-                    isinstance(exc, FatalUpstreamError)
-                    and not isinstance(exc, UpstreamLimitError)
-                    and exc.status is not None
-                    and 400 <= exc.status < 500
-                )
-                if refused:
+                if list_refused(exc):
                     # Refused (say, a URL too long or an unknown parameter): those studies go alone.
                     if self.list_matching is None:
                         self._no_list_matching(f"it answered the list query {exc.status}")
@@ -180,14 +187,39 @@ class SeriesSearch(QidoPaging):
         except MappingError as exc:
             return exc
 
-    def _no_list_matching(self, why: str) -> None:
+    def _uid_lists(self, uids: Sequence[str]) -> list[list[str]]:
+        """``uids`` cut into the UID lists of as few queries as allowed, in order.
+
+        A list holds at most ``series_list_size`` UIDs and at most ``MAX_UID_LIST_CHARS`` characters
+        once in the URL, so that a page of long UIDs does not make a request line the archive (or
+        a proxy before it) refuses.
+        """
+        lists: list[list[str]] = []
+        chars = 0
+        for uid in uids:
+            # Each UID and its encoded comma (%2C), as the query string carries them.
+            cost = len(quote(uid, safe="")) + 3
+            if not lists or len(lists[-1]) >= self.series_list_size or chars + cost > MAX_UID_LIST_CHARS:
+                lists.append([])
+                chars = 0
+            lists[-1].append(uid)
+            chars += cost
+        return lists
+
+    def _no_list_matching(self, why: str, path: str = "/series") -> None:
+        """Remember that the archive does not match UID lists: study rows and series are asked per study."""
         if self.series_query is SeriesQuery.LIST:
             raise ConfigurationError(
-                f"BRIDGE_DICOMWEB_SERIES_QUERY=list: {self._base}/series does not match "
+                f"BRIDGE_DICOMWEB_SERIES_QUERY=list: {self._base}{path} does not match "
                 f"StudyInstanceUID lists ({why}); set it to auto or per-study"
             )
         self.list_matching = False
-        logger.info("%s does not match StudyInstanceUID lists (%s): series asked per study", self._base, why)
+        logger.info(
+            "%s%s does not match StudyInstanceUID lists (%s): studies and series asked per study",
+            self._base,
+            path,
+            why,
+        )
 
     async def sweep_series(self, filters: Mapping[str, str] | None = None) -> bool:
         """Under ``paged``: walk the archive's series (``/series`` at the root), kept on disk by study.

@@ -26,6 +26,13 @@ class StudySource(Protocol):
         """Pages of study-level DICOM JSON rows: a Study UID once per patient it is listed under."""
         ...
 
+    async def search_studies_many(self, study_uids: Sequence[str]) -> dict[str, list[DicomJson]]:
+        """The study rows of several named studies in as few queries as the source allows, by UID.
+
+        A study left out is to be asked alone with ``iter_studies`` (only that tells it is gone).
+        """
+        ...
+
     async def search_series(self, study_uid: str) -> list[SeriesRecord]:
         """Every series of one study."""
         ...

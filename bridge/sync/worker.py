@@ -124,7 +124,10 @@ class SyncWorker:
     ) -> AsyncIterator[list[DicomJson]]:
         """The archive's rows of the named studies, ``per_page`` studies a page.
 
-        The UIDs the archive does not list are added to ``missing``.
+        A page's rows come in one UID-list query where the archive matches lists (a full sync's
+        cost); each study the list answer leaves out is asked alone, as every study is where the
+        archive does not match lists. The UIDs no query of their own finds are added to ``missing``:
+        a list answer never makes a study missing.
         """
         limit = asyncio.Semaphore(self._concurrency)
 
@@ -136,13 +139,16 @@ class SyncWorker:
         async def pages() -> AsyncIterator[list[DicomJson]]:
             for start in range(0, len(study_uids), per_page):
                 chunk = study_uids[start : start + per_page]
+                listed = await self._source.search_studies_many(chunk)
+                alone = list(dict.fromkeys(uid for uid in chunk if uid not in listed))
                 # Every query ends (each has its deadline) before the first failure is raised.
-                found = await asyncio.gather(*(rows_of(uid) for uid in chunk), return_exceptions=True)
+                found = await asyncio.gather(*(rows_of(uid) for uid in alone), return_exceptions=True)
                 if failed := next((f for f in found if isinstance(f, BaseException)), None):
                     raise failed
-                answers = [f for f in found if not isinstance(f, BaseException)]
-                missing.extend(uid for uid, rows in zip(chunk, answers, strict=True) if not rows)
-                if rows := [row for some in answers for row in some]:
+                rows_alone = (f for f in found if not isinstance(f, BaseException))
+                answers = dict(zip(alone, rows_alone, strict=True))
+                missing.extend(uid for uid, rows in answers.items() if not rows)
+                if rows := [row for uid in chunk for row in listed.get(uid) or answers.get(uid, [])]:
                     yield rows
 
         return pages()

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 import pytest
 
@@ -277,3 +278,9 @@ async def test_a_burst_of_pushes_costs_page_batched_fhir_requests_not_per_study(
         assert batches == 3 * pages, stats["by_interaction"]
         assert stats["requests"] - batches <= 3, stats["by_interaction"]
     assert sum(r.fhir_writes for r in runs) == 2 * n + 1  # n Patients, n studies, the Endpoint
+    # Orthanc matches StudyInstanceUID lists: a page's study rows come in one study query, as a
+    # full sync lists a page, not a query per study.
+    for run in runs:
+        study_queries = [parse_qs(q.split("?", 1)[1]) for q in run.qido_queries if q.startswith("/studies?")]
+        assert len(study_queries) == 1, run.qido_queries
+        assert len(study_queries[0]["StudyInstanceUID"][0].split(",")) == run.created

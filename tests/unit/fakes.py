@@ -33,6 +33,8 @@ class FakeSource:
         self.fail_listing: Exception | None = None
         self.list_matching = False  # answer search_series_many (one "query" per call), as Orthanc can
         self.list_calls: list[list[str]] = []
+        self.study_list_calls: list[list[str]] = []
+        self.dropped_from_lists: set[str] = set()  # left out of list answers (a misbehaving archive)
         self.fail_series: dict[str, Exception] = {}  # by study UID
         self.sweeps = False  # sweep the series of a whole run first (BRIDGE_DICOMWEB_SERIES_QUERY=paged)
         self.swept: dict[str, list[DicomJson]] | None = None  # what the sweep saw (default: the series)
@@ -83,6 +85,20 @@ class FakeSource:
             page = rows[offset : offset + self.page_size]
             if page:
                 yield page
+
+    async def search_studies_many(self, study_uids: Sequence[str]) -> dict[str, list[DicomJson]]:
+        """One list query for the page where ``list_matching``, less ``dropped_from_lists``."""
+        if not self.list_matching or len(study_uids) < 2:
+            return {}
+        self.study_list_calls.append(list(study_uids))
+        self.queries.append(f"/studies?{urlencode({'StudyInstanceUID': ','.join(study_uids), 'offset': 0})}")
+        if self.fail_listing is not None:
+            raise self.fail_listing
+        return {
+            uid: [self.studies[uid]]
+            for uid in study_uids
+            if uid in self.studies and uid not in self.dropped_from_lists
+        }
 
     async def reachable(self) -> bool:
         self.queries.append("/studies?limit=1")
