@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -30,12 +31,14 @@ from bridge.upstream.retry import RetryPolicy
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 # The most characters a UID list may take in a query's URL: with the other parameters the request
 # line stays under 8 KiB, the smallest limit common servers and proxies set (nginx, Apache).
 MAX_UID_LIST_CHARS = 6000
 
 
-def list_refused(exc: UpstreamError) -> bool:
+def _list_refused(exc: UpstreamError) -> bool:
     """Whether the archive refused a list query as such (a 4xx), not failed on it."""
     return (
         isinstance(exc, FatalUpstreamError)
@@ -104,28 +107,43 @@ class SeriesSearch(QidoPaging):
         study with an unreadable row, or too many series, gets the error that parks it.
         """
         wanted = list(dict.fromkeys(study_uids))
-        result: dict[str, SeriesOutcome] = {}
         if self._sweep is not None:
             found = await asyncio.to_thread(self._sweep.series_of, wanted)
             return {uid: self._series_outcome(uid, rows) for uid, rows in found.items()}
-        if self.list_matching is False or len(wanted) < 2:
+        return await self._by_lists(wanted, self._series_list, "/series")
+
+    async def _by_lists(
+        self,
+        uids: list[str],
+        ask: Callable[[list[str]], Awaitable[dict[str, T] | None]],
+        path: str,
+    ) -> dict[str, T]:
+        """``ask`` (one checked list query of ``path``) for each UID list of ``uids``, answers merged.
+
+        Nothing is asked once the archive is known not to match lists; an answer of None (the
+        query showed it does not) or a refusal ends the asking, and what is left out of the
+        result is for the caller to ask study by study.
+        """
+        result: dict[str, T] = {}
+        if self.list_matching is False or len(uids) < 2:
             return result
-        for chunk in self._uid_lists(wanted):
+        for chunk in self._uid_lists(uids):
             if len(chunk) < 2:
                 continue  # one study alone is asked the ordinary way
             try:
-                answer = await self._series_list(chunk)
+                answer = await ask(chunk)
             except UpstreamError as exc:
-                if list_refused(exc):
+                if _list_refused(exc):
                     # Refused (say, a URL too long or an unknown parameter): those studies go alone.
                     if self.list_matching is None:
-                        self._no_list_matching(f"it answered the list query {exc.status}")
+                        self._no_list_matching(f"it answered the list query {exc.status}", path)
                     return result
                 # Broken, stalled or too large: one bad study may have spoiled the whole list, so
-                # its studies are asked alone (only the bad one then parks); it decides nothing.
+                # its studies are asked alone (only the bad one then fails); it decides nothing.
                 logger.warning(
-                    "%s/series: the list query for %d studies failed (%s); asking them one by one",
+                    "%s%s: the list query for %d studies failed (%s); asking them one by one",
                     self._base,
+                    path,
                     len(chunk),
                     type(exc).__name__,
                 )

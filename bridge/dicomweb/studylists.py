@@ -13,8 +13,7 @@ import logging
 from collections.abc import Sequence
 
 from bridge.dicomweb.paging import STUDY_UID
-from bridge.dicomweb.series import SeriesSearch, list_refused
-from bridge.errors import UpstreamError
+from bridge.dicomweb.series import SeriesSearch
 from bridge.mapping.records import STUDY_FIELDS, DicomJson, raw_uid
 
 logger = logging.getLogger(__name__)
@@ -32,33 +31,7 @@ class StudyLists(SeriesSearch):
         and every study of a query that failed or was refused. The caller asks each left-out study
         alone, so a study is only ever counted missing by its own query.
         """
-        wanted = list(dict.fromkeys(study_uids))
-        result: dict[str, list[DicomJson]] = {}
-        if self.list_matching is False or len(wanted) < 2:
-            return result
-        for chunk in self._uid_lists(wanted):
-            if len(chunk) < 2:
-                continue  # one study alone is asked the ordinary way
-            try:
-                answer = await self._study_list(chunk)
-            except UpstreamError as exc:
-                if list_refused(exc):
-                    if self.list_matching is None:
-                        self._no_list_matching(f"it answered the list query {exc.status}", "/studies")
-                    return result
-                # Broken, stalled or too large: its studies are asked alone (a bad one then fails
-                # alone); it says nothing about list matching.
-                logger.warning(
-                    "%s/studies: the list query for %d studies failed (%s); asking them one by one",
-                    self._base,
-                    len(chunk),
-                    type(exc).__name__,
-                )
-                continue
-            if answer is None:
-                return result
-            result.update(answer)
-        return result
+        return await self._by_lists(list(dict.fromkeys(study_uids)), self._study_list, "/studies")
 
     async def _study_list(self, uids: list[str]) -> dict[str, list[DicomJson]] | None:
         """One paged list query; None when it shows the archive does not match UID lists."""
