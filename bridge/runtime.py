@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TYPE_CHECKING
 
 import httpx
 
@@ -18,7 +19,6 @@ from bridge.errors import UpstreamError
 from bridge.fhir.client import FhirClient, fhir_limit
 from bridge.mapping.context import MappingContext
 from bridge.mapping.tables import BUNDLED_MAPPINGS, load_tables
-from bridge.mapping.validate import load_models
 from bridge.state.store import SqlStore
 from bridge.sync.changes import ChangeSource, FeedChangeSource, QidoWindowSource
 from bridge.sync.freshness import measured
@@ -26,10 +26,12 @@ from bridge.sync.link import Linker
 from bridge.sync.policy import ChangeSourceKind, DosePolicy, MissingModality
 from bridge.sync.publisher import Publisher
 from bridge.sync.pushes import PushDrainer
-from bridge.sync.scheduler import SyncScheduler, trigger
 from bridge.sync.worker import SyncWorker
 from bridge.upstream.client import http_client, retry_policy
 from bridge.upstream.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from bridge.sync.scheduler import SyncScheduler
 
 
 def mapping_context(settings: Settings, source: SourceSettings) -> MappingContext:
@@ -103,6 +105,8 @@ class Runtime:
 
     def scheduler(self) -> SyncScheduler:
         """The scheduler of incremental cycles and reconciliation sweeps, per the settings."""
+        from bridge.sync.scheduler import SyncScheduler, trigger  # APScheduler: `bridge worker` only
+
         s = self.settings
         return SyncScheduler(
             self.worker,
@@ -271,7 +275,6 @@ async def open_runtimes(
     """
     chosen = list(settings.each_source() if sources is None else sources)
     contexts = [mapping_context(settings, source) for source in chosen]  # bad tables fail before connecting
-    load_models()
     store = SqlStore(settings.state_url)
     try:
         async with open_connections(settings, chosen) as connections:

@@ -10,12 +10,15 @@ from __future__ import annotations
 import ssl
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pydantic import SecretStr
 
-PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+if TYPE_CHECKING:  # cryptography is imported by the checks that use it: only a signing key needs it
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+
 
 
 class SigningAlg(StrEnum):
@@ -64,6 +67,8 @@ def check_files(*, ca_bundle: Path | None, client_cert: Path | None, client_key:
 
 def check_key(key: object, algorithm: str) -> None:
     """Raise ValueError unless ``key`` is a private key that can sign with ``algorithm``."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
     if algorithm == SigningAlg.RS384:
         if not isinstance(key, rsa.RSAPrivateKey):
             raise ValueError("RS384 needs an RSA private key")
@@ -79,6 +84,9 @@ def check_key(key: object, algorithm: str) -> None:
 
 def load_private_key(path: Path, algorithm: str) -> PrivateKey:
     """Load an unencrypted PEM private key and check it suits ``algorithm``; ValueError if not."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
     try:
         data = path.read_bytes()
     except OSError as exc:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
 from bridge.errors import MappingError
@@ -15,6 +14,8 @@ def validate(resource: dict[str, Any]) -> None:
 
     The message names the elements at fault and never the values (which may be patient data).
     """
+    from fhir.resources.R4B import get_fhir_model_class  # on first use: not before a sync's first request
+
     kind = str(resource.get("resourceType", ""))
     try:
         model = get_fhir_model_class(kind)
@@ -35,10 +36,13 @@ WRITTEN_TYPES = ("ImagingStudy", "Endpoint", "Patient", "Observation")
 
 
 def load_models() -> None:
-    """Import the models of the written resources now, at start-up.
+    """Import the models of the written resources now.
 
     fhir.resources imports each on first use: tens of milliseconds that would otherwise stall the
-    API's event loop during its first on-demand sync.
+    API's event loop during its first on-demand sync. A command-line sync leaves them to its first
+    validation, after its first archive request.
     """
+    from fhir.resources.R4B import get_fhir_model_class
+
     for kind in WRITTEN_TYPES:
         get_fhir_model_class(kind)

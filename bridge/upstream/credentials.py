@@ -17,14 +17,13 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import httpx
-import jwt
 from pydantic import SecretStr
 
-from bridge.config.files import PrivateKey, check_key
+from bridge.config.files import check_key
 from bridge.errors import UpstreamAuthError, UpstreamLimitError
 from bridge.upstream.bounds import FIXED_PACE, CallLimit, send_bounded
 from bridge.upstream.errors import (
@@ -35,6 +34,9 @@ from bridge.upstream.errors import (
     setting_prefix,
     where,
 )
+
+if TYPE_CHECKING:
+    from bridge.config.files import PrivateKey
 
 logger = logging.getLogger(__name__)
 
@@ -246,6 +248,8 @@ class SmartBackendServices(ClientCredentials):
             "exp": now + ASSERTION_LIFETIME,
             "jti": str(uuid.uuid4()),
         }
+        import jwt  # PyJWT: only SMART Backend Services sign, so only they pay its import
+
         headers = {"typ": "JWT", **({"kid": self.key_id} if self.key_id else {})}
         return jwt.encode(claims, self._key, algorithm=self.algorithm, headers=headers)
 
