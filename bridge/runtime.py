@@ -101,6 +101,7 @@ class Runtime:
             delete_policy=source.delete_policy,
             delete_max_fraction=s.delete_max_fraction,
             read_instance_header=source.read_instance_header,
+            merge_check_interval=s.sync.merge_check_interval,
         )
 
     def scheduler(self) -> SyncScheduler:

@@ -106,7 +106,9 @@ def _sync_source(
                 return await runtime.worker.run_studies(study)
             if reconcile:
                 return await runtime.worker.run(kind="reconcile", reconcile=True)
-            return await runtime.worker.run()
+            report = await runtime.worker.run()
+            await runtime.worker.follow_merges()  # a run of its own (kind relink) when one is due
+            return report
 
     started = time.perf_counter()
     try:

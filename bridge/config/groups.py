@@ -111,6 +111,14 @@ class SyncSettings(Group):
     cron: str | None = Field(
         default=None, description="Crontab expression for incremental cycles, e.g. '*/5 * * * *'"
     )
+    merge_check_interval: float = Field(
+        default=300.0,
+        ge=0,
+        description=(
+            "Seconds between the cycles' checks for Patients merged on the FHIR server (one search; "
+            "their studies are re-linked); 0: only the reconciliation sweep checks"
+        ),
+    )
 
     _cron = field_validator("cron")(check_cron)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
 
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 _MAX_MERGE_HOPS = 5  # replaced-by links followed from one Patient before giving up (a loop, a chain)
 _MERGE_CHECK_CHUNK = 50  # Patient ids per search when looking for merged Patients
+_RECENT_MERGES_PAGE = 100  # inactive Patients per search when looking for merges since the last check
 
 
 class Linker:
@@ -324,6 +326,44 @@ class RunLinker:
         await asyncio.to_thread(self._store.forget_fingerprints, source, list(studies))
         logger.info("%d Patients merged on the FHIR server: %d studies to re-link", len(merged), len(studies))
         return len(studies)
+
+    @property
+    def relinking(self) -> list[str]:
+        """The studies this run re-links because their Patient was merged (see :meth:`notice_merges`)."""
+        return list(self._relinking)
+
+    async def notice_recent_merges(self, since: datetime) -> list[str] | None:
+        """The studies linked to Patients the FHIR server marked merged since ``since``, to re-link now.
+
+        One search for the inactive Patients changed since then (``active=false`` and
+        ``_lastUpdated``; the server's filters are hints, only a ``replaced-by`` link on a Patient
+        the source's studies link to counts). Their studies' fingerprints are forgotten, as in
+        :meth:`notice_merges`, and their UIDs returned for the run to sync by name. None when the
+        answer fills its page: more Patients changed than one search shows, and :meth:`notice_merges`
+        asks about every linked Patient instead.
+        """
+        if self._store is None or self._policy is PatientPolicy.LOGICAL or self.dry_run:
+            return []
+        params = {
+            "active": "false",
+            "_lastUpdated": f"ge{since.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}",
+            "_count": str(_RECENT_MERGES_PAGE),
+        }
+        found = await self._fhir.search("Patient", params)
+        if len(found) >= _RECENT_MERGES_PAGE:
+            return None
+        merged = [str(p["id"]) for p in found if p.get("id") and replaced_by(p) is not None]
+        if not merged:
+            return []
+        source = self._ctx.source_name
+        studies = await asyncio.to_thread(self._store.studies_linked_to, source, merged)
+        if studies:
+            self._relinking.update(studies)
+            await asyncio.to_thread(self._store.forget_fingerprints, source, list(studies))
+            logger.info(
+                "Patients merged on the FHIR server since the last check: %d studies to re-link", len(studies)
+            )
+        return list(studies)
 
     async def prime_patients(self, candidates: Sequence[tuple[StudyRecord, Callable[[], None]]]) -> None:
         """Link a page's Patients with a batch or two (see :func:`bridge.sync.link_batch.prime_patients`)."""

@@ -74,8 +74,12 @@ class SyncScheduler:
         logger.info("scheduler started for source %s", self._source)
 
     async def incremental(self) -> None:
-        """One incremental cycle."""
-        await self._guarded("incremental", self._changes.poll(self._worker))
+        """One incremental cycle: what changed in the archive, then any Patient merges to follow."""
+        await self._guarded("incremental", self._incremental_cycle())
+
+    async def _incremental_cycle(self) -> None:
+        await self._changes.poll(self._worker)
+        await self._worker.follow_merges()
 
     async def reconcile(self) -> None:
         """One full reconciliation sweep (late arrivals into old studies, deletes)."""

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 
 from bridge.errors import BridgeError
 from bridge.mapping.context import MappingContext
@@ -33,6 +34,13 @@ from bridge.sync.write import Publish
 logger = logging.getLogger(__name__)
 
 
+# The checkpoint of the last merge check, and how far before it the next one looks (the FHIR
+# server's clock may be behind the bridge's).
+MERGE_CHECK = "merge-check"
+MERGE_CHECK_MARGIN = timedelta(minutes=10)
+_RELINK_PAGE = 50  # studies a page when re-linking merged Patients' studies by UID
+
+
 class SyncWorker:
     """Runs sync passes over one source into one FHIR server."""
 
@@ -48,6 +56,7 @@ class SyncWorker:
         delete_policy: DeletePolicy = DeletePolicy.MARK,
         delete_max_fraction: float = 0.2,
         read_instance_header: bool = False,
+        merge_check_interval: float = 0.0,
     ) -> None:
         self._source = source
         self._linker = linker
@@ -56,6 +65,7 @@ class SyncWorker:
         self._ctx = ctx
         self._concurrency = concurrency
         self._stop_requested = False
+        self._merge_check_interval = merge_check_interval
         assembler = StudyAssembler(source, ctx, read_instance_header=read_instance_header)
         self._parts = Parts(source, assembler, publisher, store, ctx, ctx.fingerprint())
         retirer = Retirer(publisher, store, ctx, policy=delete_policy, max_fraction=delete_max_fraction)
@@ -94,6 +104,40 @@ class SyncWorker:
         """
         missing: list[str] = []
         return await self._run(kind, self._named(study_uids, missing, per_page), missing=missing)
+
+    async def follow_merges(self) -> RunReport | None:
+        """Re-link the studies of Patients merged on the FHIR server since the last check, if one is due.
+
+        Every ``merge_check_interval`` seconds (0: never; the reconciliation sweep still asks about
+        every linked Patient) a cycle asks the FHIR server once for the Patients made inactive
+        since the last check, less a margin for the server's clock; the studies linked to those
+        with a ``replaced-by`` link are synced by name in a run of kind ``relink`` (exact identity
+        and demographics checked anew; the run records each re-link). So an EHR's merge is
+        followed within a cycle or two, and a no-change cycle between checks asks the FHIR server
+        nothing. The first check only marks its time (what came before is the sweep's). Returns
+        the relink run's report, or None when there was nothing to re-link.
+        """
+        if self._merge_check_interval <= 0:
+            return None
+        source = self._ctx.source_name
+        now = datetime.now(UTC)
+        last = await asyncio.to_thread(self._store.checkpoint, source, MERGE_CHECK)
+        since = datetime.fromisoformat(last) if last else None
+        if since is not None and now - since < timedelta(seconds=self._merge_check_interval):
+            return None
+        report = None
+        if since is not None:
+            linker = self._linker.begin_run()
+            relink = await linker.notice_recent_merges(since - MERGE_CHECK_MARGIN)
+            if relink is None:  # more merges than one search shows: ask about every linked Patient
+                await linker.notice_merges()
+                relink = linker.relinking
+            if relink:
+                report = await self._run("relink", self._named(relink, [], _RELINK_PAGE), linker=linker)
+                if report.status not in ("ok", "parked"):
+                    return report  # the next cycle checks the same span again
+        await asyncio.to_thread(self._store.save_checkpoint, source, MERGE_CHECK, now.isoformat())
+        return report
 
     async def preview(
         self, filters: Mapping[str, str] | None = None, study_uids: Sequence[str] = ()
@@ -164,6 +208,7 @@ class SyncWorker:
         reconcile: bool = False,
         missing: list[str] | None = None,
         sweep: Mapping[str, str] | None = None,
+        linker: RunLinker | None = None,
     ) -> RunReport:
         """Run one recorded pass over ``pages``.
 
@@ -182,7 +227,7 @@ class SyncWorker:
         writes_before, requests_before = self._publisher.writes, self._publisher.write_requests
         started = time.monotonic()
         logger.info("run %d (%s) started for source %s", report.run_id, kind, source)
-        linker = self._linker.begin_run()
+        linker = linker or self._linker.begin_run()
         pipeline = Pipeline(
             self._parts, self._publish, self._state(report, linker, sweep), lambda: self._stop_requested
         )

@@ -9,6 +9,7 @@ integrator accepts the link; a Patient the EHR merges has its studies re-linked 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import httpx
@@ -204,7 +205,7 @@ def test_a_patient_merged_on_the_fhir_server_has_its_studies_relinked_to_the_sur
     survivor = create_patient(stack, "MRN-40", name=[{"family": "Doe"}], gender="female", active=True)
     merge_on_the_fhir_server(stack, old, survivor)
 
-    incremental = stack.sync()  # an incremental cycle does not look: no FHIR write, no change
+    incremental = stack.sync()  # a run with no merge check due does not look: no write, no change
     assert (incremental.counts.unchanged, incremental.counts.fhir_writes) == (1, 0)
     assert subject_of(stack, study_uid) == old
 
@@ -221,3 +222,28 @@ def test_a_patient_merged_on_the_fhir_server_has_its_studies_relinked_to_the_sur
     newer = store_study(stack, StudySpec(patient_id="MRN-40", patient_name="Doe^Jane"))
     stack.sync()
     assert subject_of(stack, newer) == survivor
+
+
+def test_a_cycle_follows_a_merge_within_the_merge_check_interval_and_records_the_relink(stack: Stack) -> None:
+    """`bridge sync` as a cron job runs it: a merge check due, one search, the studies re-linked."""
+    every = {"sync_merge_check_interval": "1"}
+    study_uid = store_study(stack, StudySpec(patient_id="MRN-41", patient_name="Roe^Ann"))
+    first = stack.cli("sync", **every)  # publishes, and marks the first merge check's time
+    assert first.returncode == 0, first.stderr[-2000:]
+    old = subject_of(stack, study_uid)
+    survivor = create_patient(stack, "MRN-41", name=[{"family": "Roe"}], gender="female", active=True)
+    merge_on_the_fhir_server(stack, old, survivor)
+    time.sleep(1.5)  # the check is due again
+
+    second = stack.cli("sync", **every)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert subject_of(stack, study_uid) == survivor
+    store = SqlStore(stack.settings().state_url)
+    try:
+        [relink] = [run for run in store.runs(20, source=SOURCE) if run.kind == "relink"]
+    finally:
+        store.close()
+    assert relink.status == "ok" and relink.updated == 1
+    assert relink.patient_events == [
+        {"study_uid": study_uid, "event": "relinked", "from": f"Patient/{old}", "to": f"Patient/{survivor}"}
+    ]

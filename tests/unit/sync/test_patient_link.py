@@ -218,6 +218,113 @@ async def test_studies_of_a_merged_patient_are_relinked_to_the_survivor_on_the_r
     assert world.fhir.resources[("Patient", old)]["active"] is False  # the merged record is left alone
 
 
+def merge_check_ago(world: World, seconds: float) -> None:
+    """The last merge check was ``seconds`` ago."""
+    from datetime import UTC, datetime, timedelta
+
+    from bridge.sync.worker import MERGE_CHECK
+
+    when = datetime.now(UTC) - timedelta(seconds=seconds)
+    world.store.save_checkpoint(world.ctx.source_name, MERGE_CHECK, when.isoformat())
+
+
+def merge_searches(world: World, since: int) -> list[dict[str, str]]:
+    return [c[2] for c in world.fhir.calls[since:] if c[0] == "search" and c[2].get("active") == "false"]
+
+
+async def test_a_cycle_follows_a_merge_once_a_check_is_due_with_one_search_and_none_between(
+    world: World,
+) -> None:
+    world.fhir.loose_tokens = False
+    study_uid = world.add(1, patient_id="MRN-1", patient_name="Doe^Jane")
+    await world.run()
+    worker = world.worker(merge_check_interval=300)
+    calls = len(world.fhir.calls)
+    assert await worker.follow_merges() is None  # the first check only marks its time
+    assert world.fhir.calls[calls:] == []
+    old = subject(world, study_uid)
+    ehr_patient(world, "survivor", "MRN-1", name=[{"family": "Doe"}], gender="female")
+    merge(world, old, "survivor")
+    assert await worker.follow_merges() is None  # not due: a no-change cycle asks nothing
+    assert world.fhir.calls[calls:] == []
+    merge_check_ago(world, 301)
+    report = await worker.follow_merges()
+    assert report is not None and subject(world, study_uid) == "survivor"
+    [search] = merge_searches(world, calls)
+    assert search["_lastUpdated"].startswith("ge") and search["_lastUpdated"].endswith("Z")
+    assert report.patient_events == [
+        {"study_uid": study_uid, "event": "relinked", "from": f"Patient/{old}", "to": "Patient/survivor"}
+    ]
+    [run] = world.store.runs(1)
+    assert run.kind == "relink" and run.patient_events == report.patient_events
+    calls = len(world.fhir.calls)
+    assert await worker.follow_merges() is None  # the check moved on: not due again yet
+    assert world.fhir.calls[calls:] == []
+
+
+async def test_a_check_that_finds_no_merge_of_a_linked_patient_runs_nothing(world: World) -> None:
+    study_uid = world.add(1, patient_id="MRN-1")
+    await world.run()
+    ehr_patient(world, "elsewhere", "MRN-9")
+    ehr_patient(world, "kept", "MRN-8")
+    merge(world, "elsewhere", "kept")  # a merge of Patients none of the source's studies link to
+    worker = world.worker(merge_check_interval=60)
+    await worker.follow_merges()
+    merge_check_ago(world, 61)
+    runs = len(world.store.runs(50))
+    assert await worker.follow_merges() is None
+    assert len(world.store.runs(50)) == runs and subject(world, study_uid) != "kept"
+
+
+async def test_no_interval_leaves_merges_to_the_reconciling_sweep(world: World) -> None:
+    world.add(1, patient_id="MRN-1")
+    await world.run()
+    worker = world.worker()  # merge_check_interval 0
+    merge_check_ago(world, 10_000)
+    calls = len(world.fhir.calls)
+    assert await worker.follow_merges() is None
+    assert world.fhir.calls[calls:] == []
+
+
+async def test_more_merges_than_one_search_shows_asks_about_every_linked_patient(world: World) -> None:
+    world.fhir.loose_tokens = False
+    study_uid = world.add(1, patient_id="MRN-1", patient_name="Doe^Jane")
+    await world.run()
+    old = subject(world, study_uid)
+    ehr_patient(world, "survivor", "MRN-1", name=[{"family": "Doe"}], gender="female")
+    merge(world, old, "survivor")
+    for n in range(100):  # a busy day of merges elsewhere fills the search's page
+        ehr_patient(world, f"gone-{n}", f"OTHER-{n}")
+        merge(world, f"gone-{n}", "survivor")
+    worker = world.worker(merge_check_interval=60)
+    merge_check_ago(world, 61)
+    calls = len(world.fhir.calls)
+    report = await worker.follow_merges()
+    assert report is not None and subject(world, study_uid) == "survivor"
+    assert any("_id" in search for search in merge_searches(world, calls))  # the linked Patients, by id
+
+
+async def test_a_relink_run_that_fails_checks_the_same_span_again(world: World) -> None:
+    from bridge.errors import UpstreamUnavailableError
+
+    world.fhir.loose_tokens = False
+    study_uid = world.add(1, patient_id="MRN-1", patient_name="Doe^Jane")
+    await world.run()
+    old = subject(world, study_uid)
+    ehr_patient(world, "survivor", "MRN-1", name=[{"family": "Doe"}], gender="female")
+    merge(world, old, "survivor")
+    worker = world.worker(merge_check_interval=60)
+    merge_check_ago(world, 61)
+    before = world.store.checkpoint(world.ctx.source_name, "merge-check")
+    world.source.fail_listing = UpstreamUnavailableError("archive down", service="dicomweb")
+    with pytest.raises(UpstreamUnavailableError):
+        await worker.follow_merges()
+    assert world.store.checkpoint(world.ctx.source_name, "merge-check") == before
+    world.source.fail_listing = None
+    report = await worker.follow_merges()
+    assert report is not None and subject(world, study_uid) == "survivor"
+
+
 async def test_a_survivor_without_the_study_patient_id_parks_the_relink(world: World) -> None:
     world.fhir.loose_tokens = False
     study_uid = world.add(1, patient_id="MRN-1")
