@@ -38,6 +38,19 @@ def finished(counts: RunCounts) -> int:
     return sum(getattr(counts, name) for name in FINISHED)
 
 
+class _ShownAsProgress(logging.Filter):
+    """Leaves out the log lines the live display shows in their place, unless the level is DEBUG.
+
+    Those are a study's outcome, a run's start and end, a Patient created (marked with
+    ``bridge.sync.report.SHOWN_AS_PROGRESS``); warnings and errors always pass.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.INFO or not getattr(record, "shown_as_progress", False):
+            return True
+        return logging.getLogger().getEffectiveLevel() <= logging.DEBUG
+
+
 def _add(a: RunCounts, b: RunCounts) -> RunCounts:
     return replace(a, **{name: getattr(a, name) + getattr(b, name) for name in (*FINISHED, "seen")})
 
@@ -83,9 +96,12 @@ class RunProgress:
         )
         self._studies: TaskID | None = None
         self._slices: TaskID | None = None
+        self._quiet = _ShownAsProgress()
 
     def __enter__(self) -> RunProgress:
         if self.live:
+            for handler in logging.getLogger().handlers:  # the display says it: one line per study is noise
+                handler.addFilter(self._quiet)
             self._progress.start()
             if self.slices is not None:
                 self._slices = self._progress.add_task(f"{self.source} slices", total=self.slices, detail="")
@@ -97,6 +113,8 @@ class RunProgress:
     ) -> None:
         if self.live:
             self._progress.stop()
+            for handler in logging.getLogger().handlers:
+                handler.removeFilter(self._quiet)
         elif kind is None:
             self._line()  # the last word, whatever the interval
 

@@ -27,6 +27,7 @@ from bridge.sync.link_batch import prime_patients
 from bridge.sync.linked import NEW_PATIENT, LinkedPatient, new_patient
 from bridge.sync.policy import DemographicsCheck, OrderPolicy, PatientPolicy, WriteStrategy
 from bridge.sync.protocols import FhirSink, StateStore, refused_client_ids
+from bridge.sync.report import SHOWN_AS_PROGRESS
 
 logger = logging.getLogger(__name__)
 
@@ -251,7 +252,7 @@ class RunLinker:
     def _created(self, patient_id: str) -> None:
         self.writes += 1
         self.write_requests += 1
-        logger.info("created Patient/%s", patient_id)
+        logger.info("created Patient/%s", patient_id, extra=SHOWN_AS_PROGRESS)
 
     async def _existing_patient(self, key: PatientKey) -> LinkedPatient | None:
         """The one live Patient with exactly the key's identifier, following merges; None if none."""

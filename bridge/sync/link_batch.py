@@ -17,6 +17,7 @@ from bridge.mapping.identity import exact_matches, has_identifier, replaced_by
 from bridge.mapping.records import StudyRecord
 from bridge.sync.linked import LinkedPatient, new_patient
 from bridge.sync.policy import PatientPolicy, WriteStrategy
+from bridge.sync.report import SHOWN_AS_PROGRESS
 
 if TYPE_CHECKING:
     from bridge.sync.link import RunLinker
@@ -105,7 +106,7 @@ async def _prime_by_id(links: RunLinker, wanted: dict[PatientKey, dict[str, Any]
         if answer.result is not None:
             links.writes += 1
             links.patients[key] = LinkedPatient(answer.result.id, wanted[key])
-            logger.info("created Patient/%s", answer.result.id)
+            logger.info("created Patient/%s", answer.result.id, extra=SHOWN_AS_PROGRESS)
 
 
 async def _prime_conditional(links: RunLinker, wanted: dict[PatientKey, dict[str, Any]]) -> None:
@@ -138,7 +139,7 @@ async def _prime_conditional(links: RunLinker, wanted: dict[PatientKey, dict[str
         if answer.result.created:
             links.writes += 1
             links.patients[key] = LinkedPatient(answer.result.id, wanted[key])
-            logger.info("created Patient/%s", answer.result.id)
+            logger.info("created Patient/%s", answer.result.id, extra=SHOWN_AS_PROGRESS)
         else:
             to_check[key] = answer.result.id
     if not to_check:

@@ -8,6 +8,9 @@ from datetime import UTC, datetime
 
 from bridge.state.records import RunCounts
 
+# ``extra`` of the log lines a progress display shows in its place (a study's outcome, a run's
+# start and end): ``bridge sync`` on a terminal leaves them out while its live display runs.
+SHOWN_AS_PROGRESS = {"shown_as_progress": True}
 
 @dataclass(frozen=True, slots=True)
 class ParkedReport:

@@ -26,7 +26,7 @@ from bridge.sync.policy import DeletePolicy
 from bridge.sync.preview import DryRun, Preview
 from bridge.sync.protocols import StateStore, StudySource
 from bridge.sync.publisher import Publisher
-from bridge.sync.report import RunReport
+from bridge.sync.report import SHOWN_AS_PROGRESS, RunReport
 from bridge.sync.retire import Retirer
 from bridge.sync.run import RunState
 from bridge.sync.write import Publish
@@ -226,7 +226,7 @@ class SyncWorker:
         queries_before = len(self._source.queries)
         writes_before, requests_before = self._publisher.writes, self._publisher.write_requests
         started = time.monotonic()
-        logger.info("run %d (%s) started for source %s", report.run_id, kind, source)
+        logger.info("run %d (%s) started for source %s", report.run_id, kind, source, extra=SHOWN_AS_PROGRESS)
         linker = linker or self._linker.begin_run()
         pipeline = Pipeline(
             self._parts, self._publish, self._state(report, linker, sweep), lambda: self._stop_requested
@@ -293,6 +293,7 @@ class SyncWorker:
             report.fhir_write_requests,
             c.fallbacks,
             report.series_query,
+            extra=SHOWN_AS_PROGRESS,
         )
 
 

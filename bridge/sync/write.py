@@ -26,7 +26,7 @@ from bridge.sync.bundles import StudyWrite
 from bridge.sync.identity import CONFLICT_CODE, CONFLICT_REASON, identity_digest
 from bridge.sync.protocols import StateStore
 from bridge.sync.publisher import Publisher
-from bridge.sync.report import ParkedReport, RunReport
+from bridge.sync.report import SHOWN_AS_PROGRESS, ParkedReport, RunReport
 from bridge.sync.retire import Retirer
 from bridge.sync.run import PageWork, StudyWork, content_fingerprint
 
@@ -180,7 +180,8 @@ class Publish:
                 # PUT that creates); anything else updated one that was there.
                 created = result.created or (item.known is None and self._publisher.created(result))
                 outcome = "created" if created else "updated"
-                logger.info("study %s %s as ImagingStudy/%s", item.study.uid, outcome, result.id)
+                shown = SHOWN_AS_PROGRESS
+                logger.info("study %s %s as ImagingStudy/%s", item.study.uid, outcome, result.id, extra=shown)
                 self._published(item, result.id, result.version, outcome, report, page)
         finally:
             await self.finish_page(page)

@@ -84,3 +84,41 @@ def test_on_a_terminal_one_live_display_with_the_logs_above_it() -> None:
     # The log line is whole, on a line of its own, not cut by the display's redraws.
     logged = [line for line in text.splitlines() if "the archive answered slowly" in line]
     assert logged and "pacs studies" not in logged[0]
+
+
+def test_on_a_terminal_the_lines_the_display_shows_are_left_out_and_warnings_stay() -> None:
+    from bridge.sync.report import SHOWN_AS_PROGRESS
+
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=True, width=160, color_system=None)
+    root = logging.getLogger()
+    handler = RichHandler(console=console, show_path=False)
+    root.addHandler(handler)
+    level = root.level
+    root.setLevel(logging.INFO)
+    log = logging.getLogger("tests.progress.quiet")
+    try:
+        log.info("study 1.2.3 created as ImagingStudy/x", extra=SHOWN_AS_PROGRESS)
+        with RunProgress("pacs", console, every=5) as progress:
+            log.info("study 1.2.4 created as ImagingStudy/y", extra=SHOWN_AS_PROGRESS)
+            log.info("the FHIR server refused a batch Bundle")
+            log.warning("a warning about study 1.2.5", extra=SHOWN_AS_PROGRESS)
+            progress.update(RunCounts(seen=2, created=2))
+        log.info("study 1.2.6 created as ImagingStudy/z", extra=SHOWN_AS_PROGRESS)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    text = buffer.getvalue()
+    assert "1.2.4" not in text  # the display counts it
+    assert "1.2.3" in text and "1.2.6" in text  # before and after the display: logged as ever
+    assert "refused a batch Bundle" in text and "1.2.5" in text
+    assert not handler.filters  # the display leaves the handler as it found it
+
+
+def test_without_a_terminal_every_line_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    from bridge.sync.report import SHOWN_AS_PROGRESS
+
+    caplog.set_level(logging.INFO)
+    with RunProgress("pacs", plain_console(), every=5):
+        logging.getLogger("tests.progress.file").info("study 1.2.7 created", extra=SHOWN_AS_PROGRESS)
+    assert any("1.2.7" in r.getMessage() for r in caplog.records)
