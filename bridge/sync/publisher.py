@@ -102,12 +102,12 @@ class Publisher:
     async def ensure_endpoint(self) -> str:
         """Publish the source's Endpoint if it changed; returns the reference to it."""
         resource = map_endpoint(self._ctx)
-        validate(resource)
         fingerprint = digest(resource)
         source = self._ctx.source_name
         published = await asyncio.to_thread(self._store.published_endpoint, source)
         if published is not None and published[0] == fingerprint:
             return f"Endpoint/{published[1]}"  # the server chose the id under conditional writes
+        validate(resource)  # only what is written: the same content was valid when it was
         result = await self._write(resource, {"identifier": _token(endpoint_identifier(self._ctx))})
         await asyncio.to_thread(
             self._store.record_endpoint,
