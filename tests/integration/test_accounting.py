@@ -43,6 +43,7 @@ def store(stack: Stack, *specs: StudySpec) -> list[str]:
 NOT_UIDS = ["1.2.3.ABC.4", "1.2.03.4", "1.2.3.", "1." + "2" * 70, "Anonymized"]
 
 
+@pytest.mark.interop
 def test_a_study_whose_uid_is_not_a_uid_is_parked_in_the_run_status_metrics_and_retry(stack: Stack) -> None:
     saved = pydicom_config.settings.writing_validation_mode
     pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
@@ -176,6 +177,7 @@ def test_an_iso_2022_japanese_name_the_archive_garbles_is_restored_from_the_part
     assert name["family"] == "やまだ" and name["given"] == ["たろう"]
 
 
+@pytest.mark.interop
 def test_a_latin1_orthanc_gives_names_from_the_part10_header_or_none_but_never_garbage(
     stack: Stack, latin1_orthanc: OrthancServer
 ) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 from dicomweb_client.api import DICOMwebClient
+from prometheus_client.parser import text_string_to_metric_families
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from requests import HTTPError
@@ -334,6 +335,19 @@ def _file_under(world: FrontWorld, study_uid: str, patient_id: str) -> tuple[str
     return series_uid, str(datasets[0].SOPInstanceUID)
 
 
+def _withdrawn_gauge(bridge: str) -> float:
+    """bridge_sync_withdrawn_studies as the bridge's /metrics serves it to a scraper."""
+    answer = httpx.get(f"{bridge}/metrics", timeout=30)
+    assert answer.status_code == 200, answer.text
+    [value] = [
+        sample.value
+        for family in text_string_to_metric_families(answer.text)
+        for sample in family.samples
+        if sample.name == "bridge_sync_withdrawn_studies"
+    ]
+    return value
+
+
 def _diagnostics(answer: httpx.Response) -> str:
     body = answer.json()
     assert body["resourceType"] == "OperationOutcome"
@@ -349,8 +363,14 @@ def test_a_published_study_another_patient_is_filed_under_is_withdrawn_everywher
     study_uid, sop_uids = world.studies["MRN-ANN"]
     [published] = stack.fhir_search("ImagingStudy", identifier=f"urn:dicom:uid|urn:oid:{study_uid}")
     [ann_series] = [s["uid"] for s in published["series"]]
-    # Caches off: every request below is decided on what the FHIR server holds now.
-    env = dict(world.env, BRIDGE_RESOLVER_CACHE_TTL="0", BRIDGE_SESSION_CACHE_TTL="0")
+    # Caches off: every request below is decided on what the FHIR server holds now. /metrics open, as
+    # for a scraper without credentials.
+    env = dict(
+        world.env,
+        BRIDGE_RESOLVER_CACHE_TTL="0",
+        BRIDGE_SESSION_CACHE_TTL="0",
+        BRIDGE_API_METRICS_AUTH="false",
+    )
     with _bridge_with_front(env, free_loopback_port()) as (bridge, front):
         ways = {"front": f"{front.url}/dicom-web", "gateway": f"{bridge}/dicom-web"}
         bob_series, bob_sop = _file_under(world, study_uid, "MRN-BOB")
@@ -373,7 +393,22 @@ def test_a_published_study_another_patient_is_filed_under_is_withdrawn_everywher
             assert sorted(r["00080018"]["Value"][0] for r in own_metadata.json()) == sop_uids, way
             series = httpx.get(f"{base}/studies/{study_uid}/series", headers=ann, timeout=30)
             assert [r["0020000E"]["Value"][0] for r in series.json()] == [ann_series], way
-            for path in (f"series/{bob_series}/metadata", f"series/{bob_series}/instances/{bob_sop}"):
+            # Instance-level QIDO, within the study and across studies: Ann's rows only.
+            for path, params in (
+                (f"studies/{study_uid}/instances", {}),
+                (f"studies/{study_uid}/series/{ann_series}/instances", {}),
+                ("instances", {"StudyInstanceUID": study_uid}),
+            ):
+                rows = httpx.get(f"{base}/{path}", params=params, headers=ann, timeout=30)
+                assert rows.status_code == 200, (way, path, rows.text)
+                assert {r["00100020"]["Value"][0] for r in rows.json()} == {"MRN-ANN"}, (way, path)
+                assert sorted(r["00080018"]["Value"][0] for r in rows.json()) == sop_uids, (way, path)
+            for path in (
+                f"series/{bob_series}/metadata",
+                f"series/{bob_series}/instances",
+                f"series/{bob_series}/instances/{bob_sop}",
+                f"series/{bob_series}/instances/{bob_sop}/frames/1",
+            ):
                 refused = httpx.get(f"{base}/studies/{study_uid}/{path}", headers=ann, timeout=30)
                 assert refused.status_code == 404, (way, path, refused.status_code)
                 assert "not a series of the study's published ImagingStudy" in _diagnostics(refused)
@@ -401,6 +436,7 @@ def test_a_published_study_another_patient_is_filed_under_is_withdrawn_everywher
         status = stack.cli("status", "--json", **world.archive)
         data = json.loads(status.stdout)
         assert data["withdrawn"] == 1
+        assert _withdrawn_gauge(bridge) == 1
         assert data["withdrawn_studies"] == [
             {"source": "test-orthanc", "study_uid": study_uid, "reason": "conflicting patient identity"}
         ]
@@ -424,6 +460,7 @@ def test_a_published_study_another_patient_is_filed_under_is_withdrawn_everywher
         assert republished["subject"] == published["subject"]
         assert not republished.get("extension")
         assert json.loads(stack.cli("status", "--json", **world.archive).stdout)["withdrawn"] == 0
+        assert _withdrawn_gauge(bridge) == 0
         for way, base in ways.items():
             metadata = httpx.get(f"{base}/studies/{study_uid}/metadata", headers=ann, timeout=30)
             assert metadata.status_code == 200, (way, metadata.text)

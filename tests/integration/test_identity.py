@@ -237,3 +237,46 @@ def test_a_study_uid_under_two_patients_is_parked_before_publication_until_the_a
     patient = stack.fhir_read(study["subject"]["reference"])
     assert {i["value"] for i in patient["identifier"]} == {"MRN-ANN"}
     assert study_uid not in parked(stack)
+
+
+@pytest.mark.interop
+def test_a_study_whose_every_instance_moves_to_a_corrected_patient_id_is_relinked_and_the_run_says_so(
+    stack: Stack,
+) -> None:
+    wrong = StudySpec(patient_id="MRN-WRONG", patient_name="Doe^Jane", series=[SeriesSpec(instances=2)])
+    [study_uid] = store_studies(stack.orthanc, [wrong])
+    first = stack.cli("sync")
+    assert first.returncode == 0, first.stdout + first.stderr
+    [published] = stack.fhir_search("ImagingStudy", identifier=f"urn:dicom:uid|urn:oid:{study_uid}")
+
+    # The integrator corrects the PatientID in the archive: the study's instances deleted and stored
+    # again, the same UIDs, under the right PatientID only.
+    stack.orthanc.delete_study(study_uid)
+    right = StudySpec(
+        patient_id="MRN-RIGHT", patient_name="Doe^Jane", uid=study_uid, series=[SeriesSpec(instances=2)]
+    )
+    corrected = build_study(right)
+    assert [s["uid"] for s in published["series"]] == [str(corrected[0].SeriesInstanceUID)]
+    stow(stack.orthanc.dicomweb_url, corrected)
+    assert stack.orthanc.study_count() == 1
+
+    run = stack.cli("sync", "--json")
+    assert run.returncode == 0, run.stdout + run.stderr  # published, nothing parked
+    summary = json.loads(run.stdout)
+    assert (summary["updated"], summary["parked"], summary["parked_studies"]) == (1, 0, [])
+    assert [r["study_uid"] for r in summary["relinked"]] == [study_uid]
+    assert "MRN-" not in run.stdout + run.stderr
+    [study] = stack.fhir_search("ImagingStudy", identifier=f"urn:dicom:uid|urn:oid:{study_uid}")
+    assert study["id"] == published["id"]  # the same ImagingStudy, re-linked
+    assert study["subject"] != published["subject"]
+    patient = stack.fhir_read(study["subject"]["reference"])
+    assert patient["identifier"] == [{"system": DEFAULT_PATIENT_SYSTEM, "value": "MRN-RIGHT"}]
+    assert not study.get("extension")  # a correction, not a withdrawal
+    assert not parked(stack)
+    status = stack.cli("status", "--json")
+    assert status.returncode == 0, status.stderr
+    data = json.loads(status.stdout)
+    assert (data["parked"], data["withdrawn"]) == (0, 0)
+    latest = data["runs"][0]
+    assert (latest["updated"], latest["parked"]) == (1, 0)
+    assert [r["study_uid"] for r in latest["relinked"]] == [study_uid]

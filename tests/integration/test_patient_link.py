@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from bridge.metrics import REGISTRY
 from bridge.runtime import open_runtime
 from bridge.state.store import SqlStore
 from bridge.sync.report import RunReport
@@ -142,10 +143,18 @@ def test_an_override_for_a_study_never_parked_is_refused_naming_the_study(stack:
     assert study_uid in refused.stderr + refused.stdout and "demographics" in refused.stderr + refused.stdout
 
 
+def warnings_counted() -> float:
+    """bridge_sync_demographics_disagreements{action="warn"} in this process (where stack.sync runs)."""
+    labels = {"action": "warn"}
+    return REGISTRY.get_sample_value("bridge_sync_demographics_disagreements_total", labels) or 0.0
+
+
 def test_warn_publishes_and_counts_the_disagreement_and_off_does_not_compare(stack: Stack) -> None:
     patient, study_uid = existing_patient_other_birth_date(stack)
+    before = warnings_counted()
     report = stack.sync(demographics_check="warn")
     assert (report.counts.created, report.counts.parked, report.demographics_warnings) == (1, 0, 1)
+    assert warnings_counted() - before == 1  # in the metrics too, for an operator's alert
     assert subject_of(stack, study_uid) == patient
     [event] = report.patient_events
     assert event["event"] == "demographics-warning" and event["attributes"] == "PatientBirthDate,PatientSex"
@@ -155,6 +164,7 @@ def test_warn_publishes_and_counts_the_disagreement_and_off_does_not_compare(sta
     )
     quiet = stack.sync(demographics_check="off")
     assert (quiet.counts.created, quiet.counts.parked, quiet.patient_events) == (1, 0, [])
+    assert warnings_counted() - before == 1
     assert subject_of(stack, other) == patient
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from bridge.mapping.identifiers import PatientKey
 from bridge.mapping.patient import patient_resource_id
+from bridge.metrics import REGISTRY
 from bridge.sync.policy import DemographicsCheck, WriteStrategy
 from tests.builders import PATIENT_SYSTEM, uid
 from tests.unit.sync.world import World, parked
@@ -106,6 +107,24 @@ async def test_conditional_writes_still_create_patients_with_server_ids(world: W
 
 
 # Demographics cross-check
+DEMOGRAPHICS_ACTIONS = ("park", "warn", "accepted")
+
+
+def disagreements_counted() -> dict[str, float]:
+    """bridge_sync_demographics_disagreements by action, as the API's /metrics serves it."""
+    return {
+        action: REGISTRY.get_sample_value("bridge_sync_demographics_disagreements_total", {"action": action})
+        or 0.0
+        for action in DEMOGRAPHICS_ACTIONS
+    }
+
+
+def counted_since(before: dict[str, float]) -> dict[str, float]:
+    """What each action of the disagreements metric gained since ``before`` (the registry is shared)."""
+    now = disagreements_counted()
+    return {action: now[action] - before[action] for action in DEMOGRAPHICS_ACTIONS}
+
+
 def two_people_one_id(world: World) -> tuple[str, str]:
     """Two studies with the same PatientID (no issuer): the second is of another person."""
     first = world.add(1, patient_id="MRN-7", patient_name="Doe^Jane", birth_date="19700101", sex="F")
@@ -116,7 +135,9 @@ def two_people_one_id(world: World) -> tuple[str, str]:
 async def test_one_patient_id_for_two_people_parks_the_second_naming_the_attributes(world: World) -> None:
     world.source.page_size = 1  # the first creates the Patient, the second is checked against it
     first, second = two_people_one_id(world)
+    before = disagreements_counted()
     report = await world.run()
+    assert counted_since(before) == {"park": 1, "warn": 0, "accepted": 0}
     assert subject(world, first)
     [entry] = report.parked
     assert entry.study_uid == second and entry.kind == "patient"
@@ -139,9 +160,11 @@ async def test_warn_publishes_and_counts_the_disagreement_in_the_run_record(worl
     world.demographics = DemographicsCheck.WARN
     world.source.page_size = 1
     first, second = two_people_one_id(world)
+    before = disagreements_counted()
     report = await world.run()
     assert report.counts.parked == 0 and subject(world, first) == subject(world, second)
     assert report.demographics_warnings == 1
+    assert counted_since(before) == {"park": 0, "warn": 1, "accepted": 0}
     [event] = report.patient_events
     assert event["study_uid"] == second and event["event"] == "demographics-warning"
     assert event["attributes"] == "PatientBirthDate,PatientSex,PatientName"
@@ -153,8 +176,10 @@ async def test_off_publishes_without_comparing(world: World) -> None:
     world.demographics = DemographicsCheck.OFF
     world.source.page_size = 1
     two_people_one_id(world)
+    before = disagreements_counted()
     report = await world.run()
     assert (report.counts.created, report.counts.parked, report.patient_events) == (2, 0, [])
+    assert counted_since(before) == {"park": 0, "warn": 0, "accepted": 0}
 
 
 async def test_an_accepted_override_publishes_the_study_and_is_recorded(world: World) -> None:
@@ -163,8 +188,10 @@ async def test_an_accepted_override_publishes_the_study_and_is_recorded(world: W
     await world.run()
     assert second in parked(world)
     assert world.store.accept_demographics(world.ctx.source_name, second)
+    before = disagreements_counted()
     report = await world.worker().run_studies([second], kind="retry")
     assert report.counts.parked == 0 and second not in parked(world)
+    assert counted_since(before) == {"park": 0, "warn": 0, "accepted": 1}
     [event] = report.patient_events
     assert event["event"] == "demographics-accepted" and event["study_uid"] == second
     # Accepted for that Patient only: linked to another one, the study is checked again.

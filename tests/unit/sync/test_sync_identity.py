@@ -9,7 +9,10 @@ import pytest
 from bridge.errors import VersionConflictError
 from bridge.mapping.context import WITHDRAWN_EXTENSION
 from bridge.mapping.records import PatientIdentity
+from bridge.metrics import REGISTRY
+from bridge.sync import metrics
 from bridge.sync.identity import conflicting
+from bridge.sync.report import RunReport
 from tests.builders import element, series_row, study_row, uid
 from tests.unit.sync.world import World, parked
 
@@ -49,6 +52,13 @@ def _assert_parked_for_identity(world: World, study_uid: str) -> None:
     assert found.attribute == "PatientID"
     assert found.reason.startswith("conflicting patient identity")
     assert "MRN" not in found.reason  # attribute names, never values
+
+
+async def _run_and_read_withdrawn_metric(world: World) -> tuple[RunReport, float | None]:
+    """One run, and the withdrawn-studies gauge it leaves (set to -1 first: a run that skips it shows)."""
+    metrics.WITHDRAWN.set(-1)
+    report = await world.run()
+    return report, REGISTRY.get_sample_value("bridge_sync_withdrawn_studies")
 
 
 def _labels(resource: dict[str, Any]) -> list[str]:
@@ -111,12 +121,14 @@ async def test_a_row_pages_away_under_another_patient_withdraws_the_study(world:
 
 async def test_a_newcomer_withdraws_a_published_study_until_the_archive_is_corrected(world: World) -> None:
     study_uid = world.add(1, patient_id="MRN-A")
-    await world.run()
+    _, gauge = await _run_and_read_withdrawn_metric(world)
+    assert gauge == 0
     published = world.study(study_uid)
 
     world.source.add_row(_row_of(world, 1, "MRN-B"), at=1)
-    report = await world.run()
+    report, gauge = await _run_and_read_withdrawn_metric(world)
     assert report.status == "parked"
+    assert gauge == 1  # operators see the withdrawal in the metrics, not only in bridge status
     _assert_parked_for_identity(world, study_uid)
     withdrawn = world.study(study_uid)
     assert withdrawn["subject"] == published["subject"]
@@ -126,13 +138,15 @@ async def test_a_newcomer_withdraws_a_published_study_until_the_archive_is_corre
         (world.ctx.source_name, study_uid, "conflicting patient identity")
     ]
 
-    again = await world.run()  # still in conflict: parked again, not written again
+    again, gauge = await _run_and_read_withdrawn_metric(world)  # still in conflict: parked, not written
     assert again.counts.parked == 1
     assert again.counts.fhir_writes == 0
+    assert gauge == 1
 
     world.source.extra_rows.clear()  # the integrator deleted the newcomer's instances
-    fixed = await world.run()
+    fixed, gauge = await _run_and_read_withdrawn_metric(world)
     assert (fixed.status, fixed.counts.updated) == ("ok", 1)
+    assert gauge == 0
     republished = world.study(study_uid)
     assert _labels(republished) == []
     assert republished["subject"] == published["subject"]
