@@ -119,8 +119,14 @@ class Runtime:
         )
 
 
+# A drain syncs up to this many pages of waiting pushes in one run: within a run, one page is
+# written while the next is read and prepared (as a full sync's pages are), where a run per page
+# left the archive idle during every page's writes and the FHIR server idle during every read.
+PUSH_PAGES_PER_RUN = 5
+
+
 def push_drainer(runtimes: Sequence[Runtime]) -> PushDrainer:
-    """The drainer of the push queue: pushed studies are synced a page at a time in every source."""
+    """The drainer of the push queue: pushed studies are synced in pages, several a run, in every source."""
     settings = runtimes[0].settings
 
     async def sync(pushed: Mapping[str, float]) -> bool:
@@ -148,7 +154,7 @@ def push_drainer(runtimes: Sequence[Runtime]) -> PushDrainer:
         sync,
         reachable=reachable,
         poll=settings.push.poll,
-        page=min(r.source.qido_page_size for r in runtimes),
+        page=PUSH_PAGES_PER_RUN * min(r.source.qido_page_size for r in runtimes),
         concurrency=settings.sync.concurrency,
     )
 

@@ -87,7 +87,8 @@ class _Claimed:
 class PushDrainer:
     """Drains the push queue: every ``poll`` seconds, and at once when :meth:`wake` is called.
 
-    ``page``: how many pushes are claimed and synced together (the QIDO page size);
+    ``page``: how many pushes are claimed and synced together, in one run (its studies are synced
+    in pages of the QIDO page size: see ``bridge.runtime.push_drainer``);
     ``concurrency``: how many studies are synced at once when a page is tried study by study.
     """
 
