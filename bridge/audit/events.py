@@ -7,10 +7,12 @@ with what outcome and from which network address, in the shape of the BALP "Read
 patterns (https://profiles.ihe.net/ITI/BALP/).
 
 A refused credential (a bad token, a wrong API key, none where one is needed) and a refused login
-callback are security alerts instead: DICOM's "Security Alert" event (DCM 110113, sub-type 110132
-"Use of Restricted Function"), outcome minor failure, with the source's network address. They are
-one event per source address and action within the audit window, so probing cannot flood the
-FHIR server with AuditEvents (see ``Access.window_key``).
+or EHR launch (a forged, replayed or other browser's callback, the identity provider's error, a
+failed code exchange or ID token, a launch without a well-typed patient) are security alerts
+instead: DICOM's "Security Alert" event (DCM 110113, sub-type 110132 "Use of Restricted Function"),
+outcome minor failure, with the source's network address. They are one event per source address
+and action within the audit window, so probing cannot flood the FHIR server with AuditEvents (see
+``Access.window_key``).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ _ACTION_TEXT = {
     "image-read": "Images retrieved through the gateway",
     "image-query": "Images searched through the gateway",
     "authentication": "Credentials refused",
-    "login": "Login callback refused",
+    "login": "Login or EHR launch refused",
     "operator-retry": "Parked study retried from the operator page",
 }
 

@@ -96,10 +96,12 @@ class OidcProvider(Launcher):
         users: dict[str, str] | None = None,
         launches: dict[str, str] | None = None,
         resource: dict[str, str] | None = None,
-        patients: dict[str, str] | None = None,
+        patients: dict[str, Any] | None = None,
+        scope_lists: list[str] | None = None,
     ) -> None:
         """``resource`` ({"audience", "scopes"}) makes access tokens JWTs for that audience;
-        ``patients`` (client id -> Patient id) gives a client's tokens a ``patient`` claim."""
+        ``patients`` (client id -> Patient id) gives a client's tokens a ``patient`` claim, signed
+        as given (of any JSON type); the clients in ``scope_lists`` get ``scope`` as a JSON list."""
         self.introspector_secret = introspector_secret
         self.clients = [*clients, secret_client(INTROSPECTOR_ID, introspector_secret)]
         self.scopes = scopes or []
@@ -108,6 +110,7 @@ class OidcProvider(Launcher):
         self.launches = launches or {}
         self.resource = resource
         self.patients = patients or {}
+        self.scope_lists = scope_lists or []
         self.port = 0
         self.log_path = log_path
         self._owns_log = log_path is None
@@ -159,6 +162,7 @@ class OidcProvider(Launcher):
                     "launches": self.launches,
                     "resource": self.resource,
                     "patients": self.patients,
+                    "scopeLists": self.scope_lists,
                 },
                 handle,
             )

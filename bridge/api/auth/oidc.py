@@ -199,10 +199,21 @@ class OidcClient:
         claims = await self.verify_id_token(server, id_token, nonce=nonce)
         scope = answer.get("scope")
         patient = answer.get("patient")
+        # SMART App Launch: `patient` is a FHIR id (a string) and `scope` a space-separated string. A
+        # value of another type is refused (never read as "no patient in context" or "no scopes"),
+        # and never repeated: the message names its type only.
         if patient is not None and not (isinstance(patient, str) and FHIR_ID.fullmatch(patient)):
-            raise LoginError("the launch context's patient is not a FHIR id", status=502)
+            raise LoginError(
+                f"the token answer's patient is {_kind(patient)}, not a FHIR id as SMART App Launch "
+                "requires: ask the EHR's administrator to fix the launch context it sends",
+                status=502,
+            )
         if scope is not None and not isinstance(scope, str):
-            raise LoginError("the token answer's scope is not a space-separated string", status=502)
+            raise LoginError(
+                f"the token answer's scope is {_kind(scope)}, not a space-separated string as OAuth 2.0 "
+                "and SMART App Launch require: ask the identity provider's administrator to fix it",
+                status=502,
+            )
         expires_in = answer.get("expires_in")
         return Login(
             subject=str(claims["sub"]),
@@ -292,6 +303,19 @@ class OidcClient:
         if not isinstance(body, dict):
             raise LoginError(f"{what} did not answer a JSON object", status=502)
         return body
+
+
+def _kind(value: Any) -> str:
+    """What a JSON value is, for a message that must not repeat the value itself."""
+    if isinstance(value, str):
+        return "an empty string" if not value else "a string with characters or a length an id cannot have"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, list):
+        return "a list"
+    return "an object"
 
 
 def _is_http_url(value: Any) -> bool:

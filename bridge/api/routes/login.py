@@ -185,8 +185,47 @@ async def _authorize(
     return response
 
 
-def _failed(exc: LoginError) -> HTMLResponse:
-    logger.warning("login failed: %s", exc)  # the message carries no token and no patient data
+# What an authorization server may send back instead of a code (RFC 6749 4.1.2.1, OpenID Connect
+# Core 3.1.2.6). Only these are shown or recorded: the callback's URL is anyone's to write.
+OAUTH_ERRORS = frozenset(
+    {
+        "invalid_request",
+        "unauthorized_client",
+        "access_denied",
+        "unsupported_response_type",
+        "invalid_scope",
+        "server_error",
+        "temporarily_unavailable",
+        "interaction_required",
+        "login_required",
+        "account_selection_required",
+        "consent_required",
+        "invalid_request_uri",
+        "invalid_request_object",
+        "request_not_supported",
+        "request_uri_not_supported",
+        "registration_not_supported",
+    }
+)
+
+
+def _refused(request: Request, reason: str) -> None:
+    """A refused login or launch: a security alert in the audit trail, and a log line.
+
+    The alert is one per source address and audit window (bridge/audit/events.py, ``window_key``), as
+    for refused credentials, so a prober replaying callbacks cannot flood the FHIR server. ``reason``
+    is the bridge's own words: never a code, a state, a token or the patient in context.
+    """
+    note(request, UNAUTHENTICATED, "login", "refused", reason=reason)
+    logger.warning("login refused: %s", reason)
+
+
+def _failed(exc: LoginError, request: Request | None = None) -> HTMLResponse:
+    """The page of a login that could not be completed; audited when ``request`` (a callback) is given."""
+    if request is not None:
+        _refused(request, str(exc))  # a LoginError's message carries no token and no patient data
+    else:
+        logger.warning("login failed: %s", exc)
     return _page("Login failed", f"<p>{html.escape(str(exc))}</p>", exc.status)
 
 
@@ -212,7 +251,7 @@ async def launch(
         return _page("Launch refused", f"<p>An EHR launch needs the {missing} parameter.</p>", 400)
     allowed = {i.rstrip("/") for i in s.settings.smart_launch.issuers}
     if iss.rstrip("/") not in allowed:
-        logger.warning("EHR launch refused: its iss is not in BRIDGE_SMART_LAUNCH_ISSUERS")
+        _refused(request, "an EHR launch whose iss is not in BRIDGE_SMART_LAUNCH_ISSUERS")
         return _page(
             "Launch refused",
             "<p>This EHR is not allowed to launch the bridge (BRIDGE_SMART_LAUNCH_ISSUERS).</p>",
@@ -242,6 +281,13 @@ async def callback(
     pending = PendingLogin.from_json(stored) if stored is not None else None
     again = f'<a href="{html.escape(mount_path(request))}/login">Sign in again</a>.'
     if pending is None:
+        # a forged state, a callback replayed, or one kept past PENDING_TTL
+        _refused(
+            request,
+            "a login callback whose state is unknown, already used or expired"
+            if state
+            else "a login callback without a state",
+        )
         return _page(
             "Login expired",
             f"<p>This login was not started here, was already used, or took too long. {again}</p>",
@@ -250,9 +296,7 @@ async def callback(
     if not pending.began_in(sound_cookie(request, cookie_name(s.settings, LOGIN_COOKIE))):
         # Someone else's login, its callback opened in this browser (login CSRF): refused, and the
         # session this browser has stays as it is. The login is used up either way.
-        reason = "a login callback from another browser than the one that began the login"
-        note(request, UNAUTHENTICATED, "login", "refused", reason=reason)
-        logger.warning("login refused: %s", reason)
+        _refused(request, "a login callback from another browser than the one that began the login")
         return _page(
             "Login refused",
             f"<p>This login was begun in another browser, or this browser's login cookie is gone. "
@@ -260,8 +304,13 @@ async def callback(
             403,
         )
     if error is not None or not code:
-        shown = error if error and error.replace("_", "").isalnum() else "no code"
-        return _page("Login refused", f"<p>The identity provider answered: {html.escape(shown)}.</p>", 401)
+        said = (error if error in OAUTH_ERRORS else "an error") if error is not None else "no code"
+        _refused(request, f"the identity provider answered {said}")
+        return _page(
+            "Login refused",
+            f"<p>The identity provider answered: {html.escape(said)}. {again}</p>",
+            401,
+        )
     client = _client(request, pending.kind)
     try:
         if pending.kind == "launch":
@@ -270,11 +319,16 @@ async def callback(
             server = await client.openid_server(pending.base)
         done = await client.exchange(server, code, verifier=pending.verifier, nonce=pending.nonce)
     except LoginError as exc:
-        return _failed(exc)
+        return _failed(exc, request)
     next_path = pending.next
     if pending.kind == "launch":
         if done.patient is None:
-            return _failed(LoginError("the EHR launch gave no patient in context", status=403))
+            missing = LoginError(
+                "the EHR launch gave no patient in context: open the bridge from a patient's chart, "
+                "and check that the EHR grants the launch/patient scope (BRIDGE_SMART_LAUNCH_SCOPES)",
+                status=403,
+            )
+            return _failed(missing, request)
         next_path = f"/record/patients/{quote(done.patient, safe='')}"
     old = sound_cookie(request, cookie_name(s.settings))  # two, or not the bridge's: nothing to end
     if old:

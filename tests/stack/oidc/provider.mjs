@@ -14,7 +14,8 @@
 // "launches": { "<launch value>": "<Patient id>" }, "resource": {...} }. Tokens and replay records
 // live in memory. With "resource": { "audience": "...", "scopes": "..." }, access tokens are JWTs
 // for that audience (as a SMART app's tokens for the bridge) carrying `scope`, `client_id` and, for
-// the clients in "patients": { "<client_id>": "<Patient id>" }, the `patient` in context.
+// the clients in "patients": { "<client_id>": "<Patient id>" }, the `patient` in context; the clients
+// in "scopeLists": ["<client_id>"] get `scope` as a JSON list instead of a string.
 // Admin endpoints (not OAuth): GET /__admin/health, GET /__admin/stats, POST /__admin/reset-stats.
 // OIDC_PARENT_PID makes the provider exit when that process is gone.
 
@@ -75,10 +76,21 @@ const provider = new Provider(issuer, {
         }
       : {}),
   },
-  // the SMART launch context of a token: the one patient its client acts for
+  // the SMART launch context of a token: the one patient its client acts for, signed as given (a
+  // test may give an empty string, a number or a list, to see the bridge refuse it)
   async extraTokenClaims(ctx, token) {
-    const patient = config.patients?.[token.clientId];
-    return patient ? { patient } : undefined;
+    const patients = config.patients ?? {};
+    return Object.hasOwn(patients, token.clientId) ? { patient: patients[token.clientId] } : undefined;
+  },
+  // the clients in "scopeLists" get their access tokens' scope as a JSON list (SMART says a string)
+  formats: {
+    customizers: {
+      async jwt(ctx, token, jwt) {
+        if ((config.scopeLists ?? []).includes(token.clientId) && typeof jwt.payload.scope === 'string') {
+          jwt.payload.scope = jwt.payload.scope.split(' ');
+        }
+      },
+    },
   },
   ttl: {
     ClientCredentials: (ctx, token, client) => config.ttl?.[client.clientId] ?? 600,

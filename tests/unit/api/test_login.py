@@ -65,7 +65,8 @@ class FakeIdp:
     )
     codes: dict[str, dict[str, Any]] = field(default_factory=dict)
     token_requests: list[httpx.Request] = field(default_factory=list)
-    patient: str | None = "p1"  # the launch context the EHR gives
+    patient: Any = "p1"  # the launch context the EHR gives (None: none; else as given, of any JSON type)
+    answer: dict[str, Any] = field(default_factory=dict)  # overrides of the token answer's members
     claims: dict[str, Any] = field(default_factory=dict)  # overrides of the ID token's claims
     signing_key: rsa.RSAPrivateKey | None = None  # sign with another key than the published one
     clients: dict[str, str] = field(default_factory=lambda: {CLIENT: SECRET})  # registered: id -> secret
@@ -136,6 +137,7 @@ class FakeIdp:
         }
         if "launch" in asked and self.patient is not None:
             body["patient"] = self.patient
+        body.update(self.answer)
         return httpx.Response(200, json=body)
 
 
@@ -633,7 +635,8 @@ async def test_a_replica_reads_a_session_from_the_store_once_per_cache_ttl(tmp_p
     now = [1000.0]
     async with bridge(tmp_path) as b:
         shared = b.app.state.services.sessions.backend
-        b.app.state.services.sessions = sessions = SessionStore(60, backend=shared, clock=lambda: now[0], cache_ttl=5)
+        sessions = SessionStore(60, backend=shared, clock=lambda: now[0], cache_ttl=5)
+        b.app.state.services.sessions = sessions
         await b.login()
         first = [(await b.http.get("/imaging-studies/is1/links")).status_code for _ in range(20)]
         reads_while_cached = sessions.reads
@@ -786,3 +789,167 @@ async def test_two_session_cookies_are_refused_never_one_picked(tmp_path: Path) 
     assert two.status_code == 401 and "more than one" in two.json()["issue"][0]["diagnostics"]
     assert quoted.status_code == 401
     assert plain.status_code == 401  # over https only the __Host- cookie is the session's
+
+
+# --- Refused logins and launches are security alerts (BALP), bounded per address and window ---------------
+
+FORGED_STATE, FORGED_CODE = "forged-state-5d1c", "forged-code-5d1c"
+ODD_PATIENT = "pat-7731"  # a value no message, log line or AuditEvent may repeat
+
+
+async def _begun(b: Bridge, start: str = "/login") -> dict[str, str]:
+    """A login begun in this browser and signed in at the provider: the callback's query."""
+    to_idp = await b.page(start)
+    assert to_idp.status_code == 302, to_idp.text
+    return b.idp.authorize(to_idp.headers["location"])
+
+
+async def _forged(b: Bridge) -> httpx.Response:
+    return await b.http.get("/login/callback", params={"state": FORGED_STATE, "code": FORGED_CODE})
+
+
+async def _stateless(b: Bridge) -> httpx.Response:
+    return await b.http.get("/login/callback", params={"code": FORGED_CODE})
+
+
+async def _replayed(b: Bridge) -> httpx.Response:
+    query = await _begun(b)
+    assert (await b.http.get("/login/callback", params=query)).status_code == 303  # not an alert
+    return await b.http.get("/login/callback", params=query)
+
+
+async def _denied(b: Bridge) -> httpx.Response:
+    query = await _begun(b)
+    return await b.http.get("/login/callback", params={"state": query["state"], "error": "access_denied"})
+
+
+async def _made_up_error(b: Bridge) -> httpx.Response:
+    query = await _begun(b)  # an error the provider never sends: words an attacker put in the URL
+    return await b.http.get("/login/callback", params={"state": query["state"], "error": "call_7731_now"})
+
+
+async def _no_code(b: Bridge) -> httpx.Response:
+    query = await _begun(b)
+    return await b.http.get("/login/callback", params={"state": query["state"]})
+
+
+async def _code_not_issued(b: Bridge) -> httpx.Response:
+    query = await _begun(b)
+    return await b.http.get("/login/callback", params={**query, "code": FORGED_CODE})
+
+
+async def _nonce_mismatch(b: Bridge) -> httpx.Response:
+    b.idp.claims = {"nonce": "another-login"}
+    return await b.login()
+
+
+async def _foreign_signature(b: Bridge) -> httpx.Response:
+    b.idp.signing_key = _new_key()
+    return await b.login()
+
+
+async def _launched_with(b: Bridge, **answer: Any) -> httpx.Response:
+    if "patient" in answer:
+        b.idp.patient = answer.pop("patient")
+    b.idp.answer = answer
+    return await b.launch()
+
+
+async def _unknown_ehr(b: Bridge) -> httpx.Response:
+    return await b.page("/launch", params={"iss": "https://other-ehr.example/fhir", "launch": "x"})
+
+
+def _login_alerts(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The access audit's lines (BRIDGE_AUDIT=log) of refused logins and launches."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "bridge.audit.access" and "action=login " in r.getMessage()
+    ]
+
+
+EXPIRED = "was already used, or took too long"  # the 400 page, in a clinician's words
+
+
+@pytest.mark.parametrize(
+    ("attempt", "status", "why", "shown"),
+    [
+        (_forged, 400, "state is unknown, already used or expired", EXPIRED),
+        (_stateless, 400, "without a state", EXPIRED),
+        (_replayed, 400, "state is unknown, already used or expired", EXPIRED),
+        (_denied, 401, "the identity provider answered access_denied", "answered: access_denied"),
+        # an error no provider sends is not repeated: the words an attacker put in the URL
+        (_made_up_error, 401, "the identity provider answered an error", "answered: an error"),
+        (_no_code, 401, "the identity provider answered no code", "answered: no code"),
+        (_code_not_issued, 502, "the token endpoint refused the request: HTTP 400 (invalid_grant)", None),
+        (_nonce_mismatch, 502, "nonce does not match", None),
+        (_foreign_signature, 502, "signature or claims are invalid", None),
+        (lambda b: _launched_with(b, patient=None), 403, "no patient in context", None),
+        (lambda b: _launched_with(b, patient=7731), 502, "patient is a number, not a FHIR id", None),
+        (lambda b: _launched_with(b, patient=[ODD_PATIENT]), 502, "patient is a list, not a FHIR id", None),
+        (lambda b: _launched_with(b, patient=""), 502, "patient is an empty string, not a FHIR id", None),
+        (lambda b: _launched_with(b, patient=f"{ODD_PATIENT}/x"), 502, "an id cannot have", None),
+        (
+            lambda b: _launched_with(b, scope=["launch", "openid", "patient/ImagingStudy.read"]),
+            502,
+            "scope is a list, not a space-separated string",
+            None,
+        ),
+        (_unknown_ehr, 403, "not in BRIDGE_SMART_LAUNCH_ISSUERS", "not allowed to launch"),
+    ],
+    ids=[
+        "forged state",
+        "no state",
+        "replayed callback",
+        "provider error",
+        "made-up error",
+        "no code",
+        "code not issued",
+        "nonce mismatch",
+        "foreign signature",
+        "launch without patient",
+        "launch patient a number",
+        "launch patient a list",
+        "launch patient empty",
+        "launch patient not an id",
+        "launch scope a list",
+        "launch from an unknown EHR",
+    ],
+)
+async def test_a_refused_login_or_launch_is_one_security_alert_naming_why_and_nothing_secret(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    attempt: Any,
+    status: int,
+    why: str,
+    shown: str | None,
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with bridge(tmp_path, audit="log") as b:
+        answer = await attempt(b)
+        after = await b.http.get("/imaging-studies/is1/links")
+    assert answer.status_code == status, answer.text
+    assert (shown or why) in answer.text  # the page says why (a failed login: the audit's own words)
+    assert COOKIE not in answer.headers.get("set-cookie", "")
+    # no session was opened (a replay leaves the session its first use opened as it was)
+    assert after.status_code == (200 if attempt is _replayed else 401)
+    (alert,) = _login_alerts(caplog)  # one AuditEvent-to-be; a login that succeeded (replayed) is none
+    assert "outcome=refused caller=unauthenticated" in alert and why in alert
+    for secret in (FORGED_STATE, FORGED_CODE, "code-0", "opaque-access-token", "eyJ", "7731", "dr-who"):
+        assert secret not in caplog.text
+        assert secret not in answer.text
+
+
+async def test_a_burst_of_refused_callbacks_from_one_address_is_one_security_alert_a_window(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A prober varying what it replays is one AuditEvent per BRIDGE_AUDIT_WINDOW; a window of 0 shows all."""
+    caplog.set_level(logging.INFO)
+    burst = [_forged, _stateless, _replayed, _denied, _code_not_issued] * 4
+    for window, expected in (("60", 1), ("0", len(burst))):
+        caplog.clear()
+        async with bridge(tmp_path / window, audit="log", audit_window=window) as b:
+            statuses = {(await attempt(b)).status_code for attempt in burst}
+            alerts = _login_alerts(caplog)
+        assert statuses == {400, 401, 502}
+        assert len(alerts) == expected, (window, alerts)
