@@ -17,6 +17,7 @@ from bridge.api import errors
 from bridge.api.auth.caller import SECURITY_SCHEMES
 from bridge.api.errors import AuthenticationError
 from bridge.api.exposure import needs_auth
+from bridge.api.forwarded import ForwardedHeaders
 from bridge.api.middleware import ObservabilityMiddleware
 from bridge.api.routes import (
     docs,
@@ -117,7 +118,14 @@ def create_app(
             max_age=600,
         )
     app.add_middleware(links.CachedLinksLane)  # cached lookups skip FastAPI's routing; inside the metrics
-    app.add_middleware(ObservabilityMiddleware)  # added last: outermost
+    app.add_middleware(ObservabilityMiddleware)
+    secret = settings.gateway.secret
+    if settings.trusted_proxies or secret is not None:  # added last: outermost, so every part sees the caller
+        app.add_middleware(
+            ForwardedHeaders,
+            proxies=list(settings.trusted_proxies),
+            front_secret=secret.get_secret_value() if secret is not None else None,
+        )
     return app
 
 

@@ -83,9 +83,9 @@ def _serve(host: str, port: int, *, run_scheduler: bool) -> None:
     except BridgeError as exc:
         raise fail(exc) from None
     # uvicorn's access log prints raw paths and query strings; the app logs route templates instead.
-    # X-Forwarded-For / -Proto only from the proxies the operator names (BRIDGE_TRUSTED_PROXIES), never
-    # uvicorn's default of 127.0.0.1: any local process could write the audit trail's client address.
-    trusted = list(settings.trusted_proxies)
+    # X-Forwarded-For / -Proto are the app's to believe (bridge/api/forwarded.py: the front's secret or
+    # BRIDGE_TRUSTED_PROXIES), never uvicorn's: its default believes any local process, which could
+    # then write the audit trail's client address.
     uvicorn.run(
         api,
         host=host,
@@ -93,8 +93,7 @@ def _serve(host: str, port: int, *, run_scheduler: bool) -> None:
         log_config=None,
         access_log=False,
         server_header=False,
-        proxy_headers=bool(trusted),
-        forwarded_allow_ips=trusted or None,
+        proxy_headers=False,
     )
 
 

@@ -160,9 +160,9 @@ class Settings(PerSourceSettings, BaseSettings):
     trusted_proxies: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description=(
-            "Addresses or networks (CIDR) of the proxies whose X-Forwarded-For / -Proto bridge serve "
-            "believes (the nginx front's, a load balancer's); none: the connecting address is the "
-            "client's, whatever a caller writes in those headers"
+            "Addresses or networks (CIDR) of the proxies whose X-Forwarded-For / -Proto the API "
+            "believes (a load balancer's; the nginx front needs no entry, it sends its secret); none: "
+            "the connecting address is the client's, whatever a caller writes in those headers"
         ),
     )
     push: PushSettings = Field(default_factory=PushSettings)

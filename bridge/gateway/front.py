@@ -23,7 +23,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from bridge.config import Settings, SourceSettings
-from bridge.cookies import cookie_name
+from bridge.cookies import HOST_PREFIX, VALUE, cookie_name, spellings
 from bridge.errors import ConfigurationError
 from bridge.gateway.proxy import FORWARDED_REQUEST
 
@@ -63,9 +63,10 @@ HIDDEN_RESPONSE = (
     "Server",
     "X-Powered-By",
 )
-# Statuses the fast path hands to the bridge, which answers them as it would without the front.
-_HANDED_ON = (400, 401, 403, 404, 405, 406, 408, 409, 410, 412, 413, 414, 415, 416, 418, 429, 500, 501, 502,
-              503, 504)  # fmt: skip
+# Statuses the fast path hands to the bridge, which answers them as it would without the front: every
+# error, so no archive's error body reaches a caller (it may tell another patient's UID from an unknown
+# one). nginx takes error pages for 300 to 599 but never 499, its own "client closed the connection".
+HANDED_ON = tuple(code for code in range(400, 600) if code != 499)
 TEMP_PATHS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")  # nginx's temporary folders
 # Up to a megabyte of an archive's answer in memory, never on disk: a slice in one pass, and a large
 # answer paced by the caller (nginx stops reading the archive while its buffers are full).
@@ -76,6 +77,38 @@ ANSWER_BUFFERS = (
     "proxy_max_temp_file_size 0;",
 )
 _LISTEN = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$|^[0-9]{1,5}$")
+
+
+def cookie_patterns(name: str) -> dict[str, str]:
+    """The regular expressions nginx reads cookie ``name`` with, as bridge/cookies.py `read` does.
+
+    Each is searched in the request's Cookie headers, which nginx joins with "; " (``$http_cookie``):
+
+    - ``session``: group 1 is the one value, written as a browser writes it;
+    - ``odd``: a pair whose name spells either of the cookie's names (plain or __Host-) with other
+      characters than printable ASCII in or around it, but for the one space after ``;``;
+    - ``twice``: two pairs of that name;
+    - ``unsound``: a value the bridge never makes.
+
+    They are plain PCRE that Python's ``re`` reads alike (tests/unit/gateway/test_front.py holds
+    them to `read` on adversarial headers), and hold no character nginx's quoted strings change.
+    """
+    junk = r"[^\x21-\x7e]"  # what `read` drops from a name before comparing it
+
+    def spelled(text: str) -> str:
+        return "".join(re.escape(c) + junk + "*" for c in text)
+
+    base = spellings(name)[0]
+    either = f"(?:{re.escape(HOST_PREFIX)})?{re.escape(base)}="  # either name, as a browser writes it
+    either_spelled = f"{junk}*(?:{spelled(HOST_PREFIX)})?{spelled(base)}="
+    own_spelled = f"{junk}*{spelled(name)}="
+    own, value = re.escape(name), VALUE.pattern
+    return {
+        "session": f"(?:^|; ?){own}=({value})(?:;|$)",
+        "odd": f"(?:^(?!{either})|;(?! ?{either})){either_spelled}",
+        "twice": f"(?:^|;){own_spelled}.*;{own_spelled}",
+        "unsound": f"(?:^|; ?){own}=(?!{value}(?:;|$))",
+    }
 
 
 def _variable(header: str) -> str:
@@ -180,12 +213,21 @@ def nginx_config(settings: Settings, options: FrontOptions) -> str:
         if options.certificate is not None
         else []
     )
+    secret_value = secret.get_secret_value()
+    if not re.fullmatch(r"[\x21-\x7e]+", secret_value) or any(c in secret_value for c in '"\\;{}$'):
+        raise ConfigurationError(
+            "BRIDGE_GATEWAY_FRONT_SECRET: for the front, printable ASCII without spaces, quotes, "
+            "backslashes, ';', '{', '}' or '$'"
+        )
+    # Every request nginx hands the bridge carries the secret: the bridge then believes the address
+    # nginx adds to X-Forwarded-For (bridge/api/forwarded.py), and no other local caller's.
     to_bridge = [
         "proxy_http_version 1.1;",
         'proxy_set_header Connection "";',
         "proxy_set_header Host $http_host;",
-        "proxy_set_header X-Forwarded-For $remote_addr;",
+        "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
         "proxy_set_header X-Forwarded-Proto $scheme;",
+        f'proxy_set_header {SECRET_HEADER} "{secret_value}";',
     ]
     # Pages, lookups and the gateway's own answers stream as the bridge writes them.
     streamed = ["proxy_buffering off;", "proxy_request_buffering off;", "proxy_read_timeout 3600s;"]
@@ -209,14 +251,8 @@ def nginx_config(settings: Settings, options: FrontOptions) -> str:
         "proxy_intercept_errors on;",
         *_archive_tls(settings.each_source()),
     ]
-    secret_value = secret.get_secret_value()
-    if not re.fullmatch(r"[\x21-\x7e]+", secret_value) or any(c in secret_value for c in '"\\;{}$'):
-        raise ConfigurationError(
-            "BRIDGE_GATEWAY_FRONT_SECRET: for the front, printable ASCII without spaces, quotes, "
-            "backslashes, ';', '{', '}' or '$'"
-        )
-    handed_on = " ".join(str(code) for code in _HANDED_ON)
-    cookie = re.escape(cookie_name(settings))
+    handed_on = " ".join(str(code) for code in HANDED_ON)
+    cookie = cookie_patterns(cookie_name(settings))
     user = [f"user {options.user};"] if options.user else []
     lines = [
         "# The FHIR-DICOMweb bridge's gateway front, written by `bridge front-config`. It holds the",
@@ -238,16 +274,22 @@ def nginx_config(settings: Settings, options: FrontOptions) -> str:
         f"    proxy_cache_path {state / 'grants'} levels=1:2 keys_zone=bridge_grants:4m max_size=64m "
         "inactive=10m use_temp_path=off;",
         f"    upstream bridge {{ server {bridge}; keepalive 32; }}",
-        # The session cookie the bridge reads (every Cookie header, joined by nginx), and whether
-        # there is more than one: then the bridge refuses the request, and so does the fast path,
-        # so a grant is never filed under one cookie while the bridge authenticated another.
+        # The session cookie the bridge reads (every Cookie header, joined by nginx), read as the
+        # bridge reads it (bridge/cookies.py), and whether the bridge refuses the headers: two of it,
+        # its name written oddly, a value it never makes. Then the fast path refuses them too, so a
+        # grant is never filed under one cookie (or none) while the bridge authenticated another.
         "    map $http_cookie $bridge_session {",
         '        default "";',
-        f'        "~(?:^|;)\\s*{cookie}=([^;]*)" $1;',
+        f'        "~{cookie["session"]}" $1;',
         "    }",
-        "    map $http_cookie $bridge_sessions {",
+        "    map $http_cookie $bridge_cookie_refused {",
         "        default 0;",
-        f'        "~(?:^|;)\\s*{cookie}=.*;\\s*{cookie}=" 2;',
+        *(f'        "~{cookie[kind]}" 1;  # {kind}' for kind in ("odd", "twice", "unsound")),
+        "    }",
+        # No credential at all: nothing a grant may be filed under (every caller would share it).
+        '    map "$bridge_session$http_authorization$http_x_api_key" $bridge_no_credential {',
+        '        "" 1;',
+        "        default 0;",
         "    }",
         *upstreams,
         "    server {",
@@ -264,7 +306,8 @@ def nginx_config(settings: Settings, options: FrontOptions) -> str:
         "            set $bridge_series $3;",
         f"            error_page {handed_on} = @bridge;",
         "            if ($request_method !~ ^(GET|HEAD)$) { return 418; }",
-        "            if ($bridge_sessions) { return 401; }  # two session cookies: the bridge refuses them",
+        "            if ($bridge_cookie_refused) { return 401; }  # the bridge refuses them, saying why",
+        "            if ($bridge_no_credential) { return 401; }  # the bridge answers: never a grant",
         # The raw path must be the one matched: no escapes, dot segments or doubled slashes.
         f'            if ($request_uri !~ "^/dicom-web/{RETRIEVE}(?:\\?|$)") {{ return 418; }}',
         f"            auth_request {GRANT_PATH};",
@@ -279,13 +322,13 @@ def nginx_config(settings: Settings, options: FrontOptions) -> str:
         f"            proxy_pass http://bridge{GRANT_PATH};",
         "            proxy_pass_request_body off;",
         '            proxy_set_header Content-Length "";',
-        f'            proxy_set_header {SECRET_HEADER} "{secret_value}";',
         f"            proxy_set_header {PATH_HEADER} $bridge_path;",
         *(f"            {line}" for line in to_bridge),
         f"            proxy_read_timeout {deadline};",
         "            proxy_cache bridge_grants;  # needs proxy_buffering, on by default",
         # Keyed by the study and series and the very credentials the bridge reads: the one session
-        # cookie (the bridge refuses two), the first Authorization and X-API-Key headers (its too).
+        # cookie as the bridge reads it (it refuses any other), the first Authorization and X-API-Key
+        # headers (its too); never all three empty (see $bridge_no_credential).
         "            proxy_cache_key "
         '"$bridge_study $bridge_series $bridge_session $http_authorization $http_x_api_key";',
         "            proxy_cache_valid 200 0s;  # the bridge's X-Accel-Expires says how long a grant holds",

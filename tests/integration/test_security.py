@@ -13,11 +13,14 @@ import base64
 import hashlib
 import hmac
 import json
+import os
+import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import jwt
@@ -26,8 +29,11 @@ from cryptography.hazmat.primitives import serialization
 from pydicom.uid import generate_uid
 
 from bridge.gateway.front import GRANT_PATH
+from bridge.resolve.published import study_uid_of
 from tests.integration.conftest import Stack
 from tests.integration.test_front import (
+    ARCHIVE_PASSWORD,
+    FRONT_SECRET,
     FrontWorld,
     _answered,
     _bridge_with_front,
@@ -47,6 +53,8 @@ from tests.integration.test_login import (
 )
 from tests.integration.test_resolver import serve
 from tests.integration.test_smart_app import AUDIENCE, SMART_SCOPES, app_token_settings
+from tests.stack.faultproxy import Fault, FaultProxy
+from tests.stack.front import NginxFront
 from tests.stack.oidc import OidcProvider, secret_client
 from tests.stack.process import free_loopback_port
 from tests.stack.samples import SeriesSpec, StudySpec, build_study, load_demo, stow
@@ -59,6 +67,7 @@ HTML = {"Accept": "text/html"}
 METADATA = {"Accept": "application/dicom+json"}
 API_KEY = "security-test-key-8b1e"
 FORGED_ADDRESS = "203.0.113.7"  # TEST-NET-3: no caller here has it
+OTHER_LOOPBACK = "127.0.0.2"  # a caller on this host that is not 127.0.0.1 (Linux answers all of 127/8)
 
 
 def _events(
@@ -165,6 +174,63 @@ def test_two_session_cookies_cannot_file_a_grant_under_an_alias_at_the_front(sta
     assert alias_alone.status_code == 401
     assert own.status_code == 200 and own.json()
     assert direct.status_code == 401  # the bridge refuses it as well, with or without the front
+
+
+def _raw_get(url: str, headers: list[tuple[str, bytes]]) -> tuple[int, bytes]:
+    """GET with header values sent byte for byte (httpx refuses control characters in them)."""
+    parts = urlsplit(url)
+    lines = [f"GET {parts.path} HTTP/1.1".encode(), f"Host: {parts.netloc}".encode()]
+    lines += [name.encode("ascii") + b": " + value for name, value in headers]
+    lines.append(b"Connection: close")
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+        sock.sendall(b"\r\n".join(lines) + b"\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+def test_a_session_cookie_written_oddly_files_no_grant_at_the_front_for_callers_without_credentials(
+    stack: Stack,
+) -> None:
+    """`bridge_session =<real>`: a bridge that trimmed names authenticated it, while nginx read no cookie
+    and filed the grant under an empty key, which every caller without credentials then shared."""
+    with launched_behind_front(stack) as session:
+        path = f"/dicom-web/studies/{session.jane_uid}/metadata"
+        front, bridge = session.front.url + path, session.front.bridge_url + path
+        accept = ("Accept", b"application/dicom+json")
+        real = session.cookie.encode("ascii")
+        grants = _settled(GRANT_PATH, 200)
+        odd = {
+            "space": b"bridge_session =" + real,
+            "tab": b"bridge_session\t=" + real,
+            "tab after ;": b"theme=dark;\tbridge_session=" + real,
+            "no-break space": b"\xa0bridge_session=" + real,
+            "control character": b"\x1fbridge_session=" + real,
+        }
+        answers = {
+            (way, name): _raw_get(url, [accept, ("Cookie", cookie)])
+            for name, cookie in odd.items()
+            for way, url in (("front", front), ("bridge", bridge))
+        }
+        refused_grants = _settled(GRANT_PATH, 200) - grants
+        # Then a caller with no credentials, or an empty cookie, asks for the same study.
+        nothing = _raw_get(front, [accept])
+        empty = _raw_get(front, [accept, ("Cookie", b"bridge_session=")])
+        own = _raw_get(front, [accept, ("Cookie", b"bridge_session=" + real)])
+    for (way, name), (status, body) in answers.items():
+        if name == "control character":
+            # The bridge's HTTP parser refuses a control character in a header outright (400).
+            assert status in (400, 401), (way, name, status)
+        else:
+            assert status == 401, (way, name, status)
+            assert b"written with spaces or control characters" in body, (way, name)
+        assert b"00100020" not in body  # no DICOM JSON: not a byte of the study
+    assert refused_grants == 0  # nothing was granted, so nothing was filed under any key
+    for status, body in (nothing, empty):
+        assert status == 401 and b"00100020" not in body
+    assert own[0] == 200 and b"00100020" in own[1]  # the real cookie, written plainly, still works
 
 
 def test_a_logged_out_session_gets_nothing_from_the_front_once_the_grant_lifetime_is_over(
@@ -304,6 +370,34 @@ def test_forwarded_headers_are_believed_only_from_the_proxies_the_operator_names
     assert [_address(e) for e in events] == [recorded]
 
 
+def test_behind_the_front_the_audit_trail_names_the_caller_the_front_saw_not_a_forged_address(
+    stack: Stack,
+) -> None:
+    """`bridge serve` with no trusted proxies behind `bridge front-config`'s nginx: the front proves itself
+    with its secret, so its X-Forwarded-For is believed; a local caller's own X-Forwarded-For is not,
+    sent straight to the bridge or through the front."""
+    with _served(stack, gateway_front_secret=FRONT_SECRET) as (url, _):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+        env |= stack.settings_env(api_keys=API_KEY, gateway_front_secret=FRONT_SECRET)
+        uids = [study_uid_of(study) for study in stack.fhir_search("ImagingStudy")]
+        with NginxFront(env, url) as front:
+            forged = {"X-API-Key": API_KEY, "X-Forwarded-For": FORGED_ADDRESS}
+            # A caller on another loopback address, through the front (one study each: an AuditEvent
+            # is kept per caller, study and window).
+            with httpx.Client(transport=httpx.HTTPTransport(local_address=OTHER_LOOPBACK), timeout=30) as far:
+                through = far.get(f"{front.url}/studies/{uids[0]}/links", headers=forged)
+            direct = httpx.get(f"{url}/studies/{uids[1]}/links", headers=forged, timeout=30)
+            guessed = httpx.get(
+                f"{url}/studies/{uids[2]}/links",
+                headers={**forged, "X-Bridge-Front-Secret": FRONT_SECRET[:-1] + "x"},
+                timeout=30,
+            )
+            events = _events(stack, lambda e: _action(e) == "links", at_least=3)
+    assert [a.status_code for a in (through, direct, guessed)] == [200, 200, 200]
+    by_study = {uid: [_address(e) for e in events if uid in json.dumps(e)] for uid in uids[:3]}
+    assert by_study == {uids[0]: [OTHER_LOOPBACK], uids[1]: ["127.0.0.1"], uids[2]: ["127.0.0.1"]}
+
+
 def test_refused_credentials_are_one_security_alert_per_address_and_window(stack: Stack) -> None:
     with _served(stack) as (url, uid):
         attempts = [
@@ -407,6 +501,7 @@ def test_forged_tokens_path_tricks_foreign_uids_and_replayed_grants_get_nothing(
     assert _settled(GRANT_PATH, 200) == grants  # none of it was granted
 
 
+@pytest.mark.interop
 def test_another_patients_uid_and_an_unknown_uid_are_indistinguishable(world: FrontWorld) -> None:  # noqa: F811
     """Within its own study, a patient-limited caller learns nothing from another patient's UIDs: the
     archive's error bodies (which tell a UID it holds from one it does not) never reach the caller,
@@ -424,3 +519,32 @@ def test_another_patients_uid_and_an_unknown_uid_are_indistinguishable(world: Fr
                 assert foreign.status_code == missing.status_code == 404, (base, tail, foreign.status_code)
                 assert foreign.content == missing.content, (base, tail)
                 assert foreign.json()["issue"][0]["diagnostics"] == "not found in the study's archive"
+
+
+@pytest.mark.parametrize("status", [402, 409, 422, 451, 507])
+def test_no_error_body_of_the_archive_reaches_a_caller_through_the_front(
+    world: FrontWorld,  # noqa: F811
+    status: int,
+) -> None:
+    """Whatever error the archive answers a granted retrieve with, the caller gets the bridge's own answer."""
+    ann = {"Authorization": f"Bearer {world.token('app-ann')}"}
+    study_uid, sop_uids = world.studies["MRN-ANN"]
+    with FaultProxy(world.orthanc.base_url) as archive:
+        env = dict(world.env, BRIDGE_DICOMWEB_URL=archive.proxied(world.orthanc.dicomweb_url))
+        with _bridge_with_front(env, free_loopback_port()) as (bridge, front):
+            series = httpx.get(f"{front.url}/dicom-web/studies/{study_uid}/series", headers=ann, timeout=30)
+            series_uid = series.json()[0]["0020000E"]["Value"][0]
+            path = f"/dicom-web/studies/{study_uid}/series/{series_uid}/instances/{sop_uids[0]}"
+            grants = _answered(GRANT_PATH, 200)
+            archive.add(Fault(status=status, path="/instances/"))
+            through = httpx.get(f"{front.url}{path}", headers=ann, timeout=30)
+            direct = httpx.get(f"{bridge}{path}", headers=ann, timeout=30)
+            granted = _settled(GRANT_PATH, 200) - grants
+    answered = [e.status for e in archive.events("status")]
+    assert granted == 1 and len(answered) >= 2  # the fast path asked the archive, and so did the bridge
+    for answer in (through, direct):
+        assert answer.status_code >= 400
+        assert answer.json()["resourceType"] == "OperationOutcome"
+        assert "fault proxy" not in answer.text and "injected" not in answer.text
+        assert ARCHIVE_PASSWORD not in answer.text
+    assert through.status_code == direct.status_code and through.content == direct.content

@@ -245,8 +245,15 @@ class ThreadedServer(Launcher):
         if self.running:
             return
         self.port = self._requested_port or free_loopback_port()
+        # No proxy headers at uvicorn, as `bridge serve` runs it: the app decides whose it believes.
         config = uvicorn.Config(
-            self.app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False, lifespan="on"
+            self.app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            proxy_headers=False,
         )
         server = uvicorn.Server(config)
         self._server = server

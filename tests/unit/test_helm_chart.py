@@ -414,10 +414,12 @@ def test_the_image_runs_as_a_non_root_user_with_a_healthcheck() -> None:
     assert any(line.startswith("HEALTHCHECK ") for line in lines)
 
 
-def test_the_front_is_a_trusted_proxy_and_a_scraper_opens_metrics_unless_config_says_otherwise() -> None:
+def test_the_front_needs_no_trusted_proxy_and_a_scraper_opens_metrics_unless_config_says_otherwise() -> None:
     front = ["--set", "front.enabled=true", "--set", "secretConfig.gateway_front_secret=" + "s" * 40]
     env = _environment(objects(*MINIMAL, *front, "--set", "serviceMonitor.enabled=true"))
-    assert env["BRIDGE_TRUSTED_PROXIES"] == "127.0.0.1"  # the front runs in the pod, on loopback
+    # The front proves itself with its secret (bridge/api/forwarded.py): loopback, and so every other
+    # process in the pod, is not trusted for it.
+    assert "BRIDGE_TRUSTED_PROXIES" not in env
     assert env["BRIDGE_API_METRICS_AUTH"] == "false"
     chosen = objects(
         *MINIMAL,
@@ -430,6 +432,7 @@ def test_the_front_is_a_trusted_proxy_and_a_scraper_opens_metrics_unless_config_
         "config.api_metrics_auth=true",
     )
     env = _environment(chosen)
+    # The operator's proxies, as given: nothing replaced, nothing added.
     assert env["BRIDGE_TRUSTED_PROXIES"] == "10.0.0.0/8" and env["BRIDGE_API_METRICS_AUTH"] == "true"
     plain = _environment(objects(*MINIMAL))
     assert "BRIDGE_TRUSTED_PROXIES" not in plain and "BRIDGE_API_METRICS_AUTH" not in plain

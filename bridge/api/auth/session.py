@@ -15,7 +15,6 @@ session never outlives its own expiry.
 from __future__ import annotations
 
 import hashlib
-import re
 import secrets
 import time
 from collections import OrderedDict
@@ -30,11 +29,10 @@ from bridge.api.auth.security import Caller
 from bridge.api.errors import AuthenticationError, RateLimitedError
 from bridge.config import Settings
 from bridge.config.hosts import is_loopback
-from bridge.cookies import COOKIE, cookie_name, host_prefixed
+from bridge.cookies import COOKIE, cookie_name, host_prefixed, read
 from bridge.state.store import SqlStore
 
 LOGIN_COOKIE = "bridge_login"  # binds a login under way to the browser that began it
-_COOKIE_VALUE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")  # what secrets.token_urlsafe makes, nothing else
 SESSION = "session"
 LOGIN = "login"
 MAX_SESSIONS = 10_000  # in memory: the oldest is dropped beyond this
@@ -349,25 +347,16 @@ def clear_session_cookie(response: Response, settings: Settings) -> None:
 def read_cookie(request: Request, name: str) -> str | None:
     """The one value of cookie ``name`` across every Cookie header; None when absent.
 
-    Two cookies of that name are refused (401), never one picked: the nginx front keys its grants
-    on the same cookie, and a browser never sends two of ours, so two are someone's attempt to have
-    the bridge authenticate one value and the front file the grant under the other. A value the
-    bridge never makes (quoted, odd characters) is refused too, so the front's key and the bridge's
-    credential are the same bytes.
+    Read strictly (bridge/cookies.py `read`), as the nginx front reads it: two cookies of that name,
+    a name written with spaces or control characters by it, or a value the bridge never makes are
+    refused (401), never one picked or trimmed. The front keys its grants on the same cookie, and a
+    browser sends none of these, so each is someone's attempt to have the bridge authenticate one
+    value while the front files the grant under another (or under none).
     """
-    found: list[str] = []
-    for header in request.headers.getlist("cookie"):
-        for chunk in header.split(";"):
-            key, equals, value = chunk.partition("=")
-            if equals and key.strip() == name:
-                found.append(value.strip())
-    if not found:
-        return None
-    if len(found) > 1:
-        raise AuthenticationError(f"the request carries more than one {name} cookie; send one")
-    if not _COOKIE_VALUE.match(found[0]):
-        raise AuthenticationError(f"the {name} cookie is not one the bridge set; log in again")
-    return found[0]
+    reading = read(request.headers.getlist("cookie"), name)
+    if reading.refused is not None:
+        raise AuthenticationError(reading.refused)
+    return reading.value
 
 
 def sound_cookie(request: Request, name: str) -> str | None:

@@ -953,3 +953,23 @@ async def test_a_burst_of_refused_callbacks_from_one_address_is_one_security_ale
             alerts = _login_alerts(caplog)
         assert statuses == {400, 401, 502}
         assert len(alerts) == expected, (window, alerts)
+
+
+@pytest.mark.parametrize(
+    "written",
+    ["{name} ={real}", "{name}\t={real}", "\xa0{name}={real}", "a=1;\t{name}={real}", "{plain} ={real}"],
+)
+async def test_a_session_cookie_whose_name_is_written_oddly_is_refused_not_trimmed(
+    tmp_path: Path, written: str
+) -> None:
+    """The nginx front reads no session in these; were the bridge to trim the name, it would authenticate
+    one, and the front would file the grant under an empty cookie (bridge/cookies.py)."""
+    async with bridge(tmp_path) as b:
+        await b.login()
+        real = b.http.cookies[COOKIE]
+        b.http.cookies.clear()
+        cookie = written.format(name=COOKIE, plain=PLAIN_COOKIE, real=real)
+        odd = await b.http.get("/imaging-studies/is1/links", headers={"Cookie": cookie.encode("latin-1")})
+    assert odd.status_code == 401
+    assert "written with spaces or control characters" in odd.json()["issue"][0]["diagnostics"]
+    assert real not in odd.text

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import base64
+import re
 from pathlib import Path
 
 import certifi
+import hypothesis
 import pytest
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from bridge import cookies
 from bridge.api.routes.gateway import grant_seconds
 from bridge.cli import app as cli
 from bridge.config import Settings
@@ -139,6 +143,29 @@ async def test_a_grant_is_one_audit_event_per_caller_study_and_window(tmp_path: 
     assert events[0]["entity"][1]["what"]["reference"] == "ImagingStudy/s1"
 
 
+async def test_the_audit_trail_names_the_caller_the_front_saw_and_never_one_a_caller_wrote(
+    tmp_path: Path,
+) -> None:
+    caller, forged = "198.51.100.23", "203.0.113.7"
+    world = World()
+    async with gateway(tmp_path, world, gateway_front_secret=SECRET, audit="fhir") as api:
+        # The front's question: its secret, and the address nginx saw last in X-Forwarded-For.
+        granted = await api.get(
+            front.GRANT_PATH,
+            headers=_asking(INSTANCE, **bearer(**PATIENT_1), **{"X-Forwarded-For": f"{forged}, {caller}"}),
+        )
+        # A local caller without the secret, writing the header itself: refused, at its own address.
+        other = bearer(patient="p2", scope="patient/ImagingStudy.read")
+        refused = await api.get(
+            f"/dicom-web/studies/{UID_1}/metadata", headers={**other, "X-Forwarded-For": forged}
+        )
+        await api.app.state.services.audit.flush()  # type: ignore[attr-defined]
+    assert (granted.status_code, refused.status_code) == (200, 403)
+    events = [e["resource"] for b in world.audit_bundles for e in b["entry"]]
+    addresses = {e["outcome"]: e["agent"][0]["network"]["address"] for e in events}
+    assert addresses == {"0": caller, "4": "127.0.0.1"}  # httpx's ASGI transport connects as 127.0.0.1
+
+
 # ---------------------------------------------------------------- the path grammar of the fast path
 
 
@@ -208,6 +235,29 @@ def test_the_configuration_routes_retrieves_to_the_archive_and_the_rest_to_the_b
     assert "access_log off;" in text and "error_log stderr crit;" in text
     assert f"proxy_cache_path {tmp_path / 'grants'} " in text
     assert "proxy_ssl" not in text  # no archive over https
+
+
+def test_every_error_of_the_archive_is_answered_by_the_bridge_never_passed_on(tmp_path: Path) -> None:
+    """The archive's error body may tell another patient's UID from an unknown one (or name it)."""
+    text = front.nginx_config(_settings(), front.FrontOptions(state_dir=tmp_path))
+    [line] = [line.strip() for line in text.splitlines() if line.strip().startswith("error_page ")]
+    assert line.endswith(" = @bridge;")
+    handed_on = {int(code) for code in line.split()[1:-2]}
+    # Every status nginx can intercept: 499 is nginx's own ("client closed"), refused in error_page.
+    assert handed_on == set(range(400, 600)) - {499}
+    assert "proxy_intercept_errors on;" in text
+
+
+def test_every_request_the_front_hands_the_bridge_carries_its_secret(tmp_path: Path) -> None:
+    """The bridge believes the front's X-Forwarded-For for its secret (bridge/api/forwarded.py)."""
+    text = front.nginx_config(_settings(), front.FrontOptions(state_dir=tmp_path))
+    to_bridge = [block for block in text.split("location ")[1:] if "proxy_pass http://bridge" in block]
+    assert len(to_bridge) == 3  # everything else, the grant, and what the fast path hands on
+    for block in to_bridge:
+        assert block.count(f'proxy_set_header {front.SECRET_HEADER} "{SECRET}";') == 1
+        assert "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;" in block
+    archive = next(block for block in text.split("location ")[1:] if "$x_bridge_forward" in block)
+    assert SECRET not in archive and "proxy_pass_request_headers off;" in archive  # never to the archive
 
 
 def test_archives_over_https_are_verified_with_their_ca_bundle(tmp_path: Path) -> None:
@@ -349,10 +399,20 @@ def test_the_grant_is_keyed_by_the_bridges_own_session_cookie_and_two_are_refuse
         public_url=public_url, oidc_issuer="https://idp.example", oidc_client_id="bridge-web"
     )
     text = front.nginx_config(settings, front.FrontOptions(state_dir=tmp_path))
-    assert f'"~(?:^|;)\\s*{cookie}=([^;]*)" $1;' in text  # the one cookie the bridge reads, by name
+    assert f'"~(?:^|; ?){cookie}=([A-Za-z0-9_-]{{1,128}})(?:;|$)" $1;' in text  # the bridge's cookie, by name
     assert "$cookie_" not in text  # never nginx's own pick of the first of several
-    assert "if ($bridge_sessions) { return 401; }" in text
+    assert "if ($bridge_cookie_refused) { return 401; }" in text
     assert '"$bridge_study $bridge_series $bridge_session $http_authorization $http_x_api_key";' in text
+
+
+def test_a_retrieve_without_any_credential_is_never_granted_at_the_front(tmp_path: Path) -> None:
+    """No cookie, token or key: the bridge answers it (401, or anonymous access if configured); a grant
+    filed under an empty key would serve every caller without credentials."""
+    text = front.nginx_config(_settings(), front.FrontOptions(state_dir=tmp_path))
+    assert '    map "$bridge_session$http_authorization$http_x_api_key" $bridge_no_credential {\n' in text
+    assert '        "" 1;\n        default 0;\n' in text
+    # Checked before the grant is asked: 401 hands the request to the bridge (error_page).
+    assert text.index("if ($bridge_no_credential) { return 401; }") < text.index("auth_request ")
 
 
 @pytest.mark.usefixtures("rejected")
@@ -368,3 +428,153 @@ async def test_no_retrieve_of_a_study_with_withdrawn_instances_goes_straight_to_
         patient = await api.get(front.GRANT_PATH, headers=_asking(path, **bearer(**PATIENT_1)))
         machine = await api.get(front.GRANT_PATH, headers=_asking(path, **{"X-API-Key": "machine-key-1"}))
     assert (patient.status_code, machine.status_code) == (403, 403)
+
+
+# ---------------------------------------------------------------- the session cookie, read alike by both
+
+REAL = "Zm9vYmFyLXNlc3Npb24taWQtMTIzNDU2Nzg5MA"
+
+
+def _unquoted(text: str) -> str:
+    """An nginx quoted string's content as nginx reads it (its own escapes; any other backslash kept)."""
+    escapes = {'"': '"', "'": "'", "\\": "\\", "t": "\t", "r": "\r", "n": "\n"}
+    return re.sub(r"\\([\"'\\trn])", lambda m: escapes[m.group(1)], text)
+
+
+def _map(config: str, variable: str) -> list[tuple[re.Pattern[str], str]]:
+    """The regular expressions of nginx's ``map $http_cookie $variable`` block, in order, and their values."""
+    block = re.search(rf"map \$http_cookie \${variable} \{{\n(.*?)\n    \}}", config, re.S)
+    assert block is not None, variable
+    entries = re.findall(r'^\s*"~(.*)" (\S+);', block.group(1), re.M)
+    return [(re.compile(_unquoted(regex)), value) for regex, value in entries]
+
+
+class _Front:
+    """The generated configuration's cookie maps, applied with Python's re as nginx applies them."""
+
+    def __init__(self, public_url: str, tmp_path: Path) -> None:
+        settings = _settings(public_url=public_url, oidc_issuer="https://idp.example", oidc_client_id="web")
+        config = front.nginx_config(settings, front.FrontOptions(state_dir=tmp_path))
+        self.session = _map(config, "bridge_session")
+        self.refused = _map(config, "bridge_cookie_refused")
+        assert len(self.session) == 1 and self.session[0][1] == "$1"
+        assert [value for _, value in self.refused] == ["1", "1", "1"]
+
+    def read(self, joined: str) -> tuple[bool, str]:
+        """(whether the fast path refuses, the value of $bridge_session) for nginx's $http_cookie."""
+        refused = any(regex.search(joined) for regex, _ in self.refused)
+        found = self.session[0][0].search(joined)
+        return refused, found.group(1) if found else ""
+
+
+def _agree(reader: _Front, name: str, headers: list[str]) -> None:
+    """The front and the bridge read these Cookie header values (as sent) alike.
+
+    nginx drops a value's leading spaces and tabs and its trailing spaces; the bridge's HTTP parser
+    (httptools or h11) drops leading and trailing spaces and tabs of what nginx passes on.
+    """
+    at_front = [h.lstrip(" \t").rstrip(" ") for h in headers]
+    refused, keyed = reader.read("; ".join(at_front))
+    reading = cookies.read([h.strip(" \t") for h in at_front], name)
+    if reading.refused is not None:
+        assert refused, (headers, reading.refused)  # the front refuses what the bridge refuses
+        return
+    # What the fast path files a grant under is what the bridge authenticated, or it hands it on.
+    assert refused or keyed == (reading.value or ""), (headers, keyed, reading.value)
+    if at_front == [h.strip(" \t") for h in at_front]:  # nothing trimmed: the very same reading
+        assert not refused, headers
+
+
+_ADVERSARIAL = [
+    [f"bridge_session={REAL}"],
+    [f"a=1; bridge_session={REAL}; b=2"],
+    [f"a=1;bridge_session={REAL}"],
+    ["a=1", f"bridge_session={REAL}"],
+    [f"bridge_session =alias; bridge_session={REAL}"],
+    [f"bridge_session ={REAL}"],
+    [f"bridge_session\t={REAL}"],
+    [f"\x1fbridge_session={REAL}"],
+    [f"bridge_session\x1f={REAL}"],
+    [f"\xa0bridge_session={REAL}"],
+    [f"a=1;\tbridge_session={REAL}"],
+    [f"a=1;  bridge_session={REAL}"],
+    [f"a=1; \x0bbridge_session={REAL}"],
+    [f"bri dge_session={REAL}"],
+    [f"bridge_session=alias; bridge_session={REAL}"],
+    ["bridge_session=alias", f"bridge_session={REAL}"],
+    ["bridge_session=alias", f" bridge_session={REAL}"],
+    [f"bridge_session={REAL}\t"],
+    [f"bridge_session={REAL} "],
+    [f"bridge_session={REAL} ; a=1"],
+    [f'bridge_session="{REAL}"'],
+    ["bridge_session="],
+    ["bridge_session=; a=1"],
+    [f"bridge_session={REAL}=x"],
+    [f"xbridge_session={REAL}"],
+    [f"__Host-bridge_session={REAL}"],
+    [f"__Host-bridge_session ={REAL}; bridge_session={REAL}"],
+    [f"__Host- bridge_session={REAL}"],
+    [f"bridge_session={REAL}; __Host-bridge_session=alias"],
+    [f"__Host-bridge_session=alias; __Host-bridge_session={REAL}"],
+    [f"__Host-bridge_session\t={REAL}"],
+    [f"Bridge_Session={REAL}"],
+    [f"bridge_session={'a' * 129}"],
+    ["", f"bridge_session={REAL}"],
+    [f"bridge_session={REAL};;"],
+]
+
+
+@pytest.mark.parametrize(
+    ("public_url", "name"),
+    [("http://127.0.0.1:8080", "bridge_session"), ("https://bridge.example", "__Host-bridge_session")],
+)
+def test_the_front_keys_grants_on_the_very_cookie_the_bridge_authenticates(
+    tmp_path: Path, public_url: str, name: str
+) -> None:
+    reader = _Front(public_url, tmp_path)
+    for headers in _ADVERSARIAL:
+        _agree(reader, name, headers)
+    # The attack of the audit, spelled out: the bridge refuses, and so does the front.
+    for odd in (f"{name} ={REAL}", f"{name}\t={REAL}", f"\x1f{name}={REAL}"):
+        assert reader.read(odd)[0] and cookies.read([odd], name).refused
+
+
+_NAME_PARTS = ["bridge_session", "__Host-bridge_session", "__Host-", "bridge", "_session", "other", "Bridge"]
+_JUNK = [" ", "\t", "\x1f", "\x0b", "\x7f", "\xa0", ""]
+_VALUES = [REAL, "alias", "", '"x"', "a b", "a=b", "a" * 129, REAL + " ", REAL + "\t"]
+_SEPARATORS = ["; ", ";", ";  ", "; \t", ";\t", ";\x1f", "; ;"]
+
+
+def _joined(parts: tuple[str, list[tuple[str, str]]]) -> str:
+    first, more = parts
+    return first + "".join(separator + pair for separator, pair in more)
+
+
+# Pairs whose names are the session cookie's (or near it), spelled every way, in Cookie header values.
+_PAIR = st.builds(
+    lambda name, junk, value: "".join(j + part for j, part in name) + junk + "=" + value,
+    st.lists(st.tuples(st.sampled_from(_JUNK), st.sampled_from(_NAME_PARTS)), min_size=1, max_size=2),
+    st.sampled_from(_JUNK),
+    st.sampled_from(_VALUES),
+)
+_COOKIE_HEADERS = st.lists(
+    st.tuples(_PAIR, st.lists(st.tuples(st.sampled_from(_SEPARATORS), _PAIR), max_size=2)).map(_joined),
+    min_size=1,
+    max_size=3,
+)
+_ANY_TEXT = st.lists(st.text(alphabet="bridge_sion=; \t\x1f\xa0_Hot-xa", max_size=40), min_size=1, max_size=2)
+
+
+@pytest.mark.parametrize("public_url", ["http://127.0.0.1:8080", "https://bridge.example"])
+def test_on_any_cookie_headers_the_front_and_the_bridge_read_the_session_alike(
+    tmp_path: Path, public_url: str
+) -> None:
+    reader = _Front(public_url, tmp_path)
+    name = "__Host-bridge_session" if public_url.startswith("https") else "bridge_session"
+
+    @hypothesis.settings(max_examples=200, deadline=None, derandomize=True)
+    @hypothesis.given(st.one_of(_COOKIE_HEADERS, _ANY_TEXT))
+    def agree(headers: list[str]) -> None:
+        _agree(reader, name, headers)
+
+    agree()
