@@ -352,6 +352,11 @@ def report(path: str, run: PathRun, every: float, interval: float) -> None:
             if stables and last > min(stables):
                 rate = len(done) / (last - min(stables))
                 figures["drain rate studies/s (first stable -> last readable)"] = f"{rate:.1f}"
+                if max(stables) > min(stables):
+                    # The archive's own pace bounds the drain: no study is pushed before it is stable.
+                    archive = len(stables) / (max(stables) - min(stables))
+                    figures["archive's pace studies/s (first stable -> last stable)"] = f"{archive:.1f}"
+                    figures["readable after the last stable s"] = f"{last - max(stables):.1f}"
                 if run.full_sync is not None and run.full_sync[1] > 0:
                     created, seconds = run.full_sync
                     full = created / seconds
