@@ -279,10 +279,33 @@ class Publisher:
                 await self._forget_capabilities()
                 raise refused from exc
         else:
-            result = await self._fhir.conditional_update(resource, search)
+            try:
+                result = await self._fhir.conditional_update(resource, search)
+            except FatalUpstreamError as exc:
+                if exc.status not in (404, 405):
+                    raise
+                await self._unless_not_fhir(exc)
+                raise
         self.writes += 1
         self.write_requests += 1
         return self._learn(result)
+
+    async def _unless_not_fhir(self, exc: FatalUpstreamError) -> None:
+        """A conditional PUT answered 404 or 405: if [base]/metadata shows no FHIR server, say that.
+
+        A FHIR server takes ``PUT Type?identifier=...``; a DICOMweb archive, a web page or a wrong
+        path answers 404 or 405, and the bare answer would not say that BRIDGE_FHIR_URL is the fix.
+        Asked only after such a failure (a run with no change still makes no request), once per
+        publisher, and not at all when the state store keeps this server's capabilities (it
+        answered a CapabilityStatement then).
+        """
+        if not self._server_checked:
+            try:
+                await self._check_update_create()
+            except UpstreamError:
+                return  # no answer to GET metadata either: the write's own failure is told
+        if self._not_fhir is not None:
+            raise not_a_fhir_server(None, self._not_fhir) from exc
 
     async def put_studies(self, items: Sequence[StudyWrite]) -> list[WriteResult | BridgeError]:
         """Write ImagingStudies and their dose Observations, in batch Bundles where the server takes them.

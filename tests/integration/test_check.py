@@ -85,11 +85,15 @@ def test_an_archive_url_that_is_not_dicomweb_exits_2_naming_it(stack: Stack) -> 
     assert "BRIDGE_DICOMWEB_URL" in text and "the URL before /studies" in text
 
 
+@pytest.mark.parametrize("strategy", ["client-id", "conditional"])
 @pytest.mark.parametrize("command", ["check", "sync"])
-def test_a_fhir_url_pointing_at_the_archive_says_it_is_not_a_fhir_server(stack: Stack, command: str) -> None:
-    # Not advice to change BRIDGE_WRITE_STRATEGY, which leads to another 404.
+def test_a_fhir_url_pointing_at_the_archive_says_it_is_not_a_fhir_server(
+    stack: Stack, command: str, strategy: str
+) -> None:
+    # Not advice to change BRIDGE_WRITE_STRATEGY (which leads to another 404), nor the bare 404
+    # of the conditional PUT: under either strategy, the URL is what to fix.
     _store(stack, "HOSP-A")
-    result = stack.cli(command, fhir_url=stack.orthanc.dicomweb_url)
+    result = stack.cli(command, fhir_url=stack.orthanc.dicomweb_url, write_strategy=strategy)
     assert result.returncode == 2, result.stdout + result.stderr
     text = flat(result.stdout + result.stderr)
     assert "BRIDGE_FHIR_URL" in text and "is not a FHIR server" in text
