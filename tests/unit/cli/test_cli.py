@@ -121,6 +121,18 @@ def test_a_store_that_cannot_open_names_its_file_folder_and_setting(
     assert "Background on this error" not in message
 
 
+def test_a_store_that_turned_read_only_exits_4_naming_its_file_and_setting(
+    runner: CliRunner, configured: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    SqlStore(f"sqlite:///{configured}").close()  # made by an earlier run
+    monkeypatch.setenv("BRIDGE_STATE_URL", f"sqlite:///file:{configured}?mode=ro&uri=true")
+    result = runner.invoke(app, ["sync"])  # its first write is the run record: before any peer is asked
+    assert result.exit_code == 4, result.stderr
+    message = "".join(result.stderr.split())  # the long path may be wrapped anywhere
+    assert f"(file{configured})" in message and "BRIDGE_STATE_URL" in message
+    assert "readonlydatabase" in message
+
+
 def test_a_store_url_password_is_never_shown(
     runner: CliRunner, configured: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
