@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +17,6 @@ if TYPE_CHECKING:
     from bridge.config import SourceSettings
     from bridge.sync.preview import Preview
     from bridge.sync.report import RunReport
-
 
 
 def report_dict(report: RunReport, seconds: float) -> dict[str, Any]:
@@ -138,6 +137,88 @@ class SourceHealth:
     last_run: Any  # a Run, or None
     parked: Sequence[Any]  # ParkedStudy rows
     newest_published: str | None  # the latest study start published (FHIR dateTime)
+    last_poll: Any = None  # the last successful run that polled the archive (a Run), or None
+    lags: dict[str, dict[str, float]] = field(default_factory=dict)  # path -> its last measured lag
+    pushes: tuple[int, float | None] = (0, None)  # pushes waiting (every source syncs them), oldest's arrival
+    feed: bool = False  # the source is configured to read a change feed
+
+
+# What the poll's lag is: a poll has no archive time for a change to measure from.
+POLL_LAG = (
+    "the age of the last successful run that polled the archive (full, incremental, reconcile or "
+    "feed-gap): a study stored since then waits for the next poll, unless a push or the change feed "
+    "brings it sooner"
+)
+
+
+def _measured(kept: dict[str, float] | None, now: datetime) -> dict[str, Any] | None:
+    if kept is None:
+        return None
+    return {
+        "seconds": kept["seconds"],
+        "studies": int(kept.get("studies", 0)),
+        "measured_at": datetime.fromtimestamp(kept["at"], UTC).isoformat(),
+        "age_seconds": round(max(0.0, now.timestamp() - kept["at"])),
+    }
+
+
+def _current_lag(source: SourceHealth, now: datetime) -> dict[str, Any]:
+    """How late the published record can be, per path: the poll always; push and feed where used."""
+    poll = source.last_poll
+    poll_at = _aware(poll.finished_at) if poll is not None else None
+    lag: dict[str, Any] = {
+        "poll": {
+            "seconds": None if poll_at is None else round((now - poll_at).total_seconds()),
+            "measured_as": POLL_LAG,
+            "run": None
+            if poll is None or poll_at is None
+            else {"id": poll.id, "kind": poll.kind, "finished_at": poll_at.isoformat()},
+        }
+    }
+    waiting, oldest = source.pushes
+    if waiting or "push" in source.lags:
+        lag["push"] = {
+            "waiting": waiting,
+            # The oldest push not yet synced: how late the push path is right now.
+            "oldest_waiting_seconds": None
+            if oldest is None
+            else round(max(0.0, now.timestamp() - oldest), 1),
+            "last_measured": _measured(source.lags.get("push"), now),
+        }
+    if source.feed or "feed" in source.lags:
+        lag["feed"] = {"last_measured": _measured(source.lags.get("feed"), now)}
+    return lag
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.3g} s" if value < 90 else duration(value)
+
+
+def lag_text(lag: dict[str, Any]) -> str:
+    """A source's current lag in a few words, path by path."""
+    poll = lag["poll"]["seconds"]
+    parts = [
+        "poll never succeeded"
+        if poll is None
+        else f"poll up to {duration(poll)} (since the last successful poll)"
+    ]
+    for path in ("push", "feed"):
+        if path not in lag:
+            continue
+        waiting, oldest = lag[path].get("waiting"), lag[path].get("oldest_waiting_seconds")
+        last = lag[path]["last_measured"]
+        if waiting and oldest is not None:  # the oldest waiting push: how late the path is right now
+            since = (
+                f"; last measured {_seconds(last['seconds'])}, {duration(last['age_seconds'])} ago"
+                if last is not None
+                else ""
+            )
+            parts.append(f"{path} {_seconds(oldest)} now ({waiting} waiting{since})")
+        elif last is not None:
+            parts.append(f"{path} {_seconds(last['seconds'])} (measured {duration(last['age_seconds'])} ago)")
+        else:
+            parts.append(f"{path} not measured yet")
+    return ", ".join(parts)
 
 
 def _health(source: SourceHealth, now: datetime) -> dict[str, Any]:
@@ -183,6 +264,7 @@ def _health(source: SourceHealth, now: datetime) -> dict[str, Any]:
             }
             for (kind, attribute), rows in sorted(by_reason.items(), key=lambda item: -len(item[1]))
         ],
+        "current_lag": _current_lag(source, now),
         # The store keeps what was published, not what the archive holds now: the live lag is the
         # bridge_sync_lag_seconds metric of a running worker.
         "newest_study_published": source.newest_published,
@@ -252,27 +334,6 @@ def status_dict(
     }
 
 
-def freshness_dict(
-    waiting: int, oldest: float | None, lags: Sequence[dict[str, Any]], now: float
-) -> dict[str, Any]:
-    """The current lag for ``bridge status``: the push queue now, and each path's last measured lag."""
-    return {
-        "pushes_waiting": waiting,
-        # The oldest push not yet synced: how late the push path is right now.
-        "oldest_push_seconds": round(now - oldest, 1) if oldest is not None else None,
-        "last_lag": [
-            {
-                "source": lag["source"],
-                "path": lag["path"],
-                "seconds": lag["seconds"],
-                "studies": int(lag.get("studies", 0)),
-                "measured_at": datetime.fromtimestamp(lag["at"], UTC).isoformat(),
-            }
-            for lag in lags
-        ],
-    }
-
-
 def print_status(data: dict[str, Any]) -> None:
     """``bridge status`` as text: a health headline per source, then runs and parked studies."""
     from rich.box import SIMPLE_HEAD
@@ -288,6 +349,7 @@ def print_status(data: dict[str, Any]) -> None:
         )
         out().print(
             f"source [bold]{escape(health['name'])}[/bold]: {health['health']}; {when}; "
+            f"lag: {lag_text(health['current_lag'])}; "
             f"{health['published']} studies published, {health['gone']} gone from the archive, "
             f"{health['parked']} parked"
             + (f", {health['withdrawn']} withdrawn from clinicians" if health.get("withdrawn") else ""),
@@ -330,17 +392,6 @@ def print_status(data: dict[str, Any]) -> None:
             r["series_query"] or "-",
         )
     out().print(table)
-    fresh = data.get("freshness")
-    if fresh is not None:
-        oldest = fresh["oldest_push_seconds"]
-        line = f"pushes waiting: {fresh['pushes_waiting']}" + (
-            f", oldest {oldest:g} s" if oldest is not None else ""
-        )
-        for lag in fresh["last_lag"]:
-            line += (
-                f"; last {lag['path']} lag ({lag['source']}): {lag['seconds']:g} s at {lag['measured_at']}"
-            )
-        out().print(line, highlight=False)
     for r in data["runs"]:
         if r["note"]:
             out().print(f"run {r['id']} ({r['kind']}): {r['note']}", highlight=False)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from datetime import datetime
 from typing import Annotated
 
@@ -58,13 +57,16 @@ def status(
         store = SqlStore(settings.state_url)
     except StoreError as exc:
         raise fail(exc) from None
-    from bridge.sync.freshness import PATHS, checkpoint_name, last_lag
+    from bridge.config.choices import ChangeSourceKind
+    from bridge.sync.freshness import PATHS, POLL_KINDS, checkpoint_name, last_lag
 
     try:
         known = store.sources()
         # The configured sources too (one never synced is news), unless the archive is unset.
         unset = str(settings.dicomweb.url) == UNSET_URL and not settings.sources
-        configured = [] if unset else [s.name for s in settings.each_source()]
+        each = [] if unset else settings.each_source()
+        configured = [s.name for s in each]
+        feeds = {s.name for s in each if s.change_source is ChangeSourceKind.ORTHANC}
         if source is not None and source not in {*known, *configured}:
             err().print(
                 f"[red]error:[/red] --source {source!r} is not one of: {', '.join([*configured, *known])}",
@@ -72,6 +74,7 @@ def status(
             )
             raise typer.Exit(ExitCode.CONFIGURATION)
         names = [source] if source else list(dict.fromkeys([*configured, *known]))
+        pushes = store.push_queue()  # every source syncs each push
         sources = [
             render.SourceHealth(
                 name=name,
@@ -80,6 +83,14 @@ def status(
                 last_run=next(iter(store.runs(1, source=name)), None),
                 parked=store.parked(name),
                 newest_published=store.newest_published(name),
+                last_poll=store.last_successful_run(name, POLL_KINDS),
+                lags={
+                    path: kept
+                    for path in PATHS
+                    if (kept := last_lag(store.checkpoint(name, checkpoint_name(path)))) is not None
+                },
+                pushes=pushes,
+                feed=name in feeds,
             )
             for name in names
         ]
@@ -87,20 +98,12 @@ def status(
         recent = store.runs(runs, source=source)
         parked = store.parked(source)
         withdrawn = store.withdrawn(source)
-        waiting, oldest = store.push_queue()
-        lags = [
-            {"source": name, "path": path, **kept}
-            for name in names
-            for path in PATHS
-            if (kept := last_lag(store.checkpoint(name, checkpoint_name(path)))) is not None
-        ]
     except StoreError as exc:
         raise fail(exc) from None
     finally:
         store.close()
     label = source or (names[0] if len(names) == 1 else "all")
     data = render.status_dict(label, counts, recent, parked, sources, datetime.now(UTC), withdrawn)
-    data["freshness"] = render.freshness_dict(waiting, oldest, lags, time.time())
     if as_json:
         out().print_json(data=data)
         return

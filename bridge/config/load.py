@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from bridge.config.settings import CONFIG_FILE_VARIABLE, UPSTREAMS, Settings, nested_models, setting_paths
-from bridge.config.source import ENV_PREFIX
+from bridge.config.source import ENV_PREFIX, SourceEntryError, is_per_source
 from bridge.errors import ConfigurationError
 
 
@@ -26,7 +26,11 @@ def _did_you_mean(name: str, known: Iterable[str]) -> str:
 
 
 def _file_lines(path: str) -> dict[tuple[str, ...], int]:
-    """Each key path of a YAML config file (nested mappings too) -> its line, counted from 1."""
+    """Each key path of a YAML config file -> its line, counted from 1.
+
+    Nested mappings give longer paths (``("fhir", "auth")``); a list's items are at their index
+    (``("sources", "0")``, the line the item starts on), so each ``sources`` entry's keys are too.
+    """
     try:
         with open(path, encoding="utf-8") as stream:
             root = yaml.compose(stream, Loader=yaml.SafeLoader)
@@ -35,6 +39,11 @@ def _file_lines(path: str) -> dict[tuple[str, ...], int]:
     lines: dict[tuple[str, ...], int] = {}
 
     def walk(node: yaml.Node, prefix: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                path_ = (*prefix, str(index))
+                lines[path_] = item.start_mark.line + 1
+                walk(item, path_)
         if not isinstance(node, yaml.MappingNode):
             return
         for key, value in node.value:
@@ -62,6 +71,9 @@ def _describe(
     error: Mapping[str, Any], file_lines: Mapping[tuple[str, ...], int], config_file: str | None
 ) -> str:
     """One error, naming the variable, or the config file's key and line where it came from."""
+    entry = (error.get("ctx") or {}).get("error")
+    if isinstance(entry, SourceEntryError):
+        return _describe_entry(entry, file_lines, config_file)
     loc = tuple(str(part).lower() for part in error["loc"])
     if not loc or (len(loc) == 1 and loc[0] in nested_models() and error["type"] == "value_error"):
         return _message(error)  # a check across settings (all, or a group's) names them in its message
@@ -77,6 +89,40 @@ def _describe(
     if error["type"] == "extra_forbidden":
         return f"{env_name}: is not a known setting{_did_you_mean(env_name, _known_variables())}"
     return f"{env_name}: {_message(error)}"
+
+
+def _describe_entry(
+    entry: SourceEntryError, file_lines: Mapping[tuple[str, ...], int], config_file: str | None
+) -> str:
+    """What is wrong with a ``sources`` entry: in the config file, each key's line; a likely key."""
+    from_file = config_file is not None and f"{ENV_PREFIX}SOURCES" not in {k.upper() for k in os.environ}
+    at = ("sources", str(entry.index))
+    described = []
+    for problem in entry.problems:
+        flat = "_".join(problem.key).lower()
+        reason = problem.reason()
+        if problem.kind == "extra_forbidden":
+            reason += _did_you_mean(flat, _source_keys())
+        elif problem.kind != "not_per_source":
+            reason = _message({"type": problem.kind, "msg": problem.message})
+        keys = [(*at, *(p.lower() for p in problem.key)), (*at, flat)] if problem.key else []
+        in_file = next((key for key in keys if key in file_lines), None) if from_file else None
+        # A key the file does not hold (a value the entry inherits) is pointed at by its entry.
+        key = ".".join(in_file[2:]) if in_file is not None else flat
+        what = f"{entry.where}, key {key}" if key else entry.where
+        line = file_lines.get(in_file or at) if from_file else None
+        described.append(
+            f"{CONFIG_FILE_VARIABLE} {config_file}, line {line}: {what}: {reason}"
+            if line is not None
+            else f"{what}: {reason}"
+        )
+    return "; ".join(described)
+
+
+@lru_cache(maxsize=1)
+def _source_keys() -> list[str]:
+    """The keys a ``sources`` entry takes: its name and the per-source settings, by flat name."""
+    return ["name", *(flat for flat in setting_paths() if is_per_source(flat))]
 
 
 def _flat_name(loc: tuple[str, ...]) -> str:

@@ -58,7 +58,9 @@ from bridge.config.hosts import is_loopback
 from bridge.config.source import (
     ENV_PREFIX,
     SOURCE_NAME,
+    EntryProblem,
     PerSourceSettings,
+    SourceEntryError,
     SourceSettings,
     entry_error,
     inherit,
@@ -326,22 +328,32 @@ def _resolved_sources(top: Mapping[str, Any], entries: list[Any]) -> Iterator[So
     names: set[str] = set()
     for index, entry in enumerate(entries):
         if not isinstance(entry, Mapping):
-            raise ValueError(f"BRIDGE_SOURCES: entry {index} is not a mapping of settings")
+            problem = EntryProblem((), "value_error", "is not a mapping of settings")
+            raise SourceEntryError(index, None, [problem])
         entry = dict(entry)
         name = entry.pop("name", None) or entry.get("source_name")
         entry.pop("source_name", None)
         if not name:
-            raise ValueError(f"BRIDGE_SOURCES: entry {index} has no name")
+            raise SourceEntryError(index, None, [EntryProblem((), "value_error", "has no name")])
         if name in names:
-            raise ValueError(f"BRIDGE_SOURCES: two sources are named {name!r}; names must be unique")
+            raise SourceEntryError(
+                index,
+                str(name),
+                [EntryProblem((), "value_error", f"two sources are named {name!r}; names must be unique")],
+            )
         names.add(str(name))
-        for key in entry:
-            if key != "dicomweb" and not is_per_source(key):
-                raise ValueError(f"BRIDGE_SOURCES entry {name!r}: {key!r} is not a per-source setting")
+        known = setting_paths()
+        wrong = [
+            EntryProblem((key,), "extra_forbidden" if key not in known else "not_per_source", "")
+            for key in entry
+            if key != "dicomweb" and (key not in known or not is_per_source(key))
+        ]
+        if wrong:
+            raise SourceEntryError(index, str(name), wrong)
         try:
             yield SourceSettings.model_validate({"name": name, **inherit(top, nest(entry))})
         except ValidationError as exc:
-            raise ValueError(entry_error(str(name), exc)) from None
+            raise entry_error(index, str(name), exc) from None
 
 
 @lru_cache(maxsize=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -178,10 +179,59 @@ def inherit(top: Mapping[str, Any], entry: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def entry_error(name: str, exc: ValidationError) -> str:
-    """One message for what is wrong with the ``sources`` entry ``name``, naming its settings."""
-    details = "; ".join(
-        f"{'_'.join(str(p) for p in e['loc']) or 'entry'}: {str(e['msg']).removeprefix('Value error, ')}"
+@dataclass(frozen=True, slots=True)
+class EntryProblem:
+    """One thing wrong in a ``sources`` entry: the key it is about (none: the entry), a kind, and why.
+
+    ``kind`` is pydantic's error type (``extra_forbidden`` for an unknown key, ``missing``...), or
+    ``not_per_source`` for a known setting that only the top level takes.
+    """
+
+    key: tuple[str, ...]
+    kind: str
+    message: str
+
+    def reason(self) -> str:
+        """The problem in words, after its key."""
+        if self.kind == "not_per_source":
+            return "is not a per-source setting (set it once, at the top level)"
+        if self.kind == "extra_forbidden":
+            return "is not a known setting"
+        return self.message
+
+    def text(self) -> str:
+        """The key and the problem."""
+        flat = "_".join(self.key)
+        return f"{flat}: {self.reason()}" if flat else self.reason()
+
+
+class SourceEntryError(ValueError):
+    """What is wrong with one ``sources`` entry, problem by problem, each with its key.
+
+    Its text is a whole message; the loader (bridge/config/load.py) reads the parts to name the
+    config file's line of each key and the key most likely meant.
+    """
+
+    def __init__(self, index: int, name: str | None, problems: list[EntryProblem]) -> None:
+        self.index = index
+        self.name = name
+        self.problems = problems
+        super().__init__(f"{self.where}: {'; '.join(p.text() for p in problems)}")
+
+    @property
+    def where(self) -> str:
+        """The entry, by its name when it has one."""
+        return (
+            f"{ENV_PREFIX}SOURCES entry {self.name!r}"
+            if self.name
+            else f"{ENV_PREFIX}SOURCES: entry {self.index}"
+        )
+
+
+def entry_error(index: int, name: str, exc: ValidationError) -> SourceEntryError:
+    """The error for what is wrong with the ``sources`` entry ``name``, naming its settings."""
+    problems = [
+        EntryProblem(tuple(str(p) for p in e["loc"]), e["type"], str(e["msg"]).removeprefix("Value error, "))
         for e in exc.errors(include_input=False)
-    )
-    return f"BRIDGE_SOURCES entry {name!r}: {details}"
+    ]
+    return SourceEntryError(index, name, problems)

@@ -17,7 +17,7 @@ from bridge.errors import (
     UpstreamError,
     VersionConflictError,
 )
-from bridge.fhir.results import BatchAnswer, WriteResult, not_a_fhir_server
+from bridge.fhir.results import BatchAnswer, WriteResult, metadata_failure, not_a_fhir_server
 from bridge.upstream.bounds import CallLimit, Pace
 from bridge.upstream.errors import RETRIABLE_STATUS, json_body, where
 from bridge.upstream.retry import RetryPolicy, send
@@ -184,8 +184,7 @@ class FhirClient:
         try:
             body = await self.capabilities()
         except FatalUpstreamError as exc:
-            answer = f"answered {exc.status}" if exc.status is not None else "did not answer JSON"
-            raise not_a_fhir_server(self._base, f"GET metadata {answer}") from exc
+            raise not_a_fhir_server(self._base, metadata_failure(exc.status)) from exc
         if body.get("resourceType") != "CapabilityStatement":
             raise not_a_fhir_server(self._base, "GET metadata answered no CapabilityStatement")
         return body

@@ -47,3 +47,13 @@ def not_a_fhir_server(base_url: str | None, why: str) -> ConfigurationError:
         "the one that ends where [base]/metadata answers a CapabilityStatement and [base]/ImagingStudy "
         "searches ImagingStudies"
     )
+
+
+def metadata_failure(status: int | None) -> str:
+    """Why ``GET [base]/metadata`` showed no FHIR server, for :func:`not_a_fhir_server`.
+
+    A failure with a success status is a body that was not JSON (a web page answering every path).
+    """
+    if status is not None and status >= 300:
+        return f"GET metadata answered {status}"
+    return "GET metadata did not answer JSON"

@@ -92,14 +92,19 @@ class RunStore(StoreBase):
         with self._session() as session:
             return list(session.scalars(query).all())
 
-    def last_successful_run(self, source: str) -> Run | None:
-        """The latest run of ``source`` that finished, every study published or parked."""
+    def last_successful_run(self, source: str, kinds: Sequence[str] | None = None) -> Run | None:
+        """The latest run of ``source`` that finished, every study published or parked.
+
+        With ``kinds``, the latest of those kinds (the polls, for the poll's lag).
+        """
         query = (
             select(Run)
             .where(Run.source == source, Run.status.in_(("ok", "parked")), Run.finished_at.is_not(None))
             .order_by(Run.finished_at.desc())
             .limit(1)
         )
+        if kinds is not None:
+            query = query.where(Run.kind.in_(list(kinds)))
         with self._session() as session:
             return session.scalars(query).first()
 

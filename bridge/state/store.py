@@ -16,7 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
 from bridge.errors import StoreError
-from bridge.state.base import open_problem, safe_url, utcnow
+from bridge.state.base import driver_words, location, open_problem, utcnow
 from bridge.state.browser import BrowserSessions
 from bridge.state.claims import StudyClaims
 from bridge.state.migrate import upgrade_engine
@@ -76,8 +76,10 @@ class SqlStore(StudyStore, RunStore, PushQueue, AuditQueue, BrowserSessions):
                 transaction.rollback()
         except SQLAlchemyError as exc:
             raise StoreError(
-                f"the state store at {safe_url(self.url)} opens but takes no write ({type(exc).__name__}); "
-                "check the file's or the database user's permissions, or set BRIDGE_STATE_URL"
+                f"the state store at {location(self.url)} opens but takes no write "
+                f"({type(exc).__name__}: {driver_words(exc)}); check the file's or the database user's "
+                "permissions (a read-only file, mount or replica), or point BRIDGE_STATE_URL at a store "
+                "that takes writes"
             ) from exc
 
     # Claims: which replica works on which study (see bridge.state.claims)

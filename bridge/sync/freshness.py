@@ -5,7 +5,8 @@ timestamp (Orthanc's ``StableStudy`` date) or the push's arrival; it stops when 
 ImagingStudy was written, as the store records it (``last_synced_at`` with a new FHIR version).
 A study the run did not write (unchanged, parked) is not measured. Each run's slowest study is kept
 in the state store (checkpoint ``lag-<path>``) for ``bridge status``; every study is observed in
-the ``bridge_sync_lag_seconds`` histogram.
+the ``bridge_sync_lag_seconds`` histogram. The QIDO poll's lag is the age of its last successful
+run (``POLL_KINDS``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from bridge.sync.protocols import StateStore
 from bridge.sync.report import RunReport
 
 PATHS = ("push", "feed")
+# The runs that poll the archive for what is new (the QIDO path): the poll has no archive time for a
+# change, so its lag is not measured; it is bounded by the time since the last of these succeeded
+# (a study stored since waits for the next poll, unless a push or the change feed brings it sooner).
+POLL_KINDS = ("full", "incremental", "reconcile", "feed-gap")
 
 
 def checkpoint_name(path: str) -> str:

@@ -19,7 +19,7 @@ from bridge.errors import (
     UpstreamError,
     VersionConflictError,
 )
-from bridge.fhir.results import WriteResult, not_a_fhir_server
+from bridge.fhir.results import WriteResult, metadata_failure, not_a_fhir_server
 from bridge.mapping.context import BRIDGE_TAG_SYSTEM, WITHDRAWN_EXTENSION, MappingContext
 from bridge.mapping.endpoint import endpoint_id, endpoint_identifier, map_endpoint
 from bridge.mapping.identifiers import escape_token, study_search
@@ -199,8 +199,7 @@ class Publisher:
                 statement = await self._fhir.capabilities()
             except FatalUpstreamError as exc:
                 statement = {}  # no readable CapabilityStatement: try, and park what fails
-                answer = f"answered {exc.status}" if exc.status is not None else "did not answer JSON"
-                self._not_fhir = f"GET metadata {answer}"
+                self._not_fhir = metadata_failure(exc.status)
             else:
                 if statement.get("resourceType") != "CapabilityStatement":
                     self._not_fhir = "GET metadata answered no CapabilityStatement"
@@ -267,22 +266,48 @@ class Publisher:
                 # A PUT with no If-Match to an id the server does not hold is a create; 404 or 405
                 # says the server will not create there (HAPI with client ids off answers 404,
                 # and its CapabilityStatement says nothing of updateCreate). Stop once, with advice.
-                if if_match is not None or exc.status not in (404, 405):
+                if if_match is not None or not _no_fhir_answer(exc):
                     raise
                 if self._not_fhir is not None:
                     # No CapabilityStatement and no PUT: the URL is wrong, not the write strategy.
                     refusal = not_a_fhir_server(None, self._not_fhir)
                     self._refusal = str(refusal)
                     raise refusal from exc
+                if exc.status not in (404, 405):
+                    raise
                 refused = refused_client_ids(resource["resourceType"], exc.status)
                 self._refusal = str(refused)
                 await self._forget_capabilities()
                 raise refused from exc
         else:
-            result = await self._fhir.conditional_update(resource, search)
+            try:
+                result = await self._fhir.conditional_update(resource, search)
+            except FatalUpstreamError as exc:
+                if not _no_fhir_answer(exc):
+                    raise
+                await self._unless_not_fhir(exc)
+                raise
         self.writes += 1
         self.write_requests += 1
         return self._learn(result)
+
+    async def _unless_not_fhir(self, exc: FatalUpstreamError) -> None:
+        """A conditional PUT failed as at no FHIR server: if [base]/metadata shows none, say that.
+
+        A FHIR server takes ``PUT Type?identifier=...``; a DICOMweb archive, a web page or a wrong
+        path answers 404, 405 or a page, and the bare answer would not say that BRIDGE_FHIR_URL is
+        the fix.
+        Asked only after such a failure (a run with no change still makes no request), once per
+        publisher, and not at all when the state store keeps this server's capabilities (it
+        answered a CapabilityStatement then).
+        """
+        if not self._server_checked:
+            try:
+                await self._check_update_create()
+            except UpstreamError:
+                return  # no answer to GET metadata either: the write's own failure is told
+        if self._not_fhir is not None:
+            raise not_a_fhir_server(None, self._not_fhir) from exc
 
     async def put_studies(self, items: Sequence[StudyWrite]) -> list[WriteResult | BridgeError]:
         """Write ImagingStudies and their dose Observations, in batch Bundles where the server takes them.
@@ -465,6 +490,15 @@ class Publisher:
             self.write_requests += 1
             return result.version
         return None  # not reached: the second conflict is raised
+
+
+def _no_fhir_answer(exc: FatalUpstreamError) -> bool:
+    """Whether a write's failure is what a URL serving no FHIR at all answers.
+
+    404 or 405 (no such path, no PUT there), or a success that is no FHIR answer (a page, not
+    JSON; JSON that says nothing of where it wrote).
+    """
+    return exc.status is None or exc.status < 300 or exc.status in (404, 405)
 
 
 def _token(identifier: dict[str, str]) -> str:

@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
+from tests.conftest import ARTIFACTS
 from tests.integration.conftest import Stack
+from tests.stack.fhir import FhirTestServer
+from tests.stack.orthanc import OrthancServer, ensure_installed
 from tests.stack.process import free_loopback_port
 from tests.stack.samples import StudySpec, build_study, stow
 
 pytestmark = pytest.mark.integration
+
+ARCHIVE_USER, ARCHIVE_PASSWORD = "bridge", "archive-pass-3c1a"
+FHIR_TOKEN = "fhir-token-9e2d51"
+WRONG = "wrong-secret-71f0"
 
 
 def flat(text: str) -> str:
@@ -85,11 +94,15 @@ def test_an_archive_url_that_is_not_dicomweb_exits_2_naming_it(stack: Stack) -> 
     assert "BRIDGE_DICOMWEB_URL" in text and "the URL before /studies" in text
 
 
+@pytest.mark.parametrize("strategy", ["client-id", "conditional"])
 @pytest.mark.parametrize("command", ["check", "sync"])
-def test_a_fhir_url_pointing_at_the_archive_says_it_is_not_a_fhir_server(stack: Stack, command: str) -> None:
-    # Not advice to change BRIDGE_WRITE_STRATEGY, which leads to another 404.
+def test_a_fhir_url_pointing_at_the_archive_says_it_is_not_a_fhir_server(
+    stack: Stack, command: str, strategy: str
+) -> None:
+    # Not advice to change BRIDGE_WRITE_STRATEGY (which leads to another 404), nor the bare 404
+    # of the conditional PUT: under either strategy, the URL is what to fix.
     _store(stack, "HOSP-A")
-    result = stack.cli(command, fhir_url=stack.orthanc.dicomweb_url)
+    result = stack.cli(command, fhir_url=stack.orthanc.dicomweb_url, write_strategy=strategy)
     assert result.returncode == 2, result.stdout + result.stderr
     text = flat(result.stdout + result.stderr)
     assert "BRIDGE_FHIR_URL" in text and "is not a FHIR server" in text
@@ -116,3 +129,92 @@ def test_a_viewer_that_does_not_answer_exits_3_naming_the_setting(stack: Stack) 
     assert result.returncode == 3, result.stdout + result.stderr
     text = flat(result.stdout)
     assert dead in text and "BRIDGE_VIEWER_URLS" in text
+
+
+@pytest.fixture(scope="module")
+def guarded() -> Iterator[tuple[OrthancServer, FhirTestServer]]:
+    """An archive that wants HTTP basic credentials, and a FHIR server that wants a bearer token."""
+    ensure_installed()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    fhir = FhirTestServer(
+        log_path=ARTIFACTS / "fhir-server-check.log", env={"FHIR_AUTH_STATIC_TOKENS": FHIR_TOKEN}
+    )
+    archive = OrthancServer(
+        name="bridge-check-auth",
+        basic_auth=(ARCHIVE_USER, ARCHIVE_PASSWORD),
+        log_path=ARTIFACTS / "orthanc-check-auth.log",
+    )
+    with fhir, archive:
+        yield archive, fhir
+
+
+def _findings(result: Any) -> list[dict[str, Any]]:
+    """The findings worth fixing (not OK), as ``bridge check --json`` gives them."""
+    return [f for f in json.loads(result.stdout)["findings"] if f["severity"] != "ok"]
+
+
+def test_archive_credentials_refused_exit_3_naming_the_auth_setting(
+    stack: Stack, guarded: tuple[OrthancServer, FhirTestServer]
+) -> None:
+    archive, _ = guarded
+    basic = {
+        "dicomweb_url": archive.dicomweb_url,
+        "dicomweb_auth": "basic",
+        "dicomweb_username": ARCHIVE_USER,
+    }
+    refused = stack.cli("check", "--json", dicomweb_password=WRONG, **basic, **_viewer(stack))
+    assert refused.returncode == 3, refused.stdout + refused.stderr
+    [finding] = _findings(refused)  # the archive's, and nothing else is wrong
+    assert finding["peer"] == "archive test-orthanc" and finding["severity"] == "upstream"
+    assert "refused the bridge's credentials" in finding["text"] and "401" in finding["text"]
+    assert "BRIDGE_DICOMWEB_AUTH" in finding["text"]
+    assert WRONG not in refused.stdout + refused.stderr  # the secret is never shown
+    # The right password: the same archive answers, and check passes.
+    accepted = stack.cli("check", "--json", dicomweb_password=ARCHIVE_PASSWORD, **basic, **_viewer(stack))
+    assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+    assert _findings(accepted) == []
+
+
+@pytest.mark.parametrize(
+    "credentials",
+    [
+        {
+            "fhir_auth": "basic",
+            "fhir_username": "bridge",
+            "fhir_password": WRONG,
+        },  # basic, where a token is wanted
+        {"fhir_auth": "bearer", "fhir_token": WRONG},  # a token it does not know
+    ],
+    ids=["basic", "wrong-token"],
+)
+def test_fhir_credentials_refused_exit_3_naming_the_auth_setting(
+    stack: Stack, guarded: tuple[OrthancServer, FhirTestServer], credentials: dict[str, str]
+) -> None:
+    _, fhir = guarded
+    refused = stack.cli("check", "--json", fhir_url=fhir.base_url, **credentials, **_viewer(stack))
+    assert refused.returncode == 3, refused.stdout + refused.stderr
+    [finding] = _findings(refused)  # its CapabilityStatement answers anyone; the search wants the token
+    assert finding["peer"] == "FHIR server" and finding["severity"] == "upstream"
+    assert "refused the bridge's credentials" in finding["text"] and "401" in finding["text"]
+    assert "BRIDGE_FHIR_AUTH" in finding["text"]
+    assert WRONG not in refused.stdout + refused.stderr
+    accepted = stack.cli(
+        "check", "--json", fhir_url=fhir.base_url, fhir_auth="bearer", fhir_token=FHIR_TOKEN, **_viewer(stack)
+    )
+    assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+
+
+def test_a_store_that_opens_read_only_exits_4_naming_the_file_and_setting(stack: Stack) -> None:
+    assert stack.cli("status").returncode == 0  # the store exists, migrated, as after any run
+    read_only = f"sqlite:///file:{stack.state_path}?mode=ro&uri=true"
+    result = stack.cli("check", "--json", state_url=read_only, **_viewer(stack))
+    assert result.returncode == 4, result.stdout + result.stderr
+    [finding] = _findings(result)
+    assert finding["peer"] == "state store" and finding["severity"] == "store"
+    assert f"(file {stack.state_path}) opens but takes no write" in finding["text"]
+    assert "readonly database" in finding["text"] and "BRIDGE_STATE_URL" in finding["text"]
+    # And sync, whose first write is its run record, says where and which setting too.
+    synced = stack.cli("sync", state_url=read_only)
+    assert synced.returncode == 4, synced.stdout + synced.stderr
+    text = flat(synced.stderr)
+    assert str(stack.state_path) in "".join(synced.stderr.split()) and "BRIDGE_STATE_URL" in text

@@ -42,6 +42,21 @@ def parked(stack: Stack) -> str:
 
 
 @pytest.fixture
+def parked_more(stack: Stack, parked: str) -> tuple[list[str], str]:
+    """Beside ``parked``: one more study parked for the same reason, and one parked for another.
+
+    The UIDs parked for the unmapped issuer (the reason the operator fixes), and the one parked for
+    a TimezoneOffsetFromUTC that is no offset.
+    """
+    same = build_study(StudySpec(patient_id="X-2", issuer="HOSP-X", description="Parked MR"))
+    other = build_study(StudySpec(patient_id="Y-1", issuer="HOSP-A", tz_offset="+1500"))
+    for datasets in (same, other):
+        stow(stack.orthanc.dicomweb_url, datasets)
+    stack.sync()
+    return sorted([parked, str(same[0].StudyInstanceUID)]), str(other[0].StudyInstanceUID)
+
+
+@pytest.fixture
 def operator_api(stack: Stack, parked: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """The bridge with the issuer added, API keys on and the audit to the FHIR server; its URL."""
     env = stack.settings_env(
@@ -124,3 +139,33 @@ def test_a_retry_by_reason_from_another_site_is_refused_and_the_page_needs_an_op
     assert keyed.status_code == 303 and keyed.headers["location"].endswith("retried=0&passed=0&still=0")
     listed = httpx.get(f"{operator_api}/failures", headers={"X-API-Key": KEY}, timeout=30).json()
     assert [f["study_uid"] for f in listed["failures"]] == [parked]
+
+
+def test_a_retry_by_reason_publishes_every_study_parked_for_it_and_only_those(
+    stack: Stack, parked_more: tuple[list[str], str], operator_api: str
+) -> None:
+    for_x, for_y = parked_more
+    key = {"X-API-Key": KEY}
+    listed = httpx.get(f"{operator_api}/failures", headers=key, timeout=30).json()["failures"]
+    reasons = {f["study_uid"]: f["reason"] for f in listed}
+    assert sorted(reasons) == sorted([*for_x, for_y])
+    reason = reasons[for_x[0]]
+    assert reasons[for_x[1]] == reason != reasons[for_y] and "IssuerOfPatientID" in reason
+    # As the page's "Retry all 2" button posts it (an API key needs no same-origin check).
+    page = httpx.get(f"{operator_api}/operator", headers=key, timeout=30)
+    assert "Retry all 2" in page.text
+    answer = httpx.post(
+        f"{operator_api}/operator/retry",
+        data={"source": "test-orthanc", "reason": reason},
+        headers=key,
+        timeout=120,
+    )
+    assert answer.status_code == 303, answer.text
+    assert answer.headers["location"].endswith("/operator?retried=2&passed=2&still=0")
+    published = sorted(s["identifier"][0]["value"] for s in stack.fhir_search("ImagingStudy"))
+    assert published == [f"urn:oid:{uid}" for uid in for_x]
+    left = httpx.get(f"{operator_api}/failures", headers=key, timeout=30).json()["failures"]
+    assert [f["study_uid"] for f in left] == [for_y]  # parked for another reason: untouched
+    events = _audit(stack, 2)
+    assert sorted(e["entity"][0]["what"]["identifier"]["value"] for e in events) == published
+    assert all(e["outcome"] == "0" for e in events)

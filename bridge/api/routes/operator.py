@@ -56,22 +56,28 @@ def is_operator(who: Caller, settings: Settings) -> bool:
     return settings.operator.role is not None and settings.operator.role in who.roles
 
 
+def refusal(settings: Settings) -> str:
+    """Why a caller who is no operator is refused, naming what would let them in."""
+    role = settings.operator.role
+    if role is None:
+        return "the operator page needs an API key, or BRIDGE_OPERATOR_ROLE set to a role the user holds"
+    return (
+        f"the operator page needs the role {role!r} in the {settings.operator.role_claim!r} claim "
+        "(BRIDGE_OPERATOR_ROLE, BRIDGE_OPERATOR_ROLE_CLAIM) or an API key"
+    )
+
+
 async def operator(request: Request) -> Caller:
     """The caller, if an operator; else 403 naming the setting (401 first without credentials)."""
     who = await authenticate(request)
     settings = services_of(request).settings
     if not is_operator(who, settings):
-        role = settings.operator.role
-        raise AccessDeniedError(
-            f"the operator page needs the role {role!r} in the {settings.operator.role_claim!r} claim "
-            "(BRIDGE_OPERATOR_ROLE, BRIDGE_OPERATOR_ROLE_CLAIM) or an API key"
-            if role is not None
-            else "the operator page needs an API key, or BRIDGE_OPERATOR_ROLE set to a role the user holds"
-        )
+        raise AccessDeniedError(refusal(settings))
     return who
 
 
 OperatorDep = Annotated[Caller, Depends(operator)]
+CallerDep = Annotated[Caller, Depends(authenticate)]
 router = APIRouter(tags=["operator"], include_in_schema=False)
 
 
@@ -172,15 +178,35 @@ def _runs_table(runs: Sequence[Run]) -> str:
     )
 
 
+def _refused_page(request: Request, who: Caller, settings: Settings) -> HTMLResponse:
+    """403 for a signed-in person who is no operator: which role it takes, and who they are signed in as."""
+    why = refusal(settings)
+    body = (
+        "<h1>Operator page: not for this account</h1>"
+        f'<p class="refusal">{html.escape(why[:1].upper() + why[1:])}.</p>'
+        "<p>Ask the bridge's administrator for that role, or sign in with an account that holds it.</p>"
+    )
+    return html_page("Operator page: not allowed", body, 403, request=request, who=who)
+
+
 @router.get(PAGE, response_class=HTMLResponse)
 async def operator_page(
     request: Request,
-    who: OperatorDep,
+    who: CallerDep,
     retried: Annotated[int | None, Query(ge=0)] = None,
     passed: Annotated[int | None, Query(ge=0)] = None,
     still: Annotated[int | None, Query(ge=0)] = None,
 ) -> HTMLResponse:
-    """Each source's last successful run and its age (the lag), counts, parked studies; recent runs."""
+    """Each source's last successful run and its age (the lag), counts, parked studies; recent runs.
+
+    A caller who is no operator gets 403: a page saying which role it takes for a browser, an
+    OperationOutcome for a program.
+    """
+    settings = services_of(request).settings
+    if not is_operator(who, settings):
+        if "text/html" in request.headers.get("accept", ""):
+            return _refused_page(request, who, settings)
+        raise AccessDeniedError(refusal(settings))
     runtimes = _runtimes(request)
     views = [await anyio.to_thread.run_sync(_source_view, r) for r in runtimes]
     runs = await anyio.to_thread.run_sync(runtimes[0].store.runs, RECENT_RUNS)
@@ -268,17 +294,14 @@ async def retry(request: Request, who: OperatorDep) -> Response:
             for uid in chosen:
                 note(request, who, "operator-retry", "failed", study_uid=uid, reason=type(exc).__name__)
             raise
-        again = {p.study_uid for p in report.parked}
+        # Parked again, or no longer in the archive (never published: it stays parked, to be
+        # corrected there): either way not published.
+        gone = set(report.not_found)
+        again = {p.study_uid for p in report.parked} | gone
         for uid in chosen:
             outcome: Outcome = "failed" if uid in again else "success"
-            note(
-                request,
-                who,
-                "operator-retry",
-                outcome,
-                study_uid=uid,
-                reason="still parked" if uid in again else None,
-            )
+            why = ("not in the archive" if uid in gone else "still parked") if uid in again else None
+            note(request, who, "operator-retry", outcome, study_uid=uid, reason=why)
         still = len(again & set(chosen))
         passed = len(chosen) - still
         logger.info("operator retry: %d studies of source %s, %d published", len(chosen), source, passed)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from bridge.cli.check import Report, Severity, _strategy
+from bridge.cli.check import Report, Severity, _strategy, check_store
+from bridge.state.store import SqlStore
 from bridge.sync.policy import WriteStrategy
+from tests.unit.settings_factory import make_settings
 
 
 def statement(**imaging_study: Any) -> dict[str, Any]:
@@ -42,3 +45,15 @@ def test_a_statement_that_allows_the_writes_or_says_nothing_finds_nothing() -> N
     _strategy(WriteStrategy.CLIENT_ID, statement(interaction=[{"code": "update"}], updateCreate=True), report)
     _strategy(WriteStrategy.CONDITIONAL, {"resourceType": "CapabilityStatement"}, report)
     assert report.findings == [] and report.worst == 0
+
+
+def test_a_store_that_opens_read_only_is_a_store_finding_naming_its_file_and_setting(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    SqlStore(f"sqlite:///{path}").close()  # made, and migrated, by a run before
+    settings = make_settings(state_url=f"sqlite:///file:{path}?mode=ro&uri=true")  # a read-only open
+    report = Report()
+    assert check_store(settings, report) is None
+    [finding] = report.findings
+    assert finding.peer == "state store" and finding.severity is Severity.STORE and report.worst == 4
+    assert f"(file {path}) opens but takes no write" in finding.text
+    assert "readonly database" in finding.text and "BRIDGE_STATE_URL" in finding.text

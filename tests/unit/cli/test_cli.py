@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -118,6 +119,18 @@ def test_a_store_that_cannot_open_names_its_file_folder_and_setting(
     assert f"thefolder{missing.parent}doesnotexist" in message
     assert "BRIDGE_STATE_URL" in message
     assert "Background on this error" not in message
+
+
+def test_a_store_that_turned_read_only_exits_4_naming_its_file_and_setting(
+    runner: CliRunner, configured: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    SqlStore(f"sqlite:///{configured}").close()  # made by an earlier run
+    monkeypatch.setenv("BRIDGE_STATE_URL", f"sqlite:///file:{configured}?mode=ro&uri=true")
+    result = runner.invoke(app, ["sync"])  # its first write is the run record: before any peer is asked
+    assert result.exit_code == 4, result.stderr
+    message = "".join(result.stderr.split())  # the long path may be wrapped anywhere
+    assert f"(file{configured})" in message and "BRIDGE_STATE_URL" in message
+    assert "readonlydatabase" in message
 
 
 def test_a_store_url_password_is_never_shown(
@@ -238,9 +251,10 @@ def test_status_reads_only_the_state_store_and_shows_every_source(
     assert result.exit_code == 0, result.stderr
     text = flat(result.stdout)
     assert "source pacs-a: studies parked; last successful run" in text
-    assert "ago, incremental); 3 studies published, 0 gone from the archive, 2 parked" in text
+    assert "ago, incremental); lag: poll up to " in text
+    assert "(since the last successful poll); 3 studies published, 0 gone from the archive, 2 parked" in text
     assert "2 parked (IssuerOfPatientID): IssuerOfPatientID has no identifier system" in text
-    assert "source vna-b: failing; no successful run yet" in text
+    assert "source vna-b: failing; no successful run yet; lag: poll never succeeded; 0 studies" in text
     assert "source default" not in text  # no configured source without an archive URL
     assert "UTC" in text  # times say their zone
     assert " kind " in text  # the runs table has the run kind (JSON below gives it whole)
@@ -283,19 +297,67 @@ def test_dash_dash_version_prints_the_version(runner: CliRunner) -> None:
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0
     assert result.stdout.strip() == __version__
-def test_status_shows_the_current_lag_the_waiting_pushes_and_the_last_measured_lag(
+
+
+def test_status_headline_gives_the_lag_of_each_path_the_waiting_pushes_and_the_last_measured(
     runner: CliRunner, configured: Path
 ) -> None:
     store = SqlStore(f"sqlite:///{configured}")
     store.queue_push("1.2.9", time.time() - 30, 100)
+    measured_at = time.time() - 3 * 3600
     store.save_checkpoint(
-        "default", "lag-push", json.dumps({"seconds": 1.8, "studies": 3, "at": 1_796_600_000})
+        "default", "lag-push", json.dumps({"seconds": 1.8, "studies": 3, "at": measured_at})
+    )
+    store.save_checkpoint(
+        "default", "lag-feed", json.dumps({"seconds": 4.25, "studies": 1, "at": measured_at})
     )
     store.close()
-    fresh = json.loads(runner.invoke(app, ["status", "--json"]).stdout)["freshness"]
-    assert fresh["pushes_waiting"] == 1
-    assert 29 <= fresh["oldest_push_seconds"] < 60
-    [lag] = fresh["last_lag"]
-    assert (lag["source"], lag["path"], lag["seconds"], lag["studies"]) == ("default", "push", 1.8, 3)
+    [health] = json.loads(runner.invoke(app, ["status", "--json"]).stdout)["sources"]
+    lag = health["current_lag"]
+    assert lag["poll"]["seconds"] is None and lag["poll"]["run"] is None  # never polled
+    assert "age of the last successful run that polled the archive" in lag["poll"]["measured_as"]
+    push = lag["push"]
+    assert push["waiting"] == 1 and 29 <= push["oldest_waiting_seconds"] < 90
+    assert (push["last_measured"]["seconds"], push["last_measured"]["studies"]) == (1.8, 3)
+    assert push["last_measured"]["measured_at"].endswith("+00:00")
+    assert 3 * 3600 - 1 <= push["last_measured"]["age_seconds"] < 3 * 3600 + 300
+    assert lag["feed"]["last_measured"]["seconds"] == 4.25
     text = flat(runner.invoke(app, ["status"]).stdout)
-    assert "pushes waiting: 1" in text and "last push lag (default): 1.8 s" in text
+    # In the headline, path by path; the push path's lag right now is its oldest waiting push.
+    headline = next(line for line in text.split("source ")[1:] if line.startswith("default:"))
+    assert "lag: poll never succeeded, push " in headline
+    assert "s now (1 waiting; last measured 1.8 s, 3.0 h ago), feed 4.25 s (measured 3.0 h ago);" in headline
+
+
+def _age_run(state: Path, run_id: int, hours: float) -> None:
+    """Move a run's end back in time (the store stamps runs with the clock)."""
+    with sqlite3.connect(state) as db:
+        db.execute(
+            "UPDATE runs SET finished_at = datetime(finished_at, ?) WHERE id = ?",
+            (f"-{hours * 3600:.0f} seconds", run_id),
+        )
+
+
+def test_the_poll_lag_is_the_age_of_the_last_poll_not_of_a_later_retry(
+    runner: CliRunner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    state = tmp_path / "state.db"
+    store = SqlStore(f"sqlite:///{state}")
+    poll = store.start_run("pacs-a", kind="incremental")
+    store.finish_run(poll, status="ok", counts=RunCounts(seen=2, created=2), qido_queries=["/studies"])
+    retry = store.start_run("pacs-a", kind="retry")
+    store.finish_run(retry, status="ok", counts=RunCounts(seen=1, updated=1), qido_queries=[])
+    store.close()
+    _age_run(state, poll, hours=2)
+    monkeypatch.setenv("BRIDGE_STATE_URL", f"sqlite:///{state}")
+    [health] = json.loads(runner.invoke(app, ["status", "--json"]).stdout)["sources"]
+    assert (
+        health["last_successful_run"]["kind"] == "retry"
+        and health["last_successful_run"]["age_seconds"] < 600
+    )
+    poll_lag = health["current_lag"]["poll"]
+    assert poll_lag["run"]["id"] == poll and poll_lag["run"]["kind"] == "incremental"
+    assert 7100 < poll_lag["seconds"] < 7800
+    assert set(health["current_lag"]) == {"poll"}  # no push or feed used: not shown
+    text = flat(runner.invoke(app, ["status"]).stdout)
+    assert "ago, retry); lag: poll up to 2.0 h (since the last successful poll); 0 studies published" in text

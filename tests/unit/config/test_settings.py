@@ -341,6 +341,88 @@ def test_a_source_missing_what_its_auth_needs_names_the_source(
     assert "BRIDGE_SOURCES entry 'a'" in message and "BRIDGE_DICOMWEB_USERNAME" in message
 
 
+@pytest.mark.parametrize(
+    ("entry", "line", "key", "meant"),
+    [
+        ("    dicomweb_urll: http://b.test/dw\n", 6, "dicomweb_urll", "dicomweb_url"),  # flat
+        ("    dicomweb:\n      urll: http://b.test/dw\n", 7, "dicomweb.urll", "dicomweb_url"),  # nested
+        (
+            "    dicomweb_url: http://b.test/dw\n    patient_polcy: create\n",
+            7,
+            "patient_polcy",
+            "patient_policy",
+        ),
+    ],
+)
+def test_a_typo_inside_a_sources_entry_names_the_file_its_line_and_the_likely_key(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, entry: str, line: int, key: str, meant: str
+) -> None:
+    _sources_file(
+        tmp_path,
+        monkeypatch,
+        f"fhir_url: {FHIR}\nsources:\n  - name: a\n    dicomweb_url: http://a.test/dw\n  - name: b\n{entry}",
+    )
+    message = error()
+    assert (
+        f"BRIDGE_CONFIG_FILE {tmp_path / 'bridge.yaml'}, line {line}: BRIDGE_SOURCES entry 'b', key {key}: "
+        f"is not a known setting (did you mean {meant}?)"
+    ) in message
+    assert "Extra inputs" not in message
+
+
+def test_a_bad_value_inside_a_sources_entry_names_its_line_and_a_scheme_hint(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _sources_file(
+        tmp_path,
+        monkeypatch,
+        f"fhir_url: {FHIR}\nsources:\n  - name: a\n    dicomweb_url: pacs.example.org/dicom-web\n",
+    )
+    message = error()
+    assert "line 4: BRIDGE_SOURCES entry 'a', key dicomweb_url: is not an absolute URL: write it" in message
+
+
+def test_a_top_level_setting_inside_a_sources_entry_is_named_with_its_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _sources_file(
+        tmp_path,
+        monkeypatch,
+        f"sources:\n  - name: a\n    dicomweb_url: http://a.test/dw\n    fhir_url: {FHIR}\n",
+    )
+    message = error()
+    assert "line 4: BRIDGE_SOURCES entry 'a', key fhir_url: is not a per-source setting" in message
+    assert "did you mean" not in message  # it is a known setting, in the wrong place
+
+
+def test_a_sources_entry_without_a_name_is_pointed_at_by_its_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _sources_file(
+        tmp_path,
+        monkeypatch,
+        f"fhir_url: {FHIR}\nsources:\n  - name: a\n    dicomweb_url: http://a.test/dw\n"
+        "  - dicomweb_url: http://b.test/dw\n",
+    )
+    assert "line 5: BRIDGE_SOURCES: entry 1: has no name" in error()
+
+
+def test_a_typo_inside_a_sources_entry_from_the_environment_gets_the_likely_key_and_no_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The environment's BRIDGE_SOURCES wins over the file's: no line of the file is at fault.
+    _sources_file(
+        tmp_path, monkeypatch, f"fhir_url: {FHIR}\nsources:\n  - name: a\n    dicomweb_url: {DICOMWEB}\n"
+    )
+    monkeypatch.setenv("BRIDGE_SOURCES", '[{"name": "x", "dicomweb_urll": "http://x.test/dw"}]')
+    message = error()
+    assert (
+        "BRIDGE_SOURCES entry 'x', key dicomweb_urll: is not a known setting (did you mean dicomweb_url?)"
+        in (message)
+    )
+    assert "line" not in message
+
+
 def test_without_sources_the_top_level_is_the_one_source(required: pytest.MonkeyPatch) -> None:
     required.setenv("BRIDGE_SOURCE_NAME", "ct")
     required.setenv("BRIDGE_QIDO_PAGE_SIZE", "7")

@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from bridge.errors import (
+    ConfigurationError,
     FatalUpstreamError,
     RejectedResourceError,
     UpstreamUnavailableError,
@@ -340,3 +341,25 @@ async def test_search_follows_at_most_a_bounded_number_of_pages() -> None:
     found = await fhir(rec).search("ImagingStudy", {}, limit=1000)
     assert len(rec.requests) == 50
     assert len(found) == 50
+
+
+# Not a FHIR server
+@pytest.mark.parametrize(
+    ("answer", "said"),
+    [
+        (httpx.Response(404, text="Unknown resource"), "GET metadata answered 404"),  # an archive
+        (
+            httpx.Response(200, text="<html>Welcome</html>", headers={"Content-Type": "text/html"}),
+            "GET metadata did not answer JSON",  # a web page on every path
+        ),
+        (httpx.Response(200, json={"studies": []}), "GET metadata answered no CapabilityStatement"),
+    ],
+)
+async def test_a_base_url_that_is_no_fhir_server_is_named_as_bridge_fhir_url(
+    answer: httpx.Response, said: str
+) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        await fhir(Recorder(answer)).capability_statement()
+    message = str(caught.value)
+    assert message.startswith(f"BRIDGE_FHIR_URL: {BASE} is not a FHIR server")
+    assert said in message

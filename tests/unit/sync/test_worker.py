@@ -519,6 +519,68 @@ async def test_a_url_that_is_no_fhir_server_stops_the_run_naming_bridge_fhir_url
     assert "BRIDGE_WRITE_STRATEGY" not in message
 
 
+@pytest.mark.parametrize(
+    ("status", "answer"),
+    [
+        (404, "answered 404"),  # the archive (the scenario)
+        (405, "answered 405"),  # a web server that takes no PUT
+        (200, "sent a body that is not JSON"),  # a web page answering every path
+    ],
+)
+async def test_under_conditional_writes_a_url_that_is_no_fhir_server_stops_the_run_naming_it(
+    world: World, status: int, answer: str
+) -> None:
+    # The refused conditional PUT alone ("PUT /Endpoint?identifier=... answered 404") does not
+    # say that BRIDGE_FHIR_URL points at something else.
+    world.strategy = WriteStrategy.CONDITIONAL
+    world.add(1)
+    world.add(2)
+    world.fhir.fail["capabilities"] = [
+        FatalUpstreamError(f"fhir GET /metadata {answer}", service="fhir", status=status)
+    ]
+    world.fhir.fail["conditional_update"] = [
+        FatalUpstreamError(f"fhir PUT /Endpoint?identifier=x {answer}", service="fhir", status=status)
+    ]
+    with pytest.raises(ConfigurationError) as caught:
+        await world.run()
+    message = str(caught.value)
+    assert "BRIDGE_FHIR_URL" in message and "not a FHIR server" in message
+    assert "BRIDGE_WRITE_STRATEGY" not in message
+    said = "did not answer JSON" if status == 200 else f"answered {status}"
+    assert f"GET metadata {said}" in message
+    # One refused write (the Endpoint), one look at the CapabilityStatement, then the run stops.
+    assert [(c[0], c[1]) for c in world.fhir.calls] == [
+        ("conditional_update", "Endpoint"),
+        ("capabilities", ""),
+    ]
+
+
+async def test_under_conditional_writes_a_fhir_server_refusing_a_write_keeps_its_own_answer(
+    world: World,
+) -> None:
+    # A real FHIR server (its CapabilityStatement answers) that refuses the PUT: its answer is
+    # the news, not "not a FHIR server".
+    world.strategy = WriteStrategy.CONDITIONAL
+    world.add(1)
+    refused = FatalUpstreamError("fhir PUT /Endpoint?identifier=x answered 405", service="fhir", status=405)
+    world.fhir.fail["conditional_update"] = [refused]
+    with pytest.raises(FatalUpstreamError) as caught:
+        await world.run()
+    assert caught.value is refused
+    assert capability_reads(world) == 1
+
+
+async def test_under_conditional_writes_a_run_with_no_change_makes_no_fhir_request(world: World) -> None:
+    world.strategy = WriteStrategy.CONDITIONAL
+    world.add(1)
+    world.add(2)
+    await world.run()
+    world.fhir.calls.clear()
+    report = await world.run()
+    assert report.counts.unchanged == 2
+    assert world.fhir.calls == []
+
+
 async def test_the_capability_check_costs_one_request_and_none_when_nothing_is_written(world: World) -> None:
     world.add(1)
     world.add(2)
