@@ -52,26 +52,45 @@ class PushQueue(StoreBase):
 
     def push(self, study_uid: str) -> tuple[float, float, int] | None:
         """A waiting push's received and requested times and failed tries, or None once it is done."""
+        return self.pushes([study_uid]).get(study_uid)
+
+    def pushes(self, study_uids: Sequence[str]) -> dict[str, tuple[float, float, int]]:
+        """:meth:`push` for many studies in one read; the studies done already are left out."""
+        if not study_uids:
+            return {}
         with self._session() as session:
-            row = session.get(Push, study_uid)
-            return (row.received_at, row.requested_at, row.attempts) if row is not None else None
+            rows = session.execute(
+                select(Push.study_uid, Push.received_at, Push.requested_at, Push.attempts).where(
+                    Push.study_uid.in_(list(study_uids))
+                )
+            ).all()
+            return {str(r[0]): (float(r[1]), float(r[2]), int(r[3])) for r in rows}
 
     def finish_push(self, study_uid: str, requested_at: float) -> bool:
         """Forget a synced push, unless it was pushed again after ``requested_at`` (its sync began).
 
         Returns whether it was forgotten; one pushed again stays, to be synced once more.
         """
+        return study_uid in self.finish_pushes([(study_uid, requested_at)])
+
+    def finish_pushes(self, synced: Sequence[tuple[str, float]]) -> set[str]:
+        """:meth:`finish_push` for many (study UID, requested at) in one transaction; the forgotten."""
+        forgotten: set[str] = set()
+        if not synced:
+            return forgotten
         with self._session() as session:
-            result = session.execute(
-                delete(Push).where(Push.study_uid == study_uid, Push.requested_at <= requested_at)
-            )
-            if int(getattr(result, "rowcount", 0) or 0):
-                return True
-            row = session.get(Push, study_uid)
-            if row is not None:
-                # Pushed again while syncing: what was pushed later is measured from then.
-                row.received_at, row.attempts, row.last_error = row.requested_at, 0, None
-            return False
+            for study_uid, requested_at in synced:
+                result = session.execute(
+                    delete(Push).where(Push.study_uid == study_uid, Push.requested_at <= requested_at)
+                )
+                if int(getattr(result, "rowcount", 0) or 0):
+                    forgotten.add(study_uid)
+                    continue
+                row = session.get(Push, study_uid)
+                if row is not None:
+                    # Pushed again while syncing: what was pushed later is measured from then.
+                    row.received_at, row.attempts, row.last_error = row.requested_at, 0, None
+        return forgotten
 
     def defer_push(self, study_uid: str, not_before: float, error: str) -> int:
         """A push whose sync failed waits until ``not_before``; returns how many tries have failed."""

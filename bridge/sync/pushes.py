@@ -19,8 +19,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 # The claim namespace of pushes, apart from each source's per-study claims taken by the sync.
 PUSH_CLAIMS = "\x00push"
 MAX_BACKOFF = 60.0
+_CLAIMS_A_TURN = 10  # claims per store turn: replicas draining at once interleave, hops stay few
 
 
 class PushStore(Protocol):
@@ -40,12 +42,12 @@ class PushStore(Protocol):
         """Waiting pushes that may be tried now, oldest first: (study UID, received, requested)."""
         ...
 
-    def push(self, study_uid: str) -> tuple[float, float, int] | None:
-        """A waiting push's received and requested times and failed tries, or None once it is done."""
+    def pushes(self, study_uids: Sequence[str]) -> dict[str, tuple[float, float, int]]:
+        """Waiting pushes' received and requested times and failed tries; those done are left out."""
         ...
 
-    def finish_push(self, study_uid: str, requested_at: float) -> bool:
-        """Forget a synced push unless it was pushed again after ``requested_at``."""
+    def finish_pushes(self, synced: Sequence[tuple[str, float]]) -> set[str]:
+        """Forget synced pushes (study UID, requested at) unless pushed again since; the forgotten."""
         ...
 
     def defer_push(self, study_uid: str, not_before: float, error: str) -> int:
@@ -159,8 +161,7 @@ class PushDrainer:
                 failed = await self._sync_page(claimed)
                 forgotten, again = await self._settle(claimed, failed)
             finally:
-                for push in claimed:
-                    await asyncio.to_thread(self._store.release_study, PUSH_CLAIMS, push.uid)
+                await asyncio.to_thread(self._release_now, [push.uid for push in claimed])
             done += forgotten
             if not forgotten and not again:
                 break  # all deferred: wait for the next poll
@@ -170,29 +171,34 @@ class PushDrainer:
     async def _claim(self, uids: list[str]) -> list[_Claimed]:
         """The pushes of ``uids`` this drainer now holds, read again under their claims.
 
-        Claimed one at a time, each in its own store call, so that replicas draining at the same
-        moment take turns and share the page instead of one taking it all.
+        Claimed one at a time, each in its own store call, a few calls a turn and in an order of
+        this drainer's own, so that replicas draining at the same moment share the page instead of
+        one taking it all; then read again in one go (another replica may have done some since
+        the list was read). The pushes held come back in the list's order (oldest first).
         """
-        claimed: list[_Claimed] = []
+
+        def claim_each(chunk: Sequence[str]) -> list[str]:
+            return [uid for uid in chunk if self._store.claim_study(PUSH_CLAIMS, uid)]
+
+        order = random.sample(uids, len(uids))  # noqa: S311 - spreading replicas, not a secret
         held: list[str] = []
         try:
-            for uid in uids:
-                if not await asyncio.to_thread(self._store.claim_study, PUSH_CLAIMS, uid):
-                    continue
-                held.append(uid)
-                # Read again under the claim: another replica may have done it since the list was read.
-                waiting = await asyncio.to_thread(self._store.push, uid)
-                if waiting is None:
-                    await asyncio.to_thread(self._store.release_study, PUSH_CLAIMS, uid)
-                    held.pop()
-                    continue
-                claimed.append(_Claimed(uid, *waiting))
+            for start in range(0, len(order), _CLAIMS_A_TURN):
+                held += await asyncio.to_thread(claim_each, order[start : start + _CLAIMS_A_TURN])
+            position = {uid: n for n, uid in enumerate(uids)}
+            held.sort(key=position.__getitem__)
+            waiting = await asyncio.to_thread(self._store.pushes, held)
         except BaseException:
-            for uid in held:  # the store failed midway: no claim outlives this drain
-                with contextlib.suppress(BridgeError):
-                    await asyncio.to_thread(self._store.release_study, PUSH_CLAIMS, uid)
+            await asyncio.to_thread(self._release_now, held)  # the store failed: no claim outlives this
             raise
-        return claimed
+        if gone := [uid for uid in held if uid not in waiting]:
+            await asyncio.to_thread(self._release_now, gone)
+        return [_Claimed(uid, *waiting[uid]) for uid in held if uid in waiting]
+
+    def _release_now(self, uids: Sequence[str]) -> None:
+        for uid in uids:
+            with contextlib.suppress(BridgeError):
+                self._store.release_study(PUSH_CLAIMS, uid)
 
     async def _sync_page(self, claimed: list[_Claimed]) -> dict[str, str]:
         """Sync the claimed studies together; returns the studies whose sync failed, with why."""
@@ -228,15 +234,12 @@ class PushDrainer:
         Returns how many were forgotten, and how many were synced but pushed again meanwhile (they
         wait, due at once).
         """
-        forgotten = again = 0
         for push in claimed:
             error = failed.get(push.uid)
             if error is not None:
                 wait = min(MAX_BACKOFF, 2.0 ** min(push.tries + 1, 10))
                 await asyncio.to_thread(self._store.defer_push, push.uid, self._clock() + wait, error)
                 logger.warning("pushed study %s not synced (%s); again in %.0f s", push.uid, error, wait)
-            elif await asyncio.to_thread(self._store.finish_push, push.uid, push.requested):
-                forgotten += 1
-            else:
-                again += 1
-        return forgotten, again
+        synced = [(push.uid, push.requested) for push in claimed if push.uid not in failed]
+        forgotten = await asyncio.to_thread(self._store.finish_pushes, synced)  # one transaction
+        return len(forgotten), len(synced) - len(forgotten)
