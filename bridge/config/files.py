@@ -20,7 +20,6 @@ if TYPE_CHECKING:  # cryptography is imported by the checks that use it: only a 
     PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
 
-
 class SigningAlg(StrEnum):
     """Signature algorithms of SMART Backend Services client assertions."""
 
