@@ -144,6 +144,34 @@ class Answers:
         self.max_bytes = max_bytes
         self.bytes = 0
         self._entries: OrderedDict[Hashable, tuple[StudyLocation, bytes]] = OrderedDict()
+        self._making: dict[Hashable, tuple[StudyLocation, asyncio.Task[bytes]]] = {}
+
+    async def get_or_make(
+        self, location: StudyLocation, key: Hashable, make: Callable[[], Awaitable[bytes]]
+    ) -> bytes:
+        """The answer kept for ``location`` under ``key``, else made once however many ask at once.
+
+        Callers asking while it is made wait for that one making (a large study's page is CPU
+        work in a worker thread: ten at once, each holding the interpreter in turn, held up the
+        event loop, and /healthz with it, for over 100 ms). A caller that leaves does not stop it.
+        """
+        body = self.get(location, key)
+        if body is not None:
+            return body
+        full = (location.fhir_id, key)
+        pending = self._making.get(full)
+        if pending is None or pending[0] is not location:
+            task = asyncio.ensure_future(make())
+            pending = self._making[full] = (location, task)
+
+            def done(finished: asyncio.Task[bytes]) -> None:
+                if self._making.get(full, (None, None))[1] is finished:
+                    del self._making[full]
+                if not finished.cancelled() and finished.exception() is None:
+                    self.put(location, key, finished.result())
+
+            task.add_done_callback(done)
+        return await asyncio.shield(pending[1])
 
     def get(self, location: StudyLocation, key: Hashable) -> bytes | None:
         """The answer made for this very location under ``key``, if any."""

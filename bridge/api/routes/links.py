@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 from typing import Annotated, Literal
 
 import anyio.to_thread
@@ -80,9 +81,10 @@ async def _links(
     if body is None:
         if len(study.series[offset : offset + count]) <= _ON_LOOP_SERIES:
             body = _make_answer(s, study, offset, count)
-        else:
-            body = await anyio.to_thread.run_sync(_make_answer, s, study, offset, count)
-        answers.put(study, (offset, count), body)
+            answers.put(study, (offset, count), body)
+        else:  # in a worker thread, once for everyone asking at the same time
+            made = partial(anyio.to_thread.run_sync, _make_answer, s, study, offset, count)
+            body = await answers.get_or_make(study, (offset, count), made)
     return Response(body, media_type=JSON)
 
 

@@ -314,3 +314,46 @@ def test_nothing_is_kept_when_the_resolver_caches_nothing() -> None:
     location = _location()
     answers.put(location, 0, b"x")
     assert answers.get(location, 0) is None
+
+
+async def test_callers_asking_at_once_for_an_answer_not_kept_share_one_making() -> None:
+    answers = Answers(10)
+    location = _location()
+    made = 0
+    gate = asyncio.Event()
+
+    async def make() -> bytes:
+        nonlocal made
+        made += 1
+        await gate.wait()
+        return b"page"
+
+    callers = [asyncio.ensure_future(answers.get_or_make(location, (0, 1000), make)) for _ in range(10)]
+    await asyncio.sleep(0)
+    callers[0].cancel()  # a caller that leaves does not stop the making for the others
+    gate.set()
+    results = await asyncio.gather(*callers[1:])
+    assert made == 1 and results == [b"page"] * 9
+    assert answers.get(location, (0, 1000)) == b"page"  # kept for the next caller
+    assert await answers.get_or_make(location, (0, 1000), make) == b"page" and made == 1
+
+
+async def test_a_making_that_fails_fails_every_waiting_caller_and_is_not_kept() -> None:
+    answers = Answers(10)
+    location = _location()
+    attempts = 0
+
+    async def make() -> bytes:
+        nonlocal attempts
+        attempts += 1
+        await asyncio.sleep(0)
+        if attempts == 1:
+            raise RuntimeError("the page could not be made")
+        return b"page"
+
+    results = await asyncio.gather(
+        *(answers.get_or_make(location, 0, make) for _ in range(3)), return_exceptions=True
+    )
+    assert attempts == 1 and all(isinstance(r, RuntimeError) for r in results)
+    assert answers.get(location, 0) is None
+    assert await answers.get_or_make(location, 0, make) == b"page" and attempts == 2  # made anew
