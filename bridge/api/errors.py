@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from bridge.api.models import OperationOutcome
 from bridge.errors import (
     BridgeError,
+    ConfigurationError,
     FatalUpstreamError,
     InvalidLookupError,
     NoUsableEndpointError,
@@ -110,6 +111,11 @@ def response_for(exc: BridgeError) -> JSONResponse:
     if isinstance(exc, StoreError):
         logger.warning("state store failure while answering: %s", exc)
         return outcome(503, "transient", "the state store is unavailable", {"Retry-After": _retry_after(exc)})
+    if isinstance(exc, ConfigurationError):
+        # A setting the request needed is wrong (say, a FHIR server that refuses the write strategy):
+        # the message names it, for the operator's log; the caller learns where to look, not the URLs.
+        logger.error("configuration problem while answering: %s", exc)
+        return outcome(500, "exception", "a setting of the bridge stopped this request; its log names which")
     logger.error("unmapped %s while answering", type(exc).__name__)
     return outcome(500, "exception", "internal error")
 

@@ -328,3 +328,24 @@ async def test_an_authorization_header_that_is_not_a_good_bearer_token_is_401(
         )
     assert answer.status_code == status
     assert good.status_code == 200  # the scheme's name is case-insensitive
+
+
+def test_a_configuration_error_while_answering_points_at_the_log_which_names_the_setting(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import json as jsonlib
+
+    from bridge.api.errors import response_for
+    from bridge.errors import ConfigurationError
+
+    problem = ConfigurationError(
+        "the FHIR server at http://fhir.internal.example/R4 refused to create Patient by PUT (405): "
+        "set BRIDGE_WRITE_STRATEGY to 'conditional'"
+    )
+    with caplog.at_level("ERROR", logger="bridge.api.errors"):
+        answer = response_for(problem)
+    assert answer.status_code == 500
+    diagnostics = jsonlib.loads(bytes(answer.body))["issue"][0]["diagnostics"]
+    assert "setting" in diagnostics and "log" in diagnostics  # not the bare "internal error" of a bug
+    assert "fhir.internal" not in diagnostics  # the upstream's address stays in the log
+    assert "BRIDGE_WRITE_STRATEGY" in caplog.text
