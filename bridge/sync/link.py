@@ -322,11 +322,23 @@ class RunLinker:
             merged.extend(str(p["id"]) for p in found if p.get("id") in chunk and replaced_by(p) is not None)
         if not merged:
             return 0
-        studies = await asyncio.to_thread(self._store.studies_linked_to, source, merged)
-        self._relinking.update(studies)
-        await asyncio.to_thread(self._store.forget_fingerprints, source, list(studies))
+        studies = await self._to_relink(merged)
         logger.info("%d Patients merged on the FHIR server: %d studies to re-link", len(merged), len(studies))
         return len(studies)
+
+    async def _to_relink(self, merged: list[str]) -> list[str]:
+        """The published studies linked to the ``merged`` Patients, made to count as changed.
+
+        Their fingerprints are forgotten, so the run maps them again and links them anew; the
+        Patient each links to now is kept for the run's record of the re-link.
+        """
+        assert self._store is not None
+        source = self._ctx.source_name
+        studies = await asyncio.to_thread(self._store.studies_linked_to, source, merged)
+        if studies:
+            self._relinking.update(studies)
+            await asyncio.to_thread(self._store.forget_fingerprints, source, list(studies))
+        return list(studies)
 
     @property
     def relinking(self) -> list[str]:
@@ -356,15 +368,12 @@ class RunLinker:
         merged = [str(p["id"]) for p in found if p.get("id") and replaced_by(p) is not None]
         if not merged:
             return []
-        source = self._ctx.source_name
-        studies = await asyncio.to_thread(self._store.studies_linked_to, source, merged)
+        studies = await self._to_relink(merged)
         if studies:
-            self._relinking.update(studies)
-            await asyncio.to_thread(self._store.forget_fingerprints, source, list(studies))
             logger.info(
                 "Patients merged on the FHIR server since the last check: %d studies to re-link", len(studies)
             )
-        return list(studies)
+        return studies
 
     async def prime_patients(self, candidates: Sequence[tuple[StudyRecord, Callable[[], None]]]) -> None:
         """Link a page's Patients with a batch or two (see :func:`bridge.sync.link_batch.prime_patients`)."""
