@@ -74,6 +74,7 @@ def roles_of(claims: Mapping[str, Any], claim: str) -> frozenset[str]:
 
 
 UNAUTHENTICATED = Caller("unauthenticated")  # whoever sent credentials that were refused, or none
+ANONYMOUS = Caller("anonymous")  # every caller, when no authentication is configured
 
 
 class JwksKeys:
@@ -187,7 +188,7 @@ class Authenticator:
     async def check(self, api_key: str | None, bearer: str | None) -> Caller:
         """The caller, or AuthenticationError."""
         if not self.enabled:
-            return Caller("anonymous")
+            return ANONYMOUS
         if api_key is not None and self._api_keys:
             given = api_key.encode()
             # compare with every key, so the time taken does not tell which one was close
