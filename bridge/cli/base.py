@@ -70,11 +70,14 @@ def configure_logging(level: str) -> None:
         handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
         logging.basicConfig(level=level, handlers=[handler])
     else:
-        logging.basicConfig(
-            level=level,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-            stream=sys.stderr,
-        )
+        from bridge.logs import BatchedLines
+
+        # in batches, at most 0.2 s late (a WARNING at once): a server logs a line per request
+        logging.basicConfig(level=level, handlers=[BatchedLines(sys.stderr)])
+    # No format shows the thread, process or multiprocessing name: not looked up for every record.
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
     # Alembic says at INFO what it inspects on every start; the store logs a migration it runs.
