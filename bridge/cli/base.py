@@ -60,8 +60,13 @@ def _root(
     """FHIR–DICOMweb bridge: publish a DICOMweb archive's studies as FHIR R4 ImagingStudy."""
 
 
-def configure_logging(level: str) -> None:
-    """Log at ``level`` to standard error; httpx stays at WARNING (its URLs can carry PatientIDs)."""
+def configure_logging(level: str, *, batched: bool = False) -> None:
+    """Log at ``level`` to standard error; httpx stays at WARNING (its URLs can carry PatientIDs).
+
+    ``batched`` (the long-running commands, which stop on a signal and then write what waits): off
+    a terminal, lines go out in batches, at most 0.2 s late (bridge/logs.py); a server logs a line
+    per request. A one-shot command writes each line at once, so nothing waits when it is killed.
+    """
     if err().is_terminal:
         # On a terminal, through the console a progress display uses: log lines go above it.
         from rich.logging import RichHandler
@@ -69,11 +74,14 @@ def configure_logging(level: str) -> None:
         handler: logging.Handler = RichHandler(console=err(), show_path=False, markup=False)
         handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
         logging.basicConfig(level=level, handlers=[handler])
-    else:
+    elif batched:
         from bridge.logs import BatchedLines
 
-        # in batches, at most 0.2 s late (a WARNING at once): a server logs a line per request
         logging.basicConfig(level=level, handlers=[BatchedLines(sys.stderr)])
+    else:
+        from bridge.logs import FORMAT
+
+        logging.basicConfig(level=level, format=FORMAT, stream=sys.stderr)
     # No format shows the thread, process or multiprocessing name: not looked up for every record.
     logging.logThreads = False
     logging.logProcesses = False
@@ -84,8 +92,11 @@ def configure_logging(level: str) -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-def load_settings(*, store_only: bool = False) -> Settings:
-    """The settings, or exit 2 naming what is wrong (``store_only``: upstream URLs may be unset)."""
+def load_settings(*, store_only: bool = False, batched_logs: bool = False) -> Settings:
+    """The settings, or exit 2 naming what is wrong (``store_only``: upstream URLs may be unset).
+
+    ``batched_logs``: see `configure_logging`.
+    """
     from bridge.config import load_settings, load_store_settings
 
     try:
@@ -93,7 +104,7 @@ def load_settings(*, store_only: bool = False) -> Settings:
     except ConfigurationError as exc:
         err().print(f"[red]configuration error:[/red] {exc}", highlight=False)
         raise typer.Exit(ExitCode.CONFIGURATION) from None
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, batched=batched_logs)
     return settings
 
 

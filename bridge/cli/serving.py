@@ -30,7 +30,7 @@ def worker() -> None:
     import asyncio
     from contextlib import AsyncExitStack
 
-    settings = load_settings()
+    settings = load_settings(batched_logs=True)  # a long run, stopped by a signal
 
     if settings.metrics.port is not None:
         from prometheus_client import start_http_server
@@ -76,7 +76,7 @@ def _serve(host: str, port: int, *, run_scheduler: bool) -> None:
     from bridge.api.app import create_app
     from bridge.api.exposure import check_listen_address
 
-    settings = load_settings()
+    settings = load_settings(batched_logs=True)  # a line per request, in batches
     try:
         check_listen_address(host, settings)
         api = create_app(settings, run_scheduler=run_scheduler)

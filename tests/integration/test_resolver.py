@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -361,6 +363,28 @@ async def test_api_keys_and_jwts_guard_the_resolver(stack: Stack, demo: list[Stu
         assert (await api.get("/healthz")).status_code == 200
 
 
+ACCESS_LINE = re.compile(
+    r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO bridge\.api\.access: GET /studies/\{study_uid\}/links 200 "
+    r"\d+\.\d ms"
+)
+
+
+def test_bridge_serve_logs_a_line_a_request_and_writes_the_last_ones_when_stopped(
+    stack: Stack, demo: list[StudySpec], tmp_path: Path
+) -> None:
+    log = tmp_path / "serve.log"
+    with serve(stack, log=log, log_level="INFO") as url:
+        for _ in range(2):  # the first lookups through the route, the second from the cached lane
+            for spec in demo:
+                assert httpx.get(f"{url}/studies/{spec.uid}/links", timeout=30).status_code == 200
+        # stopped (SIGTERM) at once, within the 0.2 s a line may wait: the stop writes what waits
+    text = log.read_text()
+    access = [line for line in text.splitlines() if "bridge.api.access:" in line and "/links" in line]
+    assert len(access) == 2 * len(demo)
+    assert all(ACCESS_LINE.fullmatch(line) for line in access), access[:3]
+    assert not any(spec.uid in line for spec in demo for line in access)  # route templates, not paths
+
+
 def test_bridge_serve_answers_over_http(stack: Stack, demo: list[StudySpec]) -> None:
     with serve(stack) as url:
         ready = httpx.get(f"{url}/readyz", timeout=30)
@@ -374,8 +398,11 @@ def test_bridge_serve_answers_over_http(stack: Stack, demo: list[StudySpec]) -> 
 
 
 @contextmanager
-def serve(stack: Stack, **overrides: str) -> Iterator[str]:
-    """`bridge serve` in a subprocess on a free loopback port; yields its URL."""
+def serve(stack: Stack, log: Path | None = None, **overrides: str) -> Iterator[str]:
+    """`bridge serve` in a subprocess on a free loopback port; yields its URL; stopped with SIGTERM.
+
+    ``log``: the file its standard error goes to.
+    """
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -387,11 +414,12 @@ def serve(stack: Stack, **overrides: str) -> Iterator[str]:
             **overrides,
         )
     )
+    sink = log.open("wb") if log is not None else None
     process = subprocess.Popen(
         [sys.executable, "-m", "bridge", "serve", "--host", "127.0.0.1", "--port", str(port)],
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.PIPE if sink is None else sink,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -417,6 +445,8 @@ def serve(stack: Stack, **overrides: str) -> Iterator[str]:
             process.wait()
         if process.stderr:
             process.stderr.close()
+        if sink is not None:
+            sink.close()
 
 
 def _endpoint(address: str, connection: str) -> dict[str, Any]:
