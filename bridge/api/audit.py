@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from fastapi import Request
 
 from bridge.api.auth.security import Caller
-from bridge.audit.events import Access, Action, Outcome
+from bridge.audit.events import Access, Action, Outcome, window_key
 from bridge.resolve.links import StudyLocation
 
 
@@ -29,6 +29,15 @@ def note(
     trail = getattr(request.app.state.services, "audit", None)
     if trail is None:
         return
+    uid = study.study_uid if study else study_uid
+    fhir_id = study.fhir_id if study else None
+    patient = patient or (study.patient if study else None)
+    client = request.scope.get("client")
+    address = client[0] if client else None
+    what = uid or fhir_id or patient
+    key = window_key(action, outcome, who.method, who.subject, who.client_id, what, address)
+    if trail.repeats(key):  # the common case of a busy API: decided before an Access is made
+        return
     trail.record(
         Access(
             action=action,
@@ -37,10 +46,10 @@ def note(
             caller_method=who.method,
             user=who.subject,
             client_id=who.client_id,
-            patient=patient or (study.patient if study else None),
-            study_fhir_id=study.fhir_id if study else None,
-            study_uid=study.study_uid if study else study_uid,
-            address=request.client.host if request.client else None,
+            patient=patient,
+            study_fhir_id=fhir_id,
+            study_uid=uid,
+            address=address,
             reason=reason,
         )
     )

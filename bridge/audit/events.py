@@ -72,19 +72,37 @@ class Access:
     address: str | None = None  # the caller's network address
     reason: str | None = None  # why it was refused or failed (never patient data)
 
-    def window_key(self) -> tuple[str | None, ...]:
-        """What makes two accesses "the same" for the once-per-window rule.
-
-        Security alerts count per source address and action alone: whatever a prober varies (the
-        token, the study, the path), its refusals within the window are one AuditEvent.
-        """
-        if self.action in SECURITY_ALERTS:
-            return ("security-alert", self.action, self.address)
-        who = (self.caller_method, self.user, self.client_id)
+    def window_key(self) -> WindowKey | None:
+        """What makes two accesses "the same" for the once-per-window rule (see `window_key`)."""
         what = self.study_uid or self.study_fhir_id or self.patient
-        if self.action == "operator-retry":  # an operator's every action counts, not one a window
-            return (*who, self.action, what, self.outcome, self.recorded.isoformat())
-        return (*who, self.action, what, self.outcome)
+        who = (self.caller_method, self.user, self.client_id)
+        return window_key(self.action, self.outcome, *who, what, self.address)
+
+
+WindowKey = tuple[str | None, ...]
+
+
+def window_key(
+    action: Action,
+    outcome: Outcome,
+    caller_method: str,
+    user: str | None,
+    client_id: str | None,
+    what: str | None,
+    address: str | None,
+) -> WindowKey | None:
+    """What makes two accesses "the same" for the once-per-window rule; None: each one counts.
+
+    Security alerts count per source address and action alone: whatever a prober varies (the
+    token, the study, the path), its refusals within the window are one AuditEvent. An operator's
+    every retry counts. Other accesses are one per caller, action, study (``what``: its UID, else
+    its FHIR id, else the Patient's) and outcome.
+    """
+    if action in SECURITY_ALERTS:
+        return ("security-alert", action, address)
+    if action == "operator-retry":
+        return None
+    return (caller_method, user, client_id, action, what, outcome)
 
 
 def audit_event(access: Access, event_id: str | None = None) -> dict[str, Any]:

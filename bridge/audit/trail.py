@@ -23,7 +23,7 @@ from typing import Any
 
 import anyio.to_thread
 
-from bridge.audit.events import Access, audit_event, log_line
+from bridge.audit.events import Access, WindowKey, audit_event, log_line
 from bridge.config import AuditMode
 from bridge.errors import BridgeError, FatalUpstreamError, StoreError
 from bridge.fhir.client import FhirClient
@@ -64,19 +64,26 @@ class AuditTrail:
         self.written = 0  # AuditEvents the FHIR server has accepted (for tests and metrics)
         self.dropped = 0
 
+    def repeats(self, key: WindowKey | None) -> bool:
+        """Whether an access of this window key would be noted in vain now: audit off, or within the window.
+
+        A caller that asks first spares making the Access of a repeat (most of a cached lookup's audit).
+        """
+        if self.mode is AuditMode.OFF:
+            return True
+        last = self._seen.get(key) if key is not None else None
+        return last is not None and self._clock() - last < self.window
+
     def record(self, access: Access) -> bool:
         """Note one access; False when it repeats one already noted in the window (or audit is off)."""
-        if self.mode is AuditMode.OFF:
-            return False
-        now = self._clock()
         key = access.window_key()
-        last = self._seen.get(key)
-        if last is not None and now - last < self.window:
+        if self.repeats(key):
             return False
-        self._seen[key] = now
-        self._seen.move_to_end(key)
-        while len(self._seen) > _WINDOW_KEYS:
-            self._seen.popitem(last=False)
+        if key is not None:
+            self._seen[key] = self._clock()
+            self._seen.move_to_end(key)
+            while len(self._seen) > _WINDOW_KEYS:
+                self._seen.popitem(last=False)
         if self.mode is AuditMode.LOG:
             audit_logger.info("access %s", log_line(access))
             return True

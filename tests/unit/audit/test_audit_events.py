@@ -67,3 +67,21 @@ def test_repeats_within_the_window_are_one_event() -> None:
     now[0] = 61.0
     assert trail.record(access())
     assert not AuditTrail(AuditMode.OFF).record(access())
+
+
+def test_a_repeat_is_known_before_its_access_is_made_and_an_operators_every_retry_counts() -> None:
+    now = [0.0]
+    trail = AuditTrail(AuditMode.LOG, window=60, clock=lambda: now[0])
+    first = access()
+    assert not trail.repeats(first.window_key())
+    assert trail.record(first)
+    assert trail.repeats(access().window_key())  # the same caller, action, study and outcome
+    assert trail.repeats(access(recorded=datetime(2027, 1, 1, tzinfo=UTC)).window_key())  # not by the time
+    assert not trail.repeats(access(study_uid="1.2.4").window_key())
+    now[0] = 61.0
+    assert not trail.repeats(access().window_key())
+    retry = access(action="operator-retry")
+    assert retry.window_key() is None
+    assert trail.record(retry) and trail.record(retry)  # each one counts, however close
+    assert not trail.repeats(None)
+    assert AuditTrail(AuditMode.OFF).repeats(access().window_key())  # off: nothing is ever noted
