@@ -7,7 +7,10 @@ time from just before the process is started to that moment is the sync's start-
 store is made (and migrated) by a warm-up run first, as an operator's store already is.
 
 Each figure is the median of ``--runs`` runs, printed with its ratio to `python -c pass` measured
-in the same run, so a loaded or slow machine moves both alike. Figures: docs/performance.md.
+in the same run, so a loaded or slow machine moves both alike. A second floor, the import of the
+libraries `bridge sync` cannot reach the archive without (the state store's SQLAlchemy with its
+ORM, httpx, pydantic-settings and Typer), says how much of the start-up is the bridge's own.
+Figures: docs/performance.md.
 
     python -m benchmarks.startup [--runs 7]
 """
@@ -30,6 +33,11 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BRIDGE = str(Path(sys.executable).with_name("bridge"))
+# What `bridge sync` must import before its first archive request, whatever the bridge's own code does.
+LIBRARIES = "import sqlalchemy, sqlalchemy.orm, httpx, pydantic_settings, typer"
+COMPILE_BRIDGE = (
+    "import bridge, compileall, os; compileall.compile_dir(os.path.dirname(bridge.__file__), quiet=1)"
+)
 
 
 class Peers(http.server.ThreadingHTTPServer):
@@ -105,19 +113,33 @@ def main() -> None:
             BRIDGE_STATE_URL=f"sqlite:///{folder}/state.db",
             BRIDGE_HTTP_RETRIES="0",
         )
+        # Byte-compiled, as `pip install` leaves a package: an editable install under
+        # PYTHONDONTWRITEBYTECODE would compile every bridge module from source on every start.
+        subprocess.run([sys.executable, "-c", COMPILE_BRIDGE], env=env, check=True)
         _to_first_qido(peers, env)  # warm-up: makes and migrates the store, fills the OS caches
-        figures: dict[str, list[float]] = {"python -c pass": [], "bridge --help": [], "bridge sync": []}
-        for _ in range(args.runs):  # interleaved, so a drift in the machine's speed hits all three
+        figures: dict[str, list[float]] = {
+            "python -c pass": [],
+            "library floor": [],
+            "bridge --help": [],
+            "bridge sync": [],
+        }
+        for _ in range(args.runs):  # interleaved, so a drift in the machine's speed hits them all alike
             figures["python -c pass"].append(_timed([sys.executable, "-c", "pass"], env))
+            figures["library floor"].append(_timed([sys.executable, "-c", LIBRARIES], env))
             figures["bridge --help"].append(_timed([BRIDGE, "--help"], env))
             figures["bridge sync"].append(_to_first_qido(peers, env))
     peers.shutdown()
     floor = statistics.median(figures["python -c pass"])
+    libraries = statistics.median(figures["library floor"])
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, Python {sys.version.split()[0]}")
     print(f"median of {args.runs} runs; bridge sync: process start to its first archive request")
+    print(f"library floor: python -c '{LIBRARIES}'")
     for name, values in figures.items():
         median = statistics.median(values)
-        print(f"{name:16} {median:6.3f} s  {median / floor:5.1f}x python -c pass  (min {min(values):.3f})")
+        print(
+            f"{name:16} {median:6.3f} s  {median / floor:5.1f}x python -c pass  "
+            f"{median / libraries:5.2f}x library floor  (min {min(values):.3f})"
+        )
 
 
 if __name__ == "__main__":
