@@ -122,7 +122,7 @@ def _sole_handler(logger: logging.Logger) -> BatchedLines | None:
     each: logging.Logger | None = logger
     while each is not None:
         if each.filters or each.disabled:
-            return None  # (only the first logger's count to logging; the others' are one check more)
+            return None  # logging heeds only the first logger's; the others' send a line the long way
         if each.handlers:
             handler = each.handlers[0]
             if (
