@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from bridge.errors import ConfigurationError, UpstreamError
+from bridge.errors import ConfigurationError, FatalUpstreamError, UpstreamError
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,3 +57,12 @@ def metadata_failure(status: int | None) -> str:
     if status is not None and status >= 300:
         return f"GET metadata answered {status}"
     return "GET metadata did not answer JSON"
+
+
+def no_fhir_answer(exc: FatalUpstreamError) -> bool:
+    """Whether a write's failure is what a URL serving no FHIR at all answers.
+
+    404 or 405 (no such path, no PUT there), or a success that is no FHIR answer (a page, not
+    JSON; JSON that says nothing of where it wrote).
+    """
+    return exc.status is None or exc.status < 300 or exc.status in (404, 405)

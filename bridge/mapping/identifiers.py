@@ -21,7 +21,7 @@ class PatientKey:
 
     def search(self) -> str:
         r"""The token search value, with FHIR search escaping of ``|`` ``,`` ``$`` and ``\\``."""
-        return f"{escape_token(self.system)}|{escape_token(self.value)}"
+        return identifier_search(self.as_identifier())
 
     def as_identifier(self) -> dict[str, str]:
         """The FHIR Identifier."""
@@ -33,6 +33,11 @@ def escape_token(text: str) -> str:
     for char in ("\\", "|", ",", "$"):
         text = text.replace(char, "\\" + char)
     return text
+
+
+def identifier_search(identifier: dict[str, str]) -> str:
+    """A FHIR Identifier as a token search value (``system|value``), escaped per the FHIR search rules."""
+    return f"{escape_token(identifier['system'])}|{escape_token(identifier['value'])}"
 
 
 def check_uid(value: str, attribute: str) -> str:

@@ -19,10 +19,10 @@ from bridge.errors import (
     UpstreamError,
     VersionConflictError,
 )
-from bridge.fhir.results import WriteResult, metadata_failure, not_a_fhir_server
+from bridge.fhir.results import WriteResult, metadata_failure, no_fhir_answer, not_a_fhir_server
 from bridge.mapping.context import BRIDGE_TAG_SYSTEM, WITHDRAWN_EXTENSION, MappingContext
 from bridge.mapping.endpoint import endpoint_id, endpoint_identifier, map_endpoint
-from bridge.mapping.identifiers import escape_token, study_search
+from bridge.mapping.identifiers import identifier_search, study_search
 from bridge.mapping.identity import exact_matches
 from bridge.mapping.narrative import imaging_study_narrative, with_narrative
 from bridge.mapping.records import digest
@@ -108,7 +108,8 @@ class Publisher:
         if published is not None and published[0] == fingerprint:
             return f"Endpoint/{published[1]}"  # the server chose the id under conditional writes
         validate(resource)  # only what is written: the same content was valid when it was
-        result = await self._write(resource, {"identifier": _token(endpoint_identifier(self._ctx))})
+        search = {"identifier": identifier_search(endpoint_identifier(self._ctx))}
+        result = await self._write(resource, search)
         await asyncio.to_thread(
             self._store.record_endpoint,
             source,
@@ -135,7 +136,7 @@ class Publisher:
         if self._strategy is WriteStrategy.CLIENT_ID:
             return f"Endpoint/{endpoint_id(self._ctx)}"
         identifier = endpoint_identifier(self._ctx)
-        found = await self._fhir.search("Endpoint", {"identifier": _token(identifier)})
+        found = await self._fhir.search("Endpoint", {"identifier": identifier_search(identifier)})
         found = exact_matches(found, identifier["system"], identifier["value"])
         return f"Endpoint/{found[0]['id']}" if found else "Endpoint/new"
 
@@ -266,7 +267,7 @@ class Publisher:
                 # A PUT with no If-Match to an id the server does not hold is a create; 404 or 405
                 # says the server will not create there (HAPI with client ids off answers 404,
                 # and its CapabilityStatement says nothing of updateCreate). Stop once, with advice.
-                if if_match is not None or not _no_fhir_answer(exc):
+                if if_match is not None or not no_fhir_answer(exc):
                     raise
                 if self._not_fhir is not None:
                     # No CapabilityStatement and no PUT: the URL is wrong, not the write strategy.
@@ -283,7 +284,7 @@ class Publisher:
             try:
                 result = await self._fhir.conditional_update(resource, search)
             except FatalUpstreamError as exc:
-                if not _no_fhir_answer(exc):
+                if not no_fhir_answer(exc):
                     raise
                 await self._unless_not_fhir(exc)
                 raise
@@ -491,16 +492,3 @@ class Publisher:
             return result.version
         return None  # not reached: the second conflict is raised
 
-
-def _no_fhir_answer(exc: FatalUpstreamError) -> bool:
-    """Whether a write's failure is what a URL serving no FHIR at all answers.
-
-    404 or 405 (no such path, no PUT there), or a success that is no FHIR answer (a page, not
-    JSON; JSON that says nothing of where it wrote).
-    """
-    return exc.status is None or exc.status < 300 or exc.status in (404, 405)
-
-
-def _token(identifier: dict[str, str]) -> str:
-    """An identifier as a token search, escaped per the FHIR search rules."""
-    return f"{escape_token(identifier['system'])}|{escape_token(identifier['value'])}"

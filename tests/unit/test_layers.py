@@ -92,3 +92,27 @@ def test_a_contract_missing_a_layer_is_caught(checkout: Path) -> None:
 
     # ...so the test above is what fails on it, naming the package left out.
     assert _parts(checkout / "bridge") - _layers(config) == {"sync"}
+
+
+MOST_LINES = 500  # issue 24: a module a newcomer reads whole
+
+
+def _too_long(package: Path) -> dict[str, int]:
+    """The package's modules over MOST_LINES lines, with their lengths."""
+    lengths = {
+        module.relative_to(package.parent).as_posix(): len(module.read_text().splitlines())
+        for module in package.rglob("*.py")
+    }
+    return {name: n for name, n in lengths.items() if n > MOST_LINES}
+
+
+def test_no_module_is_over_500_lines() -> None:
+    assert _too_long(ROOT / "bridge") == {}
+
+
+def test_a_module_over_500_lines_is_caught(tmp_path: Path) -> None:
+    package = tmp_path / "bridge"
+    package.mkdir()
+    (package / "short.py").write_text("x = 1\n" * MOST_LINES)
+    (package / "long.py").write_text("x = 1\n" * (MOST_LINES + 1))
+    assert _too_long(package) == {"bridge/long.py": MOST_LINES + 1}
