@@ -17,8 +17,10 @@ machinery (a LogRecord, the logger chain, the Formatter), about a fifth of a cac
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
+from types import FrameType
 from typing import TextIO
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -155,3 +157,15 @@ def info_line(logger: logging.Logger, message: str) -> None:
         handler.add_info(logger.name, message)
     else:
         logger.handle(logger.makeRecord(logger.name, logging.INFO, "", 0, message, (), None))
+
+
+def write_then_end(signum: int, frame: FrameType | None) -> None:
+    """A signal handler: write the lines that wait, then take the signal's default action.
+
+    uvicorn stops gracefully on SIGTERM, then raises the signal again once it has put back the
+    handler it found; with Python's default there (end the process at once), no exit handler
+    runs and the batched lines would be lost. Set for SIGTERM before uvicorn starts.
+    """
+    logging.shutdown()  # flushes and closes every handler
+    signal.signal(signum, signal.SIG_DFL)
+    signal.raise_signal(signum)

@@ -71,10 +71,13 @@ def run(host: HostOption = "127.0.0.1", port: PortOption = 8000) -> None:
 
 
 def _serve(host: str, port: int, *, run_scheduler: bool) -> None:
+    import signal
+
     import uvicorn
 
     from bridge.api.app import create_app
     from bridge.api.exposure import check_listen_address
+    from bridge.logs import write_then_end
 
     settings = load_settings(batched_logs=True)  # a line per request, in batches
     try:
@@ -82,6 +85,9 @@ def _serve(host: str, port: int, *, run_scheduler: bool) -> None:
         api = create_app(settings, run_scheduler=run_scheduler)
     except BridgeError as exc:
         raise fail(exc) from None
+    # uvicorn ends a SIGTERM by raising it again under the handler it found: this one writes the
+    # batched log lines first (a server's last lines, "scheduler stopped" among them).
+    signal.signal(signal.SIGTERM, write_then_end)
     # uvicorn's access log prints raw paths and query strings; the app logs route templates instead.
     # X-Forwarded-For / -Proto are the app's to believe (bridge/api/forwarded.py: the front's secret or
     # BRIDGE_TRUSTED_PROXIES), never uvicorn's: its default believes any local process, which could
