@@ -8,25 +8,57 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import quote, urlencode
 
 from bridge.errors import MappingError, UpstreamError
+from bridge.mapping.context import MappingContext
 from bridge.mapping.identifiers import PatientKey, patient_key
 from bridge.mapping.identity import exact_matches, has_identifier, replaced_by
 from bridge.mapping.records import StudyRecord
 from bridge.sync.linked import LinkedPatient, new_patient
 from bridge.sync.policy import PatientPolicy, WriteStrategy
+from bridge.sync.protocols import FhirSink
 from bridge.sync.report import SHOWN_AS_PROGRESS
-
-if TYPE_CHECKING:
-    from bridge.sync.link import RunLinker
 
 logger = logging.getLogger(__name__)
 
 
+class LinkConfig(Protocol):
+    """What priming reads of a source's linking (``bridge.sync.link.Linker``)."""
+
+    @property
+    def fhir(self) -> FhirSink:
+        """The FHIR server Patients are looked up on and created in."""
+
+    @property
+    def ctx(self) -> MappingContext:
+        """The source's mapping context (issuers, systems)."""
+
+    @property
+    def patient_policy(self) -> PatientPolicy:
+        """Whether a missing Patient is created (only ``match-or-create`` primes)."""
+
+    @property
+    def write_strategy(self) -> WriteStrategy:
+        """Client ids (batches of PUTs) or conditional creates."""
+
+
+class RunLinks(Protocol):
+    """What priming reads and fills of a run's linker (``bridge.sync.link.RunLinker``, which calls it)."""
+
+    dry_run: bool
+    patients: dict[PatientKey, LinkedPatient]
+    writes: int
+    write_requests: int
+
+    @property
+    def config(self) -> LinkConfig:
+        """The source's linking."""
+
+
 async def prime_patients(
-    links: RunLinker, candidates: Sequence[tuple[StudyRecord, Callable[[], None]]]
+    links: RunLinks, candidates: Sequence[tuple[StudyRecord, Callable[[], None]]]
 ) -> None:
     """Link the Patients of a page of studies with a batch or two instead of a request each.
 
@@ -60,7 +92,7 @@ async def prime_patients(
         await _prime_conditional(links, wanted)
 
 
-async def _prime_by_id(links: RunLinker, wanted: dict[PatientKey, dict[str, Any]]) -> None:
+async def _prime_by_id(links: RunLinks, wanted: dict[PatientKey, dict[str, Any]]) -> None:
     """``client-id``: search and read each key's Patient in one batch, then PUT the missing ones."""
     fhir = links.config.fhir
     keys = list(wanted)
@@ -109,7 +141,7 @@ async def _prime_by_id(links: RunLinker, wanted: dict[PatientKey, dict[str, Any]
             logger.info("created Patient/%s", answer.result.id, extra=SHOWN_AS_PROGRESS)
 
 
-async def _prime_conditional(links: RunLinker, wanted: dict[PatientKey, dict[str, Any]]) -> None:
+async def _prime_conditional(links: RunLinks, wanted: dict[PatientKey, dict[str, Any]]) -> None:
     """``conditional``: one batch of conditional creates, then reads of those that existed."""
     fhir = links.config.fhir
     keys = list(wanted)
