@@ -25,7 +25,7 @@ from bridge.errors import (
 )
 from bridge.fhir.client import FhirClient
 from bridge.mapping.context import DICOM_UID_SYSTEM, resource_id
-from bridge.mapping.identifiers import escape_token
+from bridge.mapping.identifiers import escape_token, identifier_search
 from bridge.mapping.uid import is_uid
 from bridge.metrics import RESOLVER_LOOKUPS
 from bridge.resolve.links import StudyLocation, check_fhir_id, locate, normalize_base
@@ -340,7 +340,10 @@ class Resolver:
         )
 
     async def _load_by_accession(self, accession: str, system: str | None) -> StudyLocation:
-        token = f"{escape_token(system)}|{escape_token(accession)}" if system else escape_token(accession)
+        if system:
+            token = identifier_search({"system": system, "value": accession})
+        else:
+            token = escape_token(accession)  # any system
         found, included = await self._search_with_endpoints({"identifier": token, "_count": _SEARCH_COUNT})
         matches = [r for r in found if has_accession(r, accession, system)]
         if not matches:
