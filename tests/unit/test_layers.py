@@ -1,5 +1,7 @@
 """The layers contract (pyproject.toml, [tool.importlinter]): the code keeps it, and the check bites.
 
+Also the sizes issue 24 set: no module over 500 lines, ``create_app`` under 60.
+
 A module may import from the layers below its own, never from one above (docs/architecture.md). CI
 runs `lint-imports` too (.ci/run); these tests make the plain test command fail on a broken layer,
 and prove that neither an upward import nor a package left out of the contract slips through.
@@ -7,6 +9,7 @@ and prove that neither an upward import nor a package left out of the contract s
 
 from __future__ import annotations
 
+import inspect
 import shutil
 import subprocess
 import sys
@@ -14,6 +17,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
+
+from bridge.api.app import create_app
 
 ROOT = Path(__file__).resolve().parents[2]
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
@@ -116,3 +121,8 @@ def test_a_module_over_500_lines_is_caught(tmp_path: Path) -> None:
     (package / "short.py").write_text("x = 1\n" * MOST_LINES)
     (package / "long.py").write_text("x = 1\n" * (MOST_LINES + 1))
     assert _too_long(package) == {"bridge/long.py": MOST_LINES + 1}
+
+
+def test_create_app_reads_at_a_glance() -> None:
+    lines, _ = inspect.getsourcelines(create_app)
+    assert len(lines) < 60, f"create_app is {len(lines)} lines: move wiring into api/services.py"
