@@ -9,7 +9,8 @@ store is made (and migrated) by a warm-up run first, as an operator's store alre
 Each figure is the median of ``--runs`` runs, printed with its ratio to `python -c pass` measured
 in the same run, so a loaded or slow machine moves both alike. A second floor, the import of the
 libraries `bridge sync` cannot reach the archive without (the state store's SQLAlchemy with its
-ORM, httpx, pydantic-settings and Typer), says how much of the start-up is the bridge's own.
+ORM and SQLite dialect, httpx with its transport httpcore, pydantic-settings and Typer), says how
+much of the start-up is the bridge's own.
 Figures: docs/performance.md.
 
     python -m benchmarks.startup [--runs 7]
@@ -33,8 +34,12 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BRIDGE = str(Path(sys.executable).with_name("bridge"))
-# What `bridge sync` must import before its first archive request, whatever the bridge's own code does.
-LIBRARIES = "import sqlalchemy, sqlalchemy.orm, httpx, pydantic_settings, typer"
+# What `bridge sync` must import before its first archive request, whatever the bridge's own code does:
+# httpx imports its transport (httpcore, with h11 and h2) only when a client is made, and SQLAlchemy
+# its dialect (SQLite, the default store's) only when an engine is.
+LIBRARIES = (
+    "import sqlalchemy, sqlalchemy.orm, sqlalchemy.dialects.sqlite, httpx, httpcore, pydantic_settings, typer"
+)
 COMPILE_BRIDGE = (
     "import bridge, compileall, os; compileall.compile_dir(os.path.dirname(bridge.__file__), quiet=1)"
 )
