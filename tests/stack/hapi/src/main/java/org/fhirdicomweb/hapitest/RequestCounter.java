@@ -12,6 +12,7 @@ import java.io.IOException;
 import java.util.LinkedHashMap;
 import java.util.Map;
 import java.util.TreeMap;
+import java.util.TreeSet;
 import org.hl7.fhir.instance.model.api.IBaseResource;
 import org.hl7.fhir.r4.model.Bundle;
 import org.springframework.web.filter.OncePerRequestFilter;
@@ -23,11 +24,17 @@ import org.springframework.web.filter.OncePerRequestFilter;
  * A servlet filter counts top-level FHIR requests (by method, interaction and status); HAPI's
  * storage hooks count every create, update and delete handed to the database, bundle entries
  * included; reads and searches are the top-level ones plus the GET entries of bundles.
+ *
+ * The filter counts a request once HAPI is done with it, and by then its client may already hold
+ * the whole answer: a test that asks for the stats straight after could see it uncounted, and a
+ * reset straight after could see it counted afterwards. So the stats and a reset first wait (up to
+ * SETTLE_NANOS) until every request that arrived before them is counted.
  */
 public class RequestCounter {
 
 	private static final String BASE = "/fhir/R4";
 	private static final String BUNDLE_TYPE = RequestCounter.class.getName() + ".bundleType";
+	private static final long SETTLE_NANOS = 5_000_000_000L;
 
 	private long requests;
 	private long reads;
@@ -37,12 +44,15 @@ public class RequestCounter {
 	private final Map<String, Long> byInteraction = new TreeMap<>();
 	private final Map<String, Long> byStatus = new TreeMap<>();
 	private final Map<String, Long> writesByKind = new TreeMap<>();
+	private long arrivals;
+	private final TreeSet<Long> uncounted = new TreeSet<>();
 
 	public RequestCounter() {
 		reset();
 	}
 
 	public synchronized void reset() {
+		settle();
 		requests = 0;
 		reads = 0;
 		searches = 0;
@@ -57,6 +67,7 @@ public class RequestCounter {
 	}
 
 	public synchronized Map<String, Object> snapshot() {
+		settle();
 		Map<String, Object> stats = new LinkedHashMap<>();
 		stats.put("requests", requests);
 		stats.put("reads", reads);
@@ -70,7 +81,33 @@ public class RequestCounter {
 		return stats;
 	}
 
-	private synchronized void countRequest(String method, String interaction, int status) {
+	/** Waits, the lock released meanwhile, until the requests that arrived before this call are counted. */
+	private void settle() {
+		long before = arrivals;
+		long deadline = System.nanoTime() + SETTLE_NANOS;
+		while (!uncounted.isEmpty() && uncounted.first() <= before) {
+			long left = deadline - System.nanoTime();
+			if (left <= 0) {
+				return;
+			}
+			try {
+				wait(Math.max(1L, left / 1_000_000L));
+			} catch (InterruptedException e) {
+				Thread.currentThread().interrupt();
+				return;
+			}
+		}
+	}
+
+	private synchronized long arrive() {
+		arrivals++;
+		uncounted.add(arrivals);
+		return arrivals;
+	}
+
+	private synchronized void countRequest(long arrival, String method, String interaction, int status) {
+		uncounted.remove(arrival);
+		notifyAll();
 		requests++;
 		byMethod.merge(method, 1L, Long::sum);
 		byInteraction.merge(interaction, 1L, Long::sum);
@@ -196,17 +233,23 @@ public class RequestCounter {
 			protected void doFilterInternal(
 					HttpServletRequest request, HttpServletResponse response, FilterChain chain)
 					throws ServletException, IOException {
+				long arrival = arrive();
 				try {
 					chain.doFilter(request, response);
 				} finally {
-					String path = request.getRequestURI().substring(Math.min(BASE.length(), request.getRequestURI().length()));
-					String method = request.getMethod().equals("HEAD") ? "GET" : request.getMethod();
-					String interaction = interactionOf(method, path);
-					RequestDetails details = RequestDetailsHolder.take();
-					if (details != null && details.getUserData().get(BUNDLE_TYPE) instanceof String type) {
-						interaction = type;
+					String interaction = "unsupported";
+					try {
+						String path = request.getRequestURI().substring(Math.min(BASE.length(), request.getRequestURI().length()));
+						String method = request.getMethod().equals("HEAD") ? "GET" : request.getMethod();
+						interaction = interactionOf(method, path);
+						RequestDetails details = RequestDetailsHolder.take();
+						if (details != null && details.getUserData().get(BUNDLE_TYPE) instanceof String type) {
+							interaction = type;
+						}
+					} finally {
+						// counted whatever happened, so no stats request waits on it
+						countRequest(arrival, request.getMethod(), interaction, response.getStatus());
 					}
-					countRequest(request.getMethod(), interaction, response.getStatus());
 				}
 			}
 		};
