@@ -153,6 +153,8 @@ class AdminApi:
     requests; a batch or transaction is one), ``reads`` and ``searches`` (bundle entries included),
     ``writes`` (every create, update or delete handed to the storage, bundle entries and refused
     attempts included), ``by_method``, ``by_status``, ``writes_by_kind`` and ``bundle_entries``.
+    A request is in them once its answer has reached the client: HAPI counts after answering, so
+    there the stats and a reset first wait for the requests that arrived before them.
     """
 
     _client: httpx.Client | None
