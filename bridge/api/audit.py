@@ -34,8 +34,7 @@ def note(
     patient = patient or (study.patient if study else None)
     client = request.scope.get("client")
     address = client[0] if client else None
-    what = uid or fhir_id or patient
-    key = window_key(action, outcome, who.method, who.subject, who.client_id, what, address)
+    key = window_key(action, outcome, who.method, who.subject, who.client_id, uid, fhir_id, patient, address)
     if trail.repeats(key):  # the common case of a busy API: decided before an Access is made
         return
     trail.record(

@@ -74,9 +74,9 @@ class Access:
 
     def window_key(self) -> WindowKey | None:
         """What makes two accesses "the same" for the once-per-window rule (see `window_key`)."""
-        what = self.study_uid or self.study_fhir_id or self.patient
         who = (self.caller_method, self.user, self.client_id)
-        return window_key(self.action, self.outcome, *who, what, self.address)
+        study = (self.study_uid, self.study_fhir_id, self.patient)
+        return window_key(self.action, self.outcome, *who, *study, self.address)
 
 
 WindowKey = tuple[str | None, ...]
@@ -88,21 +88,23 @@ def window_key(
     caller_method: str,
     user: str | None,
     client_id: str | None,
-    what: str | None,
+    study_uid: str | None,
+    study_fhir_id: str | None,
+    patient: str | None,
     address: str | None,
 ) -> WindowKey | None:
     """What makes two accesses "the same" for the once-per-window rule; None: each one counts.
 
     Security alerts count per source address and action alone: whatever a prober varies (the
     token, the study, the path), its refusals within the window are one AuditEvent. An operator's
-    every retry counts. Other accesses are one per caller, action, study (``what``: its UID, else
-    its FHIR id, else the Patient's) and outcome.
+    every retry counts. Other accesses are one per caller, action, study (its UID, else its FHIR
+    id, else the Patient's) and outcome.
     """
     if action in SECURITY_ALERTS:
         return ("security-alert", action, address)
     if action == "operator-retry":
         return None
-    return (caller_method, user, client_id, action, what, outcome)
+    return (caller_method, user, client_id, action, study_uid or study_fhir_id or patient, outcome)
 
 
 def audit_event(access: Access, event_id: str | None = None) -> dict[str, Any]:
